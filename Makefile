@@ -1,0 +1,27 @@
+# The two commands a new user needs: `make run` and `make test` (see README.md).
+PYTHON ?= $(shell scripts/find-python)
+VENV := .venv
+CONFIG ?= config/gateway.yaml
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { scripts/find-python; exit 1; }
+	@echo "using $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/gateway run -c $(CONFIG)
+
+test: $(VENV)/.installed
+	scripts/system-deps
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/proxy.py
+
+clean:
+	rm -rf $(VENV) state
