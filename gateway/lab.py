@@ -1,0 +1,266 @@
+"""A three-zone boundary on one machine: network namespaces joined by veth links (pyroute2).
+
+    extranet client  (PREFIX-ext)  eth0 198.18.1.2 ── ext0 198.18.1.1 ┐
+    sector server    (PREFIX-sec)  eth0 198.18.2.2 ── sec0 198.18.2.1 ├ gateway (PREFIX-gw)
+    internet host    (PREFIX-inet) eth0 198.18.3.2 ── inet0 198.18.3.1 ┘
+
+198.18.0.0/15 is the RFC 2544 benchmark range: nothing real lives there. The gateway namespace
+does not forward (ip_forward=0), so the only way between zones is through the gateway process.
+Hosts route the other zones' networks via their gateway address, so a forwarding hole shows up
+as traffic that really crosses. Every object is named after the prefix, so `down()` can clean up
+after a crash and two labs with different prefixes can coexist.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+NETNS_DIR = Path("/var/run/netns")
+HOST_IFNAME = "eth0"
+# Short namespace keys accepted by popen()/run(), with the zone each host stands for.
+HOST_NAMESPACES = {"ext": "extranet", "sec": "sector-health", "inet": "internet"}
+GATEWAY_NS = "gw"
+
+
+@dataclass(frozen=True)
+class ZoneLink:
+    """One veth link between the gateway and the host standing for a zone."""
+
+    zone: str
+    ns: str  # short namespace key of the zone's host: "ext", "sec" or "inet"
+    network: str  # CIDR
+    gateway_ip: str
+    host_ip: str
+    gateway_ifname: str
+    host_ifname: str
+
+    @property
+    def prefixlen(self) -> int:
+        return IPv4Network(self.network).prefixlen
+
+
+def _zone_link(zone: str, ns: str, third_octet: int) -> ZoneLink:
+    network = IPv4Network(f"198.18.{third_octet}.0/24")
+    return ZoneLink(
+        zone=zone,
+        ns=ns,
+        network=str(network),
+        gateway_ip=str(network[1]),
+        host_ip=str(network[2]),
+        gateway_ifname=f"{ns}0",
+        host_ifname=HOST_IFNAME,
+    )
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class Lab:
+    def __init__(self, prefix: str = "gwlab") -> None:
+        # Namespace names are file names under /var/run/netns; keep them plain.
+        if not prefix or not all(c.isalnum() or c == "-" for c in prefix) or len(prefix) > 32:
+            raise LabError(f"lab prefix must be 1-32 letters, digits or '-': {prefix!r}")
+        self.prefix = prefix
+        self.zones: dict[str, ZoneLink] = {
+            link.zone: link
+            for link in (
+                _zone_link("extranet", "ext", 1),
+                _zone_link("sector-health", "sec", 2),
+                _zone_link("internet", "inet", 3),
+            )
+        }
+
+    # --- names -------------------------------------------------------------------------------
+
+    def netns(self, ns: str) -> str:
+        """Full namespace name for a short key ("gw", "ext", "sec", "inet")."""
+        if ns != GATEWAY_NS and ns not in HOST_NAMESPACES:
+            raise LabError(f"unknown lab namespace {ns!r}: use gw, ext, sec or inet")
+        return f"{self.prefix}-{ns}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.netns(ns) for ns in (GATEWAY_NS, *HOST_NAMESPACES)]
+
+    def zone_of_ns(self, ns: str) -> ZoneLink:
+        return self.zones[HOST_NAMESPACES[ns]]
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        present = set(netns.listnetns())
+        return all(name in present for name in self.namespaces)
+
+    def up(self) -> None:
+        """Build the topology; safe to call again on a complete or half-built lab."""
+        present = set(netns.listnetns())
+        for name in self.namespaces:
+            if name not in present:
+                netns.create(name)
+        with IPRoute(netns=self.netns(GATEWAY_NS)) as gw:
+            self._link_up(gw, "lo")
+            for link in self.zones.values():
+                if not gw.link_lookup(ifname=link.gateway_ifname):
+                    gw.link(
+                        "add",
+                        ifname=link.gateway_ifname,
+                        kind="veth",
+                        peer={"ifname": link.host_ifname, "net_ns_fd": self.netns(link.ns)},
+                    )
+                self._address(gw, link.gateway_ifname, link.gateway_ip, link.prefixlen)
+                self._link_up(gw, link.gateway_ifname)
+        for link in self.zones.values():
+            with IPRoute(netns=self.netns(link.ns)) as host:
+                self._link_up(host, "lo")
+                self._address(host, link.host_ifname, link.host_ip, link.prefixlen)
+                self._link_up(host, link.host_ifname)
+                for other in self.zones.values():
+                    if other is not link:
+                        host.route("replace", dst=other.network, gateway=link.gateway_ip)
+        self.set_forwarding(False)
+
+    def down(self) -> None:
+        """Stop every process inside the lab's namespaces and delete them (veths go with them)."""
+        present = set(netns.listnetns())
+        names = [name for name in self.namespaces if name in present]
+        for name in names:
+            _terminate(_pids_in_netns(name))
+        for name in names:
+            netns.remove(name)
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def command(self, ns: str, argv: list[str]) -> list[str]:
+        """argv wrapped to run inside a lab namespace (`ip netns exec` also gives it its own /sys)."""
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        if not os.path.exists(ip):
+            raise LabError("the lab needs iproute2's `ip` command (Debian package iproute2)")
+        return [ip, "netns", "exec", self.netns(ns), *argv]
+
+    def popen(self, ns: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.command(ns, argv), **kwargs)
+
+    def run(self, ns: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(ns, argv), **kwargs)
+
+    # --- knobs tests turn --------------------------------------------------------------------
+
+    def set_forwarding(self, enabled: bool) -> None:
+        """Switch IPv4 forwarding in the gateway namespace (on = the hole the gateway must not have)."""
+        self.run(
+            GATEWAY_NS,
+            ["sh", "-c", f"echo {int(enabled)} > /proc/sys/net/ipv4/ip_forward"],
+            check=True,
+        )
+
+    def forwarding(self) -> bool:
+        out = self.run(
+            GATEWAY_NS, ["cat", "/proc/sys/net/ipv4/ip_forward"], check=True, capture_output=True, text=True
+        )
+        return out.stdout.strip() == "1"
+
+    def set_link(self, zone: str, up: bool) -> None:
+        """Bring the gateway's interface towards a zone up or down."""
+        link = self.zones[zone]
+        with IPRoute(netns=self.netns(GATEWAY_NS)) as gw:
+            gw.link("set", index=gw.link_lookup(ifname=link.gateway_ifname)[0], state="up" if up else "down")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _link_up(ipr: IPRoute, ifname: str) -> None:
+        index = ipr.link_lookup(ifname=ifname)
+        if not index:
+            raise LabError(f"interface {ifname} missing")
+        ipr.link("set", index=index[0], state="up")
+
+    @staticmethod
+    def _address(ipr: IPRoute, ifname: str, address: str, prefixlen: int) -> None:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        try:
+            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+
+
+def lab_supported() -> str | None:
+    """None when this machine can build a lab, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "the namespace lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "this kernel has no network namespace support"
+    if not (shutil.which("ip") or os.path.exists("/usr/sbin/ip")):
+        return "iproute2's `ip` command is missing (Debian package iproute2)"
+    probe = f"gwprobe-{os.getpid()}"
+    try:
+        netns.create(probe)
+    except OSError as exc:
+        return f"cannot create a network namespace: {exc}"
+    netns.remove(probe)
+    return None
+
+
+def _pids_in_netns(name: str) -> list[int]:
+    """Processes whose network namespace is the named one (same inode as its bind mount)."""
+    try:
+        target = os.stat(NETNS_DIR / name)
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            pids.append(int(entry))
+    return pids
+
+
+def _terminate(pids: list[int], grace: float = 3.0) -> None:
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    # A zombie child of ours still has a /proc entry; reap it so it counts as gone.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

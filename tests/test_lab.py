@@ -1,0 +1,119 @@
+"""The namespace lab really separates the zones: hosts reach the gateway, not each other."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+from gateway.lab import Lab, lab_supported
+
+# A tiny TCP server and client run inside namespaces with this interpreter.
+SERVE_ONCE = textwrap.dedent(
+    """
+    import socket, sys
+    server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+    print("listening", flush=True)
+    server.settimeout(10)
+    conn, peer = server.accept()
+    conn.sendall(b"hello from " + sys.argv[1].encode())
+    conn.close()
+    """
+)
+CONNECT = textwrap.dedent(
+    """
+    import socket, sys
+    try:
+        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+            print(s.recv(100).decode())
+    except OSError as exc:
+        print("failed:", exc)
+        sys.exit(1)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    reason = lab_supported()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab(prefix=f"tl{os.getpid() % 100000}")
+    lab.down()
+    lab.up()
+    yield lab
+    lab.down()
+
+
+def serve(lab: Lab, ns: str, address: str, port: int):
+    server = lab.popen(ns, [sys.executable, "-c", SERVE_ONCE, address, str(port)], stdout=-1, text=True)
+    assert server.stdout.readline().strip() == "listening"
+    return server
+
+
+def connect(lab: Lab, ns: str, address: str, port: int, timeout: float = 2.0):
+    return lab.run(ns, [sys.executable, "-c", CONNECT, address, str(port), str(timeout)], capture_output=True, text=True)
+
+
+def test_topology_names_and_addresses(lab):
+    assert set(lab.zones) == {"extranet", "sector-health", "internet"}
+    ext = lab.zones["extranet"]
+    assert (ext.gateway_ip, ext.host_ip, ext.network) == ("198.18.1.1", "198.18.1.2", "198.18.1.0/24")
+    assert all(len(z.gateway_ifname) <= 15 and len(z.host_ifname) <= 15 for z in lab.zones.values())
+    assert lab.exists()
+    assert lab.forwarding() is False
+
+
+def test_up_is_idempotent(lab):
+    lab.up()
+    out = lab.run("gw", ["ip", "-4", "-o", "addr", "show", "dev", "ext0"], capture_output=True, text=True, check=True)
+    assert out.stdout.count("198.18.1.1/24") == 1
+
+
+@pytest.mark.parametrize("ns", ["ext", "sec", "inet"])
+def test_host_reaches_gateway_over_tcp(lab, ns):
+    link = lab.zone_of_ns(ns)
+    server = serve(lab, "gw", link.gateway_ip, 7001)
+    result = connect(lab, ns, link.gateway_ip, 7001)
+    server.wait(5)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"hello from {link.gateway_ip}"
+
+
+def test_gateway_reaches_host_over_tcp(lab):
+    sec = lab.zones["sector-health"]
+    server = serve(lab, "sec", sec.host_ip, 7002)
+    result = connect(lab, "gw", sec.host_ip, 7002)
+    server.wait(5)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hosts_cannot_cross_zones_unless_gateway_forwards(lab):
+    inet = lab.zones["internet"]
+    server = serve(lab, "inet", inet.host_ip, 7003)
+    try:
+        blocked = connect(lab, "ext", inet.host_ip, 7003, timeout=1.0)
+        assert blocked.returncode == 1, "extranet reached the internet host with forwarding off"
+        lab.set_forwarding(True)
+        carried = connect(lab, "ext", inet.host_ip, 7003)
+        assert carried.returncode == 0, carried.stdout + carried.stderr
+        assert carried.stdout.strip() == f"hello from {inet.host_ip}"
+    finally:
+        lab.set_forwarding(False)
+        server.kill()
+        server.wait()
+
+
+def test_two_labs_coexist_and_down_removes_everything(lab):
+    other = Lab(prefix=f"{lab.prefix}b")
+    other.up()
+    try:
+        assert other.exists() and lab.exists()
+        stray = other.popen("ext", ["sleep", "60"])  # a process left behind must not keep the lab alive
+    finally:
+        other.down()
+    assert stray.wait(5) is not None
+    assert not other.exists()
+    remaining = os.listdir("/var/run/netns")
+    assert not [name for name in remaining if name.startswith(f"{other.prefix}-")]
+    assert lab.exists()
