@@ -14,10 +14,13 @@ after a crash and two labs with different prefixes can coexist.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
@@ -157,6 +160,23 @@ class Lab:
 
     # --- knobs tests turn --------------------------------------------------------------------
 
+    def wait_tcp(self, ns: str, host: str, port: int, timeout: float = 15.0) -> bool:
+        """True once something accepts TCP connections on host:port, as seen from namespace ns."""
+        probe = textwrap.dedent(
+            """
+            import socket, sys, time
+            host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((host, port), timeout=0.5).close()
+                    sys.exit(0)
+                except OSError:
+                    time.sleep(0.1)
+            sys.exit(1)
+            """
+        )
+        return self.run(ns, [sys.executable, "-c", probe, host, str(port), str(timeout)]).returncode == 0
+
     def set_forwarding(self, enabled: bool) -> None:
         """Switch IPv4 forwarding in the gateway namespace (on = the hole the gateway must not have)."""
         self.run(
@@ -194,6 +214,121 @@ class Lab:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
+
+
+# --- `gateway lab up | down | status`: the lab plus the gateway and two upstream servers ------
+
+UPSTREAM_PORT = 8000
+
+
+@dataclass(frozen=True)
+class LabService:
+    name: str
+    ns: str
+    argv: list[str]
+    ready: tuple[str, str, int]  # (namespace, host, port) accepting connections once it runs
+
+
+def lab_services(lab: Lab, config: Path, state_dir: Path) -> list[LabService]:
+    gateway_cmd = shutil.which("gateway", path=str(Path(sys.executable).parent)) or shutil.which("gateway")
+    if gateway_cmd is None:
+        raise LabError("the `gateway` command is not installed in this environment (pip install -e .)")
+    services = []
+    for ns in ("sec", "inet"):
+        link = lab.zone_of_ns(ns)
+        services.append(LabService(
+            name=f"upstream-{ns}",
+            ns=ns,
+            argv=[sys.executable, "-m", "http.server", "--bind", link.host_ip,
+                  "--directory", str(state_dir / f"www-{ns}"), str(UPSTREAM_PORT)],
+            ready=(ns, link.host_ip, UPSTREAM_PORT),
+        ))
+    # The gateway is ready once its first listener accepts; it checks its own config on start.
+    from gateway.config import load_config
+
+    first = load_config(config).listeners[0]
+    services.append(LabService(
+        name="gateway", ns=GATEWAY_NS, argv=[gateway_cmd, "run", "-c", str(config)],
+        ready=(GATEWAY_NS, first.host, first.port),
+    ))
+    return services
+
+
+def lab_up(lab: Lab, config: Path, state_dir: Path, timeout: float = 30.0) -> list[str]:
+    """Build the lab and start its services; returns problems (empty when everything runs)."""
+    lab.up()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for ns in ("sec", "inet"):
+        www = state_dir / f"www-{ns}"
+        www.mkdir(exist_ok=True)
+        zone = lab.zone_of_ns(ns).zone
+        (www / "index.html").write_text(f"hello from the {zone} host\n")
+    problems = []
+    for service in lab_services(lab, config, state_dir):
+        pid_file = state_dir / f"{service.name}.pid"
+        if _pid_from(pid_file) is not None:
+            continue  # already running: `up` is idempotent
+        log = open(state_dir / f"{service.name}.log", "ab")
+        process = lab.popen(service.ns, service.argv, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        pid_file.write_text(f"{process.pid}\n")
+        deadline = time.monotonic() + timeout
+        ready = False
+        while not ready and process.poll() is None and time.monotonic() < deadline:
+            ready = lab.wait_tcp(*service.ready, timeout=1.0)
+        if not ready:
+            if process.poll() is not None:
+                pid_file.unlink()
+            problems.append(f"{service.name} is not accepting connections on "
+                            f"{service.ready[1]}:{service.ready[2]} (see {state_dir / service.name}.log)")
+    (state_dir / "lab.json").write_text(json.dumps({"prefix": lab.prefix, "config": str(config)}) + "\n")
+    return problems
+
+
+def lab_down(lab: Lab, state_dir: Path) -> None:
+    """Stop the services (by pid file, then anything else left in the namespaces) and remove the lab."""
+    pids = []
+    for pid_file in sorted(state_dir.glob("*.pid")):
+        if (pid := _pid_from(pid_file)) is not None:
+            pids.append(pid)
+        pid_file.unlink()
+    _terminate(pids)
+    lab.down()
+    (state_dir / "lab.json").unlink(missing_ok=True)
+
+
+def lab_status(lab: Lab, state_dir: Path) -> tuple[bool, list[str]]:
+    """(everything up, report lines)."""
+    lines = []
+    healthy = lab.exists()
+    lines.append(f"namespaces: {' '.join(lab.namespaces)} ({'present' if healthy else 'MISSING'})")
+    if healthy:
+        lines.append(f"gateway forwarding: {'ON (a hole!)' if lab.forwarding() else 'off'}")
+    for link in lab.zones.values():
+        lines.append(f"{link.zone:14} {link.network:16} gateway {link.gateway_ifname}={link.gateway_ip}"
+                     f"  host {lab.netns(link.ns)}:{link.host_ifname}={link.host_ip}")
+    for name in ("gateway", "upstream-sec", "upstream-inet"):
+        pid = _pid_from(state_dir / f"{name}.pid")
+        healthy &= pid is not None
+        lines.append(f"{name:14} {'pid ' + str(pid) if pid else 'not running'}")
+    ext, sec, inet = lab.zones["extranet"], lab.zones["sector-health"], lab.zones["internet"]
+    lines += [
+        "try:",
+        f"  ip netns exec {lab.netns('ext')} curl -x http://{ext.gateway_ip}:8080 http://{inet.host_ip}:8000/",
+        f"  ip netns exec {lab.netns('ext')} curl -x http://{ext.gateway_ip}:8080 http://{sec.host_ip}:8000/",
+        f"  ip netns exec {lab.netns('inet')} curl http://{inet.gateway_ip}:8080/",
+    ]
+    return healthy, lines
+
+
+def _pid_from(pid_file: Path) -> int | None:
+    """The pid in a pid file if that process still runs."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
 
 
 def lab_supported() -> str | None:

@@ -1,0 +1,113 @@
+"""Operator commands for the boundary host: `gateway lab`, `gateway doctor`, `gateway sentinel`.
+
+The main CLI calls `register(subparsers)`; `python -m gateway.commands.ops ...` runs them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.config import REPO_ROOT, ConfigError, load_config
+
+DEFAULT_LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"
+DEFAULT_LAB_STATE = REPO_ROOT / "state" / "lab"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    lab = subparsers.add_parser("lab", help="three-zone namespace lab on this machine (root)")
+    lab.add_argument("action", choices=["up", "down", "status"])
+    lab.add_argument("--prefix", default="gwlab", help="namespace name prefix (default: gwlab)")
+    lab.add_argument("-c", "--config", type=Path, default=DEFAULT_LAB_CONFIG,
+                     help="gateway configuration for the lab (default: config/lab.yaml)")
+    lab.add_argument("--state-dir", type=Path, default=DEFAULT_LAB_STATE,
+                     help="pid and log files (default: state/lab)")
+    lab.set_defaults(func=lab_command)
+
+    doctor = subparsers.add_parser("doctor", help="check this host's network posture against the zones")
+    doctor.add_argument("-c", "--config", type=Path, required=True)
+    doctor.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
+    doctor.set_defaults(func=doctor_command)
+
+    sentinel = subparsers.add_parser("sentinel", help="watch zone interfaces for traffic bypassing the gateway")
+    sentinel.add_argument("-c", "--config", type=Path, required=True)
+    sentinel.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
+    sentinel.add_argument("--metrics", default="127.0.0.1:9091",
+                          help="HOST:PORT for the sentinel's own /metrics (default 127.0.0.1:9091; 'off' for none)")
+    sentinel.add_argument("--alerts", type=Path, help="alert JSON lines file (default: the config's alerts.file)")
+    sentinel.set_defaults(func=sentinel_command)
+
+
+def lab_command(args: argparse.Namespace) -> int:
+    from gateway.lab import Lab, LabError, lab_down, lab_status, lab_supported, lab_up
+
+    if reason := lab_supported():
+        print(f"gateway lab: {reason}", file=sys.stderr)
+        return 2
+    lab = Lab(prefix=args.prefix)
+    state_dir = args.state_dir.resolve()
+    try:
+        if args.action == "up":
+            problems = lab_up(lab, args.config.resolve(), state_dir)
+            for problem in problems:
+                print(f"gateway lab: {problem}", file=sys.stderr)
+            _, lines = lab_status(lab, state_dir)
+            print("\n".join(lines))
+            return 1 if problems else 0
+        if args.action == "down":
+            lab_down(lab, state_dir)
+            print(f"lab {args.prefix} removed")
+            return 0
+        healthy, lines = lab_status(lab, state_dir)
+        print("\n".join(lines))
+        return 0 if healthy else 1
+    except (LabError, ConfigError) as exc:
+        print(f"gateway lab: {exc}", file=sys.stderr)
+        return 2
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    from gateway.doctor import diagnose
+
+    config = _load(args)
+    if config is None:
+        return 2
+    problems = diagnose(config)
+    for problem in problems:
+        print(f"PROBLEM: {problem.message}\n    fix: {problem.fix}")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("ok: no forwarding between zones, zone interfaces up with their addresses, routes on the right side")
+    return 0
+
+
+def sentinel_command(args: argparse.Namespace) -> int:
+    from gateway.sentinel import run_sentinel
+
+    config = _load(args)
+    if config is None:
+        return 2
+    metrics = None if args.metrics == "off" else args.metrics
+    return run_sentinel(config, metrics_listen=metrics, alerts_file=args.alerts)
+
+
+def _load(args: argparse.Namespace):
+    try:
+        return load_config(args.config, frontend=args.frontend)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
