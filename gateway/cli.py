@@ -1,2 +1,109 @@
-def main() -> int:
-    raise SystemExit("not yet")
+"""The `gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.commands import dlp as dlp_commands
+from gateway.commands import ops as ops_commands
+from gateway.commands import trace as trace_commands
+from gateway.config import DEFAULT_CONFIG, FRONTENDS_DIR, ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="Boundary secure data gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start the gateway")
+    _config_args(run)
+    run.set_defaults(func=_run)
+
+    check = commands.add_parser("check", help="check a configuration; exit 2 listing every error")
+    _config_args(check)
+    check.add_argument("--all-frontends", action="store_true",
+                       help="also check the configuration layered with every profile in frontends/")
+    check.set_defaults(func=_check)
+
+    ca = commands.add_parser("ca", help="the gateway's own CA, which signs intercepted TLS")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="SUBCOMMAND")
+    export = ca_commands.add_parser("export", help="write the CA certificate (PEM) for clients to trust")
+    _config_args(export)
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    export.set_defaults(func=_ca_export)
+
+    for module in (dlp_commands, trace_commands, ops_commands):
+        module.register(commands)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--frontend", metavar="NAME",
+                        help=f"layer the front-end profile {FRONTENDS_DIR}/NAME.yaml over the configuration")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.engine import GatewayServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = GatewayServer(args.config, args.frontend)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return 2
+    asyncio.run(server.serve())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.runtime import build_runtime
+
+    variants = [args.frontend]
+    if args.all_frontends:
+        variants += sorted(p.stem for p in FRONTENDS_DIR.glob("*.yaml"))
+    errors: list[str] = []
+    for frontend in dict.fromkeys(variants):
+        try:
+            build_runtime(load_config(args.config, frontend))
+        except ConfigError as e:
+            errors += [error for error in e.errors if error not in errors]
+        else:
+            print(f"{args.config}{' + ' + frontend if frontend else ''}: ok")
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ca_export(args: argparse.Namespace) -> int:
+    from mitmproxy.certs import CertStore
+
+    from gateway.engine import CA_BASENAME, ca_dir
+
+    try:
+        config = load_config(args.config, args.frontend)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return 2
+    folder = ca_dir(config.state_dir)
+    CertStore.from_store(folder, CA_BASENAME, 2048)  # creates the CA on first use, as `run` would
+    certificate = folder / f"{CA_BASENAME}-ca-cert.pem"
+    if args.output:
+        shutil.copyfile(certificate, args.output)
+    else:
+        sys.stdout.write(certificate.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,32 @@
+"""The proxy pipeline, one small mitmproxy addon per stage, in the order they run on each hook:
 
+identify (zones) -> authorize (policy) -> inspect (DLP) -> record (trace log, alerts) -> measure (metrics)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from mitmproxy import http
+
+from gateway.runtime import Runtime
+from gateway.transfer import METADATA_KEY, TRANSFER_ID_HEADER, Transfer, refusal_body
+
+
+class Gateway(Protocol):
+    """What stages need from the running gateway: the current runtime (replaced whole on reload)."""
+
+    runtime: Runtime
+
+
+def transfer_of(flow: http.HTTPFlow) -> Transfer | None:
+    return flow.metadata.get(METADATA_KEY)
+
+
+def refuse(flow: http.HTTPFlow, transfer: Transfer, status: int = 403, error: str = "blocked") -> None:
+    """Answer the client ourselves with the JSON refusal; mitmproxy then never contacts the upstream."""
+    flow.response = http.Response.make(status, refusal_body(transfer, error), {
+        "Content-Type": "application/json; charset=utf-8",
+        TRANSFER_ID_HEADER: transfer.id,
+    })
+    flow.metadata["gateway_refused"] = True

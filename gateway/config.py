@@ -1,0 +1,309 @@
+"""The gateway's configuration: one YAML file, or a front-end profile layered over the shared one.
+
+`load_config` checks everything it can without touching the network and raises ConfigError listing
+every problem as `FILE:LINE: key.path: message`. Unknown keys are errors: a typo must not silently
+turn a rule off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document, parse_size
+
+__all__ = ["Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config" / "gateway.yaml"
+FRONTENDS_DIR = REPO_ROOT / "frontends"
+
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ACTIONS = ("allow", "deny")
+LISTENER_MODES = ("regular", "reverse")
+DIGESTS = ("sha256", "sm3")
+# Sections a front-end profile replaces whole, and sections it merges key by key.
+REPLACED_SECTIONS = {"zones", "listeners", "policy"}
+MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls"}
+
+
+@dataclass(frozen=True)
+class Zone:
+    name: str
+    networks: tuple[Network, ...]
+    interfaces: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    mode: str
+    host: str
+    port: int
+    upstream: str | None = None
+
+    @property
+    def mitmproxy_spec(self) -> str:
+        """The listener as a mitmproxy mode spec, e.g. `reverse:http://10.0.0.2:80@127.0.0.1:8081`."""
+        mode = f"reverse:{self.upstream}" if self.mode == "reverse" else self.mode
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{mode}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    name: str
+    from_zone: str
+    to_zone: str
+    action: str
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    listeners: tuple[str, ...] = ()
+    request_profile: str | None = None
+    response_profile: str | None = None
+    where: str = ""  # FILE:LINE of the rule, for errors found later (unknown DLP profile)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    name: str
+    state_dir: Path
+    zones: tuple[Zone, ...]
+    listeners: tuple[Listener, ...]
+    policy_default: str
+    rules: tuple[PolicyRule, ...]
+    dlp_rules: Path
+    spool_threshold: int
+    trace_dir: Path
+    trace_origin: str
+    body_digest: str
+    management_host: str
+    management_port: int
+    alerts_file: Path
+    upstream_ca: Path | None
+    verify_upstream: bool
+
+
+def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
+    """Load and check a configuration; with `frontend`, `frontends/NAME.yaml` is layered over it."""
+    sink = ErrorSink()
+    base_file = Path(path) if path is not None else DEFAULT_CONFIG
+    base = load_document(base_file.resolve(), sink)
+    sections = base.mapping(allowed=REPLACED_SECTIONS | MERGED_SECTIONS) if base else None
+    if frontend is not None:
+        profile_file = FRONTENDS_DIR / f"{frontend}.yaml"
+        if not profile_file.is_file():
+            known = sorted(p.stem for p in FRONTENDS_DIR.glob("*.yaml"))
+            raise ConfigError([f"{profile_file}:0: (file): no such front-end profile "
+                               f"(known: {', '.join(known) or 'none'})"])
+        profile = load_document(profile_file, sink)
+        overlay = profile.mapping(allowed=REPLACED_SECTIONS | MERGED_SECTIONS) if profile else None
+        if sections is not None and overlay is not None:
+            sections = _layer(sections, overlay)
+    if sections is None:
+        sink.raise_if_any()
+        raise ConfigError([f"{base_file}:1: (top): no configuration"])
+    config = _parse(base_file.resolve(), sections, sink)
+    sink.raise_if_any()
+    assert config is not None
+    return config
+
+
+def _layer(base: dict[str, Node], overlay: dict[str, Node]) -> dict[str, Node]:
+    """Overlay replaces whole sections, except mapping sections, which merge key by key."""
+    merged = dict(base)
+    for key, node in overlay.items():
+        if key in MERGED_SECTIONS and key in base:
+            merged[key] = _MergedNode(base[key], node)
+        else:
+            merged[key] = node
+    return merged
+
+
+class _MergedNode(Node):
+    """A mapping section whose entries come from two files (each entry keeps its own file and line)."""
+
+    def __init__(self, base: Node, overlay: Node):
+        super().__init__(overlay.raw, overlay.file, overlay.path, overlay.sink)
+        self.base = base
+
+    def mapping(self, allowed=None, required=frozenset()):
+        lower = self.base.mapping(allowed) or {}
+        upper = Node.mapping(self, allowed) or {}
+        entries = {**lower, **upper}
+        for key in sorted(required - entries.keys()):
+            self.error(f"missing required key '{key}'")
+        return entries
+
+
+def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config | None:
+    def section(name: str, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Node]:
+        node = sections.get(name)
+        if node is None:
+            if required:
+                sink.errors.append(f"{source}:1: {name}: missing required section")
+            return {}
+        return node.mapping(allowed, required) or {}
+
+    gw = section("gateway", {"name", "state_dir"}, {"name", "state_dir"})
+    name = gw["name"].string() if "name" in gw else None
+    state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
+
+    zones = _zones(sections.get("zones"), sink, source)
+    zone_names = {z.name for z in zones} | {"unknown"}
+    listeners = _listeners(sections.get("listeners"), sink, source)
+    policy_default, rules = _policy(sections.get("policy"), zone_names, {l.name for l in listeners}, sink, source)
+
+    dlp = section("dlp", {"rules", "spool_threshold"}, {"rules"})
+    dlp_rules = dlp["rules"].path_value() if "rules" in dlp else None
+    spool = dlp["spool_threshold"].parsed(parse_size, "size") if "spool_threshold" in dlp else 8 * 1024**2
+
+    trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
+    trace_dir = _state_path(trace.get("dir"), state_dir)
+    origin = trace["origin"].string() if "origin" in trace else None
+    if origin is not None and (not origin or "\n" in origin or origin != origin.strip()):
+        trace["origin"].error("the origin must be one non-empty line without surrounding spaces")
+    digest = trace["body_digest"].string(DIGESTS) if "body_digest" in trace else "sha256"
+
+    management = section("management", {"listen"}, {"listen"})
+    mgmt = management["listen"].parsed(_host_port, "HOST:PORT address") if "listen" in management else None
+
+    alerts = section("alerts", {"file"})
+    alerts_file = _state_path(alerts.get("file"), state_dir) if "file" in alerts else (
+        state_dir / "alerts.jsonl" if state_dir else None)
+
+    tls = section("tls", {"upstream_ca", "verify_upstream"})
+    upstream_ca = tls["upstream_ca"].path_value() if "upstream_ca" in tls else None
+    if upstream_ca is not None and not upstream_ca.is_file():
+        tls["upstream_ca"].error(f"no such file: {upstream_ca}")
+    verify = tls["verify_upstream"].boolean() if "verify_upstream" in tls else True
+
+    if sink.errors:
+        return None
+    return Config(
+        source=source, name=name, state_dir=state_dir, zones=zones, listeners=listeners,
+        policy_default=policy_default, rules=rules, dlp_rules=dlp_rules, spool_threshold=spool,
+        trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
+        management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
+        upstream_ca=upstream_ca, verify_upstream=verify,
+    )
+
+
+def _state_path(node: Node | None, state_dir: Path | None) -> Path | None:
+    """Paths under the state directory: relative ones are taken relative to it."""
+    if node is None:
+        return None
+    text = node.string()
+    if text is None or state_dir is None:
+        return None
+    return (state_dir / text).resolve()
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{text}' (expected HOST:PORT, e.g. 127.0.0.1:8080)")
+    host = host.strip("[]")
+    ipaddress.ip_address(host)  # listeners bind addresses, not names
+    return host, int(port)
+
+
+def _zones(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Zone, ...]:
+    if node is None:
+        sink.errors.append(f"{source}:1: zones: missing required section")
+        return ()
+    zones = []
+    for name, zone_node in (node.mapping() or {}).items():
+        if name == "unknown":
+            zone_node.error("'unknown' is reserved for addresses in no zone")
+            continue
+        entries = zone_node.mapping({"networks", "interfaces"}) or {}
+        networks = tuple(n for item in entries["networks"].items()
+                         if (n := item.parsed(lambda t: ipaddress.ip_network(t, strict=True), "network")))\
+            if "networks" in entries else ()
+        interfaces = tuple(i for item in entries["interfaces"].items() if (i := item.string()))\
+            if "interfaces" in entries else ()
+        if not networks and not interfaces and not sink.errors:
+            zone_node.error("a zone needs networks or interfaces")
+        zones.append(Zone(name, networks, interfaces))
+    return tuple(zones)
+
+
+def _listeners(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Listener, ...]:
+    if node is None:
+        sink.errors.append(f"{source}:1: listeners: missing required section")
+        return ()
+    listeners: list[Listener] = []
+    seen: set[str] = set()
+    for item in node.items():
+        entries = item.mapping({"name", "mode", "listen", "upstream"}, {"name", "mode", "listen"})
+        if not entries:
+            continue
+        name = entries["name"].string() if "name" in entries else None
+        mode = entries["mode"].string(LISTENER_MODES) if "mode" in entries else None
+        address = entries["listen"].parsed(_host_port, "HOST:PORT address") if "listen" in entries else None
+        upstream = None
+        if name in seen:
+            entries["name"].error(f"duplicate listener name '{name}'")
+        seen.add(name)
+        if mode == "reverse":
+            if "upstream" not in entries:
+                item.error("a reverse listener needs 'upstream' (the URL of the service it publishes)")
+            else:
+                upstream = entries["upstream"].parsed(_upstream_url, "upstream URL")
+        elif "upstream" in entries:
+            entries["upstream"].error("only reverse listeners have an upstream")
+        if name and mode and address:
+            listeners.append(Listener(name, mode, address[0], address[1], upstream))
+    if not listeners and not sink.errors:
+        node.error("at least one listener is needed")
+    return tuple(listeners)
+
+
+def _upstream_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"'{text}' (expected http://HOST[:PORT] or https://HOST[:PORT])")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"'{text}' (no path or query: the listener publishes the whole service)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _policy(node: Node | None, zones: set[str], listeners: set[str], sink: ErrorSink,
+            source: Path) -> tuple[str, tuple[PolicyRule, ...]]:
+    if node is None:
+        return "deny", ()
+    entries = node.mapping({"default", "rules"}) or {}
+    default = entries["default"].string(ACTIONS) if "default" in entries else "deny"
+    rules = []
+    for item in entries["rules"].items() if "rules" in entries else ():
+        fields = item.mapping(
+            {"name", "from", "to", "action", "hosts", "paths", "listeners", "request_profile",
+             "response_profile"},
+            {"name", "from", "to", "action"}) or {}
+        values = {}
+        for key in ("name", "request_profile", "response_profile"):
+            values[key] = fields[key].string() if key in fields else None
+        for key in ("from", "to"):
+            zone = fields[key].string() if key in fields else None
+            if zone is not None and zone != "*" and zone not in zones:
+                fields[key].error(f"no zone named '{zone}' (zones: {', '.join(sorted(zones))}, or *)")
+            values[key] = zone
+        values["action"] = fields["action"].string(ACTIONS) if "action" in fields else None
+        for key in ("hosts", "paths", "listeners"):
+            values[key] = tuple(v for i in fields[key].items() if (v := i.string())) if key in fields else ()
+        for listener_node, name in zip(fields["listeners"].items() if "listeners" in fields else (),
+                                       values["listeners"]):
+            if name not in listeners:
+                listener_node.error(f"no listener named '{name}'")
+        if all(values[k] for k in ("name", "from", "to", "action")):
+            rules.append(PolicyRule(
+                name=values["name"], from_zone=values["from"], to_zone=values["to"], action=values["action"],
+                hosts=values["hosts"], paths=values["paths"], listeners=values["listeners"],
+                request_profile=values["request_profile"], response_profile=values["response_profile"],
+                where=f"{item.file}:{item.line}"))
+    return default or "deny", tuple(rules)

@@ -1,0 +1,76 @@
+"""Stage 1: give each transfer its id and listener, and place its client and upstream in zones."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+
+from mitmproxy import http
+
+from gateway.filters import Gateway
+from gateway.transfer import METADATA_KEY, Transfer
+
+
+class Resolver:
+    """Resolve upstream names once per TTL, off the event loop; literal addresses pass straight through."""
+
+    def __init__(self, ttl: float = 30.0):
+        self.ttl = ttl
+        self._cache: dict[tuple[str, int], tuple[float, str | None]] = {}
+
+    async def resolve(self, host: str, port: int) -> str | None:
+        try:
+            return str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            pass
+        now = time.monotonic()
+        cached = self._cache.get((host, port))
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            address = infos[0][4][0] if infos else None
+        except (OSError, UnicodeError):
+            address = None
+        self._cache[(host, port)] = (now + (self.ttl if address else 2.0), address)
+        return address
+
+
+class Identify:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.resolver = Resolver()
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        await self._identify(flow)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self._identify(flow)
+        transfer = flow.metadata[METADATA_KEY]
+        if transfer.upstream_addr is not None:
+            # Pin the connection to the address the zone was decided for: no second lookup that a
+            # DNS change could steer into another zone. The Host header and TLS SNI keep the name.
+            flow.request.data.host = transfer.upstream_addr
+
+    async def _identify(self, flow: http.HTTPFlow) -> None:
+        runtime = self.gateway.runtime
+        client_ip, client_port = flow.client_conn.peername[:2]
+        listener = runtime.listener_at(flow.client_conn.sockname[1])
+        host, port = flow.request.host, flow.request.port
+        address = await self.resolver.resolve(host, port)
+        flow.metadata[METADATA_KEY] = Transfer(
+            id=flow.id,
+            listener=listener.name if listener else "unknown",
+            client_addr=_join(client_ip, client_port),
+            client_zone=runtime.zones.zone_of(client_ip),
+            upstream_host=flow.request.pretty_host if flow.request.host_header else host,
+            upstream_port=port,
+            upstream_addr=address,
+            upstream_zone=runtime.zones.zone_of(address) if address else "unknown",
+        )
+
+
+def _join(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -1,0 +1,113 @@
+"""Stage 3: run the DLP profile the policy chose over what crosses, and act on what it finds.
+
+Request bodies are inspected with the rule's request profile (data leaving the client's zone),
+response bodies with its response profile (data arriving), WebSocket messages by their direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy import http
+
+from gateway.dlp import Profile, ScanResult
+from gateway.filters import Gateway, refuse, transfer_of
+from gateway.transfer import Reason, Transfer
+
+# Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
+# transfers are not stalled while they are inspected.
+INLINE_SCAN_LIMIT = 64 * 1024
+
+
+class Inspect:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or flow.response or transfer.stopped:
+            return
+        profile = self._profile(transfer, "request")
+        if profile is None:
+            return
+        request = flow.request
+        query = request.path.partition("?")[2]
+        if query:
+            self._apply(flow, transfer, profile.scan_query(query, direction="request", host=transfer.upstream_host))
+        if flow.response or not request.raw_content:
+            return
+        result = await _scan(profile, request.raw_content, request.headers, "request", transfer.upstream_host)
+        self._apply(flow, transfer, result)
+        if result.action == "redact" and not flow.response:
+            request.raw_content = profile.redact(
+                request.raw_content, content_type=request.headers.get("content-type"),
+                content_encoding=request.headers.get("content-encoding"), result=result)
+            _fix_length(request)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or flow.metadata.get("gateway_refused") or not flow.response:
+            return
+        profile = self._profile(transfer, "response")
+        response = flow.response
+        if profile is None or not response.raw_content:
+            return
+        result = await _scan(profile, response.raw_content, response.headers, "response", transfer.upstream_host)
+        self._apply(flow, transfer, result)
+        if result.action == "redact" and not flow.metadata.get("gateway_refused"):
+            response.raw_content = profile.redact(
+                response.raw_content, content_type=response.headers.get("content-type"),
+                content_encoding=response.headers.get("content-encoding"), result=result)
+            _fix_length(response)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or flow.websocket is None:
+            return
+        message = flow.websocket.messages[-1]
+        direction = "request" if message.from_client else "response"
+        profile = self._profile(transfer, direction)
+        if profile is None:
+            return
+        content_type = "text/plain; charset=utf-8" if message.is_text else "application/octet-stream"
+        result = profile.scan(message.content, content_type=content_type, direction=direction,
+                              host=transfer.upstream_host)
+        if result.action is None:
+            return
+        reasons = _reasons(result)
+        if result.action in ("block", "redact"):
+            # A message cannot be answered with a 403: it is dropped, and the decision recorded.
+            message.drop()
+            transfer.escalate("block", reasons)
+        else:
+            transfer.escalate(result.action, reasons)
+        transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
+
+    def _profile(self, transfer: Transfer, direction: str) -> Profile | None:
+        if transfer.verdict is None:
+            return None
+        name = transfer.verdict.request_profile if direction == "request" else transfer.verdict.response_profile
+        return self.gateway.runtime.rules.profile(name) if name else None
+
+    def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult) -> None:
+        if result.action is None:
+            return
+        transfer.escalate(result.action, _reasons(result))
+        if result.action == "block":
+            refuse(flow, transfer)
+
+
+async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, host: str) -> ScanResult:
+    def scan() -> ScanResult:
+        return profile.scan(body, content_type=headers.get("content-type"),
+                            content_encoding=headers.get("content-encoding"), direction=direction, host=host)
+    return scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan)
+
+
+def _reasons(result: ScanResult) -> list[Reason]:
+    return [Reason(f.rule, f.type, f.location, f.action) for f in result.findings]
+
+
+def _fix_length(message: http.Message) -> None:
+    if "content-length" in message.headers:
+        message.headers["content-length"] = str(len(message.raw_content or b""))

@@ -1,0 +1,123 @@
+"""Stage 4: one trace record per transfer, durable before the client gets its answer; alerts.
+
+Allowed, warned, redacted, blocked, denied and failed transfers all get exactly one record; its
+transfer id is the one the client sees in X-Gateway-Transfer-Id.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from mitmproxy import http
+
+from gateway.alerts import AlertLog
+from gateway.dlp import mask_url
+from gateway.filters import refuse, transfer_of
+from gateway.runtime import Runtime
+from gateway.trace import TraceError, TraceLog, body_hasher
+from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer
+
+log = logging.getLogger(__name__)
+
+
+class RecordingGateway(Protocol):
+    runtime: Runtime
+    trace: TraceLog
+    alerts: AlertLog
+
+
+class Record:
+    def __init__(self, gateway: RecordingGateway):
+        self.gateway = gateway
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        # A refused CONNECT never reaches the response hook: its answer is sent right after this one.
+        transfer = transfer_of(flow)
+        if transfer is not None and flow.response is not None:
+            await self._record(flow, transfer)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or transfer.recorded:
+            return
+        await self._record(flow, transfer)
+        assert flow.response is not None
+        flow.response.headers[TRANSFER_ID_HEADER] = transfer.id
+        warned = sorted({r.rule for r in transfer.reasons if r.action == "warn"})
+        if warned:
+            flow.response.headers[WARNING_HEADER] = ", ".join(warned)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or transfer.recorded:
+            return
+        transfer.error = flow.error.msg if flow.error else "unknown error"
+        transfer.escalate("error")
+        await self._record(flow, transfer)
+
+    async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
+        transfer.recorded = True
+        record = self._build(flow, transfer)
+        try:
+            await self.gateway.trace.append(record)
+        except TraceError as e:
+            # Fail closed: what cannot be proven to have crossed must not cross.
+            log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
+            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.error = f"trace log unavailable: {e}"
+            if flow.response is not None or flow.error is None:
+                refuse(flow, transfer, status=503, error="trace log unavailable")
+            return
+        if transfer.decision in ("warn", "block", "deny"):
+            self.gateway.alerts.write(_alert(record))
+
+    def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:
+        digest = self.gateway.runtime.config.body_digest
+        request, response = flow.request, flow.response
+        return {
+            "v": 1,
+            "id": transfer.id,
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "frontend": self.gateway.runtime.config.name,
+            "listener": transfer.listener,
+            "client": {"addr": transfer.client_addr, "zone": transfer.client_zone},
+            "upstream": {"host": transfer.upstream_host, "port": transfer.upstream_port,
+                         "addr": transfer.upstream_addr, "zone": transfer.upstream_zone},
+            "method": request.method,
+            "url": mask_url(_display_url(request, transfer)),
+            "status": response.status_code if response else None,
+            "req_bytes": len(request.raw_content or b""),
+            "resp_bytes": len(response.raw_content or b"") if response else 0,
+            "req_digest": _digest(digest, request.raw_content),
+            "resp_digest": _digest(digest, response.raw_content) if response else None,
+            "decision": transfer.decision,
+            "policy_rule": transfer.verdict.rule if transfer.verdict else None,
+            "rules": [{"rule": r.rule, "type": r.type, "location": r.location, "action": r.action}
+                      for r in transfer.reasons],
+            "grant": None,
+            "error": transfer.error,
+        }
+
+
+def _display_url(request: http.Request, transfer: Transfer) -> str:
+    if request.method == "CONNECT":
+        return f"{transfer.upstream_host}:{transfer.upstream_port}"
+    host = transfer.upstream_host
+    default = (request.scheme == "https" and transfer.upstream_port == 443) or (
+        request.scheme == "http" and transfer.upstream_port == 80)
+    authority = host if default else f"{host}:{transfer.upstream_port}"
+    return f"{request.scheme}://{authority}{request.path}"
+
+
+def _digest(name: str, body: bytes | None) -> str:
+    hasher = body_hasher(name)
+    hasher.update(body or b"")
+    return hasher.hexdigest_prefixed() if hasattr(hasher, "hexdigest_prefixed") else f"{name}:{hasher.hexdigest()}"
+
+
+def _alert(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "time", "frontend", "listener", "client", "upstream", "method", "url", "status",
+            "decision", "policy_rule", "rules")
+    return {key: record[key] for key in keys}

@@ -1,0 +1,45 @@
+"""Which transfers may cross: rules per zone pair and direction, first match wins, default deny."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from gateway.config import PolicyRule
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str                      # "allow" or "deny"
+    rule: str                        # the matching rule's name, or "default"
+    request_profile: str | None = None
+    response_profile: str | None = None
+
+
+class Policy:
+    def __init__(self, rules: tuple[PolicyRule, ...], default: str = "deny"):
+        self.rules = rules
+        self.default = Verdict(default, "default")
+
+    def decide(self, src_zone: str, dst_zone: str, host: str, path: str | None, listener: str) -> Verdict:
+        """The verdict for one transfer. With `path=None` (a CONNECT, path still unknown) a rule with
+        path patterns counts as a possible match: the tunnel opens and each request is decided again."""
+        host = host.lower().rstrip(".")
+        for rule in self.rules:
+            if not _zone_matches(rule.from_zone, src_zone) or not _zone_matches(rule.to_zone, dst_zone):
+                continue
+            if rule.listeners and listener not in rule.listeners:
+                continue
+            if rule.hosts and not any(fnmatchcase(host, pattern.lower()) for pattern in rule.hosts):
+                continue
+            if rule.paths and path is not None and not any(fnmatchcase(path, p) for p in rule.paths):
+                continue
+            if rule.paths and path is None and rule.action == "deny":
+                continue  # a path-specific deny cannot close the whole tunnel
+            return Verdict(rule.action, rule.name, rule.request_profile, rule.response_profile)
+        return self.default
+
+
+def _zone_matches(pattern: str, zone: str) -> bool:
+    # "*" matches every configured zone but never "unknown": unknown sources stay denied.
+    return pattern == zone or (pattern == "*" and zone != "unknown")

@@ -1,0 +1,43 @@
+"""Everything the pipeline decides with, built from one configuration and swapped whole on reload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import Config, ConfigError, Listener
+from gateway.dlp import DlpConfigError, RuleSet, load_rules
+from gateway.policy import Policy
+from gateway.zones import ZoneMap
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: Config
+    zones: ZoneMap
+    policy: Policy
+    rules: RuleSet
+
+    def listener_at(self, port: int) -> Listener | None:
+        """The listener a client reached, by the local port it connected to."""
+        for listener in self.config.listeners:
+            if listener.port == port:
+                return listener
+        return None
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Load the DLP rules the configuration names and check every profile its policy uses."""
+    try:
+        rules = load_rules(config.dlp_rules)
+    except DlpConfigError as e:
+        raise ConfigError(list(e.errors)) from e
+    errors = []
+    for rule in config.rules:
+        for key in ("request_profile", "response_profile"):
+            profile = getattr(rule, key)
+            if profile is not None and profile not in rules.profiles:
+                errors.append(f"{rule.where}: policy.rules.{rule.name}.{key}: no DLP profile named "
+                              f"'{profile}' in {config.dlp_rules} (profiles: {', '.join(sorted(rules.profiles))})")
+    if errors:
+        raise ConfigError(errors)
+    return Runtime(config, ZoneMap(config.zones), Policy(config.rules, config.policy_default), rules)

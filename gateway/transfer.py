@@ -1,0 +1,65 @@
+"""One transfer's state as it moves through the pipeline stages, kept in `flow.metadata`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.policy import Verdict
+
+METADATA_KEY = "gateway"
+TRANSFER_ID_HEADER = "X-Gateway-Transfer-Id"
+WARNING_HEADER = "X-Gateway-Warning"
+# Decisions, weakest first: a transfer's decision only ever moves to a stronger one.
+DECISION_ORDER = ("allow", "audit", "warn", "redact", "block", "deny", "error")
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a transfer was stopped or flagged; never holds the sensitive value itself."""
+
+    rule: str
+    type: str
+    location: str
+    action: str
+
+    def public(self) -> dict[str, str]:
+        return {"rule": self.rule, "type": self.type, "location": self.location}
+
+
+@dataclass
+class Transfer:
+    id: str
+    listener: str
+    client_addr: str
+    client_zone: str
+    upstream_host: str
+    upstream_port: int
+    upstream_addr: str | None = None
+    upstream_zone: str = "unknown"
+    verdict: Verdict | None = None
+    decision: str = "allow"
+    reasons: list[Reason] = field(default_factory=list)
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    recorded: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def escalate(self, decision: str, reasons: list[Reason] = ()) -> None:
+        if DECISION_ORDER.index(decision) > DECISION_ORDER.index(self.decision):
+            self.decision = decision
+        self.reasons.extend(reasons)
+
+    @property
+    def stopped(self) -> bool:
+        return self.decision in ("block", "deny", "error")
+
+
+def refusal_body(transfer: Transfer, error: str = "blocked") -> bytes:
+    """The JSON a client gets with a 403: which rules, of what type, where; never the value."""
+    reasons = [r.public() for r in transfer.reasons if r.action in ("block", "deny")] or [
+        r.public() for r in transfer.reasons]
+    return json.dumps({"error": error, "transfer_id": transfer.id, "reasons": reasons},
+                      ensure_ascii=False).encode()

@@ -1,0 +1,190 @@
+"""Read YAML with file and line kept for every value, so errors can say `FILE:LINE: key.path: message`.
+
+Readers walk PyYAML's composed node tree instead of plain dicts; each read either returns the value or
+records an error and returns None, so one pass reports every error in a file, not only the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each formatted `FILE:LINE: key.path: message`."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class ErrorSink:
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, node: "Node", message: str) -> None:
+        self.errors.append(f"{node.file}:{node.line}: {node.path or '(top)'}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigError(self.errors)
+
+
+@dataclass
+class Node:
+    """One YAML value with where it came from."""
+
+    raw: yaml.Node
+    file: Path
+    path: str
+    sink: ErrorSink
+
+    @property
+    def line(self) -> int:
+        return self.raw.start_mark.line + 1
+
+    def error(self, message: str) -> None:
+        self.sink.add(self, message)
+
+    def _child(self, raw: yaml.Node, key: str | int) -> "Node":
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+        else:
+            path = f"{self.path}.{key}" if self.path else key
+        return Node(raw, self.file, path, self.sink)
+
+    def mapping(self, allowed: set[str] | None = None, required: set[str] = frozenset()) -> dict[str, "Node"] | None:
+        """The mapping's entries; unknown keys, missing keys and duplicates are errors."""
+        if not isinstance(self.raw, yaml.MappingNode):
+            self.error(f"expected a mapping, got {_kind(self.raw)}")
+            return None
+        entries: dict[str, Node] = {}
+        for key_raw, value_raw in self.raw.value:
+            key = key_raw.value if isinstance(key_raw, yaml.ScalarNode) else None
+            child = self._child(value_raw, str(key))
+            if not isinstance(key, str):
+                Node(key_raw, self.file, self.path, self.sink).error("keys must be strings")
+            elif key in entries:
+                Node(key_raw, self.file, child.path, self.sink).error("duplicate key")
+            elif allowed is not None and key not in allowed:
+                Node(key_raw, self.file, child.path, self.sink).error(
+                    f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            else:
+                entries[key] = child
+        for key in sorted(required - entries.keys()):
+            self.error(f"missing required key '{key}'")
+        return entries
+
+    def items(self) -> Iterator["Node"]:
+        """The sequence's items (a single scalar is an error, not a one-item list)."""
+        if not isinstance(self.raw, yaml.SequenceNode):
+            self.error(f"expected a list, got {_kind(self.raw)}")
+            return
+        for index, item in enumerate(self.raw.value):
+            yield self._child(item, index)
+
+    def scalar(self) -> Any:
+        if not isinstance(self.raw, yaml.ScalarNode):
+            self.error(f"expected a single value, got {_kind(self.raw)}")
+            return None
+        return yaml.SafeLoader(" ").construct_object(self.raw, deep=True)
+
+    def string(self, choices: tuple[str, ...] | None = None) -> str | None:
+        value = self.scalar()
+        if value is None and isinstance(self.raw, yaml.ScalarNode):
+            self.error("expected a string, got nothing")
+            return None
+        if value is not None and not isinstance(value, str):
+            value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            if value is None:
+                self.error("expected a string")
+                return None
+        if value is not None and choices is not None and value not in choices:
+            self.error(f"'{value}' is not one of: {', '.join(choices)}")
+            return None
+        return value
+
+    def integer(self, minimum: int | None = None) -> int | None:
+        value = self.scalar()
+        if not isinstance(value, int) or isinstance(value, bool):
+            if isinstance(self.raw, yaml.ScalarNode):
+                self.error(f"expected a whole number, got '{self.raw.value}'")
+            return None
+        if minimum is not None and value < minimum:
+            self.error(f"must be at least {minimum}")
+            return None
+        return value
+
+    def boolean(self) -> bool | None:
+        value = self.scalar()
+        if not isinstance(value, bool):
+            if isinstance(self.raw, yaml.ScalarNode):
+                self.error(f"expected true or false, got '{self.raw.value}'")
+            return None
+        return value
+
+    def parsed[T](self, parse: Callable[[str], T], what: str) -> T | None:
+        """A string turned into a value by `parse`; its ValueError becomes an error at this node."""
+        text = self.string()
+        if text is None:
+            return None
+        try:
+            return parse(text)
+        except ValueError as e:
+            self.error(f"not a valid {what}: {e}")
+            return None
+
+    def path_value(self) -> Path | None:
+        """A file system path; relative paths are relative to the file that names them."""
+        text = self.string()
+        if text is None:
+            return None
+        return (self.file.parent / text).resolve()
+
+
+def _kind(raw: yaml.Node) -> str:
+    if isinstance(raw, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(raw, yaml.SequenceNode):
+        return "a list"
+    return f"'{raw.value}'" if raw.value != "" else "nothing"
+
+
+def load_document(file: Path, sink: ErrorSink) -> Node | None:
+    """The file's single YAML document as a Node; syntax errors are recorded with their position."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        sink.errors.append(f"{file}:0: (file): cannot read: {e}")
+        return None
+    try:
+        raw = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 0
+        sink.errors.append(f"{file}:{line}: (syntax): {e.problem or e}")
+        return None
+    except yaml.YAMLError as e:
+        sink.errors.append(f"{file}:0: (syntax): {e}")
+        return None
+    if raw is None:
+        sink.errors.append(f"{file}:1: (top): the file is empty")
+        return None
+    return Node(raw, file, "", sink)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+              "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'8MiB', '512k', '1000' -> bytes."""
+    number = text.strip().rstrip("bBiIkKmMgG ")
+    unit = text.strip()[len(number):].strip().lower()
+    if unit not in SIZE_UNITS or not number.isdigit():
+        raise ValueError(f"'{text}' (use a whole number with an optional unit: KiB, MiB, GiB, kB, MB, GB)")
+    return int(number) * SIZE_UNITS[unit]

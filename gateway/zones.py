@@ -1,0 +1,52 @@
+"""Map addresses to zones by longest matching prefix; an address in no zone is in zone "unknown"."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from gateway.config import Network, Zone
+
+UNKNOWN = "unknown"
+
+
+def interface_networks(names: Iterable[str]) -> dict[str, list[Network]]:
+    """The networks configured on the named local interfaces, read with pyroute2 (missing ones: empty)."""
+    from pyroute2 import IPRoute
+
+    wanted = set(names)
+    found: dict[str, list[Network]] = {name: [] for name in wanted}
+    if not wanted:
+        return found
+    with IPRoute() as ipr:
+        index_to_name = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr():
+            name = index_to_name.get(addr["index"])
+            if name in wanted:
+                found[name].append(ipaddress.ip_network(
+                    f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}", strict=False))
+    return found
+
+
+class ZoneMap:
+    def __init__(self, zones: Iterable[Zone], interfaces: dict[str, list[Network]] | None = None):
+        interfaces = interfaces if interfaces is not None else interface_networks(
+            name for zone in zones for name in zone.interfaces)
+        entries = []
+        for zone in zones:
+            entries += [(net, zone.name) for net in zone.networks]
+            entries += [(net, zone.name) for name in zone.interfaces for net in interfaces.get(name, ())]
+        # Longest prefix first, so the first containing network is the most specific one.
+        self._entries = sorted(entries, key=lambda entry: entry[0].prefixlen, reverse=True)
+
+    def zone_of(self, address: str) -> str:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return UNKNOWN
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        for network, name in self._entries:
+            if ip.version == network.version and ip in network:
+                return name
+        return UNKNOWN
