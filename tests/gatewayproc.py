@@ -1,0 +1,116 @@
+"""Start real gateway and upstream processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config" / "gateway.yaml"
+UPSTREAM_SERVER = REPO / "tests" / "upstream_server.py"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def gateway_config(state_dir: Path, **sections) -> dict:
+    """The shipped default configuration with its own state folder and free ports; `sections` replace."""
+    config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    config["gateway"]["state_dir"] = str(state_dir)
+    config["dlp"]["rules"] = str(REPO / "config" / "dlp")
+    for listener in config["listeners"]:
+        listener["listen"] = f"127.0.0.1:{free_port()}"
+    config["management"]["listen"] = f"127.0.0.1:{free_port()}"
+    config.update(sections)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def listener_url(config: dict, name: str) -> str:
+    for listener in config["listeners"]:
+        if listener["name"] == name:
+            return f"http://{listener['listen']}"
+    raise KeyError(name)
+
+
+class Process:
+    """A child process whose output is collected line by line; `wait_for` blocks until a line appears."""
+
+    def __init__(self, argv: list[str], prefix: list[str] = (), env: dict | None = None):
+        self.argv = argv
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self.proc = subprocess.Popen([*prefix, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, **(env or {})})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30.0, start: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines[start:]:
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._pending()):
+                    raise AssertionError(f"{text!r} not seen from {self.argv[:3]} "
+                                         f"(exit {self.proc.poll()}):\n" + "\n".join(self.lines[-40:]))
+                self._seen.wait(min(remaining, 0.2))
+
+    def _pending(self) -> bool:
+        return not self.proc.stdout.closed and self.proc.poll() is None
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(config_path: Path, prefix: list[str] = ()) -> Process:
+    gateway = Process([sys.executable, "-m", "gateway", "run", "-c", str(config_path)], prefix,
+                      env={"PYTHONUNBUFFERED": "1"})
+    gateway.wait_for("alerts:")
+    return gateway
+
+
+def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = ()) -> Process:
+    upstream = Process([sys.executable, str(UPSTREAM_SERVER), "--bind", bind, "--port", str(port),
+                        "--log", str(log)], prefix)
+    upstream.wait_for("ready", timeout=10)
+    return upstream

@@ -1,0 +1,76 @@
+"""A real upstream HTTP server for the tests, run as its own process (also inside a namespace).
+
+Every request it receives is appended to --log as one JSON line (method, path, body length and
+SHA-256), so a test can prove what did or did not arrive. Endpoints:
+  /echo            answers with the request body
+  /ids?n=N         a JSON document holding N resident ID numbers (sensitive, for response-side tests)
+  /text?body=S     answers S as text/plain
+  anything else    200 "ok"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+# Valid GB 11643 numbers (region 110105, check character computed), enough for bulk-export tests.
+ID_NUMBERS = ["11010519491231002X", "110105194912310038", "110105199001011232", "440304198512152527",
+              "320102198003153416", "51010419781224221X", "330106199203065017", "420106198507220036",
+              "210102197605120013", "350102198811261226", "610103199504181212", "370102198302100014"]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    log_lock = threading.Lock()
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        with self.log_lock, open(self.server.log_path, "a") as log:
+            log.write(json.dumps({"method": self.command, "path": self.path, "bytes": len(body),
+                                  "sha256": hashlib.sha256(body).hexdigest()}) + "\n")
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        content_type = "text/plain; charset=utf-8"
+        if url.path == "/echo":
+            answer = body
+            content_type = self.headers.get("content-type", "application/octet-stream")
+        elif url.path == "/ids":
+            count = int(query.get("n", ["1"])[0])
+            rows = [{"name": f"person {i}", "sfzh": ID_NUMBERS[i % len(ID_NUMBERS)]} for i in range(count)]
+            answer = json.dumps({"rows": rows}).encode()
+            content_type = "application/json"
+        elif url.path == "/text":
+            answer = query.get("body", [""])[0].encode()
+        else:
+            answer = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST = do_PUT = _handle
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bind", default="127.0.0.2")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log", required=True)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    server.log_path = args.log
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
