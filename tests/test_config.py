@@ -1,0 +1,131 @@
+"""Configuration loading: every error named by file, line and key; front-end profiles layered."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.policy import Policy
+from gateway.zones import ZoneMap
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def errors_of(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.errors
+
+
+VALID = """\
+gateway: {name: fe1, state_dir: state}
+zones:
+  extranet: {networks: [10.1.0.0/16]}
+  internet: {networks: [0.0.0.0/0]}
+listeners:
+  - {name: forward, mode: regular, listen: 127.0.0.1:8080}
+policy:
+  rules:
+    - {name: out, from: extranet, to: internet, action: allow}
+dlp: {rules: dlp}
+trace: {dir: trace, origin: example/fe1}
+management: {listen: 127.0.0.1:9090}
+"""
+
+
+def test_shipped_default_configuration_loads():
+    config = load_config(REPO / "config" / "gateway.yaml")
+    assert [listener.name for listener in config.listeners] == ["forward", "publish-local"]
+    assert config.policy_default == "deny"
+    assert config.spool_threshold == 8 * 1024 * 1024
+
+
+def test_valid_file_resolves_paths_relative_to_itself(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID)
+    config = load_config(path)
+    assert config.state_dir == tmp_path / "state"
+    assert config.trace_dir == tmp_path / "state" / "trace"
+    assert config.dlp_rules == tmp_path / "dlp"
+
+
+def test_unknown_key_is_an_error_with_file_line_and_path(tmp_path):
+    errors = errors_of(tmp_path, VALID.replace("action: allow}", "action: allow, reqest_profile: x}"))
+    assert errors == [f"{tmp_path}/gw.yaml:9: policy.rules[0].reqest_profile: unknown key "
+                      "(expected one of: action, from, hosts, listeners, name, paths, request_profile, "
+                      "response_profile, to)"]
+
+
+def test_every_error_is_reported_not_only_the_first(tmp_path):
+    text = (VALID.replace("10.1.0.0/16", "10.1.0.0/33")
+            .replace("listen: 127.0.0.1:8080", "listen: localhost")
+            .replace("to: internet", "to: intranet"))
+    errors = errors_of(tmp_path, text)
+    assert len(errors) == 3, errors
+    assert errors[0].startswith(f"{tmp_path}/gw.yaml:3: zones.extranet.networks[0]: not a valid network")
+    assert errors[1].startswith(f"{tmp_path}/gw.yaml:6: listeners[0].listen: not a valid HOST:PORT address")
+    assert errors[2].startswith(f"{tmp_path}/gw.yaml:9: policy.rules[0].to: no zone named 'intranet'")
+
+
+def test_syntax_error_names_the_line(tmp_path):
+    errors = errors_of(tmp_path, VALID.replace("zones:\n", "zones:\n  - [\n", 1))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:")
+    assert "(syntax)" in errors[0]
+
+
+def test_reverse_listener_needs_an_upstream(tmp_path):
+    errors = errors_of(tmp_path, VALID.replace("mode: regular", "mode: reverse"))
+    assert errors == [f"{tmp_path}/gw.yaml:6: listeners[0]: a reverse listener needs 'upstream' "
+                      "(the URL of the service it publishes)"]
+
+
+def test_check_command_prints_errors_and_exits_2(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("name: fe1", "name: fe1, colour: red"))
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{path}:1: gateway.colour: unknown key" in result.stderr
+
+
+def test_check_command_accepts_the_shipped_configuration_and_every_frontend():
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "--all-frontends"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "config/gateway.yaml: ok" in result.stdout
+
+
+def test_zone_map_longest_prefix_wins_and_unmatched_is_unknown():
+    config = load_config(REPO / "config" / "gateway.yaml")
+    zones = ZoneMap(config.zones)
+    assert zones.zone_of("127.0.0.1") == "extranet"
+    assert zones.zone_of("127.0.0.2") == "internet"
+    assert zones.zone_of("::ffff:127.0.0.1") == "extranet"
+    assert zones.zone_of("192.0.2.1") == "unknown"
+    assert zones.zone_of("not-an-address") == "unknown"
+
+
+def test_zone_from_interface_addresses(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("{networks: [10.1.0.0/16]}", "{interfaces: [lo]}"))
+    zones = ZoneMap(load_config(path).zones)  # reads lo's addresses with pyroute2
+    assert zones.zone_of("127.0.0.9") == "extranet"
+
+
+def test_policy_first_match_wins_and_default_denies(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace(
+        "    - {name: out, from: extranet, to: internet, action: allow}",
+        "    - {name: no-admin, from: extranet, to: internet, paths: ['/admin/*'], action: deny}\n"
+        "    - {name: gov-only, from: extranet, to: internet, hosts: ['*.gov.cn'], action: allow}"))
+    policy = Policy(load_config(path).rules)
+    assert policy.decide("extranet", "internet", "data.gov.cn", "/api", "forward").rule == "gov-only"
+    assert policy.decide("extranet", "internet", "data.gov.cn", "/admin/x", "forward").action == "deny"
+    assert policy.decide("extranet", "internet", "example.com", "/api", "forward").rule == "default"
+    assert policy.decide("internet", "extranet", "data.gov.cn", "/api", "forward").action == "deny"
+    # A CONNECT (no path yet) to an allowed host opens; the path deny applies to requests inside.
+    assert policy.decide("extranet", "internet", "data.gov.cn", None, "forward").action == "allow"
