@@ -1,0 +1,210 @@
+"""In-process trace log API: canonical record encoding and group commit on one writer thread.
+
+Producers (asyncio tasks on mitmproxy's loop, or plain threads) hand encoded records to
+`GroupCommitter.submit`; the writer thread takes everything queued, commits it to the `LogStore`
+with one journal fdatasync and one checkpoint, then answers every producer of the batch. A record
+therefore waits at most for the commit in flight plus its own. The committer only needs
+`submit(entry, waiter)`, so a Unix-socket front for several worker processes can feed the same
+writer (issue 7).
+"""
+
+import asyncio
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future as ThreadFuture
+from pathlib import Path
+from typing import Any
+
+from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
+from gateway.trace.store import LogStore, TraceError
+from gateway.trace.tiles import MAX_ENTRY
+
+Waiter = asyncio.Future | ThreadFuture
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """Canonical encoding: sorted keys, no whitespace, UTF-8 (the leaf data of the tree)."""
+    if not isinstance(record, dict):
+        raise TraceError(f"a trace record must be a dict, not {type(record).__name__}")
+    try:
+        data = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise TraceError(f"trace record is not canonical JSON: {exc}") from None
+    if len(data) > MAX_ENTRY:
+        raise TraceError(f"trace record of {len(data)} bytes exceeds the {MAX_ENTRY}-byte entry limit")
+    return data
+
+
+def _resolve(items: list[tuple[asyncio.Future, int | BaseException]]) -> None:
+    for fut, result in items:
+        if fut.done():
+            continue  # the producer was cancelled; its record is durable all the same
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+
+class GroupCommitter:
+    """One writer thread batching submissions into durable commits; fails closed on any error."""
+
+    def __init__(self, store: LogStore, *, max_batch: int = 16384, max_wait: float = 0.0,
+                 idle_flush: float = 1.0) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.idle_flush = idle_flush
+        self.failure: TraceError | None = None
+        self.committed = 0
+        self._queue: deque[tuple[bytes, Waiter]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="trace-log-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, entry: bytes, waiter: Waiter) -> None:
+        with self._cond:
+            if self.failure is not None:
+                raise self.failure
+            if self._closing:
+                raise TraceError("trace log is closed")
+            self._queue.append((entry, waiter))
+            if len(self._queue) == 1:
+                self._cond.notify()
+
+    def _take_batch(self) -> list[tuple[bytes, Waiter]] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                if not self._cond.wait(timeout=self.idle_flush):
+                    self._flush_derived()
+            if self.max_wait and len(self._queue) < self.max_batch:
+                # Bounded wait for more producers to join this batch.
+                self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closing,
+                                    timeout=self.max_wait)
+            n = min(len(self._queue), self.max_batch)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _flush_derived(self) -> None:
+        if self.failure is None:
+            try:
+                self.store.write_partial_tiles()
+            except OSError:
+                pass  # derived files only; the next commit reports real write errors
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            if self.failure is not None:
+                self._answer(batch, None, self.failure)
+                continue
+            try:
+                first = self.store.commit([entry for entry, _ in batch])
+            except Exception as exc:  # any write error: stop accepting records (fail closed)
+                failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
+                failure.__cause__ = exc
+                with self._cond:
+                    self.failure = failure
+                    pending = list(self._queue)
+                    self._queue.clear()
+                self._answer(batch + pending, None, failure)
+                continue
+            self.committed += len(batch)
+            self._answer(batch, first, None)
+        if self.failure is None:
+            self._flush_derived()
+
+    @staticmethod
+    def _answer(batch: list[tuple[bytes, Waiter]], first: int | None, error: TraceError | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for i, (_, waiter) in enumerate(batch):
+            result: int | BaseException = error if error is not None else first + i
+            if isinstance(waiter, asyncio.Future):
+                by_loop[waiter.get_loop()].append((waiter, result))
+            elif isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)  # one wake-up per loop per batch
+            except RuntimeError:
+                pass  # loop already closed: nobody is waiting
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+class TraceLog:
+    """Append-only, tamper-evident trace log (see the module docs of gateway.trace)."""
+
+    def __init__(self, store: LogStore, committer: GroupCommitter) -> None:
+        self._store = store
+        self._committer = committer
+        self._closed = False
+
+    @classmethod
+    def open(cls, directory: Path, *, origin: str, signing_key: Path, max_batch: int = 16384,
+             max_wait: float = 0.0) -> "TraceLog":
+        directory, signing_key = Path(directory), Path(signing_key)
+        try:
+            signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
+        except (OSError, NoteError) as exc:
+            raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
+        store = LogStore.open(directory, signer)
+        pub = directory / "log.pub"
+        if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
+            pub.write_text(signer.verifier.vkey() + "\n")
+        return cls(store, GroupCommitter(store, max_batch=max_batch, max_wait=max_wait))
+
+    async def append(self, record: dict[str, Any]) -> int:
+        """Leaf index of `record`, returned once it and a checkpoint covering it are durable."""
+        entry = encode_record(record)
+        fut = asyncio.get_running_loop().create_future()
+        self._committer.submit(entry, fut)
+        return await fut
+
+    def append_sync(self, record: dict[str, Any]) -> int:
+        entry = encode_record(record)
+        fut: ThreadFuture = ThreadFuture()
+        self._committer.submit(entry, fut)
+        return fut.result()
+
+    @property
+    def tree_size(self) -> int:
+        return self._store.checkpoint_size
+
+    @property
+    def last_checkpoint_time(self) -> float:
+        return self._store.checkpoint_time
+
+    @property
+    def records_appended(self) -> int:
+        return self._committer.committed
+
+    @property
+    def failure(self) -> TraceError | None:
+        return self._committer.failure
+
+    @property
+    def verifier_key(self) -> str:
+        return self._store.signer.verifier.vkey()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._committer.close()
+        self._store.close_files()
+
+    def __enter__(self) -> "TraceLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""C2SP tlog-tiles layout on disk, plus the journal that makes the unfinished entry bundle durable.
+
+DIR/checkpoint                  latest signed checkpoint (replaced atomically)
+DIR/tile/entries/<N>            full entry bundles: 256 big-endian uint16 length-prefixed entries
+DIR/tile/<L>/<N>                full hash tiles: 256 SHA-256 hashes at tree height 8*L
+DIR/tile/.../<N>.p/<W>          partial tiles for the checkpoint's size, refreshed when the writer
+                                is idle and on close (derived data: rebuilt from the journal)
+DIR/journal                     durable copy of the unfinished bundle: header (magic, start index),
+                                then the same length-prefixed entries; appended and fdatasync'd per
+                                group commit, replaced atomically when a bundle fills
+Full tiles and bundles are written once (temp file, fsync, rename) and never changed.
+"""
+
+import struct
+from pathlib import Path
+
+from gateway.trace.merkle import HASH_SIZE, leaf_hash, perfect_root, range_hash, tree_root
+
+TILE_HEIGHT = 8
+TILE_WIDTH = 1 << TILE_HEIGHT
+MAX_ENTRY = 0xFFFF
+JOURNAL_MAGIC = b"GWTRACEJ"
+JOURNAL_HEADER = struct.Struct(">8sQ")
+
+
+class TileError(ValueError):
+    """A file of the log is missing, malformed or inconsistent."""
+
+
+def index_path(n: int) -> str:
+    """Tile index as zero-padded 3-digit path elements, all but the last prefixed with 'x'."""
+    digits = f"{n:03d}"
+    if len(digits) % 3:
+        digits = "0" * (3 - len(digits) % 3) + digits
+    groups = [digits[i:i + 3] for i in range(0, len(digits), 3)]
+    return "/".join([f"x{g}" for g in groups[:-1]] + [groups[-1]])
+
+
+def tile_path(level: int | str, n: int, width: int = TILE_WIDTH) -> str:
+    """Relative path of a hash tile (level int) or entry bundle (level 'entries')."""
+    path = f"tile/{level}/{index_path(n)}"
+    return path if width == TILE_WIDTH else f"{path}.p/{width}"
+
+
+def encode_entry(entry: bytes) -> bytes:
+    if len(entry) > MAX_ENTRY:
+        raise TileError(f"entry of {len(entry)} bytes exceeds the {MAX_ENTRY}-byte limit")
+    return struct.pack(">H", len(entry)) + entry
+
+
+def parse_entries(data: bytes) -> tuple[list[bytes], int]:
+    """Entries in a bundle or journal body, and the byte length of the complete ones.
+    A torn final entry (short prefix or data) is left out; the caller decides what that means."""
+    entries = []
+    pos, end = 0, len(data)
+    while pos + 2 <= end:
+        n = (data[pos] << 8) | data[pos + 1]
+        if pos + 2 + n > end:
+            break
+        entries.append(data[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    return entries, pos
+
+
+def read_journal(path: Path) -> tuple[int, list[bytes], int, int]:
+    """(start index, entries, bytes used by header + complete entries, file length)."""
+    data = path.read_bytes()
+    if len(data) < JOURNAL_HEADER.size:
+        raise TileError(f"{path.name}: shorter than its header")
+    magic, start = JOURNAL_HEADER.unpack_from(data)
+    if magic != JOURNAL_MAGIC or start % TILE_WIDTH:
+        raise TileError(f"{path.name}: bad header")
+    entries, used = parse_entries(data[JOURNAL_HEADER.size:])
+    return start, entries, JOURNAL_HEADER.size + used, len(data)
+
+
+class TileReader:
+    """Node hashes of a tree of `size` leaves read from full tiles on disk, with the leaves past the
+    last full bundle supplied by the caller (from the journal). Partial tiles are derived, never
+    read, so stale partial files cannot mislead proofs."""
+
+    def __init__(self, directory: Path, size: int, tail_start: int, tail_leaf_hashes: list[bytes]) -> None:
+        self.directory = directory
+        self.size = size
+        self.tail_start = tail_start
+        self.tail = tail_leaf_hashes
+        self._cache: dict[tuple[int, int], list[bytes]] = {}
+
+    def tile(self, level: int, n: int) -> list[bytes]:
+        """Hashes at height 8*level of tile n (full, or the partial one at the right edge)."""
+        key = (level, n)
+        if key in self._cache:
+            return self._cache[key]
+        available = self.size >> (TILE_HEIGHT * level)  # nodes at this height that are complete
+        width = min(TILE_WIDTH, available - n * TILE_WIDTH)
+        if width <= 0:
+            raise TileError(f"tile {level}/{n} lies beyond tree size {self.size}")
+        full_end = (self.tail_start >> (TILE_HEIGHT * (level + 1)))  # full tiles on disk at this level
+        if n < full_end:
+            path = self.directory / tile_path(level, n)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise TileError(f"{tile_path(level, n)}: missing") from None
+            if len(data) != TILE_WIDTH * HASH_SIZE:
+                raise TileError(f"{tile_path(level, n)}: {len(data)} bytes, a full tile has {TILE_WIDTH * HASH_SIZE}")
+            hashes = [data[i:i + HASH_SIZE] for i in range(0, width * HASH_SIZE, HASH_SIZE)]
+        elif level == 0:
+            first = n * TILE_WIDTH - self.tail_start
+            hashes = self.tail[first:first + width]
+        else:
+            hashes = [perfect_root(self.tile(level - 1, n * TILE_WIDTH + i)) for i in range(width)]
+        self._cache[key] = hashes
+        return hashes
+
+    def node_hash(self, height: int, index: int) -> bytes:
+        level, rest = divmod(height, TILE_HEIGHT)
+        first = index << rest
+        tile = self.tile(level, first >> TILE_HEIGHT)
+        offset = first & (TILE_WIDTH - 1)
+        return perfect_root(tile[offset:offset + (1 << rest)])
+
+    def root(self, size: int | None = None) -> bytes:
+        return tree_root(self.node_hash, self.size if size is None else size)
+
+    def range_hash(self, start: int, end: int) -> bytes:
+        return range_hash(self.node_hash, start, end)
+
+
+def tail_reader(directory: Path, size: int) -> TileReader:
+    """TileReader for a log directory whose tail comes from its journal."""
+    start, entries, _, _ = read_journal(directory / "journal")
+    if size < start:
+        return TileReader(directory, size, start, [])
+    if size > start + len(entries):
+        raise TileError(f"log holds {start + len(entries)} records, fewer than {size}")
+    return TileReader(directory, size, start, [leaf_hash(e) for e in entries[:size - start]])
