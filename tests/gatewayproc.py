@@ -109,8 +109,11 @@ def start_gateway(config_path: Path, prefix: list[str] = ()) -> Process:
     return gateway
 
 
-def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = ()) -> Process:
+def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = (),
+                   tls: tuple[Path, Path] | None = None) -> Process:
+    """The logging upstream server; with `tls` (certificate, key) it serves HTTPS."""
+    tls_args = ["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []
     upstream = Process([sys.executable, str(UPSTREAM_SERVER), "--bind", bind, "--port", str(port),
-                        "--log", str(log)], prefix)
+                        "--log", str(log), *tls_args], prefix)
     upstream.wait_for("ready", timeout=10)
     return upstream

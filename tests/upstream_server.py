@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -65,9 +66,15 @@ def main() -> None:
     parser.add_argument("--bind", default="127.0.0.2")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--cert", help="serve HTTPS with this certificate (PEM) ...")
+    parser.add_argument("--key", help="... and this key")
     args = parser.parse_args()
     server = ThreadingHTTPServer((args.bind, args.port), Handler)
     server.log_path = args.log
+    if args.cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.cert, args.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print("ready", flush=True)
     server.serve_forever()
 

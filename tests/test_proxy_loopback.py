@@ -1,0 +1,155 @@
+"""The gateway core end to end on loopback: the real engine, curl and httpx, a real upstream.
+
+Clients on 127.0.0.1 are the extranet; the upstream on 127.0.0.2 stands for the internet.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+
+ID_NUMBER = "11010519491231002X"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """One gateway and one upstream shared by the module's tests (each test checks its own transfers)."""
+    root = tmp_path_factory.mktemp("loopback")
+    port = free_port("127.0.0.2")
+    config = gateway_config(root / "state")
+    config["listeners"][1]["upstream"] = f"http://127.0.0.2:{port}"
+    path = write_config(root / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
+    gateway = start_gateway(path)
+    yield {"config": config, "path": path, "root": root, "gateway": gateway,
+           "upstream": f"http://127.0.0.2:{port}", "upstream_log": root / "upstream.log"}
+    gateway.stop()
+    upstream.stop()
+
+
+def proxy_client(lab) -> httpx.Client:
+    return httpx.Client(proxy=listener_url(lab["config"], "forward"), timeout=10)
+
+
+def upstream_requests(lab) -> list[dict]:
+    return [json.loads(line) for line in lab["upstream_log"].read_text().splitlines()]
+
+
+def test_clean_transfer_passes_byte_for_byte(lab):
+    body = bytes(range(256)) * 64
+    with proxy_client(lab) as client:
+        response = client.post(f"{lab['upstream']}/echo", content=body,
+                               headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 200
+    assert response.content == body
+    assert len(response.headers["x-gateway-transfer-id"]) >= 32
+
+
+def test_curl_through_the_forward_proxy(lab):
+    result = subprocess.run(["curl", "-sS", "-i", "-x", listener_url(lab["config"], "forward"),
+                             f"{lab['upstream']}/text?body=hello"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("HTTP/1.1 200")
+    assert result.stdout.endswith("hello")
+    assert "x-gateway-transfer-id:" in result.stdout.lower()
+
+
+def test_request_with_id_number_is_blocked_and_never_reaches_upstream(lab):
+    marker = f"/echo?case=blocked-{free_port()}"
+    with proxy_client(lab) as client:
+        response = client.post(lab["upstream"] + marker, json={"name": "张三", "sfzh": ID_NUMBER})
+    assert response.status_code == 403
+    answer = response.json()
+    assert answer["error"] == "blocked"
+    assert answer["transfer_id"] == response.headers["x-gateway-transfer-id"]
+    assert answer["reasons"] and answer["reasons"][0]["type"] == "cn_id_card"
+    assert ID_NUMBER not in response.text and ID_NUMBER[6:14] not in response.text
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
+def test_response_carrying_id_numbers_is_blocked(lab):
+    with proxy_client(lab) as client:
+        response = client.get(f"{lab['upstream']}/ids?n=20")
+    assert response.status_code == 403
+    assert response.json()["reasons"][0]["type"] == "cn_id_card"
+    assert "11010519" not in response.text
+
+
+def test_reverse_listener_publishes_the_upstream(lab):
+    response = httpx.get(listener_url(lab["config"], "publish-local") + "/text?body=published", timeout=10)
+    assert response.status_code == 200
+    assert response.text == "published"
+    assert "x-gateway-transfer-id" in response.headers
+
+
+def test_denied_zone_pair_gets_403_policy(lab):
+    # Upstream in no zone (198.51.100.0/24 is TEST-NET-2): "unknown", denied by default, never contacted.
+    with proxy_client(lab) as client:
+        response = client.get("http://198.51.100.7/")
+    assert response.status_code == 403
+    answer = response.json()
+    assert answer["error"] == "denied"
+    assert answer["reasons"] == [{"rule": "default", "type": "policy", "location": "extranet->unknown"}]
+
+
+def test_denied_connect_opens_no_tunnel(lab):
+    result = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}",
+                             "-x", listener_url(lab["config"], "forward"), "https://198.51.100.7/"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.stdout == "403"
+
+
+def test_alert_and_trace_records_for_decisions(lab):
+    with proxy_client(lab) as client:
+        response = client.post(f"{lab['upstream']}/echo", json={"sfzh": ID_NUMBER})
+    transfer_id = response.headers["x-gateway-transfer-id"]
+    alerts = [json.loads(line) for line in (lab["root"] / "state" / "alerts.jsonl").read_text().splitlines()]
+    alert = next(a for a in alerts if a["id"] == transfer_id)
+    assert alert["decision"] == "block"
+    assert ID_NUMBER not in json.dumps(alert, ensure_ascii=False)
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
+                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
+                           cwd=Path(__file__).parent.parent)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout.splitlines()[0])
+    assert record["decision"] == "block" and record["client"]["zone"] == "extranet"
+
+
+def test_sighup_with_a_bad_file_keeps_the_old_configuration(lab):
+    path: Path = lab["path"]
+    good = path.read_text()
+    try:
+        path.write_text(good.replace("policy:", "policy:\n  colour: red", 1))
+        mark = len(lab["gateway"].lines)
+        lab["gateway"].signal(signal.SIGHUP)
+        lab["gateway"].wait_for("reload rejected", start=mark)
+        assert "policy.colour: unknown key" in lab["gateway"].output
+        with proxy_client(lab) as client:
+            assert client.get(f"{lab['upstream']}/text?body=still").text == "still"
+    finally:
+        path.write_text(good)
+
+
+def test_sighup_applies_a_good_new_policy(lab):
+    path: Path = lab["path"]
+    good = path.read_text()
+    try:
+        path.write_text(good.replace("action: allow", "action: deny"))
+        mark = len(lab["gateway"].lines)
+        lab["gateway"].signal(signal.SIGHUP)
+        lab["gateway"].wait_for("configuration reloaded", start=mark)
+        with proxy_client(lab) as client:
+            assert client.get(f"{lab['upstream']}/text?body=x").status_code == 403
+    finally:
+        path.write_text(good)
+        mark = len(lab["gateway"].lines)
+        lab["gateway"].signal(signal.SIGHUP)
+        lab["gateway"].wait_for("configuration reloaded", start=mark)

@@ -1,0 +1,116 @@
+"""HTTPS through CONNECT with interception by the gateway's own CA, HTTP/2, and WebSocket messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import websockets
+
+from tests.certs import make_ca_and_server
+from tests.gatewayproc import Process, free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+
+ID_NUMBER = "11010519491231002X"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tls_lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tls")
+    ca, cert, key = make_ca_and_server(root, "127.0.0.2")
+    other_root = root / "other"
+    other_root.mkdir()
+    _, other_cert, other_key = make_ca_and_server(other_root, "127.0.0.2")  # signed by an unknown CA
+    port, untrusted_port, ws_port = free_port("127.0.0.2"), free_port("127.0.0.2"), free_port("127.0.0.2")
+    config = gateway_config(root / "state", tls={"upstream_ca": str(ca)})
+    config["listeners"].append({"name": "publish-ws", "mode": "reverse",
+                                "listen": f"127.0.0.1:{free_port()}", "upstream": f"http://127.0.0.2:{ws_port}"})
+    path = write_config(root / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, root / "upstream.log", tls=(cert, key))
+    untrusted = start_upstream("127.0.0.2", untrusted_port, root / "untrusted.log", tls=(other_cert, other_key))
+    ws_server = Process([sys.executable, "-c", WS_ECHO_SERVER, str(ws_port)])
+    ws_server.wait_for("ready")
+    gateway = start_gateway(path)
+    gateway_ca = root / "gateway-ca.pem"
+    subprocess.run([sys.executable, "-m", "gateway", "ca", "export", "-c", str(path), "-o", str(gateway_ca)],
+                   check=True, timeout=30)
+    yield {"config": config, "root": root, "gateway_ca": gateway_ca, "proxy": listener_url(config, "forward"),
+           "upstream": f"https://127.0.0.2:{port}", "untrusted": f"https://127.0.0.2:{untrusted_port}",
+           "upstream_log": root / "upstream.log", "ws": listener_url(config, "publish-ws").replace("http", "ws")}
+    for process in (gateway, upstream, untrusted, ws_server):
+        process.stop()
+
+
+WS_ECHO_SERVER = """
+import asyncio, sys, websockets
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+async def main():
+    async with websockets.serve(echo, "127.0.0.2", int(sys.argv[1])):
+        print("ready", flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def curl(lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--cacert", str(lab["gateway_ca"]), "-x", lab["proxy"], *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_https_through_connect_is_intercepted_and_passes(tls_lab):
+    result = curl(tls_lab, "-i", f"{tls_lab['upstream']}/text?body=secure")
+    assert result.returncode == 0, result.stderr
+    assert "x-gateway-transfer-id:" in result.stdout.lower()
+    assert result.stdout.endswith("secure")
+
+
+def test_https_request_with_id_number_is_blocked_inside_the_tunnel(tls_lab):
+    marker = f"/echo?case=tls-{free_port()}"
+    result = curl(tls_lab, "-w", "\n%{http_code}", "-H", "content-type: application/json",
+                  "--data", json.dumps({"sfzh": ID_NUMBER}), tls_lab["upstream"] + marker)
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "403", result
+    assert json.loads(body)["reasons"][0]["type"] == "cn_id_card"
+    logged = [json.loads(line)["path"] for line in tls_lab["upstream_log"].read_text().splitlines()]
+    assert marker not in logged
+
+
+def test_http2_between_client_and_gateway(tls_lab):
+    result = curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                  f"{tls_lab['upstream']}/text?body=h2")
+    assert result.stdout == "2 200", result
+    blocked = curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                   "-H", "content-type: application/json", "--data", json.dumps({"sfzh": ID_NUMBER}),
+                   f"{tls_lab['upstream']}/echo")
+    assert blocked.stdout == "2 403", blocked
+
+
+def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):
+    result = curl(tls_lab, "-o", "/dev/null", "-w", "%{http_code}", f"{tls_lab['untrusted']}/text?body=x")
+    assert result.stdout == "502", result
+    assert not (tls_lab["root"] / "untrusted.log").exists() or \
+        (tls_lab["root"] / "untrusted.log").read_text() == ""
+
+
+def test_websocket_messages_are_inspected_one_by_one(tls_lab):
+    async def exchange() -> tuple[str, bool]:
+        async with websockets.connect(tls_lab["ws"] + "/chat") as ws:
+            await ws.send("hello")
+            echoed = await asyncio.wait_for(ws.recv(), 5)
+            await ws.send(f"my id is {ID_NUMBER}")
+            try:
+                await asyncio.wait_for(ws.recv(), 1.5)
+                leaked = True
+            except TimeoutError:
+                leaked = False
+            return echoed, leaked
+
+    echoed, leaked = asyncio.run(exchange())
+    assert echoed == "hello"
+    assert not leaked, "a message carrying an ID number crossed the gateway"
