@@ -76,6 +76,8 @@ class GatewayServer:
             "mode": [listener.mitmproxy_spec for listener in config.listeners],
             # Lazy: no upstream connection (not even for CONNECT) before the pipeline has decided.
             "connection_strategy": "lazy",
+            # Bodies are held whole for inspection; a larger one is refused rather than passed unscanned.
+            "body_size_limit": str(config.max_body_size),
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
             "ssl_verify_upstream_trusted_ca": str(config.upstream_ca) if config.upstream_ca else None,
