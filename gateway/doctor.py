@@ -52,6 +52,14 @@ def diagnose(config: Config, netns: str | None = None) -> list[Problem]:
     return problems
 
 
+def zone_interfaces(config: Config, netns: str | None = None) -> tuple[dict[str, str], set[str]]:
+    """({interface name: zone} for every zone interface, every address of this host)."""
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        links = _read_links(ipr)
+    zones = {links[index].name: zone for index, zone in _zones_of_links(config, links).items()}
+    return zones, {str(a.ip) for link in links.values() for a in link.addresses}
+
+
 def _read_links(ipr: IPRoute) -> dict[int, _Link]:
     addresses: dict[int, list] = {}
     for msg in ipr.get_addr():
