@@ -1,0 +1,121 @@
+"""The gateway core across real test hosts: one network namespace per zone, veth links made with pyroute2.
+
+An extranet client, a sector server and an internet host each sit in their own namespace; the gateway
+has an interface in each and does not forward packets: only what its listeners carry crosses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.lab import Lab, lab_supported
+from tests.gatewayproc import REPO, start_gateway, start_upstream
+
+ID_NUMBER = "11010519491231002X"
+UPSTREAM_PORT = 8000
+
+
+@pytest.fixture(scope="module")
+def netlab(tmp_path_factory):
+    reason = lab_supported()
+    if reason:
+        pytest.skip(f"namespace lab unavailable: {reason}")
+    root = tmp_path_factory.mktemp("netns")
+    lab = Lab(prefix=f"gwe{os.getpid() % 10000}")
+    lab.up()
+    config = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
+    config["gateway"]["state_dir"] = str(root / "state")
+    config["dlp"]["rules"] = str(REPO / "config" / "dlp")
+    path = root / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    inet, sec = lab.zones["internet"], lab.zones["sector-health"]
+    processes = [
+        start_upstream(inet.host_ip, UPSTREAM_PORT, root / "internet.log", prefix=lab.command("inet", [])),
+        start_upstream(sec.host_ip, UPSTREAM_PORT, root / "sector.log", prefix=lab.command("sec", [])),
+        start_gateway(path, prefix=lab.command("gw", [])),
+    ]
+    try:
+        yield lab, root
+    finally:
+        for process in processes:
+            process.stop()
+        lab.down()
+
+
+def curl(lab: Lab, ns: str, *args: str) -> subprocess.CompletedProcess:
+    return lab.run(ns, ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=30)
+
+
+def logged_paths(root: Path, name: str) -> list[str]:
+    log = root / f"{name}.log"
+    return [json.loads(line)["path"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_clean_transfer_from_extranet_to_internet_passes_byte_for_byte(netlab):
+    lab, root = netlab
+    body = root / "payload.bin"
+    body.write_bytes(os.urandom(50_000))
+    result = curl(lab, "ext", "-x", f"http://{lab.zones['extranet'].gateway_ip}:8080",
+                  "--data-binary", f"@{body}", "-H", "content-type: application/octet-stream",
+                  "-o", str(root / "echoed.bin"), "-w", "%{http_code}",
+                  f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/echo")
+    assert result.stdout == "200", result.stderr
+    assert (root / "echoed.bin").read_bytes() == body.read_bytes()
+
+
+def test_id_number_towards_the_internet_is_blocked_and_never_arrives(netlab):
+    lab, root = netlab
+    result = curl(lab, "ext", "-x", f"http://{lab.zones['extranet'].gateway_ip}:8080",
+                  "-H", "content-type: application/json", "--data", json.dumps({"sfzh": ID_NUMBER}),
+                  "-w", "\n%{http_code}", f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/echo?netns-block")
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "403", result
+    assert json.loads(body)["reasons"][0]["type"] == "cn_id_card"
+    assert "/echo?netns-block" not in logged_paths(root, "internet")
+
+
+def test_response_with_id_numbers_from_the_internet_is_blocked(netlab):
+    lab, _ = netlab
+    result = curl(lab, "ext", "-x", f"http://{lab.zones['extranet'].gateway_ip}:8080", "-w", "\n%{http_code}",
+                  f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/ids?n=20")
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "403", result
+    assert "11010519" not in body
+
+
+def test_internet_host_cannot_use_the_forward_proxy_towards_the_sector(netlab):
+    lab, root = netlab
+    # The forward listener only listens on the extranet side; from the internet it is unreachable,
+    # and the reverse listener towards the sector is the only way in.
+    published = curl(lab, "inet", "-w", "\n%{http_code}",
+                     f"http://{lab.zones['internet'].gateway_ip}:8080/text?body=published")
+    assert published.stdout.rsplit("\n", 1) == ["published", "200"], published
+    assert "/text?body=published" in logged_paths(root, "sector")
+
+
+def test_unknown_source_is_denied(netlab):
+    lab, _ = netlab
+    # A second address on the extranet host outside every zone network.
+    lab.run("ext", ["ip", "addr", "add", "198.19.200.9/32", "dev", "eth0"], check=True)
+    lab.run("gw", ["ip", "route", "add", "198.19.200.9/32", "dev", lab.zones["extranet"].gateway_ifname],
+            check=True)
+    result = curl(lab, "ext", "--interface", "198.19.200.9", "-x",
+                  f"http://{lab.zones['extranet'].gateway_ip}:8080", "-w", "\n%{http_code}",
+                  f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/text?body=x")
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "403", result
+    assert json.loads(body)["reasons"][0]["location"] == "unknown->internet"
+
+
+def test_packets_do_not_cross_without_the_proxy(netlab):
+    lab, _ = netlab
+    result = curl(lab, "ext", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                  f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/")
+    assert result.returncode != 0 and result.stdout == "000"
