@@ -1,0 +1,285 @@
+"""`gateway trace ...`: audit a trace log offline, and run a witness.
+
+Exit status: 0 intact / valid, 1 tampering or an invalid proof (the message names the first bad
+record or file), 2 usage or I/O errors.
+"""
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gateway.trace.audit import (
+    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_entries, parse_signed_checkpoint,
+    prove_consistency, prove_inclusion, read_checkpoint, verify_log,
+)
+from gateway.trace.merkle import ProofError
+from gateway.trace.note import NoteError, Verifier, parse_vkey
+from gateway.trace.tiles import TileError
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    trace = subparsers.add_parser("trace", help="verify, search and prove the trace log")
+    sub = trace.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("verify", help="recompute the whole log; exit 1 naming the first bad record or file")
+    _dir_and_key(p)
+    _witness_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("show", help="list records as JSON lines")
+    _dir_and_key(p)
+    p.add_argument("--id", help="transfer id")
+    p.add_argument("--since", help="ISO 8601 time, inclusive")
+    p.add_argument("--until", help="ISO 8601 time, exclusive")
+    p.add_argument("--zone", help="client or upstream zone")
+    p.add_argument("--rule", help="a matched rule name")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("prove", help="inclusion proof (C2SP tlog-proof) of a transfer against the latest checkpoint")
+    _dir_and_key(p)
+    p.add_argument("transfer_id")
+    p.add_argument("-o", "--output", type=Path, help="write the proof here instead of stdout")
+    p.set_defaults(func=cmd_prove)
+
+    p = sub.add_parser("check-proof", help="check an inclusion proof offline")
+    p.add_argument("proof", type=Path)
+    p.add_argument("--pubkey", type=Path, required=True, help="the log's verifier key file")
+    _witness_args(p)
+    p.set_defaults(func=cmd_check_proof)
+
+    p = sub.add_parser("consistency", help="prove the log extends an older checkpoint")
+    _dir_and_key(p)
+    p.add_argument("old_checkpoint", type=Path)
+    p.set_defaults(func=cmd_consistency)
+
+    p = sub.add_parser("witness", help="serve the C2SP tlog-witness add-checkpoint protocol")
+    p.add_argument("--listen", default="127.0.0.1:7380", help="HOST:PORT (default %(default)s)")
+    p.add_argument("--key", type=Path, required=True, help="witness signing key (created if missing)")
+    p.add_argument("--name", required=True, help="witness name, e.g. witness.example/frontend-a")
+    p.add_argument("--state", type=Path, required=True, help="directory keeping the latest cosigned checkpoints")
+    p.add_argument("--log", action="append", default=[], required=True,
+                   help="verifier key (or file holding it) of a log to witness; repeatable")
+    p.set_defaults(func=cmd_witness)
+
+
+def _dir_and_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("--pubkey", type=Path,
+                   help="the log's verifier key file (default: DIR/log.pub, which only proves self-consistency)")
+
+
+def _witness_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--witness", action="append", default=[], metavar="KEY",
+                   help="require a cosignature by this witness verifier key (or file); repeatable")
+    p.add_argument("--witness-policy", type=Path,
+                   help="policy file: lines 'witness KEY' and optionally 'quorum N' (default: all)")
+
+
+def _load_vkey(value: str | Path) -> Verifier:
+    path = Path(value)
+    try:
+        text = path.read_text() if path.exists() else str(value)
+        return parse_vkey(text.strip().splitlines()[0] if text.strip() else "")
+    except (OSError, NoteError) as exc:
+        raise UsageError(f"{value}: {exc}") from None
+
+
+def _log_verifier(args: argparse.Namespace) -> Verifier:
+    if args.pubkey is not None:
+        return _load_vkey(args.pubkey)
+    default = args.directory / "log.pub"
+    if not default.exists():
+        raise UsageError(f"no --pubkey given and {default} does not exist")
+    print(f"note: checking against {default}; pass --pubkey with a key obtained out of band", file=sys.stderr)
+    return _load_vkey(default)
+
+
+def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
+    witnesses = [_load_vkey(w) for w in args.witness]
+    quorum = None
+    if args.witness_policy is not None:
+        try:
+            lines = args.witness_policy.read_text().splitlines()
+        except OSError as exc:
+            raise UsageError(f"{args.witness_policy}: {exc.strerror}") from None
+        for number, line in enumerate(lines, start=1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if words[0] == "witness" and len(words) == 2:
+                witnesses.append(_load_vkey(words[1]))
+            elif words[0] == "quorum" and len(words) == 2 and words[1].isdigit():
+                quorum = int(words[1])
+            else:
+                raise UsageError(f"{args.witness_policy}:{number}: expected 'witness KEY' or 'quorum N'")
+    if not witnesses:
+        return None
+    quorum = len(witnesses) if quorum is None else quorum
+    if not 1 <= quorum <= len(witnesses):
+        raise UsageError(f"quorum {quorum} must be between 1 and {len(witnesses)}")
+    return WitnessPolicy(witnesses, quorum)
+
+
+def _guard(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except UsageError as exc:
+            print(f"gateway trace: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except (AuditIOError, OSError) as exc:
+            print(f"gateway trace: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    run.__name__ = func.__name__
+    return run
+
+
+@_guard
+def cmd_verify(args: argparse.Namespace) -> int:
+    verifier, policy = _log_verifier(args), _policy(args)
+    report = verify_log(args.directory, verifier, policy)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if report.problems:
+        for problem in report.problems[:20]:
+            print(f"TAMPERED: {problem}")
+        return EXIT_BAD
+    cp = report.checkpoint
+    print(f"OK: {cp.size} records, root {cp.root.hex()}, checkpoint signed by {verifier.name}")
+    return EXIT_OK
+
+
+def _parse_time(text: str, what: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not an ISO 8601 time") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _matches(record: dict, args: argparse.Namespace, since, until) -> bool:
+    if args.id is not None and record.get("id") != args.id:
+        return False
+    if since or until:
+        try:
+            when = _parse_time(str(record.get("time")), "record time")
+        except UsageError:
+            return False
+        if (since and when < since) or (until and when >= until):
+            return False
+    if args.zone is not None:
+        zones = {(record.get(side) or {}).get("zone") for side in ("client", "upstream")
+                 if isinstance(record.get(side), dict)}
+        if args.zone not in zones:
+            return False
+    if args.rule is not None:
+        rules = record.get("rules") or []
+        if not any(isinstance(r, dict) and r.get("rule") == args.rule for r in rules):
+            return False
+    return True
+
+
+def _checkpoint_size(args: argparse.Namespace) -> int:
+    try:
+        if args.pubkey is not None:
+            return read_checkpoint(args.directory, _load_vkey(args.pubkey))[1].size
+        return parse_signed_checkpoint((args.directory / "checkpoint").read_bytes())[1].size
+    except FileNotFoundError:
+        raise UsageError(f"{args.directory}: no checkpoint (not a trace log?)") from None
+    except NoteError as exc:
+        raise UsageError(f"{args.directory / 'checkpoint'}: {exc}") from None
+
+
+@_guard
+def cmd_show(args: argparse.Namespace) -> int:
+    since = _parse_time(args.since, "--since") if args.since else None
+    until = _parse_time(args.until, "--until") if args.until else None
+    size = _checkpoint_size(args)
+    out = sys.stdout
+    for index, entry in iter_entries(args.directory, size):
+        try:
+            record = json.loads(entry)
+        except ValueError:
+            print(f"record {index}: not JSON (run 'gateway trace verify')", file=sys.stderr)
+            return EXIT_BAD
+        if _matches(record, args, since, until):
+            out.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+@_guard
+def cmd_prove(args: argparse.Namespace) -> int:
+    verifier = _log_verifier(args)
+    try:
+        _, checkpoint = read_checkpoint(args.directory, verifier)
+    except NoteError as exc:
+        print(f"TAMPERED: checkpoint: {exc}")
+        return EXIT_BAD
+    found = None
+    for index, entry in iter_entries(args.directory, checkpoint.size):
+        try:
+            if json.loads(entry).get("id") == args.transfer_id:
+                found = (index, entry)  # the latest record of that id
+        except ValueError:
+            continue
+    if found is None:
+        print(f"gateway trace: transfer {args.transfer_id} is not in the log "
+              f"(checkpoint of {checkpoint.size} records)", file=sys.stderr)
+        return EXIT_BAD
+    try:
+        text = prove_inclusion(args.directory, verifier, *found)
+    except (ProofError, TileError) as exc:
+        print(f"TAMPERED: cannot prove record {found[0]}: {exc} (run 'gateway trace verify')")
+        return EXIT_BAD
+    if args.output:
+        args.output.write_text(text)
+        print(f"proof of record {found[0]} against checkpoint {checkpoint.size} written to {args.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+@_guard
+def cmd_check_proof(args: argparse.Namespace) -> int:
+    verifier, policy = _load_vkey(args.pubkey), _policy(args)
+    text = args.proof.read_text()
+    try:
+        index, record, checkpoint = check_inclusion_proof(text, verifier, policy)
+    except (ProofError, NoteError, ValueError) as exc:
+        print(f"INVALID: {exc}")
+        return EXIT_BAD
+    print(json.dumps({"valid": True, "index": index, "tree_size": checkpoint.size, "record": record},
+                     ensure_ascii=False))
+    return EXIT_OK
+
+
+@_guard
+def cmd_consistency(args: argparse.Namespace) -> int:
+    verifier = _log_verifier(args)
+    old = args.old_checkpoint.read_bytes()
+    try:
+        result = prove_consistency(args.directory, verifier, old)
+    except (ProofError, NoteError, TileError) as exc:
+        print(f"INCONSISTENT: {exc}")
+        return EXIT_BAD
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+@_guard
+def cmd_witness(args: argparse.Namespace) -> int:
+    from gateway.trace.witness import serve_witness
+    logs = [_load_vkey(v) for v in args.log]
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
+    return serve_witness(host, int(port), args.key, args.name, args.state, logs)
