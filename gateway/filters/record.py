@@ -32,6 +32,15 @@ class Record:
     def __init__(self, gateway: RecordingGateway):
         self.gateway = gateway
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
+        failure = self.gateway.trace.failure
+        transfer = transfer_of(flow)
+        if failure is not None and transfer is not None and flow.response is None:
+            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.error = f"trace log unavailable: {failure}"
+            refuse(flow, transfer, status=503, error="trace log unavailable")
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         # A refused CONNECT never reaches the response hook: its answer is sent right after this one.
         transfer = transfer_of(flow)
@@ -114,7 +123,7 @@ def _display_url(request: http.Request, transfer: Transfer) -> str:
 def _digest(name: str, body: bytes | None) -> str:
     hasher = body_hasher(name)
     hasher.update(body or b"")
-    return hasher.hexdigest_prefixed() if hasattr(hasher, "hexdigest_prefixed") else f"{name}:{hasher.hexdigest()}"
+    return hasher.digest_string()
 
 
 def _alert(record: dict[str, Any]) -> dict[str, Any]:
