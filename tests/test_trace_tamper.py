@@ -1,0 +1,210 @@
+"""Tamper suite for `gateway trace verify` and the proof commands: each kind of tampering is
+detected (exit 1) and located; proofs round-trip and wrong ones are rejected."""
+
+import argparse
+import base64
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from gateway.commands import trace as trace_cli
+from gateway.trace import TraceLog
+from gateway.trace.note import Signer
+from gateway.trace.tiles import tile_path
+
+ORIGIN = "gateway.test/trace"
+RECORDS = 600  # two full bundles, a third partial one in the journal
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="gateway")
+    trace_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["trace", *argv])
+    return args.func(args)
+
+
+def record(i: int) -> dict:
+    return {"v": 1, "id": f"tx-{i:05d}", "time": f"2026-11-26T06:{i // 60 % 60:02d}:{i % 60:02d}.000Z",
+            "client": {"addr": "127.0.0.1:5555", "zone": "extranet" if i % 2 else "intranet"},
+            "upstream": {"host": "127.0.0.2", "zone": "internet"}, "method": "POST", "status": 200,
+            "decision": "block" if i % 7 == 0 else "allow",
+            "rules": [{"rule": "cn-id-outbound", "type": "cn_id_card"}] if i % 7 == 0 else []}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("pristine")
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key") as log:
+        for i in range(RECORDS):
+            log.append_sync(record(i))
+    return base
+
+
+@pytest.fixture
+def logdir(pristine, tmp_path) -> Path:
+    shutil.copytree(pristine, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def verify(base: Path, capsys) -> tuple[int, str]:
+    rc = run("verify", str(base / "log"), "--pubkey", str(base / "key.pub"))
+    return rc, capsys.readouterr().out
+
+
+def bundle(base: Path, n: int) -> Path:
+    return base / "log" / tile_path("entries", n)
+
+
+def split_entries(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        n = struct.unpack_from(">H", data, pos)[0]
+        out.append(data[pos:pos + 2 + n])
+        pos += 2 + n
+    return out
+
+
+def test_intact_log_verifies(logdir, capsys):
+    rc, out = verify(logdir, capsys)
+    assert rc == 0 and f"OK: {RECORDS} records" in out
+
+
+def test_changed_byte_in_bundle(logdir, capsys):
+    path = bundle(logdir, 1)
+    data = bytearray(path.read_bytes())
+    pos = data.index(b"tx-00300")
+    data[pos + 7] ^= 1  # tx-00300 -> tx-00301
+    path.write_bytes(bytes(data))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "record 300 " in out and "tile/entries/001 entry 44" in out
+
+
+@pytest.mark.parametrize("kind", ["deleted", "inserted", "reordered"])
+def test_record_deleted_inserted_reordered(logdir, capsys, kind):
+    path = bundle(logdir, 0)
+    entries = split_entries(path.read_bytes())
+    if kind == "deleted":
+        del entries[10]
+    elif kind == "inserted":
+        entries.insert(10, entries[3])
+    else:
+        entries[10], entries[11] = entries[11], entries[10]
+    path.write_bytes(b"".join(entries))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "record 10 " in out, out
+    if kind != "reordered":
+        assert "tile/entries/000: holds" in out
+
+
+def test_changed_record_in_journal_tail(logdir, capsys):
+    journal = logdir / "log" / "journal"
+    data = bytearray(journal.read_bytes())
+    pos = data.index(b"tx-00555")
+    data[pos + 7] = ord("6")
+    journal.write_bytes(bytes(data))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "record 555 (journal entry 43)" in out
+
+
+def test_tail_truncated_below_checkpoint(logdir, capsys):
+    journal = logdir / "log" / "journal"
+    data = journal.read_bytes()
+    journal.write_bytes(data[:len(data) - 200])
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "checkpoint covers 600 records" in out and "removed below the checkpoint" in out
+
+
+def test_altered_checkpoint(logdir, capsys):
+    cp = logdir / "log" / "checkpoint"
+    cp.write_text(cp.read_text().replace("\n600\n", "\n599\n"))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "checkpoint: forged or altered" in out and "does not verify" in out
+
+
+def test_forged_checkpoint_with_another_key(logdir, capsys):
+    forger = Signer.generate(ORIGIN)
+    cp = logdir / "log" / "checkpoint"
+    body = cp.read_text().split("\n\n")[0] + "\n"
+    cp.write_text(f"{body}\n{forger.sign_note(body)}")
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "no signature by gateway.test/trace" in out
+
+
+def test_consistent_rewrite_caught_by_root(logdir, capsys):
+    """A record changed together with its level-0 tile is still caught by the signed root."""
+    from gateway.trace.merkle import leaf_hash
+    path = bundle(logdir, 0)
+    entries = split_entries(path.read_bytes())
+    entries[0] = entries[0].replace(b"POST", b"GETX")
+    path.write_bytes(b"".join(entries))
+    tile = logdir / "log" / tile_path(0, 0)
+    hashes = bytearray(tile.read_bytes())
+    hashes[0:32] = leaf_hash(entries[0][2:])
+    tile.write_bytes(bytes(hashes))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "root hash does not match" in out
+
+
+def test_missing_bundle_and_usage_errors(logdir, capsys):
+    bundle(logdir, 1).unlink()
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "tile/entries/001: missing" in out
+    assert run("verify", str(logdir / "nope"), "--pubkey", str(logdir / "key.pub")) == 2
+    assert run("verify", str(logdir / "log"), "--pubkey", str(logdir / "missing.pub")) == 2
+
+
+def test_show_filters(logdir, capsys):
+    assert run("show", str(logdir / "log"), "--id", "tx-00042") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [42]
+    assert run("show", str(logdir / "log"), "--rule", "cn-id-outbound", "--zone", "extranet",
+               "--since", "2026-11-26T06:01:00Z", "--until", "2026-11-26T06:02:00Z") == 0
+    got = [json.loads(x)["record"]["id"] for x in capsys.readouterr().out.splitlines()]
+    want = [record(i)["id"] for i in range(RECORDS) if i % 7 == 0 and i % 2 and 60 <= i % 3600 < 120]
+    assert got == want and got
+
+
+def test_prove_and_check_proof_round_trip(logdir, tmp_path, capsys):
+    proof = tmp_path / "p.tlog-proof"
+    pub = str(logdir / "key.pub")
+    for tx in ("tx-00000", "tx-00300", "tx-00599"):
+        assert run("prove", str(logdir / "log"), tx, "--pubkey", pub, "-o", str(proof)) == 0
+        assert run("check-proof", str(proof), "--pubkey", pub) == 0
+        assert json.loads(capsys.readouterr().out)["record"]["id"] == tx
+    # A wrong proof: one flipped bit in a proof hash, a changed record, a surplus element.
+    text = proof.read_text()
+    head, _, note = text.partition("\n\n")
+    lines = head.split("\n")
+    flipped = bytearray(base64.b64decode(lines[3]))
+    flipped[0] ^= 1
+    bad_hash = "\n".join(lines[:3] + [base64.b64encode(flipped).decode()] + lines[4:]) + "\n\n" + note
+    other = base64.b64encode(json.dumps(record(1), sort_keys=True, separators=(",", ":")).encode()).decode()
+    bad_record = "\n".join([lines[0], f"extra {other}"] + lines[2:]) + "\n\n" + note
+    surplus = "\n".join(lines + [lines[-1]]) + "\n\n" + note
+    for bad in (bad_hash, bad_record, surplus):
+        proof.write_text(bad)
+        assert run("check-proof", str(proof), "--pubkey", pub) == 1
+        assert "INVALID" in capsys.readouterr().out
+    assert run("prove", str(logdir / "log"), "tx-99999", "--pubkey", pub) == 1
+
+
+def test_consistency_with_old_checkpoint(logdir, tmp_path, capsys):
+    old = tmp_path / "old-checkpoint"
+    shutil.copy(logdir / "log" / "checkpoint", old)
+    with TraceLog.open(logdir / "log", origin=ORIGIN, signing_key=logdir / "key") as log:
+        for i in range(RECORDS, RECORDS + 300):
+            log.append_sync(record(i))
+    pub = str(logdir / "key.pub")
+    assert run("consistency", str(logdir / "log"), str(old), "--pubkey", pub) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["old_size"], result["new_size"]) == (600, 900) and result["proof"]
+    # A rewritten history (a split view) cannot be proven consistent with the old checkpoint.
+    other = tmp_path / "other"
+    with TraceLog.open(other, origin=ORIGIN, signing_key=logdir / "key") as log:
+        for i in range(700):
+            log.append_sync(record(i + 1))
+    assert run("consistency", str(other), str(old), "--pubkey", pub) == 1
+    assert "INCONSISTENT" in capsys.readouterr().out
