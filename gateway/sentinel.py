@@ -12,7 +12,6 @@ one line per flow every `alert_interval` seconds, the counter counts every packe
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from gateway.alerts import AlertLog
 from gateway.config import Config
 from gateway.doctor import zone_interfaces
 from gateway.zones import ZoneMap
@@ -58,7 +58,8 @@ class Sentinel:
             "gateway_bypass_packets", "Packets carried between zones by the kernel, around the gateway",
             ["src_zone", "dst_zone"], registry=self.registry,
         )
-        self.alerts_file = alerts_file
+        self.frontend = config.name
+        self.alerts = AlertLog(alerts_file)
         self.alert_interval = alert_interval
         self._last_alert: dict[tuple, float] = {}
         self._lock = threading.Lock()
@@ -88,6 +89,7 @@ class Sentinel:
     def stop(self) -> None:
         if self._sniffer is not None and self._sniffer.running:
             self._sniffer.stop()
+        self.alerts.close()
 
     def observe(self, packet) -> None:
         """Called by the sniffer thread for every packet the kernel filter let through."""
@@ -108,8 +110,9 @@ class Sentinel:
             if now - self._last_alert.get(flow, -self.alert_interval) < self.alert_interval:
                 return
             self._last_alert[flow] = now
-        self._alert({
+        self.alerts.write({
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "frontend": self.frontend,
             "kind": "bypass",
             "message": f"packet from {src_zone} to {dst_zone} carried by the kernel, not the gateway",
             "interface": packet.sniffed_on,
@@ -121,13 +124,6 @@ class Sentinel:
             "dport": flow[3],
             "length": len(packet),
         })
-
-    def _alert(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True) + "\n"
-        self.alerts_file.parent.mkdir(parents=True, exist_ok=True)
-        # One write per line on an O_APPEND file: lines from the gateway and the sentinel never interleave.
-        with open(self.alerts_file, "a", encoding="utf-8") as out:
-            out.write(line)
 
 
 class SentinelError(RuntimeError):
@@ -149,7 +145,7 @@ def run_sentinel(config: Config, metrics_listen: str | None, alerts_file: Path |
     watched = ", ".join(f"{name} ({zone})" for name, zone in sorted(sentinel.interfaces.items()))
     print(f"watching {watched}; alerts to {alerts}; metrics on {metrics_listen or 'none'}", flush=True)
     print(f"kernel filter: {sentinel.filter}", flush=True)
-    _notify_ready()
+    _sd_notify("READY=1")
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -157,16 +153,18 @@ def run_sentinel(config: Config, metrics_listen: str | None, alerts_file: Path |
         if not sentinel.running:  # the capture thread died: let systemd restart us
             print("gateway sentinel: packet capture stopped unexpectedly", file=sys.stderr)
             return 1
+        _sd_notify("WATCHDOG=1")  # only while the capture thread lives
+    _sd_notify("STOPPING=1")
     sentinel.stop()
     return 0
 
 
-def _notify_ready() -> None:
-    """Tell systemd (Type=notify) we are watching; a no-op outside systemd."""
+def _sd_notify(message: str) -> None:
+    """Send a state line to systemd (Type=notify, WatchdogSec); a no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"READY=1", address)
+        sock.sendto(message.encode(), address)
