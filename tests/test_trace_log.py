@@ -1,0 +1,219 @@
+"""TraceLog API: group commit under concurrency, recovery after torn writes and kill -9, fail-closed
+on write errors, body hashers."""
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.trace import TraceError, TraceLog, body_hasher
+from gateway.trace.audit import iter_entries, verify_log
+from gateway.trace.note import parse_vkey
+
+ORIGIN = "gateway.test/trace"
+
+
+def open_log(base: Path, **kw) -> TraceLog:
+    return TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key", **kw)
+
+
+def verified(base: Path):
+    report = verify_log(base / "log", parse_vkey((base / "key.pub").read_text()))
+    assert report.ok, report.problems
+    return report
+
+
+def ids_in_log(base: Path) -> dict[int, str]:
+    size = verified(base).checkpoint.size
+    return {i: json.loads(e)["id"] for i, e in iter_entries(base / "log", size)}
+
+
+def test_key_files_and_reopen(tmp_path):
+    with open_log(tmp_path) as log:
+        assert log.tree_size == 0
+        assert [log.append_sync({"id": f"a{i}"}) for i in range(3)] == [0, 1, 2]
+        assert log.tree_size == 3 and log.records_appended == 3
+        assert abs(log.last_checkpoint_time - time.time()) < 5
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
+    pub = (tmp_path / "key.pub").read_text().strip()
+    assert parse_vkey(pub).name == ORIGIN and pub.startswith(ORIGIN + "+")
+    assert (tmp_path / "key").read_text().startswith(f"PRIVATE+KEY+{ORIGIN}+")
+    with open_log(tmp_path) as log:
+        assert log.tree_size == 3 and log.append_sync({"id": "b"}) == 3
+    with pytest.raises(TraceError, match="is for"):
+        TraceLog.open(tmp_path / "log", origin="other.example/log", signing_key=tmp_path / "key")
+
+
+def test_second_writer_is_refused(tmp_path):
+    with open_log(tmp_path):
+        with pytest.raises(TraceError, match="another writer"):
+            open_log(tmp_path)
+
+
+def test_bad_records_are_refused_without_failing_the_log(tmp_path):
+    with open_log(tmp_path) as log:
+        with pytest.raises(TraceError, match="canonical JSON"):
+            log.append_sync({"id": object()})
+        with pytest.raises(TraceError, match="entry limit"):
+            log.append_sync({"id": "x" * 70000})
+        assert log.append_sync({"id": "ok"}) == 0
+
+
+def test_concurrent_async_appends(tmp_path):
+    async def main(log):
+        async def producer(p):
+            return [(await log.append({"id": f"p{p}-{k}", "n": k}), f"p{p}-{k}") for k in range(40)]
+        return await asyncio.gather(*(producer(p) for p in range(64)))
+
+    with open_log(tmp_path) as log:
+        results = [pair for batch in asyncio.run(main(log)) for pair in batch]
+        assert log.tree_size == 64 * 40
+    indices = sorted(i for i, _ in results)
+    assert indices == list(range(64 * 40))
+    logged = ids_in_log(tmp_path)
+    assert all(logged[i] == tx for i, tx in results)
+
+
+def test_torn_and_zero_filled_tails_are_dropped(tmp_path):
+    with open_log(tmp_path) as log:
+        for i in range(300):
+            log.append_sync({"id": f"t{i}"})
+    journal = tmp_path / "log" / "journal"
+    good = journal.read_bytes()
+    for size, tail in enumerate((b"\x00\x40" + b'{"id":"to', b"\x00", b"\x00" * 4096), start=300):
+        journal.write_bytes(good + tail)
+        with open_log(tmp_path) as log:
+            assert log.tree_size == size
+            assert log.append_sync({"id": f"next{size}"}) == size
+        good = journal.read_bytes()
+    assert [ids_in_log(tmp_path)[i] for i in (300, 301, 302)] == ["next300", "next301", "next302"]
+
+
+def test_records_removed_below_checkpoint_refuse_to_open(tmp_path):
+    with open_log(tmp_path) as log:
+        for i in range(20):
+            log.append_sync({"id": f"t{i}"})
+    journal = tmp_path / "log" / "journal"
+    journal.write_bytes(journal.read_bytes()[:-30])
+    with pytest.raises(TraceError, match="removed below the checkpoint"):
+        open_log(tmp_path)
+
+
+def test_changed_journal_refuses_to_open(tmp_path):
+    with open_log(tmp_path) as log:
+        for i in range(20):
+            log.append_sync({"id": f"t{i}"})
+    journal = tmp_path / "log" / "journal"
+    journal.write_bytes(journal.read_bytes().replace(b'"t7"', b'"t8"'))
+    with pytest.raises(TraceError, match="do not match the checkpoint"):
+        open_log(tmp_path)
+
+
+CHILD_APPENDER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from gateway.trace import TraceLog
+    base = Path(sys.argv[1])
+    log = TraceLog.open(base / "log", origin="gateway.test/trace", signing_key=base / "key")
+    async def producer(p):
+        k = 0
+        while True:
+            tx = f"c{p}-{k}"
+            index = await log.append({"id": tx, "pad": "x" * (k % 50)})
+            sys.stdout.write(f"{index} {tx}\\n")
+            sys.stdout.flush()
+            k += 1
+    async def main():
+        await asyncio.gather(*(producer(p) for p in range(16)))
+    asyncio.run(main())
+""")
+
+
+def test_kill_9_while_appending_loses_no_acknowledged_record(tmp_path):
+    acked: dict[int, str] = {}
+    for round_ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", CHILD_APPENDER, str(tmp_path)],
+                                 stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        count = 0
+        while count < 400 + round_ * 300 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            index, tx = line.split()
+            acked[int(index)] = tx
+            count += 1
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        for line in child.stdout:  # acknowledged before the kill, still in the pipe
+            if line.endswith("\n"):
+                index, tx = line.split()
+                acked[int(index)] = tx
+        assert count >= 400, "child produced too few records"
+        with open_log(tmp_path) as log:  # recovery: torn tail dropped, same tree continued
+            assert log.tree_size >= max(acked) + 1
+        logged = ids_in_log(tmp_path)
+        missing = {i: tx for i, tx in acked.items() if logged.get(i) != tx}
+        assert not missing, f"acknowledged records lost: {list(missing.items())[:5]}"
+
+
+FSIZE_CHILD = textwrap.dedent("""
+    import resource, signal, sys, json
+    from pathlib import Path
+    from gateway.trace import TraceLog, TraceError
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    base = Path(sys.argv[1])
+    log = TraceLog.open(base / "log", origin="gateway.test/trace", signing_key=base / "key")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (12000, resource.RLIM_INFINITY))
+    acked, error = [], None
+    for i in range(10000):
+        try:
+            acked.append((log.append_sync({"id": f"f{i}", "pad": "y" * 40}), f"f{i}"))
+        except TraceError as exc:
+            error = str(exc)
+            break
+    later = []
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    for i in range(3):  # space is back, but the log stays closed until reopened
+        try:
+            log.append_sync({"id": "after"})
+            later.append("accepted")
+        except TraceError as exc:
+            later.append(str(exc))
+    log.close()
+    print(json.dumps({"acked": acked, "error": error, "later": later}))
+""")
+
+
+def test_write_error_fails_closed(tmp_path):
+    out = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["error"] and "forwarding must stop" in result["error"] and "File too large" in result["error"]
+    assert result["acked"], "nothing was written before the limit"
+    assert all("forwarding must stop" in msg for msg in result["later"])
+    with open_log(tmp_path) as log:
+        assert log.append_sync({"id": "reopened"}) >= len(result["acked"])
+    logged = ids_in_log(tmp_path)
+    assert all(logged[i] == tx for i, tx in result["acked"])
+
+
+def test_body_hashers():
+    h = body_hasher("sha256")
+    h.update(b"ab")
+    h.update(b"c")
+    assert h.digest_string() == "sha256:" + hashlib.sha256(b"abc").hexdigest()
+    sm3 = body_hasher("sm3")
+    sm3.update(b"abc")  # GB/T 32905-2016 example 1
+    assert sm3.digest_string() == "sm3:66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
+    with pytest.raises(ValueError, match="unknown body hash"):
+        body_hasher("md5")
