@@ -1,11 +1,14 @@
 """The namespace lab really separates the zones: hosts reach the gateway, not each other."""
 
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from gateway.config import REPO_ROOT
 from gateway.lab import Lab, lab_supported
 
 # A tiny TCP server and client run inside namespaces with this interpreter.
@@ -117,3 +120,24 @@ def test_two_labs_coexist_and_down_removes_everything(lab):
     remaining = os.listdir("/var/run/netns")
     assert not [name for name in remaining if name.startswith(f"{other.prefix}-")]
     assert lab.exists()
+
+
+def test_vagrantfile_is_valid_ruby_and_reads_the_lab_config():
+    ruby = shutil.which("ruby")
+    if ruby is None:
+        pytest.skip("ruby is missing (Debian package ruby): cannot check the Vagrantfile's syntax")
+    vagrantfile = REPO_ROOT / "Vagrantfile"
+    result = subprocess.run([ruby, "-c", str(vagrantfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Syntax OK" in result.stdout, result.stderr
+    # Evaluate its topology (no Vagrant needed): the VMs get the namespace lab's addresses.
+    probe = (
+        "module Vagrant; def self.configure(*) end; end; "
+        f"load {str(vagrantfile)!r}; "
+        "ZONES.each { |z| puts [z[:zone], z[:host], z[:gateway_ip], z[:host_ip], z[:prefix]].join(' ') }"
+    )
+    result = subprocess.run([ruby, "-e", probe], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    expected = [
+        f"{link.zone} {link.ns} {link.gateway_ip} {link.host_ip} {link.prefixlen}" for link in Lab().zones.values()
+    ]
+    assert result.stdout.split("\n")[:-1] == expected
