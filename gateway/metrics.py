@@ -1,0 +1,117 @@
+"""Every Prometheus metric the gateway exports, created in this one module.
+
+Label values come only from the configuration (listener, zone, rule names) or from small fixed sets
+(actions, directions, error kinds): never a URL, a client address or a transfer id, so the number of
+series stays bounded however much traffic crosses.
+
+Several worker processes on one machine can later show one total with prometheus-client's
+multiprocess mode: set PROMETHEUS_MULTIPROC_DIR before the first import of prometheus_client and
+`exposition_registry` collects every process's files. Each gauge therefore says how its values from
+several processes combine (`multiprocess_mode`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, disable_created_metrics)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import __version__
+
+# No `*_created` companion series: they double the series count and no dashboard or alert uses them.
+disable_created_metrics()
+
+# The `action` label of gateway_transfers_total. A redacted transfer is counted as "block": the
+# sensitive part was stopped at the boundary (gateway_dlp_findings_total{action="redact"} tells it apart).
+TRANSFER_ACTIONS = ("allow", "audit", "warn", "block", "deny", "error")
+ACTION_OF_DECISION = {"allow": "allow", "audit": "audit", "warn": "warn", "redact": "block", "block": "block",
+                      "deny": "deny", "error": "error"}
+DIRECTIONS = ("request", "response")  # request: from the client's zone to the upstream's; response: back
+RELOAD_RESULTS = ("success", "failure")
+UPSTREAM_ERROR_KINDS = ("refused", "timeout", "dns", "unreachable", "tls", "connect", "protocol")
+
+# Seconds. Transfers include the upstream's own time; inspection and trace appends are local work.
+TRANSFER_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOCAL_WORK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class GatewayMetrics:
+    """The gateway's metrics in their own registry (one instance per process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = __version__):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.transfers = Counter(
+            "gateway_transfers", "Transfers through the gateway, by the action taken on them.",
+            ["listener", "src_zone", "dst_zone", "action"], registry=r)
+        self.transfer_bytes = Counter(
+            "gateway_transfer_bytes", "Body bytes that crossed between zones (request: src to dst).",
+            ["src_zone", "dst_zone", "direction"], registry=r)
+        self.dlp_findings = Counter(
+            "gateway_dlp_findings", "DLP rule findings, by rule, data type and the rule's action.",
+            ["rule", "type", "action"], registry=r)
+        self.transfer_duration = Histogram(
+            "gateway_transfer_duration_seconds", "From a transfer's first byte to its decision and answer.",
+            ["src_zone", "dst_zone"], buckets=TRANSFER_BUCKETS, registry=r)
+        self.inspection_duration = Histogram(
+            "gateway_inspection_duration_seconds", "DLP inspection time per transfer and direction.",
+            ["direction"], buckets=LOCAL_WORK_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Failures talking to upstream servers, by kind.",
+            ["listener", "kind"], registry=r)
+        self.active_connections = Gauge(
+            "gateway_active_connections", "Client connections open now.",
+            ["listener"], multiprocess_mode="livesum", registry=r)
+        self.trace_records = Counter(
+            "gateway_trace_records", "Records appended to the trace log.", registry=r)
+        self.trace_append_duration = Histogram(
+            "gateway_trace_append_duration_seconds", "Time to append one record durably to the trace log.",
+            buckets=LOCAL_WORK_BUCKETS, registry=r)
+        self.trace_tree_size = Gauge(
+            "gateway_trace_tree_size", "Records in the trace log's Merkle tree.",
+            multiprocess_mode="max", registry=r)
+        self.trace_last_checkpoint = Gauge(
+            "gateway_trace_last_checkpoint_timestamp_seconds", "Unix time of the trace log's latest signed checkpoint.",
+            multiprocess_mode="max", registry=r)
+        self.config_reloads = Counter(
+            "gateway_config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"], registry=r)
+        self.config_last_reload_success = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in use was loaded (at start or by the last successful reload).",
+            multiprocess_mode="max", registry=r)
+        self.build_info = Gauge(
+            "gateway_build_info", "Always 1; the gateway's version as a label.", ["version"],
+            multiprocess_mode="max", registry=r)
+
+        self.build_info.labels(version=version).set(1)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result=result)  # both series exist from the start, at 0
+        # Standard process_* and python_* metrics (in multiprocess mode MultiProcessCollector has none).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def config_loaded(self, success: bool, *, initial: bool = False) -> None:
+        """A configuration load: the first one at start, then one per reload."""
+        if not initial:
+            self.config_reloads.labels(result="success" if success else "failure").inc()
+        if success:
+            self.config_last_reload_success.set(time.time())
+
+    def listeners_known(self, listeners: list[str]) -> None:
+        """Give every configured listener its gauge series at 0, so dashboards show idle listeners too."""
+        for listener in listeners:
+            self.active_connections.labels(listener=listener)
+
+
+def exposition_registry(metrics: GatewayMetrics) -> CollectorRegistry:
+    """The registry /metrics serves: this process's own, or every worker's in multiprocess mode."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return metrics.registry
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return registry

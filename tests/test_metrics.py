@@ -1,0 +1,215 @@
+"""Monitoring: the management listener (/metrics, /healthz, /readyz, TLS, basic auth), its configuration,
+and the metrics and decision log of real transfers through a running gateway."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import ipaddress
+import json
+import ssl
+from pathlib import Path
+from types import SimpleNamespace
+
+import bcrypt
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import ConfigError, load_config
+from gateway.filters.measure import connect_error_kind
+from gateway.logs import DecisionLog
+from gateway.management import ManagementError, ManagementServer
+from gateway.metrics import GatewayMetrics
+from gateway.transfer import Reason, Transfer
+from tests.gatewayproc import gateway_config, write_config
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a scrape, keyed by (sample name, labels), parsed by prometheus-client's own parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(scrape: dict, name: str, **labels: str) -> float:
+    return scrape.get((name, frozenset(labels.items())), 0.0)
+
+
+def management_config(**overrides) -> SimpleNamespace:
+    settings = {"management_host": "127.0.0.1", "management_port": 0, "management_tls": None,
+                "management_auth": None}
+    return SimpleNamespace(**{**settings, **overrides})
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway management")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "mgmt.crt", directory / "mgmt.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def served():
+    """Start a management server on a free port; stopped after the test."""
+    servers = []
+
+    def start(config: SimpleNamespace, readiness=lambda: [], metrics: GatewayMetrics | None = None) -> ManagementServer:
+        server = ManagementServer(config, (metrics or GatewayMetrics()).registry, readiness)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The management listener on its own
+
+
+def test_endpoints_and_readiness(served):
+    problems = ["engine not running"]
+    metrics = GatewayMetrics(version="9.8.7")
+    server = served(management_config(), readiness=lambda: list(problems), metrics=metrics)
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").status_code == 200
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503 and "engine not running" in not_ready.text
+        problems.clear()
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/nowhere").status_code == 404
+        assert client.post("/metrics").status_code == 405
+        scrape = client.get("/metrics")
+    assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+    got = samples(scrape.text)
+    assert value(got, "gateway_build_info", version="9.8.7") == 1
+    assert value(got, "gateway_config_reloads_total", result="failure") == 0
+    assert ("gateway_config_reloads_total", frozenset({("result", "failure")})) in got  # exported at 0
+    assert any(name == "process_cpu_seconds_total" for name, _ in got)
+    assert not any(name.endswith("_created") for name, _ in got)
+
+
+def test_taken_address_is_a_clear_error(served):
+    first = served(management_config())
+    second = ManagementServer(management_config(management_port=first.port), GatewayMetrics().registry, list)
+    with pytest.raises(ManagementError, match=f"127.0.0.1:{first.port}: cannot listen"):
+        second.start()
+
+
+def test_basic_auth_with_bcrypt_hash(served, tmp_path):
+    password_hash = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    config = management_config(management_auth=SimpleNamespace(user="prom", password_hash=password_hash,
+                                                                 password_file=None))
+    server = served(config)
+    with httpx.Client(base_url=server.url) as client:
+        denied = client.get("/metrics")
+        assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/healthz").status_code == 401  # every path is protected
+        assert client.get("/metrics", auth=("prom", "wrong")).status_code == 401
+        assert client.get("/metrics", auth=("other", "s3cret")).status_code == 401
+        assert client.get("/metrics", auth=("prom", "s3cret")).status_code == 200
+        assert client.get("/metrics", auth=("prom", "s3cret")).status_code == 200  # remembered, still right
+        assert client.get("/metrics", headers={"Authorization": "Basic !!!"}).status_code == 401
+
+
+def test_basic_auth_with_password_file_and_tls(served, tmp_path):
+    cert, key = self_signed(tmp_path)
+    password_file = tmp_path / "password"
+    password_file.write_text("from-a-file\n")
+    config = management_config(management_tls=(cert, key), management_auth=SimpleNamespace(
+        user="prom", password_hash=None, password_file=password_file))
+    server = served(config)
+    assert server.url.startswith("https://")
+    with httpx.Client(base_url=server.url, verify=ssl.create_default_context(cafile=cert)) as client:
+        assert client.get("/metrics", auth=("prom", "from-a-file")).status_code == 200
+        assert client.get("/metrics", auth=("prom", "from-a-file\n")).status_code == 401
+    with pytest.raises(httpx.HTTPError):  # plain HTTP is not answered on a TLS listener
+        httpx.get(server.url.replace("https://", "http://") + "/healthz", timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration of the management listener
+
+
+def _config_with_management(tmp_path: Path, management: dict) -> Path:
+    config = gateway_config(tmp_path / "state")
+    config["management"] = {**config["management"], **management}
+    return write_config(tmp_path / "gateway.yaml", config)
+
+
+def test_config_management_tls_and_auth(tmp_path):
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "password").write_text("pw\n")
+    path = _config_with_management(tmp_path, {"tls": {"cert": "mgmt.crt", "key": "mgmt.key"},
+                                              "basic_auth": {"user": "prom", "password_file": "password"}})
+    config = load_config(path)
+    assert config.management_tls == (cert, key)  # relative to the configuration file
+    assert config.management_auth.user == "prom"
+    assert config.management_auth.password_file == tmp_path / "password"
+
+
+@pytest.mark.parametrize("management, message", [
+    ({"basic_auth": {"user": "prom", "password_hash": "plain-text"}}, "management.basic_auth.password_hash: expected a bcrypt hash"),
+    ({"basic_auth": {"user": "prom"}}, "management.basic_auth: give exactly one of"),
+    ({"basic_auth": {"user": "prom", "password_file": "missing"}}, "management.basic_auth.password_file: no such file"),
+    ({"tls": {"cert": "mgmt.crt"}}, "management.tls: missing required key 'key'"),
+    ({"tls": {"cert": "mgmt.key", "key": "mgmt.key"}}, "management.tls: cannot load certificate"),
+    ({"metrics_path": "/m"}, "management.metrics_path: unknown key"),
+])
+def test_config_management_errors(tmp_path, management, message):
+    self_signed(tmp_path)
+    path = _config_with_management(tmp_path, management)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    errors = "\n".join(caught.value.errors)
+    assert message in errors
+    assert f"{path}:" in errors  # FILE:LINE: key.path: message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("[Errno 111] Connect call failed ('127.0.0.2', 9)", "refused"),
+    ("Multiple exceptions: [Errno 111] Connect call failed ('::1', 9, 0, 0), [Errno 111] ...", "refused"),
+    ("[Errno -2] Name or service not known", "dns"),
+    ("[Errno 113] No route to host", "unreachable"),
+    ("[Errno 110] Connection timed out", "timeout"),
+    ("connection cancelled", "connect"),
+])
+def test_connect_error_kinds(message, kind):
+    assert connect_error_kind(message) == kind
+
+
+def test_decision_log_line():
+    out = io.StringIO()
+    transfer = Transfer(id="t-1", listener="forward", client_addr="127.0.0.1:5000", client_zone="extranet",
+                        upstream_host="example.test", upstream_port=80, upstream_zone="internet")
+    transfer.escalate("block", [Reason("cn-id-number", "cn_resident_id", "body:$.sfzh", "block")])
+    DecisionLog(out).write(transfer, method="POST", status=403)
+    entry = json.loads(out.getvalue())
+    assert out.getvalue().count("\n") == 1
+    assert entry["transfer_id"] == "t-1" and entry["decision"] == "block" and entry["status"] == 403
+    assert entry["reasons"] == [{"rule": "cn-id-number", "type": "cn_resident_id", "location": "body:$.sfzh",
+                                 "action": "block"}]
+    assert (entry["src_zone"], entry["dst_zone"]) == ("extranet", "internet")
