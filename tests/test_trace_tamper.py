@@ -208,3 +208,26 @@ def test_consistency_with_old_checkpoint(logdir, tmp_path, capsys):
             log.append_sync(record(i + 1))
     assert run("consistency", str(other), str(old), "--pubkey", pub) == 1
     assert "INCONSISTENT" in capsys.readouterr().out
+
+
+def test_witness_cosignature_policy(logdir, tmp_path, capsys):
+    """verify --witness / --witness-policy require valid tlog-cosignature/v1 cosignatures."""
+    from gateway.trace.note import SIG_COSIGNATURE_V1
+    w1 = Signer.generate("witness.test/a", SIG_COSIGNATURE_V1)
+    w2 = Signer.generate("witness.test/b", SIG_COSIGNATURE_V1)
+    cp = logdir / "log" / "checkpoint"
+    signed = cp.read_text()
+    body = signed.split("\n\n")[0] + "\n"
+    log_args = ["verify", str(logdir / "log"), "--pubkey", str(logdir / "key.pub")]
+    assert run(*log_args, "--witness", w1.verifier.vkey()) == 1
+    assert "witness policy not met" in capsys.readouterr().out
+    cp.write_text(signed + w1.cosign(body))
+    assert run(*log_args, "--witness", w1.verifier.vkey()) == 0
+    policy = tmp_path / "policy"
+    policy.write_text(f"witness {w1.verifier.vkey()}\nwitness {w2.verifier.vkey()}\nquorum 2\n")
+    assert run(*log_args, "--witness-policy", str(policy)) == 1
+    policy.write_text(f"witness {w1.verifier.vkey()}\nwitness {w2.verifier.vkey()}\nquorum 1\n")
+    assert run(*log_args, "--witness-policy", str(policy)) == 0
+    # A cosignature over a different checkpoint body does not count.
+    cp.write_text(signed + w1.cosign(body.replace("\n600\n", "\n601\n")))
+    assert run(*log_args, "--witness", w1.verifier.vkey()) == 1

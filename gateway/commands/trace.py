@@ -1,4 +1,4 @@
-"""`gateway trace ...`: audit a trace log offline, and run a witness.
+"""`gateway trace ...`: audit a trace log offline (witness cosignatures are checked by --witness).
 
 Exit status: 0 intact / valid, 1 tampering or an invalid proof (the message names the first bad
 record or file), 2 usage or I/O errors.
@@ -59,15 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _dir_and_key(p)
     p.add_argument("old_checkpoint", type=Path)
     p.set_defaults(func=cmd_consistency)
-
-    p = sub.add_parser("witness", help="serve the C2SP tlog-witness add-checkpoint protocol")
-    p.add_argument("--listen", default="127.0.0.1:7380", help="HOST:PORT (default %(default)s)")
-    p.add_argument("--key", type=Path, required=True, help="witness signing key (created if missing)")
-    p.add_argument("--name", required=True, help="witness name, e.g. witness.example/frontend-a")
-    p.add_argument("--state", type=Path, required=True, help="directory keeping the latest cosigned checkpoints")
-    p.add_argument("--log", action="append", default=[], required=True,
-                   help="verifier key (or file holding it) of a log to witness; repeatable")
-    p.set_defaults(func=cmd_witness)
 
 
 def _dir_and_key(p: argparse.ArgumentParser) -> None:
@@ -273,13 +264,3 @@ def cmd_consistency(args: argparse.Namespace) -> int:
         return EXIT_BAD
     print(json.dumps(result))
     return EXIT_OK
-
-
-@_guard
-def cmd_witness(args: argparse.Namespace) -> int:
-    from gateway.trace.witness import serve_witness
-    logs = [_load_vkey(v) for v in args.log]
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
-    return serve_witness(host, int(port), args.key, args.name, args.state, logs)
