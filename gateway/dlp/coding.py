@@ -1,0 +1,195 @@
+"""Incremental decompression (Content-Encoding) and charset handling with output limits.
+
+Every decompressor yields output in bounded pieces, so a small compressed input can never make a
+single call allocate more than PIECE bytes: the caller counts the pieces and stops at its limit.
+"""
+
+import codecs
+import zlib
+from collections.abc import Iterator
+
+import brotli
+
+try:
+    from compression import zstd  # Python >= 3.14
+except ImportError:
+    from backports import zstd
+
+PIECE = 1 << 20
+
+
+class DecodeError(ValueError):
+    """Content that cannot be decoded; the message says why (it becomes an `uninspectable` finding)."""
+
+
+class Inflater:
+    """Incremental decoder for one Content-Encoding token."""
+
+    SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd", "identity")
+
+    def __init__(self, encoding: str):
+        self.encoding = encoding.strip().lower()
+        if self.encoding not in self.SUPPORTED:
+            raise DecodeError(f"unsupported content-encoding {encoding!r}")
+        self._zlib = None
+        self._started = False
+        self._brotli = brotli.Decompressor() if self.encoding == "br" else None
+        self._zstd = zstd.ZstdDecompressor() if self.encoding == "zstd" else None
+        self._finished = self.encoding == "identity"
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            if self.encoding == "identity":
+                if data:
+                    yield data
+            elif self._brotli is not None:
+                yield from self._feed_brotli(data)
+            elif self._zstd is not None:
+                yield from self._feed_zstd(data)
+            else:
+                yield from self._feed_zlib(data)
+        except (zlib.error, brotli.error, zstd.ZstdError) as error:
+            raise DecodeError(f"corrupt {self.encoding} data: {error}") from None
+
+    def finish(self) -> None:
+        """Raise if the compressed stream ended before its end marker."""
+        if self.encoding in ("gzip", "x-gzip", "deflate") and self._zlib is not None:
+            self._finished = self._zlib.eof
+        elif self._brotli is not None:
+            self._finished = self._brotli.is_finished()
+        elif self._zstd is not None:
+            self._finished = self._zstd.eof
+        if not self._finished:
+            raise DecodeError(f"truncated {self.encoding} data")
+
+    def _feed_zlib(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            if self._zlib is None or (self._zlib.eof and self.encoding != "deflate"):
+                if self._zlib is not None and self._zlib.eof and not data.strip(b"\0"):
+                    return  # gzip trailer padding
+                self._zlib = zlib.decompressobj(self._wbits(data))
+            elif self._zlib.eof:
+                raise DecodeError("data after the end of the deflate stream")
+            output = self._zlib.decompress(data, PIECE)
+            if output:
+                yield output
+            while self._zlib.unconsumed_tail or len(output) == PIECE:
+                output = self._zlib.decompress(self._zlib.unconsumed_tail, PIECE)
+                if not output and not self._zlib.unconsumed_tail:
+                    break
+                yield output
+            data = self._zlib.unused_data  # the next gzip member, if any
+
+    def _wbits(self, first: bytes) -> int:
+        if self.encoding != "deflate":
+            return 16 + zlib.MAX_WBITS
+        # "deflate" is zlib-wrapped per RFC 9110, but servers also send raw deflate
+        wrapped = len(first) >= 2 and first[0] & 0x0F == 8 and ((first[0] << 8) | first[1]) % 31 == 0
+        return zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+
+    def _feed_brotli(self, data: bytes) -> Iterator[bytes]:
+        output = self._brotli.process(data, output_buffer_limit=PIECE)
+        if output:
+            yield output
+        while not self._brotli.can_accept_more_data():
+            output = self._brotli.process(b"", output_buffer_limit=PIECE)
+            if not output:
+                break
+            yield output
+
+    def _feed_zstd(self, data: bytes) -> Iterator[bytes]:
+        while True:
+            if self._zstd.eof:
+                if not data:
+                    return
+                self._zstd = zstd.ZstdDecompressor()  # next frame
+            output = self._zstd.decompress(data, PIECE)
+            data = b""
+            if output:
+                yield output
+            if self._zstd.eof:
+                data = self._zstd.unused_data
+                if not data:
+                    return
+            elif self._zstd.needs_input:
+                return
+
+
+def content_encodings(header: str | None) -> list[str]:
+    """Encodings in the order they must be undone (the header lists them in the order applied)."""
+    if not header:
+        return []
+    return [token.strip().lower() for token in reversed(header.split(",")) if token.strip()]
+
+
+def inflate(data: bytes, header: str | None, max_bytes: int, max_ratio: int) -> bytes:
+    """Undo every Content-Encoding of `data` within the size and ratio limits."""
+    for encoding in content_encodings(header):
+        inflater = Inflater(encoding)
+        pieces: list[bytes] = []
+        total = 0
+        for piece in inflater.feed(data):
+            total += len(piece)
+            check_inflated_size(total, len(data), max_bytes, max_ratio)
+            pieces.append(piece)
+        inflater.finish()
+        data = b"".join(pieces)
+    return data
+
+
+def check_inflated_size(inflated: int, compressed: int, max_bytes: int, max_ratio: int) -> None:
+    if inflated > max_bytes:
+        raise DecodeError(f"decompressed size exceeds the limit of {max_bytes} bytes")
+    if inflated > PIECE and inflated > max_ratio * max(compressed, 1):
+        raise DecodeError(f"compression ratio exceeds {max_ratio}:1 (a decompression bomb?)")
+
+
+# Declared charsets that are decoded with a superset to tolerate real-world mislabelling.
+_SUPERSETS = {"gb2312": "gb18030", "gbk": "gb18030", "cp936": "gb18030", "x-gbk": "gb18030",
+              "iso-8859-1": "cp1252", "latin-1": "cp1252", "us-ascii": "utf-8", "ascii": "utf-8"}
+
+
+def resolve_charset(declared: str) -> str:
+    name = declared.strip().strip('"').lower()
+    name = _SUPERSETS.get(name, name)
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise DecodeError(f"unknown charset {declared!r}") from None
+
+
+def sniff_charset(data: bytes) -> str:
+    """Charset of undeclared text: BOM, then UTF-16 by its NUL pattern, then UTF-8, then GB18030."""
+    if data.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    head = data[:4096]
+    if len(head) >= 4:
+        even_nuls, odd_nuls = head[0::2].count(0), head[1::2].count(0)
+        half = len(head) // 2
+        if odd_nuls > 0.3 * half and even_nuls < 0.05 * half:
+            return "utf-16-le"
+        if even_nuls > 0.3 * half and odd_nuls < 0.05 * half:
+            return "utf-16-be"
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        data.decode("gb18030")
+        return "gb18030"
+    except UnicodeDecodeError:
+        return "latin-1"  # binary content: ASCII tokens are still found
+
+
+def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:
+    """The text and the charset it was decoded with."""
+    charset = resolve_charset(declared) if declared else sniff_charset(data)
+    if charset.startswith("utf-16") and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        charset = "utf-16"
+    try:
+        return data.decode(charset), charset
+    except UnicodeDecodeError as error:
+        raise DecodeError(f"body is not valid {charset} (byte {error.start})") from None

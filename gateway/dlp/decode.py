@@ -1,0 +1,570 @@
+"""Content understanding: turn a body into the text segments the matcher scans.
+
+A body is undone layer by layer (Content-Encoding, archives, multipart parts, charset, structure)
+into `Segment`s: UTF-8 bytes with full-width characters folded to ASCII, each knowing where it came
+from. Large structured texts (JSON without escapes, CSV, plain text) stay one segment with a lazy
+locator, so a clean body costs one pass; locations are only computed for what was found.
+Anything that cannot be decoded within the limits becomes a `problem` (an `uninspectable` finding).
+"""
+
+import base64
+import binascii
+import bisect
+import csv
+import io
+import json
+import quopri
+import re
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import PurePosixPath
+from urllib.parse import parse_qsl
+from xml.etree import ElementTree
+
+from gateway.dlp.coding import DecodeError, check_inflated_size, decode_text, inflate
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_decoded_bytes: int = 64 * MiB   # per body, after decompression, archives included
+    max_ratio: int = 200                # decompressed / compressed, checked above 1 MiB
+    max_depth: int = 4                  # nested encodings, archives and parts
+    max_archive_entries: int = 10_000
+    stream_buffer_bytes: int = 8 * MiB  # a stream larger than this is scanned as text, window by window
+
+
+Locator = Callable[[int], tuple[str, str | None]]
+
+
+@dataclass
+class Segment:
+    data: bytes                  # what the matcher scans: UTF-8, full-width folded
+    location: str
+    field: str | None = None     # the key / column / part name the text is the value of
+    original: str | None = None  # the decoded text, when folding changed it
+    locate: Locator | None = None  # byte offset in data -> (location, field), for large segments
+
+
+@dataclass
+class Decoded:
+    segments: list[Segment] = field(default_factory=list)
+    fields: list[tuple[str, str]] = field(default_factory=list)    # (location, field name)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+
+
+# Full-width forms U+FF01..U+FF5E fold to ASCII, the ideographic space to a space.
+FOLD_TABLE = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+def needs_folding(data: bytes) -> bool:
+    return b"\xef\xbc" in data or b"\xef\xbd" in data or b"\xe3\x80\x80" in data
+
+
+def text_segment(text: str, location: str, field: str | None = None, locate: Locator | None = None,
+                 data: bytes | None = None) -> Segment:
+    if data is None:
+        data = text.encode("utf-8", "surrogatepass")
+    if needs_folding(data):
+        return Segment(text.translate(FOLD_TABLE).encode("utf-8", "surrogatepass"), location, field, text, locate)
+    return Segment(data, location, field, None, locate)
+
+
+def child(location: str, part: str) -> str:
+    return f"{location}:{part}" if ":" not in location else f"{location} / {part}"
+
+
+_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def unescape_u(text: str) -> str:
+    return _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+    if not content_type:
+        return "", {}
+    message = Message()
+    message["content-type"] = content_type
+    params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media, params
+
+
+def decode_body(body: bytes, content_type: str | None, content_encoding: str | None, limits: Limits,
+                location: str = "body") -> Decoded:
+    decoded = Decoded()
+    try:
+        data = inflate(body, content_encoding, limits.max_decoded_bytes, limits.max_ratio)
+    except DecodeError as error:
+        decoded.problems.append((location, str(error)))
+        return decoded
+    media, params = parse_media_type(content_type)
+    _Walker(limits, decoded).content(data, media, params, None, location, depth=0)
+    return decoded
+
+
+_EXTENSION_TYPES = {
+    ".json": "application/json", ".csv": "text/csv", ".tsv": "text/tab-separated-values",
+    ".xml": "application/xml", ".txt": "text/plain", ".html": "text/html", ".htm": "text/html",
+    ".zip": "application/zip", ".xlsx": "application/zip", ".docx": "application/zip",
+    ".gz": "application/gzip", ".js": "text/javascript", ".log": "text/plain",
+}
+_BINARY_PREFIXES = ("image/", "audio/", "video/", "font/")
+
+
+class _Walker:
+    def __init__(self, limits: Limits, decoded: Decoded):
+        self.limits = limits
+        self.out = decoded
+        self.budget = limits.max_decoded_bytes
+
+    def problem(self, location: str, reason: str) -> None:
+        self.out.problems.append((location, reason))
+
+    def content(self, data: bytes, media: str, params: dict[str, str], filename: str | None,
+                location: str, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            self.problem(location, f"nesting deeper than {self.limits.max_depth} levels")
+            return
+        if not media or media == "application/octet-stream":
+            media = _EXTENSION_TYPES.get(PurePosixPath(filename or "").suffix.lower(), media)
+        if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06") or media in (
+                "application/zip", "application/x-zip-compressed") or "openxmlformats" in media:
+            self.archive(data, location, depth)
+        elif data.startswith(b"\x1f\x8b") and (media in ("application/gzip", "application/x-gzip", "")
+                                                or media.startswith(_BINARY_PREFIXES)):
+            try:
+                inner = inflate(data, "gzip", self.budget, self.limits.max_ratio)
+            except DecodeError as error:
+                self.problem(location, str(error))
+                return
+            inner_name = filename[:-3] if filename and filename.endswith(".gz") else None
+            self.content(inner, "", {}, inner_name, child(location, "gunzip"), depth + 1)
+        elif media.startswith("multipart/") and params.get("boundary"):
+            self.multipart(data, params["boundary"], location, depth)
+        else:
+            self.text(data, media, params.get("charset"), location)
+
+    def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
+        try:
+            text, used_charset = decode_text(data, charset)
+        except DecodeError as error:
+            self.problem(location, str(error))
+            return
+        raw = data if used_charset == "utf-8" else None  # UTF-8 input is scanned as received
+        starts_like_json = text.lstrip()[:1] in ("{", "[")
+        if media.endswith("json"):
+            self.json(text, location, raw, strict=False)
+        elif media in ("", "text/plain") and starts_like_json and self.json(text, location, raw, strict=True):
+            pass
+        elif media == "application/x-www-form-urlencoded":
+            self.form(text, location)
+        elif media.endswith("xml") or (media == "" and text.lstrip().startswith("<?xml")):
+            self.xml(text, location)
+        elif media in ("text/csv", "text/tab-separated-values", "application/csv"):
+            self.csv(text, "\t" if "tab" in media else ",", location, raw)
+        elif media in ("", "text/plain") and _looks_like_csv(text):
+            self.csv(text, ",", location, raw)
+        else:
+            self.plain(text, location, raw)
+
+    def plain(self, text: str, location: str, data: bytes | None = None) -> None:
+        def locate(offset: int) -> tuple[str, str | None]:
+            return child(location, f"offset {offset}"), None
+        self.out.segments.append(text_segment(text, location, None, locate, data))
+        if "\\u" in text:  # JavaScript, malformed JSON: what a \u escape hides is scanned too
+            self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
+                                                  lambda offset: (child(location, f"unescaped offset {offset}"), None)))
+
+    # JSON --------------------------------------------------------------------------------------
+    def json(self, text: str, location: str, raw: bytes | None, strict: bool) -> bool:
+        """Scan `text` as JSON; False (and nothing scanned) when strict and it does not parse."""
+        if "\\" not in text:
+            if strict:
+                try:
+                    json.loads(text)
+                except ValueError:
+                    return False
+            segment = text_segment(text, location, data=raw)
+            segment.locate = _JsonLocator(segment.data, location)
+            self.out.segments.append(segment)
+            seen: set[str] = set()
+            for key in _JSON_KEY.findall(text):
+                if key not in seen:
+                    seen.add(key)
+                    self.out.fields.append((child(location, "$ key " + json.dumps(key, ensure_ascii=False)), key))
+            return True
+        try:
+            document = json.loads(text)
+        except ValueError:
+            if strict:
+                return False
+            self.plain(text, location)
+            return True
+        seen_keys: set[str] = set()
+        for path, key, value, is_key in _walk_json(document, "$", None):
+            if is_key:
+                if key not in seen_keys:
+                    seen_keys.add(key)
+                    self.out.fields.append((child(location, path), key))
+            self.out.segments.append(text_segment(value, child(location, path + (" (key)" if is_key else "")), key))
+        return True
+
+    # form, multipart -----------------------------------------------------------------------------
+    def form(self, text: str, location: str) -> None:
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            self.out.fields.append((child(location, f"form {name}"), name))
+            self.out.segments.append(text_segment(value, child(location, f"form {name}"), name))
+            self.out.segments.append(text_segment(name, child(location, f"form {name} (name)"), name))
+
+    def multipart(self, data: bytes, boundary: str, location: str, depth: int) -> None:
+        delimiter = b"--" + boundary.encode("latin-1")
+        pieces = data.split(delimiter)
+        if len(pieces) < 2:
+            self.text(data, "text/plain", None, location)
+            return
+        closed = False
+        for index, piece in enumerate(pieces[1:], start=1):
+            if piece.startswith(b"--"):
+                closed = True
+                break
+            piece = piece.removeprefix(b"\r\n").removeprefix(b"\n")
+            head, separator, content = piece.partition(b"\r\n\r\n")
+            if not separator:
+                head, separator, content = piece.partition(b"\n\n")
+            content = content.removesuffix(b"\r\n").removesuffix(b"\n")
+            headers = Message()
+            for line in head.decode("utf-8", "replace").splitlines():
+                name, colon, value = line.partition(":")
+                if colon:
+                    headers[name.strip()] = value.strip()
+            name = headers.get_param("name", header="content-disposition") or f"#{index}"
+            filename = headers.get_param("filename", header="content-disposition")
+            name, filename = str(name), (str(filename) if filename else None)
+            label = f"part {name}" + (f" ({filename})" if filename else "")
+            part_location = child(location, label)
+            self.out.fields.append((part_location, name))
+            transfer = (headers.get("content-transfer-encoding") or "").strip().lower()
+            try:
+                if transfer == "base64":
+                    content = base64.b64decode(content, validate=False)
+                elif transfer == "quoted-printable":
+                    content = quopri.decodestring(content)
+            except (binascii.Error, ValueError):
+                self.problem(part_location, f"invalid {transfer} part")
+                continue
+            media, params = parse_media_type(headers.get("content-type"))
+            if not filename and not media:
+                media = "text/plain"
+            before = len(self.out.segments)
+            self.content(content, media, params, filename, part_location, depth + 1)
+            for segment in self.out.segments[before:]:
+                segment.field = segment.field or name
+        if not closed:
+            self.problem(location, "multipart body without its closing boundary")
+
+    # XML ----------------------------------------------------------------------------------------
+    def xml(self, text: str, location: str) -> None:
+        if "<!DOCTYPE" in text or "<!ENTITY" in text:  # no entity expansion: scan the text as written
+            self.plain(text, location)
+            return
+        try:
+            root = ElementTree.fromstring(text)
+        except ElementTree.ParseError:
+            self.plain(text, location)
+            return
+        self._xml_element(root, "", location)
+
+    def _xml_element(self, element: ElementTree.Element, parent_path: str, location: str) -> None:
+        tag = element.tag.rsplit("}", 1)[-1] if isinstance(element.tag, str) else "?"
+        path = f"{parent_path}/{tag}"
+        self.out.fields.append((child(location, "xml " + path), tag))
+        for name, value in element.attrib.items():
+            attribute = name.rsplit("}", 1)[-1]
+            self.out.segments.append(text_segment(value, child(location, f"xml {path}/@{attribute}"), attribute))
+        if element.text and element.text.strip():
+            self.out.segments.append(text_segment(element.text, child(location, "xml " + path), tag))
+        for sub in element:
+            self._xml_element(sub, path, location)
+            if sub.tail and sub.tail.strip():
+                self.out.segments.append(text_segment(sub.tail, child(location, "xml " + path), tag))
+
+    # CSV ----------------------------------------------------------------------------------------
+    def csv(self, text: str, delimiter: str, location: str, raw: bytes | None) -> None:
+        first_line = text.split("\n", 1)[0]
+        header = next(csv.reader([first_line], delimiter=delimiter), [])
+        for column in header:
+            if column.strip():
+                self.out.fields.append((child(location, f"csv column {column.strip()}"), column.strip()))
+        segment = text_segment(text, location, data=raw)
+        segment.locate = _CsvLocator(segment.data, delimiter.encode(), [c.strip() for c in header], location)
+        self.out.segments.append(segment)
+
+    # archives -----------------------------------------------------------------------------------
+    def archive(self, data: bytes, location: str, depth: int) -> None:
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+            entries = archive.infolist()
+        except (zipfile.BadZipFile, ValueError, EOFError) as error:
+            self.problem(location, f"not a readable zip archive: {error}")
+            return
+        if len(entries) > self.limits.max_archive_entries:
+            self.problem(location, f"archive has more than {self.limits.max_archive_entries} entries")
+            return
+        names = {entry.filename for entry in entries}
+        members: dict[str, bytes] = {}
+        for entry in entries:
+            if entry.is_dir():
+                continue
+            member_location = child(location, f"zip {entry.filename}")
+            if entry.flag_bits & 0x1:
+                self.problem(member_location, "encrypted archive member")
+                continue
+            if entry.file_size > self.budget:
+                self.problem(member_location, "archive member exceeds the size limit")
+                continue
+            try:
+                with archive.open(entry) as stream:
+                    content = stream.read(self.budget + 1)
+                check_inflated_size(len(content), max(entry.compress_size, 1), self.budget, self.limits.max_ratio)
+            except DecodeError as error:
+                self.problem(member_location, str(error))
+                continue
+            except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as error:
+                self.problem(member_location, f"unreadable archive member: {error}")
+                continue
+            self.budget -= len(content)
+            members[entry.filename] = content
+        if "xl/workbook.xml" in names:
+            self.xlsx(members, location)
+        elif "word/document.xml" in names:
+            self.docx(members, location)
+        else:
+            for name, content in members.items():
+                self.content(content, "", {}, name, child(location, f"zip {name}"), depth + 1)
+
+    def xlsx(self, members: dict[str, bytes], location: str) -> None:
+        try:
+            shared = [_xml_text(item) for item in _xml_root(members.get("xl/sharedStrings.xml")).iter()
+                      if _local(item.tag) == "si"]
+            for sheet_name, path in _xlsx_sheets(members):
+                header: dict[str, str] = {}
+                for cell in _xml_root(members.get(path)).iter():
+                    if _local(cell.tag) != "c":
+                        continue
+                    reference = cell.get("r", "")
+                    value = _xlsx_cell_value(cell, shared)
+                    if value is None or not value.strip():
+                        continue
+                    column, row = reference.rstrip("0123456789"), reference[len(reference.rstrip("0123456789")):]
+                    if row == "1":
+                        header[column] = value.strip()
+                        self.out.fields.append((child(location, f"xlsx {sheet_name}!{reference}"), value.strip()))
+                    name = header.get(column)
+                    label = f"xlsx {sheet_name}!{reference}" + (f" column {name}" if name and row != "1" else "")
+                    self.out.segments.append(text_segment(value, child(location, label), name if row != "1" else None))
+        except (ElementTree.ParseError, KeyError, ValueError) as error:
+            self.problem(location, f"unreadable xlsx workbook: {error}")
+
+    def docx(self, members: dict[str, bytes], location: str) -> None:
+        try:
+            for name in sorted(members):
+                if not re.fullmatch(r"word/(document|header\d*|footer\d*|footnotes|endnotes|comments)\.xml", name):
+                    continue
+                part = PurePosixPath(name).stem
+                paragraphs = [item for item in _xml_root(members[name]).iter() if _local(item.tag) == "p"]
+                for number, paragraph in enumerate(paragraphs, start=1):
+                    text = "".join(t.text or "" for t in paragraph.iter() if _local(t.tag) == "t")
+                    if text.strip():
+                        self.out.segments.append(text_segment(text, child(location, f"docx {part} paragraph {number}")))
+        except ElementTree.ParseError as error:
+            self.problem(location, f"unreadable docx document: {error}")
+
+
+def _looks_like_csv(text: str) -> bool:
+    """Undeclared text whose first lines have the same number (>= 1) of commas."""
+    lines = text[:4096].splitlines()[:3]
+    return len(lines) >= 2 and lines[0].count(",") >= 1 and all(line.count(",") == lines[0].count(",")
+                                                               for line in lines[1:])
+
+
+def _local(tag: object) -> str:
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _xml_root(data: bytes | None) -> ElementTree.Element:
+    if data is None:
+        return ElementTree.Element("empty")
+    if b"<!ENTITY" in data:
+        raise ElementTree.ParseError("entity declarations are not accepted")
+    return ElementTree.fromstring(data)
+
+
+def _xml_text(element: ElementTree.Element) -> str:
+    return "".join(item.text or "" for item in element.iter() if _local(item.tag) == "t")
+
+
+def _xlsx_sheets(members: dict[str, bytes]) -> list[tuple[str, str]]:
+    relations = {rel.get("Id"): rel.get("Target", "") for rel in _xml_root(
+        members.get("xl/_rels/workbook.xml.rels")).iter() if _local(rel.tag) == "Relationship"}
+    sheets = []
+    for sheet in _xml_root(members.get("xl/workbook.xml")).iter():
+        if _local(sheet.tag) != "sheet":
+            continue
+        rel_id = next((v for k, v in sheet.attrib.items() if _local(k) == "id"), None)
+        target = relations.get(rel_id, "")
+        path = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+        if path in members:
+            sheets.append((sheet.get("name", path), path))
+    listed = {path for _, path in sheets}
+    # sheets missing from the workbook index are scanned too: nothing inside an archive is skipped
+    sheets += [(PurePosixPath(n).stem, n) for n in sorted(members)
+               if n.startswith("xl/worksheets/") and n.endswith(".xml") and n not in listed]
+    return sheets
+
+
+def _xlsx_cell_value(cell: ElementTree.Element, shared: list[str]) -> str | None:
+    kind = cell.get("t")
+    if kind == "inlineStr":
+        return _xml_text(cell)
+    value = next((item.text for item in cell if _local(item.tag) == "v"), None)
+    if value is None:
+        return None
+    if kind == "s":
+        return shared[int(value)]
+    return value
+
+
+_JSON_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:"]+')
+
+
+def _walk_json(value: object, path: str, key: str | None):
+    """(path, field, text, is_key) for every key and scalar of a parsed JSON document."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            item_path = _json_path(path, name)
+            yield item_path, name, name, True
+            yield from _walk_json(item, item_path, name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk_json(item, f"{path}[{index}]", key)
+    elif isinstance(value, str):
+        yield path, key, value, False
+    elif value is not None and not isinstance(value, bool):
+        yield path, key, str(value), False
+
+
+def _json_path(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if key.isidentifier() else f"{parent}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+class _JsonLocator:
+    """Maps a byte offset of an unescaped JSON text to the path of the value there."""
+
+    def __init__(self, data: bytes, location: str):
+        self.data = data
+        self.location = location
+        self.starts: list[int] | None = None
+        self.spans: list[tuple[int, int, str, str | None]] = []
+
+    def _build(self) -> None:
+        stack: list[list] = []  # [is_object, key or index, path]
+        expecting_key = False
+        self.starts = []
+        for match in _JSON_TOKEN.finditer(self.data):
+            token = match.group()
+            first = token[:1]
+            parent_path = stack[-1][2] if stack else "$"
+            if first in (b"{", b"["):
+                path = self._path(stack)
+                stack.append([first == b"{", None if first == b"{" else 0, path])
+                expecting_key = first == b"{"
+            elif first in (b"}", b"]"):
+                if stack:
+                    stack.pop()
+            elif first == b",":
+                if stack and not stack[-1][0]:
+                    stack[-1][1] += 1
+                expecting_key = bool(stack and stack[-1][0])
+            elif first == b":":
+                expecting_key = False
+            elif stack and stack[-1][0] and expecting_key:
+                key = token[1:-1].decode("utf-8", "replace") if first == b'"' else token.decode("utf-8", "replace")
+                stack[-1][1] = key
+                self.starts.append(match.start())
+                self.spans.append((match.start(), match.end(), _json_path(parent_path, key) + " (key)", key))
+            else:
+                self.starts.append(match.start())
+                self.spans.append((match.start(), match.end(), self._path(stack), self._field(stack)))
+
+    @staticmethod
+    def _path(stack: list[list]) -> str:
+        if not stack:
+            return "$"
+        is_object, key, path = stack[-1]
+        if is_object:
+            return _json_path(path, key) if key is not None else path
+        return f"{path}[{key}]"
+
+    @staticmethod
+    def _field(stack: list[list]) -> str | None:
+        for is_object, key, _ in reversed(stack):
+            if is_object:
+                return key
+        return None
+
+    def __call__(self, offset: int) -> tuple[str, str | None]:
+        if self.starts is None:
+            self._build()
+        index = bisect.bisect_right(self.starts, offset) - 1
+        if index >= 0 and offset < self.spans[index][1]:
+            _, _, path, field_name = self.spans[index]
+            return child(self.location, path), field_name
+        return child(self.location, f"offset {offset}"), None
+
+
+class _CsvLocator:
+    """Maps a byte offset of a CSV text to its row (1 = header) and column name."""
+
+    def __init__(self, data: bytes, delimiter: bytes, header: list[str], location: str):
+        self.data = data
+        self.delimiter = delimiter
+        self.header = header
+        self.location = location
+        self.starts: list[int] | None = None
+        self.cells: list[tuple[int, int]] = []  # (row, column)
+
+    def _build(self) -> None:
+        cell = re.compile(rb'[ \t]*"(?:[^"]|"")*"[ \t]*|[^\r\n"' + re.escape(self.delimiter) + rb']*')
+        data, position, row, column = self.data, 0, 1, 0
+        self.starts = []
+        while position < len(data):
+            match = cell.match(data, position)
+            self.starts.append(position)
+            self.cells.append((row, column))
+            position = max(match.end(), position)
+            if position >= len(data):
+                break
+            char = data[position:position + 1]
+            if char == self.delimiter:
+                column += 1
+            elif char in (b"\r", b"\n"):
+                if data[position:position + 2] == b"\r\n":
+                    position += 1
+                row, column = row + 1, 0
+            position += 1
+
+    def __call__(self, offset: int) -> tuple[str, str | None]:
+        if self.starts is None:
+            self._build()
+        index = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        row, column = self.cells[index] if self.cells else (1, 0)
+        name = self.header[column] if column < len(self.header) and self.header[column] else None
+        label = f"csv row {row} column {name or column + 1}"
+        return child(self.location, label), name

@@ -1,0 +1,319 @@
+"""Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation."""
+
+import bisect
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from gateway.dlp.decode import Decoded, Limits, Segment, decode_body, text_segment
+from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
+from gateway.dlp.matcher import Matcher, PatternSpec, literal_regex
+from gateway.dlp.stream import StreamScan
+from gateway.dlp.rules import ACTIONS, ProfileSpec, Rule, canonical_value, parse_files, rule_files
+
+UNINSPECTABLE = "uninspectable"
+_ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_CONTEXT_WINDOW = 48
+MAX_CANDIDATES = 200_000  # more candidates than this in one body is an attack on the scanner: fail closed
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    type: str
+    action: str
+    severity: str
+    location: str
+    masked: str
+    value: str
+    field: str | None = None
+    confidence: str = "normal"  # "high" when the field name hints at this type
+
+
+@dataclass
+class ScanResult:
+    findings: list[Finding] = field(default_factory=list)
+    action: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.action is None
+
+
+def strongest(actions: list[str]) -> str | None:
+    present = set(actions)
+    return next((action for action in ACTIONS if action in present), None)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A validated match before rules: what it is and where."""
+    kind: str            # "detector", "pattern", "keyword" or "field"
+    name: str            # detector name, or the rule id owning the pattern / keyword / field name
+    type: str
+    value: str           # as written in the decoded content
+    masked: str
+    location: str
+    field: str | None
+    confidence: str
+
+
+class Profile:
+    def __init__(self, spec: ProfileSpec, engine: str | None = None):
+        self.name = spec.name
+        self.description = spec.description
+        self.rules = spec.rules
+        self.uninspectable = spec.uninspectable
+        self.limits = spec.limits
+        self._refs: list[tuple[str, str, str]] = []  # per pattern: (kind, detector or rule id, keyword)
+        specs: list[PatternSpec] = []
+        detector_names = dict.fromkeys(name for rule in spec.rules for name in rule.detectors)
+        for name in detector_names:
+            for regex in DETECTORS[name].patterns:
+                specs.append(PatternSpec(regex))
+                self._refs.append(("detector", name, ""))
+        for rule in spec.rules:
+            for regex in rule.patterns:
+                specs.append(PatternSpec(regex, caseless=not rule.case_sensitive))
+                self._refs.append(("pattern", rule.id, ""))
+            for keyword in rule.keywords:
+                specs.append(PatternSpec(literal_regex(keyword), caseless=not rule.case_sensitive))
+                self._refs.append(("keyword", rule.id, keyword))
+        self.matcher = Matcher(specs, engine)
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
+
+    # public API ---------------------------------------------------------------------------------
+    def scan(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
+             direction: str = "request", host: str | None = None) -> ScanResult:
+        decoded = decode_body(body, content_type, content_encoding, self.limits)
+        return self.evaluate(decoded, direction, host)
+
+    def scan_query(self, query: str, *, direction: str = "request", host: str | None = None) -> ScanResult:
+        decoded = Decoded()
+        for name, value in parse_qsl(query.lstrip("?"), keep_blank_values=True):
+            decoded.fields.append((f"query:{name}", name))
+            decoded.segments.append(text_segment(value, f"query:{name}", name))
+            decoded.segments.append(text_segment(name, f"query:{name} (name)", name))
+        return self.evaluate(decoded, direction, host)
+
+    def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
+               direction: str = "request", host: str | None = None) -> StreamScan:
+        return StreamScan(self, content_type, content_encoding, direction, host)
+
+    def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
+               result: ScanResult) -> bytes:
+        from gateway.dlp.redact import redact_body
+        replacements = {f.value: f.masked for f in result.findings
+                        if f.action == "redact" and f.value and f.type != UNINSPECTABLE}
+        if not replacements:
+            return body
+        return redact_body(body, content_type, content_encoding, replacements, self.limits)
+
+    # evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, decoded: Decoded, direction: str, host: str | None,
+                 detections: list[Detection] | None = None) -> ScanResult:
+        problems = list(decoded.problems)
+        if detections is None:
+            detections, overflow = self.detect(decoded.segments)
+            if overflow:
+                problems.append(("body", f"more than {MAX_CANDIDATES} candidate matches"))
+            detections += self.field_detections(decoded.fields)
+        return self.apply_rules(detections, problems, direction, host)
+
+    def apply_rules(self, detections: list[Detection], problems: list[tuple[str, str]], direction: str,
+                    host: str | None) -> ScanResult:
+        findings: list[Finding] = [
+            Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason)
+            for location, reason in problems
+        ]
+        for rule in self.rules:
+            if not rule.applies_to(direction) or rule.host_allowed(host):
+                continue
+            selected = [d for d in detections if _rule_selects(rule, d)]
+            if rule.allow_values:
+                selected = [d for d in selected if canonical_value(d.value) not in rule.allow_values]
+            if len({canonical_value(d.value) for d in selected}) < rule.min_count:
+                continue
+            seen: set[tuple[str, str]] = set()
+            for d in selected:
+                if (d.value, d.location) in seen:
+                    continue
+                seen.add((d.value, d.location))
+                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, d.location, d.masked, d.value,
+                                        d.field, d.confidence))
+        return ScanResult(findings, strongest([f.action for f in findings]))
+
+    def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
+        wanted = {name: rule for rule in self.rules for name in rule.field_names}
+        if not wanted:
+            return []
+        out = []
+        seen: set[tuple[str, str]] = set()
+        for location, name in fields:
+            rule = wanted.get(name.strip().lower())
+            if rule is not None and (rule.id, name) not in seen:
+                seen.add((rule.id, name))
+                out.append(Detection("field", rule.id, rule.type or "field_name", name, name, location, name, "high"))
+        return out
+
+    def detect(self, segments: list[Segment], base_offset: int = 0,
+               accept: tuple[int, int] | None = None) -> tuple[list[Detection], bool]:
+        """Validated detections in the segments, and whether the candidate limit was hit.
+
+        `accept` (streaming) keeps only matches whose end offset e satisfies low < e <= high: the
+        others were handled in the previous window or are found again, whole, in the next one.
+        """
+        if not segments:
+            return [], False
+        if len(segments) == 1:
+            data, starts = segments[0].data, [0]
+        else:
+            data = b"\n".join(segment.data for segment in segments)  # a newline ends every token
+            starts, position = [], 0
+            for segment in segments:
+                starts.append(position)
+                position += len(segment.data) + 1
+        hits = self.matcher.scan(data)
+        if len(hits) > MAX_CANDIDATES:
+            return [], True
+        valid: list[tuple[int, int, int, str, str]] = []  # (-priority, start, end, kind, name/keyword)
+        others: list[tuple[int, int, str, str, str]] = []
+        for pattern_id, start, end in hits:
+            if accept is not None and not accept[0] < end <= accept[1]:
+                continue
+            kind, name, keyword = self._refs[pattern_id]
+            if kind == "detector":
+                detector = DETECTORS[name]
+                if detector.extend_left:
+                    floor = max(start - MAX_TOKEN_BYTES, 0)
+                    while start > floor and data[start - 1] in detector.extend_left:
+                        start -= 1
+                if not _whole_token(data, start, end) or (detector.group_separators and _continued(data, start, end, detector.group_separators)):
+                    continue
+                token = data[start:end].decode("utf-8", "replace")
+                if detector.valid(token):
+                    valid.append((-detector.priority, start, end, kind, name))
+            else:
+                others.append((start, end, kind, name, keyword))
+        # Overlapping candidates: the stronger detector wins (an ID number is not also a card number),
+        # then the longer match (one e-mail address, not its prefix).
+        valid.sort(key=lambda v: (v[0], v[1] - v[2], v[1]))
+        taken: list[tuple[int, int]] = []
+        detections = []
+        for _, start, end, kind, name in valid:
+            if any(start < t_end and t_start < end for t_start, t_end in taken):
+                continue
+            taken.append((start, end))
+            detection = self._detection(segments, starts, data, start, end, kind, name, "", base_offset)
+            if detection is not None:
+                detections.append(detection)
+        for start, end, kind, name, keyword in sorted(set(others)):
+            detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
+            if detection is not None:
+                detections.append(detection)
+        return detections, False
+
+    def _detection(self, segments: list[Segment], starts: list[int], data: bytes, start: int, end: int,
+                   kind: str, name: str, keyword: str, base_offset: int) -> Detection | None:
+        index = bisect.bisect_right(starts, start) - 1
+        segment = segments[index]
+        local_start, local_end = start - starts[index], end - starts[index]
+        if local_end > len(segment.data):
+            return None  # a custom pattern spanning two segments
+        token = data[start:end].decode("utf-8", "replace")
+        if segment.original is not None:  # report the value as written (e.g. full-width digits)
+            char_start = len(segment.data[:local_start].decode("utf-8", "replace"))
+            value = segment.original[char_start:char_start + len(token)]
+        else:
+            value = token
+        if segment.locate is not None:
+            location, field_name = segment.locate(base_offset + local_start)
+            field_name = field_name or segment.field
+        else:
+            location, field_name = segment.location, segment.field
+        if kind == "detector":
+            detector = DETECTORS[name]
+            hinted = field_name is not None and field_name.strip().lower() in detector.hint_fields
+            if detector.context_words and not hinted and not _has_context(data, start, detector):
+                return None
+            return Detection(kind, name, name, value, detector.mask(token), location, field_name,
+                             "high" if hinted else "normal")
+        rule = next(r for r in self.rules if r.id == name)
+        if kind == "keyword":
+            return Detection(kind, name, rule.type or "keyword", value, token, location, field_name, "normal")
+        masked = mask_middle(token, 2, 2) if len(token) > 6 else "*" * len(token)
+        return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
+
+
+def _rule_selects(rule: Rule, detection: Detection) -> bool:
+    if detection.kind == "detector":
+        chosen = detection.name in rule.detectors
+    else:
+        chosen = detection.name == rule.id
+    if not chosen:
+        return False
+    if rule.fields and detection.kind != "field":
+        return detection.field is not None and detection.field.strip().lower() in rule.fields
+    return True
+
+
+def _whole_token(data: bytes, start: int, end: int) -> bool:
+    return (start == 0 or data[start - 1] not in _ALNUM) and (end == len(data) or data[end] not in _ALNUM)
+
+
+def _continued(data: bytes, start: int, end: int, separators: bytes) -> bool:
+    """A grouped number followed or preceded by another group belongs to a longer number."""
+    if data[start:end].isdigit():
+        return False
+    after = data[end:end + 2]
+    before = data[max(start - 2, 0):start]
+    return (len(after) == 2 and after[0] in separators and after[1:].isdigit()) or \
+        (len(before) == 2 and before[1] in separators and before[:1].isdigit())
+
+
+def _has_context(data: bytes, start: int, detector: Detector) -> bool:
+    window = data[max(start - _CONTEXT_WINDOW, 0):start].lower()
+    return any(word.lower().encode("utf-8") in window for word in detector.context_words)
+
+
+class RuleSet:
+    def __init__(self, rules: dict[str, Rule], profiles: dict[str, ProfileSpec], engine: str | None = None):
+        self.rules = rules
+        self.profiles: dict[str, Profile] = {name: Profile(spec, engine) for name, spec in profiles.items()}
+
+    def check_examples(self, engine: str | None = None) -> list[str]:
+        """Run every rule's examples alone; one message per failing example ("" when all pass)."""
+        failures = []
+        for rule in self.rules.values():
+            profile = single_rule_profile(rule, engine)
+            direction = "response" if rule.direction == "response" else "request"
+            for expected, examples in ((True, rule.examples_match), (False, rule.examples_no_match)):
+                for text in examples:
+                    result = profile.scan(text.encode("utf-8"), direction=direction)
+                    matched = any(f.rule == rule.id for f in result.findings)
+                    if matched != expected:
+                        found = ", ".join(f"{f.type} {f.masked} at {f.location}" for f in result.findings)
+                        failures.append(f"{rule.source}: rule {rule.id}: example should "
+                                        f"{'match' if expected else 'not match'}: {text!r}"
+                                        + (f" (found {found})" if found else ""))
+        return failures
+
+    def profile(self, name: str) -> Profile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise KeyError(f"unknown DLP profile {name!r} (known: {', '.join(sorted(self.profiles)) or 'none'})") \
+                from None
+
+
+def load_rules(path: str | Path, *, engine: str | None = None) -> RuleSet:
+    """Load a rule file or a folder of *.yaml files; `engine` forces "hyperscan" or "re"."""
+    rules, profiles = parse_files(rule_files(path))
+    return RuleSet(rules, profiles, engine)
+
+
+def single_rule_profile(rule: Rule, engine: str | None = None, limits: Limits | None = None) -> Profile:
+    """A profile made of one rule: how a rule's examples are run."""
+    return Profile(ProfileSpec(f"rule:{rule.id}", "", (rule,), "block", limits or Limits()), engine)

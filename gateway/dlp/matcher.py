@@ -1,0 +1,80 @@
+"""One multi-pattern pass over UTF-8 bytes: Hyperscan when available, Python `re` otherwise.
+
+Both engines see the same patterns (written in their common subset) and report (pattern index, start,
+end) candidates; they may report different overlapping candidates for the same text, which is why
+callers validate every candidate and keep the longest valid one.
+"""
+
+import re
+import threading
+from dataclasses import dataclass
+
+try:
+    import hyperscan
+except ImportError:  # the fallback keeps the gateway working, only slower
+    hyperscan = None
+
+HYPERSCAN_AVAILABLE = hyperscan is not None
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    regex: str
+    caseless: bool = False
+
+
+def literal_regex(text: str) -> str:
+    """A regex matching `text` exactly, written with \\xHH escapes both engines read alike."""
+    return "".join(chr(b) if chr(b).isalnum() and b < 0x80 else f"\\x{b:02x}" for b in text.encode("utf-8"))
+
+
+class PatternError(ValueError):
+    """A pattern that one of the engines rejects."""
+
+
+class Matcher:
+    def __init__(self, specs: list[PatternSpec], engine: str | None = None):
+        """`engine` is "hyperscan", "re" or None for the best available."""
+        self.specs = specs
+        self.engine = engine or ("hyperscan" if HYPERSCAN_AVAILABLE else "re")
+        if self.engine == "hyperscan" and not HYPERSCAN_AVAILABLE:
+            raise PatternError("hyperscan is not installed")
+        # Always compile with re too: it validates patterns the same way on both paths.
+        self._compiled = [compile_re(spec) for spec in specs]
+        self._database = None
+        self._local = threading.local()
+        if self.engine == "hyperscan" and specs:
+            database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+            flags = [hyperscan.HS_FLAG_SOM_LEFTMOST | (hyperscan.HS_FLAG_CASELESS if s.caseless else 0)
+                     for s in specs]
+            try:
+                database.compile(expressions=[s.regex.encode("utf-8") for s in specs],
+                                 ids=list(range(len(specs))), elements=len(specs), flags=flags)
+            except hyperscan.error as error:
+                raise PatternError(f"hyperscan rejects a pattern: {error}") from None
+            self._database = database
+
+    def scan(self, data: bytes) -> list[tuple[int, int, int]]:
+        """Every candidate as (pattern index, start, end) byte offsets."""
+        if not self.specs or not data:
+            return []
+        if self._database is None:
+            return [(index, m.start(), m.end()) for index, pattern in enumerate(self._compiled)
+                    for m in pattern.finditer(data)]
+        hits: list[tuple[int, int, int]] = []
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:  # Hyperscan scratch space must not be shared between threads
+            scratch = self._local.scratch = hyperscan.Scratch(self._database)
+        self._database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
+        return hits
+
+
+def _collect(pattern_id: int, start: int, end: int, flags: int, hits: list) -> None:
+    hits.append((pattern_id, start, end))
+
+
+def compile_re(spec: PatternSpec) -> re.Pattern[bytes]:
+    try:
+        return re.compile(spec.regex.encode("utf-8"), re.IGNORECASE if spec.caseless else 0)
+    except re.error as error:
+        raise PatternError(f"invalid pattern: {error}") from None

@@ -1,0 +1,162 @@
+"""Masking found values inside a body, keeping its structure, charset and compression."""
+
+import base64
+import gzip
+import io
+import json
+import re
+import zipfile
+import zlib
+from pathlib import PurePosixPath
+from urllib.parse import parse_qsl, urlencode
+
+import brotli
+
+from gateway.dlp.coding import DecodeError, content_encodings, decode_text, inflate
+from gateway.dlp.decode import _EXTENSION_TYPES, Limits, parse_media_type
+
+try:
+    from compression import zstd  # Python >= 3.14
+except ImportError:
+    from backports import zstd
+
+
+def redact_body(body: bytes, content_type: str | None, content_encoding: str | None,
+                replacements: dict[str, str], limits: Limits) -> bytes:
+    """`body` with every key of `replacements` replaced by its mask; raises DecodeError if undecodable."""
+    data = inflate(body, content_encoding, limits.max_decoded_bytes, limits.max_ratio)
+    media, params = parse_media_type(content_type)
+    redacted = _Redactor(replacements, limits).content(data, media, params, None, 0)
+    if redacted == data:
+        return body
+    for encoding in reversed(content_encodings(content_encoding)):  # re-apply in the order of the header
+        redacted = compress(redacted, encoding)
+    return redacted
+
+
+def compress(data: bytes, encoding: str) -> bytes:
+    match encoding:
+        case "gzip" | "x-gzip":
+            return gzip.compress(data)
+        case "deflate":
+            return zlib.compress(data)
+        case "br":
+            return brotli.compress(data)
+        case "zstd":
+            return zstd.compress(data)
+        case "identity":
+            return data
+    raise DecodeError(f"unsupported content-encoding {encoding!r}")
+
+
+class _Redactor:
+    def __init__(self, replacements: dict[str, str], limits: Limits):
+        # longest first, so a value containing another one is masked whole
+        self.replacements = dict(sorted(replacements.items(), key=lambda item: -len(item[0])))
+        self.limits = limits
+        escaped = "|".join(_escaped_pattern(value) for value in self.replacements)
+        self.escaped = re.compile(escaped, re.IGNORECASE) if escaped else None
+
+    def content(self, data: bytes, media: str, params: dict[str, str], filename: str | None, depth: int) -> bytes:
+        if depth > self.limits.max_depth:
+            raise DecodeError("nesting too deep to redact")
+        if not media or media == "application/octet-stream":
+            media = _EXTENSION_TYPES.get(PurePosixPath(filename or "").suffix.lower(), media)
+        if data.startswith(b"PK\x03\x04"):
+            return self.archive(data, depth)
+        if data.startswith(b"\x1f\x8b") and media in ("application/gzip", "application/x-gzip", ""):
+            inner = inflate(data, "gzip", self.limits.max_decoded_bytes, self.limits.max_ratio)
+            name = filename[:-3] if filename and filename.endswith(".gz") else None
+            return gzip.compress(self.content(inner, "", {}, name, depth + 1))
+        if media.startswith("multipart/") and params.get("boundary"):
+            return self.multipart(data, params["boundary"], depth)
+        text, charset = decode_text(data, params.get("charset"))
+        if media.endswith("json") or (media in ("", "text/plain") and text.lstrip()[:1] in ("{", "[")):
+            text = self.json(text)
+        elif media == "application/x-www-form-urlencoded":
+            pairs = [(self.text(name), self.text(value)) for name, value in parse_qsl(text, keep_blank_values=True)]
+            text = urlencode(pairs)
+        else:
+            text = self.text(text)
+        return text.encode(charset, "surrogatepass" if charset.startswith("utf") else "strict")
+
+    def text(self, text: str) -> str:
+        for value, masked in self.replacements.items():
+            text = text.replace(value, masked)
+        if self.escaped is not None and "\\u" in text:
+            text = self.escaped.sub(lambda m: self._mask_of(m.group()), text)
+        return text
+
+    def _mask_of(self, escaped_text: str) -> str:
+        plain = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), escaped_text)
+        for value, masked in self.replacements.items():
+            if plain.upper() == value.upper():
+                return masked
+        return escaped_text
+
+    def json(self, text: str) -> str:
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return self.text(text)
+        return json.dumps(self._json_value(document), ensure_ascii=text.isascii())
+
+    def _json_value(self, value: object) -> object:
+        if isinstance(value, dict):
+            return {self._json_value(k): self._json_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._json_value(item) for item in value]
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            masked = self.text(str(value))
+            return value if masked == str(value) else masked
+        return value
+
+    def multipart(self, data: bytes, boundary: str, depth: int) -> bytes:
+        delimiter = b"--" + boundary.encode("latin-1")
+        pieces = data.split(delimiter)
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            if piece.startswith(b"--"):
+                out.append(piece)
+                continue
+            newline = b"\r\n" if b"\r\n\r\n" in piece else b"\n"
+            head, separator, content = piece.partition(newline + newline)
+            trailing = newline if content.endswith(newline) else b""
+            content = content[: len(content) - len(trailing)] if trailing else content
+            header_text = head.decode("utf-8", "replace").lower()
+            media_match = re.search(r"content-type:\s*([^\r\n]+)", header_text)
+            media, params = parse_media_type(media_match.group(1) if media_match else None)
+            filename_match = re.search(r'filename="?([^";\r\n]+)', head.decode("utf-8", "replace"))
+            filename = filename_match.group(1) if filename_match else None
+            if not media and not filename:
+                media = "text/plain"
+            if "content-transfer-encoding: base64" in header_text:
+                inner = self.content(base64.b64decode(content), media, params, filename, depth + 1)
+                content = base64.encodebytes(inner).replace(b"\n", newline)
+            else:
+                content = self.content(content, media, params, filename, depth + 1)
+            out.append(head + separator + content + trailing)
+        return delimiter.join(out)
+
+    def archive(self, data: bytes, depth: int) -> bytes:
+        source = zipfile.ZipFile(io.BytesIO(data))
+        output = io.BytesIO()
+        with zipfile.ZipFile(output, "w") as target:
+            for entry in source.infolist():
+                content = source.read(entry)
+                if not entry.is_dir():
+                    content = self.content(content, "", {}, entry.filename, depth + 1) \
+                        if not entry.filename.endswith(".xml") else self._xml(content)
+                target.writestr(entry, content)
+        return output.getvalue()
+
+    def _xml(self, data: bytes) -> bytes:
+        text, charset = decode_text(data, None)
+        return self.text(text).encode(charset)
+
+
+def _escaped_pattern(value: str) -> str:
+    """A regex matching `value` with any of its characters written as a \\uXXXX escape."""
+    return "".join(f"(?:{re.escape(c)}|\\\\u{ord(c):04x})" for c in value)
