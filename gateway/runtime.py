@@ -17,12 +17,14 @@ class Runtime:
     policy: Policy
     rules: RuleSet
 
-    def listener_at(self, port: int) -> Listener | None:
-        """The listener a client reached, by the local port it connected to."""
-        for listener in self.config.listeners:
-            if listener.port == port:
+    def listener_at(self, host: str, port: int) -> Listener | None:
+        """The listener a client reached, by the local address it connected to (wildcard binds last)."""
+        candidates = [listener for listener in self.config.listeners if listener.port == port]
+        for listener in candidates:
+            if listener.host == host or listener.host == host.removeprefix("::ffff:"):
                 return listener
-        return None
+        wildcard = [listener for listener in candidates if listener.host in ("0.0.0.0", "::")]
+        return wildcard[0] if wildcard else None
 
 
 def build_runtime(config: Config) -> Runtime:

@@ -119,7 +119,7 @@ def test_alert_and_trace_records_for_decisions(lab):
                             "--id", transfer_id], capture_output=True, text=True, timeout=30,
                            cwd=Path(__file__).parent.parent)
     assert shown.returncode == 0, shown.stderr
-    record = json.loads(shown.stdout.splitlines()[0])
+    record = json.loads(shown.stdout.splitlines()[0])["record"]
     assert record["decision"] == "block" and record["client"]["zone"] == "extranet"
 
 
@@ -153,3 +153,23 @@ def test_sighup_applies_a_good_new_policy(lab):
         mark = len(lab["gateway"].lines)
         lab["gateway"].signal(signal.SIGHUP)
         lab["gateway"].wait_for("configuration reloaded", start=mark)
+
+
+def test_warn_passes_with_header_and_alert(lab):
+    with proxy_client(lab) as client:
+        response = client.post(f"{lab['upstream']}/echo", json={"phone": "13812345678"})
+    assert response.status_code == 200
+    assert response.json() == {"phone": "13812345678"}
+    assert response.headers["x-gateway-warning"] == "mobile"
+    transfer_id = response.headers["x-gateway-transfer-id"]
+    alerts = [json.loads(line) for line in (lab["root"] / "state" / "alerts.jsonl").read_text().splitlines()]
+    assert [a["decision"] for a in alerts if a["id"] == transfer_id] == ["warn"]
+
+
+def test_redact_masks_the_value_and_keeps_the_framing(lab):
+    with proxy_client(lab) as client:
+        response = client.get(f"{lab['upstream']}/text", params={"body": "card 6228480012345671 ok"})
+    assert response.status_code == 200
+    assert "6228480012345671" not in response.text
+    assert response.text.startswith("card ") and response.text.endswith(" ok")
+    assert int(response.headers["content-length"]) == len(response.content)

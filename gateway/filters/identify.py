@@ -57,7 +57,7 @@ class Identify:
     async def _identify(self, flow: http.HTTPFlow) -> None:
         runtime = self.gateway.runtime
         client_ip, client_port = flow.client_conn.peername[:2]
-        listener = runtime.listener_at(flow.client_conn.sockname[1])
+        listener = runtime.listener_at(*flow.client_conn.sockname[:2])
         host, port = flow.request.host, flow.request.port
         address = await self.resolver.resolve(host, port)
         flow.metadata[METADATA_KEY] = Transfer(
