@@ -3,7 +3,7 @@ PYTHON ?= $(shell scripts/find-python)
 VENV := .venv
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean install uninstall
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { scripts/find-python; exit 1; }
@@ -22,6 +22,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/proxy.py
+
+install:
+	PREFIX=$(or $(PREFIX),/opt/gateway) CONFDIR=$(or $(CONFDIR),/etc/gateway) scripts/install
+
+uninstall:
+	PREFIX=$(or $(PREFIX),/opt/gateway) CONFDIR=$(or $(CONFDIR),/etc/gateway) scripts/uninstall
 
 clean:
 	rm -rf $(VENV) state

@@ -12,9 +12,7 @@ one line per flow every `alert_interval` seconds, the counter counts every packe
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from gateway.alerts import AlertLog
 from gateway.config import Config
 from gateway.doctor import zone_interfaces
+from gateway.sdnotify import sd_notify
 from gateway.zones import ZoneMap
 
 
@@ -145,7 +144,7 @@ def run_sentinel(config: Config, metrics_listen: str | None, alerts_file: Path |
     watched = ", ".join(f"{name} ({zone})" for name, zone in sorted(sentinel.interfaces.items()))
     print(f"watching {watched}; alerts to {alerts}; metrics on {metrics_listen or 'none'}", flush=True)
     print(f"kernel filter: {sentinel.filter}", flush=True)
-    _sd_notify("READY=1")
+    sd_notify("READY=1")
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -153,18 +152,8 @@ def run_sentinel(config: Config, metrics_listen: str | None, alerts_file: Path |
         if not sentinel.running:  # the capture thread died: let systemd restart us
             print("gateway sentinel: packet capture stopped unexpectedly", file=sys.stderr)
             return 1
-        _sd_notify("WATCHDOG=1")  # only while the capture thread lives
-    _sd_notify("STOPPING=1")
+        sd_notify("WATCHDOG=1")  # only while the capture thread lives
+    sd_notify("STOPPING=1")
     sentinel.stop()
     return 0
 
-
-def _sd_notify(message: str) -> None:
-    """Send a state line to systemd (Type=notify, WatchdogSec); a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
