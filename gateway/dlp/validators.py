@@ -93,7 +93,7 @@ _CARD_BRANDS: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[int]], ...
     ("American Express", (("34", "34"), ("37", "37")), frozenset({15})),
     ("Discover", (("6011", "6011"), ("644", "649"), ("65", "65")), frozenset(range(16, 20))),
     ("JCB", (("3528", "3589"),), frozenset(range(16, 20))),
-    ("Diners Club", (("36", "36"), ("300", "305"), ("38", "39")), frozenset(range(14, 20))),
+    ("Diners Club", (("36", "36"), ("300", "305"), ("38", "39")), frozenset({14, 16})),
     ("Mir", (("2200", "2204"),), frozenset(range(16, 20))),
 )
 
