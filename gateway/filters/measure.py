@@ -76,7 +76,7 @@ class Measure:
     # Connections.
 
     def client_connected(self, client: connection.Client) -> None:
-        listener = self.gateway.runtime.listener_at(client.sockname[1])
+        listener = self.gateway.runtime.listener_at(*client.sockname[:2])
         name = listener.name if listener else "unknown"
         self._connection_listener[client.id] = name
         self.metrics.active_connections.labels(listener=name).inc()
