@@ -64,7 +64,8 @@ def clean_body(size: int) -> bytes:
              "数据", "开放", "目录", "统计", "交通", "教育", "卫生"]
     rng = random.Random(size)
     text = " ".join(rng.choice(words) for _ in range(size // 4 + 1)).encode()
-    return text[:size]
+    # Cut on a character boundary and pad: a body cut inside a character is (rightly) uninspectable.
+    return text[:size].decode("utf-8", "ignore").encode().ljust(size, b" ")
 
 
 def ab(proxy_port: int, url: str, body: Path, requests: int, concurrency: int) -> dict[str, float]:
