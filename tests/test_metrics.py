@@ -9,6 +9,8 @@ import ipaddress
 import json
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -392,3 +394,19 @@ def test_config_reloads_are_counted(gateway):
     loaded = "gateway_config_last_reload_success_timestamp_seconds"
     assert value(after_good, loaded) > value(before, loaded)
     assert value(after_bad, loaded) == value(after_good, loaded)  # a rejected reload changes nothing
+
+
+def test_multiprocess_mode_sums_workers(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR, /metrics shows the total of every worker process (issue 7's layout)."""
+    worker = ("from gateway.metrics import GatewayMetrics\n"
+              "GatewayMetrics().transfers.labels('forward', 'extranet', 'internet', 'allow').inc(3)\n")
+    reader = ("from prometheus_client import generate_latest\n"
+              "from gateway.metrics import GatewayMetrics, exposition_registry\n"
+              "print(generate_latest(exposition_registry(GatewayMetrics())).decode())\n")
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", worker], env=env, check=True, cwd=Path(__file__).parent.parent)
+    text = subprocess.run([sys.executable, "-c", reader], env=env, check=True, capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent).stdout
+    assert value(samples(text), "gateway_transfers_total", listener="forward", src_zone="extranet",
+                 dst_zone="internet", action="allow") == 6
