@@ -158,8 +158,11 @@ def resolve_charset(declared: str) -> str:
         raise DecodeError(f"unknown charset {declared!r}") from None
 
 
-def sniff_charset(data: bytes) -> str:
-    """Charset of undeclared text: BOM, then UTF-16 by its NUL pattern, then UTF-8, then GB18030."""
+def sniff_charset(data: bytes, complete: bool = True) -> str:
+    """Charset of undeclared text: BOM, then UTF-16 by its NUL pattern, then UTF-8, then GB18030.
+
+    With complete=False `data` is the start of a stream and may end inside a character.
+    """
     if data.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -172,16 +175,13 @@ def sniff_charset(data: bytes) -> str:
             return "utf-16-le"
         if even_nuls > 0.3 * half and odd_nuls < 0.05 * half:
             return "utf-16-be"
-    try:
-        data.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:
-        data.decode("gb18030")
-        return "gb18030"
-    except UnicodeDecodeError:
-        return "latin-1"  # binary content: ASCII tokens are still found
+    for charset in ("utf-8", "gb18030"):
+        try:
+            codecs.getincrementaldecoder(charset)().decode(data, final=complete)
+            return charset
+        except UnicodeDecodeError:
+            pass
+    return "latin-1"  # binary content: ASCII tokens are still found
 
 
 def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:

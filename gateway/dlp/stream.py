@@ -16,6 +16,7 @@ from gateway.dlp.decode import FOLD_TABLE, Segment, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 
 WINDOW_BYTES = 1 << 20
+SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -39,6 +40,7 @@ class StreamScan:
         self._inflated_bytes = 0
         self._inflaters: list[Inflater] = []
         self._decoder = None
+        self._undecided = bytearray()  # inflated bytes held until there is enough to sniff the charset
         self._pending_text = ""
         self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
@@ -69,8 +71,7 @@ class StreamScan:
             try:
                 for inflater in self._inflaters:
                     inflater.finish()
-                tail = self._decoder.decode(b"", final=True) if self._decoder else ""
-                self._push_text(tail, final=True)
+                self._decode(b"", final=True)
             except (DecodeError, UnicodeDecodeError) as error:
                 self._fail(str(error))
         return self.profile.apply_rules(self._detections, self._problems, self.direction, self.host)
@@ -107,12 +108,19 @@ class StreamScan:
                 if self._inflaters and self._inflated_bytes > (1 << 20) and \
                         self._inflated_bytes > self.limits.max_ratio * self._compressed_bytes:
                     raise DecodeError(f"compression ratio exceeds {self.limits.max_ratio}:1 (a decompression bomb?)")
-                if self._decoder is None:
-                    charset = self._charset or sniff_charset(piece[:65536])
-                    self._decoder = codecs.getincrementaldecoder(charset)("strict")
-                self._push_text(self._decoder.decode(piece))
+                self._decode(piece)
         except (DecodeError, UnicodeDecodeError) as error:
             self._fail(str(error) if isinstance(error, DecodeError) else f"body is not valid text: {error.reason}")
+
+    def _decode(self, piece: bytes, final: bool = False) -> None:
+        if self._decoder is None:
+            self._undecided += piece
+            if len(self._undecided) < SNIFF_BYTES and not final:
+                return
+            piece, self._undecided = bytes(self._undecided), bytearray()
+            charset = self._charset or sniff_charset(piece[:SNIFF_BYTES], complete=final)
+            self._decoder = codecs.getincrementaldecoder(charset)("strict")
+        self._push_text(self._decoder.decode(piece, final), final)
 
     def _push_text(self, text: str, final: bool = False) -> None:
         text = self._pending_text + text

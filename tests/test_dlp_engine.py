@@ -1,0 +1,258 @@
+"""DLP engine behaviour: locations, fail-closed decoding, streaming, redaction, queries and URL masking."""
+
+import base64
+import gzip
+import io
+import json
+import random
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import brotli
+import pytest
+
+from gateway.dlp import load_rules, mask_url
+from gateway.dlp import stream as stream_module
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
+ID = "11010519491231002X"
+ID2 = "44030519900101123X"
+CARD = "6228480012345671"
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def outbound(rules):
+    return rules.profile("outbound")
+
+
+def small_buffer_profile(tmp_path, uninspectable="block"):
+    (tmp_path / "s.yaml").write_text(f"""
+rules:
+  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
+  - {{id: cards, detectors: [bank_card], action: redact, examples: {{match: ["{CARD}"]}}}}
+  - {{id: marks, keywords: [机密], action: warn, examples: {{match: ["机密"]}}}}
+profiles:
+  s: {{rules: [ids, cards, marks], uninspectable: {uninspectable}, limits: {{stream_buffer_bytes: 1, max_ratio: 50}}}}
+""")
+    return load_rules(tmp_path / "s.yaml").profile("s")
+
+
+def types(result):
+    return sorted((f.type, f.location) for f in result.findings)
+
+
+# ---- locations ----------------------------------------------------------------------------------
+def test_json_paths_csv_cells_and_form_fields(outbound):
+    body = json.dumps({"rows": [{"n": 1}, {"n": 2}, {"n": 3}, {"sfzh": ID}]}).encode()
+    finding = next(f for f in outbound.scan(body, content_type="application/json").findings if f.type == "cn_id_card")
+    assert finding.location == "body:$.rows[3].sfzh" and finding.field == "sfzh"
+    escaped = b'{"rows": [{"\\u8eab\\u4efd\\u8bc1\\u53f7": "' + "".join(f"\\u{ord(c):04x}" for c in ID).encode() + b'"}]}'
+    finding = next(f for f in outbound.scan(escaped, content_type="application/json").findings if f.type == "cn_id_card")
+    assert finding.location == "body:$.rows[0].身份证号" and finding.value == ID and finding.confidence == "high"
+    csv_body = f"name,note,sfzh\n张三,x,1\n李四,\"a,b\",{ID}\n".encode()
+    finding = next(f for f in outbound.scan(csv_body, content_type="text/csv").findings if f.type == "cn_id_card")
+    assert finding.location == "body:csv row 3 column sfzh"
+    form = f"a=1&sfzh={ID}".encode()
+    assert "body:form sfzh" in [f.location for f in outbound.scan(form, content_type="application/x-www-form-urlencoded").findings]
+
+
+def test_query_and_url_masking(outbound):
+    result = outbound.scan_query(f"q=hello&sfzh={ID}&tel=138-0013-8000")
+    assert ("cn_id_card", "query:sfzh") in types(result) and result.action == "block"
+    masked = mask_url(f"https://u:pw@example.com/p?sfzh={ID}&token=abc&q=hi&m=13800138000")
+    assert ID not in masked and "pw" not in masked and "abc" not in masked
+    assert "sfzh=1101**********002X" in masked and "q=hi" in masked and "m=138****8000" in masked
+
+
+def test_direction_uses_the_profile_rules(rules):
+    inbound = rules.profile("inbound")
+    assert inbound.scan(ID.encode(), direction="response").action == "warn"
+    bulk = " ".join(s + _id_check(s) for s in (f"110105194912310{i:02d}" for i in range(10, 20))).encode()
+    assert inbound.scan(bulk, direction="response").action == "block"
+    assert {f.rule for f in inbound.scan(bulk, direction="response").findings} == {"id-card-bulk-inbound",
+                                                                                   "id-card-inbound"}
+    assert inbound.scan(bulk, direction="request").action is None  # those rules are response-only
+
+
+# ---- fail closed ----------------------------------------------------------------------------------
+def zip_bytes(members, compression=zipfile.ZIP_DEFLATED):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["bad gzip", "truncated gzip", "unknown encoding", "unknown charset", "bad charset",
+                                  "ratio bomb", "nested too deep", "bad zip", "encrypted member"])
+def test_undecodable_bodies_are_uninspectable(outbound, case):
+    body, content_type, encoding = {
+        "bad gzip": (b"\x1f\x8b\x08\x00garbage", "text/plain", "gzip"),
+        "truncated gzip": (gzip.compress(b"x" * 5000)[:-12], "text/plain", "gzip"),
+        "unknown encoding": (b"abc", "text/plain", "lzma"),
+        "unknown charset": (b"abc", "text/plain; charset=x-klingon", None),
+        "bad charset": ("身份证".encode("utf-8") + b"\xff\xfe\xfd", "text/plain; charset=utf-8", None),
+        "ratio bomb": (gzip.compress(b"0" * (8 << 20)), "text/plain", "gzip"),
+        "nested too deep": (_nested_zip(7), "application/zip", None),
+        "bad zip": (b"PK\x03\x04 not really a zip", "application/zip", None),
+        "encrypted member": (_encrypted_zip(), "application/zip", None),
+    }[case]
+    result = outbound.scan(body, content_type=content_type, content_encoding=encoding)
+    assert result.action == "block"
+    assert [f.type for f in result.findings] == ["uninspectable"], result.findings
+    assert result.findings[0].rule == "uninspectable"
+
+
+def _nested_zip(depth):
+    data = ID.encode()
+    for level in range(depth):
+        data = zip_bytes({f"level{level}.zip" if level else "id.txt": data})
+    return data
+
+
+def _encrypted_zip():
+    data = bytearray(zip_bytes({"secret.txt": b"hello"}, zipfile.ZIP_STORED))
+    data[6] |= 0x1                                   # local header: encrypted flag
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 8] |= 0x1                         # central directory: encrypted flag
+    return bytes(data)
+
+
+def test_uninspectable_action_follows_the_profile(tmp_path):
+    profile = small_buffer_profile(tmp_path, uninspectable="audit")
+    result = profile.scan(b"garbage", content_encoding="br")
+    assert result.action == "audit" and result.findings[0].type == "uninspectable"
+
+
+def test_archive_members_and_office_files(outbound):
+    docx_like = zip_bytes({"word/document.xml": '<w:document xmlns:w="w"><w:body><w:p><w:r><w:t>机密 '
+                           f'{ID}</w:t></w:r></w:p></w:body></w:document>'})
+    result = outbound.scan(docx_like, content_type="application/octet-stream")
+    assert ("cn_id_card", "body:docx document paragraph 1") in types(result)
+    assert ("classification_mark", "body:docx document paragraph 1") in types(result)
+    nested = zip_bytes({"a/readme.txt": "nothing", "b.zip": zip_bytes({"c.json": json.dumps({"id": ID})})})
+    assert ("cn_id_card", "body:zip b.zip / zip c.json / $.id") in types(outbound.scan(nested))
+
+
+# ---- streaming ------------------------------------------------------------------------------------
+def test_stream_finds_tokens_across_chunk_and_window_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 4096)
+    profile = small_buffer_profile(tmp_path)
+    rng = random.Random(5)
+    planted = []
+    parts = []
+    for index in range(200):
+        parts.append("滤" * rng.randint(50, 900) + " ")
+        s17 = f"1101051949{rng.randint(1, 12):02d}{rng.randint(10, 28)}{index:03d}"
+        value = s17 + _id_check(s17)
+        planted.append(value)
+        if index % 3 == 0:  # \u-escaped and full-width forms must be found in a stream too
+            parts.append("".join(f"\\u{ord(c):04x}" for c in value))
+        elif index % 3 == 1:
+            parts.append("".join(chr(ord(c) + 0xFEE0) for c in value))
+        else:
+            parts.append(value)
+    text = "".join(parts) + " 机密"
+    for encoding, body, content_encoding, content_type in [
+        ("utf-8", text.encode(), None, "text/plain"),
+        ("gzip", gzip.compress(text.encode()), "gzip", "application/json"),
+        ("utf-16", text.encode("utf-16"), None, "text/plain"),
+        ("gbk+br", brotli.compress(text.encode("gb18030")), "br", "text/plain; charset=gbk"),
+    ]:
+        scan = profile.stream(content_type=content_type, content_encoding=content_encoding)
+        position = 0
+        while position < len(body):
+            size = rng.choice([1, 7, 100, 4093, 20000])
+            scan.feed(body[position:position + size])
+            position += size
+            assert len(scan._window) <= stream_module.WINDOW_BYTES + 2 * stream_module.OVERLAP_BYTES + 80000
+        result = scan.finish()
+        found = [f.value for f in result.findings if f.type == "cn_id_card"]
+        assert sorted(found) == sorted(planted), (encoding, len(found), len(planted))
+        assert result.action == "block" and "keyword" in {f.type for f in result.findings}
+
+
+def _id_check(first17):
+    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
+    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, weights)) % 11]
+
+
+def test_stream_memory_is_bounded(tmp_path):
+    profile = small_buffer_profile(tmp_path)
+    scan = profile.stream(content_type="text/plain")
+    chunk = ("无敏感内容的普通文本 " * 2000).encode()
+    tracemalloc.start()
+    try:
+        for _ in range(24 << 20 // len(chunk)):  # ~24 MB through the scanner
+            scan.feed(chunk)
+        scan.feed(ID.encode())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    result = scan.finish()
+    assert peak < 8 << 20, peak
+    assert [f.value for f in result.findings] == [ID]
+
+
+def test_small_streams_get_the_full_structured_scan(outbound):
+    scan = outbound.stream(content_type="application/json", content_encoding="gzip")
+    body = gzip.compress(json.dumps({"rows": [{"sfzh": ID}]}).encode())
+    for i in range(0, len(body), 5):
+        scan.feed(body[i:i + 5])
+    result = scan.finish()
+    assert result.action == "block" and any(f.location == "body:$.rows[0].sfzh" for f in result.findings)
+
+
+def test_stream_decompression_bomb_fails_closed(tmp_path):
+    profile = small_buffer_profile(tmp_path)
+    scan = profile.stream(content_type="text/plain", content_encoding="gzip")
+    compressor_output = gzip.compress(b"0" * (64 << 20))
+    for i in range(0, len(compressor_output), 65536):
+        scan.feed(compressor_output[i:i + 65536])
+    result = scan.finish()
+    assert result.action == "block" and result.findings[0].type == "uninspectable"
+
+
+# ---- redaction ------------------------------------------------------------------------------------
+def test_redact_keeps_format_charset_and_compression(tmp_path):
+    profile = small_buffer_profile(tmp_path)
+    spaced = "6228 4800 1234 5671"
+    cases = [
+        (json.dumps({"card": CARD, "n": int(CARD), "note": "ok"}).encode(), "application/json", None),
+        (gzip.compress(f"卡号 {spaced} 结束".encode("gbk")), "text/plain; charset=GBK", "gzip"),
+        (f"card={CARD}&x=1".encode(), "application/x-www-form-urlencoded", None),
+        (brotli.compress(("\\u0036" + CARD[1:] + " 号").encode()), "text/plain", "br"),
+        (zip_bytes({"data.csv": f"id,card\n1,{CARD}\n"}), "application/zip", None),
+        (_multipart(CARD), "multipart/form-data; boundary=XyZ", None),
+    ]
+    for body, content_type, encoding in cases:
+        result = profile.scan(body, content_type=content_type, content_encoding=encoding)
+        assert result.action == "redact", (content_type, result)
+        redacted = profile.redact(body, content_type=content_type, content_encoding=encoding, result=result)
+        assert redacted != body
+        after = profile.scan(redacted, content_type=content_type, content_encoding=encoding)
+        assert after.action is None, (content_type, after)
+        if encoding == "gzip":
+            text = gzip.decompress(redacted).decode("gbk")
+            assert "卡号 6228 **** **** 5671 结束" == text
+        if content_type == "application/json":
+            assert json.loads(redacted) == {"card": "6228********5671", "n": "6228********5671", "note": "ok"}
+
+
+def _multipart(card):
+    encoded = base64.b64encode(f"卡 {card}".encode()).decode()
+    return (f'--XyZ\r\nContent-Disposition: form-data; name="a"\r\n\r\n{card}\r\n'
+            f'--XyZ\r\nContent-Disposition: form-data; name="f"; filename="x.txt"\r\n'
+            f"Content-Transfer-Encoding: base64\r\n\r\n{encoded}\r\n--XyZ--\r\n").encode()
+
+
+def test_redact_leaves_other_actions_alone(outbound):
+    body = f"{ID} 13800138000".encode()
+    result = outbound.scan(body)
+    assert outbound.redact(body, result=result) == body
