@@ -8,13 +8,15 @@ turn a rule off.
 from __future__ import annotations
 
 import ipaddress
+import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document, parse_size
 
-__all__ = ["Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
+__all__ = ["BasicAuth", "Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config" / "gateway.yaml"
@@ -68,6 +70,15 @@ class PolicyRule:
 
 
 @dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth on the management listener: a bcrypt hash, or a file holding the password."""
+
+    user: str
+    password_hash: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     name: str
@@ -86,6 +97,8 @@ class Config:
     alerts_file: Path
     upstream_ca: Path | None
     verify_upstream: bool
+    management_tls: tuple[Path, Path] | None = None  # (certificate chain, private key) files
+    management_auth: BasicAuth | None = None
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -169,8 +182,10 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         trace["origin"].error("the origin must be one non-empty line without surrounding spaces")
     digest = trace["body_digest"].string(DIGESTS) if "body_digest" in trace else "sha256"
 
-    management = section("management", {"listen"}, {"listen"})
+    management = section("management", {"listen", "tls", "basic_auth"}, {"listen"})
     mgmt = management["listen"].parsed(_host_port, "HOST:PORT address") if "listen" in management else None
+    mgmt_tls = _management_tls(management["tls"]) if "tls" in management else None
+    mgmt_auth = _basic_auth(management["basic_auth"]) if "basic_auth" in management else None
 
     alerts = section("alerts", {"file"})
     alerts_file = _state_path(alerts.get("file"), state_dir) if "file" in alerts else (
@@ -189,7 +204,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         policy_default=policy_default, rules=rules, dlp_rules=dlp_rules, max_body_size=max_body,
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
-        upstream_ca=upstream_ca, verify_upstream=verify,
+        upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
     )
 
 
@@ -210,6 +225,41 @@ def _host_port(text: str) -> tuple[str, int]:
     host = host.strip("[]")
     ipaddress.ip_address(host)  # listeners bind addresses, not names
     return host, int(port)
+
+
+BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+
+
+def _management_tls(node: Node) -> tuple[Path, Path] | None:
+    entries = node.mapping({"cert", "key"}, {"cert", "key"}) or {}
+    cert = entries["cert"].path_value() if "cert" in entries else None
+    key = entries["key"].path_value() if "key" in entries else None
+    if cert is None or key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        node.error(f"cannot load certificate {cert} with key {key}: {e}")
+        return None
+    return cert, key
+
+
+def _basic_auth(node: Node) -> BasicAuth | None:
+    entries = node.mapping({"user", "password_hash", "password_file"}, {"user"}) or {}
+    user = entries["user"].string() if "user" in entries else None
+    if user is not None and (not user or ":" in user):
+        entries["user"].error("a user name must be non-empty and without ':'")
+    password_hash = entries["password_hash"].string() if "password_hash" in entries else None
+    if password_hash is not None and not BCRYPT_HASH.fullmatch(password_hash):
+        entries["password_hash"].error("expected a bcrypt hash ($2b$...; see docs/monitoring.md)")
+    password_file = entries["password_file"].path_value() if "password_file" in entries else None
+    if password_file is not None and not password_file.is_file():
+        entries["password_file"].error(f"no such file: {password_file}")
+    if ("password_hash" in entries) == ("password_file" in entries):
+        node.error("give exactly one of 'password_hash' and 'password_file'")
+    if not user or node.sink.errors:
+        return None
+    return BasicAuth(user, password_hash, password_file)
 
 
 def _zones(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Zone, ...]:

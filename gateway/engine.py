@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 from pathlib import Path
 
 from mitmproxy import options
@@ -22,8 +20,12 @@ from gateway.config import ConfigError, load_config
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
+from gateway.filters.measure import Measure
 from gateway.filters.record import Record
+from gateway.management import ManagementServer
+from gateway.metrics import GatewayMetrics, exposition_registry
 from gateway.runtime import Runtime, build_runtime
+from gateway.sdnotify import sd_notify, watchdog_interval
 from gateway.trace import TraceLog
 
 log = logging.getLogger("gateway")
@@ -44,12 +46,19 @@ class GatewayServer:
         self.config_path = config_path
         self.frontend = frontend
         self.runtime: Runtime = build_runtime(load_config(config_path, frontend))
+        self.metrics = GatewayMetrics()
+        self.metrics.config_loaded(True, initial=True)
+        self.management: ManagementServer | None = None
         self.trace: TraceLog | None = None
         self.alerts: AlertLog | None = None
         self.master: Master | None = None
 
     async def serve(self) -> None:
         config = self.runtime.config
+        measure = Measure(self)
+        self.management = ManagementServer(config, exposition_registry(self.metrics), measure.problems,
+                                           before_scrape=measure.refresh_trace_metrics)
+        self.management.start()  # first: /healthz answers while the rest starts; a taken port stops us here
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
                                    signing_key=trace_key_path(config.state_dir))
@@ -57,7 +66,7 @@ class GatewayServer:
         self.master = Master(options.Options())
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
-            Identify(self), Authorize(self), Inspect(self), Record(self), Announce(self),
+            Identify(self), Authorize(self), Inspect(self), Record(self), measure, Announce(self),
         )
         self.master.options.update(**self._engine_options())
         loop = asyncio.get_running_loop()
@@ -67,6 +76,7 @@ class GatewayServer:
         try:
             await self.master.run()
         finally:
+            self.management.stop()
             self.trace.close()
             self.alerts.close()
 
@@ -85,19 +95,26 @@ class GatewayServer:
 
     def reload(self) -> None:
         """SIGHUP: load the configuration again; a bad one is rejected and the old one keeps serving."""
+        sd_notify("RELOADING=1")
         try:
-            runtime = build_runtime(load_config(self.config_path, self.frontend))
+            self._apply(build_runtime(load_config(self.config_path, self.frontend)))
         except ConfigError as e:
             for error in e.errors:
                 log.error("reload rejected: %s", error)
-            return
+            self.metrics.config_loaded(False)
+        finally:
+            sd_notify("READY=1")
+
+    def _apply(self, runtime: Runtime) -> None:
         old = self.runtime.config
-        for attr in ("state_dir", "trace_dir", "trace_origin", "alerts_file"):
+        for attr in ("state_dir", "trace_dir", "trace_origin", "alerts_file", "management_host", "management_port",
+                     "management_tls", "management_auth"):
             if getattr(runtime.config, attr) != getattr(old, attr):
                 log.warning("reload: %s changed; it takes effect only after a restart", attr)
         self.runtime = runtime
         if self.master is not None:
             self.master.options.update(**self._engine_options())
+        self.metrics.config_loaded(True)
         log.info("configuration reloaded from %s", runtime.config.source)
 
 
@@ -114,19 +131,20 @@ class Announce:
             target = f" -> {listener.upstream}" if listener.upstream else ""
             print(f"listener {listener.name}: {listener.mode} proxy on {address[0]}:{address[1]}{target}",
                   flush=True)
-        print(f"metrics: http://{config.management_host}:{config.management_port}/metrics", flush=True)
+        print(f"metrics: {self.server.management.url}/metrics", flush=True)
         print(f"trace log: {config.trace_dir}", flush=True)
         print(f"alerts: {config.alerts_file}", flush=True)
         print(f"gateway CA certificate: {ca_dir(config.state_dir) / (CA_BASENAME + '-ca-cert.pem')}", flush=True)
         sd_notify("READY=1")
+        if (interval := watchdog_interval()) is not None:
+            # Pinged from the event loop itself: a stalled loop stops the pings and systemd restarts us.
+            asyncio.get_running_loop().create_task(_watchdog(interval))
+
+    def done(self) -> None:
+        sd_notify("STOPPING=1")
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
+async def _watchdog(interval: float) -> None:
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

@@ -4,6 +4,7 @@ Every request it receives is appended to --log as one JSON line (method, path, b
 SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /echo            answers with the request body
   /ids?n=N         a JSON document holding N resident ID numbers (sensitive, for response-side tests)
+  /card            a text holding one bank card number (for response-side redaction)
   /text?body=S     answers S as text/plain
   anything else    200 "ok"
 """
@@ -22,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 ID_NUMBERS = ["11010519491231002X", "110105194912310038", "110105199001011232", "440304198512152527",
               "320102198003153416", "51010419781224221X", "330106199203065017", "420106198507220036",
               "210102197605120013", "350102198811261226", "610103199504181212", "370102198302100014"]
+
+BANK_CARD = "6228480012345671"  # Luhn-valid, UnionPay prefix
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -45,6 +48,8 @@ class Handler(BaseHTTPRequestHandler):
             rows = [{"name": f"person {i}", "sfzh": ID_NUMBERS[i % len(ID_NUMBERS)]} for i in range(count)]
             answer = json.dumps({"rows": rows}).encode()
             content_type = "application/json"
+        elif url.path == "/card":
+            answer = f"card {BANK_CARD} ok".encode()
         elif url.path == "/text":
             answer = query.get("body", [""])[0].encode()
         else:

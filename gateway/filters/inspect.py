@@ -7,6 +7,7 @@ response bodies with its response profile (data arriving), WebSocket messages by
 from __future__ import annotations
 
 import asyncio
+import time
 
 from mitmproxy import http
 
@@ -36,7 +37,7 @@ class Inspect:
             self._apply(flow, transfer, profile.scan_query(query, direction="request", host=transfer.upstream_host))
         if flow.response or not request.raw_content:
             return
-        result = await _scan(profile, request.raw_content, request.headers, "request", transfer.upstream_host)
+        result = await _scan(profile, request.raw_content, request.headers, "request", transfer)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.response:
             request.raw_content = profile.redact(
@@ -52,7 +53,7 @@ class Inspect:
         response = flow.response
         if profile is None or not response.raw_content:
             return
-        result = await _scan(profile, response.raw_content, response.headers, "response", transfer.upstream_host)
+        result = await _scan(profile, response.raw_content, response.headers, "response", transfer)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.metadata.get("gateway_refused"):
             response.raw_content = profile.redact(
@@ -97,11 +98,15 @@ class Inspect:
             refuse(flow, transfer)
 
 
-async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, host: str) -> ScanResult:
+async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, transfer: Transfer) -> ScanResult:
     def scan() -> ScanResult:
-        return profile.scan(body, content_type=headers.get("content-type"),
-                            content_encoding=headers.get("content-encoding"), direction=direction, host=host)
-    return scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan)
+        return profile.scan(body, content_type=headers.get("content-type"), content_encoding=headers.get(
+            "content-encoding"), direction=direction, host=transfer.upstream_host)
+    started = time.perf_counter()
+    result = scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan)
+    # The Measure stage reports it as gateway_inspection_duration_seconds{direction}.
+    transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
+    return result
 
 
 def _reasons(result: ScanResult) -> list[Reason]:

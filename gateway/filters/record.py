@@ -7,6 +7,7 @@ transfer id is the one the client sees in X-Gateway-Transfer-Id.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -69,6 +70,7 @@ class Record:
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
         transfer.recorded = True
         record = self._build(flow, transfer)
+        started = time.perf_counter()
         try:
             await self.gateway.trace.append(record)
         except TraceError as e:
@@ -79,6 +81,7 @@ class Record:
             if flow.response is not None or flow.error is None:
                 refuse(flow, transfer, status=503, error="trace log unavailable")
             return
+        transfer.extra["trace_append_seconds"] = time.perf_counter() - started
         if transfer.decision in ("warn", "block", "deny"):
             self.gateway.alerts.write(_alert(record))
 
