@@ -61,7 +61,14 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
-    asyncio.run(server.serve())
+    from gateway.management import ManagementError
+    from gateway.trace import TraceError
+
+    try:
+        asyncio.run(server.serve())
+    except (ManagementError, TraceError) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
