@@ -256,3 +256,31 @@ def test_redact_leaves_other_actions_alone(outbound):
     body = f"{ID} 13800138000".encode()
     result = outbound.scan(body)
     assert outbound.redact(body, result=result) == body
+
+
+def test_json_paths_match_the_parsed_document_for_random_nesting(outbound):
+    """The fast locator (raw JSON) and the parsed walk (JSON with escapes) agree with the real paths."""
+    rng = random.Random(9)
+    planted = {}
+
+    def make(depth, path):
+        if depth > 3 or rng.random() < 0.3:
+            if rng.random() < 0.15:
+                s17 = f"11010519491231{len(planted):03d}"
+                value = s17 + _id_check(s17)
+                planted[value] = path
+                return value
+            return rng.choice([1, "x,]}[{:", None, 2.5, "普通"])
+        if rng.random() < 0.5:
+            return [make(depth + 1, f"{path}[{i}]") for i in range(rng.randint(0, 4))]
+        keys = [rng.choice(["a", "b c", "身份证", "k]", "z"]) + str(i) for i in range(rng.randint(0, 4))]
+        return {k: make(depth + 1, f"{path}.{k}" if k.isidentifier() else f"{path}[{json.dumps(k, ensure_ascii=False)}]")
+                for k in keys}
+
+    document = {"root": [make(0, f"$.root[{i}]") for i in range(40)]}
+    assert len(planted) > 10
+    for ensure_ascii in (False, True):  # True writes \u escapes: the parsed walk is used instead
+        body = json.dumps(document, ensure_ascii=ensure_ascii, indent=rng.choice([None, 2])).encode()
+        result = outbound.scan(body, content_type="application/json")
+        found = {f.value: f.location for f in result.findings if f.type == "cn_id_card"}
+        assert found == {value: f"body:{path}" for value, path in planted.items()}

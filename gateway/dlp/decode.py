@@ -9,7 +9,6 @@ Anything that cannot be decoded within the limits becomes a `problem` (an `unins
 
 import base64
 import binascii
-import bisect
 import csv
 import io
 import json
@@ -157,14 +156,15 @@ class _Walker:
             self.problem(location, str(error))
             return
         raw = data if used_charset == "utf-8" else None  # UTF-8 input is scanned as received
-        starts_like_json = text.lstrip()[:1] in ("{", "[")
+        head = text[:256].lstrip()
+        starts_like_json = head[:1] in ("{", "[")
         if media.endswith("json"):
             self.json(text, location, raw, strict=False)
         elif media in ("", "text/plain") and starts_like_json and self.json(text, location, raw, strict=True):
             pass
         elif media == "application/x-www-form-urlencoded":
             self.form(text, location)
-        elif media.endswith("xml") or (media == "" and text.lstrip().startswith("<?xml")):
+        elif media.endswith("xml") or (media == "" and head.startswith("<?xml")):
             self.xml(text, location)
         elif media in ("text/csv", "text/tab-separated-values", "application/csv"):
             self.csv(text, "\t" if "tab" in media else ",", location, raw)
@@ -193,11 +193,8 @@ class _Walker:
             segment = text_segment(text, location, data=raw)
             segment.locate = _JsonLocator(segment.data, location)
             self.out.segments.append(segment)
-            seen: set[str] = set()
-            for key in _JSON_KEY.findall(text):
-                if key not in seen:
-                    seen.add(key)
-                    self.out.fields.append((child(location, "$ key " + json.dumps(key, ensure_ascii=False)), key))
+            for key in dict.fromkeys(_JSON_KEY.findall(text)):
+                self.out.fields.append((child(location, "$ key " + json.dumps(key, ensure_ascii=False)), key))
             return True
         try:
             document = json.loads(text)
@@ -440,8 +437,20 @@ def _xlsx_cell_value(cell: ElementTree.Element, shared: list[str]) -> str | None
     return value
 
 
-_JSON_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:"]+')
+_JSON_KEY = re.compile(r'"([^"]*)"\s*:')  # only used on JSON without backslashes
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+_OPEN_OBJECT, _OPEN_ARRAY = b"{["
+
+
+def _blank_quoted(data: bytes) -> bytes:
+    """`data` with the inside of every "..." replaced by spaces (same length): what is left is structure.
+
+    Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a quoted field
+    is doubled and so toggles twice.
+    """
+    pieces = data.split(b'"')
+    pieces[1::2] = [b" " * len(piece) for piece in pieces[1::2]]
+    return b'"'.join(pieces)
 
 
 def _walk_json(value: object, path: str, key: str | None):
@@ -465,106 +474,73 @@ def _json_path(parent: str, key: str) -> str:
 
 
 class _JsonLocator:
-    """Maps a byte offset of an unescaped JSON text to the path of the value there."""
+    """Maps a byte offset of a JSON text without backslash escapes to the path of the value there.
+
+    Only brackets are replayed in Python (incrementally, for rising offsets); array indexes and keys
+    are then found with C-speed counts and searches over the text with its strings blanked.
+    """
 
     def __init__(self, data: bytes, location: str):
         self.data = data
         self.location = location
-        self.starts: list[int] | None = None
-        self.spans: list[tuple[int, int, str, str | None]] = []
+        self.structure = b""
+        self.brackets: list[int] | None = None
+        self._reset()
 
-    def _build(self) -> None:
-        stack: list[list] = []  # [is_object, key or index, path]
-        expecting_key = False
-        self.starts = []
-        for match in _JSON_TOKEN.finditer(self.data):
-            token = match.group()
-            first = token[:1]
-            parent_path = stack[-1][2] if stack else "$"
-            if first in (b"{", b"["):
-                path = self._path(stack)
-                stack.append([first == b"{", None if first == b"{" else 0, path])
-                expecting_key = first == b"{"
-            elif first in (b"}", b"]"):
-                if stack:
-                    stack.pop()
-            elif first == b",":
-                if stack and not stack[-1][0]:
-                    stack[-1][1] += 1
-                expecting_key = bool(stack and stack[-1][0])
-            elif first == b":":
-                expecting_key = False
-            elif stack and stack[-1][0] and expecting_key:
-                key = token[1:-1].decode("utf-8", "replace") if first == b'"' else token.decode("utf-8", "replace")
-                stack[-1][1] = key
-                self.starts.append(match.start())
-                self.spans.append((match.start(), match.end(), _json_path(parent_path, key) + " (key)", key))
-            else:
-                self.starts.append(match.start())
-                self.spans.append((match.start(), match.end(), self._path(stack), self._field(stack)))
-
-    @staticmethod
-    def _path(stack: list[list]) -> str:
-        if not stack:
-            return "$"
-        is_object, key, path = stack[-1]
-        if is_object:
-            return _json_path(path, key) if key is not None else path
-        return f"{path}[{key}]"
-
-    @staticmethod
-    def _field(stack: list[list]) -> str | None:
-        for is_object, key, _ in reversed(stack):
-            if is_object:
-                return key
-        return None
+    def _reset(self) -> None:
+        self.position = 0            # brackets before this index are replayed into the stack
+        self.stack: list[list] = []  # [is_object, offset of its bracket, commas inside its closed children]
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.starts is None:
-            self._build()
-        index = bisect.bisect_right(self.starts, offset) - 1
-        if index >= 0 and offset < self.spans[index][1]:
-            _, _, path, field_name = self.spans[index]
-            return child(self.location, path), field_name
-        return child(self.location, f"offset {offset}"), None
+        if self.brackets is None:
+            self.structure = _blank_quoted(self.data)
+            self.brackets = [m.start() for m in _JSON_BRACKET.finditer(self.structure)]
+        if self.position and self.brackets[self.position - 1] >= offset:
+            self._reset()  # an offset before the replayed part: start again
+        structure, brackets, stack = self.structure, self.brackets, self.stack
+        while self.position < len(brackets) and brackets[self.position] < offset:
+            at = brackets[self.position]
+            self.position += 1
+            char = structure[at]
+            if char == _OPEN_OBJECT or char == _OPEN_ARRAY:
+                stack.append([char == _OPEN_OBJECT, at, 0])
+            elif stack:
+                closed = stack.pop()
+                if stack:
+                    stack[-1][2] += structure.count(b",", closed[1], at)
+        path, field_name = "$", None
+        for depth, (is_object, opened, nested_commas) in enumerate(stack):
+            end = stack[depth + 1][1] if depth + 1 < len(stack) else offset
+            if is_object:  # the member's key ends just before the last colon at this depth
+                colon = structure.rfind(b":", opened, end)
+                closing = structure.rfind(b'"', opened, colon) if colon != -1 else -1
+                opening = structure.rfind(b'"', opened, closing) if closing > 0 else -1
+                key = self.data[opening + 1:closing].decode("utf-8", "replace") if opening != -1 else "?"
+                path, field_name = _json_path(path, key), key
+            else:
+                path = f"{path}[{structure.count(b',', opened, end) - nested_commas}]"
+        return child(self.location, path), field_name
 
 
 class _CsvLocator:
-    """Maps a byte offset of a CSV text to its row (1 = header) and column name."""
+    """Maps a byte offset of a CSV text to its row (1 = the header) and column name."""
 
     def __init__(self, data: bytes, delimiter: bytes, header: list[str], location: str):
         self.data = data
         self.delimiter = delimiter
         self.header = header
         self.location = location
-        self.starts: list[int] | None = None
-        self.cells: list[tuple[int, int]] = []  # (row, column)
-
-    def _build(self) -> None:
-        cell = re.compile(rb'[ \t]*"(?:[^"]|"")*"[ \t]*|[^\r\n"' + re.escape(self.delimiter) + rb']*')
-        data, position, row, column = self.data, 0, 1, 0
-        self.starts = []
-        while position < len(data):
-            match = cell.match(data, position)
-            self.starts.append(position)
-            self.cells.append((row, column))
-            position = max(match.end(), position)
-            if position >= len(data):
-                break
-            char = data[position:position + 1]
-            if char == self.delimiter:
-                column += 1
-            elif char in (b"\r", b"\n"):
-                if data[position:position + 2] == b"\r\n":
-                    position += 1
-                row, column = row + 1, 0
-            position += 1
+        self.structure: bytes | None = None
+        self.counted_to, self.rows_before = 0, 0  # newlines counted incrementally for rising offsets
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.starts is None:
-            self._build()
-        index = max(bisect.bisect_right(self.starts, offset) - 1, 0)
-        row, column = self.cells[index] if self.cells else (1, 0)
+        if self.structure is None:
+            self.structure = _blank_quoted(self.data)
+        if offset < self.counted_to:
+            self.counted_to, self.rows_before = 0, 0
+        self.rows_before += self.structure.count(b"\n", self.counted_to, offset)
+        self.counted_to = offset
+        line_start = self.structure.rfind(b"\n", 0, offset) + 1
+        column = self.structure.count(self.delimiter, line_start, offset)
         name = self.header[column] if column < len(self.header) and self.header[column] else None
-        label = f"csv row {row} column {name or column + 1}"
-        return child(self.location, label), name
+        return child(self.location, f"csv row {self.rows_before + 1} column {name or column + 1}"), name

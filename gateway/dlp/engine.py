@@ -200,16 +200,17 @@ class Profile:
         # Overlapping candidates: the stronger detector wins (an ID number is not also a card number),
         # then the longer match (one e-mail address, not its prefix).
         valid.sort(key=lambda v: (v[0], v[1] - v[2], v[1]))
-        taken: list[tuple[int, int]] = []
-        detections = []
+        taken_starts: list[int] = []
+        taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
         for _, start, end, kind, name in valid:
-            if any(start < t_end and t_start < end for t_start, t_end in taken):
+            index = bisect.bisect_left(taken_starts, start)
+            if (index and taken_ends[index - 1] > start) or (index < len(taken_starts) and taken_starts[index] < end):
                 continue
-            taken.append((start, end))
-            detection = self._detection(segments, starts, data, start, end, kind, name, "", base_offset)
-            if detection is not None:
-                detections.append(detection)
-        for start, end, kind, name, keyword in sorted(set(others)):
+            taken_starts.insert(index, start)
+            taken_ends.insert(index, end)
+            others.append((start, end, kind, name, ""))
+        detections = []
+        for start, end, kind, name, keyword in sorted(set(others)):  # text order: locators replay forwards
             detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
             if detection is not None:
                 detections.append(detection)
