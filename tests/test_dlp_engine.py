@@ -284,3 +284,16 @@ def test_json_paths_match_the_parsed_document_for_random_nesting(outbound):
         result = outbound.scan(body, content_type="application/json")
         found = {f.value: f.location for f in result.findings if f.type == "cn_id_card"}
         assert found == {value: f"body:{path}" for value, path in planted.items()}
+
+
+def test_large_streams_hiding_archives_fail_closed(tmp_path):
+    profile = small_buffer_profile(tmp_path)
+    archive = zip_bytes({"ids.txt": ID})
+    upload = (b'--B\r\nContent-Disposition: form-data; name="f"; filename="a.bin"\r\n\r\n' + b"x" * 100_000
+              + archive + b"\r\n--B--\r\n")
+    for body, content_type in [(upload, "multipart/form-data; boundary=B"), (archive + b"\0" * 1000, None)]:
+        scan = profile.stream(content_type=content_type)
+        for i in range(0, len(body), 4096):
+            scan.feed(body[i:i + 4096])
+        result = scan.finish()
+        assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"], result

@@ -20,6 +20,8 @@ SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b\x08")
+_BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
 
 
@@ -40,7 +42,9 @@ class StreamScan:
         self._inflated_bytes = 0
         self._inflaters: list[Inflater] = []
         self._decoder = None
-        self._undecided = bytearray()  # inflated bytes held until there is enough to sniff the charset
+        self._undecided = bytearray()
+        self._multipart = False
+        self._probe_tail = b""          # end of the previous piece, for markers cut by a piece boundary  # inflated bytes held until there is enough to sniff the charset
         self._pending_text = ""
         self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
@@ -87,6 +91,7 @@ class StreamScan:
         if media in _NOT_STREAMABLE or "openxmlformats" in media:
             self._fail(f"{media} body larger than {self.limits.stream_buffer_bytes} bytes cannot be inspected")
             return
+        self._multipart = media.startswith("multipart/")
         try:
             self._inflaters = [Inflater(encoding) for encoding in content_encodings(self.content_encoding)]
             self._charset = resolve_charset(params["charset"]) if params.get("charset") else None
@@ -108,9 +113,20 @@ class StreamScan:
                 if self._inflaters and self._inflated_bytes > (1 << 20) and \
                         self._inflated_bytes > self.limits.max_ratio * self._compressed_bytes:
                     raise DecodeError(f"compression ratio exceeds {self.limits.max_ratio}:1 (a decompression bomb?)")
+                self._refuse_hidden_content(piece)
                 self._decode(piece)
         except (DecodeError, UnicodeDecodeError) as error:
             self._fail(str(error) if isinstance(error, DecodeError) else f"body is not valid text: {error.reason}")
+
+    def _refuse_hidden_content(self, piece: bytes) -> None:
+        """Text windows cannot see into archives or base64 parts: a stream holding them fails closed."""
+        probe = self._probe_tail + piece
+        if self._inflated_bytes == len(piece) and probe.startswith(_ARCHIVE_MAGIC):
+            raise DecodeError(f"archive larger than {self.limits.stream_buffer_bytes} bytes cannot be inspected")
+        if self._multipart and (any(magic in probe for magic in _ARCHIVE_MAGIC) or _BASE64_PART.search(probe)):
+            raise DecodeError(f"multipart body larger than {self.limits.stream_buffer_bytes} bytes with an "
+                              "archive or base64 part cannot be inspected")
+        self._probe_tail = probe[-64:]
 
     def _decode(self, piece: bytes, final: bool = False) -> None:
         if self._decoder is None:
