@@ -230,6 +230,7 @@ def test_redact_keeps_format_charset_and_compression(tmp_path):
         (brotli.compress(("\\u0036" + CARD[1:] + " 号").encode()), "text/plain", "br"),
         (zip_bytes({"data.csv": f"id,card\n1,{CARD}\n"}), "application/zip", None),
         (_multipart(CARD), "multipart/form-data; boundary=XyZ", None),
+        (f"<p>&#54;&#x32;{CARD[2:]}</p>".encode(), "text/html", None),
     ]
     for body, content_type, encoding in cases:
         result = profile.scan(body, content_type=content_type, content_encoding=encoding)

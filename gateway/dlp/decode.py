@@ -10,6 +10,7 @@ Anything that cannot be decoded within the limits becomes a `problem` (an `unins
 import base64
 import binascii
 import csv
+import html
 import io
 import json
 import quopri
@@ -181,6 +182,9 @@ class _Walker:
         self.out.segments.append(text_segment(text, location, None, locate, data))
         if "\\u" in text:  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
+                                                  lambda offset: (child(location, f"unescaped offset {offset}"), None)))
+        if "&#" in text:  # HTML and XML character references
+            self.out.segments.append(text_segment(html.unescape(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
 
     # JSON --------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from urllib.parse import parse_qsl
 
 from gateway.dlp.decode import Decoded, Limits, Segment, decode_body, text_segment
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
-from gateway.dlp.matcher import Matcher, PatternSpec, literal_regex
+from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.rules import ACTIONS, ProfileSpec, Rule, canonical_value, parse_files, rule_files
+from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -282,7 +282,13 @@ def _has_context(data: bytes, start: int, detector: Detector) -> bool:
 class RuleSet:
     def __init__(self, rules: dict[str, Rule], profiles: dict[str, ProfileSpec], engine: str | None = None):
         self.rules = rules
-        self.profiles: dict[str, Profile] = {name: Profile(spec, engine) for name, spec in profiles.items()}
+        self.profiles: dict[str, Profile] = {}
+        for name, spec in profiles.items():
+            try:
+                self.profiles[name] = Profile(spec, engine)
+            except PatternError as error:  # each pattern compiled alone; together they can still be too large
+                where = spec.rules[0].source if spec.rules else "(rules):1"
+                raise DlpConfigError([f"{where}: profiles.{name}: {error}"]) from None
 
     def check_examples(self, engine: str | None = None) -> list[str]:
         """Run every rule's examples alone; one message per failing example ("" when all pass)."""

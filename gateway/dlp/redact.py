@@ -2,6 +2,7 @@
 
 import base64
 import gzip
+import html
 import io
 import json
 import re
@@ -83,12 +84,12 @@ class _Redactor:
     def text(self, text: str) -> str:
         for value, masked in self.replacements.items():
             text = text.replace(value, masked)
-        if self.escaped is not None and "\\u" in text:
+        if self.escaped is not None and ("\\u" in text or "&#" in text):
             text = self.escaped.sub(lambda m: self._mask_of(m.group()), text)
         return text
 
     def _mask_of(self, escaped_text: str) -> str:
-        plain = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), escaped_text)
+        plain = html.unescape(re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), escaped_text))
         for value, masked in self.replacements.items():
             if plain.upper() == value.upper():
                 return masked
@@ -158,5 +159,5 @@ class _Redactor:
 
 
 def _escaped_pattern(value: str) -> str:
-    """A regex matching `value` with any of its characters written as a \\uXXXX escape."""
-    return "".join(f"(?:{re.escape(c)}|\\\\u{ord(c):04x})" for c in value)
+    """A regex matching `value` with any of its characters written as a \\uXXXX escape or a character reference."""
+    return "".join(f"(?:{re.escape(c)}|\\\\u{ord(c):04x}|&#0*{ord(c)};|&#x0*{ord(c):x};)" for c in value)
