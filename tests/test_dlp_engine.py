@@ -231,6 +231,7 @@ def test_redact_keeps_format_charset_and_compression(tmp_path):
         (zip_bytes({"data.csv": f"id,card\n1,{CARD}\n"}), "application/zip", None),
         (_multipart(CARD), "multipart/form-data; boundary=XyZ", None),
         (f"<p>&#54;&#x32;{CARD[2:]}</p>".encode(), "text/html", None),
+        (gzip.compress(f"card {CARD}".encode()), "text/plain", None),  # compressed, not declared
     ]
     for body, content_type, encoding in cases:
         result = profile.scan(body, content_type=content_type, content_encoding=encoding)
@@ -298,3 +299,14 @@ def test_large_streams_hiding_archives_fail_closed(tmp_path):
             scan.feed(body[i:i + 4096])
         result = scan.finish()
         assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"], result
+
+
+def test_compressed_content_is_opened_whatever_its_label(outbound):
+    try:
+        from compression import zstd as zstd_module
+    except ImportError:
+        from backports import zstd as zstd_module
+    for body in (gzip.compress(ID.encode()), zstd_module.compress(json.dumps({"sfzh": ID}).encode())):
+        for content_type in ("text/plain", "application/octet-stream", "image/png", None):
+            result = outbound.scan(body, content_type=content_type)
+            assert result.action == "block" and any(f.type == "cn_id_card" for f in result.findings), content_type

@@ -114,9 +114,10 @@ _EXTENSION_TYPES = {
     ".json": "application/json", ".csv": "text/csv", ".tsv": "text/tab-separated-values",
     ".xml": "application/xml", ".txt": "text/plain", ".html": "text/html", ".htm": "text/html",
     ".zip": "application/zip", ".xlsx": "application/zip", ".docx": "application/zip",
-    ".gz": "application/gzip", ".js": "text/javascript", ".log": "text/plain",
+    ".gz": "application/gzip", ".zst": "application/zstd", ".js": "text/javascript", ".log": "text/plain",
 }
-_BINARY_PREFIXES = ("image/", "audio/", "video/", "font/")
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Walker:
@@ -138,15 +139,16 @@ class _Walker:
         if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06") or media in (
                 "application/zip", "application/x-zip-compressed") or "openxmlformats" in media:
             self.archive(data, location, depth)
-        elif data.startswith(b"\x1f\x8b") and (media in ("application/gzip", "application/x-gzip", "")
-                                                or media.startswith(_BINARY_PREFIXES)):
+        elif data.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):  # compressed whatever the label says: no hiding
+            encoding = "gzip" if data.startswith(_GZIP_MAGIC) else "zstd"
             try:
-                inner = inflate(data, "gzip", self.budget, self.limits.max_ratio)
+                inner = inflate(data, encoding, self.budget, self.limits.max_ratio)
             except DecodeError as error:
                 self.problem(location, str(error))
                 return
-            inner_name = filename[:-3] if filename and filename.endswith(".gz") else None
-            self.content(inner, "", {}, inner_name, child(location, "gunzip"), depth + 1)
+            inner_name = filename.rsplit(".", 1)[0] if filename and filename.endswith((".gz", ".zst")) else None
+            inner_media = "" if media in ("application/gzip", "application/x-gzip", "application/zstd") else media
+            self.content(inner, inner_media, {}, inner_name, child(location, f"{encoding} content"), depth + 1)
         elif media.startswith("multipart/") and params.get("boundary"):
             self.multipart(data, params["boundary"], location, depth)
         else:

@@ -65,10 +65,12 @@ class _Redactor:
             media = _EXTENSION_TYPES.get(PurePosixPath(filename or "").suffix.lower(), media)
         if data.startswith(b"PK\x03\x04"):
             return self.archive(data, depth)
-        if data.startswith(b"\x1f\x8b") and media in ("application/gzip", "application/x-gzip", ""):
-            inner = inflate(data, "gzip", self.limits.max_decoded_bytes, self.limits.max_ratio)
-            name = filename[:-3] if filename and filename.endswith(".gz") else None
-            return gzip.compress(self.content(inner, "", {}, name, depth + 1))
+        if data.startswith((b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd")):  # as decode.py: compressed whatever the label
+            encoding = "gzip" if data.startswith(b"\x1f") else "zstd"
+            inner = inflate(data, encoding, self.limits.max_decoded_bytes, self.limits.max_ratio)
+            name = filename.rsplit(".", 1)[0] if filename and filename.endswith((".gz", ".zst")) else None
+            inner_media = "" if media in ("application/gzip", "application/x-gzip", "application/zstd") else media
+            return compress(self.content(inner, inner_media, {}, name, depth + 1), encoding)
         if media.startswith("multipart/") and params.get("boundary"):
             return self.multipart(data, params["boundary"], depth)
         text, charset = decode_text(data, params.get("charset"))
