@@ -37,7 +37,8 @@ def record(i: int) -> dict:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pristine")
-    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key") as log:
+    # The journal rotates after every bundle: two immutable full bundles, the third in the journal.
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key", rotate_bundles=1) as log:
         for i in range(RECORDS):
             log.append_sync(record(i))
     return base
@@ -231,3 +232,35 @@ def test_witness_cosignature_policy(logdir, tmp_path, capsys):
     # A cosignature over a different checkpoint body does not count.
     cp.write_text(signed + w1.cosign(body.replace("\n600\n", "\n601\n")))
     assert run(*log_args, "--witness", w1.verifier.vkey()) == 1
+
+
+def test_altered_checkpoint_frame_in_journal(logdir, capsys):
+    """The journal's signed checkpoint frames are checked like the checkpoint file."""
+    journal = logdir / "log" / "journal"
+    data = journal.read_bytes()
+    pos = data.index(b"\n550\n")
+    journal.write_bytes(data[:pos] + b"\n551\n" + data[pos + 5:])
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "journal: checkpoint frame at byte" in out and "(size 550): forged or altered" in out
+
+
+def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_path, capsys):
+    """With the default rotation every record is still in the journal: a changed record is caught by
+    its batch's signed checkpoint frame and located by the derived bundle."""
+    base = tmp_path / "j"
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key") as log:
+        for i in range(300):
+            log.append_sync(record(i))
+    assert verify(base, capsys)[0] == 0
+    journal = base / "log" / "journal"
+    good = journal.read_bytes()
+    data = bytearray(good)
+    pos = data.index(b"tx-00100")
+    data[pos + 7] = ord("9")
+    journal.write_bytes(bytes(data))
+    rc, out = verify(base, capsys)
+    assert rc == 1 and "record 100 (journal entry 100): differs from tile/entries/000" in out
+    # A torn last batch (zeroed sector after the last good frame) is a note, not tampering.
+    journal.write_bytes(good + b"\x00\x30" + b'{"id":"never-acknowledged"' + bytes(600))
+    rc, out = verify(base, capsys)
+    assert rc == 0, out

@@ -12,18 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.trace.merkle import (
-    HASH_SIZE, ProofError, consistency_proof, inclusion_proof, leaf_hash, perfect_root, tree_root,
-    verify_consistency, verify_inclusion,
+    HASH_SIZE, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, perfect_root,
+    root_of_nodes, verify_consistency, verify_inclusion,
 )
 from gateway.trace.note import (
     Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_note,
     verify_signature,
 )
 from gateway.trace.tiles import (
-    TILE_HEIGHT, TILE_WIDTH, TileError, parse_entries, read_journal, tail_reader, tile_path,
+    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_entry, looks_torn, parse_entries,
+    parse_journal, read_journal, tail_reader, tile_path,
 )
 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"
+WITNESSED_FILE = "checkpoint.witnessed"  # newest checkpoint with the witnesses' cosignatures
 
 
 class AuditIOError(OSError):
@@ -55,6 +57,7 @@ class WitnessPolicy:
 class VerifyReport:
     records: int = 0
     checkpoint: Checkpoint | None = None
+    witnessed: Checkpoint | None = None  # the newest checkpoint meeting the witness policy
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -72,64 +75,117 @@ def _read(path: Path) -> bytes:
         raise AuditIOError(f"{path}: {exc.strerror}") from exc
 
 
-class _Nodes:
-    """Node hashes recomputed from entries: one hash per full bundle, plus leaf hashes of the
-    journal and of the bundle holding the checkpoint's edge when that edge is inside one."""
+class _RootWalk:
+    """The tree's compact range as records are walked in order, and the roots it must have at
+    given sizes (signed checkpoints); a mismatch is reported once, as a problem."""
 
-    def __init__(self, tail_start: int) -> None:
-        self.bundle_roots: list[bytes] = []
-        self.bundle_leaves: dict[int, list[bytes]] = {}
-        self.tail_start = tail_start
-        self.tail: list[bytes] = []
+    def __init__(self, targets: dict[int, list[tuple[str, bytes]]], problems: list[str]) -> None:
+        self.range = CompactRange()
+        self.size = 0
+        self.targets = targets
+        self.problems = problems
 
-    def node_hash(self, height: int, index: int) -> bytes:
-        if height >= TILE_HEIGHT:
-            span = height - TILE_HEIGHT
-            return perfect_root(self.bundle_roots[index << span:(index + 1) << span])
-        first = index << height
-        bundle = first >> TILE_HEIGHT
-        if bundle in self.bundle_leaves:
-            leaves, offset = self.bundle_leaves[bundle], first & (TILE_WIDTH - 1)
-        else:
-            leaves, offset = self.tail, first - self.tail_start
-        return perfect_root(leaves[offset:offset + (1 << height)])
+    def root(self) -> bytes:
+        return root_of_nodes([value for _, value in self.range.nodes])
+
+    def check(self) -> None:
+        for label, root in self.targets.pop(self.size, ()):
+            if self.root() != root:
+                self.problems.append(f"{label}: root hash does not match the {self.size} records in the log"
+                                     + ("" if self.problems else " (records altered together with their hash tiles)"))
+
+    def wants_inside(self, first: int, count: int) -> bool:
+        return any(first < size < first + count for size in self.targets)
+
+    def push_leaves(self, leaves: list[bytes]) -> None:
+        for leaf in leaves:
+            self.range.push(0, leaf)
+            self.size += 1
+            self.check()
+
+    def push_bundle(self, root: bytes) -> None:
+        self.range.push(TILE_HEIGHT, root)
+        self.size += TILE_WIDTH
+        self.check()
+
+
+def _witnessed_checkpoints(directory: Path, verifier: Verifier, file_note: Note, policy: WitnessPolicy | None,
+                           report: VerifyReport) -> list[tuple[str, Checkpoint]]:
+    """The newest checkpoint (checkpoint file or WITNESSED_FILE) meeting the witness policy; its
+    root is then checked against the log like any other."""
+    if policy is None:
+        return []
+    candidates = [("checkpoint", file_note)]
+    try:
+        candidates.append((WITNESSED_FILE, open_checkpoint(_read(directory / WITNESSED_FILE), verifier)[0]))
+    except FileNotFoundError:
+        pass
+    except NoteError as exc:
+        report.problems.append(f"{WITNESSED_FILE}: forged or altered: {exc}")
+        return []
+    best: tuple[str, Checkpoint, list[str]] | None = None
+    errors = []
+    for label, note in candidates:
+        try:
+            names = policy.check(note)
+        except NoteError as exc:
+            errors.append(f"{label}: {exc}")
+            continue
+        checkpoint = parse_checkpoint_body(note.text)
+        if best is None or checkpoint.size > best[1].size:
+            best = (label, checkpoint, names)
+    if best is None:
+        report.problems.append(f"checkpoint: witness policy not met: {'; '.join(errors)}")
+        return []
+    report.notes.append(f"{best[0]} at size {best[1].size} cosigned by {', '.join(best[2])}")
+    report.witnessed = best[1]
+    return [(best[0], best[1])]
+
+
+def _signed_note(data: bytes, verifier: Verifier) -> tuple[Note, Checkpoint] | None:
+    try:
+        return open_checkpoint(data, verifier)
+    except NoteError:
+        return None
 
 
 def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None = None) -> VerifyReport:
-    """Recompute the whole log and compare it with its stored tiles and signed checkpoint."""
+    """Recompute the whole log and compare it with its stored tiles, its checkpoint file and the
+    signed checkpoints in its journal; the newest valid one is reported."""
     report = VerifyReport()
     problems = report.problems
     if not directory.is_dir():
         raise AuditIOError(f"{directory}: not a directory")
     try:
-        note, checkpoint = open_checkpoint(_read(directory / "checkpoint"), verifier)
-        report.checkpoint = checkpoint
+        file_note, file_cp = open_checkpoint(_read(directory / "checkpoint"), verifier)
     except FileNotFoundError:
         problems.append("checkpoint: missing")
         return report
     except NoteError as exc:
         problems.append(f"checkpoint: forged or altered: {exc}")
         return report
-    if policy is not None:
-        try:
-            names = policy.check(note)
-            report.notes.append(f"cosigned by {', '.join(names) or 'no witness'}")
-        except NoteError as exc:
-            problems.append(f"checkpoint: witness policy not met: {exc}")
     try:
-        start, entries, used, length = read_journal(directory / "journal")
+        journal = parse_journal(_read(directory / "journal"))
     except FileNotFoundError:
         problems.append("journal: missing")
         return report
     except TileError as exc:
         problems.append(f"journal: {exc}")
         return report
-    if used < length:
-        report.notes.append(f"journal: torn record after byte {used} (crash; dropped at next start)")
-    size = checkpoint.size
-    nodes = _Nodes(start)
-    # Full bundles: every entry against the level-0 tile, every tile against the level above.
+    start = journal.start
+    report.records = journal.end
+    targets: dict[int, list[tuple[str, bytes]]] = {file_cp.size: [("checkpoint", file_cp.root)]}
+    witnessed = _witnessed_checkpoints(directory, verifier, file_note, policy, report)
+    for label, cp in witnessed:
+        targets.setdefault(cp.size, []).append((label, cp.root))
+    if file_cp.size > journal.end:
+        problems.append(f"journal: checkpoint covers {file_cp.size} records but the log ends at record "
+                        f"{journal.end - 1}: records removed below the checkpoint")
+        return report
+    walk = _RootWalk(targets, problems)
+    walk.check()
     level_rows: list[list[bytes]] = [[]]  # recomputed hashes of the unfinished tile per level >= 1
+    # Full bundles below the journal: every entry against the level-0 tile, tiles against the level above.
     for n in range(start // TILE_WIDTH):
         bundle_name = tile_path("entries", n)
         try:
@@ -143,38 +199,97 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         if len(bundle) != TILE_WIDTH:
             problems.append(f"{bundle_name}: holds {len(bundle)} records, a full bundle holds {TILE_WIDTH} "
                             f"(records deleted or inserted)")
-        leaves = [leaf_hash(e) for e in bundle]
+        leaves = list(map(leaf_hash, bundle))
         _check_tile(directory, 0, n, leaves, n * TILE_WIDTH, problems, bundle_name)
         leaves = (leaves + [b"\0" * HASH_SIZE] * TILE_WIDTH)[:TILE_WIDTH]
-        nodes.bundle_roots.append(perfect_root(leaves))
-        if n * TILE_WIDTH < size < (n + 1) * TILE_WIDTH:
-            nodes.bundle_leaves[n] = leaves
-        _carry(directory, level_rows, 1, n, nodes.bundle_roots[-1], problems)
-    report.records = start + len(entries)
-    nodes.tail = [leaf_hash(e) for e in entries]
-    if size > report.records:
-        problems.append(f"journal: checkpoint covers {size} records but the log ends at record "
-                        f"{report.records - 1}: records removed below the checkpoint")
-        return report
-    if size < start:
-        report.notes.append(f"checkpoint ({size}) is behind the full bundles ({start}); the writer catches up at next start")
-    if report.records > size:
-        report.notes.append(f"journal: {report.records - size} record(s) past the checkpoint (not yet acknowledged)")
-    if size > start:
-        _check_partial(directory, size, start, entries, nodes.tail, problems)
-    if tree_root(nodes.node_hash, size) != checkpoint.root:
-        problems.append(f"checkpoint: root hash does not match the {size} records in the log"
-                        + ("" if problems else " (records altered together with their hash tiles)"))
+        bundle_root = perfect_root(leaves)
+        if walk.wants_inside(n * TILE_WIDTH, TILE_WIDTH):
+            walk.push_leaves(leaves)
+        else:
+            walk.push_bundle(bundle_root)
+        _carry(directory, level_rows, 1, n, bundle_root, problems)
+    newest = (file_cp, file_note)
+    tail = list(map(leaf_hash, journal.entries))
+    _check_derived(directory, journal, tail, level_rows, problems)
+    # The journal: each checkpoint frame must be signed by the log and match the records before it.
+    good_end = JOURNAL_HEADER.size
+    frames = journal.checkpoints
+    f = 0
+    for k in range(len(tail) + 1):
+        while f < len(frames) and frames[f][0] == walk.size and not problems:
+            size, end, data = frames[f]
+            opened = _signed_note(data, verifier)
+            if opened is None or opened[1].size != size or opened[1].root != walk.root():
+                if looks_torn(journal, good_end):
+                    report.notes.append(f"journal: write cut short after byte {good_end} (crash): "
+                                        f"records from {size if opened is None else walk.size} on were "
+                                        f"never acknowledged; the writer drops them at next start")
+                    f = len(frames)
+                    break
+                what = "forged or altered" if opened is None else (
+                    f"records {_previous_size(frames, f, start)}..{size - 1} altered, deleted, inserted or "
+                    f"reordered: they do not match")
+                problems.append(f"journal: checkpoint frame at byte {end - len(data) - 4} (size {size}): {what}")
+                break
+            if size >= newest[0].size:
+                newest = (opened[1], opened[0])
+            good_end = end
+            f += 1
+        if k < len(tail):
+            walk.push_leaves([tail[k]])
+    report.checkpoint = newest[0]
+    if newest[0].size < start:
+        report.notes.append(f"checkpoint ({newest[0].size}) is behind the full bundles ({start}); "
+                            f"the writer catches up at next start")
+    if report.records > newest[0].size:
+        report.notes.append(f"journal: {report.records - newest[0].size} record(s) past the newest "
+                            f"checkpoint (not yet acknowledged)")
+    for size in sorted(walk.targets):
+        for label, _ in walk.targets[size]:
+            problems.append(f"{label}: covers {size} records but the log holds {report.records}")
     return report
 
 
+def _previous_size(frames: list[tuple[int, int, bytes]], f: int, start: int) -> int:
+    return frames[f - 1][0] if f else start
+
+
+def _check_derived(directory: Path, journal: Journal, tail: list[bytes], level_rows: list[list[bytes]],
+                   problems: list[str]) -> None:
+    """Compare the journal with the full and partial tiles derived from it, when present (they may
+    lag after a crash); a difference locates a changed record. Full hash tiles above are carried on."""
+    start = journal.start
+    for n in range(start // TILE_WIDTH, (start + len(tail)) // TILE_WIDTH + 1):
+        first = n * TILE_WIDTH - start
+        leaves = tail[first:first + TILE_WIDTH]
+        if not leaves:
+            break
+        width = len(leaves)
+        for name, expected in ((tile_path("entries", n, width), b"".join(encode_entry(e) for e in journal.entries[first:first + width])),
+                               (tile_path(0, n, width), b"".join(leaves))):
+            try:
+                stored = _read(directory / name)
+            except FileNotFoundError:
+                continue
+            if stored and stored != expected:
+                copy = parse_entries(stored)[0] if "entries" in name else [
+                    stored[i:i + HASH_SIZE] for i in range(0, len(stored), HASH_SIZE)]
+                mine = journal.entries[first:first + width] if "entries" in name else leaves
+                i = next((i for i, (a, b) in enumerate(zip(copy, mine)) if a != b), min(len(copy), len(mine)))
+                problems.append(f"record {n * TILE_WIDTH + i} (journal entry {first + i}): differs from {name}")
+                return
+        if width == TILE_WIDTH:
+            _carry(directory, level_rows, 1, n, perfect_root(leaves), problems, derived=True)
+
+
 def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_record: int,
-                problems: list[str], source: str) -> None:
+                problems: list[str], source: str, derived: bool = False) -> None:
     name = tile_path(level, n)
     try:
         stored = _read(directory / name)
     except FileNotFoundError:
-        problems.append(f"{name}: missing")
+        if not derived:  # derived tiles past the journal's start may not be written yet
+            problems.append(f"{name}: missing")
         return
     if stored == b"".join(hashes):
         return
@@ -191,7 +306,7 @@ def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_
 
 
 def _carry(directory: Path, rows: list[list[bytes]], level: int, n_below: int, value: bytes,
-           problems: list[str]) -> None:
+           problems: list[str], derived: bool = False) -> None:
     """Feed the hash of full tile `n_below` at level-1 into the level tile; check finished tiles."""
     while len(rows) <= level:
         rows.append([])
@@ -199,48 +314,39 @@ def _carry(directory: Path, rows: list[list[bytes]], level: int, n_below: int, v
     row.append(value)
     if len(row) == TILE_WIDTH:
         n = n_below // TILE_WIDTH
-        _check_tile(directory, level, n, row, n * TILE_WIDTH ** (level + 1), problems, "")
+        _check_tile(directory, level, n, row, n * TILE_WIDTH ** (level + 1), problems, "", derived)
         rows[level] = []
-        _carry(directory, rows, level + 1, n, perfect_root(row), problems)
+        _carry(directory, rows, level + 1, n, perfect_root(row), problems, derived)
 
 
-def _check_partial(directory: Path, size: int, start: int, entries: list[bytes], tail: list[bytes],
-                   problems: list[str]) -> None:
-    """Compare the journal with the partial bundle and level-0 tile of the checkpoint, when present
-    (they are derived copies, so they locate a changed journal record)."""
-    n, width = divmod(size, TILE_WIDTH)
-    if not width or start != n * TILE_WIDTH:
-        return
-    bundle_name, tile_name = tile_path("entries", n, width), tile_path(0, n, width)
+def newest_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkpoint]:
+    """The newest checkpoint signed by the log: the checkpoint file, or a later one in the journal
+    (the file is replaced lazily). Journal frames past the records present are ignored."""
     try:
-        copy, _ = parse_entries(_read(directory / bundle_name))
-        for i, (a, b) in enumerate(zip(copy, entries)):
-            if a != b:
-                problems.append(f"record {start + i} (journal entry {i}): differs from {bundle_name}")
-                return
+        note, checkpoint = open_checkpoint(_read(directory / "checkpoint"), verifier)
     except FileNotFoundError:
-        pass
+        raise AuditIOError(f"{directory / 'checkpoint'}: missing") from None
     try:
-        stored = _read(directory / tile_name)
-        for i, h in enumerate(tail[:width]):
-            if stored[i * HASH_SIZE:(i + 1) * HASH_SIZE] != h:
-                problems.append(f"record {start + i} (journal entry {i}): altered, deleted, inserted or "
-                                f"reordered: its hash differs from {tile_name} hash {i}")
-                return
-    except FileNotFoundError:
-        pass
+        journal = parse_journal(_read(directory / "journal"))
+    except (FileNotFoundError, TileError):
+        return note, checkpoint
+    for size, _, data in reversed(journal.checkpoints):
+        if size <= checkpoint.size:
+            break
+        opened = _signed_note(data, verifier)
+        if opened is not None and opened[1].size == size:
+            return opened
+    return note, checkpoint
 
 
 def read_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkpoint]:
-    try:
-        return open_checkpoint(_read(directory / "checkpoint"), verifier)
-    except FileNotFoundError:
-        raise AuditIOError(f"{directory / 'checkpoint'}: missing") from None
+    return newest_checkpoint(directory, verifier)
 
 
 def iter_entries(directory: Path, size: int) -> Iterator[tuple[int, bytes]]:
     """(index, entry) for the first `size` records: full bundles, then the journal."""
-    start, entries, _, _ = read_journal(directory / "journal")
+    journal = read_journal(directory / "journal")
+    start, entries = journal.start, journal.entries
     index = 0
     for n in range(start // TILE_WIDTH):
         if index >= size:

@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
-from gateway.trace.store import LogStore, TraceError
+from gateway.trace.store import ROTATE_BUNDLES, LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
 
 Waiter = asyncio.Future | ThreadFuture
+
+
+# One encoder instance: json.dumps with options would build a new one per record.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -29,8 +33,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
     if not isinstance(record, dict):
         raise TraceError(f"a trace record must be a dict, not {type(record).__name__}")
     try:
-        data = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode()
+        data = _CANONICAL.encode(record).encode()
     except (TypeError, ValueError) as exc:
         raise TraceError(f"trace record is not canonical JSON: {exc}") from None
     if len(data) > MAX_ENTRY:
@@ -52,7 +55,7 @@ class GroupCommitter:
     """One writer thread batching submissions into durable commits; fails closed on any error."""
 
     def __init__(self, store: LogStore, *, max_batch: int = 16384, max_wait: float = 0.0,
-                 idle_flush: float = 1.0) -> None:
+                 idle_flush: float = 0.2) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -60,19 +63,44 @@ class GroupCommitter:
         self.failure: TraceError | None = None
         self.committed = 0
         self._queue: deque[tuple[bytes, Waiter]] = deque()
+        self._bursts: dict[asyncio.AbstractEventLoop, list[tuple[bytes, Waiter]]] = {}
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="trace-log-writer", daemon=True)
         self._thread.start()
 
     def submit(self, entry: bytes, waiter: Waiter) -> None:
+        self._enqueue([(entry, waiter)])
+
+    def submit_from_loop(self, loop: asyncio.AbstractEventLoop, entry: bytes, waiter: asyncio.Future) -> None:
+        """Hand records to the writer once per event loop iteration, after every producer that was
+        ready has added its own: the writer then wakes once, when the loop is idle, and takes them
+        all. (Waking it on the first record would make it wait for the GIL while the loop runs the
+        other producers, and commit small batches.)"""
+        if self.failure is not None:
+            raise self.failure
+        burst = self._bursts.get(loop)
+        if burst is None:
+            burst = self._bursts[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        burst.append((entry, waiter))
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        burst = self._bursts.pop(loop)
+        try:
+            self._enqueue(burst)
+        except TraceError as exc:
+            self._answer(burst, None, exc)
+
+    def _enqueue(self, items: list[tuple[bytes, Waiter]]) -> None:
         with self._cond:
             if self.failure is not None:
                 raise self.failure
             if self._closing:
                 raise TraceError("trace log is closed")
-            self._queue.append((entry, waiter))
-            if len(self._queue) == 1:
+            was_empty = not self._queue
+            self._queue.extend(items)
+            if was_empty:
                 self._cond.notify()
 
     def _take_batch(self) -> list[tuple[bytes, Waiter]] | None:
@@ -92,7 +120,7 @@ class GroupCommitter:
     def _flush_derived(self) -> None:
         if self.failure is None:
             try:
-                self.store.write_partial_tiles()
+                self.store.publish()
             except OSError:
                 pass  # derived files only; the next commit reports real write errors
 
@@ -115,6 +143,10 @@ class GroupCommitter:
             self.committed += len(batch)
             self._answer(batch, first, None)
         if self.failure is None:
+            try:
+                self.store.finish_sync()
+            except OSError as exc:
+                self.failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
             self._flush_derived()
 
     @staticmethod
@@ -151,13 +183,13 @@ class TraceLog:
 
     @classmethod
     def open(cls, directory: Path, *, origin: str, signing_key: Path, max_batch: int = 16384,
-             max_wait: float = 0.0) -> "TraceLog":
+             max_wait: float = 0.0, rotate_bundles: int = ROTATE_BUNDLES) -> "TraceLog":
         directory, signing_key = Path(directory), Path(signing_key)
         try:
             signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
         except (OSError, NoteError) as exc:
             raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
-        store = LogStore.open(directory, signer)
+        store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
         pub = directory / "log.pub"
         if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
             pub.write_text(signer.verifier.vkey() + "\n")
@@ -166,8 +198,9 @@ class TraceLog:
     async def append(self, record: dict[str, Any]) -> int:
         """Leaf index of `record`, returned once it and a checkpoint covering it are durable."""
         entry = encode_record(record)
-        fut = asyncio.get_running_loop().create_future()
-        self._committer.submit(entry, fut)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._committer.submit_from_loop(loop, entry, fut)
         return await fut
 
     def append_sync(self, record: dict[str, Any]) -> int:

@@ -1,11 +1,19 @@
 """The single writer of a trace log directory: appends batches durably and signs checkpoints.
 
-`LogStore` is synchronous and knows nothing about threads or asyncio; the group-commit thread in
-log.py (and, later, a Unix-socket front for several worker processes) drive it. One process holds
-the directory's lock at a time.
+`LogStore` is synchronous and knows nothing about asyncio; the group-commit thread in log.py (and,
+later, a Unix-socket front for several worker processes) drive it. One process holds the
+directory's lock at a time.
 
-Commit order, which recovery relies on: entries (journal fdatasync, or full bundle and tiles
-fsync'd) are durable before the checkpoint naming them is renamed into place.
+Invariant an acknowledged record relies on: when `commit` returns, the batch's entries and a signed
+checkpoint covering them were appended to the journal in one write and made durable by one
+fdatasync. Every record at or past the journal's start is in the journal; every record before it is
+in a full bundle whose files (and hash tiles) were fsync'd before the journal was replaced by one
+starting after them. Everything else (the checkpoint file, full tiles past the journal's start,
+partial tiles) is derived, refreshed lazily and rebuilt from the journal by recovery.
+
+Recovery keeps the journal up to its last checkpoint frame that verifies and matches the records
+before it; what follows was never acknowledged (a write cut short by a crash) and is cut off, unless
+it does not look torn, in which case the journal was altered and the log refuses to open.
 """
 
 import errno
@@ -13,14 +21,18 @@ import fcntl
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.trace.merkle import CompactRange, leaf_hash, root_of_nodes
 from gateway.trace.note import Checkpoint, NoteError, Signer, open_checkpoint
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, TileError, encode_entry, read_journal,
-    tail_reader, tile_path,
+    JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_checkpoint_frame,
+    encode_entry, looks_torn, read_journal, tail_reader, tile_path,
 )
+
+ROTATE_BUNDLES = 16  # full bundles kept in the journal before their files are fsync'd and it rotates
+PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
 
 
 class TraceError(RuntimeError):
@@ -45,40 +57,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durable(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `path` via a temp file that is fsync'd and renamed (the caller fsyncs the directory)."""
+def _write_file(path: Path, data: bytes, *, durable: bool, mode: int = 0o644) -> None:
+    """Write `path` via a temp file and rename, fsync'ing the temp file when `durable` (the caller
+    fsyncs the directory)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
 
 
+def _write_durable(path: Path, data: bytes, mode: int = 0o644) -> None:
+    _write_file(path, data, durable=True, mode=mode)
+
+
+def _sync_files(files: list[Path], dirs: set[Path]) -> None:
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(d)
+
+
 class LogStore:
-    def __init__(self, directory: Path, signer: Signer) -> None:
+    def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES,
+                 publish_interval: float = PUBLISH_INTERVAL) -> None:
         self.directory = directory
         self.signer = signer
         self.origin = signer.name
+        self.rotate_bundles = rotate_bundles
+        self.publish_interval = publish_interval
         self.size = 0
-        self.checkpoint_size = 0
+        self.checkpoint_size = 0  # size of the newest durable signed checkpoint (in the journal)
         self.checkpoint_time = 0.0
+        self.checkpoint_note = b""
         self._levels: list[_Level] = [_Level()]
-        self._bundle: list[bytes] = []  # entries of the unfinished bundle
+        self._bundle: list[bytes] = []  # encoded entries (the bundle format) of the unfinished bundle
         self._journal_fd = -1
+        self._journal_start = 0
+        self._journal_end = 0  # bytes in the journal file
+        self._bundle_offsets: dict[int, int] = {}  # bundle start index -> journal offset of its first frame
+        self._unsynced: list[Path] = []  # derived full files not yet fsync'd, up to record _unsynced_upto
+        self._unsynced_dirs: set[Path] = set()
+        self._unsynced_upto = 0
+        self._sync_job: Future | None = None
+        self._sync_target = 0
+        self._executor: ThreadPoolExecutor | None = None
         self._lock_fd = -1
         self._partial_written: set[Path] = set()
         self._partial_size = -1
+        self._published_size = -1
+        self._published_at = 0.0
 
     # ---- opening and recovery -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, signer: Signer) -> "LogStore":
-        store = cls(directory, signer)
+    def open(cls, directory: Path, signer: Signer, **options) -> "LogStore":
+        store = cls(directory, signer, **options)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             store._lock()
@@ -101,51 +145,96 @@ class LogStore:
     def _fail(self, message: str) -> None:
         raise TraceError(f"trace log {self.directory}: {message}")
 
+    def _frame_checkpoint(self, note: bytes, size: int, root: bytes) -> bool:
+        """Whether a journal checkpoint frame is signed by this log and names `size` and `root`."""
+        try:
+            _, checkpoint = open_checkpoint(note, self.signer.verifier)
+        except NoteError:
+            return False
+        return checkpoint.size == size and checkpoint.root == root
+
     def _recover(self) -> None:
         cp_path = self.directory / "checkpoint"
-        journal = self.directory / "journal"
-        checkpoint: Checkpoint | None = None
+        journal_path = self.directory / "journal"
+        file_cp: Checkpoint | None = None
         if cp_path.exists():
-            _, checkpoint = open_checkpoint(cp_path.read_bytes(), self.signer.verifier)
-            self.checkpoint_time = cp_path.stat().st_mtime
-        if not journal.exists():
-            if checkpoint is not None and checkpoint.size:
+            _, file_cp = open_checkpoint(cp_path.read_bytes(), self.signer.verifier)
+        if not journal_path.exists():
+            if file_cp is not None and file_cp.size:
                 self._fail("journal is missing but the checkpoint covers records")
-            _write_durable(journal, JOURNAL_HEADER.pack(JOURNAL_MAGIC, 0))
+            _write_durable(journal_path, JOURNAL_HEADER.pack(JOURNAL_MAGIC, 0))
             _fsync_dir(self.directory)
-        start, entries, used, length = read_journal(journal)
-        if b"" in entries:
-            # Records are never empty: a zero length is a zero-filled block left by a crash.
-            k = entries.index(b"")
-            used = JOURNAL_HEADER.size + sum(2 + len(e) for e in entries[:k])
-            if journal.read_bytes()[used:].strip(b"\0"):
-                self._fail(f"journal is corrupt at byte {used} (record {start + k})")
-            entries = entries[:k]
-        if used < length:
-            # A torn last record (crash mid-append): drop it, it was never acknowledged.
-            with open(journal, "r+b") as f:
-                f.truncate(used)
-                os.fsync(f.fileno())
+        journal = read_journal(journal_path)
+        start = journal.start
         self._load_full_levels(start)
-        cp_size = checkpoint.size if checkpoint else 0
-        if cp_size > start + len(entries):
-            self._fail(f"checkpoint covers {cp_size} records but the log holds only "
-                       f"{start + len(entries)}: records were removed below the checkpoint")
-        if checkpoint and cp_size < start:
-            if tail_reader(self.directory, cp_size).root() != checkpoint.root:
-                self._fail(f"full tiles do not match the checkpoint at size {cp_size}")
+        if file_cp is not None and file_cp.size <= start:
+            if tail_reader(self.directory, file_cp.size).root() != file_cp.root:
+                self._fail(f"full tiles do not match the checkpoint at size {file_cp.size}")
+        durable_size, durable_end, durable_note = self._durable_prefix(journal)
+        if file_cp is not None and file_cp.size > durable_size:
+            if file_cp.size > journal.end:
+                self._fail(f"checkpoint covers {file_cp.size} records but the log holds only "
+                           f"{journal.end}: records were removed below the checkpoint")
+            # The checkpoint file vouches for more than the journal's frames (checked below).
+            last = journal.entry_offsets[file_cp.size - 1 - start]
+            durable_size, durable_end, durable_note = file_cp.size, last + 2 + len(journal.entries[file_cp.size - 1 - start]), b""
         completed: list[tuple[str, bytes]] = []
-        if checkpoint and cp_size == start and self.root() != checkpoint.root:
-            self._fail(f"full tiles do not match the checkpoint at size {cp_size}")
-        for entry in entries:
+        for k, entry in enumerate(journal.entries[:durable_size - start]):
             self._push(entry, completed)
-            if checkpoint and self.size == cp_size and self.root() != checkpoint.root:
-                self._fail(f"records up to {cp_size} do not match the checkpoint")
-        self.checkpoint_size = cp_size
-        self._journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
-        if completed or self.size != cp_size or checkpoint is None:
-            self._persist(completed, b"")
+            if not self.size % TILE_WIDTH:
+                self._bundle_offsets[self.size] = journal.entry_offsets[k] + 2 + len(entry)
+            if file_cp is not None and self.size == file_cp.size and self.root() != file_cp.root:
+                self._fail(f"records up to {file_cp.size} do not match the checkpoint")
+        self._journal_start = start
+        self._journal_end = durable_end
+        self._journal_fd = os.open(journal_path, os.O_RDWR | os.O_APPEND)
+        if len(journal.data) > durable_end:
+            # The unacknowledged tail of a write cut short by a crash.
+            os.ftruncate(self._journal_fd, durable_end)
+            os.fsync(self._journal_fd)
+        self._unsynced_upto = start
+        self._write_derived(completed)
+        if durable_note:
+            self._set_checkpoint(durable_note, os.stat(journal_path).st_mtime)
+        else:
+            note = self._sign()
+            self._append_journal(encode_checkpoint_frame(note))
+            self._set_checkpoint(note)
+        if file_cp is None or file_cp.size != self.size:
+            self.publish()
         self._remove_stale_partials()
+
+    def _durable_prefix(self, journal: Journal) -> tuple[int, int, bytes]:
+        """(size, end offset, note) of the journal's last checkpoint frame that verifies and matches
+        the records before it, every earlier frame included; (start, header end, b"") if none."""
+        scan = CompactRange()
+        scan.nodes = [(height + TILE_HEIGHT * level, value)
+                      for level, lvl in reversed(list(enumerate(self._levels))) for height, value in lvl.range.nodes]
+        good = (journal.start, JOURNAL_HEADER.size, b"")
+        frames, f = journal.checkpoints, 0
+        entries = journal.entries
+        for k in range(len(entries) + 1):
+            size = journal.start + k
+            while f < len(frames) and frames[f][0] == size:
+                _, end, note = frames[f]
+                if not self._frame_checkpoint(note, size, root_of_nodes([v for _, v in scan.nodes])):
+                    signed = self._signed(note)
+                    if signed and not looks_torn(journal, good[1]):
+                        self._fail(f"journal: records {good[0]}..{size - 1} do not match their signed "
+                                   f"checkpoint at size {size}: the journal was altered")
+                    return good
+                good = (size, end, note)
+                f += 1
+            if k < len(entries):
+                scan.push(0, leaf_hash(entries[k]))
+        return good
+
+    def _signed(self, note: bytes) -> bool:
+        try:
+            open_checkpoint(note, self.signer.verifier)
+            return True
+        except NoteError:
+            return False
 
     def _remove_stale_partials(self) -> None:
         """Partial tiles left by an earlier run sit at the right edge of each level."""
@@ -178,9 +267,10 @@ class LogStore:
 
     # ---- appending ------------------------------------------------------------------------------
 
-    def _push(self, entry: bytes, completed: list[tuple[str, bytes]]) -> None:
-        """Add one leaf; full bundles and tiles it completes are queued in `completed`."""
-        self._bundle.append(entry)
+    def _push(self, entry: bytes, completed: list[tuple[str, bytes]], frame: bytes | None = None) -> None:
+        """Add one leaf (`frame` is its encoding, when the caller has it); full bundles and tiles it
+        completes are queued in `completed`."""
+        self._bundle.append(frame or encode_entry(entry))
         self.size += 1
         value = leaf_hash(entry)
         level = 0
@@ -192,7 +282,7 @@ class LogStore:
                 break
             n = (self.size >> (TILE_HEIGHT * (level + 1))) - 1
             if level == 0:
-                completed.append((tile_path("entries", n), b"".join(encode_entry(e) for e in self._bundle)))
+                completed.append((tile_path("entries", n), b"".join(self._bundle)))
                 self._bundle = []
             completed.append((tile_path(level, n), b"".join(lvl.hashes)))
             value = lvl.range.nodes[0][1]  # the full tile's subtree hash feeds the level above
@@ -205,68 +295,117 @@ class LogStore:
         nodes = [value for lvl in reversed(self._levels) for _, value in lvl.range.nodes]
         return root_of_nodes(nodes)
 
+    def _sign(self) -> bytes:
+        body = Checkpoint(self.origin, self.size, self.root()).body()
+        return f"{body}\n{self.signer.sign_note(body)}".encode()
+
+    def _set_checkpoint(self, note: bytes, when: float | None = None) -> None:
+        self.checkpoint_note = note
+        self.checkpoint_size = self.size
+        self.checkpoint_time = time.time() if when is None else when
+
+    def _append_journal(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._journal_fd, view):]
+        os.fdatasync(self._journal_fd)
+        self._journal_end += len(data)
+
     def commit(self, entries: list[bytes]) -> int:
-        """Append `entries` durably under a new signed checkpoint; returns the first index.
-        Raises OSError/TileError on failure, after which this store must not be used again."""
+        """Append `entries` and a signed checkpoint covering them with one write and one fdatasync;
+        returns the first index. Raises OSError/TileError on failure, after which this store must
+        not be used again."""
         first = self.size
-        encoded = b"".join(encode_entry(e) for e in entries)  # length check before any state change
+        frames = [encode_entry(e) for e in entries]  # length check before any state change
         completed: list[tuple[str, bytes]] = []
-        for entry in entries:
-            self._push(entry, completed)
-        self._persist(completed, b"" if completed else encoded)
+        offset = self._journal_end
+        for entry, frame in zip(entries, frames):
+            offset += len(frame)
+            self._push(entry, completed, frame)
+            if not self.size % TILE_WIDTH:
+                self._bundle_offsets[self.size] = offset
+        note = self._sign()
+        frames.append(encode_checkpoint_frame(note))
+        self._append_journal(b"".join(frames))
+        self._set_checkpoint(note)
+        # Past this point the batch is durable; what follows only maintains derived files.
+        if completed:
+            self._write_derived(completed)
+        self._rotate_when_synced()
+        if time.monotonic() - self._published_at >= self.publish_interval:
+            self.publish()
         return first
 
-    def _persist(self, completed: list[tuple[str, bytes]], journal_append: bytes) -> None:
-        if completed:
-            dirty: set[Path] = set()
-            for rel, data in completed:
-                self._write_immutable(self.directory / rel, data, dirty)
-            for d in sorted(dirty, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(d)
-            # The finished bundles are durable: start a journal holding only the unfinished one.
-            start = self.size - len(self._bundle)
-            body = JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + b"".join(encode_entry(e) for e in self._bundle)
-            journal = self.directory / "journal"
-            _write_durable(journal, body)
-            _fsync_dir(self.directory)
-            os.close(self._journal_fd)
-            self._journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
-        elif journal_append:
-            view = memoryview(journal_append)
-            while view:
-                view = view[os.write(self._journal_fd, view):]
-            os.fdatasync(self._journal_fd)
-        self._write_checkpoint()
+    def _write_derived(self, completed: list[tuple[str, bytes]]) -> None:
+        """Write full bundles and tiles (not fsync'd: the journal holds their records until a sync
+        job has made them durable and the journal rotates past them)."""
+        for rel, data in completed:
+            path = self.directory / rel
+            parent = path.parent
+            missing = []
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            for d in reversed(missing):
+                d.mkdir()
+                self._unsynced_dirs.add(d.parent)
+            try:
+                same = path.read_bytes() == data  # left by a run that crashed before rotating
+            except FileNotFoundError:
+                same = False
+            if not same:
+                _write_file(path, data, durable=False)
+            self._unsynced.append(path)
+            self._unsynced_dirs.add(path.parent)
+        self._unsynced_upto = self.size - self.size % TILE_WIDTH
 
-    def _write_immutable(self, path: Path, data: bytes, dirty: set[Path]) -> None:
-        if path.exists():
-            # Only recovery rewrites a finished file; it must hold exactly what the journal says.
-            if path.read_bytes() != data:
-                raise TileError(f"{path.relative_to(self.directory)} differs from the journal")
-            return
-        parent = path.parent
-        missing = []
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for d in reversed(missing):
-            d.mkdir()
-            dirty.add(d.parent)
-        _write_durable(path, data)
-        dirty.add(path.parent)
+    def _rotate_when_synced(self) -> None:
+        """Start fsync'ing the derived full files once enough have accumulated (on a helper thread,
+        off the commit path); once that is done, replace the journal by one starting after them."""
+        job = self._sync_job
+        if job is not None:
+            if not job.done():
+                return
+            self._sync_job = None
+            job.result()  # an fsync error fails the commit in progress: fail closed
+            self._rotate(self._sync_target)
+        if self._unsynced_upto - self._journal_start >= self.rotate_bundles * TILE_WIDTH:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="trace-log-sync")
+            files, dirs = self._unsynced, self._unsynced_dirs
+            self._unsynced, self._unsynced_dirs = [], set()
+            self._sync_target = self._unsynced_upto
+            self._sync_job = self._executor.submit(_sync_files, files, dirs)
 
-    def _write_checkpoint(self) -> None:
-        body = Checkpoint(self.origin, self.size, self.root()).body()
-        note = f"{body}\n{self.signer.sign_note(body)}"
-        _write_durable(self.directory / "checkpoint", note.encode())
+    def _rotate(self, start: int) -> None:
+        offset = self._bundle_offsets[start]
+        # Frames from `start` on, including the newest checkpoint frame (written after them).
+        tail = os.pread(self._journal_fd, self._journal_end - offset, offset)
+        journal = self.directory / "journal"
+        _write_durable(journal, JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + tail)
         _fsync_dir(self.directory)
-        self.checkpoint_size = self.size
-        self.checkpoint_time = time.time()
+        os.close(self._journal_fd)
+        self._journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND)
+        shift = offset - JOURNAL_HEADER.size
+        self._bundle_offsets = {n: o - shift for n, o in self._bundle_offsets.items() if n > start}
+        self._journal_start = start
+        self._journal_end -= shift
 
     # ---- derived files and closing --------------------------------------------------------------
 
+    def publish(self) -> None:
+        """Write the partial tiles and then the checkpoint file for the newest checkpoint, so a
+        tlog-tiles client sees a consistent log."""
+        self._published_at = time.monotonic()
+        if self._published_size == self.checkpoint_size:
+            return
+        self.write_partial_tiles()
+        _write_durable(self.directory / "checkpoint", self.checkpoint_note)
+        _fsync_dir(self.directory)
+        self._published_size = self.checkpoint_size
+
     def write_partial_tiles(self) -> None:
-        """Write the partial tiles for the current checkpoint (derived data, not fsync'd: the journal
+        """Write the partial tiles for the current size (derived data, not fsync'd: the journal
         is the durable copy) and remove the ones of earlier sizes."""
         if self._partial_size == self.size:
             return
@@ -274,16 +413,14 @@ class LogStore:
         width0 = len(self._bundle)
         if width0:
             n = self.size // TILE_WIDTH
-            wanted[self.directory / tile_path("entries", n, width0)] = b"".join(encode_entry(e) for e in self._bundle)
+            wanted[self.directory / tile_path("entries", n, width0)] = b"".join(self._bundle)
         for level, lvl in enumerate(self._levels):
             if lvl.hashes:
                 n = self.size >> (TILE_HEIGHT * (level + 1))
                 wanted[self.directory / tile_path(level, n, len(lvl.hashes))] = b"".join(lvl.hashes)
         for path, data in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            _write_file(path, data, durable=False)
         for old in self._partial_written - wanted.keys():
             try:
                 old.unlink()
@@ -295,7 +432,17 @@ class LogStore:
         self._partial_written = set(wanted)
         self._partial_size = self.size
 
+    def finish_sync(self) -> None:
+        """On close: wait for the sync job in flight and rotate the journal past its files."""
+        if self._sync_job is not None:
+            self._sync_job.result()
+            self._sync_job = None
+            self._rotate(self._sync_target)
+
     def close_files(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         for attr in ("_journal_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:

@@ -1,17 +1,24 @@
-"""C2SP tlog-tiles layout on disk, plus the journal that makes the unfinished entry bundle durable.
+"""C2SP tlog-tiles layout on disk, plus the journal that makes recent records durable.
 
-DIR/checkpoint                  latest signed checkpoint (replaced atomically)
+DIR/checkpoint                  signed checkpoint, replaced atomically but lazily (at most every
+                                half second under load, on idle and on close); the newest signed
+                                checkpoint is the last one in the journal
 DIR/tile/entries/<N>            full entry bundles: 256 big-endian uint16 length-prefixed entries
 DIR/tile/<L>/<N>                full hash tiles: 256 SHA-256 hashes at tree height 8*L
-DIR/tile/.../<N>.p/<W>          partial tiles for the checkpoint's size, refreshed when the writer
-                                is idle and on close (derived data: rebuilt from the journal)
-DIR/journal                     durable copy of the unfinished bundle: header (magic, start index),
-                                then the same length-prefixed entries; appended and fdatasync'd per
-                                group commit, replaced atomically when a bundle fills
-Full tiles and bundles are written once (temp file, fsync, rename) and never changed.
+DIR/tile/.../<N>.p/<W>          partial tiles for the checkpoint file's size (derived data)
+DIR/journal                     durable copy of every record from its start index on: header (magic,
+                                start index, a multiple of 256), then frames:
+                                  entry       uint16 length (1..65535), the entry
+                                  checkpoint  0x0000, uint16 length, the signed checkpoint note
+                                Each group commit appends its entries and the signed checkpoint
+                                covering them in one write and one fdatasync.
+Full tiles and bundles are written once (temp file and rename) and never changed. Those at or past
+the journal's start are derived copies, rebuilt from the journal after a crash; once a run of them
+has been fsync'd the journal is replaced by one starting after them (rotation).
 """
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.trace.merkle import HASH_SIZE, leaf_hash, perfect_root, range_hash, tree_root
@@ -19,7 +26,7 @@ from gateway.trace.merkle import HASH_SIZE, leaf_hash, perfect_root, range_hash,
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
 MAX_ENTRY = 0xFFFF
-JOURNAL_MAGIC = b"GWTRACEJ"
+JOURNAL_MAGIC = b"GWTRACE2"  # version 2: entry and checkpoint frames
 JOURNAL_HEADER = struct.Struct(">8sQ")
 
 
@@ -45,7 +52,7 @@ def tile_path(level: int | str, n: int, width: int = TILE_WIDTH) -> str:
 def encode_entry(entry: bytes) -> bytes:
     if len(entry) > MAX_ENTRY:
         raise TileError(f"entry of {len(entry)} bytes exceeds the {MAX_ENTRY}-byte limit")
-    return struct.pack(">H", len(entry)) + entry
+    return len(entry).to_bytes(2, "big") + entry
 
 
 def parse_entries(data: bytes) -> tuple[list[bytes], int]:
@@ -62,16 +69,69 @@ def parse_entries(data: bytes) -> tuple[list[bytes], int]:
     return entries, pos
 
 
-def read_journal(path: Path) -> tuple[int, list[bytes], int, int]:
-    """(start index, entries, bytes used by header + complete entries, file length)."""
-    data = path.read_bytes()
+def encode_checkpoint_frame(note: bytes) -> bytes:
+    return struct.pack(">HH", 0, len(note)) + note
+
+
+@dataclass
+class Journal:
+    start: int
+    entries: list[bytes]
+    # Signed checkpoints in the order written: (tree size, end offset of the frame, note bytes).
+    checkpoints: list[tuple[int, int, bytes]]
+    entry_offsets: list[int]  # byte offset of each entry's frame
+    used: int  # header plus complete frames
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.entries)
+
+
+def parse_journal(data: bytes, name: str = "journal") -> Journal:
+    """Frames of a journal; parsing stops at a torn frame or the zero fill after the last one."""
     if len(data) < JOURNAL_HEADER.size:
-        raise TileError(f"{path.name}: shorter than its header")
+        raise TileError(f"{name}: shorter than its header")
     magic, start = JOURNAL_HEADER.unpack_from(data)
     if magic != JOURNAL_MAGIC or start % TILE_WIDTH:
-        raise TileError(f"{path.name}: bad header")
-    entries, used = parse_entries(data[JOURNAL_HEADER.size:])
-    return start, entries, JOURNAL_HEADER.size + used, len(data)
+        raise TileError(f"{name}: bad header (not a version 2 trace journal)")
+    entries: list[bytes] = []
+    offsets: list[int] = []
+    checkpoints: list[tuple[int, int, bytes]] = []
+    pos, end = JOURNAL_HEADER.size, len(data)
+    while pos + 2 <= end:
+        n = (data[pos] << 8) | data[pos + 1]
+        if n:
+            if pos + 2 + n > end:
+                break
+            offsets.append(pos)
+            entries.append(data[pos + 2:pos + 2 + n])
+            pos += 2 + n
+            continue
+        if pos + 4 > end:
+            break
+        m = (data[pos + 2] << 8) | data[pos + 3]
+        if not m or pos + 4 + m > end:
+            break  # zero fill (records are never empty) or a torn checkpoint frame
+        checkpoints.append((start + len(entries), pos + 4 + m, data[pos + 4:pos + 4 + m]))
+        pos += 4 + m
+    return Journal(start, entries, checkpoints, offsets, pos, data)
+
+
+def read_journal(path: Path) -> Journal:
+    return parse_journal(path.read_bytes(), path.name)
+
+
+def looks_torn(journal: Journal, begin: int) -> bool:
+    """Whether the journal's bytes from `begin` on can be a write cut short by a crash: the file
+    ends inside a frame or in zero fill, or a whole 512-byte sector of them is still zero. Entries
+    are JSON (never a NUL byte), so rewriting a committed batch does not look like this."""
+    data = journal.data
+    if journal.used < len(data):
+        return True
+    zero = bytes(512)
+    first = -(-begin // 512) * 512
+    return any(data[i:i + 512] == zero for i in range(first, len(data) - 511, 512))
 
 
 class TileReader:
@@ -129,7 +189,8 @@ class TileReader:
 
 def tail_reader(directory: Path, size: int) -> TileReader:
     """TileReader for a log directory whose tail comes from its journal."""
-    start, entries, _, _ = read_journal(directory / "journal")
+    journal = read_journal(directory / "journal")
+    start, entries = journal.start, journal.entries
     if size < start:
         return TileReader(directory, size, start, [])
     if size > start + len(entries):
