@@ -60,6 +60,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("old_checkpoint", type=Path)
     p.set_defaults(func=cmd_consistency)
 
+    p = sub.add_parser("witness", help="run a C2SP tlog-witness cosigning the checkpoints of the given logs")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--key", type=Path, required=True,
+                   help="witness signer key file (created with --name if missing, mode 0600)")
+    p.add_argument("--name", help="witness name, when the key is created")
+    p.add_argument("--log", action="append", default=[], required=True, metavar="ORIGIN=VKEY",
+                   help="a log to witness: its origin and verifier key (or key file); repeatable")
+    p.add_argument("--state", type=Path, required=True, help="directory for the latest cosigned size per log")
+    p.set_defaults(func=cmd_witness)
+
+    p = sub.add_parser("witness-push", help="push the log's newest checkpoint to a witness and store its cosignature")
+    _dir_and_key(p)
+    p.add_argument("url", help="the witness's submission prefix, e.g. http://127.0.0.1:7380")
+    p.add_argument("--witness-key", required=True, help="the witness's verifier key (or key file)")
+    p.set_defaults(func=cmd_witness_push)
+
 
 def _dir_and_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR")
@@ -263,4 +279,59 @@ def cmd_consistency(args: argparse.Namespace) -> int:
         print(f"INCONSISTENT: {exc}")
         return EXIT_BAD
     print(json.dumps(result))
+    return EXIT_OK
+
+
+@_guard
+def cmd_witness(args: argparse.Namespace) -> int:
+    from gateway.trace.note import SIG_COSIGNATURE_V1, load_or_create_signer, parse_skey
+    from gateway.trace.witness import WitnessState, serve
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
+    try:
+        if args.key.exists():
+            signer = parse_skey(args.key.read_text())
+        elif args.name:
+            signer = load_or_create_signer(args.key, args.name, SIG_COSIGNATURE_V1)
+        else:
+            raise UsageError(f"{args.key} does not exist: pass --name to create it")
+    except NoteError as exc:
+        raise UsageError(f"{args.key}: {exc}") from None
+    if signer.sig_type != SIG_COSIGNATURE_V1:
+        raise UsageError(f"{args.key}: not a cosignature (type 0x04) key")
+    logs = {}
+    for item in args.log:
+        origin, sep, key = item.partition("=")
+        if not sep:
+            raise UsageError(f"--log {item!r}: expected ORIGIN=VKEY")
+        verifier = _load_vkey(key)
+        if verifier.name != origin:
+            raise UsageError(f"--log {item!r}: the key is for {verifier.name!r}")
+        logs[origin] = verifier
+    server = serve((host, int(port)), WitnessState(args.state, logs, signer))
+    print(f"witness {signer.verifier.vkey()} listening on {host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+@_guard
+def cmd_witness_push(args: argparse.Namespace) -> int:
+    from gateway.trace.witness import PushError, WitnessConfig, push_checkpoint
+    verifier = _log_verifier(args)
+    witness_key = _load_vkey(args.witness_key).vkey()
+    try:
+        lines = push_checkpoint(args.directory, verifier, WitnessConfig(args.url, witness_key))
+    except (PushError, ProofError, TileError) as exc:
+        print(f"REFUSED: {exc}")
+        return EXIT_BAD
+    except NoteError as exc:
+        print(f"REFUSED: witness answer: {exc}")
+        return EXIT_BAD
+    sys.stdout.write(lines)
     return EXIT_OK
