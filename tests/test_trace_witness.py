@@ -116,3 +116,16 @@ def test_witness_status_codes(tmp_path, witness):
     assert (status, body) == (409, "10\n")
     # The cosigned state is persisted per log.
     assert any(p.read_text().split("\n")[1] == "10" for p in (tmp_path / "wstate").iterdir())
+
+
+def test_log_pushes_checkpoints_to_witness_in_background(tmp_path, witness):
+    from gateway.trace import WitnessConfig
+    url, wkey, port = witness
+    with TraceLog.open(tmp_path / "log", origin=ORIGIN, signing_key=tmp_path / "key",
+                       witnesses=[WitnessConfig(url, wkey)]) as log:
+        for i in range(500):
+            log.append_sync({"id": f"bg-{i}"})
+    assert log.witness_error is None
+    result = cli("verify", str(tmp_path / "log"), "--pubkey", str(tmp_path / "key.pub"), "--witness", wkey)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at size 500 cosigned by witness.test/w1" in result.stderr

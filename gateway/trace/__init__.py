@@ -5,5 +5,6 @@ Plain library: no mitmproxy, no network (except the witness module's explicit HT
 from gateway.trace.hashing import BodyHasher, body_hasher
 from gateway.trace.log import TraceLog, encode_record
 from gateway.trace.store import TraceError
+from gateway.trace.witness import WitnessConfig
 
-__all__ = ["BodyHasher", "TraceError", "TraceLog", "body_hasher", "encode_record"]
+__all__ = ["BodyHasher", "TraceError", "TraceLog", "WitnessConfig", "body_hasher", "encode_record"]

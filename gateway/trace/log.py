@@ -10,6 +10,7 @@ writer (issue 7).
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections import defaultdict, deque
@@ -20,6 +21,9 @@ from typing import Any
 from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
 from gateway.trace.store import ROTATE_BUNDLES, LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
+from gateway.trace.witness import WitnessConfig, push_checkpoint
+
+log = logging.getLogger(__name__)
 
 Waiter = asyncio.Future | ThreadFuture
 
@@ -173,17 +177,55 @@ class GroupCommitter:
         self._thread.join()
 
 
+class WitnessPusher:
+    """Pushes each published checkpoint to the witnesses on its own thread, so appends never wait
+    for a witness; cosignatures land in the log directory (see gateway.trace.witness)."""
+
+    def __init__(self, directory: Path, store: LogStore, witnesses: list[WitnessConfig]) -> None:
+        self.directory = directory
+        self.verifier = store.signer.verifier
+        self.witnesses = witnesses
+        self.last_error: str | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="trace-log-witness", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            for witness in self.witnesses:
+                try:
+                    push_checkpoint(self.directory, self.verifier, witness)
+                except Exception as exc:  # a witness being down must never stop the log
+                    self.last_error = f"{witness.url}: {exc}"
+                    log.warning("trace log: witness push failed: %s", self.last_error)
+            if self._closing and not self._wake.is_set():
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+
 class TraceLog:
     """Append-only, tamper-evident trace log (see the module docs of gateway.trace)."""
 
-    def __init__(self, store: LogStore, committer: GroupCommitter) -> None:
+    def __init__(self, store: LogStore, committer: GroupCommitter, pusher: WitnessPusher | None = None) -> None:
         self._store = store
         self._committer = committer
+        self._pusher = pusher
         self._closed = False
 
     @classmethod
     def open(cls, directory: Path, *, origin: str, signing_key: Path, max_batch: int = 16384,
-             max_wait: float = 0.0, rotate_bundles: int = ROTATE_BUNDLES) -> "TraceLog":
+             max_wait: float = 0.0, rotate_bundles: int = ROTATE_BUNDLES,
+             witnesses: list[WitnessConfig] | None = None) -> "TraceLog":
         directory, signing_key = Path(directory), Path(signing_key)
         try:
             signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
@@ -193,7 +235,11 @@ class TraceLog:
         pub = directory / "log.pub"
         if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
             pub.write_text(signer.verifier.vkey() + "\n")
-        return cls(store, GroupCommitter(store, max_batch=max_batch, max_wait=max_wait))
+        pusher = WitnessPusher(directory, store, witnesses) if witnesses else None
+        if pusher is not None:
+            store.on_publish = pusher.poke
+            pusher.poke()
+        return cls(store, GroupCommitter(store, max_batch=max_batch, max_wait=max_wait), pusher)
 
     async def append(self, record: dict[str, Any]) -> int:
         """Leaf index of `record`, returned once it and a checkpoint covering it are durable."""
@@ -226,6 +272,11 @@ class TraceLog:
         return self._committer.failure
 
     @property
+    def witness_error(self) -> str | None:
+        """The last failed witness push, if any (appends go on regardless)."""
+        return self._pusher.last_error if self._pusher else None
+
+    @property
     def verifier_key(self) -> str:
         return self._store.signer.verifier.vkey()
 
@@ -234,6 +285,8 @@ class TraceLog:
             return
         self._closed = True
         self._committer.close()
+        if self._pusher is not None:
+            self._pusher.close()  # after the final publish: one last push
         self._store.close_files()
 
     def __enter__(self) -> "TraceLog":

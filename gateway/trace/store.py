@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class LogStore:
         self._partial_size = -1
         self._published_size = -1
         self._published_at = 0.0
+        self.on_publish: Callable[[], None] | None = None  # e.g. poke the witness pusher
 
     # ---- opening and recovery -------------------------------------------------------------------
 
@@ -403,6 +405,8 @@ class LogStore:
         _write_durable(self.directory / "checkpoint", self.checkpoint_note)
         _fsync_dir(self.directory)
         self._published_size = self.checkpoint_size
+        if self.on_publish is not None:
+            self.on_publish()
 
     def write_partial_tiles(self) -> None:
         """Write the partial tiles for the current size (derived data, not fsync'd: the journal
