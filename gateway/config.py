@@ -88,7 +88,7 @@ class Config:
     policy_default: str
     rules: tuple[PolicyRule, ...]
     dlp_rules: Path
-    max_body_size: int
+    spool_threshold: int
     trace_dir: Path
     trace_origin: str
     body_digest: str
@@ -171,9 +171,9 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     listeners = _listeners(sections.get("listeners"), sink, source)
     policy_default, rules = _policy(sections.get("policy"), zone_names, {l.name for l in listeners}, sink, source)
 
-    dlp = section("dlp", {"rules", "max_body_size"}, {"rules"})
+    dlp = section("dlp", {"rules", "spool_threshold"}, {"rules"})
     dlp_rules = dlp["rules"].path_value() if "rules" in dlp else None
-    max_body = dlp["max_body_size"].parsed(parse_size, "size") if "max_body_size" in dlp else 64 * 1024**2
+    spool = dlp["spool_threshold"].parsed(parse_size, "size") if "spool_threshold" in dlp else 8 * 1024**2
 
     trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
     trace_dir = _state_path(trace.get("dir"), state_dir)
@@ -201,7 +201,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return None
     return Config(
         source=source, name=name, state_dir=state_dir, zones=zones, listeners=listeners,
-        policy_default=policy_default, rules=rules, dlp_rules=dlp_rules, max_body_size=max_body,
+        policy_default=policy_default, rules=rules, dlp_rules=dlp_rules, spool_threshold=spool,
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,

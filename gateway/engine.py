@@ -15,6 +15,7 @@ from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from gateway import backpressure
 from gateway.alerts import AlertLog
 from gateway.config import ConfigError, load_config
 from gateway.filters.authorize import Authorize
@@ -63,6 +64,7 @@ class GatewayServer:
         self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
                                    signing_key=trace_key_path(config.state_dir))
         self.alerts = AlertLog(config.alerts_file)
+        backpressure.install()
         self.master = Master(options.Options())
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
@@ -86,8 +88,6 @@ class GatewayServer:
             "mode": [listener.mitmproxy_spec for listener in config.listeners],
             # Lazy: no upstream connection (not even for CONNECT) before the pipeline has decided.
             "connection_strategy": "lazy",
-            # Bodies are held whole for inspection; a larger one is refused rather than passed unscanned.
-            "body_size_limit": str(config.max_body_size),
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
             "ssl_verify_upstream_trusted_ca": str(config.upstream_ca) if config.upstream_ca else None,

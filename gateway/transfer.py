@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,11 @@ class Transfer:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     recorded: bool = False
+    # Bodies spooled to disk while scanned, by direction ("request", "response").
+    spools: dict[str, Any] = field(default_factory=dict)
+    # Checks that must pass before a spooled body is released (the record made durable first).
+    before_release: list[Callable[[], bool]] = field(default_factory=list)
+    cut: bool = False  # a spooled body was withheld: the connection is cut, not answered
     extra: dict[str, Any] = field(default_factory=dict)
 
     def escalate(self, decision: str, reasons: list[Reason] = ()) -> None:

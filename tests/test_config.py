@@ -41,7 +41,7 @@ def test_shipped_default_configuration_loads():
     config = load_config(REPO / "config" / "gateway.yaml")
     assert [listener.name for listener in config.listeners] == ["forward", "publish-local"]
     assert config.policy_default == "deny"
-    assert config.max_body_size == 64 * 1024 * 1024
+    assert config.spool_threshold == 8 * 1024 * 1024
 
 
 def test_valid_file_resolves_paths_relative_to_itself(tmp_path):

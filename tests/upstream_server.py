@@ -6,6 +6,8 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /ids?n=N         a JSON document holding N resident ID numbers (sensitive, for response-side tests)
   /card            a text holding one bank card number (for response-side redaction)
   /text?body=S     answers S as text/plain
+  /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
+  /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
   anything else    200 "ok"
 """
 
@@ -31,17 +33,45 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     log_lock = threading.Lock()
 
+    def _chunks(self):
+        """The request body as it arrives, Content-Length or chunked framing."""
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                yield self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        remaining = int(self.headers.get("content-length") or 0)
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise ConnectionError("body cut short")
+            remaining -= len(chunk)
+            yield chunk
+
     def _handle(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        with self.log_lock, open(self.server.log_path, "a") as log:
-            log.write(json.dumps({"method": self.command, "path": self.path, "bytes": len(body),
-                                  "sha256": hashlib.sha256(body).hexdigest()}) + "\n")
         url = urlsplit(self.path)
+        digest, size, body = hashlib.sha256(), 0, bytearray()
+        for chunk in self._chunks():  # an upload cut short raises here: it is never logged as received
+            digest.update(chunk)
+            size += len(chunk)
+            if url.path != "/sink":
+                body += chunk
+        with self.log_lock, open(self.server.log_path, "a") as log:
+            log.write(json.dumps({"method": self.command, "path": self.path, "bytes": size,
+                                  "sha256": digest.hexdigest()}) + "\n")
+        if url.path == "/big":
+            query = parse_qs(url.query)
+            ids = " ".join(ID_NUMBERS[:int(query.get("ids", ["0"])[0])])
+            return self._big(int(query["bytes"][0]), f" {ids}\n" if ids else "")
         query = parse_qs(url.query)
         content_type = "text/plain; charset=utf-8"
-        if url.path == "/echo":
-            answer = body
+        if url.path == "/sink":
+            answer = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
+            content_type = "application/json"
+        elif url.path == "/echo":
+            answer = bytes(body)
             content_type = self.headers.get("content-type", "application/octet-stream")
         elif url.path == "/ids":
             count = int(query.get("n", ["1"])[0])
@@ -59,6 +89,21 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
+
+    def _big(self, size: int, tail: str) -> None:
+        tail_bytes = tail.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        line = b"filler text of a large export, nothing sensitive here\n"
+        remaining = size - len(tail_bytes)
+        block = line * (65536 // len(line))
+        while remaining > 0:
+            piece = block[:remaining]
+            self.wfile.write(piece)
+            remaining -= len(piece)
+        self.wfile.write(tail_bytes)
 
     do_GET = do_POST = do_PUT = _handle
 

@@ -30,3 +30,4 @@ def refuse(flow: http.HTTPFlow, transfer: Transfer, status: int = 403, error: st
         TRANSFER_ID_HEADER: transfer.id,
     })
     flow.metadata["gateway_refused"] = True
+    flow.request.stream = False  # a refused request's body is read and dropped, never streamed on

@@ -2,6 +2,8 @@
 
 Request bodies are inspected with the rule's request profile (data leaving the client's zone),
 response bodies with its response profile (data arriving), WebSocket messages by their direction.
+Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
+as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from mitmproxy import http
 
 from gateway.dlp import Profile, ScanResult
 from gateway.filters import Gateway, refuse, transfer_of
+from gateway.spool import SpooledBody
 from gateway.transfer import Reason, Transfer
 
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
@@ -24,9 +27,19 @@ class Inspect:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is not None and not flow.response and self._needs_spool(flow.request):
+            flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is not None and not flow.metadata.get("gateway_refused") and self._needs_spool(flow.response):
+            flow.response.stream = self._spooling(flow, transfer, "response", flow.response)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or flow.response or transfer.stopped:
+        if transfer is None or flow.response or transfer.stopped or "request" in transfer.spools:
             return
         profile = self._profile(transfer, "request")
         if profile is None:
@@ -47,7 +60,8 @@ class Inspect:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or flow.metadata.get("gateway_refused") or not flow.response:
+        if transfer is None or flow.metadata.get("gateway_refused") or not flow.response or \
+                "response" in transfer.spools:
             return
         profile = self._profile(transfer, "response")
         response = flow.response
@@ -83,6 +97,41 @@ class Inspect:
         else:
             transfer.escalate(result.action, reasons)
         transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
+
+    def _needs_spool(self, message: http.Message) -> bool:
+        length = message.headers.get("content-length")
+        if length is not None:
+            return length.strip().isdigit() and int(length) > self.gateway.runtime.config.spool_threshold
+        return "chunked" in message.headers.get("transfer-encoding", "").lower()
+
+    def _spooling(self, flow: http.HTTPFlow, transfer: Transfer, direction: str, message: http.Message):
+        """mitmproxy's stream callable for one body: hold every chunk, release all only when clean."""
+        config = self.gateway.runtime.config
+        profile = self._profile(transfer, direction)
+        scan = profile.stream(content_type=message.headers.get("content-type"),
+                              content_encoding=message.headers.get("content-encoding"),
+                              direction=direction, host=transfer.upstream_host) if profile else None
+        spool = SpooledBody(config.state_dir / "spool", scan, config.body_digest)
+        transfer.spools[direction] = spool
+
+        # "Nothing to send" is an empty list, never b"": an empty chunk would end a chunked body.
+        def stream(data: bytes):
+            if data:
+                spool.add(data)
+                return []
+            started = time.perf_counter()
+            result = spool.finish()
+            transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
+            if result.action is not None:
+                # A streamed body cannot be rewritten after the fact: redact fails closed, as block.
+                transfer.escalate("block" if result.action == "redact" else result.action, _reasons(result))
+            if transfer.stopped or not all(check() for check in transfer.before_release):
+                spool.discard()
+                transfer.cut = True
+                return []
+            return spool.release()
+
+        return stream
 
     def _profile(self, transfer: Transfer, direction: str) -> Profile | None:
         if transfer.verdict is None:

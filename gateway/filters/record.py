@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from mitmproxy import http
+from mitmproxy.master import Master
 
 from gateway.alerts import AlertLog
+from gateway.backpressure import cut
 from gateway.dlp import mask_url
 from gateway.filters import refuse, transfer_of
 from gateway.runtime import Runtime
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class RecordingGateway(Protocol):
+    master: Master
     runtime: Runtime
     trace: TraceLog
     alerts: AlertLog
@@ -48,13 +51,31 @@ class Record:
         if transfer is not None and flow.response is not None:
             await self._record(flow, transfer)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or flow.response is None:
+            return
+        flow.response.headers[TRANSFER_ID_HEADER] = transfer.id
+        if callable(flow.response.stream):
+            # The headers go out now and the body once it is clean: the record must be durable first.
+            transfer.before_release.append(lambda: self._record_before_release(flow, transfer))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is not None and transfer.cut and not transfer.recorded:
+            await self._record(flow, transfer)
+            cut(self.gateway.master.addons.get("proxyserver"), flow)
+
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or transfer.recorded:
+        if transfer is None:
             return
-        await self._record(flow, transfer)
+        if not transfer.recorded:
+            await self._record(flow, transfer)
+        if transfer.cut:
+            flow.kill()  # the body was withheld: closing now tells the client it is incomplete
+            return
         assert flow.response is not None
-        flow.response.headers[TRANSFER_ID_HEADER] = transfer.id
         warned = sorted({r.rule for r in transfer.reasons if r.action == "warn"})
         if warned:
             flow.response.headers[WARNING_HEADER] = ", ".join(warned)
@@ -64,7 +85,8 @@ class Record:
         if transfer is None or transfer.recorded:
             return
         transfer.error = flow.error.msg if flow.error else "unknown error"
-        transfer.escalate("error")
+        if not transfer.stopped:
+            transfer.escalate("error")
         await self._record(flow, transfer)
 
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
@@ -85,6 +107,17 @@ class Record:
         if transfer.decision in ("warn", "block", "deny"):
             self.gateway.alerts.write(_alert(record))
 
+    def _record_before_release(self, flow: http.HTTPFlow, transfer: Transfer) -> bool:
+        """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
+        transfer.recorded = True
+        try:
+            self.gateway.trace.append_sync(self._build(flow, transfer))
+        except TraceError as e:
+            log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
+            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            return False
+        return True
+
     def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:
         digest = self.gateway.runtime.config.body_digest
         request, response = flow.request, flow.response
@@ -100,10 +133,10 @@ class Record:
             "method": request.method,
             "url": mask_url(_display_url(request, transfer)),
             "status": response.status_code if response else None,
-            "req_bytes": len(request.raw_content or b""),
-            "resp_bytes": len(response.raw_content or b"") if response else 0,
-            "req_digest": _digest(digest, request.raw_content),
-            "resp_digest": _digest(digest, response.raw_content) if response else None,
+            "req_bytes": _size(transfer, "request", request),
+            "resp_bytes": _size(transfer, "response", response) if response else 0,
+            "req_digest": _digest(digest, transfer, "request", request),
+            "resp_digest": _digest(digest, transfer, "response", response) if response else None,
             "decision": transfer.decision,
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
             "rules": [{"rule": r.rule, "type": r.type, "location": r.location, "action": r.action}
@@ -123,9 +156,17 @@ def _display_url(request: http.Request, transfer: Transfer) -> str:
     return f"{request.scheme}://{authority}{request.path}"
 
 
-def _digest(name: str, body: bytes | None) -> str:
+def _size(transfer: Transfer, direction: str, message: http.Message) -> int:
+    spool = transfer.spools.get(direction)
+    return spool.size if spool is not None else len(message.raw_content or b"")
+
+
+def _digest(name: str, transfer: Transfer, direction: str, message: http.Message) -> str:
+    spool = transfer.spools.get(direction)
+    if spool is not None:
+        return spool.hasher.digest_string()
     hasher = body_hasher(name)
-    hasher.update(body or b"")
+    hasher.update(message.raw_content or b"")
     return hasher.digest_string()
 
 
