@@ -23,6 +23,12 @@ def transfer_of(flow: http.HTTPFlow) -> Transfer | None:
     return flow.metadata.get(METADATA_KEY)
 
 
+def body_size(transfer: Transfer, direction: str, message: http.Message) -> int:
+    """A body's size, also when it was spooled to disk rather than held by mitmproxy."""
+    spool = transfer.spools.get(direction)
+    return spool.size if spool is not None else len(message.raw_content or b"")
+
+
 def refuse(flow: http.HTTPFlow, transfer: Transfer, status: int = 403, error: str = "blocked") -> None:
     """Answer the client ourselves with the JSON refusal; mitmproxy then never contacts the upstream."""
     flow.response = http.Response.make(status, refusal_body(transfer, error), {

@@ -16,7 +16,7 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from gateway.filters import transfer_of
+from gateway.filters import body_size, transfer_of
 from gateway.logs import DecisionLog
 from gateway.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.runtime import Runtime
@@ -145,10 +145,12 @@ class Measure:
         if transfer.extra.get("forwarded"):
             # Bytes that really crossed: the request once sent upstream, the upstream's answer unless
             # the gateway replaced it with its own refusal.
-            if flow.server_conn.timestamp_tcp_setup is not None:
-                self._bytes(transfer, "request", len(flow.request.raw_content or b""))
-            if flow.response is not None and not flow.metadata.get("gateway_refused"):
-                self._bytes(transfer, "response", len(flow.response.raw_content or b""))
+            # A cut transfer's withheld body did not cross (a cut request also has no response).
+            if flow.server_conn.timestamp_tcp_setup is not None and not (
+                    transfer.cut and "request" in transfer.spools):
+                self._bytes(transfer, "request", body_size(transfer, "request", flow.request))
+            if flow.response is not None and not flow.metadata.get("gateway_refused") and not transfer.cut:
+                self._bytes(transfer, "response", body_size(transfer, "response", flow.response))
         for direction, seconds in transfer.extra.get("inspection_seconds", {}).items():
             m.inspection_duration.labels(direction=direction).observe(seconds)
         if "trace_append_seconds" in transfer.extra:

@@ -17,7 +17,7 @@ from mitmproxy.master import Master
 from gateway.alerts import AlertLog
 from gateway.backpressure import cut
 from gateway.dlp import mask_url
-from gateway.filters import refuse, transfer_of
+from gateway.filters import body_size, refuse, transfer_of
 from gateway.runtime import Runtime
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer
@@ -133,8 +133,8 @@ class Record:
             "method": request.method,
             "url": mask_url(_display_url(request, transfer)),
             "status": response.status_code if response else None,
-            "req_bytes": _size(transfer, "request", request),
-            "resp_bytes": _size(transfer, "response", response) if response else 0,
+            "req_bytes": body_size(transfer, "request", request),
+            "resp_bytes": body_size(transfer, "response", response) if response else 0,
             "req_digest": _digest(digest, transfer, "request", request),
             "resp_digest": _digest(digest, transfer, "response", response) if response else None,
             "decision": transfer.decision,
@@ -154,11 +154,6 @@ def _display_url(request: http.Request, transfer: Transfer) -> str:
         request.scheme == "http" and transfer.upstream_port == 80)
     authority = host if default else f"{host}:{transfer.upstream_port}"
     return f"{request.scheme}://{authority}{request.path}"
-
-
-def _size(transfer: Transfer, direction: str, message: http.Message) -> int:
-    spool = transfer.spools.get(direction)
-    return spool.size if spool is not None else len(message.raw_content or b"")
 
 
 def _digest(name: str, transfer: Transfer, direction: str, message: http.Message) -> str:
