@@ -8,6 +8,7 @@ turn a rule off.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ DIGESTS = ("sha256", "sm3")
 # Sections a front-end profile replaces whole, and sections it merges key by key.
 REPLACED_SECTIONS = {"zones", "listeners", "policy"}
 MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls"}
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Config:
     verify_upstream: bool
     management_tls: tuple[Path, Path] | None = None  # (certificate chain, private key) files
     management_auth: BasicAuth | None = None
+    workers: int = 1  # proxy worker processes sharing the listeners (see gateway.workers)
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -162,9 +165,12 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
             return {}
         return node.mapping(allowed, required) or {}
 
-    gw = section("gateway", {"name", "state_dir"}, {"name", "state_dir"})
+    gw = section("gateway", {"name", "state_dir", "workers"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
+    workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
+    if workers is not None and workers > MAX_WORKERS:
+        gw["workers"].error(f"at most {MAX_WORKERS} workers")
 
     zones = _zones(sections.get("zones"), sink, source)
     zone_names = {z.name for z in zones} | {"unknown"}
@@ -205,7 +211,13 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
+        workers=workers,
     )
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _state_path(node: Node | None, state_dir: Path | None) -> Path | None:
