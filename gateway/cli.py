@@ -53,11 +53,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gateway.engine import GatewayServer
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server = GatewayServer(args.config, args.frontend)
+        workers = load_config(args.config, args.frontend).workers
+        if workers > 1:
+            from gateway.workers import Supervisor
+
+            server = Supervisor(args.config, args.frontend)  # no mitmproxy in this process
+        else:
+            from gateway.engine import GatewayServer
+
+            server = GatewayServer(args.config, args.frontend)
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
@@ -65,11 +71,11 @@ def _run(args: argparse.Namespace) -> int:
     from gateway.trace import TraceError
 
     try:
-        asyncio.run(server.serve())
-    except (ManagementError, TraceError) as e:
+        status = asyncio.run(server.serve())
+    except (ManagementError, TraceError, OSError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
@@ -28,6 +30,10 @@ from gateway.metrics import GatewayMetrics, exposition_registry
 from gateway.runtime import Runtime, build_runtime
 from gateway.sdnotify import sd_notify, watchdog_interval
 from gateway.trace import TraceLog
+from gateway.trace.remote import RemoteTraceLog
+
+if TYPE_CHECKING:
+    from gateway.workers import WorkerRole
 
 log = logging.getLogger("gateway")
 
@@ -43,26 +49,38 @@ def trace_key_path(state_dir: Path) -> Path:
 
 
 class GatewayServer:
-    def __init__(self, config_path: Path | None, frontend: str | None = None):
+    """The whole gateway in one process, or (with `worker`) one of several proxy workers run by the
+    supervisor in gateway.workers, which then serves the management listener and the trace log."""
+
+    def __init__(self, config_path: Path | None, frontend: str | None = None, worker: WorkerRole | None = None):
         self.config_path = config_path
         self.frontend = frontend
+        self.worker = worker
         self.runtime: Runtime = build_runtime(load_config(config_path, frontend))
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(worker=worker.index if worker else None)
         self.metrics.config_loaded(True, initial=True)
         self.management: ManagementServer | None = None
-        self.trace: TraceLog | None = None
+        self.trace: TraceLog | RemoteTraceLog | None = None
         self.alerts: AlertLog | None = None
         self.master: Master | None = None
 
     async def serve(self) -> None:
         config = self.runtime.config
         measure = Measure(self)
-        self.management = ManagementServer(config, exposition_registry(self.metrics), measure.problems,
-                                           before_scrape=measure.refresh_trace_metrics)
-        self.management.start()  # first: /healthz answers while the rest starts; a taken port stops us here
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
-                                   signing_key=trace_key_path(config.state_dir))
+        if self.worker is None:
+            self.management = ManagementServer(config, exposition_registry(self.metrics), measure.problems,
+                                               before_scrape=measure.refresh_trace_metrics)
+            self.management.start()  # first: /healthz answers while the rest starts; a taken port stops us here
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
+                                       signing_key=trace_key_path(config.state_dir))
+        else:
+            from gateway.workers import install_inherited_listeners, writer_socket_path
+
+            install_inherited_listeners(self.worker.listen_sockets)
+            # Every record says which worker handled its transfer.
+            self.trace = RemoteTraceLog.connect(writer_socket_path(config.state_dir),
+                                                fields={"worker": self.worker.index})
         self.alerts = AlertLog(config.alerts_file)
         backpressure.install()
         self.master = Master(options.Options())
@@ -75,12 +93,22 @@ class GatewayServer:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.master.shutdown)
+        if self.worker is not None:
+            loop.create_task(self._stop_when_orphaned(self.worker.parent))
         try:
             await self.master.run()
         finally:
-            self.management.stop()
+            if self.management is not None:
+                self.management.stop()
             self.trace.close()
             self.alerts.close()
+
+    async def _stop_when_orphaned(self, supervisor: int) -> None:
+        """A worker whose supervisor is gone (killed outright) must not keep serving unsupervised."""
+        while os.getppid() == supervisor:
+            await asyncio.sleep(1.0)
+        log.error("the supervisor is gone; stopping")
+        self.master.shutdown()
 
     def _engine_options(self) -> dict:
         config = self.runtime.config
@@ -126,6 +154,10 @@ class Announce:
 
     def running(self) -> None:
         config = self.server.runtime.config
+        if self.server.worker is not None:  # the supervisor says where everything is
+            print(f"worker {self.server.worker.index} (pid {os.getpid()}) serving", flush=True)
+            self._ready()
+            return
         bound = self.server.master.addons.get("proxyserver").listen_addrs()
         for listener, address in zip(config.listeners, bound):
             target = f" -> {listener.upstream}" if listener.upstream else ""
@@ -135,6 +167,9 @@ class Announce:
         print(f"trace log: {config.trace_dir}", flush=True)
         print(f"alerts: {config.alerts_file}", flush=True)
         print(f"gateway CA certificate: {ca_dir(config.state_dir) / (CA_BASENAME + '-ca-cert.pem')}", flush=True)
+        self._ready()
+
+    def _ready(self) -> None:
         sd_notify("READY=1")
         if (interval := watchdog_interval()) is not None:
             # Pinged from the event loop itself: a stalled loop stops the pings and systemd restarts us.

@@ -39,10 +39,13 @@ LOCAL_WORK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 
 
 class GatewayMetrics:
-    """The gateway's metrics in their own registry (one instance per process)."""
+    """The gateway's metrics in their own registry (one instance per process). A worker process of
+    several (`worker`: its index) also shows its own open connections, with a `worker` label."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, version: str = __version__):
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = __version__,
+                 worker: int | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.worker = worker
         r = self.registry
         self.transfers = Counter(
             "gateway_transfers", "Transfers through the gateway, by the action taken on them.",
@@ -65,6 +68,11 @@ class GatewayMetrics:
         self.active_connections = Gauge(
             "gateway_active_connections", "Client connections open now.",
             ["listener"], multiprocess_mode="livesum", registry=r)
+        if worker is not None:
+            per_worker = Gauge(
+                "gateway_worker_active_connections", "Client connections open now in each worker process.",
+                ["worker", "listener"], multiprocess_mode="livesum", registry=r)
+            self.active_connections = _AlsoPerWorker(self.active_connections, per_worker, str(worker))
         self.trace_records = Counter(
             "gateway_trace_records", "Records appended to the trace log.", registry=r)
         self.trace_append_duration = Histogram(
@@ -95,8 +103,9 @@ class GatewayMetrics:
         GCCollector(registry=r)
 
     def config_loaded(self, success: bool, *, initial: bool = False) -> None:
-        """A configuration load: the first one at start, then one per reload."""
-        if not initial:
+        """A configuration load: the first one at start, then one per reload. Of several workers,
+        which all load the same file on the same SIGHUP, worker 0 counts the machine's reloads."""
+        if not initial and self.worker in (None, 0):
             self.config_reloads.labels(result="success" if success else "failure").inc()
         if success:
             self.config_last_reload_success.set(time.time())
@@ -107,7 +116,42 @@ class GatewayMetrics:
             self.active_connections.labels(listener=listener)
 
 
-def exposition_registry(metrics: GatewayMetrics) -> CollectorRegistry:
+class _AlsoPerWorker:
+    """The machine-wide gauge, each change also made to this worker's own series."""
+
+    def __init__(self, total: Gauge, per_worker: Gauge, worker: str):
+        self.total, self.per_worker, self.worker = total, per_worker, worker
+
+    def labels(self, **labels: str) -> "_GaugePair":
+        return _GaugePair(self.total.labels(**labels), self.per_worker.labels(worker=self.worker, **labels))
+
+
+class _GaugePair:
+    def __init__(self, *gauges: Gauge):
+        self.gauges = gauges
+
+    def inc(self, amount: float = 1) -> None:
+        for gauge in self.gauges:
+            gauge.inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        for gauge in self.gauges:
+            gauge.dec(amount)
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics (gateway.workers), shown with the workers' in multiprocess mode."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.restarts = Counter(
+            "gateway_process_restarts", "Worker or trace-writer processes the supervisor started again after "
+            "they ended.", ["process"], registry=self.registry)
+        for process in ("worker", "trace-writer"):
+            self.restarts.labels(process=process)
+
+
+def exposition_registry(metrics: GatewayMetrics | SupervisorMetrics) -> CollectorRegistry:
     """The registry /metrics serves: this process's own, or every worker's in multiprocess mode."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:

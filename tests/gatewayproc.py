@@ -25,10 +25,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def gateway_config(state_dir: Path, **sections) -> dict:
+def test_workers() -> int:
+    """Proxy worker processes for end-to-end tests: GATEWAY_TEST_WORKERS (default 1), or set by a
+    test module's fixture (see tests/conftest.py's `workers` parameter)."""
+    return int(os.environ.get("GATEWAY_TEST_WORKERS", "1"))
+
+
+def gateway_config(state_dir: Path, workers: int | None = None, **sections) -> dict:
     """The shipped default configuration with its own state folder and free ports; `sections` replace."""
     config = copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     config["gateway"]["state_dir"] = str(state_dir)
+    config["gateway"]["workers"] = workers if workers is not None else test_workers()
     config["dlp"]["rules"] = str(REPO / "config" / "dlp")
     for listener in config["listeners"]:
         listener["listen"] = f"127.0.0.1:{free_port()}"
