@@ -23,7 +23,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import bcrypt
 import httpx
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
