@@ -3,7 +3,7 @@
 import gzip
 import json
 
-from gateway.commands.dlp import main
+from gateway.cli import main
 
 ID = "11010519491231002X"
 

@@ -1,6 +1,5 @@
 """`gateway doctor` in the namespace lab: silent on the correct boundary, precise on each hole."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -8,7 +7,8 @@ import pytest
 
 from gateway.config import REPO_ROOT, load_config
 from gateway.doctor import diagnose
-from gateway.lab import Lab, lab_supported
+from gateway.lab import Lab
+from tests.labs import built_lab
 
 LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"
 FRONTENDS = sorted(p.stem for p in (REPO_ROOT / "frontends").glob("*.yaml"))
@@ -16,14 +16,7 @@ FRONTENDS = sorted(p.stem for p in (REPO_ROOT / "frontends").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def lab():
-    reason = lab_supported()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(prefix=f"td{os.getpid() % 100000}")
-    lab.down()
-    lab.up()
-    yield lab
-    lab.down()
+    yield from built_lab("td")
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def fresh(lab):
 
 def doctor(lab: Lab, config: Path = LAB_CONFIG, *extra: str):
     """The real command, run inside the lab's gateway namespace."""
-    argv = [sys.executable, "-m", "gateway.commands.ops", "doctor", "-c", str(config), *extra]
+    argv = [sys.executable, "-m", "gateway", "doctor", "-c", str(config), *extra]
     return lab.run("gw", argv, capture_output=True, text=True, timeout=60)
 
 

@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 from gateway.config import REPO_ROOT
-from gateway.lab import Lab, lab_supported
+from gateway.lab import Lab
+from tests.labs import built_lab
 
 # A tiny TCP server and client run inside namespaces with this interpreter.
 SERVE_ONCE = textwrap.dedent(
@@ -38,14 +39,7 @@ CONNECT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def lab():
-    reason = lab_supported()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(prefix=f"tl{os.getpid() % 100000}")
-    lab.down()
-    lab.up()
-    yield lab
-    lab.down()
+    yield from built_lab("tl")
 
 
 def serve(lab: Lab, ns: str, address: str, port: int):

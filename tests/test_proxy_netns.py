@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.lab import Lab, lab_supported
+from gateway.lab import Lab
 from tests.gatewayproc import REPO, start_gateway, start_upstream
+from tests.labs import built_lab
 
 ID_NUMBER = "11010519491231002X"
 UPSTREAM_PORT = 8000
@@ -23,12 +24,9 @@ UPSTREAM_PORT = 8000
 
 @pytest.fixture(scope="module")
 def netlab(tmp_path_factory):
-    reason = lab_supported()
-    if reason:
-        pytest.skip(f"namespace lab unavailable: {reason}")
+    labs = built_lab("gwe")
+    lab = next(labs)
     root = tmp_path_factory.mktemp("netns")
-    lab = Lab(prefix=f"gwe{os.getpid() % 10000}")
-    lab.up()
     config = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     config["gateway"]["state_dir"] = str(root / "state")
     config["dlp"]["rules"] = str(REPO / "config" / "dlp")
@@ -45,7 +43,7 @@ def netlab(tmp_path_factory):
     finally:
         for process in processes:
             process.stop()
-        lab.down()
+        labs.close()
 
 
 def curl(lab: Lab, ns: str, *args: str) -> subprocess.CompletedProcess:

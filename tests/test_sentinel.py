@@ -1,7 +1,6 @@
 """The bypass sentinel in the namespace lab: it sees what the kernel carries between zones, and only that."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import REPO_ROOT
-from gateway.lab import Lab, lab_supported
+from gateway.lab import Lab
+from tests.labs import built_lab
 
 LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"
 METRICS_PORT = 9191
@@ -31,23 +31,16 @@ CONNECT = (
 
 @pytest.fixture(scope="module")
 def lab():
-    reason = lab_supported()
-    if reason:
-        pytest.skip(reason)
     if not any(Path(d).glob("libpcap.so*") for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")):
         pytest.skip("libpcap is missing (Debian package libpcap0.8): the sentinel's kernel filter needs it")
-    lab = Lab(prefix=f"ts{os.getpid() % 100000}")
-    lab.down()
-    lab.up()
-    yield lab
-    lab.down()
+    yield from built_lab("ts")
 
 
 @pytest.fixture
 def sentinel(lab, tmp_path):
     """A real `gateway sentinel` process in the gateway namespace, with its alerts file."""
     alerts = tmp_path / "alerts.jsonl"
-    argv = [sys.executable, "-m", "gateway.commands.ops", "sentinel", "-c", str(LAB_CONFIG),
+    argv = [sys.executable, "-m", "gateway", "sentinel", "-c", str(LAB_CONFIG),
             "--metrics", f"127.0.0.1:{METRICS_PORT}", "--alerts", str(alerts)]
     process = lab.popen("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = process.stdout.readline()

@@ -220,13 +220,3 @@ def test_command(args: argparse.Namespace) -> int:
     print(f"{len(rules.rules)} rules, {examples} examples: " + (f"{len(failures)} failed" if failures else "all pass"))
     return 1 if failures else 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gateway")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
