@@ -42,6 +42,7 @@ class Node:
     file: Path
     path: str
     sink: ErrorSink
+    key_raw: yaml.Node | None = None  # the mapping key this value is stored under, if any
 
     @property
     def line(self) -> int:
@@ -50,31 +51,51 @@ class Node:
     def error(self, message: str) -> None:
         self.sink.add(self, message)
 
-    def _child(self, raw: yaml.Node, key: str | int) -> "Node":
+    def key_error(self, message: str) -> None:
+        """An error about the key this value is stored under (unknown, duplicate), at the key's line."""
+        key_node = Node(self.key_raw, self.file, self.path, self.sink) if self.key_raw is not None else self
+        self.sink.add(key_node, message)
+
+    def absent(self, key: str) -> "Node":
+        """Stands for a key this mapping lacks: a null whose errors name the key's path at the line where the
+        mapping starts (its own key's line when it has one)."""
+        mark = (self.key_raw or self.raw).start_mark
+        null = yaml.ScalarNode("tag:yaml.org,2002:null", "", mark, mark)
+        return self._child(null, key)
+
+    def _child(self, raw: yaml.Node, key: str | int, key_raw: yaml.Node | None = None) -> "Node":
         if isinstance(key, int):
             path = f"{self.path}[{key}]"
         else:
             path = f"{self.path}.{key}" if self.path else key
-        return Node(raw, self.file, path, self.sink)
+        return Node(raw, self.file, path, self.sink, key_raw)
 
-    def mapping(self, allowed: set[str] | None = None, required: set[str] = frozenset()) -> dict[str, "Node"] | None:
-        """The mapping's entries; unknown keys, missing keys and duplicates are errors."""
+    def entries(self) -> dict[str, "Node"] | None:
+        """The mapping's entries (keys that are not strings and duplicate keys are errors), or None without
+        an error when this is not a mapping, for readers that word that error themselves."""
         if not isinstance(self.raw, yaml.MappingNode):
-            self.error(f"expected a mapping, got {_kind(self.raw)}")
             return None
         entries: dict[str, Node] = {}
         for key_raw, value_raw in self.raw.value:
             key = key_raw.value if isinstance(key_raw, yaml.ScalarNode) else None
-            child = self._child(value_raw, str(key))
+            child = self._child(value_raw, str(key), key_raw)
             if not isinstance(key, str):
                 Node(key_raw, self.file, self.path, self.sink).error("keys must be strings")
             elif key in entries:
-                Node(key_raw, self.file, child.path, self.sink).error("duplicate key")
-            elif allowed is not None and key not in allowed:
-                Node(key_raw, self.file, child.path, self.sink).error(
-                    f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+                child.key_error("duplicate key")
             else:
                 entries[key] = child
+        return entries
+
+    def mapping(self, allowed: set[str] | None = None, required: set[str] = frozenset()) -> dict[str, "Node"] | None:
+        """The mapping's entries; unknown keys, missing keys and duplicates are errors."""
+        entries = self.entries()
+        if entries is None:
+            self.error(f"expected a mapping, got {_kind(self.raw)}")
+            return None
+        for key in list(entries):
+            if allowed is not None and key not in allowed:
+                entries.pop(key).key_error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
         for key in sorted(required - entries.keys()):
             self.error(f"missing required key '{key}'")
         return entries
@@ -87,11 +108,20 @@ class Node:
         for index, item in enumerate(self.raw.value):
             yield self._child(item, index)
 
+    def plain(self) -> Any:
+        """The value as plain Python data (dicts, lists, scalars) without type checks, for readers that check
+        types themselves and word their own errors. Only what PyYAML cannot build (an unknown tag) is an error."""
+        try:
+            return yaml.SafeLoader(" ").construct_object(self.raw, deep=True)
+        except yaml.constructor.ConstructorError as e:
+            self.error(f"cannot read this value: {e.problem}")
+            return None
+
     def scalar(self) -> Any:
         if not isinstance(self.raw, yaml.ScalarNode):
             self.error(f"expected a single value, got {_kind(self.raw)}")
             return None
-        return yaml.SafeLoader(" ").construct_object(self.raw, deep=True)
+        return self.plain()
 
     def string(self, choices: tuple[str, ...] | None = None) -> str | None:
         value = self.scalar()
@@ -154,8 +184,10 @@ def _kind(raw: yaml.Node) -> str:
     return f"'{raw.value}'" if raw.value != "" else "nothing"
 
 
-def load_document(file: Path, sink: ErrorSink) -> Node | None:
-    """The file's single YAML document as a Node; syntax errors are recorded with their position."""
+def load_document(file: Path, sink: ErrorSink, *, syntax_label: str = "syntax",
+                  empty_ok: bool = False) -> Node | None:
+    """The file's single YAML document as a Node; syntax errors are recorded with their position, under
+    `(syntax_label)` in place of a key path. An empty file is an error unless `empty_ok` (then None)."""
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -166,13 +198,14 @@ def load_document(file: Path, sink: ErrorSink) -> Node | None:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 0
-        sink.errors.append(f"{file}:{line}: (syntax): {e.problem or e}")
+        sink.errors.append(f"{file}:{line}: ({syntax_label}): {e.problem or e}")
         return None
     except yaml.YAMLError as e:
-        sink.errors.append(f"{file}:0: (syntax): {e}")
+        sink.errors.append(f"{file}:0: ({syntax_label}): {e}")
         return None
     if raw is None:
-        sink.errors.append(f"{file}:1: (top): the file is empty")
+        if not empty_ok:
+            sink.errors.append(f"{file}:1: (top): the file is empty")
         return None
     return Node(raw, file, "", sink)
 

@@ -4,11 +4,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from gateway.dlp.decode import Limits
 from gateway.dlp.detectors import DETECTORS
 from gateway.dlp.matcher import HYPERSCAN_AVAILABLE, Matcher, PatternError, PatternSpec
+from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document
 
 ACTIONS = ("block", "redact", "warn", "audit")        # strongest first
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -16,10 +15,8 @@ DIRECTIONS = ("request", "response", "both")
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
-class DlpConfigError(Exception):
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
+class DlpConfigError(ConfigError):
+    """Every problem found in the DLP rule files, each formatted `FILE:LINE: key.path: message` (`.errors`)."""
 
 
 @dataclass(frozen=True)
@@ -58,177 +55,151 @@ def canonical_value(value: str) -> str:
     return "".join(c for c in value if c not in " -").upper()
 
 
-class _Source:
-    """A parsed YAML file: plain Python values plus the line of every key path."""
-
-    def __init__(self, path: Path, errors: list[str]):
-        self.path = path
-        self.lines: dict[tuple, int] = {}
-        self.errors = errors
-        self.data: object = None
-        try:
-            loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
-            try:
-                node = loader.get_single_node()
-            finally:
-                loader.dispose()
-            self.data = self._convert(node, (), loader) if node is not None else {}
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark or error.context_mark
-            line = mark.line + 1 if mark else 1
-            errors.append(f"{path}:{line}: (yaml): {error.problem or error}")
-        except (OSError, UnicodeDecodeError) as error:
-            errors.append(f"{path}:1: (file): {error}")
-
-    def _convert(self, node: yaml.Node, path: tuple, loader: yaml.SafeLoader) -> object:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            result = {}
-            for key_node, value_node in node.value:
-                key = loader.construct_object(key_node)
-                if key in result:
-                    self.error(path + (key,), "duplicate key", key_node.start_mark.line + 1)
-                result[key] = self._convert(value_node, path + (key,), loader)
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self._convert(item, path + (index,), loader) for index, item in enumerate(node.value)]
-        return loader.construct_object(node)
-
-    def line(self, path: tuple) -> int:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
-
-    def error(self, path: tuple, message: str, line: int | None = None) -> None:
-        self.errors.append(f"{self.path}:{line or self.line(path)}: {format_path(path)}: {message}")
-
-
-def format_path(path: tuple) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top)"
-
-
 _RULE_KEYS = {"id", "description", "detectors", "patterns", "keywords", "case_sensitive", "field_names", "fields",
               "type", "min_count", "action", "severity", "direction", "exceptions", "examples"}
 _PROFILE_KEYS = {"description", "rules", "uninspectable", "limits"}
 
 
-def _string_list(source: _Source, value: object, path: tuple) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-        source.error(path, "must be a list of non-empty strings")
-        return ()
-    return tuple(value)
+class _Entries:
+    """A mapping's entries read with the rule files' wording: unknown keys are errors, absent keys read as None."""
+
+    def __init__(self, node: Node, entries: dict[str, Node], known: set[str] | list[str], what: str):
+        self.node = node
+        self.entries = entries
+        listed = ", ".join(sorted(known) if isinstance(known, set) else known)
+        for key, child in entries.items():
+            if key not in known:
+                child.key_error(f"unknown {what} (known: {listed})")
+
+    @classmethod
+    def of(cls, node: Node, known: set[str] | list[str], not_mapping: str, what: str = "key") -> "_Entries | None":
+        """The entries of `node`, or None after the error `not_mapping` when it is not a mapping."""
+        entries = node.entries()
+        if entries is None:
+            node.error(not_mapping)
+            return None
+        return cls(node, entries, known, what)
+
+    def at(self, key: str) -> Node:
+        """The entry, or a stand-in naming the key's path at the mapping's line."""
+        return self.entries.get(key) or self.node.absent(key)
+
+    def get(self, key: str, default: object = None) -> object:
+        entry = self.entries.get(key)
+        return entry.plain() if entry is not None else default
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            self.at(key).error("must be a list of non-empty strings")
+            return ()
+        return tuple(value)
+
+    def string_items(self, key: str) -> list[tuple[Node, str]]:
+        """A list of strings with each item's node, for errors about one item."""
+        values = self.strings(key)
+        return list(zip(self.at(key).items(), values)) if values else []
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str:
+        value = self.get(key)
+        if value is None and default is not None:
+            return default
+        if value not in choices:
+            self.at(key).error(f"must be one of {', '.join(choices)} (got {value!r})")
+            return default or choices[0]
+        return value
 
 
-def _choice(source: _Source, value: object, path: tuple, choices: tuple[str, ...], default: str | None) -> str:
-    if value is None and default is not None:
-        return default
-    if value not in choices:
-        source.error(path, f"must be one of {', '.join(choices)} (got {value!r})")
-        return default or choices[0]
-    return value
-
-
-def _parse_rule(source: _Source, raw: object, path: tuple) -> Rule | None:
-    if not isinstance(raw, dict):
-        source.error(path, "a rule must be a mapping")
+def _parse_rule(node: Node, rules: dict[str, Rule]) -> Rule | None:
+    """The rule at `node`, or None after recording its errors; `rules` are those read before it."""
+    raw = _Entries.of(node, _RULE_KEYS, "a rule must be a mapping")
+    if raw is None:
         return None
-    errors_before = len(source.errors)
-    for key in raw:
-        if key not in _RULE_KEYS:
-            source.error(path + (key,), f"unknown key (known: {', '.join(sorted(_RULE_KEYS))})")
+    errors_before = len(node.sink.errors)
     rule_id = raw.get("id")
     if not isinstance(rule_id, str) or not _RULE_ID.fullmatch(rule_id):
-        source.error(path + ("id",), "required: letters, digits, '_', '-', '.'")
-        rule_id = f"<rules{format_path(path[1:])}>"
-    detectors = _string_list(source, raw.get("detectors"), path + ("detectors",))
-    for index, name in enumerate(detectors):
+        raw.at("id").error("required: letters, digits, '_', '-', '.'")
+        rule_id = f"<{node.path}>"
+    detectors = raw.string_items("detectors")
+    for item, name in detectors:
         if name not in DETECTORS:
-            source.error(path + ("detectors", index), f"unknown detector {name!r} (known: {', '.join(DETECTORS)})")
-    patterns = _string_list(source, raw.get("patterns"), path + ("patterns",))
+            item.error(f"unknown detector {name!r} (known: {', '.join(DETECTORS)})")
+    patterns = raw.string_items("patterns")
     case_sensitive = raw.get("case_sensitive", False)
     if not isinstance(case_sensitive, bool):
-        source.error(path + ("case_sensitive",), "must be true or false")
+        raw.at("case_sensitive").error("must be true or false")
         case_sensitive = False
-    for index, pattern in enumerate(patterns):
+    for item, pattern in patterns:
         try:
             Matcher([PatternSpec(pattern, not case_sensitive)], "hyperscan" if HYPERSCAN_AVAILABLE else "re")
         except PatternError as error:
-            source.error(path + ("patterns", index), str(error))
-    keywords = _string_list(source, raw.get("keywords"), path + ("keywords",))
-    field_names = _string_list(source, raw.get("field_names"), path + ("field_names",))
-    fields = _string_list(source, raw.get("fields"), path + ("fields",))
+            item.error(str(error))
+    keywords = raw.strings("keywords")
+    field_names = raw.strings("field_names")
+    fields = raw.strings("fields")
     if not (detectors or patterns or keywords or field_names):
-        source.error(path, "a rule needs detectors, patterns, keywords or field_names")
+        node.error("a rule needs detectors, patterns, keywords or field_names")
     description = raw.get("description", "")
     if not isinstance(description, str):
-        source.error(path + ("description",), "must be a string")
+        raw.at("description").error("must be a string")
         description = ""
     finding_type = raw.get("type")
     if finding_type is not None and not isinstance(finding_type, str):
-        source.error(path + ("type",), "must be a string")
+        raw.at("type").error("must be a string")
         finding_type = None
     min_count = raw.get("min_count", 1)
     if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
-        source.error(path + ("min_count",), f"must be an integer >= 1 (got {min_count!r})")
+        raw.at("min_count").error(f"must be an integer >= 1 (got {min_count!r})")
         min_count = 1
-    action = _choice(source, raw.get("action"), path + ("action",), ACTIONS, None)
-    severity = _choice(source, raw.get("severity"), path + ("severity",), SEVERITIES, "medium")
-    direction = _choice(source, raw.get("direction"), path + ("direction",), DIRECTIONS, "both")
-    exceptions = raw.get("exceptions") or {}
+    action = raw.choice("action", ACTIONS, None)
+    severity = raw.choice("severity", SEVERITIES, "medium")
+    direction = raw.choice("direction", DIRECTIONS, "both")
     allow_values: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
-    if not isinstance(exceptions, dict):
-        source.error(path + ("exceptions",), "must be a mapping with values and/or hosts")
-    else:
-        for key in exceptions:
-            if key not in ("values", "hosts"):
-                source.error(path + ("exceptions", key), "unknown key (known: hosts, values)")
-        allow_values = _string_list(source, exceptions.get("values"), path + ("exceptions", "values"))
-        allow_hosts = _string_list(source, exceptions.get("hosts"), path + ("exceptions", "hosts"))
-    examples = raw.get("examples")
+    if raw.get("exceptions"):
+        exceptions = _Entries.of(raw.at("exceptions"), {"values", "hosts"},
+                                 "must be a mapping with values and/or hosts")
+        if exceptions is not None:
+            allow_values = exceptions.strings("values")
+            allow_hosts = exceptions.strings("hosts")
     match: tuple[str, ...] = ()
     no_match: tuple[str, ...] = ()
-    if not isinstance(examples, dict):
-        source.error(path + ("examples",), "required: a mapping with match (and no_match) example texts")
-    else:
-        for key in examples:
-            if key not in ("match", "no_match"):
-                source.error(path + ("examples", key), "unknown key (known: match, no_match)")
-        match = _string_list(source, examples.get("match"), path + ("examples", "match"))
-        no_match = _string_list(source, examples.get("no_match"), path + ("examples", "no_match"))
+    examples = _Entries.of(raw.at("examples"), {"match", "no_match"},
+                           "required: a mapping with match (and no_match) example texts")
+    if examples is not None:
+        match = examples.strings("match")
+        no_match = examples.strings("no_match")
         if not match:
-            source.error(path + ("examples", "match"), "at least one example the rule must match")
-    if len(source.errors) > errors_before:
+            examples.at("match").error("at least one example the rule must match")
+    if len(node.sink.errors) > errors_before:
+        return None
+    if rule_id in rules:
+        raw.at("id").error(f"duplicate rule id {rule_id!r} (first at {rules[rule_id].source})")
         return None
     return Rule(
         id=rule_id, description=description, action=action, severity=severity, direction=direction,
-        detectors=detectors, patterns=patterns, keywords=keywords, case_sensitive=case_sensitive,
+        detectors=tuple(name for _, name in detectors), patterns=tuple(pattern for _, pattern in patterns),
+        keywords=keywords, case_sensitive=case_sensitive,
         field_names=frozenset(n.lower() for n in field_names), fields=frozenset(n.lower() for n in fields),
         type=finding_type, min_count=min_count, allow_values=frozenset(canonical_value(v) for v in allow_values),
         allow_hosts=tuple(h.lower() for h in allow_hosts), examples_match=match, examples_no_match=no_match,
-        source=f"{source.path}:{source.line(path)}",
+        source=f"{node.file}:{node.line}",
     )
 
 
-def _parse_limits(source: _Source, raw: object, path: tuple) -> Limits:
+def _parse_limits(node: Node) -> Limits:
+    raw = _Entries.of(node, list(Limits.__dataclass_fields__), "must be a mapping", what="limit")
     if raw is None:
         return Limits()
-    if not isinstance(raw, dict):
-        source.error(path, "must be a mapping")
-        return Limits()
-    known = Limits.__dataclass_fields__
     values = {}
-    for key, value in raw.items():
-        if key not in known:
-            source.error(path + (key,), f"unknown limit (known: {', '.join(known)})")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            source.error(path + (key,), f"must be a positive integer (got {value!r})")
+    for key, entry in raw.entries.items():
+        if key not in Limits.__dataclass_fields__:
+            continue  # reported as an unknown limit
+        value = entry.plain()
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            entry.error(f"must be a positive integer (got {value!r})")
         else:
             values[key] = value
     return Limits(**values)
@@ -243,69 +214,65 @@ class ProfileSpec:
     limits: Limits
 
 
+def _parse_profile(name: str, node: Node, rules: dict[str, Rule]) -> ProfileSpec | None:
+    raw = _Entries.of(node, _PROFILE_KEYS, "a profile must be a mapping")
+    if raw is None:
+        return None
+    rule_ids = raw.string_items("rules")
+    if not rule_ids:
+        raw.at("rules").error("a profile needs at least one rule")
+    members = []
+    for item, rule_id in rule_ids:
+        if rule_id in rules:
+            members.append(rules[rule_id])
+        else:
+            item.error(f"unknown rule {rule_id!r}")
+    uninspectable = raw.choice("uninspectable", ("block", "warn", "audit"), "block")
+    description = raw.get("description", "")
+    limits = _parse_limits(raw.at("limits")) if raw.get("limits") is not None else Limits()
+    return ProfileSpec(name, description if isinstance(description, str) else "", tuple(members), uninspectable,
+                       limits)
+
+
 def parse_files(paths: list[Path]) -> tuple[dict[str, Rule], dict[str, ProfileSpec]]:
     """Parse rule files; raises DlpConfigError listing every problem."""
-    errors: list[str] = []
+    sink = ErrorSink()
     rules: dict[str, Rule] = {}
-    raw_profiles: list[tuple[_Source, str, object, tuple]] = []
+    profile_nodes: list[tuple[str, Node]] = []
     for path in paths:
-        source = _Source(path, errors)
-        if source.data is None:
+        document = load_document(path, sink, syntax_label="yaml", empty_ok=True)
+        if document is None:
             continue
-        if not isinstance(source.data, dict):
-            source.error((), "a rule file is a mapping with rules: and/or profiles:")
+        top = _Entries.of(document, ["rules", "profiles"], "a rule file is a mapping with rules: and/or profiles:",
+                          what="top-level key")
+        if top is None:
             continue
-        for key in source.data:
-            if key not in ("rules", "profiles"):
-                source.error((key,), "unknown top-level key (known: rules, profiles)")
-        raw_rules = source.data.get("rules") or []
-        if not isinstance(raw_rules, list):
-            source.error(("rules",), "must be a list of rules")
-            raw_rules = []
-        for index, raw in enumerate(raw_rules):
-            rule = _parse_rule(source, raw, ("rules", index))
-            if rule is None:
+        if top.get("rules"):
+            if not isinstance(top.get("rules"), list):
+                top.at("rules").error("must be a list of rules")
+            else:
+                for item in top.at("rules").items():
+                    if rule := _parse_rule(item, rules):
+                        rules[rule.id] = rule
+        if top.get("profiles"):
+            profiles = top.at("profiles").entries()
+            if profiles is None:
+                top.at("profiles").error("must be a mapping of profile name to profile")
                 continue
-            if rule.id in rules:
-                source.error(("rules", index, "id"), f"duplicate rule id {rule.id!r} (first at {rules[rule.id].source})")
-                continue
-            rules[rule.id] = rule
-        profiles = source.data.get("profiles") or {}
-        if not isinstance(profiles, dict):
-            source.error(("profiles",), "must be a mapping of profile name to profile")
-            continue
-        for name, raw in profiles.items():
-            raw_profiles.append((source, name, raw, ("profiles", name)))
+            profile_nodes += profiles.items()
     profiles_out: dict[str, ProfileSpec] = {}
-    for source, name, raw, path in raw_profiles:
-        if not isinstance(raw, dict):
-            source.error(path, "a profile must be a mapping")
+    for name, node in profile_nodes:
+        spec = _parse_profile(name, node, rules)
+        if spec is None:
             continue
         if name in profiles_out:
-            source.error(path, f"duplicate profile {name!r}")
+            node.error(f"duplicate profile {name!r}")
             continue
-        for key in raw:
-            if key not in _PROFILE_KEYS:
-                source.error(path + (key,), f"unknown key (known: {', '.join(sorted(_PROFILE_KEYS))})")
-        rule_ids = _string_list(source, raw.get("rules"), path + ("rules",))
-        if not rule_ids:
-            source.error(path + ("rules",), "a profile needs at least one rule")
-        members = []
-        for index, rule_id in enumerate(rule_ids):
-            if rule_id in rules:
-                members.append(rules[rule_id])
-            else:
-                source.error(path + ("rules", index), f"unknown rule {rule_id!r}")
-        uninspectable = _choice(source, raw.get("uninspectable"), path + ("uninspectable",),
-                                ("block", "warn", "audit"), "block")
-        description = raw.get("description", "")
-        profiles_out[name] = ProfileSpec(name, description if isinstance(description, str) else "",
-                                         tuple(members), uninspectable, _parse_limits(source, raw.get("limits"),
-                                                                                      path + ("limits",)))
+        profiles_out[name] = spec
     if not paths:
-        errors.append("(rules): no rule files given")
-    if errors:
-        raise DlpConfigError(errors)
+        sink.errors.append("(rules): no rule files given")
+    if sink.errors:
+        raise DlpConfigError(sink.errors)
     return rules, profiles_out
 
 
