@@ -1,6 +1,9 @@
 """Requests/s and latency through stock mitmdump (no addons) and through the gateway, in one run.
 
-    .venv/bin/python bench/proxy.py [--requests N] [--concurrency C] [--sizes 1024,1048576]
+    .venv/bin/python bench/proxy.py [--seconds S] [--connections C] [--sizes 1024,1048576] [--workers 1,2]
+
+With --workers, the gateway runs once per worker count instead (no mitmdump) and the ratios are
+against the first count: `--workers 1,2` shows what a second worker process adds (gateway.workers).
 
 Both proxies publish the same fast upstream on 127.0.0.2 as reverse proxies (the gateway's full pipeline:
 zones, policy, DLP on both directions, a durable trace record per transfer, metrics), and the same load
@@ -102,6 +105,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of each measured run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--sizes", default="1024,1048576")
+    parser.add_argument("--workers", help="compare the gateway with these worker counts, e.g. 1,2")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
@@ -114,36 +118,48 @@ def main() -> None:
         upstream_port = free_port("127.0.0.2")
         upstream = Process([sys.executable, "-c", FAST_UPSTREAM, str(upstream_port)])
         upstream.wait_for("ready")
-        config = gateway_config(root / "state")
-        config["listeners"][1]["upstream"] = f"http://127.0.0.2:{upstream_port}"
-        gateway_port = int(config["listeners"][1]["listen"].rsplit(":", 1)[1])
-        gateway = start_gateway(write_config(root / "gateway.yaml", config))
-        stock_port = free_port()
-        stock = Process([str(mitmdump), "-q", "--mode",
-                         f"reverse:http://127.0.0.2:{upstream_port}@127.0.0.1:{stock_port}",
-                         "--set", f"confdir={root / 'mitmproxy'}"])
+        ports: dict[str, int] = {}
+        processes = [upstream]
+
+        def gateway(name: str, workers: int) -> None:
+            config = gateway_config(root / name, workers=workers)
+            config["listeners"][1]["upstream"] = f"http://127.0.0.2:{upstream_port}"
+            ports[name] = int(config["listeners"][1]["listen"].rsplit(":", 1)[1])
+            processes.append(start_gateway(write_config(root / f"{name}.yaml", config)))
+
+        if args.workers:
+            for workers in (int(n) for n in args.workers.split(",")):
+                gateway(f"gateway-{workers}w", workers)
+        else:
+            stock_port = free_port()
+            processes.append(Process([str(mitmdump), "-q", "--mode",
+                                      f"reverse:http://127.0.0.2:{upstream_port}@127.0.0.1:{stock_port}",
+                                      "--set", f"confdir={root / 'mitmproxy'}"]))
+            ports["mitmdump"] = stock_port
+            gateway("gateway", 1)
         time.sleep(3)
-        ports = {"mitmdump": stock_port, "gateway": gateway_port}
+        baseline = next(iter(ports))
         try:
             print(f"cpu cores: {os.cpu_count()}; wrk 1 thread, {args.connections} connections, "
                   f"{args.seconds} s runs, keep-alive POST of clean text")
-            print(f"{'size':>9} {'proxy':<9} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}")
+            print(f"{'size':>9} {'proxy':<11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}")
             for size in (int(s) for s in args.sizes.split(",")):
                 body = root / f"body-{size}"
                 body.write_bytes(clean_body(size))
                 for port in ports.values():  # warm-up
                     wrk(port, body, 2, args.connections, script)
                 runs = {name: [] for name in ports}
-                for _ in range(2):  # interleaved, so drift on a shared machine hits both alike
+                for _ in range(2):  # interleaved, so drift on a shared machine hits all alike
                     for name, port in ports.items():
                         runs[name].append(wrk(port, body, args.seconds, args.connections, script))
                 best = {name: max(results, key=lambda r: r["rps"]) for name, results in runs.items()}
                 for name, r in best.items():
-                    print(f"{size:>9} {name:<9} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6}")
-                print(f"{size:>9} ratio gateway/mitmdump: req/s {best['gateway']['rps'] / best['mitmdump']['rps']:.2f}, "
-                      f"p99 {best['gateway']['p99'] / max(best['mitmdump']['p99'], 0.001):.2f}")
+                    print(f"{size:>9} {name:<11} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6}")
+                for name in list(best)[1:]:
+                    print(f"{size:>9} ratio {name}/{baseline}: req/s {best[name]['rps'] / best[baseline]['rps']:.2f}, "
+                          f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}")
         finally:
-            for process in (stock, gateway, upstream):
+            for process in reversed(processes):
                 process.stop()
 
 

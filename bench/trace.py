@@ -4,12 +4,20 @@ write and fdatasync per batch), against a baseline of one commit per record meas
 run; the append latency at a steady load below saturation; then records/s verified on one core.
 
     .venv/bin/python bench/trace.py [--records 100000] [--producers 64] [--dir /var/tmp/...]
+                                    [--remote-processes 2]
+
+Then the same through the machine's trace writer process (gateway.trace.remote, as the gateway runs
+it with several workers): the 64 producers split over --remote-processes client processes, each
+record answered only once durable; durable records/s against the in-process figure.
 """
 
 import argparse
 import asyncio
+import multiprocessing
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +25,7 @@ from pathlib import Path
 from gateway.trace import TraceLog
 from gateway.trace.audit import verify_log
 from gateway.trace.note import parse_vkey
+from gateway.trace.remote import RemoteTraceLog
 
 ORIGIN = "bench.gateway/trace"
 
@@ -92,6 +101,55 @@ def bench_one_fsync_per_record(base: Path, total: int) -> float:
     return total / elapsed
 
 
+def _remote_producers(socket_path: Path, first: int, step: int, total: int, producers: int,
+                      start: multiprocessing.Event, done: multiprocessing.Queue) -> None:
+    """One client process (a gateway worker's share): `producers` tasks appending every `step`-th record."""
+    client = RemoteTraceLog.connect(socket_path)
+    assert client.failure is None, client.failure
+
+    async def producer(p: int) -> None:
+        for k in range(first + p * step, total, producers * step):
+            await client.append(record(k))
+
+    async def main() -> None:
+        await asyncio.gather(*(producer(p) for p in range(producers)))
+
+    start.wait()
+    asyncio.run(main())
+    done.put(client.records_appended)
+    client.close()
+
+
+def bench_remote(base: Path, total: int, producers: int, processes: int) -> float:
+    """Durable records/s through the writer process, from `processes` clients sharing `producers` tasks."""
+    socket_path = base / "writer.sock"
+    writer = subprocess.Popen([sys.executable, "-m", "gateway.trace.remote", "--dir", str(base / "remote"),
+                               "--origin", ORIGIN, "--key", str(base / "key"), "--socket", str(socket_path)])
+    try:
+        while not socket_path.exists():
+            assert writer.poll() is None, "trace writer did not start"
+            time.sleep(0.02)
+        spawn = multiprocessing.get_context("spawn")
+        start, done = spawn.Event(), spawn.Queue()
+        clients = [spawn.Process(target=_remote_producers,
+                                 args=(socket_path, c, processes, total, producers // processes, start, done))
+                   for c in range(processes)]
+        for client in clients:
+            client.start()
+        time.sleep(2.0)  # every client connected and idle
+        began = time.perf_counter()
+        start.set()
+        appended = sum(done.get(timeout=600) for _ in clients)
+        elapsed = time.perf_counter() - began
+        for client in clients:
+            client.join()
+        assert appended == total, (appended, total)
+        return total / elapsed
+    finally:
+        writer.terminate()
+        writer.wait(30)
+
+
 def bench_verify(base: Path) -> tuple[float, int]:
     verifier = parse_vkey((base / "key.pub").read_text())
     start = time.perf_counter()
@@ -108,6 +166,8 @@ def main() -> None:
     parser.add_argument("--baseline-records", type=int, default=2_000)
     parser.add_argument("--paced-rate", type=float, default=5_000, help="offered records/s for the latency run")
     parser.add_argument("--dir", type=Path, default=None, help="parent directory (default: a temp dir on /var/tmp)")
+    parser.add_argument("--remote-processes", type=int, default=2,
+                        help="client processes sharing the producers in the trace-writer run (0: skip it)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="trace-bench-", dir=args.dir or "/var/tmp"))
     try:
@@ -115,6 +175,8 @@ def main() -> None:
         group, latencies = bench_group_commit(base, args.records, args.producers)
         verified, count = bench_verify(base)
         paced, paced_p50, paced_p99 = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
+        remote = bench_remote(base, args.records, args.producers, args.remote_processes) \
+            if args.remote_processes else None
         latencies.sort()
         p50 = statistics.median(latencies) * 1e3
         p99 = latencies[int(len(latencies) * 0.99)] * 1e3
@@ -126,6 +188,10 @@ def main() -> None:
               f"p50 {paced_p50:.2f} ms p99 {paced_p99:.2f} ms  (goal: p99 <= 5 ms)")
         print(f"verify (one core):                       {verified:,.0f} records/s ({count} records)"
               f"  (goal: >= 200,000 records/s)")
+        if remote is not None:
+            print(f"trace writer process, {args.producers} producers in {args.remote_processes} client processes: "
+                  f"{remote:,.0f} durable records/s ({args.records} records); ratio to in-process group commit "
+                  f"{remote / group:.2f}x")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
