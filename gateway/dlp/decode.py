@@ -182,10 +182,10 @@ class _Walker:
         def locate(offset: int) -> tuple[str, str | None]:
             return child(location, f"offset {offset}"), None
         self.out.segments.append(text_segment(text, location, None, locate, data))
-        if "\\u" in text:  # JavaScript, malformed JSON: what a \u escape hides is scanned too
+        if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
-        if "&#" in text:  # HTML and XML character references
+        if _contains(text, "&#"):  # HTML and XML character references
             self.out.segments.append(text_segment(html.unescape(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
 
@@ -389,6 +389,12 @@ class _Walker:
                         self.out.segments.append(text_segment(text, child(location, f"docx {part} paragraph {number}")))
         except ElementTree.ParseError as error:
             self.problem(location, f"unreadable docx document: {error}")
+
+
+def _contains(text: str, needle: str) -> bool:
+    """`needle in text`, its first character looked for first: a one-character search runs at memchr speed,
+    CPython's search for two characters about 25x slower (1 ms per MiB of CJK text), and most texts lack both."""
+    return needle[0] in text and needle in text
 
 
 def _looks_like_csv(text: str) -> bool:

@@ -79,6 +79,9 @@ class Detector:
     context_words: tuple[str, ...] = ()  # when set, a hinting field name or one of these words nearby is required
     group_separators: bytes = b""  # a grouped match continued by one of these and a digit is part of a longer number
     extend_left: frozenset[int] = frozenset()  # bytes a match is grown over, leftwards, before validation
+    # Scanned by Hyperscan with a database of its own: the e-mail pattern merged with the class-only number
+    # patterns made the shared automaton about 10x slower on CJK text (2.5 ms against 0.2 + 0.1 ms per MiB).
+    own_database: bool = False
 
     def valid(self, token: str) -> bool:
         return all(ok for _, ok in self.check(token))
@@ -142,7 +145,7 @@ DETECTORS: dict[str, Detector] = {d.name: d for d in (
         "email", "e-mail address",
         # the local part is grown leftwards in Python: bounded repeats before '@' are too large for Hyperscan
         (r"[A-Za-z0-9._%+\-]@[A-Za-z0-9][A-Za-z0-9.\-]*\.[A-Za-z]{2,24}\b",),
-        v.check_email, _mask_email, priority=10, extend_left=frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        v.check_email, _mask_email, priority=10, own_database=True, extend_left=frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                                                       b"abcdefghijklmnopqrstuvwxyz0123456789._%+-"),
         hint_fields=_hints("email", "mail", "yx", "dzyx", "邮箱", "电子邮箱", "电子邮件"),
     ),

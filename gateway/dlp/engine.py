@@ -70,7 +70,7 @@ class Profile:
         detector_names = dict.fromkeys(name for rule in spec.rules for name in rule.detectors)
         for name in detector_names:
             for regex in DETECTORS[name].patterns:
-                specs.append(PatternSpec(regex))
+                specs.append(PatternSpec(regex, alone=DETECTORS[name].own_database))
                 self._refs.append(("detector", name, ""))
         for rule in spec.rules:
             for regex in rule.patterns:

@@ -21,6 +21,7 @@ HYPERSCAN_AVAILABLE = hyperscan is not None
 class PatternSpec:
     regex: str
     caseless: bool = False
+    alone: bool = False  # Hyperscan scans it with a database of its own (see Detector.own_database)
 
 
 def literal_regex(text: str) -> str:
@@ -41,32 +42,40 @@ class Matcher:
             raise PatternError("hyperscan is not installed")
         # Always compile with re too: it validates patterns the same way on both paths.
         self._compiled = [compile_re(spec) for spec in specs]
-        self._database = None
+        self._databases: list = []
         self._local = threading.local()
         if self.engine == "hyperscan" and specs:
-            database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            flags = [hyperscan.HS_FLAG_SOM_LEFTMOST | (hyperscan.HS_FLAG_CASELESS if s.caseless else 0)
-                     for s in specs]
-            try:
-                database.compile(expressions=[s.regex.encode("utf-8") for s in specs],
-                                 ids=list(range(len(specs))), elements=len(specs), flags=flags)
-            except hyperscan.error as error:
-                raise PatternError(f"hyperscan rejects a pattern: {error}") from None
-            self._database = database
+            shared = [index for index, spec in enumerate(specs) if not spec.alone]
+            groups = ([shared] if shared else []) + [[index] for index, spec in enumerate(specs) if spec.alone]
+            self._databases = [_compile(specs, group) for group in groups]
 
     def scan(self, data: bytes) -> list[tuple[int, int, int]]:
         """Every candidate as (pattern index, start, end) byte offsets."""
         if not self.specs or not data:
             return []
-        if self._database is None:
+        if not self._databases:
             return [(index, m.start(), m.end()) for index, pattern in enumerate(self._compiled)
                     for m in pattern.finditer(data)]
         hits: list[tuple[int, int, int]] = []
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None:  # Hyperscan scratch space must not be shared between threads
-            scratch = self._local.scratch = hyperscan.Scratch(self._database)
-        self._database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
+        scratches = getattr(self._local, "scratches", None)
+        if scratches is None:  # Hyperscan scratch space must not be shared between threads
+            scratches = self._local.scratches = [hyperscan.Scratch(database) for database in self._databases]
+        for database, scratch in zip(self._databases, scratches):
+            database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
         return hits
+
+
+def _compile(specs: list[PatternSpec], indexes: list[int]):
+    """One Hyperscan block-mode database for specs[indexes]; matches report their index in `specs`."""
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    flags = [hyperscan.HS_FLAG_SOM_LEFTMOST | (hyperscan.HS_FLAG_CASELESS if specs[i].caseless else 0)
+             for i in indexes]
+    try:
+        database.compile(expressions=[specs[i].regex.encode("utf-8") for i in indexes], ids=indexes,
+                         elements=len(indexes), flags=flags)
+    except hyperscan.error as error:
+        raise PatternError(f"hyperscan rejects a pattern: {error}") from None
+    return database
 
 
 def _collect(pattern_id: int, start: int, end: int, flags: int, hits: list) -> None:
