@@ -69,7 +69,6 @@ class Child:
     started: float = 0.0
     last_ping: float = 0.0
     quick_deaths: int = 0
-    restarts: int = 0
     became_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -92,6 +91,8 @@ class Supervisor:
         self.writer = Child(None)
         self.sockets: dict[Listener, list[socket.socket]] = {}
         self.stopping = False
+        self.serving = False  # every process came up once; before that, a death ends the start
+        self._start_failure: str | None = None
         self._stopped = asyncio.Event()
         self._notify: socket.socket | None = None
         self._reloading = False
@@ -129,6 +130,7 @@ class Supervisor:
             tasks += [asyncio.create_task(self._keep(worker)) for worker in self.workers]
             if not await self._wait_ready(self.workers):
                 return 1
+            self.serving = True
             self._announce()
             sd_notify("READY=1")
             tasks.append(asyncio.create_task(self._watchdog()))
@@ -161,22 +163,25 @@ class Supervisor:
         asyncio.get_running_loop().add_reader(sock, self._on_notify)
 
     async def _wait_ready(self, children: list[Child]) -> bool:
-        waits = [asyncio.ensure_future(child.became_ready.wait()) for child in children]
-        done, pending = await asyncio.wait([*waits, asyncio.ensure_future(self._stopped.wait())],
-                                           timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        while not self._stopped.is_set() and not all(w.done() for w in waits) and pending:
-            done, pending = await asyncio.wait(pending, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                break
-        for task in pending:
-            task.cancel()
-        if self._stopped.is_set() or not all(w.done() for w in waits):
+        """All `children` ready; False (everything stopped) if one ended first, or on SIGTERM or timeout."""
+        async def all_ready() -> None:
+            for child in children:
+                await child.became_ready.wait()
+
+        ready = asyncio.ensure_future(all_ready())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        await asyncio.wait([ready, stopped], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopped.cancel()
+        if ready.done() and not ready.cancelled() and not self._stopped.is_set():
+            return True
+        if self._start_failure is not None:
+            print(f"gateway: {self._start_failure}", file=sys.stderr, flush=True)
+        elif not self._stopped.is_set():
             late = [child.name for child in children if not child.ready]
-            if late and not self._stopped.is_set():
-                print(f"gateway: not ready after {START_TIMEOUT:.0f} s: {', '.join(late)}", file=sys.stderr, flush=True)
-            await self._shutdown()
-            return False
-        return True
+            print(f"gateway: not ready after {START_TIMEOUT:.0f} s: {', '.join(late)}", file=sys.stderr, flush=True)
+        await self._shutdown()
+        return False
 
     def _announce(self) -> None:
         config = self.config
@@ -211,6 +216,10 @@ class Supervisor:
             child.ready = False
             child.became_ready.clear()
             if self.stopping:
+                return
+            if not self.serving:  # at start: the same error would come again (e.g. a bad trace directory)
+                self._start_failure = f"the {child.name} ended with status {code} while starting"
+                self._stopped.set()
                 return
             lived = time.monotonic() - child.started
             child.quick_deaths = 0 if lived >= STABLE_AFTER else child.quick_deaths + 1

@@ -297,6 +297,17 @@ def test_shutdown_stops_every_process(machine):
     assert not (machine["root"] / "state" / workers.WRITER_SOCKET).exists()
 
 
+def test_a_trace_log_that_cannot_open_stops_the_start_with_a_clear_line(tmp_path):
+    config = gateway_config(tmp_path / "state", workers=2)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "trace").write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", "gateway", "run", "-c", str(write_config(tmp_path / "g.yaml", config))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "gateway: the trace writer ended with status 1 while starting" in result.stderr
+    assert "gateway trace writer:" in result.stderr  # the writer's own reason, just before
+
+
 # ---- the end-to-end suite with two workers --------------------------------------------------------
 
 
