@@ -124,16 +124,16 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            tasks = [asyncio.create_task(self._keep(self.writer))]
+            tasks = [self._task(self._keep(self.writer))]
             if not await self._wait_ready([self.writer]):
                 return 1
-            tasks += [asyncio.create_task(self._keep(worker)) for worker in self.workers]
+            tasks += [self._task(self._keep(worker)) for worker in self.workers]
             if not await self._wait_ready(self.workers):
                 return 1
             self.serving = True
             self._announce()
             sd_notify("READY=1")
-            tasks.append(asyncio.create_task(self._watchdog()))
+            tasks.append(self._task(self._watchdog()))
             await self._stopped.wait()
             await self._shutdown()
             for task in tasks:
@@ -198,6 +198,18 @@ class Supervisor:
 
         print(f"gateway CA certificate: {ca_dir(config.state_dir) / (CA_BASENAME + '-ca-cert.pem')}", flush=True)
 
+    def _task(self, coroutine) -> asyncio.Task:
+        """A task of the supervisor's own: if it fails, nothing supervises any more, so stop everything."""
+        task = asyncio.create_task(coroutine)
+
+        def check(done: asyncio.Task) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.critical("supervisor task failed; stopping the gateway", exc_info=done.exception())
+                self.stop()
+
+        task.add_done_callback(check)
+        return task
+
     # Children.
 
     async def _keep(self, child: Child) -> None:
@@ -211,7 +223,7 @@ class Supervisor:
                 continue
             child.started = child.last_ping = time.monotonic()
             if child.index is None:
-                asyncio.create_task(self._writer_ready(child))
+                self._task(self._writer_ready(child))
             code = await child.process.wait()
             child.ready = False
             child.became_ready.clear()
@@ -223,7 +235,6 @@ class Supervisor:
                 return
             lived = time.monotonic() - child.started
             child.quick_deaths = 0 if lived >= STABLE_AFTER else child.quick_deaths + 1
-            child.restarts += 1
             self.metrics.restarts.labels(process="trace-writer" if child.index is None else "worker").inc()
             _forget_metrics_of(child.process.pid)
             delay = RESTART_DELAYS[min(child.quick_deaths, len(RESTART_DELAYS)) - 1] if child.quick_deaths else 0

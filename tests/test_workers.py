@@ -246,20 +246,22 @@ def test_a_killed_worker_loses_no_record_and_is_replaced(machine):
                 failures.append(str(response.status_code))
 
     start = len(gateway.lines)
-    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    threads = [threading.Thread(target=traffic, daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
-    os.kill(victim, signal.SIGKILL)
-    gateway.wait_for(f"worker 0 (pid {victim}) ended", timeout=30, start=start)
-    deadline = time.monotonic() + 30
-    while worker_pids(machine)[0] == victim and time.monotonic() < deadline:
-        time.sleep(0.1)
-    gateway.wait_for(f"worker 0 (pid {worker_pids(machine)[0]}) ready", timeout=30, start=start)
-    time.sleep(1.0)
-    stop.set()
-    for thread in threads:
-        thread.join(30)
+    try:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        gateway.wait_for(f"worker 0 (pid {victim}) ended", timeout=30, start=start)
+        deadline = time.monotonic() + 30
+        while worker_pids(machine)[0] == victim and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gateway.wait_for(f"worker 0 (pid {worker_pids(machine)[0]}) ready", timeout=30, start=start)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
     assert worker_pids(machine)[0] != victim
     assert len(answered) > 20
     logged = {r["id"]: r for r in records(machine)}
