@@ -31,15 +31,19 @@ class _PacedCommands:
         self.handler = handler
         self.source = source
         self.paused = False
+        self._wrote = False
 
     def __iter__(self) -> "_PacedCommands":
         return self
 
     def __next__(self) -> commands.Command:
-        self.paused = self._over_high_water()
+        # Only a write can raise a buffer above HIGH_WATER: check after writes, not after every command.
+        self.paused = self._wrote and self._over_high_water()
         if self.paused:
             raise StopIteration
-        return next(self.source)
+        command = next(self.source)
+        self._wrote = isinstance(command, commands.SendData)
+        return command
 
     def _over_high_water(self) -> bool:
         for io in self.handler.transports.values():
