@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from collections import defaultdict, deque
 from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
@@ -45,7 +44,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return data
 
 
-def _resolve(items: list[tuple[asyncio.Future, int | BaseException]]) -> None:
+def resolve_waiters(items: list[tuple[asyncio.Future, int | BaseException]]) -> None:
     for fut, result in items:
         if fut.done():
             continue  # the producer was cancelled; its record is durable all the same
@@ -166,7 +165,7 @@ class GroupCommitter:
                 waiter.set_result(result)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, items)  # one wake-up per loop per batch
+                loop.call_soon_threadsafe(resolve_waiters, items)  # one wake-up per loop per batch
             except RuntimeError:
                 pass  # loop already closed: nobody is waiting
 
@@ -213,6 +212,20 @@ class WitnessPusher:
         self._thread.join(timeout)
 
 
+def open_store(directory: Path, origin: str, signing_key: Path, *,
+               rotate_bundles: int = ROTATE_BUNDLES) -> LogStore:
+    """The log directory's single writer: the signing key created on first use, log.pub kept beside it."""
+    try:
+        signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
+    except (OSError, NoteError) as exc:
+        raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
+    store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
+    pub = directory / "log.pub"
+    if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
+        pub.write_text(signer.verifier.vkey() + "\n")
+    return store
+
+
 class TraceLog:
     """Append-only, tamper-evident trace log (see the module docs of gateway.trace)."""
 
@@ -226,15 +239,8 @@ class TraceLog:
     def open(cls, directory: Path, *, origin: str, signing_key: Path, max_batch: int = 16384,
              max_wait: float = 0.0, rotate_bundles: int = ROTATE_BUNDLES,
              witnesses: list[WitnessConfig] | None = None) -> "TraceLog":
-        directory, signing_key = Path(directory), Path(signing_key)
-        try:
-            signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
-        except (OSError, NoteError) as exc:
-            raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
-        store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
-        pub = directory / "log.pub"
-        if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
-            pub.write_text(signer.verifier.vkey() + "\n")
+        directory = Path(directory)
+        store = open_store(directory, origin, Path(signing_key), rotate_bundles=rotate_bundles)
         pusher = WitnessPusher(directory, store, witnesses) if witnesses else None
         if pusher is not None:
             store.on_publish = pusher.poke

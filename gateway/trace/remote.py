@@ -38,8 +38,7 @@ from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
 from typing import Any
 
-from gateway.trace.log import _resolve, encode_record
-from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
+from gateway.trace.log import encode_record, open_store, resolve_waiters
 from gateway.trace.store import LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
 
@@ -214,19 +213,6 @@ class TraceWriter:
         self.store.close_files()
 
 
-def open_store(directory: Path, origin: str, signing_key: Path) -> LogStore:
-    """The log directory's store, as TraceLog.open opens it (key created on first use, log.pub kept)."""
-    try:
-        signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
-    except (OSError, NoteError) as exc:
-        raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
-    store = LogStore.open(directory, signer)
-    pub = directory / "log.pub"
-    if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
-        pub.write_text(signer.verifier.vkey() + "\n")
-    return store
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m gateway.trace.remote`: the writer process (started by the gateway's supervisor)."""
     parser = argparse.ArgumentParser(prog="gateway-trace-writer", description=main.__doc__)
@@ -351,7 +337,7 @@ class RemoteTraceLog:
         try:
             self._send(frames, futures)
         except TraceError as exc:
-            _resolve([(fut, exc) for fut in futures])
+            resolve_waiters([(fut, exc) for fut in futures])
 
     def _send(self, frames: list[bytes], waiters: list) -> None:
         with self._lock:
@@ -448,7 +434,7 @@ class RemoteTraceLog:
                 waiter.set_result(leaf)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, items)
+                loop.call_soon_threadsafe(resolve_waiters, items)
             except RuntimeError:
                 pass  # loop closed: nobody is waiting
 
@@ -481,7 +467,7 @@ def _fail(waiters: list, failure: TraceError) -> None:
             waiter.set_exception(failure)
     for loop, items in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_resolve, items)
+            loop.call_soon_threadsafe(resolve_waiters, items)
         except RuntimeError:
             pass
 
