@@ -117,7 +117,7 @@ def main() -> None:
         script.write_text(WRK_SCRIPT)
         upstream_port = free_port("127.0.0.2")
         upstream = Process([sys.executable, "-c", FAST_UPSTREAM, str(upstream_port)])
-        upstream.wait_for("ready")
+        upstream.started("ready")
         ports: dict[str, int] = {}
         processes = [upstream]
 

@@ -75,6 +75,15 @@ class Process:
         with self._seen:
             self._seen.notify_all()
 
+    def started(self, text: str, timeout: float = 30.0) -> "Process":
+        """Wait for `text`; a process that never says it is stopped, not left behind."""
+        try:
+            self.wait_for(text, timeout)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
+
     def wait_for(self, text: str, timeout: float = 30.0, start: int = 0) -> str:
         deadline = time.monotonic() + timeout
         with self._seen:
@@ -110,17 +119,13 @@ class Process:
 
 
 def start_gateway(config_path: Path, prefix: list[str] = ()) -> Process:
-    gateway = Process([sys.executable, "-m", "gateway", "run", "-c", str(config_path)], prefix,
-                      env={"PYTHONUNBUFFERED": "1"})
-    gateway.wait_for("alerts:")
-    return gateway
+    return Process([sys.executable, "-m", "gateway", "run", "-c", str(config_path)], prefix,
+                   env={"PYTHONUNBUFFERED": "1"}).started("alerts:")
 
 
 def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = (),
                    tls: tuple[Path, Path] | None = None) -> Process:
     """The logging upstream server; with `tls` (certificate, key) it serves HTTPS."""
     tls_args = ["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []
-    upstream = Process([sys.executable, str(UPSTREAM_SERVER), "--bind", bind, "--port", str(port),
-                        "--log", str(log), *tls_args], prefix)
-    upstream.wait_for("ready", timeout=10)
-    return upstream
+    return Process([sys.executable, str(UPSTREAM_SERVER), "--bind", bind, "--port", str(port),
+                    "--log", str(log), *tls_args], prefix).started("ready", timeout=10)

@@ -33,12 +33,13 @@ def netlab(tmp_path_factory):
     path = root / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     inet, sec = lab.zones["internet"], lab.zones["sector-health"]
-    processes = [
-        start_upstream(inet.host_ip, UPSTREAM_PORT, root / "internet.log", prefix=lab.command("inet", [])),
-        start_upstream(sec.host_ip, UPSTREAM_PORT, root / "sector.log", prefix=lab.command("sec", [])),
-        start_gateway(path, prefix=lab.command("gw", [])),
-    ]
+    processes = []
     try:
+        processes.append(start_upstream(inet.host_ip, UPSTREAM_PORT, root / "internet.log",
+                                        prefix=lab.command("inet", [])))
+        processes.append(start_upstream(sec.host_ip, UPSTREAM_PORT, root / "sector.log",
+                                        prefix=lab.command("sec", [])))
+        processes.append(start_gateway(path, prefix=lab.command("gw", [])))
         yield lab, root
     finally:
         for process in processes:

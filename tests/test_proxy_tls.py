@@ -33,7 +33,7 @@ def tls_lab(tmp_path_factory):
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log", tls=(cert, key))
     untrusted = start_upstream("127.0.0.2", untrusted_port, root / "untrusted.log", tls=(other_cert, other_key))
     ws_server = Process([sys.executable, "-c", WS_ECHO_SERVER, str(ws_port)])
-    ws_server.wait_for("ready")
+    ws_server.started("ready")
     gateway = start_gateway(path)
     gateway_ca = root / "gateway-ca.pem"
     subprocess.run([sys.executable, "-m", "gateway", "ca", "export", "-c", str(path), "-o", str(gateway_ca)],
