@@ -99,18 +99,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _ca_export(args: argparse.Namespace) -> int:
-    from mitmproxy.certs import CertStore
-
-    from gateway.engine import CA_BASENAME, ca_dir
+    from gateway.engine import ensure_ca
 
     try:
         config = load_config(args.config, args.frontend)
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
-    folder = ca_dir(config.state_dir)
-    CertStore.from_store(folder, CA_BASENAME, 2048)  # creates the CA on first use, as `run` would
-    certificate = folder / f"{CA_BASENAME}-ca-cert.pem"
+    certificate = ensure_ca(config.state_dir)  # created on first use, as `run` would
     if args.output:
         shutil.copyfile(certificate, args.output)
     else:

@@ -53,8 +53,7 @@ class Listener:
     def mitmproxy_spec(self) -> str:
         """The listener as a mitmproxy mode spec, e.g. `reverse:http://10.0.0.2:80@127.0.0.1:8081`."""
         mode = f"reverse:{self.upstream}" if self.mode == "reverse" else self.mode
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{mode}@{host}:{self.port}"
+        return f"{mode}@{format_host_port(self.host, self.port)}"
 
 
 @dataclass(frozen=True)
@@ -228,6 +227,11 @@ def _state_path(node: Node | None, state_dir: Path | None) -> Path | None:
     if text is None or state_dir is None:
         return None
     return (state_dir / text).resolve()
+
+
+def format_host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _host_port(text: str) -> tuple[str, int]:

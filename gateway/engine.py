@@ -19,7 +19,7 @@ from mitmproxy.master import Master
 
 from gateway import backpressure
 from gateway.alerts import AlertLog
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, format_host_port, load_config
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -42,6 +42,32 @@ CA_BASENAME = "mitmproxy"  # mitmproxy's file names in the CA folder: mitmproxy-
 
 def ca_dir(state_dir: Path) -> Path:
     return state_dir / "ca"
+
+
+def ca_certificate(state_dir: Path) -> Path:
+    return ca_dir(state_dir) / f"{CA_BASENAME}-ca-cert.pem"
+
+
+def ensure_ca(state_dir: Path) -> Path:
+    """The gateway CA's certificate (what clients trust), creating the CA on first use."""
+    from mitmproxy.certs import CertStore
+
+    CertStore.from_store(ca_dir(state_dir), CA_BASENAME, 2048)
+    return ca_certificate(state_dir)
+
+
+def announce(config: Config, bound: list[tuple[str, int]], management_url: str, processes: str | None = None) -> None:
+    """Say where everything is, once every listener is bound (the same for one process or several)."""
+    for listener, (host, port) in zip(config.listeners, bound):
+        target = f" -> {listener.upstream}" if listener.upstream else ""
+        print(f"listener {listener.name}: {listener.mode} proxy on {format_host_port(host, port)}{target}",
+              flush=True)
+    if processes:
+        print(processes, flush=True)
+    print(f"metrics: {management_url}/metrics", flush=True)
+    print(f"trace log: {config.trace_dir}", flush=True)
+    print(f"alerts: {config.alerts_file}", flush=True)
+    print(f"gateway CA certificate: {ca_certificate(config.state_dir)}", flush=True)
 
 
 def trace_key_path(state_dir: Path) -> Path:
@@ -158,15 +184,8 @@ class Announce:
             print(f"worker {self.server.worker.index} (pid {os.getpid()}) serving", flush=True)
             self._ready()
             return
-        bound = self.server.master.addons.get("proxyserver").listen_addrs()
-        for listener, address in zip(config.listeners, bound):
-            target = f" -> {listener.upstream}" if listener.upstream else ""
-            print(f"listener {listener.name}: {listener.mode} proxy on {address[0]}:{address[1]}{target}",
-                  flush=True)
-        print(f"metrics: {self.server.management.url}/metrics", flush=True)
-        print(f"trace log: {config.trace_dir}", flush=True)
-        print(f"alerts: {config.alerts_file}", flush=True)
-        print(f"gateway CA certificate: {ca_dir(config.state_dir) / (CA_BASENAME + '-ca-cert.pem')}", flush=True)
+        bound = [address[:2] for address in self.server.master.addons.get("proxyserver").listen_addrs()]
+        announce(config, bound, self.server.management.url)
         self._ready()
 
     def _ready(self) -> None:

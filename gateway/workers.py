@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import Config, ConfigError, Listener, load_config
+from gateway.config import Config, ConfigError, Listener, format_host_port, load_config
 from gateway.sdnotify import sd_notify, watchdog_interval
 
 log = logging.getLogger("gateway.supervisor")
@@ -118,7 +118,9 @@ class Supervisor:
         self.management.start()  # a taken port stops us here, as with one process
         try:
             self._bind_listeners()
-            _create_ca(state_dir)  # once, before workers race to create one each
+            from gateway.engine import ensure_ca
+
+            ensure_ca(state_dir)  # once, before workers race to create one each
             self._open_notify_socket()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -184,19 +186,12 @@ class Supervisor:
         return False
 
     def _announce(self) -> None:
-        config = self.config
-        for listener in config.listeners:
-            target = f" -> {listener.upstream}" if listener.upstream else ""
-            print(f"listener {listener.name}: {listener.mode} proxy on {listener.host}:{listener.port}{target}",
-                  flush=True)
-        print(f"workers: {len(self.workers)} (pids {', '.join(str(w.pid) for w in self.workers)}); "
-              f"trace writer pid {self.writer.pid}", flush=True)
-        print(f"metrics: {self.management.url}/metrics", flush=True)
-        print(f"trace log: {config.trace_dir}", flush=True)
-        print(f"alerts: {config.alerts_file}", flush=True)
-        from gateway.engine import CA_BASENAME, ca_dir
+        from gateway.engine import announce
 
-        print(f"gateway CA certificate: {ca_dir(config.state_dir) / (CA_BASENAME + '-ca-cert.pem')}", flush=True)
+        config = self.config
+        announce(config, [(listener.host, listener.port) for listener in config.listeners], self.management.url,
+                 f"workers: {len(self.workers)} (pids {', '.join(str(w.pid) for w in self.workers)}); "
+                 f"trace writer pid {self.writer.pid}")
 
     def _task(self, coroutine) -> asyncio.Task:
         """A task of the supervisor's own: if it fails, nothing supervises any more, so stop everything."""
@@ -253,7 +248,7 @@ class Supervisor:
             return await asyncio.create_subprocess_exec(*argv)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
         argv = [sys.executable, "-m", "gateway.workers", str(child.index), "--parent", str(os.getpid()),
-                "--listen-fds", ",".join(f"{_address(l.host, l.port)}={fd}" for l, fd in fds.items())]
+                "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
         if self.config_path is not None:
             argv += ["-c", str(self.config_path)]
         if self.frontend is not None:
@@ -392,17 +387,9 @@ def reuse_port_socket(listener: Listener) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"listener {listener.name} cannot listen on "
-                                 f"{_address(listener.host, listener.port)}: {exc.strerror or exc}") from None
+                                 f"{format_host_port(listener.host, listener.port)}: {exc.strerror or exc}") from None
     sock.set_inheritable(False)  # handed down explicitly (pass_fds), one per worker
     return sock
-
-
-def _create_ca(state_dir: Path) -> None:
-    from mitmproxy.certs import CertStore
-
-    from gateway.engine import CA_BASENAME, ca_dir
-
-    CertStore.from_store(ca_dir(state_dir), CA_BASENAME, 2048)
 
 
 def _forget_metrics_of(pid: int) -> None:
@@ -410,10 +397,6 @@ def _forget_metrics_of(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---- the worker -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 
 from mitmproxy import http
 
+from gateway.config import format_host_port
 from gateway.filters import Gateway
 from gateway.transfer import METADATA_KEY, Transfer
 
@@ -63,7 +64,7 @@ class Identify:
         flow.metadata[METADATA_KEY] = Transfer(
             id=flow.id,
             listener=listener.name if listener else "unknown",
-            client_addr=_join(client_ip, client_port),
+            client_addr=format_host_port(client_ip, client_port),
             client_zone=runtime.zones.zone_of(client_ip),
             upstream_host=flow.request.pretty_host if flow.request.host_header else host,
             upstream_port=port,
@@ -71,6 +72,3 @@ class Identify:
             upstream_zone=runtime.zones.zone_of(address) if address else "unknown",
         )
 
-
-def _join(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
