@@ -106,7 +106,10 @@ def test_two_labs_coexist_and_down_removes_everything(lab):
     other.up()
     try:
         assert other.exists() and lab.exists()
-        stray = other.popen("ext", ["sleep", "60"])  # a process left behind must not keep the lab alive
+        # A process left behind must not keep the lab alive. Wait until it runs inside the namespace
+        # (`ip netns exec` enters it only after starting), as a real leftover would.
+        stray = other.popen("ext", ["sh", "-c", "echo inside; exec sleep 60"], stdout=subprocess.PIPE, text=True)
+        assert stray.stdout.readline().strip() == "inside"
     finally:
         other.down()
     assert stray.wait(5) is not None
