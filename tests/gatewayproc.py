@@ -57,7 +57,12 @@ def listener_url(config: dict, name: str) -> str:
 
 
 class Process:
-    """A child process whose output is collected line by line; `wait_for` blocks until a line appears."""
+    """A child process whose output is collected line by line; `wait_for` blocks until a line appears.
+
+    Every one started is remembered, so `stop_all()` (run when the test session ends) leaves none
+    behind even when a fixture fails half-way through its setup."""
+
+    started_processes: list["Process"] = []
 
     def __init__(self, argv: list[str], prefix: list[str] = (), env: dict | None = None):
         self.argv = argv
@@ -65,7 +70,14 @@ class Process:
         self._seen = threading.Condition()
         self.proc = subprocess.Popen([*prefix, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, **(env or {})})
+        Process.started_processes.append(self)
         threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for process in cls.started_processes:
+            process.stop()
+        cls.started_processes.clear()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
