@@ -17,7 +17,7 @@ from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from gateway import backpressure
+from gateway import backpressure, erroranswer
 from gateway.alerts import AlertLog
 from gateway.config import Config, ConfigError, format_host_port, load_config
 from gateway.filters.authorize import Authorize
@@ -109,6 +109,7 @@ class GatewayServer:
                                                 fields={"worker": self.worker.index})
         self.alerts = AlertLog(config.alerts_file)
         backpressure.install()
+        erroranswer.install()
         self.master = Master(options.Options())
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),

@@ -64,8 +64,8 @@ class Transfer:
 
 
 def refusal_body(transfer: Transfer, error: str = "blocked") -> bytes:
-    """The JSON a client gets with a 403: which rules, of what type, where; never the value."""
-    reasons = [r.public() for r in transfer.reasons if r.action in ("block", "deny")] or [
+    """The JSON a client gets with a refusal: which rules, of what type, where; never the value."""
+    reasons = [r.public() for r in transfer.reasons if r.action in ("block", "deny", "error")] or [
         r.public() for r in transfer.reasons]
     return json.dumps({"error": error, "transfer_id": transfer.id, "reasons": reasons},
                       ensure_ascii=False).encode()

@@ -107,6 +107,22 @@ def test_denied_connect_opens_no_tunnel(lab):
     assert result.stdout == "403"
 
 
+def test_unreachable_upstream_gets_502_with_the_transfer_id_and_a_record(lab):
+    closed_port = free_port("127.0.0.2")  # nothing listens there
+    with proxy_client(lab) as client:
+        response = client.get(f"http://127.0.0.2:{closed_port}/x")
+    assert response.status_code == 502
+    transfer_id = response.headers["x-gateway-transfer-id"]
+    answer = response.json()
+    assert answer["error"] == "upstream failed" and answer["transfer_id"] == transfer_id
+    assert answer["reasons"] == [{"rule": "upstream", "type": "upstream", "location": f"127.0.0.2:{closed_port}"}]
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
+                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
+                           cwd=Path(__file__).parent.parent)
+    record = json.loads(shown.stdout.splitlines()[0])["record"]
+    assert record["decision"] == "error" and record["status"] == 502 and "Errno 111" in record["error"]
+
+
 def test_alert_and_trace_records_for_decisions(lab):
     with proxy_client(lab) as client:
         response = client.post(f"{lab['upstream']}/echo", json={"sfzh": ID_NUMBER})

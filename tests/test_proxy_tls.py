@@ -92,8 +92,12 @@ def test_http2_between_client_and_gateway(tls_lab):
 
 
 def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):
-    result = curl(tls_lab, "-o", "/dev/null", "-w", "%{http_code}", f"{tls_lab['untrusted']}/text?body=x")
-    assert result.stdout == "502", result
+    for version in ("--http1.1", "--http2"):
+        result = curl(tls_lab, version, "-o", "/dev/null", "-w", "%{http_code} %header{x-gateway-transfer-id}",
+                      f"{tls_lab['untrusted']}/text?body=x")
+        status, transfer_id = result.stdout.split(" ")
+        assert status == "502", result
+        assert len(transfer_id) >= 32, result  # the gateway's own answer, not mitmproxy's page
     assert not (tls_lab["root"] / "untrusted.log").exists() or \
         (tls_lab["root"] / "untrusted.log").read_text() == ""
 

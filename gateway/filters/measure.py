@@ -24,7 +24,7 @@ from gateway.trace import TraceLog
 from gateway.transfer import Transfer
 
 # Reasons that are not DLP findings: the zone policy's deny, and a trace log that could not record.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable"})
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream"})
 
 
 class MeasuredGateway(Protocol):

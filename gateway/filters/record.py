@@ -17,6 +17,7 @@ from mitmproxy.master import Master
 from gateway.alerts import AlertLog
 from gateway.backpressure import cut
 from gateway.dlp import mask_url
+from gateway.erroranswer import ANSWER_STATUS
 from gateway.filters import body_size, refuse, transfer_of
 from gateway.runtime import Runtime
 from gateway.trace import TraceError, TraceLog, body_hasher
@@ -87,6 +88,13 @@ class Record:
         transfer.error = flow.error.msg if flow.error else "unknown error"
         if not transfer.stopped:
             transfer.escalate("error")
+        status = flow.metadata.get(ANSWER_STATUS)
+        if status is not None and flow.response is None:
+            # The upstream failed before answering: the client gets our JSON with the transfer id,
+            # not mitmproxy's own page (gateway.erroranswer sends it).
+            where = f"{transfer.upstream_host}:{transfer.upstream_port}"
+            transfer.reasons.append(Reason("upstream", "upstream", where, "error"))
+            refuse(flow, transfer, status=status, error="upstream failed")
         await self._record(flow, transfer)
 
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
