@@ -20,6 +20,7 @@ from mitmproxy.master import Master
 from gateway import backpressure, erroranswer
 from gateway.alerts import AlertLog
 from gateway.config import Config, ConfigError, format_host_port, load_config
+from gateway.dispatch import CachedHookDispatch
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -111,6 +112,7 @@ class GatewayServer:
         backpressure.install()
         erroranswer.install()
         self.master = Master(options.Options())
+        CachedHookDispatch.install(self.master)
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             Identify(self), Authorize(self), Inspect(self), Record(self), measure, Announce(self),
