@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -38,8 +39,10 @@ class ZoneMap:
             entries += [(net, zone.name) for name in zone.interfaces for net in interfaces.get(name, ())]
         # Longest prefix first, so the first containing network is the most specific one.
         self._entries = sorted(entries, key=lambda entry: entry[0].prefixlen, reverse=True)
+        # Per map, so a reload starts afresh; bounded, so a flood of source addresses cannot grow it.
+        self.zone_of = functools.lru_cache(maxsize=4096)(self._zone_of)
 
-    def zone_of(self, address: str) -> str:
+    def _zone_of(self, address: str) -> str:
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:

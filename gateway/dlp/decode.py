@@ -10,6 +10,7 @@ Anything that cannot be decoded within the limits becomes a `problem` (an `unins
 import base64
 import binascii
 import csv
+import functools
 import html
 import io
 import json
@@ -17,10 +18,11 @@ import quopri
 import re
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import PurePosixPath
+from types import MappingProxyType
 from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
@@ -87,14 +89,22 @@ def unescape_u(text: str) -> str:
     return _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
-def parse_media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
+def parse_media_type(content_type: str | None) -> tuple[str, Mapping[str, str]]:
     if not content_type:
-        return "", {}
+        return "", _NO_PARAMS
+    return _parse_media_type(content_type)
+
+
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=512)  # a handful of distinct types per deployment; email's parser is slow
+def _parse_media_type(content_type: str) -> tuple[str, Mapping[str, str]]:
     message = Message()
     message["content-type"] = content_type
     params = {k.lower(): v for k, v in message.get_params(failobj=[])[1:]}
     media = content_type.split(";", 1)[0].strip().lower()
-    return media, params
+    return media, MappingProxyType(params)  # cached, so read-only
 
 
 def decode_body(body: bytes, content_type: str | None, content_encoding: str | None, limits: Limits,
@@ -129,7 +139,7 @@ class _Walker:
     def problem(self, location: str, reason: str) -> None:
         self.out.problems.append((location, reason))
 
-    def content(self, data: bytes, media: str, params: dict[str, str], filename: str | None,
+    def content(self, data: bytes, media: str, params: Mapping[str, str], filename: str | None,
                 location: str, depth: int) -> None:
         if depth > self.limits.max_depth:
             self.problem(location, f"nesting deeper than {self.limits.max_depth} levels")
