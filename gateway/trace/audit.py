@@ -20,7 +20,7 @@ from gateway.trace.note import (
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_entry, looks_torn, parse_entries,
+    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_entries, looks_torn, parse_entries,
     parse_journal, read_journal, tail_reader, tile_path,
 )
 
@@ -265,7 +265,7 @@ def _check_derived(directory: Path, journal: Journal, tail: list[bytes], level_r
         if not leaves:
             break
         width = len(leaves)
-        for name, expected in ((tile_path("entries", n, width), b"".join(encode_entry(e) for e in journal.entries[first:first + width])),
+        for name, expected in ((tile_path("entries", n, width), encode_entries(journal.entries[first:first + width])),
                                (tile_path(0, n, width), b"".join(leaves))):
             try:
                 stored = _read(directory / name)

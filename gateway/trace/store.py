@@ -23,13 +23,14 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
 
-from gateway.trace.merkle import CompactRange, leaf_hash, root_of_nodes
+from gateway.trace.merkle import leaf_hashes, perfect_root
 from gateway.trace.note import Checkpoint, NoteError, Signer, open_checkpoint
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_checkpoint_frame,
-    encode_entry, looks_torn, read_journal, tail_reader, tile_path,
+    JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError,
+    encode_checkpoint_frame, encode_entries, looks_torn, read_journal, tail_reader, tile_path,
 )
 
 ROTATE_BUNDLES = 16  # full bundles kept in the journal before their files are fsync'd and it rotates
@@ -38,16 +39,6 @@ PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
 
 class TraceError(RuntimeError):
     """The trace log cannot accept or keep records; the gateway must stop forwarding."""
-
-
-class _Level:
-    """The unfinished tile at one level: its hashes and their compact range."""
-
-    __slots__ = ("hashes", "range")
-
-    def __init__(self) -> None:
-        self.hashes: list[bytes] = []
-        self.range = CompactRange()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,12 +88,11 @@ class LogStore:
         self.origin = signer.name
         self.rotate_bundles = rotate_bundles
         self.publish_interval = publish_interval
-        self.size = 0
         self.checkpoint_size = 0  # size of the newest durable signed checkpoint (in the journal)
         self.checkpoint_time = 0.0
         self.checkpoint_note = b""
-        self._levels: list[_Level] = [_Level()]
-        self._bundle: list[bytes] = []  # encoded entries (the bundle format) of the unfinished bundle
+        self._tree = TiledTree()
+        self._bundle: list[bytes] = []  # pieces of the unfinished bundle (entries in the bundle format)
         self._journal_fd = -1
         self._journal_start = 0
         self._journal_end = 0  # bytes in the journal file
@@ -180,13 +170,15 @@ class LogStore:
             # The checkpoint file vouches for more than the journal's frames (checked below).
             last = journal.entry_offsets[file_cp.size - 1 - start]
             durable_size, durable_end, durable_note = file_cp.size, last + 2 + len(journal.entries[file_cp.size - 1 - start]), b""
-        completed: list[tuple[str, bytes]] = []
-        for k, entry in enumerate(journal.entries[:durable_size - start]):
-            self._push(entry, completed)
-            if not self.size % TILE_WIDTH:
-                self._bundle_offsets[self.size] = journal.entry_offsets[k] + 2 + len(entry)
-            if file_cp is not None and self.size == file_cp.size and self.root() != file_cp.root:
-                self._fail(f"records up to {file_cp.size} do not match the checkpoint")
+        entries = journal.entries[:durable_size - start]
+        checked = file_cp.size - start if file_cp is not None and start < file_cp.size <= durable_size else 0
+        completed = self._add_entries(entries[:checked])[1] if checked else []
+        if checked and self.root() != file_cp.root:
+            self._fail(f"records up to {file_cp.size} do not match the checkpoint")
+        completed += self._add_entries(entries[checked:])[1]
+        for size in range(start + TILE_WIDTH, durable_size + 1, TILE_WIDTH):
+            k = size - start - 1
+            self._bundle_offsets[size] = journal.entry_offsets[k] + 2 + len(entries[k])
         self._journal_start = start
         self._journal_end = durable_end
         self._journal_fd = os.open(journal_path, os.O_RDWR | os.O_APPEND)
@@ -209,26 +201,16 @@ class LogStore:
     def _durable_prefix(self, journal: Journal) -> tuple[int, int, bytes]:
         """(size, end offset, note) of the journal's last checkpoint frame that verifies and matches
         the records before it, every earlier frame included; (start, header end, b"") if none."""
-        scan = CompactRange()
-        scan.nodes = [(height + TILE_HEIGHT * level, value)
-                      for level, lvl in reversed(list(enumerate(self._levels))) for height, value in lvl.range.nodes]
+        scan = self._tree.copy()
         good = (journal.start, JOURNAL_HEADER.size, b"")
-        frames, f = journal.checkpoints, 0
-        entries = journal.entries
-        for k in range(len(entries) + 1):
-            size = journal.start + k
-            while f < len(frames) and frames[f][0] == size:
-                _, end, note = frames[f]
-                if not self._frame_checkpoint(note, size, root_of_nodes([v for _, v in scan.nodes])):
-                    signed = self._signed(note)
-                    if signed and not looks_torn(journal, good[1]):
-                        self._fail(f"journal: records {good[0]}..{size - 1} do not match their signed "
-                                   f"checkpoint at size {size}: the journal was altered")
-                    return good
-                good = (size, end, note)
-                f += 1
-            if k < len(entries):
-                scan.push(0, leaf_hash(entries[k]))
+        for size, end, note in journal.checkpoints:  # in journal order: sizes never decrease
+            scan.append(leaf_hashes(journal.entries[scan.size - journal.start:size - journal.start]))
+            if not self._frame_checkpoint(note, size, scan.root()):
+                if self._signed(note) and not looks_torn(journal, good[1]):
+                    self._fail(f"journal: records {good[0]}..{size - 1} do not match their signed "
+                               f"checkpoint at size {size}: the journal was altered")
+                return good
+            good = (size, end, note)
         return good
 
     def _signed(self, note: bytes) -> bool:
@@ -240,7 +222,7 @@ class LogStore:
 
     def _remove_stale_partials(self) -> None:
         """Partial tiles left by an earlier run sit at the right edge of each level."""
-        for level in ["entries", *range(len(self._levels))]:
+        for level in ["entries", *range(len(self._tree.levels))]:
             n = self.size >> (TILE_HEIGHT * ((0 if level == "entries" else level) + 1))
             for m in (n - 1, n):
                 if m >= 0:
@@ -249,53 +231,51 @@ class LogStore:
     def _load_full_levels(self, start: int) -> None:
         """Rebuild the unfinished tiles of levels >= 1 for a tree of `start` (a multiple of 256)
         leaves from the full tiles below them."""
-        self.size = start
+        upper_rows: list[list[bytes]] = []
         level = 1
         while start >> (TILE_HEIGHT * level):
             complete = start >> (TILE_HEIGHT * level)  # full tiles at level - 1
-            lvl = _Level()
+            row = []
             for n in range(complete - complete % TILE_WIDTH, complete):
-                path = self.directory / tile_path(level - 1, n)
-                data = path.read_bytes()
+                data = (self.directory / tile_path(level - 1, n)).read_bytes()
                 if len(data) != TILE_WIDTH * 32:
                     raise TileError(f"{tile_path(level - 1, n)}: not a full tile")
-                row = CompactRange()
-                for i in range(0, len(data), 32):
-                    row.push(0, data[i:i + 32])
-                lvl.hashes.append(row.nodes[0][1])
-                lvl.range.push(0, row.nodes[0][1])
-            self._levels.append(lvl)
+                row.append(perfect_root([data[i:i + 32] for i in range(0, len(data), 32)]))
+            upper_rows.append(row)
             level += 1
+        self._tree = TiledTree(start, upper_rows)
 
     # ---- appending ------------------------------------------------------------------------------
 
-    def _push(self, entry: bytes, completed: list[tuple[str, bytes]], frame: bytes | None = None) -> None:
-        """Add one leaf (`frame` is its encoding, when the caller has it); full bundles and tiles it
-        completes are queued in `completed`."""
-        self._bundle.append(frame or encode_entry(entry))
-        self.size += 1
-        value = leaf_hash(entry)
-        level = 0
-        while True:
-            lvl = self._levels[level]
-            lvl.hashes.append(value)
-            lvl.range.push(0, value)
-            if len(lvl.hashes) < TILE_WIDTH:
-                break
-            n = (self.size >> (TILE_HEIGHT * (level + 1))) - 1
-            if level == 0:
-                completed.append((tile_path("entries", n), b"".join(self._bundle)))
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    def _add_entries(self, entries: list[bytes]) -> tuple[bytes, list[tuple[str, bytes]], list[tuple[int, int]]]:
+        """Add a batch of leaves: (their frames, the full bundles and tiles they complete as
+        (path, data), and (size, end offset in the frames) for each bundle they complete).
+        A bad entry raises TileError before any state changes."""
+        first = self.size
+        frames = encode_entries(entries)
+        completed = [(tile_path(level, n), b"".join(hashes))
+                     for level, n, hashes in self._tree.append(leaf_hashes(entries))]
+        bundle_ends = []
+        begin = 0
+        if len(entries) >= TILE_WIDTH - first % TILE_WIDTH:
+            ends = list(accumulate(map(len, entries)))
+            for k in range(TILE_WIDTH - first % TILE_WIDTH, len(entries) + 1, TILE_WIDTH):
+                end = ends[k - 1] + 2 * k
+                self._bundle.append(frames[begin:end])
+                completed.append((tile_path("entries", (first + k) // TILE_WIDTH - 1), b"".join(self._bundle)))
                 self._bundle = []
-            completed.append((tile_path(level, n), b"".join(lvl.hashes)))
-            value = lvl.range.nodes[0][1]  # the full tile's subtree hash feeds the level above
-            self._levels[level] = _Level()
-            level += 1
-            if level == len(self._levels):
-                self._levels.append(_Level())
+                bundle_ends.append((first + k, end))
+                begin = end
+        if begin < len(frames):
+            self._bundle.append(frames[begin:] if begin else frames)
+        return frames, completed, bundle_ends
 
     def root(self) -> bytes:
-        nodes = [value for lvl in reversed(self._levels) for _, value in lvl.range.nodes]
-        return root_of_nodes(nodes)
+        return self._tree.root()
 
     def _sign(self) -> bytes:
         body = Checkpoint(self.origin, self.size, self.root()).body()
@@ -318,17 +298,11 @@ class LogStore:
         returns the first index. Raises OSError/TileError on failure, after which this store must
         not be used again."""
         first = self.size
-        frames = [encode_entry(e) for e in entries]  # length check before any state change
-        completed: list[tuple[str, bytes]] = []
-        offset = self._journal_end
-        for entry, frame in zip(entries, frames):
-            offset += len(frame)
-            self._push(entry, completed, frame)
-            if not self.size % TILE_WIDTH:
-                self._bundle_offsets[self.size] = offset
+        frames, completed, bundle_ends = self._add_entries(entries)
+        for size, end in bundle_ends:
+            self._bundle_offsets[size] = self._journal_end + end
         note = self._sign()
-        frames.append(encode_checkpoint_frame(note))
-        self._append_journal(b"".join(frames))
+        self._append_journal(frames + encode_checkpoint_frame(note))
         self._set_checkpoint(note)
         # Past this point the batch is durable; what follows only maintains derived files.
         if completed:
@@ -414,14 +388,14 @@ class LogStore:
         if self._partial_size == self.size:
             return
         wanted: dict[Path, bytes] = {}
-        width0 = len(self._bundle)
+        width0 = self.size % TILE_WIDTH
         if width0:
             n = self.size // TILE_WIDTH
             wanted[self.directory / tile_path("entries", n, width0)] = b"".join(self._bundle)
-        for level, lvl in enumerate(self._levels):
-            if lvl.hashes:
+        for level, rows in enumerate(self._tree.levels):
+            if rows[0]:
                 n = self.size >> (TILE_HEIGHT * (level + 1))
-                wanted[self.directory / tile_path(level, n, len(lvl.hashes))] = b"".join(lvl.hashes)
+                wanted[self.directory / tile_path(level, n, len(rows[0]))] = b"".join(rows[0])
         for path, data in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_file(path, data, durable=False)

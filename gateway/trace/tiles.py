@@ -18,10 +18,13 @@ has been fsync'd the journal is replaced by one starting after them (rotation).
 """
 
 import struct
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.trace.merkle import HASH_SIZE, leaf_hash, perfect_root, range_hash, tree_root
+from gateway.trace.merkle import (
+    HASH_SIZE, leaf_hashes, node_hash, parent_hashes, perfect_root, range_hash, root_of_nodes, tree_root,
+)
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
@@ -49,10 +52,97 @@ def tile_path(level: int | str, n: int, width: int = TILE_WIDTH) -> str:
     return path if width == TILE_WIDTH else f"{path}.p/{width}"
 
 
-def encode_entry(entry: bytes) -> bytes:
-    if len(entry) > MAX_ENTRY:
-        raise TileError(f"entry of {len(entry)} bytes exceeds the {MAX_ENTRY}-byte limit")
-    return len(entry).to_bytes(2, "big") + entry
+class TiledTree:
+    """The right edge of a growing tree kept as the unfinished tile of each level, with the rows of
+    subtree hashes inside it, so that a batch of leaves is hashed a row at a time.
+
+    Invariant: `levels[L][j]` holds the complete nodes at height 8*L + j inside the unfinished tile
+    of level L, left to right; `levels[L][0]` is that tile's content, (size >> 8*L) % 256 hashes, and
+    row j holds len(row 0) >> j of them. A tile that fills is handed back and its subtree hash
+    becomes the next hash of the level above.
+    """
+
+    __slots__ = ("size", "levels")
+
+    def __init__(self, size: int = 0, upper_rows: list[list[bytes]] | None = None) -> None:
+        """A tree of `size` leaves (a multiple of 256 when not 0) whose unfinished tiles at levels
+        1, 2, ... hold `upper_rows` (the subtree hashes of the full tiles below them)."""
+        self.size = size
+        self.levels: list[list[list[bytes]]] = [_tile_rows()]
+        for level, hashes in enumerate(upper_rows or [], start=1):
+            if len(hashes) != (size >> (TILE_HEIGHT * level)) % TILE_WIDTH:
+                raise TileError(f"level {level} holds {len(hashes)} hashes, a tree of {size} has "
+                                f"{(size >> (TILE_HEIGHT * level)) % TILE_WIDTH}")
+            rows = _tile_rows()
+            _extend_rows(rows, hashes)
+            self.levels.append(rows)
+        if size % TILE_WIDTH or size >> (TILE_HEIGHT * len(self.levels)):
+            raise TileError(f"the tiles given do not make a tree of {size} leaves")
+
+    def copy(self) -> "TiledTree":
+        other = TiledTree()
+        other.size = self.size
+        other.levels = [[list(row) for row in rows] for rows in self.levels]
+        return other
+
+    def append(self, leaves: list[bytes]) -> list[tuple[int, int, list[bytes]]]:
+        """Add leaf hashes; returns the tiles they complete as (level, index, hashes), lower levels
+        and earlier tiles first."""
+        completed: list[tuple[int, int, list[bytes]]] = []
+        pos, total = 0, len(leaves)
+        while pos < total:
+            rows = self.levels[0]
+            take = min(TILE_WIDTH - len(rows[0]), total - pos)
+            _extend_rows(rows, leaves[pos:pos + take] if pos or take < total else leaves)
+            pos += take
+            self.size += take
+            level = 0
+            while len(rows[0]) == TILE_WIDTH:
+                top = rows[TILE_HEIGHT - 1]
+                completed.append((level, (self.size >> (TILE_HEIGHT * (level + 1))) - 1, rows[0]))
+                self.levels[level] = _tile_rows()
+                level += 1
+                if level == len(self.levels):
+                    self.levels.append(_tile_rows())
+                rows = self.levels[level]
+                _extend_rows(rows, [node_hash(top[0], top[1])])
+        return completed
+
+    def edge(self) -> list[bytes]:
+        """The compact range: the hashes of the perfect subtrees covering the leaves, left to right."""
+        return [row[-1] for rows in reversed(self.levels) for row in reversed(rows) if len(row) & 1]
+
+    def root(self) -> bytes:
+        return root_of_nodes(self.edge())
+
+
+def _tile_rows() -> list[list[bytes]]:
+    return [[] for _ in range(TILE_HEIGHT)]
+
+
+def _extend_rows(rows: list[list[bytes]], hashes: list[bytes]) -> None:
+    """Add hashes to a tile's bottom row and the nodes they complete to the rows above."""
+    rows[0].extend(hashes)
+    for below, row in zip(rows, rows[1:]):
+        new = parent_hashes(below, 2 * len(row))
+        if not new:
+            break  # no new node at this height, so none above it either
+        row.extend(new)
+
+
+_U16 = struct.Struct(">H").pack
+
+
+def encode_entries(entries: list[bytes]) -> bytes:
+    """The entries as length-prefixed frames (the bundle format, and the journal's entry frames),
+    built in one join."""
+    if entries:
+        longest, shortest = max(map(len, entries)), min(map(len, entries))
+        if longest > MAX_ENTRY:
+            raise TileError(f"entry of {longest} bytes exceeds the {MAX_ENTRY}-byte limit")
+        if not shortest:
+            raise TileError("empty entry (a zero length marks a checkpoint frame in the journal)")
+    return b"".join(chain.from_iterable(zip(map(_U16, map(len, entries)), entries)))
 
 
 def parse_entries(data: bytes) -> tuple[list[bytes], int]:
@@ -195,4 +285,4 @@ def tail_reader(directory: Path, size: int) -> TileReader:
         return TileReader(directory, size, start, [])
     if size > start + len(entries):
         raise TileError(f"log holds {start + len(entries)} records, fewer than {size}")
-    return TileReader(directory, size, start, [leaf_hash(e) for e in entries[:size - start]])
+    return TileReader(directory, size, start, leaf_hashes(entries[:size - start]))
