@@ -9,13 +9,14 @@ writer (issue 7).
 """
 
 import asyncio
-import json
 import logging
 import threading
-from collections import defaultdict, deque
+from collections import deque
 from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
 from gateway.trace.store import ROTATE_BUNDLES, LogStore, TraceError
@@ -25,33 +26,48 @@ from gateway.trace.witness import WitnessConfig, push_checkpoint
 log = logging.getLogger(__name__)
 
 Waiter = asyncio.Future | ThreadFuture
-
-
-# One encoder instance: json.dumps with options would build a new one per record.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# Records handed over together: their event loop (None: thread futures), entries and waiters.
+Burst = tuple[asyncio.AbstractEventLoop | None, list[bytes], list[Waiter]]
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
-    """Canonical encoding: sorted keys, no whitespace, UTF-8 (the leaf data of the tree)."""
+    """Canonical encoding: sorted keys, no whitespace, UTF-8 (the leaf data of the tree). For the
+    str, int, bool, None, list and dict values records hold it is byte for byte
+    json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False); orjson makes
+    it about eight times faster. (Records carry no floats; orjson would write NaN as null.)"""
     if not isinstance(record, dict):
         raise TraceError(f"a trace record must be a dict, not {type(record).__name__}")
     try:
-        data = _CANONICAL.encode(record).encode()
-    except (TypeError, ValueError) as exc:
+        data = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
         raise TraceError(f"trace record is not canonical JSON: {exc}") from None
     if len(data) > MAX_ENTRY:
         raise TraceError(f"trace record of {len(data)} bytes exceeds the {MAX_ENTRY}-byte entry limit")
     return data
 
 
-def resolve_waiters(items: list[tuple[asyncio.Future, int | BaseException]]) -> None:
-    for fut, result in items:
-        if fut.done():
-            continue  # the producer was cancelled; its record is durable all the same
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
+def answer_waiters(waiters: list[Waiter], first: int) -> None:
+    """waiters[i] gets leaf index first + i; run on the waiters' event loop for asyncio futures."""
+    for leaf, waiter in enumerate(waiters, first):
+        if not waiter.done():  # a cancelled producer: its record is durable all the same
+            waiter.set_result(leaf)
+
+
+def fail_waiters(waiters: list[Waiter], error: BaseException) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(error)
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop | None, fn: Any, *args: Any) -> None:
+    """fn(*args) on `loop` (one wake-up for a whole burst), or here for thread futures."""
+    if loop is None:
+        fn(*args)
+        return
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # loop already closed: nobody is waiting
 
 
 class GroupCommitter:
@@ -65,15 +81,16 @@ class GroupCommitter:
         self.idle_flush = idle_flush
         self.failure: TraceError | None = None
         self.committed = 0
-        self._queue: deque[tuple[bytes, Waiter]] = deque()
-        self._bursts: dict[asyncio.AbstractEventLoop, list[tuple[bytes, Waiter]]] = {}
+        self._queue: deque[Burst] = deque()
+        self._queued = 0  # records in _queue
+        self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future]]] = {}
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="trace-log-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, entry: bytes, waiter: Waiter) -> None:
-        self._enqueue([(entry, waiter)])
+    def submit(self, entry: bytes, waiter: ThreadFuture) -> None:
+        self._enqueue((None, [entry], [waiter]))
 
     def submit_from_loop(self, loop: asyncio.AbstractEventLoop, entry: bytes, waiter: asyncio.Future) -> None:
         """Hand records to the writer once per event loop iteration, after every producer that was
@@ -84,90 +101,91 @@ class GroupCommitter:
             raise self.failure
         burst = self._bursts.get(loop)
         if burst is None:
-            burst = self._bursts[loop] = []
+            burst = self._bursts[loop] = ([], [])
             loop.call_soon(self._hand_over, loop)
-        burst.append((entry, waiter))
+        burst[0].append(entry)
+        burst[1].append(waiter)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        burst = self._bursts.pop(loop)
+        entries, futures = self._bursts.pop(loop)
         try:
-            self._enqueue(burst)
+            self._enqueue((loop, entries, futures))
         except TraceError as exc:
-            self._answer(burst, None, exc)
+            fail_waiters(futures, exc)
 
-    def _enqueue(self, items: list[tuple[bytes, Waiter]]) -> None:
+    def _enqueue(self, burst: Burst) -> None:
         with self._cond:
             if self.failure is not None:
                 raise self.failure
             if self._closing:
                 raise TraceError("trace log is closed")
             was_empty = not self._queue
-            self._queue.extend(items)
+            self._queue.append(burst)
+            self._queued += len(burst[1])
             if was_empty:
                 self._cond.notify()
 
-    def _take_batch(self) -> list[tuple[bytes, Waiter]] | None:
+    def _take_batch(self) -> list[Burst] | None:
         with self._cond:
             while not self._queue:
                 if self._closing:
                     return None
-                if not self._cond.wait(timeout=self.idle_flush):
-                    self._flush_derived()
-            if self.max_wait and len(self._queue) < self.max_batch:
+                if not self._cond.wait(timeout=self.idle_flush) and self.failure is None:
+                    self.store.publish(wait=False)  # derived files only: errors fail the next commit
+            if self.max_wait and self._queued < self.max_batch:
                 # Bounded wait for more producers to join this batch.
-                self._cond.wait_for(lambda: len(self._queue) >= self.max_batch or self._closing,
+                self._cond.wait_for(lambda: self._queued >= self.max_batch or self._closing,
                                     timeout=self.max_wait)
-            n = min(len(self._queue), self.max_batch)
-            return [self._queue.popleft() for _ in range(n)]
-
-    def _flush_derived(self) -> None:
-        if self.failure is None:
-            try:
-                self.store.publish()
-            except OSError:
-                pass  # derived files only; the next commit reports real write errors
+            batch, count = [self._queue.popleft()], 0
+            count = len(batch[0][1])
+            while self._queue and count + len(self._queue[0][1]) <= self.max_batch:
+                batch.append(self._queue.popleft())
+                count += len(batch[-1][1])
+            self._queued -= count
+            return batch
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
             if self.failure is not None:
                 self._answer(batch, None, self.failure)
                 continue
+            entries = batch[0][1] if len(batch) == 1 else [entry for _, burst, _ in batch for entry in burst]
             try:
-                first = self.store.commit([entry for entry, _ in batch])
+                first = self.store.commit(entries)
             except Exception as exc:  # any write error: stop accepting records (fail closed)
-                failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
-                failure.__cause__ = exc
-                with self._cond:
-                    self.failure = failure
-                    pending = list(self._queue)
-                    self._queue.clear()
-                self._answer(batch + pending, None, failure)
+                self._fail(batch, exc)
                 continue
-            self.committed += len(batch)
+            self.committed += len(entries)
             self._answer(batch, first, None)
+            try:
+                self.store.maintain()  # derived files, once the batch is answered
+            except Exception as exc:
+                self._fail([], exc)
         if self.failure is None:
             try:
                 self.store.finish_sync()
-            except OSError as exc:
+                self.store.publish()
+            except Exception as exc:
                 self.failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
-            self._flush_derived()
+
+    def _fail(self, batch: list[Burst], exc: Exception) -> None:
+        failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
+        failure.__cause__ = exc
+        with self._cond:
+            self.failure = failure
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued = 0
+        self._answer(batch + pending, None, failure)
 
     @staticmethod
-    def _answer(batch: list[tuple[bytes, Waiter]], first: int | None, error: TraceError | None) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for i, (_, waiter) in enumerate(batch):
-            result: int | BaseException = error if error is not None else first + i
-            if isinstance(waiter, asyncio.Future):
-                by_loop[waiter.get_loop()].append((waiter, result))
-            elif isinstance(result, BaseException):
-                waiter.set_exception(result)
+    def _answer(batch: list[Burst], first: int | None, error: TraceError | None) -> None:
+        for loop, entries, waiters in batch:
+            if error is not None:
+                call_in_loop(loop, fail_waiters, waiters, error)
             else:
-                waiter.set_result(result)
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(resolve_waiters, items)  # one wake-up per loop per batch
-            except RuntimeError:
-                pass  # loop already closed: nobody is waiting
+                call_in_loop(loop, answer_waiters, waiters, first)
+                first += len(entries)
 
     def close(self) -> None:
         with self._cond:

@@ -5,7 +5,8 @@ directory's lock), and one process doing everything is bound to one core by the 
 writer runs in its own process (`serve`): it reads whatever records every connected worker has
 sent, commits them as one batch (one journal write, one fdatasync, one signed checkpoint), and
 answers each worker with the leaf indices of its records. A record is acknowledged only once it
-is durable, exactly as with the in-process `TraceLog`.
+is durable, exactly as with the in-process `TraceLog`. The hashing and signing happen in the
+writer's process, on another core than the workers' event loops.
 
 `RemoteTraceLog` is the worker side, with TraceLog's API (`await append(record)`, `append_sync`,
 `failure`, `tree_size`, `last_checkpoint_time`, `records_appended`, `close()`). Its socket is
@@ -14,9 +15,12 @@ writer goes away, `failure` is set and every append raises TraceError (fail clos
 client has reconnected to a writer that is back.
 
 Wire format (both directions big-endian):
-  worker -> writer: u32 length, then the canonical record (see encode_record)
-  writer -> worker: b"A", u64 tree size, f64 checkpoint time, u32 count, count x u64 leaf index
-                    (sent once on connect with count 0, then once per batch holding this worker's records)
+  worker -> writer: u32 length, then the canonical record (see encode_record); a worker sends
+                    the records of one event loop iteration in one write
+  writer -> worker: b"A", u64 tree size, f64 checkpoint time, u64 first leaf index, u32 count: the
+                    worker's next `count` records are durable as leaves first .. first + count - 1
+                    (consecutive: a worker's records in one batch come from one read). Sent once on
+                    connect with count 0, then once per batch holding this worker's records.
                     b"E", u32 length, UTF-8 message: the log failed; the writer closes the connection
 """
 
@@ -35,18 +39,18 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future as ThreadFuture
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from gateway.trace.log import encode_record, open_store, resolve_waiters
+from gateway.trace.log import Waiter, answer_waiters, call_in_loop, encode_record, fail_waiters, open_store
 from gateway.trace.store import LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
 
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
-_ACK = struct.Struct(">QdI")
-_INDEX = struct.Struct(">Q")
+_ACK = struct.Struct(">QdQI")
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 RECONNECT_INTERVAL = 0.2  # seconds between attempts while the writer is away
 SEND_TIMEOUT = 10.0  # a writer that takes no record for this long is treated as gone
@@ -103,12 +107,12 @@ class TraceWriter:
             while not self._stopping:
                 events = self._selector.select(self.idle_flush)
                 if not events:
-                    self.store.publish()
+                    self.store.publish(wait=False)  # derived files only: errors fail the next commit
                     if parent_pid is not None and os.getppid() != parent_pid:
                         log.warning("trace writer: the supervisor is gone; stopping")
                         return
                     continue
-                batch: list[tuple[_Peer, bytes]] = []
+                batch: list[tuple[_Peer, list[bytes]]] = []
                 for key, mask in events:
                     if key.fileobj is self._listener:
                         self._accept()
@@ -136,10 +140,11 @@ class TraceWriter:
         peer = _Peer(sock)
         self._peers[sock.fileno()] = peer
         self._selector.register(sock, selectors.EVENT_READ)
-        peer.outbox += b"A" + _ACK.pack(self.store.checkpoint_size, self.store.checkpoint_time, 0)
+        size = self.store.checkpoint_size
+        peer.outbox += b"A" + _ACK.pack(size, self.store.checkpoint_time, size, 0)
         self._flush(peer)
 
-    def _read(self, peer: _Peer, batch: list[tuple[_Peer, bytes]]) -> None:
+    def _read(self, peer: _Peer, batch: list[tuple[_Peer, list[bytes]]]) -> None:
         try:
             data = peer.sock.recv(1 << 20)
         except BlockingIOError:
@@ -149,40 +154,49 @@ class TraceWriter:
         if not data:
             self._drop(peer)
             return
-        inbox = peer.inbox
-        inbox += data
-        offset = 0
-        while len(inbox) - offset >= 4:
-            (length,) = _LENGTH.unpack_from(inbox, offset)
+        if peer.inbox:
+            peer.inbox += data
+            data = bytes(peer.inbox)
+        entries = []
+        offset, end = 0, len(data)
+        while end - offset >= 4:
+            length = int.from_bytes(data[offset:offset + 4])
             if length > MAX_ENTRY:
                 log.error("trace writer: a client sent a %d-byte record; dropping it", length)
                 self._drop(peer)
-                return
-            if len(inbox) - offset - 4 < length:
                 break
-            batch.append((peer, bytes(inbox[offset + 4:offset + 4 + length])))
+            if end - offset - 4 < length:
+                break
+            entries.append(data[offset + 4:offset + 4 + length])
             offset += 4 + length
-        del inbox[:offset]
+        peer.inbox[:] = data[offset:]
+        if entries:
+            batch.append((peer, entries))
 
-    def _commit(self, batch: list[tuple[_Peer, bytes]]) -> None:
+    def _commit(self, batch: list[tuple[_Peer, list[bytes]]]) -> None:
         try:
-            first = self.store.commit([entry for _, entry in batch])
+            first = self.store.commit(batch[0][1] if len(batch) == 1 else
+                                      [entry for _, entries in batch for entry in entries])
         except Exception as exc:  # fail closed: tell every client, then stop (a fresh writer recovers)
-            message = f"trace log write failed, forwarding must stop: {exc}".encode()
-            for peer in list(self._peers.values()):
-                peer.outbox += b"E" + _LENGTH.pack(len(message)) + message
-                self._flush(peer)
-            raise TraceError(message.decode()) from exc
-        indices: dict[_Peer, list[int]] = {}
-        for i, (peer, _) in enumerate(batch):
-            indices.setdefault(peer, []).append(first + i)
+            raise self._failed(exc) from exc
         size, when = self.store.checkpoint_size, self.store.checkpoint_time
-        for peer, leaves in indices.items():
-            if peer.sock.fileno() < 0:
-                continue  # the client left before its answer; its records are durable all the same
-            peer.outbox += b"A" + _ACK.pack(size, when, len(leaves))
-            peer.outbox += struct.pack(f">{len(leaves)}Q", *leaves)
+        for peer, entries in batch:
+            if peer.sock.fileno() >= 0:  # else the client left before its answer; its records are durable all the same
+                peer.outbox += b"A" + _ACK.pack(size, when, first, len(entries))
+                self._flush(peer)
+            first += len(entries)
+        try:
+            self.store.maintain()  # derived files, once the batch is answered
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: Exception) -> TraceError:
+        """Tell every client that the log failed; the error to stop with."""
+        message = f"trace log write failed, forwarding must stop: {exc}".encode()
+        for peer in list(self._peers.values()):
+            peer.outbox += b"E" + _LENGTH.pack(len(message)) + message
             self._flush(peer)
+        return TraceError(message.decode())
 
     def _flush(self, peer: _Peer) -> None:
         try:
@@ -253,7 +267,8 @@ class RemoteTraceLog:
         self.fields = fields or {}  # added to every record, e.g. {"worker": 1}
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()  # pending order == byte order on the socket
-        self._pending: deque[asyncio.Future | ThreadFuture] = deque()
+        # Waiters of the records sent and not yet answered, by burst: (their loop or None, waiters).
+        self._pending: deque[tuple[asyncio.AbstractEventLoop | None, list[Waiter]]] = deque()
         self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future]]] = {}
         self._failure: TraceError | None = TraceError("trace writer not connected yet")
         self._connected = threading.Event()
@@ -277,7 +292,7 @@ class RemoteTraceLog:
 
     async def append(self, record: dict[str, Any]) -> int:
         """Leaf index of `record`, once the writer has made it and a checkpoint covering it durable."""
-        frame = self._frame(record)
+        entry = self._encode(record)
         loop = asyncio.get_running_loop()
         if self._failure is not None:
             raise self._failure
@@ -286,13 +301,13 @@ class RemoteTraceLog:
         if burst is None:
             burst = self._bursts[loop] = ([], [])
             loop.call_soon(self._hand_over, loop)  # one send per loop iteration, like GroupCommitter
-        burst[0].append(frame)
+        burst[0].append(entry)
         burst[1].append(fut)
         return await fut
 
     def append_sync(self, record: dict[str, Any]) -> int:
         fut: ThreadFuture = ThreadFuture()
-        self._send([self._frame(record)], [fut])
+        self._send(None, [self._encode(record)], [fut])
         try:
             return fut.result(SYNC_APPEND_TIMEOUT)
         except TimeoutError:
@@ -328,25 +343,25 @@ class RemoteTraceLog:
 
     # Sending.
 
-    def _frame(self, record: dict[str, Any]) -> bytes:
-        entry = encode_record({**record, **self.fields} if self.fields else record)
-        return _LENGTH.pack(len(entry)) + entry
+    def _encode(self, record: dict[str, Any]) -> bytes:
+        return encode_record({**record, **self.fields} if self.fields else record)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        frames, futures = self._bursts.pop(loop)
+        entries, futures = self._bursts.pop(loop)
         try:
-            self._send(frames, futures)
+            self._send(loop, entries, futures)
         except TraceError as exc:
-            resolve_waiters([(fut, exc) for fut in futures])
+            fail_waiters(futures, exc)
 
-    def _send(self, frames: list[bytes], waiters: list) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop | None, entries: list[bytes], waiters: list[Waiter]) -> None:
+        frames = b"".join(chain.from_iterable(zip(map(_LENGTH.pack, map(len, entries)), entries)))
         with self._lock:
             if self._failure is not None:
                 raise self._failure
             assert self._sock is not None
-            self._pending.extend(waiters)
+            self._pending.append((loop, waiters))
             try:
-                self._sock.sendall(b"".join(frames))
+                self._sock.sendall(frames)
             except OSError as exc:  # a timeout too: the stream may hold half a frame, so drop it
                 _shutdown(self._sock)
                 self._fail_locked(TraceError(f"trace writer unavailable: {exc}"))
@@ -400,13 +415,10 @@ class RemoteTraceLog:
                 if kind == b"A":
                     if len(buffer) - offset < 1 + _ACK.size:
                         break
-                    size, when, count = _ACK.unpack_from(buffer, offset + 1)
-                    end = offset + 1 + _ACK.size + count * _INDEX.size
-                    if len(buffer) < end:
-                        break
-                    leaves = struct.unpack_from(f">{count}Q", buffer, offset + 1 + _ACK.size)
-                    offset = end
-                    self._acknowledge(size, when, leaves)
+                    size, when, first, count = _ACK.unpack_from(buffer, offset + 1)
+                    offset += 1 + _ACK.size
+                    if not self._acknowledge(size, when, first, count):
+                        return f"the writer acknowledged {count} records, more than were sent"
                 elif kind == b"E":
                     if len(buffer) - offset < 5:
                         break
@@ -418,30 +430,36 @@ class RemoteTraceLog:
                     return f"unexpected answer {bytes(kind)!r}"
             del buffer[:offset]
 
-    def _acknowledge(self, size: int, when: float, leaves: tuple[int, ...]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    def _acknowledge(self, size: int, when: float, first: int, count: int) -> bool:
+        """Answer the next `count` waiters (leaves first, first + 1, ...); False if fewer are pending."""
+        answers = []
         with self._lock:
-            waiters = [self._pending.popleft() for _ in leaves]
+            if count > sum(len(waiters) for _, waiters in self._pending):
+                return False
+            left = count
+            while left:
+                loop, waiters = self._pending[0]
+                if len(waiters) > left:  # the writer read part of this burst so far
+                    self._pending[0] = (loop, waiters[left:])
+                    waiters = waiters[:left]
+                else:
+                    self._pending.popleft()
+                answers.append((loop, waiters, first + count - left))
+                left -= len(waiters)
             self._tree_size, self._checkpoint_time = size, when
-            self._acknowledged += len(leaves)
-            if self._failure is not None and not leaves:  # the greeting of a fresh connection
+            self._acknowledged += count
+            if self._failure is not None and not count:  # the greeting of a fresh connection
                 self._failure = None
                 self._connected.set()
-        for waiter, leaf in zip(waiters, leaves):
-            if isinstance(waiter, asyncio.Future):
-                by_loop.setdefault(waiter.get_loop(), []).append((waiter, leaf))
-            else:
-                waiter.set_result(leaf)
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(resolve_waiters, items)
-            except RuntimeError:
-                pass  # loop closed: nobody is waiting
+        for loop, waiters, leaf in answers:
+            call_in_loop(loop, answer_waiters, waiters, leaf)
+        return True
 
     def _fail_locked(self, failure: TraceError) -> None:
         self._failure = failure
-        pending, self._pending = list(self._pending), deque()
-        _fail(pending, failure)
+        pending, self._pending = self._pending, deque()
+        for loop, waiters in pending:
+            call_in_loop(loop, fail_waiters, waiters, failure)
 
     def __enter__(self) -> "RemoteTraceLog":
         return self
@@ -456,20 +474,6 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already disconnected
-
-
-def _fail(waiters: list, failure: TraceError) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for waiter in waiters:
-        if isinstance(waiter, asyncio.Future):
-            by_loop.setdefault(waiter.get_loop(), []).append((waiter, failure))
-        elif not waiter.done():
-            waiter.set_exception(failure)
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(resolve_waiters, items)
-        except RuntimeError:
-            pass
 
 
 if __name__ == "__main__":

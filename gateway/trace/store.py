@@ -1,8 +1,8 @@
 """The single writer of a trace log directory: appends batches durably and signs checkpoints.
 
-`LogStore` is synchronous and knows nothing about asyncio; the group-commit thread in log.py (and,
-later, a Unix-socket front for several worker processes) drive it. One process holds the
-directory's lock at a time.
+`LogStore` is synchronous and knows nothing about asyncio; the group-commit thread in log.py and
+the writer process in remote.py drive it: `commit` a batch, answer its producers, then `maintain`.
+One process holds the directory's lock at a time.
 
 Invariant an acknowledged record relies on: when `commit` returns, the batch's entries and a signed
 checkpoint covering them were appended to the journal in one write and made durable by one
@@ -10,6 +10,11 @@ fdatasync. Every record at or past the journal's start is in the journal; every 
 in a full bundle whose files (and hash tiles) were fsync'd before the journal was replaced by one
 starting after them. Everything else (the checkpoint file, full tiles past the journal's start,
 partial tiles) is derived, refreshed lazily and rebuilt from the journal by recovery.
+
+The derived files are written, and fsync'd before a rotation, by one background thread in commit
+order, so a commit's latency is its journal write and fdatasync only; the rotation itself copies
+the journal's tail to a new file in the background and only catches up and renames it on the
+commit thread. A background error fails the next `maintain` or `commit` (fail closed).
 
 Recovery keeps the journal up to its last checkpoint frame that verifies and matches the records
 before it; what follows was never acknowledged (a write cut short by a crash) and is cut off, unless
@@ -21,6 +26,7 @@ import fcntl
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
@@ -33,7 +39,7 @@ from gateway.trace.tiles import (
     encode_checkpoint_frame, encode_entries, looks_torn, read_journal, tail_reader, tile_path,
 )
 
-ROTATE_BUNDLES = 16  # full bundles kept in the journal before their files are fsync'd and it rotates
+ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates
 PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
 
 
@@ -69,6 +75,12 @@ def _write_durable(path: Path, data: bytes, mode: int = 0o644) -> None:
     _write_file(path, data, durable=True, mode=mode)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _sync_files(files: list[Path], dirs: set[Path]) -> None:
     for path in files:
         fd = os.open(path, os.O_RDONLY)
@@ -97,17 +109,20 @@ class LogStore:
         self._journal_start = 0
         self._journal_end = 0  # bytes in the journal file
         self._bundle_offsets: dict[int, int] = {}  # bundle start index -> journal offset of its first frame
-        self._unsynced: list[Path] = []  # derived full files not yet fsync'd, up to record _unsynced_upto
-        self._unsynced_dirs: set[Path] = set()
-        self._unsynced_upto = 0
-        self._sync_job: Future | None = None
+        self._completed: list[tuple[str, bytes]] = []  # full bundles and tiles not yet handed to the files thread
+        self._derived_upto = 0  # full files up to this record are written or queued on the files thread
+        self._sync_job: Future | None = None  # fsync of the full files up to _sync_target
         self._sync_target = 0
-        self._executor: ThreadPoolExecutor | None = None
+        self._rotation: Future | None = None  # the new journal being prepared: (its fd, bytes copied)
+        self._files: ThreadPoolExecutor | None = None
+        self._jobs: deque[Future] = deque()  # file jobs whose errors are still to be raised
         self._lock_fd = -1
-        self._partial_written: set[Path] = set()
-        self._partial_size = -1
-        self._published_size = -1
+        self._publish_size = -1
         self._published_at = 0.0
+        # Touched by the files thread only.
+        self._unsynced: list[Path] = []  # full files written but not yet fsync'd
+        self._unsynced_dirs: set[Path] = set()
+        self._partial_written: set[Path] = set()
         self.on_publish: Callable[[], None] | None = None  # e.g. poke the witness pusher
 
     # ---- opening and recovery -------------------------------------------------------------------
@@ -186,17 +201,18 @@ class LogStore:
             # The unacknowledged tail of a write cut short by a crash.
             os.ftruncate(self._journal_fd, durable_end)
             os.fsync(self._journal_fd)
-        self._unsynced_upto = start
-        self._write_derived(completed)
+        self._derived_upto = start
+        self._completed = completed
+        self._queue_full_files()
         if durable_note:
             self._set_checkpoint(durable_note, os.stat(journal_path).st_mtime)
         else:
             note = self._sign()
             self._append_journal(encode_checkpoint_frame(note))
             self._set_checkpoint(note)
+        self._remove_stale_partials()
         if file_cp is None or file_cp.size != self.size:
             self.publish()
-        self._remove_stale_partials()
 
     def _durable_prefix(self, journal: Journal) -> tuple[int, int, bytes]:
         """(size, end offset, note) of the journal's last checkpoint frame that verifies and matches
@@ -287,16 +303,16 @@ class LogStore:
         self.checkpoint_time = time.time() if when is None else when
 
     def _append_journal(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._journal_fd, view):]
+        _write_all(self._journal_fd, data)
         os.fdatasync(self._journal_fd)
         self._journal_end += len(data)
 
     def commit(self, entries: list[bytes]) -> int:
         """Append `entries` and a signed checkpoint covering them with one write and one fdatasync;
-        returns the first index. Raises OSError/TileError on failure, after which this store must
-        not be used again."""
+        returns the first index. Call `maintain` once the batch is answered. Raises OSError or
+        TileError on failure (a bad entry: before any state changed), after which this store
+        must not be used again."""
+        self._check_files_thread()
         first = self.size
         frames, completed, bundle_ends = self._add_entries(entries)
         for size, end in bundle_ends:
@@ -304,17 +320,38 @@ class LogStore:
         note = self._sign()
         self._append_journal(frames + encode_checkpoint_frame(note))
         self._set_checkpoint(note)
-        # Past this point the batch is durable; what follows only maintains derived files.
-        if completed:
-            self._write_derived(completed)
-        self._rotate_when_synced()
-        if time.monotonic() - self._published_at >= self.publish_interval:
-            self.publish()
+        self._completed += completed
         return first
 
-    def _write_derived(self, completed: list[tuple[str, bytes]]) -> None:
-        """Write full bundles and tiles (not fsync'd: the journal holds their records until a sync
-        job has made them durable and the journal rotates past them)."""
+    def maintain(self) -> None:
+        """Upkeep of the derived files after a commit: hand its full bundles and tiles to the files
+        thread, move the journal rotation on and publish the checkpoint every publish_interval.
+        Raises the error of a failed file job (the store must then not be used again)."""
+        self._check_files_thread()
+        self._queue_full_files()
+        self._rotate_when_synced()
+        if time.monotonic() - self._published_at >= self.publish_interval:
+            self.publish(wait=False)
+
+    def _submit(self, job: Callable, *args: object) -> Future:
+        if self._files is None:
+            self._files = ThreadPoolExecutor(1, thread_name_prefix="trace-log-files")
+        return self._files.submit(job, *args)
+
+    def _check_files_thread(self, wait: bool = False) -> None:
+        """Raise the error of a finished file job (of every queued one, when `wait`)."""
+        while self._jobs and (wait or self._jobs[0].done()):
+            self._jobs.popleft().result()
+
+    def _queue_full_files(self) -> None:
+        if self._completed:
+            self._jobs.append(self._submit(self._write_full_files, self._completed))
+            self._completed = []
+        self._derived_upto = self.size - self.size % TILE_WIDTH
+
+    def _write_full_files(self, completed: list[tuple[str, bytes]]) -> None:
+        """Files thread: write full bundles and tiles (not fsync'd: the journal holds their records
+        until a sync job has made them durable and the journal rotates past them)."""
         for rel, data in completed:
             path = self.directory / rel
             parent = path.parent
@@ -333,35 +370,60 @@ class LogStore:
                 _write_file(path, data, durable=False)
             self._unsynced.append(path)
             self._unsynced_dirs.add(path.parent)
-        self._unsynced_upto = self.size - self.size % TILE_WIDTH
+
+    def _sync_full_files(self) -> None:
+        """Files thread: fsync the full files written so far (those of the jobs queued before)."""
+        files, dirs = self._unsynced, self._unsynced_dirs
+        self._unsynced, self._unsynced_dirs = [], set()
+        _sync_files(files, dirs)
 
     def _rotate_when_synced(self) -> None:
-        """Start fsync'ing the derived full files once enough have accumulated (on a helper thread,
-        off the commit path); once that is done, replace the journal by one starting after them."""
-        job = self._sync_job
-        if job is not None:
-            if not job.done():
-                return
-            self._sync_job = None
-            job.result()  # an fsync error fails the commit in progress: fail closed
-            self._rotate(self._sync_target)
-        if self._unsynced_upto - self._journal_start >= self.rotate_bundles * TILE_WIDTH:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="trace-log-sync")
-            files, dirs = self._unsynced, self._unsynced_dirs
-            self._unsynced, self._unsynced_dirs = [], set()
-            self._sync_target = self._unsynced_upto
-            self._sync_job = self._executor.submit(_sync_files, files, dirs)
+        """Rotation in three steps, each started once the one before is done, off the commit path:
+        fsync the full files (files thread), copy the journal's tail past them to a new journal
+        (files thread), then catch up with the frames written since and rename it (here)."""
+        if self._rotation is not None:
+            if self._rotation.done():
+                job, self._rotation = self._rotation, None
+                self._switch_journal(*job.result())
+        elif self._sync_job is not None:
+            if self._sync_job.done():
+                job, self._sync_job = self._sync_job, None
+                job.result()
+                self._rotation = self._submit(self._prepare_journal, self._sync_target,
+                                              self._bundle_offsets[self._sync_target], self._journal_end)
+        elif self._derived_upto - self._journal_start >= self.rotate_bundles * TILE_WIDTH:
+            self._sync_target = self._derived_upto
+            self._sync_job = self._submit(self._sync_full_files)
 
-    def _rotate(self, start: int) -> None:
-        offset = self._bundle_offsets[start]
-        # Frames from `start` on, including the newest checkpoint frame (written after them).
-        tail = os.pread(self._journal_fd, self._journal_end - offset, offset)
-        journal = self.directory / "journal"
-        _write_durable(journal, JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + tail)
-        _fsync_dir(self.directory)
+    def _prepare_journal(self, start: int, offset: int, end: int) -> tuple[int, int]:
+        """Files thread: a new journal starting at record `start` holding the journal's frames from
+        byte `offset` to `end` (already written, so stable while commits go on), made durable."""
+        tail = os.pread(self._journal_fd, end - offset, offset)
+        fd = os.open(self.directory / ".journal.tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            _write_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + tail)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, end
+
+    def _switch_journal(self, fd: int, copied: int) -> None:
+        """Append the frames written since the copy to the new journal, make it durable and put
+        it in the old one's place; later commits append to it."""
+        try:
+            if self._journal_end > copied:
+                _write_all(fd, os.pread(self._journal_fd, self._journal_end - copied, copied))
+                os.fdatasync(fd)
+            os.replace(self.directory / ".journal.tmp", self.directory / "journal")
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(self._journal_fd)
-        self._journal_fd = os.open(journal, os.O_RDWR | os.O_APPEND)
+        self._journal_fd = fd
+        start = self._sync_target
+        offset = self._bundle_offsets[start]
         shift = offset - JOURNAL_HEADER.size
         self._bundle_offsets = {n: o - shift for n, o in self._bundle_offsets.items() if n > start}
         self._journal_start = start
@@ -369,24 +431,19 @@ class LogStore:
 
     # ---- derived files and closing --------------------------------------------------------------
 
-    def publish(self) -> None:
-        """Write the partial tiles and then the checkpoint file for the newest checkpoint, so a
-        tlog-tiles client sees a consistent log."""
+    def publish(self, wait: bool = True) -> None:
+        """Have the partial tiles and then the checkpoint file written for the newest checkpoint,
+        after the full files before them, so a tlog-tiles client sees a consistent log; `wait`
+        for that and every file job before it."""
         self._published_at = time.monotonic()
-        if self._published_size == self.checkpoint_size:
-            return
-        self.write_partial_tiles()
-        _write_durable(self.directory / "checkpoint", self.checkpoint_note)
-        _fsync_dir(self.directory)
-        self._published_size = self.checkpoint_size
-        if self.on_publish is not None:
-            self.on_publish()
+        if self._publish_size != self.checkpoint_size:
+            self._publish_size = self.checkpoint_size
+            self._queue_full_files()
+            self._jobs.append(self._submit(self._write_published, self._partial_tiles(), self.checkpoint_note))
+        if wait:
+            self._check_files_thread(wait=True)
 
-    def write_partial_tiles(self) -> None:
-        """Write the partial tiles for the current size (derived data, not fsync'd: the journal
-        is the durable copy) and remove the ones of earlier sizes."""
-        if self._partial_size == self.size:
-            return
+    def _partial_tiles(self) -> dict[Path, bytes]:
         wanted: dict[Path, bytes] = {}
         width0 = self.size % TILE_WIDTH
         if width0:
@@ -396,6 +453,12 @@ class LogStore:
             if rows[0]:
                 n = self.size >> (TILE_HEIGHT * (level + 1))
                 wanted[self.directory / tile_path(level, n, len(rows[0]))] = b"".join(rows[0])
+        return wanted
+
+    def _write_published(self, partial_tiles: dict[Path, bytes], checkpoint_note: bytes) -> None:
+        """Files thread: the partial tiles (derived data, not fsync'd: the journal is the durable
+        copy), removing those of earlier sizes, then the checkpoint file."""
+        wanted = partial_tiles
         for path, data in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_file(path, data, durable=False)
@@ -408,19 +471,25 @@ class LogStore:
                 if exc.errno != errno.ENOENT:
                     raise
         self._partial_written = set(wanted)
-        self._partial_size = self.size
+        _write_durable(self.directory / "checkpoint", checkpoint_note)
+        _fsync_dir(self.directory)
+        if self.on_publish is not None:
+            self.on_publish()
 
     def finish_sync(self) -> None:
-        """On close: wait for the sync job in flight and rotate the journal past its files."""
-        if self._sync_job is not None:
-            self._sync_job.result()
-            self._sync_job = None
-            self._rotate(self._sync_target)
+        """On close: finish the file jobs and a rotation in progress."""
+        self._queue_full_files()
+        self._check_files_thread(wait=True)
+        while self._sync_job is not None or self._rotation is not None:
+            (self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
+            self._rotate_when_synced()
 
     def close_files(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._files is not None:
+            self._files.shutdown(wait=True)
+            self._files = None
+            if self._rotation is not None and self._rotation.exception() is None:
+                os.close(self._rotation.result()[0])  # a rotation left unfinished: the journal stays as it is
         for attr in ("_journal_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
