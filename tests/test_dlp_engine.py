@@ -310,3 +310,46 @@ def test_compressed_content_is_opened_whatever_its_label(outbound):
         for content_type in ("text/plain", "application/octet-stream", "image/png", None):
             result = outbound.scan(body, content_type=content_type)
             assert result.action == "block" and any(f.type == "cn_id_card" for f in result.findings), content_type
+
+
+# ---- UTF-8 validation without decoding ------------------------------------------------------------
+
+
+def _python_says_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_is_utf8_decides_as_pythons_decoder():
+    from gateway.dlp.coding import _HYPERSCAN_FROM, is_utf8
+
+    rng = random.Random(7)
+    valid = "身份证 número 数据开放 😀 ascii \u00e9\U0010ffff".encode("utf-8")
+    tricky = [b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80",
+              b"\xe6\x95", b"\xf0\x9f\x98", b"\x80", b"\xff", b"\xc2\x80", b"\xef\xbf\xbf", b"\xf0\x90\x80\x80"]
+    # Padded past the threshold, so the Hyperscan path is what is checked (below it Python decides).
+    pad = "数据".encode("utf-8") * (_HYPERSCAN_FROM // 6 + 1)
+    cases = [pad + t + pad for t in tricky] + [pad + t for t in tricky] + [t + pad for t in tricky]
+    for _ in range(300):
+        data = bytearray(pad[:rng.randrange(len(pad) // 2, len(pad))] + valid * rng.randrange(1, 50))
+        for _ in range(rng.randrange(0, 3)):  # flip a few bytes: most flips break the encoding
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        cases.append(bytes(data))
+    verdicts = {_python_says_utf8(case) for case in cases}
+    assert verdicts == {True, False}  # both kinds were checked
+    for case in cases:
+        assert is_utf8(case) == _python_says_utf8(case), case[:80]
+
+
+def test_large_plain_text_mislabelled_as_utf8_is_uninspectable(outbound):
+    body = ("数据开放目录 " * 40000).encode("gb18030")  # ~0.5 MB, declared as UTF-8
+    result = outbound.scan(body, content_type="text/plain; charset=utf-8", content_encoding=None)
+    assert [f.type for f in result.findings] == ["uninspectable"], result.findings
+    clean = ("数据开放目录 " * 40000).encode("utf-8")
+    assert outbound.scan(clean, content_type="text/plain; charset=utf-8", content_encoding=None).findings == []
+    leaking = clean + f" sfzh {ID}".encode()
+    assert [f.type for f in outbound.scan(leaking, content_type="text/plain", content_encoding=None).findings] \
+        == ["cn_id_card"]

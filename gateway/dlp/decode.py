@@ -26,7 +26,7 @@ from types import MappingProxyType
 from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
-from gateway.dlp.coding import DecodeError, check_inflated_size, decode_text, inflate
+from gateway.dlp.coding import DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset
 
 MiB = 1 << 20
 
@@ -166,7 +166,13 @@ class _Walker:
 
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
         try:
-            text, used_charset = decode_text(data, charset)
+            used_charset = text_charset(data, charset)
+            if used_charset == "utf-8" and media in ("", "text/plain") and is_utf8(data):
+                head = data[:_HEAD_BYTES].decode("utf-8", "ignore")
+                if head.lstrip()[:1] not in ("{", "[") and not _looks_like_csv(head):
+                    self.plain_utf8(data, location)
+                    return
+            text = decode_as(data, used_charset)
         except DecodeError as error:
             self.problem(location, str(error))
             return
@@ -188,10 +194,16 @@ class _Walker:
         else:
             self.plain(text, location, raw)
 
+    def plain_utf8(self, data: bytes, location: str) -> None:
+        """Well-formed UTF-8 plain text, scanned as received: a str of it is built only when full-width
+        folding or unescaping needs one (decoding a MiB of CJK text costs more than scanning it)."""
+        if needs_folding(data) or _contains(data, b"\\u") or _contains(data, b"&#"):
+            self.plain(data.decode("utf-8"), location, data)
+        else:
+            self.out.segments.append(Segment(data, location, None, None, _offset_locator(location)))
+
     def plain(self, text: str, location: str, data: bytes | None = None) -> None:
-        def locate(offset: int) -> tuple[str, str | None]:
-            return child(location, f"offset {offset}"), None
-        self.out.segments.append(text_segment(text, location, None, locate, data))
+        self.out.segments.append(text_segment(text, location, None, _offset_locator(location), data))
         if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
@@ -401,15 +413,25 @@ class _Walker:
             self.problem(location, f"unreadable docx document: {error}")
 
 
-def _contains(text: str, needle: str) -> bool:
+def _contains(text: str | bytes, needle: str | bytes) -> bool:
     """`needle in text`, its first character looked for first: a one-character search runs at memchr speed,
     CPython's search for two characters about 25x slower (1 ms per MiB of CJK text), and most texts lack both."""
     return needle[0] in text and needle in text
 
 
+def _offset_locator(location: str) -> Locator:
+    def locate(offset: int) -> tuple[str, str | None]:
+        return child(location, f"offset {offset}"), None
+    return locate
+
+
+_HEAD_CHARS = 4096
+_HEAD_BYTES = 4 * _HEAD_CHARS  # enough UTF-8 for the first _HEAD_CHARS characters
+
+
 def _looks_like_csv(text: str) -> bool:
     """Undeclared text whose first lines have the same number (>= 1) of commas."""
-    lines = text[:4096].splitlines()[:3]
+    lines = text[:_HEAD_CHARS].splitlines()[:3]
     return len(lines) >= 2 and lines[0].count(",") >= 1 and all(line.count(",") == lines[0].count(",")
                                                                for line in lines[1:])
 
