@@ -48,6 +48,8 @@ class Transfer:
     recorded: bool = False
     # Bodies spooled to disk while scanned, by direction ("request", "response").
     spools: dict[str, Any] = field(default_factory=dict)
+    # Digests computed beside a threaded scan, by direction: (the exact body object hashed, digest).
+    body_digests: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     # Checks that must pass before a spooled body is released (the record made durable first).
     before_release: list[Callable[[], bool]] = field(default_factory=list)
     cut: bool = False  # a spooled body was withheld: the connection is cut, not answered

@@ -5,6 +5,7 @@ Clients on 127.0.0.1 are the extranet; the upstream on 127.0.0.2 stands for the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -41,6 +42,14 @@ def proxy_client(lab) -> httpx.Client:
 
 def upstream_requests(lab) -> list[dict]:
     return [json.loads(line) for line in lab["upstream_log"].read_text().splitlines()]
+
+
+def trace_record(lab, transfer_id: str) -> dict:
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
+                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
+                           cwd=Path(__file__).parent.parent)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout.splitlines()[0])["record"]
 
 
 def test_clean_transfer_passes_byte_for_byte(lab):
@@ -116,10 +125,7 @@ def test_unreachable_upstream_gets_502_with_the_transfer_id_and_a_record(lab):
     answer = response.json()
     assert answer["error"] == "upstream failed" and answer["transfer_id"] == transfer_id
     assert answer["reasons"] == [{"rule": "upstream", "type": "upstream", "location": f"127.0.0.2:{closed_port}"}]
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
-                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
-                           cwd=Path(__file__).parent.parent)
-    record = json.loads(shown.stdout.splitlines()[0])["record"]
+    record = trace_record(lab, transfer_id)
     assert record["decision"] == "error" and record["status"] == 502 and "Errno 111" in record["error"]
 
 
@@ -131,11 +137,7 @@ def test_alert_and_trace_records_for_decisions(lab):
     alert = next(a for a in alerts if a["id"] == transfer_id)
     assert alert["decision"] == "block"
     assert ID_NUMBER not in json.dumps(alert, ensure_ascii=False)
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
-                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
-                           cwd=Path(__file__).parent.parent)
-    assert shown.returncode == 0, shown.stderr
-    record = json.loads(shown.stdout.splitlines()[0])["record"]
+    record = trace_record(lab, transfer_id)
     assert record["decision"] == "block" and record["client"]["zone"] == "extranet"
 
 
@@ -189,3 +191,17 @@ def test_redact_masks_the_value_and_keeps_the_framing(lab):
     assert "6228480012345671" not in response.text
     assert response.text.startswith("card ") and response.text.endswith(" ok")
     assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_records_hold_the_digests_of_the_bodies_as_transferred(lab):
+    """Large bodies are hashed beside their threaded scan; a redacted one must still be hashed as sent."""
+    body = b"quarterly transport statistics " * 8000  # 248 KB: above the inline scan size
+    with proxy_client(lab) as client:
+        echoed = client.post(f"{lab['upstream']}/echo", content=body, headers={"content-type": "text/plain"})
+        redacted = client.get(f"{lab['upstream']}/card?pad=200000")
+    record = trace_record(lab, echoed.headers["x-gateway-transfer-id"])
+    assert record["req_digest"] == record["resp_digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert "6228480012345671" not in redacted.text and len(redacted.content) > 200000
+    record = trace_record(lab, redacted.headers["x-gateway-transfer-id"])
+    assert record["decision"] == "redact"
+    assert record["resp_digest"] == "sha256:" + hashlib.sha256(redacted.content).hexdigest()

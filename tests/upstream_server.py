@@ -79,7 +79,8 @@ class Handler(BaseHTTPRequestHandler):
             answer = json.dumps({"rows": rows}).encode()
             content_type = "application/json"
         elif url.path == "/card":
-            answer = f"card {BANK_CARD} ok".encode()
+            pad = "filler " * (int(query.get("pad", ["0"])[0]) // 7)  # pads the answer past inline scan sizes
+            answer = f"{pad}card {BANK_CARD} ok".encode()
         elif url.path == "/text":
             answer = query.get("body", [""])[0].encode()
         else:

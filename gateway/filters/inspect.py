@@ -16,6 +16,7 @@ from mitmproxy import http
 from gateway.dlp import Profile, ScanResult
 from gateway.filters import Gateway, refuse, transfer_of
 from gateway.spool import SpooledBody
+from gateway.trace import body_hasher
 from gateway.transfer import Reason, Transfer
 
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
@@ -50,7 +51,7 @@ class Inspect:
             self._apply(flow, transfer, profile.scan_query(query, direction="request", host=transfer.upstream_host))
         if flow.response or not request.raw_content:
             return
-        result = await _scan(profile, request.raw_content, request.headers, "request", transfer)
+        result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.response:
             request.raw_content = profile.redact(
@@ -67,7 +68,7 @@ class Inspect:
         response = flow.response
         if profile is None or not response.raw_content:
             return
-        result = await _scan(profile, response.raw_content, response.headers, "response", transfer)
+        result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.metadata.get("gateway_refused"):
             response.raw_content = profile.redact(
@@ -133,6 +134,10 @@ class Inspect:
 
         return stream
 
+    @property
+    def _digest(self) -> str:
+        return self.gateway.runtime.config.body_digest
+
     def _profile(self, transfer: Transfer, direction: str) -> Profile | None:
         if transfer.verdict is None:
             return None
@@ -147,12 +152,21 @@ class Inspect:
             refuse(flow, transfer)
 
 
-async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, transfer: Transfer) -> ScanResult:
+async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, transfer: Transfer,
+                digest: str) -> ScanResult:
     def scan() -> ScanResult:
         return profile.scan(body, content_type=headers.get("content-type"), content_encoding=headers.get(
             "content-encoding"), direction=direction, host=transfer.upstream_host)
+
+    def scan_and_digest() -> ScanResult:
+        # Hashing, like Hyperscan, releases the GIL: done here, the record stage need not hash on the loop.
+        hasher = body_hasher(digest)
+        hasher.update(body)
+        transfer.body_digests[direction] = (body, hasher.digest_string())
+        return scan()
+
     started = time.perf_counter()
-    result = scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan)
+    result = scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan_and_digest)
     # The Measure stage reports it as gateway_inspection_duration_seconds{direction}.
     transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
     return result
