@@ -4,6 +4,7 @@ writer process, one set of metrics, workers and writer replaced when they die, S
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -140,7 +141,7 @@ def machine(tmp_path_factory):
     path = write_config(root / "gateway.yaml", config)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
     gateway = start_gateway(path)
-    yield {"config": config, "root": root, "gateway": gateway, "upstream": f"http://127.0.0.2:{port}",
+    yield {"config": config, "path": path, "root": root, "gateway": gateway, "upstream": f"http://127.0.0.2:{port}",
            "management": f"http://{config['management']['listen']}"}
     gateway.stop()
     upstream.stop()
@@ -223,6 +224,35 @@ def test_sighup_reaches_every_worker(machine):
         gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
     assert metric(machine, "gateway_config_reloads_total", result="success") - reloads_before == 1  # one machine
     assert one_transfer(machine).status_code == 200
+
+
+def test_a_listener_added_by_a_reload_is_served_by_every_worker(machine):
+    """The supervisor holds no socket for it: each worker binds it itself, shared through SO_REUSEPORT."""
+    gateway, path = machine["gateway"], machine["path"]
+    config = copy.deepcopy(machine["config"])
+    added = f"127.0.0.1:{free_port()}"
+    config["listeners"].append({"name": "added", "mode": "reverse", "listen": added, "upstream": machine["upstream"]})
+    original = path.read_text()
+    try:
+        write_config(path, config)
+        start = len(gateway.lines)
+        gateway.signal(signal.SIGHUP)
+        for index in (0, 1):
+            gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
+        ids = []
+        for _ in range(30):  # a connection each, so the kernel spreads them over the workers' sockets
+            response = httpx.get(f"http://{added}/text?body=added", timeout=15)
+            assert response.status_code == 200 and response.text == "added"
+            ids.append(response.headers["x-gateway-transfer-id"])
+        logged = {r["id"]: r for r in records(machine)}
+        assert {logged[i]["listener"] for i in ids} == {"added"}
+        assert {logged[i]["worker"] for i in ids} == {0, 1}
+    finally:
+        path.write_text(original)
+        start = len(gateway.lines)
+        gateway.signal(signal.SIGHUP)
+        for index in (0, 1):
+            gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
 
 
 def test_a_killed_worker_loses_no_record_and_is_replaced(machine):
