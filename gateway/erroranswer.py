@@ -9,53 +9,104 @@ then sets `flow.response`, that response goes to the client instead of mitmproxy
 nothing changes for a flow whose client already has response headers, for client-side errors, or
 when the hook sets no response.
 
-`install()` checks the two statements it relies on; tests/test_erroranswer.py fails loudly when a
+A request head too malformed to parse never becomes a flow: mitmproxy's Http1Server answers it 400
+itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
+run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
+id, a trace record and a count like any other refused transfer.
+
+`install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
 """
 
 from __future__ import annotations
 
 import inspect
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from mitmproxy import http
-from mitmproxy.proxy import layer
+from mitmproxy import connection, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
+from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._events import HttpEvent, ResponseData, ResponseEndOfMessage, \
     ResponseHeaders, ResponseProtocolError
 
 ANSWER_STATUS = "gateway_error_answer_status"
-_RELIED_ON = ("yield HttpErrorHook(self.flow)", "yield SendHttp(event, self.context.client)")
+
+
+@dataclass
+class MalformedRequest:
+    """A request head that could not be parsed: no flow, nothing forwarded."""
+
+    id: str
+    client: connection.Client
+    reason: str
+    transfer: object | None = None       # the pipeline's Transfer for it (set by the identify stage)
+    answer: http.Response | None = None  # what the client gets instead of mitmproxy's page
+
+
+@dataclass
+class MalformedRequestHook(commands.StartHook):
+    malformed: MalformedRequest
 
 
 def install() -> None:
-    original = HttpStream.handle_protocol_error
-    if getattr(original, "gateway_answers", False):
-        return
-    source = inspect.getsource(original)
-    if not all(statement in source for statement in _RELIED_ON):
-        raise RuntimeError("mitmproxy's HttpStream.handle_protocol_error changed: review gateway/erroranswer.py")
+    _wrap(HttpStream, "handle_protocol_error", _answer_upstream_failures,
+          ("yield HttpErrorHook(self.flow)", "yield SendHttp(event, self.context.client)"))
+    _wrap(Http1Server, "read_headers", _answer_malformed_heads,
+          ("except ValueError as e:", "if self.request:",
+           "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
 
+
+def _wrap(cls: type, name: str, wrapper: Callable, relied_on: tuple[str, ...]) -> None:
+    original = getattr(cls, name)
+    if getattr(original, "gateway_answers", False):
+        return  # a second engine in one process
+    if not all(statement in inspect.getsource(original) for statement in relied_on):
+        raise RuntimeError(f"mitmproxy's {cls.__name__}.{name} changed: review gateway/erroranswer.py")
+    wrapped = wrapper(original)
+    wrapped.gateway_answers = True
+    setattr(cls, name, wrapped)
+
+
+Substitute = Callable[[commands.Command], layer.CommandGenerator[None] | None]
+
+
+def _relay(produced: layer.CommandGenerator[None], substitute: Substitute) -> layer.CommandGenerator[None]:
+    """A layer method's commands passed on (with their results sent back), except those that
+    `substitute` replaces with commands of its own."""
+    result = None
+    while True:
+        try:
+            command = produced.send(result)
+        except StopIteration as done:
+            return done.value
+        replacement = substitute(command)
+        if replacement is None:
+            result = yield command
+        else:
+            result = yield from replacement
+
+
+def _answer_upstream_failures(original: Callable) -> Callable:
     def handle_protocol_error(self: HttpStream, event: HttpEvent) -> layer.CommandGenerator[None]:
         flow = self.flow
         status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
         answerable = status is not None and flow.response is None
         if answerable:
             flow.metadata[ANSWER_STATUS] = status
-        commands = original(self, event)
-        result = None
-        while True:
-            try:
-                command = commands.send(result)
-            except StopIteration as done:
-                return done.value
-            if (answerable and flow.response is not None and isinstance(command, SendHttp)
-                    and command.event is event):
-                result = yield from _send(self, flow.response)
-            else:
-                result = yield command
 
-    handle_protocol_error.gateway_answers = True  # type: ignore[attr-defined]
-    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            if answerable and flow.response is not None and isinstance(command, SendHttp) \
+                    and command.event is event:
+                return _send(self, flow.response)
+            return None
+
+        return (yield from _relay(original(self, event), substitute))
+
+    return handle_protocol_error
 
 
 def _send(stream: HttpStream, response: http.Response) -> layer.CommandGenerator[None]:
@@ -64,3 +115,26 @@ def _send(stream: HttpStream, response: http.Response) -> layer.CommandGenerator
     if content:
         yield SendHttp(ResponseData(stream.stream_id, content), stream.context.client)
     yield SendHttp(ResponseEndOfMessage(stream.stream_id), stream.context.client)
+
+
+def _answer_malformed_heads(original: Callable) -> Callable:
+    def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            # The only data read_headers sends is its 400; with no request parsed, no flow follows.
+            if isinstance(command, commands.SendData) and self.request is None:
+                return _answer_malformed(self, command)
+            return None
+
+        return (yield from _relay(original(self, event), substitute))
+
+    return read_headers
+
+
+def _answer_malformed(server: Http1Server, error_page: commands.SendData) -> layer.CommandGenerator[None]:
+    # mitmproxy's reason quotes the client's bytes (a URL may hold personal data): it is not kept.
+    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, "request head could not be parsed")
+    yield MalformedRequestHook(malformed)
+    if malformed.answer is None:
+        yield error_page
+    else:
+        yield commands.SendData(server.conn, http1.assemble_response(malformed.answer))

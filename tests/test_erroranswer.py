@@ -1,26 +1,25 @@
-"""The error-answer extension point must fail loudly when mitmproxy changes the code it wraps."""
+"""The error-answer extension points must fail loudly when mitmproxy changes the code they wrap."""
 
+import pytest
 from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from gateway import erroranswer
 
 
 def test_install_accepts_this_mitmproxy_and_is_idempotent():
     erroranswer.install()
-    wrapped = HttpStream.handle_protocol_error
-    assert getattr(wrapped, "gateway_answers", False)
+    wrapped = HttpStream.handle_protocol_error, Http1Server.read_headers
+    assert all(getattr(function, "gateway_answers", False) for function in wrapped)
     erroranswer.install()  # a second engine in one process does not wrap twice
-    assert HttpStream.handle_protocol_error is wrapped
+    assert (HttpStream.handle_protocol_error, Http1Server.read_headers) == wrapped
 
 
-def test_install_refuses_a_changed_mitmproxy(monkeypatch):
-    def changed(self, event):  # an error path that no longer runs the error hook before answering
+@pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers")])
+def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
+    def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()
 
-    monkeypatch.setattr(HttpStream, "handle_protocol_error", changed)
-    try:
+    monkeypatch.setattr(cls, name, changed)
+    with pytest.raises(RuntimeError, match=f"{cls.__name__}.{name} changed: review gateway/erroranswer.py"):
         erroranswer.install()
-    except RuntimeError as e:
-        assert "review gateway/erroranswer.py" in str(e)
-    else:
-        raise AssertionError("install() accepted an error path it cannot answer from")

@@ -29,11 +29,15 @@ def body_size(transfer: Transfer, direction: str, message: http.Message) -> int:
     return spool.size if spool is not None else len(message.raw_content or b"")
 
 
-def refuse(flow: http.HTTPFlow, transfer: Transfer, status: int = 403, error: str = "blocked") -> None:
-    """Answer the client ourselves with the JSON refusal; mitmproxy then never contacts the upstream."""
-    flow.response = http.Response.make(status, refusal_body(transfer, error), {
+def refusal_response(transfer: Transfer, status: int, error: str) -> http.Response:
+    return http.Response.make(status, refusal_body(transfer, error), {
         "Content-Type": "application/json; charset=utf-8",
         TRANSFER_ID_HEADER: transfer.id,
     })
+
+
+def refuse(flow: http.HTTPFlow, transfer: Transfer, status: int = 403, error: str = "blocked") -> None:
+    """Answer the client ourselves with the JSON refusal; mitmproxy then never contacts the upstream."""
+    flow.response = refusal_response(transfer, status, error)
     flow.metadata["gateway_refused"] = True
     flow.request.stream = False  # a refused request's body is read and dropped, never streamed on

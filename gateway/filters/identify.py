@@ -7,9 +7,10 @@ import ipaddress
 import socket
 import time
 
-from mitmproxy import http
+from mitmproxy import connection, http
 
 from gateway.config import format_host_port
+from gateway.erroranswer import MalformedRequest
 from gateway.filters import Gateway
 from gateway.transfer import METADATA_KEY, Transfer
 
@@ -55,20 +56,29 @@ class Identify:
             # DNS change could steer into another zone. The Host header and TLS SNI keep the name.
             flow.request.data.host = transfer.upstream_addr
 
+    def malformed_request(self, malformed: MalformedRequest) -> None:
+        # No request, so no upstream: only the client side is known.
+        malformed.transfer = self._transfer(malformed.id, malformed.client, "", 0, None)
+
     async def _identify(self, flow: http.HTTPFlow) -> None:
-        runtime = self.gateway.runtime
-        client_ip, client_port = flow.client_conn.peername[:2]
-        listener = runtime.listener_at(*flow.client_conn.sockname[:2])
         host, port = flow.request.host, flow.request.port
         address = await self.resolver.resolve(host, port)
-        flow.metadata[METADATA_KEY] = Transfer(
-            id=flow.id,
+        flow.metadata[METADATA_KEY] = self._transfer(
+            flow.id, flow.client_conn, flow.request.pretty_host if flow.request.host_header else host, port, address)
+
+    def _transfer(self, transfer_id: str, client: connection.Client, upstream_host: str, upstream_port: int,
+                  upstream_addr: str | None) -> Transfer:
+        runtime = self.gateway.runtime
+        client_ip, client_port = client.peername[:2]
+        listener = runtime.listener_at(*client.sockname[:2])
+        return Transfer(
+            id=transfer_id,
             listener=listener.name if listener else "unknown",
             client_addr=format_host_port(client_ip, client_port),
             client_zone=runtime.zones.zone_of(client_ip),
-            upstream_host=flow.request.pretty_host if flow.request.host_header else host,
-            upstream_port=port,
-            upstream_addr=address,
-            upstream_zone=runtime.zones.zone_of(address) if address else "unknown",
+            upstream_host=upstream_host,
+            upstream_port=upstream_port,
+            upstream_addr=upstream_addr,
+            upstream_zone=runtime.zones.zone_of(upstream_addr) if upstream_addr else "unknown",
         )
 

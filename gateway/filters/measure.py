@@ -16,6 +16,7 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from gateway.erroranswer import MalformedRequest
 from gateway.filters import body_size, transfer_of
 from gateway.logs import DecisionLog
 from gateway.metrics import ACTION_OF_DECISION, GatewayMetrics
@@ -24,7 +25,7 @@ from gateway.trace import TraceLog
 from gateway.transfer import Transfer
 
 # Reasons that are not DLP findings: the zone policy's deny, and a trace log that could not record.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream"})
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed"})
 
 
 class MeasuredGateway(Protocol):
@@ -133,15 +134,14 @@ class Measure:
         if self._count_findings(transfer):
             self.decisions.write(transfer, event="websocket_message")
 
+    def malformed_request(self, malformed: MalformedRequest) -> None:
+        transfer = malformed.transfer
+        if transfer is not None and transfer.recorded:
+            self._count(transfer, method=None, status=malformed.answer.status_code if malformed.answer else None)
+
     def _finish(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
         if transfer.extra.get("measured"):
             return
-        transfer.extra["measured"] = True
-        m = self.metrics
-        src, dst = transfer.client_zone, transfer.upstream_zone
-        m.transfers.labels(listener=transfer.listener, src_zone=src, dst_zone=dst,
-                           action=ACTION_OF_DECISION[transfer.decision]).inc()
-        m.transfer_duration.labels(src_zone=src, dst_zone=dst).observe(time.monotonic() - transfer.started)
         if transfer.extra.get("forwarded"):
             # Bytes that really crossed: the request once sent upstream, the upstream's answer unless
             # the gateway replaced it with its own refusal.
@@ -151,6 +151,17 @@ class Measure:
                 self._bytes(transfer, "request", body_size(transfer, "request", flow.request))
             if flow.response is not None and not flow.metadata.get("gateway_refused") and not transfer.cut:
                 self._bytes(transfer, "response", body_size(transfer, "response", flow.response))
+        self._count(transfer, method=flow.request.method,
+                    status=flow.response.status_code if flow.response else None)
+
+    def _count(self, transfer: Transfer, *, method: str | None, status: int | None) -> None:
+        """Once per transfer: its decision, durations and findings, and a log line unless a plain allow."""
+        transfer.extra["measured"] = True
+        m = self.metrics
+        src, dst = transfer.client_zone, transfer.upstream_zone
+        m.transfers.labels(listener=transfer.listener, src_zone=src, dst_zone=dst,
+                           action=ACTION_OF_DECISION[transfer.decision]).inc()
+        m.transfer_duration.labels(src_zone=src, dst_zone=dst).observe(time.monotonic() - transfer.started)
         for direction, seconds in transfer.extra.get("inspection_seconds", {}).items():
             m.inspection_duration.labels(direction=direction).observe(seconds)
         if "trace_append_seconds" in transfer.extra:
@@ -158,8 +169,7 @@ class Measure:
         self._count_findings(transfer)
         self.refresh_trace_metrics()
         if transfer.decision != "allow":
-            self.decisions.write(transfer, method=flow.request.method,
-                                 status=flow.response.status_code if flow.response else None)
+            self.decisions.write(transfer, method=method, status=status)
 
     def _bytes(self, transfer: Transfer, direction: str, size: int) -> None:
         if size:

@@ -17,8 +17,8 @@ from mitmproxy.master import Master
 from gateway.alerts import AlertLog
 from gateway.backpressure import cut
 from gateway.dlp import mask_url
-from gateway.erroranswer import ANSWER_STATUS
-from gateway.filters import body_size, refuse, transfer_of
+from gateway.erroranswer import ANSWER_STATUS, MalformedRequest
+from gateway.filters import body_size, refuse, refusal_response, transfer_of
 from gateway.runtime import Runtime
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer
@@ -97,9 +97,30 @@ class Record:
             refuse(flow, transfer, status=status, error="upstream failed")
         await self._record(flow, transfer)
 
+    async def malformed_request(self, malformed: MalformedRequest) -> None:
+        """A request head mitmproxy could not parse: refused 400 with a transfer id, and recorded."""
+        transfer = malformed.transfer
+        if transfer is None:
+            return
+        transfer.escalate("error", [Reason("malformed", "malformed", "request head", "block")])
+        transfer.error = malformed.reason
+        answer = refusal_response(transfer, 400, "malformed request")
+        answer.headers["Connection"] = "close"  # mitmproxy closes the connection after it
+        malformed.answer = answer
+        transfer.recorded = True
+        body = answer.raw_content or b""
+        record = self._fields(transfer, method=None, url=None, status=400, req_bytes=0, resp_bytes=len(body),
+                              req_digest=None, resp_digest=_hash(self.gateway.runtime.config.body_digest, body))
+        if not await self._append(record, transfer):
+            malformed.answer = refusal_response(transfer, 503, "trace log unavailable")
+
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
         transfer.recorded = True
-        record = self._build(flow, transfer)
+        if not await self._append(self._build(flow, transfer), transfer):
+            if flow.response is not None or flow.error is None:
+                refuse(flow, transfer, status=503, error="trace log unavailable")
+
+    async def _append(self, record: dict[str, Any], transfer: Transfer) -> bool:
         started = time.perf_counter()
         try:
             await self.gateway.trace.append(record)
@@ -108,12 +129,11 @@ class Record:
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
             transfer.error = f"trace log unavailable: {e}"
-            if flow.response is not None or flow.error is None:
-                refuse(flow, transfer, status=503, error="trace log unavailable")
-            return
+            return False
         transfer.extra["trace_append_seconds"] = time.perf_counter() - started
         if transfer.decision in ("warn", "block", "deny"):
             self.gateway.alerts.write(_alert(record))
+        return True
 
     def _record_before_release(self, flow: http.HTTPFlow, transfer: Transfer) -> bool:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
@@ -129,6 +149,16 @@ class Record:
     def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:
         digest = self.gateway.runtime.config.body_digest
         request, response = flow.request, flow.response
+        return self._fields(
+            transfer, method=request.method, url=mask_url(_display_url(request, transfer)),
+            status=response.status_code if response else None,
+            req_bytes=body_size(transfer, "request", request),
+            resp_bytes=body_size(transfer, "response", response) if response else 0,
+            req_digest=_digest(digest, transfer, "request", request),
+            resp_digest=_digest(digest, transfer, "response", response) if response else None)
+
+    def _fields(self, transfer: Transfer, *, method: str | None, url: str | None, status: int | None,
+                req_bytes: int, resp_bytes: int, req_digest: str | None, resp_digest: str | None) -> dict[str, Any]:
         return {
             "v": 1,
             "id": transfer.id,
@@ -138,13 +168,13 @@ class Record:
             "client": {"addr": transfer.client_addr, "zone": transfer.client_zone},
             "upstream": {"host": transfer.upstream_host, "port": transfer.upstream_port,
                          "addr": transfer.upstream_addr, "zone": transfer.upstream_zone},
-            "method": request.method,
-            "url": mask_url(_display_url(request, transfer)),
-            "status": response.status_code if response else None,
-            "req_bytes": body_size(transfer, "request", request),
-            "resp_bytes": body_size(transfer, "response", response) if response else 0,
-            "req_digest": _digest(digest, transfer, "request", request),
-            "resp_digest": _digest(digest, transfer, "response", response) if response else None,
+            "method": method,
+            "url": url,
+            "status": status,
+            "req_bytes": req_bytes,
+            "resp_bytes": resp_bytes,
+            "req_digest": req_digest,
+            "resp_digest": resp_digest,
             "decision": transfer.decision,
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
             "rules": [{"rule": r.rule, "type": r.type, "location": r.location, "action": r.action}
@@ -172,6 +202,10 @@ def _digest(name: str, transfer: Transfer, direction: str, message: http.Message
     hashed = transfer.body_digests.get(direction)
     if hashed is not None and hashed[0] is body:  # still the very body the scan hashed (not redacted since)
         return hashed[1]
+    return _hash(name, body)
+
+
+def _hash(name: str, body: bytes) -> str:
     hasher = body_hasher(name)
     hasher.update(body)
     return hasher.digest_string()
