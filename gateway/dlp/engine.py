@@ -80,6 +80,7 @@ class Profile:
                 specs.append(PatternSpec(literal_regex(keyword), caseless=not rule.case_sensitive))
                 self._refs.append(("keyword", rule.id, keyword))
         self.matcher = Matcher(specs, engine)
+        self._rule_of_field_name = {name: rule for rule in spec.rules for name in rule.field_names}
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
@@ -124,6 +125,8 @@ class Profile:
 
     def apply_rules(self, detections: list[Detection], problems: list[tuple[str, str]], direction: str,
                     host: str | None) -> ScanResult:
+        if not detections and not problems:
+            return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
         findings: list[Finding] = [
             Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason)
             for location, reason in problems
@@ -146,8 +149,8 @@ class Profile:
         return ScanResult(findings, strongest([f.action for f in findings]))
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
-        wanted = {name: rule for rule in self.rules for name in rule.field_names}
-        if not wanted:
+        wanted = self._rule_of_field_name
+        if not wanted or not fields:
             return []
         out = []
         seen: set[tuple[str, str]] = set()
