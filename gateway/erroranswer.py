@@ -1,4 +1,4 @@
-"""Let the `error` hook answer an upstream failure: the second, last reach into mitmproxy internals.
+"""Answers the gateway gives where mitmproxy would answer by itself (a contained reach into its internals).
 
 When an upstream cannot be reached (refused, timed out, an untrusted certificate) mitmproxy's
 HttpStream.handle_protocol_error runs the `error` hook and then has the client layer write its own
@@ -12,7 +12,8 @@ when the hook sets no response.
 A request head too malformed to parse never becomes a flow: mitmproxy's Http1Server answers it 400
 itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
 run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
-id, a trace record and a count like any other refused transfer.
+id, a trace record and a count like any other refused transfer. A head still unfinished after
+MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
+from h11._receivebuffer import ReceiveBuffer
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
@@ -34,6 +36,9 @@ from mitmproxy.proxy.layers.http._events import HttpEvent, ResponseData, Respons
     ResponseHeaders, ResponseProtocolError
 
 ANSWER_STATUS = "gateway_error_answer_status"
+# Request heads (request line and headers) longer than this are refused 431, as web servers do
+# (nginx's default allows 4 buffers of 8 KiB for a whole head).
+MAX_REQUEST_HEAD = 64 * 1024
 
 
 @dataclass
@@ -43,6 +48,7 @@ class MalformedRequest:
     id: str
     client: connection.Client
     reason: str
+    status: int                          # 400, or 431 for a head past MAX_REQUEST_HEAD
     transfer: object | None = None       # the pipeline's Transfer for it (set by the identify stage)
     answer: http.Response | None = None  # what the client gets instead of mitmproxy's page
 
@@ -56,7 +62,7 @@ def install() -> None:
     _wrap(HttpStream, "handle_protocol_error", _answer_upstream_failures,
           ("yield HttpErrorHook(self.flow)", "yield SendHttp(event, self.context.client)"))
     _wrap(Http1Server, "read_headers", _answer_malformed_heads,
-          ("except ValueError as e:", "if self.request:",
+          ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
 
 
@@ -122,19 +128,28 @@ def _answer_malformed_heads(original: Callable) -> Callable:
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
             # The only data read_headers sends is its 400; with no request parsed, no flow follows.
             if isinstance(command, commands.SendData) and self.request is None:
-                return _answer_malformed(self, command)
+                # mitmproxy's reason quotes the client's bytes (a URL may hold personal data): not kept.
+                return _answer_malformed(self, 400, "request head could not be parsed", command.data)
             return None
 
-        return (yield from _relay(original(self, event), substitute))
+        yield from _relay(original(self, event), substitute)
+        if self.request is None and self.state != self.done and len(self.buf) > MAX_REQUEST_HEAD:
+            # Still no end of the head: mitmproxy would buffer it without limit (its own FIXME).
+            reason = f"request head larger than {MAX_REQUEST_HEAD} bytes"
+            yield from _answer_malformed(self, 431, reason, _plain_answer(431, reason))
+            yield commands.CloseConnection(self.conn)
+            self.buf = ReceiveBuffer()  # the connection is done: free what it sent at once
+            self.state = self.done
 
     return read_headers
 
 
-def _answer_malformed(server: Http1Server, error_page: commands.SendData) -> layer.CommandGenerator[None]:
-    # mitmproxy's reason quotes the client's bytes (a URL may hold personal data): it is not kept.
-    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, "request head could not be parsed")
+def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: bytes) -> layer.CommandGenerator[None]:
+    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, reason, status)
     yield MalformedRequestHook(malformed)
-    if malformed.answer is None:
-        yield error_page
-    else:
-        yield commands.SendData(server.conn, http1.assemble_response(malformed.answer))
+    answer = fallback if malformed.answer is None else http1.assemble_response(malformed.answer)
+    yield commands.SendData(server.conn, answer)
+
+
+def _plain_answer(status: int, reason: str) -> bytes:
+    return http1.assemble_response(http.Response.make(status, reason.encode(), {"Connection": "close"}))

@@ -130,20 +130,30 @@ def test_unreachable_upstream_gets_502_with_the_transfer_id_and_a_record(lab):
     assert record["decision"] == "error" and record["status"] == 502 and "Errno 111" in record["error"]
 
 
-def test_malformed_request_head_is_answered_recorded_and_counted(lab):
-    def errors_counted() -> float:
-        text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("gateway_transfers_total{") and 'action="error"' in line)
-
-    before = errors_counted()
+def raw_exchange(lab, data: bytes) -> tuple[str, str]:
+    """Send raw bytes to the forward listener; the answer's head and body (the gateway closes after it)."""
     host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"GET /x?sfzh={ID_NUMBER} HTTP/1.1 trailing junk\r\nHost: a\r\n\r\n".encode())
+        try:
+            sock.sendall(data)
+        except ConnectionResetError:
+            pass  # refused before all was sent: the answer is already waiting
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
     head, _, body = answer.decode().partition("\r\n\r\n")
+    return head, body
+
+
+def errors_counted(lab) -> float:
+    text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gateway_transfers_total{") and 'action="error"' in line)
+
+
+def test_malformed_request_head_is_answered_recorded_and_counted(lab):
+    before = errors_counted(lab)
+    head, body = raw_exchange(lab, f"GET /x?sfzh={ID_NUMBER} HTTP/1.1 trailing junk\r\nHost: a\r\n\r\n".encode())
     assert head.startswith("HTTP/1.1 400"), head
     transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
                        if line.lower().startswith("x-gateway-transfer-id:"))
@@ -153,7 +163,29 @@ def test_malformed_request_head_is_answered_recorded_and_counted(lab):
     assert record["decision"] == "error" and record["status"] == 400 and record["method"] is None
     assert record["client"]["zone"] == "extranet" and record["listener"] == "forward"
     assert ID_NUMBER not in json.dumps(record)  # mitmproxy's reason quotes the request line: not kept
-    assert errors_counted() - before == 1
+    assert errors_counted(lab) - before == 1
+
+
+def test_endless_request_head_is_refused_431_not_buffered(lab):
+    before = errors_counted(lab)
+    # A little past the limit, so the gateway has read all of it when it answers (no reset).
+    head, body = raw_exchange(lab, b"GET http://127.0.0.2:9/ HTTP/1.1\r\nX-Filler: " + b"a" * 70_000)
+    assert head.startswith("HTTP/1.1 431"), head
+    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
+                       if line.lower().startswith("x-gateway-transfer-id:"))
+    assert json.loads(body)["transfer_id"] == transfer_id
+    assert trace_record(lab, transfer_id)["status"] == 431
+    assert errors_counted(lab) - before == 1
+    # A client that goes on sending its head is cut off, not buffered: 32 MiB cannot all be accepted.
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            sock.sendall(b"GET http://127.0.0.2:9/ HTTP/1.1\r\nX-Filler: " + b"a" * (32 << 20))
+    # A head just under the limit, and a small head followed at once by a large body, still pass.
+    with proxy_client(lab) as client:
+        assert client.get(f"{lab['upstream']}/text?body=ok", headers={"x-filler": "a" * 60_000}).status_code == 200
+        big = b"x" * (2 << 20)
+        assert client.post(f"{lab['upstream']}/echo", content=big).content == big
 
 
 def test_alert_and_trace_records_for_decisions(lab):

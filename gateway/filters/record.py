@@ -104,13 +104,14 @@ class Record:
             return
         transfer.escalate("error", [Reason("malformed", "malformed", "request head", "block")])
         transfer.error = malformed.reason
-        answer = refusal_response(transfer, 400, "malformed request")
+        answer = refusal_response(transfer, malformed.status, "malformed request")
         answer.headers["Connection"] = "close"  # mitmproxy closes the connection after it
         malformed.answer = answer
         transfer.recorded = True
         body = answer.raw_content or b""
-        record = self._fields(transfer, method=None, url=None, status=400, req_bytes=0, resp_bytes=len(body),
-                              req_digest=None, resp_digest=_hash(self.gateway.runtime.config.body_digest, body))
+        record = self._fields(transfer, method=None, url=None, status=malformed.status, req_bytes=0,
+                              resp_bytes=len(body), req_digest=None,
+                              resp_digest=_hash(self.gateway.runtime.config.body_digest, body))
         if not await self._append(record, transfer):
             malformed.answer = refusal_response(transfer, 503, "trace log unavailable")
 
