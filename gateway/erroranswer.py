@@ -13,7 +13,8 @@ A request head too malformed to parse never becomes a flow: mitmproxy's Http1Ser
 itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
 run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
 id, a trace record and a count like any other refused transfer. A head still unfinished after
-MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit.
+MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit;
+an upstream's response head past MAX_RESPONSE_HEAD fails that upstream (502, as above).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -26,19 +27,21 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mitmproxy import connection, http
 from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
-from mitmproxy.proxy.layers.http._http1 import Http1Server
-from mitmproxy.proxy.layers.http._events import HttpEvent, ResponseData, ResponseEndOfMessage, \
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
+from mitmproxy.proxy.layers.http._events import ErrorCode, HttpEvent, ResponseData, ResponseEndOfMessage, \
     ResponseHeaders, ResponseProtocolError
 
 ANSWER_STATUS = "gateway_error_answer_status"
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 
 
 @dataclass
@@ -64,6 +67,8 @@ def install() -> None:
     _wrap(Http1Server, "read_headers", _answer_malformed_heads,
           ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
+    _wrap(Http1Client, "read_headers", _limit_response_heads,
+          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
 
 
 def _wrap(cls: type, name: str, wrapper: Callable, relied_on: tuple[str, ...]) -> None:
@@ -153,3 +158,18 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
 
 def _plain_answer(status: int, reason: str) -> bytes:
     return http1.assemble_response(http.Response.make(status, reason.encode(), {"Connection": "close"}))
+
+
+def _limit_response_heads(original: Callable) -> Callable:
+    def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from original(self, event)
+        if self.response is None and self.stream_id is not None and self.state != self.done \
+                and len(self.buf) > MAX_RESPONSE_HEAD:
+            # An upstream that never ends its head would be buffered without limit: it has failed.
+            yield commands.CloseConnection(self.conn)
+            self.buf = ReceiveBuffer()
+            self.state = self.done
+            yield ReceiveHttp(ResponseProtocolError(
+                self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
+
+    return read_headers

@@ -2,20 +2,21 @@
 
 import pytest
 from mitmproxy.proxy.layers.http import HttpStream
-from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway import erroranswer
 
 
 def test_install_accepts_this_mitmproxy_and_is_idempotent():
     erroranswer.install()
-    wrapped = HttpStream.handle_protocol_error, Http1Server.read_headers
+    wrapped = HttpStream.handle_protocol_error, Http1Server.read_headers, Http1Client.read_headers
     assert all(getattr(function, "gateway_answers", False) for function in wrapped)
     erroranswer.install()  # a second engine in one process does not wrap twice
-    assert (HttpStream.handle_protocol_error, Http1Server.read_headers) == wrapped
+    assert (HttpStream.handle_protocol_error, Http1Server.read_headers, Http1Client.read_headers) == wrapped
 
 
-@pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers")])
+@pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers"),
+                                       (Http1Client, "read_headers")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()

@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -264,3 +265,35 @@ def test_records_hold_the_digests_of_the_bodies_as_transferred(lab):
     record = trace_record(lab, redacted.headers["x-gateway-transfer-id"])
     assert record["decision"] == "redact"
     assert record["resp_digest"] == "sha256:" + hashlib.sha256(redacted.content).hexdigest()
+
+
+def test_upstream_with_an_endless_response_head_fails_with_502(lab):
+    server = socket.create_server(("127.0.0.2", 0))
+    port = server.getsockname()[1]
+    sent = []
+
+    def endless_upstream() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Filler: ")
+            try:
+                while True:
+                    connection.sendall(b"a" * 65536)
+                    sent.append(65536)
+            except OSError:
+                pass  # the gateway hung up on it
+
+    thread = threading.Thread(target=endless_upstream, daemon=True)
+    thread.start()
+    try:
+        with proxy_client(lab) as client:
+            response = client.get(f"http://127.0.0.2:{port}/x")
+        assert response.status_code == 502
+        assert response.json()["error"] == "upstream failed"
+        record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+        assert record["decision"] == "error" and "response head larger than" in record["error"]
+        thread.join(10)
+        assert not thread.is_alive() and sum(sent) < (64 << 20)  # cut off, not read on without end
+    finally:
+        server.close()
