@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.trace.merkle import (
-    HASH_SIZE, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, perfect_root,
-    root_of_nodes, verify_consistency, verify_inclusion,
+    HASH_SIZE, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes, verify_consistency,
+    verify_inclusion,
 )
 from gateway.trace.note import (
     Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_note,
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TileError, encode_entries, looks_torn, parse_entries,
+    JOURNAL_HEADER, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, looks_torn, parse_entries,
     parse_journal, read_journal, tail_reader, tile_path,
 )
 
@@ -76,17 +76,24 @@ def _read(path: Path) -> bytes:
 
 
 class _RootWalk:
-    """The tree's compact range as records are walked in order, and the roots it must have at
-    given sizes (signed checkpoints); a mismatch is reported once, as a problem."""
+    """The tree as the records are walked in order, the roots it must have at given sizes (signed
+    checkpoints; a mismatch is reported once, as a problem) and the full hash tiles above level 0
+    it completes, compared with those stored (the ones from `derived_from` on may be missing)."""
 
-    def __init__(self, targets: dict[int, list[tuple[str, bytes]]], problems: list[str]) -> None:
-        self.range = CompactRange()
-        self.size = 0
+    def __init__(self, directory: Path, targets: dict[int, list[tuple[str, bytes]]], problems: list[str],
+                 derived_from: int) -> None:
+        self.directory = directory
+        self.tree = TiledTree()
         self.targets = targets
         self.problems = problems
+        self.derived_from = derived_from
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
 
     def root(self) -> bytes:
-        return root_of_nodes([value for _, value in self.range.nodes])
+        return self.tree.root()
 
     def check(self) -> None:
         for label, root in self.targets.pop(self.size, ()):
@@ -94,18 +101,21 @@ class _RootWalk:
                 self.problems.append(f"{label}: root hash does not match the {self.size} records in the log"
                                      + ("" if self.problems else " (records altered together with their hash tiles)"))
 
-    def wants_inside(self, first: int, count: int) -> bool:
-        return any(first < size < first + count for size in self.targets)
-
     def push_leaves(self, leaves: list[bytes]) -> None:
-        for leaf in leaves:
-            self.range.push(0, leaf)
-            self.size += 1
-            self.check()
+        first = self.size
+        pos = 0
+        for cut in sorted(size - first for size in self.targets if first < size < first + len(leaves)):
+            self._append(leaves[pos:cut])  # stop at each size with a root to check
+            pos = cut
+        if pos < len(leaves):
+            self._append(leaves[pos:] if pos else leaves)
 
-    def push_bundle(self, root: bytes) -> None:
-        self.range.push(TILE_HEIGHT, root)
-        self.size += TILE_WIDTH
+    def _append(self, leaves: list[bytes]) -> None:
+        for level, n, hashes in self.tree.append(leaves):
+            if level:  # level 0 tiles are checked record by record by the caller
+                span = TILE_WIDTH ** (level + 1)
+                _check_tile(self.directory, level, n, hashes, n * span, self.problems, "",
+                            derived=(n + 1) * span > self.derived_from)
         self.check()
 
 
@@ -182,9 +192,8 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         problems.append(f"journal: checkpoint covers {file_cp.size} records but the log ends at record "
                         f"{journal.end - 1}: records removed below the checkpoint")
         return report
-    walk = _RootWalk(targets, problems)
+    walk = _RootWalk(directory, targets, problems, start)
     walk.check()
-    level_rows: list[list[bytes]] = [[]]  # recomputed hashes of the unfinished tile per level >= 1
     # Full bundles below the journal: every entry against the level-0 tile, tiles against the level above.
     for n in range(start // TILE_WIDTH):
         bundle_name = tile_path("entries", n)
@@ -199,44 +208,37 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         if len(bundle) != TILE_WIDTH:
             problems.append(f"{bundle_name}: holds {len(bundle)} records, a full bundle holds {TILE_WIDTH} "
                             f"(records deleted or inserted)")
-        leaves = list(map(leaf_hash, bundle))
+        leaves = leaf_hashes(bundle)
         _check_tile(directory, 0, n, leaves, n * TILE_WIDTH, problems, bundle_name)
-        leaves = (leaves + [b"\0" * HASH_SIZE] * TILE_WIDTH)[:TILE_WIDTH]
-        bundle_root = perfect_root(leaves)
-        if walk.wants_inside(n * TILE_WIDTH, TILE_WIDTH):
-            walk.push_leaves(leaves)
-        else:
-            walk.push_bundle(bundle_root)
-        _carry(directory, level_rows, 1, n, bundle_root, problems)
+        if len(leaves) != TILE_WIDTH:  # keep the walk aligned past a bundle of the wrong length
+            leaves = (leaves + [b"\0" * HASH_SIZE] * TILE_WIDTH)[:TILE_WIDTH]
+        walk.push_leaves(leaves)
     newest = (file_cp, file_note)
-    tail = list(map(leaf_hash, journal.entries))
-    _check_derived(directory, journal, tail, level_rows, problems)
+    tail = leaf_hashes(journal.entries)
+    _check_derived(directory, journal, tail, problems)
     # The journal: each checkpoint frame must be signed by the log and match the records before it.
     good_end = JOURNAL_HEADER.size
     frames = journal.checkpoints
-    f = 0
-    for k in range(len(tail) + 1):
-        while f < len(frames) and frames[f][0] == walk.size and not problems:
-            size, end, data = frames[f]
-            opened = _signed_note(data, verifier)
-            if opened is None or opened[1].size != size or opened[1].root != walk.root():
-                if looks_torn(journal, good_end):
-                    report.notes.append(f"journal: write cut short after byte {good_end} (crash): "
-                                        f"records from {size if opened is None else walk.size} on were "
-                                        f"never acknowledged; the writer drops them at next start")
-                    f = len(frames)
-                    break
-                what = "forged or altered" if opened is None else (
-                    f"records {_previous_size(frames, f, start)}..{size - 1} altered, deleted, inserted or "
-                    f"reordered: they do not match")
-                problems.append(f"journal: checkpoint frame at byte {end - len(data) - 4} (size {size}): {what}")
+    for f, (size, end, data) in enumerate(frames):  # in journal order: sizes never decrease
+        walk.push_leaves(tail[walk.size - start:size - start])
+        if problems:
+            break
+        opened = _signed_note(data, verifier)
+        if opened is None or opened[1].size != size or opened[1].root != walk.root():
+            if looks_torn(journal, good_end):
+                report.notes.append(f"journal: write cut short after byte {good_end} (crash): "
+                                    f"records from {size if opened is None else walk.size} on were "
+                                    f"never acknowledged; the writer drops them at next start")
                 break
-            if size >= newest[0].size:
-                newest = (opened[1], opened[0])
-            good_end = end
-            f += 1
-        if k < len(tail):
-            walk.push_leaves([tail[k]])
+            what = "forged or altered" if opened is None else (
+                f"records {_previous_size(frames, f, start)}..{size - 1} altered, deleted, inserted or "
+                f"reordered: they do not match")
+            problems.append(f"journal: checkpoint frame at byte {end - len(data) - 4} (size {size}): {what}")
+            break
+        if size >= newest[0].size:
+            newest = (opened[1], opened[0])
+        good_end = end
+    walk.push_leaves(tail[walk.size - start:])
     report.checkpoint = newest[0]
     if newest[0].size < start:
         report.notes.append(f"checkpoint ({newest[0].size}) is behind the full bundles ({start}); "
@@ -254,10 +256,9 @@ def _previous_size(frames: list[tuple[int, int, bytes]], f: int, start: int) -> 
     return frames[f - 1][0] if f else start
 
 
-def _check_derived(directory: Path, journal: Journal, tail: list[bytes], level_rows: list[list[bytes]],
-                   problems: list[str]) -> None:
-    """Compare the journal with the full and partial tiles derived from it, when present (they may
-    lag after a crash); a difference locates a changed record. Full hash tiles above are carried on."""
+def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problems: list[str]) -> None:
+    """Compare the journal with the full and partial bundles and level 0 tiles derived from it,
+    when present (they may lag after a crash); a difference locates a changed record."""
     start = journal.start
     for n in range(start // TILE_WIDTH, (start + len(tail)) // TILE_WIDTH + 1):
         first = n * TILE_WIDTH - start
@@ -278,8 +279,6 @@ def _check_derived(directory: Path, journal: Journal, tail: list[bytes], level_r
                 i = next((i for i, (a, b) in enumerate(zip(copy, mine)) if a != b), min(len(copy), len(mine)))
                 problems.append(f"record {n * TILE_WIDTH + i} (journal entry {first + i}): differs from {name}")
                 return
-        if width == TILE_WIDTH:
-            _carry(directory, level_rows, 1, n, perfect_root(leaves), problems, derived=True)
 
 
 def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_record: int,
@@ -303,20 +302,6 @@ def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_
                 problems.append(f"{name}: hash {i} (records {first_record + i * unit}.."
                                 f"{first_record + (i + 1) * unit - 1}) does not match the tiles below it")
             return
-
-
-def _carry(directory: Path, rows: list[list[bytes]], level: int, n_below: int, value: bytes,
-           problems: list[str], derived: bool = False) -> None:
-    """Feed the hash of full tile `n_below` at level-1 into the level tile; check finished tiles."""
-    while len(rows) <= level:
-        rows.append([])
-    row = rows[level]
-    row.append(value)
-    if len(row) == TILE_WIDTH:
-        n = n_below // TILE_WIDTH
-        _check_tile(directory, level, n, row, n * TILE_WIDTH ** (level + 1), problems, "", derived)
-        rows[level] = []
-        _carry(directory, rows, level + 1, n, perfect_root(row), problems, derived)
 
 
 def newest_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkpoint]:

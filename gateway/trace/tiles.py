@@ -148,14 +148,15 @@ def encode_entries(entries: list[bytes]) -> bytes:
 def parse_entries(data: bytes) -> tuple[list[bytes], int]:
     """Entries in a bundle or journal body, and the byte length of the complete ones.
     A torn final entry (short prefix or data) is left out; the caller decides what that means."""
-    entries = []
+    entries: list[bytes] = []
+    append = entries.append
     pos, end = 0, len(data)
     while pos + 2 <= end:
-        n = (data[pos] << 8) | data[pos + 1]
-        if pos + 2 + n > end:
+        stop = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+        if stop > end:
             break
-        entries.append(data[pos + 2:pos + 2 + n])
-        pos += 2 + n
+        append(data[pos + 2:stop])
+        pos = stop
     return entries, pos
 
 
@@ -188,15 +189,17 @@ def parse_journal(data: bytes, name: str = "journal") -> Journal:
     entries: list[bytes] = []
     offsets: list[int] = []
     checkpoints: list[tuple[int, int, bytes]] = []
+    add_entry, add_offset = entries.append, offsets.append
     pos, end = JOURNAL_HEADER.size, len(data)
     while pos + 2 <= end:
         n = (data[pos] << 8) | data[pos + 1]
         if n:
-            if pos + 2 + n > end:
+            stop = pos + 2 + n
+            if stop > end:
                 break
-            offsets.append(pos)
-            entries.append(data[pos + 2:pos + 2 + n])
-            pos += 2 + n
+            add_offset(pos)
+            add_entry(data[pos + 2:stop])
+            pos = stop
             continue
         if pos + 4 > end:
             break
