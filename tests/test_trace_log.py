@@ -9,14 +9,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from gateway.trace import TraceError, TraceLog, body_hasher
+from gateway.trace import TraceError, TraceLog, body_hasher, encode_record
 from gateway.trace.audit import iter_entries, verify_log
+from gateway.trace.log import open_store
 from gateway.trace.note import parse_vkey
+from gateway.trace.remote import RemoteTraceLog, TraceWriter
+from gateway.trace.tiles import read_journal
 
 ORIGIN = "gateway.test/trace"
 
@@ -80,6 +84,64 @@ def test_concurrent_async_appends(tmp_path):
     assert indices == list(range(64 * 40))
     logged = ids_in_log(tmp_path)
     assert all(logged[i] == tx for i, tx in results)
+
+
+def test_canonical_encoding_is_sorted_compact_utf8_json():
+    record = {"z": [1, None, True, {"b": "\u4e2d\u6587 \U0001f600", "a": "\"quoted\" \\ \n\t\x01\x7f\u2028"}],
+              "id": "tx-1", "\u00e9": -(2 ** 63), "": {}, "empty": []}
+    assert encode_record(record) == json.dumps(record, sort_keys=True, separators=(",", ":"),
+                                               ensure_ascii=False).encode()
+    for bad in ({"big": 2 ** 64}, {1: "int key"}, {"lone": "\ud800"}):
+        with pytest.raises(TraceError, match="canonical JSON"):
+            encode_record(bad)
+
+
+def test_rotation_under_concurrent_appends_keeps_every_record(tmp_path):
+    """Rotations (one per bundle here) copy the journal's tail in the background while 64 producers
+    keep appending; every acknowledged record stays where its leaf index says. The journal is
+    zero-filled ahead while open (so commits need no file size update) and ends with its last
+    frame once closed."""
+    async def main(log):
+        async def producer(p):
+            return [(await log.append({"id": f"p{p}-{k}", "pad": "x" * (k * 37 % 300)}), f"p{p}-{k}")
+                    for k in range(50)]
+        return [pair for part in await asyncio.gather(*(producer(p) for p in range(64))) for pair in part]
+
+    with open_log(tmp_path, rotate_bundles=1) as log:
+        acked = asyncio.run(main(log))
+        journal = tmp_path / "log" / "journal"
+        deadline = time.monotonic() + 5
+        while journal.read_bytes()[-4096:] != bytes(4096) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert journal.read_bytes()[-4096:] == bytes(4096), "no zero fill after the last frame"
+    assert sorted(i for i, _ in acked) == list(range(64 * 50))
+    state = read_journal(tmp_path / "log" / "journal")
+    assert state.start >= 2048 and state.used == len(state.data)  # rotated; zero fill cut on close
+    logged = ids_in_log(tmp_path)
+    assert all(logged[i] == tx for i, tx in acked)
+
+
+def test_writer_process_answers_each_record_with_its_own_leaf(tmp_path):
+    """Records far larger than the socket buffer: the writer reads a worker's burst in parts and
+    acknowledges each part as it is durable; every record's leaf must hold that record."""
+    writer = TraceWriter(open_store(tmp_path / "log", ORIGIN, tmp_path / "key"), tmp_path / "w.sock")
+    serving = threading.Thread(target=writer.serve)
+    serving.start()
+    client = RemoteTraceLog.connect(tmp_path / "w.sock")
+    try:
+        async def main():
+            async def producer(p):
+                return [(await client.append({"id": f"r{p}-{k}", "pad": "y" * 8000}), f"r{p}-{k}") for k in range(5)]
+            return [pair for part in await asyncio.gather(*(producer(p) for p in range(64))) for pair in part]
+        acked = asyncio.run(main())
+        acked.append((client.append_sync({"id": "sync"}), "sync"))
+    finally:
+        client.close()
+        writer.stop()
+        serving.join(10)
+    assert sorted(i for i, _ in acked) == list(range(64 * 5 + 1))
+    logged = ids_in_log(tmp_path)
+    assert all(logged[i] == tx for i, tx in acked)
 
 
 def test_torn_and_zero_filled_tails_are_dropped(tmp_path):

@@ -13,13 +13,15 @@ garbage before/after, flipped bits, removed/inserted components).
 
 import base64
 import itertools
+import random
 
 import pytest
 
 from gateway.trace.merkle import (
-    EMPTY_ROOT, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash,
+    EMPTY_ROOT, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes,
     perfect_root, root_of_nodes, tree_root, verify_consistency, verify_inclusion,
 )
+from gateway.trace.tiles import TiledTree, TileError
 
 h = bytes.fromhex
 b64 = base64.b64decode
@@ -118,6 +120,32 @@ def test_compact_range_matches_roots():
     for n, leaf in enumerate(LEAVES, start=1):
         cr.push(0, leaf_hash(leaf))
         assert root_of_nodes([v for _, v in cr.nodes]) == ROOTS[n - 1]
+
+
+def test_tiled_tree_matches_the_compact_range_however_leaves_are_batched():
+    """The writer's batch hashing (a row at a time inside each tile) against the leaf-at-a-time
+    compact range: roots after every batch, tiles handed back, and a tree resumed from tiles."""
+    rng = random.Random(6962)
+    leaves = leaf_hashes(i.to_bytes(4, "big") for i in range(66_000))  # past one full level 1 tile
+    tree, reference, tiles = TiledTree(), CompactRange(), {}
+    while tree.size < len(leaves):
+        batch = leaves[tree.size:tree.size + rng.choice([1, 2, 3, 7, 255, 256, 257, 1000, 5000])]
+        for level, n, hashes in tree.append(batch):
+            assert len(hashes) == 256 and (level, n) not in tiles
+            tiles[level, n] = hashes
+        for leaf in batch:
+            reference.push(0, leaf)
+        assert tree.root() == root_of_nodes([value for _, value in reference.nodes]), tree.size
+    assert leaf_hashes([b"x", b""]) == [leaf_hash(b"x"), leaf_hash(b"")]
+    assert tiles[0, 3] == leaves[768:1024]
+    assert tiles[1, 0] == [perfect_root(tiles[0, n]) for n in range(256)]
+    assert sorted(tiles) == [(0, n) for n in range(257)] + [(1, 0)]
+    size = 257 * 256  # resumed from the level 1 and level 2 rows a restart reads from full tiles
+    resumed = TiledTree(size, [[perfect_root(tiles[0, 256])], [perfect_root(tiles[1, 0])]])
+    resumed.append(leaves[size:])
+    assert resumed.root() == tree.root()
+    with pytest.raises(TileError):
+        TiledTree(size, [[perfect_root(tiles[0, 256])]])  # the level 2 row is missing
 
 
 def _inclusion_probes(index, size, leaf, proof, root):
