@@ -8,7 +8,10 @@ run; the append latency at a steady load below saturation; then records/s verifi
 
 Then the same through the machine's trace writer process (gateway.trace.remote, as the gateway runs
 it with several workers): the 64 producers split over --remote-processes client processes, each
-record answered only once durable; durable records/s against the in-process figure.
+record answered only once durable; durable records/s against the in-process figure, and the
+append latency there at the same steady load.
+
+The machine is shared: compare figures of one run with each other, and repeat runs.
 """
 
 import argparse
@@ -62,33 +65,44 @@ def bench_group_commit(base: Path, total: int, producers: int) -> tuple[float, l
     return total / elapsed, latencies
 
 
-def bench_paced_latency(base: Path, producers: int, rate: float, seconds: float) -> tuple[float, float, float]:
-    """Added latency of an append at a steady offered load below saturation (what a transfer pays):
-    `producers` tasks each appending every producers/rate seconds."""
-    log = TraceLog.open(base / "paced", origin=ORIGIN, signing_key=base / "key")
+def paced_appends(log: TraceLog | RemoteTraceLog, producers: int, rate: float, seconds: float,
+                  first: int = 0, step: int = 1) -> list[float]:
+    """Latencies of appends at a steady offered load: `producers` tasks each appending every
+    producers/rate seconds (record numbers first, first + step, ...)."""
     latencies: list[float] = []
     period = producers / rate
 
     async def producer(p: int) -> None:
         await asyncio.sleep(period * p / producers)
-        k = p
+        k = first + p * step
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             t = time.perf_counter()
             await log.append(record(k))
             latencies.append(time.perf_counter() - t)
-            k += producers
+            k += producers * step
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - t)))
 
     async def main() -> None:
         await asyncio.gather(*(producer(p) for p in range(producers)))
 
-    start = time.perf_counter()
     asyncio.run(main())
-    achieved = len(latencies) / (time.perf_counter() - start)
+    return latencies
+
+
+def latency_figures(latencies: list[float], seconds: float) -> tuple[float, float, float]:
+    """(appends/s, p50 ms, p99 ms)"""
+    latencies = sorted(latencies)
+    return (len(latencies) / seconds, statistics.median(latencies) * 1e3,
+            latencies[int(len(latencies) * 0.99)] * 1e3)
+
+
+def bench_paced_latency(base: Path, producers: int, rate: float, seconds: float) -> tuple[float, float, float]:
+    """Added latency of an append at a steady offered load below saturation (what a transfer pays)."""
+    log = TraceLog.open(base / "paced", origin=ORIGIN, signing_key=base / "key")
+    latencies = paced_appends(log, producers, rate, seconds)
     log.close()
-    latencies.sort()
-    return achieved, statistics.median(latencies) * 1e3, latencies[int(len(latencies) * 0.99)] * 1e3
+    return latency_figures(latencies, seconds)
 
 
 def bench_one_fsync_per_record(base: Path, total: int) -> float:
@@ -102,8 +116,10 @@ def bench_one_fsync_per_record(base: Path, total: int) -> float:
 
 
 def _remote_producers(socket_path: Path, first: int, step: int, total: int, producers: int,
-                      start: multiprocessing.Event, done: multiprocessing.Queue) -> None:
-    """One client process (a gateway worker's share): `producers` tasks appending every `step`-th record."""
+                      paced: tuple[float, float] | None, start: multiprocessing.Event,
+                      done: multiprocessing.Queue) -> None:
+    """One client process (a gateway worker's share): `producers` tasks appending every `step`-th
+    record, as fast as they can (`total` records), or `paced` = (records/s, seconds)."""
     client = RemoteTraceLog.connect(socket_path)
     assert client.failure is None, client.failure
 
@@ -115,13 +131,19 @@ def _remote_producers(socket_path: Path, first: int, step: int, total: int, prod
         await asyncio.gather(*(producer(p) for p in range(producers)))
 
     start.wait()
-    asyncio.run(main())
-    done.put(client.records_appended)
+    if paced:
+        latencies = paced_appends(client, producers, paced[0], paced[1], first, step)
+    else:
+        asyncio.run(main())
+        latencies = []
+    done.put((client.records_appended, latencies))
     client.close()
 
 
-def bench_remote(base: Path, total: int, producers: int, processes: int) -> float:
-    """Durable records/s through the writer process, from `processes` clients sharing `producers` tasks."""
+def bench_remote(base: Path, total: int, producers: int, processes: int,
+                 paced: tuple[float, float] | None = None) -> tuple[float, list[float]]:
+    """Through the writer process, from `processes` clients sharing `producers` tasks: durable
+    records/s of `total` records, or the latencies at `paced` = (records/s offered, seconds)."""
     socket_path = base / "writer.sock"
     writer = subprocess.Popen([sys.executable, "-m", "gateway.trace.remote", "--dir", str(base / "remote"),
                                "--origin", ORIGIN, "--key", str(base / "key"), "--socket", str(socket_path)])
@@ -131,20 +153,22 @@ def bench_remote(base: Path, total: int, producers: int, processes: int) -> floa
             time.sleep(0.02)
         spawn = multiprocessing.get_context("spawn")
         start, done = spawn.Event(), spawn.Queue()
+        share = None if paced is None else (paced[0] / processes, paced[1])
         clients = [spawn.Process(target=_remote_producers,
-                                 args=(socket_path, c, processes, total, producers // processes, start, done))
+                                 args=(socket_path, c, processes, total, producers // processes, share, start, done))
                    for c in range(processes)]
         for client in clients:
             client.start()
         time.sleep(2.0)  # every client connected and idle
         began = time.perf_counter()
         start.set()
-        appended = sum(done.get(timeout=600) for _ in clients)
+        results = [done.get(timeout=600) for _ in clients]
         elapsed = time.perf_counter() - began
         for client in clients:
             client.join()
-        assert appended == total, (appended, total)
-        return total / elapsed
+        appended = sum(count for count, _ in results)
+        assert paced or appended == total, (appended, total)
+        return appended / elapsed, [latency for _, part in results for latency in part]
     finally:
         writer.terminate()
         writer.wait(30)
@@ -175,8 +199,11 @@ def main() -> None:
         group, latencies = bench_group_commit(base, args.records, args.producers)
         verified, count = bench_verify(base)
         paced, paced_p50, paced_p99 = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
-        remote = bench_remote(base, args.records, args.producers, args.remote_processes) \
-            if args.remote_processes else None
+        if args.remote_processes:
+            remote = bench_remote(base, args.records, args.producers, args.remote_processes)[0]
+            shutil.rmtree(base / "remote")
+            remote_paced = latency_figures(bench_remote(base, 0, args.producers, args.remote_processes,
+                                                        (args.paced_rate, 3.0))[1], 3.0)
         latencies.sort()
         p50 = statistics.median(latencies) * 1e3
         p99 = latencies[int(len(latencies) * 0.99)] * 1e3
@@ -188,10 +215,12 @@ def main() -> None:
               f"p50 {paced_p50:.2f} ms p99 {paced_p99:.2f} ms  (goal: p99 <= 5 ms)")
         print(f"verify (one core):                       {verified:,.0f} records/s ({count} records)"
               f"  (goal: >= 200,000 records/s)")
-        if remote is not None:
+        if args.remote_processes:
             print(f"trace writer process, {args.producers} producers in {args.remote_processes} client processes: "
                   f"{remote:,.0f} durable records/s ({args.records} records); ratio to in-process group commit "
                   f"{remote / group:.2f}x")
+            print(f"  added latency there at {remote_paced[0]:,.0f} records/s offered: p50 {remote_paced[1]:.2f} ms "
+                  f"p99 {remote_paced[2]:.2f} ms")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
