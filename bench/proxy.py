@@ -8,8 +8,9 @@ against the first count: `--workers 1,2` shows what a second worker process adds
 Both proxies publish the same fast upstream on 127.0.0.2 as reverse proxies (the gateway's full pipeline:
 zones, policy, DLP on both directions, a durable trace record per transfer, metrics), and the same load
 generator (wrk, Debian's wrk package, one thread, keep-alive) POSTs clean bodies of each size through
-them. Printed: requests/s, p50 and p99 latency for each, and the gateway/mitmdump ratios (the machine is
-shared and noisy: only ratios from the same run mean much). ApacheBench is not used: it writes a POST's
+them. Printed: requests/s, p50 and p99 latency for each, the CPU cores the proxy's processes used and how
+busy the whole machine was, and the gateway/mitmdump ratios (the machine is shared and noisy: only
+ratios from the same run mean much). ApacheBench is not used: it writes a POST's
 headers and body separately, and Nagle's algorithm then adds ~40 ms to every request of both proxies.
 """
 
@@ -100,6 +101,42 @@ def wrk(port: int, body: Path, seconds: int, connections: int, script: Path) -> 
             "failed": errors + non_2xx}
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (a supervisor, its workers, the writer)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / ticks, sum(values) / ticks
+
+
+def measured_wrk(pid: int, port: int, body: Path, seconds: int, connections: int, script: Path) -> dict[str, float]:
+    """wrk's figures plus the cores the proxy (with its children) and the whole machine kept busy."""
+    cpu_before, (busy_before, total_before) = process_tree_cpu(pid), machine_busy()
+    started = time.monotonic()
+    result = wrk(port, body, seconds, connections, script)
+    wall = time.monotonic() - started
+    busy_after, total_after = machine_busy()
+    result["proxy_cores"] = (process_tree_cpu(pid) - cpu_before) / wall
+    result["machine_busy"] = (busy_after - busy_before) / (total_after - total_before)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8, help="length of each measured run")
@@ -119,6 +156,7 @@ def main() -> None:
         upstream = Process([sys.executable, "-c", FAST_UPSTREAM, str(upstream_port)])
         upstream.started("ready")
         ports: dict[str, int] = {}
+        pids: dict[str, int] = {}
         processes = [upstream]
 
         def gateway(name: str, workers: int) -> None:
@@ -126,6 +164,7 @@ def main() -> None:
             config["listeners"][1]["upstream"] = f"http://127.0.0.2:{upstream_port}"
             ports[name] = int(config["listeners"][1]["listen"].rsplit(":", 1)[1])
             processes.append(start_gateway(write_config(root / f"{name}.yaml", config)))
+            pids[name] = processes[-1].proc.pid
 
         if args.workers:
             for workers in (int(n) for n in args.workers.split(",")):
@@ -136,13 +175,18 @@ def main() -> None:
                                       f"reverse:http://127.0.0.2:{upstream_port}@127.0.0.1:{stock_port}",
                                       "--set", f"confdir={root / 'mitmproxy'}"]))
             ports["mitmdump"] = stock_port
+            pids["mitmdump"] = processes[-1].proc.pid
             gateway("gateway", 1)
         time.sleep(3)
         baseline = next(iter(ports))
         try:
-            print(f"cpu cores: {os.cpu_count()}; wrk 1 thread, {args.connections} connections, "
+            cores = os.cpu_count() or 1
+            print(f"cpu cores: {cores}; wrk 1 thread, {args.connections} connections, "
                   f"{args.seconds} s runs, keep-alive POST of clean text")
-            print(f"{'size':>9} {'proxy':<11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6}")
+            print("cores: CPU the proxy's processes used (per second of the run); others: cores everything else "
+                  "used meanwhile (wrk, the upstream, and any other load on the machine)")
+            print(f"{'size':>9} {'proxy':<11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6} {'cores':>6} "
+                  f"{'others':>6}")
             for size in (int(s) for s in args.sizes.split(",")):
                 body = root / f"body-{size}"
                 body.write_bytes(clean_body(size))
@@ -151,10 +195,11 @@ def main() -> None:
                 runs = {name: [] for name in ports}
                 for _ in range(2):  # interleaved, so drift on a shared machine hits all alike
                     for name, port in ports.items():
-                        runs[name].append(wrk(port, body, args.seconds, args.connections, script))
+                        runs[name].append(measured_wrk(pids[name], port, body, args.seconds, args.connections, script))
                 best = {name: max(results, key=lambda r: r["rps"]) for name, results in runs.items()}
                 for name, r in best.items():
-                    print(f"{size:>9} {name:<11} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6}")
+                    print(f"{size:>9} {name:<11} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6} "
+                          f"{r['proxy_cores']:>6.2f} {r['machine_busy'] * cores - r['proxy_cores']:>6.2f}")
                 for name in list(best)[1:]:
                     print(f"{size:>9} ratio {name}/{baseline}: req/s {best[name]['rps'] / best[baseline]['rps']:.2f}, "
                           f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}")
