@@ -2,10 +2,10 @@
 
 Producers (asyncio tasks on mitmproxy's loop, or plain threads) hand encoded records to
 `GroupCommitter.submit`; the writer thread takes everything queued, commits it to the `LogStore`
-with one journal fdatasync and one checkpoint, then answers every producer of the batch. A record
-therefore waits at most for the commit in flight plus its own. The committer only needs
-`submit(entry, waiter)`, so a Unix-socket front for several worker processes can feed the same
-writer (issue 7).
+with one journal fdatasync and one checkpoint, then answers every producer of the batch (one call
+into each event loop per burst of records), and only then keeps up the derived files. A record
+therefore waits at most for the commit in flight plus its own. Several worker processes share one
+log through the writer process in remote.py instead.
 """
 
 import asyncio
@@ -136,7 +136,7 @@ class GroupCommitter:
                 # Bounded wait for more producers to join this batch.
                 self._cond.wait_for(lambda: self._queued >= self.max_batch or self._closing,
                                     timeout=self.max_wait)
-            batch, count = [self._queue.popleft()], 0
+            batch = [self._queue.popleft()]  # a burst is never split
             count = len(batch[0][1])
             while self._queue and count + len(self._queue[0][1]) <= self.max_batch:
                 batch.append(self._queue.popleft())
