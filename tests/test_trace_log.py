@@ -98,9 +98,7 @@ def test_canonical_encoding_is_sorted_compact_utf8_json():
 
 def test_rotation_under_concurrent_appends_keeps_every_record(tmp_path):
     """Rotations (one per bundle here) copy the journal's tail in the background while 64 producers
-    keep appending; every acknowledged record stays where its leaf index says. The journal is
-    zero-filled ahead while open (so commits need no file size update) and ends with its last
-    frame once closed."""
+    keep appending; every acknowledged record stays where its leaf index says."""
     async def main(log):
         async def producer(p):
             return [(await log.append({"id": f"p{p}-{k}", "pad": "x" * (k * 37 % 300)}), f"p{p}-{k}")
@@ -109,14 +107,9 @@ def test_rotation_under_concurrent_appends_keeps_every_record(tmp_path):
 
     with open_log(tmp_path, rotate_bundles=1) as log:
         acked = asyncio.run(main(log))
-        journal = tmp_path / "log" / "journal"
-        deadline = time.monotonic() + 5
-        while journal.read_bytes()[-4096:] != bytes(4096) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert journal.read_bytes()[-4096:] == bytes(4096), "no zero fill after the last frame"
     assert sorted(i for i, _ in acked) == list(range(64 * 50))
     state = read_journal(tmp_path / "log" / "journal")
-    assert state.start >= 2048 and state.used == len(state.data)  # rotated; zero fill cut on close
+    assert state.start >= 2048 and state.used == len(state.data)  # rotated, nothing torn
     logged = ids_in_log(tmp_path)
     assert all(logged[i] == tx for i, tx in acked)
 

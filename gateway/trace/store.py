@@ -41,10 +41,6 @@ from gateway.trace.tiles import (
 
 ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates
 PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
-# The journal is zero-filled this far ahead of its last frame, so that a commit's fdatasync only
-# flushes data and need not commit a new file size to the file system's journal (on ext4 about
-# half the latency, and no wait behind other files' metadata).
-JOURNAL_PREALLOCATE = 8 << 20
 
 
 class TraceError(RuntimeError):
@@ -87,13 +83,6 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def _zero_fill(fd: int, begin: int, end: int) -> int:
-    """Files thread: zeros from `begin` to `end` of the journal, made durable; returns `end`."""
-    _pwrite_all(fd, bytes(end - begin), begin)
-    os.fsync(fd)
-    return end
-
-
 def _sync_files(files: list[Path], dirs: set[Path]) -> None:
     for path in files:
         fd = os.open(path, os.O_RDONLY)
@@ -121,8 +110,6 @@ class LogStore:
         self._journal_fd = -1
         self._journal_start = 0
         self._journal_end = 0  # bytes of frames in the journal file
-        self._allocated = 0  # the journal's zero fill (durable) reaches this far
-        self._extending: Future | None = None  # zero-filling the journal from _allocated on
         self._bundle_offsets: dict[int, int] = {}  # bundle start index -> journal offset of its first frame
         self._completed: list[tuple[str, bytes]] = []  # full bundles and tiles not yet handed to the files thread
         self._derived_upto = 0  # full files up to this record are written or queued on the files thread
@@ -213,10 +200,9 @@ class LogStore:
         self._journal_end = durable_end
         self._journal_fd = os.open(journal_path, os.O_RDWR)
         if len(journal.data) > durable_end:
-            # The zero fill, or the unacknowledged tail of a write cut short by a crash.
+            # The unacknowledged tail of a write cut short by a crash.
             os.ftruncate(self._journal_fd, durable_end)
             os.fsync(self._journal_fd)
-        self._allocated = durable_end
         self._derived_upto = start
         self._completed = completed
         self._queue_full_files()
@@ -319,13 +305,9 @@ class LogStore:
         self.checkpoint_time = time.time() if when is None else when
 
     def _append_journal(self, data: bytes) -> None:
-        end = self._journal_end + len(data)
-        if end > self._allocated and self._extending is not None:
-            self._allocated = self._extending.result()  # this batch outran the zero fill: wait for more
-            self._extending = None
         _pwrite_all(self._journal_fd, data, self._journal_end)
         os.fdatasync(self._journal_fd)
-        self._journal_end = end
+        self._journal_end += len(data)
 
     def commit(self, entries: list[bytes]) -> int:
         """Append `entries` and a signed checkpoint covering them with one write and one fdatasync;
@@ -350,19 +332,8 @@ class LogStore:
         self._check_files_thread()
         self._queue_full_files()
         self._rotate_when_synced()
-        self._keep_preallocated()
         if time.monotonic() - self._published_at >= self.publish_interval:
             self.publish(wait=False)
-
-    def _keep_preallocated(self) -> None:
-        if self._extending is not None:
-            if not self._extending.done():
-                return
-            job, self._extending = self._extending, None
-            self._allocated = job.result()
-        if self._allocated - self._journal_end < JOURNAL_PREALLOCATE // 2:
-            begin = max(self._allocated, self._journal_end)
-            self._extending = self._submit(_zero_fill, self._journal_fd, begin, begin + JOURNAL_PREALLOCATE)
 
     def _submit(self, job: Callable, *args: object) -> Future:
         if self._files is None:
@@ -428,12 +399,11 @@ class LogStore:
 
     def _prepare_journal(self, start: int, offset: int, end: int) -> tuple[int, int]:
         """Files thread: a new journal starting at record `start` holding the journal's frames from
-        byte `offset` to `end` (already written, so stable while commits go on) and its zero fill,
-        made durable."""
+        byte `offset` to `end` (already written, so stable while commits go on), made durable."""
         tail = os.pread(self._journal_fd, end - offset, offset)
         fd = os.open(self.directory / ".journal.tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + tail + bytes(JOURNAL_PREALLOCATE), 0)
+            _pwrite_all(fd, JOURNAL_HEADER.pack(JOURNAL_MAGIC, start) + tail, 0)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -446,9 +416,6 @@ class LogStore:
         start = self._sync_target
         shift = self._bundle_offsets[start] - JOURNAL_HEADER.size  # old offset - new offset
         try:
-            if self._extending is not None:  # zero-filling the old journal: wait, it is done with
-                self._extending.exception()
-                self._extending = None
             if self._journal_end > copied:
                 _pwrite_all(fd, os.pread(self._journal_fd, self._journal_end - copied, copied), copied - shift)
                 os.fdatasync(fd)
@@ -459,7 +426,6 @@ class LogStore:
             raise
         os.close(self._journal_fd)
         self._journal_fd = fd
-        self._allocated = copied - shift + JOURNAL_PREALLOCATE
         self._bundle_offsets = {n: o - shift for n, o in self._bundle_offsets.items() if n > start}
         self._journal_start = start
         self._journal_end -= shift
@@ -512,19 +478,12 @@ class LogStore:
             self.on_publish()
 
     def finish_sync(self) -> None:
-        """On close: finish the file jobs and a rotation in progress, and cut the journal's zero
-        fill (it ends with its last frame, as a backup or a reader expects)."""
+        """On close: finish the file jobs and a rotation in progress."""
         self._queue_full_files()
         self._check_files_thread(wait=True)
         while self._sync_job is not None or self._rotation is not None:
             (self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
             self._rotate_when_synced()
-        if self._extending is not None:
-            self._extending.exception()
-            self._extending = None
-        os.ftruncate(self._journal_fd, self._journal_end)
-        os.fsync(self._journal_fd)
-        self._allocated = self._journal_end
 
     def close_files(self) -> None:
         if self._files is not None:
@@ -532,7 +491,6 @@ class LogStore:
             self._files = None
             if self._rotation is not None and self._rotation.exception() is None:
                 os.close(self._rotation.result()[0])  # a rotation left unfinished: the journal stays as it is
-        self._extending = None  # the files thread is done
         for attr in ("_journal_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:

@@ -217,16 +217,14 @@ def read_journal(path: Path) -> Journal:
 
 def looks_torn(journal: Journal, begin: int) -> bool:
     """Whether the journal's bytes from `begin` on can be a write cut short by a crash: the file
-    ends inside a frame (bytes other than zero after the complete frames), or a whole 512-byte
-    sector of the complete frames is still zero. (The zero fill that preallocates the journal after
-    its last frame is neither.) Entries are JSON (never a NUL byte), so rewriting a committed batch
-    does not look like this."""
+    ends inside a frame or in zero fill, or a whole 512-byte sector of them is still zero. Entries
+    are JSON (never a NUL byte), so rewriting a committed batch does not look like this."""
     data = journal.data
-    if len(data.rstrip(b"\0")) > journal.used:
+    if journal.used < len(data):
         return True
     zero = bytes(512)
     first = -(-begin // 512) * 512
-    return any(data[i:i + 512] == zero for i in range(first, journal.used - 511, 512))
+    return any(data[i:i + 512] == zero for i in range(first, len(data) - 511, 512))
 
 
 class TileReader:
