@@ -9,8 +9,8 @@ then sets `flow.response`, that response goes to the client instead of mitmproxy
 nothing changes for a flow whose client already has response headers, for client-side errors, or
 when the hook sets no response.
 
-A request head too malformed to parse never becomes a flow: mitmproxy's Http1Server answers it 400
-itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
+A request head too malformed to parse (or whose framing is invalid) never becomes a flow here:
+mitmproxy's Http1Server answers it 400 itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
 run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
 id, a trace record and a count like any other refused transfer. A head still unfinished after
 MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit;
@@ -130,11 +130,18 @@ def _send(stream: HttpStream, response: http.Response) -> layer.CommandGenerator
 
 def _answer_malformed_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        refused = False
+
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
-            # The only data read_headers sends is its 400; with no request parsed, no flow follows.
-            if isinstance(command, commands.SendData) and self.request is None:
+            nonlocal refused
+            if isinstance(command, commands.SendData):  # the only data read_headers sends: its 400
+                refused = True
                 # mitmproxy's reason quotes the client's bytes (a URL may hold personal data): not kept.
                 return _answer_malformed(self, 400, "request head could not be parsed", command.data)
+            if refused and isinstance(command, ReceiveHttp):
+                # A head that parsed but whose framing did not (an invalid Content-Length): mitmproxy
+                # would now open a flow for it, already answered; it is one malformed request instead.
+                return _nothing()
             return None
 
         yield from _relay(original(self, event), substitute)
@@ -154,6 +161,10 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
     yield MalformedRequestHook(malformed)
     answer = fallback if malformed.answer is None else http1.assemble_response(malformed.answer)
     yield commands.SendData(server.conn, answer)
+
+
+def _nothing() -> layer.CommandGenerator[None]:
+    yield from ()
 
 
 def _plain_answer(status: int, reason: str) -> bytes:

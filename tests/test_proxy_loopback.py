@@ -167,6 +167,18 @@ def test_malformed_request_head_is_answered_recorded_and_counted(lab):
     assert errors_counted(lab) - before == 1
 
 
+def test_request_with_invalid_framing_is_one_malformed_transfer(lab):
+    before = errors_counted(lab)
+    head, body = raw_exchange(lab, b"POST http://127.0.0.2:9/x HTTP/1.1\r\nHost: 127.0.0.2:9\r\n"
+                                   b"Content-Length: 12abc\r\n\r\nhello")
+    assert head.startswith("HTTP/1.1 400"), head
+    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
+                       if line.lower().startswith("x-gateway-transfer-id:"))
+    assert json.loads(body)["transfer_id"] == transfer_id
+    assert trace_record(lab, transfer_id)["status"] == 400
+    assert errors_counted(lab) - before == 1  # one transfer, not also a flow of mitmproxy's
+
+
 def test_endless_request_head_is_refused_431_not_buffered(lab):
     before = errors_counted(lab)
     # A little past the limit, so the gateway has read all of it when it answers (no reset).
