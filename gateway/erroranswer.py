@@ -10,7 +10,8 @@ nothing changes for a flow whose client already has response headers, for client
 when the hook sets no response.
 
 A request head too malformed to parse (or whose framing is invalid) never becomes a flow here:
-mitmproxy's Http1Server answers it 400 itself. Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
+mitmproxy's Http1Server answers it 400 itself (and HttpStream does, for a request naming no
+destination). Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
 run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
 id, a trace record and a count like any other refused transfer. A head still unfinished after
 MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit;
@@ -67,6 +68,8 @@ def install() -> None:
     _wrap(Http1Server, "read_headers", _answer_malformed_heads,
           ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
+    _wrap(HttpStream, "state_wait_for_request_headers", _answer_unknown_destinations,
+          ("ErrorCode.DESTINATION_UNKNOWN",))
     _wrap(Http1Client, "read_headers", _limit_response_heads,
           ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
 
@@ -161,6 +164,29 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
     yield MalformedRequestHook(malformed)
     answer = fallback if malformed.answer is None else http1.assemble_response(malformed.answer)
     yield commands.SendData(server.conn, answer)
+
+
+def _answer_unknown_destinations(original: Callable) -> Callable:
+    """A request with neither an absolute URL nor a Host header: mitmproxy answers 400 before any hook."""
+    def state_wait_for_request_headers(self: HttpStream, event: HttpEvent) -> layer.CommandGenerator[None]:
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            if isinstance(command, SendHttp) and isinstance(command.event, ResponseProtocolError) \
+                    and command.event.code == ErrorCode.DESTINATION_UNKNOWN:
+                return _answer_unknown_destination(self, command)
+            return None
+
+        return (yield from _relay(original(self, event), substitute))
+
+    return state_wait_for_request_headers
+
+
+def _answer_unknown_destination(stream: HttpStream, error_page: SendHttp) -> layer.CommandGenerator[None]:
+    malformed = MalformedRequest(str(uuid.uuid4()), stream.context.client, "request names no destination", 400)
+    yield MalformedRequestHook(malformed)
+    if malformed.answer is None:
+        yield error_page
+    else:
+        yield from _send(stream, malformed.answer)
 
 
 def _nothing() -> layer.CommandGenerator[None]:

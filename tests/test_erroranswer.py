@@ -9,13 +9,18 @@ from gateway import erroranswer
 
 def test_install_accepts_this_mitmproxy_and_is_idempotent():
     erroranswer.install()
-    wrapped = HttpStream.handle_protocol_error, Http1Server.read_headers, Http1Client.read_headers
-    assert all(getattr(function, "gateway_answers", False) for function in wrapped)
+    def wrapped() -> tuple:
+        return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
+                Http1Server.read_headers, Http1Client.read_headers)
+
+    assert all(getattr(function, "gateway_answers", False) for function in wrapped())
+    before = wrapped()
     erroranswer.install()  # a second engine in one process does not wrap twice
-    assert (HttpStream.handle_protocol_error, Http1Server.read_headers, Http1Client.read_headers) == wrapped
+    assert wrapped() == before
 
 
 @pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers"),
+                                       (HttpStream, "state_wait_for_request_headers"),
                                        (Http1Client, "read_headers")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on

@@ -179,6 +179,16 @@ def test_request_with_invalid_framing_is_one_malformed_transfer(lab):
     assert errors_counted(lab) - before == 1  # one transfer, not also a flow of mitmproxy's
 
 
+def test_request_naming_no_destination_is_one_malformed_transfer(lab):
+    head, body = raw_exchange(lab, b"GET / HTTP/1.1\r\n\r\n")  # no absolute URL, no Host header
+    assert head.startswith("HTTP/1.1 400"), head
+    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
+                       if line.lower().startswith("x-gateway-transfer-id:"))
+    assert json.loads(body)["transfer_id"] == transfer_id
+    record = trace_record(lab, transfer_id)
+    assert record["status"] == 400 and record["error"] == "request names no destination"
+
+
 def test_endless_request_head_is_refused_431_not_buffered(lab):
     before = errors_counted(lab)
     # A little past the limit, so the gateway has read all of it when it answers (no reset).
