@@ -81,6 +81,18 @@ def test_https_request_with_id_number_is_blocked_inside_the_tunnel(tls_lab):
     assert marker not in logged
 
 
+def test_the_tunnel_is_a_recorded_transfer_of_its_own(tls_lab):
+    result = curl(tls_lab, "-v", "-o", "/dev/null", f"{tls_lab['upstream']}/text?body=tunnel")
+    ids = [line.split(":", 1)[1].strip() for line in result.stderr.splitlines()
+           if line.lower().startswith("< x-gateway-transfer-id:")]
+    assert len(ids) == 2 and ids[0] != ids[1], result.stderr  # the CONNECT's answer, then the request's
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(tls_lab["root"] / "state" / "trace"),
+                            "--id", ids[0]], capture_output=True, text=True, timeout=30)
+    tunnel = json.loads(shown.stdout.splitlines()[0])["record"]
+    assert (tunnel["method"], tunnel["status"], tunnel["decision"]) == ("CONNECT", 200, "allow")
+    assert tunnel["url"] == tls_lab["upstream"].removeprefix("https://")
+
+
 def test_http2_between_client_and_gateway(tls_lab):
     result = curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
                   f"{tls_lab['upstream']}/text?body=h2")

@@ -106,7 +106,7 @@ class Measure:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is not None and transfer.recorded:  # a refused CONNECT: it ends here
+        if transfer is not None and transfer.recorded:  # the tunnel's own transfer ends here
             self._finish(flow, transfer)
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -47,10 +47,14 @@ class Record:
             refuse(flow, transfer, status=503, error="trace log unavailable")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        # A refused CONNECT never reaches the response hook: its answer is sent right after this one.
+        """A CONNECT is a transfer of its own (the tunnel; each request it carries is another), answered
+        right after this hook: a refused one with its refusal, an allowed one here, with the id."""
         transfer = transfer_of(flow)
-        if transfer is not None and flow.response is not None:
-            await self._record(flow, transfer)
+        if transfer is None:
+            return
+        if flow.response is None:
+            flow.response = _tunnel_established(flow, transfer)
+        await self._record(flow, transfer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -183,6 +187,13 @@ class Record:
             "grant": None,
             "error": transfer.error,
         }
+
+
+def _tunnel_established(flow: http.HTTPFlow, transfer: Transfer) -> http.Response:
+    # As mitmproxy would answer, plus the id: no Content-Length, which a 2xx to CONNECT must not carry.
+    now = time.time()
+    return http.Response(flow.request.data.http_version, 200, b"Connection established",
+                         http.Headers([(TRANSFER_ID_HEADER.encode(), transfer.id.encode())]), b"", None, now, now)
 
 
 def _display_url(request: http.Request, transfer: Transfer) -> str:
