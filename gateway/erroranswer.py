@@ -1,13 +1,14 @@
 """Answers the gateway gives where mitmproxy would answer by itself (a contained reach into its internals).
 
-When an upstream cannot be reached (refused, timed out, an untrusted certificate) mitmproxy's
-HttpStream.handle_protocol_error runs the `error` hook and then has the client layer write its own
-HTML 502, which no addon can touch; the gateway's answers must all carry X-Gateway-Transfer-Id.
-Wrapped here (the behaviour mitmproxy PR #7999 proposes upstream): before the hook, a flow that can
-still be answered gets `flow.metadata[ANSWER_STATUS]`, the status mitmproxy would send; if the hook
-then sets `flow.response`, that response goes to the client instead of mitmproxy's page. Invariant:
-nothing changes for a flow whose client already has response headers, for client-side errors, or
-when the hook sets no response.
+When an upstream cannot be reached (refused, timed out, an untrusted certificate) or fails before
+the client got anything, mitmproxy's HttpStream.handle_protocol_error runs the `error` hook and then
+has the client layer write its own HTML 502, which no addon can touch; the gateway's answers must
+all carry X-Gateway-Transfer-Id. Wrapped here (the behaviour mitmproxy PR #7999 proposes upstream):
+before the hook, a flow that can still be answered gets `flow.metadata[ANSWER_STATUS]`, the status
+mitmproxy would send and why; if the hook then sets `flow.response`, that response goes to the
+client instead of mitmproxy's page. HttpStream.check_invalid (a request or response refused as a
+smuggling risk) is wrapped the same way. Invariant: nothing changes for a flow whose client already
+has part of a response, for client-side errors, or when the hook sets no response.
 
 A request head too malformed to parse (or whose framing is invalid) never becomes a flow here:
 mitmproxy's Http1Server answers it 400 itself (and HttpStream does, for a request naming no
@@ -38,7 +39,9 @@ from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 from mitmproxy.proxy.layers.http._events import ErrorCode, HttpEvent, ResponseData, ResponseEndOfMessage, \
     ResponseHeaders, ResponseProtocolError
 
-ANSWER_STATUS = "gateway_error_answer_status"
+# flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
+ANSWER_STATUS = "gateway_error_answer"
+UPSTREAM, MALFORMED = "upstream", "malformed"
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
@@ -68,6 +71,9 @@ def install() -> None:
     _wrap(Http1Server, "read_headers", _answer_malformed_heads,
           ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
+    _wrap(HttpStream, "check_invalid", _answer_invalid_messages,
+          ("self.flow.error = flow.Error(err)", "yield HttpErrorHook(self.flow)",
+           "ErrorCode.REQUEST_VALIDATION_FAILED"))
     _wrap(HttpStream, "state_wait_for_request_headers", _answer_unknown_destinations,
           ("ErrorCode.DESTINATION_UNKNOWN",))
     _wrap(Http1Client, "read_headers", _limit_response_heads,
@@ -104,16 +110,23 @@ def _relay(produced: layer.CommandGenerator[None], substitute: Substitute) -> la
             result = yield from replacement
 
 
+def _nothing_sent(stream: HttpStream) -> bool:
+    """No byte of a response has gone to the client yet (a buffered one leaves only once complete)."""
+    return stream.flow.response is None or stream.server_state in (
+        stream.state_wait_for_response_headers, stream.state_consume_response_body)
+
+
 def _answer_upstream_failures(original: Callable) -> Callable:
     def handle_protocol_error(self: HttpStream, event: HttpEvent) -> layer.CommandGenerator[None]:
         flow = self.flow
         status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
-        answerable = status is not None and flow.response is None
+        answerable = status is not None and _nothing_sent(self)
         if answerable:
-            flow.metadata[ANSWER_STATUS] = status
+            flow.metadata[ANSWER_STATUS] = (status, UPSTREAM)
+            answer_before = flow.response
 
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
-            if answerable and flow.response is not None and isinstance(command, SendHttp) \
+            if answerable and flow.response is not answer_before and isinstance(command, SendHttp) \
                     and command.event is event:
                 return _send(self, flow.response)
             return None
@@ -123,12 +136,38 @@ def _answer_upstream_failures(original: Callable) -> Callable:
     return handle_protocol_error
 
 
+def _answer_invalid_messages(original: Callable) -> Callable:
+    """A request (or an upstream's response head) mitmproxy refuses as a smuggling risk: it runs the
+    error hook, then answers 400 (502) with its own page, which the hook's answer replaces."""
+    def check_invalid(self: HttpStream, request: bool) -> layer.CommandGenerator[bool]:
+        flow = self.flow
+        answer_before = flow.response
+
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            if flow.error is not None and ANSWER_STATUS not in flow.metadata:
+                # check_invalid sets the error before its first command: mark it before the hooks run.
+                flow.metadata[ANSWER_STATUS] = (400, MALFORMED) if request else (502, UPSTREAM)
+            if isinstance(command, SendHttp) and isinstance(command.event, ResponseProtocolError) \
+                    and command.connection is self.context.client and flow.response is not answer_before:
+                return _send(self, flow.response)
+            return None
+
+        return (yield from _relay(original(self, request), substitute))
+
+    return check_invalid
+
+
 def _send(stream: HttpStream, response: http.Response) -> layer.CommandGenerator[None]:
+    """`response` instead of mitmproxy's own page. An HTTP/1 request the client has not finished
+    sending leaves the connection's framing unknown, so it is then closed, as mitmproxy would."""
+    client = stream.context.client
     content = response.raw_content or b""
-    yield SendHttp(ResponseHeaders(stream.stream_id, response, not content), stream.context.client)
+    yield SendHttp(ResponseHeaders(stream.stream_id, response, not content), client)
     if content:
-        yield SendHttp(ResponseData(stream.stream_id, content), stream.context.client)
-    yield SendHttp(ResponseEndOfMessage(stream.stream_id), stream.context.client)
+        yield SendHttp(ResponseData(stream.stream_id, content), client)
+    yield SendHttp(ResponseEndOfMessage(stream.stream_id), client)
+    if stream.client_state != stream.state_done and client.alpn != b"h2":
+        yield commands.CloseConnection(client)
 
 
 def _answer_malformed_heads(original: Callable) -> Callable:

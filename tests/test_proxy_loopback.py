@@ -289,6 +289,49 @@ def test_records_hold_the_digests_of_the_bodies_as_transferred(lab):
     assert record["resp_digest"] == "sha256:" + hashlib.sha256(redacted.content).hexdigest()
 
 
+def test_smuggling_shaped_request_is_refused_with_its_id_and_never_forwarded(lab):
+    marker = f"/echo?case=smuggle-{free_port()}"
+    host = lab["upstream"].removeprefix("http://")
+    head, body = raw_exchange(lab, f"POST {lab['upstream']}{marker} HTTP/1.1\r\nHost: {host}\r\n"
+                                   "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n".encode())
+    assert head.startswith("HTTP/1.1 400"), head
+    answer = json.loads(body)
+    assert answer["error"] == "malformed request"
+    record = trace_record(lab, answer["transfer_id"])
+    assert (record["status"], record["decision"]) == (400, "error")
+    assert "smuggling" in record["error"]
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+    # Header names the client chose are not copied into the record either.
+    head, body = raw_exchange(lab, f"GET {lab['upstream']}/ HTTP/1.1\r\nHost: {host}\r\n"
+                                   f"X-{ID_NUMBER}\x01: a\r\n\r\n".encode())
+    assert head.startswith("HTTP/1.1 400"), head
+    assert ID_NUMBER not in json.dumps(trace_record(lab, json.loads(body)["transfer_id"]))
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut short",                  # dies mid-body
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",  # smuggling-shaped
+])
+def test_upstream_failing_before_the_client_got_anything_is_answered_502_with_its_id(lab, answer):
+    server = socket.create_server(("127.0.0.2", 0))
+
+    def bad_upstream() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(answer)
+
+    threading.Thread(target=bad_upstream, daemon=True).start()
+    try:
+        with proxy_client(lab) as client:
+            response = client.get(f"http://127.0.0.2:{server.getsockname()[1]}/x")
+        assert response.status_code == 502
+        assert response.json()["error"] == "upstream failed"
+        assert trace_record(lab, response.headers["x-gateway-transfer-id"])["status"] == 502
+    finally:
+        server.close()
+
+
 def test_upstream_with_an_endless_response_head_fails_with_502(lab):
     server = socket.create_server(("127.0.0.2", 0))
     port = server.getsockname()[1]

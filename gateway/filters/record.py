@@ -17,7 +17,7 @@ from mitmproxy.master import Master
 from gateway.alerts import AlertLog
 from gateway.backpressure import cut
 from gateway.dlp import mask_url
-from gateway.erroranswer import ANSWER_STATUS, MalformedRequest
+from gateway.erroranswer import ANSWER_STATUS, UPSTREAM, MalformedRequest
 from gateway.filters import body_size, refuse, refusal_response, transfer_of
 from gateway.runtime import Runtime
 from gateway.trace import TraceError, TraceLog, body_hasher
@@ -92,13 +92,20 @@ class Record:
         transfer.error = flow.error.msg if flow.error else "unknown error"
         if not transfer.stopped:
             transfer.escalate("error")
-        status = flow.metadata.get(ANSWER_STATUS)
-        if status is not None and flow.response is None:
-            # The upstream failed before answering: the client gets our JSON with the transfer id,
-            # not mitmproxy's own page (gateway.erroranswer sends it).
-            where = f"{transfer.upstream_host}:{transfer.upstream_port}"
-            transfer.reasons.append(Reason("upstream", "upstream", where, "error"))
-            refuse(flow, transfer, status=status, error="upstream failed")
+        answer = flow.metadata.get(ANSWER_STATUS)
+        if answer is not None and not flow.metadata.get("gateway_refused"):
+            # Nothing has reached the client yet: it gets our JSON with the transfer id, not
+            # mitmproxy's own page (gateway.erroranswer sends it).
+            status, cause = answer
+            if cause == UPSTREAM:
+                where = f"{transfer.upstream_host}:{transfer.upstream_port}"
+                transfer.reasons.append(Reason("upstream", "upstream", where, "error"))
+                refuse(flow, transfer, status=status, error="upstream failed")
+            else:
+                # mitmproxy's reason quotes the client's header names and values: not kept.
+                transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
+                transfer.reasons.append(Reason("malformed", "malformed", "request head", "block"))
+                refuse(flow, transfer, status=status, error="malformed request")
         await self._record(flow, transfer)
 
     async def malformed_request(self, malformed: MalformedRequest) -> None:
