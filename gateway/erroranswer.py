@@ -12,11 +12,12 @@ has part of a response, for client-side errors, or when the hook sets no respons
 
 A request head too malformed to parse (or whose framing is invalid) never becomes a flow here:
 mitmproxy's Http1Server answers it 400 itself (and HttpStream does, for a request naming no
-destination). Wrapped too: that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook,
-run before it is sent) puts in `MalformedRequest.answer`, so the pipeline stages can give it a transfer
-id, a trace record and a count like any other refused transfer. A head still unfinished after
-MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would buffer it without limit;
-an upstream's response head past MAX_RESPONSE_HEAD fails that upstream (502, as above).
+destination). Wrapped too: that answer is replaced by the one the `malformed_request` hook
+(MalformedRequestHook, run before it is sent) puts in `MalformedRequest.answer`, so the pipeline
+stages give it a transfer id, a trace record and a count like any other refused transfer. A head
+still unfinished after MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would
+buffer it without limit; an upstream's response head past MAX_RESPONSE_HEAD fails that upstream
+(502, as above).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
