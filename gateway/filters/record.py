@@ -33,6 +33,9 @@ class RecordingGateway(Protocol):
     alerts: AlertLog
 
 
+MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+
+
 class Record:
     def __init__(self, gateway: RecordingGateway):
         self.gateway = gateway
@@ -104,7 +107,7 @@ class Record:
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
-                transfer.reasons.append(Reason("malformed", "malformed", "request head", "block"))
+                transfer.reasons.append(MALFORMED_REQUEST)
                 refuse(flow, transfer, status=status, error="malformed request")
         await self._record(flow, transfer)
 
@@ -113,7 +116,7 @@ class Record:
         transfer = malformed.transfer
         if transfer is None:
             return
-        transfer.escalate("error", [Reason("malformed", "malformed", "request head", "block")])
+        transfer.escalate("error", [MALFORMED_REQUEST])
         transfer.error = malformed.reason
         answer = refusal_response(transfer, malformed.status, "malformed request")
         answer.headers["Connection"] = "close"  # mitmproxy closes the connection after it
