@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gateway.lab import Lab
+from tests.certs import make_ca_and_server
 from tests.gatewayproc import REPO, start_gateway, start_upstream
 from tests.labs import built_lab
 
 ID_NUMBER = "11010519491231002X"
 UPSTREAM_PORT = 8000
+TLS_PORT = 8443
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +30,25 @@ def netlab(tmp_path_factory):
     labs = built_lab("gwe")
     lab = next(labs)
     root = tmp_path_factory.mktemp("netns")
+    inet, sec = lab.zones["internet"], lab.zones["sector-health"]
+    ca, cert, key = make_ca_and_server(root, inet.host_ip)  # the internet host's HTTPS certificate
     config = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     config["gateway"]["state_dir"] = str(root / "state")
     config["dlp"]["rules"] = str(REPO / "config" / "dlp")
+    config["tls"] = {**config.get("tls", {}), "upstream_ca": str(ca)}
     path = root / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
-    inet, sec = lab.zones["internet"], lab.zones["sector-health"]
     processes = []
     try:
         processes.append(start_upstream(inet.host_ip, UPSTREAM_PORT, root / "internet.log",
                                         prefix=lab.command("inet", [])))
+        processes.append(start_upstream(inet.host_ip, TLS_PORT, root / "internet-tls.log", tls=(cert, key),
+                                        prefix=lab.command("inet", [])))
         processes.append(start_upstream(sec.host_ip, UPSTREAM_PORT, root / "sector.log",
                                         prefix=lab.command("sec", [])))
         processes.append(start_gateway(path, prefix=lab.command("gw", [])))
+        subprocess.run([sys.executable, "-m", "gateway", "ca", "export", "-c", str(path), "-o",
+                        str(root / "gateway-ca.pem")], check=True, timeout=30, cwd=REPO)
         yield lab, root
     finally:
         for process in processes:
@@ -77,6 +86,21 @@ def test_id_number_towards_the_internet_is_blocked_and_never_arrives(netlab):
     assert status == "403", result
     assert json.loads(body)["reasons"][0]["type"] == "cn_id_card"
     assert "/echo?netns-block" not in logged_paths(root, "internet")
+
+
+def test_https_through_connect_is_intercepted_with_the_exported_ca(netlab):
+    lab, root = netlab
+    proxy = f"http://{lab.zones['extranet'].gateway_ip}:8080"
+    server = f"https://{lab.zones['internet'].host_ip}:{TLS_PORT}"
+    result = curl(lab, "ext", "--cacert", str(root / "gateway-ca.pem"), "-x", proxy, "-i", f"{server}/text?body=secure")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("secure") and "x-gateway-transfer-id:" in result.stdout.lower()
+    blocked = curl(lab, "ext", "--cacert", str(root / "gateway-ca.pem"), "-x", proxy, "-w", "\n%{http_code}",
+                   "-H", "content-type: application/json", "--data", json.dumps({"sfzh": ID_NUMBER}),
+                   f"{server}/echo?netns-tls-block")
+    assert blocked.stdout.rsplit("\n", 1)[1] == "403", blocked
+    assert "/text?body=secure" in logged_paths(root, "internet-tls")
+    assert "/echo?netns-tls-block" not in logged_paths(root, "internet-tls")
 
 
 def test_response_with_id_numbers_from_the_internet_is_blocked(netlab):
