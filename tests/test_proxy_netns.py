@@ -103,6 +103,23 @@ def test_https_through_connect_is_intercepted_with_the_exported_ca(netlab):
     assert "/echo?netns-tls-block" not in logged_paths(root, "internet-tls")
 
 
+def test_denied_zone_pair_gets_403_policy_and_warn_passes_with_its_header(netlab):
+    lab, root = netlab
+    proxy = f"http://{lab.zones['extranet'].gateway_ip}:8080"
+    denied = curl(lab, "ext", "-x", proxy, "-w", "\n%{http_code}", "http://203.0.113.9/")  # in no zone
+    body, status = denied.stdout.rsplit("\n", 1)
+    assert status == "403", denied
+    assert json.loads(body)["reasons"] == [{"rule": "default", "type": "policy", "location": "extranet->unknown"}]
+    warned = curl(lab, "ext", "-x", proxy, "-i", "-H", "content-type: application/json",
+                  "--data", json.dumps({"phone": "13812345678"}),
+                  f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/echo?netns-warn")
+    assert warned.stdout.startswith("HTTP/1.1 200") and "x-gateway-warning: mobile" in warned.stdout.lower()
+    transfer_id = next(line.split(":", 1)[1].strip() for line in warned.stdout.splitlines()
+                       if line.lower().startswith("x-gateway-transfer-id:"))
+    alerts = [json.loads(line) for line in (root / "state" / "alerts.jsonl").read_text().splitlines()]
+    assert [a["decision"] for a in alerts if a["id"] == transfer_id] == ["warn"]
+
+
 def test_response_with_id_numbers_from_the_internet_is_blocked(netlab):
     lab, _ = netlab
     result = curl(lab, "ext", "-x", f"http://{lab.zones['extranet'].gateway_ip}:8080", "-w", "\n%{http_code}",
