@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--sizes", default="1024,1048576")
     parser.add_argument("--workers", help="compare the gateway with these worker counts, e.g. 1,2")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved runs of each proxy per size (this VM's CPU speed drifts by up to a "
+                             "quarter from one run to the next: more rounds, steadier figures)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
@@ -194,16 +198,18 @@ def main() -> None:
                 for port in ports.values():  # warm-up
                     wrk(port, body, 2, args.connections, script)
                 runs = {name: [] for name in ports}
-                for _ in range(2):  # interleaved, so drift on a shared machine hits all alike
+                for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits all alike
                     for name, port in ports.items():
                         runs[name].append(measured_wrk(pids[name], port, body, args.seconds, args.connections, script))
                 best = {name: max(results, key=lambda r: r["rps"]) for name, results in runs.items()}
                 for name, r in best.items():
                     print(f"{size:>9} {name:<11} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6} "
                           f"{r['proxy_cores']:>6.2f} {r['machine_busy'] * cores - r['proxy_cores']:>6.2f}")
+                median = {name: statistics.median(r["rps"] for r in results) for name, results in runs.items()}
                 for name in list(best)[1:]:
                     print(f"{size:>9} ratio {name}/{baseline}: req/s {best[name]['rps'] / best[baseline]['rps']:.2f}, "
-                          f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}")
+                          f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}; "
+                          f"medians of {args.rounds} runs: req/s {median[name] / median[baseline]:.2f}")
         finally:
             for process in reversed(processes):
                 process.stop()
