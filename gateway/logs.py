@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gateway.transfer import Transfer
+from gateway.transfer import Transfer, utc_timestamp
 
 
 class DecisionLog:
@@ -34,7 +33,7 @@ class DecisionLog:
 
 def decision_entry(transfer: Transfer, *, method: str | None, status: int | None, event: str) -> dict[str, Any]:
     return {
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": utc_timestamp(),
         "level": "error" if transfer.decision == "error" else "warning",
         "event": event,
         "transfer_id": transfer.id,
@@ -47,7 +46,6 @@ def decision_entry(transfer: Transfer, *, method: str | None, status: int | None
         "status": status,
         "decision": transfer.decision,
         "policy_rule": transfer.verdict.rule if transfer.verdict else None,
-        "reasons": [{"rule": r.rule, "type": r.type, "location": r.location, "action": r.action}
-                    for r in transfer.reasons],
+        "reasons": [r.entry() for r in transfer.reasons],
         "error": transfer.error,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ class Reason:
 
     def public(self) -> dict[str, str]:
         return {"rule": self.rule, "type": self.type, "location": self.location}
+
+    def entry(self) -> dict[str, str]:
+        """As trace records and the decision log write it: `public()` plus the action."""
+        return {"rule": self.rule, "type": self.type, "location": self.location, "action": self.action}
 
 
 @dataclass
@@ -63,6 +68,11 @@ class Transfer:
     @property
     def stopped(self) -> bool:
         return self.decision in ("block", "deny", "error")
+
+
+def utc_timestamp() -> str:
+    """Now, as trace records and logs write it: ISO 8601 in UTC, milliseconds, a trailing Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def refusal_body(transfer: Transfer, error: str = "blocked") -> bytes:

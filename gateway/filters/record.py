@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from mitmproxy import http
@@ -21,7 +20,7 @@ from gateway.erroranswer import ANSWER_STATUS, UPSTREAM, MalformedRequest
 from gateway.filters import body_size, refuse, refusal_response, transfer_of
 from gateway.runtime import Runtime
 from gateway.trace import TraceError, TraceLog, body_hasher
-from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer
+from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer, utc_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class Record:
         return {
             "v": 1,
             "id": transfer.id,
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": utc_timestamp(),
             "frontend": self.gateway.runtime.config.name,
             "listener": transfer.listener,
             "client": {"addr": transfer.client_addr, "zone": transfer.client_zone},
@@ -192,8 +191,7 @@ class Record:
             "resp_digest": resp_digest,
             "decision": transfer.decision,
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
-            "rules": [{"rule": r.rule, "type": r.type, "location": r.location, "action": r.action}
-                      for r in transfer.reasons],
+            "rules": [r.entry() for r in transfer.reasons],
             "grant": None,
             "error": transfer.error,
         }
