@@ -167,7 +167,8 @@ class _Walker:
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
         try:
             used_charset = text_charset(data, charset)
-            if used_charset == "utf-8" and media in ("", "text/plain") and is_utf8(data):
+            # An undeclared charset sniffed as UTF-8 was checked well-formed already; a declared one not yet.
+            if used_charset == "utf-8" and media in ("", "text/plain") and (not charset or is_utf8(data)):
                 head = data[:_HEAD_BYTES].decode("utf-8", "ignore")
                 if head.lstrip()[:1] not in ("{", "[") and not _looks_like_csv(head):
                     self.plain_utf8(data, location)
