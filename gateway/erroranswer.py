@@ -209,13 +209,17 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
 def _answer_unknown_destinations(original: Callable) -> Callable:
     """A request with neither an absolute URL nor a Host header: mitmproxy answers 400 before any hook."""
     def state_wait_for_request_headers(self: HttpStream, event: HttpEvent) -> layer.CommandGenerator[None]:
+        request = getattr(event, "request", None)
+        if request is not None and request.host:
+            return original(self, event)  # it names its destination: nothing to watch for (the usual case)
+
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
             if isinstance(command, SendHttp) and isinstance(command.event, ResponseProtocolError) \
                     and command.event.code == ErrorCode.DESTINATION_UNKNOWN:
                 return _answer_unknown_destination(self, command)
             return None
 
-        return (yield from _relay(original(self, event), substitute))
+        return _relay(original(self, event), substitute)
 
     return state_wait_for_request_headers
 
