@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -146,6 +147,13 @@ def raw_exchange(lab, data: bytes) -> tuple[str, str]:
     return head, body
 
 
+def transfer_id_in(head: str) -> str:
+    """The X-Gateway-Transfer-Id of a raw answer's head (failing the test when there is none)."""
+    found = re.search(r"(?im)^x-gateway-transfer-id:\s*(\S+)", head)
+    assert found, head
+    return found.group(1)
+
+
 def errors_counted(lab) -> float:
     text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -156,8 +164,7 @@ def test_malformed_request_head_is_answered_recorded_and_counted(lab):
     before = errors_counted(lab)
     head, body = raw_exchange(lab, f"GET /x?sfzh={ID_NUMBER} HTTP/1.1 trailing junk\r\nHost: a\r\n\r\n".encode())
     assert head.startswith("HTTP/1.1 400"), head
-    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
-                       if line.lower().startswith("x-gateway-transfer-id:"))
+    transfer_id = transfer_id_in(head)
     assert json.loads(body) == {"error": "malformed request", "transfer_id": transfer_id,
                                 "reasons": [{"rule": "malformed", "type": "malformed", "location": "request head"}]}
     record = trace_record(lab, transfer_id)
@@ -172,8 +179,7 @@ def test_request_with_invalid_framing_is_one_malformed_transfer(lab):
     head, body = raw_exchange(lab, b"POST http://127.0.0.2:9/x HTTP/1.1\r\nHost: 127.0.0.2:9\r\n"
                                    b"Content-Length: 12abc\r\n\r\nhello")
     assert head.startswith("HTTP/1.1 400"), head
-    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
-                       if line.lower().startswith("x-gateway-transfer-id:"))
+    transfer_id = transfer_id_in(head)
     assert json.loads(body)["transfer_id"] == transfer_id
     assert trace_record(lab, transfer_id)["status"] == 400
     assert errors_counted(lab) - before == 1  # one transfer, not also a flow of mitmproxy's
@@ -182,8 +188,7 @@ def test_request_with_invalid_framing_is_one_malformed_transfer(lab):
 def test_request_naming_no_destination_is_one_malformed_transfer(lab):
     head, body = raw_exchange(lab, b"GET / HTTP/1.1\r\n\r\n")  # no absolute URL, no Host header
     assert head.startswith("HTTP/1.1 400"), head
-    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
-                       if line.lower().startswith("x-gateway-transfer-id:"))
+    transfer_id = transfer_id_in(head)
     assert json.loads(body)["transfer_id"] == transfer_id
     record = trace_record(lab, transfer_id)
     assert record["status"] == 400 and record["error"] == "request names no destination"
@@ -194,8 +199,7 @@ def test_endless_request_head_is_refused_431_not_buffered(lab):
     # A little past the limit, so the gateway has read all of it when it answers (no reset).
     head, body = raw_exchange(lab, b"GET http://127.0.0.2:9/ HTTP/1.1\r\nX-Filler: " + b"a" * 70_000)
     assert head.startswith("HTTP/1.1 431"), head
-    transfer_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
-                       if line.lower().startswith("x-gateway-transfer-id:"))
+    transfer_id = transfer_id_in(head)
     assert json.loads(body)["transfer_id"] == transfer_id
     assert trace_record(lab, transfer_id)["status"] == 431
     assert errors_counted(lab) - before == 1
