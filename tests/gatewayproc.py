@@ -19,10 +19,19 @@ DEFAULT_CONFIG = REPO / "config" / "gateway.yaml"
 UPSTREAM_SERVER = REPO / "tests" / "upstream_server.py"
 
 
+_handed_out: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free now, and never handed out before in this run: the kernel may give the same one to
+    two calls in a row, and two servers told the same port would make a test talk to the wrong one."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
 
 
 def test_workers() -> int:
@@ -88,20 +97,24 @@ class Process:
             self._seen.notify_all()
 
     def started(self, text: str, timeout: float = 30.0) -> "Process":
-        """Wait for `text`; a process that never says it is stopped, not left behind."""
+        """Wait for a line starting with `text`, the process's own readiness line (a traceback line
+        merely containing it, such as "Address already in use" for "ready", does not count); a
+        process that never says it, or has died, is stopped, not left behind."""
         try:
-            self.wait_for(text, timeout)
+            self.wait_for(text, timeout, line_start=True)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[:3]} exited after {text!r}:\n" + "\n".join(self.lines[-40:]))
         except AssertionError:
             self.stop()
             raise
         return self
 
-    def wait_for(self, text: str, timeout: float = 30.0, start: int = 0) -> str:
+    def wait_for(self, text: str, timeout: float = 30.0, start: int = 0, line_start: bool = False) -> str:
         deadline = time.monotonic() + timeout
         with self._seen:
             while True:
                 for line in self.lines[start:]:
-                    if text in line:
+                    if line.startswith(text) if line_start else text in line:
                         return line
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._pending()):
