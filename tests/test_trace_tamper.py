@@ -154,7 +154,9 @@ def test_missing_bundle_and_usage_errors(logdir, capsys):
     rc, out = verify(logdir, capsys)
     assert rc == 1 and "tile/entries/001: missing" in out
     assert run("verify", str(logdir / "nope"), "--pubkey", str(logdir / "key.pub")) == 2
+    capsys.readouterr()
     assert run("verify", str(logdir / "log"), "--pubkey", str(logdir / "missing.pub")) == 2
+    assert "missing.pub: no such file" in capsys.readouterr().err
 
 
 def test_show_filters(logdir, capsys):

@@ -96,6 +96,8 @@ def _load_vkey(value: str | Path) -> Verifier:
         text = path.read_text() if path.exists() else str(value)
         return parse_vkey(text.strip().splitlines()[0] if text.strip() else "")
     except (OSError, NoteError) as exc:
+        if not path.exists():  # more likely a mistyped key file than a mistyped key
+            raise UsageError(f"{value}: no such file (nor a verifier key: {exc})") from None
         raise UsageError(f"{value}: {exc}") from None
 
 
