@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document, parse_size
+from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document, parse_duration, parse_size
 
 __all__ = ["BasicAuth", "Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
 
@@ -101,6 +101,7 @@ class Config:
     management_tls: tuple[Path, Path] | None = None  # (certificate chain, private key) files
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.workers)
+    request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -164,12 +165,14 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
             return {}
         return node.mapping(allowed, required) or {}
 
-    gw = section("gateway", {"name", "state_dir", "workers"}, {"name", "state_dir"})
+    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
     if workers is not None and workers > MAX_WORKERS:
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
+    head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
+        if "request_head_timeout" in gw else 30.0
 
     zones = _zones(sections.get("zones"), sink, source)
     zone_names = {z.name for z in zones} | {"unknown"}
@@ -210,7 +213,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
-        workers=workers,
+        workers=workers, request_head_timeout=head_timeout,
     )
 
 

@@ -113,6 +113,7 @@ class GatewayServer:
         backpressure.install()
         erroranswer.install()
         self.master = Master(options.Options())
+        erroranswer.add_options(self.master.options)
         CachedHookDispatch.install(self.master)
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
@@ -150,6 +151,10 @@ class GatewayServer:
             "mode": [listener.mitmproxy_spec for listener in config.listeners],
             # Lazy: no upstream connection (not even for CONNECT) before the pipeline has decided.
             "connection_strategy": "lazy",
+            # No raw TCP relay: a tunnel's bytes that are neither TLS nor HTTP would cross uninspected.
+            # They are parsed as HTTP instead, so they are refused 400 and recorded like any malformed request.
+            "rawtcp": False,
+            erroranswer.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
             "ssl_verify_upstream_trusted_ca": str(config.upstream_ca) if config.upstream_ca else None,

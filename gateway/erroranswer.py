@@ -17,7 +17,10 @@ destination). Wrapped too: that answer is replaced by the one the `malformed_req
 stages give it a transfer id, a trace record and a count like any other refused transfer. A head
 still unfinished after MAX_REQUEST_HEAD bytes is refused 431 the same way, where mitmproxy would
 buffer it without limit; an upstream's response head past MAX_RESPONSE_HEAD fails that upstream
-(502, as above).
+(502, as above). Bytes that cannot begin an HTTP request (a binary or other protocol, say inside a
+CONNECT tunnel) are refused 400 at once, and a head not finished within the `request_head_timeout`
+option from its first byte is refused 408 (a slowloris, or a protocol where the server speaks first),
+where mitmproxy would wait for the connection's idle timeout.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -26,12 +29,13 @@ mitmproxy upgrade changes them.
 from __future__ import annotations
 
 import inspect
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from h11._receivebuffer import ReceiveBuffer
-from mitmproxy import connection, http
+from mitmproxy import connection, http, optmanager
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
@@ -47,6 +51,9 @@ UPSTREAM, MALFORMED = "upstream", "malformed"
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
+HEAD_TIMEOUT_OPTION = "request_head_timeout"
+# RFC 9110 token characters: a request line starts with a method made of them, then a space.
+TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass
@@ -56,7 +63,8 @@ class MalformedRequest:
     id: str
     client: connection.Client
     reason: str
-    status: int                          # 400, or 431 for a head past MAX_REQUEST_HEAD
+    status: int                          # 400; 408 for a head too slow, 431 for one too long
+    upstream: tuple[str, int] | None = None  # where the connection leads, when known (a CONNECT tunnel's target)
     transfer: object | None = None       # the pipeline's Transfer for it (set by the identify stage)
     answer: http.Response | None = None  # what the client gets instead of mitmproxy's page
 
@@ -72,6 +80,9 @@ def install() -> None:
     _wrap(Http1Server, "read_headers", _answer_malformed_heads,
           ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
+    _wrap(Http1Server, "_handle_event", _take_head_deadlines, ("yield from self.state(event)",))
+    if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
+        raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/erroranswer.py")
     _wrap(HttpStream, "check_invalid", _answer_invalid_messages,
           ("self.flow.error = flow.Error(err)", "yield HttpErrorHook(self.flow)",
            "ErrorCode.REQUEST_VALIDATION_FAILED"))
@@ -79,6 +90,11 @@ def install() -> None:
           ("ErrorCode.DESTINATION_UNKNOWN",))
     _wrap(Http1Client, "read_headers", _limit_response_heads,
           ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+
+
+def add_options(options: optmanager.OptManager) -> None:
+    options.add_option(HEAD_TIMEOUT_OPTION, float, 30.0,
+                       "Seconds a client has to send a whole request head, from its first byte (408 after).")
 
 
 def _wrap(cls: type, name: str, wrapper: Callable, relied_on: tuple[str, ...]) -> None:
@@ -188,19 +204,66 @@ def _answer_malformed_heads(original: Callable) -> Callable:
             return None
 
         yield from _relay(original(self, event), substitute)
-        if self.request is None and self.state != self.done and len(self.buf) > MAX_REQUEST_HEAD:
+        if self.request is not None or self.state == self.done or not self.buf:
+            self.gateway_head_started = None
+        elif len(self.buf) > MAX_REQUEST_HEAD:
             # Still no end of the head: mitmproxy would buffer it without limit (its own FIXME).
-            reason = f"request head larger than {MAX_REQUEST_HEAD} bytes"
-            yield from _answer_malformed(self, 431, reason, _plain_answer(431, reason))
-            yield commands.CloseConnection(self.conn)
-            self.buf = ReceiveBuffer()  # the connection is done: free what it sent at once
-            self.state = self.done
+            yield from _refuse_head(self, 431, f"request head larger than {MAX_REQUEST_HEAD} bytes")
+        elif not _could_start_request(self.buf):
+            # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
+            yield from _refuse_head(self, 400, "not an HTTP request")
+        elif getattr(self, "gateway_head_started", None) is None:
+            self.gateway_head_started = time.monotonic()
+            if getattr(self, "gateway_head_wakeup", None) is None:
+                yield from _request_head_wakeup(self, self.context.options.request_head_timeout)
 
     return read_headers
 
 
+def _could_start_request(buf: ReceiveBuffer) -> bool:
+    """Whether the head received so far can begin a request line: after any empty lines (RFC 9112
+    lets servers skip them), a method's token characters up to the first space."""
+    start = bytes(buf._data[:64]).lstrip(b"\r\n")
+    method = start.partition(b" ")[0]
+    return (not start or start[0] != 0x20) and all(byte in TOKEN_BYTES for byte in method)
+
+
+def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:
+    yield from _answer_malformed(server, status, reason, _plain_answer(status, reason))
+    yield commands.CloseConnection(server.conn)
+    server.buf = ReceiveBuffer()  # the connection is done: free what it sent at once
+    server.state = server.done
+
+
+def _request_head_wakeup(server: Http1Server, delay: float) -> layer.CommandGenerator[None]:
+    server.gateway_head_wakeup = commands.RequestWakeup(delay)
+    yield server.gateway_head_wakeup
+
+
+def _take_head_deadlines(original: Callable) -> Callable:
+    """The wake-ups read_headers asked for come back here; every other event goes on as before.
+    One wake-up is outstanding per connection at a time: a head begun after an earlier one finished
+    gets the time left to it when that wake-up comes."""
+    def _handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        if not (isinstance(event, events.Wakeup) and event.command is getattr(self, "gateway_head_wakeup", None)):
+            return (yield from original(self, event))
+        self.gateway_head_wakeup = None
+        started = getattr(self, "gateway_head_started", None)
+        if started is None or self.state != self.read_headers:
+            return None
+        timeout = self.context.options.request_head_timeout
+        left = started + timeout - time.monotonic()
+        if left > 0.001:
+            yield from _request_head_wakeup(self, left)
+        else:
+            yield from _refuse_head(self, 408, f"request head not received within {timeout:g} s")
+        return None
+
+    return _handle_event
+
+
 def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: bytes) -> layer.CommandGenerator[None]:
-    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, reason, status)
+    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, reason, status, server.context.server.address)
     yield MalformedRequestHook(malformed)
     answer = fallback if malformed.answer is None else http1.assemble_response(malformed.answer)
     yield commands.SendData(server.conn, answer)

@@ -53,6 +53,21 @@ def test_valid_file_resolves_paths_relative_to_itself(tmp_path):
     assert config.dlp_rules == tmp_path / "dlp"
 
 
+@pytest.mark.parametrize("written, seconds", [("500ms", 0.5), ("45s", 45.0), ("2m", 120.0), ("10", 10.0)])
+def test_request_head_timeout_takes_a_duration(tmp_path, written, seconds):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", f"state_dir: state, request_head_timeout: '{written}'}}"))
+    assert load_config(path).request_head_timeout == seconds
+    assert load_config(REPO / "config" / "gateway.yaml").request_head_timeout == 30.0
+
+
+@pytest.mark.parametrize("written", ["0s", "-1", "5 min", "soon"])
+def test_a_bad_request_head_timeout_names_file_line_and_key(tmp_path, written):
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, request_head_timeout: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.request_head_timeout: "
+                                                      f"not a valid duration: '{written}'"), errors
+
+
 def test_unknown_key_is_an_error_with_file_line_and_path(tmp_path):
     errors = errors_of(tmp_path, VALID.replace("action: allow}", "action: allow, reqest_profile: x}"))
     assert errors == [f"{tmp_path}/gw.yaml:9: policy.rules[0].reqest_profile: unknown key "

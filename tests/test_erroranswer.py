@@ -11,7 +11,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
     erroranswer.install()
     def wrapped() -> tuple:
         return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
-                HttpStream.check_invalid, Http1Server.read_headers, Http1Client.read_headers)
+                HttpStream.check_invalid, Http1Server.read_headers, Http1Server._handle_event,
+                Http1Client.read_headers)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
@@ -21,11 +22,20 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
 
 @pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers"),
                                        (HttpStream, "state_wait_for_request_headers"), (HttpStream, "check_invalid"),
-                                       (Http1Client, "read_headers")])
+                                       (Http1Client, "read_headers"), (Http1Server, "_handle_event")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()
 
     monkeypatch.setattr(cls, name, changed)
     with pytest.raises(RuntimeError, match=f"{cls.__name__}.{name} changed: review gateway/erroranswer.py"):
+        erroranswer.install()
+
+
+def test_install_refuses_a_changed_receive_buffer(monkeypatch):
+    class Changed:  # h11 keeping its bytes elsewhere: the request-line check could not read them
+        pass
+
+    monkeypatch.setattr(erroranswer, "ReceiveBuffer", Changed)
+    with pytest.raises(RuntimeError, match="ReceiveBuffer changed"):
         erroranswer.install()

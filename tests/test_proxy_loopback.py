@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ import pytest
 from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
 
 ID_NUMBER = "11010519491231002X"
+HEAD_TIMEOUT = 2  # seconds the lab's gateway gives a request head (request_head_timeout)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,7 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("loopback")
     port = free_port("127.0.0.2")
     config = gateway_config(root / "state")
+    config["gateway"]["request_head_timeout"] = f"{HEAD_TIMEOUT}s"
     config["listeners"][1]["upstream"] = f"http://127.0.0.2:{port}"
     path = write_config(root / "gateway.yaml", config)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
@@ -213,6 +216,102 @@ def test_endless_request_head_is_refused_431_not_buffered(lab):
         assert client.get(f"{lab['upstream']}/text?body=ok", headers={"x-filler": "a" * 60_000}).status_code == 200
         big = b"x" * (2 << 20)
         assert client.post(f"{lab['upstream']}/echo", content=big).content == big
+
+
+class RawUpstream:
+    """A TCP server on the internet side that keeps every byte it receives (nothing should arrive)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.2", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = bytearray()
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with connection:
+                while data := connection.recv(65536):
+                    self.received += data
+
+
+def tunnel_exchange(lab, target: str, data: bytes, read_timeout: float = 10) -> tuple[str, str, float]:
+    """CONNECT to `target`, send `data` inside the tunnel: the answer's head, body and seconds taken."""
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        established = sock.recv(65536)
+        assert established.startswith(b"HTTP/1.1 200"), established
+        sent = time.monotonic()
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    return head, body, time.monotonic() - sent
+
+
+@pytest.mark.parametrize("inner", [
+    f"\x01\x02\x00binary sfzh={ID_NUMBER}\n".encode(),  # a binary protocol
+    b"SSH-2.0-OpenSSH_9.6\r\n",                            # a line that is not a request line
+    b" GET / HTTP/1.1\r\n",                                # no method
+])
+def test_bytes_that_are_not_http_in_a_tunnel_are_refused_at_once_and_never_relayed(lab, inner):
+    upstream = RawUpstream()
+    try:
+        before = errors_counted(lab)
+        head, body, seconds = tunnel_exchange(lab, f"127.0.0.2:{upstream.port}", inner)
+        assert head.startswith("HTTP/1.1 400"), head
+        assert seconds < HEAD_TIMEOUT  # not left waiting for a head
+        transfer_id = transfer_id_in(head)
+        assert json.loads(body)["transfer_id"] == transfer_id
+        record = trace_record(lab, transfer_id)
+        assert (record["status"], record["decision"], record["error"]) == (400, "error", "not an HTTP request")
+        # The record says where the tunnel led, and never what was sent.
+        assert record["upstream"]["port"] == upstream.port and record["upstream"]["zone"] == "internet"
+        assert ID_NUMBER not in json.dumps(record)
+        assert errors_counted(lab) - before == 1
+        assert upstream.connections == 0 and not upstream.received
+    finally:
+        upstream.server.close()
+
+
+def test_request_head_not_finished_in_time_is_refused_408(lab):
+    upstream = RawUpstream()
+    try:
+        # A protocol where the server speaks first (SMTP) sends one line and waits: nothing crosses.
+        head, body, seconds = tunnel_exchange(lab, f"127.0.0.2:{upstream.port}", f"HELO {ID_NUMBER}\r\n".encode())
+        assert head.startswith("HTTP/1.1 408"), head
+        assert HEAD_TIMEOUT * 0.9 <= seconds < HEAD_TIMEOUT + 5
+        record = trace_record(lab, transfer_id_in(head))
+        assert (record["status"], record["error"]) == (408, f"request head not received within {HEAD_TIMEOUT} s")
+        assert ID_NUMBER not in json.dumps(record)
+        assert upstream.connections == 0
+    finally:
+        upstream.server.close()
+    # A slowloris head on the plain listener is cut off the same way.
+    start = time.monotonic()
+    head, body = raw_exchange(lab, f"GET {lab['upstream']}/text?body=ok HTTP/1.1\r\nHost: x\r\n".encode())
+    assert head.startswith("HTTP/1.1 408"), head
+    assert time.monotonic() - start < HEAD_TIMEOUT + 5
+
+
+def test_slow_heads_within_the_timeout_and_idle_keepalive_are_not_refused(lab):
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    request = f"GET {lab['upstream']}/text?body=ok HTTP/1.1\r\nHost: {lab['upstream'][7:]}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for part in (request[:10], request[10:30], request[30:]):  # the head in pieces, well within the time
+            sock.sendall(part)
+            time.sleep(HEAD_TIMEOUT / 5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(HEAD_TIMEOUT * 1.5)  # idle between requests: no head has begun, no deadline runs
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_alert_and_trace_records_for_decisions(lab):

@@ -56,9 +56,11 @@ class Identify:
             # DNS change could steer into another zone. The Host header and TLS SNI keep the name.
             flow.request.data.host = transfer.upstream_addr
 
-    def malformed_request(self, malformed: MalformedRequest) -> None:
-        # No request, so no upstream: only the client side is known.
-        malformed.transfer = self._transfer(malformed.id, malformed.client, "", 0, None)
+    async def malformed_request(self, malformed: MalformedRequest) -> None:
+        # No request: the upstream is known only inside a CONNECT tunnel (its target).
+        host, port = malformed.upstream or ("", 0)
+        address = await self.resolver.resolve(host, port) if host else None
+        malformed.transfer = self._transfer(malformed.id, malformed.client, host, port, address)
 
     async def _identify(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
