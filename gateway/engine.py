@@ -151,8 +151,9 @@ class GatewayServer:
             "mode": [listener.mitmproxy_spec for listener in config.listeners],
             # Lazy: no upstream connection (not even for CONNECT) before the pipeline has decided.
             "connection_strategy": "lazy",
-            # No raw TCP relay: a tunnel's bytes that are neither TLS nor HTTP would cross uninspected.
-            # They are parsed as HTTP instead, so they are refused 400 and recorded like any malformed request.
+            # No raw TCP relay: a tunnel's bytes that are neither TLS nor HTTP, or whatever follows a 101
+            # upgrade to anything but WebSocket, would cross uninspected. Tunnel bytes are parsed as HTTP
+            # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
             erroranswer.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
             "confdir": str(ca_dir(config.state_dir)),
