@@ -4,7 +4,8 @@
 
 Clients send, for the whole run, a random mix of: clean GETs and POSTs, requests carrying an ID number
 (blocked), requests to an upstream in no zone (denied), to a closed port (upstream failed, 502),
-unparsable and smuggling-shaped requests (400), endless heads (431), and 2 MiB bodies. Every
+unparsable and smuggling-shaped requests (400), endless heads (431), heads never finished (408), CONNECT
+tunnels carrying a binary stream (the CONNECT answered 200, the stream refused 400), and 2 MiB bodies. Every
 `--kill-every` seconds one worker gets SIGKILL (the supervisor replaces it). Afterwards: the trace log
 must verify, every transfer id a client received must be in it with the status the client saw, and
 `gateway_transfers_total` must count every record. Prints the figures; exits 1 on any loss.
@@ -50,10 +51,13 @@ class Traffic:
         with httpx.Client(proxy=self.proxy, timeout=20) as client:
             while time.monotonic() < until:
                 kind = self.rng.choices(
-                    ["clean", "post", "blocked", "denied", "unreachable", "garbage", "smuggle", "endless", "large"],
-                    [30, 20, 10, 8, 5, 8, 7, 4, 8])[0]
+                    ["clean", "post", "blocked", "denied", "unreachable", "garbage", "smuggle", "endless", "large",
+                     "tunnel", "slow"],
+                    [30, 20, 10, 8, 5, 8, 7, 4, 8, 5, 1])[0]
                 try:
-                    if kind in ("garbage", "smuggle", "endless"):
+                    if kind == "tunnel":
+                        self._tunnel()
+                    elif kind in ("garbage", "smuggle", "endless", "slow"):
                         self._raw(kind)
                     else:
                         self._http(client, kind)
@@ -82,12 +86,28 @@ class Traffic:
             "smuggle": f"POST {self.upstream}/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                        "Content-Length: 5\r\n\r\n0\r\n\r\n".encode(),
             "endless": b"GET / HTTP/1.1\r\nX-Filler: " + b"a" * 70_000,
+            "slow": f"GET {self.upstream}/text HTTP/1.1\r\nHost: x\r\n".encode(),  # never finished: 408
         }[kind]
         with socket.create_connection((host, int(port)), timeout=20) as sock:
             sock.sendall(request)
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+            self._answer(sock, kind, until_closed=True)
+
+    def _tunnel(self) -> None:
+        """A CONNECT (a transfer of its own), then a binary stream inside it: refused 400, never relayed."""
+        host, port = self.proxy.removeprefix("http://").rsplit(":", 1)
+        target = self.upstream.removeprefix("http://")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            self._answer(sock, "tunnel-connect", until_closed=False)
+            sock.sendall(b"\x00\x01binary " + ID_NUMBER.encode())
+            self._answer(sock, "tunnel-binary", until_closed=True)
+
+    def _answer(self, sock: socket.socket, kind: str, until_closed: bool) -> None:
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if not until_closed and b"\r\n\r\n" in answer:
+                break
         head = answer.split(b"\r\n\r\n", 1)[0].decode()
         found = re.search(r"(?im)^x-gateway-transfer-id: (\S+)", head)
         if not found:
@@ -113,6 +133,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="soak-"))
     port = free_port("127.0.0.2")
     config = gateway_config(root / "state", workers=args.workers)
+    config["gateway"]["request_head_timeout"] = "1s"  # the "slow" heads are cut off quickly
     path = write_config(root / "gateway.yaml", config)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
     gateway = start_gateway(path)
