@@ -12,7 +12,7 @@ from pathlib import Path
 import brotli
 import pytest
 
-from gateway.dlp import load_rules, mask_url
+from gateway.dlp import load_rules, mask_text, mask_url
 from gateway.dlp import stream as stream_module
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
@@ -63,11 +63,34 @@ def test_json_paths_csv_cells_and_form_fields(outbound):
 
 
 def test_query_and_url_masking(outbound):
-    result = outbound.scan_query(f"q=hello&sfzh={ID}&tel=138-0013-8000")
+    result = outbound.scan_head(f"/p?q=hello&sfzh={ID}&tel=138-0013-8000", [])
     assert ("cn_id_card", "query:sfzh") in types(result) and result.action == "block"
     masked = mask_url(f"https://u:pw@example.com/p?sfzh={ID}&token=abc&q=hi&m=13800138000")
     assert ID not in masked and "pw" not in masked and "abc" not in masked
     assert "sfzh=1101**********002X" in masked and "q=hi" in masked and "m=138****8000" in masked
+
+
+def test_request_head_is_scanned_in_path_query_and_header_fields(outbound):
+    result = outbound.scan_head(f"/users/{ID}/x?q=1", [("X-Contact", "13800138000"), ("Cookie", f"sfzh={ID}")])
+    assert {("cn_id_card", "path"), ("cn_mobile", "header:X-Contact"), ("cn_id_card", "header:Cookie")} <= set(types(result))
+    assert result.action == "block"
+    assert ("cn_id_card", "path") in types(outbound.scan_head(f"/users/{ID[:4]}%3{ID[4]}{ID[5:]}", []))  # decoded
+    assert outbound.scan_head("/", [("Accept", "*/*"), ("User-Agent", "curl/8.5.0")]).action is None
+
+
+def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):
+    for result in (outbound.scan_head(f"/?{ID}=1", []), outbound.scan_head("/", [(f"X-{ID}", "1")]),
+                   outbound.scan(f"a,{ID}\n1,2\n".encode(), content_type="text/csv")):
+        assert result.action == "block"
+        assert all(ID not in f.location and ID not in (f.field or "") for f in result.findings)
+        assert any("1101**********002X" in f.location for f in result.findings)
+
+
+def test_url_and_text_masking_covers_path_and_parameter_names():
+    masked = mask_url(f"http://h/users/{ID}/x?{ID}=1&flag&q=a+b")
+    assert masked == "http://h/users/1101**********002X/x?1101**********002X=1&flag&q=a+b"
+    assert mask_url("http://h/plain/path?a=1&b") == "http://h/plain/path?a=1&b"  # unchanged, as written
+    assert mask_text(f"Received invalid header name: b'X-{ID}'") == "Received invalid header name: b'X-1101**********002X'"
 
 
 def test_direction_uses_the_profile_rules(rules):

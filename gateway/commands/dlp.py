@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from gateway.dlp import DlpConfigError, Profile, RuleSet, ScanResult, load_rules, mask_url
 from gateway.dlp.explain import explain
@@ -82,12 +83,12 @@ def scan_command(args: argparse.Namespace) -> int:
         return 2
     found = False
     try:
-        for source, direction, body, content_type, content_encoding, query in _inputs(args):
+        for source, direction, body, content_type, content_encoding, head in _inputs(args):
             profile = _profile(rules, args.profile, direction)
             result = profile.scan(body, content_type=content_type, content_encoding=content_encoding,
                                   direction=direction)
-            if query:
-                extra = profile.scan_query(query, direction=direction)
+            if head:
+                extra = profile.scan_head(*head, direction=direction)
                 result = ScanResult(extra.findings + result.findings,
                                     extra.action if not result.action else result.action)
             found |= _print_findings(source, profile.name, result, args.show_values)
@@ -109,7 +110,9 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
     return bool(result.findings)
 
 
-Input = tuple[str, str, bytes, str | None, str | None, str | None]  # source, direction, body, type, encoding, query
+# A request head as the gateway inspects it: the path with its query, and the header fields but Host.
+Head = tuple[str, list[tuple[str, str]]]
+Input = tuple[str, str, bytes, str | None, str | None, Head | None]  # source, direction, body, type, encoding, head
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[Input]:
@@ -123,30 +126,33 @@ def _inputs(args: argparse.Namespace) -> Iterator[Input]:
         yield from _flow_inputs(flow_file)
 
 
-def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None, str | None, str | None]:
-    """(direction, body, content type, content encoding, query) of a raw HTTP/1.1 message."""
+def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None, str | None, Head | None]:
+    """(direction, body, content type, content encoding, request head) of a raw HTTP/1.1 message."""
     separator = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n"
     head, found, body = data.partition(separator)
     if not found:
         raise ValueError(f"{source}: not an HTTP message (no blank line after the headers)")
     lines = head.decode("latin-1").splitlines()
     start_line = lines[0] if lines else ""
-    headers: dict[str, str] = {}
+    fields: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon:
             raise ValueError(f"{source}: malformed header line {line!r}")
-        headers[name.strip().lower()] = value.strip()
+        fields.append((name.strip(), value.strip()))
+    headers = {name.lower(): value for name, value in fields}
     if start_line.startswith("HTTP/"):
-        direction, query = "response", None
+        direction, head = "response", None
     else:
         parts = start_line.split()
         if len(parts) != 3:
             raise ValueError(f"{source}: malformed start line {start_line!r}")
-        direction, query = "request", parts[1].partition("?")[2] or None
+        target = urlsplit(parts[1])  # an absolute URL (to a proxy) or a path
+        path = target.path + (f"?{target.query}" if target.query else "")
+        direction, head = "request", (path, [(n, v) for n, v in fields if n.lower() != "host"])
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body, source)
-    return direction, body, headers.get("content-type"), headers.get("content-encoding"), query
+    return direction, body, headers.get("content-type"), headers.get("content-encoding"), head
 
 
 def _dechunk(body: bytes, source: str) -> bytes:
@@ -171,8 +177,9 @@ def _flow_inputs(flow_file: str) -> Iterator[Input]:
                 continue
             request = flow.request
             label = f"{flow_file}#{index} {request.method} {mask_url(request.pretty_url)}"
+            head = (request.path, [(n, v) for n, v in request.headers.items(multi=True) if n.lower() != "host"])
             yield (f"{label} request", "request", request.raw_content or b"", request.headers.get("content-type"),
-                   request.headers.get("content-encoding"), request.pretty_url.partition("?")[2] or None)
+                   request.headers.get("content-encoding"), head)
             if flow.response is not None:
                 response = flow.response
                 yield (f"{label} response {response.status_code}", "response", response.raw_content or b"",

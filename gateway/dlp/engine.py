@@ -3,7 +3,7 @@
 import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from gateway.dlp.decode import Decoded, Limits, Segment, decode_body, text_segment
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
@@ -91,12 +91,25 @@ class Profile:
         decoded = decode_body(body, content_type, content_encoding, self.limits)
         return self.evaluate(decoded, direction, host)
 
-    def scan_query(self, query: str, *, direction: str = "request", host: str | None = None) -> ScanResult:
+    def scan_head(self, path: str, headers: list[tuple[str, str]], *, direction: str = "request",
+                  host: str | None = None) -> ScanResult:
+        """A message head: the URL path (percent-decoded) and its query, and every header field."""
+        path, _, query = path.partition("?")
+        fields = [("path", "", unquote(path))] if path.strip("/") else []
+        fields += [(f"query:{name}", name, value) for name, value in parse_qsl(query, keep_blank_values=True)]
+        fields += [(f"header:{name}", name, value) for name, value in headers]
+        return self.scan_fields(fields, direction=direction, host=host)
+
+    def scan_fields(self, fields: list[tuple[str, str, str]], *, direction: str = "request",
+                    host: str | None = None) -> ScanResult:
+        """Named text values as (location, name, value): each value is scanned, and each name both as
+        text and as a field name (an empty name is neither)."""
         decoded = Decoded()
-        for name, value in parse_qsl(query.lstrip("?"), keep_blank_values=True):
-            decoded.fields.append((f"query:{name}", name))
-            decoded.segments.append(text_segment(value, f"query:{name}", name))
-            decoded.segments.append(text_segment(name, f"query:{name} (name)", name))
+        for location, name, value in fields:
+            decoded.segments.append(text_segment(value, location, name or None))
+            if name:
+                decoded.fields.append((location, name))
+                decoded.segments.append(text_segment(name, f"{location} (name)", name))
         return self.evaluate(decoded, direction, host)
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
@@ -131,6 +144,9 @@ class Profile:
             Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason)
             for location, reason in problems
         ]
+        # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
+        # sensitive value in a name is masked there too, since locations are recorded and logged.
+        masks = {d.value: d.masked for d in detections if d.value and d.masked != d.value}
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
                 continue
@@ -144,8 +160,8 @@ class Profile:
                 if (d.value, d.location) in seen:
                     continue
                 seen.add((d.value, d.location))
-                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, d.location, d.masked, d.value,
-                                        d.field, d.confidence))
+                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
+                                        d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
         return ScanResult(findings, strongest([f.action for f in findings]))
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
@@ -249,6 +265,13 @@ class Profile:
             return Detection(kind, name, rule.type or "keyword", value, token, location, field_name, "normal")
         masked = mask_middle(token, 2, 2) if len(token) > 6 else "*" * len(token)
         return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
+
+
+def _masked(text: str, masks: dict[str, str]) -> str:
+    for value, masked in masks.items():
+        if value in text:
+            text = text.replace(value, masked)
+    return text
 
 
 def _rule_selects(rule: Rule, detection: Detection) -> bool:

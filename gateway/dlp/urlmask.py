@@ -1,7 +1,8 @@
-"""Masking sensitive query values in URLs before they are logged."""
+"""Masking sensitive values in URLs and texts before they are logged or recorded."""
 
+from collections.abc import Callable
 from functools import lru_cache
-from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from gateway.dlp.decode import Limits
 from gateway.dlp.detectors import DETECTORS
@@ -24,29 +25,38 @@ def _all_detectors():
 
 
 def mask_url(url: str) -> str:
-    """The URL with credentials and values of sensitive types in its query (and userinfo) masked."""
+    """The URL with credentials and values of sensitive types in its path and query (and userinfo) masked."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}{':' + _MASK if colon else ''}@{hostport}"
-    if not parts.query:
-        return urlunsplit(parts._replace(netloc=netloc))
+    path = _masked_part(parts.path, unquote, "/*@:;,=+~!$&'()")
     pairs = []
-    for pair in parts.query.split("&"):
-        name, equals, raw_value = pair.partition("=")
-        if not equals:
-            pairs.append(pair)
-            continue
-        value = unquote_plus(raw_value)
-        if unquote_plus(name).strip().lower() in SECRET_PARAMETERS and value:
+    for pair in parts.query.split("&") if parts.query else []:
+        raw_name, equals, raw_value = pair.partition("=")
+        name = _masked_part(raw_name, unquote_plus, "*@")
+        if equals and unquote_plus(raw_name).strip().lower() in SECRET_PARAMETERS and raw_value:
             pairs.append(f"{name}={_MASK}")
-            continue
-        masked = value
-        result = _all_detectors().scan_query(f"v={quote(value)}")
-        for finding in result.findings:
-            if finding.location == "query:v":
-                masked = masked.replace(finding.value, finding.masked)
-        pairs.append(f"{name}={quote(masked, safe='*@') if masked != value else raw_value}")
-    return urlunsplit(parts._replace(netloc=netloc, query="&".join(pairs)))
+        else:
+            pairs.append(f"{name}{equals}{_masked_part(raw_value, unquote_plus, '*@')}")
+    return urlunsplit(parts._replace(netloc=netloc, path=path, query="&".join(pairs)))
+
+
+def mask_text(text: str) -> str:
+    """`text` with the values of sensitive types in it masked (for what is logged or recorded)."""
+    masked = text
+    for finding in _all_detectors().scan_fields([("text", "", text)]).findings:
+        masked = masked.replace(finding.value, finding.masked)
+    return masked
+
+
+def _masked_part(raw: str, decode: Callable[[str], str], safe: str) -> str:
+    """A raw URL part (path, parameter name or value) with the sensitive values it decodes to masked;
+    unchanged, as written, when it holds none."""
+    text = decode(raw)
+    if not text.strip("/"):
+        return raw
+    masked = mask_text(text)
+    return quote(masked, safe=safe) if masked != text else raw

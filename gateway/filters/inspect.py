@@ -1,6 +1,7 @@
 """Stage 3: run the DLP profile the policy chose over what crosses, and act on what it finds.
 
-Request bodies are inspected with the rule's request profile (data leaving the client's zone),
+Request heads (URL path, query and header fields, before anything is forwarded) and request bodies
+are inspected with the rule's request profile (data leaving the client's zone),
 response bodies with its response profile (data arriving), WebSocket messages by their direction.
 Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
 as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
@@ -30,7 +31,17 @@ class Inspect:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is not None and not flow.response and self._needs_spool(flow.request):
+        if transfer is None or flow.response:
+            return
+        profile = self._profile(transfer, "request")
+        if profile is not None:
+            # The head before anything is forwarded or spooled: path, query and header fields (but Host,
+            # the destination the policy already decided on).
+            request = flow.request
+            headers = [(name, value) for name, value in request.headers.items(multi=True) if name.lower() != "host"]
+            self._apply(flow, transfer, profile.scan_head(request.path, headers, direction="request",
+                                                          host=transfer.upstream_host), rewritable=False)
+        if not flow.response and self._needs_spool(flow.request):
             flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -46,10 +57,7 @@ class Inspect:
         if profile is None:
             return
         request = flow.request
-        query = request.path.partition("?")[2]
-        if query:
-            self._apply(flow, transfer, profile.scan_query(query, direction="request", host=transfer.upstream_host))
-        if flow.response or not request.raw_content:
+        if not request.raw_content:
             return
         result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest)
         self._apply(flow, transfer, result)
@@ -144,11 +152,13 @@ class Inspect:
         name = transfer.verdict.request_profile if direction == "request" else transfer.verdict.response_profile
         return self.gateway.runtime.rules.profile(name) if name else None
 
-    def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult) -> None:
+    def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult, rewritable: bool = True) -> None:
         if result.action is None:
             return
-        transfer.escalate(result.action, _reasons(result))
-        if result.action == "block":
+        # What cannot be rewritten value by value (a head) fails closed: redact is then a block.
+        action = "block" if result.action == "redact" and not rewritable else result.action
+        transfer.escalate(action, _reasons(result))
+        if action == "block":
             refuse(flow, transfer)
 
 

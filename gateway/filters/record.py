@@ -15,7 +15,7 @@ from mitmproxy.master import Master
 
 from gateway.alerts import AlertLog
 from gateway.backpressure import cut
-from gateway.dlp import mask_url
+from gateway.dlp import mask_text, mask_url
 from gateway.erroranswer import ANSWER_STATUS, UPSTREAM, MalformedRequest
 from gateway.filters import body_size, refuse, refusal_response, transfer_of
 from gateway.runtime import Runtime
@@ -91,7 +91,8 @@ class Record:
         transfer = transfer_of(flow)
         if transfer is None or transfer.recorded:
             return
-        transfer.error = flow.error.msg if flow.error else "unknown error"
+        # mitmproxy's error texts may quote what the client sent (a header name, a request line).
+        transfer.error = mask_text(flow.error.msg) if flow.error else "unknown error"
         if not transfer.stopped:
             transfer.escalate("error")
         answer = flow.metadata.get(ANSWER_STATUS)
