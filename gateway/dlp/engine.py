@@ -1,11 +1,12 @@
 """Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation."""
 
 import bisect
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
-from gateway.dlp.decode import Decoded, Limits, Segment, decode_body, text_segment
+from gateway.dlp.decode import FOLD_TABLE, Decoded, Limits, Segment, decode_body, needs_folding, text_segment
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
@@ -104,6 +105,14 @@ class Profile:
                     host: str | None = None) -> ScanResult:
         """Named text values as (location, name, value): each value is scanned, and each name both as
         text and as a field name (an empty name is neither)."""
+        # Most heads hold nothing: one scan over all the texts at once, joined as detect() joins them,
+        # settles that before a segment is built for each.
+        texts = "\n".join(chain.from_iterable((value, name) for _, name, value in fields))
+        data = texts.encode("utf-8", "surrogatepass")
+        if needs_folding(data):
+            data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+        if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]):
+            return ScanResult([], None)
         decoded = Decoded()
         for location, name, value in fields:
             decoded.segments.append(text_segment(value, location, name or None))

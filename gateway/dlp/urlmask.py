@@ -32,15 +32,18 @@ def mask_url(url: str) -> str:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}{':' + _MASK if colon else ''}@{hostport}"
-    path = _masked_part(parts.path, unquote, "/*@:;,=+~!$&'()")
+    # One scan of the whole path and query first: most URLs hold nothing to mask part by part.
+    whole = unquote_plus(f"{parts.path}?{parts.query}")
+    sensitive = bool(whole.strip("/?")) and mask_text(whole) != whole
+    path = _masked_part(parts.path, unquote, "/*@:;,=+~!$&'()") if sensitive else parts.path
     pairs = []
     for pair in parts.query.split("&") if parts.query else []:
         raw_name, equals, raw_value = pair.partition("=")
-        name = _masked_part(raw_name, unquote_plus, "*@")
+        name = _masked_part(raw_name, unquote_plus, "*@") if sensitive else raw_name
         if equals and unquote_plus(raw_name).strip().lower() in SECRET_PARAMETERS and raw_value:
             pairs.append(f"{name}={_MASK}")
         else:
-            pairs.append(f"{name}{equals}{_masked_part(raw_value, unquote_plus, '*@')}")
+            pairs.append(f"{name}{equals}{_masked_part(raw_value, unquote_plus, '*@') if sensitive else raw_value}")
     return urlunsplit(parts._replace(netloc=netloc, path=path, query="&".join(pairs)))
 
 
