@@ -101,6 +101,10 @@ def test_http2_between_client_and_gateway(tls_lab):
                    "-H", "content-type: application/json", "--data", json.dumps({"sfzh": ID_NUMBER}),
                    f"{tls_lab['upstream']}/echo")
     assert blocked.stdout == "2 403", blocked
+    for leak in (["-H", f"x-applicant: {ID_NUMBER}"], [f"{tls_lab['upstream']}/text/{ID_NUMBER}"]):
+        url = [] if leak[0].startswith("http") else [f"{tls_lab['upstream']}/text?body=h2"]
+        head_leak = curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", *leak, *url)
+        assert head_leak.stdout == "2 403", head_leak  # an HTTP/2 head is inspected like an HTTP/1 one
 
 
 def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):
