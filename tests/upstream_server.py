@@ -27,6 +27,7 @@ ID_NUMBERS = ["11010519491231002X", "110105194912310038", "110105199001011232", 
               "210102197605120013", "350102198811261226", "610103199504181212", "370102198302100014"]
 
 BANK_CARD = "6228480012345671"  # Luhn-valid, UnionPay prefix
+HEAD_FIELDS = {"card": ("X-Card", BANK_CARD), "id": ("X-Holder", ID_NUMBERS[0]), "plain": ("X-Other", "fine")}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -61,11 +62,12 @@ class Handler(BaseHTTPRequestHandler):
         with self.log_lock, open(self.server.log_path, "a") as log:
             log.write(json.dumps({"method": self.command, "path": self.path, "bytes": size,
                                   "sha256": digest.hexdigest()}) + "\n")
-        if url.path == "/big":
-            query = parse_qs(url.query)
-            ids = " ".join(ID_NUMBERS[:int(query.get("ids", ["0"])[0])])
-            return self._big(int(query["bytes"][0]), f" {ids}\n" if ids else "")
         query = parse_qs(url.query)
+        # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).
+        extra_headers = [HEAD_FIELDS[name] for name in query.get("head", [])]
+        if url.path == "/big":
+            ids = " ".join(ID_NUMBERS[:int(query.get("ids", ["0"])[0])])
+            return self._big(int(query["bytes"][0]), f" {ids}\n" if ids else "", extra_headers)
         content_type = "text/plain; charset=utf-8"
         if url.path == "/sink":
             answer = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
@@ -88,14 +90,18 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(answer)))
+        for name, value in extra_headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(answer)
 
-    def _big(self, size: int, tail: str) -> None:
+    def _big(self, size: int, tail: str, extra_headers: list[tuple[str, str]]) -> None:
         tail_bytes = tail.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(size))
+        for name, value in extra_headers:
+            self.send_header(name, value)
         self.end_headers()
         line = b"filler text of a large export, nothing sensitive here\n"
         remaining = size - len(tail_bytes)

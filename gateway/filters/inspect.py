@@ -1,8 +1,8 @@
 """Stage 3: run the DLP profile the policy chose over what crosses, and act on what it finds.
 
 Request heads (URL path, query and header fields, before anything is forwarded) and request bodies
-are inspected with the rule's request profile (data leaving the client's zone),
-response bodies with its response profile (data arriving), WebSocket messages by their direction.
+are inspected with the rule's request profile (data leaving the client's zone), response heads and
+bodies with its response profile (data arriving), WebSocket messages by their direction.
 Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
 as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
 """
@@ -46,8 +46,25 @@ class Inspect:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is not None and not flow.metadata.get("gateway_refused") and self._needs_spool(flow.response):
-            flow.response.stream = self._spooling(flow, transfer, "response", flow.response)
+        if transfer is None or flow.metadata.get("gateway_refused"):
+            return
+        response = flow.response
+        profile = self._profile(transfer, "response")
+        head = profile.scan_head("/", list(response.headers.items(multi=True)), direction="response",
+                                 host=transfer.upstream_host) if profile else None
+        if not self._needs_spool(response):
+            if head is not None and head.action is not None:
+                transfer.extra["response_head"] = head  # applied with the body: nothing is sent before
+            return
+        if head is not None and head.action is not None:
+            # A spooled response's head goes out before its body is scanned: one that would be refused
+            # leaves without the fields that hold findings, and its body is then cut.
+            transfer.escalate("block" if head.action == "redact" else head.action, _reasons(head))
+            if transfer.stopped:
+                for name, value in list(response.headers.items(multi=True)):
+                    if profile.scan_head("/", [(name, value)], direction="response").action in ("block", "redact"):
+                        del response.headers[name]
+        response.stream = self._spooling(flow, transfer, "response", response)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -72,9 +89,11 @@ class Inspect:
         if transfer is None or flow.metadata.get("gateway_refused") or not flow.response or \
                 "response" in transfer.spools:
             return
+        if "response_head" in transfer.extra:
+            self._apply(flow, transfer, transfer.extra.pop("response_head"), rewritable=False)
         profile = self._profile(transfer, "response")
         response = flow.response
-        if profile is None or not response.raw_content:
+        if profile is None or flow.metadata.get("gateway_refused") or not response.raw_content:
             return
         result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest)
         self._apply(flow, transfer, result)
