@@ -371,18 +371,26 @@ def test_active_connections_follow_open_clients(gateway):
     assert active() == idle
 
 
+def wait_for_each_worker(gateway, text: str, start: int) -> None:
+    """A SIGHUP reaches every worker, each in its own time: wait until each has logged `text`."""
+    deadline = time.monotonic() + 30
+    while sum(text in line for line in gateway.process.lines[start:]) < gateway.config["gateway"]["workers"]:
+        assert time.monotonic() < deadline, f"{text!r} not logged by every worker"
+        time.sleep(0.05)
+
+
 def test_config_reloads_are_counted(gateway):
     before = scrape(gateway)
     good = gateway.path.read_text()
     start = len(gateway.process.lines)
     gateway.process.signal(signal.SIGHUP)
-    gateway.process.wait_for("configuration reloaded", start=start)
+    wait_for_each_worker(gateway, "configuration reloaded", start)
     after_good = scrape(gateway)
     try:
         gateway.path.write_text(good.replace("policy:", "policy:\n  bogus: 1", 1))
         start = len(gateway.process.lines)
         gateway.process.signal(signal.SIGHUP)
-        gateway.process.wait_for("reload rejected", start=start)
+        wait_for_each_worker(gateway, "reload rejected", start)
     finally:
         gateway.path.write_text(good)
     after_bad = scrape(gateway)
