@@ -34,18 +34,20 @@ def test_scan_files_stdin_and_exit_status(tmp_path, capsys, monkeypatch):
 
 def test_scan_raw_http_messages(tmp_path, capsys):
     request = tmp_path / "req.http"
-    request.write_bytes(b"POST /submit?sfzh=" + ID.encode() + b" HTTP/1.1\r\nHost: example.com\r\n"
+    request.write_bytes(b"POST /submit?sfzh=" + ID.encode() + b" HTTP/1.1\r\nHost: example.com\r\nX-Contact: 13900139000\r\n"
                         b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"9\r\nmobile=13\r\n9\r\n800138000\r\n0\r\n\r\n")
     response = tmp_path / "resp.http"
     body = gzip.compress(b"card 6228480012345671")
-    response.write_bytes(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Encoding: gzip\r\n"
+    response.write_bytes(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Holder: " + ID.encode() +
+                         b"\r\nContent-Encoding: gzip\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
     status, records, _ = run(capsys, "scan", "--http", str(request), str(response))
     assert status == 1
     assert {(r["profile"], r["type"], r["location"]) for r in records} >= {
         ("outbound", "cn_id_card", "query:sfzh"), ("outbound", "cn_mobile", "body:form mobile"),
-        ("inbound", "bank_card", "body:offset 5")}
+        ("inbound", "bank_card", "body:offset 5"), ("outbound", "cn_mobile", "header:X-Contact"),
+        ("inbound", "cn_id_card", "header:X-Holder")}  # heads as the gateway inspects them
 
 
 def test_scan_errors_exit_2(tmp_path, capsys):
@@ -68,6 +70,7 @@ def test_scan_mitmproxy_flow_files(tmp_path, capsys):
     flow.request.headers["content-type"] = "application/json"
     flow.request.content = json.dumps({"note": "机密文件"}).encode()
     flow.response.headers["content-type"] = "text/plain"
+    flow.response.headers["x-holder"] = ID
     flow.response.content = b"ok"
     path = tmp_path / "flows.mitm"
     with open(path, "wb") as stream:
@@ -75,7 +78,8 @@ def test_scan_mitmproxy_flow_files(tmp_path, capsys):
     status, records, _ = run(capsys, "scan", "--flows", str(path))
     assert status == 1
     assert {(r["type"], r["location"]) for r in records} >= {("cn_id_card", "query:sfzh"),
-                                                              ("classification_mark", "body:$.note")}
+                                                              ("classification_mark", "body:$.note"),
+                                                              ("cn_id_card", "header:x-holder")}
     assert all(ID not in r["source"] for r in records)  # the URL in the source is masked
 
 

@@ -110,7 +110,8 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
     return bool(result.findings)
 
 
-# A request head as the gateway inspects it: the path with its query, and the header fields but Host.
+# A head as the gateway inspects it: a request's path with its query and header fields but Host; a
+# response's header fields (path "/").
 Head = tuple[str, list[tuple[str, str]]]
 Input = tuple[str, str, bytes, str | None, str | None, Head | None]  # source, direction, body, type, encoding, head
 
@@ -127,7 +128,7 @@ def _inputs(args: argparse.Namespace) -> Iterator[Input]:
 
 
 def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None, str | None, Head | None]:
-    """(direction, body, content type, content encoding, request head) of a raw HTTP/1.1 message."""
+    """(direction, body, content type, content encoding, head) of a raw HTTP/1.1 message."""
     separator = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n"
     head, found, body = data.partition(separator)
     if not found:
@@ -142,7 +143,7 @@ def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None
         fields.append((name.strip(), value.strip()))
     headers = {name.lower(): value for name, value in fields}
     if start_line.startswith("HTTP/"):
-        direction, head = "response", None
+        direction, head = "response", ("/", fields)
     else:
         parts = start_line.split()
         if len(parts) != 3:
@@ -183,7 +184,8 @@ def _flow_inputs(flow_file: str) -> Iterator[Input]:
             if flow.response is not None:
                 response = flow.response
                 yield (f"{label} response {response.status_code}", "response", response.raw_content or b"",
-                       response.headers.get("content-type"), response.headers.get("content-encoding"), None)
+                       response.headers.get("content-type"), response.headers.get("content-encoding"),
+                       ("/", list(response.headers.items(multi=True))))
 
 
 # explain ----------------------------------------------------------------------------------------------
