@@ -162,14 +162,17 @@ def test_records_removed_below_checkpoint_refuse_to_open(tmp_path):
         open_log(tmp_path)
 
 
-def test_changed_journal_refuses_to_open(tmp_path):
+@pytest.mark.parametrize("zeros", [0, 4096], ids=["as closed", "with a zeroed tail a crash may leave"])
+def test_changed_journal_refuses_to_open(tmp_path, zeros):
     with open_log(tmp_path) as log:
         for i in range(20):
             log.append_sync({"id": f"t{i}"})
     journal = tmp_path / "log" / "journal"
-    journal.write_bytes(journal.read_bytes().replace(b'"t7"', b'"t8"'))
+    journal.write_bytes(journal.read_bytes().replace(b'"t7"', b'"t8"') + bytes(zeros))
     with pytest.raises(TraceError, match="records 7..7 do not match their signed checkpoint at size 8"):
         open_log(tmp_path)
+    report = verify_log(tmp_path / "log", parse_vkey((tmp_path / "key.pub").read_text()))
+    assert not report.ok and report.problems[0].startswith("record 7 "), report.problems  # verify too
 
 
 CHILD_APPENDER = textwrap.dedent("""

@@ -216,15 +216,16 @@ def read_journal(path: Path) -> Journal:
 
 
 def looks_torn(journal: Journal, begin: int) -> bool:
-    """Whether the journal's bytes from `begin` on can be a write cut short by a crash: the file
-    ends inside a frame or in zero fill, or a whole 512-byte sector of them is still zero. Entries
-    are JSON (never a NUL byte), so rewriting a committed batch does not look like this."""
-    data = journal.data
-    if journal.used < len(data):
+    """Whether the journal's frames from `begin` on can be a write cut short by a crash: the file
+    ends inside a frame (what follows the last whole frame is not just zero fill), or a whole
+    512-byte sector of the frames is still zero. Entries are JSON (never a NUL byte), so rewriting a
+    committed batch does not look like this, even with the zero fill a running journal keeps ahead."""
+    data, used = journal.data, journal.used
+    if data.count(0, used) < len(data) - used:
         return True
     zero = bytes(512)
     first = -(-begin // 512) * 512
-    return any(data[i:i + 512] == zero for i in range(first, len(data) - 511, 512))
+    return any(data[i:i + 512] == zero for i in range(first, used - 511, 512))
 
 
 class TileReader:
