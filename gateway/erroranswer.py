@@ -20,7 +20,10 @@ buffer it without limit; an upstream's response head past MAX_RESPONSE_HEAD fail
 (502, as above). Bytes that cannot begin an HTTP request (a binary or other protocol, say inside a
 CONNECT tunnel) are refused 400 at once, and a head not finished within the `request_head_timeout`
 option from its first byte is refused 408 (a slowloris, or a protocol where the server speaks first),
-where mitmproxy would wait for the connection's idle timeout.
+where mitmproxy would wait for the connection's idle timeout. An HTTP/1 message with trailers, which
+mitmproxy cannot pass on (it raises, and the connection ends unanswered and unrecorded), is that
+message's protocol error instead: a request's is recorded and its connection closed, an upstream's
+answered 502 like any upstream failure.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -90,6 +93,10 @@ def install() -> None:
           ("ErrorCode.DESTINATION_UNKNOWN",))
     _wrap(Http1Client, "read_headers", _limit_response_heads,
           ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+    for cls in (Http1Server, Http1Client):
+        _wrap(cls, "read_body", _refuse_trailers,
+              ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
+               "code=self.ReceiveProtocolError.code"))
 
 
 def add_options(options: optmanager.OptManager) -> None:
@@ -317,3 +324,21 @@ def _limit_response_heads(original: Callable) -> Callable:
                 self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
 
     return read_headers
+
+
+TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
+
+
+def _refuse_trailers(original: Callable) -> Callable:
+    def read_body(self: Http1Server | Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
+        try:
+            return (yield from original(self, event))
+        except NotImplementedError as exc:
+            if "trailers" not in str(exc):
+                raise
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+        yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, TRAILERS_REFUSED, code=self.ReceiveProtocolError.code))
+        return None
+
+    return read_body

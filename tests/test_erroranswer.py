@@ -12,7 +12,7 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
     def wrapped() -> tuple:
         return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
                 HttpStream.check_invalid, Http1Server.read_headers, Http1Server._handle_event,
-                Http1Client.read_headers)
+                Http1Client.read_headers, Http1Server.read_body, Http1Client.read_body)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
@@ -22,7 +22,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
 
 @pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers"),
                                        (HttpStream, "state_wait_for_request_headers"), (HttpStream, "check_invalid"),
-                                       (Http1Client, "read_headers"), (Http1Server, "_handle_event")])
+                                       (Http1Client, "read_headers"), (Http1Server, "_handle_event"),
+                                       (Http1Server, "read_body"), (Http1Client, "read_body")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()

@@ -391,6 +391,49 @@ def test_an_upgrade_to_a_protocol_other_than_websocket_relays_nothing(lab):
         server.close()
 
 
+def records_with_url(lab, fragment: str) -> list[dict]:
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace")],
+                           capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent, check=True)
+    return [r for r in (json.loads(line)["record"] for line in shown.stdout.splitlines()) if fragment in (r["url"] or "")]
+
+
+def test_request_trailers_are_refused_recorded_and_never_forwarded(lab):
+    """mitmproxy cannot pass HTTP/1 trailers on: it raised, and the connection ended with no record."""
+    marker = f"/echo?case=trailers-{free_port()}"
+    host = lab["upstream"].removeprefix("http://")
+    head, _ = raw_exchange(lab, f"POST {lab['upstream']}{marker} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+                                f"Trailer: X-Data\r\n\r\n5\r\nhello\r\n0\r\nX-Data: {ID_NUMBER}\r\n\r\n".encode())
+    assert head == ""  # the connection is closed: the request could not be passed on as sent
+    [record] = records_with_url(lab, marker)
+    assert record["decision"] == "error" and "trailers" in record["error"]
+    assert not any(marker in r["path"] for r in upstream_requests(lab))
+
+
+def test_an_upstream_sending_trailers_fails_and_its_body_is_withheld(lab):
+    server = socket.create_server(("127.0.0.2", 0))
+
+    def trailing_upstream() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"5\r\nhello\r\n0\r\nX-Data: 1\r\n\r\n")
+            connection.settimeout(5)
+            connection.recv(10)
+
+    threading.Thread(target=trailing_upstream, daemon=True).start()
+    marker = f"/trailers-{server.getsockname()[1]}"
+    try:
+        target = f"127.0.0.2:{server.getsockname()[1]}"
+        head, body = raw_exchange(lab, f"GET http://{target}{marker} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert "hello" not in body  # a chunked answer is spooled: its head has left, its body never does
+        [record] = records_with_url(lab, marker)
+        assert record["decision"] == "error" and "trailers" in record["error"]
+        assert record["id"] == transfer_id_in(head)
+    finally:
+        server.close()
+
+
 def test_request_head_not_finished_in_time_is_refused_408(lab):
     upstream = RawUpstream()
     try:
