@@ -338,7 +338,8 @@ def _refuse_trailers(original: Callable) -> Callable:
                 raise
         yield commands.CloseConnection(self.conn)
         self.state = self.done
-        yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, TRAILERS_REFUSED, code=self.ReceiveProtocolError.code))
+        code = self.ReceiveProtocolError.code
+        yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, TRAILERS_REFUSED, code=code))
         return None
 
     return read_body

@@ -394,15 +394,17 @@ def test_an_upgrade_to_a_protocol_other_than_websocket_relays_nothing(lab):
 def records_with_url(lab, fragment: str) -> list[dict]:
     shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace")],
                            capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent, check=True)
-    return [r for r in (json.loads(line)["record"] for line in shown.stdout.splitlines()) if fragment in (r["url"] or "")]
+    records = (json.loads(line)["record"] for line in shown.stdout.splitlines())
+    return [record for record in records if fragment in (record["url"] or "")]
 
 
 def test_request_trailers_are_refused_recorded_and_never_forwarded(lab):
     """mitmproxy cannot pass HTTP/1 trailers on: it raised, and the connection ended with no record."""
     marker = f"/echo?case=trailers-{free_port()}"
     host = lab["upstream"].removeprefix("http://")
-    head, _ = raw_exchange(lab, f"POST {lab['upstream']}{marker} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
-                                f"Trailer: X-Data\r\n\r\n5\r\nhello\r\n0\r\nX-Data: {ID_NUMBER}\r\n\r\n".encode())
+    head, _ = raw_exchange(lab, f"POST {lab['upstream']}{marker} HTTP/1.1\r\nHost: {host}\r\n"
+                                "Transfer-Encoding: chunked\r\nTrailer: X-Data\r\n\r\n5\r\nhello\r\n0\r\n"
+                                f"X-Data: {ID_NUMBER}\r\n\r\n".encode())
     assert head == ""  # the connection is closed: the request could not be passed on as sent
     [record] = records_with_url(lab, marker)
     assert record["decision"] == "error" and "trailers" in record["error"]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import websockets
 
@@ -105,6 +110,44 @@ def test_http2_between_client_and_gateway(tls_lab):
         url = [] if leak[0].startswith("http") else [f"{tls_lab['upstream']}/text?body=h2"]
         head_leak = curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", *leak, *url)
         assert head_leak.stdout == "2 403", head_leak  # an HTTP/2 head is inspected like an HTTP/1 one
+
+
+def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tuple[int | None, dict[str, str]]:
+    """An HTTP/2 POST through the tunnel whose trailer fields follow its body (curl cannot send them)."""
+    proxy_host, proxy_port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    target = lab["upstream"].removeprefix("https://")
+    raw = socket.create_connection((proxy_host, int(proxy_port)), timeout=10)
+    raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(lab["gateway_ca"]))
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(raw, server_hostname="127.0.0.2") as sock:
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        connection.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
+                                    (":authority", target), ("te", "trailers")])
+        connection.send_data(1, b"a clean body")
+        connection.send_headers(1, trailers, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        while data := sock.recv(65536):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = {name.decode(): value.decode() for name, value in event.headers}
+                    return int(headers[":status"]), headers
+            sock.sendall(connection.data_to_send())
+    return None, {}
+
+
+def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
+    marker = f"/echo?case=h2-trailers-{free_port()}"
+    status, headers = h2_post_with_trailers(tls_lab, marker, [("x-applicant", ID_NUMBER)])
+    assert status == 403, headers
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(tls_lab["root"] / "state" / "trace"),
+                            "--id", headers["x-gateway-transfer-id"]], capture_output=True, text=True, timeout=30)
+    record = json.loads(shown.stdout.splitlines()[0])["record"]
+    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in shown.stdout
+    log = tls_lab["upstream_log"]
+    assert not log.exists() or marker not in log.read_text()
 
 
 def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):

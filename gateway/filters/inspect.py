@@ -1,8 +1,8 @@
 """Stage 3: run the DLP profile the policy chose over what crosses, and act on what it finds.
 
-Request heads (URL path, query and header fields, before anything is forwarded) and request bodies
-are inspected with the rule's request profile (data leaving the client's zone), response heads and
-bodies with its response profile (data arriving), WebSocket messages by their direction.
+Request heads (URL path, query and header fields, before anything is forwarded), bodies and trailer
+fields are inspected with the rule's request profile (data leaving the client's zone), response heads,
+bodies and trailers with its response profile (data arriving), WebSocket messages by their direction.
 Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
 as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
 """
@@ -74,7 +74,8 @@ class Inspect:
         if profile is None:
             return
         request = flow.request
-        if not request.raw_content:
+        self._apply(flow, transfer, self._trailers(transfer, "request", request), rewritable=False)
+        if flow.response or not request.raw_content:
             return
         result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest)
         self._apply(flow, transfer, result)
@@ -93,6 +94,7 @@ class Inspect:
             self._apply(flow, transfer, transfer.extra.pop("response_head"), rewritable=False)
         profile = self._profile(transfer, "response")
         response = flow.response
+        self._apply(flow, transfer, self._trailers(transfer, "response", response), rewritable=False)
         if profile is None or flow.metadata.get("gateway_refused") or not response.raw_content:
             return
         result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest)
@@ -150,9 +152,10 @@ class Inspect:
             started = time.perf_counter()
             result = spool.finish()
             transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
-            if result.action is not None:
-                # A streamed body cannot be rewritten after the fact: redact fails closed, as block.
-                transfer.escalate("block" if result.action == "redact" else result.action, _reasons(result))
+            for found in (result, self._trailers(transfer, direction, message)):
+                if found is not None and found.action is not None:
+                    # A streamed body cannot be rewritten after the fact: redact fails closed, as block.
+                    transfer.escalate("block" if found.action == "redact" else found.action, _reasons(found))
             if transfer.stopped or not all(check() for check in transfer.before_release):
                 spool.discard()
                 transfer.cut = True
@@ -171,8 +174,17 @@ class Inspect:
         name = transfer.verdict.request_profile if direction == "request" else transfer.verdict.response_profile
         return self.gateway.runtime.rules.profile(name) if name else None
 
-    def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult, rewritable: bool = True) -> None:
-        if result.action is None:
+    def _trailers(self, transfer: Transfer, direction: str, message: http.Message) -> ScanResult | None:
+        """Trailer fields (HTTP/2 carries them; mitmproxy passes them on after the body), read like a head."""
+        profile = self._profile(transfer, direction)
+        if profile is None or not message.trailers:
+            return None
+        fields = [(f"trailer:{name}", name, value) for name, value in message.trailers.items(multi=True)]
+        return profile.scan_fields(fields, direction=direction, host=transfer.upstream_host)
+
+    def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult | None,
+               rewritable: bool = True) -> None:
+        if result is None or result.action is None:
             return
         # What cannot be rewritten value by value (a head) fails closed: redact is then a block.
         action = "block" if result.action == "redact" and not rewritable else result.action
