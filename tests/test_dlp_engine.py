@@ -78,6 +78,16 @@ def test_request_head_is_scanned_in_path_query_and_header_fields(outbound):
     assert outbound.scan_head("/", [("Accept", "*/*"), ("User-Agent", "curl/8.5.0")]).action is None
 
 
+def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):
+    profile = rules.profile("outbound")
+    head = [("User-Agent", "curl/8.5.0"), ("Accept", "*/*"), ("X-Long", "a" * 2000)]
+    assert profile.scan_head("/", head).action is None
+    assert {("User-Agent", "curl/8.5.0"), ("Accept", "*/*")} <= profile._clean_fields
+    assert ("X-Long", "a" * 2000) not in profile._clean_fields  # long values are not kept
+    assert profile.scan_head("/", head + [("X-Id", ID)]).action == "block"  # a new field is still scanned
+    assert ("X-Id", ID) not in profile._clean_fields
+
+
 def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):
     for result in (outbound.scan_head(f"/?{ID}=1", []), outbound.scan_head("/", [(f"X-{ID}", "1")]),
                    outbound.scan(f"a,{ID}\n1,2\n".encode(), content_type="text/csv")):

@@ -16,6 +16,8 @@ UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _CONTEXT_WINDOW = 48
 MAX_CANDIDATES = 200_000  # more candidates than this in one body is an attack on the scanner: fail closed
+CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
+CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Profile:
                 self._refs.append(("keyword", rule.id, keyword))
         self.matcher = Matcher(specs, engine)
         self._rule_of_field_name = {name: rule for rule in spec.rules for name in rule.field_names}
+        self._clean_fields: set[tuple[str, str]] = set()  # see scan_fields
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
@@ -105,13 +108,22 @@ class Profile:
                     host: str | None = None) -> ScanResult:
         """Named text values as (location, name, value): each value is scanned, and each name both as
         text and as a field name (an empty name is neither)."""
-        # Most heads hold nothing: one scan over all the texts at once, joined as detect() joins them,
-        # settles that before a segment is built for each.
+        # Heads repeat their fields (a client's User-Agent, a server's Content-Type): a (name, value)
+        # in which nothing at all was detected cannot add to any finding, and is not scanned again.
+        clean = self._clean_fields
+        fields = [field for field in fields if (field[1], field[2]) not in clean]
+        if not fields:
+            return ScanResult([], None)
+        # Most of the rest hold nothing either: one scan over all their texts at once, joined as
+        # detect() joins them, settles that before a segment is built for each.
         texts = "\n".join(chain.from_iterable((value, name) for _, name, value in fields))
         data = texts.encode("utf-8", "surrogatepass")
         if needs_folding(data):
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]):
+            if len(clean) > CLEAN_FIELDS_KEPT:
+                clean.clear()  # bounded: a stream of unique values only ever refills it
+            clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)
             return ScanResult([], None)
         decoded = Decoded()
         for location, name, value in fields:
