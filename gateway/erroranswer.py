@@ -55,6 +55,7 @@ UPSTREAM, MALFORMED = "upstream", "malformed"
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
+TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -324,9 +325,6 @@ def _limit_response_heads(original: Callable) -> Callable:
                 self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
 
     return read_headers
-
-
-TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
 
 
 def _refuse_trailers(original: Callable) -> Callable:

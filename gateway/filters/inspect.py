@@ -59,7 +59,7 @@ class Inspect:
         if head is not None and head.action is not None:
             # A spooled response's head goes out before its body is scanned: one that would be refused
             # leaves without the fields that hold findings, and its body is then cut.
-            transfer.escalate("block" if head.action == "redact" else head.action, _reasons(head))
+            transfer.escalate(_unrewritable(head.action), _reasons(head))
             if transfer.stopped:
                 for name, value in list(response.headers.items(multi=True)):
                     if profile.scan_head("/", [(name, value)], direction="response").action in ("block", "redact"):
@@ -120,12 +120,10 @@ class Inspect:
         if result.action is None:
             return
         reasons = _reasons(result)
-        if result.action in ("block", "redact"):
-            # A message cannot be answered with a 403: it is dropped, and the decision recorded.
-            message.drop()
-            transfer.escalate("block", reasons)
-        else:
-            transfer.escalate(result.action, reasons)
+        action = _unrewritable(result.action)
+        if action == "block":
+            message.drop()  # a message cannot be answered with a 403: it is dropped, the decision recorded
+        transfer.escalate(action, reasons)
         transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
 
     def _needs_spool(self, message: http.Message) -> bool:
@@ -154,8 +152,8 @@ class Inspect:
             transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
             for found in (result, self._trailers(transfer, direction, message)):
                 if found is not None and found.action is not None:
-                    # A streamed body cannot be rewritten after the fact: redact fails closed, as block.
-                    transfer.escalate("block" if found.action == "redact" else found.action, _reasons(found))
+                    # A streamed body cannot be rewritten after the fact.
+                    transfer.escalate(_unrewritable(found.action), _reasons(found))
             if transfer.stopped or not all(check() for check in transfer.before_release):
                 spool.discard()
                 transfer.cut = True
@@ -186,8 +184,7 @@ class Inspect:
                rewritable: bool = True) -> None:
         if result is None or result.action is None:
             return
-        # What cannot be rewritten value by value (a head) fails closed: redact is then a block.
-        action = "block" if result.action == "redact" and not rewritable else result.action
+        action = result.action if rewritable else _unrewritable(result.action)
         transfer.escalate(action, _reasons(result))
         if action == "block":
             refuse(flow, transfer)
@@ -211,6 +208,12 @@ async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction:
     # The Measure stage reports it as gateway_inspection_duration_seconds{direction}.
     transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
     return result
+
+
+def _unrewritable(action: str) -> str:
+    """The action for what cannot be rewritten value by value (a head, a body already streaming):
+    redact fails closed, as block."""
+    return "block" if action == "redact" else action
 
 
 def _reasons(result: ScanResult) -> list[Reason]:
