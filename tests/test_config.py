@@ -63,7 +63,8 @@ def test_request_head_timeout_takes_a_duration(tmp_path, written, seconds):
 
 @pytest.mark.parametrize("written", ["0s", "-1", "5 min", "soon"])
 def test_a_bad_request_head_timeout_names_file_line_and_key(tmp_path, written):
-    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, request_head_timeout: '{written}'}}"))
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}",
+                                               f"state_dir: state, request_head_timeout: '{written}'}}"))
     assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.request_head_timeout: "
                                                       f"not a valid duration: '{written}'"), errors
 

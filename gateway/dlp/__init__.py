@@ -12,4 +12,5 @@ from gateway.dlp.rules import DlpConfigError
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.urlmask import mask_text, mask_url
 
-__all__ = ["DlpConfigError", "Finding", "Profile", "RuleSet", "ScanResult", "StreamScan", "load_rules", "mask_text", "mask_url"]
+__all__ = ["DlpConfigError", "Finding", "Profile", "RuleSet", "ScanResult", "StreamScan", "load_rules", "mask_text",
+           "mask_url"]
