@@ -68,6 +68,10 @@ class GatewayMetrics:
         self.active_connections = Gauge(
             "gateway_active_connections", "Client connections open now.",
             ["listener"], multiprocess_mode="livesum", registry=r)
+        self.connections_timed_out = Counter(
+            "gateway_connections_timed_out", "Client connections closed for sending no request head within "
+            "request_head_timeout of connecting or of their CONNECT (a silent client, a stalled TLS handshake).",
+            ["listener"], registry=r)
         if worker is not None:
             per_worker = Gauge(
                 "gateway_worker_active_connections", "Client connections open now in each worker process.",

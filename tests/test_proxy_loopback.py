@@ -456,6 +456,37 @@ def test_request_head_not_finished_in_time_is_refused_408(lab):
     assert time.monotonic() - start < HEAD_TIMEOUT + 5
 
 
+def timed_out_connections(lab) -> float:
+    text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gateway_connections_timed_out_total{"))
+
+
+@pytest.mark.parametrize("opening", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+                         ids=["a silent client", "a TLS handshake that stalls"])
+def test_a_connection_that_sends_no_request_in_time_is_closed_and_counted(lab, opening):
+    before = timed_out_connections(lab)
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5) as sock:
+        sock.sendall(opening)
+        start = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the gateway, not by the client's timeout
+        assert HEAD_TIMEOUT * 0.9 <= time.monotonic() - start < HEAD_TIMEOUT + 4
+    assert timed_out_connections(lab) - before == 1
+
+
+def test_a_tunnel_whose_tls_handshake_stalls_is_closed(lab):
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    target = lab["upstream"].removeprefix("http://")
+    with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, and no more
+        start = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert HEAD_TIMEOUT * 0.9 <= time.monotonic() - start < HEAD_TIMEOUT + 4
+
+
 def test_slow_heads_within_the_timeout_and_idle_keepalive_are_not_refused(lab):
     host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
     request = f"GET {lab['upstream']}/text?body=ok HTTP/1.1\r\nHost: {lab['upstream'][7:]}\r\n\r\n".encode()
