@@ -115,9 +115,10 @@ class GatewayMetrics:
             self.config_last_reload_success.set(time.time())
 
     def listeners_known(self, listeners: list[str]) -> None:
-        """Give every configured listener its gauge series at 0, so dashboards show idle listeners too."""
+        """Give every configured listener its series at 0, so dashboards show idle listeners too."""
         for listener in listeners:
             self.active_connections.labels(listener=listener)
+            self.connections_timed_out.labels(listener=listener)
 
 
 class _AlsoPerWorker:

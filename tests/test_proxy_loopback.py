@@ -466,6 +466,8 @@ def timed_out_connections(lab) -> float:
                          ids=["a silent client", "a TLS handshake that stalls"])
 def test_a_connection_that_sends_no_request_in_time_is_closed_and_counted(lab, opening):
     before = timed_out_connections(lab)
+    metrics = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
+    assert 'gateway_connections_timed_out_total{listener="publish-local"}' in metrics  # at 0 from the start
     host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5) as sock:
         sock.sendall(opening)
