@@ -253,21 +253,25 @@ def _take_head_deadlines(original: Callable) -> Callable:
     One wake-up is outstanding per connection at a time: a head begun after an earlier one finished
     gets the time left to it when that wake-up comes."""
     def _handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
-        if not (isinstance(event, events.Wakeup) and event.command is getattr(self, "gateway_head_wakeup", None)):
-            return (yield from original(self, event))
-        self.gateway_head_wakeup = None
-        started = getattr(self, "gateway_head_started", None)
-        if started is None or self.state != self.read_headers:
-            return None
-        timeout = self.context.options.request_head_timeout
-        left = started + timeout - time.monotonic()
-        if left > 0.001:
-            yield from _request_head_wakeup(self, left)
-        else:
-            yield from _refuse_head(self, 408, f"request head not received within {timeout:g} s")
-        return None
+        # Not a generator itself: every other event gets the original's generator, with no extra layer.
+        if isinstance(event, events.Wakeup) and event.command is getattr(self, "gateway_head_wakeup", None):
+            return _head_deadline_reached(self)
+        return original(self, event)
 
     return _handle_event
+
+
+def _head_deadline_reached(server: Http1Server) -> layer.CommandGenerator[None]:
+    server.gateway_head_wakeup = None
+    started = getattr(server, "gateway_head_started", None)
+    if started is None or server.state != server.read_headers:
+        return
+    timeout = server.context.options.request_head_timeout
+    left = started + timeout - time.monotonic()
+    if left > 0.001:
+        yield from _request_head_wakeup(server, left)
+    else:
+        yield from _refuse_head(server, 408, f"request head not received within {timeout:g} s")
 
 
 def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: bytes) -> layer.CommandGenerator[None]:
