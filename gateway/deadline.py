@@ -71,8 +71,7 @@ class FirstRequestDeadline:
         handler = proxyserver.connections.get(client.id) if proxyserver else None
         if handler is None:
             return
-        listener = self.gateway.runtime.listener_at(*client.sockname[:2])
-        name = listener.name if listener else "unknown"
+        name = self.gateway.runtime.listener_name(*client.sockname[:2])
         log.info("closing %s on listener %s: no request within %g s", client.peername, name,
                  ctx.options.request_head_timeout)
         self.gateway.metrics.connections_timed_out.labels(listener=name).inc()

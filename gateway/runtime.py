@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import Config, ConfigError, Listener
+from gateway.config import Config, ConfigError
 from gateway.dlp import DlpConfigError, RuleSet, load_rules
 from gateway.policy import Policy
 from gateway.zones import ZoneMap
@@ -17,14 +17,15 @@ class Runtime:
     policy: Policy
     rules: RuleSet
 
-    def listener_at(self, host: str, port: int) -> Listener | None:
-        """The listener a client reached, by the local address it connected to (wildcard binds last)."""
+    def listener_name(self, host: str, port: int) -> str:
+        """The listener a client reached, by the local address it connected to (wildcard binds last),
+        as metrics, logs and records name it."""
         candidates = [listener for listener in self.config.listeners if listener.port == port]
         for listener in candidates:
             if listener.host == host or listener.host == host.removeprefix("::ffff:"):
-                return listener
+                return listener.name
         wildcard = [listener for listener in candidates if listener.host in ("0.0.0.0", "::")]
-        return wildcard[0] if wildcard else None
+        return wildcard[0].name if wildcard else "unknown"
 
 
 def build_runtime(config: Config) -> Runtime:

@@ -72,10 +72,9 @@ class Identify:
                   upstream_addr: str | None) -> Transfer:
         runtime = self.gateway.runtime
         client_ip, client_port = client.peername[:2]
-        listener = runtime.listener_at(*client.sockname[:2])
         return Transfer(
             id=transfer_id,
-            listener=listener.name if listener else "unknown",
+            listener=runtime.listener_name(*client.sockname[:2]),
             client_addr=format_host_port(client_ip, client_port),
             client_zone=runtime.zones.zone_of(client_ip),
             upstream_host=upstream_host,

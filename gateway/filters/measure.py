@@ -77,8 +77,7 @@ class Measure:
     # Connections.
 
     def client_connected(self, client: connection.Client) -> None:
-        listener = self.gateway.runtime.listener_at(*client.sockname[:2])
-        name = listener.name if listener else "unknown"
+        name = self.gateway.runtime.listener_name(*client.sockname[:2])
         self._connection_listener[client.id] = name
         self.metrics.active_connections.labels(listener=name).inc()
 
