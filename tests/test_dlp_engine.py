@@ -76,6 +76,9 @@ def test_request_head_is_scanned_in_path_query_and_header_fields(outbound):
     assert result.action == "block"
     assert ("cn_id_card", "path") in types(outbound.scan_head(f"/users/{ID[:4]}%3{ID[4]}{ID[5:]}", []))  # decoded
     assert outbound.scan_head("/", [("Accept", "*/*"), ("User-Agent", "curl/8.5.0")]).action is None
+    # Host is the destination the zone policy decided on; an internal address elsewhere is audited.
+    assert outbound.scan_head("/", [("Host", "192.168.1.10")]).action is None
+    assert outbound.scan_head("/", [("Referer", "http://192.168.1.10/")]).action == "audit"
 
 
 def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):

@@ -110,8 +110,8 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
     return bool(result.findings)
 
 
-# A head as the gateway inspects it: a request's path with its query and header fields but Host; a
-# response's header fields (path "/").
+# A head as the gateway inspects it (Profile.scan_head): a request's path with its query and its header
+# fields; a response's header fields (path "/").
 Head = tuple[str, list[tuple[str, str]]]
 Input = tuple[str, str, bytes, str | None, str | None, Head | None]  # source, direction, body, type, encoding, head
 
@@ -150,7 +150,7 @@ def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None
             raise ValueError(f"{source}: malformed start line {start_line!r}")
         target = urlsplit(parts[1])  # an absolute URL (to a proxy) or a path
         path = target.path + (f"?{target.query}" if target.query else "")
-        direction, head = "request", (path, [(n, v) for n, v in fields if n.lower() != "host"])
+        direction, head = "request", (path, fields)
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body, source)
     return direction, body, headers.get("content-type"), headers.get("content-encoding"), head
@@ -178,9 +178,8 @@ def _flow_inputs(flow_file: str) -> Iterator[Input]:
                 continue
             request = flow.request
             label = f"{flow_file}#{index} {request.method} {mask_url(request.pretty_url)}"
-            head = (request.path, [(n, v) for n, v in request.headers.items(multi=True) if n.lower() != "host"])
             yield (f"{label} request", "request", request.raw_content or b"", request.headers.get("content-type"),
-                   request.headers.get("content-encoding"), head)
+                   request.headers.get("content-encoding"), (request.path, list(request.headers.items(multi=True))))
             if flow.response is not None:
                 response = flow.response
                 yield (f"{label} response {response.status_code}", "response", response.raw_content or b"",

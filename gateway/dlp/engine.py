@@ -97,11 +97,13 @@ class Profile:
 
     def scan_head(self, path: str, headers: list[tuple[str, str]], *, direction: str = "request",
                   host: str | None = None) -> ScanResult:
-        """A message head: the URL path (percent-decoded) and its query, and every header field."""
+        """A message head: the URL path (percent-decoded) and its query, and every header field but
+        Host (the destination, which the zone policy decides on; scanning it would flag every
+        transfer to an internal address)."""
         path, _, query = path.partition("?")
         fields = [("path", "", unquote(path))] if path.strip("/") else []
         fields += [(f"query:{name}", name, value) for name, value in parse_qsl(query, keep_blank_values=True)]
-        fields += [(f"header:{name}", name, value) for name, value in headers]
+        fields += [(f"header:{name}", name, value) for name, value in headers if name.lower() != "host"]
         return self.scan_fields(fields, direction=direction, host=host)
 
     def scan_fields(self, fields: list[tuple[str, str, str]], *, direction: str = "request",

@@ -35,12 +35,11 @@ class Inspect:
             return
         profile = self._profile(transfer, "request")
         if profile is not None:
-            # The head before anything is forwarded or spooled: path, query and header fields (but Host,
-            # the destination the policy already decided on).
+            # The head before anything is forwarded or spooled.
             request = flow.request
-            headers = [(name, value) for name, value in request.headers.items(multi=True) if name.lower() != "host"]
-            self._apply(flow, transfer, profile.scan_head(request.path, headers, direction="request",
-                                                          host=transfer.upstream_host), rewritable=False)
+            head = profile.scan_head(request.path, list(request.headers.items(multi=True)), direction="request",
+                                     host=transfer.upstream_host)
+            self._apply(flow, transfer, head, rewritable=False)
         if not flow.response and self._needs_spool(flow.request):
             flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
 
