@@ -51,12 +51,16 @@ def upstream_requests(lab) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def trace_record(lab, transfer_id: str) -> dict:
+def trace_records(lab, *options: str) -> list[dict]:
+    """`gateway trace show` of the lab's log, as a new user would run it."""
     shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
-                            "--id", transfer_id], capture_output=True, text=True, timeout=30,
-                           cwd=Path(__file__).parent.parent)
+                            *options], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert shown.returncode == 0, shown.stderr
-    return json.loads(shown.stdout.splitlines()[0])["record"]
+    return [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+
+
+def trace_record(lab, transfer_id: str) -> dict:
+    return trace_records(lab, "--id", transfer_id)[0]
 
 
 def test_clean_transfer_passes_byte_for_byte(lab):
@@ -229,10 +233,15 @@ def transfer_id_in(head: str) -> str:
     return found.group(1)
 
 
-def errors_counted(lab) -> float:
+def metric_total(lab, series: str, containing: str = "") -> float:
+    """The sum of a metric's series (those whose labels contain `containing`) on the lab's /metrics."""
     text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("gateway_transfers_total{") and 'action="error"' in line)
+               if line.startswith(series + "{") and containing in line)
+
+
+def errors_counted(lab) -> float:
+    return metric_total(lab, "gateway_transfers_total", 'action="error"')
 
 
 def test_malformed_request_head_is_answered_recorded_and_counted(lab):
@@ -392,10 +401,7 @@ def test_an_upgrade_to_a_protocol_other_than_websocket_relays_nothing(lab):
 
 
 def records_with_url(lab, fragment: str) -> list[dict]:
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace")],
-                           capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent, check=True)
-    records = (json.loads(line)["record"] for line in shown.stdout.splitlines())
-    return [record for record in records if fragment in (record["url"] or "")]
+    return [record for record in trace_records(lab) if fragment in (record["url"] or "")]
 
 
 def test_request_trailers_are_refused_recorded_and_never_forwarded(lab):
@@ -457,9 +463,7 @@ def test_request_head_not_finished_in_time_is_refused_408(lab):
 
 
 def timed_out_connections(lab) -> float:
-    text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("gateway_connections_timed_out_total{"))
+    return metric_total(lab, "gateway_connections_timed_out_total")
 
 
 @pytest.mark.parametrize("opening", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
