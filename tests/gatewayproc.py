@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -154,3 +155,11 @@ def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = (),
     tls_args = ["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []
     return Process([sys.executable, str(UPSTREAM_SERVER), "--bind", bind, "--port", str(port),
                     "--log", str(log), *tls_args], prefix).started("ready", timeout=10)
+
+
+def trace_records(trace_dir: Path, *options: str) -> list[dict]:
+    """The records `gateway trace show DIR [options]` lists, run as a user runs it (failing the test if it fails)."""
+    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(trace_dir), *options],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    return [json.loads(line)["record"] for line in shown.stdout.splitlines()]

@@ -34,7 +34,8 @@ def test_scan_files_stdin_and_exit_status(tmp_path, capsys, monkeypatch):
 
 def test_scan_raw_http_messages(tmp_path, capsys):
     request = tmp_path / "req.http"
-    request.write_bytes(b"POST /submit?sfzh=" + ID.encode() + b" HTTP/1.1\r\nHost: example.com\r\nX-Contact: 13900139000\r\n"
+    request.write_bytes(b"POST /submit?sfzh=" + ID.encode() + b" HTTP/1.1\r\nHost: example.com\r\n"
+                        b"X-Contact: 13900139000\r\n"
                         b"Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"9\r\nmobile=13\r\n9\r\n800138000\r\n0\r\n\r\n")
     response = tmp_path / "resp.http"

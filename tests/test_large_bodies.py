@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+from tests.gatewayproc import (
+    free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+)
 
 ID_NUMBER = "11010519491231002X"
 MIB = 1024 * 1024
@@ -56,10 +57,8 @@ def received(big) -> list[dict]:
     return [json.loads(line) for line in (big["root"] / "upstream.log").read_text().splitlines()]
 
 
-def trace_records(big) -> list[dict]:
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(big["root"] / "state" / "trace")],
-                           capture_output=True, text=True, timeout=60, cwd=REPO)
-    return [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+def logged(big) -> list[dict]:
+    return trace_records(big["root"] / "state" / "trace")
 
 
 def test_clean_large_upload_is_released_byte_for_byte(big, tmp_path):
@@ -69,7 +68,7 @@ def test_clean_large_upload_is_released_byte_for_byte(big, tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer == {"bytes": 20 * MIB, "sha256": hashlib.sha256(body.read_bytes()).hexdigest()}
-    record = next(r for r in trace_records(big) if r["url"].endswith("/sink?case=clean"))
+    record = next(r for r in logged(big) if r["url"].endswith("/sink?case=clean"))
     assert record["decision"] == "allow" and record["req_bytes"] == 20 * MIB
     assert record["req_digest"] == "sha256:" + answer["sha256"]
 
@@ -80,7 +79,7 @@ def test_large_upload_with_an_id_number_at_the_end_is_cut_and_never_arrives(big,
                   f"{big['upstream']}/sink?case=leak")
     assert result.returncode != 0  # cut: no answer
     assert not any(r["path"] == "/sink?case=leak" for r in received(big))
-    record = next(r for r in trace_records(big) if r["url"].endswith("/sink?case=leak"))
+    record = next(r for r in logged(big) if r["url"].endswith("/sink?case=leak"))
     assert record["decision"] == "block"
     assert record["rules"][0]["type"] == "cn_id_card"
 
@@ -100,7 +99,7 @@ def test_large_response_with_a_bulk_of_id_numbers_is_withheld(big, tmp_path):
     assert result.stdout == "200"  # the headers came ...
     assert result.returncode != 0  # ... the body never does
     assert not out.exists() or out.stat().st_size == 0
-    record = next(r for r in trace_records(big) if "/big?" in r["url"] and "ids=12" in r["url"])
+    record = next(r for r in logged(big) if "/big?" in r["url"] and "ids=12" in r["url"])
     assert record["decision"] == "block" and record["rules"][0]["type"] == "cn_id_card"
     clean = curl(big, "-o", str(out), "-w", "%{http_code}", f"{big['upstream']}/big?bytes={20 * MIB}")
     assert clean.stdout == "200" and out.stat().st_size == 20 * MIB

@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+from tests.gatewayproc import (
+    free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+)
 
 ID_NUMBER = "11010519491231002X"
 HEAD_TIMEOUT = 2  # seconds the lab's gateway gives a request head (request_head_timeout)
@@ -51,16 +52,8 @@ def upstream_requests(lab) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def trace_records(lab, *options: str) -> list[dict]:
-    """`gateway trace show` of the lab's log, as a new user would run it."""
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(lab["root"] / "state" / "trace"),
-                            *options], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
-    assert shown.returncode == 0, shown.stderr
-    return [json.loads(line)["record"] for line in shown.stdout.splitlines()]
-
-
 def trace_record(lab, transfer_id: str) -> dict:
-    return trace_records(lab, "--id", transfer_id)[0]
+    return trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)[0]
 
 
 def test_clean_transfer_passes_byte_for_byte(lab):
@@ -401,7 +394,7 @@ def test_an_upgrade_to_a_protocol_other_than_websocket_relays_nothing(lab):
 
 
 def records_with_url(lab, fragment: str) -> list[dict]:
-    return [record for record in trace_records(lab) if fragment in (record["url"] or "")]
+    return [record for record in trace_records(lab["root"] / "state" / "trace") if fragment in (record["url"] or "")]
 
 
 def test_request_trailers_are_refused_recorded_and_never_forwarded(lab):

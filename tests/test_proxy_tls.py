@@ -17,7 +17,9 @@ import pytest
 import websockets
 
 from tests.certs import make_ca_and_server
-from tests.gatewayproc import Process, free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+from tests.gatewayproc import (
+    free_port, gateway_config, listener_url, Process, start_gateway, start_upstream, trace_records, write_config,
+)
 
 ID_NUMBER = "11010519491231002X"
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +65,10 @@ asyncio.run(main())
 """
 
 
+def trace_record(lab, transfer_id: str) -> dict:
+    return trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)[0]
+
+
 def curl(lab, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--cacert", str(lab["gateway_ca"]), "-x", lab["proxy"], *args],
                           capture_output=True, text=True, timeout=30)
@@ -91,9 +97,7 @@ def test_the_tunnel_is_a_recorded_transfer_of_its_own(tls_lab):
     ids = [line.split(":", 1)[1].strip() for line in result.stderr.splitlines()
            if line.lower().startswith("< x-gateway-transfer-id:")]
     assert len(ids) == 2 and ids[0] != ids[1], result.stderr  # the CONNECT's answer, then the request's
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(tls_lab["root"] / "state" / "trace"),
-                            "--id", ids[0]], capture_output=True, text=True, timeout=30)
-    tunnel = json.loads(shown.stdout.splitlines()[0])["record"]
+    tunnel = trace_record(tls_lab, ids[0])
     assert (tunnel["method"], tunnel["status"], tunnel["decision"]) == ("CONNECT", 200, "allow")
     assert tunnel["url"] == tls_lab["upstream"].removeprefix("https://")
 
@@ -142,10 +146,8 @@ def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
     marker = f"/echo?case=h2-trailers-{free_port()}"
     status, headers = h2_post_with_trailers(tls_lab, marker, [("x-applicant", ID_NUMBER)])
     assert status == 403, headers
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(tls_lab["root"] / "state" / "trace"),
-                            "--id", headers["x-gateway-transfer-id"]], capture_output=True, text=True, timeout=30)
-    record = json.loads(shown.stdout.splitlines()[0])["record"]
-    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in shown.stdout
+    record = trace_record(tls_lab, headers["x-gateway-transfer-id"])
+    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in json.dumps(record)
     log = tls_lab["upstream_log"]
     assert not log.exists() or marker not in log.read_text()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import os
 import signal
 import socket
@@ -22,7 +21,9 @@ from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 from gateway import workers
 from gateway.trace import TraceError
 from gateway.trace.remote import RemoteTraceLog
-from tests.gatewayproc import REPO, free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config
+from tests.gatewayproc import (
+    REPO, free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+)
 
 ORIGIN = "test.gateway/workers"
 
@@ -121,10 +122,7 @@ def test_two_clients_share_one_durable_log_and_fail_closed_while_the_writer_is_a
         second.close()
         writer.terminate()
         writer.wait(10)
-    entries = [json.loads(line) for line in subprocess.run(
-        [sys.executable, "-m", "gateway", "trace", "show", str(tmp_path / "log")],
-        capture_output=True, text=True, check=True).stdout.splitlines()]
-    records = [entry.get("record", entry) for entry in entries]
+    records = trace_records(tmp_path / "log")
     assert {r["worker"] for r in records} == {0, 1}
     assert "OK: 602 records" in verify(tmp_path / "log", tmp_path / "key.pub")
 
@@ -154,10 +152,7 @@ def one_transfer(machine, path: str = "/text?body=ok") -> httpx.Response:
 
 
 def records(machine) -> list[dict]:
-    shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(machine["root"] / "state" / "trace")],
-                           capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    return [entry.get("record", entry) for entry in map(json.loads, shown.stdout.splitlines())]
+    return trace_records(machine["root"] / "state" / "trace")
 
 
 def metric(machine, name: str, **labels: str) -> float:
