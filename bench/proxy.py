@@ -190,8 +190,10 @@ def main() -> None:
                   f"{args.seconds} s runs, keep-alive POST of clean text")
             print("cores: CPU the proxy's processes used (per second of the run); others: cores everything else "
                   "used meanwhile (wrk, the upstream, and any other load on the machine)")
+            print("busy: how busy the whole machine was; req/s / busy is what the run would serve with every core "
+                  "at the same CPU cost per request, so a run near 100 % busy is bound by the machine, not the proxy")
             print(f"{'size':>9} {'proxy':<11} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'failed':>6} {'cores':>6} "
-                  f"{'others':>6}")
+                  f"{'others':>6} {'busy':>5}")
             for size in (int(s) for s in args.sizes.split(",")):
                 body = root / f"body-{size}"
                 body.write_bytes(clean_body(size))
@@ -204,12 +206,14 @@ def main() -> None:
                 best = {name: max(results, key=lambda r: r["rps"]) for name, results in runs.items()}
                 for name, r in best.items():
                     print(f"{size:>9} {name:<11} {r['rps']:>9.0f} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['failed']:>6} "
-                          f"{r['proxy_cores']:>6.2f} {r['machine_busy'] * cores - r['proxy_cores']:>6.2f}")
+                          f"{r['proxy_cores']:>6.2f} {r['machine_busy'] * cores - r['proxy_cores']:>6.2f} "
+                          f"{r['machine_busy']:>5.0%}")
                 median = {name: statistics.median(r["rps"] for r in results) for name, results in runs.items()}
                 for name in list(best)[1:]:
                     print(f"{size:>9} ratio {name}/{baseline}: req/s {best[name]['rps'] / best[baseline]['rps']:.2f}, "
                           f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}; "
-                          f"medians of {args.rounds} runs: req/s {median[name] / median[baseline]:.2f}")
+                          f"medians of {args.rounds} runs: req/s {median[name] / median[baseline]:.2f}; "
+                          f"with the machine all theirs: at most {best[name]['rps'] / best[name]['machine_busy'] / best[baseline]['rps']:.2f}")
         finally:
             for process in reversed(processes):
                 process.stop()
