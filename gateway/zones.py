@@ -29,6 +29,18 @@ def interface_networks(names: Iterable[str]) -> dict[str, list[Network]]:
     return found
 
 
+def host_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address in a socket's host string (an IPv6 zone cut off), an IPv4-mapped IPv6 address as
+    the IPv4 address it maps (one host, whichever way it reached us); None if it is no IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
 class ZoneMap:
     def __init__(self, zones: Iterable[Zone], interfaces: dict[str, list[Network]] | None = None):
         interfaces = interfaces if interfaces is not None else interface_networks(
@@ -43,12 +55,9 @@ class ZoneMap:
         self.zone_of = functools.lru_cache(maxsize=4096)(self._zone_of)
 
     def _zone_of(self, address: str) -> str:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
+        ip = host_ip(address)
+        if ip is None:
             return UNKNOWN
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
         for network, name in self._entries:
             if ip.version == network.version and ip in network:
                 return name
