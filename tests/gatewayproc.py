@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +65,13 @@ def listener_url(config: dict, name: str) -> str:
         if listener["name"] == name:
             return f"http://{listener['listen']}"
     raise KeyError(name)
+
+
+def metric_total(config: dict, series: str, containing: str = "") -> float:
+    """The sum of a metric's series (those whose labels contain `containing`) on the gateway's /metrics."""
+    text = httpx.get(f"http://{config['management']['listen']}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(series + "{") and containing in line)
 
 
 class Process:

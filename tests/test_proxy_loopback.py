@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from tests.gatewayproc import (
-    free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+    free_port, gateway_config, listener_url, metric_total, start_gateway, start_upstream, trace_records,
+    write_config,
 )
 
 ID_NUMBER = "11010519491231002X"
@@ -226,15 +227,8 @@ def transfer_id_in(head: str) -> str:
     return found.group(1)
 
 
-def metric_total(lab, series: str, containing: str = "") -> float:
-    """The sum of a metric's series (those whose labels contain `containing`) on the lab's /metrics."""
-    text = httpx.get(f"http://{lab['config']['management']['listen']}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(series + "{") and containing in line)
-
-
 def errors_counted(lab) -> float:
-    return metric_total(lab, "gateway_transfers_total", 'action="error"')
+    return metric_total(lab["config"], "gateway_transfers_total", 'action="error"')
 
 
 def test_malformed_request_head_is_answered_recorded_and_counted(lab):
@@ -456,7 +450,7 @@ def test_request_head_not_finished_in_time_is_refused_408(lab):
 
 
 def timed_out_connections(lab) -> float:
-    return metric_total(lab, "gateway_connections_timed_out_total")
+    return metric_total(lab["config"], "gateway_connections_timed_out_total")
 
 
 @pytest.mark.parametrize("opening", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
