@@ -32,6 +32,7 @@ DIGESTS = ("sha256", "sm3")
 REPLACED_SECTIONS = {"zones", "listeners", "policy"}
 MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls"}
 MAX_WORKERS = 256
+DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Config:
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.workers)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # open at once per client address (see gateway.connlimit)
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -165,7 +167,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
             return {}
         return node.mapping(allowed, required) or {}
 
-    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout"}, {"name", "state_dir"})
+    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections"},
+                 {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -173,6 +176,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
+    client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
+        else DEFAULT_MAX_CLIENT_CONNECTIONS
 
     zones = _zones(sections.get("zones"), sink, source)
     zone_names = {z.name for z in zones} | {"unknown"}
@@ -213,7 +218,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
-        workers=workers, request_head_timeout=head_timeout,
+        workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
     )
 
 

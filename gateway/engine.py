@@ -21,6 +21,7 @@ from mitmproxy.master import Master
 from gateway import backpressure, erroranswer
 from gateway.alerts import AlertLog
 from gateway.config import Config, ConfigError, format_host_port, load_config
+from gateway.connlimit import ClientConnectionLimit
 from gateway.deadline import FirstRequestDeadline
 from gateway.dispatch import CachedHookDispatch
 from gateway.filters.authorize import Authorize
@@ -118,7 +119,8 @@ class GatewayServer:
         CachedHookDispatch.install(self.master)
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
-            Identify(self), Authorize(self), Inspect(self), Record(self), measure, FirstRequestDeadline(self),
+            ClientConnectionLimit(self, config.workers), Identify(self), Authorize(self), Inspect(self), Record(self),
+            measure, FirstRequestDeadline(self),
             Announce(self),
         )
         self.master.options.update(**self._engine_options())

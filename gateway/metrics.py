@@ -72,6 +72,10 @@ class GatewayMetrics:
             "gateway_connections_timed_out", "Client connections closed for sending no request head within "
             "request_head_timeout of connecting or of their CONNECT (a silent client, a stalled TLS handshake).",
             ["listener"], registry=r)
+        self.connections_refused = Counter(
+            "gateway_connections_refused", "Client connections closed as soon as they opened: their client held "
+            "its share of max_client_connections (client_limit), or the worker had no file descriptors to "
+            "spare (capacity).", ["listener", "reason"], registry=r)
         if worker is not None:
             per_worker = Gauge(
                 "gateway_worker_active_connections", "Client connections open now in each worker process.",
@@ -119,6 +123,8 @@ class GatewayMetrics:
         for listener in listeners:
             self.active_connections.labels(listener=listener)
             self.connections_timed_out.labels(listener=listener)
+            for reason in ("client_limit", "capacity"):
+                self.connections_refused.labels(listener=listener, reason=reason)
 
 
 class _AlsoPerWorker:

@@ -69,6 +69,21 @@ def test_a_bad_request_head_timeout_names_file_line_and_key(tmp_path, written):
                                                       f"not a valid duration: '{written}'"), errors
 
 
+def test_max_client_connections_defaults_and_takes_a_positive_integer(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, max_client_connections: 64}"))
+    assert load_config(path).max_client_connections == 64
+    assert load_config(REPO / "config" / "gateway.yaml").max_client_connections == 1024
+
+
+@pytest.mark.parametrize("written", ["0", "-5", "many", "1.5"])
+def test_a_bad_max_client_connections_names_file_line_and_key(tmp_path, written):
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}",
+                                               f"state_dir: state, max_client_connections: {written}}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.max_client_connections: "), \
+        errors
+
+
 def test_unknown_key_is_an_error_with_file_line_and_path(tmp_path):
     errors = errors_of(tmp_path, VALID.replace("action: allow}", "action: allow, reqest_profile: x}"))
     assert errors == [f"{tmp_path}/gw.yaml:9: policy.rules[0].reqest_profile: unknown key "
