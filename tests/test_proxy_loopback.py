@@ -11,8 +11,10 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -87,6 +89,28 @@ def test_request_with_id_number_is_blocked_and_never_reaches_upstream(lab):
     assert answer["reasons"] and answer["reasons"][0]["type"] == "cn_id_card"
     assert ID_NUMBER not in response.text and ID_NUMBER[6:14] not in response.text
     assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
+def test_usage_is_metered_from_the_trace_log(lab):
+    """`gateway trace meter` sums what crossed, by decision, from the records of real transfers."""
+    since = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    sizes, received = (1000, 3000), 0
+    with proxy_client(lab) as client:
+        for size in sizes:
+            response = client.post(f"{lab['upstream']}/echo?case=meter", content=b"m" * size,
+                                   headers={"content-type": "text/plain"})
+            assert response.status_code == 200
+            received += len(response.content)
+        assert client.post(f"{lab['upstream']}/echo?case=meter", json={"sfzh": ID_NUMBER}).status_code == 403
+    result = subprocess.run([sys.executable, "-m", "gateway", "trace", "meter", str(lab["root"] / "state" / "trace"),
+                             "--since", since, "--by", "decision,src_zone,dst_zone"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    groups = {group["decision"]: group for group in json.loads(result.stdout)["groups"]}
+    assert set(groups) == {"allow", "block"}
+    assert groups["allow"] == {"decision": "allow", "src_zone": "extranet", "dst_zone": "internet",
+                               "transfers": 2, "req_bytes": sum(sizes), "resp_bytes": received}
+    assert groups["block"]["transfers"] == 1
 
 
 @pytest.mark.parametrize("where", ["path", "header", "cookie", "header name", "query name", "query of a chunked body"])

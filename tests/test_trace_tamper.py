@@ -1,29 +1,23 @@
 """Tamper suite for `gateway trace verify` and the proof commands: each kind of tampering is
 detected (exit 1) and located; proofs round-trip and wrong ones are rejected."""
 
-import argparse
 import base64
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.commands import trace as trace_cli
 from gateway.trace import TraceLog
 from gateway.trace.note import Signer
 from gateway.trace.tiles import tile_path
+from tests.tracecli import run_trace as run
 
 ORIGIN = "gateway.test/trace"
 RECORDS = 600  # two full bundles, a third partial one in the journal
-
-
-def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="gateway")
-    trace_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["trace", *argv])
-    return args.func(args)
 
 
 def record(i: int) -> dict:
@@ -168,6 +162,13 @@ def test_show_filters(logdir, capsys):
     got = [json.loads(x)["record"]["id"] for x in capsys.readouterr().out.splitlines()]
     want = [record(i)["id"] for i in range(RECORDS) if i % 7 == 0 and i % 2 and 60 <= i % 3600 < 120]
     assert got == want and got
+
+
+def test_show_piped_into_head_ends_quietly(logdir):
+    pipeline = subprocess.run(f"{sys.executable} -m gateway trace show {logdir / 'log'} | head -n 1",
+                              shell=True, capture_output=True, text=True, timeout=60)
+    assert json.loads(pipeline.stdout)["index"] == 0
+    assert pipeline.stderr == ""  # no "Broken pipe" complaint once head has its line
 
 
 def test_prove_and_check_proof_round_trip(logdir, tmp_path, capsys):

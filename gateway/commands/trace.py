@@ -5,8 +5,11 @@ record or file), 2 usage or I/O errors.
 """
 
 import argparse
+import csv
 import json
+import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from gateway.trace.audit import (
     prove_consistency, prove_inclusion, read_checkpoint, verify_log,
 )
 from gateway.trace.merkle import ProofError
+from gateway.trace.meter import DEFAULT_KEYS, KEYS, Meter
 from gateway.trace.note import NoteError, Verifier, parse_vkey
 from gateway.trace.tiles import TileError
 
@@ -23,6 +27,10 @@ EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 
 class UsageError(Exception):
     pass
+
+
+class BadRecord(Exception):
+    """A record that is not what the log's writer wrote (exit 1)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,11 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="list records as JSON lines")
     _dir_and_key(p)
     p.add_argument("--id", help="transfer id")
-    p.add_argument("--since", help="ISO 8601 time, inclusive")
-    p.add_argument("--until", help="ISO 8601 time, exclusive")
-    p.add_argument("--zone", help="client or upstream zone")
-    p.add_argument("--rule", help="a matched rule name")
+    _record_filters(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("meter", help="usage for settlement: transfers and bytes by zones, decision, ..., "
+                                     "from a log that verifies, naming the checkpoint they cover")
+    _dir_and_key(p)
+    _witness_args(p)
+    _record_filters(p)
+    p.add_argument("--by", default=",".join(DEFAULT_KEYS),
+                   help=f"grouping keys, comma-separated, from: {', '.join(KEYS)} (default: %(default)s)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.set_defaults(func=cmd_meter, id=None)
 
     p = sub.add_parser("prove", help="inclusion proof (C2SP tlog-proof) of a transfer against the latest checkpoint")
     _dir_and_key(p)
@@ -81,6 +96,13 @@ def _dir_and_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("--pubkey", type=Path,
                    help="the log's verifier key file (default: DIR/log.pub, which only proves self-consistency)")
+
+
+def _record_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", help="ISO 8601 time, inclusive")
+    p.add_argument("--until", help="ISO 8601 time, exclusive")
+    p.add_argument("--zone", help="client or upstream zone")
+    p.add_argument("--rule", help="a matched rule name")
 
 
 def _witness_args(p: argparse.ArgumentParser) -> None:
@@ -144,6 +166,12 @@ def _guard(func):
         except UsageError as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except BadRecord as exc:
+            print(f"gateway trace: {exc}", file=sys.stderr)
+            return EXIT_BAD
+        except BrokenPipeError:  # the reader (`| head`) has all it wanted; Python must not complain at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
         except (AuditIOError, OSError) as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -211,16 +239,51 @@ def _checkpoint_size(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     since = _parse_time(args.since, "--since") if args.since else None
     until = _parse_time(args.until, "--until") if args.until else None
-    size = _checkpoint_size(args)
-    out = sys.stdout
+    for index, record in _selected(args, _checkpoint_size(args), since, until):
+        sys.stdout.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _selected(args: argparse.Namespace, size: int, since, until) -> Iterator[tuple[int, dict]]:
+    """(index, record) of the log's first `size` records that match the filters given."""
     for index, entry in iter_entries(args.directory, size):
         try:
             record = json.loads(entry)
         except ValueError:
-            print(f"record {index}: not JSON (run 'gateway trace verify')", file=sys.stderr)
-            return EXIT_BAD
+            raise BadRecord(f"record {index}: not JSON (run 'gateway trace verify')") from None
         if _matches(record, args, since, until):
-            out.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
+            yield index, record
+
+
+@_guard
+def cmd_meter(args: argparse.Namespace) -> int:
+    try:
+        meter = Meter(tuple(key.strip() for key in args.by.split(",") if key.strip()))
+    except ValueError as exc:
+        raise UsageError(f"--by: {exc}") from None
+    since = _parse_time(args.since, "--since") if args.since else None
+    until = _parse_time(args.until, "--until") if args.until else None
+    verifier, policy = _log_verifier(args), _policy(args)
+    report = verify_log(args.directory, verifier, policy)
+    if report.problems:  # figures from a log that does not verify would settle nothing
+        for problem in report.problems[:20]:
+            print(f"TAMPERED: {problem}")
+        return EXIT_BAD
+    checkpoint = report.witnessed if policy is not None else report.checkpoint
+    meter.add_all(record for _, record in _selected(args, checkpoint.size, since, until))
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([*meter.keys, "transfers", "req_bytes", "resp_bytes"])
+        for row in meter.table():
+            writer.writerow(["" if value is None else value for value in row.values()])
+        return EXIT_OK
+    print(json.dumps({
+        "log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
+        "signed_by": verifier.name, "witnessed": policy is not None,
+        "filters": {name: getattr(args, name) for name in ("since", "until", "zone", "rule")
+                    if getattr(args, name) is not None},
+        "by": list(meter.keys), "groups": meter.table(), "total": meter.total.as_dict(),
+    }, ensure_ascii=False, indent=2))
     return EXIT_OK
 
 

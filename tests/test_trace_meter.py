@@ -1,0 +1,117 @@
+"""Usage metering for settlement (`gateway trace meter`): totals of transfers and bytes by record fields,
+computed only from a log that verifies, naming the signed checkpoint they cover."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gateway.trace import TraceLog
+from gateway.trace.meter import Meter
+from gateway.trace.tiles import tile_path
+from tests.tracecli import run_trace as run
+
+ORIGIN = "gateway.test/meter"
+RECORDS = 700  # two full bundles, the rest in the journal
+
+
+def record(i: int) -> dict:
+    return {"v": 1, "id": f"tx-{i:05d}", "time": f"2026-11-{25 + i % 2}T06:{i // 60 % 60:02d}:{i % 60:02d}.000Z",
+            "listener": "forward", "frontend": "frontend-a",
+            "client": {"addr": "10.0.0.1:5555", "zone": "health" if i % 3 else "extranet"},
+            "upstream": {"host": "api.example", "zone": "internet"},
+            "decision": ("allow", "block", "warn", "deny")[i % 4], "req_bytes": i, "resp_bytes": 10 * i,
+            "grant": {"id": f"grant-{i % 2}"} if i % 5 == 0 else None, "rules": []}
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("meter")
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key", rotate_bundles=1) as log:
+        for i in range(RECORDS):
+            log.append_sync(record(i))
+    return base
+
+
+def meter_json(base: Path, capsys, *options: str) -> dict:
+    assert run("meter", str(base / "log"), "--pubkey", str(base / "key.pub"), *options) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def expected(keys, records) -> dict:
+    """Independent sums: {group: (transfers, req_bytes, resp_bytes)}."""
+    sums: dict[tuple, list[int]] = {}
+    for r in records:
+        group = tuple({"src_zone": r["client"]["zone"], "dst_zone": r["upstream"]["zone"], "decision": r["decision"],
+                       "day": r["time"][:10], "grant": (r["grant"] or {}).get("id")}[key] for key in keys)
+        total = sums.setdefault(group, [0, 0, 0])
+        total[0] += 1
+        total[1] += r["req_bytes"]
+        total[2] += r["resp_bytes"]
+    return {group: tuple(total) for group, total in sums.items()}
+
+
+def as_sums(keys, groups: list[dict]) -> dict:
+    return {tuple(g[key] for key in keys): (g["transfers"], g["req_bytes"], g["resp_bytes"]) for g in groups}
+
+
+def test_totals_by_zones_and_decision_cover_the_signed_checkpoint(logdir, capsys):
+    statement = meter_json(logdir, capsys)
+    keys = ("src_zone", "dst_zone", "decision")
+    assert statement["by"] == list(keys)
+    assert as_sums(keys, statement["groups"]) == expected(keys, map(record, range(RECORDS)))
+    assert statement["total"] == {"transfers": RECORDS, "req_bytes": sum(range(RECORDS)),
+                                  "resp_bytes": 10 * sum(range(RECORDS))}
+    assert statement["log"] == ORIGIN and statement["checkpoint"]["size"] == RECORDS
+    # The root named is the one `trace verify` reports for the same log.
+    assert run("verify", str(logdir / "log"), "--pubkey", str(logdir / "key.pub")) == 0
+    assert statement["checkpoint"]["root"] in capsys.readouterr().out
+
+
+def test_filters_and_other_keys(logdir, capsys):
+    statement = meter_json(logdir, capsys, "--by", "day,grant", "--since", "2026-11-26T00:00:00Z",
+                           "--zone", "extranet")
+    chosen = [record(i) for i in range(RECORDS) if i % 2 and i % 3 == 0]
+    assert as_sums(("day", "grant"), statement["groups"]) == expected(("day", "grant"), chosen)
+    assert statement["filters"] == {"since": "2026-11-26T00:00:00Z", "zone": "extranet"}
+
+
+def test_csv_has_a_header_and_one_row_per_group(logdir, capsys):
+    assert run("meter", str(logdir / "log"), "--pubkey", str(logdir / "key.pub"), "--by", "decision",
+               "--format", "csv") == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["decision", "transfers", "req_bytes", "resp_bytes"]
+    by_decision = expected(("decision",), map(record, range(RECORDS)))
+    assert {(row[0],): tuple(map(int, row[1:])) for row in rows[1:]} == by_decision
+
+
+def test_a_tampered_log_gives_no_figures(logdir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(logdir, copy)
+    bundle = copy / "log" / tile_path("entries", 0)
+    data = bytearray(bundle.read_bytes())
+    at = data.index(b'"req_bytes":1,')
+    data[at:at + 14] = b'"req_bytes":9,'  # one record claims more usage
+    bundle.write_bytes(bytes(data))
+    assert run("meter", str(copy / "log"), "--pubkey", str(copy / "key.pub")) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("TAMPERED: record 1 ") and "transfers" not in out
+
+
+def test_an_unknown_grouping_key_is_a_usage_error(logdir, capsys):
+    assert run("meter", str(logdir / "log"), "--pubkey", str(logdir / "key.pub"), "--by", "src_zone,colour") == 2
+    assert "unknown grouping key(s) colour" in capsys.readouterr().err
+
+
+def test_records_without_the_fields_count_as_none_and_zero_bytes():
+    meter = Meter(("src_zone", "grant")).add_all([
+        {"client": "not a dict", "req_bytes": True, "resp_bytes": -5},
+        {"client": {"zone": "a"}, "grant": "g-1", "req_bytes": 7},
+    ])
+    assert meter.table() == [
+        {"src_zone": None, "grant": None, "transfers": 1, "req_bytes": 0, "resp_bytes": 0},
+        {"src_zone": "a", "grant": "g-1", "transfers": 1, "req_bytes": 7, "resp_bytes": 0},
+    ]
