@@ -1,23 +1,28 @@
-"""Limits on open client connections, so that no client, and no flood of clients, runs a worker out of
-file descriptors.
+"""Limits on open connections, so that no client, and no flood of clients, runs a worker out of file
+descriptors.
 
 A worker that hits its descriptor limit can no longer accept anyone, connect upstream, spool a body or
-write the trace log's files (which stops forwarding: the log fails closed). So each worker refuses a new
-client connection, closing it at once, when
+write the trace log's files. So each worker keeps a budget: its descriptor limit (raised from the soft to
+the hard limit at start) less FD_RESERVE for everything else. It refuses
 
-- its client address already holds its share of `gateway.max_client_connections` in this worker (the
-  limit divided by the number of workers, rounded up: the kernel spreads one client's connections
-  evenly over the workers sharing a listener, so the machine admits about the limit), or
-- the worker holds `capacity()` client connections: half of the descriptors left after FD_RESERVE,
-  since each client connection may need one upstream connection too.
+- a new client connection when its client holds its share of `gateway.max_client_connections` in this
+  worker (the limit divided by the number of workers, rounded up: the kernel spreads one client's
+  connections evenly over the workers sharing a listener, so the machine admits about the limit; an IPv6
+  client is counted by its /64, which one host can fill with addresses), or when the worker holds half
+  its budget in client connections, leaving the other half for their upstream connections;
+- a new upstream connection when the budget is spent, or when the client connection it serves already
+  holds UPSTREAMS_PER_CONNECTION of them (mitmproxy keeps one open per upstream address a connection has
+  used, so one forward-proxy connection could otherwise open any number).
 
-A refused connection gets a 503 answer (whatever the client sends is not read) and is counted by
-listener and reason; no request was read, so there is no transfer to record. Connections already
-admitted are never cut.
+A refused client connection gets a 503 (best effort: it is closed at once, unread, and a client that has
+already sent its request may see a reset instead) and is counted by listener and reason; no request was
+read, so there is no transfer to record. A refused upstream connection fails its request like an
+unreachable upstream (502, recorded). Connections already open are never cut.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import resource
@@ -27,6 +32,7 @@ from typing import Protocol
 
 from mitmproxy import connection, ctx
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy import server_hooks
 
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import Runtime
@@ -37,13 +43,17 @@ log = logging.getLogger(__name__)
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
            b"Content-Type: text/plain\r\nContent-Length: 29\r\n\r\ntoo many connections, retry\r\n")
 FD_RESERVE = 256  # descriptors kept for everything but client and upstream connections
+UNLIMITED_BUDGET = 1 << 20  # where the descriptor limit is infinite
+UPSTREAMS_PER_CONNECTION = 64
+LIMIT_ERROR = "connection limit"  # how a refused upstream connection's error begins
+SMALL_BUDGET = 128  # below this a worker can hardly serve: said at start
 WARN_INTERVAL = 10.0  # seconds between log lines about refusals of one reason
 
 
 def raise_open_file_limit() -> int:
-    """Raise this process's soft descriptor limit to its hard limit (children inherit it); the limit."""
+    """Raise this process's soft descriptor limit to its hard limit; the soft limit then in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
@@ -52,8 +62,23 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def capacity(open_file_limit: int) -> int:
-    return max(1, (open_file_limit - FD_RESERVE) // 2)
+def descriptor_budget(open_file_limit: int) -> int:
+    """Descriptors a worker may spend on client and upstream connections."""
+    if open_file_limit == resource.RLIM_INFINITY:
+        return UNLIMITED_BUDGET
+    return max(2, open_file_limit - FD_RESERVE)
+
+
+def client_key(client: connection.Client) -> str:
+    """Whose share a connection counts against: its IPv4 address (an IPv4-mapped IPv6 address as IPv4),
+    or the /64 of its IPv6 address."""
+    host = client.peername[0]
+    ip = host_ip(host)
+    if ip is None:
+        return host
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
 
 
 class LimitGateway(Protocol):
@@ -61,55 +86,92 @@ class LimitGateway(Protocol):
     metrics: GatewayMetrics
 
 
-class ClientConnectionLimit:
+class ConnectionLimits:
     def __init__(self, gateway: LimitGateway, workers: int):
         self.gateway = gateway
         self.workers = workers
         open_file_limit = raise_open_file_limit()
-        self.capacity = capacity(open_file_limit)
-        log.info("client connections: each worker admits %d (its file descriptor limit is %d)",
-                 self.capacity, open_file_limit)
-        self._admitted: dict[str, str] = {}  # client connection id -> its client address
+        self.budget = descriptor_budget(open_file_limit)
+        self.client_capacity = max(1, self.budget // 2)
+        (log.warning if self.budget < SMALL_BUDGET else log.info)(
+            "connections: each worker admits %d client connections and %d in all (file descriptor limit %s)",
+            self.client_capacity, self.budget, "unlimited" if open_file_limit == resource.RLIM_INFINITY
+            else open_file_limit)
+        self._clients: dict[str, str] = {}  # admitted client connection id -> its client key
         self._per_client: Counter[str] = Counter()
+        self._upstreams: dict[str, str] = {}  # upstream connection id (connecting or open) -> client connection id
+        self._per_connection: Counter[str] = Counter()
         self._warned_at: dict[str, float] = {}
         self._unreported: Counter[str] = Counter()  # refusals since the last log line, by reason
 
     def client_connected(self, client: connection.Client) -> None:
-        address = client_address(client)
+        key = client_key(client)
         share = math.ceil(self.gateway.runtime.config.max_client_connections / self.workers)
-        if len(self._admitted) >= self.capacity:
-            self._refuse(client, address, "capacity", f"this worker holds {self.capacity} client connections, "
-                                                      f"all its file descriptors allow")
-        elif self._per_client[address] >= share:
-            self._refuse(client, address, "client_limit", f"it holds {share} connections in this worker "
-                                                          f"(gateway.max_client_connections over {self.workers} worker(s))")
+        if len(self._clients) >= self.client_capacity:
+            self._refuse_client(client, key, "capacity", f"this worker holds {self.client_capacity} client "
+                                                         f"connections, all its file descriptors allow")
+        elif self._per_client[key] >= share:
+            self._refuse_client(client, key, "client_limit", f"{key} holds {share} connections in this worker "
+                                                             f"(max_client_connections over {self.workers} workers)")
         else:
-            self._admitted[client.id] = address
-            self._per_client[address] += 1
+            self._clients[client.id] = key
+            self._per_client[key] += 1
 
     def client_disconnected(self, client: connection.Client) -> None:
-        address = self._admitted.pop(client.id, None)
-        if address is not None:
-            self._per_client[address] -= 1
-            if not self._per_client[address]:
-                del self._per_client[address]
+        key = self._clients.pop(client.id, None)
+        if key is not None:
+            _release(self._per_client, key)
 
-    def _refuse(self, client: connection.Client, address: str, reason: str, why: str) -> None:
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.error:
+            return  # already refused: mitmproxy reports it without connecting
+        if len(self._clients) + len(self._upstreams) >= self.budget:
+            data.server.error = f"{LIMIT_ERROR}: this worker's {self.budget} connections are all in use"
+        elif self._per_connection[data.client.id] >= UPSTREAMS_PER_CONNECTION:
+            data.server.error = (f"{LIMIT_ERROR}: the client connection holds {UPSTREAMS_PER_CONNECTION} "
+                                 f"upstream connections; open another one")
+        else:
+            self._upstreams[data.server.id] = data.client.id
+            self._per_connection[data.client.id] += 1
+            return
+        self._count_refusal(data.server.error, "upstream", self._listener(data.client), client_key(data.client))
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._release_upstream(data.server)
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._release_upstream(data.server)
+
+    def _release_upstream(self, server: connection.Server) -> None:
+        client_id = self._upstreams.pop(server.id, None)
+        if client_id is not None:
+            _release(self._per_connection, client_id)
+
+    def _refuse_client(self, client: connection.Client, key: str, reason: str, why: str) -> None:
         proxyserver: Proxyserver | None = ctx.master.addons.get("proxyserver")
         handler = proxyserver.connections.get(client.id) if proxyserver else None
         if handler is not None and (writer := handler.transports[client].writer) is not None:
-            writer.write(REFUSAL)  # sent before the close; a client speaking TLS just sees the close
+            writer.write(REFUSAL)  # flushed by the close mitmproxy does next
         client.error = f"connection refused: {why}"  # mitmproxy closes it before reading anything
-        listener = self.gateway.runtime.listener_name(*client.sockname[:2])
+        listener = self._listener(client)
         self.gateway.metrics.connections_refused.labels(listener=listener, reason=reason).inc()
+        self._count_refusal(why, reason, listener, key)
+
+    def _listener(self, client: connection.Client) -> str:
+        return self.gateway.runtime.listener_name(*client.sockname[:2])
+
+    def _count_refusal(self, why: str, reason: str, listener: str, key: str) -> None:
+        """Log refusals of one reason at most every WARN_INTERVAL: a flood must not flood the log."""
         self._unreported[reason] += 1
         now = time.monotonic()
         if now - self._warned_at.get(reason, -WARN_INTERVAL) >= WARN_INTERVAL:
-            log.warning("refused %d connection(s) on listener %s (%s), the last from %s: %s",
-                        self._unreported.pop(reason), listener, reason, address, why)
+            log.warning("refused %d %s connection(s) (%s) since the last report; the last on listener %s from "
+                        "%s: %s", self._unreported.pop(reason), "upstream" if reason == "upstream" else "client",
+                        reason, listener, key, why)
             self._warned_at[reason] = now
 
 
-def client_address(client: connection.Client) -> str:
-    host = client.peername[0]
-    return str(host_ip(host) or host)
+def _release(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]

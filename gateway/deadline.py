@@ -41,7 +41,8 @@ class FirstRequestDeadline:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # client connection id -> its deadline
 
     def client_connected(self, client: connection.Client) -> None:
-        self._start(client)
+        if not client.error:  # else refused as it opened (gateway.connlimit): closed already
+            self._start(client)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._start(flow.client_conn)  # the tunnel's own first request (and its TLS handshake) next

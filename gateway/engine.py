@@ -21,7 +21,7 @@ from mitmproxy.master import Master
 from gateway import backpressure, erroranswer
 from gateway.alerts import AlertLog
 from gateway.config import Config, ConfigError, format_host_port, load_config
-from gateway.connlimit import ClientConnectionLimit
+from gateway.connlimit import ConnectionLimits
 from gateway.deadline import FirstRequestDeadline
 from gateway.dispatch import CachedHookDispatch
 from gateway.filters.authorize import Authorize
@@ -119,7 +119,7 @@ class GatewayServer:
         CachedHookDispatch.install(self.master)
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
-            ClientConnectionLimit(self, config.workers), Identify(self), Authorize(self), Inspect(self), Record(self),
+            ConnectionLimits(self, self.worker.count if self.worker else 1), Identify(self), Authorize(self), Inspect(self), Record(self),
             measure, FirstRequestDeadline(self),
             Announce(self),
         )
@@ -180,7 +180,7 @@ class GatewayServer:
     def _apply(self, runtime: Runtime) -> None:
         old = self.runtime.config
         for attr in ("state_dir", "trace_dir", "trace_origin", "alerts_file", "management_host", "management_port",
-                     "management_tls", "management_auth"):
+                     "management_tls", "management_auth", "workers"):
             if getattr(runtime.config, attr) != getattr(old, attr):
                 log.warning("reload: %s changed; it takes effect only after a restart", attr)
         self.runtime = runtime

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from gateway.config import Config, ConfigError
 from gateway.dlp import DlpConfigError, RuleSet, load_rules
 from gateway.policy import Policy
-from gateway.zones import ZoneMap
+from gateway.zones import ZoneMap, host_ip
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,9 @@ class Runtime:
         """The listener a client reached, by the local address it connected to (wildcard binds last),
         as metrics, logs and records name it."""
         candidates = [listener for listener in self.config.listeners if listener.port == port]
+        address = str(host_ip(host) or host)  # an IPv4-mapped address as the IPv4 one a listener names
         for listener in candidates:
-            if listener.host == host or listener.host == host.removeprefix("::ffff:"):
+            if listener.host in (host, address):
                 return listener.name
         wildcard = [listener for listener in candidates if listener.host in ("0.0.0.0", "::")]
         return wildcard[0].name if wildcard else "unknown"

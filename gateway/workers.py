@@ -248,7 +248,7 @@ class Supervisor:
             return await asyncio.create_subprocess_exec(*argv)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
         argv = [sys.executable, "-m", "gateway.workers", str(child.index), "--parent", str(os.getpid()),
-                "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
+                "--of", str(len(self.workers)), "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
         if self.config_path is not None:
             argv += ["-c", str(self.config_path)]
         if self.frontend is not None:
@@ -445,6 +445,7 @@ class WorkerRole:
     """What a worker process gets from its supervisor."""
 
     index: int
+    count: int  # workers the supervisor runs (the configuration may have changed since it started them)
     parent: int
     listen_sockets: dict[tuple[str, int], socket.socket]
 
@@ -454,6 +455,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway-worker", description=worker_main.__doc__)
     parser.add_argument("index", type=int)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--of", type=int, required=True, help="how many workers the supervisor runs")
     parser.add_argument("--listen-fds", default="")
     parser.add_argument("-c", "--config", type=Path)
     parser.add_argument("--frontend")
@@ -462,7 +464,7 @@ def worker_main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s worker-{args.index} %(name)s: %(message)s")
     from gateway.engine import GatewayServer
 
-    role = WorkerRole(args.index, args.parent, parse_listen_fds(args.listen_fds))
+    role = WorkerRole(args.index, args.of, args.parent, parse_listen_fds(args.listen_fds))
     try:
         server = GatewayServer(args.config, args.frontend, worker=role)
     except ConfigError as e:

@@ -4,6 +4,7 @@ writer process, one set of metrics, workers and writer replaced when they die, S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -211,29 +213,39 @@ def test_open_connections_per_worker_add_up_to_the_machine_total(machine):
 
 
 def test_sighup_reaches_every_worker(machine):
-    gateway = machine["gateway"]
-    start = len(gateway.lines)
     reloads_before = metric(machine, "gateway_config_reloads_total", result="success")
-    gateway.signal(signal.SIGHUP)
-    for index in (0, 1):
-        gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
+    sighup_and_wait(machine["gateway"])
     assert metric(machine, "gateway_config_reloads_total", result="success") - reloads_before == 1  # one machine
     assert one_transfer(machine).status_code == 200
 
 
+def sighup_and_wait(gateway, said: str = "configuration reloaded") -> None:
+    """SIGHUP the supervisor and wait until both workers have logged `said`."""
+    start = len(gateway.lines)
+    gateway.signal(signal.SIGHUP)
+    for index in (0, 1):
+        gateway.wait_for(f"worker-{index} gateway: {said}", timeout=20, start=start)
+
+
+@contextlib.contextmanager
+def reloaded_with(machine, config: dict, said: str = "configuration reloaded") -> Iterator[None]:
+    """The machine running `config` (reloaded by SIGHUP) for the block, then its own configuration again."""
+    path, original = machine["path"], machine["path"].read_text()
+    try:
+        write_config(path, config)
+        sighup_and_wait(machine["gateway"], said)
+        yield
+    finally:
+        path.write_text(original)
+        sighup_and_wait(machine["gateway"])
+
+
 def test_a_listener_added_by_a_reload_is_served_by_every_worker(machine):
     """The supervisor holds no socket for it: each worker binds it itself, shared through SO_REUSEPORT."""
-    gateway, path = machine["gateway"], machine["path"]
     config = copy.deepcopy(machine["config"])
     added = f"127.0.0.1:{free_port()}"
     config["listeners"].append({"name": "added", "mode": "reverse", "listen": added, "upstream": machine["upstream"]})
-    original = path.read_text()
-    try:
-        write_config(path, config)
-        start = len(gateway.lines)
-        gateway.signal(signal.SIGHUP)
-        for index in (0, 1):
-            gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
+    with reloaded_with(machine, config):
         ids = []
         for _ in range(30):  # a connection each, so the kernel spreads them over the workers' sockets
             response = httpx.get(f"http://{added}/text?body=added", timeout=15)
@@ -242,12 +254,16 @@ def test_a_listener_added_by_a_reload_is_served_by_every_worker(machine):
         logged = {r["id"]: r for r in records(machine)}
         assert {logged[i]["listener"] for i in ids} == {"added"}
         assert {logged[i]["worker"] for i in ids} == {0, 1}
-    finally:
-        path.write_text(original)
-        start = len(gateway.lines)
-        gateway.signal(signal.SIGHUP)
-        for index in (0, 1):
-            gateway.wait_for(f"worker-{index} gateway: configuration reloaded", timeout=20, start=start)
+
+
+def test_a_reload_changing_the_worker_count_says_it_takes_a_restart(machine):
+    """Each worker keeps counting itself one of the workers the supervisor started (its connection limits
+    rest on that), and says the new count waits for a restart."""
+    config = copy.deepcopy(machine["config"])
+    config["gateway"]["workers"] = 3
+    with reloaded_with(machine, config, said="reload: workers changed; it takes effect only after a restart"):
+        assert len(worker_pids(machine)) == 2
+        assert one_transfer(machine).status_code == 200
 
 
 def test_a_killed_worker_loses_no_record_and_is_replaced(machine):

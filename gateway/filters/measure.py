@@ -16,6 +16,7 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from gateway.connlimit import LIMIT_ERROR
 from gateway.erroranswer import MalformedRequest
 from gateway.filters import body_size, transfer_of
 from gateway.logs import DecisionLog
@@ -77,6 +78,8 @@ class Measure:
     # Connections.
 
     def client_connected(self, client: connection.Client) -> None:
+        if client.error:
+            return  # refused as it opened (gateway.connlimit): never active
         name = self.gateway.runtime.listener_name(*client.sockname[:2])
         self._connection_listener[client.id] = name
         self.metrics.active_connections.labels(listener=name).inc()
@@ -206,6 +209,8 @@ _ERRNO_KINDS = {111: "refused", 110: "timeout", 113: "unreachable", 101: "unreac
 
 def connect_error_kind(message: str) -> str:
     """A bounded kind for a failed upstream connection, from mitmproxy's error text (an OSError's str)."""
+    if message.startswith(LIMIT_ERROR):
+        return "limit"  # refused by gateway.connlimit, never tried
     lowered = message.lower()
     match = _ERRNO.search(message)
     if match:
