@@ -66,6 +66,8 @@ def test_totals_by_zones_and_decision_cover_the_signed_checkpoint(logdir, capsys
     assert statement["total"] == {"transfers": RECORDS, "req_bytes": sum(range(RECORDS)),
                                   "resp_bytes": 10 * sum(range(RECORDS))}
     assert statement["log"] == ORIGIN and statement["checkpoint"]["size"] == RECORDS
+    assert statement["verifier_key"] == (logdir / "key.pub").read_text().strip()
+    assert statement["key_from"] == str(logdir / "key.pub")
     # The root named is the one `trace verify` reports for the same log.
     assert run("verify", str(logdir / "log"), "--pubkey", str(logdir / "key.pub")) == 0
     assert statement["checkpoint"]["root"] in capsys.readouterr().out
@@ -82,7 +84,10 @@ def test_filters_and_other_keys(logdir, capsys):
 def test_csv_has_a_header_and_one_row_per_group(logdir, capsys):
     assert run("meter", str(logdir / "log"), "--pubkey", str(logdir / "key.pub"), "--by", "decision",
                "--format", "csv") == 0
-    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    out, err = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(out)))
+    anchor = json.loads(err.split("meter: covers ", 1)[1])  # the checkpoint the figures cover, on stderr
+    assert anchor["checkpoint"]["size"] == RECORDS and anchor["log"] == ORIGIN
     assert rows[0] == ["decision", "transfers", "req_bytes", "resp_bytes"]
     by_decision = expected(("decision",), map(record, range(RECORDS)))
     assert {(row[0],): tuple(map(int, row[1:])) for row in rows[1:]} == by_decision
@@ -101,17 +106,19 @@ def test_a_tampered_log_gives_no_figures(logdir, tmp_path, capsys):
     assert out.startswith("TAMPERED: record 1 ") and "transfers" not in out
 
 
-def test_an_unknown_grouping_key_is_a_usage_error(logdir, capsys):
-    assert run("meter", str(logdir / "log"), "--pubkey", str(logdir / "key.pub"), "--by", "src_zone,colour") == 2
-    assert "unknown grouping key(s) colour" in capsys.readouterr().err
+@pytest.mark.parametrize("by, error", [("src_zone,colour", "unknown grouping key(s) colour"),
+                                       ("decision,decision", "a grouping key is given twice")])
+def test_a_bad_grouping_is_a_usage_error(logdir, capsys, by, error):
+    assert run("meter", str(logdir / "log"), "--pubkey", str(logdir / "key.pub"), "--by", by) == 2
+    assert error in capsys.readouterr().err
 
 
 def test_records_without_the_fields_count_as_none_and_zero_bytes():
-    meter = Meter(("src_zone", "grant")).add_all([
+    meter = Meter(("src_zone", "grant", "listener")).add_all([
         {"client": "not a dict", "req_bytes": True, "resp_bytes": -5},
-        {"client": {"zone": "a"}, "grant": "g-1", "req_bytes": 7},
+        {"client": {"zone": "a"}, "grant": "g-1", "req_bytes": 7, "listener": ["x"]},
     ])
     assert meter.table() == [
-        {"src_zone": None, "grant": None, "transfers": 1, "req_bytes": 0, "resp_bytes": 0},
-        {"src_zone": "a", "grant": "g-1", "transfers": 1, "req_bytes": 7, "resp_bytes": 0},
+        {"src_zone": None, "grant": None, "listener": None, "transfers": 1, "req_bytes": 0, "resp_bytes": 0},
+        {"src_zone": "a", "grant": "g-1", "listener": '["x"]', "transfers": 1, "req_bytes": 7, "resp_bytes": 0},
     ]

@@ -8,6 +8,7 @@ import argparse
 import csv
 import json
 import os
+import select
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -159,6 +160,13 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
     return WitnessPolicy(witnesses, quorum)
 
 
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says POLLERR), rather than some socket."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
@@ -169,9 +177,13 @@ def _guard(func):
         except BadRecord as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_BAD
-        except BrokenPipeError:  # the reader (`| head`) has all it wanted; Python must not complain at exit
+        except BrokenPipeError:
+            if not _stdout_broken():
+                raise
+            # The reader (`| head`) took what it wanted and left: no traceback or complaint, and no
+            # complaint again when Python flushes stdout at exit. The output is cut, so not success.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
+            return EXIT_USAGE
         except (AuditIOError, OSError) as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -244,8 +256,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _selected(args: argparse.Namespace, size: int, since, until) -> Iterator[tuple[int, dict]]:
-    """(index, record) of the log's first `size` records that match the filters given."""
+def _selected(args: argparse.Namespace, size: int, since, until,
+              counted: bool = False) -> Iterator[tuple[int, dict | None]]:
+    """(index, record) of the log's first `size` records that match the filters given; when `counted`,
+    (index, None) for the others, so the caller sees every record was read."""
     for index, entry in iter_entries(args.directory, size):
         try:
             record = json.loads(entry)
@@ -253,6 +267,8 @@ def _selected(args: argparse.Namespace, size: int, since, until) -> Iterator[tup
             raise BadRecord(f"record {index}: not JSON (run 'gateway trace verify')") from None
         if _matches(record, args, since, until):
             yield index, record
+        elif counted:
+            yield index, None
 
 
 @_guard
@@ -270,16 +286,26 @@ def cmd_meter(args: argparse.Namespace) -> int:
             print(f"TAMPERED: {problem}")
         return EXIT_BAD
     checkpoint = report.witnessed if policy is not None else report.checkpoint
-    meter.add_all(record for _, record in _selected(args, checkpoint.size, since, until))
+    read = 0
+    for index, record in _selected(args, checkpoint.size, since, until, counted=True):
+        read = index + 1
+        if record is not None:
+            meter.add(record)
+    if read != checkpoint.size:  # the files changed since they were verified
+        raise BadRecord(f"read {read} records, the verified checkpoint covers {checkpoint.size}")
+    anchor = {"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
+              "verifier_key": verifier.vkey(),
+              "key_from": str(args.pubkey) if args.pubkey is not None else "the log's own log.pub (self-consistency only)",
+              "witnessed": policy is not None}
     if args.format == "csv":
+        print(f"meter: covers {json.dumps(anchor, ensure_ascii=False)}", file=sys.stderr)
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow([*meter.keys, "transfers", "req_bytes", "resp_bytes"])
+        writer.writerow(meter.columns)
         for row in meter.table():
-            writer.writerow(["" if value is None else value for value in row.values()])
+            writer.writerow(["" if row[column] is None else row[column] for column in meter.columns])
         return EXIT_OK
     print(json.dumps({
-        "log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
-        "signed_by": verifier.name, "witnessed": policy is not None,
+        **anchor,
         "filters": {name: getattr(args, name) for name in ("since", "until", "zone", "rule")
                     if getattr(args, name) is not None},
         "by": list(meter.keys), "groups": meter.table(), "total": meter.total.as_dict(),

@@ -5,6 +5,7 @@ Totals of transfers and bytes, grouped by fields of the records (zones, listener
 the signed checkpoint they cover, so whoever holds the log's public key can recompute the same figures.
 """
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,11 @@ class Usage:
         return {"transfers": self.transfers, "req_bytes": self.req_bytes, "resp_bytes": self.resp_bytes}
 
 
+def _scalar(value: Any) -> Any:
+    """A group value as it can be a dict key and a CSV cell: lists and objects as canonical JSON."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+
+
 def _count(value: Any) -> int:
     # bool is an int too, but never a byte count
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -72,9 +78,11 @@ class Meter:
         unknown = [key for key in self.keys if key not in KEYS]
         if unknown:
             raise ValueError(f"unknown grouping key(s) {', '.join(unknown)}: choose from {', '.join(KEYS)}")
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"a grouping key is given twice: {', '.join(self.keys)}")
 
     def add(self, record: dict) -> None:
-        group = tuple(KEYS[key](record) for key in self.keys)
+        group = tuple(_scalar(KEYS[key](record)) for key in self.keys)
         usage = self.rows.get(group)
         if usage is None:
             usage = self.rows[group] = Usage()
@@ -85,6 +93,10 @@ class Meter:
         for record in records:
             self.add(record)
         return self
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.keys, *Usage().as_dict()]
 
     def table(self) -> list[dict[str, Any]]:
         """One dict per group (its key values, then its totals), sorted by the key values."""
