@@ -121,7 +121,8 @@ def process_tree_cpu(pid: int) -> float:
 
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user and nice already)
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     idle = values[3] + values[4]  # idle, iowait
     ticks = os.sysconf("SC_CLK_TCK")
     return (sum(values) - idle) / ticks, sum(values) / ticks
