@@ -213,8 +213,10 @@ def main() -> None:
                 for name in list(best)[1:]:
                     print(f"{size:>9} ratio {name}/{baseline}: req/s {best[name]['rps'] / best[baseline]['rps']:.2f}, "
                           f"p99 {best[name]['p99'] / max(best[baseline]['p99'], 0.001):.2f}; "
-                          f"medians of {args.rounds} runs: req/s {median[name] / median[baseline]:.2f}; "
-                          f"with the machine all theirs: at most {best[name]['rps'] / best[name]['machine_busy'] / best[baseline]['rps']:.2f}")
+                          f"medians of {args.rounds} runs: req/s {median[name] / median[baseline]:.2f}"
+                          + (f"; with the machine all theirs: at most "
+                             f"{best[name]['rps'] / best[name]['machine_busy'] / best[baseline]['rps']:.2f}"
+                             if args.workers else ""))
         finally:
             for process in reversed(processes):
                 process.stop()
