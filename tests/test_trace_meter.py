@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.trace import TraceLog
 from gateway.trace.meter import Meter
 from gateway.trace.tiles import tile_path
-from tests.tracecli import run_trace as run
+from tests.tracecli import run_trace as run, write_log
 
 ORIGIN = "gateway.test/meter"
 RECORDS = 700  # two full bundles, the rest in the journal
@@ -29,11 +28,7 @@ def record(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("meter")
-    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key", rotate_bundles=1) as log:
-        for i in range(RECORDS):
-            log.append_sync(record(i))
-    return base
+    return write_log(tmp_path_factory.mktemp("meter"), ORIGIN, map(record, range(RECORDS)))
 
 
 def meter_json(base: Path, capsys, *options: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from gateway.trace import TraceLog
 from gateway.trace.note import Signer
 from gateway.trace.tiles import tile_path
-from tests.tracecli import run_trace as run
+from tests.tracecli import run_trace as run, write_log
 
 ORIGIN = "gateway.test/trace"
 RECORDS = 600  # two full bundles, a third partial one in the journal
@@ -30,12 +30,8 @@ def record(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("pristine")
-    # The journal rotates after every bundle: two immutable full bundles, the third in the journal.
-    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key", rotate_bundles=1) as log:
-        for i in range(RECORDS):
-            log.append_sync(record(i))
-    return base
+    # Two immutable full bundles, the third in the journal.
+    return write_log(tmp_path_factory.mktemp("pristine"), ORIGIN, map(record, range(RECORDS)))
 
 
 @pytest.fixture
