@@ -11,8 +11,8 @@ the hard limit at start) less FD_RESERVE for everything else. It refuses
   client is counted by its /64, which one host can fill with addresses), or when the worker holds half
   its budget in client connections, leaving the other half for their upstream connections;
 - a new upstream connection when the budget is spent, or when the client connection it serves already
-  holds UPSTREAMS_PER_CONNECTION of them (mitmproxy keeps one open per upstream address a connection has
-  used, so one forward-proxy connection could otherwise open any number).
+  holds UPSTREAMS_PER_CONNECTION of them (mitmproxy keeps up to five open per upstream address a
+  connection has used, so one forward-proxy connection could otherwise open any number).
 
 A refused client connection gets a 503 (best effort: it is closed at once, unread, and a client that has
 already sent its request may see a reset instead) and is counted by listener and reason; no request was
@@ -99,7 +99,7 @@ class ConnectionLimits:
             else open_file_limit)
         self._clients: dict[str, str] = {}  # admitted client connection id -> its client key
         self._per_client: Counter[str] = Counter()
-        self._upstreams: dict[str, str] = {}  # upstream connection id (connecting or open) -> client connection id
+        self._upstreams: dict[str, str] = {}  # open upstream connection id -> its client connection id
         self._per_connection: Counter[str] = Counter()
         self._warned_at: dict[str, float] = {}
         self._unreported: Counter[str] = Counter()  # refusals since the last log line, by reason
@@ -123,6 +123,9 @@ class ConnectionLimits:
             _release(self._per_client, key)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # Open connections only: mitmproxy queues a connection to an address that already has five open
+        # for the same client connection without a descriptor, so only open ones are counted, and a
+        # few connecting at once may overshoot the budget by as many (FD_RESERVE absorbs that).
         if data.server.error:
             return  # already refused: mitmproxy reports it without connecting
         if len(self._clients) + len(self._upstreams) >= self.budget:
@@ -131,19 +134,15 @@ class ConnectionLimits:
             data.server.error = (f"{LIMIT_ERROR}: the client connection holds {UPSTREAMS_PER_CONNECTION} "
                                  f"upstream connections; open another one")
         else:
-            self._upstreams[data.server.id] = data.client.id
-            self._per_connection[data.client.id] += 1
             return
         self._count_refusal(data.server.error, "upstream", self._listener(data.client), client_key(data.client))
 
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._release_upstream(data.server)
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._upstreams[data.server.id] = data.client.id
+        self._per_connection[data.client.id] += 1
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._release_upstream(data.server)
-
-    def _release_upstream(self, server: connection.Server) -> None:
-        client_id = self._upstreams.pop(server.id, None)
+        client_id = self._upstreams.pop(data.server.id, None)
         if client_id is not None:
             _release(self._per_connection, client_id)
 

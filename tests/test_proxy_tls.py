@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import httpx
 import pytest
 import websockets
 
@@ -116,8 +121,9 @@ def test_http2_between_client_and_gateway(tls_lab):
         assert head_leak.stdout == "2 403", head_leak  # an HTTP/2 head is inspected like an HTTP/1 one
 
 
-def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tuple[int | None, dict[str, str]]:
-    """An HTTP/2 POST through the tunnel whose trailer fields follow its body (curl cannot send them)."""
+@contextlib.contextmanager
+def h2_tunnel(lab) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection, str]]:
+    """An HTTP/2 connection to the TLS upstream through a CONNECT tunnel: (socket, h2 state, authority)."""
     proxy_host, proxy_port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
     target = lab["upstream"].removeprefix("https://")
     raw = socket.create_connection((proxy_host, int(proxy_port)), timeout=10)
@@ -128,6 +134,12 @@ def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tu
     with context.wrap_socket(raw, server_hostname="127.0.0.2") as sock:
         connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         connection.initiate_connection()
+        yield sock, connection, target
+
+
+def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tuple[int | None, dict[str, str]]:
+    """An HTTP/2 POST through the tunnel whose trailer fields follow its body (curl cannot send them)."""
+    with h2_tunnel(lab) as (sock, connection, target):
         connection.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "https"),
                                     (":authority", target), ("te", "trailers")])
         connection.send_data(1, b"a clean body")
@@ -140,6 +152,42 @@ def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tu
                     return int(headers[":status"]), headers
             sock.sendall(connection.data_to_send())
     return None, {}
+
+
+def test_many_concurrent_http2_streams_to_an_http1_upstream_all_pass(tls_lab):
+    """mitmproxy queues them on a few upstream connections; none may be refused as over a limit."""
+    streams = 90  # under the 100 concurrent streams mitmproxy allows (sent before its SETTINGS is read)
+    statuses: dict[int, int] = {}
+    with h2_tunnel(tls_lab) as (sock, connection, target):
+        for i in range(streams):
+            connection.send_headers(connection.get_next_available_stream_id(),
+                                    [(":method", "GET"), (":path", f"/text?body=s{i}"), (":scheme", "https"),
+                                     (":authority", target)], end_stream=True)
+        sock.sendall(connection.data_to_send())
+        while len(statuses) < streams and (data := sock.recv(65536)):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+            sock.sendall(connection.data_to_send())
+    assert len(statuses) == streams and set(statuses.values()) == {200}, sorted(statuses.values())
+
+
+def test_rapidly_reset_http2_streams_leave_the_gateway_serving(tls_lab):
+    """CVE-2023-44487's pattern: streams opened and cancelled at once, by the thousand. The gateway must
+    stay ready and answer the next client promptly."""
+    with h2_tunnel(tls_lab) as (sock, connection, target):
+        for i in range(5000):
+            stream = connection.get_next_available_stream_id()
+            connection.send_headers(stream, [(":method", "GET"), (":path", f"/text?body=r{i}"), (":scheme", "https"),
+                                             (":authority", target)], end_stream=True)
+            connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+            if i % 100 == 99:
+                sock.sendall(connection.data_to_send())
+    started = time.monotonic()
+    assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
+                f"{tls_lab['upstream']}/text?body=after").stdout == "200"
+    assert time.monotonic() - started < 10
+    assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
 
 
 def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
