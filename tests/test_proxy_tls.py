@@ -18,6 +18,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import httpx
+import hyperframe.frame
 import pytest
 import websockets
 
@@ -198,6 +199,40 @@ def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
     assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in json.dumps(record)
     log = tls_lab["upstream_log"]
     assert not log.exists() or marker not in log.read_text()
+
+
+def test_an_http2_continuation_flood_is_cut_off(tls_lab):
+    """One request head sent as endless CONTINUATION frames (the 2024 "CONTINUATION flood"): the
+    connection is ended, with nothing forwarded, and the gateway stays ready."""
+    with h2_tunnel(tls_lab) as (sock, connection, target):
+        sock.sendall(connection.data_to_send())
+        head = hyperframe.frame.HeadersFrame(1)
+        head.data = connection.encoder.encode([(":method", "GET"), (":path", "/text?body=flood"),
+                                                (":scheme", "https"), (":authority", target)])
+        head.flags.add("END_STREAM")
+        sent, ended = 0, False
+        try:
+            sock.sendall(head.serialize())
+            for _ in range(1000):  # 16 MiB of header block if nothing stops it
+                more = hyperframe.frame.ContinuationFrame(1)
+                more.data = b"x" * 16384
+                sock.sendall(more.serialize())
+                sent += 1
+        except OSError:
+            ended = True
+        sock.settimeout(10)
+        try:
+            while sock.recv(65536):
+                pass
+            ended = True
+        except OSError:
+            ended = True
+    assert ended and sent < 1000, sent
+    log = tls_lab["upstream_log"]
+    assert not log.exists() or "body=flood" not in log.read_text()
+    assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
+    assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
+                f"{tls_lab['upstream']}/text?body=after-flood").stdout == "200"
 
 
 def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):
