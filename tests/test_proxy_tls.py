@@ -123,11 +123,17 @@ def test_http2_between_client_and_gateway(tls_lab):
 
 
 @contextlib.contextmanager
-def h2_tunnel(lab) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection, str]]:
-    """An HTTP/2 connection to the TLS upstream through a CONNECT tunnel: (socket, h2 state, authority)."""
+def h2_tunnel(lab, receive_buffer: int | None = None
+              ) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection, str]]:
+    """An HTTP/2 connection to the TLS upstream through a CONNECT tunnel: (socket, h2 state, authority);
+    with `receive_buffer`, the client socket's SO_RCVBUF (a small one: a client slow to read)."""
     proxy_host, proxy_port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
     target = lab["upstream"].removeprefix("https://")
-    raw = socket.create_connection((proxy_host, int(proxy_port)), timeout=10)
+    raw = socket.socket()
+    if receive_buffer is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(10)
+    raw.connect((proxy_host, int(proxy_port)))
     raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     assert raw.recv(65536).startswith(b"HTTP/1.1 200")
     context = ssl.create_default_context(cafile=str(lab["gateway_ca"]))
@@ -233,6 +239,41 @@ def test_an_http2_continuation_flood_is_cut_off(tls_lab):
     assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
     assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
                 f"{tls_lab['upstream']}/text?body=after-flood").stdout == "200"
+
+
+def gateway_rss_mib(lab) -> float:
+    """Resident memory of the lab's gateway processes (supervisor, workers, trace writer)."""
+    found = subprocess.run(["pgrep", "-f", f"gateway.*{lab['root']}"], capture_output=True, text=True).stdout.split()
+    total = 0
+    for pid in found:
+        with contextlib.suppress(FileNotFoundError, StopIteration):
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+    assert total, "no gateway process found"
+    return total / 1024
+
+
+def test_an_http2_ping_flood_from_a_client_that_never_reads_is_throttled(tls_lab):
+    """Every PING needs an answer. A client sending them by the million and reading none (the 2019 "ping
+    flood") must find the gateway stop reading once its answers cannot leave (or end the connection), not
+    queue them in memory."""
+    before = gateway_rss_mib(tls_lab)
+    pings = b"".join(hyperframe.frame.PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1000))
+    sent, stopped = 0, False
+    with h2_tunnel(tls_lab, receive_buffer=4096) as (sock, connection, target):
+        sock.sendall(connection.data_to_send())
+        sock.settimeout(3)
+        try:
+            while sent < 3_000_000:  # 51 MB of answers, were they all queued
+                sock.sendall(pings)
+                sent += 1000
+        except (TimeoutError, ConnectionError):
+            stopped = True
+        assert stopped, f"{sent} pings taken without a pause"
+        assert gateway_rss_mib(tls_lab) - before < 30
+    assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
+    assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
+                f"{tls_lab['upstream']}/text?body=after-pings").stdout == "200"
 
 
 def test_upstream_certificate_not_signed_by_the_sector_ca_is_refused(tls_lab):

@@ -295,7 +295,8 @@ def cmd_meter(args: argparse.Namespace) -> int:
         raise BadRecord(f"read {read} records, the verified checkpoint covers {checkpoint.size}")
     anchor = {"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
               "verifier_key": verifier.vkey(),
-              "key_from": str(args.pubkey) if args.pubkey is not None else "the log's own log.pub (self-consistency only)",
+              "key_from": str(args.pubkey) if args.pubkey is not None
+              else "the log's own log.pub (self-consistency only)",
               "witnessed": policy is not None}
     if args.format == "csv":
         print(f"meter: covers {json.dumps(anchor, ensure_ascii=False)}", file=sys.stderr)
