@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import select
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         module.register(commands)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # The reader (`| head`) took what it wanted and left: no traceback now, and none when Python
+        # flushes stdout at exit. The output was cut, so this is not success.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says POLLERR), rather than some socket."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:

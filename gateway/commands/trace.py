@@ -7,8 +7,6 @@ record or file), 2 usage or I/O errors.
 import argparse
 import csv
 import json
-import os
-import select
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -160,13 +158,6 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
     return WitnessPolicy(witnesses, quorum)
 
 
-def _stdout_broken() -> bool:
-    """Whether stdout is a pipe nobody reads any more (poll says POLLERR), rather than some socket."""
-    poller = select.poll()
-    poller.register(sys.stdout.fileno(), select.POLLOUT)
-    return any(events & select.POLLERR for _, events in poller.poll(0))
-
-
 def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
@@ -178,12 +169,7 @@ def _guard(func):
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_BAD
         except BrokenPipeError:
-            if not _stdout_broken():
-                raise
-            # The reader (`| head`) took what it wanted and left: no traceback or complaint, and no
-            # complaint again when Python flushes stdout at exit. The output is cut, so not success.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_USAGE
+            raise  # the command line ends quietly when it is stdout (gateway.cli)
         except (AuditIOError, OSError) as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_USAGE
