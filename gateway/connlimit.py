@@ -99,8 +99,10 @@ class ConnectionLimits:
             else open_file_limit)
         self._clients: dict[str, str] = {}  # admitted client connection id -> its client key
         self._per_client: Counter[str] = Counter()
-        self._upstreams: dict[str, str] = {}  # open upstream connection id -> its client connection id
-        self._per_connection: Counter[str] = Counter()
+        # Open upstream connection ids by client connection id. Forgotten with their client connection too:
+        # mitmproxy closes them all then, some without a server_disconnected hook (gateway.erroranswer).
+        self._upstreams: dict[str, set[str]] = {}
+        self._upstream_count = 0
         self._warned_at: dict[str, float] = {}
         self._unreported: Counter[str] = Counter()  # refusals since the last log line, by reason
 
@@ -121,6 +123,7 @@ class ConnectionLimits:
         key = self._clients.pop(client.id, None)
         if key is not None:
             _release(self._per_client, key)
+        self._upstream_count -= len(self._upstreams.pop(client.id, ()))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Open connections only: mitmproxy queues a connection to an address that already has five open
@@ -128,9 +131,9 @@ class ConnectionLimits:
         # few connecting at once may overshoot the budget by as many (FD_RESERVE absorbs that).
         if data.server.error:
             return  # already refused: mitmproxy reports it without connecting
-        if len(self._clients) + len(self._upstreams) >= self.budget:
+        if len(self._clients) + self._upstream_count >= self.budget:
             data.server.error = f"{LIMIT_ERROR}: this worker's {self.budget} connections are all in use"
-        elif self._per_connection[data.client.id] >= UPSTREAMS_PER_CONNECTION:
+        elif len(self._upstreams.get(data.client.id, ())) >= UPSTREAMS_PER_CONNECTION:
             data.server.error = (f"{LIMIT_ERROR}: the client connection holds {UPSTREAMS_PER_CONNECTION} "
                                  f"upstream connections; open another one")
         else:
@@ -138,13 +141,15 @@ class ConnectionLimits:
         self._count_refusal(data.server.error, "upstream", self._listener(data.client), client_key(data.client))
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._upstreams[data.server.id] = data.client.id
-        self._per_connection[data.client.id] += 1
+        if data.client.id in self._clients:  # else its client connection has ended already
+            self._upstreams.setdefault(data.client.id, set()).add(data.server.id)
+            self._upstream_count += 1
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        client_id = self._upstreams.pop(data.server.id, None)
-        if client_id is not None:
-            _release(self._per_connection, client_id)
+        held = self._upstreams.get(data.client.id)
+        if held is not None and data.server.id in held:
+            held.remove(data.server.id)
+            self._upstream_count -= 1
 
     def _refuse_client(self, client: connection.Client, key: str, reason: str, why: str) -> None:
         proxyserver: Proxyserver | None = ctx.master.addons.get("proxyserver")

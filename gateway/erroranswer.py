@@ -23,7 +23,9 @@ option from its first byte is refused 408 (a slowloris, or a protocol where the 
 where mitmproxy would wait for the connection's idle timeout. An HTTP/1 message with trailers, which
 mitmproxy cannot pass on (it raises, and the connection ends unanswered and unrecorded), is that
 message's protocol error instead: a request's is recorded and its connection closed, an upstream's
-answered 502 like any upstream failure.
+answered 502 like any upstream failure. An HTTP/2 client resetting streams faster than RESET_RATE
+a second (after a burst of RESET_BURST) has its connection ended with ENHANCE_YOUR_CALM ("rapid reset"),
+and an upstream connection whose opening was cancelled half way is closed (mitmproxy left it open).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -31,19 +33,24 @@ mitmproxy upgrade changes them.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import h2.errors
+import h2.events
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import connection, http, optmanager
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.server import ConnectionHandler
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.http._events import ErrorCode, HttpEvent, ResponseData, ResponseEndOfMessage, \
     ResponseHeaders, ResponseProtocolError
 
@@ -56,6 +63,11 @@ MAX_REQUEST_HEAD = 64 * 1024
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
+# An HTTP/2 client resetting streams faster than this ends its connection (CVE-2023-44487, "rapid
+# reset": each reset stream still costs a flow begun and ended, and floods of them stalled a worker).
+RESET_BURST = 100
+RESET_RATE = 20.0  # resets a second, after the burst
+RESETS_REFUSED = "too many HTTP/2 stream resets (rapid reset)"
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -98,6 +110,11 @@ def install() -> None:
         _wrap(cls, "read_body", _refuse_trailers,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
                "code=self.ReceiveProtocolError.code"))
+    _wrap(ConnectionHandler, "open_connection", _close_abandoned_connections,
+          ("await self.handle_hook(server_hooks.ServerConnectedHook(hook_data))",
+           "await self.handle_connection(command.connection)"))
+    _wrap(Http2Server, "handle_h2_event", _limit_stream_resets,
+          ("isinstance(event, h2.events.RequestReceived)", "return (yield from super().handle_h2_event(event))"))
 
 
 def add_options(options: optmanager.OptManager) -> None:
@@ -329,6 +346,39 @@ def _limit_response_heads(original: Callable) -> Callable:
                 self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
 
     return read_headers
+
+
+def _close_abandoned_connections(original: Callable) -> Callable:
+    """mitmproxy closes an upstream connection only in handle_connection. Cancelled between connecting
+    and getting there (its client connection ended meanwhile, say by a flood of reset streams), it
+    left the socket open for good: close it."""
+    async def open_connection(self: ConnectionHandler, command: commands.OpenConnection) -> None:
+        try:
+            await original(self, command)
+        except asyncio.CancelledError:
+            io = self.transports.pop(command.connection, None)
+            if io is not None and io.writer is not None:
+                io.writer.close()
+            raise
+
+    return open_connection
+
+
+def _limit_stream_resets(original: Callable) -> Callable:
+    """A token bucket per HTTP/2 client connection: RESET_BURST resets at once, RESET_RATE a second
+    after that; past it the connection ends with ENHANCE_YOUR_CALM (its open streams fail as errors)."""
+    def handle_h2_event(self: Http2Server, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        if isinstance(event, h2.events.StreamReset) and event.remote_reset:
+            now = time.monotonic()
+            tokens, since = getattr(self, "_gateway_resets", (RESET_BURST, now))
+            tokens = min(RESET_BURST, tokens + (now - since) * RESET_RATE) - 1
+            self._gateway_resets = (tokens, now)
+            if tokens < 0:
+                yield from self.protocol_error(RESETS_REFUSED, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return True
+        return (yield from original(self, event))
+
+    return handle_h2_event
 
 
 def _refuse_trailers(original: Callable) -> Callable:

@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import httpx
 import hyperframe.frame
 import pytest
@@ -179,32 +180,32 @@ def test_many_concurrent_http2_streams_to_an_http1_upstream_all_pass(tls_lab):
     assert len(statuses) == streams and set(statuses.values()) == {200}, sorted(statuses.values())
 
 
-def test_rapidly_reset_http2_streams_leave_the_gateway_serving(tls_lab):
-    """CVE-2023-44487's pattern: streams opened and cancelled at once, by the thousand. The gateway must
-    stay ready and answer the next client promptly."""
+def test_rapidly_reset_http2_streams_end_the_connection_and_the_gateway_keeps_serving(tls_lab):
+    """CVE-2023-44487's pattern: streams opened and cancelled at once, by the thousand. Past a burst of
+    resets the gateway ends the connection with ENHANCE_YOUR_CALM, and answers the next client promptly.
+    (Upstream connections the flood had begun are closed: one left open, before gateway.erroranswer closed
+    them, held this test's upstream, which completes TLS handshakes one at a time, and the next request
+    waited for good.)"""
+    terminated = None
     with h2_tunnel(tls_lab) as (sock, connection, target):
-        for i in range(5000):
-            stream = connection.get_next_available_stream_id()
-            connection.send_headers(stream, [(":method", "GET"), (":path", f"/text?body=r{i}"), (":scheme", "https"),
-                                             (":authority", target)], end_stream=True)
-            connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
-            if i % 100 == 99:
-                sock.sendall(connection.data_to_send())
+        with contextlib.suppress(OSError):  # the gateway may close before all are sent
+            for i in range(5000):
+                stream = connection.get_next_available_stream_id()
+                connection.send_headers(stream, [(":method", "GET"), (":path", f"/text?body=r{i}"),
+                                                 (":scheme", "https"), (":authority", target)], end_stream=True)
+                connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+                if i % 100 == 99:
+                    sock.sendall(connection.data_to_send())
+        with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+            while terminated is None and (data := sock.recv(65536)):
+                terminated = next((event for event in connection.receive_data(data)
+                                   if isinstance(event, h2.events.ConnectionTerminated)), None)
+    assert terminated is not None and terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     started = time.monotonic()
     assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
                 f"{tls_lab['upstream']}/text?body=after").stdout == "200"
     assert time.monotonic() - started < 10
     assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
-
-
-def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
-    marker = f"/echo?case=h2-trailers-{free_port()}"
-    status, headers = h2_post_with_trailers(tls_lab, marker, [("x-applicant", ID_NUMBER)])
-    assert status == 403, headers
-    record = trace_record(tls_lab, headers["x-gateway-transfer-id"])
-    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in json.dumps(record)
-    log = tls_lab["upstream_log"]
-    assert not log.exists() or marker not in log.read_text()
 
 
 def test_an_http2_continuation_flood_is_cut_off(tls_lab):
