@@ -162,6 +162,16 @@ def h2_post_with_trailers(lab, path: str, trailers: list[tuple[str, str]]) -> tu
     return None, {}
 
 
+def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
+    marker = f"/echo?case=h2-trailers-{free_port()}"
+    status, headers = h2_post_with_trailers(tls_lab, marker, [("x-applicant", ID_NUMBER)])
+    assert status == 403, headers
+    record = trace_record(tls_lab, headers["x-gateway-transfer-id"])
+    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in json.dumps(record)
+    log = tls_lab["upstream_log"]
+    assert not log.exists() or marker not in log.read_text()
+
+
 def test_many_concurrent_http2_streams_to_an_http1_upstream_all_pass(tls_lab):
     """mitmproxy queues them on a few upstream connections; none may be refused as over a limit."""
     streams = 90  # under the 100 concurrent streams mitmproxy allows (sent before its SETTINGS is read)
