@@ -17,6 +17,7 @@ import asyncio
 import inspect
 from collections.abc import Iterator
 
+from mitmproxy import connection, ctx
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.server import ConnectionHandler
 
@@ -89,11 +90,17 @@ def install() -> None:
     ConnectionHandler.server_event = server_event
 
 
-def cut(proxyserver, flow) -> None:
+def connection_handler(client: connection.Client) -> ConnectionHandler | None:
+    """The handler mitmproxy serves a client connection with (None once it has ended)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(client.id) if proxyserver else None
+
+
+def cut(flow) -> None:
     """Close both sides of a transfer whose streamed body earned a block: the upstream got at most the
     headers and never a byte of the withheld body, and the client gets no answer but the cut."""
     flow.kill()
-    handler = proxyserver.connections.get(flow.client_conn.id)
+    handler = connection_handler(flow.client_conn)
     if handler is None:
         return
     for connection in (flow.server_conn, flow.client_conn):

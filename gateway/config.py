@@ -103,7 +103,7 @@ class Config:
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.workers)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
-    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # open at once per client address (see gateway.connlimit)
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.connlimit)
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:

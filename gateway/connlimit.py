@@ -30,10 +30,10 @@ import time
 from collections import Counter
 from typing import Protocol
 
-from mitmproxy import connection, ctx
-from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 
+from gateway.backpressure import connection_handler
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import Runtime
 from gateway.zones import host_ip
@@ -122,7 +122,9 @@ class ConnectionLimits:
     def client_disconnected(self, client: connection.Client) -> None:
         key = self._clients.pop(client.id, None)
         if key is not None:
-            _release(self._per_client, key)
+            self._per_client[key] -= 1
+            if not self._per_client[key]:
+                del self._per_client[key]
         self._upstream_count -= len(self._upstreams.pop(client.id, ()))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -152,8 +154,7 @@ class ConnectionLimits:
             self._upstream_count -= 1
 
     def _refuse_client(self, client: connection.Client, key: str, reason: str, why: str) -> None:
-        proxyserver: Proxyserver | None = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(client.id) if proxyserver else None
+        handler = connection_handler(client)
         if handler is not None and (writer := handler.transports[client].writer) is not None:
             writer.write(REFUSAL)  # flushed by the close mitmproxy does next
         client.error = f"connection refused: {why}"  # mitmproxy closes it before reading anything
@@ -169,13 +170,7 @@ class ConnectionLimits:
         self._unreported[reason] += 1
         now = time.monotonic()
         if now - self._warned_at.get(reason, -WARN_INTERVAL) >= WARN_INTERVAL:
-            log.warning("refused %d %s connection(s) (%s) since the last report; the last on listener %s from "
-                        "%s: %s", self._unreported.pop(reason), "upstream" if reason == "upstream" else "client",
-                        reason, listener, key, why)
+            log.warning("refused %d connection(s) (%s) since the last report; the last on listener %s from %s: %s",
+                        self._unreported.pop(reason), reason, listener, key, why)
             self._warned_at[reason] = now
 
-
-def _release(counts: Counter[str], key: str) -> None:
-    counts[key] -= 1
-    if not counts[key]:
-        del counts[key]

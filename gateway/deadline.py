@@ -17,8 +17,8 @@ import logging
 from typing import Protocol
 
 from mitmproxy import connection, ctx, http
-from mitmproxy.addons.proxyserver import Proxyserver
 
+from gateway.backpressure import connection_handler
 from gateway.erroranswer import MalformedRequest
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import Runtime
@@ -68,8 +68,7 @@ class FirstRequestDeadline:
 
     def _expired(self, client: connection.Client) -> None:
         self._timers.pop(client.id, None)
-        proxyserver: Proxyserver | None = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(client.id) if proxyserver else None
+        handler = connection_handler(client)
         if handler is None:
             return
         name = self.gateway.runtime.listener_name(*client.sockname[:2])

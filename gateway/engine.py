@@ -119,8 +119,8 @@ class GatewayServer:
         CachedHookDispatch.install(self.master)
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
-            ConnectionLimits(self, self.worker.count if self.worker else 1), Identify(self), Authorize(self), Inspect(self), Record(self),
-            measure, FirstRequestDeadline(self),
+            ConnectionLimits(self, self.worker.count if self.worker else 1),
+            Identify(self), Authorize(self), Inspect(self), Record(self), measure, FirstRequestDeadline(self),
             Announce(self),
         )
         self.master.options.update(**self._engine_options())

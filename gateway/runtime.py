@@ -21,10 +21,14 @@ class Runtime:
         """The listener a client reached, by the local address it connected to (wildcard binds last),
         as metrics, logs and records name it."""
         candidates = [listener for listener in self.config.listeners if listener.port == port]
-        address = str(host_ip(host) or host)  # an IPv4-mapped address as the IPv4 one a listener names
         for listener in candidates:
-            if listener.host in (host, address):
+            if listener.host == host:
                 return listener.name
+        if ":" in host:  # an IPv4-mapped address as the IPv4 one a listener names (parsed only then: per request)
+            address = str(host_ip(host) or host)
+            for listener in candidates:
+                if listener.host == address:
+                    return listener.name
         wildcard = [listener for listener in candidates if listener.host in ("0.0.0.0", "::")]
         return wildcard[0].name if wildcard else "unknown"
 

@@ -248,7 +248,8 @@ class Supervisor:
             return await asyncio.create_subprocess_exec(*argv)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
         argv = [sys.executable, "-m", "gateway.workers", str(child.index), "--parent", str(os.getpid()),
-                "--of", str(len(self.workers)), "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
+                "--of", str(len(self.workers)),
+                "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
         if self.config_path is not None:
             argv += ["-c", str(self.config_path)]
         if self.frontend is not None:

@@ -235,26 +235,25 @@ def _checkpoint_size(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_show(args: argparse.Namespace) -> int:
-    since = _parse_time(args.since, "--since") if args.since else None
-    until = _parse_time(args.until, "--until") if args.until else None
-    for index, record in _selected(args, _checkpoint_size(args), since, until):
-        sys.stdout.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
+    window = _window(args)
+    for index, record in _records(args, _checkpoint_size(args)):
+        if _matches(record, args, *window):
+            sys.stdout.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
     return EXIT_OK
 
 
-def _selected(args: argparse.Namespace, size: int, since, until,
-              counted: bool = False) -> Iterator[tuple[int, dict | None]]:
-    """(index, record) of the log's first `size` records that match the filters given; when `counted`,
-    (index, None) for the others, so the caller sees every record was read."""
+def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
+    return (_parse_time(args.since, "--since") if args.since else None,
+            _parse_time(args.until, "--until") if args.until else None)
+
+
+def _records(args: argparse.Namespace, size: int) -> Iterator[tuple[int, dict]]:
+    """(index, record) of the log's first `size` records."""
     for index, entry in iter_entries(args.directory, size):
         try:
-            record = json.loads(entry)
+            yield index, json.loads(entry)
         except ValueError:
             raise BadRecord(f"record {index}: not JSON (run 'gateway trace verify')") from None
-        if _matches(record, args, since, until):
-            yield index, record
-        elif counted:
-            yield index, None
 
 
 @_guard
@@ -263,8 +262,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
         meter = Meter(tuple(key.strip() for key in args.by.split(",") if key.strip()))
     except ValueError as exc:
         raise UsageError(f"--by: {exc}") from None
-    since = _parse_time(args.since, "--since") if args.since else None
-    until = _parse_time(args.until, "--until") if args.until else None
+    window = _window(args)
     verifier, policy = _log_verifier(args), _policy(args)
     report = verify_log(args.directory, verifier, policy)
     if report.problems:  # figures from a log that does not verify would settle nothing
@@ -273,9 +271,9 @@ def cmd_meter(args: argparse.Namespace) -> int:
         return EXIT_BAD
     checkpoint = report.witnessed if policy is not None else report.checkpoint
     read = 0
-    for index, record in _selected(args, checkpoint.size, since, until, counted=True):
-        read = index + 1
-        if record is not None:
+    for _, record in _records(args, checkpoint.size):
+        read += 1
+        if _matches(record, args, *window):
             meter.add(record)
     if read != checkpoint.size:  # the files changed since they were verified
         raise BadRecord(f"read {read} records, the verified checkpoint covers {checkpoint.size}")

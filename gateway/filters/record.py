@@ -71,7 +71,7 @@ class Record:
         transfer = transfer_of(flow)
         if transfer is not None and transfer.cut and not transfer.recorded:
             await self._record(flow, transfer)
-            cut(self.gateway.master.addons.get("proxyserver"), flow)
+            cut(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
