@@ -160,6 +160,18 @@ def test_show_filters(logdir, capsys):
     assert got == want and got
 
 
+def test_show_lists_records_the_lazily_replaced_checkpoint_file_does_not_cover_yet(logdir, capsys):
+    # A record is answered once its journal frame is durable; the checkpoint file follows later.
+    lagging = (logdir / "log" / "checkpoint").read_bytes()
+    with TraceLog.open(logdir / "log", origin=ORIGIN, signing_key=logdir / "key") as log:
+        for i in range(RECORDS, RECORDS + 3):
+            log.append_sync(record(i))
+    (logdir / "log" / "checkpoint").write_bytes(lagging)
+    for key in ((), ("--pubkey", str(logdir / "key.pub"))):
+        assert run("show", str(logdir / "log"), "--id", f"tx-{RECORDS + 2:05d}", *key) == 0
+        assert [json.loads(x)["index"] for x in capsys.readouterr().out.splitlines()] == [RECORDS + 2]
+
+
 def test_show_piped_into_head_ends_quietly(logdir):
     pipeline = subprocess.run(f"{sys.executable} -m gateway trace show {logdir / 'log'} | head -n 1",
                               shell=True, capture_output=True, text=True, timeout=60)

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gateway.trace.audit import (
-    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_entries, parse_signed_checkpoint,
-    prove_consistency, prove_inclusion, read_checkpoint, verify_log,
+    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_entries, newest_checkpoint,
+    prove_consistency, prove_inclusion, verify_log,
 )
 from gateway.trace.merkle import ProofError
 from gateway.trace.meter import DEFAULT_KEYS, KEYS, Meter
@@ -224,11 +224,8 @@ def _matches(record: dict, args: argparse.Namespace, since, until) -> bool:
 
 def _checkpoint_size(args: argparse.Namespace) -> int:
     try:
-        if args.pubkey is not None:
-            return read_checkpoint(args.directory, _load_vkey(args.pubkey))[1].size
-        return parse_signed_checkpoint((args.directory / "checkpoint").read_bytes())[1].size
-    except FileNotFoundError:
-        raise UsageError(f"{args.directory}: no checkpoint (not a trace log?)") from None
+        verifier = _load_vkey(args.pubkey) if args.pubkey is not None else None
+        return newest_checkpoint(args.directory, verifier)[1].size
     except NoteError as exc:
         raise UsageError(f"{args.directory / 'checkpoint'}: {exc}") from None
 
@@ -302,7 +299,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
 def cmd_prove(args: argparse.Namespace) -> int:
     verifier = _log_verifier(args)
     try:
-        _, checkpoint = read_checkpoint(args.directory, verifier)
+        _, checkpoint = newest_checkpoint(args.directory, verifier)
     except NoteError as exc:
         print(f"TAMPERED: checkpoint: {exc}")
         return EXIT_BAD

@@ -304,11 +304,16 @@ def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_
             return
 
 
-def newest_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkpoint]:
+def newest_checkpoint(directory: Path, verifier: Verifier | None) -> tuple[Note, Checkpoint]:
     """The newest checkpoint signed by the log: the checkpoint file, or a later one in the journal
-    (the file is replaced lazily). Journal frames past the records present are ignored."""
+    (the file is replaced lazily, so a record just answered may be covered only by a journal frame).
+    Journal frames past the records present are ignored. With no verifier the signatures are not
+    checked: enough to list records, never to vouch for them."""
+    def opened(data: bytes) -> tuple[Note, Checkpoint]:
+        return parse_signed_checkpoint(data) if verifier is None else open_checkpoint(data, verifier)
+
     try:
-        note, checkpoint = open_checkpoint(_read(directory / "checkpoint"), verifier)
+        note, checkpoint = opened(_read(directory / "checkpoint"))
     except FileNotFoundError:
         raise AuditIOError(f"{directory / 'checkpoint'}: missing") from None
     try:
@@ -318,14 +323,13 @@ def newest_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkp
     for size, _, data in reversed(journal.checkpoints):
         if size <= checkpoint.size:
             break
-        opened = _signed_note(data, verifier)
-        if opened is not None and opened[1].size == size:
-            return opened
+        try:
+            newer = opened(data)
+        except NoteError:
+            continue
+        if newer[1].size == size:
+            return newer
     return note, checkpoint
-
-
-def read_checkpoint(directory: Path, verifier: Verifier) -> tuple[Note, Checkpoint]:
-    return newest_checkpoint(directory, verifier)
 
 
 def iter_entries(directory: Path, size: int) -> Iterator[tuple[int, bytes]]:
@@ -357,7 +361,7 @@ def format_inclusion_proof(index: int, entry: bytes, proof: list[bytes], checkpo
 
 
 def prove_inclusion(directory: Path, verifier: Verifier, index: int, entry: bytes) -> str:
-    note, checkpoint = read_checkpoint(directory, verifier)
+    note, checkpoint = newest_checkpoint(directory, verifier)
     reader = tail_reader(directory, checkpoint.size)
     proof = inclusion_proof(reader.node_hash, index, checkpoint.size)
     verify_inclusion(index, checkpoint.size, leaf_hash(entry), proof, checkpoint.root)
@@ -388,7 +392,7 @@ def prove_consistency(directory: Path, verifier: Verifier, old_note: bytes) -> d
     """Consistency proof from an auditor's old checkpoint to the current one, checked before
     it is returned. Raises ProofError when the log does not extend the old checkpoint."""
     _, old = open_checkpoint(old_note, verifier)
-    note, new = read_checkpoint(directory, verifier)
+    note, new = newest_checkpoint(directory, verifier)
     if old.size > new.size:
         raise ProofError(f"the log shrank: old checkpoint has {old.size} records, current {new.size} (rollback)")
     reader = tail_reader(directory, new.size)
