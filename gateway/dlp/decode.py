@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
 from gateway.dlp.coding import DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset
+from gateway.dlp.embedded import encoded_contents
 
 MiB = 1 << 20
 
@@ -116,8 +117,15 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
         decoded.problems.append((location, str(error)))
         return decoded
     media, params = parse_media_type(content_type)
-    _Walker(limits, decoded).content(data, media, params, None, location, depth=0)
+    walker = _Walker(limits, decoded)
+    walker.content(data, media, params, None, location, depth=0)
+    walker.embedded()
     return decoded
+
+
+def decode_embedded(decoded: Decoded, limits: Limits) -> None:
+    """Add to `decoded` what base64 inside its segments hides (fields of a message head, say)."""
+    _Walker(limits, decoded).embedded()
 
 
 _EXTENSION_TYPES = {
@@ -163,6 +171,25 @@ class _Walker:
             self.multipart(data, params["boundary"], location, depth)
         else:
             self.text(data, media, params.get("charset"), location)
+
+    def embedded(self) -> None:
+        """Base64 hidden in the segments (and in what it decodes to): each readable content is
+        undone like a body of its own, one nesting level deeper (see gateway.dlp.embedded)."""
+        depths = [0] * len(self.out.segments)
+        index = 0
+        while index < len(self.out.segments):
+            segment, depth = self.out.segments[index], depths[index]
+            index += 1
+            for found in encoded_contents(segment.data):
+                where = segment.locate(found.start)[0] if segment.locate else segment.location
+                where = child(where, "base64")
+                if len(found.content) > self.budget:
+                    self.problem(where, f"decoded content exceeds {self.limits.max_decoded_bytes} bytes")
+                    return
+                self.budget -= len(found.content)
+                before = len(self.out.segments)
+                self.content(found.content, "", _NO_PARAMS, None, where, depth + 1)
+                depths += [depth + 1] * (len(self.out.segments) - before)
 
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
         try:

@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
-from gateway.dlp.decode import FOLD_TABLE, Decoded, Limits, Segment, decode_body, needs_folding, text_segment
+from gateway.dlp.coding import DecodeError
+from gateway.dlp.decode import (
+    FOLD_TABLE, Decoded, Limits, Segment, decode_body, decode_embedded, needs_folding, text_segment,
+)
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
+from gateway.dlp.embedded import encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
@@ -122,7 +126,8 @@ class Profile:
         data = texts.encode("utf-8", "surrogatepass")
         if needs_folding(data):
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
-        if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]):
+        if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
+                and next(encoded_contents(data), None) is None:
             if len(clean) > CLEAN_FIELDS_KEPT:
                 clean.clear()  # bounded: a stream of unique values only ever refills it
             clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)
@@ -133,6 +138,7 @@ class Profile:
             if name:
                 decoded.fields.append((location, name))
                 decoded.segments.append(text_segment(name, f"{location} (name)", name))
+        decode_embedded(decoded, self.limits)
         return self.evaluate(decoded, direction, host)
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
@@ -146,7 +152,13 @@ class Profile:
                         if f.action == "redact" and f.value and f.type != UNINSPECTABLE}
         if not replacements:
             return body
-        return redact_body(body, content_type, content_encoding, replacements, self.limits)
+        redacted = redact_body(body, content_type, content_encoding, replacements, self.limits)
+        # Values the rewrite could not reach (inside base64, say) must not cross: the caller blocks.
+        left = {value for segment in decode_body(redacted, content_type, content_encoding, self.limits).segments
+                for value in replacements if value.encode() in segment.data or value in (segment.original or "")}
+        if left:
+            raise DecodeError(f"{len(left)} value(s) to redact are where the body cannot be rewritten")
+        return redacted
 
     # evaluation ---------------------------------------------------------------------------------
     def evaluate(self, decoded: Decoded, direction: str, host: str | None,

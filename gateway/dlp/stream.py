@@ -12,8 +12,9 @@ import codecs
 import re
 
 from gateway.dlp.coding import DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset
-from gateway.dlp.decode import FOLD_TABLE, Segment, parse_media_type
+from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_body, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
+from gateway.dlp.embedded import base64_runs, decode_run, readable
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -162,7 +163,43 @@ class StreamScan:
             self._fail("too many candidate matches in the stream")
             return
         self._detections += detections
+        held = self._scan_encoded(data, low, accept_end)
         self._accepted_until = self._window_start + accept_end
-        keep_from = max(accept_end - OVERLAP_BYTES, 0)
+        keep_from = min(max(accept_end - OVERLAP_BYTES, 0), held)
         del self._window[:keep_from]
         self._window_start += keep_from
+
+    def _scan_encoded(self, data: bytes, low: int, accept_end: int) -> int:
+        """Scan what base64 runs ending in the window's new part hide (as `scan()` does); returns
+        where the first run still open begins, held back so the next window sees it whole. A run
+        longer than a window is let go when it starts as binary (an image), else the stream fails
+        closed: text that size cannot be held."""
+        held = len(data)
+        for start, end in base64_runs(data):
+            if end <= low:
+                continue  # scanned with an earlier window
+            if end > accept_end:
+                if end - start <= WINDOW_BYTES:
+                    held = min(held, start)
+                elif _readable_head(data[start:start + WINDOW_BYTES]):
+                    self._fail(f"base64 text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
+                    return held
+                continue
+            content = decode_run(data[start:end])
+            if content is None or not readable(content):
+                continue
+            decoded = decode_body(content, None, None, self.limits,
+                                  location=child(f"body:offset {self._window_start + start}", "base64"))
+            detections, overflow = self.profile.detect(decoded.segments)
+            if overflow:
+                self._fail("too many candidate matches in the stream")
+                return held
+            self._detections += detections + self.profile.field_detections(decoded.fields)
+            self._problems += decoded.problems
+        return held
+
+
+def _readable_head(run: bytes) -> bool:
+    """Whether the start of a long run decodes to readable content (its last character may be cut)."""
+    head = decode_run(run[:len(run) // 4 * 4])
+    return head is not None and any(readable(head[:len(head) - cut]) for cut in range(4))

@@ -1,0 +1,150 @@
+"""Sensitive data hidden as base64 inside what crosses: found in bodies, heads and streams, located,
+and never redacted into a false sense of safety."""
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from gateway.dlp import load_rules
+from gateway.dlp import stream as stream_module
+from gateway.dlp.coding import DecodeError
+from gateway.dlp.embedded import MIN_RUN, base64_runs, decode_run, encoded_contents, readable
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
+ID = "11010519491231002X"
+CARD = "6228480012345671"
+TABLE = f"姓名,身份证号\n张三,{ID}\n".encode()
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules(SHIPPED)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def id_findings(result):
+    return sorted(f.location for f in result.findings if f.type == "cn_id_card")
+
+
+def test_every_way_of_hiding_an_id_number_in_base64_is_found_and_located(rules):
+    outbound = rules.profile("outbound")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("export.csv", TABLE)
+    jwt = ".".join([base64.urlsafe_b64encode(b'{"alg":"HS256"}').rstrip(b"=").decode(),
+                    base64.urlsafe_b64encode(json.dumps({"sfzh": ID}).encode()).rstrip(b"=").decode(), "c2ln"])
+    cases = {
+        "json value": (json.dumps({"file": b64(TABLE)}), "application/json",
+                       "body:$.file / base64 / csv row 2 column 身份证号"),
+        "JWT claim": (json.dumps({"token": jwt}), "application/json", "body:$.token / base64 / $.sfzh"),
+        "GBK text": (b64(f"身份证号：{ID}".encode("gbk")), "text/plain", "body:offset 0 / base64 / offset 13"),  # the full-width colon folds to one byte
+        "zip": (json.dumps({"attachment": b64(archive.getvalue())}), "application/json",
+                "body:$.attachment / base64 / zip export.csv / csv row 2 column 身份证号"),
+        "gzip": (f"data:application/gzip;base64,{b64(gzip.compress(ID.encode()))}", "text/plain",
+                 "body:offset 29 / base64 / gzip content / offset 0"),
+        "MIME-wrapped": (base64.encodebytes(b"padding line " * 20 + ID.encode()).decode(), "text/plain",
+                         "body:offset 0 / base64 / offset 260"),
+        "base64 of base64": (f"x={b64(b64(ID.encode()).encode())}", "text/plain",
+                             "body:offset 2 / base64 / offset 0 / base64 / offset 0"),
+    }
+    for name, (body, content_type, location) in cases.items():
+        result = outbound.scan(body.encode(), content_type=content_type)
+        assert result.action == "block", name
+        assert location in id_findings(result), (name, id_findings(result))
+
+
+def test_noise_that_is_also_base64_is_left_alone(rules):
+    """Hashes, UUIDs, binary payloads and long words decode to bytes no scanner can read: not scanned,
+    no finding, no uninspectable problem."""
+    outbound = rules.profile("outbound")
+    rng = random.Random(3)
+    values = [hashlib.sha256(bytes([i])).hexdigest() for i in range(50)] + [uuid.UUID(int=rng.getrandbits(128)).hex
+                                                                              for _ in range(50)]
+    values += [b64(rng.randbytes(300)), b64(b"\x89PNG\r\n\x1a\n" + rng.randbytes(2000)), "Supercalifragilisticexpialidocious"]
+    result = outbound.scan(json.dumps({"values": values}).encode(), content_type="application/json")
+    assert result.action is None and result.findings == []
+    assert not readable(rng.randbytes(300)) and not readable(b"\x89PNG\r\n\x1a\n" + rng.randbytes(64))
+
+
+def test_runs_alphabets_and_wrapping():
+    assert decode_run(base64.urlsafe_b64encode(b"\xfb\xff" * 12)) == b"\xfb\xff" * 12
+    assert decode_run(b"ab+c-d_e" * 3) is None  # both alphabets mixed
+    assert decode_run(b"a" * 17) is None  # one character too many for any byte count
+    wrapped = base64.encodebytes(TABLE * 4)
+    assert [(s, e) for s, e in base64_runs(b"x\n" + wrapped)] == [(2, 2 + len(wrapped.rstrip(b"\n")))]
+    lines = b"A" * MIN_RUN + b"\n" + b"B" * (MIN_RUN + 3) + b"\nshort\n"  # unequal lines: runs of their own
+    assert list(base64_runs(lines)) == [(0, MIN_RUN), (MIN_RUN + 1, 2 * MIN_RUN + 4)]
+    assert list(base64_runs(b"A" * (MIN_RUN - 1))) == []
+    assert [c.content for c in encoded_contents(b"[" + b64(TABLE).encode() + b"]")] == [TABLE]
+
+
+def test_too_deep_nesting_is_uninspectable(rules):
+    hidden = ID.encode()
+    for _ in range(8):
+        hidden = base64.b64encode(hidden)
+    result = rules.profile("outbound").scan(hidden, content_type="text/plain")
+    assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"]
+    assert "nesting deeper" in result.findings[0].value
+
+
+def test_heads_hide_nothing_either(rules):
+    outbound = rules.profile("outbound")
+    token = base64.urlsafe_b64encode(json.dumps({"holder": ID}).encode()).decode()
+    result = outbound.scan_head(f"/api?q={token}", [("X-Claims", token)], direction="request")
+    assert id_findings(result) == ["header:X-Claims / base64 / $.holder", "query:q / base64 / $.holder"]
+    clean = b64(os.urandom(64))
+    assert outbound.scan_head(f"/api?q={clean}", [("Cookie", f"s={clean}")], direction="request").action is None
+
+
+def test_a_value_to_redact_inside_base64_cannot_be_redacted(rules):
+    inbound = rules.profile("inbound")
+    body = f"card {CARD} and hidden {b64(f'card {CARD}'.encode())}".encode()
+    result = inbound.scan(body, content_type="text/plain", direction="response")
+    assert result.action == "redact"
+    with pytest.raises(DecodeError, match="cannot be rewritten"):
+        inbound.redact(body, content_type="text/plain", result=result)
+    plain = f"card {CARD} ok".encode()  # where it can be rewritten it still is
+    masked = inbound.redact(plain, content_type="text/plain",
+                            result=inbound.scan(plain, content_type="text/plain", direction="response"))
+    assert CARD.encode() not in masked and masked.startswith(b"card ")
+
+
+def _streamed(profile, body: bytes):
+    scan = profile.stream(content_type="text/plain")
+    for i in range(0, len(body), 3000):
+        scan.feed(body[i:i + 3000])
+    return scan.finish()
+
+
+def test_streams_find_base64_across_windows_and_let_long_binary_runs_go(rules, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    (tmp_path / "s.yaml").write_text(f"""
+rules:
+  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
+profiles:
+  s: {{rules: [ids], uninspectable: block, limits: {{stream_buffer_bytes: 1}}}}
+""")
+    profile = load_rules(tmp_path / "s.yaml").profile("s")
+    filler = "普通文本 " * 1500  # 24 KB: the hidden runs fall across window boundaries
+    hidden = [b64(("无关内容 " * n).encode() + f"{ID}".encode()) for n in (10, 300, 450)]
+    result = _streamed(profile, (filler + " " + " ".join(f"{h} {filler}" for h in hidden)).encode())
+    assert result.action == "block" and len(id_findings(result)) == 3, result.findings
+    assert all(" / base64 / " in location for location in id_findings(result))
+    rng = random.Random(9)
+    image = b64(b"\x89PNG\r\n\x1a\n" + rng.randbytes(30000))  # longer than a window, binary: passes
+    assert _streamed(profile, f"{filler} {image} {filler}".encode()).action is None
+    long_text = b64(("无关内容 " * 3000).encode())  # longer than a window, text: cannot be held
+    result = _streamed(profile, f"{filler} {long_text} {filler}".encode())
+    assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"]
