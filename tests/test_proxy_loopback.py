@@ -5,6 +5,7 @@ Clients on 127.0.0.1 are the extranet; the upstream on 127.0.0.2 stands for the 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -89,6 +90,29 @@ def test_request_with_id_number_is_blocked_and_never_reaches_upstream(lab):
     assert answer["reasons"] and answer["reasons"][0]["type"] == "cn_id_card"
     assert ID_NUMBER not in response.text and ID_NUMBER[6:14] not in response.text
     assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
+def test_id_numbers_hidden_as_base64_are_blocked_and_never_reach_upstream(lab):
+    marker = f"/echo?case=base64-{free_port()}"
+    table = f"姓名,身份证号\n张三,{ID_NUMBER}\n".encode()
+    with proxy_client(lab) as client:
+        response = client.post(lab["upstream"] + marker, json={"attachment": base64.b64encode(table).decode()})
+    assert response.status_code == 403
+    record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+    assert record["decision"] == "block"
+    assert "body:$.attachment / base64 / csv row 2 column 身份证号" in [r["location"] for r in record["rules"]]
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
+def test_a_value_to_redact_that_cannot_be_rewritten_is_blocked(lab):
+    """A card number the redaction cannot reach (inside base64) must not reach the client unmasked."""
+    with proxy_client(lab) as client:
+        response = client.get(f"{lab['upstream']}/card?hidden=1")
+    hidden = base64.b64encode(f"card {BANK_CARD}".encode()).decode()
+    assert response.status_code == 403 and hidden not in response.text and BANK_CARD not in response.text
+    record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+    assert record["decision"] == "block"
+    assert {"rule": "redaction", "type": "unredactable", "location": "response body", "action": "block"} in record["rules"]
 
 
 def test_usage_is_metered_from_the_trace_log(lab):

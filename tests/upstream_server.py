@@ -4,7 +4,8 @@ Every request it receives is appended to --log as one JSON line (method, path, b
 SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /echo            answers with the request body
   /ids?n=N         a JSON document holding N resident ID numbers (sensitive, for response-side tests)
-  /card            a text holding one bank card number (for response-side redaction)
+  /card            a text holding one bank card number (for response-side redaction); ?hidden=1
+                   adds it once more as base64
   /text?body=S     answers S as text/plain
   /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
   /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
@@ -14,6 +15,7 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import ssl
@@ -83,6 +85,8 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/card":
             pad = "filler " * (int(query.get("pad", ["0"])[0]) // 7)  # pads the answer past inline scan sizes
             answer = f"{pad}card {BANK_CARD} ok".encode()
+            if "hidden" in query:  # the number once more, as base64 (which no redaction can rewrite)
+                answer += b" " + base64.b64encode(f"card {BANK_CARD}".encode())
         elif url.path == "/text":
             answer = query.get("body", [""])[0].encode()
         else:

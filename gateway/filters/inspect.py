@@ -15,6 +15,7 @@ import time
 from mitmproxy import http
 
 from gateway.dlp import Profile, ScanResult
+from gateway.dlp.coding import DecodeError
 from gateway.filters import Gateway, refuse, transfer_of
 from gateway.spool import SpooledBody
 from gateway.trace import body_hasher
@@ -79,10 +80,7 @@ class Inspect:
         result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.response:
-            request.raw_content = profile.redact(
-                request.raw_content, content_type=request.headers.get("content-type"),
-                content_encoding=request.headers.get("content-encoding"), result=result)
-            _fix_length(request)
+            _redact(flow, transfer, profile, request, result)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -99,10 +97,7 @@ class Inspect:
         result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest)
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.metadata.get("gateway_refused"):
-            response.raw_content = profile.redact(
-                response.raw_content, content_type=response.headers.get("content-type"),
-                content_encoding=response.headers.get("content-encoding"), result=result)
-            _fix_length(response)
+            _redact(flow, transfer, profile, response, result)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -207,6 +202,22 @@ async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction:
     # The Measure stage reports it as gateway_inspection_duration_seconds{direction}.
     transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
     return result
+
+
+def _redact(flow: http.HTTPFlow, transfer: Transfer, profile: Profile, message: http.Message,
+            result: ScanResult) -> None:
+    """Mask the values to redact in `message`'s body; one that cannot be rewritten so (a value inside
+    base64, a body the rewrite cannot decode) is blocked: it must not cross unmasked."""
+    try:
+        message.raw_content = profile.redact(
+            message.raw_content, content_type=message.headers.get("content-type"),
+            content_encoding=message.headers.get("content-encoding"), result=result)
+    except DecodeError:
+        where = "request body" if isinstance(message, http.Request) else "response body"
+        transfer.escalate("block", [Reason("redaction", "unredactable", where, "block")])
+        refuse(flow, transfer)
+        return
+    _fix_length(message)
 
 
 def _unrewritable(action: str) -> str:
