@@ -24,6 +24,7 @@ from gateway.config import Config, ConfigError, format_host_port, load_config
 from gateway.connlimit import ConnectionLimits
 from gateway.deadline import FirstRequestDeadline
 from gateway.dispatch import CachedHookDispatch
+from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -116,7 +117,7 @@ class GatewayServer:
         erroranswer.install()
         self.master = Master(options.Options())
         erroranswer.add_options(self.master.options)
-        CachedHookDispatch.install(self.master)
+        CachedHookDispatch.install(self.master).on_error = fail_closed
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),

@@ -1,14 +1,18 @@
 """The cached hook dispatch runs exactly the handlers mitmproxy's own manager runs, in its order."""
 
 import asyncio
+import json
 import logging
 
 from mitmproxy import exceptions, options
+from mitmproxy.flow import Error
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.master import Master
 from mitmproxy.test import tflow
 
 from gateway.dispatch import CachedHookDispatch
+from gateway.filters import fail_closed
+from gateway.transfer import METADATA_KEY, Transfer
 
 
 class Recorder:
@@ -89,3 +93,38 @@ def test_install_refuses_a_master_with_addons():
             raise AssertionError("installed over addons it would not know about")
 
     asyncio.run(main())
+
+
+class FailingOn:
+    """Raises in one hook, as a stage with a bug (or facing input nobody foresaw) would."""
+
+    def __init__(self, hook: str):
+        setattr(self, hook, self._fail)
+
+    def _fail(self, flow):
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+def test_the_gateway_fails_a_flow_closed_when_a_stage_raises():
+    """Logged and passed on was fail-open: a body the DLP stage choked on crossed uninspected."""
+    async def run(hook) -> tuple:
+        master = Master(options.Options())
+        CachedHookDispatch.install(master).on_error = fail_closed
+        seen: list = []
+        master.addons.add(FailingOn(hook.name), Recorder("record", seen))
+        flow = tflow.tflow(resp=hook is HttpResponseHook)
+        flow.metadata[METADATA_KEY] = transfer = Transfer("t-1", "forward", "127.0.0.1:5", "extranet", "h", 80)
+        await master.addons.handle_lifecycle(hook(flow))
+        return flow, transfer, seen
+
+    async def both() -> list:  # one event loop: mitmproxy's log handler keeps the loop it was made on
+        return [await run(HttpRequestHook), await run(HttpResponseHook)]
+
+    (flow, transfer, seen), response_side = asyncio.run(both())
+    assert flow.response.status_code == 500 and json.loads(flow.response.content)["transfer_id"] == "t-1"
+    assert transfer.decision == "error" and transfer.reasons[0].location == "request"
+    assert seen == [("record", "request")]  # the later stages still run: the record stage records it
+    flow, transfer, seen = response_side
+    assert flow.response.status_code == 200 and flow.error and flow.error.msg == Error.KILLED_MESSAGE
+    assert transfer.decision == "error" and "RecursionError" in transfer.error
+    assert seen == [("record", "response")]

@@ -104,6 +104,16 @@ def test_id_numbers_hidden_as_base64_are_blocked_and_never_reach_upstream(lab):
     assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 
+def test_json_nested_too_deeply_to_parse_is_blocked_not_passed_uninspected(lab):
+    """The parser's RecursionError used to escape the inspect stage, and the body crossed unread."""
+    marker = f"/echo?case=deep-{free_port()}"
+    body = "[" * 50000 + f'"a\\n {ID_NUMBER}"' + "]" * 50000
+    with proxy_client(lab) as client:
+        response = client.post(lab["upstream"] + marker, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 403 and response.json()["reasons"][0]["type"] == "uninspectable"
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
 def test_a_value_to_redact_that_cannot_be_rewritten_is_blocked(lab):
     """A card number the redaction cannot reach (inside base64) must not reach the client unmasked."""
     with proxy_client(lab) as client:

@@ -118,14 +118,20 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
         return decoded
     media, params = parse_media_type(content_type)
     walker = _Walker(limits, decoded)
-    walker.content(data, media, params, None, location, depth=0)
-    walker.embedded()
+    try:
+        walker.content(data, media, params, None, location, depth=0)
+        walker.embedded()
+    except RecursionError:  # JSON or XML nested thousands deep: the parsers recurse
+        decoded.problems.append((location, "structure nested too deeply to inspect"))
     return decoded
 
 
 def decode_embedded(decoded: Decoded, limits: Limits) -> None:
     """Add to `decoded` what base64 inside its segments hides (fields of a message head, say)."""
-    _Walker(limits, decoded).embedded()
+    try:
+        _Walker(limits, decoded).embedded()
+    except RecursionError:
+        decoded.problems.append(("head", "structure nested too deeply to inspect"))
 
 
 _EXTENSION_TYPES = {

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from mitmproxy import http
+from mitmproxy import hooks, http
 
 from gateway.runtime import Runtime
-from gateway.transfer import METADATA_KEY, TRANSFER_ID_HEADER, Transfer, refusal_body
+from gateway.transfer import METADATA_KEY, TRANSFER_ID_HEADER, Reason, Transfer, refusal_body
 
 
 class Gateway(Protocol):
@@ -27,6 +27,27 @@ def body_size(transfer: Transfer, direction: str, message: http.Message) -> int:
     """A body's size, also when it was spooled to disk rather than held by mitmproxy."""
     spool = transfer.spools.get(direction)
     return spool.size if spool is not None else len(message.raw_content or b"")
+
+
+# Hooks after which mitmproxy has sent the client nothing of the flow yet (it answers a refusal set here).
+_UNANSWERED_HOOKS = frozenset({"requestheaders", "request", "http_connect"})
+
+
+def fail_closed(event: hooks.Hook, error: Exception) -> None:
+    """A stage raised on a flow (a bug, input nobody foresaw): the flow must not go on half-inspected.
+    Refused 500 while its client has nothing yet, else killed; an error either way, so recorded."""
+    flow = event.args()[0] if event.args() else None
+    if not isinstance(flow, http.HTTPFlow):
+        return
+    transfer = transfer_of(flow)
+    if transfer is not None:
+        transfer.escalate("error", [Reason("gateway", "internal-error", event.name, "block")])
+        transfer.error = transfer.error or f"internal error in the {event.name} stage ({type(error).__name__})"
+        if event.name in _UNANSWERED_HOOKS and not flow.metadata.get("gateway_refused"):
+            refuse(flow, transfer, status=500, error="internal error")
+            return
+    if flow.killable:
+        flow.kill()
 
 
 def refusal_response(transfer: Transfer, status: int, error: str) -> http.Response:
