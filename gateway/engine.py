@@ -18,7 +18,7 @@ from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from gateway import backpressure, erroranswer
+from gateway import backpressure, erroranswer, wslimits
 from gateway.alerts import AlertLog
 from gateway.config import Config, ConfigError, format_host_port, load_config
 from gateway.connlimit import ConnectionLimits
@@ -115,14 +115,16 @@ class GatewayServer:
         self.alerts = AlertLog(config.alerts_file)
         backpressure.install()
         erroranswer.install()
+        wslimits.install()
         self.master = Master(options.Options())
         erroranswer.add_options(self.master.options)
+        wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Inspect(self), Record(self), measure, FirstRequestDeadline(self),
-            Announce(self),
+            Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())
         loop = asyncio.get_running_loop()
@@ -161,6 +163,7 @@ class GatewayServer:
             # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
             erroranswer.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
+            wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
             "ssl_verify_upstream_trusted_ca": str(config.upstream_ca) if config.upstream_ca else None,

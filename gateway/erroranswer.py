@@ -91,29 +91,29 @@ class MalformedRequestHook(commands.StartHook):
 
 
 def install() -> None:
-    _wrap(HttpStream, "handle_protocol_error", _answer_upstream_failures,
+    wrap_method(HttpStream, "handle_protocol_error", _answer_upstream_failures,
           ("yield HttpErrorHook(self.flow)", "yield SendHttp(event, self.context.client)"))
-    _wrap(Http1Server, "read_headers", _answer_malformed_heads,
+    wrap_method(Http1Server, "read_headers", _answer_malformed_heads,
           ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
            "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
-    _wrap(Http1Server, "_handle_event", _take_head_deadlines, ("yield from self.state(event)",))
+    wrap_method(Http1Server, "_handle_event", _take_head_deadlines, ("yield from self.state(event)",))
     if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
         raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/erroranswer.py")
-    _wrap(HttpStream, "check_invalid", _answer_invalid_messages,
+    wrap_method(HttpStream, "check_invalid", _answer_invalid_messages,
           ("self.flow.error = flow.Error(err)", "yield HttpErrorHook(self.flow)",
            "ErrorCode.REQUEST_VALIDATION_FAILED"))
-    _wrap(HttpStream, "state_wait_for_request_headers", _answer_unknown_destinations,
+    wrap_method(HttpStream, "state_wait_for_request_headers", _answer_unknown_destinations,
           ("ErrorCode.DESTINATION_UNKNOWN",))
-    _wrap(Http1Client, "read_headers", _limit_response_heads,
+    wrap_method(Http1Client, "read_headers", _limit_response_heads,
           ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
     for cls in (Http1Server, Http1Client):
-        _wrap(cls, "read_body", _refuse_trailers,
+        wrap_method(cls, "read_body", _refuse_trailers,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
                "code=self.ReceiveProtocolError.code"))
-    _wrap(ConnectionHandler, "open_connection", _close_abandoned_connections,
+    wrap_method(ConnectionHandler, "open_connection", _close_abandoned_connections,
           ("await self.handle_hook(server_hooks.ServerConnectedHook(hook_data))",
            "await self.handle_connection(command.connection)"))
-    _wrap(Http2Server, "handle_h2_event", _limit_stream_resets,
+    wrap_method(Http2Server, "handle_h2_event", _limit_stream_resets,
           ("isinstance(event, h2.events.RequestReceived)", "return (yield from super().handle_h2_event(event))"))
 
 
@@ -122,12 +122,15 @@ def add_options(options: optmanager.OptManager) -> None:
                        "Seconds a client has to send a whole request head, from its first byte (408 after).")
 
 
-def _wrap(cls: type, name: str, wrapper: Callable, relied_on: tuple[str, ...]) -> None:
+def wrap_method(cls: type, name: str, wrapper: Callable, relied_on: tuple[str, ...]) -> None:
+    """Replace cls.name by wrapper(original), once, after checking the original still holds the
+    statements the wrapper relies on (an upgrade that changes them fails loudly at start)."""
     original = getattr(cls, name)
     if getattr(original, "gateway_answers", False):
         return  # a second engine in one process
     if not all(statement in inspect.getsource(original) for statement in relied_on):
-        raise RuntimeError(f"mitmproxy's {cls.__name__}.{name} changed: review gateway/erroranswer.py")
+        raise RuntimeError(f"{cls.__module__}.{cls.__name__}.{name} changed: "
+                           f"review {wrapper.__module__.replace('.', '/')}.py")
     wrapped = wrapper(original)
     wrapped.gateway_answers = True
     setattr(cls, name, wrapped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -54,7 +55,8 @@ def tls_lab(tmp_path_factory):
                    check=True, timeout=30)
     yield {"config": config, "root": root, "gateway_ca": gateway_ca, "proxy": listener_url(config, "forward"),
            "upstream": f"https://127.0.0.2:{port}", "untrusted": f"https://127.0.0.2:{untrusted_port}",
-           "upstream_log": root / "upstream.log", "ws": listener_url(config, "publish-ws").replace("http", "ws")}
+           "upstream_log": root / "upstream.log", "ws": listener_url(config, "publish-ws").replace("http", "ws"),
+           "gateway": gateway}
     for process in (gateway, upstream, untrusted, ws_server):
         process.stop()
 
@@ -65,7 +67,7 @@ async def echo(ws):
     async for message in ws:
         await ws.send(message)
 async def main():
-    async with websockets.serve(echo, "127.0.0.2", int(sys.argv[1])):
+    async with websockets.serve(echo, "127.0.0.2", int(sys.argv[1]), max_size=None):
         print("ready", flush=True)
         await asyncio.Future()
 asyncio.run(main())
@@ -314,3 +316,52 @@ def test_websocket_messages_are_inspected_one_by_one(tls_lab):
     echoed, leaked = asyncio.run(exchange())
     assert echoed == "hello"
     assert not leaked, "a message carrying an ID number crossed the gateway"
+
+
+WS_LIMIT = 8 << 20  # dlp.spool_threshold's default: the largest message the gateway holds to scan
+
+
+async def _closed_by_gateway(url: str, send) -> tuple[int | None, str]:
+    """(the close code received, if a close frame arrived before the connection ended; the transfer
+    id) once the gateway has closed the connection while `send` ran."""
+    async with websockets.connect(url, max_size=None, compression="deflate") as ws:
+        transfer_id = ws.response.headers["x-gateway-transfer-id"]
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(send(ws), 60)
+        try:
+            await asyncio.wait_for(ws.wait_closed(), 15)
+        except TimeoutError:
+            raise AssertionError("the gateway left the connection open: the message crossed") from None
+        received = ws.protocol.close_rcvd
+        return (received.code if received else None), transfer_id
+
+
+@pytest.mark.parametrize("shape", ["one message", "endless fragments", "deflate bomb"])
+def test_websocket_messages_past_the_limit_close_the_connection(tls_lab, shape):
+    """mitmproxy would buffer (and inflate) any message whole: one client could take a worker's memory."""
+    async def one_message(ws):
+        await ws.send(os.urandom(WS_LIMIT + 1))  # random: compression cannot shrink it
+
+    async def endless_fragments(ws):
+        async def fragments():
+            for _ in range(64):  # 64 MiB if nothing stops it
+                yield os.urandom(1 << 20)
+        await ws.send(fragments())
+
+    async def deflate_bomb(ws):
+        await ws.send(bytes(32 << 20))  # 32 MiB of zeros: about 32 KB on the wire
+
+    send = {"one message": one_message, "endless fragments": endless_fragments, "deflate bomb": deflate_bomb}[shape]
+    mark = len(tls_lab["gateway"].lines)
+    code, transfer_id = asyncio.run(_closed_by_gateway(tls_lab["ws"] + "/big", send))
+    # 1009, message too big; a client still sending when the gateway closed may see only the reset.
+    assert code in (1009, None), code
+    line = tls_lab["gateway"].wait_for("message-too-big", timeout=15, start=mark)
+    assert transfer_id in line and '"location":"client message"' in line, line
+    assert asyncio.run(_echoed(tls_lab["ws"] + "/small", b"x" * 1000)) == b"x" * 1000  # the gateway serves on
+
+
+async def _echoed(url: str, message: bytes) -> bytes:
+    async with websockets.connect(url) as ws:
+        await ws.send(message)
+        return await asyncio.wait_for(ws.recv(), 10)

@@ -20,6 +20,7 @@ from gateway.filters import Gateway, refuse, transfer_of
 from gateway.spool import SpooledBody
 from gateway.trace import body_hasher
 from gateway.transfer import Reason, Transfer
+from gateway.wslimits import TOO_BIG
 
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
@@ -119,6 +120,13 @@ class Inspect:
             message.drop()  # a message cannot be answered with a 403: it is dropped, the decision recorded
         transfer.escalate(action, reasons)
         transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        direction = flow.metadata.get(TOO_BIG)
+        if transfer is not None and direction is not None:  # closed 1009 by gateway.wslimits
+            where = "client message" if direction == "request" else "upstream message"
+            transfer.escalate("block", [Reason("websocket", "message-too-big", where, "block")])
 
     def _needs_spool(self, message: http.Message) -> bool:
         length = message.headers.get("content-length")

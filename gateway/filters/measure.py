@@ -25,8 +25,9 @@ from gateway.runtime import Runtime
 from gateway.trace import TraceLog
 from gateway.transfer import Transfer
 
-# Reasons that are not DLP findings: the zone policy's deny, and a trace log that could not record.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed"})
+# Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
+# unreachable upstream, a malformed request, a stage that failed on the flow.
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error"})
 
 
 class MeasuredGateway(Protocol):
@@ -135,6 +136,11 @@ class Measure:
             self._bytes(transfer, direction, len(message.content))
         if self._count_findings(transfer):
             self.decisions.write(transfer, event="websocket_message")
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is not None and self._count_findings(transfer):
+            self.decisions.write(transfer, event="websocket_end")
 
     def malformed_request(self, malformed: MalformedRequest) -> None:
         transfer = malformed.transfer
