@@ -24,7 +24,8 @@ where mitmproxy would wait for the connection's idle timeout. An HTTP/1 message 
 mitmproxy cannot pass on (it raises, and the connection ends unanswered and unrecorded), is that
 message's protocol error instead: a request's is recorded and its connection closed, an upstream's
 answered 502 like any upstream failure. An HTTP/2 client resetting streams faster than RESET_RATE
-a second (after a burst of RESET_BURST) has its connection ended with ENHANCE_YOUR_CALM ("rapid reset"),
+a second (after a burst of RESET_BURST), or sending control frames faster than CONTROL_RATE (after
+CONTROL_BURST), has its connection ended with ENHANCE_YOUR_CALM ("rapid reset", control floods),
 and an upstream connection whose opening was cancelled half way is closed (mitmproxy left it open).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
@@ -40,8 +41,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import connection, http, optmanager
 from mitmproxy.net.http import http1
@@ -68,6 +71,14 @@ TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspec
 RESET_BURST = 100
 RESET_RATE = 20.0  # resets a second, after the burst
 RESETS_REFUSED = "too many HTTP/2 stream resets (rapid reset)"
+# Frames that cost the gateway work but ask nothing of an upstream: a client sending them by the
+# hundred thousand a second kept a worker's core busy and other clients waiting seconds (measured with
+# WINDOW_UPDATE). A download's flow control sends far fewer than this.
+CONTROL_EVENTS = (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged, h2.events.PingReceived,
+                  h2.events.PriorityUpdated)
+CONTROL_BURST = 20_000
+CONTROL_RATE = 10_000.0  # frames a second, after the burst
+CONTROL_REFUSED = "too many HTTP/2 control frames (WINDOW_UPDATE, SETTINGS, PING or PRIORITY flood)"
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -115,6 +126,8 @@ def install() -> None:
            "await self.handle_connection(command.connection)"))
     wrap_method(Http2Server, "handle_h2_event", _limit_stream_resets,
           ("isinstance(event, h2.events.RequestReceived)", "return (yield from super().handle_h2_event(event))"))
+    wrap_method(h2.connection.H2Connection, "receive_data", _limit_control_frames,
+          ("for frame in self.incoming_buffer:", "return events"))
 
 
 def add_options(options: optmanager.OptManager) -> None:
@@ -368,20 +381,49 @@ def _close_abandoned_connections(original: Callable) -> Callable:
 
 
 def _limit_stream_resets(original: Callable) -> Callable:
-    """A token bucket per HTTP/2 client connection: RESET_BURST resets at once, RESET_RATE a second
-    after that; past it the connection ends with ENHANCE_YOUR_CALM (its open streams fail as errors)."""
+    """A token bucket per HTTP/2 client connection: RESET_BURST stream resets at once, RESET_RATE a
+    second after that; past it, or past the control-frame budget (`_limit_control_frames`), the
+    connection ends with ENHANCE_YOUR_CALM (its open streams fail as errors)."""
     def handle_h2_event(self: Http2Server, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        refused = None
         if isinstance(event, h2.events.StreamReset) and event.remote_reset:
-            now = time.monotonic()
-            tokens, since = getattr(self, "_gateway_resets", (RESET_BURST, now))
-            tokens = min(RESET_BURST, tokens + (now - since) * RESET_RATE) - 1
-            self._gateway_resets = (tokens, now)
-            if tokens < 0:
-                yield from self.protocol_error(RESETS_REFUSED, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-                return True
+            if not _take_tokens(self, "_gateway_resets", RESET_BURST, RESET_RATE):
+                refused = RESETS_REFUSED
+        elif isinstance(event, ControlFlood):
+            refused = CONTROL_REFUSED
+        if refused is not None:
+            yield from self.protocol_error(refused, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            return True
         return (yield from original(self, event))
 
     return handle_h2_event
+
+
+class ControlFlood(h2.exceptions.ProtocolError):
+    """Raised from receive_data past the control-frame budget; mitmproxy hands it on as an event."""
+
+
+def _limit_control_frames(original: Callable) -> Callable:
+    """A token bucket per HTTP/2 connection for frames that ask nothing of the other side's stream
+    (counted here, before mitmproxy's buffering layer swallows the WINDOW_UPDATE events)."""
+    def receive_data(self: h2.connection.H2Connection, data) -> list[h2.events.Event]:
+        events = original(self, data)
+        control = sum(isinstance(event, CONTROL_EVENTS) for event in events)
+        if control and not _take_tokens(self, "_gateway_control_frames", CONTROL_BURST, CONTROL_RATE, control):
+            raise ControlFlood(CONTROL_REFUSED)
+        return events
+
+    return receive_data
+
+
+def _take_tokens(holder: object, attribute: str, burst: float, rate: float, count: int = 1) -> bool:
+    """Take `count` tokens from the bucket kept in holder.attribute (full at first); False when it
+    runs dry."""
+    now = time.monotonic()
+    tokens, since = getattr(holder, attribute, (burst, now))
+    tokens = min(burst, tokens + (now - since) * rate) - count
+    setattr(holder, attribute, (tokens, now))
+    return tokens >= 0
 
 
 def _refuse_trailers(original: Callable) -> Callable:

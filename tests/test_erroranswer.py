@@ -1,5 +1,6 @@
 """The error-answer extension points must fail loudly when mitmproxy changes the code they wrap."""
 
+import h2.connection
 import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
@@ -12,7 +13,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
     def wrapped() -> tuple:
         return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
                 HttpStream.check_invalid, Http1Server.read_headers, Http1Server._handle_event,
-                Http1Client.read_headers, Http1Server.read_body, Http1Client.read_body)
+                Http1Client.read_headers, Http1Server.read_body, Http1Client.read_body,
+                h2.connection.H2Connection.receive_data)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
