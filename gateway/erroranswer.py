@@ -128,6 +128,8 @@ def install() -> None:
           ("isinstance(event, h2.events.RequestReceived)", "return (yield from super().handle_h2_event(event))"))
     wrap_method(h2.connection.H2Connection, "receive_data", _limit_control_frames,
           ("for frame in self.incoming_buffer:", "return events"))
+    wrap_method(h2.connection.H2Connection, "send_data", _credit_window_updates,
+          ("self.outbound_flow_control_window -= frame_size",))
 
 
 def add_options(options: optmanager.OptManager) -> None:
@@ -405,7 +407,9 @@ class ControlFlood(h2.exceptions.ProtocolError):
 
 def _limit_control_frames(original: Callable) -> Callable:
     """A token bucket per HTTP/2 connection for frames that ask nothing of the other side's stream
-    (counted here, before mitmproxy's buffering layer swallows the WINDOW_UPDATE events)."""
+    (counted here, before mitmproxy's buffering layer swallows the WINDOW_UPDATE events). Each DATA
+    frame this side sends earns the two WINDOW_UPDATE frames (stream and connection) a peer may
+    answer it with (`_credit_window_updates`), so a fast download never runs the bucket dry."""
     def receive_data(self: h2.connection.H2Connection, data) -> list[h2.events.Event]:
         events = original(self, data)
         control = sum(isinstance(event, CONTROL_EVENTS) for event in events)
@@ -414,6 +418,15 @@ def _limit_control_frames(original: Callable) -> Callable:
         return events
 
     return receive_data
+
+
+def _credit_window_updates(original: Callable) -> Callable:
+    def send_data(self: h2.connection.H2Connection, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        tokens, since = getattr(self, "_gateway_control_frames", (CONTROL_BURST, time.monotonic()))
+        self._gateway_control_frames = (min(CONTROL_BURST, tokens + 2), since)
+
+    return send_data
 
 
 def _take_tokens(holder: object, attribute: str, burst: float, rate: float, count: int = 1) -> bool:

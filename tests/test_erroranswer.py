@@ -14,7 +14,7 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
         return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
                 HttpStream.check_invalid, Http1Server.read_headers, Http1Server._handle_event,
                 Http1Client.read_headers, Http1Server.read_body, Http1Client.read_body,
-                h2.connection.H2Connection.receive_data)
+                h2.connection.H2Connection.receive_data, h2.connection.H2Connection.send_data)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()

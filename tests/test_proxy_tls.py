@@ -250,6 +250,27 @@ def test_an_http2_control_frame_flood_ends_the_connection(tls_lab, frame):
                 f"{tls_lab['upstream']}/text?body=after-control-flood").stdout == "200"
 
 
+def test_a_fast_http2_download_acknowledging_every_frame_is_not_taken_for_a_flood(tls_lab):
+    """Flow control sends WINDOW_UPDATEs as data arrives (here two per DATA frame, the most a client
+    sends): each DATA frame the gateway sends earns them, so a long download is never cut."""
+    size, received, ended = 400 << 20, 0, False
+    with h2_tunnel(tls_lab) as (sock, connection, target):
+        connection.send_headers(1, [(":method", "GET"), (":path", f"/big?bytes={size}"), (":scheme", "https"),
+                                    (":authority", target)], end_stream=True)
+        sock.sendall(connection.data_to_send())
+        sock.settimeout(60)
+        while not ended and (data := sock.recv(1 << 20)):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                    received += len(event.data)
+                    connection.increment_flow_control_window(event.flow_controlled_length)
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):  # its last frames
+                        connection.increment_flow_control_window(event.flow_controlled_length, event.stream_id)
+                ended = ended or isinstance(event, (h2.events.StreamEnded, h2.events.ConnectionTerminated))
+            sock.sendall(connection.data_to_send())
+    assert received == size  # 25,600 DATA frames, 51,200 WINDOW_UPDATEs: more than a burst's worth
+
+
 def test_an_http2_continuation_flood_is_cut_off(tls_lab):
     """One request head sent as endless CONTINUATION frames (the 2024 "CONTINUATION flood"): the
     connection is ended, with nothing forwarded, and the gateway stays ready."""
