@@ -3,17 +3,19 @@
     .venv/bin/python bench/soak.py [--minutes 3] [--clients 8] [--workers 2] [--kill-every 20]
 
 Clients send, for the whole run, a random mix of: clean GETs and POSTs, requests carrying an ID number
-(blocked), requests to an upstream in no zone (denied), to a closed port (upstream failed, 502),
+(blocked), in clear, as base64 in a JSON value, or inside JSON nested too deeply to parse, requests to an upstream in no zone (denied), to a closed port (upstream failed, 502),
 unparsable and smuggling-shaped requests (400), endless heads (431), heads never finished (408), CONNECT
 tunnels carrying a binary stream (the CONNECT answered 200, the stream refused 400), and 2 MiB bodies. Every
 `--kill-every` seconds one worker gets SIGKILL (the supervisor replaces it). Afterwards: the trace log
-must verify, every transfer id a client received must be in it with the status the client saw, and
+must verify, every transfer id a client received must be in it with the status the client saw, every
+request carrying an ID number must have been refused 403, and
 `gateway_transfers_total` must count every record. Prints the figures; exits 1 on any loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import random
@@ -36,6 +38,8 @@ sys.path.insert(0, str(REPO))
 from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config  # noqa: E402
 
 ID_NUMBER = "11010519491231002X"
+HIDDEN_ID = base64.b64encode(f"身份证号,{ID_NUMBER}\n".encode()).decode()
+DEEP_JSON = ("[" * 50_000 + f'"a\\n {ID_NUMBER}"' + "]" * 50_000).encode()
 
 
 class Traffic:
@@ -52,8 +56,8 @@ class Traffic:
             while time.monotonic() < until:
                 kind = self.rng.choices(
                     ["clean", "post", "blocked", "denied", "unreachable", "garbage", "smuggle", "endless", "large",
-                     "tunnel", "slow"],
-                    [30, 20, 10, 8, 5, 8, 7, 4, 8, 5, 1])[0]
+                     "tunnel", "slow", "hidden", "deep"],
+                    [30, 20, 10, 8, 5, 8, 7, 4, 8, 5, 1, 5, 3])[0]
                 try:
                     if kind == "tunnel":
                         self._tunnel()
@@ -75,6 +79,10 @@ class Traffic:
             response = client.get("http://198.51.100.7/")
         elif kind == "unreachable":
             response = client.get(f"{self.closed}/x")
+        elif kind == "hidden":  # an ID number as base64 in a JSON value: blocked
+            response = client.post(f"{self.upstream}/echo", json={"file": HIDDEN_ID})
+        elif kind == "deep":  # JSON nested past what the parser can walk: uninspectable, blocked
+            response = client.post(f"{self.upstream}/echo", content=DEEP_JSON, headers={"content-type": "application/json"})
         else:
             response = client.post(f"{self.upstream}/sink", content=b"soak filler text " * (2 << 16))
         self.answered.append((response.headers["x-gateway-transfer-id"], response.status_code, kind))
@@ -171,6 +179,7 @@ def main() -> int:
     answered = [a for c in clients for a in c.answered]
     missing = [a for a in answered if a[0] not in records]
     wrong = [a for a in answered if a[0] in records and records[a[0]]["status"] != a[1]]
+    leaked = [a for a in answered if a[2] in ("blocked", "hidden", "deep") and a[1] != 403]
     by_kind = Counter(kind for _, _, kind in answered)
     cut_off = sum((c.unanswered for c in clients), Counter())
     print(f"{args.minutes:g} min, {args.clients} clients, {args.workers} workers, {kills} workers killed")
@@ -179,9 +188,10 @@ def main() -> int:
     print(f"cut off by a killed worker (no answer, nothing to find): {sum(cut_off.values())} "
           + ", ".join(f"{k} {n}" for k, n in cut_off.most_common()))
     print(f"trace log: {len(records)} records; verify: {verified.stdout.strip() or verified.stderr.strip()}")
-    print(f"answered but not in the log: {len(missing)}; status differs from the record: {len(wrong)}")
+    print(f"answered but not in the log: {len(missing)}; status differs from the record: {len(wrong)}; "
+          f"sensitive requests not refused 403: {len(leaked)}")
     print(f"gateway_transfers_total: {counted:.0f} (records: {len(records)})")
-    lost = missing or wrong or verified.returncode != 0 or counted < len(answered)
+    lost = missing or wrong or leaked or verified.returncode != 0 or counted < len(answered)
     print("LOST OR WRONG" if lost else "nothing lost")
     return 1 if lost else 0
 
