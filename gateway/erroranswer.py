@@ -73,7 +73,7 @@ RESET_RATE = 20.0  # resets a second, after the burst
 RESETS_REFUSED = "too many HTTP/2 stream resets (rapid reset)"
 # Frames that cost the gateway work but ask nothing of an upstream: a client sending them by the
 # hundred thousand a second kept a worker's core busy and other clients waiting seconds (measured with
-# WINDOW_UPDATE). A download's flow control sends far fewer than this.
+# WINDOW_UPDATE). A download's own WINDOW_UPDATEs are earned by the DATA frames sent (_credit_window_updates).
 CONTROL_EVENTS = (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged, h2.events.PingReceived,
                   h2.events.PriorityUpdated)
 CONTROL_BURST = 20_000
