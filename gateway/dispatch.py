@@ -7,7 +7,8 @@ a fifth of a worker's time at small bodies. Here the handlers of each hook name 
 (and again after any addon is added or removed), sync handlers are called directly, and a hook no
 addon implements costs one dict lookup. Invariant: the same handlers run in the same order as with
 mitmproxy's manager; an exception in one is logged like mitmproxy logs it, handed to `on_error` (the
-gateway fails the flow closed there) and the next still runs; AddonHalt stops the event. Only public AddonManager methods are overridden.
+gateway fails the flow closed there) and the next still runs; AddonHalt stops the event. Only public
+AddonManager methods are overridden.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class CachedHookDispatch(AddonManager):
         super().__init__(master)
         self._handlers: dict[str, tuple[Callable[..., Any], ...]] = {}
         # Called after a handler raised (and was logged), before the next one runs.
-        self.on_error: Callable[[hooks.Hook, Exception], None] | None = None
+        self.on_error: Callable[[hooks.Hook, tuple, Exception], None] | None = None
 
     @classmethod
     def install(cls, master: Master) -> "CachedHookDispatch":
@@ -80,4 +81,4 @@ class CachedHookDispatch(AddonManager):
             except Exception as exc:
                 log.error(f"Addon error: {exc}", exc_info=True)
                 if self.on_error is not None:
-                    self.on_error(event, exc)
+                    self.on_error(event, args, exc)

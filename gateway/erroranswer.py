@@ -25,8 +25,8 @@ mitmproxy cannot pass on (it raises, and the connection ends unanswered and unre
 message's protocol error instead: a request's is recorded and its connection closed, an upstream's
 answered 502 like any upstream failure. An HTTP/2 client resetting streams faster than RESET_RATE
 a second (after a burst of RESET_BURST), or sending control frames faster than CONTROL_RATE (after
-CONTROL_BURST), has its connection ended with ENHANCE_YOUR_CALM ("rapid reset", control floods),
-and an upstream connection whose opening was cancelled half way is closed (mitmproxy left it open).
+CONTROL_BURST), has its connection ended with ENHANCE_YOUR_CALM ("rapid reset", control floods; an
+upstream flooding control frames fails with a plain protocol error), and an upstream connection whose opening was cancelled half way is closed (mitmproxy left it open).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -389,7 +389,7 @@ def _limit_stream_resets(original: Callable) -> Callable:
     def handle_h2_event(self: Http2Server, event: h2.events.Event) -> layer.CommandGenerator[bool]:
         refused = None
         if isinstance(event, h2.events.StreamReset) and event.remote_reset:
-            if not _take_tokens(self, "_gateway_resets", RESET_BURST, RESET_RATE):
+            if not _bucket(self, "_gateway_resets", RESET_BURST, RESET_RATE).take():
                 refused = RESETS_REFUSED
         elif isinstance(event, ControlFlood):
             refused = CONTROL_REFUSED
@@ -413,7 +413,7 @@ def _limit_control_frames(original: Callable) -> Callable:
     def receive_data(self: h2.connection.H2Connection, data) -> list[h2.events.Event]:
         events = original(self, data)
         control = sum(isinstance(event, CONTROL_EVENTS) for event in events)
-        if control and not _take_tokens(self, "_gateway_control_frames", CONTROL_BURST, CONTROL_RATE, control):
+        if control and not _control_bucket(self).take(control):
             raise ControlFlood(CONTROL_REFUSED)
         return events
 
@@ -423,20 +423,42 @@ def _limit_control_frames(original: Callable) -> Callable:
 def _credit_window_updates(original: Callable) -> Callable:
     def send_data(self: h2.connection.H2Connection, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
-        tokens, since = getattr(self, "_gateway_control_frames", (CONTROL_BURST, time.monotonic()))
-        self._gateway_control_frames = (min(CONTROL_BURST, tokens + 2), since)
+        _control_bucket(self).give(2)
 
     return send_data
 
 
-def _take_tokens(holder: object, attribute: str, burst: float, rate: float, count: int = 1) -> bool:
-    """Take `count` tokens from the bucket kept in holder.attribute (full at first); False when it
-    runs dry."""
-    now = time.monotonic()
-    tokens, since = getattr(holder, attribute, (burst, now))
-    tokens = min(burst, tokens + (now - since) * rate) - count
-    setattr(holder, attribute, (tokens, now))
-    return tokens >= 0
+class TokenBucket:
+    """`burst` tokens at first, refilled at `rate` a second, never above `burst`."""
+
+    __slots__ = ("burst", "rate", "tokens", "since")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst, self.rate = burst, rate
+        self.tokens, self.since = burst, time.monotonic()
+
+    def take(self, count: int = 1) -> bool:
+        """Take `count` tokens; False when that runs the bucket dry."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.since) * self.rate) - count
+        self.since = now
+        return self.tokens >= 0
+
+    def give(self, count: int) -> None:
+        self.tokens = min(self.burst, self.tokens + count)
+
+
+def _bucket(holder: object, attribute: str, burst: float, rate: float) -> TokenBucket:
+    """The bucket kept in holder.attribute, made full on first use."""
+    bucket = getattr(holder, attribute, None)
+    if bucket is None:
+        bucket = TokenBucket(burst, rate)
+        setattr(holder, attribute, bucket)
+    return bucket
+
+
+def _control_bucket(connection: h2.connection.H2Connection) -> TokenBucket:
+    return _bucket(connection, "_gateway_control_frames", CONTROL_BURST, CONTROL_RATE)
 
 
 def _refuse_trailers(original: Callable) -> Callable:

@@ -211,6 +211,12 @@ def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:
     return decode_as(data, charset), charset
 
 
+# Containers the decoder opens whatever a body is labelled: zip (local file header, or the end record
+# of an empty archive), gzip (deflate method) and zstd frames.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+GZIP_MAGIC = b"\x1f\x8b\x08"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
 # Well-formed UTF-8 (RFC 3629 section 4): no overlong forms, no surrogates, nothing past U+10FFFF.
 _TAIL = rb"[\x80-\xbf]"
 _UTF8_CHAR = (rb"[\x00-\x7f]|[\xc2-\xdf]" + _TAIL + rb"|\xe0[\xa0-\xbf]" + _TAIL
@@ -218,7 +224,7 @@ _UTF8_CHAR = (rb"[\x00-\x7f]|[\xc2-\xdf]" + _TAIL + rb"|\xe0[\xa0-\xbf]" + _TAIL
               + rb"|\xf0[\x90-\xbf]" + _TAIL * 2 + rb"|[\xf1-\xf3]" + _TAIL * 3 + rb"|\xf4[\x80-\x8f]" + _TAIL * 2)
 _UTF8_TEXT = rb"\A(?:" + _UTF8_CHAR + rb")*\z"  # matches (once, at the end) exactly when all is well-formed
 _HYPERSCAN_FROM = 64 * 1024  # below this, Python's decoder is as fast as a call into Hyperscan
-_scratch = threading.local()
+_scratches = threading.local()
 
 
 @functools.cache
@@ -241,14 +247,21 @@ def is_utf8(data: bytes) -> bool:
         except UnicodeDecodeError:
             return False
         return True
-    database = _utf8_database()
-    scratch = getattr(_scratch, "utf8", None)
+    return bool(match_ends(_utf8_database(), data))
+
+
+def match_ends(database, data: bytes) -> list[int]:
+    """End offsets of the matches a Hyperscan block-mode database reports in `data` (released GIL)."""
+    scratches = getattr(_scratches, "by_database", None)
+    if scratches is None:
+        scratches = _scratches.by_database = {}
+    scratch = scratches.get(database)
     if scratch is None:  # Hyperscan scratch space must not be shared between threads
-        scratch = _scratch.utf8 = hyperscan.Scratch(database)
-    matched: list[int] = []
-    database.scan(data, match_event_handler=_note_match, context=matched, scratch=scratch)
-    return bool(matched)
+        scratch = scratches[database] = hyperscan.Scratch(database)
+    ends: list[int] = []
+    database.scan(data, match_event_handler=_note_end, context=ends, scratch=scratch)
+    return ends
 
 
-def _note_match(pattern: int, start: int, end: int, flags: int, matched: list[int]) -> None:
-    matched.append(end)
+def _note_end(pattern: int, start: int, end: int, flags: int, ends: list[int]) -> None:
+    ends.append(end)

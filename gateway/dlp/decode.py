@@ -26,7 +26,9 @@ from types import MappingProxyType
 from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
-from gateway.dlp.coding import DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset
+from gateway.dlp.coding import (
+    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset,
+)
 from gateway.dlp.embedded import encoded_contents
 
 MiB = 1 << 20
@@ -140,8 +142,6 @@ _EXTENSION_TYPES = {
     ".zip": "application/zip", ".xlsx": "application/zip", ".docx": "application/zip",
     ".gz": "application/gzip", ".zst": "application/zstd", ".js": "text/javascript", ".log": "text/plain",
 }
-_GZIP_MAGIC = b"\x1f\x8b\x08"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _Walker:
@@ -160,11 +160,11 @@ class _Walker:
             return
         if not media or media == "application/octet-stream":
             media = _EXTENSION_TYPES.get(PurePosixPath(filename or "").suffix.lower(), media)
-        if data.startswith(b"PK\x03\x04") or data.startswith(b"PK\x05\x06") or media in (
+        if data.startswith(ZIP_MAGIC) or media in (
                 "application/zip", "application/x-zip-compressed") or "openxmlformats" in media:
             self.archive(data, location, depth)
-        elif data.startswith((_GZIP_MAGIC, _ZSTD_MAGIC)):  # compressed whatever the label says: no hiding
-            encoding = "gzip" if data.startswith(_GZIP_MAGIC) else "zstd"
+        elif data.startswith((GZIP_MAGIC, ZSTD_MAGIC)):  # compressed whatever the label says: no hiding
+            encoding = "gzip" if data.startswith(GZIP_MAGIC) else "zstd"
             try:
                 inner = inflate(data, encoding, self.budget, self.limits.max_ratio)
             except DecodeError as error:

@@ -18,16 +18,11 @@ import base64
 import binascii
 import functools
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway.dlp.coding import is_utf8
-
-try:
-    import hyperscan
-except ImportError:
-    hyperscan = None
+from gateway.dlp.coding import GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends
+from gateway.dlp.matcher import hyperscan
 
 MIN_RUN = 16
 _ALPHABET = rb"A-Za-z0-9+/_-"
@@ -35,11 +30,10 @@ _RUN_START = rb"(?:^|[^" + _ALPHABET + rb"])[" + _ALPHABET + rb"]{%d}" % MIN_RUN
 _RUN_START_RE = re.compile(rb"(?<![" + _ALPHABET + rb"])[" + _ALPHABET + rb"]{%d}" % MIN_RUN)
 # A run from its first character: lines joined by newlines, padding at the very end.
 _RUN = re.compile(rb"[" + _ALPHABET + rb"]+(?:\r?\n[" + _ALPHABET + rb"]+)*=*")
-_CONTAINER_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd")
+_CONTAINER_MAGIC = (*ZIP_MAGIC, GZIP_MAGIC, ZSTD_MAGIC)
 _TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NOT_LETTERS = b"0123456789+/_-=\r\n"
-_scratch = threading.local()
 
 
 @dataclass(frozen=True)
@@ -52,9 +46,15 @@ class EncodedContent:
 def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     """Readable content hidden as base64 in `data`, in order."""
     for start, end in base64_runs(data):
-        content = decode_run(data[start:end])
-        if content is not None and readable(content):
+        content = readable_content(data[start:end])
+        if content is not None:
             yield EncodedContent(start, end, content)
+
+
+def readable_content(run: bytes) -> bytes | None:
+    """What a base64 run decodes to, when that is worth scanning."""
+    content = decode_run(run)
+    return content if content is not None and readable(content) else None
 
 
 def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
@@ -124,12 +124,7 @@ def _run_starts(data: bytes) -> Iterator[int]:
         for match in _RUN_START_RE.finditer(data):
             yield match.start()
         return
-    ends: list[int] = []
-    scratch = getattr(_scratch, "runs", None)
-    if scratch is None:  # Hyperscan scratch space must not be shared between threads
-        scratch = _scratch.runs = hyperscan.Scratch(_run_database())
-    _run_database().scan(data, match_event_handler=_note_end, context=ends, scratch=scratch)
-    for end in ends:
+    for end in match_ends(_run_database(), data):
         yield end - MIN_RUN
 
 
@@ -139,6 +134,3 @@ def _run_database():
     database.compile(expressions=[_RUN_START], ids=[0], elements=1, flags=[0])
     return database
 
-
-def _note_end(pattern: int, start: int, end: int, flags: int, ends: list[int]) -> None:
-    ends.append(end)

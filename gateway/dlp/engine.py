@@ -161,15 +161,17 @@ class Profile:
         return redacted
 
     # evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, decoded: Decoded, direction: str, host: str | None,
-                 detections: list[Detection] | None = None) -> ScanResult:
+    def evaluate(self, decoded: Decoded, direction: str, host: str | None) -> ScanResult:
         problems = list(decoded.problems)
-        if detections is None:
-            detections, overflow = self.detect(decoded.segments)
-            if overflow:
-                problems.append(("body", f"more than {MAX_CANDIDATES} candidate matches"))
-            detections += self.field_detections(decoded.fields)
+        detections, overflow = self.detect_decoded(decoded)
+        if overflow:
+            problems.append(("body", f"more than {MAX_CANDIDATES} candidate matches"))
         return self.apply_rules(detections, problems, direction, host)
+
+    def detect_decoded(self, decoded: Decoded) -> tuple[list[Detection], bool]:
+        """Detections in a decoded body's segments and field names, and whether the candidate limit was hit."""
+        detections, overflow = self.detect(decoded.segments)
+        return detections + self.field_detections(decoded.fields), overflow
 
     def apply_rules(self, detections: list[Detection], problems: list[tuple[str, str]], direction: str,
                     host: str | None) -> ScanResult:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import brotli
 
-from gateway.dlp.coding import DecodeError, content_encodings, decode_text, inflate
+from gateway.dlp.coding import GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, content_encodings, decode_text, inflate
 from gateway.dlp.decode import _EXTENSION_TYPES, Limits, parse_media_type
 
 try:
@@ -63,10 +63,10 @@ class _Redactor:
             raise DecodeError("nesting too deep to redact")
         if not media or media == "application/octet-stream":
             media = _EXTENSION_TYPES.get(PurePosixPath(filename or "").suffix.lower(), media)
-        if data.startswith(b"PK\x03\x04"):
+        if data.startswith(ZIP_MAGIC[0]):
             return self.archive(data, depth)
-        if data.startswith((b"\x1f\x8b\x08", b"\x28\xb5\x2f\xfd")):  # as decode.py: compressed whatever the label
-            encoding = "gzip" if data.startswith(b"\x1f") else "zstd"
+        if data.startswith((GZIP_MAGIC, ZSTD_MAGIC)):  # as decode.py: compressed whatever the label
+            encoding = "gzip" if data.startswith(GZIP_MAGIC) else "zstd"
             inner = inflate(data, encoding, self.limits.max_decoded_bytes, self.limits.max_ratio)
             name = filename.rsplit(".", 1)[0] if filename and filename.endswith((".gz", ".zst")) else None
             inner_media = "" if media in ("application/gzip", "application/x-gzip", "application/zstd") else media

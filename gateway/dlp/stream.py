@@ -11,17 +11,19 @@ a match ending too close to the window's end is left for the next window, which 
 import codecs
 import re
 
-from gateway.dlp.coding import DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset
+from gateway.dlp.coding import (
+    GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
+)
 from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_body, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
-from gateway.dlp.embedded import base64_runs, decode_run, readable
+from gateway.dlp.embedded import base64_runs, decode_run, readable, readable_content
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
-_ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b\x08")
+_ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
 
@@ -120,7 +122,8 @@ class StreamScan:
             self._fail(str(error) if isinstance(error, DecodeError) else f"body is not valid text: {error.reason}")
 
     def _refuse_hidden_content(self, piece: bytes) -> None:
-        """Text windows cannot see into archives or base64 parts: a stream holding them fails closed."""
+        """Text windows cannot see into archives or a multipart body's base64 parts (base64 inside the
+        text is decoded, see _scan_encoded): a stream holding them fails closed."""
         probe = self._probe_tail + piece
         if self._inflated_bytes == len(piece) and probe.startswith(_ARCHIVE_MAGIC):
             raise DecodeError(f"archive larger than {self.limits.stream_buffer_bytes} bytes cannot be inspected")
@@ -185,16 +188,16 @@ class StreamScan:
                     self._fail(f"base64 text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
                     return held
                 continue
-            content = decode_run(data[start:end])
-            if content is None or not readable(content):
+            content = readable_content(data[start:end])
+            if content is None:
                 continue
             decoded = decode_body(content, None, None, self.limits,
                                   location=child(f"body:offset {self._window_start + start}", "base64"))
-            detections, overflow = self.profile.detect(decoded.segments)
+            detections, overflow = self.profile.detect_decoded(decoded)
             if overflow:
                 self._fail("too many candidate matches in the stream")
                 return held
-            self._detections += detections + self.profile.field_detections(decoded.fields)
+            self._detections += detections
             self._problems += decoded.problems
         return held
 

@@ -33,10 +33,10 @@ def body_size(transfer: Transfer, direction: str, message: http.Message) -> int:
 _UNANSWERED_HOOKS = frozenset({"requestheaders", "request", "http_connect"})
 
 
-def fail_closed(event: hooks.Hook, error: Exception) -> None:
+def fail_closed(event: hooks.Hook, args: tuple, error: Exception) -> None:
     """A stage raised on a flow (a bug, input nobody foresaw): the flow must not go on half-inspected.
     Refused 500 while its client has nothing yet, else killed; an error either way, so recorded."""
-    flow = event.args()[0] if event.args() else None
+    flow = args[0] if args else None
     if not isinstance(flow, http.HTTPFlow):
         return
     transfer = transfer_of(flow)
