@@ -23,7 +23,7 @@ from collections.abc import Callable
 from mitmproxy import http, optmanager
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from gateway.erroranswer import wrap_method
 
@@ -59,6 +59,7 @@ class MessageSizeLimit(Extension):
         self.limit = limit
         self.on_exceeded = on_exceeded
         self.size = 0  # bytes of the message being received
+        self.control = False  # the frame being received is a control frame (PING, PONG, CLOSE)
 
     def enabled(self) -> bool:
         return True
@@ -66,7 +67,14 @@ class MessageSizeLimit(Extension):
     def offer(self) -> bool:
         return False  # never offered in a handshake: it only counts
 
+    def frame_inbound_header(self, proto, opcode: Opcode, rsv: RsvBits, payload_length: int) -> RsvBits:
+        # Control frames may come between a message's fragments: they neither count nor end it.
+        self.control = opcode.iscontrol()
+        return RsvBits(False, False, False)
+
     def frame_inbound_payload_data(self, proto, data: bytes) -> bytes | CloseReason:
+        if self.control:
+            return data
         self.size += len(data)
         if self.size > self.limit:
             self.on_exceeded()
@@ -74,7 +82,7 @@ class MessageSizeLimit(Extension):
         return data
 
     def frame_inbound_complete(self, proto, fin: bool) -> None:
-        if fin:
+        if fin and not self.control:
             self.size = 0
 
 

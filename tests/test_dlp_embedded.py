@@ -56,6 +56,7 @@ def test_every_way_of_hiding_an_id_number_in_base64_is_found_and_located(rules):
                  "body:offset 29 / base64 / gzip content / offset 0"),
         "MIME-wrapped": (base64.encodebytes(b"padding line " * 20 + ID.encode()).decode(), "text/plain",
                          "body:offset 0 / base64 / offset 260"),
+        "a NUL in front": (b64(b"\x00" + TABLE), "text/plain", "body:offset 0 / base64"),  # scanned as bytes
         "base64 of base64": (f"x={b64(b64(ID.encode()).encode())}", "text/plain",
                              "body:offset 2 / base64 / offset 0 / base64 / offset 0"),
     }
@@ -148,3 +149,19 @@ profiles:
     long_text = b64(("无关内容 " * 3000).encode())  # longer than a window, text: cannot be held
     result = _streamed(profile, f"{filler} {long_text} {filler}".encode())
     assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"]
+
+
+def test_base64_in_streams_counts_against_the_detection_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    monkeypatch.setattr(stream_module, "MAX_STREAM_DETECTIONS", 2)
+    (tmp_path / "s.yaml").write_text(f"""
+rules:
+  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
+profiles:
+  s: {{rules: [ids], uninspectable: block, limits: {{stream_buffer_bytes: 1}}}}
+""")
+    profile = load_rules(tmp_path / "s.yaml").profile("s")
+    hidden = " ".join(b64(f"无关内容 {ID} {n}".encode()) for n in range(5))  # five detections, all as base64
+    result = _streamed(profile, f"{'普通文本 ' * 3000} {hidden} {'普通文本 ' * 3000}".encode())
+    assert "too many candidate matches in the stream" in [f.value for f in result.findings]
+    assert sum(f.type == "cn_id_card" for f in result.findings) <= 2

@@ -5,7 +5,7 @@ import pytest
 import wsproto
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from mitmproxy.test import tflow
-from wsproto.events import BytesMessage, CloseConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping
 from wsproto.extensions import PerMessageDeflate
 
 from gateway import wslimits
@@ -68,3 +68,17 @@ def test_messages_are_forgotten_once_handled():
     assert flow.websocket.messages
     wslimits.ForgetMessages().websocket_message(flow)
     assert flow.websocket.messages == []
+
+
+def test_pings_between_fragments_do_not_restart_the_count():
+    """A PING is a final frame of its own: it must not end the message it interrupts."""
+    flagged = []
+    server = wsproto.Connection(wsproto.ConnectionType.SERVER, [])
+    client = wsproto.Connection(wsproto.ConnectionType.CLIENT, [])
+    server._proto._frame_decoder.extensions.append(wslimits.MessageSizeLimit(1000, lambda: flagged.append(1)))
+    for _ in range(4):
+        server.receive_data(client.send(BytesMessage(data=bytes(400), message_finished=False)))
+        server.receive_data(client.send(Ping(payload=b"p")))
+    kinds = [(type(e).__name__, getattr(e, "code", None)) for e in server.events()]
+    assert kinds[-1] == ("CloseConnection", 1009) and flagged == [1], kinds
+    assert sum(name == "BytesMessage" for name, _ in kinds) == 2  # the third 400 bytes pass the limit

@@ -180,7 +180,8 @@ class _Walker:
 
     def embedded(self) -> None:
         """Base64 hidden in the segments (and in what it decodes to): each readable content is
-        undone like a body of its own, one nesting level deeper (see gateway.dlp.embedded)."""
+        undone like a body of its own, one nesting level deeper, and anything else is scanned as
+        bytes (see gateway.dlp.embedded)."""
         depths = [0] * len(self.out.segments)
         index = 0
         while index < len(self.out.segments):
@@ -194,7 +195,12 @@ class _Walker:
                     return
                 self.budget -= len(found.content)
                 before = len(self.out.segments)
-                self.content(found.content, "", _NO_PARAMS, None, where, depth + 1)
+                if found.readable:
+                    self.content(found.content, "", _NO_PARAMS, None, where, depth + 1)
+                elif depth + 1 > self.limits.max_depth:
+                    self.problem(where, f"nesting deeper than {self.limits.max_depth} levels")
+                else:  # binary: scanned as received, as a binary body is
+                    self.out.segments.append(Segment(found.content, where))
                 depths += [depth + 1] * (len(self.out.segments) - before)
 
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:

@@ -2,10 +2,11 @@
 
 Encoding a table of ID numbers first is the easiest way past a scanner that reads text only as it is
 written. `encoded_contents(data)` finds every run of base64 characters long enough to hide a
-sensitive value (MIN_RUN characters, 12 bytes: an 11-digit mobile number), decodes it, and keeps
-what comes out only when the scanner can read it (`readable`): a container it opens (zip, gzip,
-zstd) or text (a UTF BOM, or well-formed UTF-8 or GB18030 without control characters). Anything
-else (an image, a hash, a random token) is left alone: decoded binary cannot be told from noise.
+sensitive value (MIN_RUN characters, 12 bytes: an 11-digit mobile number) and decodes it. What
+comes out is undone like a body when the scanner can read it (`readable`): a container it opens
+(zip, gzip, zstd) or text (a UTF BOM, or well-formed UTF-8 or GB18030 without control characters).
+Anything else (an image, a hash, a random token, text with a NUL put in front) is scanned as bytes,
+as a binary body is: the ASCII tokens in it are found.
 
 Finding the runs costs one Hyperscan pass over the data, reporting each run once, at its first
 MIN_RUN characters (where the character before is not a base64 one); Python `re` does the same
@@ -41,20 +42,15 @@ class EncodedContent:
     start: int      # byte offsets of the base64 text in the data searched
     end: int
     content: bytes  # what it decodes to
+    readable: bool  # text or a container (undone like a body); else bytes, scanned as they are
 
 
 def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
-    """Readable content hidden as base64 in `data`, in order."""
+    """What every base64 run in `data` decodes to, in order."""
     for start, end in base64_runs(data):
-        content = readable_content(data[start:end])
+        content = decode_run(data[start:end])
         if content is not None:
-            yield EncodedContent(start, end, content)
-
-
-def readable_content(run: bytes) -> bytes | None:
-    """What a base64 run decodes to, when that is worth scanning."""
-    content = decode_run(run)
-    return content if content is not None and readable(content) else None
+            yield EncodedContent(start, end, content, readable(content))
 
 
 def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:

@@ -127,7 +127,7 @@ class Profile:
         if needs_folding(data):
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
-                and next(encoded_contents(data), None) is None:
+                and not any(found.readable or self.matcher.scan(found.content) for found in encoded_contents(data)):
             if len(clean) > CLEAN_FIELDS_KEPT:
                 clean.clear()  # bounded: a stream of unique values only ever refills it
             clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)

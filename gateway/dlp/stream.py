@@ -14,9 +14,9 @@ import re
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
 )
-from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_body, parse_media_type
+from gateway.dlp.decode import FOLD_TABLE, Decoded, Segment, child, decode_body, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
-from gateway.dlp.embedded import base64_runs, decode_run, readable, readable_content
+from gateway.dlp.embedded import base64_runs, decode_run, readable
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -188,13 +188,14 @@ class StreamScan:
                     self._fail(f"base64 text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
                     return held
                 continue
-            content = readable_content(data[start:end])
+            content = decode_run(data[start:end])
             if content is None:
                 continue
-            decoded = decode_body(content, None, None, self.limits,
-                                  location=child(f"body:offset {self._window_start + start}", "base64"))
+            where = child(f"body:offset {self._window_start + start}", "base64")
+            decoded = decode_body(content, None, None, self.limits, location=where) if readable(content) \
+                else Decoded([Segment(content, where)])  # binary: scanned as received
             detections, overflow = self.profile.detect_decoded(decoded)
-            if overflow:
+            if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
                 self._fail("too many candidate matches in the stream")
                 return held
             self._detections += detections
