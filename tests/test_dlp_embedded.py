@@ -122,6 +122,17 @@ def test_a_value_to_redact_inside_base64_cannot_be_redacted(rules):
     assert CARD.encode() not in masked and masked.startswith(b"card ")
 
 
+def streaming_profile(tmp_path):
+    """ID numbers blocked; every body streamed in windows (nothing is buffered for a whole scan)."""
+    (tmp_path / "s.yaml").write_text(f"""
+rules:
+  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
+profiles:
+  s: {{rules: [ids], uninspectable: block, limits: {{stream_buffer_bytes: 1}}}}
+""")
+    return load_rules(tmp_path / "s.yaml").profile("s")
+
+
 def _streamed(profile, body: bytes):
     scan = profile.stream(content_type="text/plain")
     for i in range(0, len(body), 3000):
@@ -131,13 +142,7 @@ def _streamed(profile, body: bytes):
 
 def test_streams_find_base64_across_windows_and_let_long_binary_runs_go(rules, tmp_path, monkeypatch):
     monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
-    (tmp_path / "s.yaml").write_text(f"""
-rules:
-  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
-profiles:
-  s: {{rules: [ids], uninspectable: block, limits: {{stream_buffer_bytes: 1}}}}
-""")
-    profile = load_rules(tmp_path / "s.yaml").profile("s")
+    profile = streaming_profile(tmp_path)
     filler = "普通文本 " * 1500  # 24 KB: the hidden runs fall across window boundaries
     hidden = [b64(("无关内容 " * n).encode() + f"{ID}".encode()) for n in (10, 300, 450)]
     result = _streamed(profile, (filler + " " + " ".join(f"{h} {filler}" for h in hidden)).encode())
@@ -154,13 +159,7 @@ profiles:
 def test_base64_in_streams_counts_against_the_detection_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
     monkeypatch.setattr(stream_module, "MAX_STREAM_DETECTIONS", 2)
-    (tmp_path / "s.yaml").write_text(f"""
-rules:
-  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["{ID}"]}}}}
-profiles:
-  s: {{rules: [ids], uninspectable: block, limits: {{stream_buffer_bytes: 1}}}}
-""")
-    profile = load_rules(tmp_path / "s.yaml").profile("s")
+    profile = streaming_profile(tmp_path)
     hidden = " ".join(b64(f"无关内容 {ID} {n}".encode()) for n in range(5))  # five detections, all as base64
     result = _streamed(profile, f"{'普通文本 ' * 3000} {hidden} {'普通文本 ' * 3000}".encode())
     assert "too many candidate matches in the stream" in [f.value for f in result.findings]
