@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.commands import trace as trace_commands
 from gateway.trace.meter import Meter
 from gateway.trace.tiles import tile_path
 from tests.tracecli import run_trace as run, write_log
@@ -88,17 +89,39 @@ def test_csv_has_a_header_and_one_row_per_group(logdir, capsys):
     assert {(row[0],): tuple(map(int, row[1:])) for row in rows[1:]} == by_decision
 
 
+def claim_more_usage(path: Path, record: int) -> None:
+    """Record `record` (in the file at `path`) claims more request bytes, its length unchanged."""
+    data = path.read_bytes()
+    before = f'"id":"tx-{record:05d}","listener":"forward","req_bytes":{record},'.encode()
+    assert data.count(before) == 1 and not str(record).startswith("9")
+    path.write_bytes(data.replace(before, before.replace(b':%d,' % record, b':9%s,' % str(record)[1:].encode())))
+
+
 def test_a_tampered_log_gives_no_figures(logdir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(logdir, copy)
-    bundle = copy / "log" / tile_path("entries", 0)
-    data = bytearray(bundle.read_bytes())
-    at = data.index(b'"req_bytes":1,')
-    data[at:at + 14] = b'"req_bytes":9,'  # one record claims more usage
-    bundle.write_bytes(bytes(data))
+    claim_more_usage(copy / "log" / tile_path("entries", 0), 1)
     assert run("meter", str(copy / "log"), "--pubkey", str(copy / "key.pub")) == 1
     out = capsys.readouterr().out
     assert out.startswith("TAMPERED: record 1 ") and "transfers" not in out
+
+
+@pytest.mark.parametrize("where, record", [(tile_path("entries", 1), 300), ("journal", 650)])
+def test_records_changed_after_the_verify_give_no_figures(logdir, tmp_path, capsys, monkeypatch, where, record):
+    """The figures come from the records read after the verify: they must be the ones it checked."""
+    copy = tmp_path / "copy"
+    shutil.copytree(logdir, copy)
+    verify = trace_commands.verify_log
+
+    def verify_then_alter(*args, **kwargs):
+        report = verify(*args, **kwargs)
+        claim_more_usage(copy / "log" / where, record)
+        return report
+
+    monkeypatch.setattr(trace_commands, "verify_log", verify_then_alter)
+    assert run("meter", str(copy / "log"), "--pubkey", str(copy / "key.pub")) == 1
+    out = capsys.readouterr().out
+    assert out == f"TAMPERED: the {RECORDS} records read do not hash to the root of the checkpoint\n"
 
 
 @pytest.mark.parametrize("by, error", [("src_zone,colour", "unknown grouping key(s) colour"),

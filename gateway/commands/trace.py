@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gateway.trace.audit import (
-    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_entries, newest_checkpoint,
+    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_committed_entries, iter_entries, newest_checkpoint,
     prove_consistency, prove_inclusion, verify_log,
 )
 from gateway.trace.merkle import ProofError
@@ -233,7 +233,7 @@ def _checkpoint_size(args: argparse.Namespace) -> int:
 @_guard
 def cmd_show(args: argparse.Namespace) -> int:
     window = _window(args)
-    for index, record in _records(args, _checkpoint_size(args)):
+    for index, record in _records(iter_entries(args.directory, _checkpoint_size(args))):
         if _matches(record, args, *window):
             sys.stdout.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
     return EXIT_OK
@@ -244,9 +244,9 @@ def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]
             _parse_time(args.until, "--until") if args.until else None)
 
 
-def _records(args: argparse.Namespace, size: int) -> Iterator[tuple[int, dict]]:
-    """(index, record) of the log's first `size` records."""
-    for index, entry in iter_entries(args.directory, size):
+def _records(entries: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, dict]]:
+    """(index, record) of each (index, entry)."""
+    for index, entry in entries:
         try:
             yield index, json.loads(entry)
         except ValueError:
@@ -267,13 +267,13 @@ def cmd_meter(args: argparse.Namespace) -> int:
             print(f"TAMPERED: {problem}")
         return EXIT_BAD
     checkpoint = report.witnessed if policy is not None else report.checkpoint
-    read = 0
-    for _, record in _records(args, checkpoint.size):
-        read += 1
-        if _matches(record, args, *window):
-            meter.add(record)
-    if read != checkpoint.size:  # the files changed since they were verified
-        raise BadRecord(f"read {read} records, the verified checkpoint covers {checkpoint.size}")
+    try:
+        for _, record in _records(iter_committed_entries(args.directory, checkpoint)):
+            if _matches(record, args, *window):
+                meter.add(record)
+    except ProofError as exc:  # the files changed since they were verified
+        print(f"TAMPERED: {exc}")
+        return EXIT_BAD
     anchor = {"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
               "verifier_key": verifier.vkey(),
               "key_from": str(args.pubkey) if args.pubkey is not None

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.trace.merkle import (
-    HASH_SIZE, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes, verify_consistency,
-    verify_inclusion,
+    HASH_SIZE, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes, root_of_nodes,
+    verify_consistency, verify_inclusion,
 )
 from gateway.trace.note import (
     Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_note,
@@ -351,6 +351,22 @@ def iter_entries(directory: Path, size: int) -> Iterator[tuple[int, bytes]]:
             return
         yield index, entry
         index += 1
+
+
+def iter_committed_entries(directory: Path, checkpoint: Checkpoint) -> Iterator[tuple[int, bytes]]:
+    """iter_entries for the records `checkpoint` covers, then ProofError unless the entries read
+    are exactly those its root commits to. A figure computed from them is then bound to the
+    signed checkpoint even if the files changed after a verify."""
+    edge = CompactRange()
+    read = 0
+    for index, entry in iter_entries(directory, checkpoint.size):
+        edge.push(0, leaf_hash(entry))
+        read += 1
+        yield index, entry
+    if read != checkpoint.size:
+        raise ProofError(f"read {read} records, the checkpoint covers {checkpoint.size}")
+    if root_of_nodes([value for _, value in edge.nodes]) != checkpoint.root:
+        raise ProofError(f"the {read} records read do not hash to the root of the checkpoint")
 
 
 def format_inclusion_proof(index: int, entry: bytes, proof: list[bytes], checkpoint_note: bytes) -> str:
