@@ -104,6 +104,18 @@ def test_id_numbers_hidden_as_base64_are_blocked_and_never_reach_upstream(lab):
     assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 
+def test_id_numbers_hidden_by_percent_encoding_are_blocked_and_never_reach_upstream(lab):
+    marker = f"/echo?case=percent-{free_port()}"
+    escaped = "".join(f"%{byte:02X}" for byte in ID_NUMBER.encode())
+    with proxy_client(lab) as client:
+        response = client.post(lab["upstream"] + marker, json={"next": f"https://h.example/?u={escaped}"})
+    assert response.status_code == 403
+    record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+    assert record["decision"] == "block"
+    assert "body:$.next / percent-encoded / offset 0" in [r["location"] for r in record["rules"]]
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
 def test_json_nested_too_deeply_to_parse_is_blocked_not_passed_uninspected(lab):
     """The parser's RecursionError used to escape the inspect stage, and the body crossed unread."""
     marker = f"/echo?case=deep-{free_port()}"

@@ -129,7 +129,7 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
 
 
 def decode_embedded(decoded: Decoded, limits: Limits) -> None:
-    """Add to `decoded` what base64 inside its segments hides (fields of a message head, say)."""
+    """Add to `decoded` what encoded text inside its segments hides (fields of a message head, say)."""
     try:
         _Walker(limits, decoded).embedded()
     except RecursionError:
@@ -179,9 +179,9 @@ class _Walker:
             self.text(data, media, params.get("charset"), location)
 
     def embedded(self) -> None:
-        """Base64 hidden in the segments (and in what it decodes to): each readable content is
-        undone like a body of its own, one nesting level deeper, and anything else is scanned as
-        bytes (see gateway.dlp.embedded)."""
+        """Base64 and percent-encoding hidden in the segments (and in what they decode to): each
+        readable content is undone like a body of its own, one nesting level deeper, and anything
+        else is scanned as bytes (see gateway.dlp.embedded)."""
         depths = [0] * len(self.out.segments)
         index = 0
         while index < len(self.out.segments):
@@ -189,7 +189,7 @@ class _Walker:
             index += 1
             for found in encoded_contents(segment.data):
                 where = segment.locate(found.start)[0] if segment.locate else segment.location
-                where = child(where, "base64")
+                where = child(where, found.coding)
                 if len(found.content) > self.budget:
                     self.problem(where, f"decoded content exceeds {self.limits.max_decoded_bytes} bytes")
                     return

@@ -1,26 +1,33 @@
-"""Base64 hidden inside text: a JSON value, a form field, a data: URI, a JWT part, a wrapped block.
+"""Encoded text hidden inside text: base64 (a JSON value, a form field, a data: URI, a JWT part, a
+wrapped block) and percent-encoding (a URL or a form value, encoded once more than its container).
 
 Encoding a table of ID numbers first is the easiest way past a scanner that reads text only as it is
 written. `encoded_contents(data)` finds every run of base64 characters long enough to hide a
-sensitive value (MIN_RUN characters, 12 bytes: an 11-digit mobile number) and decodes it. What
-comes out is undone like a body when the scanner can read it (`readable`): a container it opens
-(zip, gzip, zstd) or text (a UTF BOM, or well-formed UTF-8 or GB18030 without control characters).
-Anything else (an image, a hash, a random token, text with a NUL put in front) is scanned as bytes,
-as a binary body is: the ASCII tokens in it are found.
+sensitive value (MIN_RUN characters, 12 bytes: an 11-digit mobile number), and every token (text
+without whitespace, quotes, angle brackets, "&" or "=", as a URL or a form value is written) with
+MIN_ESCAPES or more %XX escapes in it, and decodes them. What comes out is undone like a body when the
+scanner can read it (`readable`): a container it opens (zip, gzip, zstd) or text (a UTF BOM, or
+well-formed UTF-8 or GB18030 without control characters). Anything else (an image, a hash, a random
+token, text with a NUL put in front) is scanned as bytes, as a binary body is: the ASCII tokens in
+it are found.
 
-Finding the runs costs one Hyperscan pass over the data, reporting each run once, at its first
-MIN_RUN characters (where the character before is not a base64 one); Python `re` does the same
-more slowly when Hyperscan is missing. Both alphabets are read: standard (+/) and URL-safe (-_).
-Lines of equal length (a multiple of 4, as MIME and PEM wrap base64) are one run; other lines are
-runs of their own.
+Finding the base64 runs costs one Hyperscan pass over the data, reporting each run once, at its
+first MIN_RUN characters (where the character before is not a base64 one); Python `re` does the
+same more slowly when Hyperscan is missing. Both alphabets are read: standard (+/) and URL-safe
+(-_). Lines of equal length (a multiple of 4, as MIME and PEM wrap base64) are one run; other lines
+are runs of their own. A token is found from its first "%" outwards and read once; the tokens of
+one text are decoded (by the C quoted-printable decoder) into one content, so a page of encoded
+links costs one more scan of the page, not one per link.
 """
 
 import base64
 import binascii
 import functools
+import heapq
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from gateway.dlp.coding import GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends
 from gateway.dlp.matcher import hyperscan
@@ -35,22 +42,37 @@ _CONTAINER_MAGIC = (*ZIP_MAGIC, GZIP_MAGIC, ZSTD_MAGIC)
 _TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NOT_LETTERS = b"0123456789+/_-=\r\n"
+MIN_ESCAPES = 3  # one CJK character in UTF-8 is three %XX escapes, three digits of a number too
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_TOKEN = re.compile(rb"[^\x00-\x20\x7f\"'<>\\`&=]*")
+BASE64, PERCENT = "base64", "percent-encoded"  # the codings, as locations name them
 
 
 @dataclass(frozen=True)
 class EncodedContent:
-    start: int      # byte offsets of the base64 text in the data searched
+    start: int      # byte offsets of the encoded text in the data searched
     end: int
+    coding: str     # BASE64 or PERCENT
     content: bytes  # what it decodes to
     readable: bool  # text or a container (undone like a body); else bytes, scanned as they are
 
 
 def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
-    """What every base64 run in `data` decodes to, in order."""
-    for start, end in base64_runs(data):
-        content = decode_run(data[start:end])
+    """What the base64 runs in `data` decode to, one content each, and what its percent-encoded
+    tokens stand for, as one content (the stretch from the first token to the last, each token
+    decoded: a page of encoded links is read once, not link by link), in order."""
+    tokens = list(percent_runs(data))
+    percent = [(tokens[0][0], tokens[-1][1], PERCENT, percent_decoded(data, tokens))] if tokens else []
+    base64 = ((start, end, BASE64, decode_run(data[start:end])) for start, end in base64_runs(data))
+    for start, end, coding, content in heapq.merge(base64, percent):
         if content is not None:
-            yield EncodedContent(start, end, content, readable(content))
+            yield EncodedContent(start, end, coding, content, readable(content))
+
+
+def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:
+    """(start, end, coding) of every base64 run and percent-encoded token, by start."""
+    return heapq.merge(((start, end, BASE64) for start, end in base64_runs(data)),
+                       ((start, end, PERCENT) for start, end in percent_runs(data)))
 
 
 def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
@@ -130,3 +152,36 @@ def _run_database():
     database.compile(expressions=[_RUN_START], ids=[0], elements=1, flags=[0])
     return database
 
+
+def percent_runs(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of every token with MIN_ESCAPES or more %XX escapes in it, in order. (A "%" not
+    followed by two hex digits does not count: "100%%%" decodes to itself, and read again and
+    again it would look nested too deeply to inspect.)"""
+    at = data.find(b"%")
+    if at < 0:
+        return
+    backwards = data[::-1]  # to find where each token begins
+    while at >= 0:
+        before = _TOKEN.match(backwards, len(data) - at)  # the token's characters before this "%"
+        start, end = at - (before.end() - before.start()), _TOKEN.match(data, at).end()
+        signs = data.count(b"%", start, end)
+        if signs >= MIN_ESCAPES and signs - len(_BAD_ESCAPE.findall(data, start, end)) >= MIN_ESCAPES:
+            yield start, end
+        at = data.find(b"%", end)
+
+
+def percent_decoded(data: bytes, tokens: list[tuple[int, int]]) -> bytes:
+    """data from the first token's start to the last one's end, each token (start, end) decoded."""
+    pieces = []
+    for (start, end), following in zip(tokens, [*(start for start, _ in tokens[1:]), tokens[-1][1]]):
+        pieces += (unquote_token(data[start:end]), data[end:following])
+    return b"".join(pieces)
+
+
+def unquote_token(token: bytes) -> bytes:
+    """A token's %XX escapes decoded (a "%" without two hex digits kept as it is). A token holds no
+    "=" or line break, so once each "%" is made "=" the C quoted-printable decoder does exactly that,
+    many times faster than urllib's unquote, which is left the tokens with a bad escape."""
+    if _BAD_ESCAPE.search(token):
+        return unquote_to_bytes(token)
+    return binascii.a2b_qp(token.replace(b"%", b"="))

@@ -16,7 +16,7 @@ from gateway.dlp.coding import (
 )
 from gateway.dlp.decode import FOLD_TABLE, Decoded, Segment, child, decode_body, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
-from gateway.dlp.embedded import base64_runs, decode_run, readable
+from gateway.dlp.embedded import BASE64, PERCENT, decode_run, encoded_runs, percent_decoded, readable
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -122,8 +122,9 @@ class StreamScan:
             self._fail(str(error) if isinstance(error, DecodeError) else f"body is not valid text: {error.reason}")
 
     def _refuse_hidden_content(self, piece: bytes) -> None:
-        """Text windows cannot see into archives or a multipart body's base64 parts (base64 inside the
-        text is decoded, see _scan_encoded): a stream holding them fails closed."""
+        """Text windows cannot see into archives or a multipart body's base64 parts (base64 and
+        percent-encoding inside the text are decoded, see _scan_encoded): a stream holding them fails
+        closed."""
         probe = self._probe_tail + piece
         if self._inflated_bytes == len(piece) and probe.startswith(_ARCHIVE_MAGIC):
             raise DecodeError(f"archive larger than {self.limits.stream_buffer_bytes} bytes cannot be inspected")
@@ -173,25 +174,30 @@ class StreamScan:
         self._window_start += keep_from
 
     def _scan_encoded(self, data: bytes, low: int, accept_end: int) -> int:
-        """Scan what base64 runs ending in the window's new part hide (as `scan()` does); returns
-        where the first run still open begins, held back so the next window sees it whole. A run
-        longer than a window is let go when it starts as binary (an image), else the stream fails
-        closed: text that size cannot be held."""
+        """Scan what base64 runs and percent-encoded tokens ending in the window's new part hide (as
+        `scan()` does, the tokens as one stretch); returns where the first one still open begins,
+        held back so the next window sees it whole. One longer than a window is let go when it
+        starts as binary (an image), else the stream fails closed: text that size cannot be held."""
         held = len(data)
-        for start, end in base64_runs(data):
+        complete: dict[str, list[tuple[int, int]]] = {BASE64: [], PERCENT: []}
+        for start, end, coding in encoded_runs(data):
             if end <= low:
                 continue  # scanned with an earlier window
             if end > accept_end:
                 if end - start <= WINDOW_BYTES:
                     held = min(held, start)
-                elif _readable_head(data[start:start + WINDOW_BYTES]):
-                    self._fail(f"base64 text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
+                elif _readable_head(data[start:start + WINDOW_BYTES], coding):
+                    self._fail(f"{coding} text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
                     return held
                 continue
-            content = decode_run(data[start:end])
+            complete[coding].append((start, end))
+        contents = [(start, decode_run(data[start:end]), BASE64) for start, end in complete[BASE64]]
+        if tokens := complete[PERCENT]:
+            contents.append((tokens[0][0], percent_decoded(data, tokens), PERCENT))
+        for start, content, coding in contents:
             if content is None:
                 continue
-            where = child(f"body:offset {self._window_start + start}", "base64")
+            where = child(f"body:offset {self._window_start + start}", coding)
             decoded = decode_body(content, None, None, self.limits, location=where) if readable(content) \
                 else Decoded([Segment(content, where)])  # binary: scanned as received
             detections, overflow = self.profile.detect_decoded(decoded)
@@ -203,7 +209,8 @@ class StreamScan:
         return held
 
 
-def _readable_head(run: bytes) -> bool:
-    """Whether the start of a long run decodes to readable content (its last character may be cut)."""
-    head = decode_run(run[:len(run) // 4 * 4])
+def _readable_head(run: bytes, coding: str) -> bool:
+    """Whether the start of a long run decodes to readable content (it may end in the middle of a
+    character or of an escape)."""
+    head = decode_run(run[:len(run) // 4 * 4]) if coding == BASE64 else percent_decoded(run, [(0, len(run))])
     return head is not None and any(readable(head[:len(head) - cut]) for cut in range(4))
