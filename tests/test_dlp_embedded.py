@@ -109,9 +109,12 @@ def test_heads_hide_nothing_either(rules):
     assert outbound.scan_head(f"/api?q={clean}", [("Cookie", f"s={clean}")], direction="request").action is None
 
 
-def test_a_value_to_redact_inside_base64_cannot_be_redacted(rules):
+@pytest.mark.parametrize("hide", [lambda text: b64(text.encode()),
+                                  lambda text: "".join(f"%{byte:02X}" for byte in text.encode())],
+                         ids=["base64", "percent-encoded"])
+def test_a_value_to_redact_inside_encoded_text_cannot_be_redacted(rules, hide):
     inbound = rules.profile("inbound")
-    body = f"card {CARD} and hidden {b64(f'card {CARD}'.encode())}".encode()
+    body = f"card {CARD} and hidden {hide(f'card {CARD}')}".encode()
     result = inbound.scan(body, content_type="text/plain", direction="response")
     assert result.action == "redact"
     with pytest.raises(DecodeError, match="cannot be rewritten"):

@@ -1,5 +1,5 @@
 """Sensitive data hidden by percent-encoding it (once more than its container needs): found in bodies,
-heads and streams, located, and never redacted into a false sense of safety."""
+heads and streams, and located (that it cannot be redacted there: test_dlp_embedded)."""
 
 import json
 import random
@@ -11,9 +11,8 @@ import pytest
 
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
-from gateway.dlp.coding import DecodeError
 from gateway.dlp.embedded import MIN_ESCAPES, PERCENT, encoded_contents, percent_runs, unquote_token
-from tests.test_dlp_embedded import CARD, ID, _streamed, id_findings, streaming_profile
+from tests.test_dlp_embedded import ID, _streamed, id_findings, streaming_profile
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
 
@@ -104,15 +103,6 @@ def test_heads_hide_nothing_either(rules):
     plain = outbound.scan_head("/api", [("Referer", f"https://h.example/s?q={quote('天气 预报')}")],
                                direction="request")
     assert plain.action is None
-
-
-def test_a_value_to_redact_that_is_percent_encoded_cannot_be_redacted(rules):
-    inbound = rules.profile("inbound")
-    body = f"card {CARD} and hidden {escaped(CARD)}".encode()
-    result = inbound.scan(body, content_type="text/plain", direction="response")
-    assert result.action == "redact"
-    with pytest.raises(DecodeError, match="cannot be rewritten"):
-        inbound.redact(body, content_type="text/plain", result=result)
 
 
 def test_streams_find_percent_encoding_across_windows(tmp_path, monkeypatch):
