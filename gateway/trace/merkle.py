@@ -44,10 +44,23 @@ def leaf_hashes(entries: Iterable[bytes]) -> list[bytes]:
     return hashes
 
 
+_NODE_PREFIX = sha256(b"\x01")
+
+
 def parent_hashes(row: Sequence[bytes], start: int = 0) -> list[bytes]:
     """node_hash of the pairs (row[start], row[start + 1]), (row[start + 2], row[start + 3]), ...;
-    an unpaired last hash is left out."""
-    return [sha256(b"\x01" + row[i] + row[i + 1]).digest() for i in range(start, len(row) - 1, 2)]
+    an unpaired last hash is left out. (As in leaf_hashes, a copy of the prefixed hash, and pairs
+    taken from one iterator rather than by index.)"""
+    pairs = iter(row[start:] if start else row)
+    begin = _NODE_PREFIX.copy
+    hashes: list[bytes] = []
+    append = hashes.append
+    for left, right in zip(pairs, pairs):
+        h = begin()
+        h.update(left)
+        h.update(right)
+        append(h.digest())
+    return hashes
 
 
 def _check_hash(name: str, value: bytes) -> None:
