@@ -90,6 +90,16 @@ def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):
     assert ("X-Long", "a" * 2000) not in profile._clean_fields  # long values are not kept
     assert profile.scan_head("/", head + [("X-Id", ID)]).action == "block"  # a new field is still scanned
     assert ("X-Id", ID) not in profile._clean_fields
+    # Fields read in full (encoded text undone, candidates validated) and found clean are kept too,
+    # so a session's token or an encoded link is not decoded again on every request.
+    token = "Bearer " + base64.urlsafe_b64encode(json.dumps({"sub": "user-1234", "scope": "read"}).encode()).decode()
+    decoy = ("X-Order", "110105194912310021")  # an ID number's shape whose check character fails
+    link = ("Referer", "https://h.example/s?q=%E5%A4%A9%E6%B0%94")
+    assert profile.scan_head("/", [("Authorization", token), decoy, link]).action is None
+    assert {("Authorization", token), decoy, link} <= profile._clean_fields
+    hidden = ("X-Claims", base64.b64encode(json.dumps({"sfzh": ID}).encode()).decode())
+    assert profile.scan_head("/", [hidden, ("X-Debug", "13800138000")]).action == "block"
+    assert hidden not in profile._clean_fields and ("X-Debug", "13800138000") not in profile._clean_fields
 
 
 def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):

@@ -65,6 +65,11 @@ class Detection:
     confidence: str
 
 
+def _with_overflow(problems: list[tuple[str, str]], overflow: bool, location: str) -> list[tuple[str, str]]:
+    """The decoding problems, and the candidate limit at `location` when it was hit."""
+    return [*problems, (location, f"more than {MAX_CANDIDATES} candidate matches")] if overflow else list(problems)
+
+
 class Profile:
     def __init__(self, spec: ProfileSpec, engine: str | None = None):
         self.name = spec.name
@@ -128,10 +133,9 @@ class Profile:
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
                 and not any(found.readable or self.matcher.scan(found.content) for found in encoded_contents(data)):
-            if len(clean) > CLEAN_FIELDS_KEPT:
-                clean.clear()  # bounded: a stream of unique values only ever refills it
-            clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)
+            self._remember_clean(fields)
             return ScanResult([], None)
+        # A candidate that does not validate, or encoded text (a JWT, an encoded link) to undo.
         decoded = Decoded()
         for location, name, value in fields:
             decoded.segments.append(text_segment(value, location, name or None))
@@ -139,7 +143,17 @@ class Profile:
                 decoded.fields.append((location, name))
                 decoded.segments.append(text_segment(name, f"{location} (name)", name))
         decode_embedded(decoded, self.limits)
-        return self.evaluate(decoded, direction, host)
+        detections, overflow = self.detect_decoded(decoded)
+        if not detections and not decoded.problems and not overflow:
+            self._remember_clean(fields)  # so the same token costs this once, not on every request
+            return ScanResult([], None)
+        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
+
+    def _remember_clean(self, fields: list[tuple[str, str, str]]) -> None:
+        clean = self._clean_fields
+        if len(clean) > CLEAN_FIELDS_KEPT:
+            clean.clear()  # bounded: a stream of unique values only ever refills it
+        clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
                direction: str = "request", host: str | None = None) -> StreamScan:
@@ -162,11 +176,8 @@ class Profile:
 
     # evaluation ---------------------------------------------------------------------------------
     def evaluate(self, decoded: Decoded, direction: str, host: str | None) -> ScanResult:
-        problems = list(decoded.problems)
         detections, overflow = self.detect_decoded(decoded)
-        if overflow:
-            problems.append(("body", f"more than {MAX_CANDIDATES} candidate matches"))
-        return self.apply_rules(detections, problems, direction, host)
+        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "body"), direction, host)
 
     def detect_decoded(self, decoded: Decoded) -> tuple[list[Detection], bool]:
         """Detections in a decoded body's segments and field names, and whether the candidate limit was hit."""
