@@ -56,7 +56,7 @@ def test_every_way_of_hiding_an_id_number_in_base64_is_found_and_located(rules):
                  "body:offset 29 / base64 / gzip content / offset 0"),
         "MIME-wrapped": (base64.encodebytes(b"padding line " * 20 + ID.encode()).decode(), "text/plain",
                          "body:offset 0 / base64 / offset 260"),
-        "a NUL in front": (b64(b"\x00" + TABLE), "text/plain", "body:offset 0 / base64"),  # scanned as bytes
+        "a NUL in front": (b64(b"\x00" + TABLE), "text/plain", "body:offset 0 / base64 / offset 28"),  # as bytes
         "base64 of base64": (f"x={b64(b64(ID.encode()).encode())}", "text/plain",
                              "body:offset 2 / base64 / offset 0 / base64 / offset 0"),
     }
@@ -136,8 +136,8 @@ profiles:
     return load_rules(tmp_path / "s.yaml").profile("s")
 
 
-def _streamed(profile, body: bytes):
-    scan = profile.stream(content_type="text/plain")
+def _streamed(profile, body: bytes, content_type: str = "text/plain"):
+    scan = profile.stream(content_type=content_type)
     for i in range(0, len(body), 3000):
         scan.feed(body[i:i + 3000])
     return scan.finish()

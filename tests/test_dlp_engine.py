@@ -100,6 +100,9 @@ def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):
     hidden = ("X-Claims", base64.b64encode(json.dumps({"sfzh": ID}).encode()).decode())
     assert profile.scan_head("/", [hidden, ("X-Debug", "13800138000")]).action == "block"
     assert hidden not in profile._clean_fields and ("X-Debug", "13800138000") not in profile._clean_fields
+    # Bytes that hide more encoded text are read in full the first time, not passed at a glance.
+    deeper = ("X-Ref", "%01%01%01" + "".join(f"%{byte:02X}" for byte in base64.b64encode(ID.encode())))
+    assert profile.scan_head("/", [deeper]).action == "block" and deeper not in profile._clean_fields
 
 
 def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):

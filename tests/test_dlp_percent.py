@@ -1,9 +1,11 @@
 """Sensitive data hidden by percent-encoding it (once more than its container needs): found in bodies,
 heads and streams, and located (that it cannot be redacted there: test_dlp_embedded)."""
 
+import base64
 import json
 import random
 import time
+import tracemalloc
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
@@ -11,10 +13,15 @@ import pytest
 
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
-from gateway.dlp.embedded import MIN_ESCAPES, PERCENT, encoded_contents, percent_runs, unquote_token
-from tests.test_dlp_embedded import ID, _streamed, id_findings, streaming_profile
+from gateway.dlp.decode import Limits, decode_body
+from gateway.dlp.embedded import BODY, BYTES, MIN_ESCAPES, TEXT, encoded_contents, percent_runs, unquote_token
+from tests.test_dlp_embedded import CARD, ID, _streamed, id_findings, streaming_profile
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
+
+
+FULL_WIDTH_ID = ID.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789X"})
+UNICODE_ESCAPED_ID = "".join(f"\\u{ord(c):04x}" for c in ID)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,11 @@ def rules():
 
 def escaped(text: str) -> str:
     """Every byte as %XX, digits and letters too (what no URL encoder does unasked)."""
-    return "".join(f"%{byte:02X}" for byte in text.encode())
+    return escaped_bytes(text.encode()).decode()
+
+
+def escaped_bytes(data: bytes) -> bytes:
+    return b"".join(b"%%%02X" % byte for byte in data)
 
 
 def test_every_way_of_hiding_an_id_number_by_percent_encoding_is_found_and_located(rules):
@@ -38,6 +49,13 @@ def test_every_way_of_hiding_an_id_number_by_percent_encoding_is_found_and_locat
         "in a url": (json.dumps({"next": f"https://h.example/p?sfzh={escaped(ID)}&x=1"}), "application/json",
                      "body:$.next / percent-encoded / offset 0"),
         "lower-case hex": (escaped(ID).lower(), "text/plain", "body:offset 0 / percent-encoded / offset 0"),
+        "one digit escaped": (json.dumps({"q": "%31" + ID[1:]}), "application/json",
+                              "body:$.q / percent-encoded / offset 0"),
+        "two digits escaped": (f"id 1101{escaped(ID[4:6])}{ID[6:]}", "text/plain",
+                               "body:offset 3 / percent-encoded / offset 0"),
+        "full-width digits": (escaped(FULL_WIDTH_ID), "text/plain", "body:offset 0 / percent-encoded / offset 0"),
+        "\\u escapes": (escaped(UNICODE_ESCAPED_ID), "text/plain",
+                        "body:offset 0 / percent-encoded / unescaped offset 0"),
     }
     for name, (body, content_type, location) in cases.items():
         result = outbound.scan(body.encode(), content_type=content_type)
@@ -51,6 +69,53 @@ def test_a_classification_mark_in_an_encoded_url_is_found(rules):
     assert result.action == "block"
     assert [(f.type, f.location) for f in result.findings] == [
         ("classification_mark", "body:$.link / percent-encoded / offset 27")]
+    gbk = json.dumps({"link": quote("绝密".encode("gbk"))}).encode()  # a token in another charset
+    assert rules.profile("outbound").scan(gbk, content_type="application/json").action == "block"
+
+
+@pytest.mark.parametrize("bytes_token", ["%FF%FF%FF", "%02d%02x%08X"], ids=["binary", "printf"])
+def test_a_token_of_bytes_hides_nothing_in_the_others(rules, bytes_token):
+    """A token that decodes to bytes (or a printf format that looks like escapes) is read apart:
+    the text tokens beside it are still read as text (folded, charset-decoded, unescaped)."""
+    outbound = rules.profile("outbound")
+    for hidden in (escaped(FULL_WIDTH_ID), quote("绝密".encode("gbk")), escaped(UNICODE_ESCAPED_ID),
+                   escaped("&#32477;&#23494;")):
+        for body, content_type in ((json.dumps({"q": hidden, "z": bytes_token}), "application/json"),
+                                   (f"{hidden} fmt {bytes_token}", "text/plain")):
+            assert outbound.scan(body.encode(), content_type=content_type).action == "block", (hidden, body)
+
+
+def test_each_finding_is_located_at_its_own_token_and_text_between_is_not_read_twice(rules):
+    outbound = rules.profile("outbound")
+    body = json.dumps({"search": "https://s.example/?q=" + quote("天气"), "note": "x" * 50,
+                       "next": "https://h.example/?u=" + escaped(ID)})
+    assert id_findings(outbound.scan(body.encode(), content_type="application/json")) == [
+        "body:$.next / percent-encoded / offset 0"]
+    inbound = rules.profile("inbound")  # a card number in clear between two encoded words: found once
+    body = f"see {quote('天气')} card {CARD} and {quote('预报')}".encode()
+    result = inbound.scan(body, content_type="text/plain", direction="response")
+    assert [f.location for f in result.findings] == ["body:offset 28"]
+    masked = inbound.redact(body, content_type="text/plain", result=result)
+    assert CARD.encode() not in masked
+
+
+def test_urls_encoded_again_and_again_are_no_nesting_problem(rules):
+    """A login redirect encoded three times beside a JWT, in every value of a body, and an access
+    log of such links within a small decoding budget: undone, with no problem to report."""
+    def encode(url):
+        return quote(url, safe="")
+    thrice = "https://idp.example/auth?RelayState=" + encode(
+        "https://sso.example/login?continue=" + encode("https://app.example/cb?lang=" + encode("中文")))
+    claims = base64.urlsafe_b64encode(json.dumps({"redirect_uri": encode("https://app.example/cb?x=1")}).encode())
+    jwt = f"eyJhbGciOiJIUzI1NiJ9.{claims.rstrip(b'=').decode()}.c2ln"
+    body = json.dumps({"a": thrice, "state": jwt, "b": thrice}).encode()
+    result = rules.profile("outbound").scan(body, content_type="application/json")
+    assert result.findings == []
+    links = (encode("https://app.example/s?q=" + quote("天气 预报") + f"&p={n}") for n in range(17_500))
+    log = "".join(f'10.0.0.{n % 250} - "GET /login?next={link}"\n' for n, link in enumerate(links)).encode()
+    limits = Limits(max_decoded_bytes=4 << 20)
+    decoded = decode_body(log, "text/plain", None, limits)
+    assert decoded.problems == [] and len(log) < limits.max_decoded_bytes
 
 
 def test_ordinary_encoded_urls_are_left_alone(rules):
@@ -65,15 +130,20 @@ def test_ordinary_encoded_urls_are_left_alone(rules):
 
 
 def test_tokens_escape_counts_and_boundaries():
-    data = b'x "https://h/a?q=%E7%BB%9D%E5%AF%86&y=1" 1%31%30%35 %41%42 %ZZ%41%42%43'
+    data = b'x "https://h/a?q=%E7%BB%9D%E5%AF%86&y=1" 1%31%30%35 %20%21 %ZZ%20%21%22 a%2Db %FF%FF%00 %7B%22a%22:1%7D'
     tokens = [data[s:e] for s, e in percent_runs(data)]
-    # a token ends at quotes, whitespace, "&" and "="; two escapes are too few; a bad escape is kept
-    assert tokens == [b"%E7%BB%9D%E5%AF%86", b"1%31%30%35", b"%ZZ%41%42%43"]
-    # one content: the stretch from the first token to the last, each token decoded
-    assert [(c.start, c.end, c.coding, c.content) for c in encoded_contents(data)] == [
-        (17, len(data), PERCENT, '绝密&y=1" 1105 %41%42 %ZZABC'.encode())]
-    assert list(percent_runs(b"%41" * (MIN_ESCAPES - 1))) == []
-    assert list(percent_runs(b"%41%41%%")) == []  # a "%" without two hex digits is no escape
+    # a token ends at quotes, whitespace, "&" and "="; two escapes are too few unless one of them
+    # needlessly escapes a digit, a letter or "-._~"; a bad escape is kept
+    assert tokens == [b"%E7%BB%9D%E5%AF%86", b"1%31%30%35", b"%ZZ%20%21%22", b"a%2Db", b"%FF%FF%00", b"%7B%22a%22:1%7D"]
+    starts = [data.index(token) for token in tokens]
+    # text tokens are one content, joined by newlines; bytes another; a structure one of its own
+    assert [(c.start, c.end, c.read_as, c.content, c.pieces) for c in encoded_contents(data)] == [
+        (starts[0], starts[3] + 5, TEXT, '绝密\n1105\n%ZZ !"\na-b'.encode(),
+         ((0, starts[0]), (7, starts[1]), (12, starts[2]), (19, starts[3]))),
+        (starts[4], starts[4] + 9, BYTES, b"\xff\xff\x00", ((0, starts[4]),)),
+        (starts[5], len(data), BODY, b'{"a":1}', ())]
+    assert list(percent_runs(b"%20" * (MIN_ESCAPES - 1))) == []
+    assert list(percent_runs(b"%20%20%%")) == []  # a "%" without two hex digits is no escape
     assert list(percent_runs(b"no escapes at all, 100%")) == []
 
 
@@ -89,11 +159,24 @@ def test_tokens_decode_as_urllib_does():
 def test_finding_tokens_takes_linear_time():
     """Each token is read once: a megabyte of short tokens or of one long one is quick to go through
     (reading every token from every escape would take hours)."""
-    for data in (b"%41 " * 300_000, b"a%41" * 300_000):
+    for data in (b"%20 " * 300_000, b"a%41" * 300_000):
         started = time.perf_counter()
         runs = list(percent_runs(data))
         assert time.perf_counter() - started < 5
-        assert runs == ([] if data.startswith(b"%41 ") else [(0, len(data))])
+        assert runs == ([] if data.startswith(b"%20 ") else [(0, len(data))])
+
+
+@pytest.mark.parametrize("data", [b"%" * (8 << 20), b"%41" * ((8 << 20) // 3) + b"%"], ids=["signs", "bad-escape"])
+def test_long_tokens_are_read_in_bounded_memory(data):
+    """Counting escapes stops at MIN_ESCAPES, and a bad escape is decoded without urllib's pieces."""
+    tracemalloc.start()
+    try:
+        contents = list(encoded_contents(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(data), peak
+    assert [c.content[-1:] for c in contents] == ([] if data.startswith(b"%%") else [b"%"])
 
 
 def test_heads_hide_nothing_either(rules):
@@ -113,7 +196,28 @@ def test_streams_find_percent_encoding_across_windows(tmp_path, monkeypatch):
     result = _streamed(profile, (filler + " " + " ".join(f"{h} {filler}" for h in hidden)).encode())
     assert result.action == "block" and len(id_findings(result)) == 3, result.findings
     assert all(" / percent-encoded / " in location for location in id_findings(result))
-    long_text = escaped("无关内容" * 2000)  # longer than a window, text: cannot be held
-    result = _streamed(profile, f"{filler} {long_text} {filler}".encode())
-    assert result.action == "block" and [f.type for f in result.findings] == ["uninspectable"]
-    assert "percent-encoded text longer than" in result.findings[0].value
+
+
+@pytest.mark.parametrize("around", [("无关内容" * 2000).encode(), b"\xff" * 24_000], ids=["text", "bytes"])
+def test_a_token_longer_than_a_window_is_read_in_slices(tmp_path, monkeypatch, around):
+    """Too long to hold, it is decoded window by window: each ID number anywhere in it is found once,
+    whether the token is text or bytes (an escape is 3 bytes: a slice never needs much before it)."""
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    profile = streaming_profile(tmp_path)
+    filler = ("普通文本 " * 1500).encode()
+    for cut in (0, 1, 2, *range(15_354, 15_378, 3), 20_000):  # the ID spans the first window's end
+        token = escaped_bytes(around[:cut] + ID.encode() + around[cut:] + ID.encode() + around)
+        result = _streamed(profile, filler + b" " + token + b" " + filler)
+        assert [f.type for f in result.findings] == ["cn_id_card"] * 2, (cut, result.findings)
+        assert all(" / percent-encoded" in f.location for f in result.findings)
+    clean = _streamed(profile, filler + b" " + escaped_bytes(around * 3) + b" " + filler)
+    assert clean.action is None and clean.findings == []
+
+
+def test_a_large_form_streams_with_a_large_encoded_field(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    profile = streaming_profile(tmp_path)
+    blob = base64.b64encode(random.Random(1).randbytes(200_000)).decode()
+    form = f"name=photo&image={quote(blob, safe='')}&x=1&id={quote(escaped(ID))}".encode()
+    result = _streamed(profile, form, "application/x-www-form-urlencoded")
+    assert [f.type for f in result.findings] == ["cn_id_card"]

@@ -29,7 +29,7 @@ from xml.etree import ElementTree
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset,
 )
-from gateway.dlp.embedded import encoded_contents
+from gateway.dlp.embedded import BODY, TEXT, EncodedContent, encoded_contents
 
 MiB = 1 << 20
 
@@ -128,6 +128,19 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
     return decoded
 
 
+def decode_encoded(found: EncodedContent, limits: Limits, locate_source: Locator) -> Decoded:
+    """What one encoded text stands for, and what encoded text inside it hides (a stream's window)."""
+    decoded = Decoded()
+    walker = _Walker(limits, decoded)
+    try:
+        walker.encoded(found, locate_source, depth=1)
+        walker.embedded(depth=1)
+    except RecursionError:
+        where = child(locate_source(found.start)[0], found.coding)
+        decoded.problems.append((where, "structure nested too deeply to inspect"))
+    return decoded
+
+
 def decode_embedded(decoded: Decoded, limits: Limits) -> None:
     """Add to `decoded` what encoded text inside its segments hides (fields of a message head, say)."""
     try:
@@ -178,30 +191,38 @@ class _Walker:
         else:
             self.text(data, media, params.get("charset"), location)
 
-    def embedded(self) -> None:
-        """Base64 and percent-encoding hidden in the segments (and in what they decode to): each
-        readable content is undone like a body of its own, one nesting level deeper, and anything
-        else is scanned as bytes (see gateway.dlp.embedded)."""
-        depths = [0] * len(self.out.segments)
+    def embedded(self, depth: int = 0) -> None:
+        """Base64 and percent-encoding hidden in the segments (and in what they decode to), each
+        content one nesting level deeper than the segment it was found in (see gateway.dlp.embedded)."""
+        depths = [depth] * len(self.out.segments)
         index = 0
         while index < len(self.out.segments):
             segment, depth = self.out.segments[index], depths[index]
             index += 1
             for found in encoded_contents(segment.data):
-                where = segment.locate(found.start)[0] if segment.locate else segment.location
-                where = child(where, found.coding)
-                if len(found.content) > self.budget:
-                    self.problem(where, f"decoded content exceeds {self.limits.max_decoded_bytes} bytes")
-                    return
-                self.budget -= len(found.content)
                 before = len(self.out.segments)
-                if found.readable:
-                    self.content(found.content, "", _NO_PARAMS, None, where, depth + 1)
-                elif depth + 1 > self.limits.max_depth:
-                    self.problem(where, f"nesting deeper than {self.limits.max_depth} levels")
-                else:  # binary: scanned as received, as a binary body is
-                    self.out.segments.append(Segment(found.content, where))
+                if not self.encoded(found, _segment_locator(segment), depth + 1):
+                    return
                 depths += [depth + 1] * (len(self.out.segments) - before)
+
+    def encoded(self, found: EncodedContent, locate_source: Locator, depth: int) -> bool:
+        """Scan what encoded text stands for: undone like a body, read as plain text, or scanned as
+        bytes (as a binary body is); `locate_source` locates an offset of the text it was found in.
+        False when the decoding budget is spent."""
+        where = child(locate_source(found.start)[0], found.coding)
+        if len(found.content) > self.budget:
+            self.problem(where, f"decoded content exceeds {self.limits.max_decoded_bytes} bytes")
+            return False
+        self.budget -= len(found.content)
+        if depth > self.limits.max_depth:
+            self.problem(where, f"nesting deeper than {self.limits.max_depth} levels")
+        elif found.read_as == BODY:
+            self.content(found.content, "", _NO_PARAMS, None, where, depth)
+        elif found.read_as == TEXT:
+            self.plain_utf8(found.content, where, _token_locator(found, locate_source))
+        else:
+            self.out.segments.append(Segment(found.content, where, None, None, _token_locator(found, locate_source)))
+        return True
 
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
         try:
@@ -234,16 +255,16 @@ class _Walker:
         else:
             self.plain(text, location, raw)
 
-    def plain_utf8(self, data: bytes, location: str) -> None:
+    def plain_utf8(self, data: bytes, location: str, locate: Locator | None = None) -> None:
         """Well-formed UTF-8 plain text, scanned as received: a str of it is built only when full-width
         folding or unescaping needs one (decoding a MiB of CJK text costs more than scanning it)."""
         if needs_folding(data) or _contains(data, b"\\u") or _contains(data, b"&#"):
-            self.plain(data.decode("utf-8"), location, data)
+            self.plain(data.decode("utf-8"), location, data, locate)
         else:
-            self.out.segments.append(Segment(data, location, None, None, _offset_locator(location)))
+            self.out.segments.append(Segment(data, location, None, None, locate or _offset_locator(location)))
 
-    def plain(self, text: str, location: str, data: bytes | None = None) -> None:
-        self.out.segments.append(text_segment(text, location, None, _offset_locator(location), data))
+    def plain(self, text: str, location: str, data: bytes | None = None, locate: Locator | None = None) -> None:
+        self.out.segments.append(text_segment(text, location, None, locate or _offset_locator(location), data))
         if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
@@ -457,6 +478,25 @@ def _contains(text: str | bytes, needle: str | bytes) -> bool:
     """`needle in text`, its first character looked for first: a one-character search runs at memchr speed,
     CPython's search for two characters about 25x slower (1 ms per MiB of CJK text), and most texts lack both."""
     return needle[0] in text and needle in text
+
+
+def _segment_locator(segment: Segment) -> Locator:
+    """Where an offset of a segment's data lies, and the field it is in."""
+    if segment.locate is None:
+        return lambda offset: (segment.location, segment.field)
+    def locate(offset: int) -> tuple[str, str | None]:
+        location, field = segment.locate(offset)
+        return location, field or segment.field
+    return locate
+
+
+def _token_locator(found: EncodedContent, locate_source: Locator) -> Locator:
+    """Where an offset of tokens decoded and joined lies: at that offset of its own token's text."""
+    def locate(offset: int) -> tuple[str, str | None]:
+        source, within = found.source(offset)
+        location, field = locate_source(source)
+        return child(child(location, found.coding), f"offset {within}"), field
+    return locate
 
 
 def _offset_locator(location: str) -> Locator:

@@ -11,7 +11,7 @@ from gateway.dlp.decode import (
     FOLD_TABLE, Decoded, Limits, Segment, decode_body, decode_embedded, needs_folding, text_segment,
 )
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
-from gateway.dlp.embedded import encoded_contents
+from gateway.dlp.embedded import BYTES, EncodedContent, encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
@@ -132,7 +132,7 @@ class Profile:
         if needs_folding(data):
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
-                and not any(found.readable or self.matcher.scan(found.content) for found in encoded_contents(data)):
+                and not any(map(self._worth_reading, encoded_contents(data))):
             self._remember_clean(fields)
             return ScanResult([], None)
         # A candidate that does not validate, or encoded text (a JWT, an encoded link) to undo.
@@ -148,6 +148,12 @@ class Profile:
             self._remember_clean(fields)  # so the same token costs this once, not on every request
             return ScanResult([], None)
         return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
+
+    def _worth_reading(self, found: EncodedContent) -> bool:
+        """Whether encoded text needs the full decode: text or a container to undo, a candidate
+        among its bytes, or more encoded text inside them."""
+        return found.read_as != BYTES or bool(self.matcher.scan(found.content)) \
+            or next(encoded_contents(found.content), None) is not None
 
     def _remember_clean(self, fields: list[tuple[str, str, str]]) -> None:
         clean = self._clean_fields

@@ -14,9 +14,11 @@ import re
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
 )
-from gateway.dlp.decode import FOLD_TABLE, Decoded, Segment, child, decode_body, parse_media_type
+from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_encoded, needs_folding, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
-from gateway.dlp.embedded import BASE64, PERCENT, decode_run, encoded_runs, percent_decoded, readable
+from gateway.dlp.embedded import (
+    BASE64, BODY, BYTES, PERCENT, EncodedContent, decode_run, encoded_runs, percent_contents, readable, unquote_token,
+)
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -45,13 +47,14 @@ class StreamScan:
         self._inflated_bytes = 0
         self._inflaters: list[Inflater] = []
         self._decoder = None
-        self._undecided = bytearray()
+        self._undecided = bytearray()  # inflated bytes held until there are enough to sniff the charset
         self._multipart = False
-        self._probe_tail = b""          # end of the previous piece, for markers cut by a piece boundary  # inflated bytes held until there is enough to sniff the charset
+        self._probe_tail = b""          # end of the previous piece, for markers cut by a piece boundary
         self._pending_text = ""
         self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
         self._accepted_until = 0       # matches ending at or before this offset were handled already
+        self._slicing = False          # a long percent-encoded token is being read in slices, window by window
 
     def feed(self, chunk: bytes) -> None:
         if self._finished:
@@ -163,54 +166,97 @@ class StreamScan:
         low = self._accepted_until - self._window_start
         detections, overflow = self.profile.detect([segment], base_offset=self._window_start,
                                                    accept=(low, accept_end))
-        if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
-            self._fail("too many candidate matches in the stream")
+        if not self._add(detections, overflow):
             return
-        self._detections += detections
         held = self._scan_encoded(data, low, accept_end)
         self._accepted_until = self._window_start + accept_end
-        keep_from = min(max(accept_end - OVERLAP_BYTES, 0), held)
+        # a token read in slices is decoded anew from here: keep enough raw text for a fully escaped match
+        keep_from = min(max(accept_end - OVERLAP_BYTES * (3 if self._slicing else 1), 0), held)
         del self._window[:keep_from]
         self._window_start += keep_from
 
     def _scan_encoded(self, data: bytes, low: int, accept_end: int) -> int:
         """Scan what base64 runs and percent-encoded tokens ending in the window's new part hide (as
-        `scan()` does, the tokens as one stretch); returns where the first one still open begins,
-        held back so the next window sees it whole. One longer than a window is let go when it
-        starts as binary (an image), else the stream fails closed: text that size cannot be held."""
+        `scan()` does); returns where the first one still open begins, held back so the next window
+        sees it whole. A base64 run longer than a window is let go when it starts as binary (an
+        image), else the stream fails closed: text that size cannot be held. A percent-encoded token
+        longer than a window is read in slices (an escape is 3 bytes; a slice overlaps the last)."""
         held = len(data)
-        complete: dict[str, list[tuple[int, int]]] = {BASE64: [], PERCENT: []}
+        continued, self._slicing = self._slicing, False
+        contents: list[EncodedContent] = []
+        tokens: list[tuple[int, int]] = []
         for start, end, coding in encoded_runs(data):
             if end <= low:
                 continue  # scanned with an earlier window
-            if end > accept_end:
+            if coding == PERCENT and start < low and continued:  # the token read in slices goes on
+                if not self._scan_slice(data, start, end, low, min(end, accept_end)):
+                    return held
+                self._slicing = end > accept_end
+            elif coding == PERCENT and end > accept_end and end - start > WINDOW_BYTES:  # too long to hold
+                if not self._scan_slice(data, start, end, start, accept_end):
+                    return held
+                self._slicing = True
+            elif end > accept_end:
                 if end - start <= WINDOW_BYTES:
                     held = min(held, start)
-                elif _readable_head(data[start:start + WINDOW_BYTES], coding):
+                elif _readable_head(data[start:start + WINDOW_BYTES]):
                     self._fail(f"{coding} text longer than {WINDOW_BYTES} bytes in a streamed body cannot be inspected")
                     return held
+            elif coding == PERCENT:
+                tokens.append((start, end))
+            else:
+                contents.append(EncodedContent(start, end, BASE64, decode_run(data[start:end]), BODY))
+        contents += percent_contents(data, tokens)
+        window_start = self._window_start
+        for found in contents:
+            if found.content is None:
                 continue
-            complete[coding].append((start, end))
-        contents = [(start, decode_run(data[start:end]), BASE64) for start, end in complete[BASE64]]
-        if tokens := complete[PERCENT]:
-            contents.append((tokens[0][0], percent_decoded(data, tokens), PERCENT))
-        for start, content, coding in contents:
-            if content is None:
-                continue
-            where = child(f"body:offset {self._window_start + start}", coding)
-            decoded = decode_body(content, None, None, self.limits, location=where) if readable(content) \
-                else Decoded([Segment(content, where)])  # binary: scanned as received
-            detections, overflow = self.profile.detect_decoded(decoded)
-            if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
-                self._fail("too many candidate matches in the stream")
+            if found.coding == BASE64 and not readable(found.content):
+                found = EncodedContent(found.start, found.end, BASE64, found.content, BYTES)
+            decoded = decode_encoded(found, self.limits, lambda offset: (f"body:offset {window_start + offset}", None))
+            if not self._add(*self.profile.detect_decoded(decoded)):
                 return held
-            self._detections += detections
             self._problems += decoded.problems
         return held
 
+    def _scan_slice(self, data: bytes, start: int, end: int, low: int, high: int) -> bool:
+        """Scan the part of a long percent-encoded token that is in the window, keeping what ends
+        where its raw text is in [low, high) (the rest was found before or will be, whole, next);
+        False when the stream failed."""
+        start = _after_escape(data, start)
+        text = _slice_text(data[start:end])
+        accept = (len(_slice_text(data[start:_after_escape(data, low)])),
+                  len(_slice_text(data[start:_after_escape(data, high)])))
+        where = child(f"body:offset {self._window_start + start}", PERCENT)
+        return self._add(*self.profile.detect([Segment(text, where)], accept=accept))
 
-def _readable_head(run: bytes, coding: str) -> bool:
-    """Whether the start of a long run decodes to readable content (it may end in the middle of a
-    character or of an escape)."""
-    head = decode_run(run[:len(run) // 4 * 4]) if coding == BASE64 else percent_decoded(run, [(0, len(run))])
+    def _add(self, detections, overflow: bool) -> bool:
+        if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
+            self._fail("too many candidate matches in the stream")
+            return False
+        self._detections += detections
+        return True
+
+
+def _after_escape(data: bytes, offset: int) -> int:
+    """`offset`, or the end of the %XX escape it falls inside."""
+    if data[offset - 1:offset] == b"%":
+        return offset + 2
+    if data[offset - 2:offset - 1] == b"%" and offset >= 2:
+        return offset + 1
+    return offset
+
+
+def _slice_text(raw: bytes) -> bytes:
+    """Part of a long token decoded, full-width characters folded (it may cut a character)."""
+    text = unquote_token(raw)
+    if needs_folding(text):
+        text = text.decode("utf-8", "surrogateescape").translate(FOLD_TABLE).encode("utf-8", "surrogateescape")
+    return text
+
+
+def _readable_head(run: bytes) -> bool:
+    """Whether the start of a long base64 run decodes to readable content (it may end in the
+    middle of a character)."""
+    head = decode_run(run[:len(run) // 4 * 4])
     return head is not None and any(readable(head[:len(head) - cut]) for cut in range(4))
