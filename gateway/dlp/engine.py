@@ -143,9 +143,13 @@ class Profile:
                 decoded.fields.append((location, name))
                 decoded.segments.append(text_segment(name, f"{location} (name)", name))
         decode_embedded(decoded, self.limits)
-        detections, overflow = self.detect_decoded(decoded)
-        if not detections and not decoded.problems and not overflow:
-            self._remember_clean(fields)  # so the same token costs this once, not on every request
+        without_context: list[int] = []
+        detections, overflow = self.detect(decoded.segments, without_context=without_context)
+        detections += self.field_detections(decoded.fields)
+        if not detections and not decoded.problems and not overflow and not without_context:
+            # so the same token costs this once, not on every request (unless a candidate only lacked
+            # context: another field's words, next time, may give it that)
+            self._remember_clean(fields)
             return ScanResult([], None)
         return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
 
@@ -231,12 +235,13 @@ class Profile:
                 out.append(Detection("field", rule.id, rule.type or "field_name", name, name, location, name, "high"))
         return out
 
-    def detect(self, segments: list[Segment], base_offset: int = 0,
-               accept: tuple[int, int] | None = None) -> tuple[list[Detection], bool]:
+    def detect(self, segments: list[Segment], base_offset: int = 0, accept: tuple[int, int] | None = None,
+               without_context: list[int] | None = None) -> tuple[list[Detection], bool]:
         """Validated detections in the segments, and whether the candidate limit was hit.
 
         `accept` (streaming) keeps only matches whose end offset e satisfies low < e <= high: the
         others were handled in the previous window or are found again, whole, in the next one.
+        `without_context` collects the offsets of valid candidates dropped for want of context words.
         """
         if not segments:
             return [], False
@@ -287,6 +292,8 @@ class Profile:
             detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
             if detection is not None:
                 detections.append(detection)
+            elif kind == "detector" and without_context is not None:
+                without_context.append(start)
         return detections, False
 
     def _detection(self, segments: list[Segment], starts: list[int], data: bytes, start: int, end: int,
