@@ -74,14 +74,15 @@ class EncodedContent:
 def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     """What the base64 runs in `data` decode to, one content each, and what its percent-encoded
     tokens stand for (see percent_contents), in order of their first byte."""
-    base64 = (_base64_content(data, start, end) for start, end in base64_runs(data))
+    base64 = (base64_content(data, start, end) for start, end in base64_runs(data))
     percent = percent_contents(data, list(percent_runs(data)))
     for found in heapq.merge(base64, percent, key=lambda found: found.start):
         if found.content is not None:
             yield found
 
 
-def _base64_content(data: bytes, start: int, end: int) -> EncodedContent:
+def base64_content(data: bytes, start: int, end: int) -> EncodedContent:
+    """What data[start:end], a base64 run, decodes to (content None when it cannot be base64)."""
     content = decode_run(data[start:end])
     read_as = BODY if content is not None and readable(content) else BYTES
     return EncodedContent(start, end, BASE64, content, read_as)

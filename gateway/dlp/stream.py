@@ -17,7 +17,7 @@ from gateway.dlp.coding import (
 from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_encoded, needs_folding, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 from gateway.dlp.embedded import (
-    BASE64, BODY, BYTES, PERCENT, EncodedContent, decode_run, encoded_runs, percent_contents, readable, unquote_token,
+    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, percent_contents, readable, unquote_token,
 )
 
 WINDOW_BYTES = 1 << 20
@@ -205,14 +205,12 @@ class StreamScan:
             elif coding == PERCENT:
                 tokens.append((start, end))
             else:
-                contents.append(EncodedContent(start, end, BASE64, decode_run(data[start:end]), BODY))
+                contents.append(base64_content(data, start, end))
         contents += percent_contents(data, tokens)
         window_start = self._window_start
         for found in contents:
             if found.content is None:
                 continue
-            if found.coding == BASE64 and not readable(found.content):
-                found = EncodedContent(found.start, found.end, BASE64, found.content, BYTES)
             decoded = decode_encoded(found, self.limits, lambda offset: (f"body:offset {window_start + offset}", None))
             if not self._add(*self.profile.detect_decoded(decoded)):
                 return held
