@@ -56,7 +56,7 @@ def test_every_way_of_hiding_an_id_number_in_base64_is_found_and_located(rules):
                  "body:offset 29 / base64 / gzip content / offset 0"),
         "MIME-wrapped": (base64.encodebytes(b"padding line " * 20 + ID.encode()).decode(), "text/plain",
                          "body:offset 0 / base64 / offset 260"),
-        "a NUL in front": (b64(b"\x00" + TABLE), "text/plain", "body:offset 0 / base64 / offset 28"),  # as bytes
+        "a NUL in front": (b64(b"\x00" + TABLE), "text/plain", "body:offset 0 / base64 / csv row 2 column 身份证号"),
         "base64 of base64": (f"x={b64(b64(ID.encode()).encode())}", "text/plain",
                              "body:offset 2 / base64 / offset 0 / base64 / offset 0"),
     }

@@ -103,10 +103,13 @@ def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):
     # Bytes that hide more encoded text are read in full the first time, not passed at a glance.
     deeper = ("X-Ref", "%01%01%01" + "".join(f"%{byte:02X}" for byte in base64.b64encode(ID.encode())))
     assert profile.scan_head("/", [deeper]).action == "block" and deeper not in profile._clean_fields
-    # A candidate dropped only for want of context words is not remembered: another field may give them.
-    passport = ("X-Doc", "E12345678")
-    assert profile.scan_head("/", [passport]).action is None and passport not in profile._clean_fields
-    assert profile.scan_head("/", [("X-Note", "passport"), passport]).action == "warn"
+    # A field whose candidate only lacked context words is clean only while no other field gives them;
+    # a field holding such words is not remembered at all.
+    passport, note = ("X-Doc", "E12345678"), ("X-Note", "passport")
+    assert profile.scan_head("/", [passport, ("X-Trace", "t-1")]).action is None
+    assert passport in profile._clean_without_context and ("X-Trace", "t-1") in profile._clean_fields
+    assert profile.scan_head("/", [note]).action is None and note not in profile._clean_fields
+    assert profile.scan_head("/", [note, passport]).action == "warn"
 
 
 def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):

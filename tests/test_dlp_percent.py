@@ -2,6 +2,7 @@
 heads and streams, and located (that it cannot be redacted there: test_dlp_embedded)."""
 
 import base64
+import itertools
 import json
 import random
 import time
@@ -14,7 +15,9 @@ import pytest
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
 from gateway.dlp.decode import Limits, decode_body
-from gateway.dlp.embedded import BODY, BYTES, MIN_ESCAPES, TEXT, encoded_contents, percent_runs, unquote_token
+from gateway.dlp.embedded import (
+    BODY, BYTES, MIN_ESCAPES, TEXT, TOKEN_SEPARATOR, encoded_contents, percent_runs, unquote_token,
+)
 from tests.test_dlp_embedded import CARD, ID, _streamed, id_findings, streaming_profile
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
@@ -54,8 +57,9 @@ def test_every_way_of_hiding_an_id_number_by_percent_encoding_is_found_and_locat
         "two digits escaped": (f"id 1101{escaped(ID[4:6])}{ID[6:]}", "text/plain",
                                "body:offset 3 / percent-encoded / offset 0"),
         "full-width digits": (escaped(FULL_WIDTH_ID), "text/plain", "body:offset 0 / percent-encoded / offset 0"),
-        "\\u escapes": (escaped(UNICODE_ESCAPED_ID), "text/plain",
-                        "body:offset 0 / percent-encoded / unescaped offset 0"),
+        "\\u escapes": (escaped(UNICODE_ESCAPED_ID), "text/plain", "body:offset 0 / percent-encoded / offset 0"),
+        "escaped again": (json.dumps({"q": "%2531" + ID[1:]}), "application/json",
+                          "body:$.q / percent-encoded / offset 0 / percent-encoded / offset 0"),
     }
     for name, (body, content_type, location) in cases.items():
         result = outbound.scan(body.encode(), content_type=content_type)
@@ -69,8 +73,9 @@ def test_a_classification_mark_in_an_encoded_url_is_found(rules):
     assert result.action == "block"
     assert [(f.type, f.location) for f in result.findings] == [
         ("classification_mark", "body:$.link / percent-encoded / offset 27")]
-    gbk = json.dumps({"link": quote("绝密".encode("gbk"))}).encode()  # a token in another charset
-    assert rules.profile("outbound").scan(gbk, content_type="application/json").action == "block"
+    for links in ([quote("绝密".encode("gbk"))], [quote("普通".encode("gbk")), quote("绝密".encode("gbk"))]):
+        gbk = json.dumps({"links": links}).encode()  # tokens in another charset, read together
+        assert rules.profile("outbound").scan(gbk, content_type="application/json").action == "block", links
 
 
 @pytest.mark.parametrize("bytes_token", ["%FF%FF%FF", "%02d%02x%08X"], ids=["binary", "printf"])
@@ -136,12 +141,14 @@ def test_tokens_escape_counts_and_boundaries():
     # needlessly escapes a digit, a letter or "-._~"; a bad escape is kept
     assert tokens == [b"%E7%BB%9D%E5%AF%86", b"1%31%30%35", b"%ZZ%20%21%22", b"a%2Db", b"%FF%FF%00", b"%7B%22a%22:1%7D"]
     starts = [data.index(token) for token in tokens]
-    # text tokens are one content, joined by newlines; bytes another; a structure one of its own
-    assert [(c.start, c.end, c.read_as, c.content, c.pieces) for c in encoded_contents(data)] == [
-        (starts[0], starts[3] + 5, TEXT, '绝密\n1105\n%ZZ !"\na-b'.encode(),
-         ((0, starts[0]), (7, starts[1]), (12, starts[2]), (19, starts[3]))),
-        (starts[4], starts[4] + 9, BYTES, b"\xff\xff\x00", ((0, starts[4]),)),
-        (starts[5], len(data), BODY, b'{"a":1}', ())]
+    # text tokens are one content, joined by a separator; bytes another; a structure one of its own
+    separated = [len(text) + len(TOKEN_SEPARATOR) for text in ("绝密".encode(), b"1105", b'%ZZ !"')]
+    assert [(c.start, c.end, c.read_as, c.content, list(c.piece_starts), list(c.piece_sources))
+            for c in encoded_contents(data)] == [
+        (starts[0], starts[3] + 5, TEXT, TOKEN_SEPARATOR.join(["绝密".encode(), b"1105", b'%ZZ !"', b"a-b"]),
+         [0, *itertools.accumulate(separated)], starts[:4]),
+        (starts[4], starts[4] + 9, BYTES, b"\xff\xff\x00", [0], [starts[4]]),
+        (starts[5], len(data), BODY, b'{"a":1}', [], [])]
     assert list(percent_runs(b"%20" * (MIN_ESCAPES - 1))) == []
     assert list(percent_runs(b"%20%20%%")) == []  # a "%" without two hex digits is no escape
     assert list(percent_runs(b"no escapes at all, 100%")) == []
@@ -199,9 +206,9 @@ def test_streams_find_percent_encoding_across_windows(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("around", [("无关内容" * 2000).encode(), b"\xff" * 24_000], ids=["text", "bytes"])
-def test_a_token_longer_than_a_window_is_read_in_slices(tmp_path, monkeypatch, around):
-    """Too long to hold, it is decoded window by window: each ID number anywhere in it is found once,
-    whether the token is text or bytes (an escape is 3 bytes: a slice never needs much before it)."""
+def test_a_token_longer_than_a_window_is_streamed_on_its_own(tmp_path, monkeypatch, around):
+    """Too long to hold, it is decoded window by window into a stream of its own: each ID number
+    anywhere in it is found once, whether the token is text or bytes (it is cut between escapes)."""
     monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
     profile = streaming_profile(tmp_path)
     filler = ("普通文本 " * 1500).encode()
@@ -212,6 +219,22 @@ def test_a_token_longer_than_a_window_is_read_in_slices(tmp_path, monkeypatch, a
         assert all(" / percent-encoded" in f.location for f in result.findings)
     clean = _streamed(profile, filler + b" " + escaped_bytes(around * 3) + b" " + filler)
     assert clean.action is None and clean.findings == []
+
+
+def test_what_a_long_token_hides_once_more_is_found(tmp_path, monkeypatch):
+    """The stream of a long token reads it as a body: escaped again, \\u-escaped or base64 inside is
+    undone too; base64 text too long to hold there fails closed, as in the body itself."""
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    profile = streaming_profile(tmp_path)
+    around = ("无关内容" * 2000).encode()
+    for hidden in (escaped_bytes(ID.encode()), UNICODE_ESCAPED_ID.encode(), base64.b64encode(f"证件 {ID}".encode())):
+        result = _streamed(profile, b"x " + escaped_bytes(around + b" " + hidden + b" " + around) + b" y")
+        assert [f.type for f in result.findings] == ["cn_id_card"], (hidden, result.findings)
+        assert result.findings[0].location.startswith("body:offset 2 / percent-encoded / offset ")
+    long_base64 = base64.b64encode(("无关内容" * 8000 + ID).encode())  # longer than the charset sniff too
+    result = _streamed(profile, b"x " + escaped_bytes(around + b" " + long_base64 + b" " + around) + b" y")
+    assert [f.type for f in result.findings] == ["uninspectable"]
+    assert "base64 text longer than" in result.findings[0].value
 
 
 def test_a_large_form_streams_with_a_large_encoded_field(tmp_path, monkeypatch):

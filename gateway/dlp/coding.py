@@ -6,6 +6,7 @@ single call allocate more than PIECE bytes: the caller counts the pieces and sto
 
 import codecs
 import functools
+import re
 import threading
 import zlib
 from collections.abc import Iterator
@@ -20,6 +21,23 @@ except ImportError:
     from backports import zstd
 
 PIECE = 1 << 20
+
+
+# Full-width forms U+FF01..U+FF5E fold to ASCII, the ideographic space to a space.
+FOLD_TABLE = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+def needs_folding(data: bytes) -> bool:
+    # U+FF00..U+FF7F all start with EF BC / EF BD in UTF-8 (EF is rare in CJK text: a cheap test);
+    # the ideographic space alone does not trigger folding: it already ends a token.
+    return b"\xef" in data and (b"\xef\xbc" in data or b"\xef\xbd" in data)  # one memchr first
+
+
+_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def unescape_u(text: str) -> str:
+    return _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 class DecodeError(ValueError):

@@ -27,9 +27,10 @@ from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8, text_charset,
+    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8,
+    needs_folding, text_charset, unescape_u,
 )
-from gateway.dlp.embedded import BODY, TEXT, EncodedContent, encoded_contents
+from gateway.dlp.embedded import BODY, EncodedContent, encoded_contents
 
 MiB = 1 << 20
 
@@ -62,16 +63,6 @@ class Decoded:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
 
 
-# Full-width forms U+FF01..U+FF5E fold to ASCII, the ideographic space to a space.
-FOLD_TABLE = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
-
-
-def needs_folding(data: bytes) -> bool:
-    # U+FF00..U+FF7F all start with EF BC / EF BD in UTF-8 (EF is rare in CJK text: a cheap test);
-    # the ideographic space alone does not trigger folding: it already ends a token.
-    return b"\xef" in data and (b"\xef\xbc" in data or b"\xef\xbd" in data)  # one memchr first
-
-
 def text_segment(text: str, location: str, field: str | None = None, locate: Locator | None = None,
                  data: bytes | None = None) -> Segment:
     if data is None:
@@ -83,13 +74,6 @@ def text_segment(text: str, location: str, field: str | None = None, locate: Loc
 
 def child(location: str, part: str) -> str:
     return f"{location}:{part}" if ":" not in location else f"{location} / {part}"
-
-
-_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
-
-
-def unescape_u(text: str) -> str:
-    return _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 def parse_media_type(content_type: str | None) -> tuple[str, Mapping[str, str]]:
@@ -192,23 +176,24 @@ class _Walker:
             self.text(data, media, params.get("charset"), location)
 
     def embedded(self, depth: int = 0) -> None:
-        """Base64 and percent-encoding hidden in the segments (and in what they decode to), each
-        content one nesting level deeper than the segment it was found in (see gateway.dlp.embedded)."""
+        """Base64 and percent-encoding hidden in the segments (at nesting `depth`) and in what they
+        decode to, each content one level deeper than the segment it was found in (see
+        gateway.dlp.embedded)."""
         depths = [depth] * len(self.out.segments)
         index = 0
         while index < len(self.out.segments):
-            segment, depth = self.out.segments[index], depths[index]
+            segment, segment_depth = self.out.segments[index], depths[index]
             index += 1
             for found in encoded_contents(segment.data):
                 before = len(self.out.segments)
-                if not self.encoded(found, _segment_locator(segment), depth + 1):
+                if not self.encoded(found, _segment_locator(segment), segment_depth + 1):
                     return
-                depths += [depth + 1] * (len(self.out.segments) - before)
+                depths += [segment_depth + 1] * (len(self.out.segments) - before)
 
     def encoded(self, found: EncodedContent, locate_source: Locator, depth: int) -> bool:
-        """Scan what encoded text stands for: undone like a body, read as plain text, or scanned as
-        bytes (as a binary body is); `locate_source` locates an offset of the text it was found in.
-        False when the decoding budget is spent."""
+        """Scan what encoded text stands for: undone like a body, or scanned as it is (text made
+        readable, or bytes as a binary body is); `locate_source` locates an offset of the text it
+        was found in. False when the decoding budget is spent."""
         where = child(locate_source(found.start)[0], found.coding)
         if len(found.content) > self.budget:
             self.problem(where, f"decoded content exceeds {self.limits.max_decoded_bytes} bytes")
@@ -218,9 +203,7 @@ class _Walker:
             self.problem(where, f"nesting deeper than {self.limits.max_depth} levels")
         elif found.read_as == BODY:
             self.content(found.content, "", _NO_PARAMS, None, where, depth)
-        elif found.read_as == TEXT:
-            self.plain_utf8(found.content, where, _token_locator(found, locate_source))
-        else:
+        else:  # text made readable, or bytes: scanned as they are
             self.out.segments.append(Segment(found.content, where, None, None, _token_locator(found, locate_source)))
         return True
 
@@ -255,16 +238,16 @@ class _Walker:
         else:
             self.plain(text, location, raw)
 
-    def plain_utf8(self, data: bytes, location: str, locate: Locator | None = None) -> None:
+    def plain_utf8(self, data: bytes, location: str) -> None:
         """Well-formed UTF-8 plain text, scanned as received: a str of it is built only when full-width
         folding or unescaping needs one (decoding a MiB of CJK text costs more than scanning it)."""
         if needs_folding(data) or _contains(data, b"\\u") or _contains(data, b"&#"):
-            self.plain(data.decode("utf-8"), location, data, locate)
+            self.plain(data.decode("utf-8"), location, data)
         else:
-            self.out.segments.append(Segment(data, location, None, None, locate or _offset_locator(location)))
+            self.out.segments.append(Segment(data, location, None, None, _offset_locator(location)))
 
-    def plain(self, text: str, location: str, data: bytes | None = None, locate: Locator | None = None) -> None:
-        self.out.segments.append(text_segment(text, location, None, locate or _offset_locator(location), data))
+    def plain(self, text: str, location: str, data: bytes | None = None) -> None:
+        self.out.segments.append(text_segment(text, location, None, _offset_locator(location), data))
         if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))

@@ -6,18 +6,19 @@ written. `encoded_contents(data)` finds every run of base64 characters long enou
 sensitive value (MIN_RUN characters, 12 bytes: an 11-digit mobile number), and every token (text
 without whitespace, quotes, angle brackets, "&" or "=", as a URL or a form value is written) with
 MIN_ESCAPES or more %XX escapes in it, or an escaped digit or letter, and decodes them. What comes
-out is undone like a body when the scanner can read it (`readable`): a container it opens (zip,
-gzip, zstd) or text (a UTF BOM, or well-formed UTF-8 or GB18030 without control characters).
-Anything else (an image, a hash, a random token, text with a NUL put in front) is scanned as bytes,
+out is read as the scanner can (`EncodedContent.read_as`): a container it opens (zip, gzip, zstd),
+text with a BOM, text in another charset (GB18030) and UTF-8 that may be a structure (JSON, XML,
+lines) are undone like a body; other UTF-8 text is read as text, its \\u and &# escapes undone and
+full-width characters folded; anything else (an image, a hash, a random token) is scanned as bytes,
 as a binary body is: the ASCII tokens in it are found.
 
 Finding the base64 runs costs one Hyperscan pass over the data, reporting each run once, at its
 first MIN_RUN characters (where the character before is not a base64 one); Python `re` does the
 same more slowly when Hyperscan is missing. Both alphabets are read: standard (+/) and URL-safe
 (-_). Lines of equal length (a multiple of 4, as MIME and PEM wrap base64) are one run; other lines
-are runs of their own. A token is found from its first "%" outwards and read once, and decoded
-by the C quoted-printable decoder; the plain text tokens of one text are read as one content, so a
-page of encoded links costs one more scan of its links, not one per link.
+are runs of their own. A token is found from its first valid escape outwards and read once, and
+decoded by the C quoted-printable decoder; the text tokens of one text are read as one content, so
+a page of encoded links costs one more scan of its links, not one per link.
 """
 
 import base64
@@ -25,12 +26,16 @@ import binascii
 import bisect
 import functools
 import heapq
+import html
 import itertools
 import re
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from gateway.dlp.coding import GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends
+from gateway.dlp.coding import (
+    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends, needs_folding, unescape_u,
+)
 from gateway.dlp.matcher import hyperscan
 
 MIN_RUN = 16
@@ -46,11 +51,22 @@ _NOT_LETTERS = b"0123456789+/_-=\r\n"
 MIN_ESCAPES = 3  # one CJK character in UTF-8 is three %XX escapes, three digits of a number too
 _ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-_NEEDLESS_ESCAPE = re.compile(rb"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[DEde]|5[Ff]|7[Ee])")  # 0-9 A-Z a-z - . _ ~
+# From an escape, MIN_ESCAPES of them: each step takes the text up to the next one, never backtracking.
+_ENOUGH_ESCAPES = re.compile(rb"%%[0-9A-Fa-f]{2}(?:[^%%]*+(?:%%(?![0-9A-Fa-f]{2})[^%%]*+)*+%%[0-9A-Fa-f]{2}){%d}"
+                             % (MIN_ESCAPES - 1))
+# An escaped 0-9 A-Z a-z - . _ ~ (which never need escaping), or one escaped again and again ("%2531").
+_NEEDLESS_ESCAPE = re.compile(rb"%(?:25)*(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[DEde]|5[Ff]|7[Ee])")
 _TOKEN = re.compile(rb"[^\x00-\x20\x7f\"'<>\\`&=]*")
 BASE64, PERCENT = "base64", "percent-encoded"  # the codings, as locations name them
 BODY, TEXT, BYTES = "body", "text", "bytes"  # how a content is read, see EncodedContent
-_MAY_OPEN_A_BODY = b"{[< \t\x0b\x0c" + bytes({magic[0] for magic in (*_CONTAINER_MAGIC, *_TEXT_BOMS)})
+_FOREIGN = "foreign"  # text in another charset than UTF-8 (GBK, say): tokens of it are joined, read as a body
+# Between joined tokens: as long as the context window detectors look back over (engine.py), so the
+# words of one token are never taken as the context of a value in the next.
+TOKEN_SEPARATOR = b"\n" * 48
+_SEPARATION = len(TOKEN_SEPARATOR)
+MAX_STRUCTURED_TOKENS = 256  # tokens of a text undone as structures of their own; past that, read as text
+# First bytes a token needs to be anything but plain text: a structure (after whitespace), a container, a BOM.
+_MAY_OPEN_A_BODY = b"{[< \t\r\n\x0b\x0c" + bytes({magic[0] for magic in (*_CONTAINER_MAGIC, *_TEXT_BOMS)})
 
 
 @dataclass(frozen=True)
@@ -58,17 +74,18 @@ class EncodedContent:
     start: int      # byte offsets of the encoded text in the data searched (of the first and last token)
     end: int
     coding: str     # BASE64 or PERCENT
-    content: bytes  # what it decodes to
-    read_as: str    # BODY: undone like a body (structure, container, charset); TEXT: plain UTF-8 text;
-                    # BYTES: scanned as they are
-    pieces: tuple[tuple[int, int], ...] = ()  # (offset in content, offset in data) of each token joined
+    content: bytes | None  # what it decodes to (None: not base64 after all)
+    read_as: str    # BODY: undone like a body (structure, container, charset); TEXT: UTF-8 text, escapes
+                    # undone and full-width folded; BYTES: scanned as they are
+    piece_starts: Sequence[int] = ()   # tokens joined: where each begins in the content,
+    piece_sources: Sequence[int] = ()  # and where it was in the data searched
 
     def source(self, offset: int) -> tuple[int, int]:
         """(offset in the data searched, offset within that token's decoded text) of a content offset."""
-        if not self.pieces:
+        if not self.piece_starts:
             return self.start, offset
-        piece = self.pieces[bisect.bisect_right(self.pieces, offset, key=lambda piece: piece[0]) - 1]
-        return piece[1], offset - piece[0]
+        index = bisect.bisect_right(self.piece_starts, offset) - 1
+        return self.piece_sources[index], offset - self.piece_starts[index]
 
 
 def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
@@ -84,36 +101,67 @@ def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
 def base64_content(data: bytes, start: int, end: int) -> EncodedContent:
     """What data[start:end], a base64 run, decodes to (content None when it cannot be base64)."""
     content = decode_run(data[start:end])
-    read_as = BODY if content is not None and readable(content) else BYTES
-    return EncodedContent(start, end, BASE64, content, read_as)
+    read_as = BYTES if content is None else _reading(content)
+    if read_as == TEXT:
+        content = readable_text(content)
+    return EncodedContent(start, end, BASE64, content, BODY if read_as == _FOREIGN else read_as)
 
 
 def percent_contents(data: bytes, tokens: list[tuple[int, int]]) -> list[EncodedContent]:
-    """The tokens (start, end) of `data` decoded. Plain text (UTF-8 on one line, opening no JSON or
-    XML) is read as one content, the texts joined by newlines, so a page of encoded links costs one
-    more scan of its links, not one per link; so are the tokens that decode to bytes. A token that
-    decodes to a structure, a container or text in another charset is a content of its own, undone
-    like a body. Each content knows where its tokens are (`pieces`), to locate what is found."""
+    """The tokens (start, end) of `data` decoded. The plain UTF-8 text tokens are joined (by
+    TOKEN_SEPARATOR) into one content, so a page of encoded links costs one more scan of its links,
+    not one per link; so are the tokens that decode to bytes, and those in another charset. A token
+    that decodes to a structure (JSON, XML, lines: up to MAX_STRUCTURED_TOKENS of them) or a container
+    is a content of its own, undone like a body. Joined contents know where each token was."""
     texts = [unquote_token(data[start:end]) for start, end in tokens]
     everything = b"\n".join(texts)
-    if everything.count(b"\n") >= len(texts) or _CONTROL.search(everything) or not is_utf8(everything):
-        readings = [_reading(text) for text in texts]
-    else:  # the usual case, all text: only a token opening with what a structure or container may is looked at
+    if everything.count(b"\n") == len(texts) - 1 and is_utf8(everything):  # the usual case: all text
         readings = [_reading(text) if text[:1] in _MAY_OPEN_A_BODY else TEXT for text in texts]
-    joined: dict[str, list[tuple[int, int, bytes]]] = {TEXT: [], BYTES: []}
+    else:
+        readings = [_reading(text) for text in texts]
     contents = []
-    for (start, end), text, read_as in zip(tokens, texts, readings):
-        if read_as == BODY:
-            contents.append(EncodedContent(start, end, PERCENT, text, BODY))
-        else:
-            joined[read_as].append((start, end, text))
-    for read_as, found in joined.items():
-        if found:
-            offsets = itertools.accumulate((len(text) + 1 for _, _, text in found[:-1]), initial=0)
-            pieces = tuple((offset, start) for offset, (start, _, _) in zip(offsets, found))
-            content = b"\n".join(text for _, _, text in found)
-            contents.append(EncodedContent(found[0][0], found[-1][1], PERCENT, content, read_as, pieces))
+    groups: dict[str, list[int]] = {TEXT: [], BYTES: [], _FOREIGN: []}  # indexes of the tokens joined
+    if all(read_as == TEXT for read_as in readings):
+        groups[TEXT] = range(len(texts))
+    else:
+        structured = 0
+        for index, read_as in enumerate(readings):
+            if read_as == BODY and not texts[index].startswith((*_CONTAINER_MAGIC, *_TEXT_BOMS)):
+                structured += 1
+                if structured > MAX_STRUCTURED_TOKENS:
+                    read_as = TEXT  # its values are still read, its field names no longer
+            if read_as == BODY:
+                contents.append(EncodedContent(*tokens[index], PERCENT, texts[index], BODY))
+            else:
+                groups[read_as].append(index)
+    for read_as, indexes in groups.items():
+        if not indexes:
+            continue
+        first, last = tokens[indexes[0]][0], tokens[indexes[-1]][1]
+        joined = [texts[index] for index in indexes] if len(indexes) < len(texts) else texts
+        if read_as == TEXT and (b"\\u" in everything or b"&#" in everything or needs_folding(everything)):
+            joined = [readable_text(text) for text in joined]
+        content = TOKEN_SEPARATOR.join(joined)
+        if read_as == _FOREIGN:  # decoded as a whole in its charset: located at its first token
+            contents.append(EncodedContent(first, last, PERCENT, content, BODY))
+            continue
+        starts = array("q", itertools.accumulate(map(len, joined[:-1]), lambda at, size: at + size + _SEPARATION,
+                                                 initial=0))
+        sources = array("q", (tokens[index][0] for index in indexes))
+        contents.append(EncodedContent(first, last, PERCENT, content, read_as, starts, sources))
     return sorted(contents, key=lambda found: found.start)
+
+
+def readable_text(text: bytes) -> bytes:
+    """UTF-8 text as the matcher reads it: \\u and &# escapes undone, full-width characters folded."""
+    if b"\\u" not in text and b"&#" not in text and not needs_folding(text):
+        return text
+    decoded = text.decode("utf-8")
+    if "\\u" in decoded:
+        decoded = unescape_u(decoded)
+    if "&#" in decoded:
+        decoded = html.unescape(decoded)
+    return decoded.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
 
 
 def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:
@@ -161,19 +209,21 @@ def readable(content: bytes) -> bool:
 
 
 def _reading(content: bytes) -> str:
-    """TEXT for plain UTF-8 text (one line, opening no JSON or XML), BODY for other text or a
-    container, BYTES for the rest."""
+    """BODY for a container, text with a BOM, or UTF-8 text that may be a structure (JSON, XML,
+    lines); TEXT for other UTF-8 text (control characters and all); _FOREIGN for GB18030 text
+    without control characters; BYTES for the rest."""
     if content.startswith(_CONTAINER_MAGIC) or content.startswith(_TEXT_BOMS):
         return BODY
+    if is_utf8(content):
+        opening = content.lstrip()[:5]
+        return BODY if b"\n" in content or opening[:1] in (b"{", b"[") or opening == b"<?xml" else TEXT
     if _CONTROL.search(content):
         return BYTES
-    if is_utf8(content):
-        return BODY if b"\n" in content or content.lstrip()[:1] in (b"{", b"[", b"<") else TEXT
     try:
         content.decode("gb18030")
     except UnicodeDecodeError:
         return BYTES
-    return BODY
+    return _FOREIGN
 
 
 def _pieces(run: bytes, start: int) -> Iterator[tuple[int, int]]:
@@ -218,20 +268,15 @@ def percent_runs(data: bytes) -> Iterator[tuple[int, int]]:
     while escape is not None:
         at = escape.start()
         before = _TOKEN.match(backwards, len(data) - at)  # the token's characters before this escape
-        start, end = at - (before.end() - before.start()), _TOKEN.match(data, at).end()
-        if _escapes_enough(data, at, end) or _NEEDLESS_ESCAPE.search(data, at, end):
+        start, end = at - (before.end() - before.start()), token_end(data, at)
+        if _ENOUGH_ESCAPES.match(data, at, end) or _NEEDLESS_ESCAPE.search(data, at, end):
             yield start, end
         escape = _ESCAPE.search(data, end)
 
 
-def _escapes_enough(data: bytes, start: int, end: int) -> bool:
-    """Whether data[start:end] holds MIN_ESCAPES valid escapes (counting no further: a token may be long)."""
-    signs = data.count(b"%", start, end)
-    if signs < MIN_ESCAPES:
-        return False
-    if _BAD_ESCAPE.search(data, start, end) is None:
-        return True  # every sign an escape, as in any encoded link
-    return sum(1 for _ in itertools.islice(_ESCAPE.finditer(data, start, end), MIN_ESCAPES)) == MIN_ESCAPES
+def token_end(data: bytes, offset: int) -> int:
+    """Where the token going on at `offset` ends."""
+    return _TOKEN.match(data, offset).end()
 
 
 def unquote_token(token: bytes) -> bytes:

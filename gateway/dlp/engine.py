@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
-from gateway.dlp.coding import DecodeError
+from gateway.dlp.coding import FOLD_TABLE, DecodeError, needs_folding
 from gateway.dlp.decode import (
-    FOLD_TABLE, Decoded, Limits, Segment, decode_body, decode_embedded, needs_folding, text_segment,
+    Decoded, Limits, Segment, decode_body, decode_embedded, text_segment,
 )
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
 from gateway.dlp.embedded import BYTES, EncodedContent, encoded_contents
@@ -94,6 +94,9 @@ class Profile:
         self.matcher = Matcher(specs, engine)
         self._rule_of_field_name = {name: rule for rule in spec.rules for name in rule.field_names}
         self._clean_fields: set[tuple[str, str]] = set()  # see scan_fields
+        self._clean_without_context: set[tuple[str, str]] = set()  # clean unless another field gives context
+        # Words that may make a candidate in another field a finding: a field with one is never remembered clean.
+        self._context_words = tuple({word.lower() for name in detector_names for word in DETECTORS[name].context_words})
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
@@ -123,6 +126,8 @@ class Profile:
         # in which nothing at all was detected cannot add to any finding, and is not scanned again.
         clean = self._clean_fields
         fields = [field for field in fields if (field[1], field[2]) not in clean]
+        if self._clean_without_context and not self._mention_context(fields):
+            fields = [field for field in fields if (field[1], field[2]) not in self._clean_without_context]
         if not fields:
             return ScanResult([], None)
         # Most of the rest hold nothing either: one scan over all their texts at once, joined as
@@ -143,13 +148,13 @@ class Profile:
                 decoded.fields.append((location, name))
                 decoded.segments.append(text_segment(name, f"{location} (name)", name))
         decode_embedded(decoded, self.limits)
-        without_context: list[int] = []
+        without_context: list[str] = []
         detections, overflow = self.detect(decoded.segments, without_context=without_context)
         detections += self.field_detections(decoded.fields)
-        if not detections and not decoded.problems and not overflow and not without_context:
-            # so the same token costs this once, not on every request (unless a candidate only lacked
-            # context: another field's words, next time, may give it that)
-            self._remember_clean(fields)
+        if not detections and not decoded.problems and not overflow:
+            # so the same token costs this once, not on every request (but a field with a candidate
+            # that only lacked context words is read again: another field may give them next time)
+            self._remember_clean(fields, without_context)
             return ScanResult([], None)
         return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
 
@@ -159,11 +164,21 @@ class Profile:
         return found.read_as != BYTES or bool(self.matcher.scan(found.content)) \
             or next(encoded_contents(found.content), None) is not None
 
-    def _remember_clean(self, fields: list[tuple[str, str, str]]) -> None:
-        clean = self._clean_fields
-        if len(clean) > CLEAN_FIELDS_KEPT:
-            clean.clear()  # bounded: a stream of unique values only ever refills it
-        clean.update((name, value) for _, name, value in fields if len(name) + len(value) <= CLEAN_FIELD_SIZE)
+    def _remember_clean(self, fields: list[tuple[str, str, str]], unsure: list[str] = ()) -> None:
+        """Remember the fields as clean, but for long ones and those holding a context word; those
+        where a candidate was dropped for want of context (`unsure`: locations in them) are clean
+        only as long as no other field of a head holds a context word."""
+        if len(self._clean_fields) + len(self._clean_without_context) > CLEAN_FIELDS_KEPT:
+            self._clean_fields.clear()  # bounded: a stream of unique values only ever refills them
+            self._clean_without_context.clear()
+        for location, name, value in fields:
+            if len(name) + len(value) <= CLEAN_FIELD_SIZE and not self._mention_context([(location, name, value)]):
+                lacking = any(place.startswith(location) for place in unsure)
+                (self._clean_without_context if lacking else self._clean_fields).add((name, value))
+
+    def _mention_context(self, fields: list[tuple[str, str, str]]) -> bool:
+        words = self._context_words
+        return bool(words) and any(word in f"{name} {value}".lower() for _, name, value in fields for word in words)
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
                direction: str = "request", host: str | None = None) -> StreamScan:
@@ -186,8 +201,12 @@ class Profile:
 
     # evaluation ---------------------------------------------------------------------------------
     def evaluate(self, decoded: Decoded, direction: str, host: str | None) -> ScanResult:
+        return self.apply_rules(*self.detect_all(decoded, "body"), direction, host)
+
+    def detect_all(self, decoded: Decoded, location: str) -> tuple[list[Detection], list[tuple[str, str]]]:
+        """Detections in a decoded body, and its problems (the candidate limit, hit, is one at `location`)."""
         detections, overflow = self.detect_decoded(decoded)
-        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "body"), direction, host)
+        return detections, _with_overflow(decoded.problems, overflow, location)
 
     def detect_decoded(self, decoded: Decoded) -> tuple[list[Detection], bool]:
         """Detections in a decoded body's segments and field names, and whether the candidate limit was hit."""
@@ -236,12 +255,12 @@ class Profile:
         return out
 
     def detect(self, segments: list[Segment], base_offset: int = 0, accept: tuple[int, int] | None = None,
-               without_context: list[int] | None = None) -> tuple[list[Detection], bool]:
+               without_context: list[str] | None = None) -> tuple[list[Detection], bool]:
         """Validated detections in the segments, and whether the candidate limit was hit.
 
         `accept` (streaming) keeps only matches whose end offset e satisfies low < e <= high: the
         others were handled in the previous window or are found again, whole, in the next one.
-        `without_context` collects the offsets of valid candidates dropped for want of context words.
+        `without_context` collects where valid candidates were dropped for want of context words.
         """
         if not segments:
             return [], False
@@ -293,7 +312,7 @@ class Profile:
             if detection is not None:
                 detections.append(detection)
             elif kind == "detector" and without_context is not None:
-                without_context.append(start)
+                without_context.append(segments[bisect.bisect_right(starts, start) - 1].location)
         return detections, False
 
     def _detection(self, segments: list[Segment], starts: list[int], data: bytes, start: int, end: int,

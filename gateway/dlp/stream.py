@@ -12,19 +12,20 @@ import codecs
 import re
 
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
+    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
+    unescape_u,
 )
-from gateway.dlp.decode import FOLD_TABLE, Segment, child, decode_encoded, needs_folding, parse_media_type
+from gateway.dlp.decode import Segment, child, decode_body, decode_encoded, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 from gateway.dlp.embedded import (
-    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, percent_contents, readable, unquote_token,
+    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, percent_contents, readable, token_end,
+    unquote_token,
 )
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000
-_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 _ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
@@ -32,8 +33,10 @@ _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "applicati
 
 class StreamScan:
     def __init__(self, profile, content_type: str | None, content_encoding: str | None, direction: str,
-                 host: str | None):
+                 host: str | None, *, location: str = "body", depth: int = 0):
         self.profile = profile
+        self.location = location  # of the body, or of a long encoded token within one (see _follow_token)
+        self.depth = depth
         self.content_type = content_type
         self.content_encoding = content_encoding
         self.direction = direction
@@ -54,7 +57,8 @@ class StreamScan:
         self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
         self._accepted_until = 0       # matches ending at or before this offset were handled already
-        self._slicing = False          # a long percent-encoded token is being read in slices, window by window
+        self._token: StreamScan | None = None  # a percent-encoded token too long to hold, decoded into its own stream
+        self._token_read_to = 0        # absolute offset up to which its raw text was decoded
 
     def feed(self, chunk: bytes) -> None:
         if self._finished:
@@ -73,10 +77,14 @@ class StreamScan:
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
+        return self.profile.apply_rules(*self._conclude(), self.direction, self.host)
+
+    def _conclude(self) -> tuple[list, list[tuple[str, str]]]:
+        """The detections and problems of the whole body, once it has all been fed."""
         if self._buffer is not None:
-            return self.profile.scan(bytes(self._buffer), content_type=self.content_type,
-                                     content_encoding=self.content_encoding, direction=self.direction,
-                                     host=self.host)
+            decoded = decode_body(bytes(self._buffer), self.content_type, self.content_encoding, self.limits,
+                                  location=self.location)
+            return self.profile.detect_all(decoded, self.location)
         if not self._problems:
             try:
                 for inflater in self._inflaters:
@@ -84,12 +92,12 @@ class StreamScan:
                 self._decode(b"", final=True)
             except (DecodeError, UnicodeDecodeError) as error:
                 self._fail(str(error))
-        return self.profile.apply_rules(self._detections, self._problems, self.direction, self.host)
+        return self._detections, self._problems
 
     # streaming mode -----------------------------------------------------------------------------
     def _fail(self, reason: str) -> None:
         if not self._problems:
-            self._problems.append(("body", reason))
+            self._problems.append((self.location, reason))
         self._window.clear()
 
     def _start_streaming(self, first: bytes) -> None:
@@ -154,7 +162,7 @@ class StreamScan:
         self._pending_text = text[cut:]
         text = text[:cut]
         if "\\u" in text:
-            text = _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+            text = unescape_u(text)
         self._window += text.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if final or len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
             self._scan_window(final)
@@ -162,40 +170,47 @@ class StreamScan:
     def _scan_window(self, final: bool) -> None:
         data = bytes(self._window)
         accept_end = len(data) if final else len(data) - OVERLAP_BYTES
-        segment = Segment(data, "body", locate=lambda offset: (f"body:offset {offset}", None))
+        location = self.location
+        segment = Segment(data, location, locate=lambda offset: (child(location, f"offset {offset}"), None))
         low = self._accepted_until - self._window_start
         detections, overflow = self.profile.detect([segment], base_offset=self._window_start,
                                                    accept=(low, accept_end))
         if not self._add(detections, overflow):
             return
-        held = self._scan_encoded(data, low, accept_end)
+        held = self._scan_encoded(data, low, accept_end, final)
         self._accepted_until = self._window_start + accept_end
-        # a token read in slices is decoded anew from here: keep enough raw text for a fully escaped match
-        keep_from = min(max(accept_end - OVERLAP_BYTES * (3 if self._slicing else 1), 0), held)
+        keep_from = min(max(accept_end - OVERLAP_BYTES, 0), held)
+        if self._token is not None:
+            keep_from = min(keep_from, self._token_read_to - self._window_start)
         del self._window[:keep_from]
         self._window_start += keep_from
 
-    def _scan_encoded(self, data: bytes, low: int, accept_end: int) -> int:
+    def _scan_encoded(self, data: bytes, low: int, accept_end: int, final: bool) -> int:
         """Scan what base64 runs and percent-encoded tokens ending in the window's new part hide (as
         `scan()` does); returns where the first one still open begins, held back so the next window
         sees it whole. A base64 run longer than a window is let go when it starts as binary (an
         image), else the stream fails closed: text that size cannot be held. A percent-encoded token
-        longer than a window is read in slices (an escape is 3 bytes; a slice overlaps the last)."""
+        longer than a window is decoded into a stream of its own (an escape is 3 bytes long: the
+        token is cut between escapes), which reads it as this one reads the body."""
         held = len(data)
-        continued, self._slicing = self._slicing, False
+        followed_to = 0
+        if self._token is not None and (followed_to := self._follow_token(data, accept_end, final)) < 0:
+            return held
         contents: list[EncodedContent] = []
         tokens: list[tuple[int, int]] = []
         for start, end, coding in encoded_runs(data):
-            if end <= low:
-                continue  # scanned with an earlier window
-            if coding == PERCENT and start < low and continued:  # the token read in slices goes on
-                if not self._scan_slice(data, start, end, low, min(end, accept_end)):
+            if end <= low or (coding == PERCENT and start < followed_to):
+                continue  # scanned with an earlier window, or the long token followed above
+            if coding == PERCENT and end > accept_end and end - start > WINDOW_BYTES:
+                if self.depth >= self.limits.max_depth:
+                    self._fail(f"nesting deeper than {self.limits.max_depth} levels")
                     return held
-                self._slicing = end > accept_end
-            elif coding == PERCENT and end > accept_end and end - start > WINDOW_BYTES:  # too long to hold
-                if not self._scan_slice(data, start, end, start, accept_end):
+                where = child(child(self.location, f"offset {self._window_start + start}"), PERCENT)
+                self._token = StreamScan(self.profile, None, None, self.direction, self.host, location=where,
+                                         depth=self.depth + 1)
+                self._token_read_to = self._window_start + start
+                if self._follow_token(data, accept_end, final) < 0:
                     return held
-                self._slicing = True
             elif end > accept_end:
                 if end - start <= WINDOW_BYTES:
                     held = min(held, start)
@@ -207,26 +222,36 @@ class StreamScan:
             else:
                 contents.append(base64_content(data, start, end))
         contents += percent_contents(data, tokens)
-        window_start = self._window_start
+        location, window_start = self.location, self._window_start
         for found in contents:
             if found.content is None:
                 continue
-            decoded = decode_encoded(found, self.limits, lambda offset: (f"body:offset {window_start + offset}", None))
+            decoded = decode_encoded(found, self.limits,
+                                     lambda offset: (child(location, f"offset {window_start + offset}"), None))
             if not self._add(*self.profile.detect_decoded(decoded)):
                 return held
             self._problems += decoded.problems
         return held
 
-    def _scan_slice(self, data: bytes, start: int, end: int, low: int, high: int) -> bool:
-        """Scan the part of a long percent-encoded token that is in the window, keeping what ends
-        where its raw text is in [low, high) (the rest was found before or will be, whole, next);
-        False when the stream failed."""
-        start = _after_escape(data, start)
-        text = _slice_text(data[start:end])
-        accept = (len(_slice_text(data[start:_after_escape(data, low)])),
-                  len(_slice_text(data[start:_after_escape(data, high)])))
-        where = child(f"body:offset {self._window_start + start}", PERCENT)
-        return self._add(*self.profile.detect([Segment(text, where)], accept=accept))
+    def _follow_token(self, data: bytes, accept_end: int, final: bool) -> int:
+        """Decode the long token's raw text in this window into its stream, up to the window's
+        accepted end (never cutting an escape), and conclude that stream where the token ends.
+        Returns where the token ends in the window; -1 when the stream failed."""
+        begin = self._token_read_to - self._window_start
+        end = token_end(data, begin)
+        ends_here = end < len(data) or final
+        cut = end if ends_here else max(_before_escape(data, min(end, accept_end)), begin)
+        self._token.feed(unquote_token(data[begin:cut]))
+        self._token_read_to = self._window_start + cut
+        if not ends_here:
+            return end
+        detections, problems = self._token._conclude()
+        self._token = None
+        if problems:
+            self._problems += problems
+            self._window.clear()
+            return -1
+        return end if self._add(detections, False) else -1
 
     def _add(self, detections, overflow: bool) -> bool:
         if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
@@ -236,21 +261,13 @@ class StreamScan:
         return True
 
 
-def _after_escape(data: bytes, offset: int) -> int:
-    """`offset`, or the end of the %XX escape it falls inside."""
+def _before_escape(data: bytes, offset: int) -> int:
+    """`offset`, or the start of the %XX escape it would cut."""
     if data[offset - 1:offset] == b"%":
-        return offset + 2
-    if data[offset - 2:offset - 1] == b"%" and offset >= 2:
-        return offset + 1
+        return offset - 1
+    if offset >= 2 and data[offset - 2:offset - 1] == b"%":
+        return offset - 2
     return offset
-
-
-def _slice_text(raw: bytes) -> bytes:
-    """Part of a long token decoded, full-width characters folded (it may cut a character)."""
-    text = unquote_token(raw)
-    if needs_folding(text):
-        text = text.decode("utf-8", "surrogateescape").translate(FOLD_TABLE).encode("utf-8", "surrogateescape")
-    return text
 
 
 def _readable_head(run: bytes) -> bool:
