@@ -60,6 +60,10 @@ def test_every_way_of_hiding_an_id_number_by_percent_encoding_is_found_and_locat
         "\\u escapes": (escaped(UNICODE_ESCAPED_ID), "text/plain", "body:offset 0 / percent-encoded / offset 0"),
         "escaped again": (json.dumps({"q": "%2531" + ID[1:]}), "application/json",
                           "body:$.q / percent-encoded / offset 0 / percent-encoded / offset 0"),
+        "full-width after a NUL": (json.dumps({"q": escaped("\x00" + FULL_WIDTH_ID)}), "application/json",
+                                   "body:$.q / percent-encoded / offset 1"),
+        "after a full-width token": (json.dumps({"a": quote("Ａ" * 30), "b": "x", "c": escaped(ID)}),
+                                     "application/json", "body:$.c / percent-encoded / offset 0"),
     }
     for name, (body, content_type, location) in cases.items():
         result = outbound.scan(body.encode(), content_type=content_type)
@@ -102,6 +106,15 @@ def test_each_finding_is_located_at_its_own_token_and_text_between_is_not_read_t
     assert [f.location for f in result.findings] == ["body:offset 28"]
     masked = inbound.redact(body, content_type="text/plain", result=result)
     assert CARD.encode() not in masked
+
+
+def test_words_of_one_token_are_no_context_for_the_next(rules):
+    """A passport number needs a context word before it; one in an earlier link of the page is not it."""
+    order_link = f'<a href="/orders/G12345678/{quote("详情")}">订单</a>\n'
+    page = f'<a href="/s?q={quote("护照 办理")}">办理</a>\n<p>{"正文内容，" * 200}</p>\n{order_link}'
+    assert rules.profile("outbound").scan(page.encode(), content_type="text/html").findings == []
+    near = f"{quote('护照号码 G12345678')}"  # within the token itself it is context
+    assert rules.profile("outbound").scan(near.encode(), content_type="text/plain").action == "warn"
 
 
 def test_urls_encoded_again_and_again_are_no_nesting_problem(rules):
