@@ -261,7 +261,8 @@ def percent_runs(data: bytes) -> Iterator[tuple[int, int]]:
     escapes, or one escaping a character that never needs it (a digit, a letter: "%311010..." hides
     an ID number behind one escape). A "%" not followed by two hex digits does not count: "100%%%"
     decodes to itself, and read again and again it would look nested too deeply to inspect."""
-    escape = _ESCAPE.search(data)
+    first_sign = data.find(b"%")  # memchr, ten times quicker than the regex over text with no "%"
+    escape = _ESCAPE.search(data, first_sign) if first_sign >= 0 else None
     if escape is None:
         return
     backwards = data[::-1]  # to find where each token begins
