@@ -8,6 +8,7 @@ import random
 import tracemalloc
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
 import brotli
 import pytest
@@ -110,6 +111,13 @@ def test_fields_found_clean_are_remembered_and_nothing_else_is(rules):
     assert passport in profile._clean_without_context and ("X-Trace", "t-1") in profile._clean_fields
     assert profile.scan_head("/", [note]).action is None and note not in profile._clean_fields
     assert profile.scan_head("/", [note, passport]).action == "warn"
+    # A context word written full-width, or encoded, is one too: its field is not remembered, and a
+    # head with such a field reads the fields that lacked context again.
+    escaped_twice = ("X-Doc-2", quote("%45%31%32%33%34%35%36%37%38"))  # E12345678
+    for note_written, doc in ((("X-Note", "ｐａｓｓｐｏｒｔ"), passport), (("X-Note", quote(quote("护照"))), escaped_twice)):
+        assert profile.scan_head("/", [doc]).action is None
+        assert profile.scan_head("/", [note_written]).action is None
+        assert profile.scan_head("/", [note_written, doc]).action == "warn", note_written
 
 
 def test_a_sensitive_value_in_a_field_name_is_masked_in_the_location(outbound):

@@ -64,6 +64,8 @@ def test_every_way_of_hiding_an_id_number_by_percent_encoding_is_found_and_locat
                                    "body:$.q / percent-encoded / offset 1"),
         "after a full-width token": (json.dumps({"a": quote("Ａ" * 30), "b": "x", "c": escaped(ID)}),
                                      "application/json", "body:$.c / percent-encoded / offset 0"),
+        "beside an escaped digit": (escaped(ID + "\\u0031&#49;"), "text/plain",
+                                    "body:offset 0 / percent-encoded / offset 0"),  # whole only as written
     }
     for name, (body, content_type, location) in cases.items():
         result = outbound.scan(body.encode(), content_type=content_type)
@@ -232,6 +234,27 @@ def test_a_token_longer_than_a_window_is_streamed_on_its_own(tmp_path, monkeypat
         assert all(" / percent-encoded" in f.location for f in result.findings)
     clean = _streamed(profile, filler + b" " + escaped_bytes(around * 3) + b" " + filler)
     assert clean.action is None and clean.findings == []
+
+
+def test_a_long_token_ending_in_a_window_overlap_is_read_once(tmp_path, monkeypatch):
+    """Its stream concludes where it ends; its tail, in the next window's overlap, is not a token anew."""
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    profile = streaming_profile(tmp_path)
+    filler, around = ("普通文本 " * 1500).encode(), ("无关内容" * 2000).encode()
+    for lead in range(0, 9000, 63):  # the token's end sweeps across window ends
+        body = filler + b" " + escaped_bytes(around[:lead] + around + ID.encode()) + b" " + filler
+        assert [f.type for f in _streamed(profile, body).findings] == ["cn_id_card"], lead
+
+
+def test_nesting_is_counted_alike_streamed_or_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_module, "WINDOW_BYTES", 8192)
+    profile = streaming_profile(tmp_path)
+    text = ("无关内容" * 40).encode()
+    for _ in range(5):  # one level deeper than max_depth
+        text = escaped_bytes(text)
+    body = ("普通文本 " * 100).encode() + b" " + text + b" x"
+    for result in (_streamed(profile, body), profile.scan(body, content_type="text/plain")):
+        assert [(f.type, f.value) for f in result.findings] == [("uninspectable", "nesting deeper than 4 levels")]
 
 
 def test_what_a_long_token_hides_once_more_is_found(tmp_path, monkeypatch):

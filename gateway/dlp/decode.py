@@ -95,7 +95,8 @@ def _parse_media_type(content_type: str) -> tuple[str, Mapping[str, str]]:
 
 
 def decode_body(body: bytes, content_type: str | None, content_encoding: str | None, limits: Limits,
-                location: str = "body") -> Decoded:
+                location: str = "body", depth: int = 0) -> Decoded:
+    """A body's segments; `depth` is its nesting level when it was itself encoded in another."""
     decoded = Decoded()
     try:
         data = inflate(body, content_encoding, limits.max_decoded_bytes, limits.max_ratio)
@@ -105,20 +106,21 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
     media, params = parse_media_type(content_type)
     walker = _Walker(limits, decoded)
     try:
-        walker.content(data, media, params, None, location, depth=0)
-        walker.embedded()
+        walker.content(data, media, params, None, location, depth)
+        walker.embedded(depth)
     except RecursionError:  # JSON or XML nested thousands deep: the parsers recurse
         decoded.problems.append((location, "structure nested too deeply to inspect"))
     return decoded
 
 
-def decode_encoded(found: EncodedContent, limits: Limits, locate_source: Locator) -> Decoded:
-    """What one encoded text stands for, and what encoded text inside it hides (a stream's window)."""
+def decode_encoded(found: EncodedContent, limits: Limits, locate_source: Locator, depth: int) -> Decoded:
+    """What one encoded text (at nesting `depth`) stands for, and what encoded text inside it hides
+    (a stream's window)."""
     decoded = Decoded()
     walker = _Walker(limits, decoded)
     try:
-        walker.encoded(found, locate_source, depth=1)
-        walker.embedded(depth=1)
+        walker.encoded(found, locate_source, depth)
+        walker.embedded(depth)
     except RecursionError:
         where = child(locate_source(found.start)[0], found.coding)
         decoded.problems.append((where, "structure nested too deeply to inspect"))

@@ -103,7 +103,7 @@ def base64_content(data: bytes, start: int, end: int) -> EncodedContent:
     content = decode_run(data[start:end])
     read_as = BYTES if content is None else _reading(content)
     if read_as == TEXT:
-        content = readable_text(content)
+        content = TOKEN_SEPARATOR.join(readable_texts(content))
     return EncodedContent(start, end, BASE64, content, BODY if read_as == _FOREIGN else read_as)
 
 
@@ -139,29 +139,34 @@ def percent_contents(data: bytes, tokens: list[tuple[int, int]]) -> list[Encoded
             continue
         first, last = tokens[indexes[0]][0], tokens[indexes[-1]][1]
         joined = [texts[index] for index in indexes] if len(indexes) < len(texts) else texts
+        sources = array("q", (tokens[index][0] for index in indexes))
         if read_as == TEXT and (b"\\u" in everything or b"&#" in everything or needs_folding(everything)):
-            joined = [readable_text(text) for text in joined]
+            variants = [readable_texts(text) for text in joined]  # a variant of a token comes from it too
+            sources = array("q", (source for source, texts_of_one in zip(sources, variants) for _ in texts_of_one))
+            joined = [variant for texts_of_one in variants for variant in texts_of_one]
         content = TOKEN_SEPARATOR.join(joined)
         if read_as == _FOREIGN:  # decoded as a whole in its charset: located at its first token
             contents.append(EncodedContent(first, last, PERCENT, content, BODY))
             continue
         starts = array("q", itertools.accumulate(map(len, joined[:-1]), lambda at, size: at + size + _SEPARATION,
                                                  initial=0))
-        sources = array("q", (tokens[index][0] for index in indexes))
         contents.append(EncodedContent(first, last, PERCENT, content, read_as, starts, sources))
     return sorted(contents, key=lambda found: found.start)
 
 
-def readable_text(text: bytes) -> bytes:
-    """UTF-8 text as the matcher reads it: \\u and &# escapes undone, full-width characters folded."""
+def readable_texts(text: bytes) -> list[bytes]:
+    """UTF-8 text as the matcher reads it, full-width characters folded: as written, and with its
+    \\u and &# escapes undone when it has any (a value may be whole in either one only)."""
     if b"\\u" not in text and b"&#" not in text and not needs_folding(text):
-        return text
-    decoded = text.decode("utf-8")
-    if "\\u" in decoded:
-        decoded = unescape_u(decoded)
-    if "&#" in decoded:
-        decoded = html.unescape(decoded)
-    return decoded.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+        return [text]
+    written = text.decode("utf-8")
+    unescaped = written
+    if "\\u" in unescaped:
+        unescaped = unescape_u(unescaped)
+    if "&#" in unescaped:
+        unescaped = html.unescape(unescaped)
+    variants = dict.fromkeys((written, unescaped))
+    return [variant.translate(FOLD_TABLE).encode("utf-8", "surrogatepass") for variant in variants]
 
 
 def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:

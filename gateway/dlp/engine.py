@@ -1,6 +1,7 @@
 """Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation."""
 
 import bisect
+import re
 from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from gateway.dlp.decode import (
     Decoded, Limits, Segment, decode_body, decode_embedded, text_segment,
 )
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
-from gateway.dlp.embedded import BYTES, EncodedContent, encoded_contents
+from gateway.dlp.embedded import BYTES, MIN_RUN, EncodedContent, encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
@@ -19,6 +20,7 @@ from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canoni
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _CONTEXT_WINDOW = 48
+_MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
 MAX_CANDIDATES = 200_000  # more candidates than this in one body is an attack on the scanner: fail closed
 CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
 CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
@@ -96,7 +98,8 @@ class Profile:
         self._clean_fields: set[tuple[str, str]] = set()  # see scan_fields
         self._clean_without_context: set[tuple[str, str]] = set()  # clean unless another field gives context
         # Words that may make a candidate in another field a finding: a field with one is never remembered clean.
-        self._context_words = tuple({word.lower() for name in detector_names for word in DETECTORS[name].context_words})
+        self._context_words = tuple({word.lower().encode() for name in detector_names
+                                     for word in DETECTORS[name].context_words})
 
     def __repr__(self) -> str:
         return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
@@ -126,7 +129,7 @@ class Profile:
         # in which nothing at all was detected cannot add to any finding, and is not scanned again.
         clean = self._clean_fields
         fields = [field for field in fields if (field[1], field[2]) not in clean]
-        if self._clean_without_context and not self._mention_context(fields):
+        if self._clean_without_context and not self._may_give_context(fields):
             fields = [field for field in fields if (field[1], field[2]) not in self._clean_without_context]
         if not fields:
             return ScanResult([], None)
@@ -138,7 +141,8 @@ class Profile:
             data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
                 and not any(map(self._worth_reading, encoded_contents(data))):
-            self._remember_clean(fields)
+            self._remember_clean(fields, mentioning=[location for location, name, value in fields
+                                                     if self._mentions_context(f"{name} {value}".encode())])
             return ScanResult([], None)
         # A candidate that does not validate, or encoded text (a JWT, an encoded link) to undo.
         decoded = Decoded()
@@ -152,9 +156,9 @@ class Profile:
         detections, overflow = self.detect(decoded.segments, without_context=without_context)
         detections += self.field_detections(decoded.fields)
         if not detections and not decoded.problems and not overflow:
-            # so the same token costs this once, not on every request (but a field with a candidate
-            # that only lacked context words is read again: another field may give them next time)
-            self._remember_clean(fields, without_context)
+            # so the same token costs this once, not on every request (see _remember_clean)
+            mentioning = [segment.location for segment in decoded.segments if self._mentions_context(segment.data)]
+            self._remember_clean(fields, without_context, mentioning)
             return ScanResult([], None)
         return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
 
@@ -162,23 +166,37 @@ class Profile:
         """Whether encoded text needs the full decode: text or a container to undo, a candidate
         among its bytes, or more encoded text inside them."""
         return found.read_as != BYTES or bool(self.matcher.scan(found.content)) \
-            or next(encoded_contents(found.content), None) is not None
+            or next(encoded_contents(found.content), None) is not None or self._mentions_context(found.content)
 
-    def _remember_clean(self, fields: list[tuple[str, str, str]], unsure: list[str] = ()) -> None:
-        """Remember the fields as clean, but for long ones and those holding a context word; those
-        where a candidate was dropped for want of context (`unsure`: locations in them) are clean
-        only as long as no other field of a head holds a context word."""
+    def _remember_clean(self, fields: list[tuple[str, str, str]], unsure: list[str] = (),
+                        mentioning: list[str] = ()) -> None:
+        """Remember the fields as clean, but for long ones and those where a context word was read
+        (`mentioning`: locations in them, the decoded text of encoded ones included); those where a
+        candidate was dropped for want of context (`unsure`) are clean only in heads that cannot
+        give it (see scan_fields)."""
         if len(self._clean_fields) + len(self._clean_without_context) > CLEAN_FIELDS_KEPT:
             self._clean_fields.clear()  # bounded: a stream of unique values only ever refills them
             self._clean_without_context.clear()
         for location, name, value in fields:
-            if len(name) + len(value) <= CLEAN_FIELD_SIZE and not self._mention_context([(location, name, value)]):
-                lacking = any(place.startswith(location) for place in unsure)
-                (self._clean_without_context if lacking else self._clean_fields).add((name, value))
+            if len(name) + len(value) > CLEAN_FIELD_SIZE or any(place.startswith(location) for place in mentioning):
+                continue
+            lacking = any(place.startswith(location) for place in unsure)
+            (self._clean_without_context if lacking else self._clean_fields).add((name, value))
 
-    def _mention_context(self, fields: list[tuple[str, str, str]]) -> bool:
-        words = self._context_words
-        return bool(words) and any(word in f"{name} {value}".lower() for _, name, value in fields for word in words)
+    def _mentions_context(self, data: bytes) -> bool:
+        """Whether text (folded as the matcher reads it) holds a word some detector takes as context."""
+        if not self._context_words:
+            return False
+        if needs_folding(data):
+            data = data.decode("utf-8", "surrogatepass").translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+        data = data.lower()
+        return any(word in data for word in self._context_words)
+
+    def _may_give_context(self, fields: list[tuple[str, str, str]]) -> bool:
+        """Whether fields hold a context word, or encoded text that may hide one."""
+        return bool(self._context_words) and any(
+            _MAY_BE_ENCODED.search(text) or self._mentions_context(text.encode("utf-8", "surrogatepass"))
+            for _, name, value in fields for text in (name, value))
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
                direction: str = "request", host: str | None = None) -> StreamScan:

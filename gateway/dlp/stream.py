@@ -58,7 +58,7 @@ class StreamScan:
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
         self._accepted_until = 0       # matches ending at or before this offset were handled already
         self._token: StreamScan | None = None  # a percent-encoded token too long to hold, decoded into its own stream
-        self._token_read_to = 0        # absolute offset up to which its raw text was decoded
+        self._token_read_to = 0        # absolute offset up to which its raw text (all of it, once ended) was read
 
     def feed(self, chunk: bytes) -> None:
         if self._finished:
@@ -83,7 +83,7 @@ class StreamScan:
         """The detections and problems of the whole body, once it has all been fed."""
         if self._buffer is not None:
             decoded = decode_body(bytes(self._buffer), self.content_type, self.content_encoding, self.limits,
-                                  location=self.location)
+                                  location=self.location, depth=self.depth)
             return self.profile.detect_all(decoded, self.location)
         if not self._problems:
             try:
@@ -193,14 +193,13 @@ class StreamScan:
         longer than a window is decoded into a stream of its own (an escape is 3 bytes long: the
         token is cut between escapes), which reads it as this one reads the body."""
         held = len(data)
-        followed_to = 0
-        if self._token is not None and (followed_to := self._follow_token(data, accept_end, final)) < 0:
+        if self._token is not None and not self._follow_token(data, accept_end, final):
             return held
         contents: list[EncodedContent] = []
         tokens: list[tuple[int, int]] = []
         for start, end, coding in encoded_runs(data):
-            if end <= low or (coding == PERCENT and start < followed_to):
-                continue  # scanned with an earlier window, or the long token followed above
+            if end <= low or (coding == PERCENT and start < self._token_read_to - self._window_start):
+                continue  # scanned with an earlier window, or (part of) the long token, read already
             if coding == PERCENT and end > accept_end and end - start > WINDOW_BYTES:
                 if self.depth >= self.limits.max_depth:
                     self._fail(f"nesting deeper than {self.limits.max_depth} levels")
@@ -209,7 +208,7 @@ class StreamScan:
                 self._token = StreamScan(self.profile, None, None, self.direction, self.host, location=where,
                                          depth=self.depth + 1)
                 self._token_read_to = self._window_start + start
-                if self._follow_token(data, accept_end, final) < 0:
+                if not self._follow_token(data, accept_end, final):
                     return held
             elif end > accept_end:
                 if end - start <= WINDOW_BYTES:
@@ -227,16 +226,17 @@ class StreamScan:
             if found.content is None:
                 continue
             decoded = decode_encoded(found, self.limits,
-                                     lambda offset: (child(location, f"offset {window_start + offset}"), None))
+                                     lambda offset: (child(location, f"offset {window_start + offset}"), None),
+                                     self.depth + 1)
             if not self._add(*self.profile.detect_decoded(decoded)):
                 return held
             self._problems += decoded.problems
         return held
 
-    def _follow_token(self, data: bytes, accept_end: int, final: bool) -> int:
+    def _follow_token(self, data: bytes, accept_end: int, final: bool) -> bool:
         """Decode the long token's raw text in this window into its stream, up to the window's
-        accepted end (never cutting an escape), and conclude that stream where the token ends.
-        Returns where the token ends in the window; -1 when the stream failed."""
+        accepted end (never cutting an escape), and conclude that stream where the token ends (its
+        tail, in the next window's overlap, is then not read again). False when the stream failed."""
         begin = self._token_read_to - self._window_start
         end = token_end(data, begin)
         ends_here = end < len(data) or final
@@ -244,14 +244,14 @@ class StreamScan:
         self._token.feed(unquote_token(data[begin:cut]))
         self._token_read_to = self._window_start + cut
         if not ends_here:
-            return end
+            return True
         detections, problems = self._token._conclude()
         self._token = None
         if problems:
             self._problems += problems
             self._window.clear()
-            return -1
-        return end if self._add(detections, False) else -1
+            return False
+        return self._add(detections, False)
 
     def _add(self, detections, overflow: bool) -> bool:
         if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
