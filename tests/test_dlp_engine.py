@@ -217,10 +217,12 @@ def test_stream_finds_tokens_across_chunk_and_window_boundaries(tmp_path, monkey
         s17 = f"1101051949{rng.randint(1, 12):02d}{rng.randint(10, 28)}{index:03d}"
         value = s17 + _id_check(s17)
         planted.append(value)
-        if index % 3 == 0:  # \u-escaped and full-width forms must be found in a stream too
+        if index % 4 == 0:  # \u-escaped, &#-referenced and full-width forms must be found in a stream too
             parts.append("".join(f"\\u{ord(c):04x}" for c in value))
-        elif index % 3 == 1:
+        elif index % 4 == 1:
             parts.append("".join(chr(ord(c) + 0xFEE0) for c in value))
+        elif index % 4 == 2:
+            parts.append("".join(f"&#{ord(c)};" if at % 2 else f"&#x{ord(c):x};" for at, c in enumerate(value)))
         else:
             parts.append(value)
     text = "".join(parts) + " 机密"

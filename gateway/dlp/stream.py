@@ -2,13 +2,15 @@
 
 Up to `limits.stream_buffer_bytes` the chunks are buffered and `finish()` runs the full `scan()`
 (structure, paths, archives). Past that, the body is scanned as decoded text, window by window:
-chunks are decompressed and decoded incrementally, `\\u` escapes undone and full-width characters
-folded, and each window is scanned together with the tail of the previous one, so a token cut by a
-chunk boundary is still found whole. Only matches ending in the new part of a window are accepted;
-a match ending too close to the window's end is left for the next window, which sees it whole.
+chunks are decompressed and decoded incrementally, `\\u` escapes and `&#` references undone and
+full-width characters folded, and each window is scanned together with the tail of the previous
+one, so a token cut by a chunk boundary is still found whole. Only matches ending in the new part of
+a window are accepted; a match ending too close to the window's end is left for the next window,
+which sees it whole.
 """
 
 import codecs
+import html
 import re
 
 from gateway.dlp.coding import (
@@ -156,13 +158,17 @@ class StreamScan:
 
     def _push_text(self, text: str, final: bool = False) -> None:
         text = self._pending_text + text
-        # keep back a possibly incomplete \uXXXX escape (a backslash among the last 5 characters)
-        backslash = -1 if final else text.rfind("\\", max(len(text) - 5, 0))
-        cut = backslash if backslash != -1 else len(text)
+        cut = len(text)
+        # keep back a possibly incomplete \uXXXX escape or &#...; reference ("&#1114111;": 10 characters)
+        for mark, reach in (("\\", 5), ("&", 10)):
+            at = -1 if final else text.rfind(mark, max(len(text) - reach, 0))
+            cut = min(cut, at) if at != -1 else cut
         self._pending_text = text[cut:]
         text = text[:cut]
         if "\\u" in text:
             text = unescape_u(text)
+        if "&#" in text:  # HTML and XML character references, as a buffered body's plain text undoes them
+            text = html.unescape(text)
         self._window += text.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
         if final or len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
             self._scan_window(final)
