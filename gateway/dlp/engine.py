@@ -12,7 +12,7 @@ from gateway.dlp.decode import (
     Decoded, Limits, Segment, decode_body, decode_embedded, text_segment,
 )
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
-from gateway.dlp.embedded import BYTES, MIN_RUN, EncodedContent, encoded_contents
+from gateway.dlp.embedded import BYTES, MIN_RUN, TOKEN_SEPARATOR, EncodedContent, encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
@@ -20,6 +20,7 @@ from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canoni
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _CONTEXT_WINDOW = 48
+assert len(TOKEN_SEPARATOR) >= _CONTEXT_WINDOW  # decoded tokens joined by it give each other no context
 _MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
 MAX_CANDIDATES = 200_000  # more candidates than this in one body is an attack on the scanner: fail closed
 CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
