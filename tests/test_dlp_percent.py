@@ -13,10 +13,11 @@ from urllib.parse import quote, unquote_to_bytes
 import pytest
 
 from gateway.dlp import load_rules
+from gateway.dlp import embedded
 from gateway.dlp import stream as stream_module
 from gateway.dlp.decode import Limits, decode_body
 from gateway.dlp.embedded import (
-    BODY, BYTES, MIN_ESCAPES, TEXT, TOKEN_SEPARATOR, encoded_contents, percent_runs, unquote_token,
+    BODY, BYTES, MANY_ESCAPES, MIN_ESCAPES, TEXT, TOKEN_SEPARATOR, encoded_contents, percent_runs, unquote_text,
 )
 from tests.test_dlp_embedded import CARD, ID, _streamed, id_findings, streaming_profile
 
@@ -169,13 +170,30 @@ def test_tokens_escape_counts_and_boundaries():
     assert list(percent_runs(b"no escapes at all, 100%")) == []
 
 
-def test_tokens_decode_as_urllib_does():
-    """The fast decoder (quoted-printable's, in C) agrees with urllib's unquote on any token."""
+@pytest.mark.parametrize("piece", [1 << 16, 7], ids=["whole", "by-pieces"])
+def test_texts_decode_as_urllib_does(monkeypatch, piece):
+    """The fast decoder (quoted-printable's, in C) agrees with urllib's unquote on any token, and on
+    any text ("=", whitespace and line breaks included), read whole or by pieces."""
+    monkeypatch.setattr(embedded, "_UNQUOTE_PIECE", piece)
     rng = random.Random(5)
-    alphabet = b"%%%%0123456789abcdefABCDEFxyz_.~+/:;!\xe7"
-    for _ in range(20_000):
-        token = bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 30)))
-        assert unquote_token(token) == unquote_to_bytes(token), token
+    for alphabet in (b"%%%%0123456789abcdefABCDEFxyz_.~+/:;!\xe7", b"%%%%0123456789abcdefABCDEF= \t\r\n_x\xe7\x00"):
+        for _ in range(20_000):
+            text = bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+            assert unquote_text(text) == unquote_to_bytes(text), text
+
+
+def test_a_text_dense_with_escapes_is_decoded_as_a_whole(rules):
+    """Past MANY_ESCAPES, token by token would cost a Python step each: the text is decoded at once,
+    and what it hides is still found."""
+    outbound = rules.profile("outbound")
+    flood = "%41 " * MANY_ESCAPES
+    for hidden in (escaped(ID), escaped(FULL_WIDTH_ID), quote("绝密"), quote(escaped(ID))):
+        body = f"{flood}{hidden} {flood}".encode()
+        started = time.perf_counter()
+        result = outbound.scan(body, content_type="text/plain")
+        assert result.action == "block", hidden
+        assert time.perf_counter() - started < 5
+    assert outbound.scan(flood.encode(), content_type="text/plain").findings == []
 
 
 def test_finding_tokens_takes_linear_time():

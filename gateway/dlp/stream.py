@@ -21,7 +21,7 @@ from gateway.dlp.decode import Segment, child, decode_body, decode_encoded, pars
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 from gateway.dlp.embedded import (
     PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, percent_contents, readable, token_end,
-    unquote_token,
+    unquote_text,
 )
 
 WINDOW_BYTES = 1 << 20
@@ -247,7 +247,7 @@ class StreamScan:
         end = token_end(data, begin)
         ends_here = end < len(data) or final
         cut = end if ends_here else max(_before_escape(data, min(end, accept_end)), begin)
-        self._token.feed(unquote_token(data[begin:cut]))
+        self._token.feed(unquote_text(data[begin:cut]))
         self._token_read_to = self._window_start + cut
         if not ends_here:
             return True
