@@ -187,12 +187,19 @@ def test_a_text_dense_with_escapes_is_decoded_as_a_whole(rules):
     and what it hides is still found."""
     outbound = rules.profile("outbound")
     flood = "%41 " * MANY_ESCAPES
-    for hidden in (escaped(ID), escaped(FULL_WIDTH_ID), quote("绝密"), quote(escaped(ID))):
-        body = f"{flood}{hidden} {flood}".encode()
-        started = time.perf_counter()
-        result = outbound.scan(body, content_type="text/plain")
-        assert result.action == "block", hidden
-        assert time.perf_counter() - started < 5
+    referenced_id = escaped("".join(f"&#{ord(c)};" for c in ID))
+    hidden_forms = (escaped(ID), escaped(FULL_WIDTH_ID), quote("绝密"), quote(escaped(ID)),
+                    escaped(UNICODE_ESCAPED_ID), referenced_id, quote("绝密".encode("gbk")))
+    # one token of bytes, or of GBK text, must not change how the rest is read (it is read every way)
+    for spoiler in ("", "%FF%01%02 ", quote("你好".encode("gbk")) + " "):
+        for hidden in hidden_forms:
+            body = f"{spoiler}{flood}{hidden} {flood}".encode()
+            started = time.perf_counter()
+            result = outbound.scan(body, content_type="text/plain")
+            assert result.action == "block", (spoiler, hidden)
+            assert time.perf_counter() - started < 5
+    as_json = json.dumps([flood + referenced_id]).encode()  # read as JSON too
+    assert outbound.scan(as_json, content_type="text/plain").action == "block"
     assert outbound.scan(flood.encode(), content_type="text/plain").findings == []
 
 

@@ -162,15 +162,24 @@ def percent_contents(data: bytes, tokens: list[tuple[int, int]]) -> list[Encoded
 
 def _all_decoded(data: bytes) -> list[EncodedContent]:
     """A text dense with escapes (a long log of encoded links, or a flood of tiny tokens made to cost
-    a Python step each) decoded as a whole, in C, and undone like a body: clear text in it is read
-    twice, and findings are located by their offset in the decoded text."""
+    a Python step each) decoded as a whole, in C. Its tokens are not classed one by one, so the whole
+    is read every way one of them might need: as UTF-8 text made readable (bytes that are not UTF-8
+    replaced); undone like a body too when it opens as JSON or XML, a container or with a BOM; and,
+    when not all UTF-8, as GB18030 text and as bytes. Clear text in it is read again, and findings are
+    located by their offset in the decoded text."""
     if _ESCAPE.search(data) is None:
         return []
     text = unquote_text(data)
-    read_as = _reading(text)
-    if read_as == TEXT:
-        text = TOKEN_SEPARATOR.join(readable_texts(text))
-    return [EncodedContent(0, len(data), PERCENT, text, BODY if read_as == _FOREIGN else read_as)]
+    utf8 = is_utf8(text)
+    as_utf8 = text if utf8 else text.decode("utf-8", "replace").encode()
+    readings = [(TOKEN_SEPARATOR.join(readable_texts(as_utf8)), TEXT)]
+    opening = text.lstrip()[:5]
+    if text.startswith((*_CONTAINER_MAGIC, *_TEXT_BOMS)) or opening[:1] in (b"{", b"[") or opening == b"<?xml":
+        readings.append((text, BODY))
+    if not utf8:
+        as_gb18030 = text.decode("gb18030", "replace").encode("utf-8", "surrogatepass")
+        readings += [(TOKEN_SEPARATOR.join(readable_texts(as_gb18030)), TEXT), (text, BYTES)]
+    return [EncodedContent(0, len(data), PERCENT, content, read_as) for content, read_as in readings]
 
 
 def readable_texts(text: bytes) -> list[bytes]:
