@@ -55,6 +55,13 @@ class Segment:
     original: str | None = None  # the decoded text, when folding changed it
     locate: Locator | None = None  # byte offset in data -> (location, field), for large segments
 
+    def place(self, offset: int) -> tuple[str, str | None]:
+        """Where a byte offset of the data lies, and the field it is the value of."""
+        if self.locate is None:
+            return self.location, self.field
+        location, field_name = self.locate(offset)
+        return location, field_name or self.field
+
 
 @dataclass
 class Decoded:
@@ -188,7 +195,7 @@ class _Walker:
             index += 1
             for found in encoded_contents(segment.data):
                 before = len(self.out.segments)
-                if not self.encoded(found, _segment_locator(segment), segment_depth + 1):
+                if not self.encoded(found, segment.place, segment_depth + 1):
                     return
                 depths += [segment_depth + 1] * (len(self.out.segments) - before)
 
@@ -246,10 +253,10 @@ class _Walker:
         if needs_folding(data) or _contains(data, b"\\u") or _contains(data, b"&#"):
             self.plain(data.decode("utf-8"), location, data)
         else:
-            self.out.segments.append(Segment(data, location, None, None, _offset_locator(location)))
+            self.out.segments.append(Segment(data, location, None, None, offset_locator(location)))
 
     def plain(self, text: str, location: str, data: bytes | None = None) -> None:
-        self.out.segments.append(text_segment(text, location, None, _offset_locator(location), data))
+        self.out.segments.append(text_segment(text, location, None, offset_locator(location), data))
         if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,
                                                   lambda offset: (child(location, f"unescaped offset {offset}"), None)))
@@ -465,16 +472,6 @@ def _contains(text: str | bytes, needle: str | bytes) -> bool:
     return needle[0] in text and needle in text
 
 
-def _segment_locator(segment: Segment) -> Locator:
-    """Where an offset of a segment's data lies, and the field it is in."""
-    if segment.locate is None:
-        return lambda offset: (segment.location, segment.field)
-    def locate(offset: int) -> tuple[str, str | None]:
-        location, field = segment.locate(offset)
-        return location, field or segment.field
-    return locate
-
-
 def _token_locator(found: EncodedContent, locate_source: Locator) -> Locator:
     """Where an offset of tokens decoded and joined lies: at that offset of its own token's text."""
     def locate(offset: int) -> tuple[str, str | None]:
@@ -484,7 +481,7 @@ def _token_locator(found: EncodedContent, locate_source: Locator) -> Locator:
     return locate
 
 
-def _offset_locator(location: str) -> Locator:
+def offset_locator(location: str) -> Locator:
     def locate(offset: int) -> tuple[str, str | None]:
         return child(location, f"offset {offset}"), None
     return locate

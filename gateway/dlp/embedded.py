@@ -46,6 +46,7 @@ _RUN_START_RE = re.compile(rb"(?<![" + _ALPHABET + rb"])[" + _ALPHABET + rb"]{%d
 _RUN = re.compile(rb"[" + _ALPHABET + rb"]+(?:\r?\n[" + _ALPHABET + rb"]+)*=*")
 _CONTAINER_MAGIC = (*ZIP_MAGIC, GZIP_MAGIC, ZSTD_MAGIC)
 _TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+_CONTAINER_OR_BOM = (*_CONTAINER_MAGIC, *_TEXT_BOMS)  # undone like a body, whatever follows
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NOT_LETTERS = b"0123456789+/_-=\r\n"
 MIN_ESCAPES = 3  # one CJK character in UTF-8 is three %XX escapes, three digits of a number too
@@ -68,7 +69,7 @@ MAX_STRUCTURED_TOKENS = 256  # tokens of a text undone as structures of their ow
 MANY_ESCAPES = 1 << 16  # a text with this many "%" is decoded as a whole, not token by token
 _UNQUOTE_PIECE = 1 << 16
 # First bytes a token needs to be anything but plain text: a structure (after whitespace), a container, a BOM.
-_MAY_OPEN_A_BODY = b"{[< \t\r\n\x0b\x0c" + bytes({magic[0] for magic in (*_CONTAINER_MAGIC, *_TEXT_BOMS)})
+_MAY_OPEN_A_BODY = b"{[< \t\r\n\x0b\x0c" + bytes({magic[0] for magic in _CONTAINER_OR_BOM})
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def base64_content(data: bytes, start: int, end: int) -> EncodedContent:
     content = decode_run(data[start:end])
     read_as = BYTES if content is None else _reading(content)
     if read_as == TEXT:
-        content = TOKEN_SEPARATOR.join(readable_texts(content))
+        content = _readable_text(content)
     return EncodedContent(start, end, BASE64, content, BODY if read_as == _FOREIGN else read_as)
 
 
@@ -132,7 +133,7 @@ def percent_contents(data: bytes, tokens: list[tuple[int, int]]) -> list[Encoded
     else:
         structured = 0
         for index, read_as in enumerate(readings):
-            if read_as == BODY and not texts[index].startswith((*_CONTAINER_MAGIC, *_TEXT_BOMS)):
+            if read_as == BODY and not texts[index].startswith(_CONTAINER_OR_BOM):
                 structured += 1
                 if structured > MAX_STRUCTURED_TOKENS:
                     read_as = TEXT  # its values are still read, its field names no longer
@@ -172,14 +173,18 @@ def _all_decoded(data: bytes) -> list[EncodedContent]:
     text = unquote_text(data)
     utf8 = is_utf8(text)
     as_utf8 = text if utf8 else text.decode("utf-8", "replace").encode()
-    readings = [(TOKEN_SEPARATOR.join(readable_texts(as_utf8)), TEXT)]
-    opening = text.lstrip()[:5]
-    if text.startswith((*_CONTAINER_MAGIC, *_TEXT_BOMS)) or opening[:1] in (b"{", b"[") or opening == b"<?xml":
+    readings = [(_readable_text(as_utf8), TEXT)]
+    if text.startswith(_CONTAINER_OR_BOM) or _opens_a_structure(text):
         readings.append((text, BODY))
     if not utf8:
-        as_gb18030 = text.decode("gb18030", "replace").encode("utf-8", "surrogatepass")
-        readings += [(TOKEN_SEPARATOR.join(readable_texts(as_gb18030)), TEXT), (text, BYTES)]
+        readings += [(_readable_text(text.decode("gb18030", "replace").encode("utf-8", "surrogatepass")), TEXT),
+                     (text, BYTES)]
     return [EncodedContent(0, len(data), PERCENT, content, read_as) for content, read_as in readings]
+
+
+def _readable_text(text: bytes) -> bytes:
+    """readable_texts(text) as one content."""
+    return TOKEN_SEPARATOR.join(readable_texts(text))
 
 
 def readable_texts(text: bytes) -> list[bytes]:
@@ -245,11 +250,10 @@ def _reading(content: bytes) -> str:
     """BODY for a container, text with a BOM, or UTF-8 text that may be a structure (JSON, XML,
     lines); TEXT for other UTF-8 text (control characters and all); _FOREIGN for GB18030 text
     without control characters; BYTES for the rest."""
-    if content.startswith(_CONTAINER_MAGIC) or content.startswith(_TEXT_BOMS):
+    if content.startswith(_CONTAINER_OR_BOM):
         return BODY
     if is_utf8(content):
-        opening = content.lstrip()[:5]
-        return BODY if b"\n" in content or opening[:1] in (b"{", b"[") or opening == b"<?xml" else TEXT
+        return BODY if b"\n" in content or _opens_a_structure(content) else TEXT
     if _CONTROL.search(content):
         return BYTES
     try:
@@ -257,6 +261,11 @@ def _reading(content: bytes) -> str:
     except UnicodeDecodeError:
         return BYTES
     return _FOREIGN
+
+
+def _opens_a_structure(text: bytes) -> bool:
+    opening = text.lstrip()[:5]
+    return opening[:1] in (b"{", b"[") or opening == b"<?xml"
 
 
 def _pieces(run: bytes, start: int) -> Iterator[tuple[int, int]]:
@@ -323,11 +332,17 @@ def unquote_text(text: bytes) -> bytes:
     pieces, start = [], 0
     while start < len(text):
         end = min(start + _UNQUOTE_PIECE, len(text))
-        if end < len(text) and (sign := text.rfind(b"%", end - 2, end)) != -1:
-            end = sign  # never cut an escape
+        if end < len(text):
+            end = escape_cut(text, end)
         pieces.append(_unquote_piece(text[start:end]))
         start = end
     return b"".join(pieces)
+
+
+def escape_cut(data: bytes, offset: int) -> int:
+    """`offset`, or the start of the %XX escape it would cut."""
+    sign = data.rfind(b"%", max(offset - 2, 0), offset)
+    return offset if sign == -1 else sign
 
 
 def _unquote_piece(text: bytes) -> bytes:

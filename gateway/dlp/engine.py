@@ -347,11 +347,7 @@ class Profile:
             value = segment.original[char_start:char_start + len(token)]
         else:
             value = token
-        if segment.locate is not None:
-            location, field_name = segment.locate(base_offset + local_start)
-            field_name = field_name or segment.field
-        else:
-            location, field_name = segment.location, segment.field
+        location, field_name = segment.place(base_offset + local_start)
         if kind == "detector":
             detector = DETECTORS[name]
             hinted = field_name is not None and field_name.strip().lower() in detector.hint_fields

@@ -17,11 +17,11 @@ from gateway.dlp.coding import (
     FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
     unescape_u,
 )
-from gateway.dlp.decode import Segment, child, decode_body, decode_encoded, parse_media_type
+from gateway.dlp.decode import Segment, child, decode_body, decode_encoded, offset_locator, parse_media_type
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 from gateway.dlp.embedded import (
-    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, percent_contents, readable, token_end,
-    unquote_text,
+    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, escape_cut, percent_contents, readable,
+    token_end, unquote_text,
 )
 
 WINDOW_BYTES = 1 << 20
@@ -176,8 +176,7 @@ class StreamScan:
     def _scan_window(self, final: bool) -> None:
         data = bytes(self._window)
         accept_end = len(data) if final else len(data) - OVERLAP_BYTES
-        location = self.location
-        segment = Segment(data, location, locate=lambda offset: (child(location, f"offset {offset}"), None))
+        segment = Segment(data, self.location, locate=offset_locator(self.location))
         low = self._accepted_until - self._window_start
         detections, overflow = self.profile.detect([segment], base_offset=self._window_start,
                                                    accept=(low, accept_end))
@@ -246,7 +245,7 @@ class StreamScan:
         begin = self._token_read_to - self._window_start
         end = token_end(data, begin)
         ends_here = end < len(data) or final
-        cut = end if ends_here else max(_before_escape(data, min(end, accept_end)), begin)
+        cut = end if ends_here else max(escape_cut(data, min(end, accept_end)), begin)
         self._token.feed(unquote_text(data[begin:cut]))
         self._token_read_to = self._window_start + cut
         if not ends_here:
@@ -265,15 +264,6 @@ class StreamScan:
             return False
         self._detections += detections
         return True
-
-
-def _before_escape(data: bytes, offset: int) -> int:
-    """`offset`, or the start of the %XX escape it would cut."""
-    if data[offset - 1:offset] == b"%":
-        return offset - 1
-    if offset >= 2 and data[offset - 2:offset - 1] == b"%":
-        return offset - 2
-    return offset
 
 
 def _readable_head(run: bytes) -> bool:
