@@ -12,6 +12,11 @@ it with several workers): the 64 producers split over --remote-processes client 
 record answered only once durable; durable records/s against the in-process figure, and the
 append latency there at the same steady load.
 
+With --ceilings, what this machine allows whatever the disk: the same 64-producer runs with every
+fsync and fdatasync made a no-op (nothing is durable: a diagnostic, in processes of their own), and
+the floor of the producers alone (records built, encoded and handed over in bursts, futures answered
+by the event loop, no log at all). If a ceiling is below a goal, no batching or disk can reach it.
+
 The machine is shared: compare figures of one run with each other, and repeat runs.
 """
 
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from gateway.trace import TraceLog
 from gateway.trace.audit import verify_log
+from gateway.trace.log import encode_record
 from gateway.trace.note import parse_vkey
 from gateway.trace.remote import RemoteTraceLog
 
@@ -142,12 +148,20 @@ def _remote_producers(socket_path: Path, first: int, step: int, total: int, prod
     client.close()
 
 
+# Run first by a process measuring a ceiling: its fsync and fdatasync become no-ops (a diagnostic,
+# never a durable log).
+NO_DISK_WAITS = "import os; os.fsync = os.fdatasync = lambda fd: None"
+
+
 def bench_remote(base: Path, total: int, producers: int, processes: int,
-                 paced: tuple[float, float] | None = None) -> tuple[float, list[float]]:
+                 paced: tuple[float, float] | None = None, writer_prelude: str = "") -> tuple[float, list[float]]:
     """Through the writer process, from `processes` clients sharing `producers` tasks: durable
-    records/s of `total` records, or the latencies at `paced` = (records/s offered, seconds)."""
+    records/s of `total` records, or the latencies at `paced` = (records/s offered, seconds).
+    `writer_prelude` is Python the writer runs first (NO_DISK_WAITS for the ceiling)."""
+    base.mkdir(exist_ok=True)
     socket_path = base / "writer.sock"
-    writer = subprocess.Popen([sys.executable, "-m", "gateway.trace.remote", "--dir", str(base / "remote"),
+    writer = subprocess.Popen([sys.executable, "-c", f"{writer_prelude}\nfrom gateway.trace.remote import main; "
+                               "raise SystemExit(main())", "--dir", str(base / "remote"),
                                "--origin", ORIGIN, "--key", str(base / "key"), "--socket", str(socket_path)])
     try:
         while not socket_path.exists():
@@ -176,6 +190,58 @@ def bench_remote(base: Path, total: int, producers: int, processes: int,
         writer.wait(30)
 
 
+def producers_alone(total: int, producers: int) -> float:
+    """Records/s of the producers' own share: build and encode a record, hand it over in a burst
+    per event-loop iteration, await a future answered in that burst; no log, no thread."""
+    pending: list[asyncio.Future] = []
+
+    def answer() -> None:
+        for leaf, waiter in enumerate(pending):
+            waiter.set_result(leaf)
+        pending.clear()
+
+    async def producer(p: int) -> None:
+        loop = asyncio.get_running_loop()
+        for k in range(p, total, producers):
+            encode_record(record(k))
+            if not pending:
+                loop.call_soon(answer)
+            waiter = loop.create_future()
+            pending.append(waiter)
+            await waiter
+
+    async def main() -> None:
+        await asyncio.gather(*(producer(p) for p in range(producers)))
+
+    start = time.perf_counter()
+    asyncio.run(main())
+    return total / (time.perf_counter() - start)
+
+
+def _ceiling_in_process(base: Path, total: int, producers: int) -> float:
+    exec(NO_DISK_WAITS)
+    base.mkdir()
+    return bench_group_commit(base, total, producers)[0]
+
+
+def _ceiling_through_writer(base: Path, total: int, producers: int, processes: int) -> float:
+    return bench_remote(base, total, producers, processes, writer_prelude=NO_DISK_WAITS)[0]
+
+
+def bench_ceilings(base: Path, total: int, producers: int, processes: int) -> tuple[float, float, float]:
+    """(producers alone, in process without disk waits, through the writer without disk waits),
+    each in a fresh process."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        alone = pool.submit(producers_alone, total, producers).result()
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        in_process = pool.submit(_ceiling_in_process, base / "ceiling", total, producers).result()
+    through_writer = 0.0
+    if processes:
+        through_writer = _ceiling_through_writer(base / "ceiling-remote", total, producers, processes)
+    return alone, in_process, through_writer
+
+
 def _verify_rate(base: Path) -> tuple[float, int]:
     verifier = parse_vkey((base / "key.pub").read_text())
     start = time.perf_counter()
@@ -202,6 +268,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="parent directory (default: a temp dir on /var/tmp)")
     parser.add_argument("--remote-processes", type=int, default=2,
                         help="client processes sharing the producers in the trace-writer run (0: skip it)")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="also measure what the machine allows without any disk wait (see above)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="trace-bench-", dir=args.dir or "/var/tmp"))
     try:
@@ -214,6 +282,8 @@ def main() -> None:
             shutil.rmtree(base / "remote")
             remote_paced = latency_figures(bench_remote(base, 0, args.producers, args.remote_processes,
                                                         (args.paced_rate, 3.0))[1], 3.0)
+        if args.ceilings:
+            ceilings = bench_ceilings(base, args.records, args.producers, args.remote_processes)
         latencies.sort()
         p50 = statistics.median(latencies) * 1e3
         p99 = latencies[int(len(latencies) * 0.99)] * 1e3
@@ -231,6 +301,14 @@ def main() -> None:
                   f"{remote / group:.2f}x")
             print(f"  added latency there at {remote_paced[0]:,.0f} records/s offered: p50 {remote_paced[1]:.2f} ms "
                   f"p99 {remote_paced[2]:.2f} ms")
+        if args.ceilings:
+            alone, in_process, through_writer = ceilings
+            print(f"ceilings, every fsync a no-op (NOT durable, diagnostic): in process {in_process:,.0f} records/s "
+                  f"({in_process / group:.2f}x the durable run)"
+                  + (f", through the writer process {through_writer:,.0f} ({through_writer / remote:.2f}x)"
+                     if args.remote_processes else ""))
+            print(f"  the {args.producers} producers alone (build, encode, hand over, await; no log): "
+                  f"{alone:,.0f} records/s")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
