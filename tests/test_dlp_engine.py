@@ -205,6 +205,50 @@ def test_archive_members_and_office_files(outbound):
     assert ("cn_id_card", "body:zip b.zip / zip c.json / $.id") in types(outbound.scan(nested))
 
 
+def test_office_files_are_read_whole(outbound):
+    """Properties, comments and embedded files of a workbook or document, a document's deleted text
+    and pictures' descriptions: all read, not only the cells and paragraphs."""
+    document = ('<w:document xmlns:w="w"><w:body><w:p><w:r><w:t>ok</w:t></w:r><w:del><w:r>'
+                f'<w:delText>{ID}</w:delText></w:r></w:del></w:p><w:drawing descr="{ID2}"/></w:body></w:document>')
+    docx = zip_bytes({"word/document.xml": document, "docProps/core.xml": f"<cp:coreProperties><dc:title>{CARD}"
+                      "</dc:title></cp:coreProperties>".replace("cp:", "").replace("dc:", ""),
+                      "word/embeddings/inner.docx": zip_bytes({"word/document.xml": document})})
+    found = types(outbound.scan(docx, content_type="application/octet-stream"))
+    assert ("cn_id_card", "body:docx document other text and attributes") in found
+    assert ("cn_id_card", "body:zip word/embeddings/inner.docx / docx document other text and attributes") in found
+    assert any(location.startswith("body:zip docProps/core.xml") for kind, location in found if kind == "bank_card")
+    workbook = '<workbook><sheets><sheet name="S" r:id="r1" xmlns:r="r"/></sheets></workbook>'
+    xlsx = zip_bytes({"xl/workbook.xml": workbook, "xl/comments1.xml": f"<comments><t>{ID}</t></comments>"})
+    assert any(location.startswith("body:zip xl/comments1.xml")
+               for kind, location in types(outbound.scan(xlsx, content_type="application/octet-stream"))
+               if kind == "cn_id_card")
+
+
+def test_xml_comments_and_processing_instructions_are_read(outbound):
+    for body in [f"<r><!-- {ID} --><a>ok</a></r>", f"<!-- {ID} --><r/>", f"<r><?note {ID}?></r>"]:
+        result = outbound.scan(body.encode(), content_type="application/xml")
+        assert ("cn_id_card", "body:xml comments and processing instructions") in types(result), body
+
+
+def test_json_duplicate_keys_and_numbers_are_read_as_written(outbound):
+    """With a backslash the document is parsed: a key given twice keeps both values, a number its text."""
+    duplicate = json.dumps({"x": ID}).encode()[:-1] + b', "x": "ok", "p": "a\\/b"}'
+    assert ("cn_id_card", "body:$.x") in types(outbound.scan(duplicate, content_type="application/json"))
+    number = b'{"note": "a\\/b", "n": 110105199003071001.0}'
+    assert [f.value for f in outbound.scan(number, content_type="application/json").findings
+            if f.type == "cn_id_card"] == ["110105199003071001"]
+
+
+def test_multipart_delimiters_count_only_at_line_starts(outbound):
+    """"--boundary--" inside a value ends nothing: the parts after it, the preamble and the epilogue are read."""
+    body = (f'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nsee --B--\r\n'
+            f'--B\r\nContent-Disposition: form-data; name="sfzh"\r\n\r\n{ID}\r\n--B--\r\n').encode()
+    assert ("cn_id_card", "body:part sfzh / offset 0") in types(outbound.scan(body, content_type="multipart/form-data; boundary=B"))
+    outside = f"{ID2}\r\n--B\r\nContent-Disposition: form-data; name=a\r\n\r\nok\r\n--B--\r\n{ID}".encode()
+    found = types(outbound.scan(outside, content_type="multipart/form-data; boundary=B"))
+    assert found == [("cn_id_card", "body:epilogue / offset 2"), ("cn_id_card", "body:preamble / offset 0")]
+
+
 # ---- streaming ------------------------------------------------------------------------------------
 def test_stream_finds_tokens_across_chunk_and_window_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_module, "WINDOW_BYTES", 4096)

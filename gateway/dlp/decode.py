@@ -30,7 +30,7 @@ from gateway.dlp.coding import (
     FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8,
     needs_folding, text_charset, unescape_u,
 )
-from gateway.dlp.embedded import BODY, EncodedContent, encoded_contents
+from gateway.dlp.embedded import BODY, TOKEN_SEPARATOR, EncodedContent, encoded_contents
 
 MiB = 1 << 20
 
@@ -280,7 +280,7 @@ class _Walker:
                 self.out.fields.append((child(location, "$ key " + json.dumps(key, ensure_ascii=False)), key))
             return True
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=_JsonObject, parse_float=str, parse_int=str)
         except ValueError:
             if strict:
                 return False
@@ -303,21 +303,26 @@ class _Walker:
             self.out.segments.append(text_segment(name, child(location, f"form {name} (name)"), name))
 
     def multipart(self, data: bytes, boundary: str, location: str, depth: int) -> None:
-        delimiter = b"--" + boundary.encode("latin-1")
-        pieces = data.split(delimiter)
-        if len(pieces) < 2:
+        # A delimiter counts only at the start of a line (RFC 2046): "--boundary--" inside a value
+        # neither ends the body nor hides the parts after it.
+        delimiters = list(re.finditer(rb"(?:\A|\r?\n)--" + re.escape(boundary.encode("latin-1")), data))
+        if not delimiters:
             self.text(data, "text/plain", None, location)
             return
+        # Preamble and epilogue are for recipients to ignore, but a lenient one may not: read them too.
+        self._outside_parts(data[:delimiters[0].start()], child(location, "preamble"))
         closed = False
-        for index, piece in enumerate(pieces[1:], start=1):
+        ends = [delimiter.start() for delimiter in delimiters[1:]] + [len(data)]
+        for index, (delimiter, end) in enumerate(zip(delimiters, ends), start=1):
+            piece = data[delimiter.end():end]
             if piece.startswith(b"--"):
                 closed = True
+                self._outside_parts(data[delimiter.end() + 2:], child(location, "epilogue"))
                 break
             piece = piece.removeprefix(b"\r\n").removeprefix(b"\n")
             head, separator, content = piece.partition(b"\r\n\r\n")
             if not separator:
                 head, separator, content = piece.partition(b"\n\n")
-            content = content.removesuffix(b"\r\n").removesuffix(b"\n")
             headers = Message()
             for line in head.decode("utf-8", "replace").splitlines():
                 name, colon, value = line.partition(":")
@@ -348,6 +353,10 @@ class _Walker:
         if not closed:
             self.problem(location, "multipart body without its closing boundary")
 
+    def _outside_parts(self, data: bytes, location: str) -> None:
+        if data.strip():
+            self.text(data, "text/plain", None, location)
+
     # XML ----------------------------------------------------------------------------------------
     def xml(self, text: str, location: str) -> None:
         if "<!DOCTYPE" in text or "<!ENTITY" in text:  # no entity expansion: scan the text as written
@@ -359,6 +368,11 @@ class _Walker:
             self.plain(text, location)
             return
         self._xml_element(root, "", location)
+        # The parser drops comments and processing instructions; a recipient may still read them.
+        asides = [match.group(1) or match.group(2) or "" for match in _XML_ASIDE.finditer(text)]
+        if any(aside.strip() for aside in asides):
+            self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(asides),
+                                                  child(location, "xml comments and processing instructions")))
 
     def _xml_element(self, element: ElementTree.Element, parent_path: str, location: str) -> None:
         tag = element.tag.rsplit("}", 1)[-1] if isinstance(element.tag, str) else "?"
@@ -420,19 +434,25 @@ class _Walker:
                 continue
             self.budget -= len(content)
             members[entry.filename] = content
+        read: set[str] = set()
         if "xl/workbook.xml" in names:
-            self.xlsx(members, location)
+            read = self.xlsx(members, location)
         elif "word/document.xml" in names:
-            self.docx(members, location)
-        else:
-            for name, content in members.items():
+            read = self.docx(members, location)
+        # The members a workbook or document reader does not read as such (properties, comments,
+        # embedded files) are read like those of any archive.
+        for name, content in members.items():
+            if name not in read:
                 self.content(content, "", {}, name, child(location, f"zip {name}"), depth + 1)
 
-    def xlsx(self, members: dict[str, bytes], location: str) -> None:
+    def xlsx(self, members: dict[str, bytes], location: str) -> set[str]:
+        """Cells of every sheet, by sheet, reference and column header; the members read."""
+        read = {"xl/sharedStrings.xml"}
         try:
             shared = [_xml_text(item) for item in _xml_root(members.get("xl/sharedStrings.xml")).iter()
                       if _local(item.tag) == "si"]
             for sheet_name, path in _xlsx_sheets(members):
+                read.add(path)
                 header: dict[str, str] = {}
                 for cell in _xml_root(members.get(path)).iter():
                     if _local(cell.tag) != "c":
@@ -450,20 +470,32 @@ class _Walker:
                     self.out.segments.append(text_segment(value, child(location, label), name if row != "1" else None))
         except (ElementTree.ParseError, KeyError, ValueError) as error:
             self.problem(location, f"unreadable xlsx workbook: {error}")
+        return read
 
-    def docx(self, members: dict[str, bytes], location: str) -> None:
+    def docx(self, members: dict[str, bytes], location: str) -> set[str]:
+        """Paragraphs of the body, headers, footers, notes and comments; the members read."""
+        read: set[str] = set()
         try:
             for name in sorted(members):
                 if not re.fullmatch(r"word/(document|header\d*|footer\d*|footnotes|endnotes|comments)\.xml", name):
                     continue
+                read.add(name)
                 part = PurePosixPath(name).stem
-                paragraphs = [item for item in _xml_root(members[name]).iter() if _local(item.tag) == "p"]
+                root = _xml_root(members[name])
+                paragraphs = [item for item in root.iter() if _local(item.tag) == "p"]
                 for number, paragraph in enumerate(paragraphs, start=1):
                     text = "".join(t.text or "" for t in paragraph.iter() if _local(t.tag) == "t")
                     if text.strip():
                         self.out.segments.append(text_segment(text, child(location, f"docx {part} paragraph {number}")))
+                # Deleted text of tracked changes, field codes, pictures' descriptions: not in a w:t.
+                rest = [text for item in root.iter() for text in (
+                    *item.attrib.values(), item.text if _local(item.tag) != "t" else None) if text and text.strip()]
+                if rest:
+                    self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(rest),
+                                                          child(location, f"docx {part} other text and attributes")))
         except ElementTree.ParseError as error:
             self.problem(location, f"unreadable docx document: {error}")
+        return read
 
 
 def _contains(text: str | bytes, needle: str | bytes) -> bool:
@@ -496,6 +528,9 @@ def _looks_like_csv(text: str) -> bool:
     lines = text[:_HEAD_CHARS].splitlines()[:3]
     return len(lines) >= 2 and lines[0].count(",") >= 1 and all(line.count(",") == lines[0].count(",")
                                                                for line in lines[1:])
+
+
+_XML_ASIDE = re.compile(r"<!--(.*?)-->|<\?(.*?)\?>", re.DOTALL)
 
 
 def _local(tag: object) -> str:
@@ -561,10 +596,16 @@ def _blank_quoted(data: bytes) -> bytes:
     return b'"'.join(pieces)
 
 
+class _JsonObject(list):
+    """A JSON object as its (key, value) pairs: a key given twice keeps both values (a recipient
+    may read either one)."""
+
+
 def _walk_json(value: object, path: str, key: str | None):
-    """(path, field, text, is_key) for every key and scalar of a parsed JSON document."""
-    if isinstance(value, dict):
-        for name, item in value.items():
+    """(path, field, text, is_key) for every key and scalar of a JSON document parsed with numbers
+    kept as written (a float would render an ID number as 1.10105e+17)."""
+    if isinstance(value, _JsonObject):
+        for name, item in value:
             item_path = _json_path(path, name)
             yield item_path, name, name, True
             yield from _walk_json(item, item_path, name)
