@@ -36,6 +36,7 @@ from gateway.runtime import Runtime, build_runtime
 from gateway.sdnotify import sd_notify, watchdog_interval
 from gateway.trace import TraceLog
 from gateway.trace.remote import RemoteTraceLog
+from gateway.tunnels import OnlyHttp
 
 if TYPE_CHECKING:
     from gateway.workers import WorkerRole
@@ -121,7 +122,7 @@ class GatewayServer:
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.master.addons.add(
-            proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
+            proxyserver.Proxyserver(), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Inspect(self), Record(self), measure, FirstRequestDeadline(self),
             Announce(self), wslimits.ForgetMessages(),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -417,6 +418,94 @@ def test_bytes_that_are_not_http_in_a_tunnel_are_refused_at_once_and_never_relay
         assert upstream.connections == 0 and not upstream.received
     finally:
         upstream.server.close()
+
+
+def test_dns_in_a_tunnel_is_refused_not_relayed(lab):
+    """mitmproxy reads a tunnel to port 53 or 5353 as DNS, which no stage would see."""
+    for port in (5353, 53):
+        try:
+            server = socket.create_server(("127.0.0.2", port))
+            break
+        except OSError:
+            continue
+    else:
+        pytest.skip("ports 53 and 5353 of 127.0.0.2 are both taken: no DNS upstream to test against")
+    upstream = RawUpstream.__new__(RawUpstream)
+    upstream.server, upstream.port, upstream.received, upstream.connections = server, port, bytearray(), 0
+    threading.Thread(target=upstream._serve, daemon=True).start()
+    try:
+        label = f"sfzh-{ID_NUMBER}".encode()
+        query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + bytes([len(label)]) + label
+                 + b"\x07example\x03com\x00\x00\x01\x00\x01")
+        head, body, _ = tunnel_exchange(lab, f"127.0.0.2:{port}", len(query).to_bytes(2) + query)
+        assert head.startswith("HTTP/1.1 400"), head
+        record = trace_record(lab, transfer_id_in(head))
+        assert (record["status"], record["error"]) == (400, "not an HTTP request")
+        assert upstream.connections == 0 and not upstream.received
+    finally:
+        server.close()
+
+
+def test_a_host_header_naming_another_host_is_replaced_by_the_target(lab):
+    """The policy decides on the target; a Host naming something else is neither believed nor sent."""
+    marker = f"/echo?case=host-{free_port()}"
+    with proxy_client(lab) as client:
+        response = client.get(lab["upstream"] + marker, headers={"host": f"{ID_NUMBER}.example"})
+    assert response.status_code == 200
+    [seen] = [r for r in upstream_requests(lab) if r["path"] == marker]
+    assert seen["host"] == lab["upstream"].removeprefix("http://")
+    record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+    assert record["upstream"]["host"] == "127.0.0.2" and ID_NUMBER not in json.dumps(record)
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused(lab):
+    """Scans undo content codings only: a body deflated as a transfer coding would cross unread."""
+    body = zlib.compress(json.dumps({"sfzh": ID_NUMBER}).encode())
+    marker = f"/echo?case=te-{free_port()}"
+    target = lab["upstream"].removeprefix("http://")
+    head, _ = raw_exchange(lab, (f"POST http://{target}{marker} HTTP/1.1\r\nHost: {target}\r\n"
+                                 "Content-Type: application/json\r\nTransfer-Encoding: deflate, chunked\r\n"
+                                 "Connection: close\r\n\r\n").encode()
+                           + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    assert head.startswith("HTTP/1.1 403"), head
+    assert trace_record(lab, transfer_id_in(head))["rules"][0]["type"] == "transfer-coding"
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
+
+
+def test_a_response_in_a_transfer_coding_other_than_chunked_never_delivers_its_body(lab):
+    server = socket.create_server(("127.0.0.2", 0))
+    body = zlib.compress(f"card {BANK_CARD}".encode())
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            while b"\r\n\r\n" not in connection.recv(65536):
+                pass
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                               b"Transfer-Encoding: deflate, chunked\r\n\r\n"
+                               + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        target = f"127.0.0.2:{server.getsockname()[1]}"
+        head, rest = raw_exchange(lab, f"GET http://{target}/te HTTP/1.1\r\nHost: {target}\r\n"
+                                       "Connection: close\r\n\r\n".encode())
+        record = trace_record(lab, transfer_id_in(head))
+        assert record["decision"] == "block" and record["rules"][0]["type"] == "transfer-coding"
+        assert not rest  # raw_exchange decodes it as UTF-8: the deflated card would not even decode
+    finally:
+        server.close()
+
+
+def test_a_method_holding_an_id_number_is_blocked_and_recorded_masked(lab):
+    marker = f"/echo?case=method-{free_port()}"
+    target = lab["upstream"].removeprefix("http://")
+    head, _ = raw_exchange(lab, f"{ID_NUMBER} http://{target}{marker} HTTP/1.1\r\nHost: {target}\r\n"
+                                f"Connection: close\r\n\r\n".encode())
+    assert head.startswith("HTTP/1.1 403"), head
+    record = trace_record(lab, transfer_id_in(head))
+    assert record["rules"][0]["location"] == "method" and ID_NUMBER not in json.dumps(record)
+    assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 
 def test_an_upgrade_to_a_protocol_other_than_websocket_relays_nothing(lab):

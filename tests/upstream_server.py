@@ -62,7 +62,7 @@ class Handler(BaseHTTPRequestHandler):
             if url.path != "/sink":
                 body += chunk
         with self.log_lock, open(self.server.log_path, "a") as log:
-            log.write(json.dumps({"method": self.command, "path": self.path, "bytes": size,
+            log.write(json.dumps({"method": self.command, "path": self.path, "host": self.headers.get("host"), "bytes": size,
                                   "sha256": digest.hexdigest()}) + "\n")
         query = parse_qs(url.query)
         # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).

@@ -8,6 +8,7 @@ import socket
 import time
 
 from mitmproxy import connection, http
+from mitmproxy.net.http import url
 
 from gateway.config import format_host_port
 from gateway.erroranswer import MalformedRequest
@@ -40,6 +41,22 @@ class Resolver:
         return address
 
 
+def _host_names_the_target(request: http.Request) -> None:
+    """The policy decides on the target the gateway connects to; a Host header naming anything else
+    is replaced by the target's, as a proxy must for an absolute-form request (RFC 9112, 3.2.2):
+    it would otherwise reach the upstream unscanned and name a host nobody decided on."""
+    header = request.host_header
+    if header is None:
+        return
+    try:
+        host, port = url.parse_authority(header, check=True)
+    except ValueError:
+        host, port = "", None
+    if (host.lower().rstrip(".") != request.host.lower().rstrip(".")
+            or (port or url.default_port(request.scheme)) != request.port):
+        request.host_header = url.hostport(request.scheme, request.host, request.port)
+
+
 class Identify:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -49,6 +66,7 @@ class Identify:
         await self._identify(flow)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        _host_names_the_target(flow.request)
         await self._identify(flow)
         transfer = flow.metadata[METADATA_KEY]
         if transfer.upstream_addr is not None:
@@ -65,8 +83,7 @@ class Identify:
     async def _identify(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
         address = await self.resolver.resolve(host, port)
-        flow.metadata[METADATA_KEY] = self._transfer(
-            flow.id, flow.client_conn, flow.request.pretty_host if flow.request.host_header else host, port, address)
+        flow.metadata[METADATA_KEY] = self._transfer(flow.id, flow.client_conn, host, port, address)
 
     def _transfer(self, transfer_id: str, client: connection.Client, upstream_host: str, upstream_port: int,
                   upstream_addr: str | None) -> Transfer:

@@ -40,8 +40,10 @@ class Inspect:
             # The head before anything is forwarded or spooled.
             request = flow.request
             head = profile.scan_head(request.path, list(request.headers.items(multi=True)), direction="request",
-                                     host=transfer.upstream_host)
+                                     host=transfer.upstream_host, method=request.method)
             self._apply(flow, transfer, head, rewritable=False)
+            if not flow.response and _unread_transfer_coding(transfer, request):
+                refuse(flow, transfer)
         if not flow.response and self._needs_spool(flow.request):
             flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
 
@@ -53,6 +55,8 @@ class Inspect:
         profile = self._profile(transfer, "response")
         head = profile.scan_head("/", list(response.headers.items(multi=True)), direction="response",
                                  host=transfer.upstream_host) if profile else None
+        if profile is not None:
+            _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
         if not self._needs_spool(response):
             if head is not None and head.action is not None:
                 transfer.extra["response_head"] = head  # applied with the body: nothing is sent before
@@ -90,6 +94,9 @@ class Inspect:
             return
         if "response_head" in transfer.extra:
             self._apply(flow, transfer, transfer.extra.pop("response_head"), rewritable=False)
+        if transfer.stopped and not flow.metadata.get("gateway_refused"):  # its head was refused
+            refuse(flow, transfer)
+            return
         profile = self._profile(transfer, "response")
         response = flow.response
         self._apply(flow, transfer, self._trailers(transfer, "response", response), rewritable=False)
@@ -226,6 +233,18 @@ def _redact(flow: http.HTTPFlow, transfer: Transfer, profile: Profile, message: 
         refuse(flow, transfer)
         return
     _fix_length(message)
+
+
+def _unread_transfer_coding(transfer: Transfer, message: http.Message) -> bool:
+    """A transfer coding other than chunked (deflate, gzip, br ...) would hide the body from every
+    scan, which undoes only content codings; none is in real use, so such a message is blocked."""
+    codings = [coding.strip().lower() for field in message.headers.get_all("transfer-encoding")
+               for coding in field.split(",") if coding.strip()]
+    if not codings or codings == ["chunked"]:
+        return False
+    where = "request head" if isinstance(message, http.Request) else "response head"
+    transfer.escalate("block", [Reason("framing", "transfer-coding", f"{where} transfer-encoding", "block")])
+    return True
 
 
 def _unrewritable(action: str) -> str:

@@ -165,7 +165,7 @@ class Record:
         digest = self.gateway.runtime.config.body_digest
         request, response = flow.request, flow.response
         return self._fields(
-            transfer, method=request.method, url=mask_url(_display_url(request, transfer)),
+            transfer, method=mask_text(request.method), url=mask_url(_display_url(request, transfer)),
             status=response.status_code if response else None,
             req_bytes=body_size(transfer, "request", request),
             resp_bytes=body_size(transfer, "response", response) if response else 0,
