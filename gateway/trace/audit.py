@@ -20,8 +20,8 @@ from gateway.trace.note import (
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, looks_torn, parse_entries,
-    parse_journal, read_journal, tail_reader, tile_path,
+    JOURNAL_HEADER, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, parse_entries, parse_journal,
+    read_journal, tail_reader, tile_path, unfinished_write_problem,
 )
 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"
@@ -219,13 +219,17 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
     # The journal: each checkpoint frame must be signed by the log and match the records before it.
     good_end = JOURNAL_HEADER.size
     frames = journal.checkpoints
+
+    def signed(note: bytes) -> bool:
+        return _signed_note(note, verifier) is not None
+
     for f, (size, end, data) in enumerate(frames):  # in journal order: sizes never decrease
         walk.push_leaves(tail[walk.size - start:size - start])
         if problems:
             break
         opened = _signed_note(data, verifier)
         if opened is None or opened[1].size != size or opened[1].root != walk.root():
-            if looks_torn(journal, good_end):
+            if not unfinished_write_problem(journal, good_end, verifier.name, signed):
                 report.notes.append(f"journal: write cut short after byte {good_end} (crash): "
                                     f"records from {size if opened is None else walk.size} on were "
                                     f"never acknowledged; the writer drops them at next start")
@@ -238,6 +242,9 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         if size >= newest[0].size:
             newest = (opened[1], opened[0])
         good_end = end
+    else:
+        if not problems and (problem := unfinished_write_problem(journal, good_end, verifier.name, signed)):
+            problems.append(f"journal: {problem}")
     walk.push_leaves(tail[walk.size - start:])
     report.checkpoint = newest[0]
     if newest[0].size < start:

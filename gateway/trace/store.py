@@ -36,7 +36,7 @@ from gateway.trace.merkle import leaf_hashes, perfect_root
 from gateway.trace.note import Checkpoint, NoteError, Signer, open_checkpoint
 from gateway.trace.tiles import (
     JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError,
-    encode_checkpoint_frame, encode_entries, looks_torn, read_journal, tail_reader, tile_path,
+    encode_checkpoint_frame, encode_entries, read_journal, tail_reader, tile_path, unfinished_write_problem,
 )
 
 ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates
@@ -187,6 +187,9 @@ class LogStore:
             # The checkpoint file vouches for more than the journal's frames (checked below).
             last = journal.entry_offsets[file_cp.size - 1 - start]
             durable_size, durable_end, durable_note = file_cp.size, last + 2 + len(journal.entries[file_cp.size - 1 - start]), b""
+        problem = unfinished_write_problem(journal, durable_end, self.origin, self._signed)
+        if problem:
+            self._fail(f"journal: {problem}: the journal was altered")
         entries = journal.entries[:durable_size - start]
         checked = file_cp.size - start if file_cp is not None and start < file_cp.size <= durable_size else 0
         completed = self._add_entries(entries[:checked])[1] if checked else []
@@ -224,7 +227,7 @@ class LogStore:
         for size, end, note in journal.checkpoints:  # in journal order: sizes never decrease
             scan.append(leaf_hashes(journal.entries[scan.size - journal.start:size - journal.start]))
             if not self._frame_checkpoint(note, size, scan.root()):
-                if self._signed(note) and not looks_torn(journal, good[1]):
+                if self._signed(note) and unfinished_write_problem(journal, good[1], self.origin, self._signed):
                     self._fail(f"journal: records {good[0]}..{size - 1} do not match their signed "
                                f"checkpoint at size {size}: the journal was altered")
                 return good

@@ -18,6 +18,7 @@ has been fsync'd the journal is replaced by one starting after them (rotation).
 """
 
 import struct
+from collections.abc import Callable
 from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,17 +216,43 @@ def read_journal(path: Path) -> Journal:
     return parse_journal(path.read_bytes(), path.name)
 
 
-def looks_torn(journal: Journal, begin: int) -> bool:
-    """Whether the journal's frames from `begin` on can be a write cut short by a crash: the file
-    ends inside a frame (what follows the last whole frame is not just zero fill), or a whole
-    512-byte sector of the frames is still zero. Entries are JSON (never a NUL byte), so rewriting a
-    committed batch does not look like this, even with the zero fill a running journal keeps ahead."""
-    data, used = journal.data, journal.used
-    if data.count(0, used) < len(data) - used:
-        return True
+def unfinished_write_problem(journal: Journal, begin: int, origin: str,
+                             signed: Callable[[bytes], bool]) -> str | None:
+    """Why the journal's bytes from offset `begin` (where its last good checkpoint frame ends) cannot
+    be a write cut short by a crash; None when they can be, or are only the zero fill kept ahead.
+
+    Invariant: commits are serial (a write of entry frames and, last, the signed checkpoint covering
+    them starts only once the previous write is durable), so a crash leaves at most one write
+    unfinished; its 512-byte sectors land whole or not at all on the zero fill, or the file ends
+    early. So past `begin` there is at most one signed checkpoint, nothing but zeros after it, and a
+    whole zero sector before it (else the whole write landed and would have parsed and matched).
+    Entries are JSON (never a NUL byte), so no sector of them is zero."""
+    data = journal.data
+    last = begin + len(data[begin:].rstrip(b"\0"))
+    if last == begin:
+        return None
+    frames: list[tuple[int, int]] = []
+    line = origin.encode() + b"\n"
+    at = data.find(line, begin + 4, last)
+    while at != -1 and len(frames) < 2:
+        length = (data[at - 2] << 8) | data[at - 1]
+        if data[at - 4:at - 2] == b"\0\0" and signed(data[at:at + length]):
+            frames.append((at - 4, at + length))
+        at = data.find(line, at + 1, last)
+    if not frames:
+        return None  # the checkpoint frame of the unfinished write never landed whole
+    if len(frames) > 1:
+        return (f"signed checkpoints at bytes {frames[0][0]} and {frames[1][0]} follow byte {begin}, where the "
+                f"records stop parsing or matching; a crash leaves at most one commit unfinished")
+    frame_start, frame_end = frames[0]
+    if last > frame_end:
+        return f"bytes follow the signed checkpoint at byte {frame_start}, which ends a commit"
     zero = bytes(512)
     first = -(-begin // 512) * 512
-    return any(data[i:i + 512] == zero for i in range(first, used - 511, 512))
+    if not any(data[i:i + 512] == zero for i in range(first, frame_start - 511, 512)):
+        return (f"the records between byte {begin} and the signed checkpoint at byte {frame_start} were all "
+                f"written (no sector is missing), yet they do not parse or match")
+    return None
 
 
 class TileReader:
