@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import socket
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,28 @@ def test_writer_process_answers_each_record_with_its_own_leaf(tmp_path):
     assert sorted(i for i, _ in acked) == list(range(64 * 5 + 1))
     logged = ids_in_log(tmp_path)
     assert all(logged[i] == tx for i, tx in acked)
+
+
+def test_an_empty_record_drops_only_the_client_that_sent_it(tmp_path):
+    """The store refuses a batch holding an empty entry: one client's must not stop the machine's log."""
+    writer = TraceWriter(open_store(tmp_path / "log", ORIGIN, tmp_path / "key"), tmp_path / "w.sock")
+    serving = threading.Thread(target=writer.serve)
+    serving.start()
+    rogue = socket.socket(socket.AF_UNIX)
+    client = RemoteTraceLog.connect(tmp_path / "w.sock")
+    try:
+        rogue.connect(str(tmp_path / "w.sock"))
+        rogue.recv(64)  # the greeting
+        rogue.sendall(bytes(4))  # a zero-length record
+        rogue.settimeout(10)
+        assert rogue.recv(64) == b""  # dropped
+        assert client.append_sync({"id": "after"}) == 0
+    finally:
+        rogue.close()
+        client.close()
+        writer.stop()
+        serving.join(10)
+    assert not serving.is_alive()
 
 
 def test_torn_and_zero_filled_tails_are_dropped(tmp_path):

@@ -196,10 +196,15 @@ def test_prove_and_check_proof_round_trip(logdir, tmp_path, capsys):
     other = base64.b64encode(json.dumps(record(1), sort_keys=True, separators=(",", ":")).encode()).decode()
     bad_record = "\n".join([lines[0], f"extra {other}"] + lines[2:]) + "\n\n" + note
     surplus = "\n".join(lines + [lines[-1]]) + "\n\n" + note
-    for bad in (bad_hash, bad_record, surplus):
+    other_script_digit = text.replace("\nindex 599\n", "\nindex \u0665\u0669\u0669\n")
+    assert other_script_digit != text
+    for bad in (bad_hash, bad_record, surplus, other_script_digit):
         proof.write_text(bad)
         assert run("check-proof", str(proof), "--pubkey", pub) == 1
         assert "INVALID" in capsys.readouterr().out
+    proof.write_bytes(b"\xff" + text.encode())  # not UTF-8: INVALID, not a traceback
+    assert run("check-proof", str(proof), "--pubkey", pub) == 1
+    assert "INVALID" in capsys.readouterr().out
     assert run("prove", str(logdir / "log"), "tx-99999", "--pubkey", pub) == 1
 
 

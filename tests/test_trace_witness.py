@@ -116,6 +116,17 @@ def test_witness_status_codes(tmp_path, witness):
     assert (status, body) == (409, "10\n")
     # The cosigned state is persisted per log.
     assert any(p.read_text().split("\n")[1] == "10" for p in (tmp_path / "wstate").iterdir())
+    # An equal size takes no proof; sizes are ASCII decimals.
+    assert post(port, f"old 10\n{base64.b64encode(bytes(32)).decode()}\n\n{note}".encode())[0] == 422
+    assert post(port, f"old \u0661\u0660\n\n{note}".encode())[0] == 400
+    for length in ["abc", "-1"]:  # answered at once, never read until the client gives up
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"POST /add-checkpoint HTTP/1.1\r\nHost: w\r\nContent-Length: {length}\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400"), length
+    # A damaged state file: answered 500, nothing cosigned for that log.
+    for state in (tmp_path / "wstate").iterdir():
+        state.write_text("garbage\n")
+    assert post(port, f"old 10\n\n{note}".encode())[0] == 500
 
 
 def test_log_pushes_checkpoints_to_witness_in_background(tmp_path, witness):

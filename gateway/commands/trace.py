@@ -331,10 +331,9 @@ def cmd_prove(args: argparse.Namespace) -> int:
 @_guard
 def cmd_check_proof(args: argparse.Namespace) -> int:
     verifier, policy = _load_vkey(args.pubkey), _policy(args)
-    text = args.proof.read_text()
     try:
-        index, record, checkpoint = check_inclusion_proof(text, verifier, policy)
-    except (ProofError, NoteError, ValueError) as exc:
+        index, record, checkpoint = check_inclusion_proof(args.proof.read_bytes().decode(), verifier, policy)
+    except (ProofError, NoteError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         print(f"INVALID: {exc}")
         return EXIT_BAD
     print(json.dumps({"valid": True, "index": index, "tree_size": checkpoint.size, "record": record},

@@ -16,7 +16,7 @@ from gateway.trace.merkle import (
     verify_consistency, verify_inclusion,
 )
 from gateway.trace.note import (
-    Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_note,
+    Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_decimal, parse_note,
     verify_signature,
 )
 from gateway.trace.tiles import (
@@ -400,9 +400,9 @@ def check_inclusion_proof(text: str, verifier: Verifier, policy: WitnessPolicy |
     if not lines[1].startswith("extra "):
         raise ProofError("proof carries no record (extra line)")
     entry = base64.b64decode(lines[1][6:], validate=True)
-    if not lines[2].startswith("index ") or not lines[2][6:].isdigit():
+    index = parse_decimal(lines[2][6:]) if lines[2].startswith("index ") else None
+    if index is None:
         raise ProofError("proof has no index line")
-    index = int(lines[2][6:])
     proof = [base64.b64decode(x, validate=True) for x in lines[3:]]
     note, checkpoint = open_checkpoint(note_text, verifier)
     if policy is not None:

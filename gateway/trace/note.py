@@ -229,6 +229,14 @@ class Checkpoint:
         return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n{ext}"
 
 
+def parse_decimal(text: str) -> int | None:
+    """A size or index as C2SP notes and proofs write it: ASCII digits without a leading zero
+    (str.isdigit alone takes any script's digits: "١" would read as 1); None for anything else."""
+    if text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0")):
+        return int(text)
+    return None
+
+
 def parse_checkpoint_body(text: str) -> Checkpoint:
     lines = text.split("\n")
     if len(lines) < 4 or lines[-1] != "":
@@ -236,12 +244,13 @@ def parse_checkpoint_body(text: str) -> Checkpoint:
     origin, size_text, root_b64 = lines[:3]
     if not origin:
         raise NoteError("checkpoint origin is empty")
-    if not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
+    size = parse_decimal(size_text)
+    if size is None:
         raise NoteError(f"checkpoint size {size_text!r} is not a decimal number")
     root = _b64decode(root_b64, "checkpoint root hash")
     if len(root) != HASH_SIZE:
         raise NoteError(f"checkpoint root hash is {len(root)} bytes, expected {HASH_SIZE}")
-    return Checkpoint(origin, int(size_text), root, tuple(lines[3:-1]))
+    return Checkpoint(origin, size, root, tuple(lines[3:-1]))
 
 
 def open_checkpoint(data: str | bytes, verifier: Verifier) -> tuple[Note, Checkpoint]:

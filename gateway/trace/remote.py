@@ -161,8 +161,8 @@ class TraceWriter:
         offset, end = 0, len(data)
         while end - offset >= 4:
             length = int.from_bytes(data[offset:offset + 4])
-            if length > MAX_ENTRY:
-                log.error("trace writer: a client sent a %d-byte record; dropping it", length)
+            if not 0 < length <= MAX_ENTRY:  # the store would refuse the whole batch: drop only this client
+                log.error("trace writer: a client sent a %d-byte record; dropping the client", length)
                 self._drop(peer)
                 break
             if end - offset - 4 < length:

@@ -20,7 +20,7 @@ from pathlib import Path
 from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
 from gateway.trace.merkle import ProofError, consistency_proof, verify_consistency
 from gateway.trace.note import (
-    Checkpoint, Note, NoteError, Signer, Verifier, parse_checkpoint_body, parse_note, parse_vkey,
+    Checkpoint, Note, NoteError, Signer, Verifier, parse_checkpoint_body, parse_decimal, parse_note, parse_vkey,
     verify_signature,
 )
 from gateway.trace.tiles import tail_reader
@@ -51,11 +51,19 @@ class WitnessState:
         return self.directory / hashlib.sha256(origin.encode()).hexdigest()
 
     def latest(self, origin: str) -> tuple[int, bytes | None]:
+        path = self._path(origin)
         try:
-            lines = self._path(origin).read_text().split("\n")
+            lines = path.read_text().split("\n")
         except FileNotFoundError:
             return 0, None
-        return int(lines[1]), base64.b64decode(lines[2])
+        size = parse_decimal(lines[1]) if len(lines) > 2 else None
+        try:
+            root = base64.b64decode(lines[2], validate=True) if size is not None else b""
+        except ValueError:
+            root = b""
+        if len(root) != 32:  # fail closed: cosign nothing for this log until an operator looks
+            raise WitnessRefusal(500, f"witness state {path.name} is unreadable")
+        return size, root
 
     def _store(self, checkpoint: Checkpoint) -> None:
         path = self._path(checkpoint.origin)
@@ -90,6 +98,8 @@ class WitnessState:
                 raise WitnessRefusal(409, f"old size {old_size} is not the latest cosigned size {known_size}",
                                      f"{known_size}\n")
             if old_size == checkpoint.size:
+                if proof:
+                    raise WitnessRefusal(422, "a proof between equal sizes must be empty")
                 if known_root is not None and known_root != checkpoint.root:
                     raise WitnessRefusal(409, "same size as the cosigned checkpoint but a different root "
                                               "(split view)", f"{known_size}\n")
@@ -114,9 +124,9 @@ def parse_request(body: bytes) -> tuple[int, list[bytes], Note, Checkpoint]:
     lines = head.split("\n")
     if not sep or not lines[0].startswith("old "):
         raise WitnessRefusal(400, "request must start with an old size line and a blank line")
-    size_text = lines[0][4:]
-    if not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
-        raise WitnessRefusal(400, f"old size {size_text!r} is not a decimal number")
+    old_size = parse_decimal(lines[0][4:])
+    if old_size is None:
+        raise WitnessRefusal(400, f"old size {lines[0][4:]!r} is not a decimal number")
     if len(lines) - 1 > MAX_PROOF_LINES:
         raise WitnessRefusal(400, f"more than {MAX_PROOF_LINES} proof lines")
     try:
@@ -125,7 +135,7 @@ def parse_request(body: bytes) -> tuple[int, list[bytes], Note, Checkpoint]:
         checkpoint = parse_checkpoint_body(note.text)
     except (ValueError, NoteError) as exc:
         raise WitnessRefusal(400, f"malformed request: {exc}") from None
-    return int(size_text), proof, note, checkpoint
+    return old_size, proof, note, checkpoint
 
 
 def serve(listen: tuple[str, int], state: WitnessState) -> ThreadingHTTPServer:
@@ -135,7 +145,10 @@ def serve(listen: tuple[str, int], state: WitnessState) -> ThreadingHTTPServer:
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path.rstrip("/").rsplit("/", 1)[-1] != "add-checkpoint":
                 return self._answer(404, "not found\n")
-            length = int(self.headers.get("Content-Length") or 0)
+            length = parse_decimal(self.headers.get("Content-Length") or "0")
+            if length is None:
+                self.close_connection = True  # the body's end is unknown
+                return self._answer(400, "Content-Length is not a decimal number\n")
             if length > MAX_BODY:
                 return self._answer(400, "request too large\n")
             body = self.rfile.read(length)
