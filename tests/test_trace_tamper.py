@@ -13,7 +13,8 @@ import pytest
 
 from gateway.trace import TraceLog
 from gateway.trace.note import Signer
-from gateway.trace.tiles import tile_path
+from gateway.trace.log import open_store
+from gateway.trace.tiles import read_journal, tile_path
 from tests.tracecli import run_trace as run, write_log
 
 ORIGIN = "gateway.test/trace"
@@ -258,6 +259,46 @@ def test_altered_checkpoint_frame_in_journal(logdir, capsys):
     journal.write_bytes(data[:pos] + b"\n551\n" + data[pos + 5:])
     rc, out = verify(logdir, capsys)
     assert rc == 1 and "journal: checkpoint frame at byte" in out and "(size 550): forged or altered" in out
+    # The last frame's signature: a frame that landed whole is no torn write, even the last one.
+    journal.write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "journal: checkpoint frame at byte" in out and "(size 600): forged or altered" in out
+
+
+def test_partial_tiles_above_level_0_are_checked(logdir, capsys):
+    """A tlog-tiles client reads the right edge from partial tiles; each one must match the records."""
+    partial = logdir / "log" / tile_path(1, 0, 2)
+    good = partial.read_bytes()
+    partial.write_bytes(bytes(len(good)))
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "tile/1/000.p/2: does not match the tiles below it" in out
+    partial.write_bytes(b"")  # written without fsync: a power loss may leave it empty
+    assert verify(logdir, capsys)[0] == 0
+    wider = logdir / "log" / tile_path(1, 0, 3)
+    wider.write_bytes(good + good[:32])
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "tile/1/000.p/3: covers more of the tree than the log's 600 records make" in out
+
+
+def test_an_empty_derived_upper_tile_is_a_power_loss_not_tampering(tmp_path, capsys):
+    """Full tiles past the journal's start are derived (rebuilt from it) and written without fsync."""
+    base = tmp_path / "big"
+    store = open_store(base / "log", ORIGIN, base / "key", rotate_bundles=1000)
+    entries = [json.dumps(record(i), sort_keys=True, separators=(",", ":")).encode() for i in range(65_600)]
+    for first in range(0, len(entries), 4096):
+        store.commit(entries[first:first + 4096])
+        store.maintain()
+    store.finish_sync()
+    store.publish()
+    store.close_files()
+    (base / "key.pub").write_text(store.signer.verifier.vkey() + "\n")
+    tile = base / "log" / tile_path(1, 0)
+    assert tile.stat().st_size == 256 * 32 and read_journal(base / "log" / "journal").start == 0
+    tile.write_bytes(b"")
+    assert verify(base, capsys)[0] == 0
+    tile.write_bytes(bytes(256 * 32))
+    rc, out = verify(base, capsys)
+    assert rc == 1 and "tile/1/000: hash 0" in out
 
 
 def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_path, capsys):

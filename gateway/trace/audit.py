@@ -7,6 +7,7 @@ auditor.
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from gateway.trace.note import (
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, parse_entries, parse_journal,
+    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError, TileReader, encode_entries, parse_entries, parse_journal,
     read_journal, tail_reader, tile_path, unfinished_write_problem,
 )
 
@@ -246,6 +247,8 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         if not problems and (problem := unfinished_write_problem(journal, good_end, verifier.name, signed)):
             problems.append(f"journal: {problem}")
     walk.push_leaves(tail[walk.size - start:])
+    if not problems:
+        _check_upper_partials(directory, journal, tail, problems)
     report.checkpoint = newest[0]
     if newest[0].size < start:
         report.notes.append(f"checkpoint ({newest[0].size}) is behind the full bundles ({start}); "
@@ -263,29 +266,62 @@ def _previous_size(frames: list[tuple[int, int, bytes]], f: int, start: int) -> 
     return frames[f - 1][0] if f else start
 
 
+def _partial_widths(directory: Path, level: int | str, n: int) -> list[int]:
+    """Widths of the partial tiles stored for tile n of `level` (the writer's temp files aside)."""
+    try:
+        names = os.listdir(directory / f"{tile_path(level, n)}.p")
+    except FileNotFoundError:
+        return []
+    return sorted(parsed for name in names if (parsed := parse_decimal(name)) is not None and parsed)
+
+
 def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problems: list[str]) -> None:
     """Compare the journal with the full and partial bundles and level 0 tiles derived from it,
-    when present (they may lag after a crash); a difference locates a changed record."""
+    when present (they may lag after a crash, and partial ones be of any size it reached); a
+    difference locates a changed record."""
     start = journal.start
     for n in range(start // TILE_WIDTH, (start + len(tail)) // TILE_WIDTH + 1):
         first = n * TILE_WIDTH - start
         leaves = tail[first:first + TILE_WIDTH]
-        if not leaves:
-            break
-        width = len(leaves)
-        for name, expected in ((tile_path("entries", n, width), encode_entries(journal.entries[first:first + width])),
-                               (tile_path(0, n, width), b"".join(leaves))):
-            try:
-                stored = _read(directory / name)
-            except FileNotFoundError:
-                continue
-            if stored and stored != expected:
-                copy = parse_entries(stored)[0] if "entries" in name else [
-                    stored[i:i + HASH_SIZE] for i in range(0, len(stored), HASH_SIZE)]
-                mine = journal.entries[first:first + width] if "entries" in name else leaves
-                i = next((i for i, (a, b) in enumerate(zip(copy, mine)) if a != b), min(len(copy), len(mine)))
-                problems.append(f"record {n * TILE_WIDTH + i} (journal entry {first + i}): differs from {name}")
+        widths = sorted({*_partial_widths(directory, "entries", n), *_partial_widths(directory, 0, n)}
+                        | ({TILE_WIDTH} if len(leaves) == TILE_WIDTH else set()))
+        for width in widths:
+            if width > len(leaves):
+                problems.append(f"{tile_path(0, n, width)}: covers records {n * TILE_WIDTH}..{n * TILE_WIDTH + width - 1}, "
+                                f"past the end of the log (record {start + len(tail) - 1})")
                 return
+            for name, expected in ((tile_path("entries", n, width), encode_entries(journal.entries[first:first + width])),
+                                   (tile_path(0, n, width), b"".join(leaves[:width]))):
+                try:
+                    stored = _read(directory / name)
+                except FileNotFoundError:
+                    continue
+                if stored and stored != expected:
+                    copy = parse_entries(stored)[0] if "entries" in name else [
+                        stored[i:i + HASH_SIZE] for i in range(0, len(stored), HASH_SIZE)]
+                    mine = journal.entries[first:first + width] if "entries" in name else leaves[:width]
+                    i = next((i for i, (a, b) in enumerate(zip(copy, mine)) if a != b), min(len(copy), len(mine)))
+                    problems.append(f"record {n * TILE_WIDTH + i} (journal entry {first + i}): differs from {name}")
+                    return
+
+
+def _check_upper_partials(directory: Path, journal: Journal, tail: list[bytes], problems: list[str]) -> None:
+    """Partial hash tiles above level 0 (what a tlog-tiles client reads at the right edge) against
+    the tree the records make; only the last two tiles of a level may have them."""
+    reader = TileReader(directory, journal.end, journal.start, tail)
+    level = 1
+    while (complete := journal.end >> (TILE_HEIGHT * level)) or _partial_widths(directory, level, 0):
+        last = complete // TILE_WIDTH
+        for n in (last - 1, last) if last else (0,):
+            for width in _partial_widths(directory, level, n):
+                name = tile_path(level, n, width)
+                if n * TILE_WIDTH + width > complete:
+                    problems.append(f"{name}: covers more of the tree than the log's {journal.end} records make")
+                    return
+                if _read(directory / name) not in (b"", b"".join(reader.tile(level, n)[:width])):
+                    problems.append(f"{name}: does not match the tiles below it")
+                    return
+        level += 1
 
 
 def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_record: int,
@@ -297,7 +333,7 @@ def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_
         if not derived:  # derived tiles past the journal's start may not be written yet
             problems.append(f"{name}: missing")
         return
-    if stored == b"".join(hashes):
+    if stored == b"".join(hashes) or (derived and not stored):  # written without fsync: a power loss may empty it
         return
     unit = TILE_WIDTH ** level
     for i in range(TILE_WIDTH):

@@ -224,9 +224,10 @@ def unfinished_write_problem(journal: Journal, begin: int, origin: str,
     Invariant: commits are serial (a write of entry frames and, last, the signed checkpoint covering
     them starts only once the previous write is durable), so a crash leaves at most one write
     unfinished; its 512-byte sectors land whole or not at all on the zero fill, or the file ends
-    early. So past `begin` there is at most one signed checkpoint, nothing but zeros after it, and a
-    whole zero sector before it (else the whole write landed and would have parsed and matched).
-    Entries are JSON (never a NUL byte), so no sector of them is zero."""
+    early. So past `begin` there is at most one signed checkpoint, nothing but zeros after it, and
+    if a checkpoint frame (signed or not) ends the write, a whole zero sector before that end (else
+    the whole write landed and would have parsed, verified and matched). Entries are JSON (never a
+    NUL byte), so no sector of them is zero."""
     data = journal.data
     last = begin + len(data[begin:].rstrip(b"\0"))
     if last == begin:
@@ -239,19 +240,22 @@ def unfinished_write_problem(journal: Journal, begin: int, origin: str,
         if data[at - 4:at - 2] == b"\0\0" and signed(data[at:at + length]):
             frames.append((at - 4, at + length))
         at = data.find(line, at + 1, last)
-    if not frames:
-        return None  # the checkpoint frame of the unfinished write never landed whole
     if len(frames) > 1:
         return (f"signed checkpoints at bytes {frames[0][0]} and {frames[1][0]} follow byte {begin}, where the "
                 f"records stop parsing or matching; a crash leaves at most one commit unfinished")
-    frame_start, frame_end = frames[0]
-    if last > frame_end:
-        return f"bytes follow the signed checkpoint at byte {frame_start}, which ends a commit"
+    if frames:
+        frame_end = frames[0][1]
+        if last > frame_end:
+            return f"bytes follow the signed checkpoint at byte {frames[0][0]}, which ends a commit"
+    else:  # a checkpoint frame that parsed whole but is not the log's: landed whole, or torn inside?
+        whole = [end for _, end, _ in journal.checkpoints if end > begin]
+        if not whole:
+            return None  # the unfinished write's checkpoint frame never landed whole
+        frame_end = whole[0]
     zero = bytes(512)
-    first = -(-begin // 512) * 512
-    if not any(data[i:i + 512] == zero for i in range(first, frame_start - 511, 512)):
-        return (f"the records between byte {begin} and the signed checkpoint at byte {frame_start} were all "
-                f"written (no sector is missing), yet they do not parse or match")
+    if not any(data[i:i + 512] == zero for i in range(-(-begin // 512) * 512, frame_end, 512)):
+        return (f"the commit from byte {begin} to {frame_end} landed whole (no sector of it is missing), "
+                f"yet its records or checkpoint do not parse, verify or match")
     return None
 
 
