@@ -10,7 +10,9 @@ endless fragmented message, one compressed bomb, or a long chat. Here:
   of that message is passed on, and the flow gets `flow.metadata[TOO_BIG]` = the direction;
 - one inflation step yields at most that many bytes plus one (the bomb is stopped as it inflates);
 - `ForgetMessages` (last in the addon chain) drops each message from the flow once every stage
-  has handled it.
+  has handled it;
+- control frames (ping and pong payloads, close reasons) reach no hook: a sensitive value in one is
+  masked before mitmproxy relays (or logs) it, and the transfer is marked redacted.
 `install()` checks the statements it relies on; tests fail loudly when a mitmproxy upgrade changes them.
 """
 
@@ -20,12 +22,15 @@ import inspect
 import zlib
 from collections.abc import Callable
 
+import wsproto.events
 from mitmproxy import http, optmanager
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
+from gateway.dlp import mask_text
 from gateway.erroranswer import wrap_method
+from gateway.transfer import METADATA_KEY, Reason
 
 MESSAGE_LIMIT_OPTION = "websocket_max_message"
 TOO_BIG = "gateway_websocket_too_big"  # flow.metadata: "request" (from the client) or "response"
@@ -97,8 +102,32 @@ def _limit_messages(original):
                 if isinstance(extension, PerMessageDeflate):
                     extension.gateway_inflate_limit = (limit + 1, exceeded)
             extensions.append(MessageSizeLimit(limit, exceeded))
+            ws.events = _masking_control_frames(ws.events, self.flow, direction)
         return result
     return start
+
+
+def _masking_control_frames(events: Callable, flow: http.HTTPFlow, direction: str) -> Callable:
+    def masked_events():
+        for event in events():
+            if isinstance(event, (wsproto.events.Ping, wsproto.events.Pong)) and event.payload:
+                text = bytes(event.payload).decode("utf-8", "surrogateescape")
+                if (masked := mask_text(text)) != text:
+                    _note_masked(flow, direction, type(event).__name__.lower())
+                    event = type(event)(payload=masked.encode("utf-8", "surrogateescape"))
+            elif isinstance(event, wsproto.events.CloseConnection) and event.reason:
+                if (masked := mask_text(event.reason)) != event.reason:
+                    _note_masked(flow, direction, "close reason")
+                    event = wsproto.events.CloseConnection(code=event.code, reason=masked)
+            yield event
+    return masked_events
+
+
+def _note_masked(flow: http.HTTPFlow, direction: str, frame: str) -> None:
+    transfer = flow.metadata.get(METADATA_KEY)
+    if transfer is not None:
+        where = f"{'client' if direction == 'request' else 'upstream'} websocket {frame}"
+        transfer.escalate("redact", [Reason("websocket", "control-frame", where, "redact")])
 
 
 def _flag(flow: http.HTTPFlow, direction: str) -> Callable[[], None]:

@@ -369,6 +369,32 @@ def test_websocket_messages_are_inspected_one_by_one(tls_lab):
     assert not leaked, "a message carrying an ID number crossed the gateway"
 
 
+def test_websocket_control_frames_carry_no_sensitive_value(tls_lab):
+    """Pings, pongs and close reasons reach no hook of mitmproxy's: a value in one is masked."""
+    async def exchange() -> tuple[bool, bool, str]:
+        async with websockets.connect(tls_lab["ws"] + "/chat") as ws:
+            transfer_id = ws.response.headers["x-gateway-transfer-id"]
+            leaked = await ws.ping(f"sfzh {ID_NUMBER}".encode())  # the pong echoes what the upstream got
+            try:
+                await asyncio.wait_for(leaked, 1.5)
+                crossed = True
+            except TimeoutError:
+                crossed = False
+            clean = await ws.ping(b"keepalive-1234")
+            await asyncio.wait_for(clean, 5)  # raises if the keepalive is broken
+            await ws.close(reason=f"bye {ID_NUMBER}")
+            return crossed, clean.done(), transfer_id
+
+    crossed, keepalive, transfer_id = asyncio.run(exchange())
+    assert not crossed, "a ping carrying an ID number crossed the gateway"
+    assert keepalive
+    # The decision log (the gateway's output) has the connection's findings once it has ended.
+    ended = json.loads(tls_lab["gateway"].wait_for(f'"event":"websocket_end","transfer_id":"{transfer_id}"', 10))
+    assert ended["decision"] == "redact"
+    assert {r["location"] for r in ended["reasons"]} >= {"client websocket ping", "client websocket close reason"}
+    assert ID_NUMBER not in tls_lab["gateway"].output
+
+
 WS_LIMIT = 8 << 20  # dlp.spool_threshold's default: the largest message the gateway holds to scan
 
 
