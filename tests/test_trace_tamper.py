@@ -274,10 +274,9 @@ def test_partial_tiles_above_level_0_are_checked(logdir, capsys):
     assert rc == 1 and "tile/1/000.p/2: does not match the tiles below it" in out
     partial.write_bytes(b"")  # written without fsync: a power loss may leave it empty
     assert verify(logdir, capsys)[0] == 0
-    wider = logdir / "log" / tile_path(1, 0, 3)
+    wider = logdir / "log" / tile_path(1, 0, 3)  # as a running writer may publish after verify read the journal
     wider.write_bytes(good + good[:32])
-    rc, out = verify(logdir, capsys)
-    assert rc == 1 and "tile/1/000.p/3: covers more of the tree than the log's 600 records make" in out
+    assert verify(logdir, capsys)[0] == 0
 
 
 def test_an_empty_derived_upper_tile_is_a_power_loss_not_tampering(tmp_path, capsys):

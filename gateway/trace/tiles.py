@@ -252,8 +252,9 @@ def unfinished_write_problem(journal: Journal, begin: int, origin: str,
         if not whole:
             return None  # the unfinished write's checkpoint frame never landed whole
         frame_end = whole[0]
-    zero = bytes(512)
-    if not any(data[i:i + 512] == zero for i in range(-(-begin // 512) * 512, frame_end, 512)):
+    # A sector of this write that did not land is zero from where the write began in it (the sector
+    # `begin` falls in keeps the previous commit's bytes before `begin`).
+    if not any(not data[max(i, begin):i + 512].strip(b"\0") for i in range(begin // 512 * 512, frame_end, 512)):
         return (f"the commit from byte {begin} to {frame_end} landed whole (no sector of it is missing), "
                 f"yet its records or checkpoint do not parse, verify or match")
     return None
