@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import random
+import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -222,12 +223,37 @@ def test_office_files_are_read_whole(outbound):
     assert any(location.startswith("body:zip xl/comments1.xml")
                for kind, location in types(outbound.scan(xlsx, content_type="application/octet-stream"))
                if kind == "cn_id_card")
+    # A formula's literal, a header, a shared string no cell shows: not cell values, read all the same.
+    relations = '<Relationships><Relationship Id="r1" Target="worksheets/sheet1.xml"/></Relationships>'
+    sheet = (f'<worksheet><sheetData><row r="1"><c r="A1"><f>"{ID}"</f><v>0</v></c></row></sheetData>'
+             f'<headerFooter><oddHeader>{ID2}</oddHeader></headerFooter></worksheet>')
+    xlsx = zip_bytes({"xl/workbook.xml": workbook, "xl/_rels/workbook.xml.rels": relations,
+                      "xl/worksheets/sheet1.xml": sheet, "xl/sharedStrings.xml": f"<sst><si><t>{CARD}</t></si></sst>"})
+    found = types(outbound.scan(xlsx, content_type="application/octet-stream"))
+    assert [kind for kind, location in found if location == "body:xlsx S other text"].count("cn_id_card") == 2
+    assert ("bank_card", "body:xlsx shared strings no cell shows") in found
 
 
 def test_xml_comments_and_processing_instructions_are_read(outbound):
     for body in [f"<r><!-- {ID} --><a>ok</a></r>", f"<!-- {ID} --><r/>", f"<r><?note {ID}?></r>"]:
         result = outbound.scan(body.encode(), content_type="application/xml")
         assert ("cn_id_card", "body:xml comments and processing instructions") in types(result), body
+    # Openings never closed (in CDATA, so the document parses) are found in one pass, not one each.
+    unclosed = ("<r><![CDATA[" + "<!-- <? " * 10_000 + "]]></r>").encode()
+    started = time.perf_counter()
+    assert outbound.scan(unclosed, content_type="application/xml").action is None
+    assert time.perf_counter() - started < 2  # 19 s with a lazy regex
+
+
+def test_multipart_part_labels_and_delimiter_lines_hide_nothing(outbound):
+    """A line that only starts with the delimiter is content; a part labelled base64 is read as sent too."""
+    lookalike = (f'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\n--BX\r\n{ID}\r\n\r\nhello\r\n'
+                 f'--B--\r\n').encode()
+    assert outbound.scan(lookalike, content_type="multipart/form-data; boundary=B").action == "block"
+    labelled = (f'--B\r\nContent-Disposition: form-data; name="a"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+                f'{ID} AA\r\n--B--\r\n').encode()
+    assert ("cn_id_card", "body:part a / as sent / offset 0") in types(
+        outbound.scan(labelled, content_type="multipart/form-data; boundary=B"))
 
 
 def test_json_duplicate_keys_and_numbers_are_read_as_written(outbound):

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mitmproxy import http
+from mitmproxy.test import tutils
 
+from gateway.filters.identify import _host_names_the_target
 from tests.gatewayproc import (
     free_port, gateway_config, listener_url, metric_total, start_gateway, start_upstream, trace_records,
     write_config,
@@ -456,6 +459,14 @@ def test_a_host_header_naming_another_host_is_replaced_by_the_target(lab):
     assert seen["host"] == lab["upstream"].removeprefix("http://")
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["upstream"]["host"] == "127.0.0.2" and ID_NUMBER not in json.dumps(record)
+
+
+@pytest.mark.parametrize("host, port, expected", [("::1", 8090, "[::1]:8090"), ("::1", 80, "[::1]"),
+                                                  ("127.0.0.2", 8000, "127.0.0.2:8000")])
+def test_the_replaced_host_header_is_a_valid_authority(host, port, expected):
+    request = tutils.treq(host=host, port=port, headers=http.Headers(host="svc.example"))
+    _host_names_the_target(request)
+    assert request.host_header == expected
 
 
 def test_a_transfer_coding_other_than_chunked_is_refused(lab):

@@ -305,7 +305,8 @@ class _Walker:
     def multipart(self, data: bytes, boundary: str, location: str, depth: int) -> None:
         # A delimiter counts only at the start of a line (RFC 2046): "--boundary--" inside a value
         # neither ends the body nor hides the parts after it.
-        delimiters = list(re.finditer(rb"(?:\A|\r?\n)--" + re.escape(boundary.encode("latin-1")), data))
+        delimiters = list(re.finditer(rb"(?:\A|\r?\n)--" + re.escape(boundary.encode("latin-1"))
+                                      + rb"(--)?[ \t]*(?=\r?\n|\Z)", data))
         if not delimiters:
             self.text(data, "text/plain", None, location)
             return
@@ -314,11 +315,11 @@ class _Walker:
         closed = False
         ends = [delimiter.start() for delimiter in delimiters[1:]] + [len(data)]
         for index, (delimiter, end) in enumerate(zip(delimiters, ends), start=1):
-            piece = data[delimiter.end():end]
-            if piece.startswith(b"--"):
+            if delimiter.group(1):  # the close delimiter
                 closed = True
-                self._outside_parts(data[delimiter.end() + 2:], child(location, "epilogue"))
+                self._outside_parts(data[delimiter.end():], child(location, "epilogue"))
                 break
+            piece = data[delimiter.end():end]
             piece = piece.removeprefix(b"\r\n").removeprefix(b"\n")
             head, separator, content = piece.partition(b"\r\n\r\n")
             if not separator:
@@ -335,6 +336,8 @@ class _Walker:
             part_location = child(location, label)
             self.out.fields.append((part_location, name))
             transfer = (headers.get("content-transfer-encoding") or "").strip().lower()
+            if transfer in ("base64", "quoted-printable"):  # a recipient may ignore the label
+                self.text(content, "text/plain", None, child(part_location, "as sent"))
             try:
                 if transfer == "base64":
                     content = base64.b64decode(content, validate=False)
@@ -369,7 +372,7 @@ class _Walker:
             return
         self._xml_element(root, "", location)
         # The parser drops comments and processing instructions; a recipient may still read them.
-        asides = [match.group(1) or match.group(2) or "" for match in _XML_ASIDE.finditer(text)]
+        asides = _between(text, "<!--", "-->") + _between(text, "<?", "?>")
         if any(aside.strip() for aside in asides):
             self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(asides),
                                                   child(location, "xml comments and processing instructions")))
@@ -451,14 +454,22 @@ class _Walker:
         try:
             shared = [_xml_text(item) for item in _xml_root(members.get("xl/sharedStrings.xml")).iter()
                       if _local(item.tag) == "si"]
+            used: set[int] = set()
             for sheet_name, path in _xlsx_sheets(members):
                 read.add(path)
                 header: dict[str, str] = {}
-                for cell in _xml_root(members.get(path)).iter():
+                root = _xml_root(members.get(path))
+                # Formulas' literals, headers and footers, validation lists: not cell values.
+                rest = [item.text for item in root.iter() if _local(item.tag) not in ("v", "t")
+                        and item.text and item.text.strip()]
+                if rest:
+                    self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(rest),
+                                                          child(location, f"xlsx {sheet_name} other text")))
+                for cell in root.iter():
                     if _local(cell.tag) != "c":
                         continue
                     reference = cell.get("r", "")
-                    value = _xlsx_cell_value(cell, shared)
+                    value = _xlsx_cell_value(cell, shared, used)
                     if value is None or not value.strip():
                         continue
                     column, row = reference.rstrip("0123456789"), reference[len(reference.rstrip("0123456789")):]
@@ -468,7 +479,11 @@ class _Walker:
                     name = header.get(column)
                     label = f"xlsx {sheet_name}!{reference}" + (f" column {name}" if name and row != "1" else "")
                     self.out.segments.append(text_segment(value, child(location, label), name if row != "1" else None))
-        except (ElementTree.ParseError, KeyError, ValueError) as error:
+            unused = [text for index, text in enumerate(shared) if index not in used and text.strip()]
+            if unused:
+                self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(unused),
+                                                      child(location, "xlsx shared strings no cell shows")))
+        except (ElementTree.ParseError, KeyError, ValueError, IndexError) as error:
             self.problem(location, f"unreadable xlsx workbook: {error}")
         return read
 
@@ -530,7 +545,18 @@ def _looks_like_csv(text: str) -> bool:
                                                                for line in lines[1:])
 
 
-_XML_ASIDE = re.compile(r"<!--(.*?)-->|<\?(.*?)\?>", re.DOTALL)
+def _between(text: str, opening: str, closing: str) -> list[str]:
+    """The texts between each `opening` and the next `closing`, in one pass (a regex with a lazy
+    group rescans to the end for every opening that is never closed: quadratic)."""
+    found = []
+    at = text.find(opening)
+    while at != -1:
+        end = text.find(closing, at + len(opening))
+        if end == -1:
+            break
+        found.append(text[at + len(opening):end])
+        at = text.find(opening, end + len(closing))
+    return found
 
 
 def _local(tag: object) -> str:
@@ -568,7 +594,8 @@ def _xlsx_sheets(members: dict[str, bytes]) -> list[tuple[str, str]]:
     return sheets
 
 
-def _xlsx_cell_value(cell: ElementTree.Element, shared: list[str]) -> str | None:
+def _xlsx_cell_value(cell: ElementTree.Element, shared: list[str], used: set[int]) -> str | None:
+    """A cell's value; the shared string it shows is added to `used`."""
     kind = cell.get("t")
     if kind == "inlineStr":
         return _xml_text(cell)
@@ -576,6 +603,7 @@ def _xlsx_cell_value(cell: ElementTree.Element, shared: list[str]) -> str | None
     if value is None:
         return None
     if kind == "s":
+        used.add(int(value))
         return shared[int(value)]
     return value
 

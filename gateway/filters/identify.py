@@ -54,7 +54,8 @@ def _host_names_the_target(request: http.Request) -> None:
         host, port = "", None
     if (host.lower().rstrip(".") != request.host.lower().rstrip(".")
             or (port or url.default_port(request.scheme)) != request.port):
-        request.host_header = url.hostport(request.scheme, request.host, request.port)
+        host = f"[{request.host}]" if ":" in request.host else request.host  # an IPv6 address
+        request.host_header = url.hostport(request.scheme, host, request.port)
 
 
 class Identify:

@@ -13,7 +13,6 @@ import asyncio
 import time
 
 from mitmproxy import http
-from mitmproxy.net.http.http1 import expected_http_body_size
 
 from gateway.dlp import Profile, ScanResult
 from gateway.dlp.coding import DecodeError
@@ -45,7 +44,7 @@ class Inspect:
             self._apply(flow, transfer, head, rewritable=False)
             if not flow.response and _unread_transfer_coding(transfer, request):
                 refuse(flow, transfer)
-        if not flow.response and self._needs_spool(flow, flow.request):
+        if not flow.response and self._needs_spool(flow.request):
             flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -58,7 +57,7 @@ class Inspect:
                                  host=transfer.upstream_host) if profile else None
         if profile is not None:
             _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
-        if not self._needs_spool(flow, response):
+        if not self._needs_spool(response):
             if head is not None and head.action is not None:
                 transfer.extra["response_head"] = head  # applied with the body: nothing is sent before
             return
@@ -136,16 +135,11 @@ class Inspect:
             where = "client message" if direction == "request" else "upstream message"
             transfer.escalate("block", [Reason("websocket", "message-too-big", where, "block")])
 
-    def _needs_spool(self, flow: http.HTTPFlow, message: http.Message) -> bool:
+    def _needs_spool(self, message: http.Message) -> bool:
         length = message.headers.get("content-length")
         if length is not None:
             return length.strip().isdigit() and int(length) > self.gateway.runtime.config.spool_threshold
-        if "chunked" in message.headers.get("transfer-encoding", "").lower():
-            return True
-        # An HTTP/1 response read until the connection closes may be of any size: held in memory it
-        # could take all of it. (HTTP/2 bodies without a length are still held: README, limits.)
-        return (isinstance(message, http.Response) and message.http_version.startswith("HTTP/1")
-                and expected_http_body_size(flow.request, message) == -1)
+        return "chunked" in message.headers.get("transfer-encoding", "").lower()
 
     def _spooling(self, flow: http.HTTPFlow, transfer: Transfer, direction: str, message: http.Message):
         """mitmproxy's stream callable for one body: hold every chunk, release all only when clean."""
