@@ -21,7 +21,7 @@ from gateway.trace.note import (
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError, TileReader, encode_entries, parse_entries, parse_journal,
+    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, parse_entries, parse_journal,
     read_journal, tail_reader, tile_path, unfinished_write_problem,
 )
 
@@ -248,7 +248,7 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
             problems.append(f"journal: {problem}")
     walk.push_leaves(tail[walk.size - start:])
     if not problems:
-        _check_upper_partials(directory, journal, tail, problems)
+        _check_upper_partials(directory, walk.tree, problems)
     report.checkpoint = newest[0]
     if newest[0].size < start:
         report.notes.append(f"checkpoint ({newest[0].size}) is behind the full bundles ({start}); "
@@ -303,24 +303,27 @@ def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problem
                     return
 
 
-def _check_upper_partials(directory: Path, journal: Journal, tail: list[bytes], problems: list[str]) -> None:
+def _check_upper_partials(directory: Path, tree: TiledTree, problems: list[str]) -> None:
     """Partial hash tiles above level 0 (what a tlog-tiles client reads at the right edge) against
-    the tree the records make; only the last two tiles of a level may have them. One wider than the
-    records read is left alone: a running writer may have published it since."""
-    reader = TileReader(directory, journal.end, journal.start, tail)
+    the tree the records made: the walk's unfinished tile of each level, or for a stale partial of
+    the tile before it, that full tile (checked by the walk). One wider than the records read is left
+    alone: a running writer may have published it since."""
     level = 1
-    while (complete := journal.end >> (TILE_HEIGHT * level)) or _partial_widths(directory, level, 0):
+    while level < len(tree.levels) or _partial_widths(directory, level, 0):
+        complete = tree.size >> (TILE_HEIGHT * level)  # nodes at this height
         last = complete // TILE_WIDTH
         for n in (last - 1, last) if last else (0,):
             for width in _partial_widths(directory, level, n):
                 name = tile_path(level, n, width)
                 if n * TILE_WIDTH + width > complete:
-                    continue  # published after the journal was read, by a writer still running
+                    continue
                 try:
                     stored = _read(directory / name)
+                    expected = (b"".join(tree.levels[level][0][:width]) if n == last else
+                                _read(directory / tile_path(level, n))[:width * HASH_SIZE])
                 except FileNotFoundError:
-                    continue  # replaced by a wider one meanwhile
-                if stored not in (b"", b"".join(reader.tile(level, n)[:width])):
+                    continue  # replaced by a wider one meanwhile, or its full tile not derived yet
+                if stored not in (b"", expected):
                     problems.append(f"{name}: does not match the tiles below it")
                     return
         level += 1
