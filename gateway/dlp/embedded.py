@@ -95,6 +95,8 @@ def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     """What the base64 runs in `data` decode to, one content each, and what its percent-encoded
     tokens stand for (see percent_contents; a text with MANY_ESCAPES or more is decoded as a whole),
     in order of their first byte."""
+    if len(data) < MIN_RUN and b"%" not in data:  # too short for a base64 run, no escape: the usual field
+        return
     base64 = (base64_content(data, start, end) for start, end in base64_runs(data))
     if data.count(b"%") >= MANY_ESCAPES:
         percent = _all_decoded(data)
