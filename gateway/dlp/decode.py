@@ -319,8 +319,7 @@ class _Walker:
                 closed = True
                 self._outside_parts(data[delimiter.end():], child(location, "epilogue"))
                 break
-            piece = data[delimiter.end():end]
-            piece = piece.removeprefix(b"\r\n").removeprefix(b"\n")
+            piece = data[delimiter.end():end].removeprefix(b"\r\n").removeprefix(b"\n")
             head, separator, content = piece.partition(b"\r\n\r\n")
             if not separator:
                 head, separator, content = piece.partition(b"\n\n")
@@ -356,6 +355,12 @@ class _Walker:
         if not closed:
             self.problem(location, "multipart body without its closing boundary")
 
+    def _apart(self, texts: list[str], location: str) -> None:
+        """Short texts read as one segment, TOKEN_SEPARATOR apart (one is no context for the next)."""
+        texts = [text for text in texts if text.strip()]
+        if texts:
+            self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(texts), location))
+
     def _outside_parts(self, data: bytes, location: str) -> None:
         if data.strip():
             self.text(data, "text/plain", None, location)
@@ -372,10 +377,8 @@ class _Walker:
             return
         self._xml_element(root, "", location)
         # The parser drops comments and processing instructions; a recipient may still read them.
-        asides = _between(text, "<!--", "-->") + _between(text, "<?", "?>")
-        if any(aside.strip() for aside in asides):
-            self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(asides),
-                                                  child(location, "xml comments and processing instructions")))
+        self._apart(_between(text, "<!--", "-->") + _between(text, "<?", "?>"),
+                    child(location, "xml comments and processing instructions"))
 
     def _xml_element(self, element: ElementTree.Element, parent_path: str, location: str) -> None:
         tag = element.tag.rsplit("}", 1)[-1] if isinstance(element.tag, str) else "?"
@@ -460,11 +463,8 @@ class _Walker:
                 header: dict[str, str] = {}
                 root = _xml_root(members.get(path))
                 # Formulas' literals, headers and footers, validation lists: not cell values.
-                rest = [item.text for item in root.iter() if _local(item.tag) not in ("v", "t")
-                        and item.text and item.text.strip()]
-                if rest:
-                    self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(rest),
-                                                          child(location, f"xlsx {sheet_name} other text")))
+                self._apart([item.text for item in root.iter() if _local(item.tag) not in ("v", "t") and item.text],
+                            child(location, f"xlsx {sheet_name} other text"))
                 for cell in root.iter():
                     if _local(cell.tag) != "c":
                         continue
@@ -479,10 +479,8 @@ class _Walker:
                     name = header.get(column)
                     label = f"xlsx {sheet_name}!{reference}" + (f" column {name}" if name and row != "1" else "")
                     self.out.segments.append(text_segment(value, child(location, label), name if row != "1" else None))
-            unused = [text for index, text in enumerate(shared) if index not in used and text.strip()]
-            if unused:
-                self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(unused),
-                                                      child(location, "xlsx shared strings no cell shows")))
+            self._apart([text for index, text in enumerate(shared) if index not in used],
+                        child(location, "xlsx shared strings no cell shows"))
         except (ElementTree.ParseError, KeyError, ValueError, IndexError) as error:
             self.problem(location, f"unreadable xlsx workbook: {error}")
         return read
@@ -503,11 +501,9 @@ class _Walker:
                     if text.strip():
                         self.out.segments.append(text_segment(text, child(location, f"docx {part} paragraph {number}")))
                 # Deleted text of tracked changes, field codes, pictures' descriptions: not in a w:t.
-                rest = [text for item in root.iter() for text in (
-                    *item.attrib.values(), item.text if _local(item.tag) != "t" else None) if text and text.strip()]
-                if rest:
-                    self.out.segments.append(text_segment(TOKEN_SEPARATOR.decode().join(rest),
-                                                          child(location, f"docx {part} other text and attributes")))
+                self._apart([text for item in root.iter() for text in (
+                    *item.attrib.values(), item.text if _local(item.tag) != "t" else None) if text],
+                    child(location, f"docx {part} other text and attributes"))
         except ElementTree.ParseError as error:
             self.problem(location, f"unreadable docx document: {error}")
         return read

@@ -283,11 +283,9 @@ def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problem
     for n in range(start // TILE_WIDTH, (start + len(tail)) // TILE_WIDTH + 1):
         first = n * TILE_WIDTH - start
         leaves = tail[first:first + TILE_WIDTH]
-        widths = sorted({*_partial_widths(directory, "entries", n), *_partial_widths(directory, 0, n)}
-                        | ({TILE_WIDTH} if len(leaves) == TILE_WIDTH else set()))
-        for width in widths:
-            if width > len(leaves):
-                continue  # published after the journal was read, by a writer still running
+        # Wider partial tiles than the records read were published since, by a writer still running.
+        widths = {*_partial_widths(directory, "entries", n), *_partial_widths(directory, 0, n), TILE_WIDTH}
+        for width in sorted(w for w in widths if w <= len(leaves)):
             for name, expected in ((tile_path("entries", n, width), encode_entries(journal.entries[first:first + width])),
                                    (tile_path(0, n, width), b"".join(leaves[:width]))):
                 try:

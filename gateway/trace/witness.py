@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
-from gateway.trace.merkle import ProofError, consistency_proof, verify_consistency
+from gateway.trace.merkle import HASH_SIZE, ProofError, consistency_proof, verify_consistency
 from gateway.trace.note import (
     Checkpoint, Note, NoteError, Signer, Verifier, parse_checkpoint_body, parse_decimal, parse_note, parse_vkey,
     verify_signature,
@@ -61,7 +61,7 @@ class WitnessState:
             root = base64.b64decode(lines[2], validate=True) if size is not None else b""
         except ValueError:
             root = b""
-        if len(root) != 32:  # fail closed: cosign nothing for this log until an operator looks
+        if len(root) != HASH_SIZE:  # fail closed: cosign nothing for this log until an operator looks
             raise WitnessRefusal(500, f"witness state {path.name} is unreadable")
         return size, root
 
