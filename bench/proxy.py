@@ -3,7 +3,7 @@
     .venv/bin/python bench/proxy.py [--seconds S] [--connections C] [--sizes 1024,1048576] [--workers 1,2]
 
 With --workers, the gateway runs once per worker count instead (no mitmdump) and the ratios are
-against the first count: `--workers 1,2` shows what a second worker process adds (gateway.workers).
+against the first count: `--workers 1,2` shows what a second worker process adds (gateway.proxy.supervisor).
 
 Both proxies publish the same fast upstream on 127.0.0.2 as reverse proxies (the gateway's full pipeline:
 zones, policy, DLP on both directions, a durable trace record per transfer, metrics), and the same load
@@ -31,7 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.gatewayproc import Process, free_port, gateway_config, start_gateway, write_config  # noqa: E402
+from tests.gatewayproc import (  # noqa: E402
+    Process,
+    free_port,
+    gateway_config,
+    start_gateway,
+    write_config,
+)
 
 FAST_UPSTREAM = """
 import asyncio, sys

@@ -35,7 +35,14 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, start_upstream, write_config  # noqa: E402
+from tests.gatewayproc import (  # noqa: E402
+    free_port,
+    gateway_config,
+    listener_url,
+    start_gateway,
+    start_upstream,
+    write_config,
+)
 
 ID_NUMBER = "11010519491231002X"
 HIDDEN_ID = base64.b64encode(f"身份证号,{ID_NUMBER}\n".encode()).decode()

@@ -15,7 +15,7 @@ from gateway import __version__
 from gateway.commands import dlp as dlp_commands
 from gateway.commands import ops as ops_commands
 from gateway.commands import trace as trace_commands
-from gateway.config import DEFAULT_CONFIG, FRONTENDS_DIR, ConfigError, load_config
+from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,17 +74,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         workers = load_config(args.config, args.frontend).workers
         if workers > 1:
-            from gateway.workers import Supervisor
+            from gateway.proxy.supervisor import Supervisor
 
             server = Supervisor(args.config, args.frontend)  # no mitmproxy in this process
         else:
-            from gateway.engine import GatewayServer
+            from gateway.proxy.engine import GatewayServer
 
             server = GatewayServer(args.config, args.frontend)
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
-    from gateway.management import ManagementError
+    from gateway.ops.management import ManagementError
     from gateway.trace import TraceError
 
     try:
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from gateway.runtime import build_runtime
+    from gateway.filters.runtime import build_runtime
 
     variants = [args.frontend]
     if args.all_frontends:
@@ -116,7 +116,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _ca_export(args: argparse.Namespace) -> int:
-    from gateway.engine import ensure_ca
+    from gateway.proxy.state import ensure_ca
 
     try:
         config = load_config(args.config, args.frontend)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import Lab, lab_supported
+from gateway.ops.lab import Lab, lab_supported
 
 
 def built_lab(prefix: str) -> Iterator[Lab]:

@@ -2,7 +2,7 @@
 
 from mitmproxy.proxy.server import ConnectionHandler
 
-from gateway import backpressure
+from gateway.proxy import backpressure
 
 
 def test_install_accepts_this_mitmproxy_and_paces_server_event():
@@ -20,6 +20,6 @@ def test_install_refuses_a_changed_mitmproxy(monkeypatch):
     try:
         backpressure.install()
     except RuntimeError as e:
-        assert "review gateway/backpressure.py" in str(e)
+        assert "review gateway/proxy/backpressure.py" in str(e)
     else:
         raise AssertionError("install() accepted a server_event it cannot pace")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config
-from gateway.policy import Policy
-from gateway.zones import ZoneMap
+from gateway.config.load import ConfigError, load_config
+from gateway.config.policy import Policy
+from gateway.config.zones import ZoneMap
 
 REPO = Path(__file__).resolve().parent.parent
 

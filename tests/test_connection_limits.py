@@ -1,5 +1,5 @@
 """Open client connections are limited per client address and per worker, so neither one client nor a
-flood of them can run the gateway out of file descriptors (gateway.connlimit).
+flood of them can run the gateway out of file descriptors (gateway.proxy.connlimit).
 
 Real gateway, real sockets: refused connections get a 503 and are closed at once; admitted ones work.
 """
@@ -19,9 +19,15 @@ import httpx
 import pytest
 from mitmproxy import connection
 
-from gateway.connlimit import client_key, descriptor_budget
+from gateway.proxy.connlimit import client_key, descriptor_budget
 from tests.gatewayproc import (
-    free_port, gateway_config, listener_url, metric_total, start_gateway, start_upstream, trace_records,
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    start_upstream,
+    trace_records,
     write_config,
 )
 

@@ -6,13 +6,13 @@ import logging
 
 from mitmproxy import exceptions, options
 from mitmproxy.flow import Error
-from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.master import Master
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from gateway.dispatch import CachedHookDispatch
 from gateway.filters import fail_closed
-from gateway.transfer import METADATA_KEY, Transfer
+from gateway.proxy.dispatch import CachedHookDispatch
+from gateway.transfer.model import METADATA_KEY, Transfer
 
 
 class Recorder:

@@ -17,7 +17,13 @@ import pytest
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
 from gateway.dlp.coding import DecodeError
-from gateway.dlp.embedded import MIN_RUN, base64_runs, decode_run, encoded_contents, readable
+from gateway.dlp.embedded import (
+    MIN_RUN,
+    base64_runs,
+    decode_run,
+    encoded_contents,
+    readable,
+)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
 ID = "11010519491231002X"

@@ -12,12 +12,19 @@ from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 
-from gateway.dlp import load_rules
-from gateway.dlp import embedded
+from gateway.dlp import embedded, load_rules
 from gateway.dlp import stream as stream_module
 from gateway.dlp.decode import Limits, decode_body
 from gateway.dlp.embedded import (
-    BODY, BYTES, MANY_ESCAPES, MIN_ESCAPES, TEXT, TOKEN_SEPARATOR, encoded_contents, percent_runs, unquote_text,
+    BODY,
+    BYTES,
+    MANY_ESCAPES,
+    MIN_ESCAPES,
+    TEXT,
+    TOKEN_SEPARATOR,
+    encoded_contents,
+    percent_runs,
+    unquote_text,
 )
 from tests.test_dlp_embedded import CARD, ID, _streamed, id_findings, streaming_profile
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import REPO_ROOT, load_config
-from gateway.doctor import diagnose
-from gateway.lab import Lab
+from gateway.config.load import REPO_ROOT, load_config
+from gateway.ops.doctor import diagnose
+from gateway.ops.lab import Lab
 from tests.labs import built_lab
 
 LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"

@@ -5,11 +5,18 @@ import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
-from gateway import erroranswer
+from gateway.proxy import answers, h2limits, heads
+
+
+def install_all() -> None:
+    """What the engine installs of the error-answer extension points."""
+    answers.install()
+    heads.install()
+    h2limits.install()
 
 
 def test_install_accepts_this_mitmproxy_and_is_idempotent():
-    erroranswer.install()
+    install_all()
     def wrapped() -> tuple:
         return (HttpStream.handle_protocol_error, HttpStream.state_wait_for_request_headers,
                 HttpStream.check_invalid, Http1Server.read_headers, Http1Server._handle_event,
@@ -18,27 +25,28 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
-    erroranswer.install()  # a second engine in one process does not wrap twice
+    install_all()  # a second engine in one process does not wrap twice
     assert wrapped() == before
 
 
-@pytest.mark.parametrize("cls, name", [(HttpStream, "handle_protocol_error"), (Http1Server, "read_headers"),
-                                       (HttpStream, "state_wait_for_request_headers"), (HttpStream, "check_invalid"),
-                                       (Http1Client, "read_headers"), (Http1Server, "_handle_event"),
-                                       (Http1Server, "read_body"), (Http1Client, "read_body")])
-def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name):
+@pytest.mark.parametrize("cls, name, module", [
+    (HttpStream, "handle_protocol_error", "answers"), (Http1Server, "read_headers", "heads"),
+    (HttpStream, "state_wait_for_request_headers", "answers"), (HttpStream, "check_invalid", "answers"),
+    (Http1Client, "read_headers", "heads"), (Http1Server, "_handle_event", "heads"),
+    (Http1Server, "read_body", "heads"), (Http1Client, "read_body", "heads")])
+def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name, module):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()
 
     monkeypatch.setattr(cls, name, changed)
-    with pytest.raises(RuntimeError, match=f"{cls.__name__}.{name} changed: review gateway/erroranswer.py"):
-        erroranswer.install()
+    with pytest.raises(RuntimeError, match=f"{cls.__name__}.{name} changed: review gateway/proxy/{module}.py"):
+        install_all()
 
 
 def test_install_refuses_a_changed_receive_buffer(monkeypatch):
     class Changed:  # h11 keeping its bytes elsewhere: the request-line check could not read them
         pass
 
-    monkeypatch.setattr(erroranswer, "ReceiveBuffer", Changed)
+    monkeypatch.setattr(heads, "ReceiveBuffer", Changed)
     with pytest.raises(RuntimeError, match="ReceiveBuffer changed"):
-        erroranswer.install()
+        install_all()

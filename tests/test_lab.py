@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from gateway.config import REPO_ROOT
-from gateway.lab import Lab
+from gateway.config.load import REPO_ROOT
+from gateway.ops.lab import Lab
 from tests.labs import built_lab
 
 # A tiny TCP server and client run inside namespaces with this interpreter.

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.gatewayproc import (
-    free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+    free_port,
+    gateway_config,
+    listener_url,
+    start_gateway,
+    start_upstream,
+    trace_records,
+    write_config,
 )
 
 ID_NUMBER = "11010519491231002X"

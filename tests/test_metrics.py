@@ -26,14 +26,20 @@ from mitmproxy.test import tflow
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import ConfigError, load_config
+from gateway.config.load import ConfigError, load_config
 from gateway.filters.measure import Measure, connect_error_kind
-from gateway.logs import DecisionLog
-from gateway.management import ManagementError, ManagementServer
-from gateway.metrics import GatewayMetrics
-from gateway.transfer import METADATA_KEY, Reason, Transfer
-from tests.gatewayproc import (free_port, gateway_config, listener_url, start_gateway, start_upstream,
-                               write_config)
+from gateway.ops.decisionlog import DecisionLog
+from gateway.ops.management import ManagementError, ManagementServer
+from gateway.ops.metrics import GatewayMetrics
+from gateway.transfer.model import METADATA_KEY, Reason, Transfer
+from tests.gatewayproc import (
+    free_port,
+    gateway_config,
+    listener_url,
+    start_gateway,
+    start_upstream,
+    write_config,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
@@ -403,10 +409,10 @@ def test_config_reloads_are_counted(gateway):
 
 def test_multiprocess_mode_sums_workers(tmp_path):
     """With PROMETHEUS_MULTIPROC_DIR, /metrics shows the total of every worker process (issue 7's layout)."""
-    worker = ("from gateway.metrics import GatewayMetrics\n"
+    worker = ("from gateway.ops.metrics import GatewayMetrics\n"
               "GatewayMetrics().transfers.labels('forward', 'extranet', 'internet', 'allow').inc(3)\n")
     reader = ("from prometheus_client import generate_latest\n"
-              "from gateway.metrics import GatewayMetrics, exposition_registry\n"
+              "from gateway.ops.metrics import GatewayMetrics, exposition_registry\n"
               "print(generate_latest(exposition_registry(GatewayMetrics())).decode())\n")
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     for _ in range(2):

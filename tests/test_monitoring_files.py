@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.metrics import GatewayMetrics
+from gateway.ops.metrics import GatewayMetrics
 
 MONITORING = Path(__file__).resolve().parent.parent / "config" / "monitoring"
 ALERTS = MONITORING / "alerts.yml"

@@ -26,7 +26,13 @@ from mitmproxy.test import tutils
 
 from gateway.filters.identify import _host_names_the_target
 from tests.gatewayproc import (
-    free_port, gateway_config, listener_url, metric_total, start_gateway, start_upstream, trace_records,
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    start_upstream,
+    trace_records,
     write_config,
 )
 

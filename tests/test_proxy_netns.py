@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.lab import Lab
+from gateway.ops.lab import Lab
 from tests.certs import make_ca_and_server
 from tests.gatewayproc import REPO, start_gateway, start_upstream
 from tests.labs import built_lab

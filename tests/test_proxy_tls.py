@@ -26,7 +26,14 @@ import websockets
 
 from tests.certs import make_ca_and_server
 from tests.gatewayproc import (
-    free_port, gateway_config, listener_url, Process, start_gateway, start_upstream, trace_records, write_config,
+    Process,
+    free_port,
+    gateway_config,
+    listener_url,
+    start_gateway,
+    start_upstream,
+    trace_records,
+    write_config,
 )
 
 ID_NUMBER = "11010519491231002X"
@@ -195,7 +202,7 @@ def test_many_concurrent_http2_streams_to_an_http1_upstream_all_pass(tls_lab):
 def test_rapidly_reset_http2_streams_end_the_connection_and_the_gateway_keeps_serving(tls_lab):
     """CVE-2023-44487's pattern: streams opened and cancelled at once, by the thousand. Past a burst of
     resets the gateway ends the connection with ENHANCE_YOUR_CALM, and answers the next client promptly.
-    (Upstream connections the flood had begun are closed: one left open, before gateway.erroranswer closed
+    (Upstream connections the flood had begun are closed: one left open, before gateway.proxy.answers closed
     them, held this test's upstream, which completes TLS handshakes one at a time, and the next request
     waited for good.)"""
     terminated = None

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import REPO_ROOT
-from gateway.lab import Lab
+from gateway.config.load import REPO_ROOT
+from gateway.ops.lab import Lab
 from tests.labs import built_lab
 
 LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"

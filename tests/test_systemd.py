@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from gateway.config import REPO_ROOT
+from gateway.config.load import REPO_ROOT
 
 UNITS = ["gateway.service", "gateway-sentinel.service"]
 INSTALL_PREFIX = "/opt/gateway"

@@ -5,12 +5,12 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-import shutil
-import socket
 import threading
 import time
 from pathlib import Path

@@ -18,8 +18,18 @@ import random
 import pytest
 
 from gateway.trace.merkle import (
-    EMPTY_ROOT, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes,
-    perfect_root, root_of_nodes, tree_root, verify_consistency, verify_inclusion,
+    EMPTY_ROOT,
+    CompactRange,
+    ProofError,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    leaf_hashes,
+    perfect_root,
+    root_of_nodes,
+    tree_root,
+    verify_consistency,
+    verify_inclusion,
 )
 from gateway.trace.tiles import TiledTree, TileError
 

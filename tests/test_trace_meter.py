@@ -12,7 +12,8 @@ import pytest
 from gateway.commands import trace as trace_commands
 from gateway.trace.meter import Meter
 from gateway.trace.tiles import tile_path
-from tests.tracecli import run_trace as run, write_log
+from tests.tracecli import run_trace as run
+from tests.tracecli import write_log
 
 ORIGIN = "gateway.test/meter"
 RECORDS = 700  # two full bundles, the rest in the journal

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from gateway.trace import TraceLog
-from gateway.trace.note import Signer
 from gateway.trace.log import open_store
+from gateway.trace.note import Signer
 from gateway.trace.tiles import read_journal, tile_path
-from tests.tracecli import run_trace as run, write_log
+from tests.tracecli import run_trace as run
+from tests.tracecli import write_log
 
 ORIGIN = "gateway.test/trace"
 RECORDS = 600  # two full bundles, a third partial one in the journal

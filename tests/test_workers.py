@@ -1,4 +1,4 @@
-"""Several proxy workers per machine (gateway.workers): shared listeners, one trace log written by one
+"""Several proxy workers per machine (gateway.proxy.supervisor): shared listeners, one trace log written by one
 writer process, one set of metrics, workers and writer replaced when they die, SIGHUP to all."""
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ import httpx
 import pytest
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
-from gateway import workers
+from gateway.proxy import listeners, state
 from gateway.trace import TraceError
 from gateway.trace.remote import RemoteTraceLog
 from tests.gatewayproc import (
-    REPO, free_port, gateway_config, listener_url, start_gateway, start_upstream, trace_records, write_config,
+    REPO,
+    free_port,
+    gateway_config,
+    listener_url,
+    start_gateway,
+    start_upstream,
+    trace_records,
+    write_config,
 )
 
 ORIGIN = "test.gateway/workers"
@@ -35,9 +42,9 @@ ORIGIN = "test.gateway/workers"
 
 def test_listen_extension_accepts_this_mitmproxy(monkeypatch):
     monkeypatch.setattr(AsyncioServerInstance, "listen", AsyncioServerInstance.listen)
-    workers.install_inherited_listeners({})
+    listeners.install_inherited_listeners({})
     assert AsyncioServerInstance.listen.__qualname__.endswith("install_inherited_listeners.<locals>.listen")
-    workers.install_inherited_listeners({})  # a second install wraps mitmproxy's method, not ours
+    listeners.install_inherited_listeners({})  # a second install wraps mitmproxy's method, not ours
     assert AsyncioServerInstance.listen.gateway_original.__qualname__ == "AsyncioServerInstance.listen"
 
 
@@ -46,14 +53,14 @@ def test_listen_extension_refuses_a_changed_mitmproxy(monkeypatch):
         return []
 
     monkeypatch.setattr(AsyncioServerInstance, "listen", changed)
-    with pytest.raises(RuntimeError, match="review gateway/workers.py"):
-        workers.install_inherited_listeners({})
+    with pytest.raises(RuntimeError, match="review gateway/proxy/listeners.py"):
+        listeners.install_inherited_listeners({})
 
 
 def test_handed_down_sockets_are_found_by_address():
     a, b = socket.socket(), socket.socket()
     with a, b:
-        sockets = workers.parse_listen_fds(f"127.0.0.1:8080={a.fileno()},[::1]:8443={b.fileno()}")
+        sockets = listeners.parse_listen_fds(f"127.0.0.1:8080={a.fileno()},[::1]:8443={b.fileno()}")
         assert sorted(sockets) == [("127.0.0.1", 8080), ("::1", 8443)]
         assert sockets[("::1", 8443)].fileno() == b.fileno()
         for sock in sockets.values():
@@ -337,7 +344,7 @@ def test_shutdown_stops_every_process(machine):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert not (machine["root"] / "state" / workers.WRITER_SOCKET).exists()
+    assert not (machine["root"] / "state" / state.WRITER_SOCKET).exists()
 
 
 def test_a_trace_log_that_cannot_open_stops_the_start_with_a_clear_line(tmp_path):

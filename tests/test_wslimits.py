@@ -8,7 +8,7 @@ from mitmproxy.test import tflow
 from wsproto.events import BytesMessage, CloseConnection, Ping
 from wsproto.extensions import PerMessageDeflate
 
-from gateway import wslimits
+from gateway.proxy import wslimits
 
 LIMIT = 1 << 20
 
@@ -59,7 +59,7 @@ def test_install_refuses_a_changed_websocket_layer(monkeypatch):
         yield from ()
 
     monkeypatch.setattr(WebsocketLayer, "start", start)
-    with pytest.raises(RuntimeError, match="WebsocketLayer.start changed: review gateway/wslimits.py"):
+    with pytest.raises(RuntimeError, match="WebsocketLayer.start changed: review gateway/proxy/wslimits.py"):
         wslimits.install()
 
 

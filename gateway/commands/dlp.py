@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from gateway.dlp import DlpConfigError, Profile, RuleSet, ScanResult, load_rules, mask_url
+from gateway.dlp import (
+    DlpConfigError,
+    Profile,
+    RuleSet,
+    ScanResult,
+    load_rules,
+    mask_url,
+)
 from gateway.dlp.explain import explain
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "config" / "dlp"
@@ -170,7 +177,10 @@ def _dechunk(body: bytes, source: str) -> bytes:
 
 
 def _flow_inputs(flow_file: str) -> Iterator[Input]:
-    from mitmproxy import http, io as flow_io  # only here: the DLP library itself never imports mitmproxy
+    from mitmproxy import (  # only here: the DLP library itself never imports mitmproxy
+        http,
+    )
+    from mitmproxy import io as flow_io
 
     with open(flow_file, "rb") as stream:
         for index, flow in enumerate(flow_io.FlowReader(stream).stream()):

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.config import REPO_ROOT, ConfigError, load_config
+from gateway.config.load import REPO_ROOT, ConfigError, load_config
 
 DEFAULT_LAB_CONFIG = REPO_ROOT / "config" / "lab.yaml"
 DEFAULT_LAB_STATE = REPO_ROOT / "state" / "lab"
@@ -40,7 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def lab_command(args: argparse.Namespace) -> int:
-    from gateway.lab import Lab, LabError, lab_down, lab_status, lab_supported, lab_up
+    from gateway.ops.lab import (
+        Lab,
+        LabError,
+        lab_down,
+        lab_status,
+        lab_supported,
+        lab_up,
+    )
 
     if reason := lab_supported():
         print(f"gateway lab: {reason}", file=sys.stderr)
@@ -68,7 +75,7 @@ def lab_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    from gateway.doctor import diagnose
+    from gateway.ops.doctor import diagnose
 
     config = _load(args)
     if config is None:
@@ -84,7 +91,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def sentinel_command(args: argparse.Namespace) -> int:
-    from gateway.sentinel import run_sentinel
+    from gateway.ops.sentinel import run_sentinel
 
     config = _load(args)
     if config is None:

@@ -1,5 +1,8 @@
 """`gateway trace ...`: audit a trace log offline (witness cosignatures are checked by --witness).
 
+Longer than 400 lines: nine subcommands, each of which only parses its arguments and prints;
+the work is done in gateway.trace.
+
 Exit status: 0 intact / valid, 1 tampering or an invalid proof (the message names the first bad
 record or file), 2 usage or I/O errors.
 """
@@ -13,8 +16,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gateway.trace.audit import (
-    AuditIOError, WitnessPolicy, check_inclusion_proof, iter_committed_entries, iter_entries, newest_checkpoint,
-    prove_consistency, prove_inclusion, verify_log,
+    AuditIOError,
+    WitnessPolicy,
+    check_inclusion_proof,
+    iter_committed_entries,
+    iter_entries,
+    newest_checkpoint,
+    prove_consistency,
+    prove_inclusion,
+    verify_log,
 )
 from gateway.trace.merkle import ProofError
 from gateway.trace.meter import DEFAULT_KEYS, KEYS, Meter

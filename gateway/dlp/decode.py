@@ -1,5 +1,8 @@
 """Content understanding: turn a body into the text segments the matcher scans.
 
+Longer than 400 lines: one walker over nested layers; each format's reader is a method of it,
+sharing the walk's limits, its depth and the locations it builds.
+
 A body is undone layer by layer (Content-Encoding, archives, multipart parts, charset, structure)
 into `Segment`s: UTF-8 bytes with full-width characters folded to ASCII, each knowing where it came
 from. Large structured texts (JSON without escapes, CSV, plain text) stay one segment with a lazy
@@ -27,8 +30,18 @@ from urllib.parse import parse_qsl
 from xml.etree import ElementTree
 
 from gateway.dlp.coding import (
-    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, check_inflated_size, decode_as, inflate, is_utf8,
-    needs_folding, text_charset, unescape_u,
+    FOLD_TABLE,
+    GZIP_MAGIC,
+    ZIP_MAGIC,
+    ZSTD_MAGIC,
+    DecodeError,
+    check_inflated_size,
+    decode_as,
+    inflate,
+    is_utf8,
+    needs_folding,
+    text_charset,
+    unescape_u,
 )
 from gateway.dlp.embedded import BODY, TOKEN_SEPARATOR, EncodedContent, encoded_contents
 

@@ -34,7 +34,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from gateway.dlp.coding import (
-    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends, needs_folding, unescape_u,
+    FOLD_TABLE,
+    GZIP_MAGIC,
+    ZIP_MAGIC,
+    ZSTD_MAGIC,
+    is_utf8,
+    match_ends,
+    needs_folding,
+    unescape_u,
 )
 from gateway.dlp.matcher import hyperscan
 

@@ -1,21 +1,44 @@
-"""Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation."""
+"""Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation.
+
+Longer than 400 lines: a profile's scan, its validation and the rule evaluation share the
+compiled database and the candidates' bookkeeping.
+"""
 
 import bisect
 import re
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 from gateway.dlp.coding import FOLD_TABLE, DecodeError, needs_folding
 from gateway.dlp.decode import (
-    Decoded, Limits, Segment, decode_body, decode_embedded, text_segment,
+    Decoded,
+    Limits,
+    Segment,
+    decode_body,
+    decode_embedded,
+    text_segment,
 )
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
-from gateway.dlp.embedded import BYTES, MIN_RUN, TOKEN_SEPARATOR, EncodedContent, encoded_contents
+from gateway.dlp.embedded import (
+    BYTES,
+    MIN_RUN,
+    TOKEN_SEPARATOR,
+    EncodedContent,
+    encoded_contents,
+)
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
+from gateway.dlp.rules import (
+    ACTIONS,
+    DlpConfigError,
+    ProfileSpec,
+    Rule,
+    canonical_value,
+    parse_files,
+    rule_files,
+)
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")

@@ -13,7 +13,15 @@ from urllib.parse import parse_qsl, urlencode
 
 import brotli
 
-from gateway.dlp.coding import GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, content_encodings, decode_text, inflate
+from gateway.dlp.coding import (
+    GZIP_MAGIC,
+    ZIP_MAGIC,
+    ZSTD_MAGIC,
+    DecodeError,
+    content_encodings,
+    decode_text,
+    inflate,
+)
 from gateway.dlp.decode import _EXTENSION_TYPES, Limits, parse_media_type
 
 try:

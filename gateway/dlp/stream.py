@@ -14,14 +14,36 @@ import html
 import re
 
 from gateway.dlp.coding import (
-    FOLD_TABLE, GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, resolve_charset, sniff_charset,
+    FOLD_TABLE,
+    GZIP_MAGIC,
+    ZIP_MAGIC,
+    DecodeError,
+    Inflater,
+    content_encodings,
+    resolve_charset,
+    sniff_charset,
     unescape_u,
 )
-from gateway.dlp.decode import Segment, child, decode_body, decode_encoded, offset_locator, parse_media_type
+from gateway.dlp.decode import (
+    Segment,
+    child,
+    decode_body,
+    decode_encoded,
+    offset_locator,
+    parse_media_type,
+)
 from gateway.dlp.detectors import MAX_TOKEN_BYTES
 from gateway.dlp.embedded import (
-    PERCENT, EncodedContent, base64_content, decode_run, encoded_runs, escape_cut, percent_contents, readable,
-    token_end, unquote_text,
+    PERCENT,
+    EncodedContent,
+    base64_content,
+    decode_run,
+    encoded_runs,
+    escape_cut,
+    percent_contents,
+    readable,
+    token_end,
+    unquote_text,
 )
 
 WINDOW_BYTES = 1 << 20

@@ -9,8 +9,14 @@ from typing import Protocol
 
 from mitmproxy import hooks, http
 
-from gateway.runtime import Runtime
-from gateway.transfer import METADATA_KEY, TRANSFER_ID_HEADER, Reason, Transfer, refusal_body
+from gateway.filters.runtime import Runtime
+from gateway.transfer.model import (
+    METADATA_KEY,
+    TRANSFER_ID_HEADER,
+    Reason,
+    Transfer,
+    refusal_body,
+)
 
 
 class Gateway(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from gateway.filters import Gateway, refuse, transfer_of
-from gateway.transfer import Reason
+from gateway.transfer.model import Reason
 
 
 class Authorize:

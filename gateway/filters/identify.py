@@ -10,10 +10,10 @@ import time
 from mitmproxy import connection, http
 from mitmproxy.net.http import url
 
-from gateway.config import format_host_port
-from gateway.erroranswer import MalformedRequest
+from gateway.config.load import format_host_port
 from gateway.filters import Gateway
-from gateway.transfer import METADATA_KEY, Transfer
+from gateway.transfer.edge import MalformedRequest
+from gateway.transfer.model import METADATA_KEY, Transfer
 
 
 class Resolver:

@@ -17,10 +17,10 @@ from mitmproxy import http
 from gateway.dlp import Profile, ScanResult
 from gateway.dlp.coding import DecodeError
 from gateway.filters import Gateway, refuse, transfer_of
-from gateway.spool import SpooledBody
 from gateway.trace import body_hasher
-from gateway.transfer import Reason, Transfer
-from gateway.wslimits import TOO_BIG
+from gateway.transfer.edge import TOO_BIG
+from gateway.transfer.model import Reason, Transfer
+from gateway.transfer.spool import SpooledBody
 
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
@@ -131,7 +131,7 @@ class Inspect:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
         direction = flow.metadata.get(TOO_BIG)
-        if transfer is not None and direction is not None:  # closed 1009 by gateway.wslimits
+        if transfer is not None and direction is not None:  # closed 1009 by gateway.proxy.wslimits
             where = "client message" if direction == "request" else "upstream message"
             transfer.escalate("block", [Reason("websocket", "message-too-big", where, "block")])
 

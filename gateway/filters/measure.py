@@ -16,14 +16,13 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from gateway.connlimit import LIMIT_ERROR
-from gateway.erroranswer import MalformedRequest
 from gateway.filters import body_size, transfer_of
-from gateway.logs import DecisionLog
-from gateway.metrics import ACTION_OF_DECISION, GatewayMetrics
-from gateway.runtime import Runtime
+from gateway.filters.runtime import Runtime
+from gateway.ops.decisionlog import DecisionLog
+from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog
-from gateway.transfer import Transfer
+from gateway.transfer.edge import LIMIT_ERROR, MalformedRequest
+from gateway.transfer.model import Transfer
 
 # Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
 # unreachable upstream, a malformed request, a stage that failed on the flow.
@@ -80,7 +79,7 @@ class Measure:
 
     def client_connected(self, client: connection.Client) -> None:
         if client.error:
-            return  # refused as it opened (gateway.connlimit): never active
+            return  # refused as it opened (gateway.proxy.connlimit): never active
         name = self.gateway.runtime.listener_name(*client.sockname[:2])
         self._connection_listener[client.id] = name
         self.metrics.active_connections.labels(listener=name).inc()
@@ -216,7 +215,7 @@ _ERRNO_KINDS = {111: "refused", 110: "timeout", 113: "unreachable", 101: "unreac
 def connect_error_kind(message: str) -> str:
     """A bounded kind for a failed upstream connection, from mitmproxy's error text (an OSError's str)."""
     if message.startswith(LIMIT_ERROR):
-        return "limit"  # refused by gateway.connlimit, never tried
+        return "limit"  # refused by gateway.proxy.connlimit, never tried
     lowered = message.lower()
     match = _ERRNO.search(message)
     if match:

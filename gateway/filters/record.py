@@ -13,14 +13,19 @@ from typing import Any, Protocol
 from mitmproxy import http
 from mitmproxy.master import Master
 
-from gateway.alerts import AlertLog
-from gateway.backpressure import cut
 from gateway.dlp import mask_text, mask_url
-from gateway.erroranswer import ANSWER_STATUS, UPSTREAM, MalformedRequest
-from gateway.filters import body_size, refuse, refusal_response, transfer_of
-from gateway.runtime import Runtime
+from gateway.filters import body_size, refusal_response, refuse, transfer_of
+from gateway.filters.runtime import Runtime
+from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
-from gateway.transfer import TRANSFER_ID_HEADER, WARNING_HEADER, Reason, Transfer, utc_timestamp
+from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
+from gateway.transfer.model import (
+    TRANSFER_ID_HEADER,
+    WARNING_HEADER,
+    Reason,
+    Transfer,
+    utc_timestamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class Record:
         answer = flow.metadata.get(ANSWER_STATUS)
         if answer is not None and not flow.metadata.get("gateway_refused"):
             # Nothing has reached the client yet: it gets our JSON with the transfer id, not
-            # mitmproxy's own page (gateway.erroranswer sends it).
+            # mitmproxy's own page (gateway.proxy.answers sends it).
             status, cause = answer
             if cause == UPSTREAM:
                 where = f"{transfer.upstream_host}:{transfer.upstream_port}"

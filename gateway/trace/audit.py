@@ -1,5 +1,8 @@
 """Offline auditing of a trace log directory: full verification, record listing, proofs.
 
+Longer than 400 lines: verification is one walk over journal, tiles, bundles and checkpoints;
+its checks share the walk's state and read best side by side.
+
 Everything here reads files only and trusts nothing in them: hashes are recomputed from the
 entries, and the only anchor is the checkpoint signature checked against a key given by the
 auditor.
@@ -13,16 +16,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.trace.merkle import (
-    HASH_SIZE, CompactRange, ProofError, consistency_proof, inclusion_proof, leaf_hash, leaf_hashes, root_of_nodes,
-    verify_consistency, verify_inclusion,
+    HASH_SIZE,
+    CompactRange,
+    ProofError,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    leaf_hashes,
+    root_of_nodes,
+    verify_consistency,
+    verify_inclusion,
 )
 from gateway.trace.note import (
-    Checkpoint, Note, NoteError, Verifier, open_checkpoint, parse_checkpoint_body, parse_decimal, parse_note,
+    Checkpoint,
+    Note,
+    NoteError,
+    Verifier,
+    open_checkpoint,
+    parse_checkpoint_body,
+    parse_decimal,
+    parse_note,
     verify_signature,
 )
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError, encode_entries, parse_entries, parse_journal,
-    read_journal, tail_reader, tile_path, unfinished_write_problem,
+    JOURNAL_HEADER,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Journal,
+    TiledTree,
+    TileError,
+    encode_entries,
+    parse_entries,
+    parse_journal,
+    read_journal,
+    tail_reader,
+    tile_path,
+    unfinished_write_problem,
 )
 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"

@@ -1,5 +1,8 @@
 """One trace log per machine: a writer process serving records over a Unix socket, and its client.
 
+Longer than 400 lines: the writer and its client are the two ends of one wire format (below),
+kept side by side.
+
 Several proxy worker processes cannot share one `LogStore` (it is a single writer holding the
 directory's lock), and one process doing everything is bound to one core by the GIL. So the
 writer runs in its own process (`serve`): it reads whatever records every connected worker has
@@ -43,7 +46,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from gateway.trace.log import Waiter, answer_waiters, call_in_loop, encode_record, fail_waiters, open_store
+from gateway.trace.log import (
+    Waiter,
+    answer_waiters,
+    call_in_loop,
+    encode_record,
+    fail_waiters,
+    open_store,
+)
 from gateway.trace.store import LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
 

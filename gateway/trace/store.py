@@ -1,5 +1,8 @@
 """The single writer of a trace log directory: appends batches durably and signs checkpoints.
 
+Longer than 400 lines: commit, recovery and rotation keep one invariant (below) under one lock;
+split apart, the invariant would have no one place.
+
 `LogStore` is synchronous and knows nothing about asyncio; the group-commit thread in log.py and
 the writer process in remote.py drive it: `commit` a batch, answer its producers, then `maintain`.
 One process holds the directory's lock at a time.
@@ -35,8 +38,19 @@ from pathlib import Path
 from gateway.trace.merkle import leaf_hashes, perfect_root
 from gateway.trace.note import Checkpoint, NoteError, Signer, open_checkpoint
 from gateway.trace.tiles import (
-    JOURNAL_HEADER, JOURNAL_MAGIC, TILE_HEIGHT, TILE_WIDTH, Journal, TiledTree, TileError,
-    encode_checkpoint_frame, encode_entries, read_journal, tail_reader, tile_path, unfinished_write_problem,
+    JOURNAL_HEADER,
+    JOURNAL_MAGIC,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Journal,
+    TiledTree,
+    TileError,
+    encode_checkpoint_frame,
+    encode_entries,
+    read_journal,
+    tail_reader,
+    tile_path,
+    unfinished_write_problem,
 )
 
 ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates

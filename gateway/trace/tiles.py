@@ -19,12 +19,19 @@ has been fsync'd the journal is replaced by one starting after them (rotation).
 
 import struct
 from collections.abc import Callable
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from gateway.trace.merkle import (
-    HASH_SIZE, leaf_hashes, node_hash, parent_hashes, perfect_root, range_hash, root_of_nodes, tree_root,
+    HASH_SIZE,
+    leaf_hashes,
+    node_hash,
+    parent_hashes,
+    perfect_root,
+    range_hash,
+    root_of_nodes,
+    tree_root,
 )
 
 TILE_HEIGHT = 8

@@ -18,9 +18,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
-from gateway.trace.merkle import HASH_SIZE, ProofError, consistency_proof, verify_consistency
+from gateway.trace.merkle import (
+    HASH_SIZE,
+    ProofError,
+    consistency_proof,
+    verify_consistency,
+)
 from gateway.trace.note import (
-    Checkpoint, Note, NoteError, Signer, Verifier, parse_checkpoint_body, parse_decimal, parse_note, parse_vkey,
+    Checkpoint,
+    Note,
+    NoteError,
+    Signer,
+    Verifier,
+    parse_checkpoint_body,
+    parse_decimal,
+    parse_note,
+    parse_vkey,
     verify_signature,
 )
 from gateway.trace.tiles import tail_reader

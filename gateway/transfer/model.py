@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from gateway.policy import Verdict
+from gateway.config.policy import Verdict
 
 METADATA_KEY = "gateway"
 TRANSFER_ID_HEADER = "X-Gateway-Transfer-Id"

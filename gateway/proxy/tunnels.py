@@ -11,7 +11,7 @@ UNINSPECTED = (layers.DNSLayer, layers.TCPLayer, layers.UDPLayer, layers.RawQuic
 
 class OnlyHttp:
     """Runs after mitmproxy's NextLayer: a relay it chose is replaced by an HTTP layer, where bytes
-    that are not HTTP are refused 400 and recorded (gateway.erroranswer)."""
+    that are not HTTP are refused 400 and recorded (gateway.proxy.answers)."""
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if isinstance(nextlayer.layer, UNINSPECTED):

@@ -1,5 +1,8 @@
 """A three-zone boundary on one machine: network namespaces joined by veth links (pyroute2).
 
+Longer than 400 lines: building, checking and tearing down the lab are one object, kept together
+so that `down()` removes exactly what `up()` made.
+
     extranet client  (PREFIX-ext)  eth0 198.18.1.2 ── ext0 198.18.1.1 ┐
     sector server    (PREFIX-sec)  eth0 198.18.2.2 ── sec0 198.18.2.1 ├ gateway (PREFIX-gw)
     internet host    (PREFIX-inet) eth0 198.18.3.2 ── inet0 198.18.3.1 ┘
@@ -244,7 +247,7 @@ def lab_services(lab: Lab, config: Path, state_dir: Path) -> list[LabService]:
             ready=(ns, link.host_ip, UPSTREAM_PORT),
         ))
     # The gateway is ready once its first listener accepts; it checks its own config on start.
-    from gateway.config import load_config
+    from gateway.config.load import load_config
 
     first = load_config(config).listeners[0]
     services.append(LabService(

@@ -17,7 +17,6 @@ import asyncio
 import inspect
 from collections.abc import Iterator
 
-from mitmproxy import connection, ctx
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.server import ConnectionHandler
 
@@ -69,7 +68,7 @@ def install() -> None:
         return
     unpaced = ConnectionHandler.server_event
     if _CALL_SITE not in inspect.getsource(unpaced) or not hasattr(ConnectionHandler, "drain_writers"):
-        raise RuntimeError("mitmproxy's ConnectionHandler changed: review gateway/backpressure.py")
+        raise RuntimeError("mitmproxy's ConnectionHandler changed: review gateway/proxy/backpressure.py")
 
     async def server_event(self: ConnectionHandler, event: events.Event) -> None:
         lock = self.__dict__.setdefault("_gateway_run_lock", asyncio.Lock())
@@ -88,26 +87,3 @@ def install() -> None:
 
     server_event.gateway_paced = True
     ConnectionHandler.server_event = server_event
-
-
-def connection_handler(client: connection.Client) -> ConnectionHandler | None:
-    """The handler mitmproxy serves a client connection with (None once it has ended)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    return proxyserver.connections.get(client.id) if proxyserver else None
-
-
-def cut(flow) -> None:
-    """Close both sides of a transfer whose streamed body earned a block: the upstream got at most the
-    headers and never a byte of the withheld body, and the client gets no answer but the cut."""
-    flow.kill()
-    handler = connection_handler(flow.client_conn)
-    if handler is None:
-        return
-    for connection in (flow.server_conn, flow.client_conn):
-        io = handler.transports.get(connection)
-        if io is None:
-            continue
-        if io.writer is not None:
-            # Abort, not close: nothing still queued (such as a chunked body's terminator) may follow.
-            io.writer.transport.abort()
-        handler.close_connection(connection)

@@ -2,7 +2,7 @@
 
 mitmproxy closes a connection only after 10 minutes without activity, so a client that connects and
 says nothing, or trickles a TLS handshake byte by byte, holds a socket (and a file descriptor of the
-machine's limit) that long. The request head timeout (gateway.erroranswer) runs only once a head has
+machine's limit) that long. The request head timeout (gateway.proxy.answers) runs only once a head has
 begun; this addon covers the time before: from connecting, and again from a CONNECT's answer to the
 tunnel's first request (its TLS handshake included), the client has `request_head_timeout` (and
 ANSWER_GRACE more) to deliver a request head, or the connection is closed and counted. No transfer
@@ -18,10 +18,9 @@ from typing import Protocol
 
 from mitmproxy import connection, ctx, http
 
-from gateway.backpressure import connection_handler
-from gateway.erroranswer import MalformedRequest
-from gateway.metrics import GatewayMetrics
-from gateway.runtime import Runtime
+from gateway.filters.runtime import Runtime
+from gateway.ops.metrics import GatewayMetrics
+from gateway.transfer.edge import MalformedRequest, connection_handler
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class FirstRequestDeadline:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # client connection id -> its deadline
 
     def client_connected(self, client: connection.Client) -> None:
-        if not client.error:  # else refused as it opened (gateway.connlimit): closed already
+        if not client.error:  # else refused as it opened (gateway.proxy.connlimit): closed already
             self._start(client)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:

@@ -18,71 +18,36 @@ from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from gateway import backpressure, erroranswer, wslimits
-from gateway.alerts import AlertLog
-from gateway.config import Config, ConfigError, format_host_port, load_config
-from gateway.connlimit import ConnectionLimits
-from gateway.deadline import FirstRequestDeadline
-from gateway.dispatch import CachedHookDispatch
+from gateway.config.load import ConfigError, load_config
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
 from gateway.filters.measure import Measure
 from gateway.filters.record import Record
-from gateway.management import ManagementServer
-from gateway.metrics import GatewayMetrics, exposition_registry
-from gateway.runtime import Runtime, build_runtime
-from gateway.sdnotify import sd_notify, watchdog_interval
+from gateway.filters.runtime import Runtime, build_runtime
+from gateway.ops.alerts import AlertLog
+from gateway.ops.management import ManagementServer
+from gateway.ops.metrics import GatewayMetrics, exposition_registry
+from gateway.ops.sdnotify import sd_notify, watchdog_interval
+from gateway.proxy import answers, backpressure, h2limits, heads, wslimits
+from gateway.proxy.connlimit import ConnectionLimits
+from gateway.proxy.deadline import FirstRequestDeadline
+from gateway.proxy.dispatch import CachedHookDispatch
+from gateway.proxy.listeners import install_inherited_listeners
+from gateway.proxy.state import announce, ca_dir, trace_key_path, writer_socket_path
+from gateway.proxy.tunnels import OnlyHttp
 from gateway.trace import TraceLog
 from gateway.trace.remote import RemoteTraceLog
-from gateway.tunnels import OnlyHttp
 
 if TYPE_CHECKING:
-    from gateway.workers import WorkerRole
+    from gateway.proxy.listeners import WorkerRole
 
 log = logging.getLogger("gateway")
 
-CA_BASENAME = "mitmproxy"  # mitmproxy's file names in the CA folder: mitmproxy-ca.pem, mitmproxy-ca-cert.pem
-
-
-def ca_dir(state_dir: Path) -> Path:
-    return state_dir / "ca"
-
-
-def ca_certificate(state_dir: Path) -> Path:
-    return ca_dir(state_dir) / f"{CA_BASENAME}-ca-cert.pem"
-
-
-def ensure_ca(state_dir: Path) -> Path:
-    """The gateway CA's certificate (what clients trust), creating the CA on first use."""
-    from mitmproxy.certs import CertStore
-
-    CertStore.from_store(ca_dir(state_dir), CA_BASENAME, 2048)
-    return ca_certificate(state_dir)
-
-
-def announce(config: Config, bound: list[tuple[str, int]], management_url: str, processes: str | None = None) -> None:
-    """Say where everything is, once every listener is bound (the same for one process or several)."""
-    for listener, (host, port) in zip(config.listeners, bound):
-        target = f" -> {listener.upstream}" if listener.upstream else ""
-        print(f"listener {listener.name}: {listener.mode} proxy on {format_host_port(host, port)}{target}",
-              flush=True)
-    if processes:
-        print(processes, flush=True)
-    print(f"metrics: {management_url}/metrics", flush=True)
-    print(f"trace log: {config.trace_dir}", flush=True)
-    print(f"alerts: {config.alerts_file}", flush=True)
-    print(f"gateway CA certificate: {ca_certificate(config.state_dir)}", flush=True)
-
-
-def trace_key_path(state_dir: Path) -> Path:
-    return state_dir / "trace-signing.key"
-
-
 class GatewayServer:
     """The whole gateway in one process, or (with `worker`) one of several proxy workers run by the
-    supervisor in gateway.workers, which then serves the management listener and the trace log."""
+    supervisor in gateway.proxy.supervisor, which then serves the management listener and the trace log."""
 
     def __init__(self, config_path: Path | None, frontend: str | None = None, worker: WorkerRole | None = None):
         self.config_path = config_path
@@ -107,18 +72,18 @@ class GatewayServer:
             self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
                                        signing_key=trace_key_path(config.state_dir))
         else:
-            from gateway.workers import install_inherited_listeners, writer_socket_path
-
             install_inherited_listeners(self.worker.listen_sockets)
             # Every record says which worker handled its transfer.
             self.trace = RemoteTraceLog.connect(writer_socket_path(config.state_dir),
                                                 fields={"worker": self.worker.index})
         self.alerts = AlertLog(config.alerts_file)
         backpressure.install()
-        erroranswer.install()
+        answers.install()
+        heads.install()
+        h2limits.install()
         wslimits.install()
         self.master = Master(options.Options())
-        erroranswer.add_options(self.master.options)
+        heads.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.master.addons.add(
@@ -163,7 +128,7 @@ class GatewayServer:
             # upgrade to anything but WebSocket, would cross uninspected. Tunnel bytes are parsed as HTTP
             # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
-            erroranswer.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
+            heads.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,

@@ -1,4 +1,4 @@
-"""Several proxy worker processes per machine, run by one supervisor (`gateway.workers: N`, N > 1).
+"""Several proxy worker processes per machine, run by one supervisor (`gateway.workers: N` in the configuration, N > 1).
 
 mitmproxy runs one event loop on one core. The supervisor is what systemd (or a terminal) sees:
 
@@ -9,22 +9,19 @@ mitmproxy runs one event loop on one core. The supervisor is what systemd (or a 
 - it runs one trace-writer process (gateway.trace.remote) holding the machine's single trace log;
   workers hand it their records over a Unix socket and answer a transfer only once its record is
   durable. While the writer is away, workers refuse transfers (503) and the supervisor restarts it;
-- it starts the N workers (`python -m gateway.workers WORKER`), restarts any that dies or stops
+- it starts the N workers (`python -m gateway.proxy.worker WORKER`), restarts any that dies or stops
   answering its watchdog, and passes SIGHUP and shutdowns on to all of them;
 - it talks to systemd for all of them: the workers' sd_notify messages (READY, RELOADING, WATCHDOG)
   reach the supervisor's own notify socket, and it sends READY=1 once every worker is ready;
 - it serves the management listener: /metrics adds up every worker's metrics with prometheus-client's
   multiprocess mode (PROMETHEUS_MULTIPROC_DIR is `metrics/` in the state directory, emptied at start).
 
-`install_inherited_listeners` is the small extension point into mitmproxy that makes a worker serve
-the sockets it was handed (tests/test_workers.py fails loudly when a mitmproxy upgrade changes it).
+The shared sockets are in gateway.proxy.listeners, a worker's entry point in gateway.proxy.worker.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import inspect
 import logging
 import os
 import shutil
@@ -36,12 +33,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import Config, ConfigError, Listener, format_host_port, load_config
-from gateway.sdnotify import sd_notify, watchdog_interval
+from gateway.config.load import (
+    Config,
+    ConfigError,
+    Listener,
+    format_host_port,
+    load_config,
+)
+from gateway.ops.sdnotify import sd_notify, watchdog_interval
+from gateway.proxy.listeners import reuse_port_socket
+from gateway.proxy.state import announce, ensure_ca, trace_key_path, writer_socket_path
 
 log = logging.getLogger("gateway.supervisor")
 
-WRITER_SOCKET = "trace-writer.sock"
 NOTIFY_SOCKET = "supervisor-notify.sock"
 METRICS_DIR = "metrics"
 START_TIMEOUT = 60.0  # seconds for the writer and every worker to come up at start
@@ -50,10 +54,6 @@ STOP_TIMEOUT = 20.0
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # after each quick death in a row (a crash loop slows down)
 STABLE_AFTER = 10.0  # a process that lived this long starts its next crash count from zero
 _UCRED = struct.Struct("3i")  # SCM_CREDENTIALS: pid, uid, gid
-
-
-def writer_socket_path(state_dir: Path) -> Path:
-    return state_dir / WRITER_SOCKET
 
 
 # ---- the supervisor -------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class Child:
 
 class Supervisor:
     def __init__(self, config_path: Path | None, frontend: str | None = None):
-        from gateway.runtime import build_runtime
+        from gateway.filters.runtime import build_runtime
 
         self.config_path = config_path
         self.frontend = frontend
@@ -110,16 +110,14 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; the exit status of `gateway run`."""
         config = self.config
         state_dir = config.state_dir
-        from gateway.management import ManagementServer
-        from gateway.metrics import SupervisorMetrics, exposition_registry
+        from gateway.ops.management import ManagementServer
+        from gateway.ops.metrics import SupervisorMetrics, exposition_registry
 
         self.metrics = SupervisorMetrics()
         self.management = ManagementServer(config, exposition_registry(self.metrics), self.problems)
         self.management.start()  # a taken port stops us here, as with one process
         try:
             self._bind_listeners()
-            from gateway.engine import ensure_ca
-
             ensure_ca(state_dir)  # once, before workers race to create one each
             self._open_notify_socket()
             loop = asyncio.get_running_loop()
@@ -186,8 +184,6 @@ class Supervisor:
         return False
 
     def _announce(self) -> None:
-        from gateway.engine import announce
-
         config = self.config
         announce(config, [(listener.host, listener.port) for listener in config.listeners], self.management.url,
                  f"workers: {len(self.workers)} (pids {', '.join(str(w.pid) for w in self.workers)}); "
@@ -238,8 +234,6 @@ class Supervisor:
             await asyncio.sleep(delay)
 
     async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
-        from gateway.engine import trace_key_path
-
         config = self.config
         if child.index is None:
             argv = [sys.executable, "-m", "gateway.trace.remote", "--dir", str(config.trace_dir),
@@ -247,7 +241,7 @@ class Supervisor:
                     "--socket", str(writer_socket_path(config.state_dir)), "--parent", str(os.getpid())]
             return await asyncio.create_subprocess_exec(*argv)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
-        argv = [sys.executable, "-m", "gateway.workers", str(child.index), "--parent", str(os.getpid()),
+        argv = [sys.executable, "-m", "gateway.proxy.worker", str(child.index), "--parent", str(os.getpid()),
                 "--of", str(len(self.workers)),
                 "--listen-fds", ",".join(f"{format_host_port(l.host, l.port)}={fd}" for l, fd in fds.items())]
         if self.config_path is not None:
@@ -374,25 +368,6 @@ class Supervisor:
         return problems
 
 
-def reuse_port_socket(listener: Listener) -> socket.socket:
-    """A listening TCP socket on the listener's address that others of ours may share (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.host, listener.port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"listener {listener.name} cannot listen on "
-                                 f"{format_host_port(listener.host, listener.port)}: {exc.strerror or exc}") from None
-    sock.set_inheritable(False)  # handed down explicitly (pass_fds), one per worker
-    return sock
-
-
 def _forget_metrics_of(pid: int) -> None:
     """A dead worker's live gauges (open connections) must not count any more; its counters still do."""
     from prometheus_client import multiprocess
@@ -400,80 +375,3 @@ def _forget_metrics_of(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
-# ---- the worker -----------------------------------------------------------------------------------
-
-_LISTEN_CALL = "asyncio.start_server(self.handle_stream, host, port)"
-
-
-def install_inherited_listeners(sockets: dict[tuple[str, int], socket.socket]) -> None:
-    """Make mitmproxy's TCP listeners serve the sockets handed down by the supervisor, by address.
-    An address without one (a listener added by a reload) is bound here, shared through SO_REUSEPORT
-    with the other workers. mitmproxy 12 calls `asyncio.start_server(handler, host, port)` in
-    AsyncioServerInstance.listen; this wraps that method and refuses to run if its source changed."""
-    from mitmproxy.proxy.mode_servers import AsyncioServerInstance
-
-    current = AsyncioServerInstance.listen
-    original = getattr(current, "gateway_original", current)
-    if _LISTEN_CALL not in inspect.getsource(original):
-        raise RuntimeError("mitmproxy's AsyncioServerInstance.listen changed: review gateway/workers.py")
-
-    async def listen(self, host: str, port: int) -> list:
-        if self.mode.transport_protocol != "tcp":
-            return await original(self, host, port)
-        sock = sockets.get((host, port))
-        if sock is not None:
-            # A duplicate: mitmproxy closes its server when a reload changes the listeners, and the
-            # handed-down socket may be needed again by a later reload.
-            return [await asyncio.start_server(self.handle_stream, sock=sock.dup())]
-        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
-
-    listen.gateway_original = original
-    AsyncioServerInstance.listen = listen
-
-
-def parse_listen_fds(text: str) -> dict[tuple[str, int], socket.socket]:
-    """`127.0.0.1:8080=5,[::1]:8443=6` -> {(host, port): socket}."""
-    sockets = {}
-    for item in filter(None, text.split(",")):
-        address, _, fd = item.rpartition("=")
-        host, _, port = address.rpartition(":")
-        sockets[(host.strip("[]"), int(port))] = socket.socket(fileno=int(fd))
-    return sockets
-
-
-@dataclass(frozen=True)
-class WorkerRole:
-    """What a worker process gets from its supervisor."""
-
-    index: int
-    count: int  # workers the supervisor runs (the configuration may have changed since it started them)
-    parent: int
-    listen_sockets: dict[tuple[str, int], socket.socket]
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """`python -m gateway.workers INDEX ...`: one proxy worker (started by the supervisor)."""
-    parser = argparse.ArgumentParser(prog="gateway-worker", description=worker_main.__doc__)
-    parser.add_argument("index", type=int)
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--of", type=int, required=True, help="how many workers the supervisor runs")
-    parser.add_argument("--listen-fds", default="")
-    parser.add_argument("-c", "--config", type=Path)
-    parser.add_argument("--frontend")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s worker-{args.index} %(name)s: %(message)s")
-    from gateway.engine import GatewayServer
-
-    role = WorkerRole(args.index, args.of, args.parent, parse_listen_fds(args.listen_fds))
-    try:
-        server = GatewayServer(args.config, args.frontend, worker=role)
-    except ConfigError as e:
-        print("\n".join(e.errors), file=sys.stderr)
-        return 2
-    asyncio.run(server.serve())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -33,10 +33,10 @@ from typing import Protocol
 from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 
-from gateway.backpressure import connection_handler
-from gateway.metrics import GatewayMetrics
-from gateway.runtime import Runtime
-from gateway.zones import host_ip
+from gateway.config.zones import host_ip
+from gateway.filters.runtime import Runtime
+from gateway.ops.metrics import GatewayMetrics
+from gateway.transfer.edge import LIMIT_ERROR, connection_handler
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-Afte
 FD_RESERVE = 256  # descriptors kept for everything but client and upstream connections
 UNLIMITED_BUDGET = 1 << 20  # where the descriptor limit is infinite
 UPSTREAMS_PER_CONNECTION = 64
-LIMIT_ERROR = "connection limit"  # how a refused upstream connection's error begins
 SMALL_BUDGET = 128  # below this a worker can hardly serve: said at start
 WARN_INTERVAL = 10.0  # seconds between log lines about refusals of one reason
 
@@ -100,7 +99,7 @@ class ConnectionLimits:
         self._clients: dict[str, str] = {}  # admitted client connection id -> its client key
         self._per_client: Counter[str] = Counter()
         # Open upstream connection ids by client connection id. Forgotten with their client connection too:
-        # mitmproxy closes them all then, some without a server_disconnected hook (gateway.erroranswer).
+        # mitmproxy closes them all then, some without a server_disconnected hook (gateway.proxy.answers).
         self._upstreams: dict[str, set[str]] = {}
         self._upstream_count = 0
         self._warned_at: dict[str, float] = {}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import Config, ConfigError
+from gateway.config.load import Config, ConfigError
+from gateway.config.policy import Policy
+from gateway.config.zones import ZoneMap, host_ip
 from gateway.dlp import DlpConfigError, RuleSet, load_rules
-from gateway.policy import Policy
-from gateway.zones import ZoneMap, host_ip
 
 
 @dataclass(frozen=True)

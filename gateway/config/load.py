@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document, parse_duration, parse_size
+from gateway.config.yamlnodes import (
+    ConfigError,
+    ErrorSink,
+    Node,
+    load_document,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = ["BasicAuth", "Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "gateway.yaml"
 FRONTENDS_DIR = REPO_ROOT / "frontends"
 
@@ -101,9 +108,9 @@ class Config:
     verify_upstream: bool
     management_tls: tuple[Path, Path] | None = None  # (certificate chain, private key) files
     management_auth: BasicAuth | None = None
-    workers: int = 1  # proxy worker processes sharing the listeners (see gateway.workers)
+    workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
-    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.connlimit)
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:

@@ -6,7 +6,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable
 
-from gateway.config import Network, Zone
+from gateway.config.load import Network, Zone
 
 UNKNOWN = "unknown"
 

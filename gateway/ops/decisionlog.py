@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from gateway.transfer import Transfer, utc_timestamp
+from gateway.transfer.model import Transfer, utc_timestamp
 
 
 class DecisionLog:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gateway.config import Config, Network
+from gateway.config.load import Config, Network
 
 MAIN_TABLE = 254
 RTN_UNICAST = 1

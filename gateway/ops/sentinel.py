@@ -22,11 +22,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from gateway.alerts import AlertLog
-from gateway.config import Config
-from gateway.doctor import zone_interfaces
-from gateway.sdnotify import sd_notify
-from gateway.zones import ZoneMap
+from gateway.config.load import Config
+from gateway.config.zones import ZoneMap
+from gateway.ops.alerts import AlertLog
+from gateway.ops.doctor import zone_interfaces
+from gateway.ops.sdnotify import sd_notify
 
 
 def bpf_filter(config: Config, own_addresses: Iterable[str]) -> str:

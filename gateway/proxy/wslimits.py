@@ -26,14 +26,20 @@ import wsproto.events
 from mitmproxy import http, optmanager
 from mitmproxy.proxy.layers.websocket import WebsocketLayer
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    RsvBits,
+)
 
 from gateway.dlp import mask_text
-from gateway.erroranswer import wrap_method
-from gateway.transfer import METADATA_KEY, Reason
+from gateway.proxy.patches import wrap_method
+from gateway.transfer.edge import TOO_BIG
+from gateway.transfer.model import METADATA_KEY, Reason
 
 MESSAGE_LIMIT_OPTION = "websocket_max_message"
-TOO_BIG = "gateway_websocket_too_big"  # flow.metadata: "request" (from the client) or "response"
 
 
 def install() -> None:
@@ -41,13 +47,13 @@ def install() -> None:
                 ("self.client_ws = WebsocketConnection(", "self.server_ws = WebsocketConnection(",
                  "yield WebsocketStartHook(self.flow)"))
     if "    _handle_event = start\n" not in inspect.getsource(WebsocketLayer):
-        raise RuntimeError("mitmproxy's WebsocketLayer no longer starts with start(): review gateway/wslimits.py")
+        raise RuntimeError("mitmproxy's WebsocketLayer no longer starts with start(): review gateway/proxy/wslimits.py")
     WebsocketLayer._handle_event = WebsocketLayer.start  # the class attribute still named the unwrapped one
     wrap_method(PerMessageDeflate, "frame_inbound_payload_data", _bounded_inflation,
                 ("return self._decompressor.decompress(bytes(data))",))
     if "self._frame_decoder = FrameDecoder(self.client, self.extensions)" not in inspect.getsource(FrameProtocol) \
             or "extension.frame_inbound_payload_data(self" not in inspect.getsource(FrameDecoder):
-        raise RuntimeError("wsproto's frame decoding changed: review gateway/wslimits.py")
+        raise RuntimeError("wsproto's frame decoding changed: review gateway/proxy/wslimits.py")
 
 
 def add_options(options: optmanager.OptManager) -> None:

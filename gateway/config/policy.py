@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from gateway.config import PolicyRule
+from gateway.config.load import PolicyRule
 
 
 @dataclass(frozen=True)

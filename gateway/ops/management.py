@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
-    from gateway.config import BasicAuth, Config
+    from gateway.config.load import BasicAuth, Config
 
 type StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 type WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]

@@ -15,8 +15,16 @@ from __future__ import annotations
 import os
 import time
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
-                               ProcessCollector, disable_created_metrics)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
@@ -151,7 +159,7 @@ class _GaugePair:
 
 
 class SupervisorMetrics:
-    """The supervisor's own metrics (gateway.workers), shown with the workers' in multiprocess mode."""
+    """The supervisor's own metrics (gateway.proxy.supervisor), shown with the workers' in multiprocess mode."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()

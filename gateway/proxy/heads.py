@@ -1,0 +1,190 @@
+"""HTTP/1 heads and framing mitmproxy would wait on, buffer without limit or fail on unrecorded.
+
+A request head too malformed to parse (or whose framing is invalid) never becomes a flow: mitmproxy's
+Http1Server answers it 400 itself. Wrapped here: that answer is replaced by the one the
+`malformed_request` hook (MalformedRequestHook) puts in `MalformedRequest.answer`, so the pipeline
+records and counts it like any other refused transfer. A head still unfinished after MAX_REQUEST_HEAD
+bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
+response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that cannot begin an HTTP
+request (a binary or other protocol, say inside a CONNECT tunnel) are refused 400 at once, and a head
+not finished within the `request_head_timeout` option from its first byte is refused 408 (a
+slowloris, or a protocol where the server speaks first), where mitmproxy would wait for the
+connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
+request's is recorded and its connection closed, an upstream's answered 502 like any upstream failure.
+
+`install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
+mitmproxy upgrade changes them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import http, optmanager
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
+
+from gateway.proxy.patches import relay, wrap_method
+from gateway.transfer.edge import MalformedRequest, MalformedRequestHook
+
+# Request heads (request line and headers) longer than this are refused 431, as web servers do
+# (nginx's default allows 4 buffers of 8 KiB for a whole head).
+MAX_REQUEST_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
+HEAD_TIMEOUT_OPTION = "request_head_timeout"
+TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
+# RFC 9110 token characters: a request line starts with a method made of them, then a space.
+TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def install() -> None:
+    wrap_method(Http1Server, "read_headers", _answer_malformed_heads,
+          ("request_head = self.buf.maybe_extract_lines()", "except ValueError as e:", "if self.request:",
+           "yield commands.SendData(self.conn, make_error_response(400, str(e)))"))
+    wrap_method(Http1Server, "_handle_event", _take_head_deadlines, ("yield from self.state(event)",))
+    if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
+        raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/proxy/heads.py")
+    wrap_method(Http1Client, "read_headers", _limit_response_heads,
+          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+    for cls in (Http1Server, Http1Client):
+        wrap_method(cls, "read_body", _refuse_trailers,
+              ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
+               "code=self.ReceiveProtocolError.code"))
+
+
+def add_options(options: optmanager.OptManager) -> None:
+    options.add_option(HEAD_TIMEOUT_OPTION, float, 30.0,
+                       "Seconds a client has to send a whole request head, from its first byte (408 after).")
+
+
+def _answer_malformed_heads(original: Callable) -> Callable:
+    def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        refused = False
+
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            nonlocal refused
+            if isinstance(command, commands.SendData):  # the only data read_headers sends: its 400
+                refused = True
+                # mitmproxy's reason quotes the client's bytes (a URL may hold personal data): not kept.
+                return _answer_malformed(self, 400, "request head could not be parsed", command.data)
+            if refused and isinstance(command, ReceiveHttp):
+                # A head that parsed but whose framing did not (an invalid Content-Length): mitmproxy
+                # would now open a flow for it, already answered; it is one malformed request instead.
+                return _nothing()
+            return None
+
+        yield from relay(original(self, event), substitute)
+        if self.request is not None or self.state == self.done or not self.buf:
+            self.gateway_head_started = None
+        elif len(self.buf) > MAX_REQUEST_HEAD:
+            # Still no end of the head: mitmproxy would buffer it without limit (its own FIXME).
+            yield from _refuse_head(self, 431, f"request head larger than {MAX_REQUEST_HEAD} bytes")
+        elif not _could_start_request(self.buf):
+            # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
+            yield from _refuse_head(self, 400, "not an HTTP request")
+        elif getattr(self, "gateway_head_started", None) is None:
+            self.gateway_head_started = time.monotonic()
+            if getattr(self, "gateway_head_wakeup", None) is None:
+                yield from _request_head_wakeup(self, self.context.options.request_head_timeout)
+
+    return read_headers
+
+
+def _could_start_request(buf: ReceiveBuffer) -> bool:
+    """Whether the head received so far can begin a request line: after any empty lines (RFC 9112
+    lets servers skip them), a method's token characters up to the first space."""
+    start = bytes(buf._data[:64]).lstrip(b"\r\n")
+    method = start.partition(b" ")[0]
+    return (not start or start[0] != 0x20) and all(byte in TOKEN_BYTES for byte in method)
+
+
+def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:
+    yield from _answer_malformed(server, status, reason, _plain_answer(status, reason))
+    yield commands.CloseConnection(server.conn)
+    server.buf = ReceiveBuffer()  # the connection is done: free what it sent at once
+    server.state = server.done
+
+
+def _request_head_wakeup(server: Http1Server, delay: float) -> layer.CommandGenerator[None]:
+    server.gateway_head_wakeup = commands.RequestWakeup(delay)
+    yield server.gateway_head_wakeup
+
+
+def _take_head_deadlines(original: Callable) -> Callable:
+    """The wake-ups read_headers asked for come back here; every other event goes on as before.
+    One wake-up is outstanding per connection at a time: a head begun after an earlier one finished
+    gets the time left to it when that wake-up comes."""
+    def _handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        # Not a generator itself: every other event gets the original's generator, with no extra layer.
+        if isinstance(event, events.Wakeup) and event.command is getattr(self, "gateway_head_wakeup", None):
+            return _head_deadline_reached(self)
+        return original(self, event)
+
+    return _handle_event
+
+
+def _head_deadline_reached(server: Http1Server) -> layer.CommandGenerator[None]:
+    server.gateway_head_wakeup = None
+    started = getattr(server, "gateway_head_started", None)
+    if started is None or server.state != server.read_headers:
+        return
+    timeout = server.context.options.request_head_timeout
+    left = started + timeout - time.monotonic()
+    if left > 0.001:
+        yield from _request_head_wakeup(server, left)
+    else:
+        yield from _refuse_head(server, 408, f"request head not received within {timeout:g} s")
+
+
+def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: bytes) -> layer.CommandGenerator[None]:
+    malformed = MalformedRequest(str(uuid.uuid4()), server.conn, reason, status, server.context.server.address)
+    yield MalformedRequestHook(malformed)
+    answer = fallback if malformed.answer is None else http1.assemble_response(malformed.answer)
+    yield commands.SendData(server.conn, answer)
+
+
+
+def _nothing() -> layer.CommandGenerator[None]:
+    yield from ()
+
+
+def _plain_answer(status: int, reason: str) -> bytes:
+    return http1.assemble_response(http.Response.make(status, reason.encode(), {"Connection": "close"}))
+
+
+def _limit_response_heads(original: Callable) -> Callable:
+    def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from original(self, event)
+        if self.response is None and self.stream_id is not None and self.state != self.done \
+                and len(self.buf) > MAX_RESPONSE_HEAD:
+            # An upstream that never ends its head would be buffered without limit: it has failed.
+            yield commands.CloseConnection(self.conn)
+            self.buf = ReceiveBuffer()
+            self.state = self.done
+            yield ReceiveHttp(ResponseProtocolError(
+                self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
+
+    return read_headers
+
+
+def _refuse_trailers(original: Callable) -> Callable:
+    def read_body(self: Http1Server | Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
+        try:
+            return (yield from original(self, event))
+        except NotImplementedError as exc:
+            if "trailers" not in str(exc):
+                raise
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+        code = self.ReceiveProtocolError.code
+        yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, TRAILERS_REFUSED, code=code))
+        return None
+
+    return read_body

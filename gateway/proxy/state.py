@@ -1,0 +1,49 @@
+"""Where one machine's gateway keeps its state (the CA, the trace log's key and writer socket), and
+what a start tells the operator: shared by the single process and the supervisor with its workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.config.load import Config, format_host_port
+
+WRITER_SOCKET = "trace-writer.sock"
+CA_BASENAME = "mitmproxy"  # mitmproxy's file names in the CA folder: mitmproxy-ca.pem, mitmproxy-ca-cert.pem
+
+
+def ca_dir(state_dir: Path) -> Path:
+    return state_dir / "ca"
+
+
+def ca_certificate(state_dir: Path) -> Path:
+    return ca_dir(state_dir) / f"{CA_BASENAME}-ca-cert.pem"
+
+
+def ensure_ca(state_dir: Path) -> Path:
+    """The gateway CA's certificate (what clients trust), creating the CA on first use."""
+    from mitmproxy.certs import CertStore
+
+    CertStore.from_store(ca_dir(state_dir), CA_BASENAME, 2048)
+    return ca_certificate(state_dir)
+
+
+def announce(config: Config, bound: list[tuple[str, int]], management_url: str, processes: str | None = None) -> None:
+    """Say where everything is, once every listener is bound (the same for one process or several)."""
+    for listener, (host, port) in zip(config.listeners, bound):
+        target = f" -> {listener.upstream}" if listener.upstream else ""
+        print(f"listener {listener.name}: {listener.mode} proxy on {format_host_port(host, port)}{target}",
+              flush=True)
+    if processes:
+        print(processes, flush=True)
+    print(f"metrics: {management_url}/metrics", flush=True)
+    print(f"trace log: {config.trace_dir}", flush=True)
+    print(f"alerts: {config.alerts_file}", flush=True)
+    print(f"gateway CA certificate: {ca_certificate(config.state_dir)}", flush=True)
+
+
+def trace_key_path(state_dir: Path) -> Path:
+    return state_dir / "trace-signing.key"
+
+
+def writer_socket_path(state_dir: Path) -> Path:
+    return state_dir / WRITER_SOCKET

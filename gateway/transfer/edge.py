@@ -1,0 +1,59 @@
+"""What the proxy edge tells the pipeline below the addon API: flow metadata keys it sets, the
+hook it runs for a request too malformed to become a flow, and how a transfer is cut."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.server import ConnectionHandler
+
+# flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
+ANSWER_STATUS = "gateway_error_answer"
+UPSTREAM, MALFORMED = "upstream", "malformed"
+# flow.metadata key: "request" (from the client) or "response", when a WebSocket message too big to
+# inspect closed the connection (gateway.proxy.wslimits).
+TOO_BIG = "gateway_websocket_too_big"
+LIMIT_ERROR = "connection limit"  # how an upstream connection refused by gateway.proxy.connlimit fails
+
+
+@dataclass
+class MalformedRequest:
+    """A request head that could not be parsed: no flow, nothing forwarded."""
+
+    id: str
+    client: connection.Client
+    reason: str
+    status: int                          # 400; 408 for a head too slow, 431 for one too long
+    upstream: tuple[str, int] | None = None  # where the connection leads, when known (a CONNECT tunnel's target)
+    transfer: object | None = None       # the pipeline's Transfer for it (set by the identify stage)
+    answer: http.Response | None = None  # what the client gets instead of mitmproxy's page
+
+
+@dataclass
+class MalformedRequestHook(commands.StartHook):
+    malformed: MalformedRequest
+
+
+def connection_handler(client: connection.Client) -> ConnectionHandler | None:
+    """The handler mitmproxy serves a client connection with (None once it has ended)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(client.id) if proxyserver else None
+
+
+def cut(flow) -> None:
+    """Close both sides of a transfer whose streamed body earned a block: the upstream got at most the
+    headers and never a byte of the withheld body, and the client gets no answer but the cut."""
+    flow.kill()
+    handler = connection_handler(flow.client_conn)
+    if handler is None:
+        return
+    for connection in (flow.server_conn, flow.client_conn):
+        io = handler.transports.get(connection)
+        if io is None:
+            continue
+        if io.writer is not None:
+            # Abort, not close: nothing still queued (such as a chunked body's terminator) may follow.
+            io.writer.transport.abort()
+        handler.close_connection(connection)
