@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from gateway.filters.runtime import build_runtime
+    from gateway.config.runtime import build_runtime
 
     variants = [args.frontend]
     if args.all_frontends:

@@ -9,21 +9,23 @@ import pytest
 
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 
-# Each package may import only packages of a later row (the same row: none of the others). Top-level
-# modules (cli, __main__) are entry points: they may import anything, nothing may import them.
+# Each package may import only packages of a later row (the same row: none of the others). The one
+# top-level module with a row, yamlnodes, is the base every checked file is read with; the other
+# top-level modules (cli, __main__) are entry points: they may import anything, nothing may import them.
 LAYERS = [
     {"commands"},
     {"proxy"},
     {"filters"},
-    {"authz"},
     {"ops"},
     {"transfer"},
-    {"dlp", "trace"},
     {"config"},
+    {"authz"},
+    {"dlp", "trace"},
+    {"yamlnodes"},
 ]
 RANK = {package: rank for rank, row in enumerate(LAYERS) for package in row}
 # Plain libraries: no proxy engine, no network, easy to test and benchmark alone.
-PLAIN = {"dlp", "trace", "config", "authz"}
+PLAIN = {"dlp", "trace", "config", "authz", "yamlnodes"}
 MAX_LINES = 400
 LONG_FILE_REASON = "Longer than 400 lines:"
 
@@ -52,7 +54,7 @@ def imported(path: Path) -> list[tuple[int, str]]:
 
 def test_every_package_has_a_layer():
     packages = {package_of(p) for p in modules() if p.parent != GATEWAY}
-    assert packages == set(RANK), "a new package needs its place in LAYERS and docs/architecture.md"
+    assert packages == set(RANK) - {"yamlnodes"}, "a new package needs its place in LAYERS and docs/architecture.md"
 
 
 def test_imports_point_down_the_layers():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.config.yamlnodes import (
+from gateway.yamlnodes import (
     ConfigError,
     ErrorSink,
     Node,

@@ -4,10 +4,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config.yamlnodes import ConfigError, ErrorSink, Node, load_document
 from gateway.dlp.decode import Limits
 from gateway.dlp.detectors import DETECTORS
 from gateway.dlp.matcher import HYPERSCAN_AVAILABLE, Matcher, PatternError, PatternSpec
+from gateway.yamlnodes import ConfigError, ErrorSink, Node, load_document
 
 ACTIONS = ("block", "redact", "warn", "audit")        # strongest first
 SEVERITIES = ("low", "medium", "high", "critical")

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from mitmproxy import hooks, http
 
-from gateway.filters.runtime import Runtime
+from gateway.config.runtime import Runtime
 from gateway.transfer.model import (
     METADATA_KEY,
     TRANSFER_ID_HEADER,

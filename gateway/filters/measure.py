@@ -16,8 +16,8 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from gateway.config.runtime import Runtime
 from gateway.filters import body_size, transfer_of
-from gateway.filters.runtime import Runtime
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog

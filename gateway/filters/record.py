@@ -13,9 +13,9 @@ from typing import Any, Protocol
 from mitmproxy import http
 from mitmproxy.master import Master
 
+from gateway.config.runtime import Runtime
 from gateway.dlp import mask_text, mask_url
 from gateway.filters import body_size, refusal_response, refuse, transfer_of
-from gateway.filters.runtime import Runtime
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut

@@ -33,8 +33,8 @@ from typing import Protocol
 from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 
+from gateway.config.runtime import Runtime
 from gateway.config.zones import host_ip
-from gateway.filters.runtime import Runtime
 from gateway.ops.metrics import GatewayMetrics
 from gateway.transfer.edge import LIMIT_ERROR, connection_handler
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from mitmproxy import connection, ctx, http
 
-from gateway.filters.runtime import Runtime
+from gateway.config.runtime import Runtime
 from gateway.ops.metrics import GatewayMetrics
 from gateway.transfer.edge import MalformedRequest, connection_handler
 

@@ -19,13 +19,13 @@ from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from gateway.config.load import ConfigError, load_config
+from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
 from gateway.filters.measure import Measure
 from gateway.filters.record import Record
-from gateway.filters.runtime import Runtime, build_runtime
 from gateway.ops.alerts import AlertLog
 from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry

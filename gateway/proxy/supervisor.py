@@ -82,7 +82,7 @@ class Child:
 
 class Supervisor:
     def __init__(self, config_path: Path | None, frontend: str | None = None):
-        from gateway.filters.runtime import build_runtime
+        from gateway.config.runtime import build_runtime
 
         self.config_path = config_path
         self.frontend = frontend
