@@ -197,3 +197,42 @@ def test_altered_grant_and_unknown_key(lab, tmp_path):
                            kit.keys["health"], "sector")
     body = refused(get(lab, "/api/residents/12", grant=json.dumps(forged), licence=kit.licence()), "grant_signature")
     assert "unknown key" in body["reasons"][0]["location"]
+
+
+def test_revocation_reaches_every_worker_and_a_stale_view_refuses(tmp_path):
+    kit = Kit(tmp_path / "keys")
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", workers=2, authz=kit.authz_section(max_age="6s"))
+    path = write_config(tmp_path / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    gateway = start_gateway(path)
+    lab = {"config": config, "root": tmp_path, "upstream": f"http://127.0.0.2:{port}"}
+    try:
+        claims = kit.grant_claims()
+        grant, licence = kit.sign(claims, ["bureau", "health"]), kit.licence()
+        assert get(lab, "/api/residents/1", grant=grant, licence=licence).status_code == 200
+        kit.revoke(claims["jti"])
+        revoked_at = time.time()
+        time.sleep(1.5)
+        answers = [get(lab, "/api/residents/1", grant=grant, licence=licence) for _ in range(12)]
+        for answer in answers:  # each on a connection of its own: the kernel spreads them over both workers
+            refused(answer, "grant_revoked")
+        workers = {record_of(lab, answer)["worker"] for answer in answers}
+        assert workers == {0, 1}, workers
+        # Nobody re-issues the list: once older than max_age (6 s), conditional data stops.
+        time.sleep(max(0.0, revoked_at + 6.5 - time.time()))
+        other = kit.grant()
+        for _ in range(4):
+            refused(get(lab, "/api/residents/2", grant=other, licence=licence), "revocation_stale")
+        assert get(lab, "/open/bus-stops/1").status_code == 200  # open data does not depend on it
+        kit.write_revocations()  # the bureau re-issues it
+        time.sleep(1.5)
+        for _ in range(4):
+            assert get(lab, "/api/residents/2", grant=other, licence=licence).status_code == 200
+        metrics = httpx.get(f"http://{config['management']['listen']}/metrics", timeout=10).text
+        [issued] = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("gateway_revocation_list_issued_timestamp_seconds ")]
+        assert issued > revoked_at
+    finally:
+        gateway.stop()
+        upstream.stop()

@@ -75,6 +75,13 @@ class Grant:
             flow.response.headers["RateLimit"] = f'"{exceeded.policy}";r=0;t={exceeded.reset}'
             flow.response.headers["Retry-After"] = str(exceeded.reset)
 
+    def running(self) -> None:
+        """Read the revocation list at start: its age is exported before the first request."""
+        if (gate := self._current_gate()) is not None:
+            gate.revocation.refresh(force=True)
+            if gate.revocation.current is not None:
+                self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
+
     def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
         if transfer is None or not transfer.extra.get(QUOTA_SCOPES) or flow.metadata.get("gateway_refused"):
