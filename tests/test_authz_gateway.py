@@ -208,9 +208,12 @@ def test_revocation_reaches_every_worker_and_a_stale_view_refuses(tmp_path):
     gateway = start_gateway(path)
     lab = {"config": config, "root": tmp_path, "upstream": f"http://127.0.0.2:{port}"}
     try:
+        kit.write_revocations()  # issued now: a slow start must not have used up its 6 s already
+        time.sleep(1.2)
         claims = kit.grant_claims()
         grant, licence = kit.sign(claims, ["bureau", "health"]), kit.licence()
-        assert get(lab, "/api/residents/1", grant=grant, licence=licence).status_code == 200
+        first = get(lab, "/api/residents/1", grant=grant, licence=licence)
+        assert first.status_code == 200, first.text
         kit.revoke(claims["jti"])
         revoked_at = time.time()
         time.sleep(1.5)
