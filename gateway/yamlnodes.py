@@ -223,18 +223,18 @@ def parse_size(text: str) -> int:
     return int(number) * SIZE_UNITS[unit]
 
 
-DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}
+DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
-    """'30s', '500ms', '2m', '10' -> seconds (more than zero)."""
+    """'30s', '500ms', '2m', '1h', '90d', '10' -> seconds (more than zero)."""
     stripped = text.strip()
-    number = stripped.rstrip("msMS ")
+    number = stripped.rstrip("msMShHdD ")
     unit = stripped[len(number):].strip().lower()
     try:
         seconds = float(number) * DURATION_UNITS[unit]
     except (KeyError, ValueError):
-        raise ValueError(f"'{text}' (use a number with an optional unit: ms, s, m)") from None
+        raise ValueError(f"'{text}' (use a number with an optional unit: ms, s, m, h, d)") from None
     if not 0 < seconds < float("inf"):
         raise ValueError(f"'{text}' (must be more than zero)")
     return seconds

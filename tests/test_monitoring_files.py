@@ -30,7 +30,7 @@ REQUIRED_METRICS = {
 }
 PROMETHEUS_OWN = {"up"}  # written by Prometheus itself for every target
 ALERT_NAMES = {"GatewayDown", "GatewayBlockRateSpike", "GatewayTraceCheckpointStale", "GatewayConfigReloadFailed",
-               "GatewayUpstreamErrors", "GatewayConnectionsRefused"}
+               "GatewayUpstreamErrors", "GatewayConnectionsRefused", "GatewayRevocationListStale"}
 
 # PromQL words that are not metric names.
 PROMQL_WORDS = {

@@ -62,7 +62,9 @@ class Handler(BaseHTTPRequestHandler):
             if url.path != "/sink":
                 body += chunk
         with self.log_lock, open(self.server.log_path, "a") as log:
+            data_headers = sorted(name for name in self.headers if name.lower().startswith("x-data-"))
             log.write(json.dumps({"method": self.command, "path": self.path, "host": self.headers.get("host"), "bytes": size,
+                                  "data_headers": data_headers,
                                   "sha256": digest.hexdigest()}) + "\n")
         query = parse_qs(url.query)
         # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).

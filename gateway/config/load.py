@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway.authz.settings import AuthzSettings, parse_authz
 from gateway.yamlnodes import (
     ConfigError,
     ErrorSink,
@@ -37,7 +38,7 @@ LISTENER_MODES = ("regular", "reverse")
 DIGESTS = ("sha256", "sm3")
 # Sections a front-end profile replaces whole, and sections it merges key by key.
 REPLACED_SECTIONS = {"zones", "listeners", "policy"}
-MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls"}
+MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "authz"}
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 
@@ -111,6 +112,7 @@ class Config:
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
+    authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -217,6 +219,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         tls["upstream_ca"].error(f"no such file: {upstream_ca}")
     verify = tls["verify_upstream"].boolean() if "verify_upstream" in tls else True
 
+    authz = parse_authz(sections["authz"]) if "authz" in sections else None
+
     if sink.errors:
         return None
     return Config(
@@ -226,6 +230,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
+        authz=authz,
     )
 
 

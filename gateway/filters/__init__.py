@@ -1,6 +1,7 @@
 """The proxy pipeline, one small mitmproxy addon per stage, in the order they run on each hook:
 
-identify (zones) -> authorize (policy) -> inspect (DLP) -> record (trace log, alerts) -> measure (metrics)
+identify (zones) -> authorize (policy) -> grant (catalogue, grants) -> inspect (DLP)
+  -> record (trace log, alerts) -> measure (metrics)
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Protocol
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from gateway.authz import REASONS as GRANT_REASONS
 from gateway.config.runtime import Runtime
 from gateway.filters import body_size, transfer_of
 from gateway.ops.decisionlog import DecisionLog
@@ -25,8 +26,8 @@ from gateway.transfer.edge import LIMIT_ERROR, MalformedRequest
 from gateway.transfer.model import Transfer
 
 # Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
-# unreachable upstream, a malformed request, a stage that failed on the flow.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error"})
+# unreachable upstream, a malformed request, a stage that failed on the flow, a grant refused.
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error", *GRANT_REASONS})
 
 
 class MeasuredGateway(Protocol):

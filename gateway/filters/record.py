@@ -198,7 +198,7 @@ class Record:
             "decision": transfer.decision,
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
             "rules": [r.entry() for r in transfer.reasons],
-            "grant": None,
+            "grant": transfer.extra.get("grant"),  # set by the grant stage for a catalogued dataset
             "error": transfer.error,
         }
 

@@ -100,6 +100,13 @@ class GatewayMetrics:
         self.trace_last_checkpoint = Gauge(
             "gateway_trace_last_checkpoint_timestamp_seconds", "Unix time of the trace log's latest signed checkpoint.",
             multiprocess_mode="max", registry=r)
+        self.grant_decisions = Counter(
+            "gateway_grant_decisions", "Decisions on requests to catalogued datasets, by the dataset's class and "
+            "the result (allow, or the refusal's reason).", ["class", "result"], registry=r)
+        self.revocation_list_issued = Gauge(
+            "gateway_revocation_list_issued_timestamp_seconds", "Unix time the bureau issued the revocation list "
+            "the gateway holds (its age is time() minus this; the oldest view of any worker).",
+            multiprocess_mode="min", registry=r)
         self.config_reloads = Counter(
             "gateway_config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"], registry=r)
         self.config_last_reload_success = Gauge(

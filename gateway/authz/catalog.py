@@ -1,0 +1,201 @@
+"""The data catalogue: datasets by upstream host, method and path, with their class and owners.
+
+`config/catalog.yaml` lists datasets; a request that matches none follows the zone policy alone.
+Paths are matched in normal form (percent-decoded, dot segments resolved) so that a request cannot
+reach a catalogued endpoint by a spelling that its glob does not match.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from urllib.parse import unquote
+
+from gateway.authz import CLASSES
+from gateway.authz.claims import MEASURES, PERIODS, Limits
+from gateway.yamlnodes import ErrorSink, Node, load_document, parse_size
+
+SENSITIVITIES = ("public", "internal", "sensitive", "personal")
+PRICE_UNITS = ("request", "record", "MiB")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    methods: tuple[str, ...]
+    paths: tuple[str, ...]  # globs over the normal-form path, e.g. /api/clinics/*
+    where: str              # FILE:LINE, for `catalog explain`
+
+    def matches(self, method: str, path: str) -> str | None:
+        """The glob that matches, or None."""
+        if method not in self.methods:
+            return None
+        return next((p for p in self.paths if fnmatchcase(path, p)), None)
+
+
+@dataclass(frozen=True)
+class Field:
+    sensitivity: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    title: str
+    cls: str
+    sector: str
+    provider: str
+    hosts: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...]     # the raw data (of a contract dataset: never leaves)
+    products: tuple[Endpoint, ...]      # a contract dataset's products of the trusted computing environment
+    fields: dict[str, Field]
+    field_param: str | None             # the query parameter selecting fields, e.g. `fields`
+    purposes: tuple[str, ...]
+    quota: Limits                       # per consumer, by default
+    price: tuple[float, str, str] | None  # amount, unit, currency
+    where: str
+
+    def required_roles(self) -> set[tuple[str, str | None]]:
+        """The (role, org) pairs whose signatures a grant for this dataset needs."""
+        if self.cls == "open":
+            return set()
+        roles = {("bureau", None), ("sector", self.sector)}
+        if self.cls == "contract":
+            roles.add(("provider", self.provider))
+        return roles
+
+
+@dataclass(frozen=True)
+class Match:
+    dataset: Dataset
+    kind: str          # "endpoint" (raw data) or "product"
+    endpoint: Endpoint
+    pattern: str
+    path: str          # the normal-form path matched
+    normal: bool       # whether the request spelled its path in normal form
+
+
+@dataclass(frozen=True)
+class Catalog:
+    datasets: tuple[Dataset, ...] = field(default_factory=tuple)
+    source: Path | None = None
+
+    def match(self, host: str, method: str, raw_path: str) -> Match | None:
+        host = host.lower().rstrip(".")
+        path, normal = normal_path(raw_path)
+        for dataset in self.datasets:
+            if not any(fnmatchcase(host, pattern) for pattern in dataset.hosts):
+                continue
+            for kind, endpoints in (("product", dataset.products), ("endpoint", dataset.endpoints)):
+                for endpoint in endpoints:
+                    if (pattern := endpoint.matches(method.upper(), path)) is not None:
+                        return Match(dataset, kind, endpoint, pattern, path, normal)
+        return None
+
+    def get(self, dataset_id: str) -> Dataset | None:
+        return next((d for d in self.datasets if d.id == dataset_id), None)
+
+
+def normal_path(raw_path: str) -> tuple[str, bool]:
+    """The path without its query, percent-decoded with dot segments and doubled slashes resolved, and
+    whether the request already spelled it so (a path that is not is never in a grant's scope)."""
+    path = raw_path.split("?", 1)[0] or "/"
+    decoded = unquote(path)
+    resolved = posixpath.normpath(decoded) if decoded.startswith("/") else "/" + decoded
+    resolved = "/" + resolved.lstrip("/")
+    if decoded.endswith("/") and resolved != "/":
+        resolved += "/"
+    return resolved, resolved == path
+
+
+def load_catalog(file: Path, sink: ErrorSink) -> Catalog:
+    root = load_document(file, sink)
+    if root is None:
+        return Catalog((), file)
+    top = root.mapping({"datasets"}, {"datasets"}) or {}
+    datasets: list[Dataset] = []
+    for item in top["datasets"].items() if "datasets" in top else ():
+        dataset = _dataset(item)
+        if dataset is None:
+            continue
+        if any(d.id == dataset.id for d in datasets):
+            item.error(f"duplicate dataset id '{dataset.id}'")
+        datasets.append(dataset)
+    return Catalog(tuple(datasets), file)
+
+
+DATASET_KEYS = {"id", "title", "class", "sector", "provider", "hosts", "endpoints", "products", "fields",
+                "field_param", "purposes", "quota", "price"}
+
+
+def _dataset(node: Node) -> Dataset | None:
+    errors_before = len(node.sink.errors)
+    e = node.mapping(DATASET_KEYS, {"id", "class", "sector", "provider", "hosts", "endpoints"}) or {}
+    text = lambda key: e[key].string() if key in e else None  # noqa: E731
+    cls = e["class"].string(CLASSES) if "class" in e else None
+    hosts = tuple(h.lower() for i in e["hosts"].items() if (h := i.string())) if "hosts" in e else ()
+    endpoints = _endpoints(e["endpoints"]) if "endpoints" in e else ()
+    products = _endpoints(e["products"]) if "products" in e else ()
+    if cls == "contract" and not products:
+        node.error("a contract dataset needs 'products': only they may leave, never the raw endpoints")
+    if cls in ("open", "conditional") and "products" in e:
+        e["products"].key_error("only a contract dataset has products")
+    fields = {}
+    for name, field_node in (e["fields"].mapping() or {}).items() if "fields" in e else ():
+        f = field_node.mapping({"sensitivity", "tags"}, {"sensitivity"}) or {}
+        sensitivity = f["sensitivity"].string(SENSITIVITIES) if "sensitivity" in f else None
+        tags = tuple(t for i in f["tags"].items() if (t := i.string())) if "tags" in f else ()
+        fields[name] = Field(sensitivity or "", tags)
+    field_param = text("field_param")
+    if field_param is not None and not fields:
+        e["field_param"].error("a field selector needs the dataset's 'fields'")
+    purposes = tuple(p for i in e["purposes"].items() if (p := i.string())) if "purposes" in e else ()
+    quota = _limits(e["quota"]) if "quota" in e else {}
+    price = _price(e["price"]) if "price" in e else None
+    if len(node.sink.errors) > errors_before:
+        return None
+    return Dataset(id=text("id"), title=text("title") or "", cls=cls, sector=text("sector"),
+                   provider=text("provider"), hosts=hosts, endpoints=endpoints, products=products,
+                   fields=fields, field_param=field_param, purposes=purposes, quota=quota, price=price,
+                   where=f"{node.file}:{node.line}")
+
+
+def _endpoints(node: Node) -> tuple[Endpoint, ...]:
+    endpoints = []
+    for item in node.items():
+        e = item.mapping({"methods", "paths"}, {"methods", "paths"}) or {}
+        methods = tuple(m.upper() for i in e["methods"].items() if (m := i.string())) if "methods" in e else ()
+        for method, method_node in zip(methods, e["methods"].items() if "methods" in e else ()):
+            if method not in METHODS:
+                method_node.error(f"'{method}' is not one of: {', '.join(METHODS)}")
+        paths = tuple(p for i in e["paths"].items() if (p := i.string())) if "paths" in e else ()
+        for path, path_node in zip(paths, e["paths"].items() if "paths" in e else ()):
+            if not path.startswith("/") or normal_path(path.replace("*", "x"))[0] != path.replace("*", "x"):
+                path_node.error(f"'{path}' must be an absolute path in normal form (no '..', '//' or %-escapes)")
+        endpoints.append(Endpoint(methods, paths, f"{item.file}:{item.line}"))
+    return tuple(endpoints)
+
+
+def _limits(node: Node) -> Limits:
+    limits: Limits = {}
+    for measure, periods in (node.mapping(set(MEASURES)) or {}).items():
+        limits[measure] = {}
+        for period, value in (periods.mapping(set(PERIODS)) or {}).items():
+            number = value.parsed(parse_size, "size") if measure == "bytes" else value.integer(minimum=0)
+            if number is not None:
+                limits[measure][period] = number
+    return limits
+
+
+def _price(node: Node) -> tuple[float, str, str] | None:
+    e = node.mapping({"amount", "per", "currency"}, {"amount", "per"}) or {}
+    amount = e["amount"].scalar() if "amount" in e else None
+    if "amount" in e and (not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0):
+        e["amount"].error("expected a number, 0 or more")
+        return None
+    per = e["per"].string(PRICE_UNITS) if "per" in e else None
+    currency = e["currency"].string() if "currency" in e else "CNY"
+    return (float(amount), per, currency) if per and currency else None

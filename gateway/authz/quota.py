@@ -1,0 +1,133 @@
+"""Usage counters per grant and per consumer and dataset, by day and month, in one SQLite file.
+
+Shared by every worker of the machine and kept across restarts: the file lives in the state folder
+(`state/authz/quota.sqlite`), in WAL mode; each request's check-and-count is one IMMEDIATE
+transaction, so two workers cannot both take the last request of a quota. Kept beside the trace log
+rather than rebuilt from it: rebuilding means reading every record of the month at each start, and
+the trace log does not know a response's record count.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from gateway.authz.claims import Limits
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    scope TEXT NOT NULL, period TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, period))
+"""
+
+
+@dataclass(frozen=True)
+class Exceeded:
+    scope: str
+    measure: str
+    period: str
+    limit: int
+    reset: int  # seconds until the period ends
+
+    @property
+    def policy(self) -> str:
+        """As RateLimit-Policy names it (draft-ietf-httpapi-ratelimit-headers)."""
+        return f"{self.measure}-{self.period}"
+
+
+def periods(now: float) -> dict[str, tuple[str, int]]:
+    """The current day and month (local time) and the seconds until each ends."""
+    local = time.localtime(now)
+    day_end = time.mktime((local.tm_year, local.tm_mon, local.tm_mday + 1, 0, 0, 0, 0, 0, -1))
+    month_end = time.mktime((local.tm_year, local.tm_mon + 1, 1, 0, 0, 0, 0, 0, -1))
+    return {"day": (time.strftime("%Y-%m-%d", local), int(day_end - now) + 1),
+            "month": (time.strftime("%Y-%m", local), int(month_end - now) + 1)}
+
+
+class QuotaStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+        self._lock = threading.Lock()
+
+    def take(self, scopes: dict[str, Limits], now: float) -> Exceeded | None:
+        """Count one request against every scope, unless one of them is already spent (then nothing)."""
+        current = periods(now)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for scope, limits in scopes.items():
+                    for period, (key, reset) in current.items():
+                        row = self._db.execute("SELECT requests, records, bytes FROM usage WHERE scope=? AND period=?",
+                                               (scope, key)).fetchone() or (0, 0, 0)
+                        used = dict(zip(("requests", "records", "bytes"), row))
+                        for measure, by_period in limits.items():
+                            limit = by_period.get(period)
+                            if limit is not None and used[measure] >= limit:
+                                self._db.execute("ROLLBACK")
+                                return Exceeded(scope, measure, period, limit, reset)
+                for scope in scopes:
+                    for key, _ in current.values():
+                        self._db.execute("INSERT INTO usage (scope, period, requests) VALUES (?, ?, 1) "
+                                         "ON CONFLICT (scope, period) DO UPDATE SET requests = requests + 1",
+                                         (scope, key))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None
+
+    def add(self, scopes: list[str], records: int, size: int, now: float) -> None:
+        """What a response carried, counted once it crossed."""
+        if not scopes or (not records and not size):
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for scope in scopes:
+                    for key, _ in periods(now).values():
+                        self._db.execute("INSERT INTO usage (scope, period, records, bytes) VALUES (?, ?, ?, ?) "
+                                         "ON CONFLICT (scope, period) DO UPDATE SET records = records + ?, "
+                                         "bytes = bytes + ?", (scope, key, records, size, records, size))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def usage(self, scope: str, now: float) -> dict[str, dict[str, int]]:
+        result = {}
+        for period, (key, _) in periods(now).items():
+            row = self._db.execute("SELECT requests, records, bytes FROM usage WHERE scope=? AND period=?",
+                                   (scope, key)).fetchone() or (0, 0, 0)
+            result[period] = dict(zip(("requests", "records", "bytes"), row))
+        return result
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def count_records(body: bytes, content_type: str) -> int:
+    """Records in a response body: a JSON array's items (or those of the one array an object holds),
+    a CSV's rows after its header line; 0 for anything else."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return 0
+        if isinstance(value, dict):
+            arrays = [v for v in value.values() if isinstance(v, list)]
+            value = arrays[0] if len(arrays) == 1 else None
+        return len(value) if isinstance(value, list) else 0
+    if kind == "text/csv":
+        return max(0, sum(1 for line in body.splitlines() if line.strip()) - 1)
+    return 0

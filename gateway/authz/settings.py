@@ -1,0 +1,102 @@
+"""The `authz` section of the gateway configuration, read with the same FILE:LINE errors:
+
+    authz:
+      catalog: catalog.yaml           # the data catalogue (relative to this file)
+      authorities:                    # public keys the gateway trusts, each in one role
+        - {name: city-bureau, role: bureau, key: keys/bureau.pub}
+        - {name: health-commission, role: sector, org: health, key: keys/health.pub}
+        - {name: hospital-group, role: provider, org: hospital-group, key: keys/hospital.pub}
+      algorithms: [Ed25519]           # JWS algorithms accepted (allowlist)
+      grants: grants                  # folder of grants installed on the gateway (X-Data-Grant-Id)
+      licences: licences              # folder of operators' licences installed on the gateway
+      revocation: {file: revocation.json, max_age: 1h}
+      max_lifetime: {conditional: 90d, contract: 30d}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.authz.catalog import Catalog, load_catalog
+from gateway.authz.jose import DEFAULT_ALGORITHM, ROLES, Authority, load_public_key
+from gateway.yamlnodes import Node, parse_duration
+
+DEFAULT_MAX_LIFETIME = {"conditional": 90 * 86400.0, "contract": 30 * 86400.0}
+DEFAULT_REVOCATION_MAX_AGE = 3600.0
+
+
+@dataclass(frozen=True)
+class AuthzSettings:
+    catalog: Catalog
+    authorities: dict[str, Authority]  # by kid
+    algorithms: tuple[str, ...]
+    grants_dir: Path | None
+    licences_dir: Path | None
+    revocation_file: Path
+    revocation_max_age: float
+    max_lifetime: dict[str, float]  # seconds, by class
+
+
+def parse_authz(node: Node) -> AuthzSettings | None:
+    errors_before = len(node.sink.errors)
+    e = node.mapping({"catalog", "authorities", "algorithms", "grants", "licences", "revocation", "max_lifetime"},
+                     {"catalog", "authorities", "revocation"}) or {}
+    catalog_file = e["catalog"].path_value() if "catalog" in e else None
+    catalog = load_catalog(catalog_file, node.sink) if catalog_file else Catalog()
+    authorities = _authorities(e["authorities"]) if "authorities" in e else {}
+    algorithms = tuple(a for i in e["algorithms"].items() if (a := i.string())) if "algorithms" in e \
+        else (DEFAULT_ALGORITHM,)
+    folders = {}
+    for key in ("grants", "licences"):
+        folders[key] = e[key].path_value() if key in e else None
+        if folders[key] is not None and not folders[key].is_dir():
+            e[key].error(f"no such folder: {folders[key]}")
+    revocation = e["revocation"].mapping({"file", "max_age"}, {"file"}) or {} if "revocation" in e else {}
+    revocation_file = revocation["file"].path_value() if "file" in revocation else None
+    max_age = revocation["max_age"].parsed(parse_duration, "duration") if "max_age" in revocation \
+        else DEFAULT_REVOCATION_MAX_AGE
+    max_lifetime = dict(DEFAULT_MAX_LIFETIME)
+    if "max_lifetime" in e:
+        for cls, value in (e["max_lifetime"].mapping(set(DEFAULT_MAX_LIFETIME)) or {}).items():
+            max_lifetime[cls] = value.parsed(parse_duration, "duration")
+    _check_coverage(catalog, authorities, node)
+    if len(node.sink.errors) > errors_before:
+        return None
+    return AuthzSettings(catalog, authorities, algorithms, folders["grants"], folders["licences"],
+                         revocation_file, max_age, max_lifetime)
+
+
+def _authorities(node: Node) -> dict[str, Authority]:
+    authorities: dict[str, Authority] = {}
+    for item in node.items():
+        e = item.mapping({"name", "role", "org", "key"}, {"name", "role", "key"}) or {}
+        name = e["name"].string() if "name" in e else None
+        role = e["role"].string(ROLES) if "role" in e else None
+        org = e["org"].string() if "org" in e else None
+        if role in ("sector", "provider") and org is None:
+            item.error(f"a {role} authority needs 'org' (the {role} it speaks for)")
+        if role == "bureau" and org is not None:
+            e["org"].key_error("the bureau speaks for no sector or provider")
+        key_file = e["key"].path_value() if "key" in e else None
+        key = None
+        if key_file is not None:
+            try:
+                key = load_public_key(key_file)
+            except ValueError as error:
+                e["key"].error(str(error))
+        if key is not None and key.kid in authorities:
+            e["key"].error(f"key '{key.kid}' is listed twice")
+        elif name and role and key is not None:
+            authorities[key.kid] = Authority(name, role, org, key.kid, key)
+    return authorities
+
+
+def _check_coverage(catalog: Catalog, authorities: dict[str, Authority], node: Node) -> None:
+    """Every role a catalogued dataset needs has a key: otherwise no grant for it could ever be valid."""
+    present = {(a.role, a.org) for a in authorities.values()}
+    for dataset in catalog.datasets:
+        for role, org in sorted(dataset.required_roles(), key=str):
+            if (role, org) not in present:
+                node.sink.errors.append(f"{dataset.where}: datasets.{dataset.id}: no authority in role {role}"
+                                        f"{' for ' + org if org else ''} is configured (authz.authorities)")

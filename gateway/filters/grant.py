@@ -1,0 +1,107 @@
+"""Stage 2b (after authorize): a request to a catalogued dataset needs what its class requires.
+
+Open datasets pass; conditional and contract ones need a grant signed by every required authority,
+valid on this gateway, now, for this path, method and fields, not revoked, within quota, and the
+consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
+headers are removed before the request goes on (and before DLP reads the head). A refusal is a 403
+(429 over quota, with RateLimit headers) naming its reason; every decision is counted, and written to
+the transfer's trace record (`grant`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from mitmproxy import http
+
+from gateway.authz.gate import Gate, Presented
+from gateway.authz.quota import QuotaStore, count_records
+from gateway.config.runtime import Runtime
+from gateway.filters import body_size, refuse, transfer_of
+from gateway.ops.metrics import GatewayMetrics
+from gateway.transfer.model import Reason
+
+log = logging.getLogger(__name__)
+
+GRANT_HEADER = "X-Data-Grant"
+GRANT_ID_HEADER = "X-Data-Grant-Id"
+LICENCE_HEADER = "X-Data-Licence"
+QUOTA_SCOPES = "grant_quota_scopes"
+
+
+class GrantGateway(Protocol):
+    runtime: Runtime
+    metrics: GatewayMetrics
+
+
+class Grant:
+    def __init__(self, gateway: GrantGateway):
+        self.gateway = gateway
+        self._gate: Gate | None = None
+        self._quota: QuotaStore | None = None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or flow.response:
+            return
+        request = flow.request
+        presented = {name: request.headers.get_all(name) for name in (GRANT_HEADER, GRANT_ID_HEADER, LICENCE_HEADER)}
+        for name, values in presented.items():
+            if values:
+                del request.headers[name]
+        gate = self._current_gate()
+        match = gate.settings.catalog.match(transfer.upstream_host, request.method, request.path) if gate else None
+        if match is None:
+            return  # not a catalogued dataset: the zone policy alone decides
+        if any(len(values) > 1 for values in presented.values()):
+            decision = gate.refusal(match, "grant_malformed", "a grant or licence header sent more than once")
+        else:
+            decision = gate.decide(match, request.method, request.path, Presented(
+                *(values[0] if values else None for values in presented.values())), time.time())
+        transfer.extra["grant"] = decision.record
+        self.gateway.metrics.grant_decisions.labels(match.dataset.cls, decision.record["result"]).inc()
+        if gate.revocation.current is not None:
+            self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
+        if decision.allowed:
+            transfer.extra[QUOTA_SCOPES] = decision.quota_scopes
+            return
+        transfer.escalate("deny", [Reason(match.dataset.id, decision.reason, decision.detail, "deny")])
+        refuse(flow, transfer, status=decision.status, error="grant refused")
+        if decision.exceeded is not None:
+            exceeded = decision.exceeded
+            flow.response.headers["RateLimit-Policy"] = f'"{exceeded.policy}";q={exceeded.limit}'
+            flow.response.headers["RateLimit"] = f'"{exceeded.policy}";r=0;t={exceeded.reset}'
+            flow.response.headers["Retry-After"] = str(exceeded.reset)
+
+    def running(self) -> None:
+        """Read the revocation list at start: its age is exported before the first request."""
+        if (gate := self._current_gate()) is not None:
+            gate.revocation.refresh(force=True)
+            if gate.revocation.current is not None:
+                self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or not transfer.extra.get(QUOTA_SCOPES) or flow.metadata.get("gateway_refused"):
+            return
+        response = flow.response
+        records = count_records(response.raw_content, response.headers.get("content-type", "")) \
+            if response.raw_content is not None and "response" not in transfer.spools else 0
+        self._quota.add(transfer.extra[QUOTA_SCOPES], records, body_size(transfer, "response", response), time.time())
+
+    def done(self) -> None:
+        if self._quota is not None:
+            self._quota.close()
+
+    def _current_gate(self) -> Gate | None:
+        """The gate for the configuration in use, built again when a reload replaced it."""
+        config = self.gateway.runtime.config
+        if config.authz is None:
+            return None
+        if self._gate is None or self._gate.settings is not config.authz:
+            if self._quota is None:
+                self._quota = QuotaStore(config.state_dir / "authz" / "quota.sqlite")
+            self._gate = Gate(config.authz, config.name, self._quota)
+        return self._gate

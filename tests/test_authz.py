@@ -1,0 +1,192 @@
+"""The grant library and the authorities' tools, without a gateway: signatures that must not verify,
+claims that must not be accepted, the catalogue's errors as `gateway check` prints them, key files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.authz.catalog import normal_path
+from gateway.authz.claims import ClaimsError
+from gateway.authz.claims import grant as grant_claims
+from gateway.authz.jose import DocumentError, b64url, parse, unb64url, verify
+from gateway.authz.quota import QuotaStore
+from gateway.config.load import load_config
+from tests.authzkit import CATALOG, Kit
+from tests.gatewayproc import REPO, gateway_config, write_config
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    return Kit(tmp_path_factory.mktemp("kit"))
+
+
+@pytest.fixture(scope="module")
+def settings(kit, tmp_path_factory):
+    root = tmp_path_factory.mktemp("config")
+    return load_config(write_config(root / "gateway.yaml", gateway_config(root / "state", authz=kit.authz_section())))\
+        .authz
+
+
+def gateway(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd or REPO)
+
+
+def test_a_grant_altered_in_any_byte_fails(kit, settings):
+    document = json.loads(kit.grant())
+    verify(document, settings.authorities, settings.algorithms)  # the original verifies
+    targets = [("payload", None)] + [("protected", i) for i in range(len(document["signatures"]))]
+    tried = 0
+    for member, index in targets:
+        text = document["payload"] if index is None else document["signatures"][index]["protected"]
+        for position, char in enumerate(text):
+            altered = text[:position] + B64URL[(B64URL.index(char) + 1) % 64] + text[position + 1:]
+            copy = json.loads(json.dumps(document))
+            if index is None:
+                copy["payload"] = altered
+            else:
+                copy["signatures"][index]["protected"] = altered
+            with pytest.raises(DocumentError):
+                verify(copy, settings.authorities, settings.algorithms)
+            tried += 1
+    assert tried > 500
+
+
+def test_unknown_key_wrong_role_and_disallowed_algorithm_fail(kit, settings, tmp_path):
+    claims = kit.grant_claims()
+    # health's key signing as bureau: the key is configured for the sector role only.
+    from gateway.authz.jose import add_signature, draft
+    wrong_role = add_signature(draft(claims), kit.keys["health"], "bureau")
+    with pytest.raises(DocumentError, match="signs as sector"):
+        verify(wrong_role, settings.authorities, settings.algorithms)
+    bad_alg = json.loads(kit.grant())
+    header = json.loads(unb64url(bad_alg["signatures"][0]["protected"]))
+    bad_alg["signatures"][0]["protected"] = b64url(json.dumps({**header, "alg": "HS256"}).encode())
+    with pytest.raises(DocumentError, match="not allowed"):
+        verify(bad_alg, settings.authorities, settings.algorithms)
+
+
+def test_only_the_general_json_form_is_accepted(kit):
+    document = json.loads(kit.grant())
+    for bad in ("a.b.c", json.dumps({**document, "extra": 1}),
+                json.dumps({"payload": document["payload"], **document["signatures"][0]}),  # flattened
+                json.dumps({"payload": document["payload"],
+                            "signatures": [{**document["signatures"][0], "header": {"kid": "x"}}]})):
+        with pytest.raises(DocumentError) as caught:
+            parse(bad)
+        assert caught.value.kind == "malformed"
+
+
+def test_unknown_or_missing_claims_are_rejected(kit):
+    grant_claims(kit.grant_claims())
+    for change in ({"extra": 1}, {"ver": 2}, {"exp": 0}, {"datasets": []},
+                   {"datasets": [{"id": "x", "rows": 3}]}, {"quota": {"requests": {"week": 1}}}):
+        with pytest.raises(ClaimsError):
+            grant_claims({**kit.grant_claims(), **change})
+    claims = kit.grant_claims()
+    del claims["approval"]
+    with pytest.raises(ClaimsError, match="approval"):
+        grant_claims(claims)
+
+
+def test_paths_are_matched_in_normal_form():
+    assert normal_path("/api/residents/7/../8?x=1") == ("/api/residents/8", False)
+    assert normal_path("/api/%72esidents/8") == ("/api/residents/8", False)
+    assert normal_path("/api//residents/8/") == ("/api/residents/8/", False)
+    assert normal_path("/api/residents/8") == ("/api/residents/8", True)
+
+
+def test_quota_is_shared_and_survives_reopening(tmp_path):
+    now = time.time()
+    first, second = QuotaStore(tmp_path / "q.sqlite"), QuotaStore(tmp_path / "q.sqlite")
+    limits = {"grant:g": {"requests": {"day": 3}}}
+    assert first.take(limits, now) is None and second.take(limits, now) is None
+    first.close()
+    reopened = QuotaStore(tmp_path / "q.sqlite")
+    assert reopened.take(limits, now) is None
+    exceeded = second.take(limits, now)
+    assert exceeded is not None and exceeded.measure == "requests" and exceeded.period == "day"
+    assert reopened.usage("grant:g", now)["day"]["requests"] == 3
+
+
+def test_check_names_file_and_line_of_catalogue_errors(kit, tmp_path):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG.read_text().replace("class: conditional", "class: restricted", 1)
+                       .replace("      - methods: [GET]\n        paths: [/open/bus-stops, /open/bus-stops/*]",
+                                "      - methods: [GET]\n        paths: [/open/../bus-stops]\n        colour: red"))
+    section = {**kit.authz_section(), "catalog": str(catalog)}
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=section))
+    result = gateway("check", "-c", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    restricted_line = catalog.read_text().splitlines().index("    class: restricted") + 1
+    assert f"{catalog}:{restricted_line}: datasets[1].class: 'restricted' is not one of: open, conditional, contract" \
+        in result.stderr
+    assert "datasets[0].endpoints[0].colour: unknown key" in result.stderr
+    assert "datasets[0].endpoints[0].paths[0]: '/open/../bus-stops' must be an absolute path in normal form" \
+        in result.stderr
+    # The shipped catalogue itself is valid.
+    good = write_config(tmp_path / "good.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
+    assert gateway("check", "-c", str(good)).returncode == 0
+
+
+def test_check_names_missing_authority_and_public_key_problems(kit, tmp_path):
+    section = kit.authz_section()
+    section["authorities"] = [a for a in section["authorities"] if a["role"] != "provider"]
+    section["authorities"][0]["key"] = str(kit.root / "bureau.key")  # a private key given as public
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=section))
+    result = gateway("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "authz.authorities[0].key: " in result.stderr and "holds a private key" in result.stderr
+    assert "datasets.health.records: no authority in role provider for city-hospital" in result.stderr
+
+
+def test_tools_issue_cosign_inspect_revoke(kit, tmp_path):
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
+    assert gateway("key", "generate", "--kid", "k1", "--out", str(tmp_path / "k1")).returncode == 0
+    assert os.stat(tmp_path / "k1.key").st_mode & 0o777 == 0o600
+    assert gateway("key", "generate", "--kid", "k1", "--out", str(tmp_path / "k1")).returncode == 2  # no overwrite
+    os.chmod(tmp_path / "k1.key", 0o644)
+    loose = gateway("grant", "revoke", "--list", str(tmp_path / "r.json"), "--key", str(tmp_path / "k1.key"))
+    assert loose.returncode == 2 and "readable by others" in loose.stderr
+
+    request = tmp_path / "request.yaml"
+    request.write_text("sub: operator-a\naud: [frontend-local]\ndatasets:\n  - id: health.residents\n"
+                       "scenario: elderly-care\npurpose: elderly-care-subsidy\napproval: A-1\n")
+    draft = tmp_path / "grant.json"
+    assert gateway("grant", "request", str(request), "-o", str(draft), "--valid-for", "10d").returncode == 0
+    assert gateway("grant", "sign", str(draft), "--key", str(kit.root / "bureau.key"), "--role", "bureau") \
+        .returncode == 0
+    half = gateway("grant", "inspect", str(draft), "-c", str(config))
+    assert half.returncode == 1 and "still missing: sector (health)" in half.stdout, half.stdout + half.stderr
+    assert gateway("grant", "sign", str(draft), "--key", str(kit.root / "health.key"), "--role", "sector") \
+        .returncode == 0
+    whole = gateway("grant", "inspect", str(draft), "-c", str(config))
+    assert whole.returncode == 0 and "VALID" in whole.stdout, whole.stdout + whole.stderr
+    later = gateway("grant", "inspect", str(draft), "-c", str(config), "--at", str(int(time.time()) + 11 * 86400))
+    assert later.returncode == 1 and "not valid at" in later.stdout
+
+    jti = json.loads(unb64url(json.loads(draft.read_text())["payload"]))["jti"]
+    assert gateway("grant", "revoke", jti, "--list", str(kit.revocation_file), "--key",
+                   str(kit.root / "bureau.key")).returncode == 0
+    revoked = gateway("grant", "inspect", str(draft), "-c", str(config))
+    assert revoked.returncode == 1 and "revoked" in revoked.stdout
+
+
+def test_catalog_explain(kit, tmp_path):
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
+    raw = gateway("catalog", "explain", "http://127.0.0.2:8000/raw/records/5", "-c", str(config))
+    assert raw.returncode == 0
+    assert "dataset: health.records" in raw.stdout and "class: contract" in raw.stdout
+    assert "never leaves" in raw.stdout
+    conditional = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1?fields=age", "-c", str(config))
+    assert "needs: a grant (X-Data-Grant) signed by bureau, sector (health)" in conditional.stdout
+    none = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
+    assert "the zone policy alone decides" in none.stdout
