@@ -35,7 +35,7 @@ bundle:
 	PYTHON=$(PYTHON) scripts/bundle
 
 deb: bundle
-	scripts/deb $(wildcard dist/gateway-*.tar.gz)
+	scripts/deb
 
 clean:
 	rm -rf $(VENV) state dist
