@@ -3,7 +3,7 @@ PYTHON ?= $(shell scripts/find-python)
 VENV := .venv
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test bench clean install uninstall
+.PHONY: run test bench clean install uninstall bundle deb
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { scripts/find-python; exit 1; }
@@ -29,5 +29,13 @@ install:
 uninstall:
 	PREFIX=$(or $(PREFIX),/opt/gateway) CONFDIR=$(or $(CONFDIR),/etc/gateway) scripts/uninstall
 
+# The offline bundle (and the Debian package made from it) for the Python given as PYTHON=
+# (default: the newest found here); see docs/deploy.md.
+bundle:
+	PYTHON=$(PYTHON) scripts/bundle
+
+deb: bundle
+	scripts/deb
+
 clean:
-	rm -rf $(VENV) state
+	rm -rf $(VENV) state dist
