@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, load_config
+from gateway.dlp.tally import locations_digest
 from gateway.filters.measure import Measure, connect_error_kind
 from gateway.logs import DecisionLog
 from gateway.management import ManagementError, ManagementServer
@@ -216,8 +217,8 @@ def test_decision_log_line():
     entry = json.loads(out.getvalue())
     assert out.getvalue().count("\n") == 1
     assert entry["transfer_id"] == "t-1" and entry["decision"] == "block" and entry["status"] == 403
-    assert entry["reasons"] == [{"rule": "cn-id-number", "type": "cn_resident_id", "location": "body:$.sfzh",
-                                 "action": "block"}]
+    assert entry["reasons"] == [{"rule": "cn-id-number", "type": "cn_resident_id", "action": "block", "count": 1,
+                                 "locations": ["body:$.sfzh"], "locations_sha256": locations_digest(["body:$.sfzh"])}]
     assert (entry["src_zone"], entry["dst_zone"]) == ("extranet", "internet")
 
 

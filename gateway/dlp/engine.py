@@ -15,6 +15,7 @@ from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_mid
 from gateway.dlp.embedded import BYTES, MIN_RUN, TOKEN_SEPARATOR, EncodedContent, encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.stream import StreamScan
+from gateway.dlp.tally import FindingGroup, Tally
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
 
 UNINSPECTABLE = "uninspectable"
@@ -42,8 +43,21 @@ class Finding:
 
 @dataclass
 class ScanResult:
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # the first Limits.max_findings
     action: str | None = None
+    # Every finding, kept or not, counted per rule, type and action (gateway.dlp.tally).
+    groups: list[FindingGroup] | None = None
+    # Every value to redact, kept or not: what is masked must not depend on how many there were.
+    replacements: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            tally = Tally()
+            for f in self.findings:
+                tally.add(f.rule, f.type, f.action, f.location)
+            self.groups = tally.groups()
+        if self.replacements is None:
+            self.replacements = _replacements(self.findings)
 
     @property
     def clean(self) -> bool:
@@ -207,8 +221,7 @@ class Profile:
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:
         from gateway.dlp.redact import redact_body
-        replacements = {f.value: f.masked for f in result.findings
-                        if f.action == "redact" and f.value and f.type != UNINSPECTABLE}
+        replacements = result.replacements
         if not replacements:
             return body
         redacted = redact_body(body, content_type, content_encoding, replacements, self.limits)
@@ -237,10 +250,19 @@ class Profile:
                     host: str | None) -> ScanResult:
         if not detections and not problems:
             return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
-        findings: list[Finding] = [
-            Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason)
-            for location, reason in problems
-        ]
+        findings: list[Finding] = []
+        tally = Tally()
+        replacements: dict[str, str] = {}
+
+        def found(finding: Finding) -> None:  # kept up to the limit, counted and redacted whatever the number
+            tally.add(finding.rule, finding.type, finding.action, finding.location)
+            if _redacts(finding):
+                replacements[finding.value] = finding.masked
+            if len(findings) < self.limits.max_findings:
+                findings.append(finding)
+
+        for location, reason in problems:
+            found(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason))
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         masks = {d.value: d.masked for d in detections if d.value and d.masked != d.value}
@@ -257,9 +279,10 @@ class Profile:
                 if (d.value, d.location) in seen:
                     continue
                 seen.add((d.value, d.location))
-                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
-                                        d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
-        return ScanResult(findings, strongest([f.action for f in findings]))
+                found(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
+                              d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
+        groups = tally.groups()
+        return ScanResult(findings, strongest([group.action for group in groups]), groups, replacements)
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
         wanted = self._rule_of_field_name
@@ -361,6 +384,14 @@ class Profile:
             return Detection(kind, name, rule.type or "keyword", value, token, location, field_name, "normal")
         masked = mask_middle(token, 2, 2) if len(token) > 6 else "*" * len(token)
         return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
+
+
+def _redacts(finding: Finding) -> bool:
+    return finding.action == "redact" and bool(finding.value) and finding.type != UNINSPECTABLE
+
+
+def _replacements(findings: list[Finding]) -> dict[str, str]:
+    return {f.value: f.masked for f in findings if _redacts(f)}
 
 
 def _masked(text: str, masks: dict[str, str]) -> str:

@@ -64,7 +64,7 @@ class Inspect:
         if head is not None and head.action is not None:
             # A spooled response's head goes out before its body is scanned: one that would be refused
             # leaves without the fields that hold findings, and its body is then cut.
-            transfer.escalate(_unrewritable(head.action), _reasons(head))
+            transfer.escalate(_unrewritable(head.action), head.groups)
             if transfer.stopped:
                 for name, value in list(response.headers.items(multi=True)):
                     if profile.scan_head("/", [(name, value)], direction="response").action in ("block", "redact"):
@@ -121,12 +121,12 @@ class Inspect:
                               host=transfer.upstream_host)
         if result.action is None:
             return
-        reasons = _reasons(result)
+        reasons = result.groups
         action = _unrewritable(result.action)
         if action == "block":
             message.drop()  # a message cannot be answered with a 403: it is dropped, the decision recorded
         transfer.escalate(action, reasons)
-        transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
+        transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + sum(group.count for group in reasons)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -162,7 +162,7 @@ class Inspect:
             for found in (result, self._trailers(transfer, direction, message)):
                 if found is not None and found.action is not None:
                     # A streamed body cannot be rewritten after the fact.
-                    transfer.escalate(_unrewritable(found.action), _reasons(found))
+                    transfer.escalate(_unrewritable(found.action), found.groups)
             if transfer.stopped or not all(check() for check in transfer.before_release):
                 spool.discard()
                 transfer.cut = True
@@ -194,7 +194,7 @@ class Inspect:
         if result is None or result.action is None:
             return
         action = result.action if rewritable else _unrewritable(result.action)
-        transfer.escalate(action, _reasons(result))
+        transfer.escalate(action, result.groups)
         if action == "block":
             refuse(flow, transfer)
 
@@ -251,10 +251,6 @@ def _unrewritable(action: str) -> str:
     """The action for what cannot be rewritten value by value (a head, a body already streaming):
     redact fails closed, as block."""
     return "block" if action == "redact" else action
-
-
-def _reasons(result: ScanResult) -> list[Reason]:
-    return [Reason(f.rule, f.type, f.location, f.action) for f in result.findings]
 
 
 def _fix_length(message: http.Message) -> None:
