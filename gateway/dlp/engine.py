@@ -419,7 +419,7 @@ def _whole_token(data: bytes, start: int, end: int) -> bool:
 
 def _continued(data: bytes, start: int, end: int, separators: bytes) -> bool:
     """A grouped number followed or preceded by another group belongs to a longer number."""
-    if data[start:end].isdigit():
+    if data[start:end].rstrip(b"Xx").isdigit():  # not grouped (an ID number may end in X)
         return False
     after = data[end:end + 2]
     before = data[max(start - 2, 0):start]
