@@ -261,7 +261,7 @@ class BudgetedStream:
 
 
 def _over_budget(profile: Profile, direction: str, where: str, host: str | None) -> ScanResult:
-    return profile.apply_rules([], [(where, OVER_BUDGET)], direction, host)
+    return profile.apply_rules([], [(f"{where} ({OVER_BUDGET})", OVER_BUDGET)], direction, host)
 
 
 async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, transfer: Transfer,
