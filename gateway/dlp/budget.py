@@ -68,6 +68,10 @@ class Watchdog:
                     _raise_in(ident, None)
         except _Expired:
             raise BudgetExceeded(OVER_BUDGET) from None
+        except Exception:
+            if run.fired:  # raised once the budget ran out: a library may have wrapped the exception
+                raise BudgetExceeded(OVER_BUDGET) from None
+            raise
         finally:
             with self._changed:
                 self._runs.discard(run)

@@ -135,8 +135,11 @@ class Inspect:
             return
         content_type = "text/plain; charset=utf-8" if message.is_text else "application/octet-stream"
         where = "client message" if message.from_client else "upstream message"
-        result = self._within_budget(transfer, profile, direction, where, lambda: profile.scan(
-            message.content, content_type=content_type, direction=direction, host=transfer.upstream_host))
+        try:  # each message a budget of its own: a connection may last for days
+            result = InspectionBudget(self.gateway.runtime.config.inspection_budget).spend(lambda: profile.scan(
+                message.content, content_type=content_type, direction=direction, host=transfer.upstream_host))
+        except BudgetExceeded:
+            result = _over_budget(profile, direction, where, transfer.upstream_host)
         if result.action is None:
             return
         reasons = result.groups
