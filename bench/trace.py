@@ -48,7 +48,8 @@ def record(i: int) -> dict:
             "method": "POST", "url": "http://127.0.0.2:8000/x?sfzh=1101***", "status": 403,
             "req_bytes": 25, "resp_bytes": 0, "req_digest": "sha256:" + "ab" * 32,
             "resp_digest": "sha256:" + "cd" * 32, "decision": "block",
-            "rules": [{"rule": "cn-id-outbound", "type": "cn_id_card", "location": "body:$.sfzh"}],
+            "rules": [{"rule": "cn-id-outbound", "type": "cn_id_card", "action": "block", "count": 1,
+                       "locations": ["body:$.sfzh"], "locations_sha256": "ae13c33e" + "0" * 56}],
             "grant": None, "error": None}
 
 

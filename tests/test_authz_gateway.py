@@ -117,7 +117,7 @@ def test_two_signatures_of_one_role(lab):
     kit = lab["kit"]
     body = refused(get(lab, "/api/residents/3", grant=kit.grant(signers=("bureau", "bureau-2")),
                        licence=kit.licence()), "grant_signer_missing")
-    assert "sector (health)" in body["reasons"][0]["location"]
+    assert "sector (health)" in body["reasons"][0]["locations"][0]
 
 
 def test_expired_and_not_yet_valid(lab):
@@ -210,7 +210,7 @@ def test_altered_grant_and_unknown_key(lab, tmp_path):
     forged = add_signature(add_signature(draft(kit.grant_claims()), stranger_key, "bureau"),
                            kit.keys["health"], "sector")
     body = refused(get(lab, "/api/residents/12", grant=json.dumps(forged), licence=kit.licence()), "grant_signature")
-    assert "unknown key" in body["reasons"][0]["location"]
+    assert "unknown key" in body["reasons"][0]["locations"][0]
 
 
 def test_revocation_reaches_every_worker_and_a_stale_view_refuses(tmp_path):

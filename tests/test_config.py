@@ -69,6 +69,20 @@ def test_a_bad_request_head_timeout_names_file_line_and_key(tmp_path, written):
                                                       f"not a valid duration: '{written}'"), errors
 
 
+def test_inspection_budget_defaults_and_takes_a_duration(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("dlp: {rules: dlp}", "dlp: {rules: dlp, inspection_budget: 250ms}"))
+    assert load_config(path).inspection_budget == 0.25
+    assert load_config(REPO / "config" / "gateway.yaml").inspection_budget == 5.0
+
+
+@pytest.mark.parametrize("written", ["0s", "-1", "forever"])
+def test_a_bad_inspection_budget_names_file_line_and_key(tmp_path, written):
+    errors = errors_of(tmp_path, VALID.replace("dlp: {rules: dlp}", f"dlp: {{rules: dlp, inspection_budget: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:10: dlp.inspection_budget: "
+                                                      f"not a valid duration: '{written}'"), errors
+
+
 def test_max_client_connections_defaults_and_takes_a_positive_integer(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("state_dir: state}", "state_dir: state, max_client_connections: 64}"))

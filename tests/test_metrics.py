@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.load import ConfigError, load_config
+from gateway.dlp.tally import locations_digest
 from gateway.filters.measure import Measure, connect_error_kind
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.management import ManagementError, ManagementServer
@@ -222,8 +223,8 @@ def test_decision_log_line():
     entry = json.loads(out.getvalue())
     assert out.getvalue().count("\n") == 1
     assert entry["transfer_id"] == "t-1" and entry["decision"] == "block" and entry["status"] == 403
-    assert entry["reasons"] == [{"rule": "cn-id-number", "type": "cn_resident_id", "location": "body:$.sfzh",
-                                 "action": "block"}]
+    assert entry["reasons"] == [{"rule": "cn-id-number", "type": "cn_resident_id", "action": "block", "count": 1,
+                                 "locations": ["body:$.sfzh"], "locations_sha256": locations_digest(["body:$.sfzh"])}]
     assert (entry["src_zone"], entry["dst_zone"]) == ("extranet", "internet")
 
 
@@ -269,7 +270,7 @@ def gateway(tmp_path_factory):
 
 
 def scrape(gateway) -> dict:
-    response = httpx.get(gateway.management + "/metrics", timeout=10)
+    response = httpx.get(gateway.ops.management + "/metrics", timeout=10)
     assert response.status_code == 200
     return samples(response.text)
 
@@ -290,8 +291,8 @@ def decision_lines(process, start: int) -> list[dict]:
 
 
 def test_gateway_ready_and_healthy(gateway):
-    assert httpx.get(gateway.management + "/healthz").status_code == 200
-    ready = httpx.get(gateway.management + "/readyz")
+    assert httpx.get(gateway.ops.management + "/healthz").status_code == 200
+    ready = httpx.get(gateway.ops.management + "/readyz")
     assert ready.status_code == 200, ready.text
     assert f"metrics: {gateway.management}/metrics" in gateway.process.output
 
@@ -380,7 +381,7 @@ def test_active_connections_follow_open_clients(gateway):
 def wait_for_each_worker(gateway, text: str, start: int) -> None:
     """A SIGHUP reaches every worker, each in its own time: wait until each has logged `text`."""
     deadline = time.monotonic() + 30
-    while sum(text in line for line in gateway.process.lines[start:]) < gateway.config["gateway"]["workers"]:
+    while sum(text in line for line in gateway.process.lines[start:]) < gateway.config.load["gateway"]["workers"]:
         assert time.monotonic() < deadline, f"{text!r} not logged by every worker"
         time.sleep(0.05)
 

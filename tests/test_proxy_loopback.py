@@ -24,6 +24,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
+from gateway.dlp.tally import locations_digest
 from gateway.filters.identify import _host_names_the_target
 from tests.gatewayproc import (
     free_port,
@@ -110,7 +111,7 @@ def test_id_numbers_hidden_as_base64_are_blocked_and_never_reach_upstream(lab):
     assert response.status_code == 403
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["decision"] == "block"
-    assert "body:$.attachment / base64 / csv row 2 column 身份证号" in [r["location"] for r in record["rules"]]
+    assert "body:$.attachment / base64 / csv row 2 column 身份证号" in [place for r in record["rules"] for place in r["locations"]]
     assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 
@@ -122,7 +123,7 @@ def test_id_numbers_hidden_by_percent_encoding_are_blocked_and_never_reach_upstr
     assert response.status_code == 403
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["decision"] == "block"
-    assert "body:$.next / percent-encoded / offset 0" in [r["location"] for r in record["rules"]]
+    assert "body:$.next / percent-encoded / offset 0" in [place for r in record["rules"] for place in r["locations"]]
     assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 
@@ -144,7 +145,8 @@ def test_a_value_to_redact_that_cannot_be_rewritten_is_blocked(lab):
     assert response.status_code == 403 and hidden not in response.text and BANK_CARD not in response.text
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["decision"] == "block"
-    assert {"rule": "redaction", "type": "unredactable", "location": "response body", "action": "block"} in record["rules"]
+    assert {"rule": "redaction", "type": "unredactable", "action": "block", "count": 1, "locations": ["response body"],
+            "locations_sha256": locations_digest(["response body"])} in record["rules"]
 
 
 def test_usage_is_metered_from_the_trace_log(lab):
@@ -202,7 +204,8 @@ def test_a_warned_value_in_a_header_passes_with_the_warning(lab):
         response = client.get(f"{lab['upstream']}/text?body=ok", headers={"X-Contact": "13800138000"})
     assert response.status_code == 200 and response.headers["x-gateway-warning"] == "mobile"
     assert trace_record(lab, response.headers["x-gateway-transfer-id"])["rules"] == [
-        {"rule": "mobile", "type": "cn_mobile", "location": "header:X-Contact", "action": "warn"}]
+        {"rule": "mobile", "type": "cn_mobile", "action": "warn", "count": 1, "locations": ["header:X-Contact"],
+         "locations_sha256": locations_digest(["header:X-Contact"])}]
 
 
 BANK_CARD = "6228480012345671"  # the upstream's (tests/upstream_server.py); the inbound profile redacts
@@ -213,7 +216,7 @@ def test_a_response_head_holding_a_card_number_is_refused(lab):
     with proxy_client(lab) as client:
         response = client.get(f"{lab['upstream']}/text?body=ok&head=card")
     assert response.status_code == 403 and "x-card" not in response.headers
-    assert response.json()["reasons"][0]["location"] == "header:X-Card"
+    assert response.json()["reasons"][0]["locations"] == ["header:X-Card"]
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["decision"] == "block" and BANK_CARD not in json.dumps(record)
 
@@ -262,7 +265,7 @@ def test_denied_zone_pair_gets_403_policy(lab):
     assert response.status_code == 403
     answer = response.json()
     assert answer["error"] == "denied"
-    assert answer["reasons"] == [{"rule": "default", "type": "policy", "location": "extranet->unknown"}]
+    assert answer["reasons"] == [{"rule": "default", "type": "policy", "count": 1, "locations": ["extranet->unknown"]}]
 
 
 def test_denied_connect_opens_no_tunnel(lab):
@@ -280,7 +283,8 @@ def test_unreachable_upstream_gets_502_with_the_transfer_id_and_a_record(lab):
     transfer_id = response.headers["x-gateway-transfer-id"]
     answer = response.json()
     assert answer["error"] == "upstream failed" and answer["transfer_id"] == transfer_id
-    assert answer["reasons"] == [{"rule": "upstream", "type": "upstream", "location": f"127.0.0.2:{closed_port}"}]
+    assert answer["reasons"] == [{"rule": "upstream", "type": "upstream", "count": 1,
+                                  "locations": [f"127.0.0.2:{closed_port}"]}]
     record = trace_record(lab, transfer_id)
     assert record["decision"] == "error" and record["status"] == 502 and "Errno 111" in record["error"]
 
@@ -317,7 +321,7 @@ def test_malformed_request_head_is_answered_recorded_and_counted(lab):
     assert head.startswith("HTTP/1.1 400"), head
     transfer_id = transfer_id_in(head)
     assert json.loads(body) == {"error": "malformed request", "transfer_id": transfer_id,
-                                "reasons": [{"rule": "malformed", "type": "malformed", "location": "request head"}]}
+                                "reasons": [{"rule": "malformed", "type": "malformed", "count": 1, "locations": ["request head"]}]}
     record = trace_record(lab, transfer_id)
     assert record["decision"] == "error" and record["status"] == 400 and record["method"] is None
     assert record["client"]["zone"] == "extranet" and record["listener"] == "forward"
@@ -521,7 +525,7 @@ def test_a_method_holding_an_id_number_is_blocked_and_recorded_masked(lab):
                                 f"Connection: close\r\n\r\n".encode())
     assert head.startswith("HTTP/1.1 403"), head
     record = trace_record(lab, transfer_id_in(head))
-    assert record["rules"][0]["location"] == "method" and ID_NUMBER not in json.dumps(record)
+    assert record["rules"][0]["locations"] == ["method"] and ID_NUMBER not in json.dumps(record)
     assert not any(r["path"] == marker for r in upstream_requests(lab))
 
 

@@ -109,7 +109,7 @@ def test_denied_zone_pair_gets_403_policy_and_warn_passes_with_its_header(netlab
     denied = curl(lab, "ext", "-x", proxy, "-w", "\n%{http_code}", "http://203.0.113.9/")  # in no zone
     body, status = denied.stdout.rsplit("\n", 1)
     assert status == "403", denied
-    assert json.loads(body)["reasons"] == [{"rule": "default", "type": "policy", "location": "extranet->unknown"}]
+    assert json.loads(body)["reasons"] == [{"rule": "default", "type": "policy", "count": 1, "locations": ["extranet->unknown"]}]
     warned = curl(lab, "ext", "-x", proxy, "-i", "-H", "content-type: application/json",
                   "--data", json.dumps({"phone": "13812345678"}),
                   f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/echo?netns-warn")
@@ -150,7 +150,7 @@ def test_unknown_source_is_denied(netlab):
                   f"http://{lab.zones['internet'].host_ip}:{UPSTREAM_PORT}/text?body=x")
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "403", result
-    assert json.loads(body)["reasons"][0]["location"] == "unknown->internet"
+    assert json.loads(body)["reasons"][0]["locations"] == ["unknown->internet"]
 
 
 def test_packets_do_not_cross_without_the_proxy(netlab):

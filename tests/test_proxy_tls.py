@@ -176,7 +176,7 @@ def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
     status, headers = h2_post_with_trailers(tls_lab, marker, [("x-applicant", ID_NUMBER)])
     assert status == 403, headers
     record = trace_record(tls_lab, headers["x-gateway-transfer-id"])
-    assert record["rules"][0]["location"] == "trailer:x-applicant" and ID_NUMBER not in json.dumps(record)
+    assert record["rules"][0]["locations"] == ["trailer:x-applicant"] and ID_NUMBER not in json.dumps(record)
     log = tls_lab["upstream_log"]
     assert not log.exists() or marker not in log.read_text()
 
@@ -398,7 +398,7 @@ def test_websocket_control_frames_carry_no_sensitive_value(tls_lab):
     # The decision log (the gateway's output) has the connection's findings once it has ended.
     ended = json.loads(tls_lab["gateway"].wait_for(f'"event":"websocket_end","transfer_id":"{transfer_id}"', 10))
     assert ended["decision"] == "redact"
-    assert {r["location"] for r in ended["reasons"]} >= {"client websocket ping", "client websocket close reason"}
+    assert {place for r in ended["reasons"] for place in r["locations"]} >= {"client websocket ping", "client websocket close reason"}
     assert ID_NUMBER not in tls_lab["gateway"].output
 
 
@@ -441,7 +441,7 @@ def test_websocket_messages_past_the_limit_close_the_connection(tls_lab, shape):
     # 1009, message too big; a client still sending when the gateway closed may see only the reset.
     assert code in (1009, None), code
     line = tls_lab["gateway"].wait_for("message-too-big", timeout=15, start=mark)
-    assert transfer_id in line and '"location":"client message"' in line, line
+    assert transfer_id in line and '"locations":["client message"]' in line, line
     assert asyncio.run(_echoed(tls_lab["ws"] + "/small", b"x" * 1000)) == b"x" * 1000  # the gateway serves on
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -97,7 +98,8 @@ def scan_command(args: argparse.Namespace) -> int:
             if head:
                 extra = profile.scan_head(*head, direction=direction)
                 result = ScanResult(extra.findings + result.findings,
-                                    extra.action if not result.action else result.action)
+                                    extra.action if not result.action else result.action,
+                                    extra.groups + result.groups, {**extra.replacements, **result.replacements})
             found |= _print_findings(source, profile.name, result, args.show_values)
     except (OSError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -114,7 +116,14 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
         if show_values:
             record["value"] = finding.value
         print(json.dumps(record, ensure_ascii=False), flush=True)
-    return bool(result.findings)
+    listed = Counter((f.rule, f.type, f.action) for f in result.findings)
+    for group in result.groups:  # past the profile's limits.max_findings: counted, not listed
+        if group.count > listed[(group.rule, group.type, group.action)]:
+            print(f"gateway dlp scan: {source}: {group.count - listed[(group.rule, group.type, group.action)]} "
+                  f"more findings of rule {group.rule} ({group.type}) not listed (profile {profile}'s "
+                  f"limits.max_findings); all {group.count} locations' SHA-256: {group.locations_sha256}",
+                  file=sys.stderr)
+    return bool(result.groups)
 
 
 # A head as the gateway inspects it (Profile.scan_head): a request's path with its query and its header

@@ -41,6 +41,7 @@ REPLACED_SECTIONS = {"zones", "listeners", "policy"}
 MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "authz"}
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
+DEFAULT_INSPECTION_BUDGET = 5.0  # seconds of CPU (gateway.dlp.budget)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Config:
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
+    inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -193,9 +195,11 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     listeners = _listeners(sections.get("listeners"), sink, source)
     policy_default, rules = _policy(sections.get("policy"), zone_names, {l.name for l in listeners}, sink, source)
 
-    dlp = section("dlp", {"rules", "spool_threshold"}, {"rules"})
+    dlp = section("dlp", {"rules", "spool_threshold", "inspection_budget"}, {"rules"})
     dlp_rules = dlp["rules"].path_value() if "rules" in dlp else None
     spool = dlp["spool_threshold"].parsed(parse_size, "size") if "spool_threshold" in dlp else 8 * 1024**2
+    budget = dlp["inspection_budget"].parsed(parse_duration, "duration") if "inspection_budget" in dlp \
+        else DEFAULT_INSPECTION_BUDGET
 
     trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
     trace_dir = _state_path(trace.get("dir"), state_dir)
@@ -231,6 +235,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         authz=authz,
+        inspection_budget=budget,
     )
 
 

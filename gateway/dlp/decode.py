@@ -55,6 +55,7 @@ class Limits:
     max_depth: int = 4                  # nested encodings, archives and parts
     max_archive_entries: int = 10_000
     stream_buffer_bytes: int = 8 * MiB  # a stream larger than this is scanned as text, window by window
+    max_findings: int = 1000            # findings a scan keeps (values, masks); the rest only counted
 
 
 Locator = Callable[[int], tuple[str, str | None]]

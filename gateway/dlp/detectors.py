@@ -6,6 +6,7 @@ next to it is a boundary, a letter or digit is not). Patterns only find candidat
 then goes through the detector's checks.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +41,20 @@ def _mobile_digits(token: str) -> tuple[str, bool]:
 def _check_mobile(token: str) -> Steps:
     digits, consistent = _mobile_digits(token)
     return [("separators, if any, group the number 3-4-4", consistent)] + (v.check_mobile(digits) if consistent else [])
+
+
+# An ID number may be written in groups, 6-8-4 or 6-4-4-4, with spaces, hyphens or ideographic spaces.
+_ID_SEPARATORS = frozenset(" -\u3000")
+
+
+def _check_id_card(token: str) -> Steps:
+    separators = {c for c in token if c in _ID_SEPARATORS}
+    if not separators:
+        return v.check_id_card(token)
+    groups = [len(group) for group in re.split("[ \\-\u3000]", token)]
+    grouped = len(separators) == 1 and groups in ([6, 8, 4], [6, 4, 4, 4])
+    steps: Steps = [("grouped 6-8-4 or 6-4-4-4 with one kind of separator", grouped)]
+    return steps + v.check_id_card("".join(c for c in token if c not in _ID_SEPARATORS)) if grouped else steps
 
 
 def _check_card(token: str) -> Steps:
@@ -92,13 +107,15 @@ def _hints(*names: str) -> frozenset[str]:
 
 
 _NUMBER_SEP = r"[ \-]"
+_ID_SEP = r"(?:[ \-]|\xe3\x80\x80)"  # or U+3000, in UTF-8 (an ideographic space is folded only beside full-width digits)
 _PROVINCE_ALTERNATION = "(?:" + "|".join(v.PLATE_PROVINCES) + ")"
 
 DETECTORS: dict[str, Detector] = {d.name: d for d in (
     Detector(
         "cn_id_card", "18-character resident ID number (GB 11643)",
-        (r"\b[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx]\b",),
-        v.check_id_card, lambda t: mask_middle(t, 4, 4), priority=60,
+        (r"\b[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx]\b",
+         rf"\b[1-8][0-9]{{5}}{_ID_SEP}(?:18|19|20)[0-9]{{2}}{_ID_SEP}?[01][0-9][0-3][0-9]{_ID_SEP}[0-9]{{3}}[0-9Xx]\b"),
+        _check_id_card, lambda t: mask_middle(t, 4, 4), priority=60, group_separators=b" -",
         hint_fields=_hints("sfzh", "sfz", "sfzhm", "zjhm", "idcard", "id_card", "idno", "id_no", "idnumber",
                            "id_number", "identity", "身份证", "身份证号", "身份证号码", "证件号", "证件号码"),
     ),

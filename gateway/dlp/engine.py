@@ -39,6 +39,7 @@ from gateway.dlp.rules import (
     rule_files,
 )
 from gateway.dlp.stream import StreamScan
+from gateway.dlp.tally import FindingGroup, Tally
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -65,8 +66,21 @@ class Finding:
 
 @dataclass
 class ScanResult:
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # the first Limits.max_findings
     action: str | None = None
+    # Every finding, kept or not, counted per rule, type and action (gateway.dlp.tally).
+    groups: list[FindingGroup] | None = None
+    # Every value to redact, kept or not: what is masked must not depend on how many there were.
+    replacements: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            tally = Tally()
+            for f in self.findings:
+                tally.add(f.rule, f.type, f.action, f.location)
+            self.groups = tally.groups()
+        if self.replacements is None:
+            self.replacements = _replacements(self.findings)
 
     @property
     def clean(self) -> bool:
@@ -230,8 +244,7 @@ class Profile:
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:
         from gateway.dlp.redact import redact_body
-        replacements = {f.value: f.masked for f in result.findings
-                        if f.action == "redact" and f.value and f.type != UNINSPECTABLE}
+        replacements = result.replacements
         if not replacements:
             return body
         redacted = redact_body(body, content_type, content_encoding, replacements, self.limits)
@@ -260,10 +273,19 @@ class Profile:
                     host: str | None) -> ScanResult:
         if not detections and not problems:
             return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
-        findings: list[Finding] = [
-            Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason)
-            for location, reason in problems
-        ]
+        findings: list[Finding] = []
+        tally = Tally()
+        replacements: dict[str, str] = {}
+
+        def found(finding: Finding) -> None:  # kept up to the limit, counted and redacted whatever the number
+            tally.add(finding.rule, finding.type, finding.action, finding.location)
+            if _redacts(finding):
+                replacements[finding.value] = finding.masked
+            if len(findings) < self.limits.max_findings:
+                findings.append(finding)
+
+        for location, reason in problems:
+            found(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason))
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         masks = {d.value: d.masked for d in detections if d.value and d.masked != d.value}
@@ -280,9 +302,10 @@ class Profile:
                 if (d.value, d.location) in seen:
                     continue
                 seen.add((d.value, d.location))
-                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
-                                        d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
-        return ScanResult(findings, strongest([f.action for f in findings]))
+                found(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
+                              d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
+        groups = tally.groups()
+        return ScanResult(findings, strongest([group.action for group in groups]), groups, replacements)
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
         wanted = self._rule_of_field_name
@@ -386,6 +409,14 @@ class Profile:
         return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
 
 
+def _redacts(finding: Finding) -> bool:
+    return finding.action == "redact" and bool(finding.value) and finding.type != UNINSPECTABLE
+
+
+def _replacements(findings: list[Finding]) -> dict[str, str]:
+    return {f.value: f.masked for f in findings if _redacts(f)}
+
+
 def _masked(text: str, masks: dict[str, str]) -> str:
     for value, masked in masks.items():
         if value in text:
@@ -411,7 +442,7 @@ def _whole_token(data: bytes, start: int, end: int) -> bool:
 
 def _continued(data: bytes, start: int, end: int, separators: bytes) -> bool:
     """A grouped number followed or preceded by another group belongs to a longer number."""
-    if data[start:end].isdigit():
+    if data[start:end].rstrip(b"Xx").isdigit():  # not grouped (an ID number may end in X)
         return False
     after = data[end:end + 2]
     before = data[max(start - 2, 0):start]

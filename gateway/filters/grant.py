@@ -10,6 +10,7 @@ the transfer's trace record (`grant`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Protocol
@@ -29,6 +30,7 @@ GRANT_HEADER = "X-Data-Grant"
 GRANT_ID_HEADER = "X-Data-Grant-Id"
 LICENCE_HEADER = "X-Data-Licence"
 QUOTA_SCOPES = "grant_quota_scopes"
+REVOCATION_POLL = 1.0  # seconds; the view itself reads the file at most once a second
 
 
 class GrantGateway(Protocol):
@@ -41,6 +43,7 @@ class Grant:
         self.gateway = gateway
         self._gate: Gate | None = None
         self._quota: QuotaStore | None = None
+        self._poller: asyncio.Task | None = None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -76,9 +79,19 @@ class Grant:
             flow.response.headers["Retry-After"] = str(exceeded.reset)
 
     def running(self) -> None:
-        """Read the revocation list at start: its age is exported before the first request."""
+        """Read the revocation list at start, and again every REVOCATION_POLL: every worker's view (and the
+        age the metric exports, the oldest of any worker's) follows the file without waiting for requests."""
+        self._refresh_revocation(force=True)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_revocation())
+
+    async def _poll_revocation(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_POLL)
+            self._refresh_revocation()
+
+    def _refresh_revocation(self, force: bool = False) -> None:
         if (gate := self._current_gate()) is not None:
-            gate.revocation.refresh(force=True)
+            gate.revocation.refresh(force=force)
             if gate.revocation.current is not None:
                 self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
 
@@ -92,6 +105,8 @@ class Grant:
         self._quota.add(transfer.extra[QUOTA_SCOPES], records, body_size(transfer, "response", response), time.time())
 
     def done(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         if self._quota is not None:
             self._quota.close()
 

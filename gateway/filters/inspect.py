@@ -5,17 +5,27 @@ fields are inspected with the rule's request profile (data leaving the client's 
 bodies and trailers with its response profile (data arriving), WebSocket messages by their direction.
 Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
 as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
+Every scan of a transfer spends from its inspection budget (`dlp.inspection_budget`, CPU seconds,
+gateway.dlp.budget); past it what is left is uninspectable, and the profile's `uninspectable` applies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from mitmproxy import http
 
 from gateway.dlp import Profile, ScanResult
+from gateway.dlp.budget import (
+    OVER_BUDGET,
+    STREAM_BYTES_PER_SECOND,
+    BudgetExceeded,
+    InspectionBudget,
+)
 from gateway.dlp.coding import DecodeError
+from gateway.dlp.stream import StreamScan
 from gateway.filters import Gateway, refuse, transfer_of
 from gateway.trace import body_hasher
 from gateway.transfer.edge import TOO_BIG
@@ -25,6 +35,9 @@ from gateway.transfer.spool import SpooledBody
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
 INLINE_SCAN_LIMIT = 64 * 1024
+# CPU seconds such a body may take there (it may hold compressed or encoded text that expands): past
+# it, its scan starts again in a worker thread with what is left of the budget.
+INLINE_SCAN_SLICE = 0.05
 
 
 class Inspect:
@@ -39,8 +52,9 @@ class Inspect:
         if profile is not None:
             # The head before anything is forwarded or spooled.
             request = flow.request
-            head = profile.scan_head(request.path, list(request.headers.items(multi=True)), direction="request",
-                                     host=transfer.upstream_host, method=request.method)
+            head = self._within_budget(transfer, profile, "request", "request head", lambda: profile.scan_head(
+                request.path, list(request.headers.items(multi=True)), direction="request",
+                host=transfer.upstream_host, method=request.method))
             self._apply(flow, transfer, head, rewritable=False)
             if not flow.response and _unread_transfer_coding(transfer, request):
                 refuse(flow, transfer)
@@ -53,8 +67,9 @@ class Inspect:
             return
         response = flow.response
         profile = self._profile(transfer, "response")
-        head = profile.scan_head("/", list(response.headers.items(multi=True)), direction="response",
-                                 host=transfer.upstream_host) if profile else None
+        head = self._within_budget(transfer, profile, "response", "response head", lambda: profile.scan_head(
+            "/", list(response.headers.items(multi=True)), direction="response",
+            host=transfer.upstream_host)) if profile else None
         if profile is not None:
             _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
         if not self._needs_spool(response):
@@ -64,11 +79,16 @@ class Inspect:
         if head is not None and head.action is not None:
             # A spooled response's head goes out before its body is scanned: one that would be refused
             # leaves without the fields that hold findings, and its body is then cut.
-            transfer.escalate(_unrewritable(head.action), _reasons(head))
+            transfer.escalate(_unrewritable(head.action), head.groups)
             if transfer.stopped:
-                for name, value in list(response.headers.items(multi=True)):
-                    if profile.scan_head("/", [(name, value)], direction="response").action in ("block", "redact"):
-                        del response.headers[name]
+                fields = list(response.headers.items(multi=True))
+                try:
+                    holding = self._budget(transfer).spend(lambda: [name for name, value in fields if profile.scan_head(
+                        "/", [(name, value)], direction="response").action in ("block", "redact")])
+                except BudgetExceeded:
+                    holding = [name for name, _ in fields]  # not known which: none leaves
+                for name in holding:
+                    response.headers.pop(name, None)
         response.stream = self._spooling(flow, transfer, "response", response)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -82,7 +102,8 @@ class Inspect:
         self._apply(flow, transfer, self._trailers(transfer, "request", request), rewritable=False)
         if flow.response or not request.raw_content:
             return
-        result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest)
+        result = await _scan(profile, request.raw_content, request.headers, "request", transfer, self._digest,
+                             self._budget(transfer))
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.response:
             _redact(flow, transfer, profile, request, result)
@@ -102,7 +123,8 @@ class Inspect:
         self._apply(flow, transfer, self._trailers(transfer, "response", response), rewritable=False)
         if profile is None or flow.metadata.get("gateway_refused") or not response.raw_content:
             return
-        result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest)
+        result = await _scan(profile, response.raw_content, response.headers, "response", transfer, self._digest,
+                             self._budget(transfer))
         self._apply(flow, transfer, result)
         if result.action == "redact" and not flow.metadata.get("gateway_refused"):
             _redact(flow, transfer, profile, response, result)
@@ -117,16 +139,20 @@ class Inspect:
         if profile is None:
             return
         content_type = "text/plain; charset=utf-8" if message.is_text else "application/octet-stream"
-        result = profile.scan(message.content, content_type=content_type, direction=direction,
-                              host=transfer.upstream_host)
+        where = "client message" if message.from_client else "upstream message"
+        try:  # each message a budget of its own: a connection may last for days
+            result = InspectionBudget(self.gateway.runtime.config.inspection_budget).spend(lambda: profile.scan(
+                message.content, content_type=content_type, direction=direction, host=transfer.upstream_host))
+        except BudgetExceeded:
+            result = _over_budget(profile, direction, where, transfer.upstream_host)
         if result.action is None:
             return
-        reasons = _reasons(result)
+        reasons = result.groups
         action = _unrewritable(result.action)
         if action == "block":
             message.drop()  # a message cannot be answered with a 403: it is dropped, the decision recorded
         transfer.escalate(action, reasons)
-        transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + len(reasons)
+        transfer.extra["websocket_findings"] = transfer.extra.get("websocket_findings", 0) + sum(group.count for group in reasons)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -148,7 +174,8 @@ class Inspect:
         scan = profile.stream(content_type=message.headers.get("content-type"),
                               content_encoding=message.headers.get("content-encoding"),
                               direction=direction, host=transfer.upstream_host) if profile else None
-        spool = SpooledBody(config.state_dir / "spool", scan, config.body_digest)
+        budgeted = BudgetedStream(scan, self._budget(transfer)) if scan else None
+        spool = SpooledBody(config.state_dir / "spool", budgeted, config.body_digest)
         transfer.spools[direction] = spool
 
         # "Nothing to send" is an empty list, never b"": an empty chunk would end a chunked body.
@@ -162,7 +189,7 @@ class Inspect:
             for found in (result, self._trailers(transfer, direction, message)):
                 if found is not None and found.action is not None:
                     # A streamed body cannot be rewritten after the fact.
-                    transfer.escalate(_unrewritable(found.action), _reasons(found))
+                    transfer.escalate(_unrewritable(found.action), found.groups)
             if transfer.stopped or not all(check() for check in transfer.before_release):
                 spool.discard()
                 transfer.cut = True
@@ -187,20 +214,66 @@ class Inspect:
         if profile is None or not message.trailers:
             return None
         fields = [(f"trailer:{name}", name, value) for name, value in message.trailers.items(multi=True)]
-        return profile.scan_fields(fields, direction=direction, host=transfer.upstream_host)
+        return self._within_budget(transfer, profile, direction, "trailers", lambda: profile.scan_fields(
+            fields, direction=direction, host=transfer.upstream_host))
+
+    def _budget(self, transfer: Transfer) -> InspectionBudget:
+        budget = transfer.extra.get("inspection_budget")
+        if budget is None:
+            budget = transfer.extra["inspection_budget"] = InspectionBudget(
+                self.gateway.runtime.config.inspection_budget)
+        return budget
+
+    def _within_budget(self, transfer: Transfer, profile: Profile, direction: str, where: str,
+                       scan: Callable[[], ScanResult]) -> ScanResult:
+        try:
+            return self._budget(transfer).spend(scan)
+        except BudgetExceeded:
+            return _over_budget(profile, direction, where, transfer.upstream_host)
 
     def _apply(self, flow: http.HTTPFlow, transfer: Transfer, result: ScanResult | None,
                rewritable: bool = True) -> None:
         if result is None or result.action is None:
             return
         action = result.action if rewritable else _unrewritable(result.action)
-        transfer.escalate(action, _reasons(result))
+        transfer.escalate(action, result.groups)
         if action == "block":
             refuse(flow, transfer)
 
 
+class BudgetedStream:
+    """A streamed body's scan, spending from its transfer's budget (one more second per
+    STREAM_BYTES_PER_SECOND received): past it the rest is not scanned, and the body is uninspectable."""
+
+    def __init__(self, scan: StreamScan, budget: InspectionBudget):
+        self.scan = scan
+        self.budget = budget
+        self.received = 0
+        self.over = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if not self.over:
+            try:
+                self.budget.spend(lambda: self.scan.feed(chunk), allowance=self.received / STREAM_BYTES_PER_SECOND)
+            except BudgetExceeded:
+                self.over = True
+
+    def finish(self) -> ScanResult:
+        if not self.over:
+            try:
+                return self.budget.spend(self.scan.finish, allowance=self.received / STREAM_BYTES_PER_SECOND)
+            except BudgetExceeded:
+                pass
+        return _over_budget(self.scan.profile, self.scan.direction, self.scan.location, self.scan.host)
+
+
+def _over_budget(profile: Profile, direction: str, where: str, host: str | None) -> ScanResult:
+    return profile.apply_rules([], [(f"{where} ({OVER_BUDGET})", OVER_BUDGET)], direction, host)
+
+
 async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction: str, transfer: Transfer,
-                digest: str) -> ScanResult:
+                digest: str, budget: InspectionBudget) -> ScanResult:
     def scan() -> ScanResult:
         return profile.scan(body, content_type=headers.get("content-type"), content_encoding=headers.get(
             "content-encoding"), direction=direction, host=transfer.upstream_host)
@@ -213,7 +286,17 @@ async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction:
         return scan()
 
     started = time.perf_counter()
-    result = scan() if len(body) <= INLINE_SCAN_LIMIT else await asyncio.to_thread(scan_and_digest)
+    result = None
+    if len(body) <= INLINE_SCAN_LIMIT:
+        try:
+            result = budget.spend(scan, at_most=INLINE_SCAN_SLICE)
+        except BudgetExceeded:
+            pass  # too slow for the event loop: scanned again in a worker thread with what is left
+    if result is None:
+        try:
+            result = await asyncio.to_thread(budget.spend, scan_and_digest)
+        except BudgetExceeded:
+            result = _over_budget(profile, direction, "body", transfer.upstream_host)
     # The Measure stage reports it as gateway_inspection_duration_seconds{direction}.
     transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
     return result
@@ -251,10 +334,6 @@ def _unrewritable(action: str) -> str:
     """The action for what cannot be rewritten value by value (a head, a body already streaming):
     redact fails closed, as block."""
     return "block" if action == "redact" else action
-
-
-def _reasons(result: ScanResult) -> list[Reason]:
-    return [Reason(f.rule, f.type, f.location, f.action) for f in result.findings]
 
 
 def _fix_length(message: http.Message) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from typing import Protocol
 
 from mitmproxy import connection, http, tls
@@ -185,14 +186,21 @@ class Measure:
                                                direction=direction).inc(size)
 
     def _count_findings(self, transfer: Transfer) -> int:
-        """Count the reasons added since the last call (WebSocket messages add more after the handshake)."""
+        """Count the findings added since the last call (WebSocket messages add more after the handshake)."""
         counted = transfer.extra.get("findings_counted", 0)
-        new = transfer.reasons[counted:]
+        new = Counter()
+        for group in transfer.reasons[counted:]:
+            new[(group.rule, group.type, group.action)] += group.count
         transfer.extra["findings_counted"] = len(transfer.reasons)
-        findings = [reason for reason in new if reason.type not in NOT_DLP_TYPES]
-        for reason in findings:
-            self.metrics.dlp_findings.labels(rule=reason.rule, type=reason.type, action=reason.action).inc()
-        return len(findings)
+        omitted = Counter(transfer.reasons_omitted)  # groups past MAX_REASON_GROUPS, only counted
+        new.update(omitted - transfer.extra.get("omitted_counted", Counter()))
+        transfer.extra["omitted_counted"] = omitted
+        findings = 0
+        for (rule, type, action), count in new.items():
+            if type not in NOT_DLP_TYPES:
+                self.metrics.dlp_findings.labels(rule=rule, type=type, action=action).inc(count)
+                findings += count
+        return findings
 
     def refresh_trace_metrics(self) -> None:
         """Copy the trace log's own counters into the metrics (after each transfer, and before each scrape)."""

@@ -6,6 +6,7 @@ transfer id is the one the client sees in X-Gateway-Transfer-Id.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Protocol
@@ -18,12 +19,14 @@ from gateway.dlp import mask_text, mask_url
 from gateway.filters import body_size, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
+from gateway.trace.tiles import MAX_ENTRY
 from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
     Reason,
     Transfer,
+    reason_entries,
     utc_timestamp,
 )
 
@@ -38,6 +41,7 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+RECORD_SLACK = 64  # room kept for "rules_omitted" and the record's worker field
 
 
 class Record:
@@ -107,12 +111,12 @@ class Record:
             status, cause = answer
             if cause == UPSTREAM:
                 where = f"{transfer.upstream_host}:{transfer.upstream_port}"
-                transfer.reasons.append(Reason("upstream", "upstream", where, "error"))
+                transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
                 refuse(flow, transfer, status=status, error="upstream failed")
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
-                transfer.reasons.append(MALFORMED_REQUEST)
+                transfer.add_reasons([MALFORMED_REQUEST])
                 refuse(flow, transfer, status=status, error="malformed request")
         await self._record(flow, transfer)
 
@@ -179,7 +183,7 @@ class Record:
 
     def _fields(self, transfer: Transfer, *, method: str | None, url: str | None, status: int | None,
                 req_bytes: int, resp_bytes: int, req_digest: str | None, resp_digest: str | None) -> dict[str, Any]:
-        return {
+        record = {
             "v": 1,
             "id": transfer.id,
             "time": utc_timestamp(),
@@ -197,10 +201,17 @@ class Record:
             "resp_digest": resp_digest,
             "decision": transfer.decision,
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
-            "rules": [r.entry() for r in transfer.reasons],
+            "rules": [],
             "grant": transfer.extra.get("grant"),  # set by the grant stage for a catalogued dataset
             "error": transfer.error,
         }
+        # Reasons fill what the entry limit leaves (a bulk export has thousands of findings: they are
+        # counted per rule and type, with their first locations; see gateway.dlp.tally).
+        room = MAX_ENTRY - len(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()) - RECORD_SLACK
+        record["rules"], omitted = reason_entries(transfer, room)
+        if omitted:
+            record["rules_omitted"] = omitted
+        return record
 
 
 def _tunnel_established(flow: http.HTTPFlow, transfer: Transfer) -> http.Response:
@@ -239,5 +250,5 @@ def _hash(name: str, body: bytes) -> str:
 
 def _alert(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("id", "time", "frontend", "listener", "client", "upstream", "method", "url", "status",
-            "decision", "policy_rule", "rules")
-    return {key: record[key] for key in keys}
+            "decision", "policy_rule", "rules", "rules_omitted")
+    return {key: record[key] for key in keys if key in record}

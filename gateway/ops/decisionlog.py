@@ -13,7 +13,9 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from gateway.transfer.model import Transfer, utc_timestamp
+from gateway.transfer.model import Transfer, reason_entries, utc_timestamp
+
+REASONS_ROOM = 16 * 1024  # bytes of reasons in one line (grouped and counted past it, see gateway.dlp.tally)
 
 
 class DecisionLog:
@@ -32,7 +34,8 @@ class DecisionLog:
 
 
 def decision_entry(transfer: Transfer, *, method: str | None, status: int | None, event: str) -> dict[str, Any]:
-    return {
+    reasons, omitted = reason_entries(transfer, REASONS_ROOM)
+    entry = {
         "time": utc_timestamp(),
         "level": "error" if transfer.decision == "error" else "warning",
         "event": event,
@@ -46,6 +49,9 @@ def decision_entry(transfer: Transfer, *, method: str | None, status: int | None
         "status": status,
         "decision": transfer.decision,
         "policy_rule": transfer.verdict.rule if transfer.verdict else None,
-        "reasons": [r.entry() for r in transfer.reasons],
+        "reasons": reasons,
         "error": transfer.error,
     }
+    if omitted:
+        entry["reasons_omitted"] = omitted
+    return entry

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config.policy import Verdict
+from gateway.dlp.tally import FindingGroup, fit, single
 
 METADATA_KEY = "gateway"
 TRANSFER_ID_HEADER = "X-Gateway-Transfer-Id"
 WARNING_HEADER = "X-Gateway-Warning"
 # Decisions, weakest first: a transfer's decision only ever moves to a stronger one.
 DECISION_ORDER = ("allow", "audit", "warn", "redact", "block", "deny", "error")
+# Groups of reasons a transfer keeps (a WebSocket connection adds some with every message); past it
+# they are only counted, by rule, type and action.
+MAX_REASON_GROUPS = 256
+REFUSAL_ROOM = 8 * 1024  # bytes of reasons in a refusal body
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,6 @@ class Reason:
     type: str
     location: str
     action: str
-
-    def public(self) -> dict[str, str]:
-        return {"rule": self.rule, "type": self.type, "location": self.location}
-
-    def entry(self) -> dict[str, str]:
-        """As trace records and the decision log write it: `public()` plus the action."""
-        return {"rule": self.rule, "type": self.type, "location": self.location, "action": self.action}
 
 
 @dataclass
@@ -47,7 +45,9 @@ class Transfer:
     upstream_zone: str = "unknown"
     verdict: Verdict | None = None
     decision: str = "allow"
-    reasons: list[Reason] = field(default_factory=list)
+    # Why, grouped per rule, type and action as each scan (or stage) found them (gateway.dlp.tally).
+    reasons: list[FindingGroup] = field(default_factory=list)
+    reasons_omitted: dict[tuple[str, str, str], int] = field(default_factory=dict)  # past MAX_REASON_GROUPS
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     recorded: bool = False
@@ -60,10 +60,20 @@ class Transfer:
     cut: bool = False  # a spooled body was withheld: the connection is cut, not answered
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def escalate(self, decision: str, reasons: list[Reason] = ()) -> None:
+    def escalate(self, decision: str, reasons: Iterable[Reason | FindingGroup] = ()) -> None:
         if DECISION_ORDER.index(decision) > DECISION_ORDER.index(self.decision):
             self.decision = decision
-        self.reasons.extend(reasons)
+        self.add_reasons(reasons)
+
+    def add_reasons(self, reasons: Iterable[Reason | FindingGroup]) -> None:
+        for reason in reasons:
+            if isinstance(reason, Reason):
+                reason = single(reason.rule, reason.type, reason.location, reason.action)
+            if len(self.reasons) < MAX_REASON_GROUPS:
+                self.reasons.append(reason)
+            else:
+                key = (reason.rule, reason.type, reason.action)
+                self.reasons_omitted[key] = self.reasons_omitted.get(key, 0) + reason.count
 
     @property
     def stopped(self) -> bool:
@@ -76,8 +86,18 @@ def utc_timestamp() -> str:
 
 
 def refusal_body(transfer: Transfer, error: str = "blocked") -> bytes:
-    """The JSON a client gets with a refusal: which rules, of what type, where; never the value."""
-    reasons = [r.public() for r in transfer.reasons if r.action in ("block", "deny", "error")] or [
-        r.public() for r in transfer.reasons]
-    return json.dumps({"error": error, "transfer_id": transfer.id, "reasons": reasons},
-                      ensure_ascii=False).encode()
+    """The JSON a client gets with a refusal: which rules, of what type, how many, where (the first
+    few places); never the value. Bounded: reasons with no room are counted in `reasons_omitted`."""
+    stopping = [r for r in transfer.reasons if r.action in ("block", "deny", "error")] or transfer.reasons
+    reasons, omitted = fit(stopping, REFUSAL_ROOM, public=True)
+    answer: dict[str, Any] = {"error": error, "transfer_id": transfer.id, "reasons": reasons}
+    if omitted:
+        answer["reasons_omitted"] = omitted
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def reason_entries(transfer: Transfer, room: int) -> tuple[list[dict], int]:
+    """A transfer's reasons as records and logs write them, in at most `room` bytes, and how many
+    findings they leave out (see gateway.dlp.tally.fit)."""
+    entries, omitted = fit(transfer.reasons, room)
+    return entries, omitted + sum(transfer.reasons_omitted.values())

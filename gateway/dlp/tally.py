@@ -1,0 +1,103 @@
+"""Findings grouped per rule, type and action: a count, the first few locations and a digest of them all.
+
+A bulk export holds a finding in every record: thousands of them. What is kept of them (a scan
+result, a transfer's reasons, its trace record, the client's refusal) must stay bounded whatever the
+body, yet still say how many there were and pin down where: each group keeps its count, its first
+`KEPT_LOCATIONS` locations, and the SHA-256 of every location in the order found (each as a JSON
+string on a line of its own), which anyone re-scanning the body can recompute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+KEPT_LOCATIONS = 5
+LOCATION_CHARS = 200  # a location names fields as the sender wrote them: a longer one is cut when shown
+
+
+@dataclass(frozen=True)
+class FindingGroup:
+    rule: str
+    type: str
+    action: str
+    count: int
+    locations: tuple[str, ...]  # the first KEPT_LOCATIONS, in the order found
+    locations_sha256: str       # of all `count` locations, see locations_digest()
+
+    def entry(self, kept: int = KEPT_LOCATIONS) -> dict:
+        """As trace records, alerts and the decision log write it."""
+        return {"rule": self.rule, "type": self.type, "action": self.action, "count": self.count,
+                "locations": [_cut(location) for location in self.locations[:kept]],
+                "locations_sha256": self.locations_sha256}
+
+    def public(self, kept: int = KEPT_LOCATIONS) -> dict:
+        """As a refusal shows it to the client."""
+        return {"rule": self.rule, "type": self.type, "count": self.count,
+                "locations": [_cut(location) for location in self.locations[:kept]]}
+
+
+def locations_digest(locations: Iterable[str]) -> str:
+    """SHA-256 of the locations, each as a JSON string (UTF-8, non-ASCII as is) and a newline."""
+    hasher = hashlib.sha256()
+    for location in locations:
+        hasher.update(_line(location))
+    return hasher.hexdigest()
+
+
+class Tally:
+    """Groups findings as they are added, in the order their group was first seen."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, str, str], tuple[list[int], list[str], "hashlib._Hash"]] = {}
+
+    def add(self, rule: str, type: str, action: str, location: str) -> None:
+        group = self._groups.get((rule, type, action))
+        if group is None:
+            group = self._groups[(rule, type, action)] = ([0], [], hashlib.sha256())
+        count, locations, hasher = group
+        count[0] += 1
+        if len(locations) < KEPT_LOCATIONS:
+            locations.append(location)
+        hasher.update(_line(location))
+
+    def groups(self) -> list[FindingGroup]:
+        return [FindingGroup(rule, type, action, count[0], tuple(locations), hasher.hexdigest())
+                for (rule, type, action), (count, locations, hasher) in self._groups.items()]
+
+
+def single(rule: str, type: str, location: str, action: str) -> FindingGroup:
+    """One reason that is not a scan's finding (a policy deny, a framing error, ...)."""
+    return FindingGroup(rule, type, action, 1, (location,), locations_digest([location]))
+
+
+def fit(groups: list[FindingGroup], room: int, public: bool = False) -> tuple[list[dict], int]:
+    """The groups' entries in at most `room` bytes of JSON, and how many findings had no room.
+
+    Each group keeps its first locations while they fit, then one, then none (its count and digest
+    still say how many and which); groups that do not fit even so are left out, counted."""
+    shown = (lambda group, kept: group.public(kept)) if public else (lambda group, kept: group.entry(kept))
+    for kept in (KEPT_LOCATIONS, 1, 0):
+        entries = [shown(group, kept) for group in groups]
+        if _size(entries) <= room:
+            return entries, 0
+    used = 2  # the brackets
+    for index, entry in enumerate(entries):
+        used += _size(entry) + 1
+        if used > room:
+            return entries[:index], sum(group.count for group in groups[index:])
+    return entries, 0
+
+
+def _size(value: object) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _line(location: str) -> bytes:
+    return json.dumps(location, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
+
+
+def _cut(location: str) -> str:
+    return location if len(location) <= LOCATION_CHARS else location[:LOCATION_CHARS] + "…"

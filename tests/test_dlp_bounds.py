@@ -1,0 +1,142 @@
+"""Bounded findings: a scan keeps at most `limits.max_findings` of them and counts the rest; records,
+refusals and decision lines summarise them per rule, type and action, and always fit their limits."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.dlp import load_rules
+from gateway.dlp.decode import Limits
+from gateway.dlp.engine import single_rule_profile
+from gateway.dlp.tally import (
+    KEPT_LOCATIONS,
+    LOCATION_CHARS,
+    FindingGroup,
+    Tally,
+    locations_digest,
+)
+from gateway.dlp.validators import luhn_valid
+from gateway.filters.record import Record
+from gateway.ops.decisionlog import DecisionLog
+from gateway.trace.log import encode_record
+from gateway.trace.tiles import MAX_ENTRY
+from gateway.transfer.model import (
+    MAX_REASON_GROUPS,
+    REFUSAL_ROOM,
+    Reason,
+    Transfer,
+    refusal_body,
+)
+from tests.citizens import citizens, citizens_json
+
+RULES = "config/dlp"
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules(RULES)
+
+
+def test_findings_past_the_limit_are_counted_with_a_digest_of_every_location(rules):
+    body = citizens_json(1200)
+    result = rules.profile("outbound").scan(body, content_type="application/json")
+    assert result.action == "block" and len(result.findings) == 1000  # Limits().max_findings
+    group = next(g for g in result.groups if g.rule == "id-card")
+    assert group.count == 1200 and len(group.locations) == KEPT_LOCATIONS
+    assert group.locations[:2] == ("body:$[0].sfzh", "body:$[1].sfzh")
+    # Every location, in the order found, is in the digest: the same as a scan keeping them all.
+    unbounded = single_rule_profile(rules.rules["id-card"], limits=Limits(max_findings=10_000))
+    everything = unbounded.scan(body, content_type="application/json").findings
+    assert len(everything) == 1200
+    assert group.locations_sha256 == locations_digest(f.location for f in everything)
+    assert group.locations_sha256 == locations_digest(f"body:$[{i}].sfzh" for i in range(1200))
+
+
+def test_values_past_the_limit_are_redacted_all_the_same(rules):
+    """What is masked must not depend on how many findings were kept: all 1,500 cards are masked."""
+    cards = [_card(index) for index in range(1500)]
+    body = "\n".join(f"卡号 {card}" for card in cards).encode()
+    profile = rules.profile("inbound")
+    result = profile.scan(body, content_type="text/plain; charset=utf-8", direction="response")
+    assert result.action == "redact" and len(result.findings) == 1000 and len(result.replacements) == 1500
+    redacted = profile.redact(body, content_type="text/plain; charset=utf-8", result=result).decode()
+    assert not any(card in redacted for card in cards)
+
+
+def _card(index: int) -> str:
+    first15 = f"622848{index:09d}"
+    return next(first15 + digit for digit in "0123456789" if luhn_valid(first15 + digit))
+
+
+def test_a_record_of_the_largest_possible_findings_list_fits_the_entry_limit(rules):
+    """Every rule of the shipped configuration firing on every type it can give, in every part of a
+    transfer, each a million times at locations as long and as costly to encode as a sender can make
+    them, past MAX_REASON_GROUPS too: the record still fits, and says how many it could not itemise."""
+    transfer = _transfer()
+    long_location = "body:$." + "\x01键" * 10_000
+    types = {(rule.id, name) for rule in rules.rules.values() for name in rule.detectors}
+    types |= {(rule.id, rule.type or "pattern") for rule in rules.rules.values()}
+    for part in range(MAX_REASON_GROUPS // len(types) + 2):
+        tally = Tally()
+        for rule, type in sorted(types):
+            for action in ("block", "redact"):
+                for index in range(KEPT_LOCATIONS + 1):
+                    tally.add(rule, type, action, f"{long_location}{part}.{index}")
+        transfer.escalate("block", [FindingGroup(g.rule, g.type, g.action, 1_000_000, g.locations,
+                                                 g.locations_sha256) for g in tally.groups()])
+    assert len(transfer.reasons) == MAX_REASON_GROUPS and transfer.reasons_omitted
+    record = _record(transfer)
+    assert len(encode_record(record)) <= MAX_ENTRY
+    itemised = sum(entry["count"] for entry in record["rules"])
+    total = sum(g.count for g in transfer.reasons) + sum(transfer.reasons_omitted.values())
+    assert record["rules_omitted"] > 0 and itemised + record["rules_omitted"] == total
+    assert len(refusal_body(transfer)) <= REFUSAL_ROOM + 200
+
+
+def test_a_bulk_export_is_recorded_with_its_counts_and_first_locations(rules):
+    transfer = _transfer()
+    result = rules.profile("outbound").scan(citizens_json(2000), content_type="application/json")
+    transfer.escalate("block", result.groups)
+    record = _record(transfer)
+    assert len(encode_record(record)) < 4096 and "rules_omitted" not in record
+    entry = next(e for e in record["rules"] if e["rule"] == "id-card")
+    assert entry == {"rule": "id-card", "type": "cn_id_card", "action": "block", "count": 2000,
+                     "locations": [f"body:$[{i}].sfzh" for i in range(KEPT_LOCATIONS)],
+                     "locations_sha256": locations_digest(f"body:$[{i}].sfzh" for i in range(2000))}
+    answer = json.loads(refusal_body(transfer))
+    assert {"rule": "id-card", "type": "cn_id_card", "count": 2000,
+            "locations": entry["locations"]} in answer["reasons"]
+    assert not any(person["sfzh"] in json.dumps(record, ensure_ascii=False) for person in citizens(2000))
+
+
+def test_locations_are_cut_when_shown_but_digested_whole():
+    transfer = _transfer()
+    location = "body:$." + "长" * 1000
+    transfer.escalate("block", [Reason("id-card", "cn_id_card", location, "block")])
+    entry = _record(transfer)["rules"][0]
+    assert entry["locations"] == [location[:LOCATION_CHARS] + "…"]
+    assert entry["locations_sha256"] == locations_digest([location])
+
+
+def test_a_decision_line_is_bounded_too():
+    transfer = _transfer()
+    transfer.escalate("block", [Reason(f"rule-{i}", "keyword", "body:" + "x" * 150, "block") for i in range(500)])
+    lines = []
+    DecisionLog(SimpleNamespace(write=lines.append, flush=lambda: None)).write(transfer)
+    entry = json.loads(lines[0])
+    assert len(lines[0]) < 20_000 and entry["reasons_omitted"] > 0
+    assert len(entry["reasons"]) + entry["reasons_omitted"] == 500
+
+
+def _transfer() -> Transfer:
+    return Transfer(id="t-bounds", listener="forward", client_addr="127.0.0.1:5000", client_zone="extranet",
+                    upstream_host="127.0.0.2", upstream_port=8000, upstream_zone="internet")
+
+
+def _record(transfer: Transfer) -> dict:
+    gateway = SimpleNamespace(runtime=SimpleNamespace(config=SimpleNamespace(name="frontend-test")))
+    return Record(gateway)._fields(transfer, method="POST", url="http://127.0.0.2:8000/upload", status=403,
+                                   req_bytes=1_000_000, resp_bytes=0, req_digest=None, resp_digest=None)
