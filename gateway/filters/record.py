@@ -199,6 +199,7 @@ class Record:
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
             "rules": [r.entry() for r in transfer.reasons],
             "grant": transfer.extra.get("grant"),  # set by the grant stage for a catalogued dataset
+            "consent": transfer.extra.get("consent"),  # records passed / masked / dropped (consent stage)
             "error": transfer.error,
         }
 
