@@ -16,7 +16,8 @@ once withdrawn stays withdrawn, whatever a later batch says; `withdraw` (the ope
 takes consent away, so it needs no signature. The registry's age is that of the newest batch the
 platform issued: the platform issues one (empty if nothing changed) at least every `max_age`.
 
-Several workers read the file at once (WAL); a response's subjects are looked up in one query.
+Several workers read the file at once (WAL); a response's subjects are looked up in one query, answered
+from the index alone (it covers every column the lookup reads).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS consents (
     cid TEXT PRIMARY KEY, subject BLOB NOT NULL, consumer TEXT NOT NULL, scenario TEXT NOT NULL,
     datasets TEXT NOT NULL, nbf INTEGER NOT NULL, exp INTEGER NOT NULL, separate INTEGER NOT NULL,
     withdrawn INTEGER NOT NULL, batch TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS consents_by_subject ON consents (consumer, scenario, subject);
+CREATE INDEX IF NOT EXISTS consents_by_subject
+    ON consents (consumer, scenario, subject, withdrawn, nbf, exp, separate, datasets);
 CREATE TABLE IF NOT EXISTS batches (
     batch TEXT PRIMARY KEY, iat INTEGER NOT NULL, imported INTEGER NOT NULL, count INTEGER NOT NULL,
     sha256 TEXT NOT NULL);
