@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
+from gateway.commands import consent as consent_commands
 from gateway.commands import dlp as dlp_commands
 from gateway.commands import grant as grant_commands
 from gateway.commands import ops as ops_commands
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     export.set_defaults(func=_ca_export)
 
-    for module in (dlp_commands, trace_commands, ops_commands, grant_commands):
+    for module in (dlp_commands, trace_commands, ops_commands, grant_commands, consent_commands):
         module.register(commands)
 
     args = parser.parse_args(argv)

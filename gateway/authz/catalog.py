@@ -15,11 +15,14 @@ from urllib.parse import unquote
 
 from gateway.authz import CLASSES
 from gateway.authz.claims import MEASURES, PERIODS, Limits
+from gateway.authz.subject import MASK_BY_TAG, MASKS
 from gateway.yamlnodes import ErrorSink, Node, load_document, parse_size
 
 SENSITIVITIES = ("public", "internal", "sensitive", "personal")
 PRICE_UNITS = ("request", "record", "MiB")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+LEGAL_BASES = ("consent", "statutory", "public-interest")
+UNCONSENTED = ("mask", "drop", "refuse")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,23 @@ class Endpoint:
 class Field:
     sensitivity: str
     tags: tuple[str, ...] = ()
+    mask: str | None = None  # in a record without consent; None: from the tags and sensitivity
+
+    def mask_for_unconsented(self) -> str:
+        """Public and internal fields stay; a personal or sensitive one gets its mask, its tag's, or is dropped."""
+        if self.mask is not None:
+            return self.mask
+        if self.sensitivity in ("public", "internal"):
+            return "keep"
+        return next((MASK_BY_TAG[tag] for tag in self.tags if tag in MASK_BY_TAG), "drop")
+
+
+@dataclass(frozen=True)
+class ConsentRule:
+    """`legal_basis: consent`: each record leaves in clear only with its subject's consent."""
+    subject_field: str      # the field holding the subject's ID number
+    unconsented: str        # mask, drop or refuse (the whole transfer: consent_missing)
+    separate: bool          # the subject's separate consent (单独同意) is needed
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class Dataset:
     quota: Limits                       # per consumer, by default
     price: tuple[float, str, str] | None  # amount, unit, currency
     where: str
+    consent: ConsentRule | None = None  # legal_basis: consent
 
     def required_roles(self) -> set[tuple[str, str | None]]:
         """The (role, org) pairs whose signatures a grant for this dataset needs."""
@@ -128,7 +149,7 @@ def load_catalog(file: Path, sink: ErrorSink) -> Catalog:
 
 
 DATASET_KEYS = {"id", "title", "class", "sector", "provider", "hosts", "endpoints", "products", "fields",
-                "field_param", "purposes", "quota", "price"}
+                "field_param", "purposes", "quota", "price", "legal_basis", "consent"}
 
 
 def _dataset(node: Node) -> Dataset | None:
@@ -145,22 +166,47 @@ def _dataset(node: Node) -> Dataset | None:
         e["products"].key_error("only a contract dataset has products")
     fields = {}
     for name, field_node in (e["fields"].mapping() or {}).items() if "fields" in e else ():
-        f = field_node.mapping({"sensitivity", "tags"}, {"sensitivity"}) or {}
+        f = field_node.mapping({"sensitivity", "tags", "mask"}, {"sensitivity"}) or {}
         sensitivity = f["sensitivity"].string(SENSITIVITIES) if "sensitivity" in f else None
         tags = tuple(t for i in f["tags"].items() if (t := i.string())) if "tags" in f else ()
-        fields[name] = Field(sensitivity or "", tags)
+        mask = f["mask"].string(MASKS) if "mask" in f else None
+        fields[name] = Field(sensitivity or "", tags, mask)
     field_param = text("field_param")
     if field_param is not None and not fields:
         e["field_param"].error("a field selector needs the dataset's 'fields'")
     purposes = tuple(p for i in e["purposes"].items() if (p := i.string())) if "purposes" in e else ()
     quota = _limits(e["quota"]) if "quota" in e else {}
     price = _price(e["price"]) if "price" in e else None
+    consent = _consent_rule(e, cls, fields, node)
     if len(node.sink.errors) > errors_before:
         return None
     return Dataset(id=text("id"), title=text("title") or "", cls=cls, sector=text("sector"),
                    provider=text("provider"), hosts=hosts, endpoints=endpoints, products=products,
                    fields=fields, field_param=field_param, purposes=purposes, quota=quota, price=price,
-                   where=f"{node.file}:{node.line}")
+                   where=f"{node.file}:{node.line}", consent=consent)
+
+
+def _consent_rule(e: dict[str, Node], cls: str | None, fields: dict[str, Field], node: Node) -> ConsentRule | None:
+    basis = e["legal_basis"].string(LEGAL_BASES) if "legal_basis" in e else None
+    if basis != "consent":
+        if "consent" in e:
+            e["consent"].key_error("'consent' settings need legal_basis: consent")
+        return None
+    if cls == "open":
+        e["legal_basis"].error("legal_basis consent needs a conditional or contract dataset: its grant names "
+                               "the consumer and scenario a consent is for")
+    if "consent" not in e:
+        node.error("legal_basis consent needs 'consent: {subject_field: FIELD}'")
+        return None
+    c = e["consent"].mapping({"subject_field", "unconsented", "separate"}, {"subject_field"}) or {}
+    subject_field = c["subject_field"].string() if "subject_field" in c else None
+    if subject_field is not None and subject_field not in fields:
+        c["subject_field"].error(f"'{subject_field}' is not one of the dataset's fields")
+    unconsented = c["unconsented"].string(UNCONSENTED) if "unconsented" in c else "mask"
+    separate = c["separate"].boolean() if "separate" in c else False
+    if subject_field is None or unconsented is None or separate is None:
+        return None
+    return ConsentRule(subject_field, unconsented, separate)
 
 
 def _endpoints(node: Node) -> tuple[Endpoint, ...]:

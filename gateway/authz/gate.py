@@ -71,7 +71,7 @@ class Gate:
     def decide(self, match: Match, method: str, raw_path: str, presented: Presented, now: float) -> Decision:
         dataset = match.dataset
         record: dict[str, Any] = {"id": None, "hash": None, "licence": None, "dataset": dataset.id,
-                                  "class": dataset.cls, "consumer": None, "result": "allow"}
+                                  "class": dataset.cls, "consumer": None, "scenario": None, "result": "allow"}
 
         def refuse(reason: str, detail: str, status: int = 403, exceeded: Exceeded | None = None) -> Decision:
             record["result"] = reason
@@ -101,7 +101,7 @@ class Gate:
             kind, detail = verified.failure
             return refuse(f"grant_{kind}", detail)
         grant: Grant = verified.value
-        record["id"], record["consumer"] = grant.jti, grant.sub
+        record["id"], record["consumer"], record["scenario"] = grant.jti, grant.sub, grant.scenario
 
         signed = {(a.role, a.org) for a in verified.signers}
         missing = sorted(dataset.required_roles() - signed, key=str)
@@ -146,7 +146,7 @@ class Gate:
 
     def refusal(self, match: Match, reason: str, detail: str) -> Decision:
         record = {"id": None, "hash": None, "licence": None, "dataset": match.dataset.id,
-                  "class": match.dataset.cls, "consumer": None, "result": reason}
+                  "class": match.dataset.cls, "consumer": None, "scenario": None, "result": reason}
         return Decision(False, reason, detail, 403, None, record)
 
     def _verify(self, kind: str, text: str, digest: str) -> _Verified:

@@ -25,6 +25,7 @@ from joserfc.registry import HeaderParameter
 DEFAULT_ALGORITHM = "Ed25519"
 HEADER_KEYS = frozenset({"alg", "kid", "role"})
 ROLES = ("bureau", "sector", "provider")
+PLATFORM_ROLE = "platform"  # the data-subject platform, signing consents (gateway.authz.consent)
 MAX_DOCUMENT = 64 * 1024  # bytes of a presented document: a grant is about 2 KiB
 
 
@@ -130,8 +131,8 @@ def draft(claims: dict[str, Any]) -> dict[str, Any]:
 def add_signature(document: dict[str, Any], key: OKPKey, role: str,
                   algorithm: str = DEFAULT_ALGORITHM) -> dict[str, Any]:
     """The document with one more signature, over the same payload segment."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
+    if role not in (*ROLES, PLATFORM_ROLE):
+        raise ValueError(f"unknown role '{role}' (roles: {', '.join((*ROLES, PLATFORM_ROLE))})")
     if any(header(s).get("kid") == key.kid for s in document["signatures"]):
         raise ValueError(f"key '{key.kid}' has already signed this document")
     payload = unb64url(document["payload"])

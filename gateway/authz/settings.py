@@ -11,6 +11,12 @@
       licences: licences              # folder of operators' licences installed on the gateway
       revocation: {file: revocation.json, max_age: 1h}
       max_lifetime: {conditional: 90d, contract: 30d}
+      consent:                        # data-subject consent (gateway.authz.consent), for legal_basis: consent
+        platform: {name: subject-platform, key: keys/platform.pub}   # signs the consent batches
+        secret: consent.secret        # 0600: the subject-key secret the platform shares
+        subject_hash: hmac-sha256     # or hmac-sm3
+        registry: /var/lib/gateway/authz/consent.sqlite   # default: STATE/authz/consent.sqlite
+        max_age: 1d                   # older than this (newest batch's iat), consent datasets are refused
 """
 
 from __future__ import annotations
@@ -19,11 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.authz.catalog import Catalog, load_catalog
-from gateway.authz.jose import DEFAULT_ALGORITHM, ROLES, Authority, load_public_key
+from gateway.authz.jose import DEFAULT_ALGORITHM, PLATFORM_ROLE, ROLES, Authority, load_public_key
+from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, load_secret
 from gateway.yamlnodes import Node, parse_duration
 
 DEFAULT_MAX_LIFETIME = {"conditional": 90 * 86400.0, "contract": 30 * 86400.0}
 DEFAULT_REVOCATION_MAX_AGE = 3600.0
+DEFAULT_CONSENT_MAX_AGE = 86400.0
+
+
+@dataclass(frozen=True)
+class ConsentSettings:
+    platform: dict[str, Authority]  # the data-subject platform's key, by kid
+    hasher: SubjectHasher
+    registry: Path | None           # None: STATE/authz/consent.sqlite
+    max_age: float
+
+    def registry_path(self, state_dir: Path) -> Path:
+        return self.registry or state_dir / "authz" / "consent.sqlite"
 
 
 @dataclass(frozen=True)
@@ -36,11 +55,13 @@ class AuthzSettings:
     revocation_file: Path
     revocation_max_age: float
     max_lifetime: dict[str, float]  # seconds, by class
+    consent: ConsentSettings | None = None
 
 
 def parse_authz(node: Node) -> AuthzSettings | None:
     errors_before = len(node.sink.errors)
-    e = node.mapping({"catalog", "authorities", "algorithms", "grants", "licences", "revocation", "max_lifetime"},
+    e = node.mapping({"catalog", "authorities", "algorithms", "grants", "licences", "revocation", "max_lifetime",
+                      "consent"},
                      {"catalog", "authorities", "revocation"}) or {}
     catalog_file = e["catalog"].path_value() if "catalog" in e else None
     catalog = load_catalog(catalog_file, node.sink) if catalog_file else Catalog()
@@ -61,10 +82,44 @@ def parse_authz(node: Node) -> AuthzSettings | None:
         for cls, value in (e["max_lifetime"].mapping(set(DEFAULT_MAX_LIFETIME)) or {}).items():
             max_lifetime[cls] = value.parsed(parse_duration, "duration")
     _check_coverage(catalog, authorities, node)
+    consent = _consent(e["consent"]) if "consent" in e else None
+    if consent is None and "consent" not in e:
+        for dataset in catalog.datasets:
+            if dataset.consent is not None:
+                node.sink.errors.append(f"{dataset.where}: datasets.{dataset.id}: legal_basis consent needs "
+                                        "authz.consent (the platform's key and the registry secret)")
     if len(node.sink.errors) > errors_before:
         return None
     return AuthzSettings(catalog, authorities, algorithms, folders["grants"], folders["licences"],
-                         revocation_file, max_age, max_lifetime)
+                         revocation_file, max_age, max_lifetime, consent)
+
+
+def _consent(node: Node) -> ConsentSettings | None:
+    e = node.mapping({"platform", "secret", "subject_hash", "registry", "max_age"}, {"platform", "secret"}) or {}
+    platform = {}
+    if "platform" in e:
+        p = e["platform"].mapping({"name", "key"}, {"name", "key"}) or {}
+        key_file = p["key"].path_value() if "key" in p else None
+        try:
+            key = load_public_key(key_file) if key_file else None
+        except ValueError as error:
+            p["key"].error(str(error))
+            key = None
+        if key is not None and "name" in p:
+            platform[key.kid] = Authority(p["name"].string() or "", PLATFORM_ROLE, None, key.kid, key)
+    algorithm = e["subject_hash"].string(SUBJECT_HASHES) if "subject_hash" in e else SUBJECT_HASHES[0]
+    hasher = None
+    secret_file = e["secret"].path_value() if "secret" in e else None
+    if secret_file is not None and algorithm is not None:
+        try:
+            hasher = SubjectHasher(load_secret(secret_file), algorithm)
+        except (OSError, ValueError) as error:
+            e["secret"].error(str(error))
+    registry = e["registry"].path_value() if "registry" in e else None
+    max_age = e["max_age"].parsed(parse_duration, "duration") if "max_age" in e else DEFAULT_CONSENT_MAX_AGE
+    if not platform or hasher is None or max_age is None:
+        return None
+    return ConsentSettings(platform, hasher, registry, max_age)
 
 
 def _authorities(node: Node) -> dict[str, Authority]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gateway.commands import evidence
 from gateway.trace.audit import (
     AuditIOError,
     WitnessPolicy,
@@ -78,6 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pubkey", type=Path, required=True, help="the log's verifier key file")
     _witness_args(p)
     p.set_defaults(func=cmd_check_proof)
+
+    evidence.register(sub)  # trace evidence, trace check-evidence (gateway.commands.evidence)
 
     p = sub.add_parser("consistency", help="prove the log extends an older checkpoint")
     _dir_and_key(p)

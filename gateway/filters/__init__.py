@@ -1,7 +1,7 @@
 """The proxy pipeline, one small mitmproxy addon per stage, in the order they run on each hook:
 
 identify (zones) -> authorize (policy) -> grant (catalogue, grants) -> inspect (DLP)
-  -> record (trace log, alerts) -> measure (metrics)
+  -> consent (data subjects' consent, per record) -> record (trace log, alerts) -> measure (metrics)
 """
 
 from __future__ import annotations

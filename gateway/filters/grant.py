@@ -97,12 +97,16 @@ class Grant:
 
     def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or not transfer.extra.get(QUOTA_SCOPES) or flow.metadata.get("gateway_refused"):
+        grant = transfer.extra.get("grant") if transfer is not None else None
+        if grant is None or grant["result"] != "allow" or flow.metadata.get("gateway_refused"):
             return
         response = flow.response
         records = count_records(response.raw_content, response.headers.get("content-type", "")) \
             if response.raw_content is not None and "response" not in transfer.spools else 0
-        self._quota.add(transfer.extra[QUOTA_SCOPES], records, body_size(transfer, "response", response), time.time())
+        grant["records"] = records  # as the upstream sent them, for settlement (the consent stage may drop some)
+        if transfer.extra.get(QUOTA_SCOPES):
+            self._quota.add(transfer.extra[QUOTA_SCOPES], records, body_size(transfer, "response", response),
+                            time.time())
 
     def done(self) -> None:
         if self._poller is not None:

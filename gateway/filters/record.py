@@ -203,6 +203,7 @@ class Record:
             "policy_rule": transfer.verdict.rule if transfer.verdict else None,
             "rules": [],
             "grant": transfer.extra.get("grant"),  # set by the grant stage for a catalogued dataset
+            "consent": transfer.extra.get("consent"),  # records passed / masked / dropped (consent stage)
             "error": transfer.error,
         }
         # Reasons fill what the entry limit leaves (a bulk export has thousands of findings: they are

@@ -22,6 +22,7 @@ from gateway.config.load import ConfigError, load_config
 from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
+from gateway.filters.consent import Consent
 from gateway.filters.grant import Grant
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -90,7 +91,8 @@ class GatewayServer:
         self.master.addons.add(
             proxyserver.Proxyserver(), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
-            Identify(self), Authorize(self), Grant(self), Inspect(self), Record(self), measure, FirstRequestDeadline(self),
+            Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), Record(self), measure,
+            FirstRequestDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())

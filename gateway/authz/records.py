@@ -1,0 +1,165 @@
+"""The per-record consent decision over one response body of a `legal_basis: consent` dataset.
+
+The records are a JSON array's items (the body's array, or the one array a top-level object holds) or
+a CSV's rows after its header line. Each record's subject ID (the dataset's `subject_field`) is turned
+into its subject key, all of them are looked up at once, and a record whose subject consented passes
+as it is; the others are masked field by field (each catalogued field's mask; fields the catalogue
+does not know are dropped), dropped, or the whole body is refused. A body whose records cannot be
+found is refused (`Unfilterable`): personal data of unknown shape does not leave in clear.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.authz.catalog import Dataset
+from gateway.authz.subject import DROP, SubjectHasher, masker
+
+# subject keys -> those with consent
+type Lookup = Callable[[Iterable[bytes]], set[bytes]]
+
+
+class Unfilterable(ValueError):
+    """A body in which the records cannot be found or rewritten."""
+
+
+@dataclass
+class Outcome:
+    body: bytes | None = None
+    records: int = 0
+    refused: bool = False  # a record without consent, and the catalogue says refuse
+    passed: int = 0
+    masked: int = 0
+    dropped: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"records": self.records, "passed": self.passed, "masked": self.masked, "dropped": self.dropped}
+
+
+class RecordFilter:
+    """One dataset's decision, its field masks built once."""
+
+    def __init__(self, dataset: Dataset, hasher: SubjectHasher):
+        assert dataset.consent is not None
+        self.dataset = dataset
+        self.rule = dataset.consent
+        self.hasher = hasher
+        self.masks = {name: masker(field.mask_for_unconsented(), name, hasher)
+                      for name, field in dataset.fields.items()}
+
+    def apply(self, body: bytes, content_type: str, lookup: Lookup) -> Outcome:
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if kind == "application/json" or kind.endswith("+json"):
+            return self._json(body, lookup)
+        if kind == "text/csv":
+            return self._csv(body, _charset(content_type), lookup)
+        raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays and CSV only")
+
+    # ---- one record ---------------------------------------------------------------------------
+
+    def _mask(self, record: dict) -> dict:
+        masked = {}
+        for name, value in record.items():
+            mask = self.masks.get(name)
+            if mask is not None and (value := mask(value)) is not DROP:
+                masked[name] = value
+        return masked
+
+    def _decide[R](self, records: list[R], subject_of: Callable[[R], object], mask: Callable[[R], R],
+                   lookup: Lookup) -> tuple[Outcome, list[R]]:
+        keys = [self.hasher.key(subject_of(record)) for record in records]
+        consented = lookup(key for key in keys if key is not None)
+        outcome, kept = Outcome(records=len(records)), []
+        unconsented = self.rule.unconsented
+        for record, key in zip(records, keys):
+            if key is not None and key in consented:
+                outcome.passed += 1
+                kept.append(record)
+            elif unconsented == "refuse":
+                return Outcome(records=len(records), refused=True), []
+            elif unconsented == "drop":
+                outcome.dropped += 1
+            else:
+                outcome.masked += 1
+                kept.append(mask(record))
+        return outcome, kept
+
+    # ---- bodies -------------------------------------------------------------------------------
+
+    def _json(self, body: bytes, lookup: Lookup) -> Outcome:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise Unfilterable(f"not JSON: {e}") from None
+        holder, key = None, None
+        if isinstance(document, dict):
+            arrays = [k for k, v in document.items() if isinstance(v, list)]
+            if len(arrays) != 1:
+                raise Unfilterable("a JSON object without exactly one array of records")
+            holder, key = document, arrays[0]
+            records = document[key]
+        elif isinstance(document, list):
+            records = document
+        else:
+            raise Unfilterable("JSON that is neither an array of records nor an object holding one")
+        if not all(isinstance(record, dict) for record in records):
+            raise Unfilterable("a JSON array item that is not an object (a record)")
+        field = self.rule.subject_field
+        outcome, kept = self._decide(records, lambda record: record.get(field), self._mask, lookup)
+        if outcome.refused:
+            return outcome
+        if holder is not None:
+            holder[key] = kept
+            kept = holder
+        outcome.body = orjson.dumps(kept)
+        return outcome
+
+    def _csv(self, body: bytes, charset: str | None, lookup: Lookup) -> Outcome:
+        text, charset = _decode(body, charset)
+        newline = "\r\n" if "\r\n" in text[:4096] else "\n"
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        if not rows:
+            raise Unfilterable("an empty CSV: no header line")
+        header, records = rows[0], [row for row in rows[1:] if row]
+        if self.rule.subject_field not in header:
+            raise Unfilterable(f"the CSV header has no column '{self.rule.subject_field}'")
+        column = header.index(self.rule.subject_field)
+        # A column cannot leave some rows: a dropped field is an empty cell.
+        masks = [self.masks.get(name, lambda value: DROP) for name in header]
+
+        def mask(row: list[str]) -> list[str]:
+            return ["" if (masked := mask(value)) is DROP else str(masked) for mask, value in zip(masks, row)]
+
+        outcome, kept = self._decide(records, lambda row: row[column] if column < len(row) else None, mask, lookup)
+        if outcome.refused:
+            return outcome
+        out = io.StringIO(newline="")
+        writer = csv.writer(out, lineterminator=newline)
+        writer.writerow(header)
+        writer.writerows(kept)
+        outcome.body = out.getvalue().encode(charset)
+        return outcome
+
+
+def _charset(content_type: str) -> str | None:
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"') or None
+    return None
+
+
+def _decode(body: bytes, charset: str | None) -> tuple[str, str]:
+    """The CSV's text and the charset to write it back in: the one declared, else UTF-8, else GB 18030
+    (which reads GBK)."""
+    for candidate in ([charset] if charset else ["utf-8", "gb18030"]):
+        try:
+            return body.decode(candidate), candidate
+        except (UnicodeDecodeError, LookupError):
+            continue
+    raise Unfilterable(f"a CSV body not in {charset or 'UTF-8 or GB 18030'}")

@@ -1,0 +1,128 @@
+"""Stage 3b (after inspect): a `legal_basis: consent` dataset's records leave in clear only with consent.
+
+The grant stage named the consumer and scenario; this stage refuses before anything is forwarded when
+the consent registry is too old to trust (`consent_stale`), and on the response looks up every
+record's subject (gateway.authz.records): records with consent pass, the others are masked or dropped,
+or the transfer is refused (`consent_missing`). A body whose records cannot be read, or one spooled
+to disk (above dlp.spool_threshold: it is not held whole), is refused (`consent_unfilterable`). The
+counts go to the trace record (`consent`) and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from mitmproxy import http
+
+from gateway.authz.catalog import Dataset
+from gateway.authz.consent import ConsentRegistry, RegistryView
+from gateway.authz.records import RecordFilter, Unfilterable
+from gateway.authz.settings import ConsentSettings
+from gateway.config.runtime import Runtime
+from gateway.filters import refuse, transfer_of
+from gateway.ops.metrics import GatewayMetrics
+from gateway.transfer.model import Reason, Transfer
+
+INLINE_LIMIT = 64 * 1024  # bodies above this are filtered in a worker thread, off the event loop
+DATASET = "consent_dataset"
+
+
+class ConsentGateway(Protocol):
+    runtime: Runtime
+    metrics: GatewayMetrics
+
+
+class Consent:
+    def __init__(self, gateway: ConsentGateway):
+        self.gateway = gateway
+        self._settings: ConsentSettings | None = None
+        self._view: RegistryView | None = None
+        self._filters: dict[str, RecordFilter] = {}
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        grant = transfer.extra.get("grant") if transfer is not None else None
+        if grant is None or grant["result"] != "allow" or flow.response:
+            return
+        authz = self.gateway.runtime.config.authz
+        dataset = authz.catalog.get(grant["dataset"])
+        if dataset is None or dataset.consent is None:
+            return
+        view = self._current_view()
+        now = time.time()
+        if not view.fresh(now):
+            age = view.age(now)
+            detail = "no consent batch imported" if age is None else \
+                f"newest consent batch {int(age)} s old (max {int(view.max_age)} s)"
+            self._refuse(flow, transfer, dataset, "consent_stale", detail, 403)
+            return
+        transfer.extra[DATASET] = dataset
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or DATASET not in transfer.extra or "response" not in transfer.spools:
+            return
+        # Spooled: its body streams out once clean and is never held whole, so it cannot be filtered.
+        dataset = transfer.extra.pop(DATASET)
+        transfer.escalate("deny", [Reason(dataset.id, "consent_unfilterable", "response body (spooled)", "deny")])
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None or DATASET not in transfer.extra or flow.metadata.get("gateway_refused"):
+            return
+        dataset: Dataset = transfer.extra.pop(DATASET)
+        response = flow.response
+        grant = transfer.extra["grant"]
+        record_filter = self._filter(dataset)
+        now = time.time()
+
+        def lookup(keys):
+            return self._view.registry.consented(keys, grant["consumer"], grant["scenario"], dataset.id, now,
+                                                 dataset.consent.separate)
+
+        def apply():
+            return record_filter.apply(body, response.headers.get("content-type", ""), lookup)
+
+        try:
+            body = response.content  # content codings undone (a body that does not decode is refused)
+            outcome = apply() if len(body) <= INLINE_LIMIT else await asyncio.to_thread(apply)
+        except (Unfilterable, ValueError) as e:
+            self._refuse(flow, transfer, dataset, "consent_unfilterable", f"response body: {e}", 502)
+            return
+        transfer.extra["consent"] = outcome.counts()
+        if outcome.refused:
+            self._refuse(flow, transfer, dataset, "consent_missing",
+                         f"{outcome.records} records, one or more without the subject's consent", 403)
+            return
+        response.content = outcome.body  # encoded again as sent; Content-Length follows
+        for outcome_name in ("passed", "masked", "dropped"):
+            if count := getattr(outcome, outcome_name):
+                self.gateway.metrics.consent_records.labels(dataset.id, outcome_name).inc(count)
+
+    def done(self) -> None:
+        if self._view is not None:
+            self._view.registry.close()
+
+    def _refuse(self, flow: http.HTTPFlow, transfer: Transfer, dataset: Dataset, reason: str, detail: str,
+                status: int) -> None:
+        transfer.escalate("deny", [Reason(dataset.id, reason, detail, "deny")])
+        refuse(flow, transfer, status=status, error="consent refused")
+
+    def _current_view(self) -> RegistryView:
+        """The registry of the configuration in use, opened again when a reload replaced its settings."""
+        config = self.gateway.runtime.config
+        settings = config.authz.consent
+        if self._view is None or settings is not self._settings:
+            if self._view is not None:
+                self._view.registry.close()
+            self._settings, self._filters = settings, {}
+            self._view = RegistryView(ConsentRegistry(settings.registry_path(config.state_dir)), settings.max_age)
+        return self._view
+
+    def _filter(self, dataset: Dataset) -> RecordFilter:
+        record_filter = self._filters.get(dataset.id)
+        if record_filter is None or record_filter.dataset is not dataset:
+            record_filter = self._filters[dataset.id] = RecordFilter(dataset, self._settings.hasher)
+        return record_filter

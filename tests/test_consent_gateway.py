@@ -1,0 +1,339 @@
+"""Data subjects' consent through the real gateway: 1,000 records of 1,000 subjects, 300 consented to
+this consumer and scenario, leave with exactly those 300 in clear and 700 masked (or dropped), counted in
+the trace record and the metrics; a withdrawal counts from the next transfer; a consent for another
+scenario, another consumer or expired does not count; a forged batch is refused at import; the usage
+report equals the client's tally and refuses a tampered log; one transfer's evidence checks offline."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from gateway.authz.jose import generate_key
+from gateway.authz.subject import generate_secret
+from tests.authzkit import REPO, Kit
+from tests.gatewayproc import (
+    Process,
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    trace_records,
+    write_config,
+)
+
+SUBJECTS = [f"520602{1950 + i % 50:04d}{i % 12 + 1:02d}{i % 28 + 1:02d}{i:03d}X" for i in range(1000)]
+CONSENTED = set(range(300))
+CATALOG = """
+datasets:
+  - id: civil.residents
+    title: 居民信息
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/residents*"]}
+    fields:
+      id_number: {sensitivity: personal, tags: [cn_id_card]}
+      name: {sensitivity: personal, tags: [name]}
+      mobile: {sensitivity: personal, tags: [cn_mobile]}
+      card: {sensitivity: personal, tags: [bank_card]}
+      household: {sensitivity: personal, mask: token}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: mask}
+    price: {amount: 0.02, per: record, currency: CNY}
+  - id: civil.residents-drop
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/drop/*"]}
+    fields:
+      id_number: {sensitivity: personal, tags: [cn_id_card]}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: drop}
+    price: {amount: 1, per: request}
+  - id: civil.residents-strict
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/strict/*"]}
+    fields:
+      id_number: {sensitivity: personal, tags: [cn_id_card]}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: refuse}
+"""
+DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict"]
+
+
+def gateway_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def residents() -> list[dict]:
+    return [{"id_number": subject, "name": "张" + "三四五"[i % 3] + ("明" if i % 2 else ""),
+             "mobile": f"139{i:08d}", "card": f"6228480012{i:06d}", "household": f"H{i // 4}",
+             "district": "碧江区", "note": "not catalogued"} for i, subject in enumerate(SUBJECTS)]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consent")
+    kit = Kit(root / "keys")
+    generate_key("platform-kid", root / "platform.key", root / "platform.pub")
+    generate_secret(root / "consent.secret")
+    (root / "catalog.yaml").write_text(CATALOG)
+    authz = kit.authz_section()
+    authz["catalog"] = str(root / "catalog.yaml")
+    authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
+                        "secret": str(root / "consent.secret"), "max_age": "1h"}
+    config = gateway_config(root / "state", workers=2, authz=authz)
+    for rule in config["policy"]["rules"]:
+        # The consent stage decides what of these personal records leaves; the inbound DLP profile would
+        # block any response with this many ID numbers (a bulk export) before it.
+        rule.pop("response_profile", None)
+    path = write_config(root / "gateway.yaml", config)
+
+    files = root / "www"
+    (files / "drop").mkdir(parents=True)
+    (files / "strict").mkdir()
+    records = residents()
+    (files / "residents.json").write_bytes(json.dumps({"total": 1000, "items": records}, ensure_ascii=False).encode())
+    csv_text = "id_number,name,mobile,district\r\n" + "".join(
+        f"{r['id_number']},{r['name']},{r['mobile']},{r['district']}\r\n" for r in records)
+    (files / "residents.csv").write_bytes(csv_text.encode("gbk"))
+    (files / "drop" / "residents.json").write_bytes(json.dumps(records).encode())
+    (files / "strict" / "residents.json").write_bytes(json.dumps(records).encode())
+    port = free_port("127.0.0.2")
+    upstream = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.2", str(port), "--directory",
+                        str(files)], env={"PYTHONUNBUFFERED": "1"}).started("Serving HTTP", timeout=10)
+    gateway = start_gateway(path)
+    lab = {"root": root, "kit": kit, "config": config, "path": path, "upstream": f"http://127.0.0.2:{port}",
+           "grant": kit.grant(datasets=[{"id": d} for d in DATASETS]), "licence": kit.licence(),
+           "tally": {}, "started": datetime.now(UTC) - timedelta(seconds=5)}
+    yield lab
+    gateway.stop()
+    upstream.stop()
+
+
+def issue(lab, consents: list[dict], name: str) -> subprocess.CompletedProcess:
+    root = lab["root"]
+    source = root / f"{name}.jsonl"
+    source.write_text("".join(json.dumps(c) + "\n" for c in consents))
+    made = gateway_cli("consent", "issue", str(source), "--secret", str(root / "consent.secret"),
+                       "--key", str(root / "platform.key"), "-o", str(root / f"{name}.batch"))
+    assert made.returncode == 0, made.stderr
+    return made
+
+
+def consent(i: int, **overrides) -> dict:
+    now = int(time.time())
+    return {"cid": f"c-{i}", "id": SUBJECTS[i], "consumer": "operator-a", "scenario": "elderly-care",
+            "datasets": DATASETS, "nbf": now - 60, "exp": now + 86400, "separate": False, **overrides}
+
+
+def get(lab, path: str) -> httpx.Response:
+    headers = {"X-Data-Grant": lab["grant"], "X-Data-Licence": lab["licence"]}
+    with httpx.Client(proxy=listener_url(lab["config"], "forward"), timeout=30) as client:
+        response = client.get(lab["upstream"] + path, headers=headers)
+    if response.status_code == 200:  # the client's own tally, for the usage report
+        row = lab["tally"].setdefault(path.split("/")[1].split(".")[0], {"requests": 0, "records": 0, "bytes": 0})
+        row["requests"] += 1
+        row["bytes"] += len(response.content)
+    return response
+
+
+def record_of(lab, response: httpx.Response) -> dict:
+    [record] = trace_records(lab["root"] / "state" / "trace", "--id", response.headers["X-Gateway-Transfer-Id"])
+    return record
+
+
+def consent_metric(lab, outcome: str, dataset: str = "civil.residents") -> float:
+    return metric_total(lab["config"], "gateway_consent_records_total", f'dataset="{dataset}",outcome="{outcome}"')
+
+
+def test_stale_registry_refuses_before_forwarding(lab):
+    response = get(lab, "/residents.json")
+    assert response.status_code == 403, response.text
+    assert [r["type"] for r in response.json()["reasons"]] == ["consent_stale"]
+
+
+def test_forged_batch_refused_at_import(lab):
+    issue(lab, [consent(i) for i in range(10)], "forged")
+    batch = lab["root"] / "forged.batch"
+    lines = batch.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"operator-a", b"operator-z")  # a consent moved to another consumer
+    batch.write_bytes(b"\n".join(lines))
+    imported = gateway_cli("consent", "import", str(batch), "-c", str(lab["path"]))
+    assert imported.returncode == 1 and "altered after the platform signed it" in imported.stderr, imported.stderr
+    # Signed by a key that is not the platform's (the bureau's): refused too.
+    issue(lab, [consent(0)], "wrong-key")
+    other = lab["root"] / "wrong-key.batch"
+    shutil.copy(lab["root"] / "keys" / "bureau.key", lab["root"] / "bureau-copy.key")
+    resigned = gateway_cli("consent", "issue", str(lab["root"] / "wrong-key.jsonl"), "--secret",
+                           str(lab["root"] / "consent.secret"), "--key", str(lab["root"] / "bureau-copy.key"),
+                           "-o", str(other))
+    assert resigned.returncode == 0, resigned.stderr
+    imported = gateway_cli("consent", "import", str(other), "-c", str(lab["path"]))
+    assert imported.returncode == 1 and "unknown key" in imported.stderr, imported.stderr
+    checked = gateway_cli("consent", "check", SUBJECTS[0], "--consumer", "operator-a", "--scenario", "elderly-care",
+                          "-c", str(lab["path"]))
+    assert checked.returncode == 1 and "NO CONSENT" in checked.stdout, checked.stdout
+
+
+def test_import_and_check(lab):
+    now = int(time.time())
+    consents = [consent(i) for i in CONSENTED]
+    consents += [consent(i, scenario="tourism") for i in range(300, 350)]          # another scenario
+    consents += [consent(i, nbf=now - 7200, exp=now - 60) for i in range(350, 400)]  # expired
+    consents += [consent(i, consumer="operator-b") for i in range(400, 450)]       # another consumer
+    issue(lab, consents, "first")
+    imported = gateway_cli("consent", "import", str(lab["root"] / "first.batch"), "-c", str(lab["path"]))
+    assert imported.returncode == 0 and "450 consents imported" in imported.stdout, imported.stderr
+    args = ("--consumer", "operator-a", "--scenario", "elderly-care", "-c", str(lab["path"]))
+    assert gateway_cli("consent", "check", SUBJECTS[7], *args).returncode == 0
+    assert gateway_cli("consent", "check", SUBJECTS[310], *args).returncode == 1
+    expired = gateway_cli("consent", "check", SUBJECTS[360], *args)
+    assert expired.returncode == 1 and "expired" in expired.stdout, expired.stdout
+    # The registry holds subject keys only, never a clear number.
+    registry = (lab["root"] / "state" / "authz" / "consent.sqlite").read_bytes()
+    assert SUBJECTS[7].encode() not in registry
+
+
+def test_only_consented_records_leave_in_clear(lab):
+    before = {o: consent_metric(lab, o) for o in ("passed", "masked")}
+    response = get(lab, "/residents.json")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["total"] == 1000 and len(body["items"]) == 1000
+    clear = {i for i, item in enumerate(body["items"]) if item["id_number"] == SUBJECTS[i]}
+    assert clear == CONSENTED
+    for i, item in enumerate(body["items"]):
+        if i in CONSENTED:
+            assert item["mobile"] == f"139{i:08d}" and item["note"] == "not catalogued"
+            continue
+        assert item["id_number"] == SUBJECTS[i][:6] + "********" + SUBJECTS[i][-4:]
+        assert item["mobile"] == "139****" + f"{i:08d}"[-4:]
+        assert item["card"] == "622848******" + f"{i:06d}"[-4:]
+        name = residents()[i]["name"]
+        assert item["name"] == name[0] + "*" * (len(name) - 1)
+        assert item["household"].startswith("tk_") and "note" not in item and item["district"] == "碧江区"
+    # Keyed tokens: the same household gives the same token, another household another.
+    assert body["items"][400]["household"] == body["items"][401]["household"] != body["items"][404]["household"]
+    assert response.headers["content-length"] == str(len(response.content))
+    record = record_of(lab, response)
+    assert record["consent"] == {"records": 1000, "passed": 300, "masked": 700, "dropped": 0}
+    assert record["grant"]["scenario"] == "elderly-care" and record["grant"]["consumer"] == "operator-a"
+    lab["tally"]["residents"]["records"] += 1000
+    assert consent_metric(lab, "passed") - before["passed"] == 300
+    assert consent_metric(lab, "masked") - before["masked"] == 700
+
+
+def test_gbk_csv_rows(lab):
+    response = get(lab, "/residents.csv")
+    assert response.status_code == 200, response.text
+    rows = response.content.decode("gb18030").split("\r\n")
+    assert rows[0] == "id_number,name,mobile,district" and len([r for r in rows[1:] if r]) == 1000
+    clear = {i for i, row in enumerate(rows[1:1001]) if row.split(",")[0] == SUBJECTS[i]}
+    assert clear == CONSENTED
+    assert rows[1 + 500].split(",")[2] == "139****0500" and rows[1 + 500].split(",")[1].startswith("张")
+    assert record_of(lab, response)["consent"]["passed"] == 300
+    lab["tally"]["residents"]["records"] += 1000
+
+
+def test_drop_and_refuse(lab):
+    dropped = get(lab, "/drop/residents.json")
+    assert dropped.status_code == 200, dropped.text
+    assert [item["id_number"] for item in dropped.json()] == SUBJECTS[:300]
+    assert record_of(lab, dropped)["consent"] == {"records": 1000, "passed": 300, "masked": 0, "dropped": 700}
+    lab["tally"]["drop"]["records"] += 300
+    strict = get(lab, "/strict/residents.json")
+    assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
+    assert SUBJECTS[0] not in strict.text
+
+
+def test_withdrawal_takes_effect_on_next_transfer(lab):
+    withdrawn = gateway_cli("consent", "withdraw", "--id", SUBJECTS[5], "-c", str(lab["path"]))
+    assert withdrawn.returncode == 0 and "1 consent(s) withdrawn" in withdrawn.stdout, withdrawn.stderr
+    # A later batch from the platform repeating the consent does not bring it back.
+    issue(lab, [consent(5)], "repeat")
+    assert gateway_cli("consent", "import", str(lab["root"] / "repeat.batch"), "-c", str(lab["path"])).returncode == 0
+    response = get(lab, "/residents.json")
+    items = response.json()["items"]
+    assert {i for i, item in enumerate(items) if item["id_number"] == SUBJECTS[i]} == CONSENTED - {5}
+    assert record_of(lab, response)["consent"]["passed"] == 299
+    lab["tally"]["residents"]["records"] += 1000
+
+
+def test_usage_report_equals_client_tally(lab):
+    start = lab["started"].isoformat()
+    end = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    made = gateway_cli("usage", "report", "--from", start, "--to", end, "--by", "consumer,dataset",
+                       "-c", str(lab["path"]), "-o", str(lab["root"] / "report.json"))
+    assert made.returncode == 0, made.stderr
+    report = json.loads((lab["root"] / "report.json").read_text())
+    rows = {row["dataset"]: row for row in report["groups"]}
+    tally = lab["tally"]
+    for path, dataset in (("residents", "civil.residents"), ("drop", "civil.residents-drop")):
+        for measure in ("requests", "records", "bytes"):
+            assert rows[dataset][measure] == tally[path][measure], (dataset, measure, rows, tally)
+    assert rows["civil.residents"]["amount"] == pytest.approx(0.02 * tally["residents"]["records"])
+    assert rows["civil.residents-drop"]["amount"] == tally["drop"]["requests"]
+    # The settlement record names the report's SHA-256 and its totals.
+    digest = hashlib.sha256((lab["root"] / "report.json").read_bytes()).hexdigest()
+    settlement = [r for r in trace_records(lab["root"] / "state" / "trace") if r.get("type") == "settlement"]
+    assert settlement[-1]["report_sha256"] == digest and settlement[-1]["totals"] == report["totals"]
+
+
+def test_usage_report_refuses_tampered_log(lab):
+    copy = lab["root"] / "tampered"
+    shutil.copytree(lab["root"] / "state" / "trace", copy)
+    journal = copy / "journal"
+    data = journal.read_bytes()
+    at = data.index(b'"passed":300')
+    journal.write_bytes(data[:at] + b'"passed":900' + data[at + 12:])
+    made = gateway_cli("usage", "report", "--from", "2000-01-01", "--to", "2100-01-01", "--trace", str(copy),
+                       "--pubkey", str(lab["root"] / "state" / "trace" / "log.pub"), "--no-record",
+                       "-c", str(lab["path"]))
+    assert made.returncode == 1 and "does not verify" in made.stderr and "record" in made.stderr, made.stderr
+    assert made.stdout == ""
+
+
+def test_evidence_for_one_transfer(lab):
+    response = get(lab, "/residents.json")
+    transfer_id = response.headers["X-Gateway-Transfer-Id"]
+    lab["tally"]["residents"]["records"] += 1000
+    evidence = lab["root"] / "evidence.json"
+    trace_dir = lab["root"] / "state" / "trace"
+    made = gateway_cli("trace", "evidence", str(trace_dir), transfer_id, "-o", str(evidence),
+                       "--pubkey", str(trace_dir / "log.pub"))
+    assert made.returncode == 0, made.stderr
+    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "log.pub"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["record"]["consent"]["passed"] == 299
+    bundle = json.loads(evidence.read_text())
+    forged = bundle["proof"].split("\n")
+    entry = json.loads(base64.b64decode(forged[1][6:]))
+    entry["consent"]["passed"] = 1000
+    forged[1] = "extra " + base64.b64encode(json.dumps(entry).encode()).decode()
+    bundle["proof"] = "\n".join(forged)
+    evidence.write_text(json.dumps(bundle))
+    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "log.pub"))
+    assert checked.returncode == 1 and "INVALID" in checked.stdout, checked.stdout
