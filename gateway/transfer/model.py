@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config.policy import Verdict
+from gateway.dlp import mask_text
 
 METADATA_KEY = "gateway"
 TRANSFER_ID_HEADER = "X-Gateway-Transfer-Id"
@@ -64,6 +65,11 @@ class Transfer:
         if DECISION_ORDER.index(decision) > DECISION_ORDER.index(self.decision):
             self.decision = decision
         self.reasons.extend(reasons)
+
+    @property
+    def shown_host(self) -> str:
+        """The upstream host as records, alerts and logs show it: a sensitive value in the name masked."""
+        return mask_text(self.upstream_host)
 
     @property
     def stopped(self) -> bool:
