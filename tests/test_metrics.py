@@ -30,7 +30,7 @@ from gateway.config.load import ConfigError, load_config
 from gateway.filters.measure import Measure, connect_error_kind
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.management import ManagementError, ManagementServer
-from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.metrics import UPSTREAM_ERROR_KINDS, GatewayMetrics
 from gateway.transfer.model import METADATA_KEY, Reason, Transfer
 from tests.gatewayproc import (
     free_port,
@@ -75,6 +75,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_file.chmod(0o600)  # a private key: the gateway refuses one open to others
     return cert_file, key_file
 
 
@@ -352,6 +353,23 @@ def test_counters_move_by_exactly_the_transfers_made(gateway):
         blocked.json()["transfer_id"], warned.headers["x-gateway-transfer-id"], denied.json()["transfer_id"],
         failed.headers["x-gateway-transfer-id"]]
     assert "11010519491231002X" not in "\n".join(gateway.process.lines[log_start:])  # never the value
+
+
+def test_known_label_sets_are_exported_at_zero_from_the_start(tmp_path):
+    """Before any transfer: every listener's upstream error kinds and both inspection directions."""
+    from tests.gatewayproc import gateway_config, start_gateway, write_config
+    config = gateway_config(tmp_path / "state")
+    process = start_gateway(write_config(tmp_path / "gateway.yaml", config))
+    try:
+        got = samples(httpx.get(f"http://{config['management']['listen']}/metrics", timeout=10).text)
+    finally:
+        process.stop()
+    expected = [("gateway_upstream_errors_total", {"listener": listener["name"], "kind": kind})
+                for listener in config["listeners"] for kind in UPSTREAM_ERROR_KINDS]
+    expected += [("gateway_inspection_duration_seconds_count", {"direction": direction})
+                 for direction in ("request", "response")]
+    for name, labels in expected:
+        assert got.get((name, frozenset(labels.items()))) == 0, (name, labels)
 
 
 def test_trace_append_duration_observed(gateway):
