@@ -118,14 +118,21 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _ca_export(args: argparse.Namespace) -> int:
-    from gateway.proxy.state import ensure_ca
+    """The CA of the gateway the configuration (default: the shipped one) describes; never a new one,
+    which no running gateway would sign with."""
+    from gateway.proxy.state import ca_certificate
 
     try:
         config = load_config(args.config, args.frontend)
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
-    certificate = ensure_ca(config.state_dir)  # created on first use, as `run` would
+    certificate = ca_certificate(config.state_dir)
+    if not certificate.is_file():
+        print(f"gateway ca export: no CA in {certificate.parent} (configuration {config.source}): the gateway "
+              f"creates it on its first start; start it (gateway run -c {config.source}) or name its "
+              "configuration with -c", file=sys.stderr)
+        return 1
     if args.output:
         shutil.copyfile(certificate, args.output)
     else:

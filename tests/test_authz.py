@@ -155,7 +155,7 @@ def test_tools_issue_cosign_inspect_revoke(kit, tmp_path):
     assert gateway("key", "generate", "--kid", "k1", "--out", str(tmp_path / "k1")).returncode == 2  # no overwrite
     os.chmod(tmp_path / "k1.key", 0o644)
     loose = gateway("grant", "revoke", "--list", str(tmp_path / "r.json"), "--key", str(tmp_path / "k1.key"))
-    assert loose.returncode == 2 and "readable by others" in loose.stderr
+    assert loose.returncode == 2 and "open to group or others" in loose.stderr
 
     request = tmp_path / "request.yaml"
     request.write_text("sub: operator-a\naud: [frontend-local]\ndatasets:\n  - id: health.residents\n"

@@ -31,7 +31,7 @@ from gateway.dlp.tally import locations_digest
 from gateway.filters.measure import Measure, connect_error_kind
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.management import ManagementError, ManagementServer
-from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.metrics import UPSTREAM_ERROR_KINDS, GatewayMetrics
 from gateway.transfer.model import METADATA_KEY, Reason, Transfer
 from tests.gatewayproc import (
     free_port,
@@ -76,6 +76,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_file.chmod(0o600)  # a private key: the gateway refuses one open to others
     return cert_file, key_file
 
 
@@ -270,7 +271,7 @@ def gateway(tmp_path_factory):
 
 
 def scrape(gateway) -> dict:
-    response = httpx.get(gateway.ops.management + "/metrics", timeout=10)
+    response = httpx.get(gateway.management + "/metrics", timeout=10)
     assert response.status_code == 200
     return samples(response.text)
 
@@ -291,8 +292,8 @@ def decision_lines(process, start: int) -> list[dict]:
 
 
 def test_gateway_ready_and_healthy(gateway):
-    assert httpx.get(gateway.ops.management + "/healthz").status_code == 200
-    ready = httpx.get(gateway.ops.management + "/readyz")
+    assert httpx.get(gateway.management + "/healthz").status_code == 200
+    ready = httpx.get(gateway.management + "/readyz")
     assert ready.status_code == 200, ready.text
     assert f"metrics: {gateway.management}/metrics" in gateway.process.output
 
@@ -355,6 +356,23 @@ def test_counters_move_by_exactly_the_transfers_made(gateway):
     assert "11010519491231002X" not in "\n".join(gateway.process.lines[log_start:])  # never the value
 
 
+def test_known_label_sets_are_exported_at_zero_from_the_start(tmp_path):
+    """Before any transfer: every listener's upstream error kinds and both inspection directions."""
+    from tests.gatewayproc import gateway_config, start_gateway, write_config
+    config = gateway_config(tmp_path / "state")
+    process = start_gateway(write_config(tmp_path / "gateway.yaml", config))
+    try:
+        got = samples(httpx.get(f"http://{config['management']['listen']}/metrics", timeout=10).text)
+    finally:
+        process.stop()
+    expected = [("gateway_upstream_errors_total", {"listener": listener["name"], "kind": kind})
+                for listener in config["listeners"] for kind in UPSTREAM_ERROR_KINDS]
+    expected += [("gateway_inspection_duration_seconds_count", {"direction": direction})
+                 for direction in ("request", "response")]
+    for name, labels in expected:
+        assert got.get((name, frozenset(labels.items()))) == 0, (name, labels)
+
+
 def test_trace_append_duration_observed(gateway):
     before = scrape(gateway)
     with httpx.Client(proxy=gateway.proxy, timeout=10) as client:
@@ -381,7 +399,7 @@ def test_active_connections_follow_open_clients(gateway):
 def wait_for_each_worker(gateway, text: str, start: int) -> None:
     """A SIGHUP reaches every worker, each in its own time: wait until each has logged `text`."""
     deadline = time.monotonic() + 30
-    while sum(text in line for line in gateway.process.lines[start:]) < gateway.config.load["gateway"]["workers"]:
+    while sum(text in line for line in gateway.process.lines[start:]) < gateway.config["gateway"]["workers"]:
         assert time.monotonic() < deadline, f"{text!r} not logged by every worker"
         time.sleep(0.05)
 

@@ -463,12 +463,16 @@ def test_a_host_header_naming_another_host_is_replaced_by_the_target(lab):
     """The policy decides on the target; a Host naming something else is neither believed nor sent."""
     marker = f"/echo?case=host-{free_port()}"
     with proxy_client(lab) as client:
-        response = client.get(lab["upstream"] + marker, headers={"host": f"{ID_NUMBER}.example"})
-    assert response.status_code == 200
+        response = client.get(lab["upstream"] + marker, headers={"host": "elsewhere.example"})
+        # One holding an ID number is refused outright (tests/test_hostile_names.py: names are scanned).
+        refused = client.get(lab["upstream"] + marker + "-id", headers={"host": f"{ID_NUMBER}.example"})
+    assert response.status_code == 200 and refused.status_code == 403
     [seen] = [r for r in upstream_requests(lab) if r["path"] == marker]
     assert seen["host"] == lab["upstream"].removeprefix("http://")
     record = trace_record(lab, response.headers["x-gateway-transfer-id"])
-    assert record["upstream"]["host"] == "127.0.0.2" and ID_NUMBER not in json.dumps(record)
+    assert record["upstream"]["host"] == "127.0.0.2" and "elsewhere" not in json.dumps(record)
+    record = trace_record(lab, refused.headers["x-gateway-transfer-id"])
+    assert record["rules"][0]["locations"] == ["header:host"] and ID_NUMBER not in json.dumps(record)
 
 
 @pytest.mark.parametrize("host, port, expected", [("::1", 8090, "[::1]:8090"), ("::1", 80, "[::1]"),

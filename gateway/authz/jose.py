@@ -22,6 +22,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, OKPKey
 from joserfc.registry import HeaderParameter
 
+from gateway.yamlnodes import private_file_problem
+
 DEFAULT_ALGORITHM = "Ed25519"
 HEADER_KEYS = frozenset({"alg", "kid", "role"})
 ROLES = ("bureau", "sector", "provider")
@@ -72,9 +74,8 @@ def generate_key(kid: str, private_path: Path, public_path: Path) -> None:
 
 def load_private_key(path: Path) -> OKPKey:
     """A signing key file; refused when others than its owner may read it."""
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise ValueError(f"{path} is readable by others (mode {mode:04o}); chmod 600 it")
+    if problem := private_file_problem(path):
+        raise ValueError(problem)
     key = _read_jwk(path)
     if not key.is_private:
         raise ValueError(f"{path} holds a public key, not a signing key")

@@ -3,6 +3,9 @@
 `load_config` checks everything it can without touching the network and raises ConfigError listing
 every problem as `FILE:LINE: key.path: message`. Unknown keys are errors: a typo must not silently
 turn a rule off.
+
+Longer than 400 lines: the schema of every section is read here, each with its own checks (files it
+names are read and verified too); split per section it would scatter the one schema across modules.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from gateway.yamlnodes import (
     load_document,
     parse_duration,
     parse_size,
+    private_file_problem,
 )
 
 __all__ = ["BasicAuth", "Config", "ConfigError", "Listener", "PolicyRule", "Zone", "load_config", "REPO_ROOT"]
@@ -109,6 +113,9 @@ class Config:
     upstream_ca: Path | None
     verify_upstream: bool
     management_tls: tuple[Path, Path] | None = None  # (certificate chain, private key) files
+    # The upstream CA file's content as read and checked by this load: what the engine trusts, so a
+    # reload after the file changed in place trusts the new content (mitmproxy caches by path).
+    upstream_ca_pem: bytes | None = None
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
@@ -219,8 +226,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
 
     tls = section("tls", {"upstream_ca", "verify_upstream"})
     upstream_ca = tls["upstream_ca"].path_value() if "upstream_ca" in tls else None
-    if upstream_ca is not None and not upstream_ca.is_file():
-        tls["upstream_ca"].error(f"no such file: {upstream_ca}")
+    upstream_ca_pem = _ca_bundle(tls["upstream_ca"], upstream_ca) if upstream_ca is not None else None
     verify = tls["verify_upstream"].boolean() if "verify_upstream" in tls else True
 
     authz = parse_authz(sections["authz"]) if "authz" in sections else None
@@ -232,7 +238,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         policy_default=policy_default, rules=rules, dlp_rules=dlp_rules, spool_threshold=spool,
         trace_dir=trace_dir, trace_origin=origin, body_digest=digest,
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
-        upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
+        upstream_ca=upstream_ca, upstream_ca_pem=upstream_ca_pem, verify_upstream=verify, management_tls=mgmt_tls,
+        management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         authz=authz,
         inspection_budget=budget,
@@ -271,11 +278,33 @@ def _host_port(text: str) -> tuple[str, int]:
 BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 
 
+def _ca_bundle(node: Node, path: Path) -> bytes | None:
+    """The CA certificates (PEM) in `path`, checked to load: a file that changed into something else
+    fails the load (and a reload) rather than leaving the old trust in place unnoticed."""
+    try:
+        pem = path.read_bytes()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError) as e:  # before OSError, of which SSLError is one
+        node.error(f"{path} holds no PEM CA certificates: {e}")
+        return None
+    except OSError as e:
+        node.error(f"cannot read {path}: {e.strerror or e}")
+        return None
+    if not sum(context.cert_store_stats().values()):
+        node.error(f"{path} holds no PEM CA certificates")
+        return None
+    return pem
+
+
 def _management_tls(node: Node) -> tuple[Path, Path] | None:
     entries = node.mapping({"cert", "key"}, {"cert", "key"}) or {}
     cert = entries["cert"].path_value() if "cert" in entries else None
     key = entries["key"].path_value() if "key" in entries else None
     if cert is None or key is None:
+        return None
+    if key.is_file() and (problem := private_file_problem(key)):
+        entries["key"].error(problem)
         return None
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)

@@ -1,4 +1,8 @@
-"""Stage 1: give each transfer its id and listener, and place its client and upstream in zones."""
+"""Stage 1: give each transfer its id and listener, and place its client and upstream in zones.
+
+The upstream's host names are scanned by DLP before the name is resolved: a name such as
+`<ID number>.attacker.example` is refused here, before a DNS query could carry the number out.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ from mitmproxy import connection, http
 from mitmproxy.net.http import url
 
 from gateway.config.load import format_host_port
-from gateway.filters import Gateway
+from gateway.dlp import Finding
+from gateway.filters import Gateway, refuse
 from gateway.transfer.edge import MalformedRequest
-from gateway.transfer.model import METADATA_KEY, Transfer
+from gateway.transfer.model import DECISION_ORDER, METADATA_KEY, Reason, Transfer
 
 
 class Resolver:
@@ -64,11 +69,12 @@ class Identify:
         self.resolver = Resolver()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        await self._identify(flow)
+        await self._identify(flow, _names(flow))
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        names = _names(flow)  # the Host header as the client sent it, before it is replaced
         _host_names_the_target(flow.request)
-        await self._identify(flow)
+        await self._identify(flow, names)
         transfer = flow.metadata[METADATA_KEY]
         if transfer.upstream_addr is not None:
             # Pin the connection to the address the zone was decided for: no second lookup that a
@@ -78,16 +84,46 @@ class Identify:
     async def malformed_request(self, malformed: MalformedRequest) -> None:
         # No request: the upstream is known only inside a CONNECT tunnel (its target).
         host, port = malformed.upstream or ("", 0)
-        address = await self.resolver.resolve(host, port) if host else None
-        malformed.transfer = self._transfer(malformed.id, malformed.client, host, port, address)
+        malformed.transfer = self._transfer(malformed.id, malformed.client, host, port)
+        if host and not self._names_scan(malformed.transfer, [("host", host)]):
+            await self._place_upstream(malformed.transfer)
 
-    async def _identify(self, flow: http.HTTPFlow) -> None:
-        host, port = flow.request.host, flow.request.port
-        address = await self.resolver.resolve(host, port)
-        flow.metadata[METADATA_KEY] = self._transfer(flow.id, flow.client_conn, host, port, address)
+    async def _identify(self, flow: http.HTTPFlow, names: list[tuple[str, str]]) -> None:
+        transfer = self._transfer(flow.id, flow.client_conn, flow.request.host, flow.request.port)
+        flow.metadata[METADATA_KEY] = transfer
+        findings = self._names_scan(transfer, names)
+        if findings:
+            # A name is never rewritten: redact fails closed, as block.
+            reasons = [Reason(f.rule, f.type, f.location, "block" if f.action == "redact" else f.action)
+                       for f in findings]
+            transfer.escalate(max((r.action for r in reasons), key=DECISION_ORDER.index), reasons)
+            if transfer.stopped:
+                # Never resolved (a DNS query would carry the value out): refused in no zone, its
+                # name masked wherever the transfer is recorded; a refused CONNECT closes its connection.
+                refuse(flow, transfer)
+                if flow.request.method == "CONNECT":
+                    flow.response.headers["Connection"] = "close"
+                return
+        await self._place_upstream(transfer)
 
-    def _transfer(self, transfer_id: str, client: connection.Client, upstream_host: str, upstream_port: int,
-                  upstream_addr: str | None) -> Transfer:
+    def _names_scan(self, transfer: Transfer, names: list[tuple[str, str]]) -> list[Finding]:
+        """The host names (target, Host header, TLS SNI) scanned with the request profile of every
+        policy rule the transfer could fall under, before anything resolves them."""
+        runtime = self.gateway.runtime
+        fields = [(where, where, name) for where, name in names]
+        return [finding for profile in runtime.policy.request_profiles(
+                    transfer.client_zone, transfer.upstream_host, transfer.listener)
+                for finding in runtime.rules.profile(profile).scan_fields(
+                    fields, direction="request", host=transfer.upstream_host).findings]
+
+    async def _place_upstream(self, transfer: Transfer) -> None:
+        transfer.upstream_addr = await self.resolver.resolve(transfer.upstream_host, transfer.upstream_port)
+        if transfer.upstream_addr:
+            transfer.upstream_zone = self.gateway.runtime.zones.zone_of(transfer.upstream_addr)
+
+    def _transfer(self, transfer_id: str, client: connection.Client, upstream_host: str,
+                  upstream_port: int) -> Transfer:
+        """The transfer with its client placed; its upstream is placed once its names are found clean."""
         runtime = self.gateway.runtime
         client_ip, client_port = client.peername[:2]
         return Transfer(
@@ -97,7 +133,16 @@ class Identify:
             client_zone=runtime.zones.zone_of(client_ip),
             upstream_host=upstream_host,
             upstream_port=upstream_port,
-            upstream_addr=upstream_addr,
-            upstream_zone=runtime.zones.zone_of(upstream_addr) if upstream_addr else "unknown",
         )
 
+
+def _names(flow: http.HTTPFlow) -> list[tuple[str, str]]:
+    """Every host name the client gave: the request target's (absolute-form URL, CONNECT target or
+    the tunnel's), the Host header, the TLS SNI."""
+    names = [("host", flow.request.host)]
+    header = flow.request.host_header
+    if header and header.lower().rsplit(":", 1)[0].strip("[]") != flow.request.host.lower():
+        names.append(("header:host", header))  # only a name of its own: a finding is reported once
+    if flow.client_conn.sni:
+        names.append(("tls sni", flow.client_conn.sni))
+    return names

@@ -110,7 +110,7 @@ class Record:
             # mitmproxy's own page (gateway.proxy.answers sends it).
             status, cause = answer
             if cause == UPSTREAM:
-                where = f"{transfer.upstream_host}:{transfer.upstream_port}"
+                where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
                 refuse(flow, transfer, status=status, error="upstream failed")
             else:
@@ -190,7 +190,7 @@ class Record:
             "frontend": self.gateway.runtime.config.name,
             "listener": transfer.listener,
             "client": {"addr": transfer.client_addr, "zone": transfer.client_zone},
-            "upstream": {"host": transfer.upstream_host, "port": transfer.upstream_port,
+            "upstream": {"host": transfer.shown_host, "port": transfer.upstream_port,
                          "addr": transfer.upstream_addr, "zone": transfer.upstream_zone},
             "method": method,
             "url": url,
@@ -224,8 +224,8 @@ def _tunnel_established(flow: http.HTTPFlow, transfer: Transfer) -> http.Respons
 
 def _display_url(request: http.Request, transfer: Transfer) -> str:
     if request.method == "CONNECT":
-        return f"{transfer.upstream_host}:{transfer.upstream_port}"
-    host = transfer.upstream_host
+        return f"{transfer.shown_host}:{transfer.upstream_port}"
+    host = transfer.shown_host
     default = (request.scheme == "https" and transfer.upstream_port == 443) or (
         request.scheme == "http" and transfer.upstream_port == 80)
     authority = host if default else f"{host}:{transfer.upstream_port}"

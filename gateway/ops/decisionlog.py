@@ -44,7 +44,7 @@ def decision_entry(transfer: Transfer, *, method: str | None, status: int | None
         "src_zone": transfer.client_zone,
         "dst_zone": transfer.upstream_zone,
         "client": transfer.client_addr,
-        "upstream": f"{transfer.upstream_host}:{transfer.upstream_port}",
+        "upstream": f"{transfer.shown_host}:{transfer.upstream_port}",
         "method": method,
         "status": status,
         "decision": transfer.decision,

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import socket
 import ssl
 import threading
@@ -26,6 +27,8 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
     from gateway.config.load import BasicAuth, Config
+
+log = logging.getLogger(__name__)
 
 type StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 type WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -154,6 +157,17 @@ class ManagementServer:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="management", daemon=True)
         self._thread.start()
+
+    def reload_tls(self, tls: tuple[Path, Path] | None) -> None:
+        """A reload: new connections get the certificate and key as the files hold them now. Turning TLS
+        on or off changes the scheme scrapers use: that waits for a restart."""
+        if (tls is None) != (self.tls is None):
+            log.warning("reload: management.tls turned %s; it takes effect only after a restart",
+                        "on" if tls else "off")
+            return
+        if tls is not None and self._server is not None:
+            self._server.tls_context = tls_context(*tls)
+            self.tls = tls
 
     @property
     def url(self) -> str:

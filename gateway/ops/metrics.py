@@ -123,6 +123,8 @@ class GatewayMetrics:
         self.build_info.labels(version=version).set(1)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result=result)  # both series exist from the start, at 0
+        for direction in DIRECTIONS:
+            self.inspection_duration.labels(direction=direction)
         # Standard process_* and python_* metrics (in multiprocess mode MultiProcessCollector has none).
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -137,12 +139,15 @@ class GatewayMetrics:
             self.config_last_reload_success.set(time.time())
 
     def listeners_known(self, listeners: list[str]) -> None:
-        """Give every configured listener its series at 0, so dashboards show idle listeners too."""
+        """Give every configured listener its series at 0, so dashboards show idle listeners too (as the
+        Prometheus instrumentation guidelines advise for label values known in advance)."""
         for listener in listeners:
             self.active_connections.labels(listener=listener)
             self.connections_timed_out.labels(listener=listener)
             for reason in ("client_limit", "capacity"):
                 self.connections_refused.labels(listener=listener, reason=reason)
+            for kind in UPSTREAM_ERROR_KINDS:  # an alert on a rate needs the series before its first error
+                self.upstream_errors.labels(listener=listener, kind=kind)
 
 
 class _AlsoPerWorker:

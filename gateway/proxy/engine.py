@@ -18,7 +18,7 @@ from mitmproxy import options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from gateway.config.load import ConfigError, load_config
+from gateway.config.load import Config, ConfigError, load_config
 from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
@@ -37,7 +37,7 @@ from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
 from gateway.proxy.listeners import install_inherited_listeners
-from gateway.proxy.state import announce, ca_dir, trace_key_path, writer_socket_path
+from gateway.proxy.state import announce, ca_dir, trace_key_path, trusted_upstream_ca, writer_socket_path
 from gateway.proxy.tunnels import OnlyHttp
 from gateway.trace import TraceLog
 from gateway.trace.remote import RemoteTraceLog
@@ -121,8 +121,8 @@ class GatewayServer:
         log.error("the supervisor is gone; stopping")
         self.master.shutdown()
 
-    def _engine_options(self) -> dict:
-        config = self.runtime.config
+    def _engine_options(self, config: Config | None = None) -> dict:
+        config = config or self.runtime.config
         return {
             "mode": [listener.mitmproxy_spec for listener in config.listeners],
             # Lazy: no upstream connection (not even for CONNECT) before the pipeline has decided.
@@ -135,7 +135,8 @@ class GatewayServer:
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
-            "ssl_verify_upstream_trusted_ca": str(config.upstream_ca) if config.upstream_ca else None,
+            "ssl_verify_upstream_trusted_ca": str(trusted_upstream_ca(config.state_dir, config.upstream_ca_pem))
+            if config.upstream_ca_pem else None,
         }
 
     def reload(self) -> None:
@@ -147,18 +148,26 @@ class GatewayServer:
             for error in e.errors:
                 log.error("reload rejected: %s", error)
             self.metrics.config_loaded(False)
+        except OSError as e:  # what it loaded could not be put in place (the state folder's disk full ...)
+            log.error("reload rejected: %s", e)
+            self.metrics.config_loaded(False)
         finally:
             sd_notify("READY=1")
 
     def _apply(self, runtime: Runtime) -> None:
         old = self.runtime.config
         for attr in ("state_dir", "trace_dir", "trace_origin", "alerts_file", "management_host", "management_port",
-                     "management_tls", "management_auth", "workers"):
+                     "management_auth", "workers"):
             if getattr(runtime.config, attr) != getattr(old, attr):
                 log.warning("reload: %s changed; it takes effect only after a restart", attr)
+        # Everything the configuration names is read again and put in place before the switch: the
+        # upstream CA under a path of its own content, the management certificate and key.
+        engine_options = self._engine_options(runtime.config)
+        if self.management is not None:
+            self.management.reload_tls(runtime.config.management_tls)
         self.runtime = runtime
         if self.master is not None:
-            self.master.options.update(**self._engine_options())
+            self.master.options.update(**engine_options)
         self.metrics.config_loaded(True)
         log.info("configuration reloaded from %s", runtime.config.source)
 

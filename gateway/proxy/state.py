@@ -3,6 +3,8 @@ what a start tells the operator: shared by the single process and the supervisor
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from gateway.config.load import Config, format_host_port
@@ -39,6 +41,20 @@ def announce(config: Config, bound: list[tuple[str, int]], management_url: str, 
     print(f"trace log: {config.trace_dir}", flush=True)
     print(f"alerts: {config.alerts_file}", flush=True)
     print(f"gateway CA certificate: {ca_certificate(config.state_dir)}", flush=True)
+
+
+def trusted_upstream_ca(state_dir: Path, pem: bytes) -> Path:
+    """A copy of the upstream CA bundle named by its content, for mitmproxy, which caches a TLS context
+    per CA path: changed content gets a new path, so a reload trusts what it loaded. (Earlier copies
+    stay: a worker that has not reloaded yet may still need its own.)"""
+    folder = state_dir / "upstream-ca"
+    path = folder / f"{hashlib.sha256(pem).hexdigest()[:32]}.pem"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_bytes(pem)
+        os.replace(partial, path)  # whole, whichever worker writes it first
+    return path
 
 
 def trace_key_path(state_dir: Path) -> Path:

@@ -317,6 +317,10 @@ class Supervisor:
             new = None  # each worker logs the errors and keeps its configuration
         if new is not None:
             self._close_removed_listeners(new)
+            try:
+                self.management.reload_tls(new.management_tls)
+            except OSError as e:
+                log.error("reload: management TLS kept as it was: %s", e)
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGHUP)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.trace.merkle import HASH_SIZE
+from gateway.yamlnodes import private_file_problem
 
 SIG_ED25519 = 0x01
 SIG_COSIGNATURE_V1 = 0x04
@@ -133,6 +134,8 @@ def parse_skey(text: str) -> Signer:
 def load_or_create_signer(path: Path, name: str, sig_type: int) -> Signer:
     """Load the signer key at `path`, or create it (mode 0600) with its .pub verifier key beside it."""
     if path.exists():
+        if problem := private_file_problem(path):
+            raise NoteError(problem)
         signer = parse_skey(path.read_text())
         if signer.name != name or signer.sig_type != sig_type:
             raise NoteError(f"{path}: key is for {signer.name!r} (type {signer.sig_type}), "

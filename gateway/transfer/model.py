@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config.policy import Verdict
+from gateway.dlp import mask_text
 from gateway.dlp.tally import FindingGroup, fit, single
 
 METADATA_KEY = "gateway"
@@ -74,6 +75,11 @@ class Transfer:
             else:
                 key = (reason.rule, reason.type, reason.action)
                 self.reasons_omitted[key] = self.reasons_omitted.get(key, 0) + reason.count
+
+    @property
+    def shown_host(self) -> str:
+        """The upstream host as records, alerts and logs show it: a sensitive value in the name masked."""
+        return mask_text(self.upstream_host)
 
     @property
     def stopped(self) -> bool:
