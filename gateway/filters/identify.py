@@ -12,7 +12,7 @@ from mitmproxy.net.http import url
 
 from gateway.config.load import format_host_port
 from gateway.filters import Gateway
-from gateway.transfer.edge import MalformedRequest
+from gateway.transfer.edge import BALANCERS, MalformedRequest
 from gateway.transfer.model import METADATA_KEY, Transfer
 
 
@@ -99,5 +99,6 @@ class Identify:
             upstream_port=upstream_port,
             upstream_addr=upstream_addr,
             upstream_zone=runtime.zones.zone_of(upstream_addr) if upstream_addr else "unknown",
+            via=BALANCERS.get(client),
         )
 

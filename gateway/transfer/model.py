@@ -45,6 +45,7 @@ class Transfer:
     upstream_port: int
     upstream_addr: str | None = None
     upstream_zone: str = "unknown"
+    via: str | None = None  # the balancer the client came through (PROXY protocol listeners)
     verdict: Verdict | None = None
     decision: str = "allow"
     reasons: list[Reason] = field(default_factory=list)
