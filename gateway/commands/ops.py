@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     doctor.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
     doctor.set_defaults(func=doctor_command)
 
+    drain = subparsers.add_parser("drain", help="take this machine out of a balanced boundary: not ready, "
+                                  "finish transfers, stop (SIGTERM to the gateway on the management address)")
+    drain.add_argument("-c", "--config", type=Path, required=True)
+    drain.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
+    drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stop (default 60)")
+    drain.set_defaults(func=drain_command)
+
     sentinel = subparsers.add_parser("sentinel", help="watch zone interfaces for traffic bypassing the gateway")
     sentinel.add_argument("-c", "--config", type=Path, required=True)
     sentinel.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
@@ -129,6 +136,17 @@ def doctor_command(args: argparse.Namespace) -> int:
         return 1
     print("ok: no forwarding between zones, zone interfaces up with their addresses, routes on the right side")
     return 0
+
+
+def drain_command(args: argparse.Namespace) -> int:
+    from gateway.ops.drain import drain
+
+    config = _load(args)
+    if config is None:
+        return 2
+    stopped, message = drain(config, args.timeout)
+    print(f"gateway drain: {message}", file=sys.stdout if stopped else sys.stderr)
+    return 0 if stopped else 1
 
 
 def sentinel_command(args: argparse.Namespace) -> int:
