@@ -64,7 +64,7 @@ def lab_command(args: argparse.Namespace) -> int:
     if reason := lab_supported():
         print(f"gateway lab: {reason}", file=sys.stderr)
         return 2
-    if args.gateways is not None or (args.action != "up" and _cluster_state(args).is_file()):
+    if args.gateways is not None:
         return cluster_command(args)
     lab = Lab(prefix=args.prefix)
     state_dir = args.state_dir.resolve()

@@ -158,19 +158,19 @@ class ClusterLab:
                 self.address(lb, "front")))
 
     def share_ca(self) -> None:
-        """One CA for the boundary: created in the first machine's state, copied to the others."""
-        from gateway.proxy.state import ca_dir, ensure_ca
-
-        first = self.state_dir / self.gateways[0] / "state"
-        ensure_ca(first)
+        """One CA for the boundary: created in the first machine's state (`gateway ca export`, as an admin
+        would), its folder copied to the others."""
+        first = self.gateways[0]
+        subprocess.run([_gateway_command(), "ca", "export", "-c", str(self.state_dir / first / "gateway.yaml"),
+                        "-o", str(self.state_dir / "ca-cert.pem")], check=True, stdout=subprocess.DEVNULL)
         for gw in self.gateways[1:]:
-            target = ca_dir(self.state_dir / gw / "state")
+            target = self.state_dir / gw / "state" / "ca"
             if not target.exists():
-                shutil.copytree(ca_dir(first), target)
+                shutil.copytree(self.state_dir / first / "state" / "ca", target)
 
     def services(self) -> dict[str, tuple[str, list[str]]]:
         """name -> (node, argv), in start order."""
-        gateway_cmd = shutil.which("gateway", path=str(Path(sys.executable).parent)) or "gateway"
+        gateway_cmd = _gateway_command()
         www = self.state_dir / "www"
         run = {"upstream": ("up", [sys.executable, "-m", "http.server", "--bind", f"{INET}.2", "--directory",
                                    str(www), str(UPSTREAM_PORT)])}
@@ -286,3 +286,7 @@ sys.exit(1)
 """
 
 _up, _address = Lab._link_up, Lab._address
+
+
+def _gateway_command() -> str:
+    return shutil.which("gateway", path=str(Path(sys.executable).parent)) or "gateway"
