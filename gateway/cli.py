@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(export)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     export.set_defaults(func=_ca_export)
+    create = ca_commands.add_parser("create", help="create the CA now (the gateway otherwise creates it on its "
+                                                   "first start); an existing one is kept")
+    _config_args(create)
+    create.add_argument("-o", "--output", type=Path, help="also write its certificate (PEM) here")
+    create.set_defaults(func=_ca_create)
 
     for module in (dlp_commands, trace_commands, ops_commands, grant_commands, consent_commands):
         module.register(commands)
@@ -114,6 +119,22 @@ def _check(args: argparse.Namespace) -> int:
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return 2
+    return 0
+
+
+def _ca_create(args: argparse.Namespace) -> int:
+    """Before a first start, say to share one CA between the machines of a boundary."""
+    from gateway.proxy.state import ensure_ca
+
+    try:
+        config = load_config(args.config, args.frontend)
+    except ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return 2
+    certificate = ensure_ca(config.state_dir)
+    if args.output:
+        shutil.copyfile(certificate, args.output)
+    print(f"gateway CA certificate: {certificate}", file=sys.stderr)
     return 0
 
 

@@ -105,7 +105,7 @@ def test_id_number_in_the_url_host_is_refused_without_a_dns_query(dns_namespace)
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "403", result
     refusal = json.loads(body)
-    assert refusal["reasons"] == [{"rule": refusal["reasons"][0]["rule"], "type": "cn_id_card", "location": "host"}]
+    assert refusal["reasons"] == [{"rule": refusal["reasons"][0]["rule"], "type": "cn_id_card", "count": 1, "locations": ["host"]}]
     gateway = _gateway(dns_namespace)
     records = [json.loads(line) for line in (root / "state" / "alerts.jsonl").read_text().splitlines()]
     alert = next(a for a in records if a["id"] == refusal["transfer_id"])
@@ -138,7 +138,7 @@ def test_connect_to_an_id_number_host_is_refused_and_its_connection_closed(dns_n
     """)
     head, _, body = seen["answer"].partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 403"), seen
-    assert json.loads(body)["reasons"][0]["location"] == "host"
+    assert json.loads(body)["reasons"][0]["locations"] == ["host"]
     assert_never_leaked(root, queries, _gateway(dns_namespace).output)
 
 
@@ -171,7 +171,7 @@ def test_id_number_in_the_tls_sni_is_refused_before_any_upstream_connection(dns_
     assert established.startswith("HTTP/1.1 200"), established
     head, _, body = answer.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 403"), answer
-    assert json.loads(body)["reasons"][0]["location"] == "tls sni"
+    assert json.loads(body)["reasons"][0]["locations"] == ["tls sni"]
     logged = (root / "upstream-tls.log").read_text()
     assert "/text?body=no-sni" in logged and "/text?body=sni" not in logged
     assert_never_leaked(root, queries, _gateway(dns_namespace).output)

@@ -6,6 +6,7 @@ The main CLI calls `register(subparsers)`; `python -m gateway.commands.ops ...` 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,13 +23,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("-c", "--config", type=Path, default=DEFAULT_LAB_CONFIG,
                      help="gateway configuration for the lab (default: config/lab.yaml)")
     lab.add_argument("--state-dir", type=Path, default=DEFAULT_LAB_STATE,
-                     help="pid and log files (default: state/lab)")
+                     help="pid and log files (default: state/lab; state/lab-PREFIX for a cluster)")
+    lab.add_argument("--gateways", type=int, help="a cluster: this many gateway machines behind two balancers "
+                     "(prefix default gwc; docs/scale.md)")
+    lab.add_argument("--balancer", choices=["haproxy"], default="haproxy",
+                     help="the cluster's balancer: HAProxy with keepalived (the only one)")
     lab.set_defaults(func=lab_command)
 
     doctor = subparsers.add_parser("doctor", help="check this host's network posture against the zones")
     doctor.add_argument("-c", "--config", type=Path, required=True)
     doctor.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
     doctor.set_defaults(func=doctor_command)
+
+    drain = subparsers.add_parser("drain", help="take this machine out of a balanced boundary: not ready, "
+                                  "finish transfers, stop (SIGTERM to the gateway on the management address)")
+    drain.add_argument("-c", "--config", type=Path, required=True)
+    drain.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
+    drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stop (default 60)")
+    drain.set_defaults(func=drain_command)
 
     sentinel = subparsers.add_parser("sentinel", help="watch zone interfaces for traffic bypassing the gateway")
     sentinel.add_argument("-c", "--config", type=Path, required=True)
@@ -52,6 +64,8 @@ def lab_command(args: argparse.Namespace) -> int:
     if reason := lab_supported():
         print(f"gateway lab: {reason}", file=sys.stderr)
         return 2
+    if args.gateways is not None:
+        return cluster_command(args)
     lab = Lab(prefix=args.prefix)
     state_dir = args.state_dir.resolve()
     try:
@@ -74,6 +88,40 @@ def lab_command(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cluster_prefix(args: argparse.Namespace) -> str:
+    return "gwc" if args.prefix == "gwlab" else args.prefix
+
+
+def _cluster_state(args: argparse.Namespace) -> Path:
+    prefix = _cluster_prefix(args)
+    folder = REPO_ROOT / "state" / f"lab-{prefix}" if args.state_dir == DEFAULT_LAB_STATE else args.state_dir
+    return folder / "cluster.json"
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    """`gateway lab up --gateways N --balancer haproxy`, and `down` / `status` of that cluster."""
+    from gateway.ops.lab import LabError
+    from gateway.ops.labcluster import ClusterLab
+
+    state = _cluster_state(args)
+    gateways = args.gateways or (json.loads(state.read_text())["gateways"] if state.is_file() else 2)
+    try:
+        lab = ClusterLab(_cluster_prefix(args), gateways, state.parent.resolve())
+        if args.action == "down":
+            lab.down()
+            print(f"cluster lab {lab.prefix} removed")
+            return 0
+        problems = lab.up() if args.action == "up" else []
+        for problem in problems:
+            print(f"gateway lab: {problem}", file=sys.stderr)
+        print("\n".join(lab.status()))
+        print(f"configurations: {lab.state_dir}/*/gateway.yaml, haproxy.cfg, keepalived.conf")
+        return 1 if problems else 0
+    except LabError as exc:
+        print(f"gateway lab: {exc}", file=sys.stderr)
+        return 2
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     from gateway.ops.doctor import diagnose
 
@@ -88,6 +136,17 @@ def doctor_command(args: argparse.Namespace) -> int:
         return 1
     print("ok: no forwarding between zones, zone interfaces up with their addresses, routes on the right side")
     return 0
+
+
+def drain_command(args: argparse.Namespace) -> int:
+    from gateway.ops.drain import drain
+
+    config = _load(args)
+    if config is None:
+        return 2
+    stopped, message = drain(config, args.timeout)
+    print(f"gateway drain: {message}", file=sys.stdout if stopped else sys.stderr)
+    return 0 if stopped else 1
 
 
 def sentinel_command(args: argparse.Namespace) -> int:

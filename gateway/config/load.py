@@ -62,6 +62,10 @@ class Listener:
     host: str
     port: int
     upstream: str | None = None
+    # PROXY protocol v2 (gateway.proxy.proxyproto): every connection must start with its header, sent by
+    # a balancer whose address is in trusted_proxies; the header's source is then the client.
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def mitmproxy_spec(self) -> str:
@@ -360,7 +364,8 @@ def _listeners(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Listen
     listeners: list[Listener] = []
     seen: set[str] = set()
     for item in node.items():
-        entries = item.mapping({"name", "mode", "listen", "upstream"}, {"name", "mode", "listen"})
+        entries = item.mapping({"name", "mode", "listen", "upstream", "proxy_protocol", "trusted_proxies"},
+                               {"name", "mode", "listen"})
         if not entries:
             continue
         name = entries["name"].string() if "name" in entries else None
@@ -377,11 +382,29 @@ def _listeners(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Listen
                 upstream = entries["upstream"].parsed(_upstream_url, "upstream URL")
         elif "upstream" in entries:
             entries["upstream"].error("only reverse listeners have an upstream")
+        proxy_protocol, trusted = _proxy_protocol(item, entries)
         if name and mode and address:
-            listeners.append(Listener(name, mode, address[0], address[1], upstream))
+            listeners.append(Listener(name, mode, address[0], address[1], upstream, proxy_protocol, trusted))
     if not listeners and not sink.errors:
         node.error("at least one listener is needed")
     return tuple(listeners)
+
+
+PROXY_PROTOCOL_VERSIONS = ("v2",)
+
+
+def _proxy_protocol(item: Node, entries: dict[str, Node]) -> tuple[bool, tuple[Network, ...]]:
+    """`proxy_protocol: v2` with a non-empty `trusted_proxies` list, or neither."""
+    version = entries["proxy_protocol"].string(PROXY_PROTOCOL_VERSIONS) if "proxy_protocol" in entries else None
+    nodes = list(entries["trusted_proxies"].items()) if "trusted_proxies" in entries else []
+    trusted = tuple(n for node in nodes if (n := node.parsed(lambda t: ipaddress.ip_network(t, strict=True), "network")))
+    if "proxy_protocol" in entries and "trusted_proxies" not in entries:
+        item.error("a listener with proxy_protocol needs trusted_proxies (the balancers' networks)")
+    elif "trusted_proxies" in entries and "proxy_protocol" not in entries:
+        entries["trusted_proxies"].error("only a listener with 'proxy_protocol: v2' has trusted proxies")
+    elif "trusted_proxies" in entries and not nodes:
+        entries["trusted_proxies"].error("at least one network is needed (e.g. 10.0.0.5/32 for one balancer)")
+    return version is not None, trusted
 
 
 def _upstream_url(text: str) -> str:

@@ -17,7 +17,7 @@ from mitmproxy.net.http import url
 from gateway.config.load import format_host_port
 from gateway.dlp import Finding
 from gateway.filters import Gateway, refuse
-from gateway.transfer.edge import MalformedRequest
+from gateway.transfer.edge import BALANCERS, MalformedRequest
 from gateway.transfer.model import DECISION_ORDER, METADATA_KEY, Reason, Transfer
 
 
@@ -133,6 +133,7 @@ class Identify:
             client_zone=runtime.zones.zone_of(client_ip),
             upstream_host=upstream_host,
             upstream_port=upstream_port,
+            via=BALANCERS.get(client),
         )
 
 

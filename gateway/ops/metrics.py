@@ -82,8 +82,9 @@ class GatewayMetrics:
             ["listener"], registry=r)
         self.connections_refused = Counter(
             "gateway_connections_refused", "Client connections closed as soon as they opened: their client held "
-            "its share of max_client_connections (client_limit), or the worker had no file descriptors to "
-            "spare (capacity).", ["listener", "reason"], registry=r)
+            "its share of max_client_connections (client_limit), the worker had no file descriptors to "
+            "spare (capacity), or a PROXY protocol listener's connection came from an untrusted address "
+            "(proxy_untrusted), sent no or a malformed header (proxy_missing, proxy_malformed).", ["listener", "reason"], registry=r)
         if worker is not None:
             per_worker = Gauge(
                 "gateway_worker_active_connections", "Client connections open now in each worker process.",

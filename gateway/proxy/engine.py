@@ -32,7 +32,7 @@ from gateway.ops.alerts import AlertLog
 from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, wslimits
+from gateway.proxy import answers, backpressure, h2limits, heads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
@@ -84,12 +84,13 @@ class GatewayServer:
         heads.install()
         h2limits.install()
         wslimits.install()
+        proxyproto.install()
         self.master = Master(options.Options())
         heads.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.master.addons.add(
-            proxyserver.Proxyserver(), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
+            proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), Record(self), measure,
             FirstRequestDeadline(self),

@@ -3,6 +3,7 @@ hook it runs for a request too malformed to become a flow, and how a transfer is
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, http
@@ -16,6 +17,9 @@ UPSTREAM, MALFORMED = "upstream", "malformed"
 # inspect closed the connection (gateway.proxy.wslimits).
 TOO_BIG = "gateway_websocket_too_big"
 LIMIT_ERROR = "connection limit"  # how an upstream connection refused by gateway.proxy.connlimit fails
+# The balancer ("host:port") a client connection came through, for listeners taking the PROXY protocol
+# (gateway.proxy.proxyproto): the client's peername is then the address the balancer vouched for.
+BALANCERS: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
 
 
 @dataclass

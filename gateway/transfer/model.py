@@ -44,6 +44,7 @@ class Transfer:
     upstream_port: int
     upstream_addr: str | None = None
     upstream_zone: str = "unknown"
+    via: str | None = None  # the balancer the client came through (PROXY protocol listeners)
     verdict: Verdict | None = None
     decision: str = "allow"
     # Why, grouped per rule, type and action as each scan (or stage) found them (gateway.dlp.tally).
