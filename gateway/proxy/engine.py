@@ -31,7 +31,7 @@ from gateway.ops.alerts import AlertLog
 from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, wslimits
+from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
@@ -81,6 +81,7 @@ class GatewayServer:
         backpressure.install()
         answers.install()
         heads.install()
+        heldheads.install()
         h2limits.install()
         wslimits.install()
         self.master = Master(options.Options())
