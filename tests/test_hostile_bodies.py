@@ -301,3 +301,12 @@ def test_a_refused_connect_closes_its_connection(lab):
             answer += data
     status, fields, _ = answer_of(answer)
     assert status == 403 and fields["x-gateway-transfer-id"]
+
+
+def test_a_long_run_of_one_letter_is_not_refused_as_base64(lab):
+    # Base64's alphabet, but filler: it decodes to three bytes repeated, no content to inspect.
+    body = b"a" * (16 * MIB)
+    result = curl(lab, "-T", "-", "-X", "POST", "-H", "content-type: text/plain",
+                  f"{lab['upstream']}/sink?case=letters", stdin=body)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bytes"] == len(body)
