@@ -126,12 +126,14 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
     request_line = bytes(data[:end.start()]).lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
-    if request_line.rpartition(b" ")[2] not in HTTP1_VERSIONS:
+    parts = request_line.split(b" ")
+    if len(parts) == 3 and _VERSION.fullmatch(parts[2]) and parts[2] not in HTTP1_VERSIONS:
         return 505, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
     return None
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")
+_VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
 
 
 def _could_start_request(buf: ReceiveBuffer) -> bool:
