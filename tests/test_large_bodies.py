@@ -1,4 +1,5 @@
-"""Bodies above the spool threshold: spooled to disk while scanned, released only when clean, cut when not.
+"""Bodies above the spool threshold: spooled to disk while scanned, released only when clean, answered
+with a refusal when not (their head is held with them: nothing of a blocked one leaves).
 
 The gateway's peak resident memory (VmHWM) is read from /proc after a 1 GiB upload.
 """
@@ -79,34 +80,49 @@ def test_clean_large_upload_is_released_byte_for_byte(big, tmp_path):
     assert record["req_digest"] == "sha256:" + answer["sha256"]
 
 
-def test_large_upload_with_an_id_number_at_the_end_is_cut_and_never_arrives(big, tmp_path):
+def refusal(result: subprocess.CompletedProcess) -> tuple[int, dict, str]:
+    """curl run with `-i`: the status, the JSON body and the X-Gateway-Transfer-Id of its answer."""
+    head, _, body = result.stdout.partition("\n\n")
+    while head.split()[1] == "100":  # curl's Expect: 100-continue was answered first
+        head, _, body = body.partition("\n\n")
+    fields = dict(line.split(": ", 1) for line in head.splitlines()[1:])
+    return int(head.split()[1]), json.loads(body), fields.get("X-Gateway-Transfer-Id", "")
+
+
+def test_large_upload_with_an_id_number_at_the_end_is_refused_403_and_never_arrives(big, tmp_path):
     body = text_body(tmp_path / "leak.txt", 20 * MIB, tail=f" sfzh {ID_NUMBER}\n".encode())
-    result = curl(big, "-H", "content-type: text/plain; charset=utf-8", "--data-binary", f"@{body}",
+    result = curl(big, "-i", "-H", "content-type: text/plain; charset=utf-8", "--data-binary", f"@{body}",
                   f"{big['upstream']}/sink?case=leak")
-    assert result.returncode != 0  # cut: no answer
+    assert result.returncode == 0, result.stderr
+    status, answer, transfer_id = refusal(result)
+    assert status == 403 and answer["transfer_id"] == transfer_id and transfer_id
     assert not any(r["path"] == "/sink?case=leak" for r in received(big))
     record = next(r for r in logged(big) if r["url"].endswith("/sink?case=leak"))
-    assert record["decision"] == "block"
+    assert record["decision"] == "block" and record["id"] == transfer_id and record["status"] == 403
     assert record["rules"][0]["type"] == "cn_id_card"
+    assert record["req_bytes"] == body.stat().st_size
 
 
-def test_chunked_upload_with_an_id_number_is_cut(big, tmp_path):
+def test_chunked_upload_with_an_id_number_is_refused_403(big, tmp_path):
     body = text_body(tmp_path / "chunked.txt", 3 * MIB, tail=f" {ID_NUMBER}\n".encode())
-    result = curl(big, "-H", "transfer-encoding: chunked", "-H", "content-type: text/plain; charset=utf-8",
+    result = curl(big, "-i", "-H", "transfer-encoding: chunked", "-H", "content-type: text/plain; charset=utf-8",
                   "--data-binary", f"@{body}", f"{big['upstream']}/sink?case=chunked")
-    assert result.returncode != 0
+    assert result.returncode == 0, result.stderr
+    status, answer, transfer_id = refusal(result)
+    assert status == 403 and answer["transfer_id"] == transfer_id
     assert not any(r["path"] == "/sink?case=chunked" for r in received(big))
 
 
 def test_large_response_with_a_bulk_of_id_numbers_is_withheld(big, tmp_path):
-    out = tmp_path / "download"
     # The inbound profile blocks ten or more ID numbers; these come in the last bytes of 20 MiB.
-    result = curl(big, "-o", str(out), "-w", "%{http_code}", f"{big['upstream']}/big?bytes={20 * MIB}&ids=12")
-    assert result.stdout == "200"  # the headers came ...
-    assert result.returncode != 0  # ... the body never does
-    assert not out.exists() or out.stat().st_size == 0
+    result = curl(big, "-i", f"{big['upstream']}/big?bytes={20 * MIB}&ids=12")
+    assert result.returncode == 0, result.stderr
+    status, answer, transfer_id = refusal(result)  # the upstream's 200 head was held with its body
+    assert status == 403 and answer["transfer_id"] == transfer_id
     record = next(r for r in logged(big) if "/big?" in r["url"] and "ids=12" in r["url"])
     assert record["decision"] == "block" and record["rules"][0]["type"] == "cn_id_card"
+    assert record["id"] == transfer_id and record["status"] == 403
+    out = tmp_path / "download"
     clean = curl(big, "-o", str(out), "-w", "%{http_code}", f"{big['upstream']}/big?bytes={20 * MIB}")
     assert clean.stdout == "200" and out.stat().st_size == 20 * MIB
 

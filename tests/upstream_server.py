@@ -9,6 +9,9 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /text?body=S     answers S as text/plain
   /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
   /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
+  /random?bytes=N  N random bytes (the same for every N: random.Random(0)), application/octet-stream
+  ?framing=close or chunked (for /card, /big, /random) sends the answer with no Content-Length,
+                   ending when the connection closes, or chunked
   anything else    200 "ok"
 """
 
@@ -18,6 +21,7 @@ import argparse
 import base64
 import hashlib
 import json
+import random
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,9 +73,13 @@ class Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).
         extra_headers = [HEAD_FIELDS[name] for name in query.get("head", [])]
+        framing = query.get("framing", ["length"])[0]
         if url.path == "/big":
             ids = " ".join(ID_NUMBERS[:int(query.get("ids", ["0"])[0])])
-            return self._big(int(query["bytes"][0]), f" {ids}\n" if ids else "", extra_headers)
+            return self._big(int(query["bytes"][0]), f" {ids}\n" if ids else "", extra_headers, framing)
+        if url.path == "/random":
+            size = int(query["bytes"][0])
+            return self._send("application/octet-stream", random_bytes(size), [], framing, size)
         content_type = "text/plain; charset=utf-8"
         if url.path == "/sink":
             answer = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
@@ -93,32 +101,52 @@ class Handler(BaseHTTPRequestHandler):
             answer = query.get("body", [""])[0].encode()
         else:
             answer = b"ok"
+        self._send(content_type, [answer], extra_headers, framing, len(answer))
+
+    def _send(self, content_type: str, pieces, extra_headers: list[tuple[str, str]], framing: str,
+              length: int | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(answer)))
+        if framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        elif framing == "close":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(length))
         for name, value in extra_headers:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(answer)
+        for piece in filter(None, pieces):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+        if framing == "chunked":
+            self.wfile.write(b"0\r\n\r\n")
 
-    def _big(self, size: int, tail: str, extra_headers: list[tuple[str, str]]) -> None:
-        tail_bytes = tail.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(size))
-        for name, value in extra_headers:
-            self.send_header(name, value)
-        self.end_headers()
-        line = b"filler text of a large export, nothing sensitive here\n"
-        remaining = size - len(tail_bytes)
-        block = line * (65536 // len(line))
-        while remaining > 0:
-            piece = block[:remaining]
-            self.wfile.write(piece)
-            remaining -= len(piece)
-        self.wfile.write(tail_bytes)
+    def _big(self, size: int, tail: str, extra_headers: list[tuple[str, str]], framing: str) -> None:
+        self._send("text/plain; charset=utf-8", filler(size, tail.encode()), extra_headers, framing, size)
 
     do_GET = do_POST = do_PUT = _handle
+
+
+def filler(size: int, tail: bytes):
+    line = b"filler text of a large export, nothing sensitive here\n"
+    remaining = size - len(tail)
+    block = line * (65536 // len(line))
+    while remaining > 0:
+        piece = block[:remaining]
+        yield piece
+        remaining -= len(piece)
+    if tail:
+        yield tail
+
+
+def random_bytes(size: int):
+    """`size` random bytes, the same every time (tests compute them to compare)."""
+    rng = random.Random(0)
+    while size > 0:
+        piece = rng.randbytes(min(size, 1 << 20))
+        yield piece
+        size -= len(piece)
 
     def log_message(self, format, *args) -> None:
         pass

@@ -50,6 +50,7 @@ WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000
+MIN_BASE64_VARIETY = 16  # distinct characters: base64 of any text uses more of the 64 at once
 _ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
@@ -290,6 +291,9 @@ class StreamScan:
 
 def _readable_head(run: bytes) -> bool:
     """Whether the start of a long base64 run decodes to readable content (it may end in the
-    middle of a character)."""
+    middle of a character). A run of a few characters repeated (`aaaa…`, `AAAA…`: filler, which
+    decodes to a few bytes repeated, GB18030 or NUL "text") holds no content."""
+    if len(set(run)) < MIN_BASE64_VARIETY:
+        return False
     head = decode_run(run[:len(run) // 4 * 4])
     return head is not None and any(readable(head[:len(head) - cut]) for cut in range(4))

@@ -3,8 +3,9 @@
 Request heads (URL path, query and header fields, before anything is forwarded), bodies and trailer
 fields are inspected with the rule's request profile (data leaving the client's zone), response heads,
 bodies and trailers with its response profile (data arriving), WebSocket messages by their direction.
-Bodies above the spool threshold (or of unknown length) are spooled to disk while they are scanned
-as they arrive, and released only after a clean verdict; a blocked one is cut, never released.
+Bodies above the spool threshold (of unknown length: once past it) are spooled to disk while they
+are scanned as they arrive, and released only after a clean verdict; their head is held with them
+(gateway.proxy.heldheads), so a blocked one is answered with its refusal like any other.
 Every scan of a transfer spends from its inspection budget (`dlp.inspection_budget`, CPU seconds,
 gateway.dlp.budget); past it what is left is uninspectable, and the profile's `uninspectable` applies.
 """
@@ -30,7 +31,7 @@ from gateway.filters import Gateway, refuse, transfer_of
 from gateway.trace import body_hasher
 from gateway.transfer.edge import TOO_BIG
 from gateway.transfer.model import Reason, Transfer
-from gateway.transfer.spool import SpooledBody
+from gateway.transfer.spool import HeldBody, SpooledBody
 
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
@@ -58,8 +59,8 @@ class Inspect:
             self._apply(flow, transfer, head, rewritable=False)
             if not flow.response and _unread_transfer_coding(transfer, request):
                 refuse(flow, transfer)
-        if not flow.response and self._needs_spool(flow.request):
-            flow.request.stream = self._spooling(flow, transfer, "request", flow.request)
+        if not flow.response:
+            flow.request.stream = self._holding(flow, transfer, "request", flow.request) or False
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -72,24 +73,10 @@ class Inspect:
             host=transfer.upstream_host)) if profile else None
         if profile is not None:
             _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
-        if not self._needs_spool(response):
-            if head is not None and head.action is not None:
-                transfer.extra["response_head"] = head  # applied with the body: nothing is sent before
-            return
         if head is not None and head.action is not None:
-            # A spooled response's head goes out before its body is scanned: one that would be refused
-            # leaves without the fields that hold findings, and its body is then cut.
-            transfer.escalate(_unrewritable(head.action), head.groups)
-            if transfer.stopped:
-                fields = list(response.headers.items(multi=True))
-                try:
-                    holding = self._budget(transfer).spend(lambda: [name for name, value in fields if profile.scan_head(
-                        "/", [(name, value)], direction="response").action in ("block", "redact")])
-                except BudgetExceeded:
-                    holding = [name for name, _ in fields]  # not known which: none leaves
-                for name in holding:
-                    response.headers.pop(name, None)
-        response.stream = self._spooling(flow, transfer, "response", response)
+            # Applied with the body: nothing of the response, head included, leaves before its verdict.
+            transfer.extra["response_head"] = head
+        response.stream = self._holding(flow, transfer, "response", response) or False
 
     async def request(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -161,14 +148,22 @@ class Inspect:
             where = "client message" if direction == "request" else "upstream message"
             transfer.escalate("block", [Reason("websocket", "message-too-big", where, "block")])
 
-    def _needs_spool(self, message: http.Message) -> bool:
+    def _holding(self, flow: http.HTTPFlow, transfer: Transfer, direction: str,
+                 message: http.Message) -> HeldBody | None:
+        """The stream callable for a body that may be larger than the spool threshold (a Content-Length
+        above it, or none: chunked, HTTP/2 without one, a response ending when its connection closes):
+        held in memory up to the threshold, then spooled and scanned as it arrives. A body known to
+        be smaller is left to mitmproxy, which buffers it."""
+        threshold = self.gateway.runtime.config.spool_threshold
         length = message.headers.get("content-length")
         if length is not None:
-            return length.strip().isdigit() and int(length) > self.gateway.runtime.config.spool_threshold
-        return "chunked" in message.headers.get("transfer-encoding", "").lower()
+            if not (length.strip().isdigit() and int(length) > threshold):
+                return None
+            threshold = 0  # known to be large: spooled from its first byte
+        return HeldBody(threshold, lambda: self._open_spool(transfer, direction, message),
+                        lambda spool: self._judge(flow, transfer, direction, message, spool))
 
-    def _spooling(self, flow: http.HTTPFlow, transfer: Transfer, direction: str, message: http.Message):
-        """mitmproxy's stream callable for one body: hold every chunk, release all only when clean."""
+    def _open_spool(self, transfer: Transfer, direction: str, message: http.Message) -> SpooledBody:
         config = self.gateway.runtime.config
         profile = self._profile(transfer, direction)
         scan = profile.stream(content_type=message.headers.get("content-type"),
@@ -177,26 +172,26 @@ class Inspect:
         budgeted = BudgetedStream(scan, self._budget(transfer)) if scan else None
         spool = SpooledBody(config.state_dir / "spool", budgeted, config.body_digest)
         transfer.spools[direction] = spool
+        return spool
 
-        # "Nothing to send" is an empty list, never b"": an empty chunk would end a chunked body.
-        def stream(data: bytes):
-            if data:
-                spool.add(data)
-                return []
-            started = time.perf_counter()
-            result = spool.finish()
-            transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
-            for found in (result, self._trailers(transfer, direction, message)):
-                if found is not None and found.action is not None:
-                    # A streamed body cannot be rewritten after the fact.
-                    transfer.escalate(_unrewritable(found.action), found.groups)
-            if transfer.stopped or not all(check() for check in transfer.before_release):
-                spool.discard()
-                transfer.cut = True
-                return []
-            return spool.release()
-
-        return stream
+    def _judge(self, flow: http.HTTPFlow, transfer: Transfer, direction: str, message: http.Message,
+               spool: SpooledBody) -> bool:
+        """A spooled body's verdict: True releases it; a refused one is answered (its head was held)."""
+        started = time.perf_counter()
+        result = spool.finish()
+        transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
+        head = transfer.extra.pop("response_head", None) if direction == "response" else None
+        for found in (head, result, self._trailers(transfer, direction, message)):
+            if found is not None and found.action is not None:
+                # A spooled body cannot be rewritten: what would be redacted is blocked.
+                transfer.escalate(_unrewritable(found.action), found.groups)
+        if transfer.stopped:
+            refuse(flow, transfer)
+            return False
+        if not all(check() for check in transfer.before_release):  # its trace record could not be made durable
+            refuse(flow, transfer, status=503, error="trace log unavailable")
+            return False
+        return True
 
     @property
     def _digest(self) -> str:

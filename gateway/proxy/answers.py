@@ -8,7 +8,10 @@ before the hook, a flow that can still be answered gets `flow.metadata[ANSWER_ST
 mitmproxy would send and why; if the hook then sets `flow.response`, that response goes to the
 client instead of mitmproxy's page. HttpStream.check_invalid (a request or response refused as a
 smuggling risk) is wrapped the same way. Invariant: nothing changes for a flow whose client already
-has part of a response, for client-side errors, or when the hook sets no response.
+has part of a response, for client-side errors, or when the hook sets no response. The one client
+error answered is a request body's invalid framing (gateway.proxy.heads.MalformedBody), 400, while
+nothing of the request has left (its head held with its body). A refused CONNECT closes its
+connection.
 
 A request naming no destination never becomes a flow: mitmproxy answers it 400 itself. Wrapped too:
 that answer is replaced by the one the `malformed_request` hook (MalformedRequestHook, run before it
@@ -28,10 +31,11 @@ from collections.abc import Callable
 
 from mitmproxy import http
 from mitmproxy.proxy import commands, layer
-from mitmproxy.proxy.layers.http import HttpStream, SendHttp
+from mitmproxy.proxy.layers.http import DropStream, HttpStream, SendHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
     HttpEvent,
+    RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
@@ -39,6 +43,8 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.server import ConnectionHandler
 
+from gateway.proxy.heads import MalformedBody
+from gateway.proxy.heldheads import head_held, request_held
 from gateway.proxy.patches import relay, wrap_method
 from gateway.transfer.edge import (
     ANSWER_STATUS,
@@ -57,6 +63,10 @@ def install() -> None:
            "ErrorCode.REQUEST_VALIDATION_FAILED"))
     wrap_method(HttpStream, "state_wait_for_request_headers", _answer_unknown_destinations,
           ("ErrorCode.DESTINATION_UNKNOWN",))
+    wrap_method(HttpStream, "check_killed", _malformed_bodies_are_no_disconnects,
+          ("for evt in self._paused_event_queue:", "if isinstance(evt, RequestProtocolError):"))
+    wrap_method(HttpStream, "handle_connect_finish", _close_refused_tunnels,
+          ("yield HttpConnectErrorHook(self.flow)",))
     wrap_method(ConnectionHandler, "open_connection", _close_abandoned_connections,
           ("await self.handle_hook(server_hooks.ServerConnectedHook(hook_data))",
            "await self.handle_connection(command.connection)"))
@@ -64,28 +74,69 @@ def install() -> None:
 
 def _nothing_sent(stream: HttpStream) -> bool:
     """No byte of a response has gone to the client yet (a buffered one leaves only once complete)."""
-    return stream.flow.response is None or stream.server_state in (
+    return stream.flow.response is None or head_held(stream) or stream.server_state in (
         stream.state_wait_for_response_headers, stream.state_consume_response_body)
 
 
 def _answer_upstream_failures(original: Callable) -> Callable:
     def handle_protocol_error(self: HttpStream, event: HttpEvent) -> layer.CommandGenerator[None]:
         flow = self.flow
-        status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
+        if isinstance(event, RequestProtocolError) and request_held(self):
+            # No upstream was told of the request (its head is held): mitmproxy must not tell it of the error.
+            self.client_state = self.state_consume_request_body
+        if isinstance(event, MalformedBody):  # answered only while nothing of the request has left
+            status = 400 if self.client_state == self.state_consume_request_body else None
+            cause = MALFORMED
+        else:
+            status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
+            cause = UPSTREAM
         answerable = status is not None and _nothing_sent(self)
         if answerable:
-            flow.metadata[ANSWER_STATUS] = (status, UPSTREAM)
+            flow.metadata[ANSWER_STATUS] = (status, cause)
             answer_before = flow.response
 
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
-            if answerable and flow.response is not answer_before and isinstance(command, SendHttp) \
-                    and command.event is event:
+            if not answerable or flow.response is answer_before:
+                return None
+            if isinstance(command, SendHttp) and command.event is event:
                 return _send(self, flow.response)
+            if isinstance(event, MalformedBody) and isinstance(command, DropStream):
+                return _then(_send(self, flow.response), command)  # mitmproxy sends nothing for it
             return None
 
         return (yield from relay(original(self, event), substitute))
 
     return handle_protocol_error
+
+
+def _then(commands_first: layer.CommandGenerator[None], last: commands.Command) -> layer.CommandGenerator[None]:
+    yield from commands_first
+    yield last
+
+
+def _malformed_bodies_are_no_disconnects(original: Callable) -> Callable:
+    """After each hook mitmproxy peeks at the events queued meanwhile and takes a request protocol
+    error among them for a client gone (the flow is killed, nothing answered). A MalformedBody is
+    the client's own mistake, answered when its turn comes (_answer_upstream_failures)."""
+    def check_killed(self: HttpStream, emit_error_hook: bool) -> layer.CommandGenerator[bool]:
+        first_error = next((event for event in self._paused_event_queue
+                            if isinstance(event, RequestProtocolError)), None)
+        if isinstance(first_error, MalformedBody) and not self.flow.error:
+            return False
+        return (yield from original(self, emit_error_hook))
+
+    return check_killed
+
+
+def _close_refused_tunnels(original: Callable) -> Callable:
+    """A CONNECT answered with a refusal: mitmproxy would keep the HTTP/1 connection open for another
+    request; it is closed (the client asked for a tunnel, not a conversation)."""
+    def handle_connect_finish(self: HttpStream) -> layer.CommandGenerator[None]:
+        yield from original(self)
+        if not 200 <= self.flow.response.status_code < 300 and self.context.client.alpn != b"h2":
+            yield commands.CloseConnection(self.context.client)
+
+    return handle_connect_finish
 
 
 def _answer_invalid_messages(original: Callable) -> Callable:

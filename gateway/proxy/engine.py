@@ -32,7 +32,7 @@ from gateway.ops.alerts import AlertLog
 from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, proxyproto, wslimits
+from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
@@ -82,6 +82,7 @@ class GatewayServer:
         backpressure.install()
         answers.install()
         heads.install()
+        heldheads.install()
         h2limits.install()
         wslimits.install()
         proxyproto.install()

@@ -19,16 +19,18 @@ mitmproxy upgrade changes them.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
 
+import h11._readers
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http, optmanager
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
@@ -37,6 +39,12 @@ from gateway.transfer.edge import MalformedRequest, MalformedRequestHook
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
+MAX_REQUEST_FIELDS = 100  # header fields in a request head (Apache's LimitRequestFields)
+HTTP1_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+# A chunk size that fits in 63 bits, as nginx reads it (h11 takes up to 20 hex digits, then waits for
+# a chunk that never ends). Set into h11's chunk reader by install().
+CHUNK_SIZE = rb"0*[0-7]?[0-9A-Fa-f]{1,15}"
+H11_CHUNK_SIZE = rb"([0-9A-Fa-f]){1,20}"
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
@@ -54,9 +62,15 @@ def install() -> None:
     wrap_method(Http1Client, "read_headers", _limit_response_heads,
           ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
     for cls in (Http1Server, Http1Client):
-        wrap_method(cls, "read_body", _refuse_trailers,
+        wrap_method(cls, "read_body", _read_body,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
+               "yield commands.CloseConnection(self.conn)", 'f"HTTP/1 protocol error: {e}"',
                "code=self.ReceiveProtocolError.code"))
+    chunk_header = h11._readers.chunk_header_re.pattern
+    if CHUNK_SIZE not in chunk_header:
+        if H11_CHUNK_SIZE not in chunk_header:
+            raise RuntimeError("h11's chunk_header_re changed: review gateway/proxy/heads.py")
+        h11._readers.chunk_header_re = re.compile(chunk_header.replace(H11_CHUNK_SIZE, CHUNK_SIZE))
 
 
 def add_options(options: optmanager.OptManager) -> None:
@@ -66,6 +80,11 @@ def add_options(options: optmanager.OptManager) -> None:
 
 def _answer_malformed_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+        problem = _head_problem(self.buf) if isinstance(event, events.DataReceived) else None
+        if problem is not None:
+            # Before mitmproxy parses it: a head that arrived in one write is as limited as one in pieces.
+            yield from _refuse_head(self, *problem)
+            return
         refused = False
 
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
@@ -83,9 +102,6 @@ def _answer_malformed_heads(original: Callable) -> Callable:
         yield from relay(original(self, event), substitute)
         if self.request is not None or self.state == self.done or not self.buf:
             self.gateway_head_started = None
-        elif len(self.buf) > MAX_REQUEST_HEAD:
-            # Still no end of the head: mitmproxy would buffer it without limit (its own FIXME).
-            yield from _refuse_head(self, 431, f"request head larger than {MAX_REQUEST_HEAD} bytes")
         elif not _could_start_request(self.buf):
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
             yield from _refuse_head(self, 400, "not an HTTP request")
@@ -95,6 +111,29 @@ def _answer_malformed_heads(original: Callable) -> Callable:
                 yield from _request_head_wakeup(self, self.context.options.request_head_timeout)
 
     return read_headers
+
+
+def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
+    """Why the request head received so far is refused before it is parsed, if it is: longer than
+    MAX_REQUEST_HEAD (mitmproxy would buffer an unfinished one without limit, its own FIXME, and pass
+    a finished one of any size), more than MAX_REQUEST_FIELDS fields, or not HTTP/1.0 or 1.1 (an
+    h2c preface `PRI * HTTP/2.0` inside a tunnel, `HTTP/9.9`)."""
+    data = buf._data
+    end = _HEAD_END.search(data, 0, MAX_REQUEST_HEAD + 4)
+    if end is None:
+        return (431, f"request head larger than {MAX_REQUEST_HEAD} bytes") if len(data) > MAX_REQUEST_HEAD else None
+    if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
+        # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
+        return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
+    request_line = bytes(data[:end.start()]).lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
+    parts = request_line.split(b" ")
+    if len(parts) == 3 and _VERSION.fullmatch(parts[2]) and parts[2] not in HTTP1_VERSIONS:
+        return 505, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
+    return None
+
+
+_HEAD_END = re.compile(rb"\n\r?\n")
+_VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
 
 
 def _could_start_request(buf: ReceiveBuffer) -> bool:
@@ -174,10 +213,11 @@ def _limit_response_heads(original: Callable) -> Callable:
     return read_headers
 
 
-def _refuse_trailers(original: Callable) -> Callable:
+def _read_body(original: Callable) -> Callable:
     def read_body(self: Http1Server | Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         try:
-            return (yield from original(self, event))
+            produced = original(self, event)
+            return (yield from (_answer_bad_framing(self, produced) if isinstance(self, Http1Server) else produced))
         except NotImplementedError as exc:
             if "trailers" not in str(exc):
                 raise
@@ -188,3 +228,35 @@ def _refuse_trailers(original: Callable) -> Callable:
         return None
 
     return read_body
+
+
+class MalformedBody(RequestProtocolError):
+    """A request body whose framing is invalid (a chunk size that is not hexadecimal, or too large):
+    answered 400 by gateway.proxy.answers while nothing of the request has left."""
+
+
+def _answer_bad_framing(server: Http1Server, produced: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
+    """mitmproxy closes the connection on a request body's framing error, then reports the error, so
+    the client gets no answer: here the error comes first (as a MalformedBody) and the connection is
+    closed after the answer, and nothing more is read from it."""
+    result = None
+    while True:
+        try:
+            command = produced.send(result)
+        except StopIteration as done:
+            return done.value
+        if isinstance(command, commands.CloseConnection) and command.connection is server.conn:
+            try:
+                following = produced.send(None)
+            except StopIteration as done:
+                yield command
+                return done.value
+            error = getattr(following, "event", None)
+            if type(error) is RequestProtocolError and error.message.startswith("HTTP/1 protocol error"):
+                server.state = server.done
+                server.buf = ReceiveBuffer()
+                result = yield ReceiveHttp(MalformedBody(error.stream_id, error.message, error.code))
+                continue
+            yield command
+            command = following
+        result = yield command

@@ -1,13 +1,13 @@
 """A large body held on disk while the DLP engine scans it as it arrives.
 
 Nothing of the body is released before `finish()` has given a verdict; then `release()` reads it back
-in chunks. The spool file is unlinked from the start, so a crash leaves nothing behind on disk.
+in chunks. `HeldBody` decides when a body of unknown length is large enough to go to a spool. The spool file is unlinked from the start, so a crash leaves nothing behind on disk.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gateway.dlp import Finding, ScanResult, StreamScan
@@ -56,3 +56,53 @@ class SpooledBody:
 
     def discard(self) -> None:
         self.file.close()
+
+
+class HeldBody:
+    """mitmproxy's stream callable for a body held until its verdict (gateway.proxy.heldheads holds its
+    message head back too, so a refusal is still an answer): in memory up to `threshold` bytes, then
+    given back whole to be inspected, and redacted if need be, like any buffered body; past it, moved
+    to a spool (`open_spool`) and scanned as it arrives. `judge` gives a spooled body's verdict (True:
+    release it); a body it refuses is discarded."""
+
+    def __init__(self, threshold: int, open_spool: Callable[[], SpooledBody], judge: Callable[[SpooledBody], bool]):
+        self.threshold = threshold
+        self.open_spool = open_spool
+        self.judge = judge
+        self.memory: bytearray | None = bytearray()
+        self.spool: SpooledBody | None = None
+        self.passed: bool | None = None
+
+    def __call__(self, data: bytes) -> Iterable[bytes]:
+        # "Nothing to send" is an empty list, never b"": an empty chunk would end a chunked body.
+        if data:
+            self.add(data)
+            return []
+        return self.release()
+
+    def add(self, data: bytes) -> None:
+        if self.memory is None:
+            self.spool.add(data)
+            return
+        self.memory += data
+        if len(self.memory) > self.threshold:  # too big to hold: spooled from here on
+            self.spool = self.open_spool()
+            self.spool.add(bytes(self.memory))
+            self.memory = None
+
+    def in_memory(self) -> bytes | None:
+        """The whole body, when it stayed under the threshold (None once it is spooled)."""
+        return None if self.memory is None else bytes(self.memory)
+
+    def conclude(self) -> bool:
+        """A spooled body's verdict, once all of it has arrived."""
+        if self.passed is None:
+            self.passed = self.judge(self.spool)
+            if not self.passed:
+                self.spool.discard()
+        return self.passed
+
+    def release(self) -> Iterable[bytes]:
+        if self.memory is not None:
+            return [bytes(self.memory)] if self.memory else []
+        return self.spool.release() if self.conclude() else []
