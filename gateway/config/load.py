@@ -41,6 +41,8 @@ REPLACED_SECTIONS = {"zones", "listeners", "policy"}
 MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "authz"}
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_GRACE = 10.0  # systemd/gateway.service gives a stop 30 s (TimeoutStopSec)
+MAX_SHUTDOWN_GRACE = 600.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Config:
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds a stop waits for transfers in flight (then cuts them)
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
 
@@ -176,8 +179,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
             return {}
         return node.mapping(allowed, required) or {}
 
-    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections"},
-                 {"name", "state_dir"})
+    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
+                             "shutdown_grace"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -185,6 +188,10 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
+    grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw \
+        else DEFAULT_SHUTDOWN_GRACE
+    if grace is not None and grace > MAX_SHUTDOWN_GRACE:
+        gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
         else DEFAULT_MAX_CLIENT_CONNECTIONS
 
@@ -230,6 +237,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
+        shutdown_grace=grace,
         authz=authz,
     )
 
