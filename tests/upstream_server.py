@@ -10,6 +10,7 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
   /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
   anything else    200 "ok"
+Any of them with ?delay=S answers S seconds after logging the request (transfers in flight for a while).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -67,6 +69,8 @@ class Handler(BaseHTTPRequestHandler):
                                   "data_headers": data_headers,
                                   "sha256": digest.hexdigest()}) + "\n")
         query = parse_qs(url.query)
+        if "delay" in query:
+            time.sleep(float(query["delay"][0]))
         # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).
         extra_headers = [HEAD_FIELDS[name] for name in query.get("head", [])]
         if url.path == "/big":

@@ -7,6 +7,7 @@ so the stock set of ~30 costs about half the CPU of a small request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -135,7 +136,8 @@ class GatewayServer:
         """Stop accepting connections and new transfers, let the transfers in flight finish within
         `shutdown_grace`, record those still running then as errors and cut them, and only then stop
         the engine: the trace log closes after it, with every record in."""
-        sd_notify("STOPPING=1")
+        with contextlib.suppress(OSError):  # an orphaned worker's notify socket (its supervisor's) is gone
+            sd_notify("STOPPING=1")
         grace = self.runtime.config.shutdown_grace
         self.record.stopping = True  # a request arriving on an open connection is refused (503)
         for server in list(self.master.addons.get("proxyserver").servers):
