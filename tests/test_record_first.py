@@ -166,6 +166,8 @@ def test_a_killed_worker_leaves_its_forwarded_transfers_open_in_the_log(gateway)
     by_marker = check_log(gateway, load.answered, all_completed=False)
     left_open = [m for m, rs in by_marker.items() if all(r.get("phase") == "open" for r in rs)]
     assert all(r["worker"] == 0 for m in left_open for r in by_marker[m])  # only the killed worker's
+    shown = trace_records(gateway["root"] / "state" / "trace", "--open", opened=True)
+    assert {r["id"] for r in shown} == {by_marker[m][0]["id"] for m in left_open}
 
 
 def test_a_killed_supervisor_lets_its_workers_finish_and_record_what_they_forwarded(gateway):

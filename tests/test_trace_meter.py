@@ -158,3 +158,15 @@ def test_a_forwarded_transfer_counts_once_and_one_without_completion_counts_as_o
         {"grant": "g-1", "transfers": 3, "open": 1, "req_bytes": 5, "resp_bytes": 89},
         {"grant": "g-2", "transfers": 1, "open": 1, "req_bytes": 3, "resp_bytes": 0},
     ]
+
+
+def test_verify_warns_about_open_transfers_and_show_lists_them(tmp_path, capsys):
+    records = [{"id": "a", "phase": "open"}, {"id": "b", "phase": "open"}, {"id": "a", "phase": "done"},
+               {"id": "c", "decision": "deny"}]
+    base = write_log(tmp_path, ORIGIN, records)
+    assert run("verify", str(base / "log"), "--pubkey", str(base / "key.pub")) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("OK: 4 records") and "warning: 1 transfers are open" in err and " b;" in err
+    assert run("show", str(base / "log"), "--open") == 0
+    out, _ = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [{"index": 1, "record": records[1]}]

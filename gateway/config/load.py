@@ -41,8 +41,7 @@ REPLACED_SECTIONS = {"zones", "listeners", "policy"}
 MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "authz"}
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
-DEFAULT_SHUTDOWN_GRACE = 10.0  # systemd/gateway.service gives a stop 30 s (TimeoutStopSec)
-MAX_SHUTDOWN_GRACE = 600.0
+MAX_SHUTDOWN_GRACE = 600.0  # seconds (systemd/gateway.service gives a stop 30 s: TimeoutStopSec)
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ class Config:
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds a stop waits for transfers in flight (then cuts them)
+    shutdown_grace: float = 10.0  # seconds a stop waits for transfers in flight (then cuts them)
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
 
@@ -188,8 +187,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
-    grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw \
-        else DEFAULT_SHUTDOWN_GRACE
+    grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
@@ -237,8 +235,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_host=mgmt[0], management_port=mgmt[1], alerts_file=alerts_file,
         upstream_ca=upstream_ca, verify_upstream=verify, management_tls=mgmt_tls, management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
-        shutdown_grace=grace,
-        authz=authz,
+        shutdown_grace=grace, authz=authz,
     )
 
 
