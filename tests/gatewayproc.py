@@ -165,9 +165,15 @@ def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = (),
                     "--log", str(log), *tls_args], prefix).started("ready", timeout=10)
 
 
-def trace_records(trace_dir: Path, *options: str) -> list[dict]:
-    """The records `gateway trace show DIR [options]` lists, run as a user runs it (failing the test if it fails)."""
+def trace_records(trace_dir: Path, *options: str, opened: bool = False) -> list[dict]:
+    """The records `gateway trace show DIR [options]` lists, run as a user runs it (failing the test if it
+    fails): one per transfer, its final record (an open record is left out once its completion is in the
+    log), unless `opened`: then every record."""
     shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(trace_dir), *options],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert shown.returncode == 0, shown.stderr
-    return [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+    records = [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+    if opened:
+        return records
+    completed = {r["id"] for r in records if r.get("phase") == "done"}
+    return [r for r in records if not (r.get("phase") == "open" and r["id"] in completed)]

@@ -83,6 +83,18 @@ def test_a_bad_inspection_budget_names_file_line_and_key(tmp_path, written):
                                                       f"not a valid duration: '{written}'"), errors
 
 
+def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, shutdown_grace: 2500ms}"))
+    assert load_config(path).shutdown_grace == 2.5
+    assert load_config(REPO / "config" / "gateway.yaml").shutdown_grace == 10.0
+    for written, error in [("0s", "not a valid duration: '0s'"), ("soon", "not a valid duration: 'soon'"),
+                           ("11m", "at most 600 s")]:
+        errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, shutdown_grace: {written}}}"))
+        assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.shutdown_grace: ") \
+            and error in errors[0], errors
+
+
 def test_max_client_connections_defaults_and_takes_a_positive_integer(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("state_dir: state}", "state_dir: state, max_client_connections: 64}"))

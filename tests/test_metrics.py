@@ -340,9 +340,10 @@ def test_counters_move_by_exactly_the_transfers_made(gateway):
     # Two request bodies were inspected (blocked, warned); five answers (four "ok", one echo).
     assert delta(before, after, "gateway_inspection_duration_seconds_count") == {
         series(direction="request"): 2, series(direction="response"): 5}
-    # Every transfer is one trace record; the checkpoint covers them all.
-    assert delta(before, after, "gateway_trace_records_total") == {series(): 8}
-    assert value(after, "gateway_trace_tree_size") - value(before, "gateway_trace_tree_size") == 8
+    # A refused transfer is one trace record (blocked, denied), a forwarded one two: open and completion
+    # (warned, the failed upstream, four "ok"); the checkpoint covers them all.
+    assert delta(before, after, "gateway_trace_records_total") == {series(): 2 + 2 * 6}
+    assert value(after, "gateway_trace_tree_size") - value(before, "gateway_trace_tree_size") == 14
     assert value(after, "gateway_trace_last_checkpoint_timestamp_seconds") >= value(
         after, "gateway_config_last_reload_success_timestamp_seconds")
 

@@ -60,7 +60,7 @@ def test_totals_by_zones_and_decision_cover_the_signed_checkpoint(logdir, capsys
     keys = ("src_zone", "dst_zone", "decision")
     assert statement["by"] == list(keys)
     assert as_sums(keys, statement["groups"]) == expected(keys, map(record, range(RECORDS)))
-    assert statement["total"] == {"transfers": RECORDS, "req_bytes": sum(range(RECORDS)),
+    assert statement["total"] == {"transfers": RECORDS, "open": 0, "req_bytes": sum(range(RECORDS)),
                                   "resp_bytes": 10 * sum(range(RECORDS))}
     assert statement["log"] == ORIGIN and statement["checkpoint"]["size"] == RECORDS
     assert statement["verifier_key"] == (logdir / "key.pub").read_text().strip()
@@ -85,9 +85,10 @@ def test_csv_has_a_header_and_one_row_per_group(logdir, capsys):
     rows = list(csv.reader(io.StringIO(out)))
     anchor = json.loads(err.split("meter: covers ", 1)[1])  # the checkpoint the figures cover, on stderr
     assert anchor["checkpoint"]["size"] == RECORDS and anchor["log"] == ORIGIN
-    assert rows[0] == ["decision", "transfers", "req_bytes", "resp_bytes"]
+    assert rows[0] == ["decision", "transfers", "open", "req_bytes", "resp_bytes"]
     by_decision = expected(("decision",), map(record, range(RECORDS)))
-    assert {(row[0],): tuple(map(int, row[1:])) for row in rows[1:]} == by_decision
+    assert {(row[0],): tuple(map(int, row[1:2] + row[3:])) for row in rows[1:]} == by_decision
+    assert {row[2] for row in rows[1:]} == {"0"}  # no open transfers
 
 
 def claim_more_usage(path: Path, record: int) -> None:
@@ -138,6 +139,34 @@ def test_records_without_the_fields_count_as_none_and_zero_bytes():
         {"client": {"zone": "a"}, "grant": "g-1", "req_bytes": 7, "listener": ["x"]},
     ])
     assert meter.table() == [
-        {"src_zone": None, "grant": None, "listener": None, "transfers": 1, "req_bytes": 0, "resp_bytes": 0},
-        {"src_zone": "a", "grant": "g-1", "listener": '["x"]', "transfers": 1, "req_bytes": 7, "resp_bytes": 0},
+        {"src_zone": None, "grant": None, "listener": None, "transfers": 1, "open": 0, "req_bytes": 0, "resp_bytes": 0},
+        {"src_zone": "a", "grant": "g-1", "listener": '["x"]', "transfers": 1, "open": 0, "req_bytes": 7,
+         "resp_bytes": 0},
     ]
+
+
+def test_a_forwarded_transfer_counts_once_and_one_without_completion_counts_as_open():
+    """Open record + completion = one transfer (by the completion's figures); an open record whose
+    completion never came is a transfer too, counted as open; a refusal is its only record."""
+    def rec(i, phase, grant="g-1", **fields):
+        return {"id": f"t{i}", "grant": {"id": grant}, "decision": "allow", **({"phase": phase} if phase else {}),
+                **fields}
+    records = [rec(1, "open", req_bytes=5), rec(2, "open", req_bytes=None), rec(1, "done", req_bytes=5, resp_bytes=9),
+               rec(3, None, decision="deny", req_bytes=0, resp_bytes=80), rec(4, "open", grant="g-2", req_bytes=3)]
+    table = Meter(("grant",)).add_all(records).table()
+    assert table == [
+        {"grant": "g-1", "transfers": 3, "open": 1, "req_bytes": 5, "resp_bytes": 89},
+        {"grant": "g-2", "transfers": 1, "open": 1, "req_bytes": 3, "resp_bytes": 0},
+    ]
+
+
+def test_verify_warns_about_open_transfers_and_show_lists_them(tmp_path, capsys):
+    records = [{"id": "a", "phase": "open"}, {"id": "b", "phase": "open"}, {"id": "a", "phase": "done"},
+               {"id": "c", "decision": "deny"}]
+    base = write_log(tmp_path, ORIGIN, records)
+    assert run("verify", str(base / "log"), "--pubkey", str(base / "key.pub")) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("OK: 4 records") and "warning: 1 transfers are open" in err and " b;" in err
+    assert run("show", str(base / "log"), "--open") == 0
+    out, _ = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [{"index": 1, "record": records[1]}]

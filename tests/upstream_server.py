@@ -13,6 +13,7 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   ?framing=close or chunked (for /card, /big, /random) sends the answer with no Content-Length,
                    ending when the connection closes, or chunked
   anything else    200 "ok"
+Any of them with ?delay=S answers S seconds after logging the request (transfers in flight for a while).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import random
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -71,6 +73,8 @@ class Handler(BaseHTTPRequestHandler):
                                   "data_headers": data_headers,
                                   "sha256": digest.hexdigest()}) + "\n")
         query = parse_qs(url.query)
+        if "delay" in query:
+            time.sleep(float(query["delay"][0]))
         # ?head=card, id or plain (repeatable) adds a field to the answer's head (the request stays clean).
         extra_headers = [HEAD_FIELDS[name] for name in query.get("head", [])]
         framing = query.get("framing", ["length"])[0]

@@ -46,6 +46,7 @@ MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "au
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 DEFAULT_INSPECTION_BUDGET = 5.0  # seconds of CPU (gateway.dlp.budget)
+MAX_SHUTDOWN_GRACE = 600.0  # seconds (systemd/gateway.service gives a stop 30 s: TimeoutStopSec)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Config:
     management_auth: BasicAuth | None = None
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
+    shutdown_grace: float = 10.0  # seconds a stop waits for transfers in flight (then cuts them)
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
@@ -189,8 +191,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
             return {}
         return node.mapping(allowed, required) or {}
 
-    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections"},
-                 {"name", "state_dir"})
+    gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
+                             "shutdown_grace"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -198,6 +200,9 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
+    grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
+    if grace is not None and grace > MAX_SHUTDOWN_GRACE:
+        gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
         else DEFAULT_MAX_CLIENT_CONNECTIONS
 
@@ -245,7 +250,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         upstream_ca=upstream_ca, upstream_ca_pem=upstream_ca_pem, verify_upstream=verify, management_tls=mgmt_tls,
         management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
-        authz=authz,
+        shutdown_grace=grace, authz=authz,
         inspection_budget=budget,
     )
 

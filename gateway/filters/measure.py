@@ -36,6 +36,7 @@ class MeasuredGateway(Protocol):
     trace: TraceLog | None
     metrics: GatewayMetrics
     master: object
+    stopping: bool  # a graceful stop is draining the transfers in flight
 
 
 class Measure:
@@ -62,7 +63,7 @@ class Measure:
         """Why the gateway is not ready to take traffic; empty when it is. Called from the management thread."""
         if self.running_since is None:
             return ["engine not running"]
-        problems = []
+        problems = ["stopping: finishing the transfers in flight"] if self.gateway.stopping else []
         config = self.gateway.runtime.config
         proxyserver = self.gateway.master.addons.get("proxyserver")
         bound = len(proxyserver.listen_addrs()) if proxyserver else 0

@@ -1,11 +1,21 @@
-"""Stage 4: one trace record per transfer, durable before the client gets its answer; alerts.
+"""Stage 4: trace records, durable before anything crosses; alerts.
 
-Allowed, warned, redacted, blocked, denied and failed transfers all get exactly one record; its
-transfer id is the one the client sees in X-Gateway-Transfer-Id.
+A transfer that will be forwarded gets two records: its "open" record (`"phase": "open"`: client,
+zones, upstream, method, masked URL, policy, grant, and the request body's digest when the body is
+held), durable before mitmproxy opens or writes to the upstream connection, and its completion
+(`"phase": "done"`: status, digests, decision, bytes), durable before the client gets its answer.
+With `connection_strategy: lazy` the upstream connection is opened after the `request` hooks for a
+body mitmproxy holds, but right after the `requestheaders` hooks for a streamed (spooled) one: the
+open record is written at the end of whichever comes first (this stage runs after inspect).
+A transfer refused before forwarding, and a CONNECT tunnel (which opens nothing upstream itself;
+each request inside is a transfer of its own), get one record without a phase. A transfer whose
+completion never came (its process died) stays open in the log: `gateway trace show --open`.
+The transfer id is the one the client sees in X-Gateway-Transfer-Id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -41,21 +51,40 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
-RECORD_SLACK = 64  # room kept for "rules_omitted" and the record's worker field
+RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
+
+
+STOPPING = Reason("gateway", "stopping", "shutdown", "block")
 
 
 class Record:
     def __init__(self, gateway: RecordingGateway):
         self.gateway = gateway
+        # Transfers whose final record is not written yet, by id: what a graceful stop waits for.
+        self.in_flight: dict[str, tuple[http.HTTPFlow, Transfer]] = {}
+        self.stopping = False  # a graceful stop has begun: new transfers are refused
+        self._opening = 0  # open records being written
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        if transfer is None:
+            return
+        self.in_flight[transfer.id] = (flow, transfer)
+        if flow.response is not None:
+            return
         # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
         failure = self.gateway.trace.failure
-        transfer = transfer_of(flow)
-        if failure is not None and transfer is not None and flow.response is None:
+        if failure is not None:
             transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
             transfer.error = f"trace log unavailable: {failure}"
             refuse(flow, transfer, status=503, error="trace log unavailable")
+        elif self.stopping:
+            transfer.escalate("error", [STOPPING])
+            transfer.error = "the gateway is stopping"
+            refuse(flow, transfer, status=503, error="gateway stopping")
+            flow.response.headers["Connection"] = "close"
+        elif flow.request.stream:
+            await self._open(flow, transfer)  # mitmproxy sends the head upstream right after this hook
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A CONNECT is a transfer of its own (the tunnel; each request it carries is another), answered
@@ -63,6 +92,7 @@ class Record:
         transfer = transfer_of(flow)
         if transfer is None:
             return
+        self.in_flight[transfer.id] = (flow, transfer)
         if flow.response is None:
             flow.response = _tunnel_established(flow, transfer)
         await self._record(flow, transfer)
@@ -78,9 +108,13 @@ class Record:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is not None and transfer.cut and not transfer.recorded:
+        if transfer is None:
+            return
+        if transfer.cut and not transfer.recorded:
             await self._record(flow, transfer)
             cut(flow)
+        elif flow.response is None and not transfer.opened:
+            await self._open(flow, transfer)  # mitmproxy connects upstream right after this hook
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -130,7 +164,7 @@ class Record:
         answer = refusal_response(transfer, malformed.status, "malformed request")
         answer.headers["Connection"] = "close"  # mitmproxy closes the connection after it
         malformed.answer = answer
-        transfer.recorded = True
+        self._finished(transfer)
         body = answer.raw_content or b""
         record = self._fields(transfer, method=None, url=None, status=malformed.status, req_bytes=0,
                               resp_bytes=len(body), req_digest=None,
@@ -138,32 +172,76 @@ class Record:
         if not await self._append(record, transfer):
             malformed.answer = refusal_response(transfer, 503, "trace log unavailable")
 
-    async def _record(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
-        transfer.recorded = True
-        if not await self._append(self._build(flow, transfer), transfer):
-            if flow.response is not None or flow.error is None:
+    async def cut_in_flight(self, why: str) -> int:
+        """A graceful stop's deadline: every transfer still in flight gets its final record as an
+        error, then is cut. Returns how many there were."""
+        for _ in range(200):  # an open record being written decides whether its completion is a phase's
+            if not self._opening:
+                break
+            await asyncio.sleep(0.01)
+        cut_off = list(self.in_flight.values())
+        for _, transfer in cut_off:
+            transfer.escalate("error", [STOPPING])
+            transfer.error = why
+        await asyncio.gather(*(self._record(flow, transfer, refuse_on_failure=False) for flow, transfer in cut_off))
+        for flow, _ in cut_off:
+            if flow.killable:
+                flow.kill()
+        return len(cut_off)
+
+    async def _open(self, flow: http.HTTPFlow, transfer: Transfer) -> None:
+        """The open record, durable before the upstream connection is opened or written to; a
+        transfer it cannot be written for is refused (nothing has crossed yet)."""
+        request = flow.request
+        held = not request.stream
+        record = {**self._fields(
+            transfer, method=mask_text(request.method), url=mask_url(_display_url(request, transfer)), status=None,
+            req_bytes=len(request.raw_content or b"") if held else None, resp_bytes=None,
+            req_digest=_digest(self.gateway.runtime.config.body_digest, transfer, "request", request) if held
+            else None, resp_digest=None), "phase": "open"}
+        self._opening += 1
+        try:
+            transfer.opened = await self._append(record, transfer)
+        finally:
+            self._opening -= 1
+        if not transfer.opened:
+            refuse(flow, transfer, status=503, error="trace log unavailable")
+
+    async def _record(self, flow: http.HTTPFlow, transfer: Transfer, refuse_on_failure: bool = True) -> None:
+        """The transfer's final record: its completion if it was opened, else its only record."""
+        self._finished(transfer)
+        if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
+            if refuse_on_failure and (flow.response is not None or flow.error is None):
                 refuse(flow, transfer, status=503, error="trace log unavailable")
 
-    async def _append(self, record: dict[str, Any], transfer: Transfer) -> bool:
+    def _finished(self, transfer: Transfer) -> None:
+        transfer.recorded = True
+        self.in_flight.pop(transfer.id, None)
+
+    async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False) -> bool:
+        """`retry`: a completion waits for a trace writer that is away to come back (bounded), since
+        its open record already let the transfer cross."""
         started = time.perf_counter()
         try:
-            await self.gateway.trace.append(record)
+            await self.gateway.trace.append(record, retry=retry)
         except TraceError as e:
             # Fail closed: what cannot be proven to have crossed must not cross.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
             transfer.error = f"trace log unavailable: {e}"
             return False
-        transfer.extra["trace_append_seconds"] = time.perf_counter() - started
-        if transfer.decision in ("warn", "block", "deny"):
+        # Both records' waits add up: how long the transfer waited on the log.
+        transfer.extra["trace_append_seconds"] = transfer.extra.get("trace_append_seconds", 0.0) + \
+            time.perf_counter() - started
+        if record.get("phase") != "open" and transfer.decision in ("warn", "block", "deny"):
             self.gateway.alerts.write(_alert(record))
         return True
 
     def _record_before_release(self, flow: http.HTTPFlow, transfer: Transfer) -> bool:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
-        transfer.recorded = True
+        self._finished(transfer)
         try:
-            self.gateway.trace.append_sync(self._build(flow, transfer))
+            self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened)
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
@@ -173,16 +251,19 @@ class Record:
     def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:
         digest = self.gateway.runtime.config.body_digest
         request, response = flow.request, flow.response
-        return self._fields(
+        record = self._fields(
             transfer, method=mask_text(request.method), url=mask_url(_display_url(request, transfer)),
             status=response.status_code if response else None,
             req_bytes=body_size(transfer, "request", request),
             resp_bytes=body_size(transfer, "response", response) if response else 0,
             req_digest=_digest(digest, transfer, "request", request),
             resp_digest=_digest(digest, transfer, "response", response) if response else None)
+        if transfer.opened:
+            record["phase"] = "done"
+        return record
 
     def _fields(self, transfer: Transfer, *, method: str | None, url: str | None, status: int | None,
-                req_bytes: int, resp_bytes: int, req_digest: str | None, resp_digest: str | None) -> dict[str, Any]:
+                req_bytes: int | None, resp_bytes: int | None, req_digest: str | None, resp_digest: str | None) -> dict[str, Any]:
         record = {
             "v": 1,
             "id": transfer.id,
@@ -239,9 +320,11 @@ def _digest(name: str, transfer: Transfer, direction: str, message: http.Message
         return spool.hasher.digest_string()
     body = message.raw_content or b""
     hashed = transfer.body_digests.get(direction)
-    if hashed is not None and hashed[0] is body:  # still the very body the scan hashed (not redacted since)
+    if hashed is not None and hashed[0] is body:  # still the very body hashed before (not redacted since)
         return hashed[1]
-    return _hash(name, body)
+    # Kept: the open record's digest serves the completion too.
+    digest = transfer.body_digests[direction] = (body, _hash(name, body))
+    return digest[1]
 
 
 def _hash(name: str, body: bytes) -> str:

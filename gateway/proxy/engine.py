@@ -7,6 +7,7 @@ so the stock set of ~30 costs about half the CPU of a small request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -62,6 +63,9 @@ class GatewayServer:
         self.trace: TraceLog | RemoteTraceLog | None = None
         self.alerts: AlertLog | None = None
         self.master: Master | None = None
+        self.record: Record | None = None
+        self.stopping = False
+        self._cut_now = False  # a second stop signal: no more grace
 
     async def serve(self) -> None:
         config = self.runtime.config
@@ -90,10 +94,11 @@ class GatewayServer:
         heads.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
+        self.record = Record(self)
         self.master.addons.add(
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
-            Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), Record(self), measure,
+            Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
             FirstRequestDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
@@ -101,7 +106,7 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.master.shutdown)
+            loop.add_signal_handler(sig, self.stop)
         if self.worker is not None:
             loop.create_task(self._stop_when_orphaned(self.worker.parent))
         # Everything built so far (modules, rules, the engine) lives as long as the process: kept out
@@ -121,6 +126,39 @@ class GatewayServer:
         while os.getppid() == supervisor:
             await asyncio.sleep(1.0)
         log.error("the supervisor is gone; stopping")
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM, SIGINT: a graceful stop (`_drain`); a second signal cuts what is left at once."""
+        if self.stopping:
+            self._cut_now = True
+            return
+        self.stopping = True  # /readyz: not ready
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Stop accepting connections and new transfers, let the transfers in flight finish within
+        `shutdown_grace`, record those still running then as errors and cut them, and only then stop
+        the engine: the trace log closes after it, with every record in."""
+        with contextlib.suppress(OSError):  # an orphaned worker's notify socket (its supervisor's) is gone
+            sd_notify("STOPPING=1")
+        grace = self.runtime.config.shutdown_grace
+        self.record.stopping = True  # a request arriving on an open connection is refused (503)
+        for server in list(self.master.addons.get("proxyserver").servers):
+            try:
+                await server.stop()
+            except Exception as exc:  # not listening (any more): nothing to stop
+                log.debug("stopping %s: %s", server.mode.description, exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.record.in_flight:
+            log.info("stopping: waiting up to %g s for %d transfers in flight", grace, len(self.record.in_flight))
+        while self.record.in_flight and loop.time() < deadline and not self._cut_now:
+            await asyncio.sleep(0.05)
+        if self.record.in_flight:
+            cut = await self.record.cut_in_flight(
+                f"cut: the gateway stopped before the transfer ended (shutdown grace {grace:g} s)")
+            log.warning("stopping: %d transfers still in flight were cut and recorded as errors", cut)
         self.master.shutdown()
 
     def _engine_options(self, config: Config | None = None) -> dict:

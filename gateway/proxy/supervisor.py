@@ -50,7 +50,7 @@ NOTIFY_SOCKET = "supervisor-notify.sock"
 METRICS_DIR = "metrics"
 START_TIMEOUT = 60.0  # seconds for the writer and every worker to come up at start
 WORKER_WATCHDOG = 30.0  # a ready worker silent for this long is stuck: it is killed and replaced
-STOP_TIMEOUT = 20.0
+STOP_MARGIN = 10.0  # seconds a worker may take past its shutdown grace before it is killed
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # after each quick death in a row (a crash loop slows down)
 STABLE_AFTER = 10.0  # a process that lived this long starts its next crash count from zero
 _UCRED = struct.Struct("3i")  # SCM_CREDENTIALS: pid, uid, gid
@@ -345,15 +345,16 @@ class Supervisor:
     async def _shutdown(self) -> None:
         """Workers first (each answers what it has in hand), then the writer their records go to."""
         self.stopping = True
+        timeout = self.config.shutdown_grace + STOP_MARGIN  # workers drain their transfers first
         for group in (self.workers, [self.writer]):
             running = [c.process for c in group if c.process is not None and c.process.returncode is None]
             for process in running:
                 process.terminate()
             if running:
-                _, late = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=STOP_TIMEOUT)
+                _, late = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=timeout)
                 for process in running:
                     if process.returncode is None:
-                        log.error("pid %d did not stop within %.0f s; killing it", process.pid, STOP_TIMEOUT)
+                        log.error("pid %d did not stop within %.0f s; killing it", process.pid, timeout)
                         process.kill()
                         await process.wait()
 

@@ -265,15 +265,16 @@ class TraceLog:
             pusher.poke()
         return cls(store, GroupCommitter(store, max_batch=max_batch, max_wait=max_wait), pusher)
 
-    async def append(self, record: dict[str, Any]) -> int:
-        """Leaf index of `record`, returned once it and a checkpoint covering it are durable."""
+    async def append(self, record: dict[str, Any], retry: bool = False) -> int:
+        """Leaf index of `record`, returned once it and a checkpoint covering it are durable.
+        (`retry` is for RemoteTraceLog's API: a log that failed in this process stays failed.)"""
         entry = encode_record(record)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._committer.submit_from_loop(loop, entry, fut)
         return await fut
 
-    def append_sync(self, record: dict[str, Any]) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
         entry = encode_record(record)
         fut: ThreadFuture = ThreadFuture()
         self._committer.submit(entry, fut)

@@ -3,6 +3,10 @@
 Totals of transfers and bytes, grouped by fields of the records (zones, listener, decision, grant, day,
 ...). The command line (`gateway trace meter`) computes them only from a log that verifies, and names
 the signed checkpoint they cover, so whoever holds the log's public key can recompute the same figures.
+
+A forwarded transfer has two records (gateway.filters.record): its open record and its completion. Each
+transfer counts once: by its completion, or (if none came: cut by a crash, or still in flight) by its
+open record, as `open` too, with the request bytes it names.
 """
 
 import json
@@ -45,16 +49,19 @@ DEFAULT_KEYS = ("src_zone", "dst_zone", "decision")
 @dataclass
 class Usage:
     transfers: int = 0
+    open: int = 0  # of these, transfers with an open record and no completion
     req_bytes: int = 0
     resp_bytes: int = 0
 
     def add(self, record: dict) -> None:
         self.transfers += 1
+        self.open += record.get("phase") == "open"
         self.req_bytes += _count(record.get("req_bytes"))
         self.resp_bytes += _count(record.get("resp_bytes"))
 
     def as_dict(self) -> dict[str, int]:
-        return {"transfers": self.transfers, "req_bytes": self.req_bytes, "resp_bytes": self.resp_bytes}
+        return {"transfers": self.transfers, "open": self.open, "req_bytes": self.req_bytes,
+                "resp_bytes": self.resp_bytes}
 
 
 def _scalar(value: Any) -> Any:
@@ -69,10 +76,13 @@ def _count(value: Any) -> int:
 
 @dataclass
 class Meter:
-    """Usage by group: `rows` maps the values of `keys` to their totals; `total` sums every record."""
+    """Usage by group: `rows` maps the values of `keys` to their totals; `total` sums every transfer.
+    Feed it every record in log order (`add`, with `counted` False for those a filter leaves out),
+    then `finish()`."""
     keys: tuple[str, ...] = DEFAULT_KEYS
     rows: dict[tuple, Usage] = field(default_factory=dict)
     total: Usage = field(default_factory=Usage)
+    unfinished: dict[Any, dict] = field(default_factory=dict)  # open records without a completion yet, by id
 
     def __post_init__(self) -> None:
         unknown = [key for key in self.keys if key not in KEYS]
@@ -81,7 +91,25 @@ class Meter:
         if len(set(self.keys)) != len(self.keys):
             raise ValueError(f"a grouping key is given twice: {', '.join(self.keys)}")
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, counted: bool = True) -> None:
+        phase = record.get("phase")
+        if phase == "open":
+            if counted:
+                self.unfinished[record.get("id")] = record
+            return
+        if phase == "done":
+            self.unfinished.pop(record.get("id"), None)
+        if counted:
+            self._count(record)
+
+    def finish(self) -> "Meter":
+        """Count the transfers whose completion never came, by their open record."""
+        for record in self.unfinished.values():
+            self._count(record)
+        self.unfinished.clear()
+        return self
+
+    def _count(self, record: dict) -> None:
         group = tuple(_scalar(KEYS[key](record)) for key in self.keys)
         usage = self.rows.get(group)
         if usage is None:
@@ -92,7 +120,7 @@ class Meter:
     def add_all(self, records: Iterable[dict]) -> "Meter":
         for record in records:
             self.add(record)
-        return self
+        return self.finish()
 
     @property
     def columns(self) -> list[str]:

@@ -14,16 +14,24 @@ writer's process, on another core than the workers' event loops.
 `RemoteTraceLog` is the worker side, with TraceLog's API (`await append(record)`, `append_sync`,
 `failure`, `tree_size`, `last_checkpoint_time`, `records_appended`, `close()`). Its socket is
 read by its own thread, so `append_sync` may block the event loop without deadlocking. If the
-writer goes away, `failure` is set and every append raises TraceError (fail closed) until the
-client has reconnected to a writer that is back.
+writer goes away, `failure` is set and every new append raises TraceError (fail closed) until the
+client has reconnected to a writer that is back; but records already sent and not acknowledged, and
+appends made with `retry=True` (completions of transfers that already crossed), are held for up to
+RETRY_WINDOW seconds and sent again to the next writer, marked as resent. The old writer may have
+made a resent record durable before it died without answering: the new writer looks each resent
+record up among the log's recent records (the journal, read at start, and its own commits since) and
+answers it with the leaf it already has instead of appending it twice. Records are never dropped
+silently: one that cannot be sent within the window fails its waiter.
 
 Wire format (both directions big-endian):
   worker -> writer: u32 length, then the canonical record (see encode_record); a worker sends
-                    the records of one event loop iteration in one write
+                    the records of one event loop iteration in one write. The length's top bit
+                    (RESENT) marks a record sent before to a writer that went away
   writer -> worker: b"A", u64 tree size, f64 checkpoint time, u64 first leaf index, u32 count: the
                     worker's next `count` records are durable as leaves first .. first + count - 1
-                    (consecutive: a worker's records in one batch come from one read). Sent once on
-                    connect with count 0, then once per batch holding this worker's records.
+                    (consecutive: a worker's records in one batch come from one read; a resent record
+                    found in the log gets one of its own). Sent once on connect with count 0, then
+                    per batch holding this worker's records.
                     b"E", u32 length, UTF-8 message: the log failed; the writer closes the connection
 """
 
@@ -55,16 +63,21 @@ from gateway.trace.log import (
     open_store,
 )
 from gateway.trace.store import LogStore, TraceError
-from gateway.trace.tiles import MAX_ENTRY
+from gateway.trace.tiles import MAX_ENTRY, TileError, read_journal
 
 log = logging.getLogger(__name__)
 
+# Records handed to the writer together: their event loop (None: thread futures), entries, waiters.
+Sent = tuple[asyncio.AbstractEventLoop | None, list[bytes], list[Waiter]]
 _LENGTH = struct.Struct(">I")
 _ACK = struct.Struct(">QdQI")
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 RECONNECT_INTERVAL = 0.2  # seconds between attempts while the writer is away
 SEND_TIMEOUT = 10.0  # a writer that takes no record for this long is treated as gone
 SYNC_APPEND_TIMEOUT = 30.0
+RETRY_WINDOW = 10.0  # seconds a record waits for a writer that went away to be back (the supervisor restarts it)
+RESENT = 1 << 31  # flag in a record's length: sent before, to a writer that may have committed it
+RECENT_RECORDS = 1 << 15  # records a writer remembers to answer a resent one from
 
 
 def _check_socket_path(path: Path) -> None:
@@ -88,9 +101,13 @@ class _Peer:
 class TraceWriter:
     """Serves one LogStore to any number of local clients; single-threaded (selectors)."""
 
-    def __init__(self, store: LogStore, socket_path: Path, *, idle_flush: float = 0.2):
+    def __init__(self, store: LogStore, socket_path: Path, *, idle_flush: float = 0.2,
+                 recent: list[bytes] = (), recent_start: int = 0):
         _check_socket_path(socket_path)
         self.store = store
+        # The log's last records, for resent ones: entry -> leaf index (oldest first, bounded).
+        self._recent: dict[bytes, int] = {}
+        self._remember(recent[-RECENT_RECORDS:], recent_start + max(0, len(recent) - RECENT_RECORDS))
         self.socket_path = socket_path
         self.idle_flush = idle_flush
         self._selector = selectors.DefaultSelector()
@@ -118,11 +135,12 @@ class TraceWriter:
                 events = self._selector.select(self.idle_flush)
                 if not events:
                     self.store.publish(wait=False)  # derived files only: errors fail the next commit
-                    if parent_pid is not None and os.getppid() != parent_pid:
+                    if parent_pid is not None and os.getppid() != parent_pid and not self._peers:
+                        # Only once no worker is connected: orphaned workers finish their transfers first.
                         log.warning("trace writer: the supervisor is gone; stopping")
                         return
                     continue
-                batch: list[tuple[_Peer, list[bytes]]] = []
+                batch: list[tuple[_Peer, list[bytes], list[int | None]]] = []
                 for key, mask in events:
                     if key.fileobj is self._listener:
                         self._accept()
@@ -154,7 +172,7 @@ class TraceWriter:
         peer.outbox += b"A" + _ACK.pack(size, self.store.checkpoint_time, size, 0)
         self._flush(peer)
 
-    def _read(self, peer: _Peer, batch: list[tuple[_Peer, list[bytes]]]) -> None:
+    def _read(self, peer: _Peer, batch: list[tuple[_Peer, list[bytes], list[int | None]]]) -> None:
         try:
             data = peer.sock.recv(1 << 20)
         except BlockingIOError:
@@ -168,37 +186,60 @@ class TraceWriter:
             peer.inbox += data
             data = bytes(peer.inbox)
         entries = []
+        known: list[int | None] = []  # a resent record's leaf when the log holds it already
         offset, end = 0, len(data)
         while end - offset >= 4:
             length = int.from_bytes(data[offset:offset + 4])
+            resent, length = length & RESENT, length & ~RESENT
             if not 0 < length <= MAX_ENTRY:  # the store would refuse the whole batch: drop only this client
                 log.error("trace writer: a client sent a %d-byte record; dropping the client", length)
                 self._drop(peer)
                 break
             if end - offset - 4 < length:
                 break
-            entries.append(data[offset + 4:offset + 4 + length])
+            entry = data[offset + 4:offset + 4 + length]
+            entries.append(entry)
+            known.append(self._recent.get(entry) if resent else None)
             offset += 4 + length
         peer.inbox[:] = data[offset:]
         if entries:
-            batch.append((peer, entries))
+            batch.append((peer, entries, known))
 
-    def _commit(self, batch: list[tuple[_Peer, list[bytes]]]) -> None:
+    def _commit(self, batch: list[tuple[_Peer, list[bytes], list[int | None]]]) -> None:
+        new = [entry for _, entries, known in batch for entry, leaf in zip(entries, known) if leaf is None]
         try:
-            first = self.store.commit(batch[0][1] if len(batch) == 1 else
-                                      [entry for _, entries in batch for entry in entries])
+            first = self.store.commit(new) if new else self.store.size
         except Exception as exc:  # fail closed: tell every client, then stop (a fresh writer recovers)
             raise self._failed(exc) from exc
+        self._remember(new, first)
         size, when = self.store.checkpoint_size, self.store.checkpoint_time
-        for peer, entries in batch:
+        for peer, entries, known in batch:
+            answer = bytearray()
+            run = 0  # new records since the last answer
+            for leaf in known:
+                if leaf is None:
+                    run += 1
+                    continue
+                if run:
+                    answer += b"A" + _ACK.pack(size, when, first, run)
+                    first, run = first + run, 0
+                answer += b"A" + _ACK.pack(size, when, leaf, 1)
+            if run:
+                answer += b"A" + _ACK.pack(size, when, first, run)
+                first += run
             if peer.sock.fileno() >= 0:  # else the client left before its answer; its records are durable all the same
-                peer.outbox += b"A" + _ACK.pack(size, when, first, len(entries))
+                peer.outbox += answer
                 self._flush(peer)
-            first += len(entries)
         try:
             self.store.maintain()  # derived files, once the batch is answered
         except Exception as exc:
             raise self._failed(exc) from exc
+
+    def _remember(self, entries: list[bytes], first: int) -> None:
+        recent = self._recent
+        recent.update(zip(entries, range(first, first + len(entries))))
+        while len(recent) > RECENT_RECORDS:
+            del recent[next(iter(recent))]
 
     def _failed(self, exc: Exception) -> TraceError:
         """Tell every client that the log failed; the error to stop with."""
@@ -249,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.dir.mkdir(parents=True, exist_ok=True)
-        writer = TraceWriter(open_store(args.dir, args.origin, args.key), args.socket)
-    except (TraceError, OSError) as exc:
+        store = open_store(args.dir, args.origin, args.key)
+        # What a writer that died may have made durable without answering: the journal's records.
+        journal = read_journal(args.dir / "journal")
+        durable = journal.entries[:store.size - journal.start]
+        writer = TraceWriter(store, args.socket, recent=durable, recent_start=journal.start)
+    except (TraceError, TileError, OSError) as exc:
         print(f"gateway trace writer: {exc}", file=sys.stderr, flush=True)
         return 1
     # Ctrl-C reaches the whole process group: the supervisor stops the writer last, with SIGTERM,
@@ -277,9 +322,11 @@ class RemoteTraceLog:
         self.fields = fields or {}  # added to every record, e.g. {"worker": 1}
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()  # pending order == byte order on the socket
-        # Waiters of the records sent and not yet answered, by burst: (their loop or None, waiters).
-        self._pending: deque[tuple[asyncio.AbstractEventLoop | None, list[Waiter]]] = deque()
-        self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future]]] = {}
+        # The records sent and not yet answered, by burst: (their loop or None, entries, waiters).
+        self._pending: deque[Sent] = deque()
+        # Records waiting for a writer that went away, to be sent again (RETRY_WINDOW): (deadline, burst).
+        self._held: deque[tuple[float, Sent]] = deque()
+        self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future], list[bool]]] = {}
         self._failure: TraceError | None = TraceError("trace writer not connected yet")
         self._connected = threading.Event()
         self._closed = False
@@ -300,24 +347,27 @@ class RemoteTraceLog:
 
     # TraceLog's API.
 
-    async def append(self, record: dict[str, Any]) -> int:
-        """Leaf index of `record`, once the writer has made it and a checkpoint covering it durable."""
+    async def append(self, record: dict[str, Any], retry: bool = False) -> int:
+        """Leaf index of `record`, once the writer has made it and a checkpoint covering it durable.
+        While the writer is away this raises TraceError at once, unless `retry`: then the record
+        waits for the writer to be back (up to RETRY_WINDOW)."""
         entry = self._encode(record)
         loop = asyncio.get_running_loop()
-        if self._failure is not None:
+        if self._failure is not None and not retry:
             raise self._failure
         fut = loop.create_future()
         burst = self._bursts.get(loop)
         if burst is None:
-            burst = self._bursts[loop] = ([], [])
+            burst = self._bursts[loop] = ([], [], [])
             loop.call_soon(self._hand_over, loop)  # one send per loop iteration, like GroupCommitter
         burst[0].append(entry)
         burst[1].append(fut)
+        burst[2].append(retry)
         return await fut
 
-    def append_sync(self, record: dict[str, Any]) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
         fut: ThreadFuture = ThreadFuture()
-        self._send(None, [self._encode(record)], [fut])
+        self._send(None, [self._encode(record)], [fut], [retry])
         try:
             return fut.result(SYNC_APPEND_TIMEOUT)
         except TimeoutError:
@@ -357,25 +407,32 @@ class RemoteTraceLog:
         return encode_record({**record, **self.fields} if self.fields else record)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        entries, futures = self._bursts.pop(loop)
+        entries, futures, retries = self._bursts.pop(loop)
         try:
-            self._send(loop, entries, futures)
+            self._send(loop, entries, futures, retries)
         except TraceError as exc:
             fail_waiters(futures, exc)
 
-    def _send(self, loop: asyncio.AbstractEventLoop | None, entries: list[bytes], waiters: list[Waiter]) -> None:
-        frames = b"".join(chain.from_iterable(zip(map(_LENGTH.pack, map(len, entries)), entries)))
+    def _send(self, loop: asyncio.AbstractEventLoop | None, entries: list[bytes], waiters: list[Waiter],
+              retries: list[bool]) -> None:
         with self._lock:
             if self._failure is not None:
+                held = [(entry, waiter) for entry, waiter, retry in zip(entries, waiters, retries) if retry]
+                if held:
+                    self._held.append((time.monotonic() + RETRY_WINDOW, (loop, *map(list, zip(*held)))))
+                if len(held) == len(entries):
+                    return
+                if held:  # a burst both: the others fail here, the held wait
+                    fail_waiters([w for w, retry in zip(waiters, retries) if not retry], self._failure)
+                    return
                 raise self._failure
             assert self._sock is not None
-            self._pending.append((loop, waiters))
+            self._pending.append((loop, entries, waiters))
             try:
-                self._sock.sendall(frames)
+                self._sock.sendall(_frames(entries))
             except OSError as exc:  # a timeout too: the stream may hold half a frame, so drop it
                 _shutdown(self._sock)
-                self._fail_locked(TraceError(f"trace writer unavailable: {exc}"))
-                raise self._failure from None
+                self._hold_locked(TraceError(f"trace writer unavailable: {exc}"))
 
     # The reader thread.
 
@@ -383,6 +440,7 @@ class RemoteTraceLog:
         while not self._closed:
             sock = self._dial()
             if sock is None:
+                self._expire_held()
                 time.sleep(RECONNECT_INTERVAL)
                 continue
             reason = self._receive(sock)
@@ -391,7 +449,7 @@ class RemoteTraceLog:
                 log.error("%s; refusing transfers until it is back", failure)
             with self._lock:
                 self._sock = None
-                self._fail_locked(failure)
+                self._hold_locked(failure)
             sock.close()
 
     def _dial(self) -> socket.socket | None:
@@ -444,13 +502,13 @@ class RemoteTraceLog:
         """Answer the next `count` waiters (leaves first, first + 1, ...); False if fewer are pending."""
         answers = []
         with self._lock:
-            if count > sum(len(waiters) for _, waiters in self._pending):
+            if count > sum(len(waiters) for _, _, waiters in self._pending):
                 return False
             left = count
             while left:
-                loop, waiters = self._pending[0]
+                loop, entries, waiters = self._pending[0]
                 if len(waiters) > left:  # the writer read part of this burst so far
-                    self._pending[0] = (loop, waiters[left:])
+                    self._pending[0] = (loop, entries[left:], waiters[left:])
                     waiters = waiters[:left]
                 else:
                     self._pending.popleft()
@@ -459,16 +517,50 @@ class RemoteTraceLog:
             self._tree_size, self._checkpoint_time = size, when
             self._acknowledged += count
             if self._failure is not None and not count:  # the greeting of a fresh connection
+                if not self._resend_held_locked():
+                    return True  # the new connection failed already; the reader sees it end
                 self._failure = None
                 self._connected.set()
         for loop, waiters, leaf in answers:
             call_in_loop(loop, answer_waiters, waiters, leaf)
         return True
 
+    def _hold_locked(self, failure: TraceError) -> None:
+        """The writer went away: what it was sent and did not answer waits for the next one."""
+        self._failure = failure
+        deadline = time.monotonic() + RETRY_WINDOW
+        self._held.extend((deadline, sent) for sent in self._pending)
+        self._pending.clear()
+
+    def _resend_held_locked(self) -> bool:
+        """On a fresh connection, before anything new: the held records, marked as resent."""
+        if not self._held:
+            return True
+        held = [sent for _, sent in self._held]
+        try:
+            self._sock.sendall(b"".join(_frames(entries, RESENT) for _, entries, _ in held))
+        except OSError:
+            _shutdown(self._sock)
+            return False
+        self._held.clear()
+        self._pending.extend(held)
+        log.warning("trace writer back: %d held records sent again", sum(len(e) for _, e, _ in held))
+        return True
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._held and self._held[0][0] <= now:
+                _, (loop, _, waiters) = self._held.popleft()
+                call_in_loop(loop, fail_waiters, waiters, TraceError(
+                    f"trace writer away for more than {RETRY_WINDOW:.0f} s: record not written"))
+
     def _fail_locked(self, failure: TraceError) -> None:
         self._failure = failure
-        pending, self._pending = self._pending, deque()
-        for loop, waiters in pending:
+        failed = [*self._pending, *(sent for _, sent in self._held)]
+        self._pending.clear()
+        self._held.clear()
+        for loop, _, waiters in failed:
             call_in_loop(loop, fail_waiters, waiters, failure)
 
     def __enter__(self) -> "RemoteTraceLog":
@@ -476,6 +568,10 @@ class RemoteTraceLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _frames(entries: list[bytes], flags: int = 0) -> bytes:
+    return b"".join(chain.from_iterable(zip((_LENGTH.pack(len(e) | flags) for e in entries), entries)))
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -52,7 +52,8 @@ class Transfer:
     reasons_omitted: dict[tuple[str, str, str], int] = field(default_factory=dict)  # past MAX_REASON_GROUPS
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
-    recorded: bool = False
+    opened: bool = False  # its "open" record is durable: it may be forwarded (gateway.filters.record)
+    recorded: bool = False  # its final record (the only one, or the completion of an opened one) is written
     # Bodies spooled to disk while scanned, by direction ("request", "response").
     spools: dict[str, Any] = field(default_factory=dict)
     # Digests computed beside a threaded scan, by direction: (the exact body object hashed, digest).
