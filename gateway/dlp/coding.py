@@ -4,12 +4,15 @@ Every decompressor yields output in bounded pieces, so a small compressed input 
 single call allocate more than PIECE bytes: the caller counts the pieces and stops at its limit.
 """
 
+import bisect
 import codecs
 import functools
 import re
 import threading
 import zlib
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import brotli
 
@@ -23,14 +26,92 @@ except ImportError:
 PIECE = 1 << 20
 
 
-# Full-width forms U+FF01..U+FF5E fold to ASCII, the ideographic space to a space.
-FOLD_TABLE = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+# Full-width forms a value can be written with fold to ASCII: digits, letters, and the separators
+# the detectors read (+ - . @ _ % and parentheses), the ideographic space to a space. Other full-width
+# punctuation (，：；！？＂) is left as written: it ends a token either way, and folding it would copy
+# every Chinese text (and make a full-width quote or comma look like JSON or CSV structure).
+_FOLDED_FORMS = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ" \
+    "＋－．＠＿％（）\u3000"
+_FOLDS = {form.encode(): (" " if form == "\u3000" else chr(ord(form) - 0xFEE0)).encode() for form in _FOLDED_FORMS}
+assert all(len(form) == 3 for form in _FOLDS)  # each fold takes 2 bytes out (see Folded.unfolded)
+# One class of last bytes per two-byte prefix: an alternation of 71 literals is 10x slower in Python's re.
+_FOLDABLE = re.compile(b"|".join(
+    re.escape(prefix) + b"[" + b"".join(re.escape(bytes([form[2]])) for form in _FOLDS if form[:2] == prefix) + b"]"
+    for prefix in dict.fromkeys(form[:2] for form in _FOLDS)))
+# Text is folded when a full-width digit or letter is in it, or a separator next to an ASCII one:
+# Chinese prose with its parentheses and indenting spaces, but no number written full-width, is not copied.
+_ASCII_ALNUM = rb"[0-9A-Za-z]"
+_FULL_WIDTH_ALNUM = rb"\xef\xbc[\x90-\x99\xa1-\xba]|\xef\xbd[\x81-\x9a]"
+_SEPARATOR = rb"(?:\xef\xbc[\x85\x88\x89\x8b\x8d\x8e\xa0\xbf]|\xe3\x80\x80)"  # ＋－．＠＿％（） and U+3000
+_WORTH_FOLDING = _FULL_WIDTH_ALNUM + b"|" + _SEPARATOR + _ASCII_ALNUM + b"|" + _ASCII_ALNUM + _SEPARATOR
+# Python's re finds the last alternative slowly (it starts on every ASCII letter): looked for behind a separator.
+_WORTH_FOLDING_RE = re.compile(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR
+                               + b"(?:(?=" + _ASCII_ALNUM + b")|(?<=" + _ASCII_ALNUM + b"...))")
 
 
-def needs_folding(data: bytes) -> bool:
-    # U+FF00..U+FF7F all start with EF BC / EF BD in UTF-8 (EF is rare in CJK text: a cheap test);
-    # the ideographic space alone does not trigger folding: it already ends a token.
-    return b"\xef" in data and (b"\xef\xbc" in data or b"\xef\xbd" in data)  # one memchr first
+@dataclass(frozen=True)
+class Folded:
+    """A UTF-8 text with its full-width forms folded, and where each folded character is in it."""
+    data: bytes
+    positions: Sequence[int]  # offsets in `data` of the folded characters, rising
+
+    def unfolded(self, offset: int) -> int:
+        """The offset in the text as written of an offset in the folded data."""
+        return offset + 2 * bisect.bisect_left(self.positions, offset)
+
+    def folded(self, offset: int) -> int:
+        """The offset in the folded data of an offset in the text as written (inverse of unfolded)."""
+        low, high = 0, len(self.positions)  # folds before `offset`: positions[i] + 2 * i < offset
+        while low < high:
+            middle = (low + high) // 2
+            if self.positions[middle] + 2 * middle < offset:
+                low = middle + 1
+            else:
+                high = middle
+        return offset - 2 * low
+
+
+def fold(data: bytes) -> Folded | None:
+    """UTF-8 text as the matcher reads it (see _FOLDED_FORMS); None when nothing in it needs folding,
+    the usual case, which costs one search and no copy."""
+    if not _worth_folding(data):
+        return None
+    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
+        starts = [match.start() for match in _FOLDABLE.finditer(data)]
+    else:
+        starts = [end - 3 for end in match_ends(_foldable_database(), data)]
+    parts: list[bytes] = [b""] * (2 * len(starts) + 1)  # text, folded form, text, ..., text
+    parts[0::2] = [data[begin:end] for begin, end in zip([0, *(start + 3 for start in starts)], [*starts, len(data)])]
+    parts[1::2] = [_FOLDS[data[start:start + 3]] for start in starts]
+    return Folded(b"".join(parts), array("q", (start - 2 * index for index, start in enumerate(starts))))
+
+
+def folded(data: bytes) -> bytes:
+    """`data` folded, or itself when nothing in it needs folding."""
+    found = fold(data)
+    return data if found is None else found.data
+
+
+def _worth_folding(data: bytes) -> bool:
+    if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr, then a quick search
+        return False
+    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
+        return _WORTH_FOLDING_RE.search(data) is not None
+    return _any_match(_worth_folding_database(), data)
+
+
+@functools.cache
+def _foldable_database():
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(expressions=[_FOLDABLE.pattern], ids=[0], elements=1, flags=[0])
+    return database
+
+
+@functools.cache
+def _worth_folding_database():
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(expressions=[_WORTH_FOLDING], ids=[0], elements=1, flags=[hyperscan.HS_FLAG_SINGLEMATCH])
+    return database
 
 
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -270,16 +351,33 @@ def is_utf8(data: bytes) -> bool:
 
 def match_ends(database, data: bytes) -> list[int]:
     """End offsets of the matches a Hyperscan block-mode database reports in `data` (released GIL)."""
+    ends: list[int] = []
+    database.scan(data, match_event_handler=_note_end, context=ends, scratch=_scratch(database))
+    return ends
+
+
+def _any_match(database, data: bytes) -> bool:
+    """Whether a Hyperscan block-mode database matches anywhere in `data`, stopping at the first match."""
+    try:
+        database.scan(data, match_event_handler=_stop, scratch=_scratch(database))
+    except hyperscan.ScanTerminated:
+        return True
+    return False
+
+
+def _scratch(database):
     scratches = getattr(_scratches, "by_database", None)
     if scratches is None:
         scratches = _scratches.by_database = {}
     scratch = scratches.get(database)
     if scratch is None:  # Hyperscan scratch space must not be shared between threads
         scratch = scratches[database] = hyperscan.Scratch(database)
-    ends: list[int] = []
-    database.scan(data, match_event_handler=_note_end, context=ends, scratch=scratch)
-    return ends
+    return scratch
 
 
 def _note_end(pattern: int, start: int, end: int, flags: int, ends: list[int]) -> None:
     ends.append(end)
+
+
+def _stop(pattern: int, start: int, end: int, flags: int, context: None) -> bool:
+    return True  # Hyperscan stops scanning

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
-from gateway.dlp.coding import FOLD_TABLE, DecodeError, needs_folding
+from gateway.dlp.coding import DecodeError, folded
 from gateway.dlp.decode import (
     Decoded, Limits, Segment, decode_body, decode_embedded, text_segment,
 )
@@ -138,9 +138,7 @@ class Profile:
         # Most of the rest hold nothing either: one scan over all their texts at once, joined as
         # detect() joins them, settles that before a segment is built for each.
         texts = "\n".join(chain.from_iterable((value, name) for _, name, value in fields))
-        data = texts.encode("utf-8", "surrogatepass")
-        if needs_folding(data):
-            data = texts.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+        data = folded(texts.encode("utf-8", "surrogatepass"))
         if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
                 and not any(map(self._worth_reading, encoded_contents(data))):
             self._remember_clean(fields, mentioning=[location for location, name, value in fields
@@ -189,9 +187,7 @@ class Profile:
         """Whether text (folded as the matcher reads it) holds a word some detector takes as context."""
         if not self._context_words:
             return False
-        if needs_folding(data):
-            data = data.decode("utf-8", "surrogatepass").translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
-        data = data.lower()
+        data = folded(data).lower()
         return any(word in data for word in self._context_words)
 
     def _may_give_context(self, fields: list[tuple[str, str, str]]) -> bool:
@@ -214,7 +210,7 @@ class Profile:
         redacted = redact_body(body, content_type, content_encoding, replacements, self.limits)
         # Values the rewrite could not reach (inside base64, say) must not cross: the caller blocks.
         left = {value for segment in decode_body(redacted, content_type, content_encoding, self.limits).segments
-                for value in replacements if value.encode() in segment.data or value in (segment.original or "")}
+                for value in replacements if value.encode() in segment.data or value.encode() in (segment.original or b"")}
         if left:
             raise DecodeError(f"{len(left)} value(s) to redact are where the body cannot be rewritten")
         return redacted
@@ -243,7 +239,7 @@ class Profile:
         ]
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
-        masks = {d.value: d.masked for d in detections if d.value and d.masked != d.value}
+        masked = _ValueMasks({d.value: d.masked for d in detections if d.value and d.masked != d.value})
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
                 continue
@@ -257,8 +253,8 @@ class Profile:
                 if (d.value, d.location) in seen:
                     continue
                 seen.add((d.value, d.location))
-                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, _masked(d.location, masks),
-                                        d.masked, d.value, d.field and _masked(d.field, masks), d.confidence))
+                findings.append(Finding(rule.id, d.type, rule.action, rule.severity, masked(d.location),
+                                        d.masked, d.value, d.field and masked(d.field), d.confidence))
         return ScanResult(findings, strongest([f.action for f in findings]))
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
@@ -295,10 +291,11 @@ class Profile:
         hits = self.matcher.scan(data)
         if len(hits) > MAX_CANDIDATES:
             return [], True
-        valid: list[tuple[int, int, int, str, str]] = []  # (-priority, start, end, kind, name/keyword)
+        valid: list[tuple[int, int, int, str]] = []  # (start, end, -priority, detector)
         others: list[tuple[int, int, str, str, str]] = []
+        folding = segments[0].folding if accept is not None else None  # a stream's window: one segment
         for pattern_id, start, end in hits:
-            if accept is not None and not accept[0] < end <= accept[1]:
+            if accept is not None and not accept[0] < (end if folding is None else folding.unfolded(end)) <= accept[1]:
                 continue
             kind, name, keyword = self._refs[pattern_id]
             if kind == "detector":
@@ -311,21 +308,10 @@ class Profile:
                     continue
                 token = data[start:end].decode("utf-8", "replace")
                 if detector.valid(token):
-                    valid.append((-detector.priority, start, end, kind, name))
+                    valid.append((start, end, -detector.priority, name))
             else:
                 others.append((start, end, kind, name, keyword))
-        # Overlapping candidates: the stronger detector wins (an ID number is not also a card number),
-        # then the longer match (one e-mail address, not its prefix).
-        valid.sort(key=lambda v: (v[0], v[1] - v[2], v[1]))
-        taken_starts: list[int] = []
-        taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
-        for _, start, end, kind, name in valid:
-            index = bisect.bisect_left(taken_starts, start)
-            if (index and taken_ends[index - 1] > start) or (index < len(taken_starts) and taken_starts[index] < end):
-                continue
-            taken_starts.insert(index, start)
-            taken_ends.insert(index, end)
-            others.append((start, end, kind, name, ""))
+        others += [(start, end, "detector", name, "") for start, end, name in _without_overlaps(valid)]
         detections = []
         for start, end, kind, name, keyword in sorted(set(others)):  # text order: locators replay forwards
             detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
@@ -343,12 +329,8 @@ class Profile:
         if local_end > len(segment.data):
             return None  # a custom pattern spanning two segments
         token = data[start:end].decode("utf-8", "replace")
-        if segment.original is not None:  # report the value as written (e.g. full-width digits)
-            char_start = len(segment.data[:local_start].decode("utf-8", "replace"))
-            value = segment.original[char_start:char_start + len(token)]
-        else:
-            value = token
-        location, field_name = segment.place(base_offset + local_start)
+        value = token if segment.original is None else segment.written(local_start, local_end)  # e.g. full-width
+        location, field_name = segment.place(local_start, base_offset)
         if kind == "detector":
             detector = DETECTORS[name]
             hinted = field_name is not None and field_name.strip().lower() in detector.hint_fields
@@ -363,11 +345,29 @@ class Profile:
         return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
 
 
-def _masked(text: str, masks: dict[str, str]) -> str:
-    for value, masked in masks.items():
-        if value in text:
-            text = text.replace(value, masked)
-    return text
+class _ValueMasks:
+    """Masks the values found in a text (a location, a field name), each as its detection masks it.
+    Every substring as long as some value is looked up: a text costs its length times the number of
+    distinct value lengths, however many values there are (a bulk export has thousands)."""
+
+    def __init__(self, masks: dict[str, str]):
+        self.masks = masks
+        self.order = {value: index for index, value in enumerate(masks)}
+        self.lengths = sorted({len(value) for value in masks})
+        self.done: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        if not self.masks:
+            return text
+        masked = self.done.get(text)
+        if masked is None:
+            masks = self.masks
+            present = {text[at:at + size] for size in self.lengths for at in range(len(text) - size + 1)}
+            masked = text
+            for value in sorted([value for value in present if value in masks], key=self.order.__getitem__):
+                masked = masked.replace(value, masks[value])  # in the order found, one after another
+            self.done[text] = masked
+        return masked
 
 
 def _rule_selects(rule: Rule, detection: Detection) -> bool:
@@ -380,6 +380,39 @@ def _rule_selects(rule: Rule, detection: Detection) -> bool:
     if rule.fields and detection.kind != "field":
         return detection.field is not None and detection.field.strip().lower() in rule.fields
     return True
+
+
+def _without_overlaps(valid: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
+    """Of overlapping candidates (start, end, -priority, detector), the stronger detector's wins (an
+    ID number is not also a card number), then the longer (one e-mail address, not its prefix).
+    Decided within each run of candidates overlapping one another, so that thousands of findings
+    that overlap nothing cost a sort."""
+    kept: list[tuple[int, int, str]] = []
+    run: list[tuple[int, int, int, str]] = []
+    run_end = -1
+    for candidate in sorted(valid):
+        if candidate[0] >= run_end and run:
+            kept += _strongest_first(run)
+            run = []
+        run.append(candidate)
+        run_end = max(run_end, candidate[1]) if len(run) > 1 else candidate[1]
+    return kept + _strongest_first(run)
+
+
+def _strongest_first(run: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
+    if len(run) == 1:
+        return [(run[0][0], run[0][1], run[0][3])]
+    taken: list[tuple[int, int, str]] = []
+    taken_starts: list[int] = []
+    taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
+    for start, end, _, name in sorted(run, key=lambda c: (c[2], c[0] - c[1], c[0])):
+        index = bisect.bisect_left(taken_starts, start)
+        if (index and taken_ends[index - 1] > start) or (index < len(taken_starts) and taken_starts[index] < end):
+            continue
+        taken_starts.insert(index, start)
+        taken_ends.insert(index, end)
+        taken.append((start, end, name))
+    return taken
 
 
 def _whole_token(data: bytes, start: int, end: int) -> bool:
