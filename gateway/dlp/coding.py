@@ -26,27 +26,26 @@ except ImportError:
 PIECE = 1 << 20
 
 
-# Full-width forms a value can be written with fold to ASCII: digits, letters, and the separators
-# the detectors read (+ - . @ _ % and parentheses), the ideographic space to a space. Other full-width
-# punctuation (，：；！？＂) is left as written: it ends a token either way, and folding it would copy
-# every Chinese text (and make a full-width quote or comma look like JSON or CSV structure).
+# Full-width forms a value can be written with fold to ASCII: digits and letters, and the separators
+# the detectors read (+ - . @ _ % and parentheses, the ideographic space to a space) where they touch a
+# digit or a letter. Other full-width punctuation (，：；！？＂) and separators elsewhere (an indenting
+# space, parentheses around words) are left as written: they end a token either way, and folding them
+# would copy every Chinese text (a full-width quote or comma would even look like JSON or CSV structure).
 _FOLDED_FORMS = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ" \
     "＋－．＠＿％（）\u3000"
 _FOLDS = {form.encode(): (" " if form == "\u3000" else chr(ord(form) - 0xFEE0)).encode() for form in _FOLDED_FORMS}
 assert all(len(form) == 3 for form in _FOLDS)  # each fold takes 2 bytes out (see Folded.unfolded)
-# One class of last bytes per two-byte prefix: an alternation of 71 literals is 10x slower in Python's re.
-_FOLDABLE = re.compile(b"|".join(
-    re.escape(prefix) + b"[" + b"".join(re.escape(bytes([form[2]])) for form in _FOLDS if form[:2] == prefix) + b"]"
-    for prefix in dict.fromkeys(form[:2] for form in _FOLDS)))
-# Text is folded when a full-width digit or letter is in it, or a separator next to an ASCII one:
-# Chinese prose with its parentheses and indenting spaces, but no number written full-width, is not copied.
-_ASCII_ALNUM = rb"[0-9A-Za-z]"
-_FULL_WIDTH_ALNUM = rb"\xef\xbc[\x90-\x99\xa1-\xba]|\xef\xbd[\x81-\x9a]"
+_ALNUM = rb"[0-9A-Za-z]"
+_FULL_WIDTH_ALNUM = rb"(?:\xef\xbc[\x90-\x99\xa1-\xba]|\xef\xbd[\x81-\x9a])"
 _SEPARATOR = rb"(?:\xef\xbc[\x85\x88\x89\x8b\x8d\x8e\xa0\xbf]|\xe3\x80\x80)"  # ＋－．＠＿％（） and U+3000
-_WORTH_FOLDING = _FULL_WIDTH_ALNUM + b"|" + _SEPARATOR + _ASCII_ALNUM + b"|" + _ASCII_ALNUM + _SEPARATOR
-# Python's re finds the last alternative slowly (it starts on every ASCII letter): looked for behind a separator.
-_WORTH_FOLDING_RE = re.compile(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR
-                               + b"(?:(?=" + _ASCII_ALNUM + b")|(?<=" + _ASCII_ALNUM + b"...))")
+assert len(re.findall(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR, _FOLDED_FORMS.encode())) == len(_FOLDS)
+# For Hyperscan (no lookarounds): each pattern with how far before its end the character to fold starts.
+_FOLD_PATTERNS = ((_FULL_WIDTH_ALNUM, 3), (_SEPARATOR + _ALNUM, 4), (_SEPARATOR + _FULL_WIDTH_ALNUM, 6),
+                  (_ALNUM + _SEPARATOR, 3), (_FULL_WIDTH_ALNUM + _SEPARATOR, 3))
+# For Python's re, every alternative starts with a separator's or a full-width form's first byte (a
+# lookbehind first would make it try every position): 10x quicker.
+_FOLDABLE = re.compile(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR + b"(?:(?=" + _ALNUM + b"|" + _FULL_WIDTH_ALNUM
+                       + b")|(?<=" + _ALNUM + b"...)|(?<=" + _FULL_WIDTH_ALNUM + b"...))")
 
 
 @dataclass(frozen=True)
@@ -59,27 +58,20 @@ class Folded:
         """The offset in the text as written of an offset in the folded data."""
         return offset + 2 * bisect.bisect_left(self.positions, offset)
 
-    def folded(self, offset: int) -> int:
-        """The offset in the folded data of an offset in the text as written (inverse of unfolded)."""
-        low, high = 0, len(self.positions)  # folds before `offset`: positions[i] + 2 * i < offset
-        while low < high:
-            middle = (low + high) // 2
-            if self.positions[middle] + 2 * middle < offset:
-                low = middle + 1
-            else:
-                high = middle
-        return offset - 2 * low
-
 
 def fold(data: bytes) -> Folded | None:
     """UTF-8 text as the matcher reads it (see _FOLDED_FORMS); None when nothing in it needs folding,
-    the usual case, which costs one search and no copy."""
-    if not _worth_folding(data):
+    the usual case, which costs a search and no copy."""
+    if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr first: most texts have neither
         return None
     if hyperscan is None or len(data) < _HYPERSCAN_FROM:
         starts = [match.start() for match in _FOLDABLE.finditer(data)]
     else:
-        starts = [end - 3 for end in match_ends(_foldable_database(), data)]
+        found: list[tuple[int, int]] = []
+        _fold_database().scan(data, match_event_handler=_note_fold, context=found, scratch=_scratch(_fold_database()))
+        starts = sorted({end - _FOLD_PATTERNS[pattern][1] for pattern, end in found})  # a separator between
+    if not starts:                                                                   # two digits: found twice
+        return None
     parts: list[bytes] = [b""] * (2 * len(starts) + 1)  # text, folded form, text, ..., text
     parts[0::2] = [data[begin:end] for begin, end in zip([0, *(start + 3 for start in starts)], [*starts, len(data)])]
     parts[1::2] = [_FOLDS[data[start:start + 3]] for start in starts]
@@ -92,26 +84,16 @@ def folded(data: bytes) -> bytes:
     return data if found is None else found.data
 
 
-def _worth_folding(data: bytes) -> bool:
-    if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr, then a quick search
-        return False
-    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
-        return _WORTH_FOLDING_RE.search(data) is not None
-    return _any_match(_worth_folding_database(), data)
-
-
 @functools.cache
-def _foldable_database():
+def _fold_database():
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[_FOLDABLE.pattern], ids=[0], elements=1, flags=[0])
+    database.compile(expressions=[pattern for pattern, _ in _FOLD_PATTERNS], ids=list(range(len(_FOLD_PATTERNS))),
+                     elements=len(_FOLD_PATTERNS), flags=[0] * len(_FOLD_PATTERNS))
     return database
 
 
-@functools.cache
-def _worth_folding_database():
-    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[_WORTH_FOLDING], ids=[0], elements=1, flags=[hyperscan.HS_FLAG_SINGLEMATCH])
-    return database
+def _note_fold(pattern: int, start: int, end: int, flags: int, found: list[tuple[int, int]]) -> None:
+    found.append((pattern, end))
 
 
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -356,15 +338,6 @@ def match_ends(database, data: bytes) -> list[int]:
     return ends
 
 
-def _any_match(database, data: bytes) -> bool:
-    """Whether a Hyperscan block-mode database matches anywhere in `data`, stopping at the first match."""
-    try:
-        database.scan(data, match_event_handler=_stop, scratch=_scratch(database))
-    except hyperscan.ScanTerminated:
-        return True
-    return False
-
-
 def _scratch(database):
     scratches = getattr(_scratches, "by_database", None)
     if scratches is None:
@@ -378,6 +351,3 @@ def _scratch(database):
 def _note_end(pattern: int, start: int, end: int, flags: int, ends: list[int]) -> None:
     ends.append(end)
 
-
-def _stop(pattern: int, start: int, end: int, flags: int, context: None) -> bool:
-    return True  # Hyperscan stops scanning
