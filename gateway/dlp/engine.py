@@ -240,13 +240,25 @@ class Profile:
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         masked = _ValueMasks({d.value: d.masked for d in detections if d.value and d.masked != d.value})
+        by_source: dict[tuple[bool, str], list[Detection]] = {}  # (from a detector, detector or rule id)
+        for d in detections:
+            by_source.setdefault((d.kind == "detector", d.name), []).append(d)
+        order: dict[int, int] = {}  # findings of a rule with several sources stay in text order
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
                 continue
-            selected = [d for d in detections if _rule_selects(rule, d)]
+            sources = [by_source[source] for source in [*((True, name) for name in rule.detectors), (False, rule.id)]
+                       if source in by_source]
+            if len(sources) == 1:
+                selected = sources[0]
+            else:
+                order = order or {id(d): index for index, d in enumerate(detections)}
+                selected = sorted(chain.from_iterable(sources), key=lambda d: order[id(d)])
+            if rule.fields:
+                selected = [d for d in selected if _rule_selects(rule, d)]
             if rule.allow_values:
                 selected = [d for d in selected if canonical_value(d.value) not in rule.allow_values]
-            if len({canonical_value(d.value) for d in selected}) < rule.min_count:
+            if not _distinct_values_reach(selected, rule.min_count):
                 continue
             seen: set[tuple[str, str]] = set()
             for d in selected:
@@ -291,7 +303,7 @@ class Profile:
         hits = self.matcher.scan(data)
         if len(hits) > MAX_CANDIDATES:
             return [], True
-        valid: list[tuple[int, int, int, str]] = []  # (start, end, -priority, detector)
+        candidates: list[tuple[int, int, int, str]] = []  # (start, end, -priority, detector)
         others: list[tuple[int, int, str, str, str]] = []
         folding = segments[0].folding if accept is not None else None  # a stream's window: one segment
         for pattern_id, start, end in hits:
@@ -306,12 +318,10 @@ class Profile:
                         start -= 1
                 if not _whole_token(data, start, end) or (detector.group_separators and _continued(data, start, end, detector.group_separators)):
                     continue
-                token = data[start:end].decode("utf-8", "replace")
-                if detector.valid(token):
-                    valid.append((start, end, -detector.priority, name))
+                candidates.append((start, end, -detector.priority, name))
             else:
                 others.append((start, end, kind, name, keyword))
-        others += [(start, end, "detector", name, "") for start, end, name in _without_overlaps(valid)]
+        others += [(start, end, "detector", name, "") for start, end, name in _valid_without_overlaps(candidates, data)]
         detections = []
         for start, end, kind, name, keyword in sorted(set(others)):  # text order: locators replay forwards
             detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
@@ -370,6 +380,18 @@ class _ValueMasks:
         return masked
 
 
+def _distinct_values_reach(detections: list[Detection], count: int) -> bool:
+    """Whether the detections hold at least `count` distinct values (as min_count compares them)."""
+    if len(detections) < count or not detections:
+        return False
+    values: set[str] = set()
+    for d in detections:
+        values.add(canonical_value(d.value))
+        if len(values) >= count:
+            return True
+    return False
+
+
 def _rule_selects(rule: Rule, detection: Detection) -> bool:
     if detection.kind == "detector":
         chosen = detection.name in rule.detectors
@@ -382,26 +404,28 @@ def _rule_selects(rule: Rule, detection: Detection) -> bool:
     return True
 
 
-def _without_overlaps(valid: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
-    """Of overlapping candidates (start, end, -priority, detector), the stronger detector's wins (an
-    ID number is not also a card number), then the longer (one e-mail address, not its prefix).
-    Decided within each run of candidates overlapping one another, so that thousands of findings
-    that overlap nothing cost a sort."""
+def _valid_without_overlaps(candidates: list[tuple[int, int, int, str]], data: bytes) -> list[tuple[int, int, str]]:
+    """The valid candidates (start, end, -priority, detector) of `data` that win over those they overlap:
+    the stronger detector's (an ID number is not also a card number), then the longer (one e-mail
+    address, not its prefix). Decided within each run of candidates overlapping one another, so that
+    thousands of findings that overlap nothing cost a sort; a candidate overlapping one already taken
+    is not validated at all."""
     kept: list[tuple[int, int, str]] = []
     run: list[tuple[int, int, int, str]] = []
     run_end = -1
-    for candidate in sorted(valid):
+    for candidate in sorted(candidates):
         if candidate[0] >= run_end and run:
-            kept += _strongest_first(run)
+            kept += _strongest_valid(run, data)
             run = []
         run.append(candidate)
         run_end = max(run_end, candidate[1]) if len(run) > 1 else candidate[1]
-    return kept + _strongest_first(run)
+    return kept + _strongest_valid(run, data) if run else kept
 
 
-def _strongest_first(run: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
+def _strongest_valid(run: list[tuple[int, int, int, str]], data: bytes) -> list[tuple[int, int, str]]:
     if len(run) == 1:
-        return [(run[0][0], run[0][1], run[0][3])]
+        start, end, _, name = run[0]
+        return [(start, end, name)] if DETECTORS[name].valid(data[start:end].decode("utf-8", "replace")) else []
     taken: list[tuple[int, int, str]] = []
     taken_starts: list[int] = []
     taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
@@ -409,9 +433,10 @@ def _strongest_first(run: list[tuple[int, int, int, str]]) -> list[tuple[int, in
         index = bisect.bisect_left(taken_starts, start)
         if (index and taken_ends[index - 1] > start) or (index < len(taken_starts) and taken_starts[index] < end):
             continue
-        taken_starts.insert(index, start)
-        taken_ends.insert(index, end)
-        taken.append((start, end, name))
+        if DETECTORS[name].valid(data[start:end].decode("utf-8", "replace")):
+            taken_starts.insert(index, start)
+            taken_ends.insert(index, end)
+            taken.append((start, end, name))
     return taken
 
 
