@@ -5,6 +5,7 @@ Corpora, generated deterministically (seeded):
   prose        Chinese prose with full-width punctuation (，：；（）。), some of it next to ASCII, no finding
   json export  JSON array of records: Chinese name, resident ID number (valid check character), mobile,
                address with full-width punctuation; a finding in every record
+  clean ...    the same exports with a case number, an amount and a date instead of the ID and mobile
   csv export   the same records as a UTF-8 CSV with Chinese column names
   gbk csv      the CSV encoded in GBK (declared charset=gbk)
   ... gzip     the JSON export and the GBK CSV sent with Content-Encoding: gzip
@@ -35,10 +36,12 @@ from faker import Faker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.dlp import engine as engine_module  # noqa: E402
 from gateway.dlp import load_rules  # noqa: E402
 from gateway.dlp.coding import decode_text, inflate  # noqa: E402
 from gateway.dlp.decode import decode_body, parse_media_type  # noqa: E402
 from gateway.dlp.detectors import DETECTORS  # noqa: E402
+from gateway.dlp.engine import UNINSPECTABLE  # noqa: E402
 from gateway.dlp.matcher import PatternSpec, compile_re, literal_regex  # noqa: E402
 from gateway.dlp.validators import id_card_check_char  # noqa: E402
 
@@ -73,8 +76,15 @@ class CityData:
                 "sjhm": rng.choice(MOBILE_PREFIXES) + f"{rng.randint(0, 99_999_999):08d}",
                 "dz": rng.choice(self.addresses)}
 
-    def records(self, count: int) -> list[dict[str, str]]:
-        return [self.record() for _ in range(count)]
+    def clean_record(self) -> dict[str, str]:
+        rng = self.rng
+        return {"xm": rng.choice(self.names), "sfzh": f"YW{rng.randint(2015, 2025)}{rng.randint(0, 10**8 - 1):08d}",
+                "sjhm": f"{rng.randint(1, 99999)}.{rng.randint(0, 99):02d}",
+                "dz": f"{rng.randint(2015, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
+                      + rng.choice(self.addresses)}
+
+    def records(self, count: int, clean: bool = False) -> list[dict[str, str]]:
+        return [self.clean_record() if clean else self.record() for _ in range(count)]
 
     def prose(self, size: int) -> bytes:
         paragraphs, total = [], 0
@@ -110,6 +120,13 @@ Body = tuple[str, bytes, str, str | None, int]
 
 def corpora(data: CityData, record_counts: list[int], prose_bytes: int) -> list[Body]:
     bodies: list[Body] = [("prose (clean)", data.prose(prose_bytes), "text/plain; charset=utf-8", None, 0)]
+    clean = data.records(record_counts[-1], clean=True)
+    as_json, as_gbk = json_export(clean), csv_export(clean, "gbk")
+    bodies += [(f"clean json {len(clean):,}", as_json, "application/json", None, 0),
+               (f"clean csv {len(clean):,}", csv_export(clean), "text/csv; charset=utf-8", None, 0),
+               (f"clean gbk csv {len(clean):,}", as_gbk, "text/csv; charset=gbk", None, 0),
+               (f"clean json {len(clean):,} gzip", gzip.compress(as_json, 6), "application/json", "gzip", 0),
+               (f"clean gbk csv {len(clean):,} gzip", gzip.compress(as_gbk, 6), "text/csv; charset=gbk", "gzip", 0)]
     for count in record_counts:
         records = data.records(count)
         as_json, as_csv, as_gbk = json_export(records), csv_export(records), csv_export(records, "gbk")
@@ -201,16 +218,26 @@ def main() -> None:
 
     print("\ngrowth: CPU seconds of one scan as the body doubles (x: against the 1st size; linear is 2, 4, 8)")
     sizes = [float(mib) for mib in args.growth.split(",")]
-    for label, make in (("json export", lambda size: json_export(records_for(data, size, json_export))),
-                        ("prose", data.prose)):
-        content_type = "application/json" if label == "json export" else "text/plain; charset=utf-8"
+    limited = False
+    for label, make, content_type in (
+            ("json export", lambda size: json_export(records_for(data, size, json_export)), "application/json"),
+            ("csv export", lambda size: csv_export(records_for(data, size, csv_export)), "text/csv"),
+            ("prose", data.prose, "text/plain; charset=utf-8")):
         row, first = [], None
         for mib in sizes:
             body = make(int(mib * MiB))
-            seconds, low, high, _ = timed(lambda: profile.scan(body, content_type=content_type), args.repeat)
+            seconds, low, high, result = timed(lambda: profile.scan(body, content_type=content_type), args.repeat)
+            mark = ""
+            if any(f.type == UNINSPECTABLE for f in result.findings):  # the candidate limit: measured without it
+                engine_module.MAX_CANDIDATES, saved = 1 << 40, engine_module.MAX_CANDIDATES
+                seconds, low, high, _ = timed(lambda: profile.scan(body, content_type=content_type), args.repeat)
+                engine_module.MAX_CANDIDATES, mark, limited = saved, "*", True
             first = first or seconds
-            row.append(f"{mib:g} MiB {seconds:6.3f}s ({low:.3f}-{high:.3f}) x{seconds / first:4.1f}")
+            row.append(f"{mib:g} MiB {seconds:6.3f}s{mark} ({low:.3f}-{high:.3f}) x{seconds / first:4.1f}")
         print(f"  {label:12} " + " | ".join(row))
+    if limited:
+        print(f"  * more than {engine_module.MAX_CANDIDATES:,} candidate matches: the gateway refuses such a body "
+              "as uninspectable; timed here without that limit")
 
 
 if __name__ == "__main__":
