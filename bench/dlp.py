@@ -13,8 +13,10 @@ The baseline undoes the same Content-Encoding and charset, then runs every detec
 keyword with Python's `re`, one pass per pattern, and validates every candidate with the same checks
 (whole token, detector validation); it builds no findings or locations, so it is a generous baseline.
 
-Then the growth table: time for 1, 2, 4 and 8 MiB bodies of the JSON export and of the prose (time
-must double with size, not quadruple), and the ceilings: the decode alone and the Hyperscan scan alone.
+The ceilings beside: the decode alone, the Hyperscan scan alone (of the decoded segments), and
+validation alone (every whole-token candidate checked by its detector, nothing else). Then the growth
+table: time for 1, 2, 4 and 8 MiB bodies of the exports and of the prose (time must double with size,
+not quadruple).
 Each figure is the median of --repeat runs, with the spread (min-max) beside it.
 
     python bench/dlp.py [--records 1000,10000] [--mb 8] [--repeat 3] [--growth 1,2,4,8]
@@ -169,6 +171,19 @@ class Baseline:
         return found
 
 
+def validate_all(profile, segments) -> int:
+    """What validation alone costs: every whole-token detector candidate in the segments checked once."""
+    valid = 0
+    for segment in segments:
+        data = segment.data
+        for pattern, start, end in profile.matcher.scan(data):
+            kind, name, _ = profile._refs[pattern]
+            if kind == "detector" and (start == 0 or not chr(data[start - 1]).isalnum() or data[start - 1] > 127) \
+                    and (end == len(data) or not chr(data[end]).isalnum() or data[end] > 127):
+                valid += DETECTORS[name].valid(data[start:end].decode("utf-8", "replace"))
+    return valid
+
+
 def timed(function, repeat: int) -> tuple[float, float, float, object]:
     """(median, min, max) CPU seconds of `repeat` calls, and the last result."""
     times, result = [], None
@@ -199,9 +214,11 @@ def main() -> None:
     data = CityData(seed=18)
     profile = load_rules(args.rules).profile("outbound")
     baseline = Baseline(profile)
+    for kind in (False, True):  # compile the lazily built Hyperscan databases before anything is timed
+        profile.scan(json_export(data.records(1000, clean=kind)), content_type="application/json")
     print(f"engine: {profile.matcher.engine}; CPU time of one core, median of {args.repeat} runs (spread min-max)")
     print(f"{'corpus':26} {'size':>9} {'findings':>9} {'engine MB/s':>18} {'re baseline MB/s':>18} {'ratio':>6}"
-          f" {'decode only':>12} {'scan only':>10}")
+          f" {'decode only':>12} {'scan only':>10} {'validate only':>14}")
     for label, body, content_type, content_encoding, _ in corpora(
             data, [int(n) for n in args.records.split(",")], int(args.mb * 1e6)):
         size = len(inflate(body, content_encoding, 1 << 30, 1 << 30))  # rates are of the decoded body
@@ -211,10 +228,11 @@ def main() -> None:
         decoded = decode_body(body, content_type, content_encoding, profile.limits)
         decode_time = timed(lambda: decode_body(body, content_type, content_encoding, profile.limits), args.repeat)[0]
         scan_time = timed(lambda: [profile.matcher.scan(s.data) for s in decoded.segments], args.repeat)[0]
+        validate_time = timed(lambda: validate_all(profile, decoded.segments), args.repeat)[0]
         print(f"{label:26} {size / 1e6:7.2f}MB {len(result.findings):9,} "
               f"{rate(size, engine):7.1f} ({spread(size, low, high):>9}) "
               f"{rate(size, base):7.1f} ({spread(size, base_low, base_high):>9}) {base / engine:5.1f}x"
-              f" {rate(size, decode_time):10.0f}   {rate(size, scan_time):8.0f}")
+              f" {rate(size, decode_time):10.0f}   {rate(size, scan_time):8.0f}   {rate(size, validate_time):11.0f}")
 
     print("\ngrowth: CPU seconds of one scan as the body doubles (x: against the 1st size; linear is 2, 4, 8)")
     sizes = [float(mib) for mib in args.growth.split(",")]

@@ -5,6 +5,7 @@ import re
 from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 
 from gateway.dlp.coding import DecodeError, folded
@@ -55,8 +56,7 @@ def strongest(actions: list[str]) -> str | None:
     return next((action for action in ACTIONS if action in present), None)
 
 
-@dataclass(frozen=True)
-class Detection:
+class Detection(NamedTuple):  # a tuple: a bulk export makes tens of thousands, 4x quicker than a dataclass
     """A validated match before rules: what it is and where."""
     kind: str            # "detector", "pattern", "keyword" or "field"
     name: str            # detector name, or the rule id owning the pattern / keyword / field name
