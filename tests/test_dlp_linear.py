@@ -15,7 +15,6 @@ import pytest
 
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
-from gateway.dlp.coding import fold
 from gateway.dlp.validators import id_card_check_char
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
@@ -119,13 +118,3 @@ def test_a_streamed_body_reports_offsets_in_the_text_as_written(monkeypatch):
     result = stream.finish()
     assert sorted(f.location for f in result.findings if f.type == "cn_id_card") == \
         sorted(f"body:offset {offset}" for offset in expected)
-
-
-def test_only_full_width_forms_that_can_be_part_of_a_value_are_folded(outbound):
-    # Chinese prose: punctuation, indenting spaces, parentheses around words: not copied at all.
-    assert fold("　　正文，说明：（试行）；结束！“引号”。".encode()) is None
-    assert fold("＂ａ＂".encode()).data == '＂a＂'.encode()  # a full-width quote is not JSON structure
-    # Separators touching a digit or a letter fold with it: a landline, a mobile number in groups.
-    assert fold("电话（０１０）－１２，　　下一段".encode()).data == "电话(010)-12，　　下一段".encode()
-    for text, kind in (("电话（010）62345678", "cn_landline"), ("手机 138　0013　8000", "cn_mobile")):
-        assert kind in {f.type for f in outbound.scan(text.encode(), content_type="text/plain").findings}, text
