@@ -15,6 +15,7 @@ from gateway.dlp.decode import (
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
 from gateway.dlp.embedded import BYTES, MIN_RUN, TOKEN_SEPARATOR, EncodedContent, encoded_contents
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
+from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.rules import ACTIONS, DlpConfigError, ProfileSpec, Rule, canonical_value, parse_files, rule_files
 
@@ -202,15 +203,15 @@ class Profile:
 
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:
-        from gateway.dlp.redact import redact_body
         replacements = {f.value: f.masked for f in result.findings
                         if f.action == "redact" and f.value and f.type != UNINSPECTABLE}
         if not replacements:
             return body
         redacted = redact_body(body, content_type, content_encoding, replacements, self.limits)
         # Values the rewrite could not reach (inside base64, say) must not cross: the caller blocks.
+        values = ValueMasks(dict.fromkeys((value.encode() for value in replacements), b""))
         left = {value for segment in decode_body(redacted, content_type, content_encoding, self.limits).segments
-                for value in replacements if value.encode() in segment.data or value.encode() in (segment.original or b"")}
+                for text in (segment.data, segment.original or b"") for value in values.found_in(text)}
         if left:
             raise DecodeError(f"{len(left)} value(s) to redact are where the body cannot be rewritten")
         return redacted
@@ -239,7 +240,7 @@ class Profile:
         ]
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
-        masked = _ValueMasks({d.value: d.masked for d in detections if d.value and d.masked != d.value})
+        masked = _LocationMasks({d.value: d.masked for d in detections if d.value and d.masked != d.value})
         by_source: dict[tuple[bool, str], list[Detection]] = {}  # (from a detector, detector or rule id)
         for d in detections:
             by_source.setdefault((d.kind == "detector", d.name), []).append(d)
@@ -355,32 +356,19 @@ class Profile:
         return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
 
 
-class _ValueMasks:
-    """Masks the values found in a text (a location, a field name), each as its detection masks it.
-    Every substring as long as some value is looked up: a text costs its length times the number of
-    distinct value lengths, however many values there are (a bulk export has thousands)."""
+class _LocationMasks:
+    """The values found masked in locations and field names, each location settled once."""
 
     def __init__(self, masks: dict[str, str]):
-        self.masks = masks
-        self.order = {value: index for index, value in enumerate(masks)}
-        self.lengths = sorted({len(value) for value in masks})
+        self.masked = ValueMasks(masks) if masks else None
         self.done: dict[str, str] = {}
-        # A text holds a value only if it has a run of the values' characters as long as the shortest
-        # one: most locations ("csv row 1234 column 身份证号" among ID numbers) are settled by that search.
-        characters = "".join(sorted(set("".join(masks))))
-        self.may_hold = re.compile(f"[{re.escape(characters)}]{{{self.lengths[0]}}}").search if masks else None
 
     def __call__(self, text: str) -> str:
-        if self.may_hold is None or self.may_hold(text) is None:
+        if self.masked is None:
             return text
         masked = self.done.get(text)
         if masked is None:
-            masks = self.masks
-            present = {text[at:at + size] for size in self.lengths for at in range(len(text) - size + 1)}
-            masked = text
-            for value in sorted([value for value in present if value in masks], key=self.order.__getitem__):
-                masked = masked.replace(value, masks[value])  # in the order found, one after another
-            self.done[text] = masked
+            masked = self.done[text] = self.masked(text)
         return masked
 
 
