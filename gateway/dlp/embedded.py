@@ -8,8 +8,8 @@ without whitespace, quotes, angle brackets, "&" or "=", as a URL or a form value
 MIN_ESCAPES or more %XX escapes in it, or an escaped digit or letter, and decodes them. What comes
 out is read as the scanner can (`EncodedContent.read_as`): a container it opens (zip, gzip, zstd),
 text with a BOM, text in another charset (GB18030) and UTF-8 that may be a structure (JSON, XML,
-lines) are undone like a body; other UTF-8 text is read as text, its \\u and &# escapes undone and
-full-width characters folded; anything else (an image, a hash, a random token) is scanned as bytes,
+lines) are undone like a body; other UTF-8 text is read as text, its \\u and &# escapes undone (and
+full-width characters folded, as in any segment); anything else (an image, a hash, a random token) is scanned as bytes,
 as a binary body is: the ASCII tokens in it are found.
 
 Finding the base64 runs costs one Hyperscan pass over the data, reporting each run once, at its
@@ -34,14 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from gateway.dlp.coding import (
-    FOLD_TABLE,
-    GZIP_MAGIC,
-    ZIP_MAGIC,
-    ZSTD_MAGIC,
-    is_utf8,
-    match_ends,
-    needs_folding,
-    unescape_u,
+    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends, unescape_u,
 )
 from gateway.dlp.matcher import hyperscan
 
@@ -86,7 +79,7 @@ class EncodedContent:
     coding: str     # BASE64 or PERCENT
     content: bytes | None  # what it decodes to (None: not base64 after all)
     read_as: str    # BODY: undone like a body (structure, container, charset); TEXT: UTF-8 text, escapes
-                    # undone and full-width folded; BYTES: scanned as they are
+                    # undone (folded when scanned); BYTES: scanned as they are
     piece_starts: Sequence[int] = ()   # tokens joined: where each begins in the content,
     piece_sources: Sequence[int] = ()  # and where it was in the data searched
 
@@ -156,7 +149,7 @@ def percent_contents(data: bytes, tokens: list[tuple[int, int]]) -> list[Encoded
         first, last = tokens[indexes[0]][0], tokens[indexes[-1]][1]
         joined = [texts[index] for index in indexes] if len(indexes) < len(texts) else texts
         sources = array("q", (tokens[index][0] for index in indexes))
-        if read_as == TEXT and (b"\\u" in everything or b"&#" in everything or needs_folding(everything)):
+        if read_as == TEXT and (b"\\u" in everything or b"&#" in everything):
             variants = [readable_texts(text) for text in joined]  # a variant of a token comes from it too
             sources = array("q", (source for source, texts_of_one in zip(sources, variants) for _ in texts_of_one))
             joined = [variant for texts_of_one in variants for variant in texts_of_one]
@@ -197,9 +190,9 @@ def _readable_text(text: bytes) -> bytes:
 
 
 def readable_texts(text: bytes) -> list[bytes]:
-    """UTF-8 text as the matcher reads it, full-width characters folded: as written, and with its
-    \\u and &# escapes undone when it has any (a value may be whole in either one only)."""
-    if b"\\u" not in text and b"&#" not in text and not needs_folding(text):
+    """UTF-8 text as written, and with its \\u and &# escapes undone when it has any (a value may be
+    whole in either one only)."""
+    if b"\\u" not in text and b"&#" not in text:
         return [text]
     written = text.decode("utf-8")
     unescaped = written
@@ -208,7 +201,7 @@ def readable_texts(text: bytes) -> list[bytes]:
     if "&#" in unescaped:
         unescaped = html.unescape(unescaped)
     variants = dict.fromkeys((written, unescaped))
-    return [variant.translate(FOLD_TABLE).encode("utf-8", "surrogatepass") for variant in variants]
+    return [variant.encode("utf-8", "surrogatepass") for variant in variants]
 
 
 def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from gateway.dlp.coding import FOLD_TABLE
+from gateway.dlp.coding import folded
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES
 from gateway.dlp.matcher import PatternSpec, compile_re
 from gateway.dlp.validators import Steps
@@ -23,7 +23,7 @@ class Candidate:
 
 def explain(text: str) -> list[Candidate]:
     """Every candidate any built-in detector pattern finds in `text`, in text order."""
-    data = text.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+    data = folded(text.encode("utf-8", "surrogatepass"))
     candidates: dict[tuple[str, int, int], Candidate] = {}
     for detector in DETECTORS.values():
         for regex in detector.patterns:

@@ -8,7 +8,10 @@ import json
 import re
 import zipfile
 import zlib
+from collections.abc import Mapping
+from itertools import chain
 from pathlib import PurePosixPath
+from typing import AnyStr
 from urllib.parse import parse_qsl, urlencode
 
 import brotli
@@ -60,11 +63,10 @@ def compress(data: bytes, encoding: str) -> bytes:
 
 class _Redactor:
     def __init__(self, replacements: dict[str, str], limits: Limits):
-        # longest first, so a value containing another one is masked whole
-        self.replacements = dict(sorted(replacements.items(), key=lambda item: -len(item[0])))
+        self.replacements = replacements
+        self.masked = ValueMasks(replacements)
         self.limits = limits
-        escaped = "|".join(_escaped_pattern(value) for value in self.replacements)
-        self.escaped = re.compile(escaped, re.IGNORECASE) if escaped else None
+        self._escaped: re.Pattern[str] | None = None
 
     def content(self, data: bytes, media: str, params: dict[str, str], filename: str | None, depth: int) -> bytes:
         if depth > self.limits.max_depth:
@@ -92,11 +94,19 @@ class _Redactor:
         return text.encode(charset, "surrogatepass" if charset.startswith("utf") else "strict")
 
     def text(self, text: str) -> str:
-        for value, masked in self.replacements.items():
-            text = text.replace(value, masked)
-        if self.escaped is not None and ("\\u" in text or "&#" in text):
+        text = self.masked(text)
+        if self.replacements and ("\\u" in text or "&#" in text):
             text = self.escaped.sub(lambda m: self._mask_of(m.group()), text)
         return text
+
+    @property
+    def escaped(self) -> re.Pattern[str]:
+        """The values with any of their characters written as escapes: a large pattern, built when a
+        text has escapes."""
+        if self._escaped is None:  # longest first, so a value containing another one is masked whole
+            values = sorted(self.replacements, key=len, reverse=True)
+            self._escaped = re.compile("|".join(_escaped_pattern(value) for value in values), re.IGNORECASE)
+        return self._escaped
 
     def _mask_of(self, escaped_text: str) -> str:
         plain = html.unescape(re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), escaped_text))
@@ -166,6 +176,47 @@ class _Redactor:
     def _xml(self, data: bytes) -> bytes:
         text, charset = decode_text(data, None)
         return self.text(text).encode(charset)
+
+
+class ValueMasks:
+    """Masks a set of values (str, or bytes) wherever they are in a text, leftmost and longest first,
+    or tells which are in it. A bulk export has thousands of values: a text is not searched value by
+    value (that cost grew with values x text) but run by run of the values' characters (a regex, in
+    C), each run looked up by its substrings of the values' lengths."""
+
+    def __init__(self, masks: Mapping[AnyStr, AnyStr]):
+        self.masks = masks
+        self.lengths = sorted({len(value) for value in masks}, reverse=True)
+        self.runs: re.Pattern | None = None
+        if masks:
+            units = sorted(set(chain.from_iterable(masks)))  # characters, or byte values
+            shortest = self.lengths[-1]
+            self.runs = re.compile(b"[%s]{%d,}" % (re.escape(bytes(units)), shortest)
+                                   if isinstance(next(iter(masks)), bytes)
+                                   else f"[{re.escape(''.join(units))}]{{{shortest},}}")
+
+    def __call__(self, text: AnyStr) -> AnyStr:
+        return text if self.runs is None else self.runs.sub(self._masked_run, text)
+
+    def found_in(self, text: AnyStr) -> set[AnyStr]:
+        """The values that are in `text` (overlapping ones included)."""
+        if self.runs is None:
+            return set()
+        return {run[at:at + size] for match in self.runs.finditer(text) for run in (match.group(),)
+                for size in self.lengths for at in range(len(run) - size + 1) if run[at:at + size] in self.masks}
+
+    def _masked_run(self, match: re.Match) -> AnyStr:
+        run, pieces, at, copied = match.group(), [], 0, 0
+        while at < len(run):
+            for size in self.lengths:
+                masked = self.masks.get(run[at:at + size])
+                if masked is not None:
+                    pieces += (run[copied:at], masked)
+                    at = copied = at + size
+                    break
+            else:
+                at += 1
+        return run[:0].join(pieces) + run[copied:] if pieces else run
 
 
 def _escaped_pattern(value: str) -> str:

@@ -2,8 +2,8 @@
 
 Up to `limits.stream_buffer_bytes` the chunks are buffered and `finish()` runs the full `scan()`
 (structure, paths, archives). Past that, the body is scanned as decoded text, window by window:
-chunks are decompressed and decoded incrementally, `\\u` escapes and `&#` references undone and
-full-width characters folded, and each window is scanned together with the tail of the previous
+chunks are decompressed and decoded incrementally, `\\u` escapes and `&#` references undone (and
+full-width characters folded when a window is scanned), and each window is scanned together with the tail of the previous
 one, so a token cut by a chunk boundary is still found whole. Only matches ending in the new part of
 a window are accepted; a match ending too close to the window's end is left for the next window,
 which sees it whole.
@@ -14,14 +14,7 @@ import html
 import re
 
 from gateway.dlp.coding import (
-    FOLD_TABLE,
-    GZIP_MAGIC,
-    ZIP_MAGIC,
-    DecodeError,
-    Inflater,
-    content_encodings,
-    resolve_charset,
-    sniff_charset,
+    GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, fold, is_utf8, resolve_charset, sniff_charset,
     unescape_u,
 )
 from gateway.dlp.decode import (
@@ -79,7 +72,8 @@ class StreamScan:
         self._multipart = False
         self._probe_tail = b""          # end of the previous piece, for markers cut by a piece boundary
         self._pending_text = ""
-        self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail
+        self._window = bytearray()     # decoded UTF-8 not yet scanned, preceded by the carried tail (folded
+                                       # when scanned: offsets are in the text as written)
         self._window_start = 0         # absolute offset of _window[0] in the decoded text
         self._accepted_until = 0       # matches ending at or before this offset were handled already
         self._token: StreamScan | None = None  # a percent-encoded token too long to hold, decoded into its own stream
@@ -192,14 +186,16 @@ class StreamScan:
             text = unescape_u(text)
         if "&#" in text:  # HTML and XML character references, as a buffered body's plain text undoes them
             text = html.unescape(text)
-        self._window += text.translate(FOLD_TABLE).encode("utf-8", "surrogatepass")
+        self._window += text.encode("utf-8", "surrogatepass")
         if final or len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
             self._scan_window(final)
 
     def _scan_window(self, final: bool) -> None:
         data = bytes(self._window)
         accept_end = len(data) if final else len(data) - OVERLAP_BYTES
-        segment = Segment(data, self.location, locate=offset_locator(self.location))
+        folding = fold(data)  # values are reported folded (as before), offsets in the text as written
+        segment = Segment(data if folding is None else folding.data, self.location,
+                          locate=offset_locator(self.location), folding=folding)
         low = self._accepted_until - self._window_start
         detections, overflow = self.profile.detect([segment], base_offset=self._window_start,
                                                    accept=(low, accept_end))
@@ -291,9 +287,13 @@ class StreamScan:
 
 def _readable_head(run: bytes) -> bool:
     """Whether the start of a long base64 run decodes to readable content (it may end in the
-    middle of a character). A run of a few characters repeated (`aaaa…`, `AAAA…`: filler, which
-    decodes to a few bytes repeated, GB18030 or NUL "text") holds no content."""
-    if len(set(run)) < MIN_BASE64_VARIETY:
-        return False
+    middle of a character). A run of a few characters repeated that decodes to no UTF-8 text (`aaaa…`,
+    `AAAA…`: filler, a few bytes repeated that read only as GB18030 or NUL "text") holds no content;
+    one that does (a word of text repeated, which may hide a value after it) is content."""
     head = decode_run(run[:len(run) // 4 * 4])
-    return head is not None and any(readable(head[:len(head) - cut]) for cut in range(4))
+    if head is None:
+        return False
+    heads = [head[:len(head) - cut] for cut in range(4)]
+    if len(set(run)) < MIN_BASE64_VARIETY and not any(is_utf8(text) and b"\0" not in text for text in heads):
+        return False
+    return any(readable(text) for text in heads)

@@ -1,0 +1,49 @@
+"""Full-width folding: only what can be part of a value, found alike by Hyperscan and by re, and
+offsets in the folded text mapped back to the text as written."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from gateway.dlp import coding, load_rules
+from gateway.dlp.coding import fold
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
+
+
+def test_chinese_punctuation_is_not_folded_and_prose_not_copied():
+    assert fold("　　正文，说明：（试行）；结束！“引号”。".encode()) is None
+    assert fold("＂ａ＂".encode()).data == '＂a＂'.encode()  # a full-width quote is not JSON structure
+
+
+def test_separators_fold_where_they_touch_a_digit_or_a_letter():
+    assert fold("电话（０１０）－１２，　　下一段".encode()).data == "电话(010)-12，　　下一段".encode()
+    assert fold("（ＧＤＰ）　　Ａ＋Ｂ".encode()).data == "(GDP)　 A+B".encode()
+    outbound = load_rules(SHIPPED).profile("outbound")
+    for text, kind in (("电话（010）62345678", "cn_landline"), ("手机 138　0013　8000", "cn_mobile")):
+        assert kind in {f.type for f in outbound.scan(text.encode(), content_type="text/plain").findings}, text
+
+
+def test_offsets_in_the_folded_text_map_back_to_the_text_as_written():
+    text = "（Ａ）说明：１２，ab－3　。".encode()
+    folded = fold(text)
+    assert folded is not None
+    for offset, byte in enumerate(folded.data):  # each ASCII letter or digit is itself or its full-width form
+        if byte < 128 and chr(byte).isalnum():
+            at = folded.unfolded(offset)
+            assert text[at:at + 1] == bytes([byte]) or text[at:at + 3] == chr(byte + 0xFEE0).encode(), offset
+    assert folded.unfolded(len(folded.data)) == len(text)
+
+
+@pytest.mark.skipif(coding.hyperscan is None, reason="hyperscan is not installed: only the re path exists")
+def test_hyperscan_and_re_fold_alike(monkeypatch):
+    rng = random.Random(18)
+    alphabet = list("ab19 ,-(") + list("，：（）－＋．＠＿％　ＡＺａｚ０９。中")
+    for _ in range(40):
+        piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))).encode()
+        data = piece * (coding._HYPERSCAN_FROM // len(piece) + 1)  # long enough for Hyperscan
+        with_hyperscan = fold(data)
+        monkeypatch.setattr(coding, "_HYPERSCAN_FROM", 1 << 40)
+        assert fold(data) == with_hyperscan, piece.decode()
+        monkeypatch.undo()
