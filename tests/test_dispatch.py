@@ -122,7 +122,7 @@ def test_the_gateway_fails_a_flow_closed_when_a_stage_raises():
 
     (flow, transfer, seen), response_side = asyncio.run(both())
     assert flow.response.status_code == 500 and json.loads(flow.response.content)["transfer_id"] == "t-1"
-    assert transfer.decision == "error" and transfer.reasons[0].location == "request"
+    assert transfer.decision == "error" and list(transfer.reasons[0].locations) == ["request"]
     assert seen == [("record", "request")]  # the later stages still run: the record stage records it
     flow, transfer, seen = response_side
     assert flow.response.status_code == 200 and flow.error and flow.error.msg == Error.KILLED_MESSAGE
