@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -102,6 +103,24 @@ def test_paths_are_matched_in_normal_form():
     assert normal_path("/api/%72esidents/8") == ("/api/residents/8", False)
     assert normal_path("/api//residents/8/") == ("/api/residents/8/", False)
     assert normal_path("/api/residents/8") == ("/api/residents/8", True)
+    assert normal_path("/api/residents;x=1/8") == ("/api/residents/8", False)
+    assert normal_path("/api\\residents\\8")[1] is False
+
+
+def test_a_catalogued_host_is_recognised_by_its_addresses(settings):
+    """A catalogue naming a host matches requests to the addresses the name resolved to (and to any
+    other name pinned to one of them); an address host matches its IPv4-mapped IPv6 form."""
+    catalog = settings.catalog
+    assert catalog.route("127.0.0.2", "127.0.0.2", "GET", "/api/residents/1").match.dataset.id == "health.residents"
+    assert catalog.route("other.example", "::ffff:127.0.0.2", "GET", "/api/residents/1").match is not None
+    assert catalog.route("other.example", "127.0.0.9", "GET", "/api/residents/1") is None
+    named = replace(catalog, datasets=tuple(replace(d, hosts=("data.example",)) for d in catalog.datasets),
+                    addresses={})
+    assert named.route("alias.example", "10.1.2.3", "GET", "/api/residents/1") is None
+    resolved = named.with_addresses(lambda name: ["10.1.2.3"] if name == "data.example" else [])
+    route = resolved.route("alias.example", "10.1.2.3", "PUT", "/API/Residents/1")
+    assert route.match.dataset.id == "health.residents" and not route.match.method_listed
+    assert resolved.route("alias.example", "10.1.2.3", "GET", "/nothing").refusal[0] == "uncatalogued"
 
 
 def test_quota_is_shared_and_survives_reopening(tmp_path):
@@ -188,5 +207,9 @@ def test_catalog_explain(kit, tmp_path):
     assert "never leaves" in raw.stdout
     conditional = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1?fields=age", "-c", str(config))
     assert "needs: a grant (X-Data-Grant) signed by bureau, sector (health)" in conditional.stdout
-    none = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
+    none = gateway("catalog", "explain", "http://127.0.0.3/other", "-c", str(config))
     assert "the zone policy alone decides" in none.stdout
+    closed = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
+    assert "REFUSED (uncatalogued)" in closed.stdout, closed.stdout
+    method = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1", "-X", "DELETE", "-c", str(config))
+    assert "REFUSED (grant_scope)" in method.stdout, method.stdout

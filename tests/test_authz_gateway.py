@@ -5,6 +5,7 @@ each refusal names its own reason, and the trace record carries the grant."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -71,6 +72,50 @@ def record_of(lab, response: httpx.Response) -> dict:
 def upstream_saw(lab, path: str) -> list[dict]:
     lines = (lab["root"] / "upstream.log").read_text().splitlines()
     return [entry for line in lines if (entry := json.loads(line))["path"] == path]
+
+
+def raw_request(lab, target: str, method: str = "GET") -> tuple[int, dict | None]:
+    """One request sent byte for byte as written (no client normalising its URL), and its status and JSON."""
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=15) as connection:
+        authority = target.split("/", 3)[2]
+        connection.sendall(f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+    except ValueError:
+        return int(head.split(b" ", 2)[1]), None
+
+
+def test_catalogued_host_is_closed_by_default(lab):
+    """Found by path first: a method the endpoint does not list, another spelling of its path or another
+    path of the host is refused, never passed on the zone policy as if uncatalogued (no grant sent)."""
+    log = lab["root"] / "upstream.log"
+    seen_before = len(log.read_text().splitlines()) if log.exists() else 0
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "SEARCH", "QUERY"):
+        refused(get(lab, "/api/residents/1", method), "grant_scope")
+    assert get(lab, "/api/residents/1", "HEAD").status_code == 403
+    refused(get(lab, "/raw/records/1", "PUT"), "contract_raw")
+    # Case does not make another endpoint: the dataset's, whose grant is missing.
+    for path in ("/API/residents/1", "/Api/Residents", "/RAW/records/1"):
+        status, body = raw_request(lab, lab["upstream"] + path)
+        assert status == 403 and body["reasons"][0]["type"] in ("grant_missing", "contract_raw"), (path, body)
+    for path in ("/api/residents;x=1/1", "/api;/residents/1", "/api/residents;jsessionid=1", "/api\\residents\\1",
+                 "/api/%72esidents/1", "/api//residents/1", "/api/./residents/1", "/elsewhere;x=1"):
+        status, body = raw_request(lab, lab["upstream"] + path)
+        assert status == 403 and [r["type"] for r in body["reasons"]] == ["path_not_normal"], (path, body)
+    refused(get(lab, "/other/thing"), "uncatalogued")
+    assert get(lab, "/elsewhere").status_code == 200  # listed under 'uncatalogued'
+    port = lab["upstream"].rsplit(":", 1)[1]
+    # Other spellings of the catalogued host's address: refused before anything resolves them.
+    for host in ("2130706434", "127.2", "0x7f.0.0.2", "0177.0.0.2", "127.0.0.02"):
+        status, body = raw_request(lab, f"http://{host}:{port}/api/residents/1")
+        assert status == 403 and [r["type"] for r in body["reasons"]] == ["host_not_canonical"], (host, body)
+    seen = [json.loads(line)["path"] for line in log.read_text().splitlines()[seen_before:]]
+    assert seen == ["/elsewhere"], seen  # nothing else reached the upstream
 
 
 def test_open_dataset_passes_without_grant(lab):
@@ -150,7 +195,8 @@ def test_out_of_scope_path_method_field(lab):
     refused(get(lab, "/api/residents/7?fields=age,name", grant=grant, licence=licence), "grant_scope")  # field
     refused(get(lab, "/api/residents/7", grant=grant, licence=licence), "grant_scope")  # fields unselected
     # Another spelling of a path the grant does not cover is not a way around it.
-    refused(get(lab, "/api/residents/7/../8?fields=age", grant=grant, licence=licence), "grant_scope")
+    status, body = raw_request(lab, lab["upstream"] + "/api/residents/7/../8?fields=age")
+    assert status == 403 and body["reasons"][0]["type"] == "path_not_normal", body
 
 
 def test_revoked_grant(lab):

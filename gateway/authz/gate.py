@@ -1,6 +1,7 @@
 """The decision for one request to a catalogued dataset, with the reason when it is refused.
 
-Order of checks (the first failure is the reason): contract raw endpoint, revocation view fresh,
+Order of checks (the first failure is the reason): contract raw endpoint, a method the endpoint does
+not list (grant_scope, whatever the class), revocation view fresh,
 grant present, well-formed and signed, signer roles, audience, time, revocation, scope, licence,
 quota. Signature checks are cached by the presented document's SHA-256 (a grant is usually sent with
 every request); everything that depends on time, the revocation list or usage is checked every time.
@@ -13,6 +14,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -58,8 +60,10 @@ class _Verified:
 
 
 class Gate:
-    def __init__(self, settings: AuthzSettings, gateway_name: str, quota: QuotaStore):
+    def __init__(self, settings: AuthzSettings, gateway_name: str, quota: QuotaStore,
+                 resolve: Callable[[str], Iterable[str]] = lambda name: ()):
         self.settings = settings
+        self.catalog = settings.catalog.with_addresses(resolve)
         self.gateway_name = gateway_name
         self.quota = quota
         self.revocation = RevocationView(settings.revocation_file, settings.revocation_max_age,
@@ -77,10 +81,13 @@ class Gate:
             record["result"] = reason
             return Decision(False, reason, detail, status, exceeded, record)
 
-        if dataset.cls == "open":
-            return Decision(True, record=record)
         if dataset.cls == "contract" and match.kind == "endpoint":
             return refuse("contract_raw", f"raw endpoint of contract dataset {dataset.id}: only its products leave")
+        if not match.method_listed:
+            return refuse("grant_scope", f"method {method} is not one the catalogue lists for this endpoint "
+                                         f"({match.endpoint.where})")
+        if dataset.cls == "open":
+            return Decision(True, record=record)
         self.revocation.refresh()
         if not self.revocation.fresh(now):
             age = self.revocation.age(now)
@@ -192,10 +199,10 @@ def scope_problem(grant: Grant, dataset: Dataset, match: Match, method: str, raw
     if dataset.purposes and grant.purpose not in dataset.purposes:
         return f"purpose '{grant.purpose}' is not allowed for {dataset.id}"
     if not match.normal:
-        return "path not in normal form (dot segments, doubled slashes or %-escapes)"
+        return "path not in normal form (dot segments, doubled slashes, %-escapes or ;parameters)"
     if scope.methods is not None and method.upper() not in scope.methods:
         return f"method {method} not granted"
-    if scope.paths is not None and not any(fnmatchcase(match.path, p) for p in scope.paths):
+    if scope.paths is not None and not any(fnmatchcase(match.path.lower(), p.lower()) for p in scope.paths):
         return "path not granted"
     if scope.fields is not None:
         unknown = [f for f in scope.fields if f not in dataset.fields]

@@ -1,5 +1,11 @@
 """Stage 2b (after authorize): a request to a catalogued dataset needs what its class requires.
 
+A host serving a catalogued dataset is closed by default (gateway.authz.catalog.Catalog.route): a
+request to it that matches no endpoint (`uncatalogued`) or spells its path otherwise than in normal form
+(`path_not_normal`) is refused, and its endpoints are found by path first, so that a method the
+endpoint does not list is refused (`grant_scope`) rather than passed as if uncatalogued. The host is
+recognised by name and by the address the transfer is pinned to.
+
 Open datasets pass; conditional and contract ones need a grant signed by every required authority,
 valid on this gateway, now, for this path, method and fields, not revoked, within quota, and the
 consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Protocol
 
@@ -55,9 +62,17 @@ class Grant:
             if values:
                 del request.headers[name]
         gate = self._current_gate()
-        match = gate.settings.catalog.match(transfer.upstream_host, request.method, request.path) if gate else None
+        route = gate.catalog.route(transfer.upstream_host, transfer.upstream_addr, request.method, request.path) \
+            if gate else None
+        if route is not None and route.refusal is not None:
+            reason, detail = route.refusal
+            self.gateway.metrics.grant_decisions.labels("none", reason).inc()
+            transfer.escalate("deny", [Reason("catalogue", reason, detail, "deny")])
+            refuse(flow, transfer, status=403, error="grant refused")
+            return
+        match = route.match if route is not None else None
         if match is None:
-            return  # not a catalogued dataset: the zone policy alone decides
+            return  # a host serving no dataset, or a path listed as uncatalogued: the zone policy alone decides
         if any(len(values) > 1 for values in presented.values()):
             decision = gate.refusal(match, "grant_malformed", "a grant or licence header sent more than once")
         else:
@@ -122,5 +137,14 @@ class Grant:
         if self._gate is None or self._gate.settings is not config.authz:
             if self._quota is None:
                 self._quota = QuotaStore(config.state_dir / "authz" / "quota.sqlite")
-            self._gate = Gate(config.authz, config.name, self._quota)
+            self._gate = Gate(config.authz, config.name, self._quota, _addresses)
         return self._gate
+
+
+def _addresses(name: str) -> list[str]:
+    """The addresses a catalogued host name resolves to when the configuration loads (a request naming
+    one of them, or another name for it, is that host's)."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError):
+        return []
