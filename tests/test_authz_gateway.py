@@ -299,3 +299,35 @@ def test_revocation_reaches_every_worker_and_a_stale_view_refuses(tmp_path):
     finally:
         gateway.stop()
         upstream.stop()
+
+
+def test_granted_fields_are_enforced_on_the_response(lab):
+    """The upstream ignores ?fields=: the gateway removes what the grant does not cover; selector names
+    an upstream may read otherwise, and request bodies the catalogue does not describe, are refused."""
+    kit = lab["kit"]
+    grant = kit.grant(datasets=[{"id": "health.residents", "methods": ["GET", "POST"], "paths": ["/api/residents*"],
+                                 "fields": ["age", "district"]}])
+    licence = kit.licence()
+    response = get(lab, "/api/residents/13?fields=age", grant=grant, licence=licence)
+    assert response.status_code == 200, response.text
+    assert [sorted(item) for item in response.json()] == [["age", "district"]] * 4
+    assert "张三" not in response.text and record_of(lab, response)["grant"]["records"] == 4
+    for query in ("fields=age&Fields=name", "fields=age&fields%5B%5D=name", "FIELDS=name"):
+        refused(get(lab, f"/api/residents/13?{query}", grant=grant, licence=licence), "grant_scope")
+    with httpx.Client(proxy=listener_url(lab["config"], "forward"), timeout=15) as client:
+        posted = client.post(lab["upstream"] + "/api/residents/13?fields=age", content=b'{"fields":["name"]}',
+                             headers={"X-Data-Grant": grant, "X-Data-Licence": licence})
+    refused(posted, "grant_scope")
+
+
+def test_gzip_records_are_counted_and_a_response_past_the_limit_refused(lab):
+    kit = lab["kit"]
+    grant, licence = kit.grant(quota={"records": {"day": 6}}), kit.licence()
+    first = get(lab, "/api/residents/14?encoding=gzip", grant=grant, licence=licence)
+    assert first.status_code == 200 and len(first.json()) == 4, first.text
+    assert record_of(lab, first)["grant"]["records"] == 4
+    # Admitted (4 of 6 used), but its 4 records would make 8: refused, and not counted.
+    refused(get(lab, "/api/residents/14?encoding=gzip", grant=grant, licence=licence), "grant_quota", status=429)
+    small = kit.grant(quota={"records": {"day": 4}})
+    assert get(lab, "/api/residents/14?encoding=gzip", grant=small, licence=licence).status_code == 200
+    refused(get(lab, "/api/residents/14", grant=small, licence=licence), "grant_quota", status=429)

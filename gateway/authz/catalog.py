@@ -32,6 +32,7 @@ class Endpoint:
     methods: tuple[str, ...]
     paths: tuple[str, ...]  # globs over the normal-form path, e.g. /api/clinics/*
     where: str              # FILE:LINE, for `catalog explain`
+    request_body: bool = False  # a granted request may carry a body (else refused: its meaning is not described)
 
     def matches(self, path: str) -> str | None:
         """The glob that matches the (lower-cased, normal-form) path, or None."""
@@ -286,7 +287,7 @@ def _consent_rule(e: dict[str, Node], cls: str | None, fields: dict[str, Field],
 def _endpoints(node: Node) -> tuple[Endpoint, ...]:
     endpoints = []
     for item in node.items():
-        e = item.mapping({"methods", "paths"}, {"methods", "paths"}) or {}
+        e = item.mapping({"methods", "paths", "request_body"}, {"methods", "paths"}) or {}
         methods = tuple(m.upper() for i in e["methods"].items() if (m := i.string())) if "methods" in e else ()
         for method, method_node in zip(methods, e["methods"].items() if "methods" in e else ()):
             if method not in METHODS:
@@ -294,7 +295,8 @@ def _endpoints(node: Node) -> tuple[Endpoint, ...]:
         paths = tuple(p for i in e["paths"].items() if (p := i.string())) if "paths" in e else ()
         for path, path_node in zip(paths, e["paths"].items() if "paths" in e else ()):
             _check_glob(path, path_node)
-        endpoints.append(Endpoint(methods, paths, f"{item.file}:{item.line}"))
+        request_body = e["request_body"].boolean() if "request_body" in e else False
+        endpoints.append(Endpoint(methods, paths, f"{item.file}:{item.line}", bool(request_body)))
     return tuple(endpoints)
 
 

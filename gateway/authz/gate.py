@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 from gateway.authz import claims as claim_checks
 from gateway.authz.catalog import Dataset, Match
-from gateway.authz.claims import ClaimsError, Grant, Licence
+from gateway.authz.claims import ClaimsError, Grant, Licence, Limits
 from gateway.authz.jose import Authority, DocumentError, claims_of, parse, verify
 from gateway.authz.quota import Exceeded, QuotaStore
 from gateway.authz.revocation import RevocationView
@@ -49,7 +49,9 @@ class Decision:
     status: int = 200
     exceeded: Exceeded | None = None
     record: dict[str, Any] = field(default_factory=dict)  # the trace record's `grant` field
-    quota_scopes: list[str] = field(default_factory=list)  # where the response's size is counted
+    quota_scopes: dict[str, Limits] = field(default_factory=dict)  # where the response's size is counted
+    fields: tuple[str, ...] | None = None  # the only fields the response may carry (None: all)
+    count_records: bool = False  # the response's records must be counted (a records limit, a price per record)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class Gate:
         self.installed_grants = self._installed(settings.grants_dir, "jti")
         self.installed_licences = self._installed(settings.licences_dir, "sub")
 
-    def decide(self, match: Match, method: str, raw_path: str, presented: Presented, now: float) -> Decision:
+    def decide(self, match: Match, method: str, raw_path: str, presented: Presented, now: float,
+               has_body: bool = False) -> Decision:
         dataset = match.dataset
         record: dict[str, Any] = {"id": None, "hash": None, "licence": None, "dataset": dataset.id,
                                   "class": dataset.cls, "consumer": None, "scenario": None, "result": "allow"}
@@ -127,6 +130,8 @@ class Gate:
         if self.revocation.revoked(grant.jti):
             return refuse("grant_revoked", f"grant {grant.jti} is revoked")
         problem = scope_problem(grant, dataset, match, method, raw_path)
+        if not problem and has_body and not match.endpoint.request_body:
+            problem = "a request body: the catalogue does not describe one for this endpoint (request_body)"
         if problem:
             return refuse("grant_scope", problem)
 
@@ -149,7 +154,11 @@ class Gate:
         if exceeded is not None:
             return refuse("grant_quota", f"{exceeded.scope}: {exceeded.measure} per {exceeded.period} "
                                          f"limit {exceeded.limit} reached", 429, exceeded)
-        return Decision(True, record=record, quota_scopes=list(scopes))
+        scope = grant.datasets[dataset.id]
+        fields = scope.fields if scope.fields is not None and set(scope.fields) != set(dataset.fields) else None
+        per_record = dataset.price is not None and dataset.price[1] == "record"
+        return Decision(True, record=record, quota_scopes=scopes, fields=fields,
+                        count_records=per_record or any("records" in limits for limits in scopes.values()))
 
     def refusal(self, match: Match, reason: str, detail: str) -> Decision:
         record = {"id": None, "hash": None, "licence": None, "dataset": match.dataset.id,
@@ -221,7 +230,10 @@ def scope_problem(grant: Grant, dataset: Dataset, match: Match, method: str, raw
 def _selected_fields(dataset: Dataset, raw_path: str) -> list[str] | None:
     if dataset.field_param is None or "?" not in raw_path:
         return None
-    values = [v for k, v in parse_qsl(raw_path.split("?", 1)[1], keep_blank_values=True) if k == dataset.field_param]
+    pairs = parse_qsl(raw_path.split("?", 1)[1], keep_blank_values=True)
+    if any(k != dataset.field_param and k.lower().removesuffix("[]") == dataset.field_param.lower() for k, _ in pairs):
+        return None  # Fields=, fields[]=: an upstream may read them as the selector the grant did not see
+    values = [v for k, v in pairs if k == dataset.field_param]
     if len(values) != 1:
         return None
     return [f.strip() for f in values[0].split(",") if f.strip()] or None
