@@ -349,6 +349,23 @@ def test_usage_report_refuses_tampered_log(lab):
     assert made.stdout == ""
 
 
+def test_usage_report_trusts_no_key_inside_the_log(lab):
+    """A log forged from scratch carries its own log.pub: without --pubkey it is not verified against it."""
+    from gateway.trace import TraceLog
+    forged = lab["root"] / "forged-trace"
+    with TraceLog.open(forged, origin="gateway.local/frontend-local/trace", signing_key=lab["root"] / "evil.key") as log:
+        log.append_sync({"v": 1, "id": "forged-0", "time": "2026-12-01T00:00:00Z", "status": 200, "decision": "allow",
+                         "resp_bytes": 1, "grant": {"id": "g", "dataset": "civil.residents", "class": "conditional",
+                                                    "consumer": "operator-b", "result": "allow", "records": 10**6}})
+    args = ("usage", "report", "--from", "2026-11-01", "--to", "2027-01-01", "--trace", str(forged), "--no-record",
+            "-c", str(lab["path"]))
+    made = gateway_cli(*args)
+    assert made.returncode == 2 and "--pubkey" in made.stderr and made.stdout == "", made.stdout + made.stderr
+    trusted = lab["root"] / "state" / "trace-signing.pub"
+    made = gateway_cli(*args, "--pubkey", str(trusted))
+    assert made.returncode == 1 and "does not verify" in made.stderr and made.stdout == "", made.stdout + made.stderr
+
+
 def test_evidence_for_one_transfer(lab):
     response = get(lab, "/residents.json")
     transfer_id = response.headers["X-Gateway-Transfer-Id"]
