@@ -174,7 +174,8 @@ class Gate:
         try:
             claims, signers = verify(parse(text), self.settings.authorities, self.settings.algorithms)
             value = claim_checks.grant(claims) if kind == "grant" else claim_checks.licence(claims)
-            verified = _Verified(value, tuple({a.kid: a for a in signers}.values()))
+            # counted by key (RFC 7638 thumbprint), not by the kid a signature names
+            verified = _Verified(value, tuple({a.key.thumbprint(): a for a in signers}.values()))
         except DocumentError as e:
             verified = _Verified(failure=(e.kind, e.detail))
         except ClaimsError as e:
