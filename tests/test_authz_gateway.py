@@ -331,3 +331,40 @@ def test_gzip_records_are_counted_and_a_response_past_the_limit_refused(lab):
     small = kit.grant(quota={"records": {"day": 4}})
     assert get(lab, "/api/residents/14?encoding=gzip", grant=small, licence=licence).status_code == 200
     refused(get(lab, "/api/residents/14", grant=small, licence=licence), "grant_quota", status=429)
+
+
+def test_revocation_is_not_rolled_back_by_restart_future_or_omission(tmp_path):
+    kit = Kit(tmp_path / "keys")
+    kit.write_revocations(issued=int(time.time()) - 600)
+    older = kit.revocation_file.read_bytes()
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", authz=kit.authz_section())
+    path = write_config(tmp_path / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    gateway = start_gateway(path)
+    lab = {"config": config, "root": tmp_path, "upstream": f"http://127.0.0.2:{port}"}
+    try:
+        claims = kit.grant_claims()
+        grant, licence = kit.sign(claims, ["bureau", "health"]), kit.licence()
+        assert get(lab, "/api/residents/1", grant=grant, licence=licence).status_code == 200
+        kit.revoke(claims["jti"])
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "grant_revoked")
+        # The older list put back, and the gateway restarted: refused, not taken as the view.
+        gateway.stop()
+        kit.revocation_file.write_bytes(older)
+        gateway = start_gateway(path)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "revocation_stale")
+        kit.revoked = []
+        kit.write_revocations(issued=int(time.time()) + 365 * 86400)  # a list from the future never ages
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "revocation_stale")
+        kit.write_revocations()  # a current list omitting the revoked grant does not bring it back
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "grant_revoked")
+        kit.revocation_file.unlink()  # no list: refused at once
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=kit.grant(), licence=licence), "revocation_stale")
+    finally:
+        gateway.stop()
+        upstream.stop()

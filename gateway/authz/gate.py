@@ -63,13 +63,13 @@ class _Verified:
 
 class Gate:
     def __init__(self, settings: AuthzSettings, gateway_name: str, quota: QuotaStore,
-                 resolve: Callable[[str], Iterable[str]] = lambda name: ()):
+                 resolve: Callable[[str], Iterable[str]] = lambda name: (), state: Path | None = None):
         self.settings = settings
         self.catalog = settings.catalog.with_addresses(resolve)
         self.gateway_name = gateway_name
         self.quota = quota
         self.revocation = RevocationView(settings.revocation_file, settings.revocation_max_age,
-                                         settings.authorities, settings.algorithms)
+                                         settings.authorities, settings.algorithms, state)
         self._cache: OrderedDict[tuple[str, str], _Verified] = OrderedDict()
         self.installed_grants = self._installed(settings.grants_dir, "jti")
         self.installed_licences = self._installed(settings.licences_dir, "sub")

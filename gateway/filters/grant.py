@@ -179,7 +179,8 @@ class Grant:
         if self._gate is None or self._gate.settings is not config.authz:
             if self._quota is None:
                 self._quota = QuotaStore(config.state_dir / "authz" / "quota.sqlite")
-            self._gate = Gate(config.authz, config.name, self._quota, _addresses)
+            self._gate = Gate(config.authz, config.name, self._quota, _addresses,
+                              config.state_dir / "authz" / "revocation.sqlite")
         return self._gate
 
 
