@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -102,6 +103,24 @@ def test_paths_are_matched_in_normal_form():
     assert normal_path("/api/%72esidents/8") == ("/api/residents/8", False)
     assert normal_path("/api//residents/8/") == ("/api/residents/8/", False)
     assert normal_path("/api/residents/8") == ("/api/residents/8", True)
+    assert normal_path("/api/residents;x=1/8") == ("/api/residents/8", False)
+    assert normal_path("/api\\residents\\8")[1] is False
+
+
+def test_a_catalogued_host_is_recognised_by_its_addresses(settings):
+    """A catalogue naming a host matches requests to the addresses the name resolved to (and to any
+    other name pinned to one of them); an address host matches its IPv4-mapped IPv6 form."""
+    catalog = settings.catalog
+    assert catalog.route("127.0.0.2", "127.0.0.2", "GET", "/api/residents/1").match.dataset.id == "health.residents"
+    assert catalog.route("other.example", "::ffff:127.0.0.2", "GET", "/api/residents/1").match is not None
+    assert catalog.route("other.example", "127.0.0.9", "GET", "/api/residents/1") is None
+    named = replace(catalog, datasets=tuple(replace(d, hosts=("data.example",)) for d in catalog.datasets),
+                    addresses={})
+    assert named.route("alias.example", "10.1.2.3", "GET", "/api/residents/1") is None
+    resolved = named.with_addresses(lambda name: ["10.1.2.3"] if name == "data.example" else [])
+    route = resolved.route("alias.example", "10.1.2.3", "PUT", "/API/Residents/1")
+    assert route.match.dataset.id == "health.residents" and not route.match.method_listed
+    assert resolved.route("alias.example", "10.1.2.3", "GET", "/nothing").refusal[0] == "uncatalogued"
 
 
 def test_quota_is_shared_and_survives_reopening(tmp_path):
@@ -188,5 +207,61 @@ def test_catalog_explain(kit, tmp_path):
     assert "never leaves" in raw.stdout
     conditional = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1?fields=age", "-c", str(config))
     assert "needs: a grant (X-Data-Grant) signed by bureau, sector (health)" in conditional.stdout
-    none = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
+    none = gateway("catalog", "explain", "http://127.0.0.3/other", "-c", str(config))
     assert "the zone policy alone decides" in none.stdout
+    closed = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
+    assert "REFUSED (uncatalogued)" in closed.stdout, closed.stdout
+    method = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1", "-X", "DELETE", "-c", str(config))
+    assert "REFUSED (grant_scope)" in method.stdout, method.stdout
+
+
+def test_one_key_in_two_roles_is_refused(kit, tmp_path):
+    """The bureau's key listed again under another kid as the sector's: one holder would sign in both roles."""
+    alias = {**json.loads((kit.root / "bureau.pub").read_text()), "kid": "health-alias"}
+    (tmp_path / "alias.pub").write_text(json.dumps(alias))
+    section = kit.authz_section()
+    section["authorities"] = [a if a["name"] != "health" else {**a, "key": str(tmp_path / "alias.pub")}
+                              for a in section["authorities"]]
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=section))
+    result = gateway("check", "-c", str(config))
+    assert result.returncode == 2 and "one key may hold one role only" in result.stderr, result.stdout + result.stderr
+
+
+def test_duplicate_names_in_a_protected_header_are_refused(kit, settings):
+    document = json.loads(kit.grant())
+    health = kit.keys["health"]
+    protected = b64url(b'{"alg":"Ed25519","kid":"%s","role":"bureau","role":"sector"}' % health.kid.encode())
+    signature = b64url(health.private_key.sign(f"{protected}.{document['payload']}".encode()))
+    document["signatures"][1] = {"protected": protected, "signature": signature}
+    with pytest.raises(DocumentError):
+        verify(parse(json.dumps(document)), settings.authorities, settings.algorithms)
+
+
+def test_an_older_batch_imported_later_changes_no_terms(tmp_path):
+    import io
+
+    from joserfc.jwk import OKPKey
+
+    from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims
+    from gateway.authz.jose import Authority, add_signature, draft, generate_key, load_private_key
+    from gateway.authz.subject import SubjectHasher
+    generate_key("p", tmp_path / "p.key", tmp_path / "p.pub")
+    key = load_private_key(tmp_path / "p.key")
+    platform = {"p": Authority("platform", "platform", None, "p", OKPKey.import_key(key.as_dict(private=False)))}
+    hasher = SubjectHasher(b"s" * 32)
+    subject = hasher.key("11010519491231002X")
+
+    def batch(name: str, iat: int, datasets: list[str]) -> io.BytesIO:
+        body = (json.dumps({"cid": "c1", "subject": subject.hex(), "consumer": "op", "scenario": "sc",
+                            "datasets": datasets, "nbf": 0, "exp": 2**31}) + "\n").encode()
+        claims = batch_claims(name, iat, body, 1, hasher.key_check(), hasher.algorithm)
+        return io.BytesIO(json.dumps(add_signature(draft(claims), key, "platform")).encode() + b"\n" + body)
+
+    registry, now = ConsentRegistry(tmp_path / "c.sqlite"), int(time.time())
+    args = (platform, ("Ed25519",), hasher.key_check(), hasher.algorithm)
+    registry.import_batch(batch("march", now, ["civil.residents"]), *args)
+    registry.import_batch(batch("february", now - 30 * 86400, ["civil.residents", "health.records"]), *args)
+    [consent] = registry.consents_of(subject)
+    assert consent["datasets"] == ["civil.residents"] and consent["batch"] == "march"
+    with pytest.raises(ConsentError, match="future"):
+        registry.import_batch(batch("next-year", now + 365 * 86400, ["civil.residents"]), *args)

@@ -5,6 +5,7 @@ each refusal names its own reason, and the trace record carries the grant."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -71,6 +72,50 @@ def record_of(lab, response: httpx.Response) -> dict:
 def upstream_saw(lab, path: str) -> list[dict]:
     lines = (lab["root"] / "upstream.log").read_text().splitlines()
     return [entry for line in lines if (entry := json.loads(line))["path"] == path]
+
+
+def raw_request(lab, target: str, method: str = "GET") -> tuple[int, dict | None]:
+    """One request sent byte for byte as written (no client normalising its URL), and its status and JSON."""
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=15) as connection:
+        authority = target.split("/", 3)[2]
+        connection.sendall(f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+    except ValueError:
+        return int(head.split(b" ", 2)[1]), None
+
+
+def test_catalogued_host_is_closed_by_default(lab):
+    """Found by path first: a method the endpoint does not list, another spelling of its path or another
+    path of the host is refused, never passed on the zone policy as if uncatalogued (no grant sent)."""
+    log = lab["root"] / "upstream.log"
+    seen_before = len(log.read_text().splitlines()) if log.exists() else 0
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "SEARCH", "QUERY"):
+        refused(get(lab, "/api/residents/1", method), "grant_scope")
+    assert get(lab, "/api/residents/1", "HEAD").status_code == 403
+    refused(get(lab, "/raw/records/1", "PUT"), "contract_raw")
+    # Case does not make another endpoint: the dataset's, whose grant is missing.
+    for path in ("/API/residents/1", "/Api/Residents", "/RAW/records/1"):
+        status, body = raw_request(lab, lab["upstream"] + path)
+        assert status == 403 and body["reasons"][0]["type"] in ("grant_missing", "contract_raw"), (path, body)
+    for path in ("/api/residents;x=1/1", "/api;/residents/1", "/api/residents;jsessionid=1", "/api\\residents\\1",
+                 "/api/%72esidents/1", "/api//residents/1", "/api/./residents/1", "/elsewhere;x=1"):
+        status, body = raw_request(lab, lab["upstream"] + path)
+        assert status == 403 and [r["type"] for r in body["reasons"]] == ["path_not_normal"], (path, body)
+    refused(get(lab, "/other/thing"), "uncatalogued")
+    assert get(lab, "/elsewhere").status_code == 200  # listed under 'uncatalogued'
+    port = lab["upstream"].rsplit(":", 1)[1]
+    # Other spellings of the catalogued host's address: refused before anything resolves them.
+    for host in ("2130706434", "127.2", "0x7f.0.0.2", "0177.0.0.2", "127.0.0.02"):
+        status, body = raw_request(lab, f"http://{host}:{port}/api/residents/1")
+        assert status == 403 and [r["type"] for r in body["reasons"]] == ["host_not_canonical"], (host, body)
+    seen = [json.loads(line)["path"] for line in log.read_text().splitlines()[seen_before:]]
+    assert seen == ["/elsewhere"], seen  # nothing else reached the upstream
 
 
 def test_open_dataset_passes_without_grant(lab):
@@ -150,7 +195,8 @@ def test_out_of_scope_path_method_field(lab):
     refused(get(lab, "/api/residents/7?fields=age,name", grant=grant, licence=licence), "grant_scope")  # field
     refused(get(lab, "/api/residents/7", grant=grant, licence=licence), "grant_scope")  # fields unselected
     # Another spelling of a path the grant does not cover is not a way around it.
-    refused(get(lab, "/api/residents/7/../8?fields=age", grant=grant, licence=licence), "grant_scope")
+    status, body = raw_request(lab, lab["upstream"] + "/api/residents/7/../8?fields=age")
+    assert status == 403 and body["reasons"][0]["type"] == "path_not_normal", body
 
 
 def test_revoked_grant(lab):
@@ -250,6 +296,75 @@ def test_revocation_reaches_every_worker_and_a_stale_view_refuses(tmp_path):
         [issued] = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                     if line.startswith("gateway_revocation_list_issued_timestamp_seconds ")]
         assert issued > revoked_at
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+def test_granted_fields_are_enforced_on_the_response(lab):
+    """The upstream ignores ?fields=: the gateway removes what the grant does not cover; selector names
+    an upstream may read otherwise, and request bodies the catalogue does not describe, are refused."""
+    kit = lab["kit"]
+    grant = kit.grant(datasets=[{"id": "health.residents", "methods": ["GET", "POST"], "paths": ["/api/residents*"],
+                                 "fields": ["age", "district"]}])
+    licence = kit.licence()
+    response = get(lab, "/api/residents/13?fields=age", grant=grant, licence=licence)
+    assert response.status_code == 200, response.text
+    assert [sorted(item) for item in response.json()] == [["age", "district"]] * 4
+    assert "张三" not in response.text and record_of(lab, response)["grant"]["records"] == 4
+    for query in ("fields=age&Fields=name", "fields=age&fields%5B%5D=name", "FIELDS=name"):
+        refused(get(lab, f"/api/residents/13?{query}", grant=grant, licence=licence), "grant_scope")
+    with httpx.Client(proxy=listener_url(lab["config"], "forward"), timeout=15) as client:
+        posted = client.post(lab["upstream"] + "/api/residents/13?fields=age", content=b'{"fields":["name"]}',
+                             headers={"X-Data-Grant": grant, "X-Data-Licence": licence})
+    refused(posted, "grant_scope")
+
+
+def test_gzip_records_are_counted_and_a_response_past_the_limit_refused(lab):
+    kit = lab["kit"]
+    grant, licence = kit.grant(quota={"records": {"day": 6}}), kit.licence()
+    first = get(lab, "/api/residents/14?encoding=gzip", grant=grant, licence=licence)
+    assert first.status_code == 200 and len(first.json()) == 4, first.text
+    assert record_of(lab, first)["grant"]["records"] == 4
+    # Admitted (4 of 6 used), but its 4 records would make 8: refused, and not counted.
+    refused(get(lab, "/api/residents/14?encoding=gzip", grant=grant, licence=licence), "grant_quota", status=429)
+    small = kit.grant(quota={"records": {"day": 4}})
+    assert get(lab, "/api/residents/14?encoding=gzip", grant=small, licence=licence).status_code == 200
+    refused(get(lab, "/api/residents/14", grant=small, licence=licence), "grant_quota", status=429)
+
+
+def test_revocation_is_not_rolled_back_by_restart_future_or_omission(tmp_path):
+    kit = Kit(tmp_path / "keys")
+    kit.write_revocations(issued=int(time.time()) - 600)
+    older = kit.revocation_file.read_bytes()
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", authz=kit.authz_section())
+    path = write_config(tmp_path / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    gateway = start_gateway(path)
+    lab = {"config": config, "root": tmp_path, "upstream": f"http://127.0.0.2:{port}"}
+    try:
+        claims = kit.grant_claims()
+        grant, licence = kit.sign(claims, ["bureau", "health"]), kit.licence()
+        assert get(lab, "/api/residents/1", grant=grant, licence=licence).status_code == 200
+        kit.revoke(claims["jti"])
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "grant_revoked")
+        # The older list put back, and the gateway restarted: refused, not taken as the view.
+        gateway.stop()
+        kit.revocation_file.write_bytes(older)
+        gateway = start_gateway(path)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "revocation_stale")
+        kit.revoked = []
+        kit.write_revocations(issued=int(time.time()) + 365 * 86400)  # a list from the future never ages
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "revocation_stale")
+        kit.write_revocations()  # a current list omitting the revoked grant does not bring it back
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "grant_revoked")
+        kit.revocation_file.unlink()  # no list: refused at once
+        time.sleep(1.5)
+        refused(get(lab, "/api/residents/1", grant=kit.grant(), licence=licence), "revocation_stale")
     finally:
         gateway.stop()
         upstream.stop()

@@ -226,8 +226,9 @@ def test_only_consented_records_leave_in_clear(lab):
     clear = {i for i, item in enumerate(body["items"]) if item["id_number"] == SUBJECTS[i]}
     assert clear == CONSENTED
     for i, item in enumerate(body["items"]):
+        assert "note" not in item  # not in the catalogue: it leaves no record, consented or not
         if i in CONSENTED:
-            assert item["mobile"] == f"139{i:08d}" and item["note"] == "not catalogued"
+            assert item["mobile"] == f"139{i:08d}"
             continue
         assert item["id_number"] == SUBJECTS[i][:6] + "********" + SUBJECTS[i][-4:]
         assert item["mobile"] == "139****" + f"{i:08d}"[-4:]
@@ -267,6 +268,38 @@ def test_drop_and_refuse(lab):
     strict = get(lab, "/strict/residents.json")
     assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
     assert SUBJECTS[0] not in strict.text
+
+
+def test_no_unconsented_personal_data_beside_or_inside_records(lab):
+    """Only the catalogue's fields leave, as plain values; a record naming a second subject passes only
+    when both consented; personal data beside the records, or a CSV repeating a column, is refused."""
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    clear, other, other_consented = SUBJECTS[0], SUBJECTS[500], SUBJECTS[1]
+    (folder / "nested.json").write_text(json.dumps([
+        {"id_number": clear, "name": "张三", "district": "碧江区", "family": [{"id_number": other, "name": "李四"}]},
+        {"id_number": clear, "name": "张三", "household": other},            # names an unconsented subject
+        {"id_number": clear, "name": "张三", "household": other_consented},  # both consented
+    ], ensure_ascii=False))
+    response = get(lab, "/residents/nested.json")
+    assert response.status_code == 200, response.text
+    first, second, third = response.json()
+    assert first == {"id_number": clear, "name": "张三", "district": "碧江区"}  # the family (nested) never leaves
+    assert second["id_number"] == clear[:6] + "********" + clear[-4:] and other not in response.text
+    assert third == {"id_number": clear, "name": "张三", "household": other_consented}
+    assert record_of(lab, response)["consent"] == {"records": 3, "passed": 2, "masked": 1, "dropped": 0}
+    lab["tally"]["residents"]["records"] += 3
+
+    (folder / "meta.json").write_text(json.dumps({"items": [{"id_number": clear}],
+                                                  "requested_by": {"id_number": other, "name": "李四"}}))
+    (folder / "flat.json").write_text(json.dumps({"items": [{"id_number": clear}], "requested_by": other}))
+    (folder / "twocol.csv").write_text(f"id_number,name,id_number\r\n{clear},张三,{other}\r\n")
+    for path in ("/residents/meta.json", "/residents/flat.json", "/residents/twocol.csv"):
+        response = get(lab, path)
+        assert response.status_code == 502, (path, response.text)
+        # (a CSV repeating a column is not even counted: the grant stage refuses it first)
+        assert [r["type"] for r in response.json()["reasons"]] in (["consent_unfilterable"], ["grant_uncountable"])
+        assert other not in response.text
 
 
 def test_withdrawal_takes_effect_on_next_transfer(lab):
@@ -314,6 +347,23 @@ def test_usage_report_refuses_tampered_log(lab):
                        "-c", str(lab["path"]))
     assert made.returncode == 1 and "does not verify" in made.stderr and "record" in made.stderr, made.stderr
     assert made.stdout == ""
+
+
+def test_usage_report_trusts_no_key_inside_the_log(lab):
+    """A log forged from scratch carries its own log.pub: without --pubkey it is not verified against it."""
+    from gateway.trace import TraceLog
+    forged = lab["root"] / "forged-trace"
+    with TraceLog.open(forged, origin="gateway.local/frontend-local/trace", signing_key=lab["root"] / "evil.key") as log:
+        log.append_sync({"v": 1, "id": "forged-0", "time": "2026-12-01T00:00:00Z", "status": 200, "decision": "allow",
+                         "resp_bytes": 1, "grant": {"id": "g", "dataset": "civil.residents", "class": "conditional",
+                                                    "consumer": "operator-b", "result": "allow", "records": 10**6}})
+    args = ("usage", "report", "--from", "2026-11-01", "--to", "2027-01-01", "--trace", str(forged), "--no-record",
+            "-c", str(lab["path"]))
+    made = gateway_cli(*args)
+    assert made.returncode == 2 and "--pubkey" in made.stderr and made.stdout == "", made.stdout + made.stderr
+    trusted = lab["root"] / "state" / "trace-signing.pub"
+    made = gateway_cli(*args, "--pubkey", str(trusted))
+    assert made.returncode == 1 and "does not verify" in made.stderr and made.stdout == "", made.stdout + made.stderr
 
 
 def test_evidence_for_one_transfer(lab):

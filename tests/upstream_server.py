@@ -7,6 +7,8 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   /card            a text holding one bank card number (for response-side redaction); ?hidden=1
                    adds it once more as base64
   /text?body=S     answers S as text/plain
+  /api/residents*  a JSON array of 4 records (name, age, district, note), as a catalogued dataset serves;
+                   ?encoding=gzip sends it gzip-coded
   /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
   /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
   /random?bytes=N  N random bytes (the same for every N: random.Random(0)), application/octet-stream
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import json
 import random
@@ -103,6 +106,13 @@ class Handler(BaseHTTPRequestHandler):
                 answer += b" " + base64.b64encode(f"card {BANK_CARD}".encode())
         elif url.path == "/text":
             answer = query.get("body", [""])[0].encode()
+        elif url.path.startswith("/api/residents"):
+            answer = json.dumps([{"name": "张三", "age": 70 + i, "district": "碧江区", "note": "n"} for i in range(4)],
+                                ensure_ascii=False).encode()
+            content_type = "application/json"
+            if query.get("encoding") == ["gzip"]:
+                answer = gzip.compress(answer)
+                extra_headers.append(("Content-Encoding", "gzip"))
         else:
             answer = b"ok"
         self._send(content_type, [answer], extra_headers, framing, len(answer))

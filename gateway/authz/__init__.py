@@ -15,5 +15,6 @@ Plain library modules (no mitmproxy, no network), used by the `grant` pipeline s
 # Why a conditional or contract transfer was refused: the reason types the pipeline records and counts.
 REASONS = ("grant_missing", "grant_malformed", "grant_signature", "grant_signer_missing", "grant_expired",
            "grant_scope", "grant_revoked", "licence_missing", "licence_invalid", "grant_quota",
-           "contract_raw", "revocation_stale")
+           "contract_raw", "revocation_stale", "uncatalogued", "path_not_normal",
+           "grant_unfilterable", "grant_uncountable")
 CLASSES = ("open", "conditional", "contract")

@@ -7,8 +7,10 @@ reach a catalogued endpoint by a spelling that its glob does not match.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import unquote
@@ -30,12 +32,11 @@ class Endpoint:
     methods: tuple[str, ...]
     paths: tuple[str, ...]  # globs over the normal-form path, e.g. /api/clinics/*
     where: str              # FILE:LINE, for `catalog explain`
+    request_body: bool = False  # a granted request may carry a body (else refused: its meaning is not described)
 
-    def matches(self, method: str, path: str) -> str | None:
-        """The glob that matches, or None."""
-        if method not in self.methods:
-            return None
-        return next((p for p in self.paths if fnmatchcase(path, p)), None)
+    def matches(self, path: str) -> str | None:
+        """The glob that matches the (lower-cased, normal-form) path, or None."""
+        return next((p for p in self.paths if fnmatchcase(path, p.lower())), None)
 
 
 @dataclass(frozen=True)
@@ -97,46 +98,103 @@ class Match:
     pattern: str
     path: str          # the normal-form path matched
     normal: bool       # whether the request spelled its path in normal form
+    method_listed: bool = True  # the endpoint lists the request's method (else: refused, grant_scope)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request to a catalogued host falls: a dataset's endpoint, a path listed as uncatalogued
+    (match and refusal None: the zone policy alone), or a refusal (reason, detail) before any grant."""
+    match: Match | None = None
+    refusal: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Uncatalogued:
+    """Paths on catalogued hosts that serve no dataset and may be reached on the zone policy alone."""
+    hosts: tuple[str, ...]
+    paths: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Catalog:
     datasets: tuple[Dataset, ...] = field(default_factory=tuple)
     source: Path | None = None
+    uncatalogued: tuple[Uncatalogued, ...] = ()
+    # host pattern -> the addresses it stands for: an address literal itself, a name what it resolved to
+    addresses: dict[str, frozenset[str]] = field(default_factory=dict)
 
-    def match(self, host: str, method: str, raw_path: str) -> Match | None:
-        host = host.lower().rstrip(".")
+    def with_addresses(self, resolve: Callable[[str], Iterable[str]]) -> Catalog:
+        """The catalogue with its host names' addresses (a request naming such an address, or another
+        name for it, is the catalogued host's); literal addresses need no resolver."""
+        addresses = dict(self.addresses)
+        for pattern in {p for d in self.datasets for p in d.hosts} | {p for u in self.uncatalogued for p in u.hosts}:
+            if pattern not in addresses and not any(c in pattern for c in "*?["):
+                addresses[pattern] = frozenset(a for a in map(normal_address, resolve(pattern)) if a)
+        return replace(self, addresses=addresses)
+
+    def _host(self, patterns: Iterable[str], host: str, address: str | None) -> bool:
+        return any(fnmatchcase(host, p) or (address is not None and address in self.addresses.get(p, ()))
+                   for p in patterns)
+
+    def route(self, host: str, address: str | None, method: str, raw_path: str) -> Route | None:
+        """None when no dataset is served by this host (or its address): the zone policy alone decides."""
+        host, address = host.lower().rstrip("."), normal_address(address)
+        datasets = [d for d in self.datasets if self._host(d.hosts, host, address)]
+        if not datasets:
+            return None
         path, normal = normal_path(raw_path)
-        for dataset in self.datasets:
-            if not any(fnmatchcase(host, pattern) for pattern in dataset.hosts):
-                continue
+        if not normal:
+            return Route(refusal=("path_not_normal", "on a catalogued host the path must be in normal form: no "
+                                  "%-escapes, dot segments, doubled slashes, ;parameters or backslashes"))
+        lowered = path.lower()
+        for dataset in datasets:
             for kind, endpoints in (("product", dataset.products), ("endpoint", dataset.endpoints)):
                 for endpoint in endpoints:
-                    if (pattern := endpoint.matches(method.upper(), path)) is not None:
-                        return Match(dataset, kind, endpoint, pattern, path, normal)
-        return None
+                    if (pattern := endpoint.matches(lowered)) is not None:
+                        return Route(Match(dataset, kind, endpoint, pattern, path, normal,
+                                           method.upper() in endpoint.methods))
+        if any(self._host(u.hosts, host, address) and any(fnmatchcase(lowered, p.lower()) for p in u.paths)
+               for u in self.uncatalogued):
+            return Route()
+        return Route(refusal=("uncatalogued", f"{path} on {host}, a host serving catalogued datasets, is "
+                              "neither a dataset's endpoint nor listed under 'uncatalogued'"))
+
+    def match(self, host: str, method: str, raw_path: str, address: str | None = None) -> Match | None:
+        route = self.route(host, address, method, raw_path)
+        return route.match if route is not None else None
 
     def get(self, dataset_id: str) -> Dataset | None:
         return next((d for d in self.datasets if d.id == dataset_id), None)
 
 
+def normal_address(address: str | None) -> str | None:
+    """An IP address as compared: IPv4-mapped IPv6 as IPv4; None for anything that is not an address."""
+    try:
+        ip = ipaddress.ip_address((address or "").strip("[]"))
+    except ValueError:
+        return None
+    return str(ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip)
+
+
 def normal_path(raw_path: str) -> tuple[str, bool]:
-    """The path without its query, percent-decoded with dot segments and doubled slashes resolved, and
-    whether the request already spelled it so (a path that is not is never in a grant's scope)."""
+    """The path without its query, percent-decoded, `;parameters` removed from each segment, dot segments
+    and doubled slashes resolved, and whether the request already spelled it so (one that did not, or
+    holds a backslash, is refused on a catalogued host)."""
     path = raw_path.split("?", 1)[0] or "/"
-    decoded = unquote(path)
+    decoded = "/".join(segment.split(";", 1)[0] for segment in unquote(path).split("/"))
     resolved = posixpath.normpath(decoded) if decoded.startswith("/") else "/" + decoded
     resolved = "/" + resolved.lstrip("/")
     if decoded.endswith("/") and resolved != "/":
         resolved += "/"
-    return resolved, resolved == path
+    return resolved, resolved == path and "\\" not in path
 
 
 def load_catalog(file: Path, sink: ErrorSink) -> Catalog:
     root = load_document(file, sink)
     if root is None:
         return Catalog((), file)
-    top = root.mapping({"datasets"}, {"datasets"}) or {}
+    top = root.mapping({"datasets", "uncatalogued"}, {"datasets"}) or {}
     datasets: list[Dataset] = []
     for item in top["datasets"].items() if "datasets" in top else ():
         dataset = _dataset(item)
@@ -145,7 +203,24 @@ def load_catalog(file: Path, sink: ErrorSink) -> Catalog:
         if any(d.id == dataset.id for d in datasets):
             item.error(f"duplicate dataset id '{dataset.id}'")
         datasets.append(dataset)
-    return Catalog(tuple(datasets), file)
+    uncatalogued = tuple(_uncatalogued(item) for item in top["uncatalogued"].items()) if "uncatalogued" in top else ()
+    addresses = {p: frozenset({a}) for d in datasets for p in d.hosts if (a := normal_address(p))}
+    addresses.update({p: frozenset({a}) for u in uncatalogued for p in u.hosts if (a := normal_address(p))})
+    return Catalog(tuple(datasets), file, uncatalogued, addresses)
+
+
+def _uncatalogued(node: Node) -> Uncatalogued:
+    e = node.mapping({"hosts", "paths"}, {"hosts", "paths"}) or {}
+    hosts = tuple(h.lower() for i in e["hosts"].items() if (h := i.string())) if "hosts" in e else ()
+    paths = tuple(p for i in e["paths"].items() if (p := i.string())) if "paths" in e else ()
+    for path, path_node in zip(paths, e["paths"].items() if "paths" in e else ()):
+        _check_glob(path, path_node)
+    return Uncatalogued(hosts, paths)
+
+
+def _check_glob(path: str, node: Node) -> None:
+    if not path.startswith("/") or normal_path(path.replace("*", "x"))[0] != path.replace("*", "x"):
+        node.error(f"'{path}' must be an absolute path in normal form (no '..', '//' or %-escapes)")
 
 
 DATASET_KEYS = {"id", "title", "class", "sector", "provider", "hosts", "endpoints", "products", "fields",
@@ -212,16 +287,16 @@ def _consent_rule(e: dict[str, Node], cls: str | None, fields: dict[str, Field],
 def _endpoints(node: Node) -> tuple[Endpoint, ...]:
     endpoints = []
     for item in node.items():
-        e = item.mapping({"methods", "paths"}, {"methods", "paths"}) or {}
+        e = item.mapping({"methods", "paths", "request_body"}, {"methods", "paths"}) or {}
         methods = tuple(m.upper() for i in e["methods"].items() if (m := i.string())) if "methods" in e else ()
         for method, method_node in zip(methods, e["methods"].items() if "methods" in e else ()):
             if method not in METHODS:
                 method_node.error(f"'{method}' is not one of: {', '.join(METHODS)}")
         paths = tuple(p for i in e["paths"].items() if (p := i.string())) if "paths" in e else ()
         for path, path_node in zip(paths, e["paths"].items() if "paths" in e else ()):
-            if not path.startswith("/") or normal_path(path.replace("*", "x"))[0] != path.replace("*", "x"):
-                path_node.error(f"'{path}' must be an absolute path in normal form (no '..', '//' or %-escapes)")
-        endpoints.append(Endpoint(methods, paths, f"{item.file}:{item.line}"))
+            _check_glob(path, path_node)
+        request_body = e["request_body"].boolean() if "request_body" in e else False
+        endpoints.append(Endpoint(methods, paths, f"{item.file}:{item.line}", bool(request_body)))
     return tuple(endpoints)
 
 

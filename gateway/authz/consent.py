@@ -40,13 +40,14 @@ CONSENT_KEYS = {"cid", "subject", "consumer", "scenario", "datasets", "nbf", "ex
 CONSENT_REQUIRED = CONSENT_KEYS - {"separate", "withdrawn"}
 BATCH_KEYS = {"ver", "batch", "iat", "count", "sha256", "subject_key", "key_check"}
 INSERT_CHUNK = 20000
+CLOCK_SKEW = 300  # seconds a batch's issue time may lie ahead of this machine's clock
 LOOKUP_CHUNK = 900  # host parameters per query, under SQLite's old default limit of 999
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS consents (
     cid TEXT PRIMARY KEY, subject BLOB NOT NULL, consumer TEXT NOT NULL, scenario TEXT NOT NULL,
     datasets TEXT NOT NULL, nbf INTEGER NOT NULL, exp INTEGER NOT NULL, separate INTEGER NOT NULL,
-    withdrawn INTEGER NOT NULL, batch TEXT NOT NULL);
+    withdrawn INTEGER NOT NULL, batch TEXT NOT NULL, iat INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS consents_by_subject
     ON consents (consumer, scenario, subject, withdrawn, nbf, exp, separate, datasets);
 CREATE TABLE IF NOT EXISTS batches (
@@ -143,6 +144,9 @@ class ConsentRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        if "iat" not in {row[1] for row in self._db.execute("PRAGMA table_info(consents)")}:
+            # a registry made before each consent kept its batch's issue time
+            self._db.execute("ALTER TABLE consents ADD COLUMN iat INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     # ---- writing (the operator's tools) -------------------------------------------------------
@@ -151,6 +155,8 @@ class ConsentRegistry:
                      key_check: str, subject_hash: str, now: float | None = None) -> Batch:
         """Verify and import one batch file in one transaction; ConsentError (nothing kept) otherwise."""
         manifest = read_manifest(stream.readline(), platform, algorithms, key_check, subject_hash)
+        if manifest.iat > (now or time.time()) + CLOCK_SKEW:
+            raise ConsentError(f"line 1: issued in the future (iat {manifest.iat}): it would never age")
         digest, count = hashlib.sha256(), 0
         with self._lock:
             if self._db.execute("SELECT 1 FROM batches WHERE batch=?", (manifest.batch,)).fetchone():
@@ -162,7 +168,7 @@ class ConsentRegistry:
                     digest.update(line)
                     if not line.strip():
                         continue
-                    rows.append((*_row(line, number), manifest.batch))
+                    rows.append((*_row(line, number), manifest.batch, manifest.iat))
                     count += 1
                     if len(rows) >= INSERT_CHUNK:
                         self._insert(rows)
@@ -182,12 +188,18 @@ class ConsentRegistry:
         return manifest
 
     def _insert(self, rows: list[tuple]) -> None:
-        # A consent withdrawn before stays withdrawn; otherwise the newer batch's terms hold.
+        # A consent withdrawn before stays withdrawn; otherwise the terms of the batch the platform issued
+        # last hold (an older batch imported later changes nothing but a withdrawal).
         self._db.executemany(
-            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cid) DO UPDATE SET "
-            "subject=excluded.subject, consumer=excluded.consumer, scenario=excluded.scenario, "
-            "datasets=excluded.datasets, nbf=excluded.nbf, exp=excluded.exp, separate=excluded.separate, "
-            "withdrawn=max(withdrawn, excluded.withdrawn), batch=excluded.batch", rows)
+            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cid) DO UPDATE SET "
+            "subject=iif(excluded.iat >= iat, excluded.subject, subject), "
+            "consumer=iif(excluded.iat >= iat, excluded.consumer, consumer), "
+            "scenario=iif(excluded.iat >= iat, excluded.scenario, scenario), "
+            "datasets=iif(excluded.iat >= iat, excluded.datasets, datasets), "
+            "nbf=iif(excluded.iat >= iat, excluded.nbf, nbf), exp=iif(excluded.iat >= iat, excluded.exp, exp), "
+            "separate=iif(excluded.iat >= iat, excluded.separate, separate), "
+            "withdrawn=max(withdrawn, excluded.withdrawn), "
+            "batch=iif(excluded.iat >= iat, excluded.batch, batch), iat=max(iat, excluded.iat)", rows)
 
     def withdraw(self, cids: Iterable[str] = (), subject: bytes | None = None, consumer: str | None = None,
                  scenario: str | None = None) -> int:
@@ -258,8 +270,8 @@ class RegistryView:
         if time.monotonic() - self._checked >= self.CHECK_INTERVAL:
             self._checked = time.monotonic()
             self._issued = self.registry.issued()
-        return None if self._issued is None else max(0.0, now - self._issued)
+        return None if self._issued is None else now - self._issued
 
     def fresh(self, now: float) -> bool:
-        age = self.age(now)
-        return age is not None and age <= self.max_age
+        age = self.age(now)  # negative: issued in the future (a clock too far ahead), not trusted
+        return age is not None and -CLOCK_SKEW <= age <= self.max_age

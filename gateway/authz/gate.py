@@ -1,6 +1,7 @@
 """The decision for one request to a catalogued dataset, with the reason when it is refused.
 
-Order of checks (the first failure is the reason): contract raw endpoint, revocation view fresh,
+Order of checks (the first failure is the reason): contract raw endpoint, a method the endpoint does
+not list (grant_scope, whatever the class), revocation view fresh,
 grant present, well-formed and signed, signer roles, audience, time, revocation, scope, licence,
 quota. Signature checks are cached by the presented document's SHA-256 (a grant is usually sent with
 every request); everything that depends on time, the revocation list or usage is checked every time.
@@ -13,13 +14,14 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway.authz import claims as claim_checks
 from gateway.authz.catalog import Dataset, Match
-from gateway.authz.claims import ClaimsError, Grant, Licence
+from gateway.authz.claims import ClaimsError, Grant, Licence, Limits
 from gateway.authz.jose import Authority, DocumentError, claims_of, parse, verify
 from gateway.authz.quota import Exceeded, QuotaStore
 from gateway.authz.revocation import RevocationView
@@ -47,7 +49,9 @@ class Decision:
     status: int = 200
     exceeded: Exceeded | None = None
     record: dict[str, Any] = field(default_factory=dict)  # the trace record's `grant` field
-    quota_scopes: list[str] = field(default_factory=list)  # where the response's size is counted
+    quota_scopes: dict[str, Limits] = field(default_factory=dict)  # where the response's size is counted
+    fields: tuple[str, ...] | None = None  # the only fields the response may carry (None: all)
+    count_records: bool = False  # the response's records must be counted (a records limit, a price per record)
 
 
 @dataclass(frozen=True)
@@ -58,17 +62,20 @@ class _Verified:
 
 
 class Gate:
-    def __init__(self, settings: AuthzSettings, gateway_name: str, quota: QuotaStore):
+    def __init__(self, settings: AuthzSettings, gateway_name: str, quota: QuotaStore,
+                 resolve: Callable[[str], Iterable[str]] = lambda name: (), state: Path | None = None):
         self.settings = settings
+        self.catalog = settings.catalog.with_addresses(resolve)
         self.gateway_name = gateway_name
         self.quota = quota
         self.revocation = RevocationView(settings.revocation_file, settings.revocation_max_age,
-                                         settings.authorities, settings.algorithms)
+                                         settings.authorities, settings.algorithms, state)
         self._cache: OrderedDict[tuple[str, str], _Verified] = OrderedDict()
         self.installed_grants = self._installed(settings.grants_dir, "jti")
         self.installed_licences = self._installed(settings.licences_dir, "sub")
 
-    def decide(self, match: Match, method: str, raw_path: str, presented: Presented, now: float) -> Decision:
+    def decide(self, match: Match, method: str, raw_path: str, presented: Presented, now: float,
+               has_body: bool = False) -> Decision:
         dataset = match.dataset
         record: dict[str, Any] = {"id": None, "hash": None, "licence": None, "dataset": dataset.id,
                                   "class": dataset.cls, "consumer": None, "scenario": None, "result": "allow"}
@@ -77,10 +84,13 @@ class Gate:
             record["result"] = reason
             return Decision(False, reason, detail, status, exceeded, record)
 
-        if dataset.cls == "open":
-            return Decision(True, record=record)
         if dataset.cls == "contract" and match.kind == "endpoint":
             return refuse("contract_raw", f"raw endpoint of contract dataset {dataset.id}: only its products leave")
+        if not match.method_listed:
+            return refuse("grant_scope", f"method {method} is not one the catalogue lists for this endpoint "
+                                         f"({match.endpoint.where})")
+        if dataset.cls == "open":
+            return Decision(True, record=record)
         self.revocation.refresh()
         if not self.revocation.fresh(now):
             age = self.revocation.age(now)
@@ -120,6 +130,8 @@ class Gate:
         if self.revocation.revoked(grant.jti):
             return refuse("grant_revoked", f"grant {grant.jti} is revoked")
         problem = scope_problem(grant, dataset, match, method, raw_path)
+        if not problem and has_body and not match.endpoint.request_body:
+            problem = "a request body: the catalogue does not describe one for this endpoint (request_body)"
         if problem:
             return refuse("grant_scope", problem)
 
@@ -142,7 +154,11 @@ class Gate:
         if exceeded is not None:
             return refuse("grant_quota", f"{exceeded.scope}: {exceeded.measure} per {exceeded.period} "
                                          f"limit {exceeded.limit} reached", 429, exceeded)
-        return Decision(True, record=record, quota_scopes=list(scopes))
+        scope = grant.datasets[dataset.id]
+        fields = scope.fields if scope.fields is not None and set(scope.fields) != set(dataset.fields) else None
+        per_record = dataset.price is not None and dataset.price[1] == "record"
+        return Decision(True, record=record, quota_scopes=scopes, fields=fields,
+                        count_records=per_record or any("records" in limits for limits in scopes.values()))
 
     def refusal(self, match: Match, reason: str, detail: str) -> Decision:
         record = {"id": None, "hash": None, "licence": None, "dataset": match.dataset.id,
@@ -158,7 +174,8 @@ class Gate:
         try:
             claims, signers = verify(parse(text), self.settings.authorities, self.settings.algorithms)
             value = claim_checks.grant(claims) if kind == "grant" else claim_checks.licence(claims)
-            verified = _Verified(value, tuple({a.kid: a for a in signers}.values()))
+            # counted by key (RFC 7638 thumbprint), not by the kid a signature names
+            verified = _Verified(value, tuple({a.key.thumbprint(): a for a in signers}.values()))
         except DocumentError as e:
             verified = _Verified(failure=(e.kind, e.detail))
         except ClaimsError as e:
@@ -192,10 +209,10 @@ def scope_problem(grant: Grant, dataset: Dataset, match: Match, method: str, raw
     if dataset.purposes and grant.purpose not in dataset.purposes:
         return f"purpose '{grant.purpose}' is not allowed for {dataset.id}"
     if not match.normal:
-        return "path not in normal form (dot segments, doubled slashes or %-escapes)"
+        return "path not in normal form (dot segments, doubled slashes, %-escapes or ;parameters)"
     if scope.methods is not None and method.upper() not in scope.methods:
         return f"method {method} not granted"
-    if scope.paths is not None and not any(fnmatchcase(match.path, p) for p in scope.paths):
+    if scope.paths is not None and not any(fnmatchcase(match.path.lower(), p.lower()) for p in scope.paths):
         return "path not granted"
     if scope.fields is not None:
         unknown = [f for f in scope.fields if f not in dataset.fields]
@@ -214,7 +231,10 @@ def scope_problem(grant: Grant, dataset: Dataset, match: Match, method: str, raw
 def _selected_fields(dataset: Dataset, raw_path: str) -> list[str] | None:
     if dataset.field_param is None or "?" not in raw_path:
         return None
-    values = [v for k, v in parse_qsl(raw_path.split("?", 1)[1], keep_blank_values=True) if k == dataset.field_param]
+    pairs = parse_qsl(raw_path.split("?", 1)[1], keep_blank_values=True)
+    if any(k != dataset.field_param and k.lower().removesuffix("[]") == dataset.field_param.lower() for k, _ in pairs):
+        return None  # Fields=, fields[]=: an upstream may read them as the selector the grant did not see
+    values = [v for k, v in pairs if k == dataset.field_param]
     if len(values) != 1:
         return None
     return [f.strip() for f in values[0].split(",") if f.strip()] or None

@@ -145,7 +145,7 @@ def add_signature(document: dict[str, Any], key: OKPKey, role: str,
 
 def header(signature: dict[str, Any]) -> dict[str, Any]:
     try:
-        value = json.loads(unb64url(signature["protected"]))
+        value = json.loads(unb64url(signature["protected"]), object_pairs_hook=_no_duplicates)
     except (KeyError, ValueError, TypeError):
         return {}
     return value if isinstance(value, dict) else {}

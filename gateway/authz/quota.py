@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from gateway.authz.claims import Limits
 
 SCHEMA = """
@@ -60,7 +58,8 @@ class QuotaStore:
         self._lock = threading.Lock()
 
     def take(self, scopes: dict[str, Limits], now: float) -> Exceeded | None:
-        """Count one request against every scope, unless one of them is already spent (then nothing)."""
+        """Count one request against every scope, unless one of them is already spent (then nothing): a
+        request, or a records or bytes limit already reached."""
         current = periods(now)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -86,13 +85,25 @@ class QuotaStore:
                 raise
         return None
 
-    def add(self, scopes: list[str], records: int, size: int, now: float) -> None:
-        """What a response carried, counted once it crossed."""
+    def add(self, scopes: dict[str, Limits], records: int, size: int, now: float) -> Exceeded | None:
+        """Count what a held response carries, unless it would take a scope past its records or bytes
+        limit: then nothing is counted and the response is refused (checked and counted in one
+        transaction, so responses in flight at once cannot all pass a limit)."""
         if not scopes or (not records and not size):
-            return
+            return None
+        current = periods(now)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                for scope, limits in scopes.items():
+                    for period, (key, reset) in current.items():
+                        row = self._db.execute("SELECT records, bytes FROM usage WHERE scope=? AND period=?",
+                                               (scope, key)).fetchone() or (0, 0)
+                        for measure, used, more in (("records", row[0], records), ("bytes", row[1], size)):
+                            limit = limits.get(measure, {}).get(period)
+                            if limit is not None and more and used + more > limit:
+                                self._db.execute("ROLLBACK")
+                                return Exceeded(scope, measure, period, limit, reset)
                 for scope in scopes:
                     for key, _ in periods(now).values():
                         self._db.execute("INSERT INTO usage (scope, period, records, bytes) VALUES (?, ?, ?, ?) "
@@ -102,6 +113,7 @@ class QuotaStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        return None
 
     def usage(self, scope: str, now: float) -> dict[str, dict[str, int]]:
         result = {}
@@ -113,21 +125,3 @@ class QuotaStore:
 
     def close(self) -> None:
         self._db.close()
-
-
-def count_records(body: bytes, content_type: str) -> int:
-    """Records in a response body: a JSON array's items (or those of the one array an object holds),
-    a CSV's rows after its header line; 0 for anything else."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if kind == "application/json" or kind.endswith("+json"):
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return 0
-        if isinstance(value, dict):
-            arrays = [v for v in value.values() if isinstance(v, list)]
-            value = arrays[0] if len(arrays) == 1 else None
-        return len(value) if isinstance(value, list) else 0
-    if kind == "text/csv":
-        return max(0, sum(1 for line in body.splitlines() if line.strip()) - 1)
-    return 0

@@ -2,14 +2,19 @@
 
 Each worker looks at the file's identity (inode, size, mtime) at most once a second, so a revocation
 written by `gateway grant revoke` reaches every worker within about a second without a restart or a
-signal. A list that does not verify, or is older than the one held, is ignored (and logged): the view
-held then ages, and once older than `max_age` the gateway refuses conditional and contract transfers.
+signal. A list that does not verify, is older than the newest one ever accepted, or issued in the
+future (beyond CLOCK_SKEW) is ignored (and logged): the view held then ages, and once older than
+`max_age` the gateway refuses conditional and contract transfers. A deleted or unreadable file leaves
+no view: refused at once. The highest issue time accepted and every id ever revoked are kept in the
+state folder (`state/authz/revocation.sqlite`), so an older list put back is refused after a reload,
+a restart or a worker's respawn too, and a revocation is never undone by a list that omits it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -20,6 +25,11 @@ from gateway.authz.jose import Authority, DocumentError, parse, verify
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between looks at the file
+CLOCK_SKEW = 300  # seconds a list's issue time may lie ahead of this machine's clock
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accepted (one INTEGER PRIMARY KEY CHECK (one = 1), iat INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY);
+"""
 
 
 def read_revocation_list(text: bytes, authorities: dict[str, Authority],
@@ -32,7 +42,8 @@ def read_revocation_list(text: bytes, authorities: dict[str, Authority],
 
 
 class RevocationView:
-    def __init__(self, path: Path, max_age: float, authorities: dict[str, Authority], algorithms: tuple[str, ...]):
+    def __init__(self, path: Path, max_age: float, authorities: dict[str, Authority], algorithms: tuple[str, ...],
+                 state: Path | None = None):
         self.path = path
         self.max_age = max_age
         self.authorities = authorities
@@ -40,6 +51,29 @@ class RevocationView:
         self.current: RevocationList | None = None
         self._identity: tuple[int, int, int] | None = None
         self._checked = float("-inf")
+        self._db = None
+        if state is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(state, timeout=10, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+
+    def _accepted(self) -> tuple[int, frozenset[str]]:
+        """The highest issue time any worker accepted, and every id ever revoked (kept in the state folder)."""
+        if self._db is None:
+            return (self.current.iat if self.current else -1), frozenset()
+        row = self._db.execute("SELECT iat FROM accepted").fetchone()
+        return (row[0] if row else -1), frozenset(r[0] for r in self._db.execute("SELECT id FROM revoked"))
+
+    def _accept(self, fresh: RevocationList) -> RevocationList:
+        if self._db is None:
+            return fresh
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("INSERT INTO accepted VALUES (1, ?) ON CONFLICT (one) DO UPDATE SET iat=max(iat, excluded.iat)",
+                         (fresh.iat,))
+        self._db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)", [(i,) for i in fresh.revoked])
+        self._db.execute("COMMIT")
+        return RevocationList(fresh.iat, fresh.revoked | self._accepted()[1])
 
     def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -50,8 +84,8 @@ class RevocationView:
             stat = os.stat(self.path)
         except OSError as e:
             if self._identity is not None or self.current is None:
-                log.error("revocation list unreadable: %s", e)
-            self._identity = None
+                log.error("revocation list unreadable, no view held (conditional and contract data refused): %s", e)
+            self._identity, self.current = None, None
             return
         identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if identity == self._identity:
@@ -63,19 +97,24 @@ class RevocationView:
             log.error("revocation list %s rejected, keeping the view of %s: %s", self.path,
                       self.current.iat if self.current else "none", e)
             return
-        if self.current is not None and fresh.iat < self.current.iat:
-            log.error("revocation list %s is older than the one held (iat %d < %d): ignored", self.path,
-                      fresh.iat, self.current.iat)
+        newest, _ = self._accepted()
+        if fresh.iat < max(newest, self.current.iat if self.current else -1):
+            # a warning: at start an error would stop the gateway, which must stay up and refuse instead
+            log.warning("revocation list %s is older than one accepted before (iat %d < %d): ignored", self.path,
+                      fresh.iat, newest)
             return
-        self.current = fresh
+        if fresh.iat > time.time() + CLOCK_SKEW:
+            log.warning("revocation list %s issued in the future (iat %d): ignored", self.path, fresh.iat)
+            return
+        self.current = self._accept(fresh)
 
     def age(self, now: float) -> float | None:
         """Seconds since the bureau issued the list held, or None without one."""
-        return None if self.current is None else max(0.0, now - self.current.iat)
+        return None if self.current is None else now - self.current.iat
 
     def fresh(self, now: float) -> bool:
         age = self.age(now)
-        return age is not None and age <= self.max_age
+        return age is not None and -CLOCK_SKEW <= age <= self.max_age
 
     def revoked(self, identifier: str) -> bool:
         return self.current is None or identifier in self.current.revoked

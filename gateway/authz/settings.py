@@ -83,6 +83,9 @@ def parse_authz(node: Node) -> AuthzSettings | None:
             max_lifetime[cls] = value.parsed(parse_duration, "duration")
     _check_coverage(catalog, authorities, node)
     consent = _consent(e["consent"]) if "consent" in e else None
+    if consent is not None and {a.key.thumbprint() for a in consent.platform.values()} & \
+            {a.key.thumbprint() for a in authorities.values()}:
+        e["consent"].error("the data-subject platform's key is also an authority's: one key may hold one role only")
     if consent is None and "consent" not in e:
         for dataset in catalog.datasets:
             if dataset.consent is not None:
@@ -123,7 +126,10 @@ def _consent(node: Node) -> ConsentSettings | None:
 
 
 def _authorities(node: Node) -> dict[str, Authority]:
+    """The trusted keys by kid; one key (by its RFC 7638 thumbprint, whatever kid it is listed under) in
+    two places is refused: its holder would sign in two roles, a grant needing both with one signature."""
     authorities: dict[str, Authority] = {}
+    thumbprints: dict[str, str] = {}
     for item in node.items():
         e = item.mapping({"name", "role", "org", "key"}, {"name", "role", "key"}) or {}
         name = e["name"].string() if "name" in e else None
@@ -142,7 +148,11 @@ def _authorities(node: Node) -> dict[str, Authority]:
                 e["key"].error(str(error))
         if key is not None and key.kid in authorities:
             e["key"].error(f"key '{key.kid}' is listed twice")
+        elif key is not None and key.thumbprint() in thumbprints:
+            e["key"].error(f"the same key as '{thumbprints[key.thumbprint()]}' (listed under another kid): one "
+                           "key may hold one role only")
         elif name and role and key is not None:
+            thumbprints[key.thumbprint()] = key.kid
             authorities[key.kid] = Authority(name, role, org, key.kid, key)
     return authorities
 

@@ -99,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=Path, action="append", default=[], metavar="DIR",
                    help="a trace log to sum (repeatable; default: the configuration's)")
     p.add_argument("--pubkey", type=Path, action="append", default=[], metavar="KEY",
-                   help="each --trace log's verifier key, in order (default: DIR/log.pub)")
+                   help="each --trace log's verifier key, in order: required with --trace (a log's own "
+                        "log.pub proves nothing: whoever forged the log wrote it); the configuration's own log "
+                        "defaults to the gateway's key beside its signing key in the state folder")
     p.add_argument("-o", "--output", type=Path, help="write the report here (default: standard output)")
     p.add_argument("--no-record", action="store_true", help="do not append the settlement record")
     _config_arg(p)
@@ -278,15 +280,17 @@ def _report(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise Usage(f"--by: {e}") from None
     logs = args.trace or [config.trace_dir]
-    if args.pubkey and len(args.pubkey) != len(logs):
-        raise Usage("give one --pubkey per --trace, in order")
+    keys = args.pubkey or ([] if args.trace else [trace_key_path(config.state_dir).with_suffix(".pub")])
+    if len(keys) != len(logs):
+        raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
+                    "never the log.pub inside it")
     covered, checkpoints, origins = [], [], set()
-    for index, directory in enumerate(logs):
-        key_file = args.pubkey[index] if args.pubkey else directory / "log.pub"
+    for directory, key_file in zip(logs, keys):
         try:
             verifier = parse_vkey(key_file.read_text().strip())
         except NoteError as e:
             raise Usage(f"{key_file}: {e}") from None
+        print(f"{directory}: verified with {verifier.vkey()} (from {key_file})", file=sys.stderr)
         verified = verify_log(directory, verifier)
         if verified.problems:  # every log verifies before any figure is summed
             raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))

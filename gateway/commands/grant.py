@@ -314,19 +314,27 @@ def _catalog_explain(args: argparse.Namespace) -> int:
         print(f"no catalogue configured ({config.source} has no authz section): the zone policy alone decides")
         return 0
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    match = config.authz.catalog.match(parts.hostname, args.method, path or "/")
+    route = config.authz.catalog.route(parts.hostname, parts.hostname, args.method, path or "/")
+    if route is None:
+        print(f"{args.method} {args.url}: no dataset of {config.authz.catalog.source} is served by this host "
+              "(names resolve at the gateway: check its address too): the zone policy alone decides")
+        return 0
+    if route.refusal is not None:
+        print(f"{args.method} {args.url}: REFUSED ({route.refusal[0]}): {route.refusal[1]}")
+        return 0
+    match = route.match
     if match is None:
-        print(f"{args.method} {args.url}: no dataset of {config.authz.catalog.source} matches "
-              "(host, method and path): the zone policy alone decides")
+        print(f"{args.method} {args.url}: listed under 'uncatalogued' in {config.authz.catalog.source}: "
+              "the zone policy alone decides")
         return 0
     dataset = match.dataset
     print(f"{args.method} {args.url}\n  dataset: {dataset.id} {dataset.title}\n  class: {dataset.cls}\n"
           f"  sector: {dataset.sector}, provider: {dataset.provider}\n"
           f"  matched: host in {list(dataset.hosts)}, {match.kind} {match.endpoint.where} "
           f"method {args.method.upper()} path {match.path} ~ {match.pattern}")
-    if not match.normal:
-        print("  note: the path is not in normal form; no grant covers it")
-    if dataset.cls == "open":
+    if not match.method_listed:
+        print(f"  REFUSED (grant_scope): the endpoint does not list {args.method.upper()}")
+    elif dataset.cls == "open":
         print("  needs: nothing beyond the zone policy (open data)")
     elif dataset.cls == "contract" and match.kind == "endpoint":
         print("  needs: nothing can: raw data of a contract dataset never leaves; only its products do")

@@ -1,5 +1,11 @@
 """Stage 2b (after authorize): a request to a catalogued dataset needs what its class requires.
 
+A host serving a catalogued dataset is closed by default (gateway.authz.catalog.Catalog.route): a
+request to it that matches no endpoint (`uncatalogued`) or spells its path otherwise than in normal form
+(`path_not_normal`) is refused, and its endpoints are found by path first, so that a method the
+endpoint does not list is refused (`grant_scope`) rather than passed as if uncatalogued. The host is
+recognised by name and by the address the transfer is pinned to.
+
 Open datasets pass; conditional and contract ones need a grant signed by every required authority,
 valid on this gateway, now, for this path, method and fields, not revoked, within quota, and the
 consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
@@ -12,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Protocol
 
 from mitmproxy import http
 
-from gateway.authz.gate import Gate, Presented
-from gateway.authz.quota import QuotaStore, count_records
+from gateway.authz.gate import Decision, Gate, Presented
+from gateway.authz.quota import Exceeded, QuotaStore
+from gateway.authz.records import Unfilterable, count_records, project
 from gateway.config.runtime import Runtime
 from gateway.filters import body_size, refuse, transfer_of
 from gateway.ops.metrics import GatewayMetrics
@@ -29,7 +37,7 @@ log = logging.getLogger(__name__)
 GRANT_HEADER = "X-Data-Grant"
 GRANT_ID_HEADER = "X-Data-Grant-Id"
 LICENCE_HEADER = "X-Data-Licence"
-QUOTA_SCOPES = "grant_quota_scopes"
+ALLOWED = "grant_allowed"  # the allowing Decision: quota scopes, granted fields, whether records count
 REVOCATION_POLL = 1.0  # seconds; the view itself reads the file at most once a second
 
 
@@ -55,28 +63,32 @@ class Grant:
             if values:
                 del request.headers[name]
         gate = self._current_gate()
-        match = gate.settings.catalog.match(transfer.upstream_host, request.method, request.path) if gate else None
+        route = gate.catalog.route(transfer.upstream_host, transfer.upstream_addr, request.method, request.path) \
+            if gate else None
+        if route is not None and route.refusal is not None:
+            reason, detail = route.refusal
+            self.gateway.metrics.grant_decisions.labels("none", reason).inc()
+            transfer.escalate("deny", [Reason("catalogue", reason, detail, "deny")])
+            refuse(flow, transfer, status=403, error="grant refused")
+            return
+        match = route.match if route is not None else None
         if match is None:
-            return  # not a catalogued dataset: the zone policy alone decides
+            return  # a host serving no dataset, or a path listed as uncatalogued: the zone policy alone decides
         if any(len(values) > 1 for values in presented.values()):
             decision = gate.refusal(match, "grant_malformed", "a grant or licence header sent more than once")
         else:
+            has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
             decision = gate.decide(match, request.method, request.path, Presented(
-                *(values[0] if values else None for values in presented.values())), time.time())
+                *(values[0] if values else None for values in presented.values())), time.time(), has_body)
         transfer.extra["grant"] = decision.record
         self.gateway.metrics.grant_decisions.labels(match.dataset.cls, decision.record["result"]).inc()
         if gate.revocation.current is not None:
             self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
         if decision.allowed:
-            transfer.extra[QUOTA_SCOPES] = decision.quota_scopes
+            transfer.extra[ALLOWED] = decision
             return
-        transfer.escalate("deny", [Reason(match.dataset.id, decision.reason, decision.detail, "deny")])
-        refuse(flow, transfer, status=decision.status, error="grant refused")
-        if decision.exceeded is not None:
-            exceeded = decision.exceeded
-            flow.response.headers["RateLimit-Policy"] = f'"{exceeded.policy}";q={exceeded.limit}'
-            flow.response.headers["RateLimit"] = f'"{exceeded.policy}";r=0;t={exceeded.reset}'
-            flow.response.headers["Retry-After"] = str(exceeded.reset)
+        _refuse(flow, transfer, match.dataset.id, decision.reason, decision.detail, decision.status,
+                decision.exceeded)
 
     def running(self) -> None:
         """Read the revocation list at start, and again every REVOCATION_POLL: every worker's view (and the
@@ -95,18 +107,63 @@ class Grant:
             if gate.revocation.current is not None:
                 self.gateway.metrics.revocation_list_issued.set(gate.revocation.current.iat)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        transfer = transfer_of(flow)
+        decision: Decision | None = transfer.extra.get(ALLOWED) if transfer is not None else None
+        if decision is None or flow.metadata.get("gateway_refused") or not (decision.fields or decision.count_records):
+            return
+
+        def held_whole() -> bool:
+            # Runs only if the body is spooled (above dlp.spool_threshold): it is never held whole, so its
+            # records can be neither counted nor reduced to the granted fields. Refused, not passed uncounted.
+            transfer.escalate("deny", [Reason(decision.record["dataset"], "grant_uncountable",
+                                              "response body (spooled): records not counted", "deny")])
+            return False
+        transfer.before_release.append(held_whole)
+
     def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        grant = transfer.extra.get("grant") if transfer is not None else None
-        if grant is None or grant["result"] != "allow" or flow.metadata.get("gateway_refused"):
+        decision: Decision | None = transfer.extra.get(ALLOWED) if transfer is not None else None
+        if decision is None or flow.metadata.get("gateway_refused"):
             return
-        response = flow.response
-        records = count_records(response.raw_content, response.headers.get("content-type", "")) \
-            if response.raw_content is not None and "response" not in transfer.spools else 0
+        response, grant, dataset = flow.response, decision.record, decision.record["dataset"]
+        if "response" in transfer.spools:  # released once clean: only its size is known
+            grant["records"] = None
+            self._count(flow, transfer, decision, 0, body_size(transfer, "response", response))
+            return
+        content_type = response.headers.get("content-type", "")
+        try:
+            body = response.content or b""  # content codings undone: gzip is counted as the client reads it
+        except ValueError as e:
+            _refuse(flow, transfer, dataset, "grant_uncountable", f"response body: {e}", 502)
+            return
+        if decision.fields is not None:
+            try:
+                projected, records = project(body, content_type, decision.fields)
+            except Unfilterable as e:
+                _refuse(flow, transfer, dataset, "grant_unfilterable",
+                        f"a grant for some fields only, and a response body whose records cannot be read: {e}", 502)
+                return
+            response.content = body = projected  # encoded again as sent; Content-Length follows
+        else:
+            records = count_records(body, content_type)
+        if records is None:
+            if decision.count_records and body:
+                _refuse(flow, transfer, dataset, "grant_uncountable", f"a {content_type or 'untyped'} response "
+                        "body: records are counted in JSON and CSV only, and this dataset's are counted", 502)
+                return
+            records = 0
         grant["records"] = records  # as the upstream sent them, for settlement (the consent stage may drop some)
-        if transfer.extra.get(QUOTA_SCOPES):
-            self._quota.add(transfer.extra[QUOTA_SCOPES], records, body_size(transfer, "response", response),
-                            time.time())
+        self._count(flow, transfer, decision, records, len(body))
+
+    def _count(self, flow: http.HTTPFlow, transfer, decision: Decision, records: int, size: int) -> None:
+        if not decision.quota_scopes:
+            return
+        exceeded = self._quota.add(decision.quota_scopes, records, size, time.time())
+        if exceeded is not None and "response" not in transfer.spools:
+            _refuse(flow, transfer, decision.record["dataset"], "grant_quota",
+                    f"{exceeded.scope}: this response's {exceeded.measure} would pass the limit per "
+                    f"{exceeded.period} ({exceeded.limit})", 429, exceeded)
 
     def done(self) -> None:
         if self._poller is not None:
@@ -122,5 +179,27 @@ class Grant:
         if self._gate is None or self._gate.settings is not config.authz:
             if self._quota is None:
                 self._quota = QuotaStore(config.state_dir / "authz" / "quota.sqlite")
-            self._gate = Gate(config.authz, config.name, self._quota)
+            self._gate = Gate(config.authz, config.name, self._quota, _addresses,
+                              config.state_dir / "authz" / "revocation.sqlite")
         return self._gate
+
+
+def _refuse(flow: http.HTTPFlow, transfer, dataset: str, reason: str, detail: str, status: int,
+            exceeded: Exceeded | None = None) -> None:
+    transfer.escalate("deny", [Reason(dataset, reason, detail, "deny")])
+    refuse(flow, transfer, status=status, error="grant refused")
+    if (record := transfer.extra.get("grant")) is not None:
+        record["result"] = reason
+    if exceeded is not None:
+        flow.response.headers["RateLimit-Policy"] = f'"{exceeded.policy}";q={exceeded.limit}'
+        flow.response.headers["RateLimit"] = f'"{exceeded.policy}";r=0;t={exceeded.reset}'
+        flow.response.headers["Retry-After"] = str(exceeded.reset)
+
+
+def _addresses(name: str) -> list[str]:
+    """The addresses a catalogued host name resolves to when the configuration loads (a request naming
+    one of them, or another name for it, is that host's)."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError):
+        return []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import string
 import time
 
 from mitmproxy import connection, http
@@ -91,6 +92,11 @@ class Identify:
     async def _identify(self, flow: http.HTTPFlow, names: list[tuple[str, str]]) -> None:
         transfer = self._transfer(flow.id, flow.client_conn, flow.request.host, flow.request.port)
         flow.metadata[METADATA_KEY] = transfer
+        if _ipv4_spelled_otherwise(transfer.upstream_host):
+            # 2130706434, 127.2, 0x7f.0.0.2: the resolver reads them as an address no rule names as written.
+            transfer.escalate("block", [Reason("gateway", "host_not_canonical", "host", "block")])
+            refuse(flow, transfer)
+            return
         findings = self._names_scan(transfer, names)
         if findings:
             # A name is never rewritten: redact fails closed, as block.
@@ -135,6 +141,20 @@ class Identify:
             upstream_port=upstream_port,
             via=BALANCERS.get(client),
         )
+
+
+def _ipv4_spelled_otherwise(host: str) -> bool:
+    """A host that ends in a number (WHATWG URL: an IPv4 address to every resolver, inet_aton style) but
+    is not four plain decimal octets: 2130706434, 127.2, 0x7f.0.0.2, 0177.0.0.2, 127.0.0.02."""
+    host = host.rstrip(".")
+    last = host.rsplit(".", 1)[-1].lower()
+    if not (last.isdigit() or (last.startswith("0x") and all(c in string.hexdigits for c in last[2:]))):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
 
 
 def _names(flow: http.HTTPFlow) -> list[tuple[str, str]]:

@@ -28,7 +28,8 @@ from gateway.transfer.model import Transfer
 
 # Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
 # unreachable upstream, a malformed request, a stage that failed on the flow, a grant refused.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error", *GRANT_REASONS})
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error", "host_not_canonical",
+                           *GRANT_REASONS})
 
 
 class MeasuredGateway(Protocol):
