@@ -14,7 +14,7 @@ import pytest
 from gateway.trace import TraceLog
 from gateway.trace.log import open_store
 from gateway.trace.note import Signer
-from gateway.trace.tiles import read_journal, tile_path
+from gateway.trace.tiles import encode_entries, read_journal, tile_path
 from tests.tracecli import run_trace as run
 from tests.tracecli import write_log
 
@@ -280,25 +280,100 @@ def test_partial_tiles_above_level_0_are_checked(logdir, capsys):
     assert verify(logdir, capsys)[0] == 0
 
 
-def test_an_empty_derived_upper_tile_is_a_power_loss_not_tampering(tmp_path, capsys):
-    """Full tiles past the journal's start are derived (rebuilt from it) and written without fsync."""
-    base = tmp_path / "big"
+BIG = 70_000  # past tile/0/270 (records 69,120..69,375); the journal still starts at record 0
+OLD_CHECKPOINT = 69_000  # a checkpoint file from before tile/0/270 was complete
+
+
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory) -> Path:
+    """BASE/log of BIG records, all in the journal (full tiles past its start are derived), and
+    BASE/old-checkpoint, the checkpoint file as it was at OLD_CHECKPOINT records."""
+    base = tmp_path_factory.mktemp("big")
     store = open_store(base / "log", ORIGIN, base / "key", rotate_bundles=1000)
-    entries = [json.dumps(record(i), sort_keys=True, separators=(",", ":")).encode() for i in range(65_600)]
-    for first in range(0, len(entries), 4096):
-        store.commit(entries[first:first + 4096])
-        store.maintain()
+    entries = [json.dumps(record(i), sort_keys=True, separators=(",", ":")).encode() for i in range(BIG)]
+    for first, last in ((0, OLD_CHECKPOINT), (OLD_CHECKPOINT, BIG)):
+        for batch in range(first, last, 4096):
+            store.commit(entries[batch:min(batch + 4096, last)])
+            store.maintain()
+        store.publish()
+        if first == 0:
+            shutil.copy(base / "log" / "checkpoint", base / "old-checkpoint")
     store.finish_sync()
-    store.publish()
     store.close_files()
     (base / "key.pub").write_text(store.signer.verifier.vkey() + "\n")
-    tile = base / "log" / tile_path(1, 0)
-    assert tile.stat().st_size == 256 * 32 and read_journal(base / "log" / "journal").start == 0
-    tile.write_bytes(b"")
+    assert read_journal(base / "log" / "journal").start == 0
+    return base
+
+
+@pytest.mark.parametrize("name", [tile_path(0, 270), tile_path("entries", 270), tile_path(1, 0)])
+def test_full_file_covered_by_the_checkpoint_must_exist_even_where_the_journal_holds_it(big_log, tmp_path, capsys, name):
+    """The writer fsyncs a full tile or bundle before the checkpoint file covering it: a C2SP client
+    reading that checkpoint needs it, so missing, emptied or cut short it is an error."""
+    base = tmp_path / "big"
+    shutil.copytree(big_log, base)
     assert verify(base, capsys)[0] == 0
-    tile.write_bytes(bytes(256 * 32))
+    path = base / "log" / name
+    good = path.read_bytes()
+    for damage in ("missing", "empty", "short"):
+        if damage == "missing":
+            path.unlink()
+        else:
+            path.write_bytes(b"" if damage == "empty" else good[:-32])
+        rc, out = verify(base, capsys)
+        assert rc == 1 and f"TAMPERED: {name}: " in out, (damage, out)
+        assert ("missing" in out) if damage == "missing" else ("bytes" in out), out
+    # Not yet derived: the checkpoint file is older than the tile (a crash before its publication).
+    if name != tile_path(1, 0):
+        shutil.copy(big_log / "old-checkpoint", base / "log" / "checkpoint")
+        for damage in (None, b""):
+            if damage is None:
+                path.unlink()
+            else:
+                path.write_bytes(damage)
+            rc, out = verify(base, capsys)
+            assert rc == 0 and f"OK: {BIG} records" in out, out
+        path.write_bytes(good[:-32] + bytes(32))  # present, but wrong: always an error
+        assert verify(base, capsys)[0] == 1
+
+
+def test_swapped_records_with_rewritten_tiles_name_the_first_changed_record(logdir, capsys):
+    """Records 10 and 11 swapped and every hash tile rewritten to match: only the signed roots
+    disagree. The journal's first frame is at its start (512): the message must not blame an
+    empty range "512..511" but name the first record no signed root vouches for."""
+    from gateway.trace.merkle import leaf_hashes, perfect_root
+    path = bundle(logdir, 0)
+    entries = split_entries(path.read_bytes())
+    entries[10], entries[11] = entries[11], entries[10]
+    path.write_bytes(b"".join(entries))
+    leaves = leaf_hashes([e[2:] for e in entries])
+    (logdir / "log" / tile_path(0, 0)).write_bytes(b"".join(leaves))
+    for partial in (logdir / "log" / "tile" / "1" / "000.p").iterdir():
+        data = bytearray(partial.read_bytes())
+        data[:32] = perfect_root(leaves)
+        partial.write_bytes(bytes(data))
+    assert read_journal(logdir / "log" / "journal").checkpoints[0][0] == 512
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "the first changed record is record 0 or one after it, before 512" in out, out
+    assert "512..511" not in out
+
+
+def test_swapped_records_in_the_journal_with_rewritten_derived_files(tmp_path, capsys):
+    """The same in the journal, one signed frame per record: the first changed record is named exactly."""
+    from gateway.trace.merkle import leaf_hashes
+    base = tmp_path / "j"
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key") as log:
+        for i in range(300):
+            log.append_sync(record(i))
+    journal = base / "log" / "journal"
+    data = bytearray(journal.read_bytes())
+    a, b = data.index(b"tx-00100"), data.index(b"tx-00102")  # same length, same zone
+    data[a:a + 8], data[b:b + 8] = data[b:b + 8], data[a:a + 8]
+    journal.write_bytes(bytes(data))
+    entries = read_journal(journal).entries
+    (base / "log" / tile_path("entries", 0)).write_bytes(encode_entries(entries[:256]))
+    (base / "log" / tile_path(0, 0)).write_bytes(b"".join(leaf_hashes(entries[:256])))
     rc, out = verify(base, capsys)
-    assert rc == 1 and "tile/1/000: hash 0" in out
+    assert rc == 1 and "the first changed record is record 100 or one after it, before 101" in out, out
 
 
 def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_path, capsys):

@@ -12,12 +12,23 @@ checkpoint covering them were appended to the journal in one write and made dura
 fdatasync. Every record at or past the journal's start is in the journal; every record before it is
 in a full bundle whose files (and hash tiles) were fsync'd before the journal was replaced by one
 starting after them. Everything else (the checkpoint file, full tiles past the journal's start,
-partial tiles) is derived, refreshed lazily and rebuilt from the journal by recovery.
+partial tiles) is derived from the journal and rebuilt from it by recovery.
 
-The derived files are written, and fsync'd before a rotation, by one background thread in commit
-order, so a commit's latency is its journal write and fdatasync only; the rotation itself copies
-the journal's tail to a new file in the background and only catches up and renames it on the
-commit thread. A background error fails the next `maintain` or `commit` (fail closed).
+What a reader of the files may rely on (the rule `trace verify` checks, gateway/trace/audit.py):
+every full tile and full entry bundle below the checkpoint file's size was written and fsync'd
+before that checkpoint file was (so, crash or not, it exists whole); those past it may be missing
+(not derived yet) but are never wrong. Partial tiles are written, not fsync'd, just before the
+checkpoint file they belong to: after a power loss they may be missing or empty until the writer
+restarts.
+
+The derived files are written by one background thread in commit order, so a commit's latency is
+its journal write and fdatasync only: after every commit it fsyncs the full files completed so far,
+writes the partial tiles and then the checkpoint file (a publication; one still queued when a newer
+one is queued is skipped). The checkpoint file therefore trails the acknowledged records by the
+commits made while one publication is written (docs/auditing.md has the figures). The rotation,
+whose full files are then already durable, copies the journal's tail to a new file in the
+background and only catches up and renames it on the commit thread. A background error fails the
+next `maintain` or `commit` (fail closed).
 
 Recovery keeps the journal up to its last checkpoint frame that verifies and matches the records
 before it; what follows was never acknowledged (a write cut short by a crash) and is cut off, unless
@@ -53,8 +64,7 @@ from gateway.trace.tiles import (
     unfinished_write_problem,
 )
 
-ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates
-PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
+ROTATE_BUNDLES = 64  # full bundles kept in the journal before it rotates past them
 
 
 class TraceError(RuntimeError):
@@ -109,13 +119,11 @@ def _sync_files(files: list[Path], dirs: set[Path]) -> None:
 
 
 class LogStore:
-    def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES,
-                 publish_interval: float = PUBLISH_INTERVAL) -> None:
+    def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES) -> None:
         self.directory = directory
         self.signer = signer
         self.origin = signer.name
         self.rotate_bundles = rotate_bundles
-        self.publish_interval = publish_interval
         self.checkpoint_size = 0  # size of the newest durable signed checkpoint (in the journal)
         self.checkpoint_time = 0.0
         self.checkpoint_note = b""
@@ -134,7 +142,7 @@ class LogStore:
         self._jobs: deque[Future] = deque()  # file jobs whose errors are still to be raised
         self._lock_fd = -1
         self._publish_size = -1
-        self._published_at = 0.0
+        self._publications = 0  # publications queued; the files thread skips all but the newest
         # Touched by the files thread only.
         self._unsynced: list[Path] = []  # full files written but not yet fsync'd
         self._unsynced_dirs: set[Path] = set()
@@ -343,14 +351,12 @@ class LogStore:
         return first
 
     def maintain(self) -> None:
-        """Upkeep of the derived files after a commit: hand its full bundles and tiles to the files
-        thread, move the journal rotation on and publish the checkpoint every publish_interval.
-        Raises the error of a failed file job (the store must then not be used again)."""
+        """Upkeep of the derived files after a commit: hand its full bundles and tiles and its
+        publication to the files thread and move the journal rotation on. Raises the error of a
+        failed file job (the store must then not be used again)."""
         self._check_files_thread()
-        self._queue_full_files()
+        self.publish(wait=False)
         self._rotate_when_synced()
-        if time.monotonic() - self._published_at >= self.publish_interval:
-            self.publish(wait=False)
 
     def _submit(self, job: Callable, *args: object) -> Future:
         if self._files is None:
@@ -398,8 +404,9 @@ class LogStore:
 
     def _rotate_when_synced(self) -> None:
         """Rotation in three steps, each started once the one before is done, off the commit path:
-        fsync the full files (files thread), copy the journal's tail past them to a new journal
-        (files thread), then catch up with the frames written since and rename it (here)."""
+        fsync the full files not yet published (files thread; usually none), copy the journal's
+        tail past them to a new journal (files thread), then catch up with the frames written
+        since and rename it (here)."""
         if self._rotation is not None:
             if self._rotation.done():
                 job, self._rotation = self._rotation, None
@@ -450,14 +457,15 @@ class LogStore:
     # ---- derived files and closing --------------------------------------------------------------
 
     def publish(self, wait: bool = True) -> None:
-        """Have the partial tiles and then the checkpoint file written for the newest checkpoint,
-        after the full files before them, so a tlog-tiles client sees a consistent log; `wait`
-        for that and every file job before it."""
-        self._published_at = time.monotonic()
+        """Have the full files before the newest checkpoint made durable, then its partial tiles
+        and the checkpoint file written, so a tlog-tiles client sees a consistent log; `wait` for
+        that and every file job before it."""
         if self._publish_size != self.checkpoint_size:
             self._publish_size = self.checkpoint_size
             self._queue_full_files()
-            self._jobs.append(self._submit(self._write_published, self._partial_tiles(), self.checkpoint_note))
+            self._publications += 1
+            self._jobs.append(self._submit(self._write_published, self._partial_tiles(), self.checkpoint_note,
+                                           self._publications))
         if wait:
             self._check_files_thread(wait=True)
 
@@ -473,9 +481,13 @@ class LogStore:
                 wanted[self.directory / tile_path(level, n, len(rows[0]))] = b"".join(rows[0])
         return wanted
 
-    def _write_published(self, partial_tiles: dict[Path, bytes], checkpoint_note: bytes) -> None:
-        """Files thread: the partial tiles (derived data, not fsync'd: the journal is the durable
-        copy), removing those of earlier sizes, then the checkpoint file."""
+    def _write_published(self, partial_tiles: dict[Path, bytes], checkpoint_note: bytes, number: int) -> None:
+        """Files thread: fsync the full files written so far, then write the partial tiles (not
+        fsync'd: the journal is their durable copy), remove those of earlier sizes, and write the
+        checkpoint file; nothing if a newer publication is queued behind this one."""
+        if number != self._publications:
+            return
+        self._sync_full_files()
         wanted = partial_tiles
         for path, data in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)
