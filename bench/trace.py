@@ -25,9 +25,11 @@ import asyncio
 import multiprocessing
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,6 +39,8 @@ from gateway.trace.audit import verify_log
 from gateway.trace.log import encode_record
 from gateway.trace.note import parse_vkey
 from gateway.trace.remote import RemoteTraceLog
+from gateway.trace.store import ROTATE_BUNDLES
+from gateway.trace.tiles import JOURNAL_HEADER
 
 ORIGIN = "bench.gateway/trace"
 
@@ -74,9 +78,10 @@ def bench_group_commit(base: Path, total: int, producers: int) -> tuple[float, l
 
 
 def paced_appends(log: TraceLog | RemoteTraceLog, producers: int, rate: float, seconds: float,
-                  first: int = 0, step: int = 1) -> list[float]:
+                  first: int = 0, step: int = 1, starts: list[float] | None = None) -> list[float]:
     """Latencies of appends at a steady offered load: `producers` tasks each appending every
-    producers/rate seconds (record numbers first, first + step, ...)."""
+    producers/rate seconds (record numbers first, first + step, ...); each append's start time
+    (perf_counter) goes to `starts` if given."""
     latencies: list[float] = []
     period = producers / rate
 
@@ -88,6 +93,8 @@ def paced_appends(log: TraceLog | RemoteTraceLog, producers: int, rate: float, s
             t = time.perf_counter()
             await log.append(record(k))
             latencies.append(time.perf_counter() - t)
+            if starts is not None:
+                starts.append(t)
             k += producers * step
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - t)))
 
@@ -111,6 +118,54 @@ def bench_paced_latency(base: Path, producers: int, rate: float, seconds: float)
     latencies = paced_appends(log, producers, rate, seconds)
     log.close()
     return latency_figures(latencies, seconds)
+
+
+def _watch_rotations(journal: Path, switches: list[float], stop: threading.Event) -> None:
+    """Times (perf_counter) at which the journal's header names a new first record: a rotation."""
+    seen = None
+    while not stop.wait(0.002):
+        try:
+            with journal.open("rb") as f:
+                start = JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))[1]
+        except (OSError, struct.error):
+            continue
+        if seen is not None and start != seen:
+            switches.append(time.perf_counter())
+        seen = start
+
+
+ROTATION_WINDOWS = [(-2.0, -1.0), (-1.0, -0.5), (-0.5, 0.0), (0.0, 0.5), (0.5, 1.0)]  # seconds around a switch
+
+
+def bench_rotations(base: Path, producers: int, rate: float, rotations: int) -> tuple[list[list[tuple[int, float]]], tuple[float, float, float]]:
+    """Appends at a steady `rate` across `rotations` journal rotations (every ROTATE_BUNDLES * 256
+    records): for each rotation, (appends, p99 ms) in ROTATION_WINDOWS around the moment the new
+    journal took the old one's place (by the appends' start times); and the figures of the whole run."""
+    log = TraceLog.open(base / "rotation", origin=ORIGIN, signing_key=base / "key")
+    latencies: list[float] = []
+    starts: list[float] = []
+    switches: list[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_rotations, args=(base / "rotation" / "journal", switches, stop))
+    watcher.start()
+    began = time.perf_counter()
+    try:
+        # One second at a time until a second past the last rotation (the rate reached may be below the offered one).
+        while len(switches) < rotations or time.perf_counter() - switches[rotations - 1] < ROTATION_WINDOWS[-1][1]:
+            latencies += paced_appends(log, producers, rate, 1.0, first=len(latencies), starts=starts)
+        seconds = time.perf_counter() - began
+    finally:
+        stop.set()
+        watcher.join()
+        log.close()
+    windows = []
+    for switch in switches[:rotations]:
+        row = []
+        for lo, hi in ROTATION_WINDOWS:
+            part = sorted(lat for t, lat in zip(starts, latencies) if switch + lo <= t < switch + hi)
+            row.append((len(part), part[int(len(part) * 0.99)] * 1e3 if part else float("nan")))
+        windows.append(row)
+    return windows, latency_figures(latencies, seconds)
 
 
 def bench_one_fsync_per_record(base: Path, total: int) -> float:
@@ -268,11 +323,24 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="parent directory (default: a temp dir on /var/tmp)")
     parser.add_argument("--remote-processes", type=int, default=2,
                         help="client processes sharing the producers in the trace-writer run (0: skip it)")
+    parser.add_argument("--rotations", type=int, default=3,
+                        help="journal rotations to pass at the paced rate, p99 printed around each (0: skip)")
+    parser.add_argument("--only-rotations", action="store_true", help="run the rotation run alone")
     parser.add_argument("--ceilings", action="store_true",
                         help="also measure what the machine allows without any disk wait (see above)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="trace-bench-", dir=args.dir or "/var/tmp"))
     try:
+        if args.rotations:
+            windows, whole = bench_rotations(base, args.producers, args.paced_rate, args.rotations)
+            print(f"across {len(windows)} journal rotation(s) at {whole[0]:,.0f} records/s offered by "
+                  f"{args.producers} producers: p50 {whole[1]:.2f} ms p99 {whole[2]:.2f} ms over the run")
+            print("  p99 ms (appends) by window around the switch to the new journal: "
+                  + "  ".join(f"[{lo:+.1f},{hi:+.1f})s" for lo, hi in ROTATION_WINDOWS))
+            for n, row in enumerate(windows, 1):
+                print(f"  rotation {n}: " + "  ".join(f"{p99:7.2f} ({count:5d})" for count, p99 in row))
+            if args.only_rotations:
+                return
         baseline = bench_one_fsync_per_record(base, args.baseline_records)
         group, latencies = bench_group_commit(base, args.records, args.producers)
         verified, count = bench_verify(base)
