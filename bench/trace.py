@@ -22,6 +22,7 @@ The machine is shared: compare figures of one run with each other, and repeat ru
 
 import argparse
 import asyncio
+import bisect
 import multiprocessing
 import shutil
 import statistics
@@ -39,7 +40,7 @@ from gateway.trace.audit import verify_log
 from gateway.trace.log import encode_record
 from gateway.trace.note import parse_vkey
 from gateway.trace.remote import RemoteTraceLog
-from gateway.trace.store import ROTATE_BUNDLES
+from gateway.trace.store import ROTATE_BUNDLES, LogStore
 from gateway.trace.tiles import JOURNAL_HEADER
 
 ORIGIN = "bench.gateway/trace"
@@ -112,12 +113,48 @@ def latency_figures(latencies: list[float], seconds: float) -> tuple[float, floa
             latencies[int(len(latencies) * 0.99)] * 1e3)
 
 
-def bench_paced_latency(base: Path, producers: int, rate: float, seconds: float) -> tuple[float, float, float]:
-    """Added latency of an append at a steady offered load below saturation (what a transfer pays)."""
+def _sample_checkpoint_file(log: TraceLog, path: Path, samples: list[tuple[float, int, int]],
+                            stop: threading.Event) -> None:
+    """(time, records acknowledged, tree size of the checkpoint file) every millisecond."""
+    while not stop.wait(0.001):
+        now, acknowledged = time.perf_counter(), log.tree_size
+        try:
+            size = int(path.read_bytes().split(b"\n")[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        samples.append((now, acknowledged, size))
+
+
+def checkpoint_file_lag(samples: list[tuple[float, int, int]]) -> tuple[float, float, float, float]:
+    """(p99, max) records acknowledged but not in the checkpoint file, (p99, max) ms since the
+    first of them was acknowledged (as far as the 1 ms samples tell)."""
+    behind, ages = [], []
+    acknowledged_then = [acked for _, acked, _ in samples]  # never decreases
+    for now, acknowledged, size in samples:
+        behind.append(max(0, acknowledged - size))
+        first_past = bisect.bisect_right(acknowledged_then, size)  # first sample with records past the file
+        ages.append((now - min(now, samples[first_past][0] if first_past < len(samples) else now)) * 1e3)
+    behind.sort()
+    ages.sort()
+    return behind[int(len(behind) * 0.99)], behind[-1], ages[int(len(ages) * 0.99)], ages[-1]
+
+
+def bench_paced_latency(base: Path, producers: int, rate: float,
+                        seconds: float) -> tuple[tuple[float, float, float], tuple[float, float, float, float]]:
+    """Added latency of an append at a steady offered load below saturation (what a transfer pays),
+    and how far the checkpoint file trails the acknowledged records meanwhile (checkpoint_file_lag)."""
     log = TraceLog.open(base / "paced", origin=ORIGIN, signing_key=base / "key")
-    latencies = paced_appends(log, producers, rate, seconds)
-    log.close()
-    return latency_figures(latencies, seconds)
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_checkpoint_file, args=(log, base / "paced" / "checkpoint", samples, stop))
+    sampler.start()
+    try:
+        latencies = paced_appends(log, producers, rate, seconds)
+    finally:
+        stop.set()
+        sampler.join()
+        log.close()
+    return latency_figures(latencies, seconds), checkpoint_file_lag(samples)
 
 
 def _watch_rotations(journal: Path, switches: list[float], stop: threading.Event) -> None:
@@ -137,10 +174,21 @@ def _watch_rotations(journal: Path, switches: list[float], stop: threading.Event
 ROTATION_WINDOWS = [(-2.0, -1.0), (-1.0, -0.5), (-0.5, 0.0), (0.0, 0.5), (0.5, 1.0)]  # seconds around a switch
 
 
-def bench_rotations(base: Path, producers: int, rate: float, rotations: int) -> tuple[list[list[tuple[int, float]]], tuple[float, float, float]]:
+def bench_rotations(base: Path, producers: int, rate: float,
+                    rotations: int) -> tuple[list[list[tuple[int, float]]], tuple[float, float, float], list[float]]:
     """Appends at a steady `rate` across `rotations` journal rotations (every ROTATE_BUNDLES * 256
     records): for each rotation, (appends, p99 ms) in ROTATION_WINDOWS around the moment the new
-    journal took the old one's place (by the appends' start times); and the figures of the whole run."""
+    journal took the old one's place (by the appends' start times); the figures of the whole run;
+    and the ms each switch to the new journal took on the commit thread (LogStore._switch_journal)."""
+    switch_ms: list[float] = []
+    switch_journal = LogStore._switch_journal
+
+    def timed_switch(store: LogStore, *args: object) -> None:
+        t = time.perf_counter()
+        switch_journal(store, *args)
+        switch_ms.append((time.perf_counter() - t) * 1e3)
+
+    LogStore._switch_journal = timed_switch  # measured from outside: the store is unchanged
     log = TraceLog.open(base / "rotation", origin=ORIGIN, signing_key=base / "key")
     latencies: list[float] = []
     starts: list[float] = []
@@ -158,6 +206,7 @@ def bench_rotations(base: Path, producers: int, rate: float, rotations: int) -> 
         stop.set()
         watcher.join()
         log.close()
+        LogStore._switch_journal = switch_journal
     windows = []
     for switch in switches[:rotations]:
         row = []
@@ -165,7 +214,7 @@ def bench_rotations(base: Path, producers: int, rate: float, rotations: int) -> 
             part = sorted(lat for t, lat in zip(starts, latencies) if switch + lo <= t < switch + hi)
             row.append((len(part), part[int(len(part) * 0.99)] * 1e3 if part else float("nan")))
         windows.append(row)
-    return windows, latency_figures(latencies, seconds)
+    return windows, latency_figures(latencies, seconds), switch_ms[:rotations]
 
 
 def bench_one_fsync_per_record(base: Path, total: int) -> float:
@@ -332,19 +381,20 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="trace-bench-", dir=args.dir or "/var/tmp"))
     try:
         if args.rotations:
-            windows, whole = bench_rotations(base, args.producers, args.paced_rate, args.rotations)
-            print(f"across {len(windows)} journal rotation(s) at {whole[0]:,.0f} records/s offered by "
-                  f"{args.producers} producers: p50 {whole[1]:.2f} ms p99 {whole[2]:.2f} ms over the run")
+            windows, whole, switch_ms = bench_rotations(base, args.producers, args.paced_rate, args.rotations)
+            print(f"across {len(windows)} journal rotation(s) at {whole[0]:,.0f} records/s ({args.paced_rate:,.0f} "
+                  f"offered) by {args.producers} producers: p50 {whole[1]:.2f} ms p99 {whole[2]:.2f} ms over the run")
             print("  p99 ms (appends) by window around the switch to the new journal: "
                   + "  ".join(f"[{lo:+.1f},{hi:+.1f})s" for lo, hi in ROTATION_WINDOWS))
-            for n, row in enumerate(windows, 1):
-                print(f"  rotation {n}: " + "  ".join(f"{p99:7.2f} ({count:5d})" for count, p99 in row))
+            for n, (row, ms) in enumerate(zip(windows, switch_ms), 1):
+                print(f"  rotation {n}: " + "  ".join(f"{p99:7.2f} ({count:5d})" for count, p99 in row)
+                      + f"   switch on the commit thread {ms:.2f} ms")
             if args.only_rotations:
                 return
         baseline = bench_one_fsync_per_record(base, args.baseline_records)
         group, latencies = bench_group_commit(base, args.records, args.producers)
         verified, count = bench_verify(base)
-        paced, paced_p50, paced_p99 = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
+        (paced, paced_p50, paced_p99), lag = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
         if args.remote_processes:
             remote = bench_remote(base, args.records, args.producers, args.remote_processes)[0]
             shutil.rmtree(base / "remote")
@@ -361,6 +411,8 @@ def main() -> None:
         print(f"ratio group/baseline:                    {group / baseline:.1f}x  (goal: >= 50,000 records/s)")
         print(f"added latency at {paced:,.0f} records/s offered by {args.producers} producers: "
               f"p50 {paced_p50:.2f} ms p99 {paced_p99:.2f} ms  (goal: p99 <= 5 ms)")
+        print(f"  checkpoint file behind the acknowledged records there: p99 {lag[0]:.0f} max {lag[1]:.0f} records, "
+              f"p99 {lag[2]:.1f} ms max {lag[3]:.1f} ms since the oldest of them was acknowledged")
         print(f"verify (one core):                       {verified:,.0f} records/s ({count} records)"
               f"  (goal: >= 200,000 records/s)")
         if args.remote_processes:

@@ -350,3 +350,27 @@ def test_body_hashers():
     assert sm3.digest_string() == "sm3:66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
     with pytest.raises(ValueError, match="unknown body hash"):
         body_hasher("md5")
+
+
+CHECKPOINT_FILE_BOUND = 0.15  # seconds; docs/auditing.md: one publication after the commit, a few ms
+
+
+def test_checkpoint_file_follows_every_commit(tmp_path):
+    """A C2SP client reads the checkpoint file: after each acknowledged record it covers that record
+    within the stated bound (before, it was refreshed every 0.5 s, or after 0.2 s idle)."""
+    from gateway.trace.note import open_checkpoint
+    delays = []
+    with open_log(tmp_path) as log:
+        verifier = parse_vkey((tmp_path / "key.pub").read_text())
+        for i in range(150):
+            acknowledged = log.append_sync({"id": f"r{i}"}) + 1
+            assert log.tree_size == acknowledged
+            start = time.monotonic()
+            while open_checkpoint((tmp_path / "log" / "checkpoint").read_bytes(), verifier)[1].size < acknowledged:
+                assert time.monotonic() - start < 2, f"checkpoint file still behind record {acknowledged - 1}"
+                time.sleep(0.0005)
+            delays.append(time.monotonic() - start)
+    delays.sort()
+    print(f"checkpoint file behind an acknowledged record: median {delays[len(delays) // 2] * 1e3:.2f} ms, "
+          f"max {delays[-1] * 1e3:.2f} ms")
+    assert delays[len(delays) // 2] < CHECKPOINT_FILE_BOUND / 3 and delays[-1] < CHECKPOINT_FILE_BOUND, delays[-5:]

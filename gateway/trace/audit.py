@@ -153,11 +153,11 @@ class _RootWalk:
 
     def changed_since_verified(self, anchor: str) -> str:
         """The records are consistent with their stored hash tiles but not with `anchor`'s signed
-        root: the first changed record is the first one no earlier signed root vouches for."""
-        return (f"{anchor}: its signed root does not match the records: the first changed record is "
-                f"record {self.verified} or one after it, before {self.size} (records altered, deleted, "
-                f"inserted or reordered together with their hash tiles; signed roots match up to "
-                f"{self.verified} records)")
+        root: the first changed record is the first one no signed root checked so far vouches for."""
+        vouched = f"records 0..{self.verified - 1} match" if self.verified else "no shorter one matches"
+        return (f"{anchor}: root hash does not match the {self.size} records in the log: the first changed "
+                f"record is record {self.verified} or a later one before {self.size} ({vouched} a signed "
+                f"checkpoint; records altered, deleted, inserted or reordered together with their hash tiles)")
 
     def push_leaves(self, leaves: list[bytes]) -> None:
         first = self.size

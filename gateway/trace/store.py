@@ -23,9 +23,10 @@ restarts.
 
 The derived files are written by one background thread in commit order, so a commit's latency is
 its journal write and fdatasync only: after every commit it fsyncs the full files completed so far,
-writes the partial tiles and then the checkpoint file (a publication; one still queued when a newer
-one is queued is skipped). The checkpoint file therefore trails the acknowledged records by the
-commits made while one publication is written (docs/auditing.md has the figures). The rotation,
+writes the partial tiles and then the checkpoint file (a publication), at most one every
+PUBLISH_SPACING: a publication first waits out the spacing and is skipped if a newer one was queued
+meanwhile. The checkpoint file therefore trails the acknowledged records by at most that spacing
+plus the writing of one publication (docs/auditing.md has the figures). The rotation,
 whose full files are then already durable, copies the journal's tail to a new file in the
 background and only catches up and renames it on the commit thread. A background error fails the
 next `maintain` or `commit` (fail closed).
@@ -65,6 +66,7 @@ from gateway.trace.tiles import (
 )
 
 ROTATE_BUNDLES = 64  # full bundles kept in the journal before it rotates past them
+PUBLISH_SPACING = 0.02  # seconds at least between two publications: each costs two fsyncs and file churn
 
 
 class TraceError(RuntimeError):
@@ -119,11 +121,13 @@ def _sync_files(files: list[Path], dirs: set[Path]) -> None:
 
 
 class LogStore:
-    def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES) -> None:
+    def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES,
+                 publish_spacing: float = PUBLISH_SPACING) -> None:
         self.directory = directory
         self.signer = signer
         self.origin = signer.name
         self.rotate_bundles = rotate_bundles
+        self.publish_spacing = publish_spacing
         self.checkpoint_size = 0  # size of the newest durable signed checkpoint (in the journal)
         self.checkpoint_time = 0.0
         self.checkpoint_note = b""
@@ -143,6 +147,7 @@ class LogStore:
         self._lock_fd = -1
         self._publish_size = -1
         self._publications = 0  # publications queued; the files thread skips all but the newest
+        self._published_at = 0.0  # files thread: monotonic time of the last publication
         # Touched by the files thread only.
         self._unsynced: list[Path] = []  # full files written but not yet fsync'd
         self._unsynced_dirs: set[Path] = set()
@@ -485,8 +490,10 @@ class LogStore:
         """Files thread: fsync the full files written so far, then write the partial tiles (not
         fsync'd: the journal is their durable copy), remove those of earlier sizes, and write the
         checkpoint file; nothing if a newer publication is queued behind this one."""
+        time.sleep(max(0.0, self._published_at + self.publish_spacing - time.monotonic()))
         if number != self._publications:
             return
+        self._published_at = time.monotonic()
         self._sync_full_files()
         wanted = partial_tiles
         for path, data in wanted.items():
