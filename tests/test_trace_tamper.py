@@ -396,3 +396,38 @@ def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_pat
     journal.write_bytes(good + b"\x00\x30" + b'{"id":"never-acknowledged"' + bytes(600))
     rc, out = verify(base, capsys)
     assert rc == 0, out
+
+
+def test_every_log_command_takes_the_configuration_or_dir_and_says_what_a_wrong_folder_lacks(tmp_path, capsys):
+    """`-c CONFIG` finds trace.dir and the verifier key beside the gateway's signing key; DIR still
+    works with DIR's copy of that key, under the same name; the state folder is not a log."""
+    from gateway.proxy.state import trace_key_path
+    from tests.gatewayproc import gateway_config, write_config
+    state = tmp_path / "state"
+    config = gateway_config(state)
+    with TraceLog.open(state / "trace", origin=config["trace"]["origin"], signing_key=trace_key_path(state)) as log:
+        for i in range(300):
+            log.append_sync(record(i))
+    assert sorted(p.name for p in state.glob("*.pub")) == ["trace-signing.pub"]
+    assert sorted(p.name for p in (state / "trace").glob("*.pub")) == ["trace-signing.pub"]
+    config_file = write_config(tmp_path / "gateway.yaml", config)
+    old = tmp_path / "old-checkpoint"
+    shutil.copy(state / "trace" / "checkpoint", old)
+    for log_args in (["-c", str(config_file)], [str(state / "trace")]):
+        assert run("verify", *log_args) == 0 and "OK: 300 records" in capsys.readouterr().out
+        assert run("show", *log_args, "--id", "tx-00007") == 0
+        assert json.loads(capsys.readouterr().out)["index"] == 7
+        assert run("prove", *log_args, "tx-00007", "-o", str(tmp_path / "proof")) == 0
+        assert run("meter", *log_args, "--by", "decision") == 0
+        assert json.loads(capsys.readouterr().out)["total"]["transfers"] == 300
+        assert run("consistency", *log_args, str(old)) == 0
+    assert run("check-proof", str(tmp_path / "proof"), "--pubkey", str(state / "trace-signing.pub")) == 0
+    capsys.readouterr()
+    assert run("verify", str(state)) == 2  # the state folder, not its trace/
+    err = capsys.readouterr().err
+    assert "not a trace log directory: expected its 'checkpoint' and 'journal' files" in err and "trace/" in err, err
+    assert run("verify", str(state / "trace"), "-c", str(config_file)) == 2
+    assert "either as DIR or with -c CONFIG" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("gateway: [\n")
+    assert run("verify", "-c", str(tmp_path / "bad.yaml")) == 2
+    assert "bad.yaml" in capsys.readouterr().err

@@ -230,17 +230,25 @@ class WitnessPusher:
         self._thread.join(timeout)
 
 
+SIGNING_KEY_FILE = "trace-signing.key"  # the gateway's, in its state folder
+VERIFIER_KEY_FILE = "trace-signing.pub"  # beside it (load_or_create_signer) and in the log folder: one name
+
+
 def open_store(directory: Path, origin: str, signing_key: Path, *,
                rotate_bundles: int = ROTATE_BUNDLES) -> LogStore:
-    """The log directory's single writer: the signing key created on first use, log.pub kept beside it."""
+    """The log directory's single writer: the signing key created on first use (its verifier key
+    beside it), and a copy of the verifier key, VERIFIER_KEY_FILE, in the log directory."""
     try:
         signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
     except (OSError, NoteError) as exc:
         raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
     store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
-    pub = directory / "log.pub"
+    pub = directory / VERIFIER_KEY_FILE
     if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
         pub.write_text(signer.verifier.vkey() + "\n")
+    legacy = directory / "log.pub"  # its name before: one name only
+    if legacy.exists() and legacy.read_text().strip() == signer.verifier.vkey():
+        legacy.unlink()
     return store
 
 
