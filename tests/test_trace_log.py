@@ -374,3 +374,39 @@ def test_checkpoint_file_follows_every_commit(tmp_path):
     print(f"checkpoint file behind an acknowledged record: median {delays[len(delays) // 2] * 1e3:.2f} ms, "
           f"max {delays[-1] * 1e3:.2f} ms")
     assert delays[len(delays) // 2] < CHECKPOINT_FILE_BOUND / 3 and delays[-1] < CHECKPOINT_FILE_BOUND, delays[-5:]
+
+
+def test_a_crash_while_the_rotated_journal_is_renamed_keeps_every_acknowledged_record(tmp_path):
+    """The new journal is made durable and renamed off the commit thread; meanwhile commits go to
+    both files, so after a crash either name holds every acknowledged record."""
+    store = open_store(tmp_path / "log", ORIGIN, tmp_path / "key", rotate_bundles=1)
+    records = [encode_record({"id": f"r{i}"}) for i in range(400)]
+    store.commit(records[:256])
+    store.maintain()  # starts the rotation: fsync the bundle's files
+    while store._rotation is None:  # then: copy the journal's tail to the new one
+        store._sync_job.exception()
+        store.maintain()
+    store._rotation.exception()
+    blocker = threading.Event()
+    store._submit(blocker.wait)  # hold the files thread: the rename waits behind it
+    store.maintain()  # switch: later commits write both journals
+    assert store._replacing is not None and not store._replacing.done()
+    for first in range(256, 400, 48):
+        store.commit(records[first:first + 48])
+        store.maintain()
+    for renamed in (False, True):  # the directory as a crash would leave it, before and after the rename
+        crashed = tmp_path / f"crashed-{renamed}"
+        shutil.copytree(tmp_path / "log", crashed)
+        assert (crashed / ".journal.tmp").exists()
+        if renamed:
+            os.replace(crashed / ".journal.tmp", crashed / "journal")
+        reopened = open_store(crashed, ORIGIN, tmp_path / "key", rotate_bundles=1)
+        assert reopened.size == 400, renamed
+        reopened.close_files()
+        assert verify_log(crashed, parse_vkey((tmp_path / "key.pub").read_text())).records == 400
+    blocker.set()
+    store.finish_sync()
+    store.publish()
+    store.close_files()
+    assert read_journal(tmp_path / "log" / "journal").start == 256
+    assert verify_log(tmp_path / "log", parse_vkey((tmp_path / "key.pub").read_text())).ok

@@ -26,10 +26,12 @@ its journal write and fdatasync only: after every commit it fsyncs the full file
 writes the partial tiles and then the checkpoint file (a publication), at most one every
 PUBLISH_SPACING: a publication first waits out the spacing and is skipped if a newer one was queued
 meanwhile. The checkpoint file therefore trails the acknowledged records by at most that spacing
-plus the writing of one publication (docs/auditing.md has the figures). The rotation,
-whose full files are then already durable, copies the journal's tail to a new file in the
-background and only catches up and renames it on the commit thread. A background error fails the
-next `maintain` or `commit` (fail closed).
+plus the writing of one publication (docs/auditing.md has the figures). A rotation, whose full files
+are then already durable, copies the journal's tail to a new file and, once the commit thread has
+added the frames written since, makes it durable and renames it over the journal, all in the
+background: until that rename is durable, commits write and fdatasync both files, so whichever of
+the two the name `journal` points to after a crash holds every acknowledged record. A background
+error fails the next `maintain` or `commit` (fail closed).
 
 Recovery keeps the journal up to its last checkpoint frame that verifies and matches the records
 before it; what follows was never acknowledged (a write cut short by a crash) and is cut off, unless
@@ -142,6 +144,8 @@ class LogStore:
         self._sync_job: Future | None = None  # fsync of the full files up to _sync_target
         self._sync_target = 0
         self._rotation: Future | None = None  # the new journal being prepared: (its fd, bytes copied)
+        self._replacing: Future | None = None  # the new journal made durable and renamed over the old one
+        self._old_journal: tuple[int, int] | None = None  # (fd, end) of the old one while _replacing runs
         self._files: ThreadPoolExecutor | None = None
         self._jobs: deque[Future] = deque()  # file jobs whose errors are still to be raised
         self._lock_fd = -1
@@ -335,7 +339,14 @@ class LogStore:
         self.checkpoint_time = time.time() if when is None else when
 
     def _append_journal(self, data: bytes) -> None:
+        if self._replacing is not None and self._replacing.done():
+            self._close_old_journal()
         _pwrite_all(self._journal_fd, data, self._journal_end)
+        if self._old_journal is not None:  # the rename may not be durable yet: keep the old one whole too
+            old_fd, old_end = self._old_journal
+            _pwrite_all(old_fd, data, old_end)
+            os.fdatasync(old_fd)
+            self._old_journal = (old_fd, old_end + len(data))
         os.fdatasync(self._journal_fd)
         self._journal_end += len(data)
 
@@ -408,11 +419,14 @@ class LogStore:
         _sync_files(files, dirs)
 
     def _rotate_when_synced(self) -> None:
-        """Rotation in three steps, each started once the one before is done, off the commit path:
+        """Rotation in four steps, each started once the one before is done, off the commit path:
         fsync the full files not yet published (files thread; usually none), copy the journal's
-        tail past them to a new journal (files thread), then catch up with the frames written
-        since and rename it (here)."""
-        if self._rotation is not None:
+        tail past them to a new journal (files thread), catch up with the frames written since and
+        write to both (here), make the new one durable and rename it (files thread)."""
+        if self._replacing is not None:
+            if self._replacing.done():
+                self._close_old_journal()
+        elif self._rotation is not None:
             if self._rotation.done():
                 job, self._rotation = self._rotation, None
                 self._switch_journal(*job.result())
@@ -440,24 +454,37 @@ class LogStore:
         return fd, end
 
     def _switch_journal(self, fd: int, copied: int) -> None:
-        """Add the frames written since the copy to the new journal, make it durable and put it in
-        the old one's place; later commits write to it."""
+        """Add the frames written since the copy to the new journal (not yet durable: the old one
+        holds them) and have later commits written to both until the files thread has made the
+        new one durable and put it in the old one's place."""
         start = self._sync_target
         shift = self._bundle_offsets[start] - JOURNAL_HEADER.size  # old offset - new offset
         try:
             if self._journal_end > copied:
                 _pwrite_all(fd, os.pread(self._journal_fd, self._journal_end - copied, copied), copied - shift)
-                os.fdatasync(fd)
-            os.replace(self.directory / ".journal.tmp", self.directory / "journal")
-            _fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             raise
-        os.close(self._journal_fd)
+        self._old_journal = (self._journal_fd, self._journal_end)
         self._journal_fd = fd
         self._bundle_offsets = {n: o - shift for n, o in self._bundle_offsets.items() if n > start}
         self._journal_start = start
         self._journal_end -= shift
+        self._replacing = self._submit(self._replace_journal, fd)
+
+    def _replace_journal(self, fd: int) -> None:
+        """Files thread: make the new journal durable (its later frames are fdatasync'd by their
+        commits) and rename it over the old one."""
+        os.fdatasync(fd)
+        os.replace(self.directory / ".journal.tmp", self.directory / "journal")
+        _fsync_dir(self.directory)
+
+    def _close_old_journal(self) -> None:
+        """Once the new journal's rename is durable (or failed: then raise), stop writing the old one."""
+        job, self._replacing = self._replacing, None
+        os.close(self._old_journal[0])
+        self._old_journal = None
+        job.result()
 
     # ---- derived files and closing --------------------------------------------------------------
 
@@ -517,8 +544,8 @@ class LogStore:
         """On close: finish the file jobs and a rotation in progress."""
         self._queue_full_files()
         self._check_files_thread(wait=True)
-        while self._sync_job is not None or self._rotation is not None:
-            (self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
+        while self._sync_job is not None or self._rotation is not None or self._replacing is not None:
+            (self._replacing or self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
             self._rotate_when_synced()
 
     def close_files(self) -> None:
@@ -527,6 +554,9 @@ class LogStore:
             self._files = None
             if self._rotation is not None and self._rotation.exception() is None:
                 os.close(self._rotation.result()[0])  # a rotation left unfinished: the journal stays as it is
+            if self._old_journal is not None:
+                os.close(self._old_journal[0])
+                self._old_journal = None
         for attr in ("_journal_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
