@@ -1,11 +1,17 @@
 """Trace log throughput: durable records/s with group commit from 64 concurrent asyncio producers
 (each answered only once its record and a signed checkpoint covering it are durable: one journal
 write and fdatasync per batch), against a baseline of one commit per record measured in the same
-run; the append latency at a steady load below saturation; then records/s verified on one core
-(in a process of its own, as the command line runs).
+run; the append latency at a steady load below saturation, and how far the checkpoint file (what a
+C2SP client reads) trails the acknowledged records meanwhile; then records/s verified on one core
+(in a process of its own, as the command line runs). First, the same steady load across --rotations
+journal rotations: p99 in windows around the moment each new journal takes the old one's place, and
+the time the switch took on the commit thread.
 
     .venv/bin/python bench/trace.py [--records 100000] [--producers 64] [--dir /var/tmp/...]
-                                    [--remote-processes 2]
+                                    [--remote-processes 2] [--rotations 3] [--only-rotations]
+
+Longer than 400 lines: each run is a few small functions measuring one thing; split over files, the
+one command printing figures of one run against each other would be lost.
 
 Then the same through the machine's trace writer process (gateway.trace.remote, as the gateway runs
 it with several workers): the 64 producers split over --remote-processes client processes, each

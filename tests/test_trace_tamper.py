@@ -421,7 +421,8 @@ def test_every_log_command_takes_the_configuration_or_dir_and_says_what_a_wrong_
         assert run("meter", *log_args, "--by", "decision") == 0
         assert json.loads(capsys.readouterr().out)["total"]["transfers"] == 300
         assert run("consistency", *log_args, str(old)) == 0
-    assert run("check-proof", str(tmp_path / "proof"), "--pubkey", str(state / "trace-signing.pub")) == 0
+    for key_args in (["-c", str(config_file)], ["--pubkey", str(state / "trace-signing.pub")]):
+        assert run("check-proof", str(tmp_path / "proof"), *key_args) == 0
     capsys.readouterr()
     assert run("verify", str(state)) == 2  # the state folder, not its trace/
     err = capsys.readouterr().err

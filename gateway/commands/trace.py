@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, ConfigError, load_config
+from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, Config, ConfigError, load_config
 from gateway.proxy.state import trace_verifier_key_path
 from gateway.trace.audit import (
     AuditIOError,
@@ -82,7 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("check-proof", help="check an inclusion proof offline")
     p.add_argument("proof", type=Path)
-    p.add_argument("--pubkey", type=Path, required=True, help="the log's verifier key file")
+    _config_args(p, "find the log's verifier key in this gateway configuration instead of --pubkey")
+    p.add_argument("--pubkey", type=Path, help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} "
+                                               f"of the configuration)")
     _witness_args(p)
     p.set_defaults(func=cmd_check_proof)
 
@@ -111,14 +113,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _dir_and_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR", nargs="?",
                    help="the trace log directory (default: trace.dir of the configuration)")
-    p.add_argument("-c", "--config", type=Path,
-                   help=f"find the log and its key in this gateway configuration instead of DIR "
-                        f"(default without DIR: {DEFAULT_CONFIG})")
-    p.add_argument("--frontend", metavar="NAME",
-                   help=f"with the configuration: layer the front-end profile {FRONTENDS_DIR}/NAME.yaml over it")
+    _config_args(p, "find the log and its key in this gateway configuration instead of DIR")
     p.add_argument("--pubkey", type=Path,
                    help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} of the configuration, "
                         f"or DIR/{VERIFIER_KEY_FILE}; a key on the same machine proves self-consistency only)")
+
+
+def _config_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-c", "--config", type=Path, help=f"{what} (default: {DEFAULT_CONFIG})")
+    p.add_argument("--frontend", metavar="NAME",
+                   help=f"with the configuration: layer the front-end profile {FRONTENDS_DIR}/NAME.yaml over it")
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config or DEFAULT_CONFIG, args.frontend)
+    except ConfigError as exc:
+        raise UsageError("\n".join(exc.errors)) from None
 
 
 def _locate_log(args: argparse.Namespace) -> None:
@@ -127,10 +138,7 @@ def _locate_log(args: argparse.Namespace) -> None:
     if args.directory is not None and args.config is not None:
         raise UsageError("name the log either as DIR or with -c CONFIG, not both")
     if args.directory is None:
-        try:
-            config = load_config(args.config or DEFAULT_CONFIG, args.frontend)
-        except ConfigError as exc:
-            raise UsageError("\n".join(exc.errors)) from None
+        config = _load_config(args)
         args.directory = config.trace_dir
         args.default_pubkey = trace_verifier_key_path(config.state_dir)
         where = f"trace.dir of {args.config or DEFAULT_CONFIG}"
@@ -211,7 +219,7 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
 def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
-            if hasattr(args, "config"):  # a command reading the log
+            if hasattr(args, "directory"):  # a command reading the log
                 _locate_log(args)
             return func(args)
         except UsageError as exc:
@@ -382,7 +390,10 @@ def cmd_prove(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_check_proof(args: argparse.Namespace) -> int:
-    verifier, policy = _load_vkey(args.pubkey), _policy(args)
+    if args.pubkey is not None and args.config is not None:
+        raise UsageError("give the key either with --pubkey or with -c CONFIG, not both")
+    pubkey = args.pubkey if args.pubkey is not None else trace_verifier_key_path(_load_config(args).state_dir)
+    verifier, policy = _load_vkey(pubkey), _policy(args)
     try:
         index, record, checkpoint = check_inclusion_proof(args.proof.read_bytes().decode(), verifier, policy)
     except (ProofError, NoteError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
