@@ -194,9 +194,12 @@ class GroupCommitter:
         self._thread.join()
 
 
+WITNESS_PUSH_SPACING = 0.5  # seconds at least between pushes: checkpoints are published up to 50 times a second
+
+
 class WitnessPusher:
-    """Pushes each published checkpoint to the witnesses on its own thread, so appends never wait
-    for a witness; cosignatures land in the log directory (see gateway.trace.witness)."""
+    """Pushes the newest published checkpoint to the witnesses on its own thread, so appends never
+    wait for a witness; cosignatures land in the log directory (see gateway.trace.witness)."""
 
     def __init__(self, directory: Path, store: LogStore, witnesses: list[WitnessConfig]) -> None:
         self.directory = directory
@@ -205,6 +208,7 @@ class WitnessPusher:
         self.last_error: str | None = None
         self._wake = threading.Event()
         self._closing = False
+        self._closed = threading.Event()  # cuts the spacing short on close
         self._thread = threading.Thread(target=self._run, name="trace-log-witness", daemon=True)
         self._thread.start()
 
@@ -223,9 +227,11 @@ class WitnessPusher:
                     log.warning("trace log: witness push failed: %s", self.last_error)
             if self._closing and not self._wake.is_set():
                 return
+            self._closed.wait(WITNESS_PUSH_SPACING)
 
     def close(self, timeout: float = 10.0) -> None:
         self._closing = True
+        self._closed.set()
         self._wake.set()
         self._thread.join(timeout)
 
