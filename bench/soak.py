@@ -179,7 +179,7 @@ def main() -> int:
         upstream.stop()
     trace = root / "state" / "trace"
     verified = subprocess.run([sys.executable, "-m", "gateway", "trace", "verify", str(trace), "--pubkey",
-                               str(trace / "log.pub")], capture_output=True, text=True, cwd=REPO)
+                               str(trace / "trace-signing.pub")], capture_output=True, text=True, cwd=REPO)
     shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(trace)],
                            capture_output=True, text=True, cwd=REPO, check=True)
     records = {r["id"]: r for r in (json.loads(line).get("record") for line in shown.stdout.splitlines())}

@@ -1,11 +1,17 @@
 """Trace log throughput: durable records/s with group commit from 64 concurrent asyncio producers
 (each answered only once its record and a signed checkpoint covering it are durable: one journal
 write and fdatasync per batch), against a baseline of one commit per record measured in the same
-run; the append latency at a steady load below saturation; then records/s verified on one core
-(in a process of its own, as the command line runs).
+run; the append latency at a steady load below saturation, and how far the checkpoint file (what a
+C2SP client reads) trails the acknowledged records meanwhile; then records/s verified on one core
+(in a process of its own, as the command line runs). First, the same steady load across --rotations
+journal rotations: p99 in windows around the moment each new journal takes the old one's place, and
+the time the switch took on the commit thread.
 
     .venv/bin/python bench/trace.py [--records 100000] [--producers 64] [--dir /var/tmp/...]
-                                    [--remote-processes 2]
+                                    [--remote-processes 2] [--rotations 3] [--only-rotations]
+
+Longer than 400 lines: each run is a few small functions measuring one thing; split over files, the
+one command printing figures of one run against each other would be lost.
 
 Then the same through the machine's trace writer process (gateway.trace.remote, as the gateway runs
 it with several workers): the 64 producers split over --remote-processes client processes, each
@@ -22,12 +28,15 @@ The machine is shared: compare figures of one run with each other, and repeat ru
 
 import argparse
 import asyncio
+import bisect
 import multiprocessing
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,6 +46,8 @@ from gateway.trace.audit import verify_log
 from gateway.trace.log import encode_record
 from gateway.trace.note import parse_vkey
 from gateway.trace.remote import RemoteTraceLog
+from gateway.trace.store import LogStore
+from gateway.trace.tiles import JOURNAL_HEADER
 
 ORIGIN = "bench.gateway/trace"
 
@@ -75,9 +86,10 @@ def bench_group_commit(base: Path, total: int, producers: int) -> tuple[float, l
 
 
 def paced_appends(log: TraceLog | RemoteTraceLog, producers: int, rate: float, seconds: float,
-                  first: int = 0, step: int = 1) -> list[float]:
+                  first: int = 0, step: int = 1, starts: list[float] | None = None) -> list[float]:
     """Latencies of appends at a steady offered load: `producers` tasks each appending every
-    producers/rate seconds (record numbers first, first + step, ...)."""
+    producers/rate seconds (record numbers first, first + step, ...); each append's start time
+    (perf_counter) goes to `starts` if given."""
     latencies: list[float] = []
     period = producers / rate
 
@@ -89,6 +101,8 @@ def paced_appends(log: TraceLog | RemoteTraceLog, producers: int, rate: float, s
             t = time.perf_counter()
             await log.append(record(k))
             latencies.append(time.perf_counter() - t)
+            if starts is not None:
+                starts.append(t)
             k += producers * step
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - t)))
 
@@ -106,12 +120,108 @@ def latency_figures(latencies: list[float], seconds: float) -> tuple[float, floa
             latencies[int(len(latencies) * 0.99)] * 1e3)
 
 
-def bench_paced_latency(base: Path, producers: int, rate: float, seconds: float) -> tuple[float, float, float]:
-    """Added latency of an append at a steady offered load below saturation (what a transfer pays)."""
+def _sample_checkpoint_file(log: TraceLog, path: Path, samples: list[tuple[float, int, int]],
+                            stop: threading.Event) -> None:
+    """(time, records acknowledged, tree size of the checkpoint file) every millisecond."""
+    while not stop.wait(0.001):
+        now, acknowledged = time.perf_counter(), log.tree_size
+        try:
+            size = int(path.read_bytes().split(b"\n")[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        samples.append((now, acknowledged, size))
+
+
+def checkpoint_file_lag(samples: list[tuple[float, int, int]]) -> tuple[float, float, float, float]:
+    """(p99, max) records acknowledged but not in the checkpoint file, (p99, max) ms since the
+    first of them was acknowledged (as far as the 1 ms samples tell)."""
+    behind, ages = [], []
+    acknowledged_then = [acked for _, acked, _ in samples]  # never decreases
+    for now, acknowledged, size in samples:
+        behind.append(max(0, acknowledged - size))
+        first_past = bisect.bisect_right(acknowledged_then, size)  # first sample with records past the file
+        ages.append((now - min(now, samples[first_past][0] if first_past < len(samples) else now)) * 1e3)
+    behind.sort()
+    ages.sort()
+    return behind[int(len(behind) * 0.99)], behind[-1], ages[int(len(ages) * 0.99)], ages[-1]
+
+
+def bench_paced_latency(base: Path, producers: int, rate: float,
+                        seconds: float) -> tuple[tuple[float, float, float], tuple[float, float, float, float]]:
+    """Added latency of an append at a steady offered load below saturation (what a transfer pays),
+    and how far the checkpoint file trails the acknowledged records meanwhile (checkpoint_file_lag)."""
     log = TraceLog.open(base / "paced", origin=ORIGIN, signing_key=base / "key")
-    latencies = paced_appends(log, producers, rate, seconds)
-    log.close()
-    return latency_figures(latencies, seconds)
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_checkpoint_file, args=(log, base / "paced" / "checkpoint", samples, stop))
+    sampler.start()
+    try:
+        latencies = paced_appends(log, producers, rate, seconds)
+    finally:
+        stop.set()
+        sampler.join()
+        log.close()
+    return latency_figures(latencies, seconds), checkpoint_file_lag(samples)
+
+
+def _watch_rotations(journal: Path, switches: list[float], stop: threading.Event) -> None:
+    """Times (perf_counter) at which the journal's header names a new first record: a rotation."""
+    seen = None
+    while not stop.wait(0.002):
+        try:
+            with journal.open("rb") as f:
+                start = JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))[1]
+        except (OSError, struct.error):
+            continue
+        if seen is not None and start != seen:
+            switches.append(time.perf_counter())
+        seen = start
+
+
+ROTATION_WINDOWS = [(-2.0, -1.0), (-1.0, -0.5), (-0.5, 0.0), (0.0, 0.5), (0.5, 1.0)]  # seconds around a switch
+
+
+def bench_rotations(base: Path, producers: int, rate: float,
+                    rotations: int) -> tuple[list[list[tuple[int, float]]], tuple[float, float, float], list[float]]:
+    """Appends at a steady `rate` across `rotations` journal rotations (every ROTATE_BUNDLES * 256
+    records): for each rotation, (appends, p99 ms) in ROTATION_WINDOWS around the moment the new
+    journal took the old one's place (by the appends' start times); the figures of the whole run;
+    and the ms each switch to the new journal took on the commit thread (LogStore._switch_journal)."""
+    switch_ms: list[float] = []
+    switch_journal = LogStore._switch_journal
+
+    def timed_switch(store: LogStore, *args: object) -> None:
+        t = time.perf_counter()
+        switch_journal(store, *args)
+        switch_ms.append((time.perf_counter() - t) * 1e3)
+
+    LogStore._switch_journal = timed_switch  # measured from outside: the store is unchanged
+    log = TraceLog.open(base / "rotation", origin=ORIGIN, signing_key=base / "key")
+    latencies: list[float] = []
+    starts: list[float] = []
+    switches: list[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_rotations, args=(base / "rotation" / "journal", switches, stop))
+    watcher.start()
+    began = time.perf_counter()
+    try:
+        # One second at a time until a second past the last rotation (the rate reached may be below the offered one).
+        while len(switches) < rotations or time.perf_counter() - switches[rotations - 1] < ROTATION_WINDOWS[-1][1]:
+            latencies += paced_appends(log, producers, rate, 1.0, first=len(latencies), starts=starts)
+        seconds = time.perf_counter() - began
+    finally:
+        stop.set()
+        watcher.join()
+        log.close()
+        LogStore._switch_journal = switch_journal
+    windows = []
+    for switch in switches[:rotations]:
+        row = []
+        for lo, hi in ROTATION_WINDOWS:
+            part = sorted(lat for t, lat in zip(starts, latencies) if switch + lo <= t < switch + hi)
+            row.append((len(part), part[int(len(part) * 0.99)] * 1e3 if part else float("nan")))
+        windows.append(row)
+    return windows, latency_figures(latencies, seconds), switch_ms[:rotations]
 
 
 def bench_one_fsync_per_record(base: Path, total: int) -> float:
@@ -269,15 +379,29 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="parent directory (default: a temp dir on /var/tmp)")
     parser.add_argument("--remote-processes", type=int, default=2,
                         help="client processes sharing the producers in the trace-writer run (0: skip it)")
+    parser.add_argument("--rotations", type=int, default=3,
+                        help="journal rotations to pass at the paced rate, p99 printed around each (0: skip)")
+    parser.add_argument("--only-rotations", action="store_true", help="run the rotation run alone")
     parser.add_argument("--ceilings", action="store_true",
                         help="also measure what the machine allows without any disk wait (see above)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="trace-bench-", dir=args.dir or "/var/tmp"))
     try:
+        if args.rotations:
+            windows, whole, switch_ms = bench_rotations(base, args.producers, args.paced_rate, args.rotations)
+            print(f"across {len(windows)} journal rotation(s) at {whole[0]:,.0f} records/s ({args.paced_rate:,.0f} "
+                  f"offered) by {args.producers} producers: p50 {whole[1]:.2f} ms p99 {whole[2]:.2f} ms over the run")
+            print("  p99 ms (appends) by window around the switch to the new journal: "
+                  + "  ".join(f"[{lo:+.1f},{hi:+.1f})s" for lo, hi in ROTATION_WINDOWS))
+            for n, (row, ms) in enumerate(zip(windows, switch_ms), 1):
+                print(f"  rotation {n}: " + "  ".join(f"{p99:7.2f} ({count:5d})" for count, p99 in row)
+                      + f"   switch on the commit thread {ms:.2f} ms")
+            if args.only_rotations:
+                return
         baseline = bench_one_fsync_per_record(base, args.baseline_records)
         group, latencies = bench_group_commit(base, args.records, args.producers)
         verified, count = bench_verify(base)
-        paced, paced_p50, paced_p99 = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
+        (paced, paced_p50, paced_p99), lag = bench_paced_latency(base, args.producers, args.paced_rate, 3.0)
         if args.remote_processes:
             remote = bench_remote(base, args.records, args.producers, args.remote_processes)[0]
             shutil.rmtree(base / "remote")
@@ -294,6 +418,8 @@ def main() -> None:
         print(f"ratio group/baseline:                    {group / baseline:.1f}x  (goal: >= 50,000 records/s)")
         print(f"added latency at {paced:,.0f} records/s offered by {args.producers} producers: "
               f"p50 {paced_p50:.2f} ms p99 {paced_p99:.2f} ms  (goal: p99 <= 5 ms)")
+        print(f"  checkpoint file behind the acknowledged records there: p99 {lag[0]:.0f} max {lag[1]:.0f} records, "
+              f"p99 {lag[2]:.1f} ms max {lag[3]:.1f} ms since the oldest of them was acknowledged")
         print(f"verify (one core):                       {verified:,.0f} records/s ({count} records)"
               f"  (goal: >= 200,000 records/s)")
         if args.remote_processes:

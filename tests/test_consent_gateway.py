@@ -343,14 +343,14 @@ def test_usage_report_refuses_tampered_log(lab):
     at = data.index(b'"passed":300')
     journal.write_bytes(data[:at] + b'"passed":900' + data[at + 12:])
     made = gateway_cli("usage", "report", "--from", "2000-01-01", "--to", "2100-01-01", "--trace", str(copy),
-                       "--pubkey", str(lab["root"] / "state" / "trace" / "log.pub"), "--no-record",
+                       "--pubkey", str(lab["root"] / "state" / "trace" / "trace-signing.pub"), "--no-record",
                        "-c", str(lab["path"]))
     assert made.returncode == 1 and "does not verify" in made.stderr and "record" in made.stderr, made.stderr
     assert made.stdout == ""
 
 
 def test_usage_report_trusts_no_key_inside_the_log(lab):
-    """A log forged from scratch carries its own log.pub: without --pubkey it is not verified against it."""
+    """A log forged from scratch carries its own trace-signing.pub: without --pubkey it is not verified against it."""
     from gateway.trace import TraceLog
     forged = lab["root"] / "forged-trace"
     with TraceLog.open(forged, origin="gateway.local/frontend-local/trace", signing_key=lab["root"] / "evil.key") as log:
@@ -373,9 +373,9 @@ def test_evidence_for_one_transfer(lab):
     evidence = lab["root"] / "evidence.json"
     trace_dir = lab["root"] / "state" / "trace"
     made = gateway_cli("trace", "evidence", str(trace_dir), transfer_id, "-o", str(evidence),
-                       "--pubkey", str(trace_dir / "log.pub"))
+                       "--pubkey", str(trace_dir / "trace-signing.pub"))
     assert made.returncode == 0, made.stderr
-    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "log.pub"))
+    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "trace-signing.pub"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert json.loads(checked.stdout)["record"]["consent"]["passed"] == 299
     bundle = json.loads(evidence.read_text())
@@ -385,5 +385,5 @@ def test_evidence_for_one_transfer(lab):
     forged[1] = "extra " + base64.b64encode(json.dumps(entry).encode()).decode()
     bundle["proof"] = "\n".join(forged)
     evidence.write_text(json.dumps(bundle))
-    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "log.pub"))
+    checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "trace-signing.pub"))
     assert checked.returncode == 1 and "INVALID" in checked.stdout, checked.stdout

@@ -101,7 +101,7 @@ def check_log(lab, answered: dict[str, str], all_completed: bool) -> dict[str, l
     """The log verifies; every request the upstream logged has a record; every answer a completion;
     nothing twice. With `all_completed`, no transfer was left open either."""
     trace_dir = lab["root"] / "state" / "trace"
-    verify(trace_dir, trace_dir / "log.pub")
+    verify(trace_dir, trace_dir / "trace-signing.pub")
     records = trace_records(trace_dir, opened=True)
     by_marker: dict[str, list[dict]] = {}
     for record in records:

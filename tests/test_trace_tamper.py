@@ -14,7 +14,7 @@ import pytest
 from gateway.trace import TraceLog
 from gateway.trace.log import open_store
 from gateway.trace.note import Signer
-from gateway.trace.tiles import read_journal, tile_path
+from gateway.trace.tiles import encode_entries, read_journal, tile_path
 from tests.tracecli import run_trace as run
 from tests.tracecli import write_log
 
@@ -280,25 +280,100 @@ def test_partial_tiles_above_level_0_are_checked(logdir, capsys):
     assert verify(logdir, capsys)[0] == 0
 
 
-def test_an_empty_derived_upper_tile_is_a_power_loss_not_tampering(tmp_path, capsys):
-    """Full tiles past the journal's start are derived (rebuilt from it) and written without fsync."""
-    base = tmp_path / "big"
+BIG = 70_000  # past tile/0/270 (records 69,120..69,375); the journal still starts at record 0
+OLD_CHECKPOINT = 69_000  # a checkpoint file from before tile/0/270 was complete
+
+
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory) -> Path:
+    """BASE/log of BIG records, all in the journal (full tiles past its start are derived), and
+    BASE/old-checkpoint, the checkpoint file as it was at OLD_CHECKPOINT records."""
+    base = tmp_path_factory.mktemp("big")
     store = open_store(base / "log", ORIGIN, base / "key", rotate_bundles=1000)
-    entries = [json.dumps(record(i), sort_keys=True, separators=(",", ":")).encode() for i in range(65_600)]
-    for first in range(0, len(entries), 4096):
-        store.commit(entries[first:first + 4096])
-        store.maintain()
+    entries = [json.dumps(record(i), sort_keys=True, separators=(",", ":")).encode() for i in range(BIG)]
+    for first, last in ((0, OLD_CHECKPOINT), (OLD_CHECKPOINT, BIG)):
+        for batch in range(first, last, 4096):
+            store.commit(entries[batch:min(batch + 4096, last)])
+            store.maintain()
+        store.publish()
+        if first == 0:
+            shutil.copy(base / "log" / "checkpoint", base / "old-checkpoint")
     store.finish_sync()
-    store.publish()
     store.close_files()
     (base / "key.pub").write_text(store.signer.verifier.vkey() + "\n")
-    tile = base / "log" / tile_path(1, 0)
-    assert tile.stat().st_size == 256 * 32 and read_journal(base / "log" / "journal").start == 0
-    tile.write_bytes(b"")
+    assert read_journal(base / "log" / "journal").start == 0
+    return base
+
+
+@pytest.mark.parametrize("name", [tile_path(0, 270), tile_path("entries", 270), tile_path(1, 0)])
+def test_full_file_covered_by_the_checkpoint_must_exist_even_where_the_journal_holds_it(big_log, tmp_path, capsys, name):
+    """The writer fsyncs a full tile or bundle before the checkpoint file covering it: a C2SP client
+    reading that checkpoint needs it, so missing, emptied or cut short it is an error."""
+    base = tmp_path / "big"
+    shutil.copytree(big_log, base)
     assert verify(base, capsys)[0] == 0
-    tile.write_bytes(bytes(256 * 32))
+    path = base / "log" / name
+    good = path.read_bytes()
+    for damage in ("missing", "empty", "short"):
+        if damage == "missing":
+            path.unlink()
+        else:
+            path.write_bytes(b"" if damage == "empty" else good[:-32])
+        rc, out = verify(base, capsys)
+        assert rc == 1 and f"TAMPERED: {name}: " in out, (damage, out)
+        assert ("missing" in out) if damage == "missing" else ("bytes" in out), out
+    # Not yet derived: the checkpoint file is older than the tile (a crash before its publication).
+    if name != tile_path(1, 0):
+        shutil.copy(big_log / "old-checkpoint", base / "log" / "checkpoint")
+        for damage in (None, b""):
+            if damage is None:
+                path.unlink()
+            else:
+                path.write_bytes(damage)
+            rc, out = verify(base, capsys)
+            assert rc == 0 and f"OK: {BIG} records" in out, out
+        path.write_bytes(good[:-32] + bytes(32))  # present, but wrong: always an error
+        assert verify(base, capsys)[0] == 1
+
+
+def test_swapped_records_with_rewritten_tiles_name_the_first_changed_record(logdir, capsys):
+    """Records 10 and 11 swapped and every hash tile rewritten to match: only the signed roots
+    disagree. The journal's first frame is at its start (512): the message must not blame an
+    empty range "512..511" but name the first record no signed root vouches for."""
+    from gateway.trace.merkle import leaf_hashes, perfect_root
+    path = bundle(logdir, 0)
+    entries = split_entries(path.read_bytes())
+    entries[10], entries[11] = entries[11], entries[10]
+    path.write_bytes(b"".join(entries))
+    leaves = leaf_hashes([e[2:] for e in entries])
+    (logdir / "log" / tile_path(0, 0)).write_bytes(b"".join(leaves))
+    for partial in (logdir / "log" / "tile" / "1" / "000.p").iterdir():
+        data = bytearray(partial.read_bytes())
+        data[:32] = perfect_root(leaves)
+        partial.write_bytes(bytes(data))
+    assert read_journal(logdir / "log" / "journal").checkpoints[0][0] == 512
+    rc, out = verify(logdir, capsys)
+    assert rc == 1 and "the first changed record is record 0 or a later one before 512" in out, out
+    assert "512..511" not in out
+
+
+def test_swapped_records_in_the_journal_with_rewritten_derived_files(tmp_path, capsys):
+    """The same in the journal, one signed frame per record: the first changed record is named exactly."""
+    from gateway.trace.merkle import leaf_hashes
+    base = tmp_path / "j"
+    with TraceLog.open(base / "log", origin=ORIGIN, signing_key=base / "key") as log:
+        for i in range(300):
+            log.append_sync(record(i))
+    journal = base / "log" / "journal"
+    data = bytearray(journal.read_bytes())
+    a, b = data.index(b"tx-00100"), data.index(b"tx-00102")  # same length, same zone
+    data[a:a + 8], data[b:b + 8] = data[b:b + 8], data[a:a + 8]
+    journal.write_bytes(bytes(data))
+    entries = read_journal(journal).entries
+    (base / "log" / tile_path("entries", 0)).write_bytes(encode_entries(entries[:256]))
+    (base / "log" / tile_path(0, 0)).write_bytes(b"".join(leaf_hashes(entries[:256])))
     rc, out = verify(base, capsys)
-    assert rc == 1 and "tile/1/000: hash 0" in out
+    assert rc == 1 and "the first changed record is record 100 or a later one before 101" in out, out
 
 
 def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_path, capsys):
@@ -321,3 +396,39 @@ def test_journal_region_records_checked_against_frames_and_derived_tiles(tmp_pat
     journal.write_bytes(good + b"\x00\x30" + b'{"id":"never-acknowledged"' + bytes(600))
     rc, out = verify(base, capsys)
     assert rc == 0, out
+
+
+def test_every_log_command_takes_the_configuration_or_dir_and_says_what_a_wrong_folder_lacks(tmp_path, capsys):
+    """`-c CONFIG` finds trace.dir and the verifier key beside the gateway's signing key; DIR still
+    works with DIR's copy of that key, under the same name; the state folder is not a log."""
+    from gateway.proxy.state import trace_key_path
+    from tests.gatewayproc import gateway_config, write_config
+    state = tmp_path / "state"
+    config = gateway_config(state)
+    with TraceLog.open(state / "trace", origin=config["trace"]["origin"], signing_key=trace_key_path(state)) as log:
+        for i in range(300):
+            log.append_sync(record(i))
+    assert sorted(p.name for p in state.glob("*.pub")) == ["trace-signing.pub"]
+    assert sorted(p.name for p in (state / "trace").glob("*.pub")) == ["trace-signing.pub"]
+    config_file = write_config(tmp_path / "gateway.yaml", config)
+    old = tmp_path / "old-checkpoint"
+    shutil.copy(state / "trace" / "checkpoint", old)
+    for log_args in (["-c", str(config_file)], [str(state / "trace")]):
+        assert run("verify", *log_args) == 0 and "OK: 300 records" in capsys.readouterr().out
+        assert run("show", *log_args, "--id", "tx-00007") == 0
+        assert json.loads(capsys.readouterr().out)["index"] == 7
+        assert run("prove", *log_args, "tx-00007", "-o", str(tmp_path / "proof")) == 0
+        assert run("meter", *log_args, "--by", "decision") == 0
+        assert json.loads(capsys.readouterr().out)["total"]["transfers"] == 300
+        assert run("consistency", *log_args, str(old)) == 0
+    for key_args in (["-c", str(config_file)], ["--pubkey", str(state / "trace-signing.pub")]):
+        assert run("check-proof", str(tmp_path / "proof"), *key_args) == 0
+    capsys.readouterr()
+    assert run("verify", str(state)) == 2  # the state folder, not its trace/
+    err = capsys.readouterr().err
+    assert "not a trace log directory: expected its 'checkpoint' and 'journal' files" in err and "trace/" in err, err
+    assert run("verify", str(state / "trace"), "-c", str(config_file)) == 2
+    assert "either as DIR or with -c CONFIG" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("gateway: [\n")
+    assert run("verify", "-c", str(tmp_path / "bad.yaml")) == 2
+    assert "bad.yaml" in capsys.readouterr().err

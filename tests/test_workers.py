@@ -197,7 +197,7 @@ def test_transfers_spread_over_both_workers_into_one_verified_log_and_add_up_in_
     assert set(ids) <= logged.keys()
     handled_by = {logged[i]["worker"] for i in ids}
     assert handled_by == {0, 1}, f"all 40 transfers went to worker(s) {handled_by}"
-    assert "OK:" in verify(machine["root"] / "state" / "trace", machine["root"] / "state" / "trace" / "log.pub")
+    assert "OK:" in verify(machine["root"] / "state" / "trace", machine["root"] / "state" / "trace" / "trace-signing.pub")
     assert metric(machine, "gateway_transfers_total") - transfers_before == 40
     assert metric(machine, "gateway_transfers_total", action="allow") >= 40
     assert metric(machine, "gateway_trace_records_total") - records_before == 80  # open + completion each
@@ -334,7 +334,7 @@ def test_workers_refuse_transfers_while_the_writer_is_away(machine):
         time.sleep(0.1)
     assert one_transfer(machine).status_code == 200  # the supervisor started a new writer
     assert metric(machine, "gateway_process_restarts_total", process="trace-writer") == 1
-    assert "OK:" in verify(machine["root"] / "state" / "trace", machine["root"] / "state" / "trace" / "log.pub")
+    assert "OK:" in verify(machine["root"] / "state" / "trace", machine["root"] / "state" / "trace" / "trace-signing.pub")
 
 
 def test_shutdown_stops_every_process(machine):

@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a trace log to sum (repeatable; default: the configuration's)")
     p.add_argument("--pubkey", type=Path, action="append", default=[], metavar="KEY",
                    help="each --trace log's verifier key, in order: required with --trace (a log's own "
-                        "log.pub proves nothing: whoever forged the log wrote it); the configuration's own log "
+                        "trace-signing.pub proves nothing: whoever forged the log wrote it); the configuration's own log "
                         "defaults to the gateway's key beside its signing key in the state folder")
     p.add_argument("-o", "--output", type=Path, help="write the report here (default: standard output)")
     p.add_argument("--no-record", action="store_true", help="do not append the settlement record")
@@ -283,7 +283,7 @@ def _report(args: argparse.Namespace) -> int:
     keys = args.pubkey or ([] if args.trace else [trace_key_path(config.state_dir).with_suffix(".pub")])
     if len(keys) != len(logs):
         raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
-                    "never the log.pub inside it")
+                    "never the trace-signing.pub inside it")
     covered, checkpoints, origins = [], [], set()
     for directory, key_file in zip(logs, keys):
         try:

@@ -1,5 +1,9 @@
 """`gateway trace ...`: audit a trace log offline (witness cosignatures are checked by --witness).
 
+The log is named as DIR (a copy handed to an auditor: its key with --pubkey, else DIR's own copy)
+or as the gateway's configuration, `-c CONFIG` (its trace.dir and, beside the signing key in its
+state_dir, the verifier key); with neither, the default configuration, as `gateway run` uses it.
+
 Longer than 400 lines: nine subcommands, each of which only parses its arguments and prints;
 the work is done in gateway.trace.
 
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.commands import evidence
+from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, Config, ConfigError, load_config
+from gateway.proxy.state import trace_verifier_key_path
 from gateway.trace.audit import (
     AuditIOError,
     WitnessPolicy,
@@ -31,6 +37,7 @@ from gateway.trace.audit import (
 from gateway.trace.merkle import ProofError
 from gateway.trace.meter import DEFAULT_KEYS, KEYS, Meter
 from gateway.trace.note import NoteError, Verifier, parse_vkey
+from gateway.trace.log import VERIFIER_KEY_FILE
 from gateway.trace.tiles import TileError
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
@@ -79,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("check-proof", help="check an inclusion proof offline")
     p.add_argument("proof", type=Path)
-    p.add_argument("--pubkey", type=Path, required=True, help="the log's verifier key file")
+    _config_args(p, "find the log's verifier key in this gateway configuration instead of --pubkey")
+    p.add_argument("--pubkey", type=Path, help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} "
+                                               f"of the configuration)")
     _witness_args(p)
     p.set_defaults(func=cmd_check_proof)
 
@@ -108,9 +117,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _dir_and_key(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("directory", type=Path, metavar="DIR", nargs="?",
+                   help="the trace log directory (default: trace.dir of the configuration)")
+    _config_args(p, "find the log and its key in this gateway configuration instead of DIR")
     p.add_argument("--pubkey", type=Path,
-                   help="the log's verifier key file (default: DIR/log.pub, which only proves self-consistency)")
+                   help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} of the configuration, "
+                        f"or DIR/{VERIFIER_KEY_FILE}; a key on the same machine proves self-consistency only)")
+
+
+def _config_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-c", "--config", type=Path, help=f"{what} (default: {DEFAULT_CONFIG})")
+    p.add_argument("--frontend", metavar="NAME",
+                   help=f"with the configuration: layer the front-end profile {FRONTENDS_DIR}/NAME.yaml over it")
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config or DEFAULT_CONFIG, args.frontend)
+    except ConfigError as exc:
+        raise UsageError("\n".join(exc.errors)) from None
+
+
+def _locate_log(args: argparse.Namespace) -> None:
+    """Set args.directory and args.default_pubkey from DIR or the configuration; a folder that is
+    not a trace log is a usage error saying what was expected."""
+    if args.directory is not None and args.config is not None:
+        raise UsageError("name the log either as DIR or with -c CONFIG, not both")
+    if args.directory is None:
+        config = _load_config(args)
+        args.directory = config.trace_dir
+        args.default_pubkey = trace_verifier_key_path(config.state_dir)
+        where = f"trace.dir of {args.config or DEFAULT_CONFIG}"
+    else:
+        args.default_pubkey = args.directory / VERIFIER_KEY_FILE
+        where = "DIR"
+    if not args.directory.is_dir():
+        raise UsageError(f"{args.directory} ({where}): not a directory")
+    if not (args.directory / "checkpoint").exists() and not (args.directory / "journal").exists():
+        inside = sorted(found.parent.name for found in args.directory.glob("*/checkpoint"))
+        hint = (f"; it holds one in {', '.join(f'{name}/' for name in inside)}" if inside else
+                "; the gateway keeps it in trace.dir, by default STATE_DIR/trace")
+        raise UsageError(f"{args.directory} ({where}): not a trace log directory: expected its 'checkpoint' "
+                         f"and 'journal' files (tlog-tiles, with tile/){hint}")
 
 
 def _record_filters(p: argparse.ArgumentParser) -> None:
@@ -141,7 +189,7 @@ def _load_vkey(value: str | Path) -> Verifier:
 def _log_verifier(args: argparse.Namespace) -> Verifier:
     if args.pubkey is not None:
         return _load_vkey(args.pubkey)
-    default = args.directory / "log.pub"
+    default = args.default_pubkey
     if not default.exists():
         raise UsageError(f"no --pubkey given and {default} does not exist")
     print(f"note: checking against {default}; pass --pubkey with a key obtained out of band", file=sys.stderr)
@@ -177,6 +225,8 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
 def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
+            if hasattr(args, "directory"):  # a command reading the log
+                _locate_log(args)
             return func(args)
         except UsageError as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
@@ -315,7 +365,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
     anchor = {"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
               "verifier_key": verifier.vkey(),
               "key_from": str(args.pubkey) if args.pubkey is not None
-              else "the log's own log.pub (self-consistency only)",
+              else f"{args.default_pubkey} (on the log's machine: self-consistency only)",
               "witnessed": policy is not None}
     if args.format == "csv":
         print(f"meter: covers {json.dumps(anchor, ensure_ascii=False)}", file=sys.stderr)
@@ -368,7 +418,10 @@ def cmd_prove(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_check_proof(args: argparse.Namespace) -> int:
-    verifier, policy = _load_vkey(args.pubkey), _policy(args)
+    if args.pubkey is not None and args.config is not None:
+        raise UsageError("give the key either with --pubkey or with -c CONFIG, not both")
+    pubkey = args.pubkey if args.pubkey is not None else trace_verifier_key_path(_load_config(args).state_dir)
+    verifier, policy = _load_vkey(pubkey), _policy(args)
     try:
         index, record, checkpoint = check_inclusion_proof(args.proof.read_bytes().decode(), verifier, policy)
     except (ProofError, NoteError, ValueError) as exc:  # UnicodeDecodeError is a ValueError

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from gateway.config.load import Config, format_host_port
+from gateway.trace.log import SIGNING_KEY_FILE, VERIFIER_KEY_FILE
 
 WRITER_SOCKET = "trace-writer.sock"
 CA_BASENAME = "mitmproxy"  # mitmproxy's file names in the CA folder: mitmproxy-ca.pem, mitmproxy-ca-cert.pem
@@ -58,7 +59,12 @@ def trusted_upstream_ca(state_dir: Path, pem: bytes) -> Path:
 
 
 def trace_key_path(state_dir: Path) -> Path:
-    return state_dir / "trace-signing.key"
+    return state_dir / SIGNING_KEY_FILE
+
+
+def trace_verifier_key_path(state_dir: Path) -> Path:
+    """Written beside the signing key when the gateway first starts."""
+    return state_dir / VERIFIER_KEY_FILE
 
 
 def writer_socket_path(state_dir: Path) -> Path:

@@ -105,18 +105,35 @@ def _read(path: Path) -> bytes:
         raise AuditIOError(f"{path}: {exc.strerror}") from exc
 
 
+# Which files must exist. A tlog-tiles client reads the checkpoint file and then, for its tree
+# size N, every full tile and entry bundle below N and the partial ones at N's right edge; the
+# writer (gateway/trace/store.py) fsyncs the full ones before it writes a checkpoint file that
+# covers them and never removes them. So, for the checkpoint file of size N and the journal
+# starting at record S (everything before S exists only in full bundles):
+#
+#   - every full entry bundle and hash tile (any level) whose records all lie below max(N, S)
+#     must exist at full length and match the records: missing, empty or short is an error,
+#     even where the journal still holds its records;
+#   - one past that is derived from the journal and may be missing or empty (not written yet, or
+#     lost in a crash before the publication that would cover it); if it has data, it must match;
+#   - partial tiles are written without fsync and replaced by wider ones as the log grows: each
+#     one present must match (an empty one is a power loss), a missing one is not an error.
+
+
 class _RootWalk:
     """The tree as the records are walked in order, the roots it must have at given sizes (signed
     checkpoints; a mismatch is reported once, as a problem) and the full hash tiles above level 0
-    it completes, compared with those stored (the ones from `derived_from` on may be missing)."""
+    it completes, compared with those stored (those ending past `required_upto` may be missing).
+    `verified` is the largest size at which a signed root matched the records."""
 
     def __init__(self, directory: Path, targets: dict[int, list[tuple[str, bytes]]], problems: list[str],
-                 derived_from: int) -> None:
+                 required_upto: int) -> None:
         self.directory = directory
         self.tree = TiledTree()
         self.targets = targets
         self.problems = problems
-        self.derived_from = derived_from
+        self.required_upto = required_upto
+        self.verified = 0
 
     @property
     def size(self) -> int:
@@ -127,9 +144,20 @@ class _RootWalk:
 
     def check(self) -> None:
         for label, root in self.targets.pop(self.size, ()):
-            if self.root() != root:
-                self.problems.append(f"{label}: root hash does not match the {self.size} records in the log"
-                                     + ("" if self.problems else " (records altered together with their hash tiles)"))
+            if self.root() == root:
+                self.verified = max(self.verified, self.size)
+            elif self.problems:
+                self.problems.append(f"{label}: root hash does not match the {self.size} records in the log")
+            else:
+                self.problems.append(self.changed_since_verified(f"{label} (size {self.size})"))
+
+    def changed_since_verified(self, anchor: str) -> str:
+        """The records are consistent with their stored hash tiles but not with `anchor`'s signed
+        root: the first changed record is the first one no signed root checked so far vouches for."""
+        vouched = f"records 0..{self.verified - 1} match" if self.verified else "no shorter one matches"
+        return (f"{anchor}: root hash does not match the {self.size} records in the log: the first changed "
+                f"record is record {self.verified} or a later one before {self.size} ({vouched} a signed "
+                f"checkpoint; records altered, deleted, inserted or reordered together with their hash tiles)")
 
     def push_leaves(self, leaves: list[bytes]) -> None:
         first = self.size
@@ -145,7 +173,7 @@ class _RootWalk:
             if level:  # level 0 tiles are checked record by record by the caller
                 span = TILE_WIDTH ** (level + 1)
                 _check_tile(self.directory, level, n, hashes, n * span, self.problems, "",
-                            derived=(n + 1) * span > self.derived_from)
+                            derived=(n + 1) * span > self.required_upto)
         self.check()
 
 
@@ -222,7 +250,8 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         problems.append(f"journal: checkpoint covers {file_cp.size} records but the log ends at record "
                         f"{journal.end - 1}: records removed below the checkpoint")
         return report
-    walk = _RootWalk(directory, targets, problems, start)
+    required_upto = max(start, file_cp.size)
+    walk = _RootWalk(directory, targets, problems, required_upto)
     walk.check()
     # Full bundles below the journal: every entry against the level-0 tile, tiles against the level above.
     for n in range(start // TILE_WIDTH):
@@ -245,7 +274,7 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
         walk.push_leaves(leaves)
     newest = (file_cp, file_note)
     tail = leaf_hashes(journal.entries)
-    _check_derived(directory, journal, tail, problems)
+    _check_derived(directory, journal, tail, problems, required_upto)
     # The journal: each checkpoint frame must be signed by the log and match the records before it.
     good_end = JOURNAL_HEADER.size
     frames = journal.checkpoints
@@ -264,11 +293,13 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
                                     f"records from {size if opened is None else walk.size} on were "
                                     f"never acknowledged; the writer drops them at next start")
                 break
-            what = "forged or altered" if opened is None else (
-                f"records {_previous_size(frames, f, start)}..{size - 1} altered, deleted, inserted or "
-                f"reordered: they do not match")
-            problems.append(f"journal: checkpoint frame at byte {end - len(data) - 4} (size {size}): {what}")
+            frame = f"journal: checkpoint frame at byte {end - len(data) - 4} (size {size})"
+            if opened is None or walk.verified >= size:  # the records match another signed root of this size
+                problems.append(f"{frame}: forged or altered")
+            else:
+                problems.append(walk.changed_since_verified(frame))
             break
+        walk.verified = size
         if size >= newest[0].size:
             newest = (opened[1], opened[0])
         good_end = end
@@ -291,10 +322,6 @@ def verify_log(directory: Path, verifier: Verifier, policy: WitnessPolicy | None
     return report
 
 
-def _previous_size(frames: list[tuple[int, int, bytes]], f: int, start: int) -> int:
-    return frames[f - 1][0] if f else start
-
-
 def _partial_widths(directory: Path, level: int | str, n: int) -> list[int]:
     """Widths of the partial tiles stored for tile n of `level` (the writer's temp files aside)."""
     try:
@@ -304,10 +331,11 @@ def _partial_widths(directory: Path, level: int | str, n: int) -> list[int]:
     return sorted(parsed for name in names if (parsed := parse_decimal(name)) is not None and parsed)
 
 
-def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problems: list[str]) -> None:
-    """Compare the journal with the full and partial bundles and level 0 tiles derived from it,
-    when present (they may lag after a crash, and partial ones be of any size it reached); a
-    difference locates a changed record."""
+def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problems: list[str],
+                   required_upto: int) -> None:
+    """Compare the journal with the full and partial bundles and level 0 tiles derived from it: the
+    full ones below `required_upto` must exist whole, the others when present (they may lag, and
+    partial ones be of any size it reached); a difference locates a changed record."""
     start = journal.start
     for n in range(start // TILE_WIDTH, (start + len(tail)) // TILE_WIDTH + 1):
         first = n * TILE_WIDTH - start
@@ -317,10 +345,19 @@ def _check_derived(directory: Path, journal: Journal, tail: list[bytes], problem
         for width in sorted(w for w in widths if w <= len(leaves)):
             for name, expected in ((tile_path("entries", n, width), encode_entries(journal.entries[first:first + width])),
                                    (tile_path(0, n, width), b"".join(leaves[:width]))):
+                required = width == TILE_WIDTH and (n + 1) * TILE_WIDTH <= required_upto
                 try:
                     stored = _read(directory / name)
                 except FileNotFoundError:
+                    if required:
+                        problems.append(f"{name}: missing (records {n * TILE_WIDTH}..{n * TILE_WIDTH + 255}, "
+                                        f"covered by the checkpoint)")
+                        return
                     continue
+                if required and len(stored) < len(expected):
+                    problems.append(f"{name}: {len(stored)} bytes, the records {n * TILE_WIDTH}.."
+                                    f"{n * TILE_WIDTH + 255} covered by the checkpoint make {len(expected)}")
+                    return
                 if stored and stored != expected:
                     copy = parse_entries(stored)[0] if "entries" in name else [
                         stored[i:i + HASH_SIZE] for i in range(0, len(stored), HASH_SIZE)]
@@ -359,15 +396,18 @@ def _check_upper_partials(directory: Path, tree: TiledTree, problems: list[str])
 def _check_tile(directory: Path, level: int, n: int, hashes: list[bytes], first_record: int,
                 problems: list[str], source: str, derived: bool = False) -> None:
     name = tile_path(level, n)
+    unit = TILE_WIDTH ** level
     try:
         stored = _read(directory / name)
     except FileNotFoundError:
-        if not derived:  # derived tiles past the journal's start may not be written yet
-            problems.append(f"{name}: missing")
+        if not derived:  # see "Which files must exist" above
+            problems.append(f"{name}: missing (records {first_record}..{first_record + TILE_WIDTH * unit - 1})")
         return
-    if stored == b"".join(hashes) or (derived and not stored):  # written without fsync: a power loss may empty it
+    if stored == b"".join(hashes) or (derived and not stored):  # not yet covered by a checkpoint file: a power loss may empty it
         return
-    unit = TILE_WIDTH ** level
+    if not derived and len(stored) < TILE_WIDTH * HASH_SIZE:
+        problems.append(f"{name}: {len(stored)} bytes, a full tile holds {TILE_WIDTH * HASH_SIZE} (truncated)")
+        return
     for i in range(TILE_WIDTH):
         if stored[i * HASH_SIZE:(i + 1) * HASH_SIZE] != (hashes[i] if i < len(hashes) else b""):
             if level == 0:

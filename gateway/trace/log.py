@@ -194,9 +194,12 @@ class GroupCommitter:
         self._thread.join()
 
 
+WITNESS_PUSH_SPACING = 0.5  # seconds at least between pushes: checkpoints are published up to 50 times a second
+
+
 class WitnessPusher:
-    """Pushes each published checkpoint to the witnesses on its own thread, so appends never wait
-    for a witness; cosignatures land in the log directory (see gateway.trace.witness)."""
+    """Pushes the newest published checkpoint to the witnesses on its own thread, so appends never
+    wait for a witness; cosignatures land in the log directory (see gateway.trace.witness)."""
 
     def __init__(self, directory: Path, store: LogStore, witnesses: list[WitnessConfig]) -> None:
         self.directory = directory
@@ -205,6 +208,7 @@ class WitnessPusher:
         self.last_error: str | None = None
         self._wake = threading.Event()
         self._closing = False
+        self._closed = threading.Event()  # cuts the spacing short on close
         self._thread = threading.Thread(target=self._run, name="trace-log-witness", daemon=True)
         self._thread.start()
 
@@ -223,24 +227,34 @@ class WitnessPusher:
                     log.warning("trace log: witness push failed: %s", self.last_error)
             if self._closing and not self._wake.is_set():
                 return
+            self._closed.wait(WITNESS_PUSH_SPACING)
 
     def close(self, timeout: float = 10.0) -> None:
         self._closing = True
+        self._closed.set()
         self._wake.set()
         self._thread.join(timeout)
 
 
+SIGNING_KEY_FILE = "trace-signing.key"  # the gateway's, in its state folder
+VERIFIER_KEY_FILE = "trace-signing.pub"  # beside it (load_or_create_signer) and in the log folder: one name
+
+
 def open_store(directory: Path, origin: str, signing_key: Path, *,
                rotate_bundles: int = ROTATE_BUNDLES) -> LogStore:
-    """The log directory's single writer: the signing key created on first use, log.pub kept beside it."""
+    """The log directory's single writer: the signing key created on first use (its verifier key
+    beside it), and a copy of the verifier key, VERIFIER_KEY_FILE, in the log directory."""
     try:
         signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
     except (OSError, NoteError) as exc:
         raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
     store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
-    pub = directory / "log.pub"
+    pub = directory / VERIFIER_KEY_FILE
     if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():
         pub.write_text(signer.verifier.vkey() + "\n")
+    legacy = directory / "log.pub"  # its name before: one name only
+    if legacy.exists() and legacy.read_text().strip() == signer.verifier.vkey():
+        legacy.unlink()
     return store
 
 

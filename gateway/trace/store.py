@@ -12,12 +12,26 @@ checkpoint covering them were appended to the journal in one write and made dura
 fdatasync. Every record at or past the journal's start is in the journal; every record before it is
 in a full bundle whose files (and hash tiles) were fsync'd before the journal was replaced by one
 starting after them. Everything else (the checkpoint file, full tiles past the journal's start,
-partial tiles) is derived, refreshed lazily and rebuilt from the journal by recovery.
+partial tiles) is derived from the journal and rebuilt from it by recovery.
 
-The derived files are written, and fsync'd before a rotation, by one background thread in commit
-order, so a commit's latency is its journal write and fdatasync only; the rotation itself copies
-the journal's tail to a new file in the background and only catches up and renames it on the
-commit thread. A background error fails the next `maintain` or `commit` (fail closed).
+What a reader of the files may rely on (the rule `trace verify` checks, gateway/trace/audit.py):
+every full tile and full entry bundle below the checkpoint file's size was written and fsync'd
+before that checkpoint file was (so, crash or not, it exists whole); those past it may be missing
+(not derived yet) but are never wrong. Partial tiles are written, not fsync'd, just before the
+checkpoint file they belong to: after a power loss they may be missing or empty until the writer
+restarts.
+
+The derived files are written by one background thread in commit order, so a commit's latency is
+its journal write and fdatasync only: after every commit it fsyncs the full files completed so far,
+writes the partial tiles and then the checkpoint file (a publication), at most one every
+PUBLISH_SPACING: a publication first waits out the spacing and is skipped if a newer one was queued
+meanwhile. The checkpoint file therefore trails the acknowledged records by at most that spacing
+plus the writing of one publication (docs/auditing.md has the figures). A rotation, whose full files
+are then already durable, copies the journal's tail to a new file and, once the commit thread has
+added the frames written since, makes it durable and renames it over the journal, all in the
+background: until that rename is durable, commits write and fdatasync both files, so whichever of
+the two the name `journal` points to after a crash holds every acknowledged record. A background
+error fails the next `maintain` or `commit` (fail closed).
 
 Recovery keeps the journal up to its last checkpoint frame that verifies and matches the records
 before it; what follows was never acknowledged (a write cut short by a crash) and is cut off, unless
@@ -53,8 +67,8 @@ from gateway.trace.tiles import (
     unfinished_write_problem,
 )
 
-ROTATE_BUNDLES = 64  # full bundles kept in the journal before their files are fsync'd and it rotates
-PUBLISH_INTERVAL = 0.5  # seconds between checkpoint file refreshes under load
+ROTATE_BUNDLES = 64  # full bundles kept in the journal before it rotates past them
+PUBLISH_SPACING = 0.02  # seconds at least between two publications: each costs two fsyncs and file churn
 
 
 class TraceError(RuntimeError):
@@ -110,12 +124,12 @@ def _sync_files(files: list[Path], dirs: set[Path]) -> None:
 
 class LogStore:
     def __init__(self, directory: Path, signer: Signer, *, rotate_bundles: int = ROTATE_BUNDLES,
-                 publish_interval: float = PUBLISH_INTERVAL) -> None:
+                 publish_spacing: float = PUBLISH_SPACING) -> None:
         self.directory = directory
         self.signer = signer
         self.origin = signer.name
         self.rotate_bundles = rotate_bundles
-        self.publish_interval = publish_interval
+        self.publish_spacing = publish_spacing
         self.checkpoint_size = 0  # size of the newest durable signed checkpoint (in the journal)
         self.checkpoint_time = 0.0
         self.checkpoint_note = b""
@@ -130,11 +144,14 @@ class LogStore:
         self._sync_job: Future | None = None  # fsync of the full files up to _sync_target
         self._sync_target = 0
         self._rotation: Future | None = None  # the new journal being prepared: (its fd, bytes copied)
+        self._replacing: Future | None = None  # the new journal made durable and renamed over the old one
+        self._old_journal: tuple[int, int] | None = None  # (fd, end) of the old one while _replacing runs
         self._files: ThreadPoolExecutor | None = None
         self._jobs: deque[Future] = deque()  # file jobs whose errors are still to be raised
         self._lock_fd = -1
         self._publish_size = -1
-        self._published_at = 0.0
+        self._publications = 0  # publications queued; the files thread skips all but the newest
+        self._published_at = 0.0  # files thread: monotonic time of the last publication
         # Touched by the files thread only.
         self._unsynced: list[Path] = []  # full files written but not yet fsync'd
         self._unsynced_dirs: set[Path] = set()
@@ -322,7 +339,14 @@ class LogStore:
         self.checkpoint_time = time.time() if when is None else when
 
     def _append_journal(self, data: bytes) -> None:
+        if self._replacing is not None and self._replacing.done():
+            self._close_old_journal()
         _pwrite_all(self._journal_fd, data, self._journal_end)
+        if self._old_journal is not None:  # the rename may not be durable yet: keep the old one whole too
+            old_fd, old_end = self._old_journal
+            _pwrite_all(old_fd, data, old_end)
+            os.fdatasync(old_fd)
+            self._old_journal = (old_fd, old_end + len(data))
         os.fdatasync(self._journal_fd)
         self._journal_end += len(data)
 
@@ -343,14 +367,12 @@ class LogStore:
         return first
 
     def maintain(self) -> None:
-        """Upkeep of the derived files after a commit: hand its full bundles and tiles to the files
-        thread, move the journal rotation on and publish the checkpoint every publish_interval.
-        Raises the error of a failed file job (the store must then not be used again)."""
+        """Upkeep of the derived files after a commit: hand its full bundles and tiles and its
+        publication to the files thread and move the journal rotation on. Raises the error of a
+        failed file job (the store must then not be used again)."""
         self._check_files_thread()
-        self._queue_full_files()
+        self.publish(wait=False)
         self._rotate_when_synced()
-        if time.monotonic() - self._published_at >= self.publish_interval:
-            self.publish(wait=False)
 
     def _submit(self, job: Callable, *args: object) -> Future:
         if self._files is None:
@@ -397,10 +419,14 @@ class LogStore:
         _sync_files(files, dirs)
 
     def _rotate_when_synced(self) -> None:
-        """Rotation in three steps, each started once the one before is done, off the commit path:
-        fsync the full files (files thread), copy the journal's tail past them to a new journal
-        (files thread), then catch up with the frames written since and rename it (here)."""
-        if self._rotation is not None:
+        """Rotation in four steps, each started once the one before is done, off the commit path:
+        fsync the full files not yet published (files thread; usually none), copy the journal's
+        tail past them to a new journal (files thread), catch up with the frames written since and
+        write to both (here), make the new one durable and rename it (files thread)."""
+        if self._replacing is not None:
+            if self._replacing.done():
+                self._close_old_journal()
+        elif self._rotation is not None:
             if self._rotation.done():
                 job, self._rotation = self._rotation, None
                 self._switch_journal(*job.result())
@@ -428,36 +454,50 @@ class LogStore:
         return fd, end
 
     def _switch_journal(self, fd: int, copied: int) -> None:
-        """Add the frames written since the copy to the new journal, make it durable and put it in
-        the old one's place; later commits write to it."""
+        """Add the frames written since the copy to the new journal (not yet durable: the old one
+        holds them) and have later commits written to both until the files thread has made the
+        new one durable and put it in the old one's place."""
         start = self._sync_target
         shift = self._bundle_offsets[start] - JOURNAL_HEADER.size  # old offset - new offset
         try:
             if self._journal_end > copied:
                 _pwrite_all(fd, os.pread(self._journal_fd, self._journal_end - copied, copied), copied - shift)
-                os.fdatasync(fd)
-            os.replace(self.directory / ".journal.tmp", self.directory / "journal")
-            _fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             raise
-        os.close(self._journal_fd)
+        self._old_journal = (self._journal_fd, self._journal_end)
         self._journal_fd = fd
         self._bundle_offsets = {n: o - shift for n, o in self._bundle_offsets.items() if n > start}
         self._journal_start = start
         self._journal_end -= shift
+        self._replacing = self._submit(self._replace_journal, fd)
+
+    def _replace_journal(self, fd: int) -> None:
+        """Files thread: make the new journal durable (its later frames are fdatasync'd by their
+        commits) and rename it over the old one."""
+        os.fdatasync(fd)
+        os.replace(self.directory / ".journal.tmp", self.directory / "journal")
+        _fsync_dir(self.directory)
+
+    def _close_old_journal(self) -> None:
+        """Once the new journal's rename is durable (or failed: then raise), stop writing the old one."""
+        job, self._replacing = self._replacing, None
+        os.close(self._old_journal[0])
+        self._old_journal = None
+        job.result()
 
     # ---- derived files and closing --------------------------------------------------------------
 
     def publish(self, wait: bool = True) -> None:
-        """Have the partial tiles and then the checkpoint file written for the newest checkpoint,
-        after the full files before them, so a tlog-tiles client sees a consistent log; `wait`
-        for that and every file job before it."""
-        self._published_at = time.monotonic()
+        """Have the full files before the newest checkpoint made durable, then its partial tiles
+        and the checkpoint file written, so a tlog-tiles client sees a consistent log; `wait` for
+        that and every file job before it."""
         if self._publish_size != self.checkpoint_size:
             self._publish_size = self.checkpoint_size
             self._queue_full_files()
-            self._jobs.append(self._submit(self._write_published, self._partial_tiles(), self.checkpoint_note))
+            self._publications += 1
+            self._jobs.append(self._submit(self._write_published, self._partial_tiles(), self.checkpoint_note,
+                                           self._publications))
         if wait:
             self._check_files_thread(wait=True)
 
@@ -473,9 +513,15 @@ class LogStore:
                 wanted[self.directory / tile_path(level, n, len(rows[0]))] = b"".join(rows[0])
         return wanted
 
-    def _write_published(self, partial_tiles: dict[Path, bytes], checkpoint_note: bytes) -> None:
-        """Files thread: the partial tiles (derived data, not fsync'd: the journal is the durable
-        copy), removing those of earlier sizes, then the checkpoint file."""
+    def _write_published(self, partial_tiles: dict[Path, bytes], checkpoint_note: bytes, number: int) -> None:
+        """Files thread: fsync the full files written so far, then write the partial tiles (not
+        fsync'd: the journal is their durable copy), remove those of earlier sizes, and write the
+        checkpoint file; nothing if a newer publication is queued behind this one."""
+        time.sleep(max(0.0, self._published_at + self.publish_spacing - time.monotonic()))
+        if number != self._publications:
+            return
+        self._published_at = time.monotonic()
+        self._sync_full_files()
         wanted = partial_tiles
         for path, data in wanted.items():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,8 +544,8 @@ class LogStore:
         """On close: finish the file jobs and a rotation in progress."""
         self._queue_full_files()
         self._check_files_thread(wait=True)
-        while self._sync_job is not None or self._rotation is not None:
-            (self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
+        while self._sync_job is not None or self._rotation is not None or self._replacing is not None:
+            (self._replacing or self._rotation or self._sync_job).exception()  # wait; _rotate_when_synced raises it
             self._rotate_when_synced()
 
     def close_files(self) -> None:
@@ -508,6 +554,9 @@ class LogStore:
             self._files = None
             if self._rotation is not None and self._rotation.exception() is None:
                 os.close(self._rotation.result()[0])  # a rotation left unfinished: the journal stays as it is
+            if self._old_journal is not None:
+                os.close(self._old_journal[0])
+                self._old_journal = None
         for attr in ("_journal_fd", "_lock_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
