@@ -16,7 +16,7 @@ from mitmproxy.master import Master
 
 from gateway.config.runtime import Runtime
 from gateway.dlp import mask_text, mask_url
-from gateway.filters import body_size, refusal_response, refuse, transfer_of
+from gateway.filters import body_size, disk_full, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
@@ -41,6 +41,7 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
 RECORD_SLACK = 64  # room kept for "rules_omitted" and the record's worker field
 
 
@@ -50,11 +51,14 @@ class Record:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
-        failure = self.gateway.trace.failure
         transfer = transfer_of(flow)
-        if failure is not None and transfer is not None and flow.response is None:
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+        if transfer is None or flow.response is not None:
+            return
+        failure = self.gateway.trace.failure or disk_full(self.gateway.runtime.config.trace_dir, "trace log")
+        if failure is not None:
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {failure}"
+            log.error("refusing transfer %s: %s", transfer.id, transfer.error)
             refuse(flow, transfer, status=503, error="trace log unavailable")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -149,13 +153,16 @@ class Record:
         try:
             await self.gateway.trace.append(record)
         except TraceError as e:
-            # Fail closed: what cannot be proven to have crossed must not cross.
+            # Fail closed: what cannot be proven to have crossed must not cross. The alert log (on its
+            # own file) keeps the record the trace log could not.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {e}"
+            self.gateway.alerts.write({**_alert(record), "decision": "error", "status": 503,
+                                       "error": transfer.error, "trace": "not recorded"})
             return False
         transfer.extra["trace_append_seconds"] = time.perf_counter() - started
-        if transfer.decision in ("warn", "block", "deny"):
+        if transfer.decision in ("warn", "block", "deny") or _unavailable(transfer):
             self.gateway.alerts.write(_alert(record))
         return True
 
@@ -166,7 +173,7 @@ class Record:
             self.gateway.trace.append_sync(self._build(flow, transfer))
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             return False
         return True
 
@@ -248,6 +255,11 @@ def _hash(name: str, body: bytes) -> str:
     hasher = body_hasher(name)
     hasher.update(body)
     return hasher.digest_string()
+
+
+def _unavailable(transfer: Transfer) -> bool:
+    """Refused because a part of the gateway could not serve (trace log, spool): people on duty must know."""
+    return any(reason.type == "unavailable" for reason in transfer.reasons)
 
 
 def _alert(record: dict[str, Any]) -> dict[str, Any]:
