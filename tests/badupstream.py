@@ -1,5 +1,6 @@
 """An upstream that misbehaves on purpose, chosen by the request path (`/close-mid-head`, ...), over
-plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself."""
+plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself. Its HTTP/2 side also
+sends `/h2-random?bytes=N`: N random bytes (tests/upstream_server.py's) with no content-length."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import hyperframe.frame
+
+from tests.upstream_server import random_bytes
 
 # What the upstream writes after reading a request head, by path; None: it closes without a word.
 ANSWERS: dict[str, bytes | None] = {
@@ -93,6 +96,8 @@ class BadUpstream:
                 if isinstance(event, h2.events.RequestReceived):
                     path = dict(event.headers)[b":path"].decode()
                     self.requests.append(path)
+                    if path.startswith("/h2-random?bytes="):
+                        return _h2_stream(conn, connection, event.stream_id, int(path.split("=")[1]))
                     conn.sendall(connection.data_to_send() + _h2_answer(connection, event.stream_id, path))
                     return
             conn.sendall(connection.data_to_send())
@@ -118,3 +123,29 @@ def _h2_answer(connection: h2.connection.H2Connection, stream_id: int, path: str
     elif path != "/h2-close-after-head":
         connection.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
     return connection.data_to_send()
+
+
+def _h2_stream(conn: ssl.SSLSocket, connection: h2.connection.H2Connection, stream_id: int, size: int) -> None:
+    """`size` random bytes on `stream_id`, no content-length, as flow control lets them go."""
+    connection.send_headers(stream_id, [(":status", "200"), ("content-type", "application/octet-stream")])
+    pending = b""
+    pieces = random_bytes(size)
+    while True:
+        if not pending:
+            pending = next(pieces, b"")
+            if not pending:
+                break
+        window = min(connection.local_flow_control_window(stream_id), connection.max_outbound_frame_size)
+        if window > 0:
+            connection.send_data(stream_id, pending[:window])
+            pending = pending[window:]
+        else:
+            data = conn.recv(65536)
+            if not data:
+                return
+            connection.receive_data(data)
+        conn.sendall(connection.data_to_send())
+    connection.end_stream(stream_id)
+    conn.sendall(connection.data_to_send())
+    while conn.recv(65536):  # until the gateway closes
+        pass
