@@ -172,7 +172,9 @@ def trace_records(trace_dir: Path, *options: str, opened: bool = False) -> list[
     shown = subprocess.run([sys.executable, "-m", "gateway", "trace", "show", str(trace_dir), *options],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert shown.returncode == 0, shown.stderr
-    records = [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+    # One record a line, split at "\n" only: str.splitlines() would also split inside a record at the
+    # U+0085 or U+2028 a location quoting a body's bytes may hold.
+    records = [json.loads(line)["record"] for line in shown.stdout.split("\n") if line]
     if opened:
         return records
     completed = {r["id"] for r in records if r.get("phase") == "done"}

@@ -1,6 +1,7 @@
 """The error-answer extension points must fail loudly when mitmproxy changes the code they wrap."""
 
 import h2.connection
+import h2.frame_buffer
 import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
@@ -25,7 +26,7 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
                 h2.connection.H2Connection.receive_data, h2.connection.H2Connection.send_data,
                 HttpStream.start_request_stream, HttpStream.state_stream_request_body,
                 HttpStream.start_response_stream, HttpStream.state_stream_response_body,
-                HttpStream.check_killed, HttpStream.handle_connect_finish)
+                HttpStream.check_killed, HttpStream.handle_connect_finish, h2.frame_buffer.FrameBuffer.__next__)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
@@ -40,7 +41,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
     (Http1Server, "read_body", "heads"), (Http1Client, "read_body", "heads"),
     (HttpStream, "start_request_stream", "heldheads"), (HttpStream, "state_stream_request_body", "heldheads"),
     (HttpStream, "start_response_stream", "heldheads"), (HttpStream, "state_stream_response_body", "heldheads"),
-    (HttpStream, "check_killed", "answers"), (HttpStream, "handle_connect_finish", "answers")])
+    (HttpStream, "check_killed", "answers"), (HttpStream, "handle_connect_finish", "answers"),
+    (h2.frame_buffer.FrameBuffer, "__next__", "h2limits")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name, module):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -310,6 +311,38 @@ def test_an_http2_continuation_flood_is_cut_off(tls_lab):
     assert httpx.get(f"http://{tls_lab['config']['management']['listen']}/readyz", timeout=10).status_code == 200
     assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
                 f"{tls_lab['upstream']}/text?body=after-flood").stdout == "200"
+
+
+GARBAGE_FRAMES = {
+    # 4 KiB of noise after the preface: its first "frame header" announces megabytes of body
+    "noise": random.Random(20).randbytes(4096),
+    # one frame header announcing 8 MiB of an unknown type, the body never sent
+    "overlong header": b"\x7f\xff\xff\xee\x00\x00\x00\x00\x01" + b"x" * 100,
+    # DATA on stream 0, then padding longer than the frame
+    "data on stream 0": b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x",
+    "bad padding": b"\x00\x00\x05\x00\x08\x00\x00\x00\x01\xffabcd",
+}
+
+
+@pytest.mark.parametrize("shape", GARBAGE_FRAMES)
+def test_garbage_http2_frames_end_the_connection_with_goaway_at_once(tls_lab, shape):
+    """An HTTP/2 protocol error ends the connection with GOAWAY. A frame header announcing more than
+    the maximum frame size used to be believed until its body arrived: the connection was held open,
+    unanswered, until the head deadline (31 s)."""
+    with h2_tunnel(tls_lab) as (sock, connection, target):
+        sock.sendall(connection.data_to_send() + GARBAGE_FRAMES[shape])
+        sock.settimeout(5)
+        started, terminated = time.monotonic(), None
+        with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+            while terminated is None and (data := sock.recv(65536)):
+                terminated = next((event for event in connection.receive_data(data)
+                                   if isinstance(event, h2.events.ConnectionTerminated)), None)
+        waited = time.monotonic() - started
+    assert terminated is not None, f"no GOAWAY within {waited:.1f} s"
+    assert terminated.error_code in (h2.errors.ErrorCodes.PROTOCOL_ERROR, h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+    assert waited < 2, waited
+    assert curl(tls_lab, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
+                f"{tls_lab['upstream']}/text?body=after-garbage").stdout == "200"
 
 
 def gateway_rss_mib(lab) -> float:

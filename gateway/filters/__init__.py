@@ -6,6 +6,8 @@ identify (zones) -> authorize (policy) -> grant (catalogue, grants) -> inspect (
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Protocol
 
 from mitmproxy import hooks, http
@@ -34,6 +36,23 @@ def body_size(transfer: Transfer, direction: str, message: http.Message) -> int:
     """A body's size, also when it was spooled to disk rather than held by mitmproxy."""
     spool = transfer.spools.get(direction)
     return spool.size if spool is not None else len(message.raw_content or b"")
+
+
+# Kept free on the trace log's and the spool's filesystems: below it transfers are refused 503 before
+# anything is forwarded, so that a full disk is met by a refusal (and its record), not a failed write.
+DISK_RESERVE = 16 * 1024 * 1024
+
+
+def disk_full(directory: Path, what: str) -> str | None:
+    """Why `directory`'s filesystem cannot take `what` any more (less than DISK_RESERVE free), or None."""
+    folder = directory
+    while not folder.exists() and folder != folder.parent:  # the spool folder is made on first use
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free >= DISK_RESERVE:
+        return None
+    return (f"{what} filesystem full: {free // 1024} KiB free at {directory}, "
+            f"{DISK_RESERVE // (1024 * 1024)} MiB kept in reserve")
 
 
 # Hooks after which mitmproxy has sent the client nothing of the flow yet (it answers a refusal set here).

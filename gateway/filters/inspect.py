@@ -13,6 +13,7 @@ gateway.dlp.budget); past it what is left is uninspectable, and the profile's `u
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -31,8 +32,11 @@ from gateway.filters import Gateway, refuse, transfer_of
 from gateway.trace import body_hasher
 from gateway.transfer.edge import TOO_BIG
 from gateway.transfer.model import Reason, Transfer
-from gateway.transfer.spool import HeldBody, SpooledBody
+from gateway.transfer.spool import HeldBody, SpooledBody, spool_dir
 
+log = logging.getLogger(__name__)
+
+SPOOL_UNAVAILABLE = Reason("spool", "unavailable", "spool", "block")  # its disk full: 503, not the content's fault
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
 INLINE_SCAN_LIMIT = 64 * 1024
@@ -170,7 +174,7 @@ class Inspect:
                               content_encoding=message.headers.get("content-encoding"),
                               direction=direction, host=transfer.upstream_host) if profile else None
         budgeted = BudgetedStream(scan, self._budget(transfer)) if scan else None
-        spool = SpooledBody(config.state_dir / "spool", budgeted, config.body_digest)
+        spool = SpooledBody(spool_dir(config.state_dir), budgeted, config.body_digest)
         transfer.spools[direction] = spool
         return spool
 
@@ -180,6 +184,12 @@ class Inspect:
         started = time.perf_counter()
         result = spool.finish()
         transfer.extra.setdefault("inspection_seconds", {})[direction] = time.perf_counter() - started
+        if spool.failure is not None:  # its disk is full: the gateway's failure, not the content's
+            transfer.escalate("error", [SPOOL_UNAVAILABLE])
+            transfer.error = f"spool unavailable: {spool.failure}"
+            log.error("refusing transfer %s: %s", transfer.id, transfer.error)
+            refuse(flow, transfer, status=503, error="spool unavailable")
+            return False
         head = transfer.extra.pop("response_head", None) if direction == "response" else None
         for found in (head, result, self._trailers(transfer, direction, message)):
             if found is not None and found.action is not None:

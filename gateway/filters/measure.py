@@ -19,12 +19,13 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from gateway.authz import REASONS as GRANT_REASONS
 from gateway.config.runtime import Runtime
-from gateway.filters import body_size, transfer_of
+from gateway.filters import body_size, disk_full, transfer_of
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog
 from gateway.transfer.edge import LIMIT_ERROR, MalformedRequest
 from gateway.transfer.model import Transfer
+from gateway.transfer.spool import spool_dir
 
 # Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
 # unreachable upstream, a malformed request, a stage that failed on the flow, a grant refused.
@@ -77,7 +78,10 @@ class Measure:
             problems.append(str(trace.failure))
         elif not os.access(config.trace_dir, os.W_OK):
             problems.append(f"trace log directory not writable: {config.trace_dir}")
-        return problems
+        else:
+            problems.append(disk_full(config.trace_dir, "trace log"))
+        problems.append(disk_full(spool_dir(config.state_dir), "spool"))
+        return [problem for problem in problems if problem]
 
     # Connections.
 

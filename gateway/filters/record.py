@@ -26,7 +26,7 @@ from mitmproxy.master import Master
 
 from gateway.config.runtime import Runtime
 from gateway.dlp import mask_text, mask_url
-from gateway.filters import body_size, refusal_response, refuse, transfer_of
+from gateway.filters import body_size, disk_full, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
@@ -51,6 +51,7 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
 RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
 
 
@@ -73,10 +74,11 @@ class Record:
         if flow.response is not None:
             return
         # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
-        failure = self.gateway.trace.failure
+        failure = self.gateway.trace.failure or disk_full(self.gateway.runtime.config.trace_dir, "trace log")
         if failure is not None:
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {failure}"
+            log.error("refusing transfer %s: %s", transfer.id, transfer.error)
             refuse(flow, transfer, status=503, error="trace log unavailable")
         elif self.stopping:
             transfer.escalate("error", [STOPPING])
@@ -225,15 +227,18 @@ class Record:
         try:
             await self.gateway.trace.append(record, retry=retry)
         except TraceError as e:
-            # Fail closed: what cannot be proven to have crossed must not cross.
+            # Fail closed: what cannot be proven to have crossed must not cross. The alert log (on its
+            # own file) keeps the record the trace log could not.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {e}"
+            self.gateway.alerts.write({**_alert(record), "decision": "error", "status": 503,
+                                       "error": transfer.error, "trace": "not recorded"})
             return False
         # Both records' waits add up: how long the transfer waited on the log.
         transfer.extra["trace_append_seconds"] = transfer.extra.get("trace_append_seconds", 0.0) + \
             time.perf_counter() - started
-        if record.get("phase") != "open" and transfer.decision in ("warn", "block", "deny"):
+        if record.get("phase") != "open" and (transfer.decision in ("warn", "block", "deny") or _unavailable(transfer)):
             self.gateway.alerts.write(_alert(record))
         return True
 
@@ -244,7 +249,7 @@ class Record:
             self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened)
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
-            transfer.escalate("error", [Reason("trace-log", "unavailable", "trace", "block")])
+            transfer.escalate("error", [TRACE_UNAVAILABLE])
             return False
         return True
 
@@ -331,6 +336,11 @@ def _hash(name: str, body: bytes) -> str:
     hasher = body_hasher(name)
     hasher.update(body)
     return hasher.digest_string()
+
+
+def _unavailable(transfer: Transfer) -> bool:
+    """Refused because a part of the gateway could not serve (trace log, spool): people on duty must know."""
+    return any(reason.type == "unavailable" for reason in transfer.reasons)
 
 
 def _alert(record: dict[str, Any]) -> dict[str, Any]:

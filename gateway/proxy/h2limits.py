@@ -1,7 +1,8 @@
 """HTTP/2 floods: an HTTP/2 client resetting streams faster than RESET_RATE a second (after a burst of
 RESET_BURST), or sending control frames faster than CONTROL_RATE (after CONTROL_BURST), has its
 connection ended with ENHANCE_YOUR_CALM ("rapid reset", control floods; an upstream flooding control
-frames fails with a plain protocol error).
+frames fails with a plain protocol error). A frame announcing more than the connection's maximum frame
+size ends the connection with GOAWAY (FRAME_SIZE_ERROR) as soon as its header has arrived.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when an h2 or
 mitmproxy upgrade changes them.
@@ -16,6 +17,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
+import hyperframe.frame
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
@@ -43,6 +46,8 @@ def install() -> None:
           ("for frame in self.incoming_buffer:", "return events"))
     wrap_method(h2.connection.H2Connection, "send_data", _credit_window_updates,
           ("self.outbound_flow_control_window -= frame_size",))
+    wrap_method(h2.frame_buffer.FrameBuffer, "__next__", _refuse_overlong_frames_at_their_header,
+          ("if len(self._data) < length + 9:", "self._validate_frame_length(length)"))
 
 
 def _limit_stream_resets(original: Callable) -> Callable:
@@ -89,6 +94,22 @@ def _credit_window_updates(original: Callable) -> Callable:
         _control_bucket(self).give(2)
 
     return send_data
+
+
+def _refuse_overlong_frames_at_their_header(original: Callable) -> Callable:
+    """h2 checks a frame's length against the maximum only once the whole frame has arrived: garbage
+    whose first bytes announce 8 MiB made it wait for them, the connection held open without an answer
+    until the head deadline (31 s). The length is checked as soon as the frame header is in, and the
+    FrameTooLargeError ends the connection with GOAWAY like any other HTTP/2 protocol error."""
+    def __next__(self: h2.frame_buffer.FrameBuffer) -> hyperframe.frame.Frame:
+        if len(self._data) >= FRAME_HEADER_SIZE:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return original(self)
+
+    return __next__
+
+
+FRAME_HEADER_SIZE = 9  # a 24-bit length, then type, flags and stream id (RFC 9113, section 4.1)
 
 
 class TokenBucket:

@@ -11,6 +11,7 @@ held too, here:
 - a spooled one is judged when it ends: refused, the flow's answer (the refusal the inspect stage
   set) is sent like any other; clean, the head is sent (a request's upstream connection opened only
   then) and the body released from the spool.
+A request body of unknown length held whole is given its Content-Length (`_give_length`).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mitmproxy import http
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import HttpStream, SendHttp
 from mitmproxy.proxy.layers.http._events import (
@@ -90,16 +92,26 @@ def _judge_held_request(original: Callable) -> Callable:
             setattr(self, HELD_REQUEST, False)
             self.flow.request.stream = False
             self.request_body_buf += held or b""
+            _give_length(self.flow.request, len(held or b""))
             return (yield from self.state_consume_request_body(event))
         ok = yield from self.make_server_connection()
         setattr(self, HELD_REQUEST, False)
         if not ok:
             self.client_state = self.state_errored
             return None
+        _give_length(self.flow.request, body.spool.size)
         yield SendHttp(RequestHeaders(self.stream_id, self.flow.request, end_stream=False), self.context.server)
         return (yield from original(self, event))  # releases the spooled body, then the `request` hook
 
     return state_stream_request_body
+
+
+def _give_length(request: http.Request, size: int) -> None:
+    """A request body of unknown length (HTTP/2 without content-length), now held whole, is given its
+    length: mitmproxy would send it to an HTTP/1 upstream with neither Content-Length nor chunked
+    framing, so the upstream read no body and took the body's bytes for its next request (smuggling)."""
+    if size and "content-length" not in request.headers and "transfer-encoding" not in request.headers:
+        request.headers["content-length"] = str(size)
 
 
 def _hold_response_head(original: Callable) -> Callable:

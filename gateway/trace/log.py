@@ -6,12 +6,18 @@ with one journal fdatasync and one checkpoint, then answers every producer of th
 into each event loop per burst of records), and only then keeps up the derived files. A record
 therefore waits at most for the commit in flight plus its own. Several worker processes share one
 log through the writer process in remote.py instead.
+
+A write that fails (a full disk) stops the log: every append raises TraceError. The writer thread then
+opens the directory again every RETRY_INTERVAL, recovering it as after a crash (the unacknowledged
+tail of the failed write is cut off); once that succeeds, appends are taken again, without a restart.
 """
 
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 Waiter = asyncio.Future | ThreadFuture
 # Records handed over together: their event loop (None: thread futures), entries and waiters.
 Burst = tuple[asyncio.AbstractEventLoop | None, list[bytes], list[Waiter]]
+RETRY_INTERVAL = 1.0  # seconds between attempts to open a failed log again
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -74,8 +81,10 @@ class GroupCommitter:
     """One writer thread batching submissions into durable commits; fails closed on any error."""
 
     def __init__(self, store: LogStore, *, max_batch: int = 16384, max_wait: float = 0.0,
-                 idle_flush: float = 0.2) -> None:
+                 idle_flush: float = 0.2, reopen: Callable[[], LogStore] | None = None) -> None:
         self.store = store
+        self.reopen = reopen  # a fresh store on the same directory, recovered as after a crash
+        self._retry_at = 0.0
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.idle_flush = idle_flush
@@ -130,8 +139,8 @@ class GroupCommitter:
             while not self._queue:
                 if self._closing:
                     return None
-                if not self._cond.wait(timeout=self.idle_flush) and self.failure is None:
-                    self.store.publish(wait=False)  # derived files only: errors fail the next commit
+                if not self._cond.wait(timeout=self.idle_flush):
+                    return []  # idle: upkeep, outside the lock
             if self.max_wait and self._queued < self.max_batch:
                 # Bounded wait for more producers to join this batch.
                 self._cond.wait_for(lambda: self._queued >= self.max_batch or self._closing,
@@ -146,6 +155,12 @@ class GroupCommitter:
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
+            if self.failure is not None and self.reopen is not None and time.monotonic() >= self._retry_at:
+                self._recover()
+            if not batch:
+                if self.failure is None:
+                    self.store.publish(wait=False)  # derived files only: errors fail the next commit
+                continue
             if self.failure is not None:
                 self._answer(batch, None, self.failure)
                 continue
@@ -168,9 +183,31 @@ class GroupCommitter:
             except Exception as exc:
                 self.failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
 
+    def _recover(self) -> None:
+        """Open the failed log's directory again (what a restart would do); on success take appends again."""
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        failed = self.store
+        try:
+            failed.close_files()  # its lock too, which the fresh store takes
+        except Exception:  # a file job's error: the store is dropped all the same
+            pass
+        try:
+            store = self.reopen()
+        except Exception as exc:
+            log.debug("trace log still unavailable: %s", exc)
+            return
+        store.on_publish = failed.on_publish
+        with self._cond:
+            self.store = store
+            self.failure = None
+        log.warning("trace log writable again at %d records: taking transfers again", store.checkpoint_size)
+
     def _fail(self, batch: list[Burst], exc: Exception) -> None:
         failure = TraceError(f"trace log write failed, forwarding must stop: {exc}")
         failure.__cause__ = exc
+        if self.failure is None:
+            log.error("%s; opening it again every %.0f s", failure, RETRY_INTERVAL)
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
         with self._cond:
             self.failure = failure
             pending = list(self._queue)
@@ -261,8 +298,7 @@ def open_store(directory: Path, origin: str, signing_key: Path, *,
 class TraceLog:
     """Append-only, tamper-evident trace log (see the module docs of gateway.trace)."""
 
-    def __init__(self, store: LogStore, committer: GroupCommitter, pusher: WitnessPusher | None = None) -> None:
-        self._store = store
+    def __init__(self, committer: GroupCommitter, pusher: WitnessPusher | None = None) -> None:
         self._committer = committer
         self._pusher = pusher
         self._closed = False
@@ -272,12 +308,20 @@ class TraceLog:
              max_wait: float = 0.0, rotate_bundles: int = ROTATE_BUNDLES,
              witnesses: list[WitnessConfig] | None = None) -> "TraceLog":
         directory = Path(directory)
-        store = open_store(directory, origin, Path(signing_key), rotate_bundles=rotate_bundles)
+
+        def reopen() -> LogStore:
+            return open_store(directory, origin, Path(signing_key), rotate_bundles=rotate_bundles)
+
+        store = reopen()
         pusher = WitnessPusher(directory, store, witnesses) if witnesses else None
         if pusher is not None:
             store.on_publish = pusher.poke
             pusher.poke()
-        return cls(store, GroupCommitter(store, max_batch=max_batch, max_wait=max_wait), pusher)
+        return cls(GroupCommitter(store, max_batch=max_batch, max_wait=max_wait, reopen=reopen), pusher)
+
+    @property
+    def _store(self) -> LogStore:
+        return self._committer.store  # replaced when a failed log is opened again
 
     async def append(self, record: dict[str, Any], retry: bool = False) -> int:
         """Leaf index of `record`, returned once it and a checkpoint covering it are durable.

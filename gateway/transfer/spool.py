@@ -16,6 +16,11 @@ from gateway.trace import body_hasher
 RELEASE_CHUNK = 256 * 1024
 
 
+def spool_dir(state_dir: Path) -> Path:
+    """Where long bodies are spooled: the state folder's `spool` (it may be a filesystem of its own)."""
+    return state_dir / "spool"
+
+
 class SpooledBody:
     def __init__(self, directory: Path, scan: StreamScan | None, digest: str):
         directory.mkdir(parents=True, exist_ok=True)
@@ -39,6 +44,10 @@ class SpooledBody:
         self.size += len(chunk)
 
     def finish(self) -> ScanResult:
+        try:
+            self.file.flush()  # the last buffered bytes: their write may fail too
+        except OSError as e:
+            self.failure = self.failure or f"spool write failed: {e}"
         if self.failure is not None:
             finding = Finding(rule="uninspectable", type="uninspectable", action="block", severity="high",
                               location="body", masked=self.failure, value=self.failure)
@@ -46,7 +55,6 @@ class SpooledBody:
         return self.scan.finish() if self.scan is not None else ScanResult(findings=[], action=None)
 
     def release(self) -> Iterator[bytes]:
-        self.file.flush()
         self.file.seek(0)
         try:
             while chunk := self.file.read(RELEASE_CHUNK):

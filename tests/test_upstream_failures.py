@@ -1,0 +1,103 @@
+"""Every way an upstream fails that mitmproxy would answer by itself (its own HTML 502) is answered
+by the gateway: `502` with the JSON refusal and `X-Gateway-Transfer-Id`, and one trace record under
+that id (decision `error`, status 502). One test per path: connect refused, a name that does not
+resolve, upstream TLS refused, an upstream closing before or in the middle of its head, a head that
+is no HTTP, a body shorter than announced, bad or cut chunked framing, smuggling-shaped framing, a
+long (spooled) body cut, an upload whose upstream hangs up, and an HTTP/2 upstream's resets,
+GOAWAY, garbage frames, bad status and close after the head. HTTP/1.1 and HTTP/2 clients alike.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.badupstream import ANSWERS, H2_FAILURES, BadUpstream
+from tests.certs import make_ca_and_server
+from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, trace_records, write_config
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("upstream-failures")
+    ca, cert, key = make_ca_and_server(root, "127.0.0.2")
+    config = gateway_config(root / "state", workers=1, tls={"upstream_ca": str(ca)})
+    config["dlp"]["spool_threshold"] = "1MiB"
+    # a name that does not resolve is in no zone: allowed there, so that the gateway tries to resolve it
+    config["policy"]["rules"].append({"name": "to-unknown", "from": "extranet", "to": "unknown", "action": "allow",
+                                      "request_profile": "outbound", "response_profile": "inbound"})
+    path = write_config(root / "gateway.yaml", config)
+    gateway = start_gateway(path)
+    gateway_ca = root / "gateway-ca.pem"
+    subprocess.run([sys.executable, "-m", "gateway", "ca", "export", "-c", str(path), "-o", str(gateway_ca)],
+                   check=True, timeout=30)
+    upload = root / "upload"
+    upload.write_bytes(b"a" * 5 * MIB)
+    plain, tls, http2 = BadUpstream("127.0.0.2"), BadUpstream("127.0.0.2", tls=(cert, key)), \
+        BadUpstream("127.0.0.2", tls=(cert, key), http2=True)
+    yield {"root": root, "proxy": listener_url(config, "forward"), "gateway_ca": gateway_ca, "upload": upload,
+           "plain": plain, "tls": tls, "http2": http2}
+    gateway.stop()
+    for upstream in (plain, tls, http2):
+        upstream.close()
+
+
+def answered(lab, url: str, *args: str, version: str = "--http1.1") -> tuple[int, str]:
+    done = subprocess.run(["curl", "-sS", "--max-time", "30", "--cacert", str(lab["gateway_ca"]), version,
+                           "-x", lab["proxy"], "-o", "/dev/null", "-w", "%{http_code} %header{x-gateway-transfer-id}",
+                           *args, url], capture_output=True, text=True, timeout=60)
+    status, _, transfer_id = done.stdout.partition(" ")
+    return int(status), transfer_id
+
+
+def assert_answered_and_recorded(lab, status: int, transfer_id: str) -> dict:
+    assert status == 502 and len(transfer_id) == 36, (status, transfer_id)  # ours, not mitmproxy's page
+    record = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)[0]
+    assert (record["status"], record["decision"]) == (502, "error"), record
+    assert record["rules"][0]["rule"] == "upstream" and record["error"], record
+    return record
+
+
+VERSIONS = ["--http1.1", "--http2"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", list(ANSWERS))
+def test_an_upstream_failing_its_answer_is_answered_502_with_the_transfer_id(lab, path, version):
+    """Plain HTTP to the upstream, and HTTPS through the tunnel (where the client may speak HTTP/2)."""
+    for url in (f"http://127.0.0.2:{lab['plain'].port}{path}", f"https://127.0.0.2:{lab['tls'].port}{path}"):
+        status, transfer_id = answered(lab, url, version=version)
+        assert_answered_and_recorded(lab, status, transfer_id)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("framing", [[], ["-H", "transfer-encoding: chunked"]], ids=["length", "chunked"])
+def test_an_upstream_hanging_up_on_a_spooled_upload_is_answered_502(lab, version, framing):
+    status, transfer_id = answered(lab, f"https://127.0.0.2:{lab['tls'].port}/close-before-head",
+                                   "-T", str(lab["upload"]), *framing, version=version)
+    assert_answered_and_recorded(lab, status, transfer_id)
+
+
+@pytest.mark.parametrize("path", H2_FAILURES)
+def test_an_http2_upstream_failing_is_answered_502_with_the_transfer_id(lab, path):
+    before = len(lab["http2"].requests)
+    status, transfer_id = answered(lab, f"https://127.0.0.2:{lab['http2'].port}{path}", version="--http2")
+    assert lab["http2"].requests[before:] == [path]  # it was the HTTP/2 upstream that failed
+    assert_answered_and_recorded(lab, status, transfer_id)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("target", ["refused", "no such name", "tls to plain", "untrusted name"])
+def test_an_upstream_that_cannot_be_reached_is_answered_502_with_the_transfer_id(lab, target, version):
+    url = {"refused": f"http://127.0.0.2:{free_port('127.0.0.2')}/",
+           "no such name": "https://no-such-host.invalid/",
+           "tls to plain": f"https://127.0.0.2:{lab['plain'].port}/",  # the TLS handshake fails
+           # a certificate for 127.0.0.2 presented for another name of the same address
+           "untrusted name": f"https://127.0.0.2.nip.invalid:{lab['tls'].port}/"}[target]
+    resolve = ["--resolve", f"127.0.0.2.nip.invalid:{lab['tls'].port}:127.0.0.2"] if target == "untrusted name" else []
+    status, transfer_id = answered(lab, url, *resolve, version=version)
+    assert_answered_and_recorded(lab, status, transfer_id)
