@@ -63,9 +63,13 @@ class Segment:
     def place(self, offset: int, base: int = 0) -> tuple[str, str | None]:
         """Where a byte offset of the data lies (a locator is told its offset in the text as written,
         plus `base`), and the field it is the value of."""
+        return self.at(self.unfolded(offset), base)
+
+    def at(self, written: int, base: int = 0) -> tuple[str, str | None]:
+        """Where a byte offset of the text as written lies (see place)."""
         if self.locate is None:
             return self.location, self.field
-        location, field_name = self.locate(base + self.unfolded(offset))
+        location, field_name = self.locate(base + written)
         return location, field_name or self.field
 
     def unfolded(self, offset: int) -> int:
