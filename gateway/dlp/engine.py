@@ -8,7 +8,9 @@ import bisect
 import re
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
+from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
@@ -176,6 +178,8 @@ class Profile:
                 self._refs.append(("keyword", rule.id, keyword))
         self.matcher = Matcher(specs, engine)
         self._detectors = list(detector_names)
+        self._detector_sources = np.empty(len(self._detectors), dtype=object)  # ("detector", name) of each
+        self._detector_sources[:] = [("detector", name) for name in self._detectors]
         # per pattern: the index of its detector in _detectors, or -1 (a rule's pattern or keyword)
         self._detector_of = np.array([self._detectors.index(name) if kind == "detector" else -1
                                       for kind, name, _ in self._refs] or [0], dtype=np.int64)
@@ -384,23 +388,25 @@ class Profile:
         if not hits:
             return [], False
         # Every candidate at once (numpy): a bulk export has a few in every record.
-        table = np.array(hits, dtype=np.int64)
+        table = np.fromiter(chain.from_iterable(hits), np.int64, 3 * len(hits)).reshape(-1, 3)
         detector_of = self._detector_of[table[:, 0]]
-        others = [(start, end, *self._refs[pattern_id]) for pattern_id, start, end in table[detector_of < 0].tolist()]
-        spans = _detector_spans(data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
-        if others:
-            spans = sorted(set(others + [(start, end, "detector", name, "") for start, end, name in spans]))
-        else:
-            spans = [(start, end, "detector", name, "") for start, end, name in spans]
-        return self._detections(segments, starts, data, spans, base_offset, accept is not None, without_context), False
+        span_starts, span_ends, detector_index = _detector_spans(
+            data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
+        sources = self._detector_sources[detector_index].tolist()
+        others = [(start, end, self._refs[pattern_id][:2]) for pattern_id, start, end in table[detector_of < 0].tolist()]
+        if others:  # a rule's patterns and keywords: few
+            spans = sorted(set(zip(span_starts.tolist(), span_ends.tolist(), sources)).union(others))
+            span_starts = np.array([span[0] for span in spans], dtype=np.int64)
+            span_ends = np.array([span[1] for span in spans], dtype=np.int64)
+            sources = [span[2] for span in spans]
+        return self._detections(segments, starts, data, span_starts, span_ends, sources, base_offset,
+                                accept is not None, without_context), False
 
-    def _detections(self, segments: list[Segment], starts: list[int], data: bytes,
-                    spans: list[tuple[int, int, str, str, str]], base_offset: int, resolve: bool,
+    def _detections(self, segments: list[Segment], starts: list[int], data: bytes, span_starts: np.ndarray,
+                    span_ends: np.ndarray, sources: list[tuple[str, str]], base_offset: int, resolve: bool,
                     without_context: list[str] | None) -> list[Detection]:
-        """Detections of the spans (start, end, kind, detector or rule id, keyword) of `data`, the
-        segments joined (each starting at its offset in `starts`), in text order."""
-        span_starts = np.array([span[0] for span in spans], dtype=np.int64)
-        span_ends = np.array([span[1] for span in spans], dtype=np.int64)
+        """Detections of the spans of `data` (the segments joined, each starting at its offset in
+        `starts`) found by `sources` (kind, detector or rule id), in text order."""
         segment_of = np.searchsorted(np.array(starts, dtype=np.int64), span_starts, "right") - 1
         local_starts = span_starts - np.array(starts, dtype=np.int64)[segment_of]
         local_ends = local_starts + (span_ends - span_starts)
@@ -414,13 +420,15 @@ class Profile:
                 written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
         detections = []
         rule_of = {rule.id: rule for rule in self.rules}
-        for (start, end, kind, name, keyword), index, local_end, written_start, written_end in zip(
-                spans, segment_of.tolist(), local_ends.tolist(), written_starts.tolist(), written_ends.tolist()):
+        new = tuple.__new__  # Detection(...) without its keyword handling: tens of thousands
+        for start, end, (kind, name), index, local_end, written_start, written_end in zip(
+                span_starts.tolist(), span_ends.tolist(), sources, segment_of.tolist(), local_ends.tolist(),
+                written_starts.tolist(), written_ends.tolist()):
             segment = segments[index]
             if local_end > len(segment.data):
                 continue  # a custom pattern spanning two segments
             token = data[start:end].decode("utf-8", "replace")
-            value = token if segment.original is None else \
+            value = token if segment.original is None or written_end - written_start == end - start else \
                 segment.original[written_start:written_end].decode("utf-8", "replace")  # e.g. full-width
             if kind == "detector":
                 detector = DETECTORS[name]
@@ -431,10 +439,10 @@ class Profile:
                         if without_context is not None:
                             without_context.append(segment.location)
                         continue
-                detection = Detection(kind, name, name, value, token, segment, written_start, base_offset)
+                detection = new(Detection, (kind, name, name, value, token, segment, written_start, base_offset, None))
             else:
-                detection = Detection(kind, name, rule_of[name].type or kind, value, token, segment, written_start,
-                                      base_offset)
+                detection = new(Detection, (kind, name, rule_of[name].type or kind, value, token, segment,
+                                            written_start, base_offset, None))
             detections.append(detection.resolved() if resolve else detection)
         return detections
 
@@ -472,11 +480,10 @@ class _Findings:
     def unrepeated(self, selected: list[Detection]) -> list[Detection]:
         """The detections but those of a value found at the same location before (only values seen
         twice are located to tell)."""
-        counts: dict[str, int] = {}
-        for d in selected:
-            counts[d.value] = counts.get(d.value, 0) + 1
-        if len(counts) == len(selected):
+        values = list(map(_VALUE, selected))
+        if len(set(values)) == len(values):
             return selected
+        counts = Counter(values)
         seen: set[tuple[str, str]] = set()
         out = []
         for d in selected:
@@ -489,10 +496,12 @@ class _Findings:
         return out
 
     def add(self, rule: Rule, selected: list[Detection]) -> None:
-        types = dict.fromkeys(d.type for d in selected)
+        types = set(map(_TYPE, selected))
+        types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
         for type in types:
             group = selected if len(types) == 1 else [d for d in selected if d.type == type]
-            self.tally.extend(rule.id, type, rule.action, [d.place() for d in group],
+            places = [(d.segment.location, d.base + d.offset) if d.segment is not None else d.fixed[2] for d in group]
+            self.tally.extend(rule.id, type, rule.action, places,
                               lambda index: self.masked(self.located(group[index])[0]))
         if rule.action == "redact":
             self.replacements.update((d.value, self.masks[d.value]) for d in selected if d.value)
@@ -509,6 +518,9 @@ def _redacts(finding: Finding) -> bool:
 
 def _replacements(findings: list[Finding]) -> dict[str, str]:
     return {f.value: f.masked for f in findings if _redacts(f)}
+
+
+_TYPE, _VALUE = itemgetter(2), itemgetter(3)  # of a Detection
 
 
 class _Masks(Mapping[str, str]):
@@ -577,18 +589,20 @@ def _rule_selects(rule: Rule, detection: Detection, field_name: str | None) -> b
 
 
 def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, names: list[str]) \
-        -> list[tuple[int, int, str]]:
+        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The detectors' candidates (rows of (start, end), detector_of naming their detectors by index
     in `names`) that are whole tokens, valid, and win over those they overlap: the stronger
     detector's (an ID number is not also a card number), then the longer (one e-mail address, not
-    its prefix); as (start, end, detector name) in text order. Each step runs over all candidates
-    at once; only runs of valid candidates overlapping one another are settled one by one."""
+    its prefix); as arrays of starts, ends and detector indexes, in text order. Each step runs over
+    all candidates at once; only runs of valid candidates overlapping one another are settled one by one."""
+    none = np.zeros(0, dtype=np.int64)
     if not len(spans):
-        return []
+        return none, none, none
     starts, ends = spans[:, 0].copy(), spans[:, 1]
-    for index, name in enumerate(names):
-        if DETECTORS[name].extend_left:  # e-mail local parts, grown leftwards: value by value (few)
-            grow = DETECTORS[name].extend_left
+    present = np.flatnonzero(np.bincount(detector_of)).tolist()
+    for index in present:
+        grow = DETECTORS[names[index]].extend_left
+        if grow:  # e-mail local parts, grown leftwards: value by value (few)
             for row in np.flatnonzero(detector_of == index).tolist():
                 start = starts[row]
                 floor = max(start - MAX_TOKEN_BYTES, 0)
@@ -599,8 +613,8 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
     last = len(buf) - 1
     keep = ~((starts > 0) & _ALNUM_BYTES[buf[np.maximum(starts - 1, 0)]]) \
         & ~((ends <= last) & _ALNUM_BYTES[buf[np.minimum(ends, last)]])
-    for index, name in enumerate(names):
-        separators = DETECTORS[name].group_separators
+    for index in present:
+        separators = DETECTORS[names[index]].group_separators
         if separators:  # a grouped number next to another group of digits is part of a longer number
             joined = np.zeros(256, dtype=bool)
             joined[list(separators)] = True
@@ -612,39 +626,50 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
     starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
     order = np.lexsort((detector_of, ends, starts))  # by start, end, detector; repeats dropped
     starts, ends, detector_of = starts[order], ends[order], detector_of[order]
+    same_span = np.zeros(len(starts), dtype=bool)
+    same_span[1:] = (starts[1:] == starts[:-1]) & (ends[1:] == ends[:-1])
     first = np.ones(len(starts), dtype=bool)
-    first[1:] = (starts[1:] != starts[:-1]) | (ends[1:] != ends[:-1]) | (detector_of[1:] != detector_of[:-1])
-    starts, ends, detector_of = starts[first], ends[first], detector_of[first]
+    first[1:] = ~same_span[1:] | (detector_of[1:] != detector_of[:-1])
+    starts, ends, detector_of, same_span = starts[first], ends[first], detector_of[first], same_span[first]
+    # Validated strongest detector first: a candidate whose very span a stronger one holds validly is
+    # taken by it (an ID number is no card number) and needs no check of its own.
+    span_of = np.cumsum(~same_span) - 1
+    taken = np.zeros(len(starts), dtype=bool)  # per span
     valid = np.zeros(len(starts), dtype=bool)
-    for index in np.unique(detector_of).tolist():
-        rows = np.flatnonzero(detector_of == index)
-        valid[rows] = batch.valid(names[index], data, starts[rows], ends[rows])
+    priority = np.array([DETECTORS[name].priority for name in names])[detector_of]
+    for level in sorted({DETECTORS[names[index]].priority for index in present}, reverse=True):
+        rows = np.flatnonzero((priority == level) & ~taken[span_of])
+        for index in np.flatnonzero(np.bincount(detector_of[rows])).tolist():
+            chosen = rows[detector_of[rows] == index]
+            valid[chosen] = batch.valid(names[index], data, starts[chosen], ends[chosen])
+        taken[span_of[rows[valid[rows]]]] = True
     starts, ends, detector_of = starts[valid], ends[valid], detector_of[valid]
     if not len(starts):
-        return []
+        return none, none, none
     # Runs of candidates overlapping one another: a run starts where no earlier candidate reaches.
     reach = np.maximum.accumulate(ends)
     run_starts = np.ones(len(starts), dtype=bool)
     run_starts[1:] = starts[1:] >= reach[:-1]
     run_of = np.cumsum(run_starts) - 1
     alone = np.bincount(run_of)[run_of] == 1
-    kept = [(start, end, names[index]) for start, end, index in
-            zip(starts[alone].tolist(), ends[alone].tolist(), detector_of[alone].tolist())]
     if alone.all():
-        return kept
-    runs: dict[int, list[tuple[int, int, int, str]]] = {}
+        return starts, ends, detector_of
+    runs: dict[int, list[tuple[int, int, int, int]]] = {}
     for start, end, index, run in zip(starts[~alone].tolist(), ends[~alone].tolist(), detector_of[~alone].tolist(),
                                       run_of[~alone].tolist()):
-        runs.setdefault(run, []).append((start, end, -DETECTORS[names[index]].priority, names[index]))
-    for run in runs.values():
-        kept += _strongest(run)
-    return sorted(kept)
+        runs.setdefault(run, []).append((start, end, -DETECTORS[names[index]].priority, index))
+    settled = np.array([taken for run in runs.values() for taken in _strongest(run)], dtype=np.int64).reshape(-1, 3)
+    starts = np.concatenate([starts[alone], settled[:, 0]])
+    ends = np.concatenate([ends[alone], settled[:, 1]])
+    detector_of = np.concatenate([detector_of[alone], settled[:, 2]])
+    order = np.argsort(starts, kind="stable")
+    return starts[order], ends[order], detector_of[order]
 
 
-def _strongest(run: list[tuple[int, int, int, str]]) -> list[tuple[int, int, str]]:
+def _strongest(run: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int]]:
     """Of valid candidates (start, end, -priority, detector) overlapping one another, those taken
     strongest first, then longest, each unless it overlaps one taken before."""
-    taken: list[tuple[int, int, str]] = []
+    taken: list[tuple[int, int, int]] = []
     taken_starts: list[int] = []
     taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
     for start, end, _, name in sorted(run, key=lambda c: (c[2], c[0] - c[1], c[0])):

@@ -15,6 +15,8 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 
 KEPT_LOCATIONS = 5
 # Where a finding is: the location of the text it was found in, and its byte offset in that text as
@@ -109,14 +111,15 @@ def _size(value: object) -> int:
 
 
 def _lines(places: Iterable[Place]) -> bytes:
-    quoted: dict[str, str] = {}  # most places share their text's location
-    lines = []
-    for location, offset in places:
-        text = quoted.get(location)
-        if text is None:
-            text = quoted[location] = json.dumps(location, ensure_ascii=False)
-        lines.append(text if offset is None else f"{text} {offset}")
-    return ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass") if lines else b""
+    pieces = []
+    for location, run in groupby(places, key=itemgetter(0)):  # most places share their text's location
+        text = json.dumps(location, ensure_ascii=False)
+        offsets = [offset for _, offset in run]
+        if None in offsets:
+            pieces += [text if offset is None else f"{text} {offset}" for offset in offsets]
+        else:  # one line per finding, joined in C
+            pieces.append(text + " " + f"\n{text} ".join(map(str, offsets)))
+    return ("\n".join(pieces) + "\n").encode("utf-8", "surrogatepass") if pieces else b""
 
 
 def _cut(location: str) -> str:
