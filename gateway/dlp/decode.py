@@ -652,15 +652,33 @@ _JSON_BRACKET = re.compile(rb"[\[\]{}]")
 _OPEN_OBJECT, _OPEN_ARRAY = b"{["
 
 
-def _blank_quoted(data: bytes) -> bytes:
-    """`data` with the inside of every "..." replaced by spaces (same length): what is left is structure.
+class _Structure:
+    """A text with the inside of every "..." replaced by spaces (same length): what is left is
+    structure. Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a
+    quoted field is doubled and so toggles twice. Made only as far as it is read, in growing steps:
+    the findings a scan keeps are a bulk export's first ones, which need its first part only."""
 
-    Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a quoted field
-    is doubled and so toggles twice.
-    """
-    pieces = data.split(b'"')
-    pieces[1::2] = [b" " * len(piece) for piece in pieces[1::2]]
-    return b'"'.join(pieces)
+    def __init__(self, data: bytes, bracket: re.Pattern[bytes] | None = None):
+        self.data = data
+        self.blanked = bytearray()
+        self.quoted = False  # whether the part made ends inside a string
+        self.bracket = bracket
+        self.brackets: list[int] = []  # offsets of `bracket` matches in the part made
+
+    def through(self, offset: int) -> bytearray:
+        """The structure, made at least up to `offset` (and so searchable before it)."""
+        made = len(self.blanked)
+        if offset >= made and made < len(self.data):
+            end = min(max(offset + 1, 2 * made, 1 << 16), len(self.data))
+            pieces = self.data[made:end].split(b'"')
+            first = 0 if self.quoted else 1  # the pieces inside strings
+            pieces[first::2] = [b" " * len(piece) for piece in pieces[first::2]]
+            self.quoted ^= (len(pieces) - 1) % 2 == 1
+            part = b'"'.join(pieces)
+            self.blanked += part
+            if self.bracket is not None:
+                self.brackets += [made + match.start() for match in self.bracket.finditer(part)]
+        return self.blanked
 
 
 class _JsonObject(list):
@@ -700,8 +718,8 @@ class _JsonLocator:
     def __init__(self, data: bytes, location: str):
         self.data = data
         self.location = location
-        self.structure = b""
-        self.brackets: list[int] | None = None
+        self.made = _Structure(data, _JSON_BRACKET)
+        self.structure = self.made.blanked
         self._reset()
 
     def _reset(self) -> None:
@@ -710,12 +728,10 @@ class _JsonLocator:
         self.stack: list[_JsonLevel] = []
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.brackets is None:
-            self.structure = _blank_quoted(self.data)
-            self.brackets = [m.start() for m in _JSON_BRACKET.finditer(self.structure)]
+        structure = self.made.through(offset)
         if offset < self.counted_to:
             self._reset()  # an offset before the replayed part: start again
-        structure, brackets, stack = self.structure, self.brackets, self.stack
+        brackets, stack = self.made.brackets, self.stack
         while self.position < len(brackets) and brackets[self.position] < offset:
             at = brackets[self.position]
             self.position += 1
@@ -774,15 +790,15 @@ class _CsvLocator:
         self.delimiter = delimiter
         self.header = header
         self.location = location
-        self.structure: bytes | None = None
+        self.made = _Structure(data)
+        self.structure = self.made.blanked
         self._reset()
 
     def _reset(self) -> None:
         self.counted_to, self.rows_before, self.columns_before = 0, 0, 0
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.structure is None:
-            self.structure = _blank_quoted(self.data)
+        self.made.through(offset)
         if offset < self.counted_to:
             self._reset()
         newlines = self.structure.count(b"\n", self.counted_to, offset)

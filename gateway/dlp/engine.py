@@ -418,9 +418,22 @@ class Profile:
                 positions = np.asarray(folding.positions, dtype=np.int64)
                 written_starts[rows] += 2 * np.searchsorted(positions, local_starts[rows], "left")
                 written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
+        new = tuple.__new__  # Detection(...) without its keyword handling: tens of thousands
+        if len(segments) == 1 and not resolve and all(kind == "detector" and not DETECTORS[name].context_words
+                                                      for kind, name in set(sources)):
+            # One text and detectors needing no context words (a bulk export): built in bulk.
+            segment = segments[0]
+            tokens = [data[start:end].decode("utf-8", "replace")
+                      for start, end in zip(span_starts.tolist(), span_ends.tolist())]
+            values = tokens
+            if segment.original is not None:  # values with full-width characters in them, as written
+                values = tokens.copy()
+                for row in np.flatnonzero(written_ends - written_starts != span_ends - span_starts).tolist():
+                    values[row] = segment.original[written_starts[row]:written_ends[row]].decode("utf-8", "replace")
+            return [new(Detection, ("detector", name, name, value, token, segment, offset, base_offset, None))
+                    for (_, name), value, token, offset in zip(sources, values, tokens, written_starts.tolist())]
         detections = []
         rule_of = {rule.id: rule for rule in self.rules}
-        new = tuple.__new__  # Detection(...) without its keyword handling: tens of thousands
         for start, end, (kind, name), index, local_end, written_start, written_end in zip(
                 span_starts.tolist(), span_ends.tolist(), sources, segment_of.tolist(), local_ends.tolist(),
                 written_starts.tolist(), written_ends.tolist()):
