@@ -1,15 +1,17 @@
-"""The batch checks (gateway/dlp/batch.py) say what the detectors' own checks say, value by value
-(validators.py is the reference), on random tokens and on tokens crafted to pass every check but one."""
+"""Bulk paths say what their one-at-a-time references say: the batch checks (gateway/dlp/batch.py) what
+the detectors' own checks say value by value (validators.py is the reference), on random tokens and on
+tokens crafted to pass every check but one; a JSON locator jumping far ahead what its replay says."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import date
 
 import numpy as np
 import pytest
 
-from gateway.dlp import batch
+from gateway.dlp import batch, decode
 from gateway.dlp.detectors import DETECTORS
 from gateway.dlp.validators import USCC_CHARS, id_card_check_char, luhn_valid, org_code_check_char, uscc_check_char
 
@@ -90,3 +92,45 @@ def test_batch_checks_agree_with_the_detectors_own(name, tokens):
     assert batch.valid(name, data, starts_array, ends_array).tolist() == expected
     # both answers are well represented: the crafted tokens pass and fail
     assert 0.02 < sum(expected) / len(expected) < 0.98, sum(expected)
+
+
+def _json_texts() -> list[bytes]:
+    rng = random.Random(18)
+
+    def value(depth: int) -> object:
+        roll = rng.random()
+        if depth < 4 and roll < 0.25:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        if depth < 4 and roll < 0.5:
+            return {rng.choice(["sfzh", "a b", "键", "x", "x"]): value(depth + 1) for _ in range(rng.randint(0, 4))}
+        return rng.choice(["110105194912310021", "[{,:}]" * rng.randint(1, 30), "文本，", 7, None])
+
+    texts = [json.dumps([value(0) for _ in range(20_000)], ensure_ascii=False).encode()]  # made in several steps
+    texts.append(texts[0][:-1] + b"]]" + texts[0][1:])  # a closing bracket too many in the middle
+    return texts
+
+
+@pytest.mark.parametrize("text", _json_texts(), ids=["nested", "a bracket too many"])
+def test_a_json_locator_jumping_far_ahead_says_what_its_replay_says(text, monkeypatch):
+    """Locating a finding past thousands of brackets takes the replay's state at once (in C)."""
+    offsets = sorted(random.Random(5).sample(range(len(text)), 300))
+    monkeypatch.setattr(decode, "_REPLAYED_BRACKETS", 8)  # jump at every chance
+    jumping = decode._JsonLocator(text, "body")
+    located = [jumping(offset) for offset in offsets]
+    assert jumping._arrays is not None  # it did jump
+    monkeypatch.setattr(decode, "_REPLAYED_BRACKETS", 1 << 40)
+    replaying = decode._JsonLocator(text, "body")
+    assert located == [replaying(offset) for offset in offsets]
+    assert replaying._arrays is None
+
+
+def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
+    text = _json_texts()[0]
+    pieces = text.split(b'"')
+    pieces[1::2] = [b" " * len(piece) for piece in pieces[1::2]]
+    expected = b'"'.join(pieces)
+    structure = decode._Structure(text, b"[]{}")
+    for offset in sorted(random.Random(9).sample(range(len(text)), 50)) + [len(text) - 1]:
+        structure.through(offset)
+    assert bytes(structure.blanked) == expected and len(expected) > 4 << 16  # made in several steps
+    assert structure.brackets == [at for at, byte in enumerate(expected) if byte in b"[]{}"]

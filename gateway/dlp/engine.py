@@ -7,8 +7,8 @@ compiled database and the candidates' bookkeeping.
 import bisect
 import re
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, compress, repeat
+from operator import eq, itemgetter
 from pathlib import Path
 from collections import Counter
 from collections.abc import Mapping
@@ -47,7 +47,7 @@ from gateway.dlp.rules import (
 )
 from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.tally import FindingGroup, Place, Tally
+from gateway.dlp.tally import FindingGroup, Place, Tally, in_runs
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -324,9 +324,12 @@ class Profile:
         for location, reason in problems:
             found.problem(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason,
                                   place=(location, None)))
-        by_source: dict[tuple[bool, str], list[Detection]] = {}  # (from a detector, detector or rule id)
-        for d in detections:
-            by_source.setdefault((d.kind == "detector", d.name), []).append(d)
+        # (from a detector, detector or rule id) -> its detections, in text order (selected in C: tens of thousands)
+        source_of = {key: (key[0] == "detector", key[1]) for key in dict.fromkeys(map(_SOURCE, detections))}
+        sources = list(map(source_of.__getitem__, map(_SOURCE, detections)))
+        by_source = {source: list(compress(detections, map(eq, sources, repeat(source))))
+                     for source in dict.fromkeys(source_of.values())}
+        found.locate_repeated(detections)
         order: dict[int, int] = {}  # findings of a rule with several sources stay in text order
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
@@ -485,6 +488,16 @@ class _Findings:
             place = self._located[key] = d.located()
         return place
 
+    def locate_repeated(self, detections: list[Detection]) -> None:
+        """Locate, in text order, the detections of values found more than once (which rules tell
+        apart by location, see unrepeated()): a locator replays a text once for all rules."""
+        values = list(map(_VALUE, detections))
+        if len(set(values)) < len(values):
+            counts = Counter(values)
+            for d, count in zip(detections, map(counts.__getitem__, values)):
+                if count > 1:
+                    self.located(d)
+
     def problem(self, finding: Finding) -> None:
         self.tally.add(finding.rule, finding.type, finding.action, finding.location, finding.place)
         if len(self.kept) < self.room:
@@ -513,8 +526,12 @@ class _Findings:
         types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
         for type in types:
             group = selected if len(types) == 1 else [d for d in selected if d.type == type]
-            places = [(d.segment.location, d.base + d.offset) if d.segment is not None else d.fixed[2] for d in group]
-            self.tally.extend(rule.id, type, rule.action, places,
+            if group[0].segment is not None and len(set(map(id, map(_SEGMENT, group)))) == 1 \
+                    and not any(map(_BASE, group)):  # all in one text (a bulk export): offsets taken in C
+                runs = [(group[0].segment.location, list(map(_OFFSET, group)))]
+            else:
+                runs = in_runs(d.place() for d in group)
+            self.tally.extend(rule.id, type, rule.action, runs,
                               lambda index: self.masked(self.located(group[index])[0]))
         if rule.action == "redact":
             self.replacements.update((d.value, self.masks[d.value]) for d in selected if d.value)
@@ -533,7 +550,7 @@ def _replacements(findings: list[Finding]) -> dict[str, str]:
     return {f.value: f.masked for f in findings if _redacts(f)}
 
 
-_TYPE, _VALUE = itemgetter(2), itemgetter(3)  # of a Detection
+_SOURCE, _TYPE, _VALUE, _SEGMENT, _OFFSET, _BASE = (itemgetter(0, 1), *map(itemgetter, (2, 3, 5, 6, 7)))  # of a Detection
 
 
 class _Masks(Mapping[str, str]):

@@ -49,7 +49,12 @@ class FindingGroup:
 def places_digest(places: Iterable[Place]) -> str:
     """SHA-256 of the places, one line each (UTF-8, non-ASCII as is): the location as a JSON string,
     then, for a place in a text, a space and the offset in decimal; and a newline."""
-    return hashlib.sha256(_lines(places)).hexdigest()
+    return hashlib.sha256(_lines(in_runs(places))).hexdigest()
+
+
+def in_runs(places: Iterable[Place]) -> list[tuple[str, list[int | None]]]:
+    """Places as runs of one location and its offsets (most places of a scan share their text's)."""
+    return [(location, [offset for _, offset in run]) for location, run in groupby(places, key=itemgetter(0))]
 
 
 def locations_digest(locations: Iterable[str]) -> str:
@@ -65,18 +70,20 @@ class Tally:
 
     def add(self, rule: str, type: str, action: str, location: str, place: Place | None = None) -> None:
         """One finding at `location` (its place: `place`, or the location alone)."""
-        self.extend(rule, type, action, [place or (location, None)], lambda _: location)
+        self.extend(rule, type, action, in_runs([place or (location, None)]), lambda _: location)
 
-    def extend(self, rule: str, type: str, action: str, places: list[Place], locate: Callable[[int], str]) -> None:
-        """Findings at `places`, in the order found; locate(i) is the location of the i-th, asked for
-        the first few only."""
+    def extend(self, rule: str, type: str, action: str, runs: list[tuple[str, list[int | None]]],
+               locate: Callable[[int], str]) -> None:
+        """Findings at the places of `runs` (see in_runs), in the order found; locate(i) is the
+        location of the i-th, asked for the first few only."""
         group = self._groups.get((rule, type, action))
         if group is None:
             group = self._groups[(rule, type, action)] = ([0], [], hashlib.sha256())
         count, locations, hasher = group
-        count[0] += len(places)
-        locations += [locate(index) for index in range(min(KEPT_LOCATIONS - len(locations), len(places)))]
-        hasher.update(_lines(places))
+        added = sum(len(offsets) for _, offsets in runs)
+        count[0] += added
+        locations += [locate(index) for index in range(min(KEPT_LOCATIONS - len(locations), added))]
+        hasher.update(_lines(runs))
 
     def groups(self) -> list[FindingGroup]:
         return [FindingGroup(rule, type, action, count[0], tuple(locations), hasher.hexdigest())
@@ -110,11 +117,10 @@ def _size(value: object) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def _lines(places: Iterable[Place]) -> bytes:
+def _lines(runs: list[tuple[str, list[int | None]]]) -> bytes:
     pieces = []
-    for location, run in groupby(places, key=itemgetter(0)):  # most places share their text's location
+    for location, offsets in runs:
         text = json.dumps(location, ensure_ascii=False)
-        offsets = [offset for _, offset in run]
         if None in offsets:
             pieces += [text if offset is None else f"{text} {offset}" for offset in offsets]
         else:  # one line per finding, joined in C
