@@ -181,8 +181,9 @@ class Baseline:
         return found
 
 
-def candidates(profile, segments) -> list[tuple[bytes, str, list[tuple[int, int]]]]:
-    """Per segment and detector: (data, detector, its whole-token candidates as (start, end))."""
+def candidates(profile, segments) -> list[tuple[bytes, str, list[tuple[int, int]], np.ndarray]]:
+    """Per segment and detector: (data, detector, its whole-token candidates as (start, end), as a list and
+    as an array)."""
     found = []
     for segment in segments:
         data, by_detector = segment.data, {}
@@ -191,20 +192,20 @@ def candidates(profile, segments) -> list[tuple[bytes, str, list[tuple[int, int]
             if kind == "detector" and (start == 0 or not chr(data[start - 1]).isalnum() or data[start - 1] > 127) \
                     and (end == len(data) or not chr(data[end]).isalnum() or data[end] > 127):
                 by_detector.setdefault(name, []).append((start, end))
-        found += [(data, name, spans) for name, spans in by_detector.items()]
+        found += [(data, name, spans, np.array(spans, dtype=np.int64).reshape(-1, 2))
+                  for name, spans in by_detector.items()]
     return found
 
 
 def validate_each(found) -> int:
     """Validation alone, value by value (validators.py, as the baseline does)."""
     return sum(DETECTORS[name].valid(data[start:end].decode("utf-8", "replace"))
-               for data, name, spans in found for start, end in spans)
+               for data, name, spans, _ in found for start, end in spans)
 
 
 def validate_batches(found) -> int:
     """Validation alone, in batches (as the engine does)."""
-    arrays = [(data, name, np.array(spans, dtype=np.int64).reshape(-1, 2)) for data, name, spans in found]
-    return sum(int(batch.valid(name, data, spans[:, 0], spans[:, 1]).sum()) for data, name, spans in arrays)
+    return sum(int(batch.valid(name, data, spans[:, 0], spans[:, 1]).sum()) for data, name, _, spans in found)
 
 
 def scan_ignoring_matches(profile, segments) -> None:

@@ -569,6 +569,9 @@ class _Masks(Mapping[str, str]):
     def __contains__(self, value: object) -> bool:
         return value in self.detections
 
+    def get(self, value: str, default: str | None = None) -> str | None:  # without Mapping's try/except
+        return self[value] if value in self.detections else default
+
     def __iter__(self):
         return iter(self.detections)
 
@@ -579,7 +582,7 @@ class _Masks(Mapping[str, str]):
 class _LocationMasks:
     """The values found masked in locations and field names, each location settled once."""
 
-    def __init__(self, masks: Mapping[str, str]):
+    def __init__(self, masks: _Masks):
         self.masks = masks
         self.masked: ValueMasks | None = None  # built when a first location is asked for
         self.done: dict[str, str] = {}
@@ -589,7 +592,9 @@ class _LocationMasks:
             return text
         masked = self.done.get(text)
         if masked is None:
-            self.masked = self.masked or ValueMasks(self.masks)
+            if self.masked is None:  # but for the values that are their own mask (a field name, a keyword)
+                self.masked = ValueMasks(_Masks({value: d for value, d in self.masks.detections.items()
+                                                 if d.kind not in ("field", "keyword") or d.token != value}))
             masked = self.done[text] = self.masked(text)
         return masked
 
@@ -654,7 +659,12 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
             for row in np.flatnonzero(near).tolist():
                 keep[row] = not _continued(data, int(starts[row]), int(ends[row]), separators)
     starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
-    order = np.lexsort((detector_of, ends, starts))  # by start, end, detector; repeats dropped
+    if not len(starts):
+        return none, none, none
+    # by start, end and detector (one key, quicker to sort than three, while they fit); repeats dropped
+    lengths = ends - starts
+    order = np.argsort((starts << 23) | (lengths << 5) | detector_of, kind="stable") \
+        if lengths.max() < 1 << 18 and len(names) <= 32 and len(data) < 1 << 40 else np.lexsort((detector_of, ends, starts))
     starts, ends, detector_of = starts[order], ends[order], detector_of[order]
     same_span = np.zeros(len(starts), dtype=bool)
     same_span[1:] = (starts[1:] == starts[:-1]) & (ends[1:] == ends[:-1])
