@@ -1,4 +1,5 @@
-"""Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation.
+"""Profiles: one compiled multi-pattern database per profile, candidate validation (in batches, see
+gateway/dlp/batch.py), rule evaluation.
 
 Longer than 400 lines: a profile's scan, its validation and the rule evaluation share the
 compiled database and the candidates' bookkeeping.
@@ -6,12 +7,12 @@ compiled database and the candidates' bookkeeping.
 
 import bisect
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
 from operator import eq, itemgetter
 from pathlib import Path
-from collections import Counter
-from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 
