@@ -30,3 +30,13 @@ def citizens(count: int, seed: int = 18) -> list[dict]:
 
 def citizens_json(count: int, seed: int = 18) -> bytes:
     return json.dumps(citizens(count, seed), ensure_ascii=False).encode()
+
+
+def id_places(body: bytes, people: list[dict]) -> list[tuple[str, int]]:
+    """Where each person's ID number is in a JSON export of them (tally places: the text, its byte offset)."""
+    places, at = [], 0
+    for person in people:
+        at = body.index(person["sfzh"].encode(), at)
+        places.append(("body", at))
+        at += 1
+    return places

@@ -17,6 +17,7 @@ from gateway.dlp.tally import (
     FindingGroup,
     Tally,
     locations_digest,
+    places_digest,
 )
 from gateway.dlp.validators import luhn_valid
 from gateway.filters.record import Record
@@ -30,7 +31,7 @@ from gateway.transfer.model import (
     Transfer,
     refusal_body,
 )
-from tests.citizens import citizens, citizens_json
+from tests.citizens import citizens, citizens_json, id_places
 
 RULES = "config/dlp"
 
@@ -40,19 +41,21 @@ def rules():
     return load_rules(RULES)
 
 
-def test_findings_past_the_limit_are_counted_with_a_digest_of_every_location(rules):
+def test_findings_past_the_limit_are_counted_with_a_digest_of_every_place(rules):
     body = citizens_json(1200)
     result = rules.profile("outbound").scan(body, content_type="application/json")
     assert result.action == "block" and len(result.findings) == 1000  # Limits().max_findings
     group = next(g for g in result.groups if g.rule == "id-card")
     assert group.count == 1200 and len(group.locations) == KEPT_LOCATIONS
     assert group.locations[:2] == ("body:$[0].sfzh", "body:$[1].sfzh")
-    # Every location, in the order found, is in the digest: the same as a scan keeping them all.
+    # Every place (text and byte offset), in the order found, is in the digest: the same as a scan
+    # keeping them all gives.
     unbounded = single_rule_profile(rules.rules["id-card"], limits=Limits(max_findings=10_000))
     everything = unbounded.scan(body, content_type="application/json").findings
-    assert len(everything) == 1200
-    assert group.locations_sha256 == locations_digest(f.location for f in everything)
-    assert group.locations_sha256 == locations_digest(f"body:$[{i}].sfzh" for i in range(1200))
+    assert len(everything) == 1200 and everything[-1].location == "body:$[1199].sfzh"
+    assert group.locations_sha256 == places_digest(f.place for f in everything)
+    assert group.locations_sha256 == places_digest(id_places(body, citizens(1200)))
+    assert group.locations_sha256 != places_digest(id_places(body, citizens(1200))[:-1])
 
 
 def test_values_past_the_limit_are_redacted_all_the_same(rules):
@@ -98,14 +101,15 @@ def test_a_record_of_the_largest_possible_findings_list_fits_the_entry_limit(rul
 
 def test_a_bulk_export_is_recorded_with_its_counts_and_first_locations(rules):
     transfer = _transfer()
-    result = rules.profile("outbound").scan(citizens_json(2000), content_type="application/json")
+    body = citizens_json(2000)
+    result = rules.profile("outbound").scan(body, content_type="application/json")
     transfer.escalate("block", result.groups)
     record = _record(transfer)
     assert len(encode_record(record)) < 4096 and "rules_omitted" not in record
     entry = next(e for e in record["rules"] if e["rule"] == "id-card")
     assert entry == {"rule": "id-card", "type": "cn_id_card", "action": "block", "count": 2000,
                      "locations": [f"body:$[{i}].sfzh" for i in range(KEPT_LOCATIONS)],
-                     "locations_sha256": locations_digest(f"body:$[{i}].sfzh" for i in range(2000))}
+                     "locations_sha256": places_digest(id_places(body, citizens(2000)))}
     answer = json.loads(refusal_body(transfer))
     assert {"rule": "id-card", "type": "cn_id_card", "count": 2000,
             "locations": entry["locations"]} in answer["reasons"]

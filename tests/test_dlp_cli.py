@@ -25,6 +25,7 @@ def test_scan_files_stdin_and_exit_status(tmp_path, capsys, monkeypatch):
     record = next(r for r in records if r["type"] == "cn_id_card")
     assert record["source"] == str(sensitive) and record["location"] == "body:$.rows[0].sfzh"
     assert record["masked"] == "1101**********002X" and record["action"] == "block" and "value" not in record
+    assert record["place"] == ["body", json.dumps({"rows": [{"sfzh": ID}]}).index(ID)]  # what digests cover
     status, records, _ = run(capsys, "scan", str(clean))
     assert (status, records) == (0, [])
     monkeypatch.setattr("sys.stdin", type("In", (), {"buffer": __import__("io").BytesIO(f"id {ID}".encode())})())

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from gateway.dlp.budget import OVER_BUDGET
-from gateway.dlp.tally import KEPT_LOCATIONS, locations_digest
-from tests.citizens import citizens, citizens_json
+from gateway.dlp.tally import KEPT_LOCATIONS, places_digest
+from tests.citizens import citizens, citizens_json, id_places
 from tests.gatewayproc import (
     REPO,
     free_port,
@@ -100,7 +100,7 @@ def test_a_bulk_export_of_8000_id_numbers_is_refused_recorded_and_counted(lab):
     record = _verified_record(lab, response.headers["x-gateway-transfer-id"])
     assert record["decision"] == "block" and record["status"] == 403 and record["req_bytes"] == len(body)
     assert {"rule": "id-card", "type": "cn_id_card", "action": "block", "count": 8000, "locations": first,
-            "locations_sha256": locations_digest(f"body:$[{i}].sfzh" for i in range(8000))} in record["rules"]
+            "locations_sha256": places_digest(id_places(body, citizens(8000)))} in record["rules"]
     assert not _arrived(lab, path)
     # Depends on the engine's linear cost (issue 18 items 1-2): about 6 s of CPU before it.
     assert cpu < 1.0, f"the gateway spent {cpu:.2f} s of CPU on one 1 MB upload"

@@ -24,7 +24,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from gateway.dlp.tally import locations_digest
+from gateway.dlp.tally import locations_digest, places_digest
 from gateway.filters.identify import _host_names_the_target
 from tests.gatewayproc import (
     free_port,
@@ -205,7 +205,7 @@ def test_a_warned_value_in_a_header_passes_with_the_warning(lab):
     assert response.status_code == 200 and response.headers["x-gateway-warning"] == "mobile"
     assert trace_record(lab, response.headers["x-gateway-transfer-id"])["rules"] == [
         {"rule": "mobile", "type": "cn_mobile", "action": "warn", "count": 1, "locations": ["header:X-Contact"],
-         "locations_sha256": locations_digest(["header:X-Contact"])}]
+         "locations_sha256": places_digest([("header:X-Contact", 0)])}]
 
 
 BANK_CARD = "6228480012345671"  # the upstream's (tests/upstream_server.py); the inbound profile redacts

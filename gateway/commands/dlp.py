@@ -112,7 +112,8 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
     for finding in result.findings:
         record = {"source": source, "profile": profile, "rule": finding.rule, "type": finding.type,
                   "action": finding.action, "severity": finding.severity, "location": finding.location,
-                  "masked": finding.masked, "field": finding.field, "confidence": finding.confidence}
+                  "masked": finding.masked, "field": finding.field, "confidence": finding.confidence,
+                  "place": finding.place}  # what a group's digest covers (gateway.dlp.tally)
         if show_values:
             record["value"] = finding.value
         print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -121,7 +122,7 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
         if group.count > listed[(group.rule, group.type, group.action)]:
             print(f"gateway dlp scan: {source}: {group.count - listed[(group.rule, group.type, group.action)]} "
                   f"more findings of rule {group.rule} ({group.type}) not listed (profile {profile}'s "
-                  f"limits.max_findings); all {group.count} locations' SHA-256: {group.locations_sha256}",
+                  f"limits.max_findings); all {group.count} places' SHA-256: {group.locations_sha256}",
                   file=sys.stderr)
     return bool(result.groups)
 

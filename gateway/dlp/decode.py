@@ -12,6 +12,7 @@ Anything that cannot be decoded within the limits becomes a `problem` (an `unins
 
 import base64
 import binascii
+import bisect
 import csv
 import functools
 import html
@@ -28,6 +29,8 @@ from pathlib import PurePosixPath
 from types import MappingProxyType
 from urllib.parse import parse_qsl
 from xml.etree import ElementTree
+
+import numpy as np
 
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, Folded, check_inflated_size, decode_as, fold, inflate, is_utf8,
@@ -63,9 +66,13 @@ class Segment:
     def place(self, offset: int, base: int = 0) -> tuple[str, str | None]:
         """Where a byte offset of the data lies (a locator is told its offset in the text as written,
         plus `base`), and the field it is the value of."""
+        return self.at(self.unfolded(offset), base)
+
+    def at(self, written: int, base: int = 0) -> tuple[str, str | None]:
+        """Where a byte offset of the text as written lies (see place)."""
         if self.locate is None:
             return self.location, self.field
-        location, field_name = self.locate(base + self.unfolded(offset))
+        location, field_name = self.locate(base + written)
         return location, field_name or self.field
 
     def unfolded(self, offset: int) -> int:
@@ -644,19 +651,37 @@ def _json_keys(text: str) -> dict[str, None]:
     if _SPACE_BEFORE_COLON.search(text):
         return dict.fromkeys(_JSON_KEY.findall(text))
     return dict.fromkeys(piece[piece.rfind('"') + 1:] for piece in text.split('":')[:-1])
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+_REPLAYED_BRACKETS = 2048  # past this many brackets ahead, a JSON locator jumps rather than replays
 _OPEN_OBJECT, _OPEN_ARRAY = b"{["
 
 
-def _blank_quoted(data: bytes) -> bytes:
-    """`data` with the inside of every "..." replaced by spaces (same length): what is left is structure.
+class _Structure:
+    """A text with the inside of every "..." replaced by spaces (same length): what is left is
+    structure. Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a
+    quoted field is doubled and so toggles twice. Made only as far as it is read, in growing steps:
+    the findings a scan keeps are a bulk export's first ones, which need its first part only."""
 
-    Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a quoted field
-    is doubled and so toggles twice.
-    """
-    pieces = data.split(b'"')
-    pieces[1::2] = [b" " * len(piece) for piece in pieces[1::2]]
-    return b'"'.join(pieces)
+    def __init__(self, data: bytes, brackets: bytes = b""):
+        self.data = data
+        self.blanked = bytearray()
+        self.quoted = False  # whether the part made ends inside a string
+        self.bracket_bytes = np.frombuffer(brackets, dtype=np.uint8)
+        self.brackets: list[int] = []  # offsets of those bytes in the structure made
+
+    def through(self, offset: int) -> bytearray:
+        """The structure, made at least up to `offset` (and so searchable before it)."""
+        made = len(self.blanked)
+        if offset >= made and made < len(self.data):
+            end = min(max(offset + 1, 2 * made, 1 << 16), len(self.data))
+            part = np.frombuffer(self.data, dtype=np.uint8, count=end - made, offset=made)
+            quotes = part == ord('"')
+            inside = np.bitwise_xor.accumulate(quotes.view(np.uint8)) ^ self.quoted  # 1 from an opening quote on
+            part = np.where(inside.astype(bool) & ~quotes, ord(" "), part).astype(np.uint8)
+            self.quoted = bool(inside[-1])
+            self.blanked += part.tobytes()
+            if len(self.bracket_bytes):
+                self.brackets += (made + np.flatnonzero(np.isin(part, self.bracket_bytes))).tolist()
+        return self.blanked
 
 
 class _JsonObject(list):
@@ -696,8 +721,9 @@ class _JsonLocator:
     def __init__(self, data: bytes, location: str):
         self.data = data
         self.location = location
-        self.structure = b""
-        self.brackets: list[int] | None = None
+        self.made = _Structure(data, b"[]{}")
+        self.structure = self.made.blanked
+        self._arrays: tuple | None = None  # see _jump
         self._reset()
 
     def _reset(self) -> None:
@@ -706,12 +732,13 @@ class _JsonLocator:
         self.stack: list[_JsonLevel] = []
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.brackets is None:
-            self.structure = _blank_quoted(self.data)
-            self.brackets = [m.start() for m in _JSON_BRACKET.finditer(self.structure)]
+        structure = self.made.through(offset)
         if offset < self.counted_to:
             self._reset()  # an offset before the replayed part: start again
-        structure, brackets, stack = self.structure, self.brackets, self.stack
+        brackets, stack = self.made.brackets, self.stack
+        if bisect.bisect_left(brackets, offset, self.position) - self.position > _REPLAYED_BRACKETS:
+            self._jump(offset)
+            stack = self.stack
         while self.position < len(brackets) and brackets[self.position] < offset:
             at = brackets[self.position]
             self.position += 1
@@ -732,6 +759,36 @@ class _JsonLocator:
             else:
                 path = f"{path}[{level.commas}]"
         return child(self.location, path), field_name
+
+    def _jump(self, offset: int) -> None:
+        """Take the state the replay would have at `offset` (past many brackets: a finding far into
+        a large export) from all brackets and commas at once, in C; the replay's own way is left for
+        a structure with a closing bracket too many, which it ignores."""
+        made = self.made
+        if self._arrays is None or self._arrays[0] != len(made.blanked):
+            data = np.frombuffer(self.data, dtype=np.uint8)
+            positions = np.array(made.brackets, dtype=np.int64)
+            opens = np.isin(data[positions], (_OPEN_OBJECT, _OPEN_ARRAY))
+            depths = np.cumsum(np.where(opens, 1, -1))  # after each bracket
+            commas = np.flatnonzero(np.frombuffer(bytes(made.blanked), dtype=np.uint8) == ord(","))
+            before = np.searchsorted(positions, commas)  # brackets before each comma
+            comma_depths = np.where(before > 0, depths[np.maximum(before - 1, 0)], 0)
+            self._arrays = (len(made.blanked), positions, opens, depths, commas, comma_depths)
+        _, positions, opens, depths, commas, comma_depths = self._arrays
+        replayed = int(np.searchsorted(positions, offset))
+        if replayed and depths[:replayed].min() < 0:
+            return
+        depth = int(depths[replayed - 1]) if replayed else 0
+        openings = [int(np.flatnonzero(opens[:replayed] & (depths[:replayed] == level))[-1])
+                    for level in range(1, depth + 1)]
+        self.stack = []
+        for level, at in enumerate(openings, start=1):
+            opened = int(positions[at])
+            ends = int(positions[openings[level]]) if level < depth else offset  # its members end there
+            low, high = np.searchsorted(commas, (opened, ends))
+            own = int(np.count_nonzero(comma_depths[low:high] == level))
+            self.stack.append(_JsonLevel(self.data[opened] == _OPEN_OBJECT, opened, own))
+        self.position, self.counted_to = replayed, offset
 
     def _count_commas(self, to: int) -> None:
         """Commas between the last counted offset and `to` separate members of the innermost level."""
@@ -770,15 +827,15 @@ class _CsvLocator:
         self.delimiter = delimiter
         self.header = header
         self.location = location
-        self.structure: bytes | None = None
+        self.made = _Structure(data)
+        self.structure = self.made.blanked
         self._reset()
 
     def _reset(self) -> None:
         self.counted_to, self.rows_before, self.columns_before = 0, 0, 0
 
     def __call__(self, offset: int) -> tuple[str, str | None]:
-        if self.structure is None:
-            self.structure = _blank_quoted(self.data)
+        self.made.through(offset)
         if offset < self.counted_to:
             self._reset()
         newlines = self.structure.count(b"\n", self.counted_to, offset)

@@ -16,6 +16,9 @@ from gateway.dlp.validators import Steps
 
 def mask_middle(value: str, keep_start: int, keep_end: int) -> str:
     """Mask the letters and digits of `value` except the first and last few; separators stay."""
+    if value.isalnum():  # no separator (most values): slices
+        hidden = range(len(value))[keep_start: len(value) - keep_end if keep_end else None]
+        return value[:hidden.start] + "*" * len(hidden) + value[hidden.stop:] if hidden else value
     positions = [i for i, c in enumerate(value) if c.isalnum()]
     hidden = set(positions[keep_start: len(positions) - keep_end] if keep_end else positions[keep_start:])
     return "".join("*" if i in hidden else c for i, c in enumerate(value))

@@ -218,8 +218,12 @@ def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
             continue  # a later line of a wrapped run already read
         match = _RUN.match(data, start)
         assert match is not None  # the run start was just found there
-        searched_to = match.end()
-        for piece_start, piece_end in _pieces(match.group(), start):
+        searched_to, run = match.end(), match.group()
+        if b"\n" not in run:  # one line (an ID number in a bulk export, say): the piece is the run
+            if _mostly_letters(run):
+                yield start, searched_to
+            continue
+        for piece_start, piece_end in _pieces(run, start):
             if _mostly_letters(data[piece_start:piece_end]):
                 yield piece_start, piece_end
 

@@ -1,4 +1,5 @@
-"""Profiles: one compiled multi-pattern database per profile, candidate validation, rule evaluation.
+"""Profiles: one compiled multi-pattern database per profile, candidate validation (in batches, see
+gateway/dlp/batch.py), rule evaluation.
 
 Longer than 400 lines: a profile's scan, its validation and the rule evaluation share the
 compiled database and the candidates' bookkeeping.
@@ -6,12 +7,18 @@ compiled database and the candidates' bookkeeping.
 
 import bisect
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import eq, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 
+import numpy as np
+
+from gateway.dlp import batch
 from gateway.dlp.coding import DecodeError, folded
 from gateway.dlp.decode import (
     Decoded,
@@ -41,10 +48,14 @@ from gateway.dlp.rules import (
 )
 from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.tally import FindingGroup, Tally
+from gateway.dlp.tally import FindingGroup, Place, Tally, in_runs
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_ALNUM_BYTES = np.zeros(256, dtype=bool)
+_ALNUM_BYTES[list(_ALNUM)] = True
+_DIGIT_BYTES = np.zeros(256, dtype=bool)
+_DIGIT_BYTES[list(b"0123456789")] = True
 _CONTEXT_WINDOW = 48
 assert len(TOKEN_SEPARATOR) >= _CONTEXT_WINDOW  # decoded tokens joined by it give each other no context
 _MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
@@ -64,6 +75,9 @@ class Finding:
     value: str
     field: str | None = None
     confidence: str = "normal"  # "high" when the field name hints at this type
+    # Where in which text: its location and the byte offset in it as written (None: not in a text,
+    # e.g. a field name); what a group's digest covers (gateway.dlp.tally).
+    place: Place | None = None
 
 
 @dataclass
@@ -79,7 +93,7 @@ class ScanResult:
         if self.groups is None:
             tally = Tally()
             for f in self.findings:
-                tally.add(f.rule, f.type, f.action, f.location)
+                tally.add(f.rule, f.type, f.action, f.location, f.place)
             self.groups = tally.groups()
         if self.replacements is None:
             self.replacements = _replacements(self.findings)
@@ -95,15 +109,46 @@ def strongest(actions: list[str]) -> str | None:
 
 
 class Detection(NamedTuple):  # a tuple: a bulk export makes tens of thousands, 4x quicker than a dataclass
-    """A validated match before rules: what it is and where."""
+    """A validated match before rules: what it is, and where. A bulk export makes tens of thousands,
+    most of which are only counted: its location, field and mask are worked out when asked, from its
+    segment and offset (or were once, see resolved())."""
     kind: str            # "detector", "pattern", "keyword" or "field"
     name: str            # detector name, or the rule id owning the pattern / keyword / field name
     type: str
     value: str           # as written in the decoded content
-    masked: str
-    location: str
-    field: str | None
-    confidence: str
+    token: str           # as matched (full-width folded): what the mask is made of
+    segment: Segment | None  # the text it was found in; None once resolved, and for a field name
+    offset: int          # its byte offset in that text as written (segment.original, or else segment.data)
+    base: int = 0        # the offset of a stream's window in the body
+    fixed: tuple[str, str | None, Place] | None = None  # (location, field, place) when segment is None
+
+    def located(self) -> tuple[str, str | None]:
+        """Its location and the field it is the value of."""
+        if self.segment is None:
+            return self.fixed[0], self.fixed[1]
+        return self.segment.at(self.offset, self.base)
+
+    def place(self) -> Place:
+        if self.segment is None:
+            return self.fixed[2]
+        return self.segment.location, self.base + self.offset
+
+    def resolved(self) -> "Detection":
+        """Itself without its segment (a stream lets its windows go)."""
+        return self if self.segment is None else self._replace(segment=None, fixed=(*self.located(), self.place()))
+
+    def masked(self) -> str:
+        if self.kind == "detector":
+            return DETECTORS[self.name].mask(self.token)
+        if self.kind == "pattern":
+            return mask_middle(self.token, 2, 2) if len(self.token) > 6 else "*" * len(self.token)
+        return self.token  # a keyword, a field name
+
+    def confidence(self, field_name: str | None) -> str:
+        if self.kind == "field" or (self.kind == "detector" and field_name is not None
+                                    and field_name.strip().lower() in DETECTORS[self.name].hint_fields):
+            return "high"
+        return "normal"
 
 
 def _with_overflow(problems: list[tuple[str, str]], overflow: bool, location: str) -> list[tuple[str, str]]:
@@ -133,6 +178,12 @@ class Profile:
                 specs.append(PatternSpec(literal_regex(keyword), caseless=not rule.case_sensitive))
                 self._refs.append(("keyword", rule.id, keyword))
         self.matcher = Matcher(specs, engine)
+        self._detectors = list(detector_names)
+        self._detector_sources = np.empty(len(self._detectors), dtype=object)  # ("detector", name) of each
+        self._detector_sources[:] = [("detector", name) for name in self._detectors]
+        # per pattern: the index of its detector in _detectors, or -1 (a rule's pattern or keyword)
+        self._detector_of = np.array([self._detectors.index(name) if kind == "detector" else -1
+                                      for kind, name, _ in self._refs] or [0], dtype=np.int64)
         self._rule_of_field_name = {name: rule for rule in spec.rules for name in rule.field_names}
         self._clean_fields: set[tuple[str, str]] = set()  # see scan_fields
         self._clean_without_context: set[tuple[str, str]] = set()  # clean unless another field gives context
@@ -270,25 +321,16 @@ class Profile:
                     host: str | None) -> ScanResult:
         if not detections and not problems:
             return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
-        findings: list[Finding] = []
-        tally = Tally()
-        replacements: dict[str, str] = {}
-
-        def found(finding: Finding) -> None:  # kept up to the limit, counted and redacted whatever the number
-            tally.add(finding.rule, finding.type, finding.action, finding.location)
-            if _redacts(finding):
-                replacements[finding.value] = finding.masked
-            if len(findings) < self.limits.max_findings:
-                findings.append(finding)
-
+        found = _Findings(self.limits.max_findings, detections)
         for location, reason in problems:
-            found(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason))
-        # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
-        # sensitive value in a name is masked there too, since locations are recorded and logged.
-        masked = _LocationMasks({d.value: d.masked for d in detections if d.value and d.masked != d.value})
-        by_source: dict[tuple[bool, str], list[Detection]] = {}  # (from a detector, detector or rule id)
-        for d in detections:
-            by_source.setdefault((d.kind == "detector", d.name), []).append(d)
+            found.problem(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason,
+                                  place=(location, None)))
+        # (from a detector, detector or rule id) -> its detections, in text order (selected in C: tens of thousands)
+        source_of = {key: (key[0] == "detector", key[1]) for key in dict.fromkeys(map(_SOURCE, detections))}
+        sources = list(map(source_of.__getitem__, map(_SOURCE, detections)))
+        by_source = {source: list(compress(detections, map(eq, sources, repeat(source))))
+                     for source in dict.fromkeys(source_of.values())}
+        found.locate_repeated(detections)
         order: dict[int, int] = {}  # findings of a rule with several sources stay in text order
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
@@ -301,20 +343,13 @@ class Profile:
                 order = order or {id(d): index for index, d in enumerate(detections)}
                 selected = sorted(chain.from_iterable(sources), key=lambda d: order[id(d)])
             if rule.fields:
-                selected = [d for d in selected if _rule_selects(rule, d)]
+                selected = [d for d in selected if _rule_selects(rule, d, found.located(d)[1])]
             if rule.allow_values:
                 selected = [d for d in selected if canonical_value(d.value) not in rule.allow_values]
-            if not _distinct_values_reach(selected, rule.min_count):
-                continue
-            seen: set[tuple[str, str]] = set()
-            for d in selected:
-                if (d.value, d.location) in seen:
-                    continue
-                seen.add((d.value, d.location))
-                found(Finding(rule.id, d.type, rule.action, rule.severity, masked(d.location),
-                              d.masked, d.value, d.field and masked(d.field), d.confidence))
-        groups = tally.groups()
-        return ScanResult(findings, strongest([group.action for group in groups]), groups, replacements)
+            if _distinct_values_reach(selected, rule.min_count):
+                found.add(rule, found.unrepeated(selected))
+        groups = found.tally.groups()
+        return ScanResult(found.kept, strongest([group.action for group in groups]), groups, found.replacements)
 
     def field_detections(self, fields: list[tuple[str, str]]) -> list[Detection]:
         wanted = self._rule_of_field_name
@@ -326,12 +361,13 @@ class Profile:
             rule = wanted.get(name.strip().lower())
             if rule is not None and (rule.id, name) not in seen:
                 seen.add((rule.id, name))
-                out.append(Detection("field", rule.id, rule.type or "field_name", name, name, location, name, "high"))
+                out.append(Detection("field", rule.id, rule.type or "field_name", name, name, None, -1,
+                                     fixed=(location, name, (location, None))))
         return out
 
     def detect(self, segments: list[Segment], base_offset: int = 0, accept: tuple[int, int] | None = None,
                without_context: list[str] | None = None) -> tuple[list[Detection], bool]:
-        """Validated detections in the segments, and whether the candidate limit was hit.
+        """Validated detections in the segments, in text order, and whether the candidate limit was hit.
 
         `accept` (streaming) keeps only matches whose end offset e satisfies low < e <= high: the
         others were handled in the previous window or are found again, whole, in the next one.
@@ -350,56 +386,161 @@ class Profile:
         hits = self.matcher.scan(data)
         if len(hits) > MAX_CANDIDATES:
             return [], True
-        candidates: list[tuple[int, int, int, str]] = []  # (start, end, -priority, detector)
-        others: list[tuple[int, int, str, str, str]] = []
-        folding = segments[0].folding if accept is not None else None  # a stream's window: one segment
-        for pattern_id, start, end in hits:
-            if accept is not None and not accept[0] < (end if folding is None else folding.unfolded(end)) <= accept[1]:
-                continue
-            kind, name, keyword = self._refs[pattern_id]
+        if accept is not None:
+            folding = segments[0].folding  # a stream's window: one segment
+            hits = [hit for hit in hits if accept[0] < (hit[2] if folding is None else folding.unfolded(hit[2])) <= accept[1]]
+        if not hits:
+            return [], False
+        # Every candidate at once (numpy): a bulk export has a few in every record.
+        table = np.fromiter(chain.from_iterable(hits), np.int64, 3 * len(hits)).reshape(-1, 3)
+        detector_of = self._detector_of[table[:, 0]]
+        span_starts, span_ends, detector_index = _detector_spans(
+            data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
+        sources = self._detector_sources[detector_index].tolist()
+        others = [(start, end, self._refs[pattern_id][:2]) for pattern_id, start, end in table[detector_of < 0].tolist()]
+        if others:  # a rule's patterns and keywords: few
+            spans = sorted(set(zip(span_starts.tolist(), span_ends.tolist(), sources)).union(others))
+            span_starts = np.array([span[0] for span in spans], dtype=np.int64)
+            span_ends = np.array([span[1] for span in spans], dtype=np.int64)
+            sources = [span[2] for span in spans]
+        return self._detections(segments, starts, data, span_starts, span_ends, sources, base_offset,
+                                accept is not None, without_context), False
+
+    def _detections(self, segments: list[Segment], starts: list[int], data: bytes, span_starts: np.ndarray,
+                    span_ends: np.ndarray, sources: list[tuple[str, str]], base_offset: int, resolve: bool,
+                    without_context: list[str] | None) -> list[Detection]:
+        """Detections of the spans of `data` (the segments joined, each starting at its offset in
+        `starts`) found by `sources` (kind, detector or rule id), in text order."""
+        segment_of = np.searchsorted(np.array(starts, dtype=np.int64), span_starts, "right") - 1
+        local_starts = span_starts - np.array(starts, dtype=np.int64)[segment_of]
+        local_ends = local_starts + (span_ends - span_starts)
+        written_starts, written_ends = local_starts.copy(), local_ends.copy()  # offsets in the text as written
+        for index in np.unique(segment_of).tolist():
+            folding = segments[index].folding
+            if folding is not None:
+                rows = np.flatnonzero(segment_of == index)
+                positions = np.asarray(folding.positions, dtype=np.int64)
+                written_starts[rows] += 2 * np.searchsorted(positions, local_starts[rows], "left")
+                written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
+        new = tuple.__new__  # Detection(...) without its keyword handling: tens of thousands
+        if len(segments) == 1 and not resolve and all(kind == "detector" and not DETECTORS[name].context_words
+                                                      for kind, name in set(sources)):
+            # One text and detectors needing no context words (a bulk export): built in bulk.
+            segment = segments[0]
+            tokens = [data[start:end].decode("utf-8", "replace")
+                      for start, end in zip(span_starts.tolist(), span_ends.tolist())]
+            values = tokens
+            if segment.original is not None:  # values with full-width characters in them, as written
+                values = tokens.copy()
+                for row in np.flatnonzero(written_ends - written_starts != span_ends - span_starts).tolist():
+                    values[row] = segment.original[written_starts[row]:written_ends[row]].decode("utf-8", "replace")
+            return [new(Detection, ("detector", name, name, value, token, segment, offset, base_offset, None))
+                    for (_, name), value, token, offset in zip(sources, values, tokens, written_starts.tolist())]
+        detections = []
+        rule_of = {rule.id: rule for rule in self.rules}
+        for start, end, (kind, name), index, local_end, written_start, written_end in zip(
+                span_starts.tolist(), span_ends.tolist(), sources, segment_of.tolist(), local_ends.tolist(),
+                written_starts.tolist(), written_ends.tolist()):
+            segment = segments[index]
+            if local_end > len(segment.data):
+                continue  # a custom pattern spanning two segments
+            token = data[start:end].decode("utf-8", "replace")
+            value = token if segment.original is None or written_end - written_start == end - start else \
+                segment.original[written_start:written_end].decode("utf-8", "replace")  # e.g. full-width
             if kind == "detector":
                 detector = DETECTORS[name]
-                if detector.extend_left:
-                    floor = max(start - MAX_TOKEN_BYTES, 0)
-                    while start > floor and data[start - 1] in detector.extend_left:
-                        start -= 1
-                if not _whole_token(data, start, end) or (detector.group_separators and _continued(data, start, end, detector.group_separators)):
-                    continue
-                candidates.append((start, end, -detector.priority, name))
+                if detector.context_words:
+                    field_name = segment.at(written_start, base_offset)[1]
+                    if (field_name is None or field_name.strip().lower() not in detector.hint_fields) \
+                            and not _has_context(data, start, detector):
+                        if without_context is not None:
+                            without_context.append(segment.location)
+                        continue
+                detection = new(Detection, (kind, name, name, value, token, segment, written_start, base_offset, None))
             else:
-                others.append((start, end, kind, name, keyword))
-        others += [(start, end, "detector", name, "") for start, end, name in _valid_without_overlaps(candidates, data)]
-        detections = []
-        for start, end, kind, name, keyword in sorted(set(others)):  # text order: locators replay forwards
-            detection = self._detection(segments, starts, data, start, end, kind, name, keyword, base_offset)
-            if detection is not None:
-                detections.append(detection)
-            elif kind == "detector" and without_context is not None:
-                without_context.append(segments[bisect.bisect_right(starts, start) - 1].location)
-        return detections, False
+                detection = new(Detection, (kind, name, rule_of[name].type or kind, value, token, segment,
+                                            written_start, base_offset, None))
+            detections.append(detection.resolved() if resolve else detection)
+        return detections
 
-    def _detection(self, segments: list[Segment], starts: list[int], data: bytes, start: int, end: int,
-                   kind: str, name: str, keyword: str, base_offset: int) -> Detection | None:
-        index = bisect.bisect_right(starts, start) - 1
-        segment = segments[index]
-        local_start, local_end = start - starts[index], end - starts[index]
-        if local_end > len(segment.data):
-            return None  # a custom pattern spanning two segments
-        token = data[start:end].decode("utf-8", "replace")
-        value = token if segment.original is None else segment.written(local_start, local_end)  # e.g. full-width
-        location, field_name = segment.place(local_start, base_offset)
-        if kind == "detector":
-            detector = DETECTORS[name]
-            hinted = field_name is not None and field_name.strip().lower() in detector.hint_fields
-            if detector.context_words and not hinted and not _has_context(data, start, detector):
-                return None
-            return Detection(kind, name, name, value, detector.mask(token), location, field_name,
-                             "high" if hinted else "normal")
-        rule = next(r for r in self.rules if r.id == name)
-        if kind == "keyword":
-            return Detection(kind, name, rule.type or "keyword", value, token, location, field_name, "normal")
-        masked = mask_middle(token, 2, 2) if len(token) > 6 else "*" * len(token)
-        return Detection(kind, name, rule.type or "pattern", value, masked, location, field_name, "normal")
+
+class _Findings:
+    """What apply_rules gathers: the first `room` findings whole, every finding counted in the tally
+    (its group's first locations named, every place digested), every value to redact masked. Only
+    what is kept is located and masked: most findings of a bulk export are only counted."""
+
+    def __init__(self, room: int, detections: list[Detection]):
+        self.room = room
+        self.kept: list[Finding] = []
+        self.tally = Tally()
+        self.replacements: dict[str, str] = {}
+        self.masks = _Masks({d.value: d for d in detections if d.value})
+        # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
+        # sensitive value in a name is masked there too, since locations are recorded and logged.
+        self.masked = _LocationMasks(self.masks)
+        self._located: dict[tuple[int, int, int], tuple[str, str | None]] = {}
+
+    def located(self, d: Detection) -> tuple[str, str | None]:
+        """Its location and field, each worked out once (a locator replays rising offsets: asked
+        again for an earlier one, it starts over)."""
+        key = (id(d.segment), d.offset, d.base)
+        place = self._located.get(key)
+        if place is None:
+            place = self._located[key] = d.located()
+        return place
+
+    def locate_repeated(self, detections: list[Detection]) -> None:
+        """Locate, in text order, the detections of values found more than once (which rules tell
+        apart by location, see unrepeated()): a locator replays a text once for all rules."""
+        values = list(map(_VALUE, detections))
+        if len(set(values)) < len(values):
+            counts = Counter(values)
+            for d, count in zip(detections, map(counts.__getitem__, values)):
+                if count > 1:
+                    self.located(d)
+
+    def problem(self, finding: Finding) -> None:
+        self.tally.add(finding.rule, finding.type, finding.action, finding.location, finding.place)
+        if len(self.kept) < self.room:
+            self.kept.append(finding)
+
+    def unrepeated(self, selected: list[Detection]) -> list[Detection]:
+        """The detections but those of a value found at the same location before (only values seen
+        twice are located to tell)."""
+        values = list(map(_VALUE, selected))
+        if len(set(values)) == len(values):
+            return selected
+        counts = Counter(values)
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for d in selected:
+            if counts[d.value] > 1:
+                key = (d.value, self.located(d)[0])
+                if key in seen:
+                    continue
+                seen.add(key)
+            out.append(d)
+        return out
+
+    def add(self, rule: Rule, selected: list[Detection]) -> None:
+        types = set(map(_TYPE, selected))
+        types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
+        for type in types:
+            group = selected if len(types) == 1 else [d for d in selected if d.type == type]
+            if group[0].segment is not None and len(set(map(id, map(_SEGMENT, group)))) == 1 \
+                    and not any(map(_BASE, group)):  # all in one text (a bulk export): offsets taken in C
+                runs = [(group[0].segment.location, list(map(_OFFSET, group)))]
+            else:
+                runs = in_runs(d.place() for d in group)
+            self.tally.extend(rule.id, type, rule.action, runs,
+                              lambda index: self.masked(self.located(group[index])[0]))
+        if rule.action == "redact":
+            self.replacements.update((d.value, self.masks[d.value]) for d in selected if d.value)
+        for d in selected[:max(self.room - len(self.kept), 0)]:
+            location, field_name = self.located(d)
+            self.kept.append(Finding(rule.id, d.type, rule.action, rule.severity, self.masked(location),
+                                     d.masked(), d.value, field_name and self.masked(field_name),
+                                     d.confidence(field_name), d.place()))
 
 
 def _redacts(finding: Finding) -> bool:
@@ -410,18 +551,51 @@ def _replacements(findings: list[Finding]) -> dict[str, str]:
     return {f.value: f.masked for f in findings if _redacts(f)}
 
 
+_SOURCE, _TYPE, _VALUE, _SEGMENT, _OFFSET, _BASE = (itemgetter(0, 1), *map(itemgetter, (2, 3, 5, 6, 7)))  # of a Detection
+
+
+class _Masks(Mapping[str, str]):
+    """Each detected value's mask, made when first asked for (most are never shown)."""
+
+    def __init__(self, detections: dict[str, Detection]):
+        self.detections = detections
+        self.made: dict[str, str] = {}
+
+    def __getitem__(self, value: str) -> str:
+        masked = self.made.get(value)
+        if masked is None:
+            masked = self.made[value] = self.detections[value].masked()
+        return masked
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.detections
+
+    def get(self, value: str, default: str | None = None) -> str | None:  # without Mapping's try/except
+        return self[value] if value in self.detections else default
+
+    def __iter__(self):
+        return iter(self.detections)
+
+    def __len__(self) -> int:
+        return len(self.detections)
+
+
 class _LocationMasks:
     """The values found masked in locations and field names, each location settled once."""
 
-    def __init__(self, masks: dict[str, str]):
-        self.masked = ValueMasks(masks) if masks else None
+    def __init__(self, masks: _Masks):
+        self.masks = masks
+        self.masked: ValueMasks | None = None  # built when a first location is asked for
         self.done: dict[str, str] = {}
 
     def __call__(self, text: str) -> str:
-        if self.masked is None:
+        if not self.masks:
             return text
         masked = self.done.get(text)
         if masked is None:
+            if self.masked is None:  # but for the values that are their own mask (a field name, a keyword)
+                self.masked = ValueMasks(_Masks({value: d for value, d in self.masks.detections.items()
+                                                 if d.kind not in ("field", "keyword") or d.token != value}))
             masked = self.done[text] = self.masked(text)
         return masked
 
@@ -438,7 +612,7 @@ def _distinct_values_reach(detections: list[Detection], count: int) -> bool:
     return False
 
 
-def _rule_selects(rule: Rule, detection: Detection) -> bool:
+def _rule_selects(rule: Rule, detection: Detection, field_name: str | None) -> bool:
     if detection.kind == "detector":
         chosen = detection.name in rule.detectors
     else:
@@ -446,48 +620,107 @@ def _rule_selects(rule: Rule, detection: Detection) -> bool:
     if not chosen:
         return False
     if rule.fields and detection.kind != "field":
-        return detection.field is not None and detection.field.strip().lower() in rule.fields
+        return field_name is not None and field_name.strip().lower() in rule.fields
     return True
 
 
-def _valid_without_overlaps(candidates: list[tuple[int, int, int, str]], data: bytes) -> list[tuple[int, int, str]]:
-    """The valid candidates (start, end, -priority, detector) of `data` that win over those they overlap:
-    the stronger detector's (an ID number is not also a card number), then the longer (one e-mail
-    address, not its prefix). Decided within each run of candidates overlapping one another, so that
-    thousands of findings that overlap nothing cost a sort; a candidate overlapping one already taken
-    is not validated at all."""
-    kept: list[tuple[int, int, str]] = []
-    run: list[tuple[int, int, int, str]] = []
-    run_end = -1
-    for candidate in sorted(candidates):
-        if candidate[0] >= run_end and run:
-            kept += _strongest_valid(run, data)
-            run = []
-        run.append(candidate)
-        run_end = max(run_end, candidate[1]) if len(run) > 1 else candidate[1]
-    return kept + _strongest_valid(run, data) if run else kept
+def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, names: list[str]) \
+        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The detectors' candidates (rows of (start, end), detector_of naming their detectors by index
+    in `names`) that are whole tokens, valid, and win over those they overlap: the stronger
+    detector's (an ID number is not also a card number), then the longer (one e-mail address, not
+    its prefix); as arrays of starts, ends and detector indexes, in text order. Each step runs over
+    all candidates at once; only runs of valid candidates overlapping one another are settled one by one."""
+    none = np.zeros(0, dtype=np.int64)
+    if not len(spans):
+        return none, none, none
+    starts, ends = spans[:, 0].copy(), spans[:, 1]
+    present = np.flatnonzero(np.bincount(detector_of)).tolist()
+    for index in present:
+        grow = DETECTORS[names[index]].extend_left
+        if grow:  # e-mail local parts, grown leftwards: value by value (few)
+            for row in np.flatnonzero(detector_of == index).tolist():
+                start = starts[row]
+                floor = max(start - MAX_TOKEN_BYTES, 0)
+                while start > floor and data[start - 1] in grow:
+                    start -= 1
+                starts[row] = start
+    buf = np.frombuffer(data, dtype=np.uint8)
+    last = len(buf) - 1
+    keep = ~((starts > 0) & _ALNUM_BYTES[buf[np.maximum(starts - 1, 0)]]) \
+        & ~((ends <= last) & _ALNUM_BYTES[buf[np.minimum(ends, last)]])
+    for index in present:
+        separators = DETECTORS[names[index]].group_separators
+        if separators:  # a grouped number next to another group of digits is part of a longer number
+            joined = np.zeros(256, dtype=bool)
+            joined[list(separators)] = True
+            near = (detector_of == index) & keep & (
+                ((ends < last) & joined[buf[np.minimum(ends, last)]] & _DIGIT_BYTES[buf[np.minimum(ends + 1, last)]])
+                | ((starts >= 2) & joined[buf[np.maximum(starts - 1, 0)]] & _DIGIT_BYTES[buf[np.maximum(starts - 2, 0)]]))
+            for row in np.flatnonzero(near).tolist():
+                keep[row] = not _continued(data, int(starts[row]), int(ends[row]), separators)
+    starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
+    if not len(starts):
+        return none, none, none
+    # by start, end and detector (one key, quicker to sort than three, while they fit); repeats dropped
+    lengths = ends - starts
+    order = np.argsort((starts << 23) | (lengths << 5) | detector_of, kind="stable") \
+        if lengths.max() < 1 << 18 and len(names) <= 32 and len(data) < 1 << 40 else np.lexsort((detector_of, ends, starts))
+    starts, ends, detector_of = starts[order], ends[order], detector_of[order]
+    same_span = np.zeros(len(starts), dtype=bool)
+    same_span[1:] = (starts[1:] == starts[:-1]) & (ends[1:] == ends[:-1])
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = ~same_span[1:] | (detector_of[1:] != detector_of[:-1])
+    starts, ends, detector_of, same_span = starts[first], ends[first], detector_of[first], same_span[first]
+    # Validated strongest detector first: a candidate whose very span a stronger one holds validly is
+    # taken by it (an ID number is no card number) and needs no check of its own.
+    span_of = np.cumsum(~same_span) - 1
+    taken = np.zeros(len(starts), dtype=bool)  # per span
+    valid = np.zeros(len(starts), dtype=bool)
+    priority = np.array([DETECTORS[name].priority for name in names])[detector_of]
+    for level in sorted({DETECTORS[names[index]].priority for index in present}, reverse=True):
+        rows = np.flatnonzero((priority == level) & ~taken[span_of])
+        for index in np.flatnonzero(np.bincount(detector_of[rows])).tolist():
+            chosen = rows[detector_of[rows] == index]
+            valid[chosen] = batch.valid(names[index], data, starts[chosen], ends[chosen])
+        taken[span_of[rows[valid[rows]]]] = True
+    starts, ends, detector_of = starts[valid], ends[valid], detector_of[valid]
+    if not len(starts):
+        return none, none, none
+    # Runs of candidates overlapping one another: a run starts where no earlier candidate reaches.
+    reach = np.maximum.accumulate(ends)
+    run_starts = np.ones(len(starts), dtype=bool)
+    run_starts[1:] = starts[1:] >= reach[:-1]
+    run_of = np.cumsum(run_starts) - 1
+    alone = np.bincount(run_of)[run_of] == 1
+    if alone.all():
+        return starts, ends, detector_of
+    runs: dict[int, list[tuple[int, int, int, int]]] = {}
+    for start, end, index, run in zip(starts[~alone].tolist(), ends[~alone].tolist(), detector_of[~alone].tolist(),
+                                      run_of[~alone].tolist()):
+        runs.setdefault(run, []).append((start, end, -DETECTORS[names[index]].priority, index))
+    settled = np.array([taken for run in runs.values() for taken in _strongest(run)], dtype=np.int64).reshape(-1, 3)
+    starts = np.concatenate([starts[alone], settled[:, 0]])
+    ends = np.concatenate([ends[alone], settled[:, 1]])
+    detector_of = np.concatenate([detector_of[alone], settled[:, 2]])
+    order = np.argsort(starts, kind="stable")
+    return starts[order], ends[order], detector_of[order]
 
 
-def _strongest_valid(run: list[tuple[int, int, int, str]], data: bytes) -> list[tuple[int, int, str]]:
-    if len(run) == 1:
-        start, end, _, name = run[0]
-        return [(start, end, name)] if DETECTORS[name].valid(data[start:end].decode("utf-8", "replace")) else []
-    taken: list[tuple[int, int, str]] = []
+def _strongest(run: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int]]:
+    """Of valid candidates (start, end, -priority, detector) overlapping one another, those taken
+    strongest first, then longest, each unless it overlaps one taken before."""
+    taken: list[tuple[int, int, int]] = []
     taken_starts: list[int] = []
     taken_ends: list[int] = []  # taken spans do not overlap, so ends are sorted like starts
     for start, end, _, name in sorted(run, key=lambda c: (c[2], c[0] - c[1], c[0])):
         index = bisect.bisect_left(taken_starts, start)
         if (index and taken_ends[index - 1] > start) or (index < len(taken_starts) and taken_starts[index] < end):
             continue
-        if DETECTORS[name].valid(data[start:end].decode("utf-8", "replace")):
-            taken_starts.insert(index, start)
-            taken_ends.insert(index, end)
-            taken.append((start, end, name))
+        taken_starts.insert(index, start)
+        taken_ends.insert(index, end)
+        taken.append((start, end, name))
     return taken
-
-
-def _whole_token(data: bytes, start: int, end: int) -> bool:
-    return (start == 0 or data[start - 1] not in _ALNUM) and (end == len(data) or data[end] not in _ALNUM)
 
 
 def _continued(data: bytes, start: int, end: int, separators: bytes) -> bool:

@@ -281,7 +281,7 @@ class StreamScan:
         if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
             self._fail("too many candidate matches in the stream")
             return False
-        self._detections += detections
+        self._detections += [detection.resolved() for detection in detections]  # windows are let go
         return True
 
 

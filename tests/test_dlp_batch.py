@@ -1,0 +1,136 @@
+"""Bulk paths say what their one-at-a-time references say: the batch checks (gateway/dlp/batch.py) what
+the detectors' own checks say value by value (validators.py is the reference), on random tokens and on
+tokens crafted to pass every check but one; a JSON locator jumping far ahead what its replay says."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import date
+
+import numpy as np
+import pytest
+
+from gateway.dlp import batch, decode
+from gateway.dlp.detectors import DETECTORS
+from gateway.dlp.validators import USCC_CHARS, id_card_check_char, luhn_valid, org_code_check_char, uscc_check_char
+
+RNG = random.Random(1118)
+
+
+def _digits(count: int) -> str:
+    return "".join(RNG.choice("0123456789") for _ in range(count))
+
+
+def _id_numbers() -> list[str]:
+    tokens = []
+    for _ in range(4000):
+        region = RNG.choice(["11", "31", "44", "65", "71", "83", "10", "20", "99", "00"]) + _digits(4)
+        year = RNG.choice([1899, 1900, 1948, 1980, 2000, 2004, 2020, date.today().year, date.today().year + 1, 2100])
+        month, day = RNG.randint(0, 13), RNG.randint(0, 32)
+        if RNG.random() < 0.3:
+            month, day = 2, RNG.choice([28, 29, 30])
+        first17 = f"{region}{year:04d}{month:02d}{day:02d}{_digits(3)}"
+        check = id_card_check_char(first17)
+        last = RNG.choice([check, check.lower(), RNG.choice("0123456789Xx")])
+        tokens.append(first17 + last)
+    today = date.today()
+    tokens.append("110105" + today.strftime("%Y%m%d") + "001")
+    tokens[-1] += id_card_check_char(tokens[-1])
+    tokens += ["11010519491231002X", "110105194912310021", "11010519800229001" + id_card_check_char("11010519800229001"),
+               "11010520000229001" + id_card_check_char("11010520000229001"), "1101051980021500" + "1X",
+               "A10105194912310021", "11010519491231002Y", "110105 19491231 002X"[:18]]
+    tokens += ["".join(RNG.choice("0123456789Xx -") for _ in range(18)) for _ in range(500)]
+    return tokens
+
+
+def _uscc_codes() -> list[str]:
+    tokens = []
+    for _ in range(4000):
+        head = RNG.choice("123456789ANY0Z") + RNG.choice("123456789") + RNG.choice(["11", "31", "44", "10", "99"]) \
+               + _digits(4)
+        org = "".join(RNG.choice(USCC_CHARS if RNG.random() < 0.3 else "0123456789") for _ in range(8))
+        org_check = org_code_check_char(org) if RNG.random() < 0.8 else RNG.choice("0123456789X")
+        first17 = head + org + org_check
+        last = uscc_check_char(first17) if RNG.random() < 0.8 and all(c in USCC_CHARS for c in first17) \
+            else RNG.choice(USCC_CHARS + "IOZSV")
+        tokens.append(first17 + last)
+    return tokens
+
+
+def _mobiles() -> list[str]:
+    tokens = [RNG.choice(["13", "14", "15", "16", "17", "19", "10", "12", "00", "18"]) + _digits(9) for _ in range(3000)]
+    tokens += ["138 0013 8000", "138-0013-8000", "+86 13800138000", "008613800138000", "138 0013-8000", "1380013800X"]
+    return tokens
+
+
+def _cards() -> list[str]:
+    tokens = []
+    for _ in range(4000):
+        prefix = RNG.choice(["62", "81", "4", "51", "55", "2221", "2720", "2721", "34", "37", "6011", "644", "649",
+                             "65", "3528", "3589", "36", "300", "305", "38", "39", "2200", "2204", "2205", "1", "99"])
+        length = RNG.randint(14, 20)
+        body = prefix + _digits(max(length - len(prefix) - 1, 0))
+        last = next(d for d in "0123456789" if luhn_valid(body + d)) if RNG.random() < 0.7 else RNG.choice("0123456789")
+        tokens.append(body + last)
+    tokens += ["6228 4800 0000 0000 0", "4111-1111-1111-1111", "4111 1111-1111 1111"]
+    return tokens
+
+
+@pytest.mark.parametrize("name,tokens", [("cn_id_card", _id_numbers()), ("cn_uscc", _uscc_codes()),
+                                        ("cn_mobile", _mobiles()), ("bank_card", _cards()),
+                                        ("email", ["a@b.cn", "x@y.png", "-@-.com"])])
+def test_batch_checks_agree_with_the_detectors_own(name, tokens):
+    data = b"\n".join(token.encode() for token in tokens)
+    starts, at = [], 0
+    for token in tokens:
+        starts.append(at)
+        at += len(token.encode()) + 1
+    starts_array = np.array(starts, dtype=np.int64)
+    ends_array = starts_array + np.array([len(token.encode()) for token in tokens], dtype=np.int64)
+    expected = [DETECTORS[name].valid(token) for token in tokens]
+    assert batch.valid(name, data, starts_array, ends_array).tolist() == expected
+    # both answers are well represented: the crafted tokens pass and fail
+    assert 0.02 < sum(expected) / len(expected) < 0.98, sum(expected)
+
+
+def _json_texts() -> list[bytes]:
+    rng = random.Random(18)
+
+    def value(depth: int) -> object:
+        roll = rng.random()
+        if depth < 4 and roll < 0.25:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        if depth < 4 and roll < 0.5:
+            return {rng.choice(["sfzh", "a b", "键", "x", "x"]): value(depth + 1) for _ in range(rng.randint(0, 4))}
+        return rng.choice(["110105194912310021", "[{,:}]" * rng.randint(1, 30), "文本，", 7, None])
+
+    texts = [json.dumps([value(0) for _ in range(20_000)], ensure_ascii=False).encode()]  # made in several steps
+    texts.append(texts[0][:-1] + b"]]" + texts[0][1:])  # a closing bracket too many in the middle
+    return texts
+
+
+@pytest.mark.parametrize("text", _json_texts(), ids=["nested", "a bracket too many"])
+def test_a_json_locator_jumping_far_ahead_says_what_its_replay_says(text, monkeypatch):
+    """Locating a finding past thousands of brackets takes the replay's state at once (in C)."""
+    offsets = sorted(random.Random(5).sample(range(len(text)), 300))
+    monkeypatch.setattr(decode, "_REPLAYED_BRACKETS", 8)  # jump at every chance
+    jumping = decode._JsonLocator(text, "body")
+    located = [jumping(offset) for offset in offsets]
+    assert jumping._arrays is not None  # it did jump
+    monkeypatch.setattr(decode, "_REPLAYED_BRACKETS", 1 << 40)
+    replaying = decode._JsonLocator(text, "body")
+    assert located == [replaying(offset) for offset in offsets]
+    assert replaying._arrays is None
+
+
+def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
+    text = _json_texts()[0]
+    pieces = text.split(b'"')
+    pieces[1::2] = [b" " * len(piece) for piece in pieces[1::2]]
+    expected = b'"'.join(pieces)
+    structure = decode._Structure(text, b"[]{}")
+    for offset in sorted(random.Random(9).sample(range(len(text)), 50)) + [len(text) - 1]:
+        structure.through(offset)
+    assert bytes(structure.blanked) == expected and len(expected) > 4 << 16  # made in several steps
+    assert structure.brackets == [at for at, byte in enumerate(expected) if byte in b"[]{}"]
