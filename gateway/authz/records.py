@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.authz.catalog import Dataset
-from gateway.authz.subject import DROP, SubjectHasher, masker
+from gateway.authz.subject import DROP, SubjectHasher, drop, keep, masker
 
 # subject keys -> those with consent
 type Lookup = Callable[[Iterable[bytes]], set[bytes]]
@@ -63,31 +63,32 @@ class RecordFilter:
     # ---- one record ---------------------------------------------------------------------------
 
     def _mask(self, record: dict) -> dict:
-        masked = {}
+        masks, masked = self.masks, {}
         for name, value in record.items():
-            mask = self.masks.get(name)
-            if mask is not None and (value := mask(value)) is not DROP:
+            mask = masks.get(name, drop)
+            if mask is keep:
+                masked[name] = value
+            elif mask is not drop and (value := mask(value)) is not DROP:
                 masked[name] = value
         return masked
 
-    def _decide[R](self, records: list[R], subject_of: Callable[[R], object], mask: Callable[[R], R],
+    def _decide[R](self, records: list[R], subjects: list[object], mask: Callable[[R], R],
                    lookup: Lookup) -> tuple[Outcome, list[R]]:
-        keys = [self.hasher.key(subject_of(record)) for record in records]
+        """Each record with its subject's ID (`subjects`, in order): those consented, kept, the others
+        masked or dropped; or refused."""
+        subject_key = self.hasher.key
+        keys = [subject_key(subject) for subject in subjects]
         consented = lookup(key for key in keys if key is not None)
-        outcome, kept = Outcome(records=len(records)), []
-        unconsented = self.rule.unconsented
-        for record, key in zip(records, keys):
-            if key is not None and key in consented:
-                outcome.passed += 1
-                kept.append(record)
-            elif unconsented == "refuse":
-                return Outcome(records=len(records), refused=True), []
-            elif unconsented == "drop":
-                outcome.dropped += 1
-            else:
-                outcome.masked += 1
-                kept.append(mask(record))
-        return outcome, kept
+        passes = [key in consented for key in keys]  # a record without a subject ID: None, never in it
+        outcome = Outcome(records=len(records), passed=sum(passes))
+        unconsented = outcome.records - outcome.passed
+        if unconsented and self.rule.unconsented == "refuse":
+            return Outcome(records=len(records), refused=True), []
+        if self.rule.unconsented == "drop":
+            outcome.dropped = unconsented
+            return outcome, [record for record, passed in zip(records, passes) if passed]
+        outcome.masked = unconsented
+        return outcome, [record if passed else mask(record) for record, passed in zip(records, passes)]
 
     # ---- bodies -------------------------------------------------------------------------------
 
@@ -110,7 +111,7 @@ class RecordFilter:
         if not all(isinstance(record, dict) for record in records):
             raise Unfilterable("a JSON array item that is not an object (a record)")
         field = self.rule.subject_field
-        outcome, kept = self._decide(records, lambda record: record.get(field), self._mask, lookup)
+        outcome, kept = self._decide(records, [record.get(field) for record in records], self._mask, lookup)
         if outcome.refused:
             return outcome
         if holder is not None:
@@ -130,12 +131,13 @@ class RecordFilter:
             raise Unfilterable(f"the CSV header has no column '{self.rule.subject_field}'")
         column = header.index(self.rule.subject_field)
         # A column cannot leave some rows: a dropped field is an empty cell.
-        masks = [self.masks.get(name, lambda value: DROP) for name in header]
+        masks = [self.masks.get(name, drop) for name in header]
 
         def mask(row: list[str]) -> list[str]:
             return ["" if (masked := mask(value)) is DROP else str(masked) for mask, value in zip(masks, row)]
 
-        outcome, kept = self._decide(records, lambda row: row[column] if column < len(row) else None, mask, lookup)
+        outcome, kept = self._decide(records, [row[column] if column < len(row) else None for row in records], mask,
+                                     lookup)
         if outcome.refused:
             return outcome
         out = io.StringIO(newline="")

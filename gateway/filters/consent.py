@@ -11,13 +11,14 @@ counts go to the trace record (`consent`) and the metrics.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Protocol
 
 from mitmproxy import http
 
 from gateway.authz.catalog import Dataset
-from gateway.authz.consent import ConsentRegistry, RegistryView
+from gateway.authz.consent import ConsentRegistry, RegistryView, Scope
 from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.settings import ConsentSettings
 from gateway.config.runtime import Runtime
@@ -76,20 +77,23 @@ class Consent:
         response = flow.response
         grant = transfer.extra["grant"]
         record_filter = self._filter(dataset)
+        scope = Scope(grant["consumer"], grant["scenario"], dataset.id, dataset.consent.separate)
         now = time.time()
 
-        def lookup(keys):
-            return self._view.registry.consented(keys, grant["consumer"], grant["scenario"], dataset.id, now,
-                                                 dataset.consent.separate)
-
         def apply():
-            return record_filter.apply(body, response.headers.get("content-type", ""), lookup)
+            return record_filter.apply(body, response.headers.get("content-type", ""),
+                                       self._view.consented(scope, now))
 
         try:
             body = response.content  # content codings undone (a body that does not decode is refused)
-            outcome = apply() if len(body) <= INLINE_LIMIT else await asyncio.to_thread(apply)
+            # A large body, or a scope to load from the registry first, is worked on off the event loop.
+            inline = len(body) <= INLINE_LIMIT and self._view.loaded(scope, now)
+            outcome = apply() if inline else await asyncio.to_thread(apply)
         except (Unfilterable, ValueError) as e:
             self._refuse(flow, transfer, dataset, "consent_unfilterable", f"response body: {e}", 502)
+            return
+        except sqlite3.Error as e:  # fail closed: no answer from the registry, no records
+            self._refuse(flow, transfer, dataset, "consent_stale", f"consent registry unreadable: {e}", 403)
             return
         transfer.extra["consent"] = outcome.counts()
         if outcome.refused:

@@ -1,0 +1,93 @@
+"""The consent registry's in-memory view, alone: it answers as the registry does, and a withdrawal, an
+import, an expiry or a consent's start counts from the next lookup; subject keys are HMAC whatever
+the secret's length."""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import os
+
+import orjson
+import pytest
+
+from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
+from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
+from gateway.authz.subject import SubjectHasher
+
+NOW = 1_800_000_000
+SCOPE = Scope("operator-a", "elderly-care", "civil.residents")
+
+
+def subject(i: int) -> str:
+    return f"5206{i:013d}X"
+
+
+@pytest.fixture
+def world(tmp_path):
+    generate_key("platform", tmp_path / "platform.key", tmp_path / "platform.pub")
+    key = load_private_key(tmp_path / "platform.key")
+    hasher = SubjectHasher(os.urandom(32))
+    registry = ConsentRegistry(tmp_path / "consent.sqlite")
+    batches = iter(range(1000))
+
+    def add(consents: list[dict]) -> None:
+        body = b"".join(orjson.dumps({"consumer": "operator-a", "scenario": "elderly-care",
+                                      "datasets": ["civil.residents"], "nbf": NOW - 60, "exp": NOW + 3600,
+                                      **c}) + b"\n" for c in consents)
+        claims = batch_claims(f"b{next(batches)}", NOW, body, len(consents), hasher.key_check(), hasher.algorithm)
+        manifest = json.dumps(add_signature(draft(claims), key, PLATFORM_ROLE)).encode()
+        registry.import_batch(io.BytesIO(manifest + b"\n" + body), {key.kid: public_authority(key, PLATFORM_ROLE)},
+                              ("Ed25519",), hasher.key_check(), hasher.algorithm)
+
+    def consent(i: int, **overrides) -> dict:
+        return {"cid": f"c{i}", "subject": hasher.key(subject(i)).hex(), **overrides}
+
+    yield {"registry": registry, "hasher": hasher, "add": add, "consent": consent, "path": tmp_path / "consent.sqlite"}
+    registry.close()
+
+
+def consented(view: RegistryView, hasher: SubjectHasher, now: float, count: int = 20, scope: Scope = SCOPE) -> set[int]:
+    keys = {hasher.key(subject(i)): i for i in range(count)}
+    return {keys[k] for k in view.consented(scope, now)(keys)}
+
+
+def test_view_follows_withdrawals_imports_expiry_and_start(world):
+    add, consent, hasher = world["add"], world["consent"], world["hasher"]
+    add([consent(i) for i in range(10)]
+        + [consent(10, exp=NOW + 5), consent(11, nbf=NOW + 5, exp=NOW + 50)]
+        + [consent(12, scenario="tourism"), consent(13, datasets=["civil.other"]), consent(14, separate=True)])
+    # The view reads the registry through another connection, as a worker does beside the operator's tools.
+    view = RegistryView(ConsentRegistry(world["path"]), max_age=3600)
+    assert consented(view, hasher, NOW) == set(range(11)) | {14}
+    assert view.loaded(SCOPE, NOW)
+    separate = Scope("operator-a", "elderly-care", "civil.residents", separate=True)
+    assert consented(view, hasher, NOW, scope=separate) == {14}
+
+    # A withdrawal (by id, and all of a subject's) counts from the next lookup, without loading all again.
+    assert world["registry"].withdraw(["c3"]) == 1
+    assert world["registry"].withdraw(subject=hasher.key(subject(4)), consumer="operator-a") == 1
+    assert not view.loaded(SCOPE, NOW)
+    assert consented(view, hasher, NOW) == set(range(11)) - {3, 4} | {14}
+    # A subject with a second consent keeps it when one is withdrawn.
+    add([consent(105, subject=hasher.key(subject(5)).hex())])
+    assert world["registry"].withdraw(["c5"]) == 1
+    assert 5 in consented(view, hasher, NOW)
+
+    # Expiry and start are compared with the time of each transfer.
+    assert 10 not in consented(view, hasher, NOW + 5)
+    assert 11 in consented(view, hasher, NOW + 5) and 11 not in consented(view, hasher, NOW + 50)
+
+    # A later import is seen by the next lookup (and a withdrawal stays one).
+    add([consent(15), consent(3)])
+    assert consented(view, hasher, NOW) == set(range(11)) - {3, 4} | {14, 15}
+    view.registry.close()
+
+
+def test_subject_keys_are_hmac_whatever_the_secret(world):
+    for secret in (b"k" * 32, b"x" * 64, os.urandom(100)):
+        hasher = SubjectHasher(secret)
+        assert hasher.key(subject(1)) == hmac.digest(secret, b"subject\x00" + subject(1).encode(), "sha256")
+        assert hasher.key(" " + subject(1).lower()) == hasher.key(subject(1))
+        assert hasher.key("5206" + "1" * 13 + "Y") is None
