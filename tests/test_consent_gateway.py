@@ -20,6 +20,7 @@ import pytest
 
 from gateway.authz.jose import generate_key
 from gateway.authz.subject import generate_secret
+from gateway.trace.note import SIG_COSIGNATURE_V1, Signer
 from tests.authzkit import REPO, Kit
 from tests.gatewayproc import (
     Process,
@@ -300,6 +301,65 @@ def test_usage_report_equals_client_tally(lab):
     digest = hashlib.sha256((lab["root"] / "report.json").read_bytes()).hexdigest()
     settlement = [r for r in trace_records(lab["root"] / "state" / "trace") if r.get("type") == "settlement"]
     assert settlement[-1]["report_sha256"] == digest and settlement[-1]["totals"] == report["totals"]
+    lab["settled"] = ("--from", start, "--to", end, "--by", "consumer,dataset")
+
+
+def test_usage_report_checked_against_its_settlement_record(lab):
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "EQUAL: the records settled give the same report, byte for byte" in checked.stdout
+    # A transfer of the range that reached the log after the settlement: still equal, and named.
+    assert get(lab, "/drop/residents.json").status_code == 200
+    lab["tally"]["drop"]["records"] += 299  # subject 5 withdrew
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 0 and "EQUAL" in checked.stdout, checked.stdout + checked.stderr
+    assert "since the settlement: 1 request(s) of the range came into the logs, 299 record(s)" in checked.stdout
+    # The catalogue's price changed since: the same records no longer give the settled amount.
+    root = lab["root"]
+    (root / "catalog-repriced.yaml").write_text(CATALOG.replace("amount: 0.02", "amount: 0.03"))
+    config = json.loads(json.dumps(lab["config"]))
+    config["authz"]["catalog"] = str(root / "catalog-repriced.yaml")
+    repriced = write_config(root / "gateway-repriced.yaml", config)
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(repriced))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "DIFFERS: totals: amount settled" in checked.stdout and "EQUAL" not in checked.stdout
+    # Another grouping was never settled.
+    other = [*lab["settled"][:-1], "dataset"]
+    checked = gateway_cli("usage", "report", *other, "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 1 and "no settlement record" in checked.stderr, checked.stdout + checked.stderr
+
+
+def test_usage_report_needs_witness_cosignatures_when_asked(lab):
+    root, trace_dir = lab["root"], lab["root"] / "state" / "trace"
+    key = Signer.generate("witness.test/w1", SIG_COSIGNATURE_V1)
+    (root / "witness.key").write_text(key.skey() + "\n")
+    (root / "witness.vkey").write_text(key.verifier.vkey() + "\n")
+    port = free_port()
+    witness = Process([sys.executable, "-m", "gateway", "trace", "witness", "--listen", f"127.0.0.1:{port}",
+                       "--key", str(root / "witness.key"), "--state", str(root / "wstate"),
+                       "--log", f"{lab['config']['trace']['origin']}={trace_dir / 'log.pub'}"]).started("witness")
+    report = [*lab["settled"][:-1], "dataset", "--witness", str(root / "witness.vkey"), "-c", str(lab["path"])]
+
+    def push() -> None:
+        pushed = gateway_cli("trace", "witness-push", str(trace_dir), f"http://127.0.0.1:{port}",
+                             "--pubkey", str(trace_dir / "log.pub"), "--witness-key", str(root / "witness.vkey"))
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    try:
+        refused = gateway_cli("usage", "report", *report, "--no-record")
+        assert refused.returncode == 1 and "witness policy not met" in refused.stderr, refused.stderr
+        assert refused.stdout == ""
+        push()
+        made = gateway_cli("usage", "report", *report, "-o", str(root / "witnessed.json"))
+        assert made.returncode == 0, made.stderr
+        assert json.loads((root / "witnessed.json").read_text())["logs"][0]["witnessed"] == ["witness.test/w1"]
+        # The settlement record itself counts once a cosigned checkpoint covers it.
+        checked = gateway_cli("usage", "report", *report, "--check")
+        assert checked.returncode == 1 and "no settlement record" in checked.stderr, checked.stdout + checked.stderr
+        push()
+        checked = gateway_cli("usage", "report", *report, "--check")
+        assert checked.returncode == 0 and "EQUAL" in checked.stdout, checked.stdout + checked.stderr
+    finally:
+        witness.stop()
 
 
 def test_usage_report_refuses_tampered_log(lab):
