@@ -106,6 +106,7 @@ def lab(tmp_path_factory):
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
                         "secret": str(root / "consent.secret"), "max_age": "1h"}
     config = gateway_config(root / "state", workers=2, authz=authz)
+    config["dlp"]["spool_threshold"] = "1MiB"  # the spooled-response test's body is above it
     for rule in config["policy"]["rules"]:
         # The consent stage decides what of these personal records leaves; the inbound DLP profile would
         # block any response with this many ID numbers (a bulk export) before it.
@@ -122,6 +123,7 @@ def lab(tmp_path_factory):
     (files / "residents.csv").write_bytes(csv_text.encode("gbk"))
     (files / "drop" / "residents.json").write_bytes(json.dumps(records).encode())
     (files / "strict" / "residents.json").write_bytes(json.dumps(records).encode())
+    (files / "residents-big.json").write_bytes(json.dumps(records * 8).encode())  # above the spool threshold
     port = free_port("127.0.0.2")
     upstream = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.2", str(port), "--directory",
                         str(files)], env={"PYTHONUNBUFFERED": "1"}).started("Serving HTTP", timeout=10)
@@ -268,6 +270,23 @@ def test_drop_and_refuse(lab):
     strict = get(lab, "/strict/residents.json")
     assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
     assert SUBJECTS[0] not in strict.text
+
+
+def test_spooled_response_refused_whole(lab):
+    """A body the gateway spools is never held whole, so its records cannot be filtered: the client
+    gets a clear refusal with the transfer id in place of the upstream's answer, and it is recorded."""
+    assert (lab["root"] / "www" / "residents-big.json").stat().st_size > 2**20
+    response = get(lab, "/residents-big.json")
+    assert response.status_code == 502, response.text[:300]
+    assert response.headers["content-type"].startswith("application/json")
+    assert [r["type"] for r in response.json()["reasons"]] == ["consent_unfilterable"]
+    assert "dlp.spool_threshold" in response.text and SUBJECTS[0] not in response.text
+    record = record_of(lab, response)
+    assert record["status"] == 502 and record["decision"] == "deny"
+    assert [r["type"] for r in record["rules"]] == ["consent_unfilterable"]
+    # The connection and the gateway go on: the next transfer is filtered as before.
+    assert get(lab, "/residents.json").status_code == 200
+    lab["tally"]["residents"]["records"] += 1000
 
 
 def test_withdrawal_takes_effect_on_next_transfer(lab):

@@ -3,9 +3,11 @@
 The grant stage named the consumer and scenario; this stage refuses before anything is forwarded when
 the consent registry is too old to trust (`consent_stale`), and on the response looks up every
 record's subject (gateway.authz.records): records with consent pass, the others are masked or dropped,
-or the transfer is refused (`consent_missing`). A body whose records cannot be read, or one spooled
-to disk (above dlp.spool_threshold: it is not held whole), is refused (`consent_unfilterable`). The
-counts go to the trace record (`consent`) and the metrics.
+or the transfer is refused (`consent_missing`). A body whose records cannot be read is refused
+(`consent_unfilterable`, 502), and so is one the gateway would spool to disk (above dlp.spool_threshold
+or of unknown length: records are filtered only in a body held whole): that refusal replaces the
+upstream's answer before its head leaves, and the upstream's body is read and dropped. The counts go
+to the trace record (`consent`) and the metrics.
 """
 
 from __future__ import annotations
@@ -65,9 +67,24 @@ class Consent:
         transfer = transfer_of(flow)
         if transfer is None or DATASET not in transfer.extra or "response" not in transfer.spools:
             return
-        # Spooled: its body streams out once clean and is never held whole, so it cannot be filtered.
+        # Spooled (inspect's): its body would stream out once clean, never held whole, so its records
+        # cannot be filtered. Nothing has left yet: the client gets the refusal in its place.
         dataset = transfer.extra.pop(DATASET)
-        transfer.escalate("deny", [Reason(dataset.id, "consent_unfilterable", "response body (spooled)", "deny")])
+        transfer.spools.pop("response").discard()
+        self._refuse(flow, transfer, dataset, "consent_unfilterable",
+                     "response body above dlp.spool_threshold or of unknown length (records are filtered in "
+                     "memory only)", 502)
+        refusal = flow.response.raw_content
+
+        def drain(data: bytes) -> list[bytes]:
+            """The upstream's body, dropped; at its end the refusal, once its record is durable."""
+            if data:
+                return []
+            if not all(check() for check in transfer.before_release):
+                transfer.cut = True
+                return []
+            return [refusal]
+        flow.response.stream = drain
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
