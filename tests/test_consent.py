@@ -12,8 +12,10 @@ import os
 import orjson
 import pytest
 
+from gateway.authz.catalog import ConsentRule, Dataset, Field
 from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
+from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.subject import SubjectHasher
 
 NOW = 1_800_000_000
@@ -91,3 +93,26 @@ def test_subject_keys_are_hmac_whatever_the_secret(world):
         assert hasher.key(subject(1)) == hmac.digest(secret, b"subject\x00" + subject(1).encode(), "sha256")
         assert hasher.key(" " + subject(1).lower()) == hasher.key(subject(1))
         assert hasher.key("5206" + "1" * 13 + "Y") is None
+
+
+def test_xml_records_and_what_is_refused():
+    hasher = SubjectHasher(os.urandom(32))
+    fields = {"id_number": Field("personal", ("cn_id_card",)), "district": Field("public")}
+    rule = ConsentRule("id_number", "drop", False)
+    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
+                                         rule), hasher)
+    consented = hasher.key(subject(1))
+
+    def lookup(keys):
+        return {key for key in keys if key == consented}
+    body = (f'<ns:list xmlns:ns="urn:x"><ns:r><ns:id_number>{subject(1)}</ns:id_number></ns:r>'
+            f'<ns:r><ns:id_number>{subject(2)}</ns:id_number></ns:r></ns:list>').encode()
+    outcome = record_filter.apply(body, "application/vnd.x+xml", lookup)
+    assert outcome.counts() == {"records": 2, "passed": 1, "masked": 0, "dropped": 1}
+    assert subject(1).encode() in outcome.body and subject(2).encode() not in outcome.body
+    for refused, why in ((b'<!DOCTYPE r [<!ENTITY a "b">]><list><r/></list>', "document type"),
+                         (b"<list><a/><b/></list>", "one list of record elements"),
+                         (b"<list><r>", "not XML"),
+                         ('<?xml version="1.0" encoding="GBK"?><l><r>\u00e9\u4e2d</r></l>'.encode("utf-8"), "not in GBK")):
+        with pytest.raises(Unfilterable, match=why):
+            record_filter.apply(refused, "text/xml", lookup)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -123,6 +124,10 @@ def lab(tmp_path_factory):
     (files / "residents.csv").write_bytes(csv_text.encode("gbk"))
     (files / "drop" / "residents.json").write_bytes(json.dumps(records).encode())
     (files / "strict" / "residents.json").write_bytes(json.dumps(records).encode())
+    xml_records = "".join(f'<resident id_number="{r["id_number"]}"><name>{r["name"]}</name><mobile>{r["mobile"]}</mobile>'
+                          f'<district>{r["district"]}</district><note>{r["note"]}</note></resident>\n' for r in records)
+    (files / "residents.xml").write_bytes(f'<?xml version="1.0" encoding="GBK"?>\n<response><total>1000</total>'
+                                          f'<items>\n{xml_records}</items></response>'.encode("gbk"))
     (files / "residents-big.json").write_bytes(json.dumps(records * 8).encode())  # above the spool threshold
     port = free_port("127.0.0.2")
     upstream = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.2", str(port), "--directory",
@@ -258,6 +263,25 @@ def test_gbk_csv_rows(lab):
     assert clear == CONSENTED
     assert rows[1 + 500].split(",")[2] == "139****0500" and rows[1 + 500].split(",")[1].startswith("张")
     assert record_of(lab, response)["consent"]["passed"] == 300
+    lab["tally"]["residents"]["records"] += 1000
+
+
+def test_xml_record_elements(lab):
+    response = get(lab, "/residents.xml")
+    assert response.status_code == 200, response.text
+    text = response.content.decode("gbk")
+    assert text.startswith('<?xml version="1.0" encoding="GBK"?>')
+    root = ElementTree.fromstring(text.split("?>", 1)[1])
+    assert root.find("total").text == "1000"
+    items = root.find("items").findall("resident")
+    assert len(items) == 1000
+    assert {i for i, item in enumerate(items) if item.get("id_number") == SUBJECTS[i]} == CONSENTED
+    assert items[7].find("note").text == "not catalogued" and items[7].find("mobile").text == "13900000007"
+    masked = items[500]
+    assert masked.get("id_number") == SUBJECTS[500][:6] + "********" + SUBJECTS[500][-4:]
+    assert masked.find("mobile").text == "139****0500" and masked.find("note") is None
+    assert masked.find("name").text.startswith("张") and masked.find("district").text == "碧江区"
+    assert record_of(lab, response)["consent"] == {"records": 1000, "passed": 300, "masked": 700, "dropped": 0}
     lab["tally"]["residents"]["records"] += 1000
 
 

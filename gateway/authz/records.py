@@ -1,7 +1,9 @@
 """The per-record consent decision over one response body of a `legal_basis: consent` dataset.
 
-The records are a JSON array's items (the body's array, or the one array a top-level object holds) or
-a CSV's rows after its header line. Each record's subject ID (the dataset's `subject_field`) is turned
+The records are a JSON array's items (the body's array, or the one array a top-level object holds), a
+CSV's rows after its header line, or an XML document's record elements (the root's children when they
+share one tag, or those of the one child of the root holding such a list; a record's fields are its
+child elements and attributes, by local name). Each record's subject ID (the dataset's `subject_field`) is turned
 into its subject key, all of them are looked up at once, and a record whose subject consented passes
 as it is; the others are masked field by field (each catalogued field's mask; fields the catalogue
 does not know are dropped), dropped, or the whole body is refused. A body whose records cannot be
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 import orjson
 
@@ -58,7 +62,9 @@ class RecordFilter:
             return self._json(body, lookup)
         if kind == "text/csv":
             return self._csv(body, _charset(content_type), lookup)
-        raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays and CSV only")
+        if kind in ("application/xml", "text/xml") or kind.endswith("+xml"):
+            return self._xml(body, _charset(content_type), lookup)
+        raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays, CSV and XML only")
 
     # ---- one record ---------------------------------------------------------------------------
 
@@ -146,6 +152,82 @@ class RecordFilter:
         writer.writerows(kept)
         outcome.body = out.getvalue().encode(charset)
         return outcome
+
+
+    def _xml(self, body: bytes, charset: str | None, lookup: Lookup) -> Outcome:
+        # Read as text in its declared encoding (GBK too, which the XML parser itself does not know),
+        # and written back in it.
+        declared = XML_DECLARATION.match(body)
+        encoding = (declared.group(1).decode() if declared and declared.group(1) else None) or charset or "utf-8"
+        try:
+            text = body.decode("utf-8-sig" if encoding.lower() in ("utf-8", "utf8") else encoding)
+        except (UnicodeDecodeError, LookupError):
+            raise Unfilterable(f"an XML body not in {encoding}") from None
+        if "<!DOCTYPE" in text or "<!ENTITY" in text:  # no entity expansion, no external entities
+            raise Unfilterable("an XML body with a document type declaration")
+        try:
+            root = ElementTree.fromstring(XML_DECLARATION_TEXT.sub("", text, count=1))
+        except ElementTree.ParseError as e:
+            raise Unfilterable(f"not XML: {e}") from None
+        container = root
+        if len({element.tag for element in container}) != 1:
+            holders = [element for element in root if len(element)]
+            container = holders[0] if len(holders) == 1 else None
+        if container is None or len({element.tag for element in container}) != 1:
+            raise Unfilterable("an XML document without one list of record elements")
+        records = list(container)
+        field = self.rule.subject_field
+        outcome, kept = self._decide(records, [_xml_field(record, field) for record in records], self._mask_element,
+                                     lookup)
+        if outcome.refused:
+            return outcome
+        container[:] = kept
+        written = ElementTree.tostring(root, encoding="unicode")
+        if declared:
+            written = f'<?xml version="1.0" encoding="{encoding}"?>\n' + written
+        outcome.body = written.encode(encoding)
+        return outcome
+
+    def _mask_element(self, record: ElementTree.Element) -> ElementTree.Element:
+        """A record element without consent: its attributes and child elements masked, kept or removed."""
+        for name, value in list(record.attrib.items()):
+            masked = self.masks.get(_local(name), drop)(value)
+            if masked is DROP:
+                del record.attrib[name]
+            else:
+                record.attrib[name] = str(masked)
+        for element in list(record):
+            mask = self.masks.get(_local(element.tag), drop)
+            if mask is keep:
+                continue
+            # A field holding elements or attributes of its own is not a value to shape: removed.
+            masked = DROP if len(element) or element.attrib else mask(element.text or "")
+            if masked is DROP:
+                record.remove(element)
+            else:
+                element.text = str(masked)
+        if record.text and record.text.strip():  # text of the record itself, outside any field
+            record.text = None
+        return record
+
+
+XML_DECLARATION = re.compile(rb"\s*<\?xml(?:[^>]*?\sencoding=[\"']([A-Za-z0-9._-]+)[\"'])?[^>]*\?>")
+XML_DECLARATION_TEXT = re.compile(r"\A\s*<\?xml[^>]*\?>")
+
+
+def _local(name: object) -> str:
+    return name.rsplit("}", 1)[-1] if isinstance(name, str) else ""
+
+
+def _xml_field(record: ElementTree.Element, name: str) -> str | None:
+    """A record's field: an attribute, else a child element's text (namespaces aside)."""
+    for attribute, value in record.attrib.items():
+        if _local(attribute) == name:
+            return value
+    for element in record:
+        if _local(element.tag) == name:
+            return element.text
+    return None
 
 
 def _charset(content_type: str) -> str | None:
