@@ -144,7 +144,7 @@ def library(args: argparse.Namespace, root: Path) -> None:
         ratio = statistics.median(runs["view"]) / statistics.median(runs["baseline"])
         print(f"{mib:>3} MiB {count:>8} {spread(runs['baseline']):>30} {spread(runs['view']):>30} {ratio:>5.2f} "
               f"{spread(runs['sqlite']):>30}")
-    registry.close()
+    view.close()
 
 
 # ---- through the gateway --------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_view_follows_withdrawals_imports_expiry_and_start(world):
     # A later import is seen by the next lookup (and a withdrawal stays one).
     add([consent(15), consent(3)])
     assert consented(view, hasher, NOW) == set(range(11)) - {3, 4} | {14, 15}
-    view.registry.close()
+    view.close()
 
 
 def test_subject_keys_are_hmac_whatever_the_secret(world):

@@ -315,6 +315,9 @@ class RegistryView:
         self._scopes: dict[Scope, _Valid] = {}
         self._seq = registry.last_change()
         self._lock = threading.Lock()  # the stage looks up from worker threads too
+        # Scopes load (seconds for a million consents) through a connection of their own, so the
+        # event loop's quick looks through `registry` never wait for one.
+        self._loader = ConsentRegistry(registry.path)
 
     def age(self, now: float) -> float | None:
         if time.monotonic() - self._checked >= self.CHECK_INTERVAL:
@@ -339,7 +342,7 @@ class RegistryView:
             if held is None or held.reload_at <= now:
                 if held is None and len(self._scopes) >= self.MAX_SCOPES:
                     del self._scopes[min(self._scopes, key=lambda s: self._scopes[s].touched)]
-                held = self._scopes[scope] = _Valid(*self.registry.valid(scope, now))
+                held = self._scopes[scope] = _Valid(*self._loader.valid(scope, now))
             held.touched = time.monotonic()
             subjects = held.subjects
         return lambda keys: {key for key in keys if subjects.get(key, 0) > now}
@@ -352,9 +355,13 @@ class RegistryView:
             self._scopes.clear()
         else:
             for scope, held in self._scopes.items():
-                fresh, _ = self.registry.valid(scope, now, changed)
+                fresh, _ = self._loader.valid(scope, now, changed)
                 for subject in changed:
                     held.subjects.pop(subject, None)
                 held.subjects.update(fresh)
         self._seq = seq
+
+    def close(self) -> None:
+        self.registry.close()
+        self._loader.close()
 

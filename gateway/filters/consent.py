@@ -124,7 +124,7 @@ class Consent:
 
     def done(self) -> None:
         if self._view is not None:
-            self._view.registry.close()
+            self._view.close()
 
     def _refuse(self, flow: http.HTTPFlow, transfer: Transfer, dataset: Dataset, reason: str, detail: str,
                 status: int) -> None:
@@ -137,7 +137,7 @@ class Consent:
         settings = config.authz.consent
         if self._view is None or settings is not self._settings:
             if self._view is not None:
-                self._view.registry.close()
+                self._view.close()
             self._settings, self._filters = settings, {}
             self._view = RegistryView(ConsentRegistry(settings.registry_path(config.state_dir)), settings.max_age)
         return self._view
