@@ -17,6 +17,7 @@ from gateway.commands import dlp as dlp_commands
 from gateway.commands import grant as grant_commands
 from gateway.commands import ops as ops_commands
 from gateway.commands import trace as trace_commands
+from gateway.commands import usage as usage_commands
 from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, ConfigError, load_config
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("-o", "--output", type=Path, help="also write its certificate (PEM) here")
     create.set_defaults(func=_ca_create)
 
-    for module in (dlp_commands, trace_commands, ops_commands, grant_commands, consent_commands):
+    for module in (dlp_commands, trace_commands, ops_commands, grant_commands, consent_commands,
+                   usage_commands):
         module.register(commands)
 
     args = parser.parse_args(argv)

@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from xml.etree import ElementTree
 
 import httpx
 import pytest
 
 from gateway.authz.jose import generate_key
 from gateway.authz.subject import generate_secret
+from gateway.trace.note import SIG_COSIGNATURE_V1, Signer
 from tests.authzkit import REPO, Kit
 from tests.gatewayproc import (
     Process,
@@ -105,6 +107,7 @@ def lab(tmp_path_factory):
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
                         "secret": str(root / "consent.secret"), "max_age": "1h"}
     config = gateway_config(root / "state", workers=2, authz=authz)
+    config["dlp"]["spool_threshold"] = "1MiB"  # the spooled-response test's body is above it
     for rule in config["policy"]["rules"]:
         # The consent stage decides what of these personal records leaves; the inbound DLP profile would
         # block any response with this many ID numbers (a bulk export) before it.
@@ -121,6 +124,11 @@ def lab(tmp_path_factory):
     (files / "residents.csv").write_bytes(csv_text.encode("gbk"))
     (files / "drop" / "residents.json").write_bytes(json.dumps(records).encode())
     (files / "strict" / "residents.json").write_bytes(json.dumps(records).encode())
+    xml_records = "".join(f'<resident id_number="{r["id_number"]}"><name>{r["name"]}</name><mobile>{r["mobile"]}</mobile>'
+                          f'<district>{r["district"]}</district><note>{r["note"]}</note></resident>\n' for r in records)
+    (files / "residents.xml").write_bytes(f'<?xml version="1.0" encoding="GBK"?>\n<response><total>1000</total>'
+                                          f'<items>\n{xml_records}</items></response>'.encode("gbk"))
+    (files / "residents-big.json").write_bytes(json.dumps(records * 8).encode())  # above the spool threshold
     port = free_port("127.0.0.2")
     upstream = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.2", str(port), "--directory",
                         str(files)], env={"PYTHONUNBUFFERED": "1"}).started("Serving HTTP", timeout=10)
@@ -259,6 +267,26 @@ def test_gbk_csv_rows(lab):
     lab["tally"]["residents"]["records"] += 1000
 
 
+def test_xml_record_elements(lab):
+    response = get(lab, "/residents.xml")
+    assert response.status_code == 200, response.text
+    text = response.content.decode("gbk")
+    assert text.startswith('<?xml version="1.0" encoding="GBK"?>')
+    root = ElementTree.fromstring(text.split("?>", 1)[1])
+    assert root.find("total").text == "1000"
+    items = root.find("items").findall("resident")
+    assert len(items) == 1000
+    assert {i for i, item in enumerate(items) if item.get("id_number") == SUBJECTS[i]} == CONSENTED
+    # Consented or not, only catalogued fields leave (the note is not one).
+    assert items[7].find("note") is None and items[7].find("mobile").text == "13900000007"
+    masked = items[500]
+    assert masked.get("id_number") == SUBJECTS[500][:6] + "********" + SUBJECTS[500][-4:]
+    assert masked.find("mobile").text == "139****0500" and masked.find("note") is None
+    assert masked.find("name").text.startswith("张") and masked.find("district").text == "碧江区"
+    assert record_of(lab, response)["consent"] == {"records": 1000, "passed": 300, "masked": 700, "dropped": 0}
+    lab["tally"]["residents"]["records"] += 1000
+
+
 def test_drop_and_refuse(lab):
     dropped = get(lab, "/drop/residents.json")
     assert dropped.status_code == 200, dropped.text
@@ -302,6 +330,23 @@ def test_no_unconsented_personal_data_beside_or_inside_records(lab):
         assert other not in response.text
 
 
+def test_spooled_response_refused_whole(lab):
+    """A body the gateway spools is never held whole, so its records cannot be filtered: the client
+    gets a clear refusal with the transfer id in place of the upstream's answer, and it is recorded."""
+    assert (lab["root"] / "www" / "residents-big.json").stat().st_size > 2**20
+    response = get(lab, "/residents-big.json")
+    assert response.status_code == 502, response.text[:300]
+    assert response.headers["content-type"].startswith("application/json")
+    assert [r["type"] for r in response.json()["reasons"]] == ["consent_unfilterable"]
+    assert "dlp.spool_threshold" in response.text and SUBJECTS[0] not in response.text
+    record = record_of(lab, response)
+    assert record["status"] == 502 and record["decision"] == "deny"
+    assert [r["type"] for r in record["rules"]] == ["consent_unfilterable"]
+    # The connection and the gateway go on: the next transfer is filtered as before.
+    assert get(lab, "/residents.json").status_code == 200
+    lab["tally"]["residents"]["records"] += 1000
+
+
 def test_withdrawal_takes_effect_on_next_transfer(lab):
     withdrawn = gateway_cli("consent", "withdraw", "--id", SUBJECTS[5], "-c", str(lab["path"]))
     assert withdrawn.returncode == 0 and "1 consent(s) withdrawn" in withdrawn.stdout, withdrawn.stderr
@@ -333,6 +378,65 @@ def test_usage_report_equals_client_tally(lab):
     digest = hashlib.sha256((lab["root"] / "report.json").read_bytes()).hexdigest()
     settlement = [r for r in trace_records(lab["root"] / "state" / "trace") if r.get("type") == "settlement"]
     assert settlement[-1]["report_sha256"] == digest and settlement[-1]["totals"] == report["totals"]
+    lab["settled"] = ("--from", start, "--to", end, "--by", "consumer,dataset")
+
+
+def test_usage_report_checked_against_its_settlement_record(lab):
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "EQUAL: the records settled give the same report, byte for byte" in checked.stdout
+    # A transfer of the range that reached the log after the settlement: still equal, and named.
+    assert get(lab, "/drop/residents.json").status_code == 200
+    lab["tally"]["drop"]["records"] += 299  # subject 5 withdrew
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 0 and "EQUAL" in checked.stdout, checked.stdout + checked.stderr
+    assert "since the settlement: 1 request(s) of the range came into the logs, 299 record(s)" in checked.stdout
+    # The catalogue's price changed since: the same records no longer give the settled amount.
+    root = lab["root"]
+    (root / "catalog-repriced.yaml").write_text(CATALOG.replace("amount: 0.02", "amount: 0.03"))
+    config = json.loads(json.dumps(lab["config"]))
+    config["authz"]["catalog"] = str(root / "catalog-repriced.yaml")
+    repriced = write_config(root / "gateway-repriced.yaml", config)
+    checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(repriced))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "DIFFERS: totals: amount settled" in checked.stdout and "EQUAL" not in checked.stdout
+    # Another grouping was never settled.
+    other = [*lab["settled"][:-1], "dataset"]
+    checked = gateway_cli("usage", "report", *other, "--check", "-c", str(lab["path"]))
+    assert checked.returncode == 1 and "no settlement record" in checked.stderr, checked.stdout + checked.stderr
+
+
+def test_usage_report_needs_witness_cosignatures_when_asked(lab):
+    root, trace_dir = lab["root"], lab["root"] / "state" / "trace"
+    key = Signer.generate("witness.test/w1", SIG_COSIGNATURE_V1)
+    (root / "witness.key").write_text(key.skey() + "\n")
+    (root / "witness.vkey").write_text(key.verifier.vkey() + "\n")
+    port = free_port()
+    witness = Process([sys.executable, "-m", "gateway", "trace", "witness", "--listen", f"127.0.0.1:{port}",
+                       "--key", str(root / "witness.key"), "--state", str(root / "wstate"),
+                       "--log", f"{lab['config']['trace']['origin']}={lab['root'] / 'state' / 'trace-signing.pub'}"]).started("witness")
+    report = [*lab["settled"][:-1], "dataset", "--witness", str(root / "witness.vkey"), "-c", str(lab["path"])]
+
+    def push() -> None:
+        pushed = gateway_cli("trace", "witness-push", str(trace_dir), f"http://127.0.0.1:{port}",
+                             "--pubkey", str(root / "state" / "trace-signing.pub"), "--witness-key", str(root / "witness.vkey"))
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    try:
+        refused = gateway_cli("usage", "report", *report, "--no-record")
+        assert refused.returncode == 1 and "witness policy not met" in refused.stderr, refused.stderr
+        assert refused.stdout == ""
+        push()
+        made = gateway_cli("usage", "report", *report, "-o", str(root / "witnessed.json"))
+        assert made.returncode == 0, made.stderr
+        assert json.loads((root / "witnessed.json").read_text())["logs"][0]["witnessed"] == ["witness.test/w1"]
+        # The settlement record itself counts once a cosigned checkpoint covers it.
+        checked = gateway_cli("usage", "report", *report, "--check")
+        assert checked.returncode == 1 and "no settlement record" in checked.stderr, checked.stdout + checked.stderr
+        push()
+        checked = gateway_cli("usage", "report", *report, "--check")
+        assert checked.returncode == 0 and "EQUAL" in checked.stdout, checked.stdout + checked.stderr
+    finally:
+        witness.stop()
 
 
 def test_usage_report_refuses_tampered_log(lab):

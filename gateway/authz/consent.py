@@ -16,24 +16,31 @@ once withdrawn stays withdrawn, whatever a later batch says; `withdraw` (the ope
 takes consent away, so it needs no signature. The registry's age is that of the newest batch the
 platform issued: the platform issues one (empty if nothing changed) at least every `max_age`.
 
-Several workers read the file at once (WAL); a response's subjects are looked up in one query, answered
-from the index alone (it covers every column the lookup reads).
+Several workers read the file at once (WAL). A worker does not ask SQLite for each record: it holds,
+per consumer, scenario, dataset (and separate consent), the subject keys valid now with when each
+ends (`RegistryView`), loaded once and then kept current from the `changes` table, which every write
+appends to (a withdrawal: the subjects it touched; an import: "everything"). Each transfer first reads
+the newest change number (one index probe), so a withdrawal counts from the next transfer; an expired
+consent stops counting at its `exp` (compared per record), one not valid yet starts counting when its
+`nbf` comes (the view is loaded again then).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from gateway.authz.jose import PLATFORM_ROLE, Authority, DocumentError, parse, verify
+from gateway.authz.records import Lookup
 
 VERSION = 1
 CONSENT_KEYS = {"cid", "subject", "consumer", "scenario", "datasets", "nbf", "exp", "separate", "withdrawn"}
@@ -50,6 +57,8 @@ CREATE TABLE IF NOT EXISTS consents (
     withdrawn INTEGER NOT NULL, batch TEXT NOT NULL, iat INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS consents_by_subject
     ON consents (consumer, scenario, subject, withdrawn, nbf, exp, separate, datasets);
+-- Every write appends here; subject NULL: look everything up again (an import).
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, subject BLOB);
 CREATE TABLE IF NOT EXISTS batches (
     batch TEXT PRIMARY KEY, iat INTEGER NOT NULL, imported INTEGER NOT NULL, count INTEGER NOT NULL,
     sha256 TEXT NOT NULL);
@@ -136,6 +145,15 @@ def batch_claims(batch: str, iat: int, body: bytes, count: int, key_check: str, 
             "subject_key": subject_hash, "key_check": key_check}
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a consent must name to count for a transfer."""
+    consumer: str
+    scenario: str
+    dataset: str
+    separate: bool = False
+
+
 class ConsentRegistry:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +199,9 @@ class ConsentRegistry:
                     raise ConsentError(f"{count} consents, the signed batch says {manifest.count}")
                 self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", (
                     manifest.batch, manifest.iat, int(now or time.time()), count, manifest.sha256))
+                # Every reader loads everything again: the changes before this one are moot.
+                seq = self._db.execute("INSERT INTO changes (subject) VALUES (NULL)").lastrowid
+                self._db.execute("DELETE FROM changes WHERE seq < ?", (seq,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -205,19 +226,28 @@ class ConsentRegistry:
                  scenario: str | None = None) -> int:
         """Withdraw consents by id, or a subject's (optionally for one consumer or scenario); how many."""
         cids = list(cids)
-        with self._lock:
-            if cids:
-                marks = ",".join("?" * len(cids))
-                return self._db.execute(f"UPDATE consents SET withdrawn=1 WHERE withdrawn=0 AND cid IN ({marks})",
-                                        cids).rowcount
-            if subject is None:
-                raise ValueError("withdraw what: consent ids or a subject")
-            where, values = ["subject=?", "withdrawn=0"], [subject]
+        if cids:
+            where, values = f"cid IN ({','.join('?' * len(cids))})", cids
+        elif subject is None:
+            raise ValueError("withdraw what: consent ids or a subject")
+        else:
+            conditions, values = ["subject=?"], [subject]
             for column, value in (("consumer", consumer), ("scenario", scenario)):
                 if value is not None:
-                    where.append(f"{column}=?")
+                    conditions.append(f"{column}=?")
                     values.append(value)
-            return self._db.execute(f"UPDATE consents SET withdrawn=1 WHERE {' AND '.join(where)}", values).rowcount
+            where = " AND ".join(conditions)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                touched = [row[0] for row in self._db.execute(
+                    f"UPDATE consents SET withdrawn=1 WHERE withdrawn=0 AND {where} RETURNING subject", values)]
+                self._db.executemany("INSERT INTO changes (subject) VALUES (?)", [(s,) for s in set(touched)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(touched)
 
     # ---- reading (the consent stage, `consent check`) -----------------------------------------
 
@@ -226,22 +256,42 @@ class ConsentRegistry:
         with self._lock:
             return self._db.execute("SELECT max(iat) FROM batches").fetchone()[0]
 
-    def consented(self, subjects: Iterable[bytes], consumer: str, scenario: str, dataset: str, now: float,
-                  separate: bool = False) -> set[bytes]:
-        """The subjects among `subjects` with a valid, unwithdrawn consent to `consumer` for `scenario`
-        covering `dataset` now (and separate consent where the dataset needs it)."""
-        wanted = list(set(subjects))
-        found: set[bytes] = set()
-        needle = f",{dataset},"
+    def last_change(self) -> int:
         with self._lock:
-            for start in range(0, len(wanted), LOOKUP_CHUNK):
-                chunk = wanted[start:start + LOOKUP_CHUNK]
-                rows = self._db.execute(
-                    f"SELECT subject, datasets FROM consents WHERE consumer=? AND scenario=? AND withdrawn=0 "
-                    f"AND nbf<=? AND exp>? AND separate>=? AND subject IN ({','.join('?' * len(chunk))})",
-                    (consumer, scenario, int(now), int(now), int(separate), *chunk))
-                found.update(subject for subject, datasets in rows if needle in datasets)
-        return found
+            return self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_since(self, seq: int) -> tuple[int, set[bytes] | None]:
+        """The newest change number and the subjects changed after `seq` (None: everything may have)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, subject FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        if not rows:
+            return seq, set()
+        subjects = {subject for _, subject in rows}
+        return rows[-1][0], None if None in subjects else subjects
+
+    def valid(self, scope: Scope, now: float, subjects: Iterable[bytes] | None = None) -> tuple[dict[bytes, int], float]:
+        """The subjects (all, or those of `subjects`) with an unwithdrawn consent in `scope` valid at `now`,
+        each with when its consent ends; and when the first consent still to start does (or infinity)."""
+        query = ("SELECT subject, datasets, nbf, exp FROM consents WHERE consumer=? AND scenario=? AND withdrawn=0 "
+                 "AND exp>? AND separate>=?")
+        values = (scope.consumer, scope.scenario, int(now), int(scope.separate))
+        wanted = None if subjects is None else list(subjects)
+        chunks = [None] if wanted is None else [wanted[i:i + LOOKUP_CHUNK] for i in range(0, len(wanted), LOOKUP_CHUNK)]
+        needle = f",{scope.dataset},"
+        valid: dict[bytes, int] = {}
+        starts = math.inf
+        with self._lock:
+            for chunk in chunks:
+                rows = self._db.execute(query, values) if chunk is None else self._db.execute(
+                    f"{query} AND subject IN ({','.join('?' * len(chunk))})", (*values, *chunk))
+                for subject, datasets, nbf, exp in rows:
+                    if needle not in datasets:
+                        continue
+                    if nbf > now:
+                        starts = min(starts, nbf)
+                    elif exp > valid.get(subject, 0):
+                        valid[subject] = exp
+        return valid, starts
 
     def consents_of(self, subject: bytes) -> Iterator[dict[str, Any]]:
         with self._lock:
@@ -255,16 +305,31 @@ class ConsentRegistry:
         self._db.close()
 
 
+@dataclass
+class _Valid:
+    subjects: dict[bytes, int]  # subject key -> when its consent ends (Unix seconds)
+    reload_at: float            # when a consent not valid yet starts: load again then
+    touched: float = field(default_factory=time.monotonic)
+
+
 class RegistryView:
-    """The registry as the consent stage sees it: its age looked at most once a second."""
+    """The registry as one worker's consent stage sees it: its age looked at most once a second, and the
+    valid subjects of each scope in memory, kept current from the registry's changes on every transfer."""
 
     CHECK_INTERVAL = 1.0
+    MAX_SCOPES = 64  # scopes kept in memory; the least recently used goes first
 
     def __init__(self, registry: ConsentRegistry, max_age: float):
         self.registry = registry
         self.max_age = max_age
         self._issued: int | None = None
         self._checked = float("-inf")
+        self._scopes: dict[Scope, _Valid] = {}
+        self._seq = registry.last_change()
+        self._lock = threading.Lock()  # the stage looks up from worker threads too
+        # Scopes load (seconds for a million consents) through a connection of their own, so the
+        # event loop's quick looks through `registry` never wait for one.
+        self._loader = ConsentRegistry(registry.path)
 
     def age(self, now: float) -> float | None:
         if time.monotonic() - self._checked >= self.CHECK_INTERVAL:
@@ -275,3 +340,40 @@ class RegistryView:
     def fresh(self, now: float) -> bool:
         age = self.age(now)  # negative: issued in the future (a clock too far ahead), not trusted
         return age is not None and -CLOCK_SKEW <= age <= self.max_age
+
+    def loaded(self, scope: Scope, now: float) -> bool:
+        """Whether `consented` can answer for `scope` without loading it whole (a cheap look, no lock)."""
+        held = self._scopes.get(scope)
+        return held is not None and held.reload_at > now and self.registry.last_change() == self._seq
+
+    def consented(self, scope: Scope, now: float) -> Lookup:
+        """A lookup answering which of a response's subject keys consented, current as of now."""
+        with self._lock:
+            self._catch_up(now)
+            held = self._scopes.get(scope)
+            if held is None or held.reload_at <= now:
+                if held is None and len(self._scopes) >= self.MAX_SCOPES:
+                    del self._scopes[min(self._scopes, key=lambda s: self._scopes[s].touched)]
+                held = self._scopes[scope] = _Valid(*self._loader.valid(scope, now))
+            held.touched = time.monotonic()
+            subjects = held.subjects
+        return lambda keys: {key for key in keys if subjects.get(key, 0) > now}
+
+    def _catch_up(self, now: float) -> None:
+        seq, changed = self.registry.changes_since(self._seq)
+        if seq == self._seq:
+            return
+        if changed is None:
+            self._scopes.clear()
+        else:
+            for scope, held in self._scopes.items():
+                fresh, _ = self._loader.valid(scope, now, changed)
+                for subject in changed:
+                    held.subjects.pop(subject, None)
+                held.subjects.update(fresh)
+        self._seq = seq
+
+    def close(self) -> None:
+        self.registry.close()
+        self._loader.close()
+

@@ -2,8 +2,11 @@
 of a `legal_basis: consent` dataset, and a grant's field scope.
 
 The records are a JSON array's items (the body's array, or the one array a top-level object holds,
-whose other members must be plain values holding no ID number) or a CSV's rows after its header line
-(whose column names must be unique). What leaves of a record is only what the catalogue lists (or the
+whose other members must be plain values holding no ID number), a CSV's rows after its header line
+(whose column names must be unique), or an XML document's record elements (the root's children when
+they share one tag, or those of the one child of the root holding such a list; a record's fields are
+its child elements and attributes by local name, each named once; the document's text and attributes
+outside the records must hold no ID number). What leaves of a record is only what the catalogue lists (or the
 grant names), and only plain values: a field the catalogue does not list, and any nested object or
 array, is removed. A record whose subject consented passes so; a record that names another subject
 as well (an ID number in one of its values) passes only when every subject it names consented; the
@@ -20,11 +23,12 @@ import re
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 import orjson
 
 from gateway.authz.catalog import Dataset
-from gateway.authz.subject import DROP, SubjectHasher, masker
+from gateway.authz.subject import DROP, SubjectHasher, keep, masker
 
 # subject keys -> those with consent
 type Lookup = Callable[[Iterable[bytes]], set[bytes]]
@@ -62,7 +66,9 @@ def read_records(body: bytes, content_type: str, envelope_checked: bool = True) 
         return _json(body, envelope_checked)
     if kind == "text/csv":
         return _csv(body, _charset(content_type))
-    raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays and CSV only")
+    if kind in ("application/xml", "text/xml") or kind.endswith("+xml"):
+        return _xml(body, _charset(content_type), envelope_checked)
+    raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays, CSV and XML only")
 
 
 def count_records(body: bytes, content_type: str) -> int | None:
@@ -110,32 +116,39 @@ class RecordFilter:
 
     def apply(self, body: bytes, content_type: str, lookup: Lookup) -> Outcome:
         records = read_records(body, content_type)
-        listed = [_plain(record, self.masks) for record in records.items]
-        subject_field = self.rule.subject_field
-        own = [self.hasher.key(record.get(subject_field)) for record in listed]
-        # Every subject a record names (an ID number in any of its values), its own included.
-        named = [{k for n in id_numbers(record.values()) if (k := self.hasher.key(n)) is not None} | {key}
-                 for record, key in zip(listed, own)]
-        consented = lookup({key for keys in named for key in keys if key is not None})
-        outcome, kept = Outcome(records=len(listed)), []
-        for record, key, keys in zip(listed, own, named):
-            if key is not None and keys <= consented:
-                outcome.passed += 1
-                kept.append(record)
-            elif self.rule.unconsented == "refuse":
-                return Outcome(records=len(listed), refused=True)
-            elif self.rule.unconsented == "drop":
-                outcome.dropped += 1
-            else:
-                outcome.masked += 1
-                kept.append(self._mask(record))
-        outcome.body = records.write(kept, self.masks)
+        masks, subject_key, subject_field = self.masks, self.hasher.key, self.rule.subject_field
+        listed = [_plain(record, masks) for record in records.items]
+        own = [subject_key(record.get(subject_field)) for record in listed]
+        # The other subjects a record names: an ID number in another of its values. Only values long
+        # enough to hold one are scanned (most are names, phones, districts: one pass over all records
+        # finds the few that are), and a record without a subject of its own never passes anyway.
+        others: list[set[bytes]] = [set() for _ in listed]
+        for index in {i for i, record in enumerate(listed) for name, value in record.items()
+                      if name != subject_field and (len(value) >= 18 if type(value) is str else
+                                                    type(value) is int and abs(value) >= 10**17)}:
+            if own[index] is not None:
+                others[index] = {k for n in id_numbers(v for name, v in listed[index].items() if name != subject_field)
+                                 if (k := subject_key(n)) is not None}
+        consented = lookup({key for key in own if key is not None}.union(*others))
+        passes = [key in consented and (not named or named <= consented) for key, named in zip(own, others)]
+        outcome = Outcome(records=len(listed), passed=sum(passes))
+        unconsented = outcome.records - outcome.passed
+        if unconsented and self.rule.unconsented == "refuse":
+            return Outcome(records=len(listed), refused=True)
+        if self.rule.unconsented == "drop":
+            outcome.dropped = unconsented
+            kept = [record for record, passed in zip(listed, passes) if passed]
+        else:
+            outcome.masked = unconsented
+            kept = [record if passed else self._mask(record) for record, passed in zip(listed, passes)]
+        outcome.body = records.write(kept, masks)
         return outcome
 
     def _mask(self, record: dict) -> dict:
-        masked = {}
-        for name, value in record.items():
-            if (value := self.masks[name](value)) is not DROP:
+        masks, masked = self.masks, {}
+        for name, value in record.items():  # only catalogued fields (`_plain`)
+            mask = masks[name]
+            if mask is keep or (value := mask(value)) is not DROP:
                 masked[name] = value
         return masked
 
@@ -199,6 +212,77 @@ def _csv(body: bytes, charset: str | None) -> Records:
         writer.writerows([str(record.get(name, "")) for name in columns] for record in kept)
         return out.getvalue().encode(charset)
     return Records(items, write)
+
+
+def _xml(body: bytes, charset: str | None, envelope_checked: bool) -> Records:
+    # Read as text in its declared encoding (GBK too, which the XML parser itself does not know), and
+    # written back in it.
+    declared = XML_DECLARATION.match(body)
+    encoding = (declared.group(1).decode() if declared and declared.group(1) else None) or charset or "utf-8"
+    try:
+        text = body.decode("utf-8-sig" if encoding.lower() in ("utf-8", "utf8") else encoding)
+    except (UnicodeDecodeError, LookupError):
+        raise Unfilterable(f"an XML body not in {encoding}") from None
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # no entity expansion, no external entities
+        raise Unfilterable("an XML body with a document type declaration")
+    try:
+        root = ElementTree.fromstring(XML_DECLARATION_TEXT.sub("", text, count=1))
+    except ElementTree.ParseError as e:
+        raise Unfilterable(f"not XML: {e}") from None
+    container = root
+    if len({element.tag for element in container}) != 1:
+        # (so no other child of the root holds elements: the records' siblings are plain values)
+        holders = [element for element in root if len(element)]
+        container = holders[0] if len(holders) == 1 else None
+    if container is None or len({element.tag for element in container}) != 1:
+        raise Unfilterable("an XML document without one list of record elements")
+    elements = list(container)
+    container[:] = []
+    if envelope_checked and id_numbers(value for element in root.iter()
+                                       for value in (element.text, element.tail, *element.attrib.values())):
+        raise Unfilterable("an XML document holding an ID number outside its records: personal data outside "
+                           "the records")
+    names: dict[str, str] = {}  # a field's local name -> its name as written
+    attributes: set[str] = set()  # fields written as attributes (the others as child elements)
+    items = []
+    for element in elements:
+        fields = [(name, value, True) for name, value in element.attrib.items()]
+        # A field holding elements or attributes of its own is not a plain value: never written back.
+        fields += [(child.tag, child if len(child) or child.attrib else child.text or "", False) for child in element]
+        record = {}
+        for name, value, attribute in fields:
+            local = _local(name)
+            if local in record:
+                raise Unfilterable(f"an XML record naming its field '{local}' twice")
+            record[local] = value
+            names.setdefault(local, name)
+            if attribute:
+                attributes.add(local)
+        items.append(record)
+    tag = elements[0].tag
+
+    def write(kept: list[dict], fields: Collection[str]) -> bytes:
+        for record in kept:
+            element = ElementTree.SubElement(container, tag)
+            element.tail = "\n"
+            for name, value in record.items():
+                if name in attributes:
+                    element.set(names[name], str(value))
+                else:
+                    ElementTree.SubElement(element, names[name]).text = str(value)
+        written = ElementTree.tostring(root, encoding="unicode")
+        if declared:
+            written = f'<?xml version="1.0" encoding="{encoding}"?>\n' + written
+        return written.encode(encoding)
+    return Records(items, write)
+
+
+XML_DECLARATION = re.compile(rb"\s*<\?xml(?:[^>]*?\sencoding=[\"']([A-Za-z0-9._-]+)[\"'])?[^>]*\?>")
+XML_DECLARATION_TEXT = re.compile(r"\A\s*<\?xml[^>]*\?>")
+
+
+def _local(name: str) -> str:
+    return name.rsplit("}", 1)[-1]
 
 
 def _charset(content_type: str) -> str | None:

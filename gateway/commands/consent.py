@@ -1,44 +1,32 @@
-"""Data-subject consent and settlement, for the operator (and the platform's batch tool):
+"""Data-subject consent, for the operator (and the platform's batch tool):
 
   gateway consent secret --out FILE                  a new registry secret (0600), shared with the platform
   gateway consent issue CONSENTS.jsonl --secret S --key PLATFORM.key -o BATCH   (the platform's side)
   gateway consent import BATCH ... [-c CONFIG]       verify and import signed batches
   gateway consent withdraw [CID ...] [--id ID [--consumer C] [--scenario S]] [-c CONFIG]
   gateway consent check ID --consumer C --scenario S [--dataset D] [-c CONFIG]   exit 0 when consented
-  gateway usage report --from T --to T [--by KEYS] [--format csv|json] [-c CONFIG] [--trace DIR --pubkey KEY]...
 
-Exit status: 0 done (check: consented), 1 refused (a forged or altered batch, no consent, a log that
-does not verify), 2 usage or I/O errors.
+(`gateway usage report`, the settlement from these consents' transfers, is gateway/commands/usage.py.)
+Exit status: 0 done (check: consented), 1 refused (a forged or altered batch, no consent), 2 usage or
+I/O errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
 import sys
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
-from gateway.authz.settlement import KEYS, Settlement
 from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret
 from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
-from gateway.proxy.state import trace_key_path, writer_socket_path
-from gateway.trace import TraceError, TraceLog
-from gateway.trace.audit import iter_committed_entries, verify_log
-from gateway.trace.merkle import ProofError
-from gateway.trace.note import NoteError, parse_vkey
-from gateway.trace.remote import RemoteTraceLog
-from gateway.transfer.model import utc_timestamp
 
 
 class Refused(Exception):
@@ -55,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("secret", help="a new subject-key secret (0600), to share with the data-subject platform")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_guard(_secret))
+    p.set_defaults(func=guard(_secret))
 
     p = sub.add_parser("issue", help="(the platform's tool) sign a batch from JSON lines holding clear 'id' numbers")
     p.add_argument("consents", type=Path, help="JSON lines: a consent with 'id' (the ID number) for 'subject'")
@@ -64,12 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--key", type=Path, required=True, help="the platform's private key file")
     p.add_argument("--batch", help="batch id (default: a new UUID)")
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.set_defaults(func=_guard(_issue))
+    p.set_defaults(func=guard(_issue))
 
     p = sub.add_parser("import", help="verify signed batches and import them (each whole or not at all)")
     p.add_argument("batches", type=Path, nargs="+")
     _config_arg(p)
-    p.set_defaults(func=_guard(_import))
+    p.set_defaults(func=guard(_import))
 
     p = sub.add_parser("withdraw", help="withdraw consents by id, or all of a subject's (for a consumer, scenario)")
     p.add_argument("cids", nargs="*", metavar="CID")
@@ -77,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--consumer")
     p.add_argument("--scenario")
     _config_arg(p)
-    p.set_defaults(func=_guard(_withdraw))
+    p.set_defaults(func=guard(_withdraw))
 
     p = sub.add_parser("check", help="whether an ID number's subject consented; exit 0 when so")
     p.add_argument("id_number", metavar="ID")
@@ -86,26 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="a dataset the consent must cover (default: show every consent)")
     p.add_argument("--separate", action="store_true", help="separate consent (单独同意) needed")
     _config_arg(p)
-    p.set_defaults(func=_guard(_check))
-
-    usage = subparsers.add_parser("usage", help="settlement: priced usage from verified trace logs")
-    usage_sub = usage.add_subparsers(dest="usage_command", required=True, metavar="SUBCOMMAND")
-    p = usage_sub.add_parser("report", help="verify the logs, sum and price their usage, and append the "
-                                            "report's SHA-256 and totals to the trace log")
-    p.add_argument("--from", dest="start", required=True, help="ISO 8601 date or time, inclusive (UTC if no zone)")
-    p.add_argument("--to", dest="end", required=True, help="ISO 8601 date or time, exclusive")
-    p.add_argument("--by", default="consumer,dataset", help=f"grouping keys from: {', '.join(KEYS)} (%(default)s)")
-    p.add_argument("--format", choices=("json", "csv"), default="json")
-    p.add_argument("--trace", type=Path, action="append", default=[], metavar="DIR",
-                   help="a trace log to sum (repeatable; default: the configuration's)")
-    p.add_argument("--pubkey", type=Path, action="append", default=[], metavar="KEY",
-                   help="each --trace log's verifier key, in order: required with --trace (a log's own "
-                        "trace-signing.pub proves nothing: whoever forged the log wrote it); the configuration's own log "
-                        "defaults to the gateway's key beside its signing key in the state folder")
-    p.add_argument("-o", "--output", type=Path, help="write the report here (default: standard output)")
-    p.add_argument("--no-record", action="store_true", help="do not append the settlement record")
-    _config_arg(p)
-    p.set_defaults(func=_guard(_report))
+    p.set_defaults(func=guard(_check))
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -113,7 +82,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontend", metavar="NAME")
 
 
-def _guard(func):
+def guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
@@ -254,99 +223,3 @@ def _check(args: argparse.Namespace) -> int:
 
 def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-# ---- settlement -------------------------------------------------------------------------------------
-
-
-def _when(text: str, what: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise Usage(f"{what}: {text!r} is not an ISO 8601 date or time") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _report(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.frontend)
-    except ConfigError as e:
-        raise Usage("\n".join(e.errors)) from None
-    if config.authz is None:
-        raise Usage(f"{config.source}: no authz section (the catalogue prices the usage)")
-    start, end = _when(args.start, "--from"), _when(args.end, "--to")
-    try:
-        settlement = Settlement(config.authz.catalog, tuple(k.strip() for k in args.by.split(",") if k.strip()))
-    except ValueError as e:
-        raise Usage(f"--by: {e}") from None
-    logs = args.trace or [config.trace_dir]
-    keys = args.pubkey or ([] if args.trace else [trace_key_path(config.state_dir).with_suffix(".pub")])
-    if len(keys) != len(logs):
-        raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
-                    "never the trace-signing.pub inside it")
-    covered, checkpoints, origins = [], [], set()
-    for directory, key_file in zip(logs, keys):
-        try:
-            verifier = parse_vkey(key_file.read_text().strip())
-        except NoteError as e:
-            raise Usage(f"{key_file}: {e}") from None
-        print(f"{directory}: verified with {verifier.vkey()} (from {key_file})", file=sys.stderr)
-        verified = verify_log(directory, verifier)
-        if verified.problems:  # every log verifies before any figure is summed
-            raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))
-        checkpoint = verified.checkpoint
-        if checkpoint.origin in origins:
-            raise Refused(f"{directory}: origin {checkpoint.origin} given twice (a log summed twice)")
-        origins.add(checkpoint.origin)
-        checkpoints.append(checkpoint)
-        covered.append({"log": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex(),
-                        "verifier_key": verifier.vkey(), "key_from": str(key_file)})
-    for directory, checkpoint in zip(logs, checkpoints):
-        try:
-            for position, entry in iter_committed_entries(directory, checkpoint):
-                record = json.loads(entry)
-                when = record.get("time")
-                if isinstance(when, str) and start <= _when(when, f"record {position} time") < end:
-                    settlement.add(record)
-        except (ProofError, ValueError) as e:
-            raise Refused(f"{directory}: changed since it verified: {e}") from None
-    report = {"from": start.isoformat(), "to": end.isoformat(), "by": list(settlement.keys), "logs": covered,
-              "groups": settlement.table(), "totals": settlement.totals()}
-    if args.format == "csv":
-        out = io.StringIO()
-        columns = [*settlement.keys, "requests", "records", "masked", "dropped", "bytes", "amount", "currency"]
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        for row in settlement.table():
-            writer.writerow(["" if row[c] is None else row[c] for c in columns])
-        text = out.getvalue()
-    else:
-        text = json.dumps(report, ensure_ascii=False, indent=2) + "\n"
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    if args.output:
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
-    if args.no_record:
-        return 0
-    record = {"v": 1, "type": "settlement", "id": f"settlement-{uuid.uuid4()}", "time": utc_timestamp(),
-              "frontend": config.name, "report_sha256": digest, "format": args.format,
-              "from": report["from"], "to": report["to"], "by": report["by"], "logs": covered,
-              "totals": report["totals"]}
-    index = _append(config, record)
-    print(f"settlement record {record['id']} (report sha256 {digest}) appended as record {index}", file=sys.stderr)
-    return 0
-
-
-def _append(config, record: dict[str, Any]) -> int:
-    """Through the running gateway's trace writer when there is one, else into the log directly."""
-    socket_path = writer_socket_path(config.state_dir)
-    try:
-        if socket_path.exists():
-            with RemoteTraceLog.connect(socket_path) as log:
-                return log.append_sync(record)
-        with TraceLog.open(config.trace_dir, origin=config.trace_origin,
-                           signing_key=trace_key_path(config.state_dir)) as log:
-            return log.append_sync(record)
-    except TraceError as e:
-        raise Refused(f"the report was written, its settlement record not appended: {e}") from None

@@ -3,21 +3,24 @@
 The grant stage named the consumer and scenario; this stage refuses before anything is forwarded when
 the consent registry is too old to trust (`consent_stale`), and on the response looks up every
 record's subject (gateway.authz.records): records with consent pass, the others are masked or dropped,
-or the transfer is refused (`consent_missing`). A body whose records cannot be read, or one spooled
-to disk (above dlp.spool_threshold: it is not held whole), is refused (`consent_unfilterable`). The
-counts go to the trace record (`consent`) and the metrics.
+or the transfer is refused (`consent_missing`). A body whose records cannot be read is refused
+(`consent_unfilterable`, 502), and so is one the gateway spools to disk (above dlp.spool_threshold:
+records are filtered only in a body held whole): its head is held with it (gateway.proxy.heldheads),
+so that refusal replaces the upstream's answer, whose body is dropped. The counts go to the trace
+record (`consent`) and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Protocol
 
 from mitmproxy import http
 
 from gateway.authz.catalog import Dataset
-from gateway.authz.consent import ConsentRegistry, RegistryView
+from gateway.authz.consent import ConsentRegistry, RegistryView, Scope
 from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.settings import ConsentSettings
 from gateway.config.runtime import Runtime
@@ -62,11 +65,21 @@ class Consent:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or DATASET not in transfer.extra or "response" not in transfer.spools:
+        if transfer is None or DATASET not in transfer.extra or not callable(flow.response.stream):
             return
-        # Spooled: its body streams out once clean and is never held whole, so it cannot be filtered.
-        dataset = transfer.extra.pop(DATASET)
-        transfer.escalate("deny", [Reason(dataset.id, "consent_unfilterable", "response body (spooled)", "deny")])
+        dataset = transfer.extra[DATASET]
+
+        def held_whole() -> bool:
+            # Runs only if the body is spooled (inspect's HeldBody, past dlp.spool_threshold): it is never
+            # held whole, so its records cannot be filtered. Its head is held with it: nothing has left,
+            # and the refusal goes out in place of the upstream's answer.
+            transfer.extra.pop(DATASET, None)
+            self._refuse(flow, transfer, dataset, "consent_unfilterable",
+                         "response body above dlp.spool_threshold (records are filtered in memory only)", 502)
+            return False
+        # First: the grant stage's check (a counted dataset's) would refuse the body as uncountable, which
+        # says less about why a consent dataset's records cannot leave.
+        transfer.before_release.insert(0, held_whole)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -76,20 +89,23 @@ class Consent:
         response = flow.response
         grant = transfer.extra["grant"]
         record_filter = self._filter(dataset)
+        scope = Scope(grant["consumer"], grant["scenario"], dataset.id, dataset.consent.separate)
         now = time.time()
 
-        def lookup(keys):
-            return self._view.registry.consented(keys, grant["consumer"], grant["scenario"], dataset.id, now,
-                                                 dataset.consent.separate)
-
         def apply():
-            return record_filter.apply(body, response.headers.get("content-type", ""), lookup)
+            return record_filter.apply(body, response.headers.get("content-type", ""),
+                                       self._view.consented(scope, now))
 
         try:
             body = response.content  # content codings undone (a body that does not decode is refused)
-            outcome = apply() if len(body) <= INLINE_LIMIT else await asyncio.to_thread(apply)
+            # A large body, or a scope to load from the registry first, is worked on off the event loop.
+            inline = len(body) <= INLINE_LIMIT and self._view.loaded(scope, now)
+            outcome = apply() if inline else await asyncio.to_thread(apply)
         except (Unfilterable, ValueError) as e:
             self._refuse(flow, transfer, dataset, "consent_unfilterable", f"response body: {e}", 502)
+            return
+        except sqlite3.Error as e:  # fail closed: no answer from the registry, no records
+            self._refuse(flow, transfer, dataset, "consent_stale", f"consent registry unreadable: {e}", 403)
             return
         transfer.extra["consent"] = outcome.counts()
         if outcome.refused:
@@ -103,7 +119,7 @@ class Consent:
 
     def done(self) -> None:
         if self._view is not None:
-            self._view.registry.close()
+            self._view.close()
 
     def _refuse(self, flow: http.HTTPFlow, transfer: Transfer, dataset: Dataset, reason: str, detail: str,
                 status: int) -> None:
@@ -116,7 +132,7 @@ class Consent:
         settings = config.authz.consent
         if self._view is None or settings is not self._settings:
             if self._view is not None:
-                self._view.registry.close()
+                self._view.close()
             self._settings, self._filters = settings, {}
             self._view = RegistryView(ConsentRegistry(settings.registry_path(config.state_dir)), settings.max_age)
         return self._view

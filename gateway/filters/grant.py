@@ -116,8 +116,8 @@ class Grant:
         def held_whole() -> bool:
             # Runs only if the body is spooled (above dlp.spool_threshold): it is never held whole, so its
             # records can be neither counted nor reduced to the granted fields. Refused, not passed uncounted.
-            transfer.escalate("deny", [Reason(decision.record["dataset"], "grant_uncountable",
-                                              "response body (spooled): records not counted", "deny")])
+            _refuse(flow, transfer, decision.record["dataset"], "grant_uncountable",
+                    "response body (spooled): records not counted", 502)
             return False
         transfer.before_release.append(held_whole)
 

@@ -198,8 +198,9 @@ class Inspect:
         if transfer.stopped:
             refuse(flow, transfer)
             return False
-        if not all(check() for check in transfer.before_release):  # its trace record could not be made durable
-            refuse(flow, transfer, status=503, error="trace log unavailable")
+        if not all(check() for check in transfer.before_release):
+            if not flow.metadata.get("gateway_refused"):  # else a stage's check answered with its own refusal
+                refuse(flow, transfer, status=503, error="trace log unavailable")  # the record is not durable
             return False
         return True
 

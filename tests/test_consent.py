@@ -1,0 +1,129 @@
+"""The consent registry's in-memory view, alone: it answers as the registry does, and a withdrawal, an
+import, an expiry or a consent's start counts from the next lookup; subject keys are HMAC whatever
+the secret's length."""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import os
+
+import orjson
+import pytest
+
+from gateway.authz.catalog import ConsentRule, Dataset, Field
+from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
+from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
+from gateway.authz.records import RecordFilter, Unfilterable
+from gateway.authz.subject import SubjectHasher
+
+NOW = 1_800_000_000
+SCOPE = Scope("operator-a", "elderly-care", "civil.residents")
+
+
+def subject(i: int) -> str:
+    return f"5206{i:013d}X"
+
+
+@pytest.fixture
+def world(tmp_path):
+    generate_key("platform", tmp_path / "platform.key", tmp_path / "platform.pub")
+    key = load_private_key(tmp_path / "platform.key")
+    hasher = SubjectHasher(os.urandom(32))
+    registry = ConsentRegistry(tmp_path / "consent.sqlite")
+    batches = iter(range(1000))
+
+    def add(consents: list[dict]) -> None:
+        body = b"".join(orjson.dumps({"consumer": "operator-a", "scenario": "elderly-care",
+                                      "datasets": ["civil.residents"], "nbf": NOW - 60, "exp": NOW + 3600,
+                                      **c}) + b"\n" for c in consents)
+        claims = batch_claims(f"b{next(batches)}", NOW, body, len(consents), hasher.key_check(), hasher.algorithm)
+        manifest = json.dumps(add_signature(draft(claims), key, PLATFORM_ROLE)).encode()
+        registry.import_batch(io.BytesIO(manifest + b"\n" + body), {key.kid: public_authority(key, PLATFORM_ROLE)},
+                              ("Ed25519",), hasher.key_check(), hasher.algorithm, now=NOW)
+
+    def consent(i: int, **overrides) -> dict:
+        return {"cid": f"c{i}", "subject": hasher.key(subject(i)).hex(), **overrides}
+
+    yield {"registry": registry, "hasher": hasher, "add": add, "consent": consent, "path": tmp_path / "consent.sqlite"}
+    registry.close()
+
+
+def consented(view: RegistryView, hasher: SubjectHasher, now: float, count: int = 20, scope: Scope = SCOPE) -> set[int]:
+    keys = {hasher.key(subject(i)): i for i in range(count)}
+    return {keys[k] for k in view.consented(scope, now)(keys)}
+
+
+def test_view_follows_withdrawals_imports_expiry_and_start(world):
+    add, consent, hasher = world["add"], world["consent"], world["hasher"]
+    add([consent(i) for i in range(10)]
+        + [consent(10, exp=NOW + 5), consent(11, nbf=NOW + 5, exp=NOW + 50)]
+        + [consent(12, scenario="tourism"), consent(13, datasets=["civil.other"]), consent(14, separate=True)])
+    # The view reads the registry through another connection, as a worker does beside the operator's tools.
+    view = RegistryView(ConsentRegistry(world["path"]), max_age=3600)
+    assert consented(view, hasher, NOW) == set(range(11)) | {14}
+    assert view.loaded(SCOPE, NOW)
+    separate = Scope("operator-a", "elderly-care", "civil.residents", separate=True)
+    assert consented(view, hasher, NOW, scope=separate) == {14}
+
+    # A withdrawal (by id, and all of a subject's) counts from the next lookup, without loading all again.
+    assert world["registry"].withdraw(["c3"]) == 1
+    assert world["registry"].withdraw(subject=hasher.key(subject(4)), consumer="operator-a") == 1
+    assert not view.loaded(SCOPE, NOW)
+    assert consented(view, hasher, NOW) == set(range(11)) - {3, 4} | {14}
+    # A subject with a second consent keeps it when one is withdrawn.
+    add([consent(105, subject=hasher.key(subject(5)).hex())])
+    assert world["registry"].withdraw(["c5"]) == 1
+    assert 5 in consented(view, hasher, NOW)
+
+    # Expiry and start are compared with the time of each transfer.
+    assert 10 not in consented(view, hasher, NOW + 5)
+    assert 11 in consented(view, hasher, NOW + 5) and 11 not in consented(view, hasher, NOW + 50)
+
+    # A later import is seen by the next lookup (and a withdrawal stays one).
+    add([consent(15), consent(3)])
+    assert consented(view, hasher, NOW) == set(range(11)) - {3, 4} | {14, 15}
+    view.close()
+
+
+def test_subject_keys_are_hmac_whatever_the_secret(world):
+    for secret in (b"k" * 32, b"x" * 64, os.urandom(100)):
+        hasher = SubjectHasher(secret)
+        assert hasher.key(subject(1)) == hmac.digest(secret, b"subject\x00" + subject(1).encode(), "sha256")
+        assert hasher.key(" " + subject(1).lower()) == hasher.key(subject(1))
+        assert hasher.key("5206" + "1" * 13 + "Y") is None
+
+
+def test_xml_records_and_what_is_refused():
+    hasher = SubjectHasher(os.urandom(32))
+    fields = {"id_number": Field("personal", ("cn_id_card",)), "district": Field("public")}
+    rule = ConsentRule("id_number", "drop", False)
+    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
+                                         rule), hasher)
+    consented = hasher.key(subject(1))
+
+    def lookup(keys):
+        return {key for key in keys if key == consented}
+    body = (f'<ns:list xmlns:ns="urn:x"><ns:r><ns:id_number>{subject(1)}</ns:id_number></ns:r>'
+            f'<ns:r><ns:id_number>{subject(2)}</ns:id_number></ns:r></ns:list>').encode()
+    outcome = record_filter.apply(body, "application/vnd.x+xml", lookup)
+    assert outcome.counts() == {"records": 2, "passed": 1, "masked": 0, "dropped": 1}
+    assert subject(1).encode() in outcome.body and subject(2).encode() not in outcome.body
+    # Only catalogued plain fields leave; a record naming an unconsented subject does not pass.
+    other = "520102199003071234"  # an ID number as the scan sees one (a birth date where GB 11643 puts it)
+    body = (f'<list><r><id_number>{subject(1)}</id_number><district>a</district><family><id_number>{other}'
+            f'</id_number></family><note>x</note></r><r><id_number>{subject(1)}</id_number><district>{other}'
+            '</district></r></list>').encode()
+    outcome = record_filter.apply(body, "text/xml", lookup)
+    assert outcome.counts() == {"records": 2, "passed": 1, "masked": 0, "dropped": 1}
+    assert outcome.body == f"<list><r><id_number>{subject(1)}</id_number><district>a</district></r>\n</list>".encode()
+    for refused, why in ((f"<resp><who>{other}</who><items><r/><r/></items></resp>".encode(), "outside its records"),
+                         (f'<list><r id_number="{subject(1)}"><id_number>{subject(1)}</id_number></r></list>'.encode(),
+                          "twice"),
+                         (b'<!DOCTYPE r [<!ENTITY a "b">]><list><r/></list>', "document type"),
+                         (b"<list><a/><b/></list>", "one list of record elements"),
+                         (b"<list><r>", "not XML"),
+                         ('<?xml version="1.0" encoding="GBK"?><l><r>\u00e9\u4e2d</r></l>'.encode("utf-8"), "not in GBK")):
+        with pytest.raises(Unfilterable, match=why):
+            record_filter.apply(refused, "text/xml", lookup)
