@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.certs import make_ca_and_server
-from tests.gatewayproc import REPO, Process, gateway_config, listener_url, start_gateway, start_upstream, \
+from tests.gatewayproc import REPO, Process, free_port, gateway_config, listener_url, start_gateway, start_upstream, \
     write_config
 
 ID_NUMBER = "11010519491231002X"
@@ -179,3 +179,81 @@ def test_id_number_in_the_tls_sni_is_refused_before_any_upstream_connection(dns_
 
 def _gateway(dns_namespace) -> Process:
     return next(p for p in Process.started_processes if p.argv[1:4] == ["-m", "gateway", "run"])
+
+
+# Real-looking host names with digits in their labels: none may be taken for a sensitive value.
+ORDINARY_NAMES = """ec2-54-123-45-67.compute-1.amazonaws.com 123456789012.dkr.ecr.us-east-1.amazonaws.com
+    s3.cn-north-1.amazonaws.com.cn 1251001001.cos.ap-guangzhou.myqcloud.com r3---sn-4g5e6nsz.googlevideo.com
+    a1234.dscb.akamai.net e13579.dscg.akamaiedge.net img14.360buyimg.com api2.weixin.qq.com wx4.sinaimg.cn
+    xn--fiqs8s.xn--55qx5d.cn www.12306.cn gd.10086.cn mail.163.com ss1.bdstatic.com zwfw.beijing.gov.cn
+    d1a2b3c4d5e6f7.cloudfront.net ip-10-0-12-34.ec2.internal build-20240101120000.ci.example
+    p3-sign.douyinpic.com i0.hdslb.com v6.ipv6-test.com crl3.digicert.com vod-1302514847.cos.ap-shanghai.myqcloud.com
+    b2b-1688.alibaba.com pic1.zhimg.com 4a7f2c9e1b3d5f60.cdn.example sh-ct-cmcc-183-131-12-4.cdn.example
+    u13800.example srv01-dc2-rack17.corp.example""".split()
+
+
+@pytest.fixture(scope="module")
+def hosts_policy(dns_namespace):
+    """A second gateway in the namespace whose policy leaves names outside every profile: on `forward`
+    an allow rule for `*.gov.example` only (profile `outbound`), on `strict` an allow rule with no
+    request profile; a client in zone `internet` (127.0.0.5) has no allow rule at all."""
+    prefix, _, root, queries = dns_namespace
+    state = root / "hosts-policy"
+    state.mkdir()
+    config = gateway_config(state / "state", policy={"default": "deny", "rules": [
+        {"name": "gov-only", "from": "extranet", "to": "internet", "listeners": ["forward"],
+         "hosts": ["*.gov.example"], "action": "allow", "request_profile": "outbound", "response_profile": "inbound"},
+        {"name": "no-profile", "from": "extranet", "to": "internet", "listeners": ["strict"], "action": "allow"}]})
+    config["listeners"].append({"name": "strict", "mode": "regular", "listen": f"127.0.0.1:{free_port()}"})
+    gateway = start_gateway(write_config(state / "gateway.yaml", config), prefix=prefix)
+    yield prefix, config, state, queries, gateway
+    gateway.stop()
+
+
+def _fetch(prefix: list[str], config: dict, listener: str, host: str, source: str = "127.0.0.1") -> tuple[str, str]:
+    result = curl(prefix, "--interface", source, "-x", listener_url(config, listener), "-w", "\n%{http_code}",
+                  f"http://{host}:{UPSTREAM_PORT}/text?body=ok")
+    body, _, status = result.stdout.rpartition("\n")
+    return status, body
+
+
+@pytest.mark.parametrize("listener, source, host", [
+    ("forward", "127.0.0.1", ID_HOST),                           # outside the rule's hosts
+    ("forward", "127.0.0.5", f"x{ID_NUMBER}.attacker2.example"),  # a zone with no allow rule
+])
+def test_a_name_no_allow_rule_can_cover_is_denied_without_a_dns_query(hosts_policy, listener, source, host):
+    prefix, config, state, queries, gateway = hosts_policy
+    status, body = _fetch(prefix, config, listener, host, source)
+    assert status == "403", body
+    assert json.loads(body)["reasons"][0]["type"] == "policy"
+    assert_never_leaked(state, queries, gateway.output)
+
+
+@pytest.mark.parametrize("listener, host", [
+    ("strict", f"x{ID_NUMBER}.attacker3.example"),   # allowed, but no request profile: every detector
+    ("strict", f"{ID_NUMBER}.attacker4.example"),
+    ("forward", f"x{ID_NUMBER}.gov.example"),        # the profile's detectors, the number inside a label
+    ("forward", f"id{ID_NUMBER}abc.gov.example"),
+])
+def test_an_id_number_in_a_label_is_refused_and_masked_without_a_dns_query(hosts_policy, listener, host):
+    prefix, config, state, queries, gateway = hosts_policy
+    status, body = _fetch(prefix, config, listener, host)
+    assert status == "403", body
+    refusal = json.loads(body)
+    assert refusal["reasons"][0]["type"] == "cn_id_card" and refusal["reasons"][0]["locations"] == ["host"], refusal
+    assert_never_leaked(state, queries, gateway.output)
+    alerts = [json.loads(line) for line in (state / "state" / "alerts.jsonl").read_text().splitlines()]
+    alert = next(a for a in alerts if a["id"] == refusal["transfer_id"])
+    assert "1101**********002x" in alert["upstream"]["host"].lower(), alert
+
+
+def test_ordinary_names_with_digits_pass_every_detector_and_are_resolved(hosts_policy):
+    prefix, config, state, queries, gateway = hosts_policy
+    refused = {}
+    for host in ORDINARY_NAMES:
+        status, body = _fetch(prefix, config, "strict", host)
+        if status != "200" or body != "ok":
+            refused[host] = (status, body)
+    assert refused == {}
+    asked = queries.read_text()
+    assert all(f"{host}." in asked for host in ORDINARY_NAMES)

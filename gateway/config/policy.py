@@ -35,6 +35,13 @@ class Policy:
             return Verdict(rule.action, rule.name, rule.request_profile, rule.response_profile)
         return self.default
 
+    def may_allow(self, src_zone: str, host: str, listener: str) -> bool:
+        """Whether any transfer from `src_zone` to `host` could be allowed, whatever zone the host
+        resolves to and whatever its path: when not, it is denied without resolving the name."""
+        host = host.lower().rstrip(".")
+        return self.default.action == "allow" or any(
+            rule.action == "allow" and _source_matches(rule, src_zone, host, listener) for rule in self.rules)
+
     def request_profiles(self, src_zone: str, host: str, listener: str) -> list[str]:
         """The request profiles of every allow rule a transfer from `src_zone` to `host` could match,
         whatever zone the host resolves to and whatever its path: the host name is scanned with each of

@@ -1,5 +1,6 @@
 """Masking sensitive values in URLs and texts before they are logged or recorded."""
 
+import re
 from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
@@ -14,14 +15,19 @@ SECRET_PARAMETERS = frozenset(
     "key sign signature sig auth authorization session sessionid session_id sid ticket credential".split()
 )
 _MASK = "***"
+# Where letters meet digits in a host name: a DNS label such as `x<ID number>` holds the number with
+# no word boundary before it, which every detector needs.
+_LETTERS_MEET_DIGITS = re.compile(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])|_")
+_LETTERS_MEET_DIGITS_BUT_X = re.compile(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_xX])|(?<=\d[xX])(?=[^\W\d_])|_")
 
 
-@lru_cache(maxsize=1)
-def _all_detectors():
+@lru_cache(maxsize=2)
+def every_detector(action: str = "audit"):
+    """A profile of one rule with every built-in detector, whose findings (and uninspectable content) get `action`."""
     from gateway.dlp.engine import Profile
-    rule = Rule(id="mask_url", description="every built-in detector", action="audit", severity="low",
-                direction="both", detectors=tuple(DETECTORS))
-    return Profile(ProfileSpec("mask_url", "", (rule,), "audit", Limits()))
+    rule = Rule(id=f"every_detector_{action}", description="every built-in detector", action=action,
+                severity="low" if action == "audit" else "high", direction="both", detectors=tuple(DETECTORS))
+    return Profile(ProfileSpec(rule.id, "", (rule,), action, Limits()))
 
 
 def mask_url(url: str) -> str:
@@ -50,8 +56,27 @@ def mask_url(url: str) -> str:
 def mask_text(text: str) -> str:
     """`text` with the values of sensitive types in it masked (for what is logged or recorded)."""
     masked = text
-    for finding in _all_detectors().scan_fields([("text", "", text)]).findings:
+    for finding in every_detector().scan_fields([("text", "", text)]).findings:
         masked = masked.replace(finding.value, finding.masked)
+    return masked
+
+
+def host_words(host: str) -> list[str]:
+    """How a host name is read besides as written: its digits apart from the letters around them
+    (once with a check character `X` after digits kept, once not), so a number inside a label is
+    seen; nothing when no letter touches a digit."""
+    apart = _LETTERS_MEET_DIGITS.sub(" ", host)
+    if apart == host:
+        return []
+    return [apart, _LETTERS_MEET_DIGITS_BUT_X.sub(" ", host)]
+
+
+def mask_host(host: str) -> str:
+    """`host` with the sensitive values in it masked, also those inside a label (see host_words)."""
+    masked = mask_text(host)
+    for words in host_words(host):
+        for finding in every_detector().scan_fields([("text", "", words)]).findings:
+            masked = masked.replace(finding.value, finding.masked)  # no space was put inside a value
     return masked
 
 

@@ -17,6 +17,7 @@ from mitmproxy.net.http import url
 
 from gateway.config.load import format_host_port
 from gateway.dlp import Finding
+from gateway.dlp.urlmask import every_detector, host_words
 from gateway.filters import Gateway, refuse
 from gateway.transfer.edge import BALANCERS, MalformedRequest
 from gateway.transfer.model import DECISION_ORDER, METADATA_KEY, Reason, Transfer
@@ -30,10 +31,8 @@ class Resolver:
         self._cache: dict[tuple[str, int], tuple[float, str | None]] = {}
 
     async def resolve(self, host: str, port: int) -> str | None:
-        try:
-            return str(ipaddress.ip_address(host.strip("[]")))
-        except ValueError:
-            pass
+        if address := literal_address(host):
+            return address
         now = time.monotonic()
         cached = self._cache.get((host, port))
         if cached and cached[0] > now:
@@ -45,6 +44,14 @@ class Resolver:
             address = None
         self._cache[(host, port)] = (now + (self.ttl if address else 2.0), address)
         return address
+
+
+def literal_address(host: str) -> str | None:
+    """The address a host written as an IP address names (no DNS query), else None."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
 
 
 def _host_names_the_target(request: http.Request) -> None:
@@ -86,7 +93,8 @@ class Identify:
         # No request: the upstream is known only inside a CONNECT tunnel (its target).
         host, port = malformed.upstream or ("", 0)
         malformed.transfer = self._transfer(malformed.id, malformed.client, host, port)
-        if host and not self._names_scan(malformed.transfer, [("host", host)]):
+        if host and self._may_be_allowed(malformed.transfer) \
+                and not self._names_scan(malformed.transfer, [("host", host)]):
             await self._place_upstream(malformed.transfer)
 
     async def _identify(self, flow: http.HTTPFlow, names: list[tuple[str, str]]) -> None:
@@ -97,6 +105,8 @@ class Identify:
             transfer.escalate("block", [Reason("gateway", "host_not_canonical", "host", "block")])
             refuse(flow, transfer)
             return
+        if not self._may_be_allowed(transfer):
+            return  # denied whatever zone the name is in (authorize says so): no DNS query for it
         findings = self._names_scan(transfer, names)
         if findings:
             # A name is never rewritten: redact fails closed, as block.
@@ -112,15 +122,27 @@ class Identify:
                 return
         await self._place_upstream(transfer)
 
+    def _may_be_allowed(self, transfer: Transfer) -> bool:
+        """Whether an allow rule could apply to the transfer; when none can, its upstream is placed
+        only if it is written as an address (a name is not resolved)."""
+        if self.gateway.runtime.policy.may_allow(transfer.client_zone, transfer.upstream_host, transfer.listener):
+            return True
+        if address := literal_address(transfer.upstream_host):
+            transfer.upstream_addr = address
+            transfer.upstream_zone = self.gateway.runtime.zones.zone_of(address)
+        return False
+
     def _names_scan(self, transfer: Transfer, names: list[tuple[str, str]]) -> list[Finding]:
         """The host names (target, Host header, TLS SNI) scanned with the request profile of every
-        policy rule the transfer could fall under, before anything resolves them."""
+        policy rule the transfer could fall under, before anything resolves them; with every detector
+        (its findings block) when none of those rules has a request profile. A name is read as written
+        and with its digits apart from the letters around them (`x<ID number>.example`)."""
         runtime = self.gateway.runtime
-        fields = [(where, where, name) for where, name in names]
-        return [finding for profile in runtime.policy.request_profiles(
-                    transfer.client_zone, transfer.upstream_host, transfer.listener)
-                for finding in runtime.rules.profile(profile).scan_fields(
-                    fields, direction="request", host=transfer.upstream_host).findings]
+        fields = [(where, where, text) for where, name in names for text in (name, *host_words(name))]
+        profiles = [runtime.rules.profile(profile) for profile in runtime.policy.request_profiles(
+            transfer.client_zone, transfer.upstream_host, transfer.listener)] or [every_detector("block")]
+        return [finding for profile in profiles
+                for finding in profile.scan_fields(fields, direction="request", host=transfer.upstream_host).findings]
 
     async def _place_upstream(self, transfer: Transfer) -> None:
         transfer.upstream_addr = await self.resolver.resolve(transfer.upstream_host, transfer.upstream_port)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config.policy import Verdict
-from gateway.dlp import mask_text
+from gateway.dlp.urlmask import mask_host
 from gateway.dlp.tally import FindingGroup, fit, single
 
 METADATA_KEY = "gateway"
@@ -81,7 +81,7 @@ class Transfer:
     @property
     def shown_host(self) -> str:
         """The upstream host as records, alerts and logs show it: a sensitive value in the name masked."""
-        return mask_text(self.upstream_host)
+        return mask_host(self.upstream_host)
 
     @property
     def stopped(self) -> bool:
