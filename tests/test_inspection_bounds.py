@@ -3,17 +3,20 @@ verified trace log with their counts, small refusals, and bounded gateway CPU (r
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
 import random
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
-from gateway.dlp.budget import OVER_BUDGET
+from gateway.dlp import load_rules
+from gateway.dlp.budget import OVER_BUDGET, BudgetExceeded, InspectionBudget
 from gateway.dlp.tally import KEPT_LOCATIONS, places_digest
 from tests.citizens import citizens, citizens_json, id_places
 from tests.gatewayproc import (
@@ -165,3 +168,35 @@ def test_a_streamed_body_too_slow_to_inspect_is_refused_and_recorded(slow):
     record = next(r for r in trace_records(slow["root"] / "state" / "trace") if r["url"].endswith(path))
     assert record["decision"] == "block" and record["rules"][0]["locations"] == [f"body ({OVER_BUDGET})"]
     assert cpu < 2.0, f"{cpu:.2f} s of CPU for a streamed body allowed under one"
+
+
+class _SlowFinalizer:
+    """An object in a reference cycle whose finalizer takes 0.2 s of CPU: collected inside a scan,
+    it is where the watchdog's exception lands and is swallowed ("Exception ignored in ...")."""
+
+    def __del__(self):
+        started = time.thread_time()
+        while time.thread_time() - started < 0.2:
+            pass
+
+
+def test_a_budget_exception_lost_in_a_finalizer_still_stops_the_scan_and_refuses_it():
+    """The watchdog's exception can land in a finalizer of the scanning thread (seen in the gateway's
+    log: `Exception ignored in: StreamWriter.__del__ ... _Expired`); the scan must not then run on
+    unbounded and have its verdict used. A library-level test: a gateway cannot be made to collect a
+    given object mid-scan, so the finalizer is brought in here."""
+    profile = load_rules(REPO / "config" / "dlp").profile("outbound")
+    body = json.dumps([{"n": f"v\\u00e9{i}", "k": i} for i in range(80000)]).encode()  # ~1 s to scan
+
+    def scan_after_a_collection():
+        cycle = _SlowFinalizer()
+        cycle.itself = cycle
+        del cycle
+        gc.collect()  # the budget runs out in the finalizer
+        return profile.scan(body, content_type="application/json")
+
+    started = time.thread_time()
+    with pytest.raises(BudgetExceeded):
+        InspectionBudget(0.05).spend(scan_after_a_collection)
+    spent = time.thread_time() - started
+    assert spent < 0.5, f"the scan ran on for {spent:.2f} s of CPU after its budget was spent"

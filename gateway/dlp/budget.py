@@ -4,9 +4,12 @@ A scan runs in the thread that asks for it (the event loop's for heads and small
 thread for large ones, the loop again chunk by chunk for streamed ones). A watchdog thread reads that
 thread's own CPU clock and, once the budget is spent, raises an exception in it
 (`PyThreadState_SetAsyncExc`): every Python loop of the decoders and the engine stops at its next
-bytecode, without having to check a deadline itself, and the scan's caller gets `BudgetExceeded`.
-A single long call into C (one Hyperscan pass, one decompression step) ends first; each is bounded by
-the profile's size limits. CPU time, not wall time, so a scan is not refused for the load of others.
+bytecode, and the scan's caller gets `BudgetExceeded`. That exception is lost when it lands in a
+finalizer (CPython prints "Exception ignored in ..." and goes on), so the decoders and the engine also
+call `check_deadline()` once a segment, content or chunk, which raises again in a run that has
+fired; and a run that fired is refused whatever its work returned. A single long call into C (one
+Hyperscan pass, one decompression step) ends first; each is bounded by the profile's size limits.
+CPU time, not wall time, so a scan is not refused for the load of others.
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class _Expired(BaseException):
     takes it for a decoding problem and goes on."""
 
 
+_current = threading.local()  # the run of this thread's scan, if any
+
+
+def check_deadline() -> None:
+    """Raise in a scan whose budget is spent (its caller gets BudgetExceeded); nothing outside a scan."""
+    run = getattr(_current, "run", None)
+    if run is not None and run.fired:
+        raise _Expired
+
+
 class _Run:
     __slots__ = ("thread_id", "clock", "deadline", "lock", "done", "fired")
 
@@ -57,6 +70,7 @@ class Watchdog:
         if seconds <= 0:
             raise BudgetExceeded(OVER_BUDGET)
         run = _Run(ident, clock, started + seconds)
+        outer, _current.run = getattr(_current, "run", None), run
         self._watch(run)
         try:
             try:
@@ -73,8 +87,11 @@ class Watchdog:
                 raise BudgetExceeded(OVER_BUDGET) from None
             raise
         finally:
+            _current.run = outer
             with self._changed:
                 self._runs.discard(run)
+        if run.fired:  # its exception was lost (a finalizer swallowed it) and the scan ran on: no verdict
+            raise BudgetExceeded(OVER_BUDGET)
         return result, time.clock_gettime(clock) - started
 
     def _watch(self, run: _Run) -> None:

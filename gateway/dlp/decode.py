@@ -32,11 +32,28 @@ from xml.etree import ElementTree
 
 import numpy as np
 
+from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, DecodeError, Folded, check_inflated_size, decode_as, fold, inflate, is_utf8,
-    text_charset, unescape_u,
+    GZIP_MAGIC,
+    ZIP_MAGIC,
+    ZSTD_MAGIC,
+    DecodeError,
+    Folded,
+    check_inflated_size,
+    decode_as,
+    fold,
+    inflate,
+    is_utf8,
+    text_charset,
+    unescape_u,
 )
-from gateway.dlp.embedded import BODY, TEXT, TOKEN_SEPARATOR, EncodedContent, encoded_contents
+from gateway.dlp.embedded import (
+    BODY,
+    TEXT,
+    TOKEN_SEPARATOR,
+    EncodedContent,
+    encoded_contents,
+)
 
 MiB = 1 << 20
 
@@ -189,6 +206,7 @@ class _Walker:
 
     def content(self, data: bytes, media: str, params: Mapping[str, str], filename: str | None,
                 location: str, depth: int) -> None:
+        check_deadline()
         if depth > self.limits.max_depth:
             self.problem(location, f"nesting deeper than {self.limits.max_depth} levels")
             return
@@ -221,6 +239,7 @@ class _Walker:
         while index < len(self.out.segments):
             segment, segment_depth = self.out.segments[index], depths[index]
             index += 1
+            check_deadline()
             for found in encoded_contents(segment.data):
                 before = len(self.out.segments)
                 if not self.encoded(found, segment.place, segment_depth + 1):
@@ -288,6 +307,7 @@ class _Walker:
             self.out.segments.append(folded_segment(data, location, None, offset_locator(location)))
 
     def plain(self, text: str, location: str, data: bytes | None = None) -> None:
+        check_deadline()
         self.out.segments.append(text_segment(text, location, None, offset_locator(location), data))
         if _contains(text, "\\u"):  # JavaScript, malformed JSON: what a \u escape hides is scanned too
             self.out.segments.append(text_segment(unescape_u(text), child(location, "unescaped"), None,

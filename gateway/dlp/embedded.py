@@ -33,6 +33,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends, unescape_u,
 )
@@ -103,6 +104,7 @@ def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     else:
         percent = percent_contents(data, list(percent_runs(data)))
     for found in heapq.merge(base64, percent, key=lambda found: found.start):
+        check_deadline()
         if found.content is not None:
             yield found
 

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, unquote
 import numpy as np
 
 from gateway.dlp import batch
+from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import DecodeError, folded
 from gateway.dlp.decode import (
     Decoded,
@@ -37,6 +38,7 @@ from gateway.dlp.embedded import (
     encoded_contents,
 )
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
+from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.rules import (
     ACTIONS,
     DlpConfigError,
@@ -46,7 +48,6 @@ from gateway.dlp.rules import (
     parse_files,
     rule_files,
 )
-from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.stream import StreamScan
 from gateway.dlp.tally import FindingGroup, Place, Tally, in_runs
 
@@ -375,6 +376,7 @@ class Profile:
         """
         if not segments:
             return [], False
+        check_deadline()
         if len(segments) == 1:
             data, starts = segments[0].data, [0]
         else:

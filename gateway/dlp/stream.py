@@ -13,6 +13,7 @@ import codecs
 import html
 import re
 
+from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, fold, is_utf8, resolve_charset, sniff_charset,
     unescape_u,
@@ -142,6 +143,7 @@ class StreamScan:
             for inflater in self._inflaters:
                 pieces = [out for piece in pieces for out in inflater.feed(piece)]
             for piece in pieces:
+                check_deadline()
                 self._inflated_bytes += len(piece)
                 if self._inflaters and self._inflated_bytes > (1 << 20) and \
                         self._inflated_bytes > self.limits.max_ratio * self._compressed_bytes:
