@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from gateway.config.load import REPO_ROOT
+from gateway.config.load import DEFAULT_CONFIG, REPO_ROOT, load_config
+from gateway.proxy.supervisor import STOP_MARGIN
+from gateway.yamlnodes import parse_duration
 
 UNITS = ["gateway.service", "gateway-sentinel.service"]
 INSTALL_PREFIX = "/opt/gateway"
@@ -69,3 +71,19 @@ def test_only_the_sentinel_gets_raw_sockets():
     assert "AF_PACKET" in sentinel["RestrictAddressFamilies"][0].split()
     assert sentinel["NoNewPrivileges"] == ["yes"] and sentinel["ProtectSystem"] == ["strict"]
     assert sentinel["ExecStart"][0].split()[1:3] == ["sentinel", "-c"]
+
+
+def test_stopping_the_unit_gives_the_drain_its_time():
+    """`systemctl stop`/`restart` (and the package's upgrade, which stops the service in prerm) must let
+    the gateway drain: SIGTERM to the main process only, which stops the workers, then the trace writer
+    (the default KillMode=control-group signals them all at once: the writer quits under the draining
+    workers and their transfers are cut unrecorded), and no kill before the supervisor's own deadline."""
+    service = unit("gateway.service")
+    assert "ExecStop" not in service  # the stop is the signal, not a command
+    assert service["KillMode"] == ["mixed"]
+    assert service.get("KillSignal", ["SIGTERM"]) == ["SIGTERM"]
+    timeout = parse_duration(service["TimeoutStopSec"][0])
+    for frontend in [None, *sorted(path.stem for path in (REPO_ROOT / "frontends").glob("*.yaml"))]:
+        grace = load_config(DEFAULT_CONFIG, frontend).shutdown_grace
+        # The supervisor kills a worker STOP_MARGIN after the grace; systemd must wait longer than that.
+        assert timeout > grace + STOP_MARGIN, (frontend, timeout, grace)

@@ -1,9 +1,11 @@
-"""A throwaway copy of this machine to install into, with no network.
+"""A throwaway copy of this machine (or of another root folder, such as a Debian 13 made by debootstrap) to
+install into, with no network.
 
-Its root filesystem is this machine's seen through an overlay whose writes land in a tmpfs, mounted in a
-private mount namespace; its network namespace has only loopback up, so nothing run there reaches a
-package index or mirror. Installers run as root at their real paths (/opt/gateway, /etc/gateway, the
-gateway user, dpkg's database) and all they write vanishes with it: the machine itself is untouched.
+Its root filesystem is this machine's (or that folder's) seen through an overlay whose writes land in a
+tmpfs, mounted in a private mount namespace; its network namespace has only loopback up, so nothing run
+there reaches a package index or mirror. Installers run as root at their real paths (/opt/gateway,
+/etc/gateway, the gateway user, dpkg's database) and all they write vanishes with it: the machine itself
+(and that folder) is untouched.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 
 
 class ThrowawayRoot:
-    def __init__(self, workdir: Path, shared: Path, name: str) -> None:
+    def __init__(self, workdir: Path, shared: Path, name: str, lower: Path = Path("/")) -> None:
         self.name = name
+        self.lower = lower  # the root filesystem it is a copy of
         self.shared = shared
         self.root = workdir / "root"
         self.layers = workdir / "layers"  # tmpfs holding the overlay's upper (written) layer
@@ -43,7 +46,7 @@ class ThrowawayRoot:
         root, layers = self.root, self.layers
         script = f"""
             mount -t tmpfs tmpfs {layers} && mkdir {layers}/upper {layers}/work
-            mount -t overlay overlay -o lowerdir=/,upperdir={layers}/upper,workdir={layers}/work {root}
+            mount -t overlay overlay -o lowerdir={self.lower},upperdir={layers}/upper,workdir={layers}/work {root}
             mount -t proc proc {root}/proc
             mount --rbind /dev {root}/dev
             mount -t tmpfs tmpfs {root}/run
@@ -66,11 +69,11 @@ class ThrowawayRoot:
         return self.run(["sh", "-ec", script], timeout=timeout)
 
     def added_files(self) -> list[str]:
-        """Paths written inside that do not exist on this machine: what an installer added."""
+        """Paths written inside that do not exist in the root it copies: what an installer added."""
         listing = subprocess.run(["nsenter", f"--mount={self.mount_ns}", "find", f"{self.layers}/upper",
                                   "-mindepth", "1", "!", "-type", "c", "-printf", "/%P\n"],
                                  capture_output=True, text=True, check=True, timeout=30).stdout.split()
-        return sorted(path for path in listing if not os.path.lexists(path))
+        return sorted(path for path in listing if not os.path.lexists(f"{self.lower}{path}"))
 
     def down(self) -> None:
         _terminate(_pids_in_netns(self.name))
