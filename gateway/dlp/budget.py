@@ -141,9 +141,9 @@ class InspectionBudget:
         self.seconds = seconds
         self.spent = 0.0
 
-    def spend(self, work: Callable[[], T], *, at_most: float | None = None, allowance: float = 0.0) -> T:
-        """`work()` within what is left (plus `allowance`, and no more than `at_most`); BudgetExceeded past it."""
-        left = self.seconds + allowance - self.spent
+    def spend(self, work: Callable[[], T], *, at_most: float | None = None) -> T:
+        """`work()` within what is left (and no more than `at_most`); BudgetExceeded past it."""
+        left = self.seconds - self.spent
         try:
             result, spent = WATCHDOG.run(left if at_most is None else min(left, at_most), work)
         except BudgetExceeded:
@@ -151,6 +151,10 @@ class InspectionBudget:
             raise
         self.spent += spent
         return result
+
+    def earn(self, seconds: float) -> None:
+        """More time for the whole transfer (a streamed body earns it as it arrives)."""
+        self.seconds += seconds
 
     @property
     def left(self) -> float:

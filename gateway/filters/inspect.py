@@ -259,16 +259,19 @@ class BudgetedStream:
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
+        # Earned for the transfer, not for this stream alone: the scans after it (the response's head,
+        # after a long upload) still have the base budget left.
+        self.budget.earn(len(chunk) / STREAM_BYTES_PER_SECOND)
         if not self.over:
             try:
-                self.budget.spend(lambda: self.scan.feed(chunk), allowance=self.received / STREAM_BYTES_PER_SECOND)
+                self.budget.spend(lambda: self.scan.feed(chunk))
             except BudgetExceeded:
                 self.over = True
 
     def finish(self) -> ScanResult:
         if not self.over:
             try:
-                return self.budget.spend(self.scan.finish, allowance=self.received / STREAM_BYTES_PER_SECOND)
+                return self.budget.spend(self.scan.finish)
             except BudgetExceeded:
                 pass
         return _over_budget(self.scan.profile, self.scan.direction, self.scan.location, self.scan.host)
