@@ -314,7 +314,7 @@ def test_deb_upgrades_while_serving_and_rolls_back_keeping_config_state_and_log(
     upstream = start_upstream(root)
     proxy = start_gateway(root, venv, config)
     send_transfers(root)
-    key = check(root.run(["cat", "/var/lib/gateway/trace/log.pub"]))  # the auditor's copy of the verifier key
+    key = check(root.run(["cat", "/var/lib/gateway/trace/trace-signing.pub"]))  # the auditor's copy of the verifier key
     ca = state_digests(root, "trace", "metrics")  # the CA and the keys (the log grows; counters are runtime)
     assert "mitmproxy-ca.pem" in ca, ca
     wait_until(lambda: transfers_total(metrics(root)) == 2, timeout=10)  # counted as each ends
