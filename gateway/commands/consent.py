@@ -6,6 +6,7 @@
   gateway consent withdraw [CID ...] [--id ID [--consumer C] [--scenario S]] [-c CONFIG]
   gateway consent check ID --consumer C --scenario S [--dataset D] [-c CONFIG]   exit 0 when consented
   gateway usage report --from T --to T [--by KEYS] [--format csv|json] [-c CONFIG] [--trace DIR --pubkey KEY]...
+                                                     [--peers FILE]  (every machine of a boundary, cross-witnessed)
 
 Exit status: 0 done (check: consented), 1 refused (a forged or altered batch, no consent, a log that
 does not verify), 2 usage or I/O errors.
@@ -34,9 +35,10 @@ from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret
 from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
 from gateway.proxy.state import trace_key_path, writer_socket_path
 from gateway.trace import TraceError, TraceLog
-from gateway.trace.audit import iter_committed_entries, verify_log
+from gateway.trace.audit import WitnessPolicy, iter_committed_entries, verify_log
 from gateway.trace.merkle import ProofError
-from gateway.trace.note import NoteError, parse_vkey
+from gateway.trace.note import NoteError, Verifier, parse_vkey
+from gateway.trace.peers import load_peers
 from gateway.trace.remote import RemoteTraceLog
 from gateway.transfer.model import utc_timestamp
 
@@ -100,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a trace log to sum (repeatable; default: the configuration's)")
     p.add_argument("--pubkey", type=Path, action="append", default=[], metavar="KEY",
                    help="each --trace log's verifier key, in order (default: DIR/log.pub)")
+    p.add_argument("--peers", type=Path, metavar="FILE",
+                   help="instead of --trace: every machine's log in this peers file, each verified with its key "
+                        "and its cross-witness cosignatures (gateway.trace.peers)")
     p.add_argument("-o", "--output", type=Path, help="write the report here (default: standard output)")
     p.add_argument("--no-record", action="store_true", help="do not append the settlement record")
     _config_arg(p)
@@ -277,26 +282,20 @@ def _report(args: argparse.Namespace) -> int:
         settlement = Settlement(config.authz.catalog, tuple(k.strip() for k in args.by.split(",") if k.strip()))
     except ValueError as e:
         raise Usage(f"--by: {e}") from None
-    logs = args.trace or [config.trace_dir]
-    if args.pubkey and len(args.pubkey) != len(logs):
-        raise Usage("give one --pubkey per --trace, in order")
+    sources = _usage_logs(args, config)
+    logs = [directory for directory, *_ in sources]
     covered, checkpoints, origins = [], [], set()
-    for index, directory in enumerate(logs):
-        key_file = args.pubkey[index] if args.pubkey else directory / "log.pub"
-        try:
-            verifier = parse_vkey(key_file.read_text().strip())
-        except NoteError as e:
-            raise Usage(f"{key_file}: {e}") from None
-        verified = verify_log(directory, verifier)
+    for directory, verifier, policy, key_from in sources:
+        verified = verify_log(directory, verifier, policy)
         if verified.problems:  # every log verifies before any figure is summed
             raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))
-        checkpoint = verified.checkpoint
+        checkpoint = verified.witnessed if policy is not None else verified.checkpoint
         if checkpoint.origin in origins:
             raise Refused(f"{directory}: origin {checkpoint.origin} given twice (a log summed twice)")
         origins.add(checkpoint.origin)
         checkpoints.append(checkpoint)
         covered.append({"log": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex(),
-                        "verifier_key": verifier.vkey(), "key_from": str(key_file)})
+                        "verifier_key": verifier.vkey(), "key_from": key_from, "witnessed": policy is not None})
     for directory, checkpoint in zip(logs, checkpoints):
         try:
             for position, entry in iter_committed_entries(directory, checkpoint):
@@ -332,6 +331,33 @@ def _report(args: argparse.Namespace) -> int:
     index = _append(config, record)
     print(f"settlement record {record['id']} (report sha256 {digest}) appended as record {index}", file=sys.stderr)
     return 0
+
+
+def _usage_logs(args: argparse.Namespace, config) -> list[tuple[Path, Verifier, WitnessPolicy | None, str]]:
+    """(directory, verifier, witness policy, where the key came from) of each log to sum."""
+    if args.peers is not None:
+        if args.trace or args.pubkey:
+            raise Usage("--peers names every log and its key: no --trace or --pubkey")
+        try:
+            peers = load_peers(args.peers)
+        except ConfigError as e:
+            raise Usage("\n".join(e.errors)) from None
+        missing = [peer.name for peer in peers.peers if peer.log is None]
+        if missing:
+            raise Usage(f"{args.peers}: no log named for {', '.join(missing)}")
+        return [(peer.log, peer.log_key, peers.policy(peer.origin), f"{args.peers} ({peer.name})")
+                for peer in peers.peers]
+    logs = args.trace or [config.trace_dir]
+    if args.pubkey and len(args.pubkey) != len(logs):
+        raise Usage("give one --pubkey per --trace, in order")
+    sources = []
+    for index, directory in enumerate(logs):
+        key_file = args.pubkey[index] if args.pubkey else directory / "log.pub"
+        try:
+            sources.append((directory, parse_vkey(key_file.read_text().strip()), None, str(key_file)))
+        except NoteError as e:
+            raise Usage(f"{key_file}: {e}") from None
+    return sources
 
 
 def _append(config, record: dict[str, Any]) -> int:
