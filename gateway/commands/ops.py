@@ -118,7 +118,7 @@ def cluster_command(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"gateway lab: {problem}", file=sys.stderr)
         print("\n".join(lab.status()))
-        print(f"configurations: {lab.state_dir}/*/gateway.yaml, haproxy.cfg, keepalived.conf")
+        print(f"configurations: {lab.state_dir}/*/gateway.yaml, haproxy.cfg, keepalived.conf, peers.yaml")
         return 1 if problems else 0
     except LabError as exc:
         print(f"gateway lab: {exc}", file=sys.stderr)

@@ -113,7 +113,8 @@ def _dir_and_key(p: argparse.ArgumentParser) -> None:
 
 
 def _peers_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--peers", type=Path, metavar="FILE", help=f"the boundary's peers file (gateway.trace.peers): {what}")
+    p.add_argument("--peers", type=Path, metavar="FILE",
+                   help=f"the boundary's peers file (gateway.trace.peers): {what}")
 
 
 def _record_filters(p: argparse.ArgumentParser) -> None:

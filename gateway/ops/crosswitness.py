@@ -47,7 +47,8 @@ def witness_key_path(state_dir: Path) -> Path:
 def witness_signer(config: Config) -> Signer:
     """This machine's witness key, created on first use (mode 0600, witness.pub beside it)."""
     try:
-        return load_or_create_signer(witness_key_path(config.state_dir), f"{config.name}/witness", SIG_COSIGNATURE_V1)
+        return load_or_create_signer(witness_key_path(config.state_dir), f"{config.name}/witness",
+                                     SIG_COSIGNATURE_V1)
     except (OSError, NoteError) as exc:
         raise CrossWitnessError(f"witness key: {exc}") from None
 
