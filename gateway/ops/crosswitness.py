@@ -81,20 +81,19 @@ class CrossWitness:
 
     def push_once(self) -> dict[str, str | None]:
         """Push this log's newest checkpoint to every other machine's witness; peer name -> error or None."""
-        try:
-            note, _ = newest_checkpoint(self.trace_dir, self.me.log_key)
-        except FileNotFoundError:
-            return {peer.name: "no checkpoint yet (the gateway has not started)" for peer in self.others}
-        except (OSError, NoteError) as exc:
-            return {peer.name: f"checkpoint: {exc}" for peer in self.others}
         results = {}
-        for peer in self.others:
-            try:
-                push_checkpoint(self.trace_dir, self.me.log_key, WitnessConfig(peer.witness, peer.witness_key.vkey()),
-                                note)
-                results[peer.name] = None
-            except Exception as exc:  # a witness down or refusing must not stop the pushes to the others
-                results[peer.name] = f"{peer.witness}: {exc}"
+        try:  # the journal's newest frame: the checkpoint file may trail it while the log is idle
+            note, _ = newest_checkpoint(self.trace_dir, self.me.log_key)
+        except (OSError, NoteError) as exc:  # no log yet (the gateway never started), or one that fails
+            results = {peer.name: f"checkpoint: {exc}" for peer in self.others}
+        else:
+            for peer in self.others:
+                try:
+                    push_checkpoint(self.trace_dir, self.me.log_key,
+                                    WitnessConfig(peer.witness, peer.witness_key.vkey()), note)
+                    results[peer.name] = None
+                except Exception as exc:  # a witness down or refusing must not stop the pushes to the others
+                    results[peer.name] = f"{peer.witness}: {exc}"
         self._log_changes(results)
         return results
 

@@ -225,7 +225,8 @@ def push_checkpoint(directory: Path, log_verifier: Verifier, witness: WitnessCon
     for _ in range(2):  # a 409 tells the size the witness holds; retry once from it
         if old > checkpoint.size:
             raise PushError(f"witness {witness_verifier.name} cosigned size {old}, beyond this log's {checkpoint.size}")
-        proof = consistency_proof(tail_reader(directory, checkpoint.size).node_hash, old, checkpoint.size) if old else []
+        proof = consistency_proof(tail_reader(directory, checkpoint.size).node_hash, old, checkpoint.size) \
+            if 0 < old < checkpoint.size else []  # reading the tail costs: only when there is something to prove
         body = (f"old {old}\n" + "".join(base64.b64encode(p).decode() + "\n" for p in proof) + "\n"
                 + note.render()).encode()
         status, text = _post(witness.url, body)
