@@ -133,18 +133,18 @@ def test_machine_killed_under_load_loses_no_record(cluster):
 
 def wait_cross_witnessed(lab, timeout: float = 30.0) -> dict[str, int]:
     """Each machine's log size once the other's witness has cosigned it whole."""
-    from gateway.trace.audit import WITNESSED_FILE
+    from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
     from gateway.trace.note import parse_checkpoint_body, parse_note
 
-    def size(path):
+    def cosigned(trace):
         try:
-            return parse_checkpoint_body(parse_note(path.read_bytes()).text).size
+            return parse_checkpoint_body(parse_note((trace / WITNESSED_FILE).read_bytes()).text).size
         except FileNotFoundError:
             return -1
     deadline = time.monotonic() + timeout
-    while True:
-        now = {gw: (size(lab.state_dir / gw / "state" / "trace" / "checkpoint"),
-                    size(lab.state_dir / gw / "state" / "trace" / WITNESSED_FILE)) for gw in lab.gateways}
+    while True:  # the log's newest checkpoint may be a journal frame not yet in its checkpoint file
+        traces = {gw: lab.state_dir / gw / "state" / "trace" for gw in lab.gateways}
+        now = {gw: (newest_checkpoint(trace, None)[1].size, cosigned(trace)) for gw, trace in traces.items()}
         if all(log == cosigned for log, cosigned in now.values()):
             return {gw: log for gw, (log, _) in now.items()}
         assert time.monotonic() < deadline, f"(log size, cosigned size) not caught up: {now}"

@@ -339,14 +339,12 @@ def _usage_logs(args: argparse.Namespace, config) -> list[tuple[Path, Verifier, 
         if args.trace or args.pubkey:
             raise Usage("--peers names every log and its key: no --trace or --pubkey")
         try:
-            peers = load_peers(args.peers)
+            logs = load_peers(args.peers).logs()
         except ConfigError as e:
             raise Usage("\n".join(e.errors)) from None
-        missing = [peer.name for peer in peers.peers if peer.log is None]
-        if missing:
-            raise Usage(f"{args.peers}: no log named for {', '.join(missing)}")
-        return [(peer.log, peer.log_key, peers.policy(peer.origin), f"{args.peers} ({peer.name})")
-                for peer in peers.peers]
+        except ValueError as e:
+            raise Usage(str(e)) from None
+        return [(log, peer.log_key, policy, f"{args.peers} ({peer.name})") for peer, log, policy in logs]
     logs = args.trace or [config.trace_dir]
     if args.pubkey and len(args.pubkey) != len(logs):
         raise Usage("give one --pubkey per --trace, in order")

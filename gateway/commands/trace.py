@@ -336,11 +336,10 @@ def _meter_logs(args: argparse.Namespace) -> list[tuple[Path, Verifier, WitnessP
     peers = load_peers_or_print(args.peers)
     if peers is None:
         raise UsageError(f"{args.peers}: not a valid peers file")
-    missing = [peer.name for peer in peers.peers if peer.log is None]
-    if missing:
-        raise UsageError(f"{args.peers}: no log named for {', '.join(missing)}")
-    return [(peer.log, peer.log_key, peers.policy(peer.origin), f"{args.peers} ({peer.name})")
-            for peer in peers.peers]
+    try:
+        return [(log, peer.log_key, policy, f"{args.peers} ({peer.name})") for peer, log, policy in peers.logs()]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @_guard

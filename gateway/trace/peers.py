@@ -58,6 +58,14 @@ class Peers:
     def others(self, origin: str) -> list[Peer]:
         return [peer for peer in self.peers if peer.origin != origin]
 
+    def logs(self) -> list[tuple[Peer, Path, WitnessPolicy]]:
+        """Each machine with its log copy and the cross-witness policy it must meet (to sum them all);
+        ValueError if a machine names no log."""
+        missing = [peer.name for peer in self.peers if peer.log is None]
+        if missing:
+            raise ValueError(f"{self.source}: no log named for {', '.join(missing)}")
+        return [(peer, peer.log, self.policy(peer.origin)) for peer in self.peers]
+
     def policy(self, origin: str) -> WitnessPolicy:
         """What a log of `origin` must carry: the other machines' cosignatures, `quorum` of them."""
         witnesses = [peer.witness_key for peer in self.others(origin)]
