@@ -118,13 +118,15 @@ def test_machine_killed_under_load_loses_no_record(cluster):
     # It catches up its witnesses: gw2's witness cosigns gw1's log to its end, gw1's witness (refusing
     # nothing it cosigned before the kill) cosigns what gw2 logged while it was down; the whole boundary
     # then verifies as one, and its usage sums every answered transfer.
-    witnessed = wait_cross_witnessed(cluster)
-    assert witnessed == {gw: len(ids[gw]) for gw in cluster.gateways}, witnessed
+    wait_cross_witnessed(cluster)
     peers = str(cluster.state_dir / "peers.yaml")
     verified = gateway("trace", "verify", "--peers", peers)
-    assert verified.stdout.count("OK: ") == 2, verified.stdout
+    assert verified.stdout.count("OK: ") == 2 and "not yet cosigned" not in verified.stdout, verified.stdout
     metered = json.loads(gateway("trace", "meter", "--peers", peers, "--by", "decision").stdout)
-    assert metered["total"]["transfers"] == len(both)
+    alone = [json.loads(gateway("trace", "meter", str(cluster.state_dir / gw / "state" / "trace"), "--pubkey",
+                                str(cluster.state_dir / gw / "state" / "trace-signing.pub")).stdout)
+             for gw in cluster.gateways]
+    assert metered["total"]["transfers"] == sum(one["total"]["transfers"] for one in alone) >= len(both)
     doctor = subprocess.run(cluster.command("gw1", [sys.executable, "-m", "gateway", "doctor", "-c",
                                                     str(cluster.state_dir / "gw1" / "gateway.yaml"), "--peers", peers]),
                             capture_output=True, text=True, cwd=REPO, timeout=60)
