@@ -182,7 +182,7 @@ def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
             if getattr(args, "directory", False) is None and getattr(args, "peers", None) is None:
-                raise UsageError("name the log directory DIR" + (" or --peers FILE" if hasattr(args, "peers") else ""))
+                raise UsageError("name the log directory DIR" + (" or --peers FILE" * hasattr(args, "peers")))
             return func(args)
         except UsageError as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
@@ -306,7 +306,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
                 if _matches(record, args, *window):
                     meter.add(record)
         except ProofError as exc:  # the files changed since they were verified
-            print(f"TAMPERED: {exc}")
+            print(f"TAMPERED: {directory}: {exc}" if args.peers else f"TAMPERED: {exc}")
             return EXIT_BAD
     covers = {"logs": anchors} if args.peers else anchors[0]
     if args.format == "csv":
