@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config.load import REPO_ROOT
 
-UNITS = ["gateway.service", "gateway-sentinel.service"]
+UNITS = ["gateway.service", "gateway-sentinel.service", "gateway-witness.service"]
 INSTALL_PREFIX = "/opt/gateway"
 
 
@@ -69,3 +69,11 @@ def test_only_the_sentinel_gets_raw_sockets():
     assert "AF_PACKET" in sentinel["RestrictAddressFamilies"][0].split()
     assert sentinel["NoNewPrivileges"] == ["yes"] and sentinel["ProtectSystem"] == ["strict"]
     assert sentinel["ExecStart"][0].split()[1:3] == ["sentinel", "-c"]
+
+
+def test_witness_unit_runs_unprivileged_beside_the_gateway():
+    witness = unit("gateway-witness.service")
+    assert witness["ExecStart"][0].split()[1:5] == ["cluster", "witness", "-c", "/etc/gateway/gateway.yaml"]
+    assert "--peers /etc/gateway/peers.yaml" in witness["ExecStart"][0]
+    assert witness["User"] == ["gateway"] and witness["StateDirectory"] == ["gateway"]  # the log it pushes
+    assert witness["CapabilityBoundingSet"] == [""] and witness["NoNewPrivileges"] == ["yes"]
