@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
+from gateway.commands import cluster as cluster_commands
 from gateway.commands import consent as consent_commands
 from gateway.commands import dlp as dlp_commands
 from gateway.commands import grant as grant_commands
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     create.set_defaults(func=_ca_create)
 
     for module in (dlp_commands, trace_commands, ops_commands, grant_commands, consent_commands,
-                   usage_commands):
+                   usage_commands, cluster_commands):
         module.register(commands)
 
     args = parser.parse_args(argv)

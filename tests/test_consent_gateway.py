@@ -491,3 +491,45 @@ def test_evidence_for_one_transfer(lab):
     evidence.write_text(json.dumps(bundle))
     checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "trace-signing.pub"))
     assert checked.returncode == 1 and "INVALID" in checked.stdout, checked.stdout
+
+
+def test_usage_report_over_cross_witnessed_logs(lab, tmp_path):
+    """`usage report --peers`: the machines' logs (here this gateway's and a second machine's), each
+    verified with its key and its cross-witness cosignature before anything is summed."""
+    import threading
+
+    from gateway.trace.note import SIG_COSIGNATURE_V1, Signer, parse_vkey
+    from gateway.trace.witness import WitnessConfig, WitnessState, push_checkpoint, serve
+    from tests.tracecli import write_log
+
+    logs = {"gw1": shutil.copytree(lab["root"] / "state" / "trace", tmp_path / "gw1"),
+            "gw2": write_log(tmp_path / "gw2", "test.consent/gw2/trace", [{"id": "t-1", "time": "2000-01-02"}])
+            / "log"}
+    trusted = lab["root"] / "state" / "trace-signing.pub"  # the gateway's own key, not the log copy's
+    log_keys = {"gw1": trusted.read_text().strip(),
+                "gw2": (tmp_path / "gw2" / "key.pub").read_text().strip()}
+    witnesses = {name: Signer.generate(f"test.consent/{name}/witness", SIG_COSIGNATURE_V1) for name in logs}
+    other = {"gw1": "gw2", "gw2": "gw1"}
+    for name in logs:  # each machine's witness cosigns the other's log
+        state = WitnessState(tmp_path / f"{name}-witness", {parse_vkey(log_keys[other[name]]).name:
+                                                             parse_vkey(log_keys[other[name]])}, witnesses[name])
+        server = serve(("127.0.0.1", 0), state)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        push_checkpoint(logs[other[name]], parse_vkey(log_keys[other[name]]),
+                        WitnessConfig(f"http://127.0.0.1:{server.server_address[1]}", witnesses[name].verifier.vkey()))
+        server.shutdown()
+    peers = tmp_path / "peers.yaml"
+    peers.write_text("peers:\n" + "".join(
+        f"  - {{name: {name}, log_key: '{log_keys[name]}', witness_key: '{witnesses[name].verifier.vkey()}', "
+        f"witness: 'http://127.0.0.1:9', log: {logs[name]}}}\n" for name in logs))
+    args = ("usage", "report", "--from", "2000-01-01", "--to", "2100-01-01", "--no-record", "-c", str(lab["path"]))
+    single = gateway_cli(*args, "--trace", str(logs["gw1"]), "--pubkey", str(trusted))
+    both = gateway_cli(*args, "--peers", str(peers))
+    assert both.returncode == 0, both.stderr
+    report = json.loads(both.stdout)
+    assert [log["log"] for log in report["logs"]] == [parse_vkey(log_keys[name]).name for name in logs]
+    assert all(log["witnessed"] for log in report["logs"])
+    assert report["groups"] == json.loads(single.stdout)["groups"]  # the second log holds nothing priced
+    (logs["gw2"] / "checkpoint.witnessed").unlink()
+    refused = gateway_cli(*args, "--peers", str(peers))
+    assert refused.returncode == 1 and "witness policy not met" in refused.stderr and refused.stdout == ""

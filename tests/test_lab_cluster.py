@@ -90,7 +90,8 @@ def test_machine_killed_under_load_loses_no_record(cluster):
         stdout=subprocess.PIPE, text=True)
     time.sleep(2.5)
     killed_at = time.time()
-    os.kill(cluster.pid("gw1"), signal.SIGKILL)
+    os.kill(cluster.pid("gw1"), signal.SIGKILL)  # the machine dies: its gateway and its witness service
+    os.kill(cluster.pid("witness-gw1"), signal.SIGKILL)
     out, _ = load.communicate(timeout=60)
     outcomes = [json.loads(line) for line in out.splitlines()]
     answered = [o for o in outcomes if "status" in o]
@@ -105,6 +106,7 @@ def test_machine_killed_under_load_loses_no_record(cluster):
                                            "BadStatusLine", "IncompleteRead", "TimeoutError"}
 
     cluster.start("gw1")  # the killed machine comes back: its log, cut by kill -9, still verifies
+    cluster.start("witness-gw1")
     assert cluster.wait_ready("gw1", 60)
     ids = {gw: logged_ids(cluster, gw) for gw in cluster.gateways}
     for gw, logged in ids.items():
@@ -114,6 +116,43 @@ def test_machine_killed_under_load_loses_no_record(cluster):
     missing = [o["id"] for o in answered if o["id"] not in both]
     assert not missing, f"answered transfers without a record: {missing[:5]}"
     assert ids["gw1"] and ids["gw2"]  # both machines served
+
+    # It catches up its witnesses: gw2's witness cosigns gw1's log to its end, gw1's witness (refusing
+    # nothing it cosigned before the kill) cosigns what gw2 logged while it was down; the whole boundary
+    # then verifies as one, and its usage sums every answered transfer.
+    wait_cross_witnessed(cluster)
+    peers = str(cluster.state_dir / "peers.yaml")
+    verified = gateway("trace", "verify", "--peers", peers)
+    assert verified.stdout.count("OK: ") == 2 and "not yet cosigned" not in verified.stdout, verified.stdout
+    metered = json.loads(gateway("trace", "meter", "--peers", peers, "--by", "decision").stdout)
+    alone = [json.loads(gateway("trace", "meter", str(cluster.state_dir / gw / "state" / "trace"), "--pubkey",
+                                str(cluster.state_dir / gw / "state" / "trace-signing.pub")).stdout)
+             for gw in cluster.gateways]
+    assert metered["total"]["transfers"] == sum(one["total"]["transfers"] for one in alone) >= len(both)
+    doctor = subprocess.run(cluster.command("gw1", [sys.executable, "-m", "gateway", "doctor", "-c",
+                                                    str(cluster.state_dir / "gw1" / "gateway.yaml"), "--peers", peers]),
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert doctor.returncode == 0 and "ok: 2 machines run the same configuration" in doctor.stdout, doctor.stdout
+
+
+def wait_cross_witnessed(lab, timeout: float = 30.0) -> dict[str, int]:
+    """Each machine's log size once the other's witness has cosigned it whole."""
+    from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
+    from gateway.trace.note import parse_checkpoint_body, parse_note
+
+    def cosigned(trace):
+        try:
+            return parse_checkpoint_body(parse_note((trace / WITNESSED_FILE).read_bytes()).text).size
+        except FileNotFoundError:
+            return -1
+    deadline = time.monotonic() + timeout
+    while True:  # the log's newest checkpoint may be a journal frame not yet in its checkpoint file
+        traces = {gw: lab.state_dir / gw / "state" / "trace" for gw in lab.gateways}
+        now = {gw: (newest_checkpoint(trace, None)[1].size, cosigned(trace)) for gw, trace in traces.items()}
+        if all(log == cosigned for log, cosigned in now.values()):
+            return {gw: log for gw, (log, _) in now.items()}
+        assert time.monotonic() < deadline, f"(log size, cosigned size) not caught up: {now}"
+        time.sleep(0.5)
 
 
 def test_rolling_restart_under_load_keeps_every_record(cluster):

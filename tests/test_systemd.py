@@ -10,7 +10,7 @@ from gateway.config.load import DEFAULT_CONFIG, REPO_ROOT, load_config
 from gateway.proxy.supervisor import STOP_MARGIN
 from gateway.yamlnodes import parse_duration
 
-UNITS = ["gateway.service", "gateway-sentinel.service"]
+UNITS = ["gateway.service", "gateway-sentinel.service", "gateway-witness.service"]
 INSTALL_PREFIX = "/opt/gateway"
 
 
@@ -87,3 +87,11 @@ def test_stopping_the_unit_gives_the_drain_its_time():
         grace = load_config(DEFAULT_CONFIG, frontend).shutdown_grace
         # The supervisor kills a worker STOP_MARGIN after the grace; systemd must wait longer than that.
         assert timeout > grace + STOP_MARGIN, (frontend, timeout, grace)
+
+
+def test_witness_unit_runs_unprivileged_beside_the_gateway():
+    witness = unit("gateway-witness.service")
+    assert witness["ExecStart"][0].split()[1:5] == ["cluster", "witness", "-c", "/etc/gateway/gateway.yaml"]
+    assert "--peers /etc/gateway/peers.yaml" in witness["ExecStart"][0]
+    assert witness["User"] == ["gateway"] and witness["StateDirectory"] == ["gateway"]  # the log it pushes
+    assert witness["CapabilityBoundingSet"] == [""] and witness["NoNewPrivileges"] == ["yes"]

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     doctor = subparsers.add_parser("doctor", help="check this host's network posture against the zones")
     doctor.add_argument("-c", "--config", type=Path, required=True)
     doctor.add_argument("--frontend", help="front-end profile (frontends/NAME.yaml) over the config")
+    doctor.add_argument("--peers", type=Path, metavar="FILE",
+                        help="instead: check that every machine in this peers file serves this configuration's "
+                             "digest, catalogue version and gateway version (on its management listener)")
     doctor.set_defaults(func=doctor_command)
 
     drain = subparsers.add_parser("drain", help="take this machine out of a balanced boundary: not ready, "
@@ -115,7 +118,7 @@ def cluster_command(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"gateway lab: {problem}", file=sys.stderr)
         print("\n".join(lab.status()))
-        print(f"configurations: {lab.state_dir}/*/gateway.yaml, haproxy.cfg, keepalived.conf")
+        print(f"configurations: {lab.state_dir}/*/gateway.yaml, haproxy.cfg, keepalived.conf, peers.yaml")
         return 1 if problems else 0
     except LabError as exc:
         print(f"gateway lab: {exc}", file=sys.stderr)
@@ -128,6 +131,8 @@ def doctor_command(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 2
+    if args.peers is not None:
+        return doctor_peers(config, args.peers)
     problems = diagnose(config)
     for problem in problems:
         print(f"PROBLEM: {problem.message}\n    fix: {problem.fix}")
@@ -135,6 +140,26 @@ def doctor_command(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return 1
     print("ok: no forwarding between zones, zone interfaces up with their addresses, routes on the right side")
+    return 0
+
+
+def doctor_peers(config, peers_file: Path) -> int:
+    from gateway import __version__
+    from gateway.commands.cluster import load_peers_or_print
+    from gateway.ops.sameconfig import compare_peers
+
+    peers = load_peers_or_print(peers_file)
+    if peers is None:
+        return 2
+    lines, problems = compare_peers(config, peers, __version__)
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    if problems:
+        print("    fix: install the same gateway version, configuration files, DLP rules and catalogue on every "
+              "machine (only names, addresses and the trace origin differ), then reload (systemctl reload gateway)")
+        return 1
+    print(f"ok: {len(peers.peers)} machines run the same configuration, catalogue and version")
     return 0
 
 

@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="recompute the whole log; exit 1 naming the first bad record or file")
     _dir_and_key(p)
     _witness_args(p)
+    _peers_arg(p, "verify every machine's log (its `log` copy) and its cross-witness cosignatures instead of DIR")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("show", help="list records as JSON lines")
@@ -72,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "from a log that verifies, naming the checkpoint they cover")
     _dir_and_key(p)
     _witness_args(p)
+    _peers_arg(p, "sum every machine's log instead of DIR, each verified with its key and cross-witnesses first")
     _record_filters(p)
     p.add_argument("--by", default=",".join(DEFAULT_KEYS),
                    help=f"grouping keys, comma-separated, from: {', '.join(KEYS)} (default: %(default)s)")
@@ -161,6 +163,11 @@ def _locate_log(args: argparse.Namespace) -> None:
                          f"and 'journal' files (tlog-tiles, with tile/){hint}")
 
 
+def _peers_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--peers", type=Path, metavar="FILE",
+                   help=f"the boundary's peers file (gateway.trace.peers): {what}")
+
+
 def _record_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="ISO 8601 time, inclusive")
     p.add_argument("--until", help="ISO 8601 time, exclusive")
@@ -225,7 +232,7 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
 def _guard(func):
     def run(args: argparse.Namespace) -> int:
         try:
-            if hasattr(args, "directory"):  # a command reading the log
+            if hasattr(args, "directory") and getattr(args, "peers", None) is None:  # a command reading one log
                 _locate_log(args)
             return func(args)
         except UsageError as exc:
@@ -245,6 +252,10 @@ def _guard(func):
 
 @_guard
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.peers is not None:
+        _peers_alone(args)
+        from gateway.commands.cluster import verify_peers_command
+        return verify_peers_command(args.peers)
     verifier, policy = _log_verifier(args), _policy(args)
     report = verify_log(args.directory, verifier, policy)
     for note in report.notes:
@@ -348,39 +359,65 @@ def cmd_meter(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--by: {exc}") from None
     window = _window(args)
-    verifier, policy = _log_verifier(args), _policy(args)
-    report = verify_log(args.directory, verifier, policy)
-    if report.problems:  # figures from a log that does not verify would settle nothing
-        for problem in report.problems[:20]:
-            print(f"TAMPERED: {problem}")
-        return EXIT_BAD
-    checkpoint = report.witnessed if policy is not None else report.checkpoint
-    try:
-        for _, record in _records(iter_committed_entries(args.directory, checkpoint)):
-            meter.add(record, counted=_matches(record, args, *window))
-        meter.finish()
-    except ProofError as exc:  # the files changed since they were verified
-        print(f"TAMPERED: {exc}")
-        return EXIT_BAD
-    anchor = {"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size, "root": checkpoint.root.hex()},
-              "verifier_key": verifier.vkey(),
-              "key_from": str(args.pubkey) if args.pubkey is not None
-              else f"{args.default_pubkey} (on the log's machine: self-consistency only)",
-              "witnessed": policy is not None}
+    logs = _meter_logs(args)
+    anchors, checkpoints = [], []
+    for directory, verifier, policy, key_from in logs:  # every log verifies before any figure is summed
+        report = verify_log(directory, verifier, policy)
+        if report.problems:  # figures from a log that does not verify would settle nothing
+            for problem in report.problems[:20]:
+                print(f"TAMPERED: {directory}: {problem}" if args.peers else f"TAMPERED: {problem}")
+            return EXIT_BAD
+        checkpoint = report.witnessed if policy is not None else report.checkpoint
+        checkpoints.append(checkpoint)
+        anchors.append({"log": checkpoint.origin, "checkpoint": {"size": checkpoint.size,
+                                                                  "root": checkpoint.root.hex()},
+                        "verifier_key": verifier.vkey(), "key_from": key_from, "witnessed": policy is not None})
+    for (directory, *_), checkpoint in zip(logs, checkpoints):
+        try:
+            for _, record in _records(iter_committed_entries(directory, checkpoint)):
+                meter.add(record, counted=_matches(record, args, *window))
+        except ProofError as exc:  # the files changed since they were verified
+            print(f"TAMPERED: {directory}: {exc}" if args.peers else f"TAMPERED: {exc}")
+            return EXIT_BAD
+        meter.finish()  # a log's open records without their completion count now: ids are per machine
+    covers = {"logs": anchors} if args.peers else anchors[0]
     if args.format == "csv":
-        print(f"meter: covers {json.dumps(anchor, ensure_ascii=False)}", file=sys.stderr)
+        print(f"meter: covers {json.dumps(covers, ensure_ascii=False)}", file=sys.stderr)
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(meter.columns)
         for row in meter.table():
             writer.writerow(["" if row[column] is None else row[column] for column in meter.columns])
         return EXIT_OK
     print(json.dumps({
-        **anchor,
+        **covers,
         "filters": {name: getattr(args, name) for name in ("since", "until", "zone", "rule")
                     if getattr(args, name) is not None},
         "by": list(meter.keys), "groups": meter.table(), "total": meter.total.as_dict(),
     }, ensure_ascii=False, indent=2))
     return EXIT_OK
+
+
+def _peers_alone(args: argparse.Namespace) -> None:
+    if (args.directory is not None or args.config is not None or args.pubkey is not None or args.witness
+            or args.witness_policy is not None):
+        raise UsageError("--peers names every log, its key and its witnesses: no DIR, -c, --pubkey or --witness")
+
+
+def _meter_logs(args: argparse.Namespace) -> list[tuple[Path, Verifier, WitnessPolicy | None, str]]:
+    """(directory, verifier, witness policy, where the key came from) of each log to sum."""
+    if args.peers is None:
+        return [(args.directory, _log_verifier(args), _policy(args),
+                 str(args.pubkey) if args.pubkey is not None
+                 else f"{args.default_pubkey} (on the log's machine: self-consistency only)")]
+    _peers_alone(args)
+    from gateway.commands.cluster import load_peers_or_print
+    peers = load_peers_or_print(args.peers)
+    if peers is None:
+        raise UsageError(f"{args.peers}: not a valid peers file")
+    try:
+        return [(log, peer.log_key, policy, f"{args.peers} ({peer.name})") for peer, log, policy in peers.logs()]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @_guard

@@ -2,9 +2,13 @@
 
   gateway usage report --from T --to T [--by KEYS] [--format csv|json] [-c CONFIG]
                        [--trace DIR --pubkey KEY]... [--witness KEY]... [--witness-policy FILE] [--check]
+  gateway usage report ... [--peers FILE]   every machine of a boundary, cross-witnessed
+
 
 Every log verifies (and, with --witness / --witness-policy, as `gateway trace verify` checks them, only
-records under a checkpoint its witnesses cosigned count) before any figure is summed. The report's
+records under a checkpoint its witnesses cosigned count) before any figure is summed. `--peers FILE`
+sums every machine's log named in the peers file (gateway.trace.peers), each verified with its log key
+from that file and counted only up to the checkpoint the other machines' witnesses cosigned. The report's
 SHA-256, the logs it covered (size and root of each) and its totals are appended to the configuration's
 trace log as a settlement record. `--check` makes no new report: it finds the newest settlement record
 for the same range, grouping, format and logs, recounts exactly the records it covered (the logs must
@@ -40,7 +44,8 @@ from gateway.trace import TraceError, TraceLog
 from gateway.trace.audit import WitnessPolicy, iter_committed_entries, verify_log
 from gateway.trace.log import VERIFIER_KEY_FILE
 from gateway.trace.merkle import ProofError
-from gateway.trace.note import Checkpoint, NoteError, parse_vkey
+from gateway.trace.note import Checkpoint, NoteError, Verifier, parse_vkey
+from gateway.trace.peers import load_peers
 from gateway.trace.remote import RemoteTraceLog
 from gateway.transfer.model import utc_timestamp
 
@@ -61,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"{VERIFIER_KEY_FILE} proves nothing: whoever forged the log wrote it); the configuration's "
                         "own log defaults to the gateway's key beside its signing key in the state folder")
     _witness_args(p)
+    p.add_argument("--peers", type=Path, metavar="FILE",
+                   help="instead of --trace: every machine's log in this peers file, each verified with its key "
+                        "and its cross-witness cosignatures (gateway.trace.peers)")
     p.add_argument("-o", "--output", type=Path, help="write the report here (default: standard output)")
     p.add_argument("--no-record", action="store_true", help="do not append the settlement record")
     p.add_argument("--check", action="store_true",
@@ -85,18 +93,21 @@ def _when(text: str, what: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _verified(directory: Path, key_file: Path, policy: WitnessPolicy | None) -> Log:
+def _key(key_file: Path) -> Verifier:
     try:
-        verifier = parse_vkey(key_file.read_text().strip())
+        return parse_vkey(key_file.read_text().strip())
     except NoteError as e:
         raise Usage(f"{key_file}: {e}") from None
-    print(f"{directory}: verified with {verifier.vkey()} (from {key_file})", file=sys.stderr)
+
+
+def _verified(directory: Path, verifier: Verifier, key_from: str, policy: WitnessPolicy | None) -> Log:
+    print(f"{directory}: verified with {verifier.vkey()} (from {key_from})", file=sys.stderr)
     verified = verify_log(directory, verifier, policy)
     if verified.problems:  # every log verifies before any figure is summed
         raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))
     checkpoint = verified.witnessed if policy is not None else verified.checkpoint
     covered = {"log": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex(),
-               "verifier_key": verifier.vkey(), "key_from": str(key_file)}
+               "verifier_key": verifier.vkey(), "key_from": key_from}
     if policy is not None:
         covered["witnessed"] = sorted(w.name for w in policy.witnesses)
     return Log(directory, checkpoint, covered)
@@ -155,19 +166,14 @@ def _report(args: argparse.Namespace) -> int:
         policy = _policy(args)
     except UsageError as e:
         raise Usage(str(e)) from None
-    directories = args.trace or [config.trace_dir]
     own_key = trace_verifier_key_path(config.state_dir)  # never the copy inside a log: its forger wrote it
-    key_files = args.pubkey or ([] if args.trace else [own_key])
-    if len(key_files) != len(directories):
-        raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
-                    f"never the {VERIFIER_KEY_FILE} inside it")
-    logs = [_verified(directory, key_file, policy) for directory, key_file in zip(directories, key_files)]
+    logs = _peer_logs(args) if args.peers is not None else _given_logs(args, config.trace_dir, own_key, policy)
     origins = [log.checkpoint.origin for log in logs]
     if len(set(origins)) != len(origins):
         raise Refused(f"origin {next(o for o in origins if origins.count(o) > 1)} given twice (a log summed twice)")
     if args.check:
         own = next((log for log in logs if log.directory == config.trace_dir), None) or _verified(
-            config.trace_dir, own_key, policy)
+            config.trace_dir, _key(own_key), str(own_key), policy)
         return _check(args, logs, own, settlement, start, end)
     counted = settlement()
     for log in logs:
@@ -187,6 +193,29 @@ def _report(args: argparse.Namespace) -> int:
     index = _append(config, record)
     print(f"settlement record {record['id']} (report sha256 {digest}) appended as record {index}", file=sys.stderr)
     return 0
+
+
+def _given_logs(args: argparse.Namespace, own_log: Path, own_key: Path, policy: WitnessPolicy | None) -> list[Log]:
+    directories = args.trace or [own_log]
+    key_files = args.pubkey or ([] if args.trace else [own_key])
+    if len(key_files) != len(directories):
+        raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
+                    f"never the {VERIFIER_KEY_FILE} inside it")
+    return [_verified(directory, _key(key_file), str(key_file), policy)
+            for directory, key_file in zip(directories, key_files)]
+
+
+def _peer_logs(args: argparse.Namespace) -> list[Log]:
+    """Every machine's log of the peers file, with its log key and its cross-witness policy from there."""
+    if args.trace or args.pubkey or args.witness or args.witness_policy:
+        raise Usage("--peers names every log, its key and its witnesses: no --trace, --pubkey or --witness")
+    try:
+        logs = load_peers(args.peers).logs()
+    except ConfigError as e:
+        raise Usage("\n".join(e.errors)) from None
+    except ValueError as e:
+        raise Usage(str(e)) from None
+    return [_verified(log, peer.log_key, f"{args.peers} ({peer.name})", policy) for peer, log, policy in logs]
 
 
 def _check(args: argparse.Namespace, logs: list[Log], own: Log, settlement: Callable[[], Settlement],

@@ -9,7 +9,8 @@
     upstream host P-up .2:8000  ─┘
 
 Each segment is a Linux bridge in P-sw. Each gateway machine has its own state folder, trace-log origin
-(`lab.P/gwK`) and signing key; the CA is shared (created once, copied to every machine), so a client
+(`lab.P/gwK/trace`) and signing key, and runs `gateway cluster witness` (:7380 on the back segment): a
+witness cosigning the other machines' logs, and pushes of its own to theirs (peers.yaml); the CA is shared (created once, copied to every machine), so a client
 trusts one certificate whichever machine serves it. Gateway namespaces do not forward. Everything the
 lab runs is written under the state folder: each machine's gateway.yaml, each balancer's haproxy.cfg
 and keepalived.conf, logs and pid files.
@@ -33,7 +34,8 @@ from gateway.ops.lab import Lab, LabError, _pid_from, _pids_in_netns, _terminate
 
 FRONT, BACK, INET = "198.18.10", "198.18.20", "198.18.30"
 FLOATING = f"{FRONT}.10"
-PROXY_PORT, MANAGEMENT_PORT, UPSTREAM_PORT = 8080, 9464, 8000
+PROXY_PORT, MANAGEMENT_PORT, UPSTREAM_PORT, WITNESS_PORT = 8080, 9464, 8000, 7380
+WITNESS_INTERVAL = 2.0  # seconds between a machine's pushes to the others' witnesses (30 by default)
 ROUTER_ID = 51
 BALANCERS = ("lb1", "lb2")
 
@@ -168,6 +170,19 @@ class ClusterLab:
             if not target.exists():
                 shutil.copytree(self.state_dir / first / "state" / "ca", target)
 
+    def write_peers(self) -> None:
+        """The peers file (gateway.trace.peers): each machine's entry as `gateway cluster peer` prints it,
+        which creates the machine's witness key (and its log key, before the gateway's first start)."""
+        entries = []
+        for gw in self.gateways:
+            back = self.address(gw, "back")
+            entries.append(subprocess.run(
+                [_gateway_command(), "cluster", "peer", "-c", str(self.state_dir / gw / "gateway.yaml"),
+                 "--witness", f"http://{back}:{WITNESS_PORT}", "--management", f"http://{back}:{MANAGEMENT_PORT}",
+                 "--log", f"{gw}/state/trace"], check=True, capture_output=True, text=True).stdout)
+        (self.state_dir / "peers.yaml").write_text("# The lab's machines (gateway.trace.peers)\npeers:\n"
+                                                   + "".join(entries))
+
     def services(self) -> dict[str, tuple[str, list[str]]]:
         """name -> (node, argv), in start order."""
         gateway_cmd = _gateway_command()
@@ -176,6 +191,10 @@ class ClusterLab:
                                    str(www), str(UPSTREAM_PORT)])}
         for gw in self.gateways:
             run[gw] = (gw, [gateway_cmd, "run", "-c", str(self.state_dir / gw / "gateway.yaml")])
+        for gw in self.gateways:  # each machine's witness for the others, and its pushes to theirs
+            run[f"witness-{gw}"] = (gw, [gateway_cmd, "cluster", "witness", "-c",
+                                         str(self.state_dir / gw / "gateway.yaml"), "--peers",
+                                         str(self.state_dir / "peers.yaml"), "--interval", str(WITNESS_INTERVAL)])
         for lb in BALANCERS:
             folder = self.state_dir / lb
             run[f"keepalived-{lb}"] = (lb, ["keepalived", "--vrrp", "--dont-fork", "--log-console",
@@ -206,6 +225,7 @@ class ClusterLab:
         self.build()
         self.write_configs()
         self.share_ca()
+        self.write_peers()
         (self.state_dir / "www").mkdir(exist_ok=True)
         (self.state_dir / "www" / "index.html").write_text("hello from the internet host\n")
         for name in self.services():

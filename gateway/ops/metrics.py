@@ -25,9 +25,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
+from gateway.trace.witness import cosignature_times
 
 # No `*_created` companion series: they double the series count and no dashboard or alert uses them.
 disable_created_metrics()
@@ -120,6 +122,13 @@ class GatewayMetrics:
         self.build_info = Gauge(
             "gateway_build_info", "Always 1; the gateway's version as a label.", ["version"],
             multiprocess_mode="max", registry=r)
+        self.config_info = Gauge(
+            "gateway_config_info", "1 for the configuration in use (0 for one a reload replaced): the digest of "
+            "what must be the same on every machine of a boundary, and the data catalogue's version "
+            "(gateway.ops.sameconfig; `gateway doctor --peers` compares them).", ["digest", "catalog_version"],
+            multiprocess_mode="max", registry=r)
+        self._config_labels: tuple[str, str] | None = None
+        self.witnessed = TraceWitnessCollector(registry=r)
 
         self.build_info.labels(version=version).set(1)
         for result in RELOAD_RESULTS:
@@ -138,6 +147,12 @@ class GatewayMetrics:
             self.config_reloads.labels(result="success" if success else "failure").inc()
         if success:
             self.config_last_reload_success.set(time.time())
+
+    def config_in_use(self, digest: str, catalog_version: str) -> None:
+        if self._config_labels not in (None, (digest, catalog_version)):
+            self.config_info.labels(*self._config_labels).set(0)
+        self._config_labels = (digest, catalog_version)
+        self.config_info.labels(digest, catalog_version).set(1)
 
     def listeners_known(self, listeners: list[str]) -> None:
         """Give every configured listener its series at 0, so dashboards show idle listeners too (as the
@@ -174,11 +189,33 @@ class _GaugePair:
             gauge.dec(amount)
 
 
+class TraceWitnessCollector:
+    """gateway_trace_witnessed_timestamp_seconds{witness}: when each witness last cosigned this machine's
+    trace log (read at each scrape from the log's checkpoint.witnessed, which `gateway cluster witness`
+    keeps). Set `directory` once the configuration is known; no samples until then, or without witnesses."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.directory = None
+        if registry is not None:
+            registry.register(self)
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "gateway_trace_witnessed_timestamp_seconds", "Unix time of each witness's newest cosignature of "
+            "this machine's trace log (the other machines of a boundary cosign it; gateway cluster witness).",
+            labels=["witness"])
+        if self.directory is not None:
+            for witness, when in sorted(cosignature_times(self.directory).items()):
+                family.add_metric([witness], when)
+        yield family
+
+
 class SupervisorMetrics:
     """The supervisor's own metrics (gateway.proxy.supervisor), shown with the workers' in multiprocess mode."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.witnessed = TraceWitnessCollector()  # served beside the workers' files (exposition_registry)
         self.restarts = Counter(
             "gateway_process_restarts", "Worker or trace-writer processes the supervisor started again after "
             "they ended.", ["process"], registry=self.registry)
@@ -193,4 +230,5 @@ def exposition_registry(metrics: GatewayMetrics | SupervisorMetrics) -> Collecto
         return metrics.registry
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
+    registry.register(metrics.witnessed)  # read from files at scrape, not kept per process
     return registry

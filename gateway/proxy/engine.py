@@ -32,6 +32,7 @@ from gateway.filters.record import Record
 from gateway.ops.alerts import AlertLog
 from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
+from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
 from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
@@ -59,6 +60,8 @@ class GatewayServer:
         self.runtime: Runtime = build_runtime(load_config(config_path, frontend))
         self.metrics = GatewayMetrics(worker=worker.index if worker else None)
         self.metrics.config_loaded(True, initial=True)
+        self.metrics.config_in_use(*same_config(self.runtime.config))
+        self.metrics.witnessed.directory = self.runtime.config.trace_dir
         self.management: ManagementServer | None = None
         self.trace: TraceLog | RemoteTraceLog | None = None
         self.alerts: AlertLog | None = None
@@ -209,6 +212,7 @@ class GatewayServer:
         if self.master is not None:
             self.master.options.update(**engine_options)
         self.metrics.config_loaded(True)
+        self.metrics.config_in_use(*same_config(runtime.config))
         log.info("configuration reloaded from %s", runtime.config.source)
 
 

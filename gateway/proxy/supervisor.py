@@ -114,6 +114,7 @@ class Supervisor:
         from gateway.ops.metrics import SupervisorMetrics, exposition_registry
 
         self.metrics = SupervisorMetrics()
+        self.metrics.witnessed.directory = config.trace_dir
         self.management = ManagementServer(config, exposition_registry(self.metrics), self.problems)
         self.management.start()  # a taken port stops us here, as with one process
         try:

@@ -28,6 +28,7 @@ from gateway.trace.note import (
     Checkpoint,
     Note,
     NoteError,
+    SignatureLine,
     Signer,
     Verifier,
     parse_checkpoint_body,
@@ -224,7 +225,8 @@ def push_checkpoint(directory: Path, log_verifier: Verifier, witness: WitnessCon
     for _ in range(2):  # a 409 tells the size the witness holds; retry once from it
         if old > checkpoint.size:
             raise PushError(f"witness {witness_verifier.name} cosigned size {old}, beyond this log's {checkpoint.size}")
-        proof = consistency_proof(tail_reader(directory, checkpoint.size).node_hash, old, checkpoint.size) if old else []
+        proof = consistency_proof(tail_reader(directory, checkpoint.size).node_hash, old, checkpoint.size) \
+            if 0 < old < checkpoint.size else []  # reading the tail costs: only when there is something to prove
         body = (f"old {old}\n" + "".join(base64.b64encode(p).decode() + "\n" for p in proof) + "\n"
                 + note.render()).encode()
         status, text = _post(witness.url, body)
@@ -243,16 +245,34 @@ def push_checkpoint(directory: Path, log_verifier: Verifier, witness: WitnessCon
 
 
 def _store_cosignature(directory: Path, note: Note, lines: list[str]) -> None:
-    """Add cosignature lines to WITNESSED_FILE, keeping those already there for the same checkpoint."""
+    """Add cosignature lines to WITNESSED_FILE, keeping other witnesses' ones already there for the same
+    checkpoint; a witness's newer cosignature (a checkpoint pushed again) replaces its older one."""
     path = directory / WITNESSED_FILE
-    existing = ""
+    by_witness: dict[tuple[str, int], SignatureLine] = {}
     try:
         current = parse_note(path.read_bytes())
-        if current.text == note.text:
-            existing = current.render()[len(note.render()):]  # cosignatures beyond the log's own
+        if current.text == note.text:  # cosignatures beyond the log's own
+            by_witness = {(s.name, s.key_id): s for s in current.signatures[len(note.signatures):]}
     except (FileNotFoundError, NoteError):
         pass
-    merged = note.render() + "".join(dict.fromkeys(existing.splitlines(keepends=True) + lines))
+    for s in parse_note(note.render() + "".join(lines)).signatures[len(note.signatures):]:
+        by_witness[(s.name, s.key_id)] = s
+    merged = Note(note.text, note.signatures + list(by_witness.values())).render()
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(merged)
     os.replace(tmp, path)
+
+
+def cosignature_times(directory: Path) -> dict[str, int]:
+    """Witness name -> Unix time of its newest cosignature in the log's WITNESSED_FILE (written only by
+    push_checkpoint, after checking each cosignature); empty when there is none. For monitoring: an
+    auditor checks the cosignatures themselves (`gateway trace verify --witness`)."""
+    try:
+        note = parse_note((directory / WITNESSED_FILE).read_bytes())
+    except (OSError, NoteError):
+        return {}
+    times: dict[str, int] = {}
+    for sig in note.signatures[1:]:  # the first is the log's own signature
+        if len(sig.signature) == 72:  # tlog-cosignature/v1: 8-byte time, then Ed25519
+            times[sig.name] = max(times.get(sig.name, 0), int.from_bytes(sig.signature[:8], "big"))
+    return times
