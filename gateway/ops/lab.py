@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -37,6 +36,18 @@ HOST_IFNAME = "eth0"
 # Short namespace keys accepted by popen()/run(), with the zone each host stands for.
 HOST_NAMESPACES = {"ext": "extranet", "sec": "sector-health", "inet": "internet"}
 GATEWAY_NS = "gw"
+# Run with python -c HOST PORT SECONDS inside a namespace: exit 0 once something accepts TCP connections there.
+TCP_PROBE = """
+import socket, sys, time
+host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+"""
 
 
 @dataclass(frozen=True)
@@ -165,20 +176,7 @@ class Lab:
 
     def wait_tcp(self, ns: str, host: str, port: int, timeout: float = 15.0) -> bool:
         """True once something accepts TCP connections on host:port, as seen from namespace ns."""
-        probe = textwrap.dedent(
-            """
-            import socket, sys, time
-            host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-            while time.monotonic() < deadline:
-                try:
-                    socket.create_connection((host, port), timeout=0.5).close()
-                    sys.exit(0)
-                except OSError:
-                    time.sleep(0.1)
-            sys.exit(1)
-            """
-        )
-        return self.run(ns, [sys.executable, "-c", probe, host, str(port), str(timeout)]).returncode == 0
+        return self.run(ns, [sys.executable, "-c", TCP_PROBE, host, str(port), str(timeout)]).returncode == 0
 
     def set_forwarding(self, enabled: bool) -> None:
         """Switch IPv4 forwarding in the gateway namespace (on = the hole the gateway must not have)."""

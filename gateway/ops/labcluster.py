@@ -30,7 +30,7 @@ from pyroute2 import IPRoute, netns
 
 from gateway.config.load import REPO_ROOT
 from gateway.ops.cluster import GatewayMachine, haproxy_config, keepalived_config
-from gateway.ops.lab import Lab, LabError, _pid_from, _pids_in_netns, _terminate
+from gateway.ops.lab import TCP_PROBE, Lab, LabError, _pid_from, _pids_in_netns, _terminate
 
 FRONT, BACK, INET = "198.18.10", "198.18.20", "198.18.30"
 FLOATING = f"{FRONT}.10"
@@ -260,7 +260,7 @@ class ClusterLab:
 
     def wait_floating(self, timeout: float) -> bool:
         """The client reaches a balancer's HAProxy on the floating address."""
-        return self.probe("client", _TCP_PROBE, FLOATING, str(PROXY_PORT), str(timeout), timeout=timeout)
+        return self.probe("client", TCP_PROBE, FLOATING, str(PROXY_PORT), str(timeout), timeout=timeout)
 
     def holder(self) -> str | None:
         """The balancer that holds the floating address now."""
@@ -293,17 +293,6 @@ while time.monotonic() < deadline:
 sys.exit(1)
 """
 
-_TCP_PROBE = """
-import socket, sys, time
-host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-while time.monotonic() < deadline:
-    try:
-        socket.create_connection((host, port), timeout=0.5).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.2)
-sys.exit(1)
-"""
 
 _up, _address = Lab._link_up, Lab._address
 
