@@ -30,7 +30,7 @@ from gateway.filters import body_size, disk_full, refusal_response, refuse, tran
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
-from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
+from gateway.transfer.edge import ANSWER_STATUS, TIMEOUT, UPSTREAM, MalformedRequest, cut
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -51,6 +51,7 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+BODY_TIMEOUT = Reason("timeout", "body-idle", "request body", "error")
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
 RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
 
@@ -149,6 +150,9 @@ class Record:
                 where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
                 refuse(flow, transfer, status=status, error="upstream failed")
+            elif cause == TIMEOUT:  # the error is the gateway's own text (gateway.proxy.bodytimeout)
+                transfer.add_reasons([BODY_TIMEOUT])
+                refuse(flow, transfer, status=status, error="request body timed out")
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"

@@ -34,7 +34,7 @@ from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
+from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
@@ -90,11 +90,13 @@ class GatewayServer:
         answers.install()
         heads.install()
         heldheads.install()
+        bodytimeout.install()
         h2limits.install()
         wslimits.install()
         proxyproto.install()
         self.master = Master(options.Options())
         heads.add_options(self.master.options)
+        bodytimeout.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.record = Record(self)
@@ -175,6 +177,7 @@ class GatewayServer:
             # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
             heads.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
+            bodytimeout.BODY_IDLE_OPTION: config.body_idle_timeout,
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,

@@ -34,7 +34,7 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError,
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
-from gateway.transfer.edge import MalformedRequest, MalformedRequestHook
+from gateway.transfer.edge import MALFORMED, MalformedRequest, MalformedRequestHook
 
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
@@ -233,6 +233,9 @@ def _read_body(original: Callable) -> Callable:
 class MalformedBody(RequestProtocolError):
     """A request body whose framing is invalid (a chunk size that is not hexadecimal, or too large):
     answered 400 by gateway.proxy.answers while nothing of the request has left."""
+
+    status = 400
+    cause = MALFORMED
 
 
 def _answer_bad_framing(server: Http1Server, produced: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
