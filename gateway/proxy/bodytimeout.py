@@ -26,6 +26,9 @@ from gateway.proxy.patches import wrap_method
 from gateway.transfer.edge import TIMEOUT
 
 BODY_IDLE_OPTION = "body_idle_timeout"
+# A stream is looked at this often while its body arrives, not once per timeout: mitmproxy cannot
+# cancel a wake-up, and one pending holds its stream, and so the finished flow and its bodies, until due.
+WATCH_INTERVAL = 1.0
 
 
 class BodyTimedOut(MalformedBody):
@@ -71,7 +74,7 @@ def _watch_body(stream: HttpStream, produced: layer.CommandGenerator[None]) -> l
 
 
 def _wakeup(stream: HttpStream, delay: float) -> layer.CommandGenerator[None]:
-    stream.gateway_body_wakeup = commands.RequestWakeup(delay)
+    stream.gateway_body_wakeup = commands.RequestWakeup(min(delay, WATCH_INTERVAL))
     yield stream.gateway_body_wakeup
 
 
