@@ -88,9 +88,11 @@ def test_memory_budget_and_body_idle_timeout_default_and_take_a_size_and_a_durat
     path.write_text(VALID.replace("dlp: {rules: dlp}", "dlp: {rules: dlp, memory_budget: 64MiB}")
                     .replace("state_dir: state}", "state_dir: state, body_idle_timeout: 15s}"))
     config = load_config(path)
-    assert (config.memory_budget, config.body_idle_timeout) == (64 * 1024 * 1024, 15.0)
+    assert (config.memory_budget, config.body_idle_timeout, config.body_timeout) == (64 * 1024 * 1024, 15.0, None)
     shipped = load_config(REPO / "config" / "gateway.yaml")
     assert (shipped.memory_budget, shipped.body_idle_timeout) == (256 * 1024 * 1024, 60.0)
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, body_timeout: 10m}"))
+    assert load_config(path).body_timeout == 600.0
 
 
 @pytest.mark.parametrize("written, error", [("512KiB", "at least 1 MiB"), ("0", "at least 1 MiB"),
@@ -100,10 +102,11 @@ def test_a_bad_memory_budget_names_file_line_and_key(tmp_path, written, error):
     assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:10: dlp.memory_budget: {error}"), errors
 
 
+@pytest.mark.parametrize("key", ["body_idle_timeout", "body_timeout"])
 @pytest.mark.parametrize("written", ["0s", "-1", "never"])
-def test_a_bad_body_idle_timeout_names_file_line_and_key(tmp_path, written):
-    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, body_idle_timeout: '{written}'}}"))
-    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.body_idle_timeout: "
+def test_a_bad_body_timeout_names_file_line_and_key(tmp_path, key, written):
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, {key}: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.{key}: "
                                                       f"not a valid duration: '{written}'"), errors
 
 

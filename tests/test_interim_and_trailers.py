@@ -76,6 +76,7 @@ def lab(tmp_path_factory):
     config = gateway_config(root / "state", workers=1, tls={"upstream_ca": str(ca)})
     config["policy"]["rules"][0]["response_profile"] = "outbound"  # an ID number arriving is blocked too
     config["gateway"]["body_idle_timeout"] = "2s"
+    config["gateway"]["body_timeout"] = "4s"
     http2 = BadUpstream("127.0.0.2", tls=(cert, key), http2=True)
     path = write_config(root / "gateway.yaml", config)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
@@ -189,3 +190,28 @@ def test_a_stalled_http2_upload_is_answered_408(lab):
     record = trace_records(lab["root"] / "state" / "trace", "--id", headers["x-gateway-transfer-id"])[0]
     assert record["status"] == 408 and record["rules"][0]["rule"] == "timeout"
     assert "/stalled" not in lab["http2"].requests
+
+
+def test_a_body_trickling_past_the_body_timeout_is_answered_408(lab):
+    """A byte every half second is never idle for 2 s; the whole body must still come within 4 s."""
+    host, port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    marker = f"trickle-{free_port()}"
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(f"POST http://{lab['upstream']}/echo?case={marker} HTTP/1.1\r\nHost: {lab['upstream']}\r\n"
+                     "Content-Length: 100\r\n\r\n".encode())
+        started = time.monotonic()
+        sock.settimeout(0.5)
+        answer = b""
+        while not answer and time.monotonic() - started < 12:
+            try:
+                sock.sendall(b"x")
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        waited = time.monotonic() - started
+    head = answer.decode()
+    assert head.startswith("HTTP/1.1 408") and 3.5 < waited < 8, (head, waited)
+    record = record_of(lab, answer.split(b"\r\n\r\n")[0])
+    assert record["status"] == 408 and "not received within 4 s" in record["error"]

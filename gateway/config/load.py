@@ -133,6 +133,7 @@ class Config:
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of bodies a worker holds in memory (more are spooled)
     body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT  # seconds without a byte of a request body (then 408)
+    body_timeout: float | None = None  # seconds from a request head to the end of its body (then 408); None: no limit
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -197,7 +198,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return node.mapping(allowed, required) or {}
 
     gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
-                             "shutdown_grace", "body_idle_timeout"}, {"name", "state_dir"})
+                             "shutdown_grace", "body_idle_timeout", "body_timeout"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -207,6 +208,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         if "request_head_timeout" in gw else 30.0
     body_idle = gw["body_idle_timeout"].parsed(parse_duration, "duration") if "body_idle_timeout" in gw \
         else DEFAULT_BODY_IDLE_TIMEOUT
+    body_total = gw["body_timeout"].parsed(parse_duration, "duration") if "body_timeout" in gw else None
     grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
@@ -262,6 +264,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         shutdown_grace=grace, authz=authz,
         inspection_budget=budget, memory_budget=memory, body_idle_timeout=body_idle,
+        body_timeout=body_total,
     )
 
 

@@ -5,7 +5,9 @@ mitmproxy waits for a request body's next byte as long as the connection lives (
 stream watches its body: no byte of it for the `body_idle_timeout` option's seconds (the configuration's
 `gateway.body_idle_timeout`) and it fails as a BodyTimedOut, which gateway.proxy.answers answers 408
 with the transfer's id (nothing of a request has left before its body's verdict), and the record stage
-records. For HTTP/1 the connection is then closed; for HTTP/2 the stream is answered and dropped.
+records. So is one not finished within the `body_timeout` option's seconds from its head
+(`gateway.body_timeout`, off unless set): a client sending a byte just often enough would hold it
+for ever. For HTTP/1 the connection is then closed; for HTTP/2 the stream is answered and dropped.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -26,6 +28,7 @@ from gateway.proxy.patches import wrap_method
 from gateway.transfer.edge import TIMEOUT
 
 BODY_IDLE_OPTION = "body_idle_timeout"
+BODY_TOTAL_OPTION = "body_timeout"
 # A stream is looked at this often while its body arrives, not once per timeout: mitmproxy cannot
 # cancel a wake-up, and one pending holds its stream, and so the finished flow and its bodies, until due.
 WATCH_INTERVAL = 1.0
@@ -46,6 +49,8 @@ def install() -> None:
 def add_options(options: optmanager.OptManager) -> None:
     options.add_option(BODY_IDLE_OPTION, float, 60.0,
                        "Seconds a client may send no byte of a request body it has begun (408 after).")
+    options.add_option(BODY_TOTAL_OPTION, float, 0.0,
+                       "Seconds a client has to send a whole request body, from its head (408 after; 0: no limit).")
 
 
 def _watch_request_bodies(original: Callable) -> Callable:
@@ -69,7 +74,7 @@ def _receiving_body(stream: HttpStream) -> bool:
 def _watch_body(stream: HttpStream, produced: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
     yield from produced  # the request head's hooks
     if _receiving_body(stream) and getattr(stream, "gateway_body_wakeup", None) is None:
-        stream.gateway_body_last = time.monotonic()
+        stream.gateway_body_started = stream.gateway_body_last = time.monotonic()
         yield from _wakeup(stream, stream.context.options.body_idle_timeout)
 
 
@@ -82,10 +87,13 @@ def _idle_check(stream: HttpStream) -> layer.CommandGenerator[None]:
     stream.gateway_body_wakeup = None
     if not _receiving_body(stream):
         return
-    timeout = stream.context.options.body_idle_timeout
-    left = stream.gateway_body_last + timeout - time.monotonic()
-    if left > 0.001:
-        yield from _wakeup(stream, left)
+    options, now = stream.context.options, time.monotonic()
+    idle_left = stream.gateway_body_last + options.body_idle_timeout - now
+    total_left = stream.gateway_body_started + options.body_timeout - now if options.body_timeout else idle_left
+    if min(idle_left, total_left) > 0.001:
+        yield from _wakeup(stream, min(idle_left, total_left))
         return
+    why = f"no byte of it for {options.body_idle_timeout:g} s" if idle_left <= 0.001 else \
+        f"not received within {options.body_timeout:g} s"
     yield from stream.handle_protocol_error(BodyTimedOut(
-        stream.stream_id, f"request body timed out: no byte of it for {timeout:g} s", ErrorCode.GENERIC_CLIENT_ERROR))
+        stream.stream_id, f"request body timed out: {why}", ErrorCode.GENERIC_CLIENT_ERROR))

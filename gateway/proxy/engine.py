@@ -178,6 +178,7 @@ class GatewayServer:
             "rawtcp": False,
             heads.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
             bodytimeout.BODY_IDLE_OPTION: config.body_idle_timeout,
+            bodytimeout.BODY_TOTAL_OPTION: config.body_timeout or 0.0,
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,
