@@ -24,6 +24,7 @@ from tests.gatewayproc import (
     free_port,
     gateway_config,
     listener_url,
+    metric_total,
     start_gateway,
     start_upstream,
     trace_records,
@@ -80,6 +81,7 @@ def stalled_upload(lab, marker: str) -> tuple[bytes, float]:
 
 def test_stalled_uploads_stay_within_the_memory_budget_and_are_answered_408(lab):
     run = f"stall-{free_port()}"
+    errors_before = metric_total(lab["config"], "gateway_transfers_total", 'action="error"')
     with PeakMemory(lab["gateway"].proc.pid) as memory, ThreadPoolExecutor(UPLOADS) as pool:
         answers = list(pool.map(lambda i: stalled_upload(lab, f"{run}-{i}"), range(UPLOADS)))
     assert memory.growth < BUDGET + MARGIN, f"peak RSS grew {memory.growth / MIB:.0f} MiB"
@@ -97,6 +99,7 @@ def test_stalled_uploads_stay_within_the_memory_budget_and_are_answered_408(lab)
         assert "no byte of it for 2 s" in record["error"]
     log = lab["root"] / "upstream.log"
     assert not log.exists() or run not in log.read_text()
+    assert metric_total(lab["config"], "gateway_transfers_total", 'action="error"') - errors_before == UPLOADS
 
 
 def test_after_them_the_budget_is_back(lab):
