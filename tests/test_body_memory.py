@@ -115,3 +115,21 @@ def test_after_them_the_budget_is_back(lab):
         response = client.post(f"http://{lab['upstream']}/echo?case=after", content=body(4 * MIB),
                                headers={"content-type": "text/plain; charset=utf-8"})
     assert response.status_code == 200 and response.content == body(4 * MIB), response.text[:300]
+
+
+def test_the_body_of_a_request_refused_at_its_head_is_dropped_as_it_arrives(lab):
+    """mitmproxy buffered all of it before answering: 64 MiB after a head holding an ID number grew the
+    worker by 130 MiB."""
+    host, port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    size = 32 * MIB
+    with PeakMemory(lab["gateway"].proc.pid) as memory, socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST http://{lab['upstream']}/echo?case=refused-head HTTP/1.1\r\nHost: {lab['upstream']}\r\n"
+                     f"X-Applicant: 11010519491231002X\r\nContent-Length: {size}\r\n\r\n".encode())
+        for _ in range(size // MIB):
+            sock.sendall(b"x" * MIB)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert memory.growth < 16 * MIB, f"peak RSS grew {memory.growth / MIB:.0f} MiB"
+    transfer_id = re.search(rb"(?im)^x-gateway-transfer-id: (\S+)", answer).group(1).decode()
+    record = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)[0]
+    assert record["status"] == 403 and record["req_bytes"] == size, record

@@ -24,6 +24,7 @@ from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.consent import Consent
+from gateway.filters.discard import DiscardRefusedBodies
 from gateway.filters.grant import Grant
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -104,6 +105,7 @@ class GatewayServer:
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
+            DiscardRefusedBodies(self),
             FirstRequestDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )

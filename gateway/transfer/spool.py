@@ -69,6 +69,24 @@ class SpooledBody:
         self.file.close()
 
 
+class DiscardedBody:
+    """In a spool's place, the body of a request already refused: read (its client sends it anyway),
+    counted and hashed for the record, and dropped, so it takes no memory whatever its size."""
+
+    failure = None
+
+    def __init__(self, digest: str):
+        self.hasher = body_hasher(digest)
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+
+    def discard(self) -> None:
+        pass
+
+
 class HeldBody:
     """mitmproxy's stream callable for a body held until its verdict (gateway.proxy.heldheads holds its
     message head back too, so a refusal is still an answer): in memory up to `threshold` bytes (each
@@ -77,8 +95,8 @@ class HeldBody:
     to a spool (`open_spool`) and scanned as it arrives. `judge` gives a spooled body's verdict (True:
     release it); a body it refuses is discarded."""
 
-    def __init__(self, threshold: int, memory: Reservation, open_spool: Callable[[], SpooledBody],
-                 judge: Callable[[SpooledBody], bool]):
+    def __init__(self, threshold: int, memory: Reservation | None, open_spool: Callable[[], SpooledBody | DiscardedBody],
+                 judge: Callable[[SpooledBody | DiscardedBody], bool]):
         self.threshold = threshold
         self.reservation = memory
         self.open_spool = open_spool
@@ -104,7 +122,8 @@ class HeldBody:
         # Too big to hold, or the worker's memory budget spent: spooled from here on.
         self.spool = self.open_spool()
         self.spool.add(bytes(self.memory) + data)
-        self.reservation.give_back(len(self.memory))
+        if self.memory:
+            self.reservation.give_back(len(self.memory))
         self.memory = None
 
     def in_memory(self) -> bytes | None:
