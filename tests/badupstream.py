@@ -1,6 +1,7 @@
 """An upstream that misbehaves on purpose, chosen by the request path (`/close-mid-head`, ...), over
 plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself. Its HTTP/2 side also
-sends `/h2-random?bytes=N`: N random bytes (tests/upstream_server.py's) with no content-length."""
+sends `/h2-random?bytes=N`: N random bytes (tests/upstream_server.py's) with no content-length, and
+`/h2-trailers?message=M`: a body, then trailer fields `grpc-status: 0` and `grpc-message: M`."""
 
 from __future__ import annotations
 
@@ -107,6 +108,13 @@ class BadUpstream:
 
 
 def _h2_answer(connection: h2.connection.H2Connection, stream_id: int, path: str) -> bytes:
+    if path.startswith("/h2-trailers"):  # as gRPC answers: its status in trailer fields (?message=M)
+        message = path.partition("?message=")[2] or "ok"
+        message = "11010519491231002X" if message == "id-number" else message  # a resident ID number
+        connection.send_headers(stream_id, [(":status", "200"), ("content-type", "text/plain; charset=utf-8")])
+        connection.send_data(stream_id, b"trailers follow")
+        connection.send_headers(stream_id, [("grpc-status", "0"), ("grpc-message", message)], end_stream=True)
+        return connection.data_to_send()
     if path == "/h2-garbage":
         return b"\x00\x00\x08\x07\x00\x00\x00\x00\x01garbage!" * 3
     if path == "/h2-bad-status":

@@ -83,6 +83,33 @@ def test_a_bad_inspection_budget_names_file_line_and_key(tmp_path, written):
                                                       f"not a valid duration: '{written}'"), errors
 
 
+def test_memory_budget_and_body_idle_timeout_default_and_take_a_size_and_a_duration(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("dlp: {rules: dlp}", "dlp: {rules: dlp, memory_budget: 64MiB}")
+                    .replace("state_dir: state}", "state_dir: state, body_idle_timeout: 15s}"))
+    config = load_config(path)
+    assert (config.memory_budget, config.body_idle_timeout, config.body_timeout) == (64 * 1024 * 1024, 15.0, None)
+    shipped = load_config(REPO / "config" / "gateway.yaml")
+    assert (shipped.memory_budget, shipped.body_idle_timeout) == (256 * 1024 * 1024, 60.0)
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, body_timeout: 10m}"))
+    assert load_config(path).body_timeout == 600.0
+
+
+@pytest.mark.parametrize("written, error", [("512KiB", "at least 1 MiB"), ("0", "at least 1 MiB"),
+                                            ("lots", "not a valid size: 'lots'")])
+def test_a_bad_memory_budget_names_file_line_and_key(tmp_path, written, error):
+    errors = errors_of(tmp_path, VALID.replace("dlp: {rules: dlp}", f"dlp: {{rules: dlp, memory_budget: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:10: dlp.memory_budget: {error}"), errors
+
+
+@pytest.mark.parametrize("key", ["body_idle_timeout", "body_timeout"])
+@pytest.mark.parametrize("written", ["0s", "-1", "never"])
+def test_a_bad_body_timeout_names_file_line_and_key(tmp_path, key, written):
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, {key}: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.{key}: "
+                                                      f"not a valid duration: '{written}'"), errors
+
+
 def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("state_dir: state}", "state_dir: state, shutdown_grace: 2500ms}"))

@@ -46,6 +46,9 @@ MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "au
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 DEFAULT_INSPECTION_BUDGET = 5.0  # seconds of CPU (gateway.dlp.budget)
+DEFAULT_MEMORY_BUDGET = 256 * 1024**2  # bytes of bodies held in memory per worker (gateway.transfer.memory)
+MIN_MEMORY_BUDGET = 1024**2
+DEFAULT_BODY_IDLE_TIMEOUT = 60.0  # seconds (nginx's client_body_timeout)
 MAX_SHUTDOWN_GRACE = 600.0  # seconds (systemd/gateway.service gives a stop 30 s: TimeoutStopSec)
 
 
@@ -128,6 +131,9 @@ class Config:
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of bodies a worker holds in memory (more are spooled)
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT  # seconds without a byte of a request body (then 408)
+    body_timeout: float | None = None  # seconds from a request head to the end of its body (then 408); None: no limit
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -192,7 +198,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return node.mapping(allowed, required) or {}
 
     gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
-                             "shutdown_grace"}, {"name", "state_dir"})
+                             "shutdown_grace", "body_idle_timeout", "body_timeout"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -200,6 +206,9 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
+    body_idle = gw["body_idle_timeout"].parsed(parse_duration, "duration") if "body_idle_timeout" in gw \
+        else DEFAULT_BODY_IDLE_TIMEOUT
+    body_total = gw["body_timeout"].parsed(parse_duration, "duration") if "body_timeout" in gw else None
     grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
@@ -211,11 +220,14 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     listeners = _listeners(sections.get("listeners"), sink, source)
     policy_default, rules = _policy(sections.get("policy"), zone_names, {l.name for l in listeners}, sink, source)
 
-    dlp = section("dlp", {"rules", "spool_threshold", "inspection_budget"}, {"rules"})
+    dlp = section("dlp", {"rules", "spool_threshold", "inspection_budget", "memory_budget"}, {"rules"})
     dlp_rules = dlp["rules"].path_value() if "rules" in dlp else None
     spool = dlp["spool_threshold"].parsed(parse_size, "size") if "spool_threshold" in dlp else 8 * 1024**2
     budget = dlp["inspection_budget"].parsed(parse_duration, "duration") if "inspection_budget" in dlp \
         else DEFAULT_INSPECTION_BUDGET
+    memory = dlp["memory_budget"].parsed(parse_size, "size") if "memory_budget" in dlp else DEFAULT_MEMORY_BUDGET
+    if memory is not None and memory < MIN_MEMORY_BUDGET:
+        dlp["memory_budget"].error(f"at least {MIN_MEMORY_BUDGET // 1024**2} MiB")
 
     trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
     trace_dir = _state_path(trace.get("dir"), state_dir)
@@ -251,7 +263,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         shutdown_grace=grace, authz=authz,
-        inspection_budget=budget,
+        inspection_budget=budget, memory_budget=memory, body_idle_timeout=body_idle,
+        body_timeout=body_total,
     )
 
 

@@ -287,8 +287,10 @@ class Profile:
             for _, name, value in fields for text in (name, value))
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
-               direction: str = "request", host: str | None = None) -> StreamScan:
-        return StreamScan(self, content_type, content_encoding, direction, host)
+               direction: str = "request", host: str | None = None, buffer_bytes: int | None = None) -> StreamScan:
+        """A scan fed chunk by chunk; `buffer_bytes` (default: the limits' stream_buffer_bytes) is how much of
+        the body it may hold to scan whole (structure, archives) before it scans text window by window."""
+        return StreamScan(self, content_type, content_encoding, direction, host, buffer_bytes=buffer_bytes)
 
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:

@@ -30,7 +30,7 @@ from gateway.filters import body_size, disk_full, refusal_response, refuse, tran
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
-from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
+from gateway.transfer.edge import ANSWER_STATUS, TIMEOUT, TRAILERS, UPSTREAM, MalformedRequest, cut
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -51,6 +51,11 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+# Refusals of a request's body whose error text is the gateway's own: (reason, the answer's error).
+BODY_REFUSALS = {
+    TIMEOUT: (Reason("timeout", "body-idle", "request body", "error"), "request body timed out"),
+    TRAILERS: (Reason("framing", "trailers", "request trailers", "block"), "malformed request"),
+}
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
 RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
 
@@ -149,6 +154,10 @@ class Record:
                 where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
                 refuse(flow, transfer, status=status, error="upstream failed")
+            elif cause in BODY_REFUSALS:
+                reason, error = BODY_REFUSALS[cause]
+                transfer.add_reasons([reason])
+                refuse(flow, transfer, status=status, error=error)
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"

@@ -24,6 +24,7 @@ from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.consent import Consent
+from gateway.filters.discard import DiscardRefusedBodies
 from gateway.filters.grant import Grant
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -34,7 +35,7 @@ from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
+from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
@@ -90,11 +91,13 @@ class GatewayServer:
         answers.install()
         heads.install()
         heldheads.install()
+        bodytimeout.install()
         h2limits.install()
         wslimits.install()
         proxyproto.install()
         self.master = Master(options.Options())
         heads.add_options(self.master.options)
+        bodytimeout.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.record = Record(self)
@@ -102,6 +105,7 @@ class GatewayServer:
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
+            DiscardRefusedBodies(self),
             FirstRequestDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
@@ -175,6 +179,8 @@ class GatewayServer:
             # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
             heads.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
+            bodytimeout.BODY_IDLE_OPTION: config.body_idle_timeout,
+            bodytimeout.BODY_TOTAL_OPTION: config.body_timeout or 0.0,
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,

@@ -11,7 +11,9 @@ held too, here:
 - a spooled one is judged when it ends: refused, the flow's answer (the refusal the inspect stage
   set) is sent like any other; clean, the head is sent (a request's upstream connection opened only
   then) and the body released from the spool.
-A request body of unknown length held whole is given its Content-Length (`_give_length`).
+A request body of unknown length held whole is given its Content-Length (`_give_length`). The body of
+a request refused at its head is held the same way, to be dropped as it arrives
+(gateway.filters.discard), where mitmproxy would buffer all of it before sending the refusal.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -64,7 +66,7 @@ def head_held(stream: HttpStream) -> bool:
 
 def _hold_request_head(original: Callable) -> Callable:
     def start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
-        if not isinstance(self.flow.request.stream, HeldBody) or self.flow.response:
+        if not isinstance(self.flow.request.stream, HeldBody):
             return (yield from original(self))
         setattr(self, HELD_REQUEST, True)  # no upstream connection, no head sent: see _judge_held_request
         self.client_state = self.state_stream_request_body

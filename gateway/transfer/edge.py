@@ -13,6 +13,8 @@ from mitmproxy.proxy.server import ConnectionHandler
 # flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
+TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
+TRAILERS = "trailers"  # HTTP/1 request trailers, refused (gateway.proxy.heads)
 # flow.metadata key: "request" (from the client) or "response", when a WebSocket message too big to
 # inspect closed the connection (gateway.proxy.wslimits).
 TOO_BIG = "gateway_websocket_too_big"
