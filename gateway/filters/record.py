@@ -1,13 +1,13 @@
 """Stage 4: trace records, durable before anything crosses; alerts.
 
 A transfer that will be forwarded gets two records: its "open" record (`"phase": "open"`: client,
-zones, upstream, method, masked URL, policy, grant, and the request body's digest when the body is
-held), durable before mitmproxy opens or writes to the upstream connection, and its completion
-(`"phase": "done"`: status, digests, decision, bytes), durable before the client gets its answer.
-With `connection_strategy: lazy` the upstream connection is opened after the `request` hooks for a
-body mitmproxy holds, but right after the `requestheaders` hooks for a streamed (spooled) one: the
-open record is written at the end of whichever comes first (this stage runs after inspect).
-A transfer refused before forwarding, and a CONNECT tunnel (which opens nothing upstream itself;
+zones, upstream, method, masked URL, policy, grant, the request body's size and digest), durable
+before mitmproxy opens or writes to the upstream connection, and its completion (`"phase": "done"`:
+status, digests, decision, bytes), durable before the client gets its answer. Every request body is
+whole before its head leaves: one mitmproxy buffers goes upstream after the `request` hooks, a
+spooled one after its verdict (gateway.proxy.heldheads, the `release_held_request` hook); the open
+record is written in whichever runs. A transfer refused before forwarding (a spooled body's block
+too), and a CONNECT tunnel (which opens nothing upstream itself;
 each request inside is a transfer of its own), get one record without a phase. A transfer whose
 completion never came (its process died) stays open in the log: `gateway trace show --open`.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
@@ -85,8 +85,6 @@ class Record:
             transfer.error = "the gateway is stopping"
             refuse(flow, transfer, status=503, error="gateway stopping")
             flow.response.headers["Connection"] = "close"
-        elif flow.request.stream:
-            await self._open(flow, transfer)  # mitmproxy sends the head upstream right after this hook
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A CONNECT is a transfer of its own (the tunnel; each request it carries is another), answered
@@ -117,6 +115,12 @@ class Record:
             cut(flow)
         elif flow.response is None and not transfer.opened:
             await self._open(flow, transfer)  # mitmproxy connects upstream right after this hook
+
+    async def release_held_request(self, flow: http.HTTPFlow) -> None:
+        """A held (spooled) request body passed: its head leaves right after this hook."""
+        transfer = transfer_of(flow)
+        if transfer is not None and flow.response is None and not transfer.opened:
+            await self._open(flow, transfer)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -195,12 +199,11 @@ class Record:
         """The open record, durable before the upstream connection is opened or written to; a
         transfer it cannot be written for is refused (nothing has crossed yet)."""
         request = flow.request
-        held = not request.stream
         record = {**self._fields(
             transfer, method=mask_text(request.method), url=mask_url(_display_url(request, transfer)), status=None,
-            req_bytes=len(request.raw_content or b"") if held else None, resp_bytes=None,
-            req_digest=_digest(self.gateway.runtime.config.body_digest, transfer, "request", request) if held
-            else None, resp_digest=None), "phase": "open"}
+            req_bytes=body_size(transfer, "request", request), resp_bytes=None,
+            req_digest=_digest(self.gateway.runtime.config.body_digest, transfer, "request", request),
+            resp_digest=None), "phase": "open"}
         self._opening += 1
         try:
             transfer.opened = await self._append(record, transfer)

@@ -40,6 +40,13 @@ class MalformedRequestHook(commands.StartHook):
     malformed: MalformedRequest
 
 
+@dataclass
+class ReleaseHeldRequestHook(commands.StartHook):
+    """A held request body passed its verdict: its head leaves right after this hook (the upstream
+    connection opened first), unless the hook sets `flow.response` (then that is the answer)."""
+    flow: http.HTTPFlow
+
+
 def connection_handler(client: connection.Client) -> ConnectionHandler | None:
     """The handler mitmproxy serves a client connection with (None once it has ended)."""
     proxyserver = ctx.master.addons.get("proxyserver")
