@@ -46,6 +46,9 @@ MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "au
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 DEFAULT_INSPECTION_BUDGET = 5.0  # seconds of CPU (gateway.dlp.budget)
+DEFAULT_TRACE_APPEND_TIMEOUT = 5.0  # seconds a record may take to be durable before its transfer is refused 503
+MAX_TRACE_APPEND_TIMEOUT = 60.0  # longer and clients give up first: they must get the refusal
+DEFAULT_UPSTREAM_TIMEOUT = 60.0  # seconds from a request sent to its response head (else 504)
 MAX_SHUTDOWN_GRACE = 600.0  # seconds (systemd/gateway.service gives a stop 30 s: TimeoutStopSec)
 
 
@@ -128,6 +131,8 @@ class Config:
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
+    trace_append_timeout: float = DEFAULT_TRACE_APPEND_TIMEOUT  # a record not durable by then: 503
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # a response head not begun by then: 504
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -192,7 +197,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return node.mapping(allowed, required) or {}
 
     gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
-                             "shutdown_grace"}, {"name", "state_dir"})
+                             "shutdown_grace", "upstream_timeout"}, {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -203,6 +208,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
+    upstream_timeout = gw["upstream_timeout"].parsed(parse_duration, "duration") if "upstream_timeout" in gw \
+        else DEFAULT_UPSTREAM_TIMEOUT
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
         else DEFAULT_MAX_CLIENT_CONNECTIONS
 
@@ -217,12 +224,17 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     budget = dlp["inspection_budget"].parsed(parse_duration, "duration") if "inspection_budget" in dlp \
         else DEFAULT_INSPECTION_BUDGET
 
-    trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
+    trace = section("trace", {"dir", "origin", "body_digest", "append_timeout"}, {"dir", "origin"})
     trace_dir = _state_path(trace.get("dir"), state_dir)
     origin = trace["origin"].string() if "origin" in trace else None
     if origin is not None and (not origin or "\n" in origin or origin != origin.strip()):
         trace["origin"].error("the origin must be one non-empty line without surrounding spaces")
     digest = trace["body_digest"].string(DIGESTS) if "body_digest" in trace else "sha256"
+    append_timeout = trace["append_timeout"].parsed(parse_duration, "duration") if "append_timeout" in trace \
+        else DEFAULT_TRACE_APPEND_TIMEOUT
+    if append_timeout is not None and append_timeout > MAX_TRACE_APPEND_TIMEOUT:
+        trace["append_timeout"].error(f"at most {MAX_TRACE_APPEND_TIMEOUT:.0f} s (clients would give up before "
+                                      "their refusal)")
 
     management = section("management", {"listen", "tls", "basic_auth"}, {"listen"})
     mgmt = management["listen"].parsed(_host_port, "HOST:PORT address") if "listen" in management else None
@@ -251,7 +263,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         shutdown_grace=grace, authz=authz,
-        inspection_budget=budget,
+        inspection_budget=budget, trace_append_timeout=append_timeout, upstream_timeout=upstream_timeout,
     )
 
 

@@ -30,7 +30,7 @@ from gateway.filters import body_size, disk_full, refusal_response, refuse, tran
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
-from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
+from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, UPSTREAM_TIMED_OUT, MalformedRequest, cut
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -52,6 +52,9 @@ class RecordingGateway(Protocol):
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
+# transfer.extra key: which of its records ("open", "done" or "only") the trace writer did not make
+# durable within trace.append_timeout.
+TRACE_TIMED_OUT = "trace_timed_out"
 RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
 
 
@@ -65,6 +68,7 @@ class Record:
         self.in_flight: dict[str, tuple[http.HTTPFlow, Transfer]] = {}
         self.stopping = False  # a graceful stop has begun: new transfers are refused
         self._opening = 0  # open records being written
+        self._late: set[asyncio.Task] = set()  # completions of transfers whose open record timed out
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -149,7 +153,13 @@ class Record:
             # Nothing has reached the client yet: it gets our JSON with the transfer id, not
             # mitmproxy's own page (gateway.proxy.answers sends it).
             status, cause = answer
-            if cause == UPSTREAM:
+            timed_out = flow.metadata.get(UPSTREAM_TIMED_OUT)
+            if timed_out is not None:
+                transfer.error = f"upstream gave no response head within {timed_out:g} s"
+                where = f"{transfer.shown_host}:{transfer.upstream_port}"
+                transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
+                refuse(flow, transfer, status=504, error="upstream timeout")
+            elif cause == UPSTREAM:
                 where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
                 refuse(flow, transfer, status=status, error="upstream failed")
@@ -215,6 +225,15 @@ class Record:
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer, refuse_on_failure: bool = True) -> None:
         """The transfer's final record: its completion if it was opened, else its only record."""
         self._finished(transfer)
+        if transfer.extra.get(TRACE_TIMED_OUT) == "open":
+            # Its open record is still with a writer that did not answer in time, and may become durable
+            # once the writer resumes: this completion (the 503 the client gets now) follows it there,
+            # with no further wait for the client.
+            record = {**self._build(flow, transfer), "phase": "done"}
+            task = asyncio.create_task(self._append(record, transfer, retry=True, timeout=None))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return
         if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
             if refuse_on_failure and (flow.response is not None or flow.error is None):
                 refuse(flow, transfer, status=503, error="trace log unavailable")
@@ -223,20 +242,33 @@ class Record:
         transfer.recorded = True
         self.in_flight.pop(transfer.id, None)
 
-    async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False) -> bool:
+    async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False,
+                      timeout: float | None = -1.0) -> bool:
         """`retry`: a completion waits for a trace writer that is away to come back (bounded), since
-        its open record already let the transfer cross."""
+        its open record already let the transfer cross. A record not durable within `timeout`
+        (trace.append_timeout unless given; None: no limit) fails its transfer as if the log had
+        failed, though the writer may still make it durable later."""
         started = time.perf_counter()
+        if timeout == -1.0:
+            timeout = self.gateway.runtime.config.trace_append_timeout
         try:
-            await self.gateway.trace.append(record, retry=retry)
-        except TraceError as e:
+            await asyncio.wait_for(self.gateway.trace.append(record, retry=retry), timeout)
+        except (TraceError, TimeoutError) as e:
+            if isinstance(e, TimeoutError):
+                # A stalled writer (stopped, a hung disk): the client is answered now, not when its own
+                # client gives up. Counted by the measure stage; the writer keeps the record.
+                transfer.extra[TRACE_TIMED_OUT] = record.get("phase", "only")
+                e = f"no answer from the trace writer within {timeout:g} s"
+                written = "not durable in time (may be written once the writer resumes)"
+            else:
+                written = "not recorded"
             # Fail closed: what cannot be proven to have crossed must not cross. The alert log (on its
             # own file) keeps the record the trace log could not.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {e}"
             self.gateway.alerts.write({**_alert(record), "decision": "error", "status": 503,
-                                       "error": transfer.error, "trace": "not recorded"})
+                                       "error": transfer.error, "trace": written})
             return False
         # Both records' waits add up: how long the transfer waited on the log.
         transfer.extra["trace_append_seconds"] = transfer.extra.get("trace_append_seconds", 0.0) + \
@@ -249,7 +281,8 @@ class Record:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
         self._finished(transfer)
         try:
-            self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened)
+            self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened,
+                                           timeout=self.gateway.runtime.config.trace_append_timeout)
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])

@@ -37,6 +37,7 @@ from gateway.ops.sdnotify import sd_notify, watchdog_interval
 from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
+from gateway.proxy.upstreamdeadline import UpstreamDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
 from gateway.proxy.listeners import install_inherited_listeners
 from gateway.proxy.state import announce, ca_dir, trace_key_path, trusted_upstream_ca, writer_socket_path
@@ -102,7 +103,7 @@ class GatewayServer:
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
-            FirstRequestDeadline(self),
+            FirstRequestDeadline(self), UpstreamDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())

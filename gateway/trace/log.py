@@ -332,11 +332,14 @@ class TraceLog:
         self._committer.submit_from_loop(loop, entry, fut)
         return await fut
 
-    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float | None = None) -> int:
         entry = encode_record(record)
         fut: ThreadFuture = ThreadFuture()
         self._committer.submit(entry, fut)
-        return fut.result()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            raise TraceError(f"the trace log made no record durable within {timeout:g} s") from None
 
     @property
     def tree_size(self) -> int:

@@ -365,13 +365,13 @@ class RemoteTraceLog:
         burst[2].append(retry)
         return await fut
 
-    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float = SYNC_APPEND_TIMEOUT) -> int:
         fut: ThreadFuture = ThreadFuture()
         self._send(None, [self._encode(record)], [fut], [retry])
         try:
-            return fut.result(SYNC_APPEND_TIMEOUT)
+            return fut.result(timeout)
         except TimeoutError:
-            raise TraceError(f"trace writer gave no answer within {SYNC_APPEND_TIMEOUT:.0f} s") from None
+            raise TraceError(f"trace writer gave no answer within {timeout:g} s") from None
 
     @property
     def failure(self) -> TraceError | None:

@@ -13,6 +13,9 @@ from mitmproxy.proxy.server import ConnectionHandler
 # flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
+# flow.metadata key: the seconds an upstream was given to begin its answer, when it did not and its
+# connection was closed for it (gateway.proxy.upstreamdeadline): answered 504, not 502.
+UPSTREAM_TIMED_OUT = "gateway_upstream_timed_out"
 # flow.metadata key: "request" (from the client) or "response", when a WebSocket message too big to
 # inspect closed the connection (gateway.proxy.wslimits).
 TOO_BIG = "gateway_websocket_too_big"
