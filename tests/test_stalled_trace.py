@@ -80,6 +80,7 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
     # The open record is not durable in time: refused, the upstream never hears of it.
     lab["stop_writer"]()
     refused, took = timed_get(lab, f"{lab['upstream']}/text?body=ok&m=unopened")
+    print(f"open record stalled: {refused.status_code} after {took:.2f} s")
     assert refused.status_code == 503 and took < APPEND_TIMEOUT + MARGIN, (refused.status_code, took)
     assert refused.json()["transfer_id"] == refused.headers["x-gateway-transfer-id"]
     assert refused.json()["error"] == "trace log unavailable"
@@ -104,12 +105,15 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
     lab["stop_writer"]()
     thread.join(30)
     [(withheld, answered_at)] = answer
+    print(f"completion stalled: {withheld.status_code} {answered_at - stopped_at:.2f} s after the writer stopped "
+          "(the upstream answers 1 s after the request)")
     assert withheld.status_code == 503 and answered_at - stopped_at < 1 + APPEND_TIMEOUT + MARGIN
     assert "secret-answer" not in withheld.text
     withheld_id = withheld.headers["x-gateway-transfer-id"]
 
     lab["resume_writer"]()
     after, took = timed_get(lab, f"{lab['upstream']}/text?body=ok&m=after")
+    print(f"writer resumed: {after.status_code} after {took:.2f} s")
     assert after.status_code == 200 and took < MARGIN, took
 
     assert metric_total(lab["config"], "gateway_trace_append_timeouts_total", 'record="open"') >= 1
