@@ -28,6 +28,7 @@ from tests.gatewayproc import (
 )
 from tests.test_workers import verify
 
+ID_NUMBER = "11010519491231002X"
 APPEND_TIMEOUT = 2.0
 MARGIN = 2.0  # seconds allowed past the timeout on a loaded machine
 
@@ -85,6 +86,16 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
     assert refused.json()["transfer_id"] == refused.headers["x-gateway-transfer-id"]
     assert refused.json()["error"] == "trace log unavailable"
     assert "m=unopened" not in received(lab)
+
+    # A transfer refused on its content has one record: not durable in time, the refusal becomes a 503.
+    with httpx.Client(proxy=lab["proxy"], timeout=60) as client:
+        started = time.monotonic()
+        blocked = client.post(f"{lab['upstream']}/echo?m=blocked", json={"sfzh": ID_NUMBER})
+        took = time.monotonic() - started
+    print(f"refusal's record stalled: {blocked.status_code} after {took:.2f} s")
+    assert blocked.status_code == 503 and took < APPEND_TIMEOUT + MARGIN, (blocked.status_code, took)
+    assert blocked.json()["transfer_id"] == blocked.headers["x-gateway-transfer-id"]
+    assert "m=blocked" not in received(lab)
     lab["resume_writer"]()
 
     # The completion is not durable in time: the upstream's answer is withheld, the client gets 503.
@@ -118,6 +129,7 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
 
     assert metric_total(lab["config"], "gateway_trace_append_timeouts_total", 'record="open"') >= 1
     assert metric_total(lab["config"], "gateway_trace_append_timeouts_total", 'record="done"') >= 1
+    assert metric_total(lab["config"], "gateway_trace_append_timeouts_total", 'record="only"') >= 1
     trace_dir = lab["root"] / "state" / "trace"
     assert lab["gateway"].stop(timeout=30) == 0
     verify(trace_dir, trace_dir / "trace-signing.pub")
@@ -128,6 +140,10 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
         ("open", None, "allow"), ("done", 503, "error")]
     assert [r.get("phase") for r in trace_records(trace_dir, "--id", withheld_id, opened=True)] == ["open", "done"]
     assert not trace_records(trace_dir, "--open", opened=True)
+    # Written late, the refusal's record says what the gateway decided (403), the alert what the client got.
+    late_refusal = trace_records(trace_dir, "--id", blocked.headers["x-gateway-transfer-id"], opened=True)
+    assert [(r.get("phase"), r["status"], r["decision"]) for r in late_refusal] == [(None, 403, "block")]
     alerts = [json.loads(line) for line in (lab["root"] / "state" / "alerts.jsonl").read_text().splitlines()]
     late = {a["id"]: a for a in alerts if a.get("trace", "").startswith("not durable in time")}
-    assert {refused.headers["x-gateway-transfer-id"], withheld_id} <= set(late)
+    assert {refused.headers["x-gateway-transfer-id"], withheld_id, blocked.headers["x-gateway-transfer-id"]} <= set(late)
+    assert late[blocked.headers["x-gateway-transfer-id"]]["status"] == 503
