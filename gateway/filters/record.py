@@ -10,6 +10,8 @@ record is written in whichever runs. A transfer refused before forwarding (a spo
 too), and a CONNECT tunnel (which opens nothing upstream itself;
 each request inside is a transfer of its own), get one record without a phase. A transfer whose
 completion never came (its process died) stays open in the log: `gateway trace show --open`.
+A record not durable within `trace.append_timeout` (a stalled writer) is answered 503 as if the log
+had failed; an open record's completion then follows it to the writer without the client waiting.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
 """
 
@@ -153,16 +155,15 @@ class Record:
             # Nothing has reached the client yet: it gets our JSON with the transfer id, not
             # mitmproxy's own page (gateway.proxy.answers sends it).
             status, cause = answer
-            timed_out = flow.metadata.get(UPSTREAM_TIMED_OUT)
-            if timed_out is not None:
-                transfer.error = f"upstream gave no response head within {timed_out:g} s"
+            if cause == UPSTREAM:
                 where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
-                refuse(flow, transfer, status=504, error="upstream timeout")
-            elif cause == UPSTREAM:
-                where = f"{transfer.shown_host}:{transfer.upstream_port}"
-                transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
-                refuse(flow, transfer, status=status, error="upstream failed")
+                timed_out = flow.metadata.get(UPSTREAM_TIMED_OUT)
+                if timed_out is None:
+                    refuse(flow, transfer, status=status, error="upstream failed")
+                else:  # gateway.proxy.upstreamdeadline closed a silent upstream's connection
+                    transfer.error = f"upstream gave no response head within {timed_out:g} s"
+                    refuse(flow, transfer, status=504, error="upstream timeout")
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
@@ -230,7 +231,7 @@ class Record:
             # once the writer resumes: this completion (the 503 the client gets now) follows it there,
             # with no further wait for the client.
             record = {**self._build(flow, transfer), "phase": "done"}
-            task = asyncio.create_task(self._append(record, transfer, retry=True, timeout=None))
+            task = asyncio.create_task(self._append(record, transfer, retry=True, bounded=False))
             self._late.add(task)
             task.add_done_callback(self._late.discard)
             return
@@ -243,14 +244,13 @@ class Record:
         self.in_flight.pop(transfer.id, None)
 
     async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False,
-                      timeout: float | None = -1.0) -> bool:
+                      bounded: bool = True) -> bool:
         """`retry`: a completion waits for a trace writer that is away to come back (bounded), since
-        its open record already let the transfer cross. A record not durable within `timeout`
-        (trace.append_timeout unless given; None: no limit) fails its transfer as if the log had
-        failed, though the writer may still make it durable later."""
+        its open record already let the transfer cross. `bounded`: a record not durable within
+        trace.append_timeout fails its transfer as if the log had failed, though the writer may
+        still make it durable later."""
         started = time.perf_counter()
-        if timeout == -1.0:
-            timeout = self.gateway.runtime.config.trace_append_timeout
+        timeout = self.gateway.runtime.config.trace_append_timeout if bounded else None
         try:
             await asyncio.wait_for(self.gateway.trace.append(record, retry=retry), timeout)
         except (TraceError, TimeoutError) as e:
