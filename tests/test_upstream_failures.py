@@ -136,3 +136,16 @@ def test_a_silent_upstream_is_answered_504_within_the_upstream_timeout(lab, upst
     assert records[1]["rules"][0]["rule"] == "upstream"
     assert records[1]["error"] == f"upstream gave no response head within {UPSTREAM_TIMEOUT:g} s"
     assert metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="timeout"') == timeouts + 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_silent_upstream_after_a_spooled_upload_is_answered_504(lab, version):
+    """The deadline runs from the request's release: a 5 MiB upload (spooled, judged, then sent) too."""
+    started = time.monotonic()
+    status, transfer_id = answered(lab, f"https://127.0.0.2:{lab['tls'].port}{SILENT}?upload{version}",
+                                   "-T", str(lab["upload"]), version=version)
+    took = time.monotonic() - started
+    print(f"answered {status} after {took:.2f} s")
+    assert status == 504 and len(transfer_id) == 36 and took >= UPSTREAM_TIMEOUT, (status, took)
+    [done] = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)
+    assert (done["status"], done["decision"], done["req_bytes"]) == (504, "error", 5 * MIB)
