@@ -12,6 +12,7 @@ each request inside is a transfer of its own), get one record without a phase. A
 completion never came (its process died) stays open in the log: `gateway trace show --open`.
 A record not durable within `trace.append_timeout` (a stalled writer) is answered 503 as if the log
 had failed; an open record's completion then follows it to the writer without the client waiting.
+While the log has made nothing durable for that long, records are refused at once, not handed over.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
 """
 
@@ -248,20 +249,24 @@ class Record:
         """`retry`: a completion waits for a trace writer that is away to come back (bounded), since
         its open record already let the transfer cross. `bounded`: a record not durable within
         trace.append_timeout fails its transfer as if the log had failed, though the writer may
-        still make it durable later."""
+        still make it durable later; while the log is known to have been stalled that long, at once."""
         started = time.perf_counter()
         timeout = self.gateway.runtime.config.trace_append_timeout if bounded else None
+        stalled = self.gateway.trace.stalled_for
         try:
+            if bounded and stalled > timeout:
+                # Not handed over, so it cannot land later; the client does not wait for the timeout.
+                raise TraceError(f"the trace writer has made no record durable for {stalled:.1f} s")
             await asyncio.wait_for(self.gateway.trace.append(record, retry=retry), timeout)
         except (TraceError, TimeoutError) as e:
-            if isinstance(e, TimeoutError):
-                # A stalled writer (stopped, a hung disk): the client is answered now, not when its own
-                # client gives up. Counted by the measure stage; the writer keeps the record.
-                transfer.extra[TRACE_TIMED_OUT] = record.get("phase", "only")
+            # A stalled writer (stopped, a hung disk): the client is answered now, not when its own client
+            # gives up. A record that timed out stays with the writer, which may still make it durable.
+            timed_out = isinstance(e, TimeoutError)
+            if timed_out:
                 e = f"no answer from the trace writer within {timeout:g} s"
-                written = "not durable in time (may be written once the writer resumes)"
-            else:
-                written = "not recorded"
+            if timed_out or (bounded and stalled > timeout):
+                transfer.extra[TRACE_TIMED_OUT] = record.get("phase", "only")  # counted by the measure stage
+            written = "not durable in time (may be written once the writer resumes)" if timed_out else "not recorded"
             # Fail closed: what cannot be proven to have crossed must not cross. The alert log (on its
             # own file) keeps the record the trace log could not.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
