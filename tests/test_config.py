@@ -122,6 +122,29 @@ def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
             and error in errors[0], errors
 
 
+def test_trace_append_timeout_takes_a_duration_up_to_a_minute(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("origin: example/fe1}", "origin: example/fe1, append_timeout: 1500ms}"))
+    assert load_config(path).trace_append_timeout == 1.5
+    assert load_config(REPO / "config" / "gateway.yaml").trace_append_timeout == 5.0
+    for written, error in [("0s", "not a valid duration: '0s'"), ("soon", "not a valid duration: 'soon'"),
+                           ("2m", "at most 60 s")]:
+        errors = errors_of(tmp_path, VALID.replace("origin: example/fe1}", f"origin: example/fe1, append_timeout: {written}}}"))
+        assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:11: trace.append_timeout: ") \
+            and error in errors[0], errors
+
+
+def test_upstream_timeout_takes_a_duration(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, upstream_timeout: 90s}"))
+    assert load_config(path).upstream_timeout == 90.0
+    assert load_config(REPO / "config" / "gateway.yaml").upstream_timeout == 60.0
+    for written in ("0s", "-5s", "later"):
+        errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, upstream_timeout: '{written}'}}"))
+        assert len(errors) == 1 and errors[0].startswith(
+            f"{tmp_path}/gw.yaml:1: gateway.upstream_timeout: not a valid duration: '{written}'"), errors
+
+
 def test_max_client_connections_defaults_and_takes_a_positive_integer(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("state_dir: state}", "state_dir: state, max_client_connections: 64}"))

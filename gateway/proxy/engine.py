@@ -38,6 +38,7 @@ from gateway.ops.sdnotify import sd_notify, watchdog_interval
 from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
+from gateway.proxy.upstreamdeadline import UpstreamDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
 from gateway.proxy.listeners import install_inherited_listeners
 from gateway.proxy.state import announce, ca_dir, trace_key_path, trusted_upstream_ca, writer_socket_path
@@ -106,7 +107,7 @@ class GatewayServer:
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
             DiscardRefusedBodies(self),
-            FirstRequestDeadline(self),
+            FirstRequestDeadline(self), UpstreamDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())
