@@ -52,6 +52,7 @@ from tests.gatewayproc import (  # noqa: E402
 from tests.traffic import (  # noqa: E402
     LAB_UPSTREAM_LOG,
     audit,
+    final_records,
     outcomes_of,
     received_marks,
     run_clients,
@@ -85,8 +86,11 @@ def report(outcomes: list[dict], elapsed: float, logs: dict[str, list[dict]], up
           + ", ".join(f"{k} {n}" for k, n in Counter(o["kind"] for o in answered).most_common()))
     print(f"cut off without an answer: {sum(cut_off.values())} "
           + ", ".join(f"{k} {n}" for k, n in cut_off.most_common()))
+    seen = {o["id"] for o in answered}
+    unseen = Counter(r["status"] for records in logs.values() for r in final_records(records) if r["id"] not in seen)
     print("records: " + ", ".join(f"{m} {len(r)}" for m, r in logs.items())
-          + f"; requests the upstream received: {len(received_marks(upstream_log))}")
+          + f"; requests the upstream received: {len(received_marks(upstream_log))}; final records whose "
+          f"answer no client got: {sum(unseen.values())} (by status: {dict(unseen)})")
     print("; ".join(f"{what}: {len(found)}" for what, found in findings.items()))
     for what, found in findings.items():
         if found:
