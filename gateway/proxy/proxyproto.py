@@ -19,10 +19,10 @@ of the whole header with the TLV's four value bytes zeroed must equal the value 
 Anything else is refused: an untrusted peer, a missing, truncated, v1 (text) or malformed header, a
 CRC32C that does not match. The connection gets a 400 with a transfer id, is recorded (the pipeline's
 `malformed_request` hook, the reason in the record's `error`, the claimed source too) and counted in
-gateway_connections_refused
-(reason proxy_untrusted, proxy_malformed or proxy_missing). A connection that says nothing within the
-request head timeout, or closes before a byte, is closed and counted (proxy_missing) but not recorded:
-no transfer began (as gateway.proxy.deadline does for silent plain connections).
+gateway_connections_refused (reason proxy_untrusted, proxy_malformed or proxy_missing). A connection
+that says nothing within the request head timeout, or closes before a byte, is closed and counted
+(proxy_missing) but not recorded: no transfer began (as gateway.proxy.deadline does for silent plain
+connections).
 
 A LOCAL command's address block is ignored, as the specification requires, TLVs and CRC32C included.
 """
