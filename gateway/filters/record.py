@@ -75,7 +75,7 @@ class Record:
         self.gateway = gateway
         # Transfers whose final record is not written yet, by id: what a graceful stop waits for.
         self.in_flight: dict[str, tuple[http.HTTPFlow, Transfer]] = {}
-        self.stopping = False  # a graceful stop has begun: new transfers are refused
+        self.stopping = False  # a graceful stop has begun: HTTP/1 connections close, new HTTP/2 streams refused
         self._opening = 0  # open records being written
         self._late: set[asyncio.Task] = set()  # completions of transfers whose open record timed out
 
@@ -93,10 +93,18 @@ class Record:
             transfer.error = f"trace log unavailable: {failure}"
             log.error("refusing transfer %s: %s", transfer.id, transfer.error)
             refuse(flow, transfer, status=503, error="trace log unavailable")
-        elif self.stopping:
+        elif self.stopping and not flow.request.http_version.startswith("HTTP/1"):
+            # An HTTP/2 connection takes new streams for as long as it lives: refused, or no drain would end.
+            # A request on an HTTP/1 connection accepted before the stop is served, and the connection
+            # closed after it (_close_when_stopping): behind a balancer the client's next request goes
+            # to another machine instead of getting a 503.
             transfer.escalate("error", [STOPPING])
             transfer.error = "the gateway is stopping"
             refuse(flow, transfer, status=503, error="gateway stopping")
+
+    def _close_when_stopping(self, flow: http.HTTPFlow) -> None:
+        """While the gateway stops, an HTTP/1 connection ends with the answer it is getting."""
+        if self.stopping and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
             flow.response.headers["Connection"] = "close"
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -111,6 +119,7 @@ class Record:
         await self._record(flow, transfer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._close_when_stopping(flow)
         transfer = transfer_of(flow)
         if transfer is None or flow.response is None:
             return
@@ -136,6 +145,7 @@ class Record:
             await self._open(flow, transfer)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        self._close_when_stopping(flow)  # again: answers made here (refusals) have no responseheaders
         transfer = transfer_of(flow)
         if transfer is None:
             return

@@ -151,7 +151,7 @@ class GatewayServer:
         with contextlib.suppress(OSError):  # an orphaned worker's notify socket (its supervisor's) is gone
             sd_notify("STOPPING=1")
         grace = self.runtime.config.shutdown_grace
-        self.record.stopping = True  # a request arriving on an open connection is refused (503)
+        self.record.stopping = True  # open HTTP/1 connections close after their answer; HTTP/2 streams 503
         for server in list(self.master.addons.get("proxyserver").servers):
             try:
                 await server.stop()
