@@ -17,7 +17,8 @@ import pytest
 from gateway.authz.catalog import ConsentRule, Dataset, Field
 from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
-from gateway.authz.records import NFKC_DIGITS, RecordFilter, Unfilterable
+from gateway.authz.idscan import NFKC_DIGITS
+from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.subject import MASKS, SubjectHasher, column_masker, masker
 
 NOW = 1_800_000_000
