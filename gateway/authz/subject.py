@@ -93,6 +93,8 @@ class SubjectHasher:
             joined = None
         if joined is None or joined.count("\n") != len(values) - 1 or not ID_FORMS.fullmatch(joined):
             return [self.key(value) for value in values]
+        if len(set(values)) == len(values):  # (a response's subjects usually are all different)
+            return list(map(self._subject_mac, joined.encode().split(b"\n")))
         distinct = set(values)
         keys = dict(zip(distinct, map(self._subject_mac, map(str.encode, distinct))))
         return list(map(keys.__getitem__, values))
