@@ -13,11 +13,13 @@ import unicodedata
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.authz.catalog import ConsentRule, Dataset, Field
 from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
-from gateway.authz.idscan import NFKC_DIGITS
+from gateway.authz.idscan import NFKC_DIGITS, id_numbers
 from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.subject import MASKS, SubjectHasher, column_masker, masker
 
@@ -156,7 +158,7 @@ def test_records_naming_other_subjects_however_written_do_not_pass():
     folded = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
     naming_other = [other, other.translate(folded), other[:-1] + "Ｘ", other[:-1] + "x", int(other), "\x01" + other,
                     "地址" + other + "，", "⑤⑳①⓪②①⑨⑨⓪⓪③⓪⑦①②③④",  # circled numbers: 17 characters, 18 digits
-                    "\U0001d7d3" + other[1:]]  # a mathematical digit
+                    "\U0001d7d3" + other[1:], other[:-1] + "Ⅹ", other[:2].translate(folded) + other[2:]]
     passing = [allowed, allowed.translate(folded), "贵州省铜仁市碧江区锦江大道1号，2单元（东）", "5201021990030712",
                "13912345678", 12345678901234567, "x" * 17, None, True, 1.5e17]
     values = naming_other + passing
@@ -172,6 +174,25 @@ def test_records_naming_other_subjects_however_written_do_not_pass():
         body = orjson.dumps([{"id_number": subject(1), "district": "碧江区", "age": 40}] * 50
                             + [{"id_number": subject(1), "district": value, "age": 40}])
         assert record_filter.apply(body, "application/json", lookup).passed == 50, value
+
+
+# Pieces of values that join into ID numbers written in every way the exact scan folds, and into near misses.
+PIECES = ["520102199003071234", "520102199003071250", "5201021990030712", "34", "X", "x", "Ⅹ", "０", "５２０１０２",
+          "１９９００３０７１２３４", "⑤⑳①⓪②", "①⑨⑨⓪⓪③⓪⑦①②③④", "²", "\x01", "\u0307", "，", "号", '"', "\\", " ", "1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=6).map("".join), min_size=1, max_size=8))
+def test_the_decision_over_all_records_agrees_with_the_exact_scan(values):
+    hasher = SubjectHasher(b"k" * 32)
+    fields = {"id_number": Field("personal", ("cn_id_card",)), "note": Field("public")}
+    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
+                                         ConsentRule("id_number", "drop", False)), hasher)
+    consented = {hasher.key(subject(1)), hasher.key("520102199003071250")}  # not 520102199003071234
+    records = [{"id_number": subject(1), "note": value} for value in values]
+    outcome = record_filter.apply(orjson.dumps(records), "application/json", lambda keys: set(keys) & consented)
+    expected = [record for record in records if {hasher.key(n) for n in id_numbers([record["note"]])} <= consented]
+    assert orjson.loads(outcome.body) == expected
 
 
 def test_column_masks_mask_as_the_value_masks_do():

@@ -55,19 +55,22 @@ def _nfkc_digits() -> Matcher:
 
 def no_other_subjects(listed: list[dict], subjects: list) -> bool:
     """True when no value of these records but their subject field's can hold an ID number, checked over
-    all of them at once in their JSON: it holds no character NFKC folds into a digit or X, and no more
-    runs of 18 digits or X's than the subject fields' own values do. (orjson writes non-ASCII text as it
-    is; what it escapes is no digit, and an escape such as \\u0001 only lengthens a run: a value naming
-    an ID number adds at least one run.) False, when a value may name another subject or only seems to,
-    sends the caller to the exact scan, record by record."""
+    all of them at once in their JSON, with each character NFKC folds into a digit or X (full-width
+    digits, ...) replaced by what it folds into: no more runs of 18 digits or X's than the subject
+    fields' own values make. (orjson writes non-ASCII text as it is; what it escapes is no digit, and an
+    escape such as \\u0001 only lengthens a run; NFKC of a whole value neither joins runs nor makes digits
+    but from these characters: a value naming an ID number adds at least one run.) False, when a value
+    may name another subject or only seems to, sends the caller to the exact scan, record by record."""
     try:
-        text = orjson.dumps(listed)
+        text, own = orjson.dumps(listed), orjson.dumps(subjects)
     except orjson.JSONEncodeError:  # (a lone surrogate, say): the exact scan decides
         return False
-    if not text.isascii() and _nfkc_digits().scan(text):
-        return False
-    return (text.translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN)
-            == orjson.dumps(subjects).translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN))
+    if not text.isascii():
+        # (UTF-8 is self-synchronising: a character's bytes are found only where that character is)
+        for character in {text[start:end] for _, start, end in _nfkc_digits().scan(text)}:
+            folded = unicodedata.normalize("NFKC", character.decode()).encode()
+            text, own = text.replace(character, folded), own.replace(character, folded)
+    return text.translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN) == own.translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN)
 
 
 def warm_up() -> None:
