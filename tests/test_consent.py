@@ -98,6 +98,12 @@ def test_subject_keys_are_hmac_whatever_the_secret(world):
         assert hasher.key(subject(1)) == hmac.digest(secret, b"subject\x00" + subject(1).encode(), "sha256")
         assert hasher.key(" " + subject(1).lower()) == hasher.key(subject(1))
         assert hasher.key("5206" + "1" * 13 + "Y") is None
+    # Many at once (a response's subject column): the same keys, whatever the mix of values and repeats.
+    for algorithm in ("hmac-sha256", "hmac-sm3"):
+        hasher = SubjectHasher(b"k" * 32, algorithm)
+        for values in ([subject(1), subject(2)], [subject(1), subject(1), subject(3)],
+                       [subject(1), " " + subject(2).lower(), int(subject(4)[:-1] + "1"), None, "520602900101123", ""]):
+            assert hasher.keys(values) == [hasher.key(value) for value in values]
 
 
 def test_xml_records_and_what_is_refused():
