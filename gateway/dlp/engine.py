@@ -229,7 +229,7 @@ class Profile:
         # detect() joins them, settles that before a segment is built for each.
         texts = "\n".join(chain.from_iterable((value, name) for _, name, value in fields))
         data = folded(texts.encode("utf-8", "surrogatepass"))
-        if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
+        if not len(self.matcher.scan(data)) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
                 and not any(map(self._worth_reading, encoded_contents(data))):
             self._remember_clean(fields, mentioning=[location for location, name, value in fields
                                                      if self._mentions_context(f"{name} {value}".encode())])
@@ -255,7 +255,7 @@ class Profile:
     def _worth_reading(self, found: EncodedContent) -> bool:
         """Whether encoded text needs the full decode: text or a container to undo, a candidate
         among its bytes, or more encoded text inside them."""
-        return found.read_as != BYTES or bool(self.matcher.scan(found.content)) \
+        return found.read_as != BYTES or bool(len(self.matcher.scan(found.content))) \
             or next(encoded_contents(found.content), None) is not None or self._mentions_context(found.content)
 
     def _remember_clean(self, fields: list[tuple[str, str, str]], unsure: list[str] = (),
@@ -385,16 +385,16 @@ class Profile:
             for segment in segments:
                 starts.append(position)
                 position += len(segment.data) + 1
-        hits = self.matcher.scan(data)
-        if len(hits) > MAX_CANDIDATES:
+        table = self.matcher.scan(data)  # every candidate at once (numpy): a bulk export has a few in every record
+        if len(table) > MAX_CANDIDATES:
             return [], True
         if accept is not None:
             folding = segments[0].folding  # a stream's window: one segment
-            hits = [hit for hit in hits if accept[0] < (hit[2] if folding is None else folding.unfolded(hit[2])) <= accept[1]]
-        if not hits:
+            written_ends = table[:, 2] if folding is None else table[:, 2] + 2 * np.searchsorted(
+                np.asarray(folding.positions, dtype=np.int64), table[:, 2], "left")
+            table = table[(accept[0] < written_ends) & (written_ends <= accept[1])]
+        if not len(table):
             return [], False
-        # Every candidate at once (numpy): a bulk export has a few in every record.
-        table = np.fromiter(chain.from_iterable(hits), np.int64, 3 * len(hits)).reshape(-1, 3)
         detector_of = self._detector_of[table[:, 0]]
         span_starts, span_ends, detector_index = _detector_spans(
             data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
