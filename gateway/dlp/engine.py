@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
-from operator import eq, itemgetter
+from operator import eq, is_, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
@@ -477,6 +477,8 @@ class _Findings:
         self.tally = Tally()
         self.replacements: dict[str, str] = {}
         self.masks = _Masks({d.value: d for d in detections if d.value})
+        # no value found twice (a bulk export, most often): nothing is told apart by location
+        self.distinct = len(self.masks) == len(detections)
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
@@ -494,6 +496,8 @@ class _Findings:
     def locate_repeated(self, detections: list[Detection]) -> None:
         """Locate, in text order, the detections of values found more than once (which rules tell
         apart by location, see unrepeated()): a locator replays a text once for all rules."""
+        if self.distinct:
+            return
         values = list(map(_VALUE, detections))
         if len(set(values)) < len(values):
             counts = Counter(values)
@@ -509,6 +513,8 @@ class _Findings:
     def unrepeated(self, selected: list[Detection]) -> list[Detection]:
         """The detections but those of a value found at the same location before (only values seen
         twice are located to tell)."""
+        if self.distinct:
+            return selected
         values = list(map(_VALUE, selected))
         if len(set(values)) == len(values):
             return selected
@@ -529,7 +535,7 @@ class _Findings:
         types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
         for type in types:
             group = selected if len(types) == 1 else [d for d in selected if d.type == type]
-            if group[0].segment is not None and len(set(map(id, map(_SEGMENT, group)))) == 1 \
+            if group[0].segment is not None and all(map(is_, map(_SEGMENT, group), repeat(group[0].segment))) \
                     and not any(map(_BASE, group)):  # all in one text (a bulk export): offsets taken in C
                 runs = [(group[0].segment.location, list(map(_OFFSET, group)))]
             else:
