@@ -198,3 +198,13 @@ def test_base64_in_streams_counts_against_the_detection_limit(tmp_path, monkeypa
     result = _streamed(profile, f"{'普通文本 ' * 3000} {hidden} {'普通文本 ' * 3000}".encode())
     assert "too many candidate matches in the stream" in [f.value for f in result.findings]
     assert sum(f.type == "cn_id_card" for f in result.findings) <= 2
+
+
+def test_runs_in_large_texts_are_found_from_the_first():
+    """Past 64 KiB a Hyperscan pass finds where the first run starts, and numpy reads from there."""
+    prose = "无敏感内容的普通文本，编号2025。".encode() * 5000
+    assert list(base64_runs(prose)) == []
+    encoded = b64(TABLE).encode()
+    text = prose + b" " + encoded + b" " + prose + b"[" + encoded + b"]"
+    assert list(base64_runs(text)) == _runs_one_by_one(text) == [
+        (len(prose) + 1, len(prose) + 1 + len(encoded)), (len(text) - 1 - len(encoded), len(text) - 1)]

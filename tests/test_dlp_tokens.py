@@ -69,3 +69,17 @@ def test_the_split_mobile_patterns_match_what_the_single_one_did():
         text = "".join(rng.choice(["+", "00", "86", " ", "-", "1", "3", "8", "0013", "8000", "x", "9"])
                        for _ in range(rng.randint(1, 10)))
         assert bool(single.fullmatch(text)) == bool(plain.fullmatch(text) or rest.fullmatch(text)), text
+
+
+@pytest.mark.parametrize("engine", ["hyperscan", "re"])
+def test_words_are_found_from_the_first_long_one_in_large_texts(engine):
+    """Past 64 KiB a Hyperscan pass finds where the first word long enough starts, and numpy reads
+    from there: words after it, and a text holding none, are answered as by the regex."""
+    prose = "无敏感内容的普通文本，编号2025。".encode() * 5000  # ~140 KB, words of 4 characters only
+    specs = [PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns]
+    matcher = Matcher(specs, engine)
+    assert len(matcher.scan(prose)) == 0
+    text = prose + b" 13800138000 " + prose + b"x13900139000 13900139000"
+    first = len(prose) + 1
+    assert sorted(map(tuple, matcher.scan(text).tolist())) == [
+        (0, first, first + 11), (0, len(text) - 11, len(text))]

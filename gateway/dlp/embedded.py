@@ -36,7 +36,7 @@ import numpy as np
 
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, unescape_u,
+    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, first_start, is_utf8, unescape_u,
 )
 
 MIN_RUN = 16
@@ -242,6 +242,16 @@ def _runs(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Starts and ends of the runs of MIN_RUN base64 characters or more worth reading, and whether
     each is alone on its line, without padding: those of one line mostly of digits are not (see
     _mostly_letters), found for all at once."""
+    first = first_start(_ALPHABET, MIN_RUN, data)  # one Hyperscan pass: most texts hold no run at all
+    if first is None:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, np.zeros(0, dtype=bool)
+    starts, ends, alone = _runs_from(data[first:] if first else data)
+    return starts + first, ends + first, alone
+
+
+def _runs_from(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_runs of a text starting at a run."""
     inside = np.frombuffer(b"\0" + data.translate(_IN_ALPHABET) + b"\0", dtype=bool)  # inside[i + 1]: data[i]
     found_starts, found_ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     start = 0

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.dlp import tokens
-
-try:
-    import hyperscan
-except ImportError:  # the fallback keeps the gateway working, only slower
-    hyperscan = None
+from gateway.dlp.coding import hyperscan
 
 HYPERSCAN_AVAILABLE = hyperscan is not None
 

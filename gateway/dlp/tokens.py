@@ -20,6 +20,8 @@ from re import _parser
 
 import numpy as np
 
+from gateway.dlp.coding import first_start
+
 _WORD = np.zeros(256, dtype=bool)
 _WORD[list(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")] = True
 _WORD_BYTES = _WORD.astype(np.uint8).tobytes()
@@ -109,6 +111,16 @@ def _code(values) -> int:
 
 def scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
     """Every word of `data` the patterns match, as rows (pattern index, start, end)."""
+    shortest = min(length for pattern in patterns.values() for length in pattern.by_length)
+    first = first_start(b"0-9A-Za-z_", shortest, data)  # a word that long starts there (a Hyperscan pass)
+    if first is None:
+        return np.zeros((0, 3), dtype=np.int64)  # prose, most often: no numpy pass at all
+    found = _scan(patterns, data[first:] if first else data)
+    found[:, 1:] += first
+    return found
+
+
+def _scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
     # bytes.translate: the word mask in one C pass and one copy (indexing a table with the bytes
     # converts them to 8-byte indexes first); a non-word byte before and after gives every word two edges
     word = np.frombuffer(b"\0" + data.translate(_WORD_BYTES) + b"\0", dtype=bool)
