@@ -189,7 +189,7 @@ def candidates(profile, segments) -> list[tuple[bytes, str, list[tuple[int, int]
     found = []
     for segment in segments:
         data, by_detector = segment.data, {}
-        for pattern, start, end in profile.matcher.scan(data).tolist():
+        for pattern, start, end in map(tuple, profile.matcher.scan(data)):  # rows of a table (or tuples)
             kind, name, _ = profile._refs[pattern]
             if kind == "detector" and (start == 0 or not chr(data[start - 1]).isalnum() or data[start - 1] > 127) \
                     and (end == len(data) or not chr(data[end]).isalnum() or data[end] > 127):
