@@ -3,6 +3,7 @@ pattern finds what the single one did."""
 
 import random
 import re
+import tracemalloc
 
 import pytest
 
@@ -37,7 +38,8 @@ def test_the_bulk_forms_are_word_patterns():
 
 
 @pytest.mark.parametrize("pattern", WORD_PATTERNS)
-def test_word_pattern_finds_what_re_finds(pattern):
+def test_word_pattern_finds_what_re_finds(pattern, monkeypatch):
+    monkeypatch.setattr(tokens, "_PIECE", 8)  # many pieces, cut at every place they can be
     form = tokens.word_pattern(pattern)
     compiled = re.compile(pattern.encode())
     for text in texts(3000):
@@ -83,3 +85,18 @@ def test_words_are_found_from_the_first_long_one_in_large_texts(engine):
     first = len(prose) + 1
     assert sorted(map(tuple, matcher.scan(text).tolist())) == [
         (0, first, first + 11), (0, len(text) - 11, len(text))]
+
+
+def test_words_are_read_in_bounded_memory():
+    """Text of many short words (hostile, or a table of small numbers) is read by pieces: the words'
+    edges would otherwise take 8 bytes for every 2 of text."""
+    data = b"13800138000 " + b"a " * (4 << 20)  # a long word first: all of it is read
+    matcher = Matcher([PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns], "hyperscan")
+    tracemalloc.start()
+    try:
+        found = matcher.scan(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(data), peak
+    assert found.tolist() == [[0, 0, 11]]

@@ -3,9 +3,10 @@
 An ID number, a mobile or card number written as one run of digits is such a word. A bulk export
 holds several in every record, and python-hyperscan calls back into Python once per match: that
 callback alone held a scan to 90 MB/s. A word (a maximal run of [0-9A-Za-z_], what `\\b` bounds in
-both engines over bytes) is found for the whole text at once with numpy; each word of a length a
-pattern allows is matched position by position against the pattern's classes, all words of one
-length together. The matcher hands such patterns here and scans only the rest with Hyperscan, which
+both engines over bytes) is found for the whole text at once with numpy, from where the first word
+long enough starts (one Hyperscan pass: prose has none, and then costs no numpy pass); each word of
+a length a pattern allows is matched position by position against the pattern's classes, all words
+of one length together. The matcher hands such patterns here and scans only the rest with Hyperscan, which
 then rarely matches anything in an export.
 
 Only what re's own parser reads as \\b, then classes, literals, fixed or counted repeats of them and
@@ -14,6 +15,7 @@ optional part) returns None and stays with the regex engine. tests/test_dlp_toke
 word pattern to re.finditer's answers.
 """
 
+import re
 from dataclasses import dataclass
 from re import _constants as c
 from re import _parser
@@ -22,9 +24,10 @@ import numpy as np
 
 from gateway.dlp.coding import first_start
 
-_WORD = np.zeros(256, dtype=bool)
-_WORD[list(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")] = True
+_WORD_CLASS = b"0-9A-Za-z_"  # what \b bounds in both engines over bytes
+_WORD = np.array([re.fullmatch(b"[%s]" % _WORD_CLASS, bytes([byte])) is not None for byte in range(256)])
 _WORD_BYTES = _WORD.astype(np.uint8).tobytes()
+_PIECE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -112,22 +115,27 @@ def _code(values) -> int:
 def scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
     """Every word of `data` the patterns match, as rows (pattern index, start, end)."""
     shortest = min(length for pattern in patterns.values() for length in pattern.by_length)
-    first = first_start(b"0-9A-Za-z_", shortest, data)  # a word that long starts there (a Hyperscan pass)
-    if first is None:
+    start = first_start(_WORD_CLASS, shortest, data)  # a word that long starts there (a Hyperscan pass)
+    if start is None:
         return np.zeros((0, 3), dtype=np.int64)  # prose, most often: no numpy pass at all
-    found = _scan(patterns, data[first:] if first else data)
-    found[:, 1:] += first
-    return found
-
-
-def _scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
     # bytes.translate: the word mask in one C pass and one copy (indexing a table with the bytes
     # converts them to 8-byte indexes first); a non-word byte before and after gives every word two edges
-    word = np.frombuffer(b"\0" + data.translate(_WORD_BYTES) + b"\0", dtype=bool)
-    edges = np.flatnonzero(word[1:] != word[:-1])
-    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
+    word = np.frombuffer(b"\0" + data.translate(_WORD_BYTES) + b"\0", dtype=bool)  # word[i + 1]: data[i]
     buf = np.frombuffer(data, dtype=np.uint8)
     found = [np.zeros((0, 3), dtype=np.int64)]
+    while start < len(data):  # by pieces cut between words: the edges of "a a a ..." would take 8 bytes a byte
+        end = min(start + _PIECE, len(data))
+        end += int(np.argmin(word[end + 1:]))  # to the next byte outside words, or the end
+        edges = np.flatnonzero(word[start + 1:end + 2] != word[start:end + 1]) + start
+        found += _matches(patterns, buf, edges[0::2], edges[1::2] - edges[0::2])
+        start = end + 1
+    return np.concatenate(found)
+
+
+def _matches(patterns: dict[int, WordPattern], buf: np.ndarray, starts: np.ndarray,
+             lengths: np.ndarray) -> list[np.ndarray]:
+    """The words (their starts and lengths) the patterns match, as tables of rows (pattern index, start, end)."""
+    found = []
     for length in sorted({length for pattern in patterns.values() for length in pattern.by_length}):
         at = starts[lengths == length]
         if not len(at):
@@ -145,4 +153,4 @@ def _scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
                 ok &= np.isin(code, codes)
             matched = at[ok]
             found.append(np.stack([np.full(len(matched), index), matched, matched + length], axis=1))
-    return np.concatenate(found)
+    return found
