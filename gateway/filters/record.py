@@ -26,7 +26,7 @@ from mitmproxy.master import Master
 
 from gateway.config.runtime import Runtime
 from gateway.dlp import mask_text, mask_url
-from gateway.filters import body_size, disk_full, refusal_response, refuse, transfer_of
+from gateway.filters import FreeSpace, body_size, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
@@ -65,6 +65,13 @@ class Record:
         self.in_flight: dict[str, tuple[http.HTTPFlow, Transfer]] = {}
         self.stopping = False  # a graceful stop has begun: new transfers are refused
         self._opening = 0  # open records being written
+        self._space: FreeSpace | None = None
+
+    def _trace_space(self) -> FreeSpace:
+        directory = self.gateway.runtime.config.trace_dir  # a reload may name another
+        if self._space is None or self._space.directory != directory:
+            self._space = FreeSpace(directory, "trace log")
+        return self._space
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -74,7 +81,7 @@ class Record:
         if flow.response is not None:
             return
         # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
-        failure = self.gateway.trace.failure or disk_full(self.gateway.runtime.config.trace_dir, "trace log")
+        failure = self.gateway.trace.failure or self._trace_space().full()
         if failure is not None:
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {failure}"
