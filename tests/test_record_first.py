@@ -5,9 +5,11 @@ the gateway stopped with SIGTERM. Every request the upstream received has a reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -219,3 +221,55 @@ def test_a_transfer_still_running_at_the_end_of_the_grace_period_is_recorded_as_
     assert [r["phase"] for r in slow_records] == ["open", "done"]
     assert slow_records[1]["decision"] == "error" and "shutdown grace" in slow_records[1]["error"]
     assert "cut and recorded as errors" in gateway["gateway"].output
+
+
+def test_a_connection_made_while_the_gateway_stops_is_answered_or_refused_never_dropped(gateway):
+    """Clients connecting right at SIGTERM, while a slow transfer keeps the workers draining: a
+    connection the kernel accepted gets an HTTP answer (503 "gateway stopping", recorded), the others
+    are refused at connect. Before, a worker's socket stayed open in its supervisor: connections queued
+    there for the whole drain and were reset, their requests sent and never answered."""
+    holder = threading.Thread(target=lambda: httpx.Client(proxy=gateway["proxy"], timeout=30).get(
+        f"{gateway['upstream']}/text?body=ok&delay=3&m=holder"), daemon=True)
+    holder.start()
+    log = gateway["root"] / "upstream.log"
+    deadline = time.monotonic() + 15
+    while not (log.exists() and "m=holder" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    host, port = urlsplit(gateway["proxy"]).hostname, urlsplit(gateway["proxy"]).port
+    gateway["gateway"].signal(signal.SIGTERM)
+    connected: list[tuple[str, socket.socket]] = []
+    refused = 0
+    for n in range(30):  # over 1.5 s of the drain
+        sock = socket.socket()
+        try:
+            sock.connect((host, port))
+        except ConnectionRefusedError:
+            sock.close()
+            refused += 1
+        else:
+            marker = f"late-{n}"
+            sock.sendall(f"GET {gateway['upstream']}/text?body=ok&m={marker} HTTP/1.1\r\n"
+                         f"Host: {urlsplit(gateway['upstream']).netloc}\r\nConnection: close\r\n\r\n".encode())
+            connected.append((marker, sock))
+        time.sleep(0.05)
+    answers: dict[str, bytes] = {}
+    for marker, sock in connected:
+        sock.settimeout(20)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        sock.close()
+        answers[marker] = data
+    assert gateway["gateway"].proc.wait(GRACE + 20) == 0
+    holder.join(10)
+    dropped = [marker for marker, data in answers.items() if not data.startswith(b"HTTP/1.1 ")]
+    assert not dropped, f"{len(dropped)} of {len(answers)} accepted connections got no answer ({refused} refused):\n" + gateway["gateway"].output[-3000:]
+    assert refused > 0  # the listeners closed at the stop, not at the exit
+    trace_dir = gateway["root"] / "state" / "trace"
+    ids = {r["id"] for r in trace_records(trace_dir, opened=True)}
+    for marker, data in answers.items():
+        transfer_id = next(line.split(b":", 1)[1].strip().decode() for line in data.split(b"\r\n")
+                           if line.lower().startswith(b"x-gateway-transfer-id:"))
+        assert transfer_id in ids, (marker, data[:200])
+

@@ -188,7 +188,7 @@ class Record:
             if not self._opening:
                 break
             await asyncio.sleep(0.01)
-        cut_off = list(self.in_flight.values())
+        cut_off = [(flow, transfer) for flow, transfer in self.in_flight.values() if not transfer.recorded]
         for _, transfer in cut_off:
             transfer.escalate("error", [STOPPING])
             transfer.error = why
@@ -218,12 +218,17 @@ class Record:
 
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer, refuse_on_failure: bool = True) -> None:
         """The transfer's final record: its completion if it was opened, else its only record."""
-        self._finished(transfer)
-        if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
-            if refuse_on_failure and (flow.response is not None or flow.error is None):
-                refuse(flow, transfer, status=503, error="trace log unavailable")
+        transfer.recorded = True
+        try:
+            if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
+                if refuse_on_failure and (flow.response is not None or flow.error is None):
+                    refuse(flow, transfer, status=503, error="trace log unavailable")
+        finally:
+            self._finished(transfer)
 
     def _finished(self, transfer: Transfer) -> None:
+        """Its final record is written (or failed): its answer goes out now, so a graceful stop no
+        longer waits for it."""
         transfer.recorded = True
         self.in_flight.pop(transfer.id, None)
 
@@ -251,13 +256,15 @@ class Record:
 
     def _record_before_release(self, flow: http.HTTPFlow, transfer: Transfer) -> bool:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
-        self._finished(transfer)
+        transfer.recorded = True
         try:
             self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened)
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             return False
+        finally:
+            self._finished(transfer)
         return True
 
     def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:

@@ -241,6 +241,11 @@ class Supervisor:
                     "--origin", config.trace_origin, "--key", str(trace_key_path(config.state_dir)),
                     "--socket", str(writer_socket_path(config.state_dir)), "--parent", str(os.getpid())]
             return await asyncio.create_subprocess_exec(*argv)
+        for listener, sockets in self.sockets.items():
+            if not sockets[child.index].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                # Shut down by the worker's graceful stop (gateway.proxy.listeners.stop_listening).
+                sockets[child.index].close()
+                sockets[child.index] = reuse_port_socket(listener)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
         argv = [sys.executable, "-m", "gateway.proxy.worker", str(child.index), "--parent", str(os.getpid()),
                 "--of", str(len(self.workers)),
