@@ -273,3 +273,55 @@ def test_a_connection_made_while_the_gateway_stops_is_answered_or_refused_never_
                            if line.lower().startswith(b"x-gateway-transfer-id:"))
         assert transfer_id in ids, (marker, data[:200])
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_transfer_left_open_by_a_killed_gateway_is_closed_as_abandoned_at_the_next_start(tmp_path, workers):
+    """Every process killed outright while a transfer was forwarded: its open record stays open (no
+    process of that run is left to complete it) until the gateway starts again, which closes it with a
+    completion `decision: error`, "abandoned", once: before, it stayed open for good."""
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", workers=workers)
+    path = write_config(tmp_path / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    process = start_gateway(path)
+    trace_dir = tmp_path / "state" / "trace"
+
+    def stuck() -> list[dict]:
+        return [r for r in trace_records(trace_dir, opened=True) if "m=stuck" in (r["url"] or "")]
+
+    try:
+        def request() -> None:
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(proxy=listener_url(config, "forward"),
+                                                                   timeout=60) as client:
+                client.get(f"http://127.0.0.2:{port}/text?body=ok&delay=60&m=stuck")
+
+        threading.Thread(target=request, daemon=True).start()
+        log = tmp_path / "upstream.log"
+        deadline = time.monotonic() + 15
+        while not (log.exists() and "m=stuck" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [process.proc.pid]
+        if workers > 1:
+            pids += [*worker_pids({"gateway": process}).values(),
+                     int(next(line for line in process.lines if "trace writer pid" in line).rsplit(" ", 1)[1])]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        process.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.get("phase") for r in stuck()] == ["open"]
+        process = start_gateway(path)
+        closed = stuck()
+        assert [r.get("phase") for r in closed] == ["open", "done"]
+        assert closed[1]["decision"] == "error" and closed[1]["error"].startswith("abandoned")
+        assert closed[1]["id"] == closed[0]["id"] and closed[1]["url"] == closed[0]["url"]
+        assert not trace_records(trace_dir, "--open", opened=True)
+        assert "1 transfers left open by the run before" in process.output
+        process.stop()
+        process = start_gateway(path)  # nothing left to close: nothing twice
+        assert [r.get("phase") for r in stuck()] == ["open", "done"]
+        verify(trace_dir, trace_dir / "trace-signing.pub")
+    finally:
+        process.stop()
+        upstream.stop()

@@ -42,6 +42,7 @@ from gateway.proxy.listeners import install_inherited_listeners, stop_listening
 from gateway.proxy.state import (
     announce,
     ca_dir,
+    close_abandoned_transfers,
     trace_key_path,
     trusted_upstream_ca,
     writer_socket_path,
@@ -89,6 +90,7 @@ class GatewayServer:
             config.state_dir.mkdir(parents=True, exist_ok=True)
             self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
                                        signing_key=trace_key_path(config.state_dir))
+            await asyncio.to_thread(close_abandoned_transfers, self.trace, config.trace_dir)
         else:
             install_inherited_listeners(self.worker.listen_sockets)
             # Every record says which worker handled its transfer.
