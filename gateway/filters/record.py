@@ -16,11 +16,11 @@ The transfer id is the one the client sees in X-Gateway-Transfer-Id.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Protocol
 
+import orjson
 from mitmproxy import http
 from mitmproxy.master import Master
 
@@ -309,7 +309,7 @@ class Record:
         }
         # Reasons fill what the entry limit leaves (a bulk export has thousands of findings: they are
         # counted per rule and type, with their first locations; see gateway.dlp.tally).
-        room = MAX_ENTRY - len(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()) - RECORD_SLACK
+        room = MAX_ENTRY - len(orjson.dumps(record)) - RECORD_SLACK  # the size encode_record gives it
         record["rules"], omitted = reason_entries(transfer, room)
         if omitted:
             record["rules_omitted"] = omitted
