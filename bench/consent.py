@@ -11,6 +11,8 @@
   median and the spread (lowest-highest) are printed. Lookups and decisions are timed in this
   process's CPU time (one core's work, whatever else the shared machine runs); import and view
   loading in wall time (they wait on the disk too);
+- the floors of a record's decision on the 1 MiB response: parsing, its subject key (one HMAC), the
+  view lookup and writing back, each alone, beside the whole decision (microseconds of CPU);
 - with --proxy: a real gateway (2 workers would share the 2 cores with wrk: 1 worker) publishing an
   upstream that answers every GET with the same 1 MiB JSON array, once as a consent dataset (30%
   consented, the rest masked) and once as the same dataset without `legal_basis: consent`, measured
@@ -144,7 +146,26 @@ def library(args: argparse.Namespace, root: Path) -> None:
         ratio = statistics.median(runs["view"]) / statistics.median(runs["baseline"])
         print(f"{mib:>3} MiB {count:>8} {spread(runs['baseline']):>30} {spread(runs['view']):>30} {ratio:>5.2f} "
               f"{spread(runs['sqlite']):>30}")
+    floors(args, response(1, args.consents)[0], hasher, record_filter, lambda: view.consented(SCOPE, now))
     view.close()
+
+
+def floors(args: argparse.Namespace, body: bytes, hasher: SubjectHasher, record_filter: RecordFilter, lookup) -> None:
+    """What a record's decision cannot go below: the parts no decision skips, each alone, in CPU time."""
+    items = orjson.loads(body)
+    subjects = [item["id_number"] for item in items]
+    keys = set(hasher.keys(subjects))
+    parts = {"parse (orjson.loads)": lambda: orjson.loads(body), "subject keys (one HMAC each)": lambda: hasher.keys(subjects),
+             "lookup (view)": lambda: lookup()(keys), "write (orjson.dumps)": lambda: orjson.dumps(items),
+             "whole decision": lambda: record_filter.apply(body, "application/json", lookup())}
+    costs: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(args.repeat * 3):
+        for name, part in parts.items():
+            started = time.process_time()
+            part()
+            costs[name].append((time.process_time() - started) / len(items) * 1e6)
+    print(f"per record on the 1 MiB response, us of CPU, median (lowest-highest) of {args.repeat * 3}: "
+          + "; ".join(f"{name} {statistics.median(c):.2f} ({min(c):.2f}-{max(c):.2f})" for name, c in costs.items()))
 
 
 # ---- through the gateway --------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def wrk(port: int, body: Path, seconds: int, connections: int, script: Path) -> 
         raise SystemExit(f"wrk failed: {result.stderr or result.stdout}")
     requests, duration_us, p50_us, p99_us, errors, non_2xx = map(int, found.groups())
     return {"rps": requests / (duration_us / 1e6), "p50": p50_us / 1000, "p99": p99_us / 1000,
-            "failed": errors + non_2xx}
+            "failed": errors + non_2xx, "non_2xx": non_2xx}
 
 
 def process_tree_cpu(pid: int) -> float:

@@ -1,6 +1,8 @@
 """An upstream that misbehaves on purpose, chosen by the request path (`/close-mid-head`, ...), over
-plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself. Its HTTP/2 side also
-sends `/h2-random?bytes=N`: N random bytes (tests/upstream_server.py's) with no content-length."""
+plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself, and `/silent`, read
+and never answered. Its HTTP/2 side also sends `/h2-random?bytes=N`: N random bytes
+(tests/upstream_server.py's) with no content-length, and `/h2-trailers?message=M`: a body, then
+trailer fields `grpc-status: 0` and `grpc-message: M`."""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ ANSWERS: dict[str, bytes | None] = {
                          + b"100000\r\n" + b"\x00" * 1000,
     "/smuggling": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
 }
+# A path (HTTP/1 and HTTP/2 alike) the upstream reads and never answers, holding the connection open.
+SILENT = "/silent"
+SILENT_HOLD = 60.0  # seconds a silent connection is held (past any deadline a test sets)
 
 
 # An HTTP/2 upstream's ways of failing a request, by path: raw bytes sent after its SETTINGS, built by
@@ -80,6 +85,11 @@ class BadUpstream:
                 head += data
             path = head.split(b" ", 2)[1].decode()
             self.requests.append(path)
+            if path.split("?")[0] == SILENT:
+                conn.settimeout(SILENT_HOLD)
+                while conn.recv(65536):  # reads what comes, answers nothing, until the client goes
+                    pass
+                return
             answer = ANSWERS.get(path.split("?")[0])
             if answer is not None:
                 conn.sendall(answer)
@@ -96,6 +106,9 @@ class BadUpstream:
                 if isinstance(event, h2.events.RequestReceived):
                     path = dict(event.headers)[b":path"].decode()
                     self.requests.append(path)
+                    if path.split("?")[0] == SILENT:
+                        conn.settimeout(SILENT_HOLD)
+                        continue
                     if path.startswith("/h2-random?bytes="):
                         return _h2_stream(conn, connection, event.stream_id, int(path.split("=")[1]))
                     conn.sendall(connection.data_to_send() + _h2_answer(connection, event.stream_id, path))
@@ -107,6 +120,13 @@ class BadUpstream:
 
 
 def _h2_answer(connection: h2.connection.H2Connection, stream_id: int, path: str) -> bytes:
+    if path.startswith("/h2-trailers"):  # as gRPC answers: its status in trailer fields (?message=M)
+        message = path.partition("?message=")[2] or "ok"
+        message = "11010519491231002X" if message == "id-number" else message  # a resident ID number
+        connection.send_headers(stream_id, [(":status", "200"), ("content-type", "text/plain; charset=utf-8")])
+        connection.send_data(stream_id, b"trailers follow")
+        connection.send_headers(stream_id, [("grpc-status", "0"), ("grpc-message", message)], end_stream=True)
+        return connection.data_to_send()
     if path == "/h2-garbage":
         return b"\x00\x00\x08\x07\x00\x00\x00\x00\x01garbage!" * 3
     if path == "/h2-bad-status":

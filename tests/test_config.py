@@ -83,6 +83,33 @@ def test_a_bad_inspection_budget_names_file_line_and_key(tmp_path, written):
                                                       f"not a valid duration: '{written}'"), errors
 
 
+def test_memory_budget_and_body_idle_timeout_default_and_take_a_size_and_a_duration(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("dlp: {rules: dlp}", "dlp: {rules: dlp, memory_budget: 64MiB}")
+                    .replace("state_dir: state}", "state_dir: state, body_idle_timeout: 15s}"))
+    config = load_config(path)
+    assert (config.memory_budget, config.body_idle_timeout, config.body_timeout) == (64 * 1024 * 1024, 15.0, None)
+    shipped = load_config(REPO / "config" / "gateway.yaml")
+    assert (shipped.memory_budget, shipped.body_idle_timeout) == (256 * 1024 * 1024, 60.0)
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, body_timeout: 10m}"))
+    assert load_config(path).body_timeout == 600.0
+
+
+@pytest.mark.parametrize("written, error", [("512KiB", "at least 1 MiB"), ("0", "at least 1 MiB"),
+                                            ("lots", "not a valid size: 'lots'")])
+def test_a_bad_memory_budget_names_file_line_and_key(tmp_path, written, error):
+    errors = errors_of(tmp_path, VALID.replace("dlp: {rules: dlp}", f"dlp: {{rules: dlp, memory_budget: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:10: dlp.memory_budget: {error}"), errors
+
+
+@pytest.mark.parametrize("key", ["body_idle_timeout", "body_timeout"])
+@pytest.mark.parametrize("written", ["0s", "-1", "never"])
+def test_a_bad_body_timeout_names_file_line_and_key(tmp_path, key, written):
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, {key}: '{written}'}}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.{key}: "
+                                                      f"not a valid duration: '{written}'"), errors
+
+
 def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("state_dir: state}", "state_dir: state, shutdown_grace: 2500ms}"))
@@ -93,6 +120,29 @@ def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
         errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, shutdown_grace: {written}}}"))
         assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.shutdown_grace: ") \
             and error in errors[0], errors
+
+
+def test_trace_append_timeout_takes_a_duration_up_to_a_minute(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("origin: example/fe1}", "origin: example/fe1, append_timeout: 1500ms}"))
+    assert load_config(path).trace_append_timeout == 1.5
+    assert load_config(REPO / "config" / "gateway.yaml").trace_append_timeout == 5.0
+    for written, error in [("0s", "not a valid duration: '0s'"), ("soon", "not a valid duration: 'soon'"),
+                           ("2m", "at most 60 s")]:
+        errors = errors_of(tmp_path, VALID.replace("origin: example/fe1}", f"origin: example/fe1, append_timeout: {written}}}"))
+        assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:11: trace.append_timeout: ") \
+            and error in errors[0], errors
+
+
+def test_upstream_timeout_takes_a_duration(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, upstream_timeout: 90s}"))
+    assert load_config(path).upstream_timeout == 90.0
+    assert load_config(REPO / "config" / "gateway.yaml").upstream_timeout == 60.0
+    for written in ("0s", "-5s", "later"):
+        errors = errors_of(tmp_path, VALID.replace("state_dir: state}", f"state_dir: state, upstream_timeout: '{written}'}}"))
+        assert len(errors) == 1 and errors[0].startswith(
+            f"{tmp_path}/gw.yaml:1: gateway.upstream_timeout: not a valid duration: '{written}'"), errors
 
 
 def test_max_client_connections_defaults_and_takes_a_positive_integer(tmp_path):

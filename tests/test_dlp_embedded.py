@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import uuid
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from gateway.dlp import load_rules
 from gateway.dlp import stream as stream_module
 from gateway.dlp.coding import DecodeError
+from gateway.dlp import embedded
 from gateway.dlp.embedded import (
     MIN_RUN,
     base64_runs,
@@ -97,6 +99,29 @@ def test_runs_alphabets_and_wrapping():
     assert [c.content for c in encoded_contents(b"[" + b64(TABLE).encode() + b"]")] == [TABLE]
 
 
+def _runs_one_by_one(data: bytes) -> list[tuple[int, int]]:
+    """base64_runs as it was written before its numpy pass: every run start found by a regex, then read."""
+    runs, searched_to = [], 0
+    for start in (m.start() for m in re.finditer(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{%d}" % MIN_RUN, data)):
+        if start < searched_to:
+            continue
+        match = embedded._RUN.match(data, start)
+        searched_to, run = match.end(), match.group()
+        pieces = [(start, searched_to)] if b"\n" not in run else list(embedded._pieces(run, start))
+        runs += [(s, e) for s, e in pieces if embedded._mostly_letters(data[s:e])]
+    return runs
+
+
+def test_runs_found_at_once_are_those_found_one_by_one(monkeypatch):
+    monkeypatch.setattr(embedded, "_RUNS_PIECE", 64)  # many pieces, cut at every place they can be
+    rng = random.Random(18)
+    pieces = [ID, "13800138000", b64(TABLE), base64.encodebytes(TABLE * 3).decode(), "=", "==", "\n", "\r\n", " ",
+              ",", '"', "号", "A" * MIN_RUN, "a1" * 9, "9" * 20, "-_", "+/", "Zm9vYmFy"]
+    for _ in range(2000):
+        data = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))).encode()
+        assert list(base64_runs(data)) == _runs_one_by_one(data), data
+
+
 def test_too_deep_nesting_is_uninspectable(rules):
     hidden = ID.encode()
     for _ in range(8):
@@ -173,3 +198,13 @@ def test_base64_in_streams_counts_against_the_detection_limit(tmp_path, monkeypa
     result = _streamed(profile, f"{'普通文本 ' * 3000} {hidden} {'普通文本 ' * 3000}".encode())
     assert "too many candidate matches in the stream" in [f.value for f in result.findings]
     assert sum(f.type == "cn_id_card" for f in result.findings) <= 2
+
+
+def test_runs_in_large_texts_are_found_from_the_first():
+    """Past 64 KiB a Hyperscan pass finds where the first run starts, and numpy reads from there."""
+    prose = "无敏感内容的普通文本，编号2025。".encode() * 5000
+    assert list(base64_runs(prose)) == []
+    encoded = b64(TABLE).encode()
+    text = prose + b" " + encoded + b" " + prose + b"[" + encoded + b"]"
+    assert list(base64_runs(text)) == _runs_one_by_one(text) == [
+        (len(prose) + 1, len(prose) + 1 + len(encoded)), (len(text) - 1 - len(encoded), len(text) - 1)]

@@ -490,3 +490,11 @@ def test_large_plain_text_mislabelled_as_utf8_is_uninspectable(outbound):
     leaking = clean + f" sfzh {ID}".encode()
     assert [f.type for f in outbound.scan(leaking, content_type="text/plain", content_encoding=None).findings] \
         == ["cn_id_card"]
+
+
+def test_csv_with_a_lone_carriage_return_in_its_first_line_is_scanned(outbound):
+    """Old Mac line ends (a lone CR), or any body with a CR in its first line sniffed as CSV: the header
+    is the text up to the first CR or LF (the csv module refuses a line with a CR inside: it was an
+    internal error, 500, found by bench/soak.py's random POST bodies)."""
+    body = f"name,note,sfzh\r张三,x,{ID}\r".encode()
+    assert "cn_id_card" in [f.type for f in outbound.scan(body, content_type="text/csv").findings]

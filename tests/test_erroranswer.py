@@ -6,7 +6,7 @@ import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
-from gateway.proxy import answers, h2limits, heads, heldheads
+from gateway.proxy import answers, bodytimeout, h2limits, heads, heldheads
 
 
 def install_all() -> None:
@@ -14,6 +14,7 @@ def install_all() -> None:
     answers.install()
     heads.install()
     heldheads.install()
+    bodytimeout.install()
     h2limits.install()
 
 
@@ -26,7 +27,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
                 h2.connection.H2Connection.receive_data, h2.connection.H2Connection.send_data,
                 HttpStream.start_request_stream, HttpStream.state_stream_request_body,
                 HttpStream.start_response_stream, HttpStream.state_stream_response_body,
-                HttpStream.check_killed, HttpStream.handle_connect_finish, h2.frame_buffer.FrameBuffer.__next__)
+                HttpStream.check_killed, HttpStream.handle_connect_finish, h2.frame_buffer.FrameBuffer.__next__,
+                HttpStream._handle_event, Http1Client.send)
 
     assert all(getattr(function, "gateway_answers", False) for function in wrapped())
     before = wrapped()
@@ -42,7 +44,8 @@ def test_install_accepts_this_mitmproxy_and_is_idempotent():
     (HttpStream, "start_request_stream", "heldheads"), (HttpStream, "state_stream_request_body", "heldheads"),
     (HttpStream, "start_response_stream", "heldheads"), (HttpStream, "state_stream_response_body", "heldheads"),
     (HttpStream, "check_killed", "answers"), (HttpStream, "handle_connect_finish", "answers"),
-    (h2.frame_buffer.FrameBuffer, "__next__", "h2limits")])
+    (h2.frame_buffer.FrameBuffer, "__next__", "h2limits"), (HttpStream, "_handle_event", "bodytimeout"),
+    (Http1Client, "send", "heads")])
 def test_install_refuses_a_changed_mitmproxy(monkeypatch, cls, name, module):
     def changed(self, event):  # an error path that no longer answers the way the wrapper relies on
         yield from ()

@@ -227,8 +227,9 @@ def test_a_blocked_chunked_upload_is_answered_403_and_its_head_never_leaves(lab,
         upstream.close()
     assert status == 403 and json.loads(answer)["transfer_id"] == fields["x-gateway-transfer-id"]
     assert (upstream.connections, bytes(upstream.received)) == (0, b"")
-    record = record_of(lab, fields["x-gateway-transfer-id"])
-    assert (record["decision"], record["status"]) == ("block", 403)
+    # Never forwarded, so one refused record like any refused transfer: no open record, no phase.
+    records = trace_records(lab["root"] / "state" / "trace", "--id", fields["x-gateway-transfer-id"], opened=True)
+    assert [(r["decision"], r["status"], r.get("phase")) for r in records] == [("block", 403, None)]
 
 
 # Limits exact whatever the segmentation: each head below arrives in one write.

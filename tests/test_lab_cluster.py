@@ -15,39 +15,23 @@ import time
 import pytest
 
 from gateway.ops.lab import lab_supported
-from tests.gatewayproc import REPO
+from tests.gatewayproc import REPO, trace_records
+from tests.traffic import (
+    LAB_UPSTREAM_LOG,
+    audit,
+    outcomes_of,
+    received_marks,
+    start_lab_clients,
+    start_lab_upstream,
+)
+
+CLIENTS = 4
+CUT = {"RemoteProtocolError", "ReadError", "ConnectError", "ConnectionResetError", "ConnectionRefusedError",
+       "BrokenPipeError", "ReadTimeout", "TimeoutError"}  # a connection cut or refused: no answer at all
 
 pytestmark = pytest.mark.skipif(
     bool(lab_supported()) or not (shutil.which("haproxy") and shutil.which("keepalived")),
     reason=f"cluster lab unavailable: {lab_supported() or 'haproxy or keepalived missing (scripts/system-deps)'}")
-
-# Clients in the client namespace: new connection per request to the floating address, one JSON line each.
-LOAD = """
-import http.client, json, sys, threading, time
-proxy, url, seconds, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-end = time.monotonic() + seconds
-lock = threading.Lock()
-def run(worker):
-    n = 0
-    while time.monotonic() < end:
-        n += 1
-        outcome = {"t": time.time(), "worker": worker, "n": n}
-        try:
-            conn = http.client.HTTPConnection(proxy, timeout=10)
-            conn.request("GET", f"{url}?w={worker}&n={n}")
-            response = conn.getresponse()
-            response.read()
-            outcome.update(status=response.status, id=response.getheader("X-Gateway-Transfer-Id"))
-            conn.close()
-        except Exception as e:
-            outcome["error"] = type(e).__name__
-            time.sleep(0.05)
-        with lock:
-            print(json.dumps(outcome), flush=True)
-ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-[t.start() for t in ts]
-[t.join() for t in ts]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +39,18 @@ def cluster(tmp_path_factory):
     from gateway.ops.labcluster import ClusterLab
 
     # Named after this process, so that runs side by side (two checkouts) do not tear down each other's.
-    lab = ClusterLab(f"gwct{os.getpid() % 100000}", 2, tmp_path_factory.mktemp("cluster"))
+    lab = ClusterLab(f"gwct{os.getpid() % 100000}", 2, tmp_path_factory.mktemp("cluster"),
+                     gateway_settings={"request_head_timeout": "1s"})  # the clients' unfinished heads: 408 soon
     lab.down()  # what a crashed earlier run of this process's name left
+    upstream = None
     try:
         problems = lab.up()
         assert not problems, problems
+        upstream = start_lab_upstream(lab)
         yield lab
     finally:
+        if upstream:
+            upstream.stop()
         lab.down()
 
 
@@ -72,55 +61,42 @@ def gateway(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
-def logged_ids(lab, gw: str) -> list[str]:
-    """The ids of the transfers a machine's verified log holds a final record of (a forwarded
-    transfer's completion, or a refused one's only record; not the open record before forwarding)."""
+def verified_records(lab, gw: str) -> list[dict]:
+    """A machine's records, once its log verifies on its own."""
     state = lab.state_dir / gw / "state"
     gateway("trace", "verify", str(state / "trace"), "--pubkey", str(state / "trace-signing.pub"))
-    shown = gateway("trace", "show", str(state / "trace")).stdout
-    records = [json.loads(line)["record"] for line in shown.splitlines()]
-    return [record["id"] for record in records if record.get("phase") != "open"]
+    return trace_records(state / "trace")
 
 
 def test_machine_killed_under_load_loses_no_record(cluster):
-    from gateway.ops.labcluster import FLOATING, INET, PROXY_PORT, UPSTREAM_PORT
-
-    load = subprocess.Popen(cluster.command("client", [
-        sys.executable, "-c", LOAD, f"{FLOATING}:{PROXY_PORT}", f"http://{INET}.2:{UPSTREAM_PORT}/", "8", "4"]),
-        stdout=subprocess.PIPE, text=True)
+    clients = start_lab_clients(cluster, CLIENTS, 8)
     time.sleep(2.5)
     killed_at = time.time()
     os.kill(cluster.pid("gw1"), signal.SIGKILL)  # the machine dies: its gateway and its witness service
     os.kill(cluster.pid("witness-gw1"), signal.SIGKILL)
-    out, _ = load.communicate(timeout=60)
-    outcomes = [json.loads(line) for line in out.splitlines()]
-    answered = [o for o in outcomes if "status" in o]
-    failed = [o for o in outcomes if "error" in o]
-    print(f"{len(answered)} answered, {len(failed)} failed: {sorted({o['error'] for o in failed})}")
+    outcomes = outcomes_of(clients, timeout=90)
+    answered = [o for o in outcomes if "id" in o]
+    failed = [o for o in outcomes if "id" not in o]
+    print(f"{len(answered)} answered, {len(failed)} cut: {sorted({o['error'] for o in failed})}")
     assert len(answered) > 50
-    assert all(o["status"] == 200 and o["id"] for o in answered), [o for o in answered if o["status"] != 200][:5]
     # The survivor took over: answers keep coming after the kill (HAProxy retried or redispatched).
     assert sum(o["t"] > killed_at + 3 for o in answered) > 10
-    # Connections cut or refused only; no answer without an id.
-    assert {o["error"] for o in failed} <= {"RemoteDisconnected", "ConnectionResetError", "ConnectionRefusedError",
-                                           "BadStatusLine", "IncompleteRead", "TimeoutError"}
+    # Connections cut or refused only (audit below: never an answer without a transfer id).
+    assert {o["error"] for o in failed} <= CUT, failed[:5]
 
     cluster.start("gw1")  # the killed machine comes back: its log, cut by kill -9, still verifies
     cluster.start("witness-gw1")
     assert cluster.wait_ready("gw1", 60)
-    ids = {gw: logged_ids(cluster, gw) for gw in cluster.gateways}
-    for gw, logged in ids.items():
-        assert len(logged) == len(set(logged)), f"{gw} recorded a transfer twice"
-    both = set(ids["gw1"]) | set(ids["gw2"])
-    assert not set(ids["gw1"]) & set(ids["gw2"]), "a transfer in both machines' logs"
-    missing = [o["id"] for o in answered if o["id"] not in both]
-    assert not missing, f"answered transfers without a record: {missing[:5]}"
-    assert ids["gw1"] and ids["gw2"]  # both machines served
+    logs = {gw: verified_records(cluster, gw) for gw in cluster.gateways}
+    findings = audit(outcomes, logs, cluster.state_dir / LAB_UPSTREAM_LOG)
+    assert not any(findings.values()), {what: found[:3] for what, found in findings.items() if found}
+    assert all(any(o["id"] in {r["id"] for r in logs[gw]} for o in answered) for gw in cluster.gateways)  # both served
 
     # It catches up its witnesses: gw2's witness cosigns gw1's log to its end, gw1's witness (refusing
     # nothing it cosigned before the kill) cosigns what gw2 logged while it was down; the whole boundary
     # then verifies as one, and its usage sums every answered transfer.
-    wait_cross_witnessed(cluster)
+    cosigned = cluster.wait_cross_witnessed(30)
+    assert all(log == signed for log, signed in cosigned.values()), f"(log size, cosigned size): {cosigned}"
     peers = str(cluster.state_dir / "peers.yaml")
     verified = gateway("trace", "verify", "--peers", peers)
     assert verified.stdout.count("OK: ") == 2 and "not yet cosigned" not in verified.stdout, verified.stdout
@@ -128,66 +104,40 @@ def test_machine_killed_under_load_loses_no_record(cluster):
     alone = [json.loads(gateway("trace", "meter", str(cluster.state_dir / gw / "state" / "trace"), "--pubkey",
                                 str(cluster.state_dir / gw / "state" / "trace-signing.pub")).stdout)
              for gw in cluster.gateways]
-    assert metered["total"]["transfers"] == sum(one["total"]["transfers"] for one in alone) >= len(both)
+    assert metered["total"]["transfers"] == sum(one["total"]["transfers"] for one in alone) >= len(answered)
     doctor = subprocess.run(cluster.command("gw1", [sys.executable, "-m", "gateway", "doctor", "-c",
                                                     str(cluster.state_dir / "gw1" / "gateway.yaml"), "--peers", peers]),
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert doctor.returncode == 0 and "ok: 2 machines run the same configuration" in doctor.stdout, doctor.stdout
 
 
-def wait_cross_witnessed(lab, timeout: float = 30.0) -> dict[str, int]:
-    """Each machine's log size once the other's witness has cosigned it whole."""
-    from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
-    from gateway.trace.note import parse_checkpoint_body, parse_note
-
-    def cosigned(trace):
-        try:
-            return parse_checkpoint_body(parse_note((trace / WITNESSED_FILE).read_bytes()).text).size
-        except FileNotFoundError:
-            return -1
-    deadline = time.monotonic() + timeout
-    while True:  # the log's newest checkpoint may be a journal frame not yet in its checkpoint file
-        traces = {gw: lab.state_dir / gw / "state" / "trace" for gw in lab.gateways}
-        now = {gw: (newest_checkpoint(trace, None)[1].size, cosigned(trace)) for gw, trace in traces.items()}
-        if all(log == cosigned for log, cosigned in now.values()):
-            return {gw: log for gw, (log, _) in now.items()}
-        assert time.monotonic() < deadline, f"(log size, cosigned size) not caught up: {now}"
-        time.sleep(0.5)
-
-
 def test_rolling_restart_under_load_keeps_every_record(cluster):
-    """`gateway drain` on each machine in turn, then a start, while clients keep going: nothing cut
-    (each machine finishes its transfers in flight before it stops), no answer without its record,
-    every log verifies, and the balancers keep serving through the whole roll."""
-    from gateway.ops.labcluster import FLOATING, INET, PROXY_PORT, UPSTREAM_PORT
-
-    before = {gw: set(logged_ids(cluster, gw)) for gw in cluster.gateways}
-    load = subprocess.Popen(cluster.command("client", [
-        sys.executable, "-c", LOAD, f"{FLOATING}:{PROXY_PORT}", f"http://{INET}.2:{UPSTREAM_PORT}/", "14", "4"]),
-        stdout=subprocess.PIPE, text=True)
+    """bench/soak.py --cluster in short: its mixed and hostile clients through the balancer while each
+    machine in turn is drained (`gateway drain`) and started again (ClusterLab.roll); every answer in
+    exactly one machine's verified log with the status the client saw and the one its kind gets (no
+    503 from a draining machine), nothing at the upstream without a record, both logs cosigned by the
+    other and `trace verify --peers` OK."""
+    clients = start_lab_clients(cluster, CLIENTS, 16)
     time.sleep(1.5)
     for gw in cluster.gateways:
-        drained = subprocess.run(cluster.command(gw, [
-            sys.executable, "-m", "gateway", "drain", "-c", str(cluster.state_dir / gw / "gateway.yaml")]),
-            capture_output=True, text=True, cwd=REPO, timeout=90)
-        assert drained.returncode == 0 and "drained and stopped" in drained.stdout, drained.stdout + drained.stderr
-        cluster.start(gw)
-        assert cluster.wait_ready(gw, 60)
-        time.sleep(2.5)  # the balancers' checks see it up again (rise 2, inter 1 s)
-    out, _ = load.communicate(timeout=60)
-    outcomes = [json.loads(line) for line in out.splitlines()]
-    answered = [o for o in outcomes if "status" in o]
-    failed = [o for o in outcomes if "error" in o]
-    print(f"rolling restart: {len(answered)} answered, {len(failed)} cut or refused: "
-          f"{sorted({o['error'] for o in failed})}")
+        assert "drained and stopped" in cluster.roll(gw)
+    outcomes = outcomes_of(clients, timeout=90)
+    answered = [o for o in outcomes if "id" in o]
+    failed = [o for o in outcomes if "id" not in o]
+    logs = {gw: verified_records(cluster, gw) for gw in cluster.gateways}
+    print(f"rolling restart: {len(answered)} answered, {len(failed)} cut: {sorted({o['error'] for o in failed})}")
     assert len(answered) > 100
-    assert all(o["status"] == 200 and o["id"] for o in answered)
-    # Each machine drained (gateway.shutdown_grace) before it stopped: no transfer in flight was cut.
-    assert not failed, failed[:5]
-    ids = {gw: set(logged_ids(cluster, gw)) - before[gw] for gw in cluster.gateways}
-    assert not ids["gw1"] & ids["gw2"]
-    missing = [o["id"] for o in answered if o["id"] not in ids["gw1"] | ids["gw2"]]
-    assert not missing, f"answered transfers without a record: {missing[:5]}"
+    assert {o["kind"] for o in answered} >= {"clean", "blocked", "garbage", "tunnel-binary", "large"}
+    assert len(received_marks(cluster.state_dir / LAB_UPSTREAM_LOG)) > 50  # the upstream check has something
+    findings = audit(outcomes, logs, cluster.state_dir / LAB_UPSTREAM_LOG)
+    assert not any(findings.values()), {what: found[:3] for what, found in findings.items() if found}
+    assert {o["error"] for o in failed} <= CUT, failed[:5]
+    # Cut (no answer, nothing recorded, nothing upstream): a request racing the close of an idle
+    # keep-alive connection as a drain ends; how many depends on timing (0-32 in runs here), not bounded.
+    cosigned = cluster.wait_cross_witnessed(30)
+    assert all(log == signed for log, signed in cosigned.values()), f"(log size, cosigned size): {cosigned}"
+    verified = gateway("trace", "verify", "--peers", str(cluster.state_dir / "peers.yaml"))
+    assert verified.stdout.count("OK: ") == 2 and "not yet cosigned" not in verified.stdout, verified.stdout
 
 
 def test_floating_address_moves_when_a_balancer_stops(cluster):

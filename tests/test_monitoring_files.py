@@ -30,7 +30,7 @@ REQUIRED_METRICS = {
 }
 PROMETHEUS_OWN = {"up"}  # written by Prometheus itself for every target
 ALERT_NAMES = {"GatewayDown", "GatewayBlockRateSpike", "GatewayTraceCheckpointStale", "GatewayConfigReloadFailed",
-               "GatewayUpstreamErrors", "GatewayConnectionsRefused", "GatewayRevocationListStale", "GatewayNotWitnessed"}
+               "GatewayTraceAppendTimeouts", "GatewayUpstreamErrors", "GatewayConnectionsRefused", "GatewayRevocationListStale", "GatewayNotWitnessed"}
 
 # PromQL words that are not metric names.
 PROMQL_WORDS = {

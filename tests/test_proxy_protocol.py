@@ -48,10 +48,25 @@ def v2_header(source: tuple[str, int] | None, destination: tuple[str, int] = ("1
 
 
 def parse(data: bytes) -> ProxyHeader:
-    command, family, length = parse_start(data[:16])
+    _, _, length = parse_start(data[:16])
     block = data[16:]
     assert len(block) == length
-    return parse_block(command, family, block)
+    return parse_block(data[:16], block)
+
+
+def with_crc32c(header: bytes, wrong: bool = False) -> bytes:
+    """The header with a CRC32C TLV appended (the specification's 2.2.5: CRC32C of the whole header with
+    the field zeroed, big-endian), computed with the standard library's table-free bitwise loop here,
+    independently of the parser's library."""
+    body = header[16:] + b"\x03\x00\x04" + bytes(4)
+    zeroed = header[:14] + struct.pack("!H", len(body)) + body
+    crc = 0xFFFFFFFF
+    for byte in zeroed:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    crc ^= 0xFFFFFFFF
+    return zeroed[:-4] + struct.pack("!I", crc ^ (1 if wrong else 0))
 
 
 # ---- the header alone ------------------------------------------------------------------------------
@@ -64,6 +79,8 @@ def test_valid_headers_give_the_client():
     tlv = bytes([0x04]) + struct.pack("!H", 3) + b"abc"  # PP2_TYPE_NOOP
     assert parse(v2_header(("10.1.0.9", 1), tlvs=tlv)).source == ("10.1.0.9", 1)
     assert parse(v2_header(None, command=0x20)) == ProxyHeader(None, None)  # LOCAL: a health check
+    assert parse(with_crc32c(v2_header(("10.1.0.9", 2), tlvs=tlv))).source == ("10.1.0.9", 2)
+    assert parse(with_crc32c(v2_header(("2001:db8::7", 3), ("2001:db8::1", 2)))).source == ("2001:db8::7", 3)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -78,11 +95,14 @@ def test_valid_headers_give_the_client():
     (SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 2000), "at most 1024"),
     (v2_header(("10.1.0.9", 1), tlvs=b"\x04\x00"), "inside a TLV"),
     (v2_header(("10.1.0.9", 1), tlvs=b"\x04\x00\x09abc"), "past the header's end"),
+    (with_crc32c(v2_header(("10.1.0.9", 1)), wrong=True), "CRC32C"),
+    (v2_header(("10.1.0.9", 1), tlvs=b"\x03\x00\x02ab"), "CRC32C TLV must be one, of 4 bytes"),
+    (with_crc32c(with_crc32c(v2_header(("10.1.0.9", 1)))), "CRC32C TLV must be one"),
 ])
 def test_invalid_headers_are_refused(data, message):
     with pytest.raises(ProxyHeaderError, match=re.escape(message)):
-        command, family, length = parse_start(data[:16].ljust(16, b"\0"))
-        parse_block(command, family, data[16:16 + length])
+        _, _, length = parse_start(data[:16].ljust(16, b"\0"))
+        parse_block(data[:16].ljust(16, b"\0"), data[16:16 + length])
 
 
 def test_configuration_errors_name_file_and_line(tmp_path):
@@ -214,6 +234,8 @@ def test_trusted_balancer_without_or_with_a_bad_header_is_refused(proxied):
     for data, reason, text in [
         (get(proxied["upstream"], "/plain"), "proxy_missing", "does not start with its signature"),
         (b"PROXY TCP4 10.1.0.9 127.0.0.1 1 2\r\n" + get(proxied["upstream"], "/v1"), "proxy_malformed", "v1"),
+        (with_crc32c(v2_header(("10.1.0.9", 40004)), wrong=True) + get(proxied["upstream"], "/crc"),
+         "proxy_malformed", "CRC32C"),
     ]:
         before = metric_total(proxied["config"], "gateway_connections_refused_total", f'reason="{reason}"')
         answer = exchange(proxied["port"], BALANCER, data)
@@ -278,3 +300,57 @@ def test_real_haproxy_in_front_gives_the_client_zone(proxied, tmp_path):
         assert record["client"]["addr"].startswith("127.0.0.7:") and record["client"]["zone"] == "internet"
     finally:
         haproxy.stop()
+
+
+def test_real_haproxy_header_with_crc32c_verifies(tmp_path):
+    """HAProxy's own bytes (`send-proxy-v2` with `proxy-v2-options crc32c`, as haproxy_config writes it):
+    the header carries a CRC32C TLV, the parser verifies it, and one flipped bit of it is refused."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (scripts/system-deps installs it)")
+    catcher = socket.create_server(("127.0.0.1", 0))
+    front = free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend f
+    bind 127.0.0.1:{front}
+    default_backend b
+backend b
+    server catcher 127.0.0.1:{catcher.getsockname()[1]} send-proxy-v2 proxy-v2-options crc32c source {BALANCER}
+""")
+    haproxy = Process(["haproxy", "-db", "-f", str(cfg)])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", front), timeout=2, source_address=("127.0.0.9", 0))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, haproxy.output
+                time.sleep(0.1)
+        with client:
+            client.sendall(b"hello")
+            catcher.settimeout(10)
+            served, _ = catcher.accept()
+            with served:
+                data = b""
+                while not data.endswith(b"hello"):
+                    data += served.recv(4096)
+    finally:
+        haproxy.stop()
+        catcher.close()
+    _, _, length = parse_start(data[:16])
+    header = data[:16 + length]
+    assert parse(header).source[0] == "127.0.0.9"
+    offset, crc = 16 + 12, None  # the TLVs after the IPv4 address block
+    while offset < len(header):
+        if header[offset] == 0x03:
+            crc = offset + 3
+        offset += 3 + int.from_bytes(header[offset + 1:offset + 3], "big")
+    assert crc is not None, f"no CRC32C TLV in HAProxy's header: {header.hex()}"
+    broken = header[:crc] + bytes([header[crc] ^ 0x01]) + header[crc + 1:]
+    with pytest.raises(ProxyHeaderError, match="CRC32C"):
+        parse(broken)

@@ -182,6 +182,18 @@ def test_http2_trailer_fields_are_inspected_before_they_are_passed_on(tls_lab):
     assert not log.exists() or marker not in log.read_text()
 
 
+def test_clean_http2_trailer_fields_are_dropped_toward_an_http1_upstream(tls_lab):
+    """mitmproxy cannot write trailers over HTTP/1: it raised after the body (the client still got its
+    answer), leaving the upstream connection without the message's end."""
+    marker = f"/echo?case=h2-clean-trailers-{free_port()}"
+    logged = len(tls_lab["gateway"].lines)
+    status, headers = h2_post_with_trailers(tls_lab, marker, [("x-checksum", "5d41402a")])
+    assert status == 200, headers
+    assert not [line for line in tls_lab["gateway"].lines[logged:] if "Unexpected event" in line]
+    [request] = [r for r in map(json.loads, tls_lab["upstream_log"].read_text().splitlines()) if marker in r["path"]]
+    assert request["bytes"] == len(b"a clean body")
+
+
 def test_many_concurrent_http2_streams_to_an_http1_upstream_all_pass(tls_lab):
     """mitmproxy queues them on a few upstream connections; none may be refused as over a limit."""
     streams = 90  # under the 100 concurrent streams mitmproxy allows (sent before its SETTINGS is read)

@@ -225,8 +225,8 @@ def test_a_transfer_still_running_at_the_end_of_the_grace_period_is_recorded_as_
 
 def test_a_connection_made_while_the_gateway_stops_is_answered_or_refused_never_dropped(gateway):
     """Clients connecting right at SIGTERM, while a slow transfer keeps the workers draining: a
-    connection the kernel accepted gets an HTTP answer (503 "gateway stopping", recorded), the others
-    are refused at connect. Before, a worker's socket stayed open in its supervisor: connections queued
+    connection the kernel accepted gets an HTTP answer (served, its transfer recorded), the others are
+    refused at connect. Before, a worker's socket stayed open in its supervisor: connections queued
     there for the whole drain and were reset, their requests sent and never answered."""
     holder = threading.Thread(target=lambda: httpx.Client(proxy=gateway["proxy"], timeout=30).get(
         f"{gateway['upstream']}/text?body=ok&delay=3&m=holder"), daemon=True)
@@ -325,3 +325,35 @@ def test_a_transfer_left_open_by_a_killed_gateway_is_closed_as_abandoned_at_the_
     finally:
         process.stop()
         upstream.stop()
+
+
+def test_a_stopping_gateway_serves_a_request_on_an_open_connection_and_closes_it(tmp_path):
+    """Behind a TCP balancer a client's keep-alive connection stays on its machine: a request it sends
+    while the machine drains is served (not refused 503) and the connection closed after the answer,
+    so that the client's next request opens a new connection, which the balancer sends elsewhere."""
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", workers=1)
+    config["gateway"]["shutdown_grace"] = f"{GRACE}s"
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    process = start_gateway(write_config(tmp_path / "gateway.yaml", config))
+    proxy, target = listener_url(config, "forward"), f"http://127.0.0.2:{port}"
+    slow: list[object] = []
+    try:
+        with httpx.Client(proxy=proxy, timeout=30) as idle, httpx.Client(proxy=proxy, timeout=30) as busy:
+            assert idle.get(f"{target}/text?body=ok&m=before").status_code == 200  # its connection stays open
+            thread = threading.Thread(target=lambda: slow.append(
+                busy.get(f"{target}/text?body=ok&delay=3&m=slow").status_code))
+            thread.start()
+            time.sleep(1)  # the slow transfer is in flight: the drain waits for it
+            os.kill(process.proc.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            during = idle.get(f"{target}/text?body=ok&m=during")
+            thread.join(15)
+        assert during.status_code == 200 and during.headers.get("connection") == "close", (during, during.text)
+        assert slow == [200]
+        assert process.stop(timeout=GRACE + 20) == 0
+    finally:
+        process.stop(timeout=30)
+        upstream.stop()
+    records = trace_records(tmp_path / "state" / "trace")
+    assert [r["status"] for r in records if "m=during" in (r["url"] or "")] == [200]

@@ -412,3 +412,27 @@ def test_a_crash_while_the_rotated_journal_is_renamed_keeps_every_acknowledged_r
     store.close_files()
     assert read_journal(tmp_path / "log" / "journal").start == 256
     assert verify_log(tmp_path / "log", parse_vkey((tmp_path / "key.pub").read_text())).ok
+
+
+def test_stalled_for_measures_a_commit_that_does_not_return(tmp_path):
+    """A hung disk, as the in-process log sees it: its commit does not return (here: held on an event).
+    `stalled_for` grows meanwhile (the record stage refuses at once past trace.append_timeout), and is 0
+    again once the commit returns; the record is durable then."""
+    with open_log(tmp_path) as log:
+        store = log._committer.store
+        released, commit = threading.Event(), store.commit
+
+        def hung_commit(entries):
+            released.wait(10)
+            return commit(entries)
+
+        store.commit = hung_commit
+        assert log.stalled_for == 0.0
+        done: list[int] = []
+        thread = threading.Thread(target=lambda: done.append(log.append_sync({"n": 1})))
+        thread.start()
+        time.sleep(0.5)
+        assert 0.4 < log.stalled_for < 5, log.stalled_for
+        released.set()
+        thread.join(10)
+        assert done == [0] and log.stalled_for == 0.0

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.badupstream import ANSWERS, H2_FAILURES, BadUpstream
+from tests.badupstream import ANSWERS, H2_FAILURES, SILENT, BadUpstream
 from tests.certs import make_ca_and_server
-from tests.gatewayproc import free_port, gateway_config, listener_url, start_gateway, trace_records, write_config
+from tests.gatewayproc import (
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    trace_records,
+    write_config,
+)
 
 MIB = 1024 * 1024
+UPSTREAM_TIMEOUT = 2.0
+MARGIN = 2.0  # seconds allowed past the deadline on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +38,7 @@ def lab(tmp_path_factory):
     ca, cert, key = make_ca_and_server(root, "127.0.0.2")
     config = gateway_config(root / "state", workers=1, tls={"upstream_ca": str(ca)})
     config["dlp"]["spool_threshold"] = "1MiB"
+    config["gateway"]["upstream_timeout"] = f"{UPSTREAM_TIMEOUT}s"
     # a name that does not resolve is in no zone: allowed there, so that the gateway tries to resolve it
     config["policy"]["rules"].append({"name": "to-unknown", "from": "extranet", "to": "unknown", "action": "allow",
                                       "request_profile": "outbound", "response_profile": "inbound"})
@@ -39,7 +51,7 @@ def lab(tmp_path_factory):
     upload.write_bytes(b"a" * 5 * MIB)
     plain, tls, http2 = BadUpstream("127.0.0.2"), BadUpstream("127.0.0.2", tls=(cert, key)), \
         BadUpstream("127.0.0.2", tls=(cert, key), http2=True)
-    yield {"root": root, "proxy": listener_url(config, "forward"), "gateway_ca": gateway_ca, "upload": upload,
+    yield {"root": root, "config": config, "proxy": listener_url(config, "forward"), "gateway_ca": gateway_ca, "upload": upload,
            "plain": plain, "tls": tls, "http2": http2}
     gateway.stop()
     for upstream in (plain, tls, http2):
@@ -101,3 +113,39 @@ def test_an_upstream_that_cannot_be_reached_is_answered_502_with_the_transfer_id
     resolve = ["--resolve", f"127.0.0.2.nip.invalid:{lab['tls'].port}:127.0.0.2"] if target == "untrusted name" else []
     status, transfer_id = answered(lab, url, *resolve, version=version)
     assert_answered_and_recorded(lab, status, transfer_id)
+
+
+@pytest.mark.parametrize(("upstream", "version"), [(upstream, version) for upstream in ("plain", "tls")
+                                                     for version in VERSIONS] + [("http2", "--http2")])
+def test_a_silent_upstream_is_answered_504_within_the_upstream_timeout(lab, upstream, version):
+    """An upstream that reads the request and never answers: 504 with the transfer id once
+    gateway.upstream_timeout has passed (mitmproxy alone waited for its 600 s tcp_timeout)."""
+    scheme = "http" if upstream == "plain" else "https"
+    url = f"{scheme}://127.0.0.2:{lab[upstream].port}{SILENT}?{version}"
+    timeouts = metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="timeout"')
+    started = time.monotonic()
+    status, transfer_id = answered(lab, url, version=version)
+    took = time.monotonic() - started
+    print(f"answered {status} after {took:.2f} s")
+    assert status == 504 and len(transfer_id) == 36 and UPSTREAM_TIMEOUT <= took < UPSTREAM_TIMEOUT + MARGIN, \
+        (status, transfer_id, took)
+    assert f"{SILENT}?{version}" in lab[upstream].requests  # the request did reach it
+    records = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id, opened=True)
+    assert [(r.get("phase"), r["status"], r["decision"]) for r in records] == [("open", None, "allow"),
+                                                                            ("done", 504, "error")]
+    assert records[1]["rules"][0]["rule"] == "upstream"
+    assert records[1]["error"] == f"upstream gave no response head within {UPSTREAM_TIMEOUT:g} s"
+    assert metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="timeout"') == timeouts + 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_silent_upstream_after_a_spooled_upload_is_answered_504(lab, version):
+    """The deadline runs from the request's release: a 5 MiB upload (spooled, judged, then sent) too."""
+    started = time.monotonic()
+    status, transfer_id = answered(lab, f"https://127.0.0.2:{lab['tls'].port}{SILENT}?upload{version}",
+                                   "-T", str(lab["upload"]), version=version)
+    took = time.monotonic() - started
+    print(f"answered {status} after {took:.2f} s")
+    assert status == 504 and len(transfer_id) == 36 and took >= UPSTREAM_TIMEOUT, (status, took)
+    [done] = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)
+    assert (done["status"], done["decision"], done["req_bytes"]) == (504, "error", 5 * MIB)

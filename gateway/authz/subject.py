@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
@@ -32,6 +33,7 @@ MASK_BY_TAG = {"cn_id_card": "id", "id-number": "id", "cn_mobile": "mobile", "mo
                "bank_card": "bank-card", "bank-card": "bank-card", "name": "name"}
 DROP = object()  # a mask's answer: remove the field
 ID_FORM = re.compile(r"[0-9]{17}[0-9X]|[0-9]{15}")  # an ID number already in normal form
+ID_FORMS = re.compile(rf"(?:{ID_FORM.pattern})(?:\n(?:{ID_FORM.pattern}))*")  # such, one a line
 
 
 def load_secret(path: Path) -> bytes:
@@ -81,6 +83,21 @@ class SubjectHasher:
         """The subject key of an ID number, or None when it is not one."""
         text = normal_id(id_number)
         return None if text is None else self._subject_mac(text.encode())
+
+    def keys(self, values: list) -> list[bytes | None]:
+        """The subject keys of many values (a response's subject fields): when all are ID numbers in normal
+        form (checked at once), one HMAC per distinct number, else `key` value by value."""
+        try:
+            joined = "\n".join(values)
+        except TypeError:  # a value that is not a string
+            joined = None
+        if joined is None or joined.count("\n") != len(values) - 1 or not ID_FORMS.fullmatch(joined):
+            return [self.key(value) for value in values]
+        if len(set(values)) == len(values):  # (a response's subjects usually are all different)
+            return list(map(self._subject_mac, joined.encode().split(b"\n")))
+        distinct = set(values)
+        keys = dict(zip(distinct, map(self._subject_mac, map(str.encode, distinct))))
+        return list(map(keys.__getitem__, values))
 
     def key_check(self) -> str:
         """A short fingerprint of the secret and algorithm: a batch made with another secret is refused."""
@@ -141,9 +158,11 @@ def _keep_ends(first: int, last: int, squeeze: str = "") -> Callable[[object], o
     return mask
 
 
-mask_id = _keep_ends(6, 4)               # 520602********123X
-mask_mobile = _keep_ends(3, 4)           # 139****5678
-mask_bank_card = _keep_ends(6, 4, " ")   # 622848******1234
+# (first, last, squeeze) of the masks keeping both ends
+KEEP_ENDS = {"id": (6, 4, ""),           # 520602********123X
+             "mobile": (3, 4, ""),       # 139****5678
+             "bank-card": (6, 4, " ")}   # 622848******1234
+mask_id, mask_mobile, mask_bank_card = (_keep_ends(*KEEP_ENDS[mask]) for mask in ("id", "mobile", "bank-card"))
 
 
 def mask_name(value: object) -> object:
@@ -169,3 +188,28 @@ def masker(mask: str, field: str, hasher: SubjectHasher) -> Callable[[object], o
     if mask == "token":
         return lambda value: hasher.token(field, str(value)) if isinstance(value, (str, int)) else DROP
     return {"id": mask_id, "mobile": mask_mobile, "bank-card": mask_bank_card, "name": mask_name}[mask]
+
+
+def column_masker(mask: str, field: str, hasher: SubjectHasher) -> Callable[[list], list]:
+    """What `masker` makes of each value, made of a whole column (one field of many records) at once."""
+    one = masker(mask, field, hasher)
+    if mask in KEEP_ENDS:
+        first, last, squeeze = KEEP_ENDS[mask]
+        return lambda values: _fixed_width_masked(values, first, last, squeeze) or list(map(one, values))
+    return lambda values: list(map(one, values))
+
+
+def _fixed_width_masked(values: list, first: int, last: int, squeeze: str) -> list[str] | None:
+    """`values` with the middle starred as one array, when they are ASCII strings of one width longer than
+    the ends kept (an export's ID numbers, mobiles, cards); None for anything else."""
+    try:
+        joined = "\n".join(values)
+    except TypeError:  # a value that is not a string
+        return None
+    width = len(values[0]) if values else 0
+    if (width <= first + last or not joined.isascii() or joined.count("\n") != len(values) - 1
+            or (squeeze and squeeze in joined) or set(map(len, values)) != {width}):
+        return None
+    rows = numpy.frombuffer((joined + "\n").encode(), numpy.uint8).reshape(len(values), width + 1).copy()
+    rows[:, first:width - last] = ord("*")
+    return rows.tobytes().decode().split("\n")[:-1]

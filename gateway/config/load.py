@@ -46,6 +46,12 @@ MERGED_SECTIONS = {"gateway", "dlp", "trace", "management", "alerts", "tls", "au
 MAX_WORKERS = 256
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 DEFAULT_INSPECTION_BUDGET = 5.0  # seconds of CPU (gateway.dlp.budget)
+DEFAULT_MEMORY_BUDGET = 256 * 1024**2  # bytes of bodies held in memory per worker (gateway.transfer.memory)
+MIN_MEMORY_BUDGET = 1024**2
+DEFAULT_BODY_IDLE_TIMEOUT = 60.0  # seconds (nginx's client_body_timeout)
+DEFAULT_TRACE_APPEND_TIMEOUT = 5.0  # seconds a record may take to be durable before its transfer is refused 503
+MAX_TRACE_APPEND_TIMEOUT = 60.0  # longer and clients give up first: they must get the refusal
+DEFAULT_UPSTREAM_TIMEOUT = 60.0  # seconds from a request sent to its response head (else 504)
 MAX_SHUTDOWN_GRACE = 600.0  # seconds (systemd/gateway.service gives a stop 30 s: TimeoutStopSec)
 
 
@@ -128,6 +134,11 @@ class Config:
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of bodies a worker holds in memory (more are spooled)
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT  # seconds without a byte of a request body (then 408)
+    body_timeout: float | None = None  # seconds from a request head to the end of its body (then 408); None: no limit
+    trace_append_timeout: float = DEFAULT_TRACE_APPEND_TIMEOUT  # a record not durable by then: 503
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # a response head not begun by then: 504
 
 
 def load_config(path: Path | str | None = None, frontend: str | None = None) -> Config:
@@ -192,7 +203,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return node.mapping(allowed, required) or {}
 
     gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
-                             "shutdown_grace"}, {"name", "state_dir"})
+                             "shutdown_grace", "body_idle_timeout", "body_timeout", "upstream_timeout"},
+                 {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
     workers = gw["workers"].integer(minimum=1) if "workers" in gw else default_workers()
@@ -200,9 +212,14 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         gw["workers"].error(f"at most {MAX_WORKERS} workers")
     head_timeout = gw["request_head_timeout"].parsed(parse_duration, "duration") \
         if "request_head_timeout" in gw else 30.0
+    body_idle = gw["body_idle_timeout"].parsed(parse_duration, "duration") if "body_idle_timeout" in gw \
+        else DEFAULT_BODY_IDLE_TIMEOUT
+    body_total = gw["body_timeout"].parsed(parse_duration, "duration") if "body_timeout" in gw else None
     grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
+    upstream_timeout = gw["upstream_timeout"].parsed(parse_duration, "duration") if "upstream_timeout" in gw \
+        else DEFAULT_UPSTREAM_TIMEOUT
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
         else DEFAULT_MAX_CLIENT_CONNECTIONS
 
@@ -211,18 +228,26 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     listeners = _listeners(sections.get("listeners"), sink, source)
     policy_default, rules = _policy(sections.get("policy"), zone_names, {l.name for l in listeners}, sink, source)
 
-    dlp = section("dlp", {"rules", "spool_threshold", "inspection_budget"}, {"rules"})
+    dlp = section("dlp", {"rules", "spool_threshold", "inspection_budget", "memory_budget"}, {"rules"})
     dlp_rules = dlp["rules"].path_value() if "rules" in dlp else None
     spool = dlp["spool_threshold"].parsed(parse_size, "size") if "spool_threshold" in dlp else 8 * 1024**2
     budget = dlp["inspection_budget"].parsed(parse_duration, "duration") if "inspection_budget" in dlp \
         else DEFAULT_INSPECTION_BUDGET
+    memory = dlp["memory_budget"].parsed(parse_size, "size") if "memory_budget" in dlp else DEFAULT_MEMORY_BUDGET
+    if memory is not None and memory < MIN_MEMORY_BUDGET:
+        dlp["memory_budget"].error(f"at least {MIN_MEMORY_BUDGET // 1024**2} MiB")
 
-    trace = section("trace", {"dir", "origin", "body_digest"}, {"dir", "origin"})
+    trace = section("trace", {"dir", "origin", "body_digest", "append_timeout"}, {"dir", "origin"})
     trace_dir = _state_path(trace.get("dir"), state_dir)
     origin = trace["origin"].string() if "origin" in trace else None
     if origin is not None and (not origin or "\n" in origin or origin != origin.strip()):
         trace["origin"].error("the origin must be one non-empty line without surrounding spaces")
     digest = trace["body_digest"].string(DIGESTS) if "body_digest" in trace else "sha256"
+    append_timeout = trace["append_timeout"].parsed(parse_duration, "duration") if "append_timeout" in trace \
+        else DEFAULT_TRACE_APPEND_TIMEOUT
+    if append_timeout is not None and append_timeout > MAX_TRACE_APPEND_TIMEOUT:
+        trace["append_timeout"].error(f"at most {MAX_TRACE_APPEND_TIMEOUT:.0f} s (clients would give up before "
+                                      "their refusal)")
 
     management = section("management", {"listen", "tls", "basic_auth"}, {"listen"})
     mgmt = management["listen"].parsed(_host_port, "HOST:PORT address") if "listen" in management else None
@@ -251,7 +276,8 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
         shutdown_grace=grace, authz=authz,
-        inspection_budget=budget,
+        inspection_budget=budget, memory_budget=memory, body_idle_timeout=body_idle,
+        body_timeout=body_total, trace_append_timeout=append_timeout, upstream_timeout=upstream_timeout,
     )
 
 

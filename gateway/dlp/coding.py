@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import brotli
 
-from gateway.dlp.matcher import hyperscan
+try:
+    import hyperscan
+except ImportError:  # the fallback keeps the gateway working, only slower
+    hyperscan = None
 
 try:
     from compression import zstd  # Python >= 3.14
@@ -336,6 +339,30 @@ def match_ends(database, data: bytes) -> list[int]:
     ends: list[int] = []
     database.scan(data, match_event_handler=_note_end, context=ends, scratch=_scratch(database))
     return ends
+
+
+def first_start(characters: bytes, count: int, data: bytes) -> int | None:
+    """Where the first run of `count` bytes of the class `characters` (as written in a regex: b"0-9A-Z")
+    starts in `data`, or None: one Hyperscan pass reporting one match (a regex search for small data),
+    so that a numpy pass over a whole text is made only when the text holds such a run, and from there."""
+    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
+        match = _run_regex(characters, count).search(data)
+        return None if match is None else match.start()
+    ends = match_ends(_run_database(characters, count), data)
+    return ends[0] - count if ends else None  # the first run to reach `count` bytes starts there
+
+
+@functools.cache
+def _run_regex(characters: bytes, count: int) -> re.Pattern[bytes]:
+    return re.compile(b"[%s]{%d}" % (characters, count))
+
+
+@functools.cache
+def _run_database(characters: bytes, count: int):
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(expressions=[b"[%s]{%d}" % (characters, count)], ids=[0], elements=1,
+                     flags=[hyperscan.HS_FLAG_SINGLEMATCH])
+    return database
 
 
 def _scratch(database):

@@ -448,7 +448,7 @@ class _Walker:
 
     # CSV ----------------------------------------------------------------------------------------
     def csv(self, text: str, delimiter: str, location: str, raw: bytes | None) -> None:
-        first_line = text.split("\n", 1)[0]
+        first_line = re.split(r"[\r\n]", text, maxsplit=1)[0]  # the csv module ends a line at either
         header = next(csv.reader([first_line], delimiter=delimiter), [])
         for column in header:
             if column.strip():

@@ -137,7 +137,10 @@ DETECTORS: dict[str, Detector] = {d.name: d for d in (
     ),
     Detector(
         "cn_mobile", "mainland mobile number (allocated prefix, optional +86)",
-        (rf"(?:(?:\+|\b00)86{_NUMBER_SEP}?|\b)1[3-9][0-9]{_NUMBER_SEP}?[0-9]{{4}}{_NUMBER_SEP}?[0-9]{{4}}\b",),
+        # as one run of digits (gateway/dlp/tokens.py finds those), or with +86 or separators
+        (r"\b1[3-9][0-9]{9}\b",
+         rf"(?:(?:\+|\b00)86{_NUMBER_SEP}?1[3-9][0-9]{_NUMBER_SEP}?[0-9]{{4}}{_NUMBER_SEP}?"
+         rf"|\b1[3-9][0-9](?:{_NUMBER_SEP}[0-9]{{4}}{_NUMBER_SEP}?|[0-9]{{4}}{_NUMBER_SEP}))[0-9]{{4}}\b"),
         _check_mobile, lambda t: mask_middle(t, len(_digits(t)) - 8, 4), priority=30, group_separators=b"-",
         hint_fields=_hints("sjhm", "sjh", "mobile", "phone", "cellphone", "tel", "lxdh", "手机", "手机号",
                            "手机号码", "电话", "联系电话"),

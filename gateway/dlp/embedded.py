@@ -12,9 +12,9 @@ lines) are undone like a body; other UTF-8 text is read as text, its \\u and &# 
 full-width characters folded, as in any segment); anything else (an image, a hash, a random token) is scanned as bytes,
 as a binary body is: the ASCII tokens in it are found.
 
-Finding the base64 runs costs one Hyperscan pass over the data, reporting each run once, at its
-first MIN_RUN characters (where the character before is not a base64 one); Python `re` does the
-same more slowly when Hyperscan is missing. Both alphabets are read: standard (+/) and URL-safe
+Finding the base64 runs costs one numpy pass over the data, which finds every run of MIN_RUN
+characters or more and drops there those on one line mostly of digits (an ID number: a bulk export
+holds one in every record); the few others are read one by one. Both alphabets are read: standard (+/) and URL-safe
 (-_). Lines of equal length (a multiple of 4, as MIME and PEM wrap base64) are one run; other lines
 are runs of their own. A token is found from its first valid escape outwards and read once, and
 decoded by the C quoted-printable decoder; the text tokens of one text are read as one content, so
@@ -24,7 +24,6 @@ a page of encoded links costs one more scan of its links, not one per link.
 import base64
 import binascii
 import bisect
-import functools
 import heapq
 import html
 import itertools
@@ -33,16 +32,20 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, is_utf8, match_ends, unescape_u,
+    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, first_start, is_utf8, unescape_u,
 )
-from gateway.dlp.matcher import hyperscan
 
 MIN_RUN = 16
 _ALPHABET = rb"A-Za-z0-9+/_-"
-_RUN_START = rb"(?:^|[^" + _ALPHABET + rb"])[" + _ALPHABET + rb"]{%d}" % MIN_RUN
-_RUN_START_RE = re.compile(rb"(?<![" + _ALPHABET + rb"])[" + _ALPHABET + rb"]{%d}" % MIN_RUN)
+_IN_ALPHABET = bytes(int(bool(re.fullmatch(rb"[" + _ALPHABET + rb"]", bytes([b])))) for b in range(256))
+_LETTER = bytes(int(bytes([b]).isalpha()) for b in range(256))
+_RUNS_PIECE = 1 << 18
+_CONTINUED = np.zeros(256, dtype=bool)  # a run followed by one of these goes on (a wrapped line, padding)
+_CONTINUED[list(b"\r\n=")] = True
 # A run from its first character: lines joined by newlines, padding at the very end.
 _RUN = re.compile(rb"[" + _ALPHABET + rb"]+(?:\r?\n[" + _ALPHABET + rb"]+)*=*")
 _CONTAINER_MAGIC = (*ZIP_MAGIC, GZIP_MAGIC, ZSTD_MAGIC)
@@ -214,20 +217,62 @@ def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:
 
 def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
     """(start, end) of every run of base64 characters of MIN_RUN or more, in order."""
+    starts, ends, alone = _runs(data)
     searched_to = 0
-    for start in _run_starts(data):
+    for start, end, one_line in zip(starts.tolist(), ends.tolist(), alone.tolist()):
         if start < searched_to:
             continue  # a later line of a wrapped run already read
+        if one_line:  # one line, mostly letters (see _runs)
+            searched_to = end
+            yield start, end
+            continue
         match = _RUN.match(data, start)
-        assert match is not None  # the run start was just found there
+        assert match is not None  # the run starts there
         searched_to, run = match.end(), match.group()
-        if b"\n" not in run:  # one line (an ID number in a bulk export, say): the piece is the run
+        if b"\n" not in run:  # padding after it
             if _mostly_letters(run):
                 yield start, searched_to
             continue
         for piece_start, piece_end in _pieces(run, start):
             if _mostly_letters(data[piece_start:piece_end]):
                 yield piece_start, piece_end
+
+
+def _runs(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of MIN_RUN base64 characters or more worth reading, and whether
+    each is alone on its line, without padding: those of one line mostly of digits are not (see
+    _mostly_letters), found for all at once."""
+    first = first_start(_ALPHABET, MIN_RUN, data)  # one Hyperscan pass: most texts hold no run at all
+    if first is None:
+        none = np.zeros(0, dtype=np.int64)
+        return none, none, np.zeros(0, dtype=bool)
+    starts, ends, alone = _runs_from(data[first:] if first else data)
+    return starts + first, ends + first, alone
+
+
+def _runs_from(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_runs of a text starting at a run."""
+    inside = np.frombuffer(b"\0" + data.translate(_IN_ALPHABET) + b"\0", dtype=bool)  # inside[i + 1]: data[i]
+    found_starts, found_ends = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    start = 0
+    while start < len(data):  # by pieces cut outside runs: the edges of "%41%41..." would take 8 bytes a byte
+        end = min(start + _RUNS_PIECE, len(data))
+        end += int(np.argmin(inside[end + 1:]))  # to the next byte outside the alphabet, or the end
+        edges = np.flatnonzero(inside[start + 1:end + 2] != inside[start:end + 1]) + start
+        long_enough = edges[1::2] - edges[0::2] >= MIN_RUN
+        found_starts.append(edges[0::2][long_enough])
+        found_ends.append(edges[1::2][long_enough])
+        start = end + 1
+    starts, ends = np.concatenate(found_starts), np.concatenate(found_ends)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    alone = (ends == len(data)) | ~_CONTINUED[buf[np.minimum(ends, len(data) - 1)]]
+    bounds = np.stack([starts, ends], axis=1).ravel()
+    if len(bounds) and bounds[-1] == len(data):
+        bounds = bounds[:-1]  # the last sum then runs to the end
+    letters = np.add.reduceat(np.frombuffer(data.translate(_LETTER), dtype=np.uint8), bounds, dtype=np.int64)[0::2] \
+        if len(bounds) else np.zeros(0, dtype=np.int64)
+    worth = ~alone | (letters * 2 >= ends - starts)
+    return starts[worth], ends[worth], alone[worth]
 
 
 def _mostly_letters(run: bytes) -> bool:
@@ -288,22 +333,6 @@ def _pieces(run: bytes, start: int) -> Iterator[tuple[int, int]]:
         if width >= MIN_RUN:
             yield start, start + width
         start += len(line) + 1
-
-
-def _run_starts(data: bytes) -> Iterator[int]:
-    if hyperscan is None:
-        for match in _RUN_START_RE.finditer(data):
-            yield match.start()
-        return
-    for end in match_ends(_run_database(), data):
-        yield end - MIN_RUN
-
-
-@functools.cache
-def _run_database():
-    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[_RUN_START], ids=[0], elements=1, flags=[0])
-    return database
 
 
 def percent_runs(data: bytes) -> Iterator[tuple[int, int]]:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
-from operator import eq, itemgetter
+from operator import eq, is_, itemgetter
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
@@ -229,7 +229,7 @@ class Profile:
         # detect() joins them, settles that before a segment is built for each.
         texts = "\n".join(chain.from_iterable((value, name) for _, name, value in fields))
         data = folded(texts.encode("utf-8", "surrogatepass"))
-        if not self.matcher.scan(data) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
+        if not len(self.matcher.scan(data)) and not self.field_detections([(loc, name) for loc, name, _ in fields if name]) \
                 and not any(map(self._worth_reading, encoded_contents(data))):
             self._remember_clean(fields, mentioning=[location for location, name, value in fields
                                                      if self._mentions_context(f"{name} {value}".encode())])
@@ -255,7 +255,7 @@ class Profile:
     def _worth_reading(self, found: EncodedContent) -> bool:
         """Whether encoded text needs the full decode: text or a container to undo, a candidate
         among its bytes, or more encoded text inside them."""
-        return found.read_as != BYTES or bool(self.matcher.scan(found.content)) \
+        return found.read_as != BYTES or bool(len(self.matcher.scan(found.content))) \
             or next(encoded_contents(found.content), None) is not None or self._mentions_context(found.content)
 
     def _remember_clean(self, fields: list[tuple[str, str, str]], unsure: list[str] = (),
@@ -287,8 +287,10 @@ class Profile:
             for _, name, value in fields for text in (name, value))
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
-               direction: str = "request", host: str | None = None) -> StreamScan:
-        return StreamScan(self, content_type, content_encoding, direction, host)
+               direction: str = "request", host: str | None = None, buffer_bytes: int | None = None) -> StreamScan:
+        """A scan fed chunk by chunk; `buffer_bytes` (default: the limits' stream_buffer_bytes) is how much of
+        the body it may hold to scan whole (structure, archives) before it scans text window by window."""
+        return StreamScan(self, content_type, content_encoding, direction, host, buffer_bytes=buffer_bytes)
 
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:
@@ -385,16 +387,16 @@ class Profile:
             for segment in segments:
                 starts.append(position)
                 position += len(segment.data) + 1
-        hits = self.matcher.scan(data)
-        if len(hits) > MAX_CANDIDATES:
+        table = self.matcher.scan(data)  # every candidate at once (numpy): a bulk export has a few in every record
+        if len(table) > MAX_CANDIDATES:
             return [], True
         if accept is not None:
             folding = segments[0].folding  # a stream's window: one segment
-            hits = [hit for hit in hits if accept[0] < (hit[2] if folding is None else folding.unfolded(hit[2])) <= accept[1]]
-        if not hits:
+            written_ends = table[:, 2] if folding is None else table[:, 2] + 2 * np.searchsorted(
+                np.asarray(folding.positions, dtype=np.int64), table[:, 2], "left")
+            table = table[(accept[0] < written_ends) & (written_ends <= accept[1])]
+        if not len(table):
             return [], False
-        # Every candidate at once (numpy): a bulk export has a few in every record.
-        table = np.fromiter(chain.from_iterable(hits), np.int64, 3 * len(hits)).reshape(-1, 3)
         detector_of = self._detector_of[table[:, 0]]
         span_starts, span_ends, detector_index = _detector_spans(
             data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
@@ -477,6 +479,8 @@ class _Findings:
         self.tally = Tally()
         self.replacements: dict[str, str] = {}
         self.masks = _Masks({d.value: d for d in detections if d.value})
+        # no value found twice (a bulk export, most often): nothing is told apart by location
+        self.distinct = len(self.masks) == len(detections)
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
@@ -494,6 +498,8 @@ class _Findings:
     def locate_repeated(self, detections: list[Detection]) -> None:
         """Locate, in text order, the detections of values found more than once (which rules tell
         apart by location, see unrepeated()): a locator replays a text once for all rules."""
+        if self.distinct:
+            return
         values = list(map(_VALUE, detections))
         if len(set(values)) < len(values):
             counts = Counter(values)
@@ -509,6 +515,8 @@ class _Findings:
     def unrepeated(self, selected: list[Detection]) -> list[Detection]:
         """The detections but those of a value found at the same location before (only values seen
         twice are located to tell)."""
+        if self.distinct:
+            return selected
         values = list(map(_VALUE, selected))
         if len(set(values)) == len(values):
             return selected
@@ -529,7 +537,7 @@ class _Findings:
         types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
         for type in types:
             group = selected if len(types) == 1 else [d for d in selected if d.type == type]
-            if group[0].segment is not None and len(set(map(id, map(_SEGMENT, group)))) == 1 \
+            if group[0].segment is not None and all(map(is_, map(_SEGMENT, group), repeat(group[0].segment))) \
                     and not any(map(_BASE, group)):  # all in one text (a bulk export): offsets taken in C
                 runs = [(group[0].segment.location, list(map(_OFFSET, group)))]
             else:

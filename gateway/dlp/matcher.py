@@ -2,17 +2,19 @@
 
 Both engines see the same patterns (written in their common subset) and report (pattern index, start,
 end) candidates; they may report different overlapping candidates for the same text, which is why
-callers validate every candidate and keep the longest valid one.
+callers validate every candidate and keep the longest valid one. Patterns matching one word as
+written (a number as one run of digits) are found by gateway/dlp/tokens.py instead, for both engines:
+Hyperscan would call Python back for each of the thousands a bulk export holds.
 """
 
 import re
 import threading
 from dataclasses import dataclass
 
-try:
-    import hyperscan
-except ImportError:  # the fallback keeps the gateway working, only slower
-    hyperscan = None
+import numpy as np
+
+from gateway.dlp import tokens
+from gateway.dlp.coding import hyperscan
 
 HYPERSCAN_AVAILABLE = hyperscan is not None
 
@@ -44,25 +46,32 @@ class Matcher:
         self._compiled = [compile_re(spec) for spec in specs]
         self._databases: list = []
         self._local = threading.local()
-        if self.engine == "hyperscan" and specs:
-            shared = [index for index, spec in enumerate(specs) if not spec.alone]
-            groups = ([shared] if shared else []) + [[index] for index, spec in enumerate(specs) if spec.alone]
+        self._words = {index: form for index, spec in enumerate(specs) if not spec.caseless
+                       and (form := tokens.word_pattern(spec.regex)) is not None}
+        self._rest = [index for index in range(len(specs)) if index not in self._words]
+        if self.engine == "hyperscan" and self._rest:
+            shared = [index for index in self._rest if not specs[index].alone]
+            groups = ([shared] if shared else []) + [[index] for index in self._rest if specs[index].alone]
             self._databases = [_compile(specs, group) for group in groups]
 
-    def scan(self, data: bytes) -> list[tuple[int, int, int]]:
-        """Every candidate as (pattern index, start, end) byte offsets."""
+    def scan(self, data: bytes) -> np.ndarray:
+        """Every candidate as a row (pattern index, start, end) of byte offsets."""
         if not self.specs or not data:
-            return []
-        if not self._databases:
-            return [(index, m.start(), m.end()) for index, pattern in enumerate(self._compiled)
-                    for m in pattern.finditer(data)]
+            return _NONE
         hits: list[tuple[int, int, int]] = []
-        scratches = getattr(self._local, "scratches", None)
-        if scratches is None:  # Hyperscan scratch space must not be shared between threads
-            scratches = self._local.scratches = [hyperscan.Scratch(database) for database in self._databases]
-        for database, scratch in zip(self._databases, scratches):
-            database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
-        return hits
+        if self.engine == "re":
+            hits = [(index, m.start(), m.end()) for index in self._rest for m in self._compiled[index].finditer(data)]
+        elif self._databases:
+            scratches = getattr(self._local, "scratches", None)
+            if scratches is None:  # Hyperscan scratch space must not be shared between threads
+                scratches = self._local.scratches = [hyperscan.Scratch(database) for database in self._databases]
+            for database, scratch in zip(self._databases, scratches):
+                database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
+        table = np.array(hits, dtype=np.int64).reshape(-1, 3)
+        return np.concatenate([table, tokens.scan(self._words, data)]) if self._words else table
+
+
+_NONE = np.zeros((0, 3), dtype=np.int64)
 
 
 def _compile(specs: list[PatternSpec], indexes: list[int]):

@@ -12,6 +12,7 @@ which sees it whole.
 import codecs
 import html
 import re
+from dataclasses import replace
 
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
@@ -52,7 +53,7 @@ _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "applicati
 
 class StreamScan:
     def __init__(self, profile, content_type: str | None, content_encoding: str | None, direction: str,
-                 host: str | None, *, location: str = "body", depth: int = 0):
+                 host: str | None, *, location: str = "body", depth: int = 0, buffer_bytes: int | None = None):
         self.profile = profile
         self.location = location  # of the body, or of a long encoded token within one (see _follow_token)
         self.depth = depth
@@ -60,7 +61,7 @@ class StreamScan:
         self.content_encoding = content_encoding
         self.direction = direction
         self.host = host
-        self.limits = profile.limits
+        self.limits = profile.limits if buffer_bytes is None else replace(profile.limits, stream_buffer_bytes=buffer_bytes)
         self._buffer: bytearray | None = bytearray()
         self._finished = False
         self._problems: list[tuple[str, str]] = []

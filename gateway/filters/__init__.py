@@ -2,6 +2,7 @@
 
 identify (zones) -> authorize (policy) -> grant (catalogue, grants) -> inspect (DLP)
   -> consent (data subjects' consent, per record) -> record (trace log, alerts) -> measure (metrics)
+  -> discard (the body of a request refused at its head, dropped as it arrives)
 """
 
 from __future__ import annotations

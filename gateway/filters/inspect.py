@@ -5,7 +5,9 @@ fields are inspected with the rule's request profile (data leaving the client's 
 bodies and trailers with its response profile (data arriving), WebSocket messages by their direction.
 Bodies above the spool threshold (of unknown length: once past it) are spooled to disk while they
 are scanned as they arrive, and released only after a clean verdict; their head is held with them
-(gateway.proxy.heldheads), so a blocked one is answered with its refusal like any other.
+(gateway.proxy.heldheads), so a blocked one is answered with its refusal like any other. A body that
+would take what the worker holds in memory past `dlp.memory_budget` (gateway.transfer.memory) is
+spooled too, whatever its size; the budget is given back when its transfer ends.
 Every scan of a transfer spends from its inspection budget (`dlp.inspection_budget`, CPU seconds,
 gateway.dlp.budget); past it what is left is uninspectable, and the profile's `uninspectable` applies.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 from mitmproxy import http
@@ -31,11 +34,13 @@ from gateway.dlp.stream import StreamScan
 from gateway.filters import Gateway, refuse, transfer_of
 from gateway.trace import body_hasher
 from gateway.transfer.edge import TOO_BIG
+from gateway.transfer.memory import MemoryBudget, Reservation
 from gateway.transfer.model import Reason, Transfer
 from gateway.transfer.spool import HeldBody, SpooledBody, spool_dir
 
 log = logging.getLogger(__name__)
 
+MEMORY_KEY = "gateway_memory"  # flow.metadata: the transfer's Reservation of its worker's memory budget
 SPOOL_UNAVAILABLE = Reason("spool", "unavailable", "spool", "block")  # its disk full: 503, not the content's fault
 # Bodies up to this size are scanned on the event loop; larger ones in a worker thread so other
 # transfers are not stalled while they are inspected.
@@ -48,6 +53,7 @@ INLINE_SCAN_SLICE = 0.05
 class Inspect:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.memory = MemoryBudget(lambda: self.gateway.runtime.config.memory_budget)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -100,6 +106,15 @@ class Inspect:
             _redact(flow, transfer, profile, request, result)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._inspect_response(flow)
+        finally:  # the transfer's bodies are dropped once the response leaves
+            _give_back_memory(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _give_back_memory(flow)
+
+    async def _inspect_response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
         if transfer is None or flow.metadata.get("gateway_refused") or not flow.response or \
                 "response" in transfer.spools:
@@ -157,22 +172,32 @@ class Inspect:
         """The stream callable for a body that may be larger than the spool threshold (a Content-Length
         above it, or none: chunked, HTTP/2 without one, a response ending when its connection closes):
         held in memory up to the threshold, then spooled and scanned as it arrives. A body known to
-        be smaller is left to mitmproxy, which buffers it."""
+        be smaller is left to mitmproxy, which buffers it, if the worker's memory budget can take it."""
         threshold = self.gateway.runtime.config.spool_threshold
+        memory = self._reservation(flow)
         length = message.headers.get("content-length")
         if length is not None:
-            if not (length.strip().isdigit() and int(length) > threshold):
+            if not length.strip().isdigit():
+                return None  # mitmproxy refuses it
+            if int(length) <= threshold and memory.take(int(length)):
                 return None
-            threshold = 0  # known to be large: spooled from its first byte
-        return HeldBody(threshold, lambda: self._open_spool(transfer, direction, message),
+            threshold = 0  # too large for memory: spooled from its first byte
+        return HeldBody(threshold, memory, lambda: self._open_spool(flow, transfer, direction, message),
                         lambda spool: self._judge(flow, transfer, direction, message, spool))
 
-    def _open_spool(self, transfer: Transfer, direction: str, message: http.Message) -> SpooledBody:
+    def _open_spool(self, flow: http.HTTPFlow, transfer: Transfer, direction: str,
+                    message: http.Message) -> SpooledBody:
         config = self.gateway.runtime.config
         profile = self._profile(transfer, direction)
-        scan = profile.stream(content_type=message.headers.get("content-type"),
-                              content_encoding=message.headers.get("content-encoding"),
-                              direction=direction, host=transfer.upstream_host) if profile else None
+        scan = None
+        if profile is not None:
+            # The scan holds the body's start to read it whole (structure, archives), in memory too.
+            buffer = profile.limits.stream_buffer_bytes
+            if not self._reservation(flow).take(buffer):
+                buffer = 0  # the worker's memory budget spent: read as text, window by window, from the start
+            scan = profile.stream(content_type=message.headers.get("content-type"),
+                                  content_encoding=message.headers.get("content-encoding"),
+                                  direction=direction, host=transfer.upstream_host, buffer_bytes=buffer)
         budgeted = BudgetedStream(scan, self._budget(transfer)) if scan else None
         spool = SpooledBody(spool_dir(config.state_dir), budgeted, config.body_digest)
         transfer.spools[direction] = spool
@@ -203,6 +228,13 @@ class Inspect:
                 refuse(flow, transfer, status=503, error="trace log unavailable")  # the record is not durable
             return False
         return True
+
+    def _reservation(self, flow: http.HTTPFlow) -> Reservation:
+        memory = flow.metadata.get(MEMORY_KEY)
+        if memory is None:
+            memory = flow.metadata[MEMORY_KEY] = Reservation(self.memory)
+            weakref.finalize(flow, memory.close)  # should a flow end with neither hook
+        return memory
 
     @property
     def _digest(self) -> str:
@@ -275,6 +307,12 @@ class BudgetedStream:
             except BudgetExceeded:
                 pass
         return _over_budget(self.scan.profile, self.scan.direction, self.scan.location, self.scan.host)
+
+
+def _give_back_memory(flow: http.HTTPFlow) -> None:
+    memory = flow.metadata.get(MEMORY_KEY)
+    if memory is not None:
+        memory.close()
 
 
 def _over_budget(profile: Profile, direction: str, where: str, host: str | None) -> ScanResult:

@@ -20,10 +20,11 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from gateway.authz import REASONS as GRANT_REASONS
 from gateway.config.runtime import Runtime
 from gateway.filters import body_size, disk_full, transfer_of
+from gateway.filters.record import TRACE_TIMED_OUT
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog
-from gateway.transfer.edge import LIMIT_ERROR, MalformedRequest
+from gateway.transfer.edge import LIMIT_ERROR, UPSTREAM_TIMED_OUT, MalformedRequest
 from gateway.transfer.model import Transfer
 from gateway.transfer.spool import spool_dir
 
@@ -129,7 +130,7 @@ class Measure:
         if transfer is None:
             return
         if flow.error and transfer.extra.get("forwarded") and is_upstream_failure(flow):
-            self._upstream_error(flow.client_conn, "protocol")
+            self._upstream_error(flow.client_conn, "timeout" if UPSTREAM_TIMED_OUT in flow.metadata else "protocol")
         if transfer.recorded:
             self._finish(flow, transfer)
 
@@ -179,6 +180,8 @@ class Measure:
         m.transfer_duration.labels(src_zone=src, dst_zone=dst).observe(time.monotonic() - transfer.started)
         for direction, seconds in transfer.extra.get("inspection_seconds", {}).items():
             m.inspection_duration.labels(direction=direction).observe(seconds)
+        if TRACE_TIMED_OUT in transfer.extra:
+            m.trace_append_timeouts.labels(record=transfer.extra[TRACE_TIMED_OUT]).inc()
         if "trace_append_seconds" in transfer.extra:
             m.trace_append_duration.observe(transfer.extra["trace_append_seconds"])
         self._count_findings(transfer)

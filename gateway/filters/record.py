@@ -1,15 +1,18 @@
 """Stage 4: trace records, durable before anything crosses; alerts.
 
 A transfer that will be forwarded gets two records: its "open" record (`"phase": "open"`: client,
-zones, upstream, method, masked URL, policy, grant, and the request body's digest when the body is
-held), durable before mitmproxy opens or writes to the upstream connection, and its completion
-(`"phase": "done"`: status, digests, decision, bytes), durable before the client gets its answer.
-With `connection_strategy: lazy` the upstream connection is opened after the `request` hooks for a
-body mitmproxy holds, but right after the `requestheaders` hooks for a streamed (spooled) one: the
-open record is written at the end of whichever comes first (this stage runs after inspect).
-A transfer refused before forwarding, and a CONNECT tunnel (which opens nothing upstream itself;
+zones, upstream, method, masked URL, policy, grant, the request body's size and digest), durable
+before mitmproxy opens or writes to the upstream connection, and its completion (`"phase": "done"`:
+status, digests, decision, bytes), durable before the client gets its answer. Every request body is
+whole before its head leaves: one mitmproxy buffers goes upstream after the `request` hooks, a
+spooled one after its verdict (gateway.proxy.heldheads, the `release_held_request` hook); the open
+record is written in whichever runs. A transfer refused before forwarding (a spooled body's block
+too), and a CONNECT tunnel (which opens nothing upstream itself;
 each request inside is a transfer of its own), get one record without a phase. A transfer whose
 completion never came (its process died) stays open in the log: `gateway trace show --open`.
+A record not durable within `trace.append_timeout` (a stalled writer) is answered 503 as if the log
+had failed; an open record's completion then follows it to the writer without the client waiting.
+While the log has made nothing durable for that long, records are refused at once, not handed over.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
 """
 
@@ -30,7 +33,8 @@ from gateway.filters import FreeSpace, body_size, refusal_response, refuse, tran
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
-from gateway.transfer.edge import ANSWER_STATUS, UPSTREAM, MalformedRequest, cut
+from gateway.transfer.edge import (ANSWER_STATUS, TIMEOUT, TRAILERS, UPSTREAM, UPSTREAM_TIMED_OUT,
+                                   MalformedRequest, cut)
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -51,7 +55,15 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
+# Refusals of a request's body whose error text is the gateway's own: (reason, the answer's error).
+BODY_REFUSALS = {
+    TIMEOUT: (Reason("timeout", "body-idle", "request body", "error"), "request body timed out"),
+    TRAILERS: (Reason("framing", "trailers", "request trailers", "block"), "malformed request"),
+}
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
+# transfer.extra key: which of its records ("open", "done" or "only") the trace writer did not make
+# durable within trace.append_timeout.
+TRACE_TIMED_OUT = "trace_timed_out"
 RECORD_SLACK = 128  # room kept for "rules_omitted", the phase and the writer's worker field
 
 
@@ -63,8 +75,9 @@ class Record:
         self.gateway = gateway
         # Transfers whose final record is not written yet, by id: what a graceful stop waits for.
         self.in_flight: dict[str, tuple[http.HTTPFlow, Transfer]] = {}
-        self.stopping = False  # a graceful stop has begun: new transfers are refused
+        self.stopping = False  # a graceful stop has begun: HTTP/1 connections close, new HTTP/2 streams refused
         self._opening = 0  # open records being written
+        self._late: set[asyncio.Task] = set()  # completions of transfers whose open record timed out
         self._space: FreeSpace | None = None
 
     def _trace_space(self) -> FreeSpace:
@@ -87,13 +100,19 @@ class Record:
             transfer.error = f"trace log unavailable: {failure}"
             log.error("refusing transfer %s: %s", transfer.id, transfer.error)
             refuse(flow, transfer, status=503, error="trace log unavailable")
-        elif self.stopping:
+        elif self.stopping and not flow.request.http_version.startswith("HTTP/1"):
+            # An HTTP/2 connection takes new streams for as long as it lives: refused, or no drain would end.
+            # A request on an HTTP/1 connection accepted before the stop is served, and the connection
+            # closed after it (_close_when_stopping): behind a balancer the client's next request goes
+            # to another machine instead of getting a 503.
             transfer.escalate("error", [STOPPING])
             transfer.error = "the gateway is stopping"
             refuse(flow, transfer, status=503, error="gateway stopping")
+
+    def _close_when_stopping(self, flow: http.HTTPFlow) -> None:
+        """While the gateway stops, an HTTP/1 connection ends with the answer it is getting."""
+        if self.stopping and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
             flow.response.headers["Connection"] = "close"
-        elif flow.request.stream:
-            await self._open(flow, transfer)  # mitmproxy sends the head upstream right after this hook
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A CONNECT is a transfer of its own (the tunnel; each request it carries is another), answered
@@ -107,6 +126,7 @@ class Record:
         await self._record(flow, transfer)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._close_when_stopping(flow)
         transfer = transfer_of(flow)
         if transfer is None or flow.response is None:
             return
@@ -125,7 +145,14 @@ class Record:
         elif flow.response is None and not transfer.opened:
             await self._open(flow, transfer)  # mitmproxy connects upstream right after this hook
 
+    async def release_held_request(self, flow: http.HTTPFlow) -> None:
+        """A held (spooled) request body passed: its head leaves right after this hook."""
+        transfer = transfer_of(flow)
+        if transfer is not None and flow.response is None and not transfer.opened:
+            await self._open(flow, transfer)
+
     async def response(self, flow: http.HTTPFlow) -> None:
+        self._close_when_stopping(flow)  # again: answers made here (refusals) have no responseheaders
         transfer = transfer_of(flow)
         if transfer is None:
             return
@@ -155,7 +182,16 @@ class Record:
             if cause == UPSTREAM:
                 where = f"{transfer.shown_host}:{transfer.upstream_port}"
                 transfer.add_reasons([Reason("upstream", "upstream", where, "error")])
-                refuse(flow, transfer, status=status, error="upstream failed")
+                timed_out = flow.metadata.get(UPSTREAM_TIMED_OUT)
+                if timed_out is None:
+                    refuse(flow, transfer, status=status, error="upstream failed")
+                else:  # gateway.proxy.upstreamdeadline closed a silent upstream's connection
+                    transfer.error = f"upstream gave no response head within {timed_out:g} s"
+                    refuse(flow, transfer, status=504, error="upstream timeout")
+            elif cause in BODY_REFUSALS:
+                reason, error = BODY_REFUSALS[cause]
+                transfer.add_reasons([reason])
+                refuse(flow, transfer, status=status, error=error)
             else:
                 # mitmproxy's reason quotes the client's header names and values: not kept.
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
@@ -202,12 +238,11 @@ class Record:
         """The open record, durable before the upstream connection is opened or written to; a
         transfer it cannot be written for is refused (nothing has crossed yet)."""
         request = flow.request
-        held = not request.stream
         record = {**self._fields(
             transfer, method=mask_text(request.method), url=mask_url(_display_url(request, transfer)), status=None,
-            req_bytes=len(request.raw_content or b"") if held else None, resp_bytes=None,
-            req_digest=_digest(self.gateway.runtime.config.body_digest, transfer, "request", request) if held
-            else None, resp_digest=None), "phase": "open"}
+            req_bytes=body_size(transfer, "request", request), resp_bytes=None,
+            req_digest=_digest(self.gateway.runtime.config.body_digest, transfer, "request", request),
+            resp_digest=None), "phase": "open"}
         self._opening += 1
         try:
             transfer.opened = await self._append(record, transfer)
@@ -220,6 +255,15 @@ class Record:
         """The transfer's final record: its completion if it was opened, else its only record."""
         transfer.recorded = True
         try:
+            if transfer.extra.get(TRACE_TIMED_OUT) == "open":
+                # Its open record is still with a writer that did not answer in time, and may become durable
+                # once the writer resumes: this completion (the 503 the client gets now) follows it there,
+                # with no further wait for the client.
+                record = {**self._build(flow, transfer), "phase": "done"}
+                task = asyncio.create_task(self._append(record, transfer, retry=True, bounded=False))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+                return
             if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
                 if refuse_on_failure and (flow.response is not None or flow.error is None):
                     refuse(flow, transfer, status=503, error="trace log unavailable")
@@ -232,20 +276,36 @@ class Record:
         transfer.recorded = True
         self.in_flight.pop(transfer.id, None)
 
-    async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False) -> bool:
+    async def _append(self, record: dict[str, Any], transfer: Transfer, retry: bool = False,
+                      bounded: bool = True) -> bool:
         """`retry`: a completion waits for a trace writer that is away to come back (bounded), since
-        its open record already let the transfer cross."""
+        its open record already let the transfer cross. `bounded`: a record not durable within
+        trace.append_timeout fails its transfer as if the log had failed, though the writer may
+        still make it durable later; while the log is known to have been stalled that long, at once."""
         started = time.perf_counter()
+        timeout = self.gateway.runtime.config.trace_append_timeout if bounded else None
+        stalled = self.gateway.trace.stalled_for
         try:
-            await self.gateway.trace.append(record, retry=retry)
-        except TraceError as e:
+            if bounded and stalled > timeout:
+                # Not handed over, so it cannot land later; the client does not wait for the timeout.
+                raise TraceError(f"the trace writer has made no record durable for {stalled:.1f} s")
+            await asyncio.wait_for(self.gateway.trace.append(record, retry=retry), timeout)
+        except (TraceError, TimeoutError) as e:
+            # A stalled writer (stopped, a hung disk): the client is answered now, not when its own client
+            # gives up. A record that timed out stays with the writer, which may still make it durable.
+            timed_out = isinstance(e, TimeoutError)
+            if timed_out:
+                e = f"no answer from the trace writer within {timeout:g} s"
+            if timed_out or (bounded and stalled > timeout):
+                transfer.extra[TRACE_TIMED_OUT] = record.get("phase", "only")  # counted by the measure stage
+            written = "not durable in time (may be written once the writer resumes)" if timed_out else "not recorded"
             # Fail closed: what cannot be proven to have crossed must not cross. The alert log (on its
             # own file) keeps the record the trace log could not.
             log.error("trace log unavailable, refusing transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {e}"
             self.gateway.alerts.write({**_alert(record), "decision": "error", "status": 503,
-                                       "error": transfer.error, "trace": "not recorded"})
+                                       "error": transfer.error, "trace": written})
             return False
         # Both records' waits add up: how long the transfer waited on the log.
         transfer.extra["trace_append_seconds"] = transfer.extra.get("trace_append_seconds", 0.0) + \
@@ -258,7 +318,8 @@ class Record:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
         transfer.recorded = True
         try:
-            self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened)
+            self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened,
+                                           timeout=self.gateway.runtime.config.trace_append_timeout)
         except TraceError as e:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])

@@ -23,11 +23,13 @@ def haproxy_config(bind: tuple[str, int], machines: list[GatewayMachine], source
                    stats_socket: str | None = None) -> str:
     """One TCP frontend on `bind`, every connection handed to a ready gateway with a PROXY v2 header.
 
+    Each PROXY header carries a CRC32C (the gateway verifies it and refuses a header that does not match).
     A connection that cannot be opened (a machine gone, a port refusing) is retried on another machine
     (`option redispatch`); one already handed over is never replayed: a gateway that dies mid-transfer
     leaves its client a cut connection, never a second, unrecorded copy of the request upstream."""
     servers = "\n".join(
-        f"    server {m.name} {format_host_port(m.address, m.port)} send-proxy-v2 check port {m.management_port}"
+        f"    server {m.name} {format_host_port(m.address, m.port)} send-proxy-v2 proxy-v2-options crc32c"
+        f" check port {m.management_port}"
         f"{f' source {source}' if source else ''}"
         for m in machines)
     stats = f"    stats socket {stats_socket} mode 600 level admin\n" if stats_socket else ""

@@ -22,6 +22,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from pyroute2 import IPRoute, netns
 from gateway.config.load import REPO_ROOT
 from gateway.ops.cluster import GatewayMachine, haproxy_config, keepalived_config
 from gateway.ops.lab import TCP_PROBE, Lab, LabError, _pid_from, _pids_in_netns, _terminate
+from gateway.trace.audit import WITNESSED_FILE, newest_checkpoint
+from gateway.trace.note import parse_checkpoint_body, parse_note
 
 FRONT, BACK, INET = "198.18.10", "198.18.20", "198.18.30"
 FLOATING = f"{FRONT}.10"
@@ -58,7 +61,9 @@ class Port:
 
 
 class ClusterLab:
-    def __init__(self, prefix: str = "gwc", gateways: int = 2, state_dir: Path | None = None):
+    def __init__(self, prefix: str = "gwc", gateways: int = 2, state_dir: Path | None = None,
+                 gateway_settings: dict | None = None):
+        """`gateway_settings`: more keys for each machine's `gateway:` section (e.g. request_head_timeout)."""
         if not prefix or not all(c.isalnum() or c == "-" for c in prefix) or len(prefix) > 16:
             raise LabError(f"lab prefix must be 1-16 letters, digits or '-': {prefix!r}")
         if not 1 <= gateways <= 9:
@@ -66,6 +71,7 @@ class ClusterLab:
         self.prefix = prefix
         self.state_dir = state_dir or REPO_ROOT / "state" / f"lab-{prefix}"
         self.gateways = [f"gw{i}" for i in range(1, gateways + 1)]
+        self.gateway_settings = gateway_settings or {}
         self.ports = [Port("client", "front", f"{FRONT}.2"), Port("up", "inet", f"{INET}.2")]
         for i, lb in enumerate(BALANCERS, 1):
             self.ports += [Port(lb, "front", f"{FRONT}.1{i}"), Port(lb, "back", f"{BACK}.1{i}")]
@@ -136,7 +142,8 @@ class ClusterLab:
             (folder / "state").mkdir(parents=True, exist_ok=True)
             address = self.address(gw, "back")
             config = {
-                "gateway": {"name": f"{self.prefix}-{gw}", "state_dir": str(folder / "state"), "workers": 1},
+                "gateway": {"name": f"{self.prefix}-{gw}", "state_dir": str(folder / "state"), "workers": 1,
+                            **self.gateway_settings},
                 "zones": {"extranet": {"networks": [f"{FRONT}.0/24"]}, "internet": {"networks": [f"{INET}.0/24"]}},
                 "listeners": [{"name": "boundary", "mode": "regular", "listen": f"{address}:{PROXY_PORT}",
                                "proxy_protocol": "v2", "trusted_proxies": balancers}],
@@ -262,6 +269,32 @@ class ClusterLab:
         """The client reaches a balancer's HAProxy on the floating address."""
         return self.probe("client", TCP_PROBE, FLOATING, str(PROXY_PORT), str(timeout), timeout=timeout)
 
+    def roll(self, gw: str, timeout: float = 60.0) -> str:
+        """One step of a rolling restart: `gateway drain` on the machine (not ready, stops accepting,
+        finishes its transfers, stops), then a start; returns once the balancers send it connections
+        again. What drain said; LabError if a step failed."""
+        drained = subprocess.run(self.command(gw, [_gateway_command(), "drain", "-c",
+                                                   str(self.state_dir / gw / "gateway.yaml")]),
+                                 capture_output=True, text=True, timeout=timeout + 30)
+        if drained.returncode != 0 or "drained and stopped" not in drained.stdout:
+            raise LabError(f"gateway drain on {gw} failed: {drained.stdout}{drained.stderr}")
+        self.start(gw)
+        if not self.wait_ready(gw, timeout):
+            raise LabError(f"{gw} not ready again within {timeout:g} s (see {self.state_dir / gw}.log)")
+        time.sleep(2.5)  # the balancers' checks see it up again (rise 2, inter 1 s)
+        return drained.stdout.strip()
+
+    def wait_cross_witnessed(self, timeout: float = 30.0) -> dict[str, tuple[int, int]]:
+        """Wait until each machine's log is cosigned by the others' witnesses to its end; each
+        machine's (log size, cosigned size), equal unless the timeout passed first."""
+        traces = {gw: self.state_dir / gw / "state" / "trace" for gw in self.gateways}
+        deadline = time.monotonic() + timeout
+        while True:  # the log's newest checkpoint may be a journal frame not yet in its checkpoint file
+            now = {gw: (newest_checkpoint(trace, None)[1].size, _cosigned_size(trace)) for gw, trace in traces.items()}
+            if all(log == cosigned for log, cosigned in now.values()) or time.monotonic() > deadline:
+                return now
+            time.sleep(0.5)
+
     def holder(self) -> str | None:
         """The balancer that holds the floating address now."""
         for lb in BALANCERS:
@@ -295,6 +328,14 @@ sys.exit(1)
 
 
 _up, _address = Lab._link_up, Lab._address
+
+
+def _cosigned_size(trace: Path) -> int:
+    """The size of the log the machine's peers' witnesses last cosigned (-1: none yet)."""
+    try:
+        return parse_checkpoint_body(parse_note((trace / WITNESSED_FILE).read_bytes()).text).size
+    except FileNotFoundError:
+        return -1
 
 
 def _gateway_command() -> str:

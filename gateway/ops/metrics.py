@@ -94,6 +94,12 @@ class GatewayMetrics:
             self.active_connections = _AlsoPerWorker(self.active_connections, per_worker, str(worker))
         self.trace_records = Counter(
             "gateway_trace_records", "Records appended to the trace log.", registry=r)
+        self.trace_append_timeouts = Counter(
+            "gateway_trace_append_timeouts", "Transfers refused 503 because the trace writer did not make one of "
+            "their records durable within trace.append_timeout: the open record (nothing forwarded), the "
+            "completion (the answer withheld) or a refused transfer's only record.", ["record"], registry=r)
+        for record in ("open", "done", "only"):
+            self.trace_append_timeouts.labels(record=record)
         self.trace_append_duration = Histogram(
             "gateway_trace_append_duration_seconds", "Time to append one record durably to the trace log.",
             buckets=LOCAL_WORK_BUCKETS, registry=r)

@@ -9,8 +9,8 @@ mitmproxy would send and why; if the hook then sets `flow.response`, that respon
 client instead of mitmproxy's page. HttpStream.check_invalid (a request or response refused as a
 smuggling risk) is wrapped the same way. Invariant: nothing changes for a flow whose client already
 has part of a response, for client-side errors, or when the hook sets no response. The one client
-error answered is a request body's invalid framing (gateway.proxy.heads.MalformedBody), 400, while
-nothing of the request has left (its head held with its body). A refused CONNECT closes its
+errors answered are a request body's invalid framing (gateway.proxy.heads.MalformedBody), 400, and
+its timing out (gateway.proxy.bodytimeout), 408, while nothing of the request has left (its head held with its body). A refused CONNECT closes its
 connection.
 
 A request naming no destination never becomes a flow: mitmproxy answers it 400 itself. Wrapped too:
@@ -85,8 +85,8 @@ def _answer_upstream_failures(original: Callable) -> Callable:
             # No upstream was told of the request (its head is held): mitmproxy must not tell it of the error.
             self.client_state = self.state_consume_request_body
         if isinstance(event, MalformedBody):  # answered only while nothing of the request has left
-            status = 400 if self.client_state == self.state_consume_request_body else None
-            cause = MALFORMED
+            status = event.status if self.client_state == self.state_consume_request_body else None
+            cause = event.cause
         else:
             status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
             cause = UPSTREAM

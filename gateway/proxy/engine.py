@@ -24,6 +24,7 @@ from gateway.config.runtime import Runtime, build_runtime
 from gateway.filters import fail_closed
 from gateway.filters.authorize import Authorize
 from gateway.filters.consent import Consent
+from gateway.filters.discard import DiscardRefusedBodies
 from gateway.filters.grant import Grant
 from gateway.filters.identify import Identify
 from gateway.filters.inspect import Inspect
@@ -34,9 +35,10 @@ from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, h2limits, heads, heldheads, proxyproto, wslimits
+from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
+from gateway.proxy.upstreamdeadline import UpstreamDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
 from gateway.proxy.listeners import install_inherited_listeners, stop_listening
 from gateway.proxy.state import (
@@ -101,11 +103,13 @@ class GatewayServer:
         answers.install()
         heads.install()
         heldheads.install()
+        bodytimeout.install()
         h2limits.install()
         wslimits.install()
         proxyproto.install()
         self.master = Master(options.Options())
         heads.add_options(self.master.options)
+        bodytimeout.add_options(self.master.options)
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.record = Record(self)
@@ -114,7 +118,8 @@ class GatewayServer:
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
-            self.first_request,
+            DiscardRefusedBodies(self),
+            self.first_request, UpstreamDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())
@@ -158,7 +163,7 @@ class GatewayServer:
         with contextlib.suppress(OSError):  # an orphaned worker's notify socket (its supervisor's) is gone
             sd_notify("STOPPING=1")
         grace = self.runtime.config.shutdown_grace
-        self.record.stopping = True  # a request arriving on an open connection is refused (503)
+        self.record.stopping = True  # open HTTP/1 connections close after their answer; HTTP/2 streams 503
         for server in list(self.master.addons.get("proxyserver").servers):
             try:
                 await stop_listening(server)
@@ -169,7 +174,7 @@ class GatewayServer:
         if self.record.in_flight:
             log.info("stopping: waiting up to %g s for %d transfers in flight", grace, len(self.record.in_flight))
         # A connection accepted just before the stop has its request on the way: it is waited for too
-        # (up to AWAITED_REQUEST), then answered 503 like any request now; one silent that long is closed.
+        # (up to AWAITED_REQUEST) and served like the others; one silent that long is closed.
         awaited = loop.time() + AWAITED_REQUEST
         while (self.record.in_flight or (self.first_request.waiting and loop.time() < awaited)) \
                 and loop.time() < deadline and not self._cut_now:
@@ -192,6 +197,8 @@ class GatewayServer:
             # instead (refused and recorded like any malformed request); such an upgrade is closed.
             "rawtcp": False,
             heads.HEAD_TIMEOUT_OPTION: config.request_head_timeout,
+            bodytimeout.BODY_IDLE_OPTION: config.body_idle_timeout,
+            bodytimeout.BODY_TOTAL_OPTION: config.body_timeout or 0.0,
             wslimits.MESSAGE_LIMIT_OPTION: config.spool_threshold,
             "confdir": str(ca_dir(config.state_dir)),
             "ssl_insecure": not config.verify_upstream,

@@ -11,7 +11,12 @@ not finished within the `request_head_timeout` option from its first byte is ref
 slowloris, or a protocol where the server speaks first), where mitmproxy would wait for the
 connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
 and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
-request's is recorded and its connection closed, an upstream's answered 502 like any upstream failure.
+request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
+answered 502 like any upstream failure.
+An upstream's interim (1xx) responses are dropped before its final one is read. An HTTP/2
+client's request trailers (inspected like a head by the inspect stage) are dropped toward an HTTP/1
+upstream: mitmproxy cannot write them there (it raised after the body, leaving the upstream
+connection without the message's end).
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -30,11 +35,16 @@ from mitmproxy import http, optmanager
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
-from gateway.transfer.edge import MalformedRequest, MalformedRequestHook
+from gateway.transfer.edge import MALFORMED, TRAILERS, MalformedRequest, MalformedRequestHook
 
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
@@ -66,6 +76,7 @@ def install() -> None:
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
                "yield commands.CloseConnection(self.conn)", 'f"HTTP/1 protocol error: {e}"',
                "code=self.ReceiveProtocolError.code"))
+    wrap_method(Http1Client, "send", _drop_request_trailers, ('raise AssertionError(f"Unexpected event: {event}")',))
     chunk_header = h11._readers.chunk_header_re.pattern
     if CHUNK_SIZE not in chunk_header:
         if H11_CHUNK_SIZE not in chunk_header:
@@ -200,6 +211,8 @@ def _plain_answer(status: int, reason: str) -> bytes:
 
 def _limit_response_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived) and self.request is not None:
+            _drop_interim_responses(self.buf)
         yield from original(self, event)
         if self.response is None and self.stream_id is not None and self.state != self.done \
                 and len(self.buf) > MAX_RESPONSE_HEAD:
@@ -213,6 +226,28 @@ def _limit_response_heads(original: Callable) -> Callable:
     return read_headers
 
 
+def _drop_interim_responses(buf: ReceiveBuffer) -> None:
+    """An upstream's interim responses (1xx: 103 Early Hints, an unasked 100 Continue) are dropped, as
+    mitmproxy does over HTTP/2: it would take the first for the final response, answer the client
+    with it, and take the real one for garbage. 101 stays: it is the final answer to an upgrade."""
+    while (end := _HEAD_END.search(buf._data, 0, MAX_RESPONSE_HEAD + 4)) is not None \
+            and (status := _INTERIM_STATUS.match(buf._data, 0, end.start())) is not None \
+            and status.group(1) != b"101":
+        buf.maybe_extract_lines()
+
+
+_INTERIM_STATUS = re.compile(rb"HTTP/1\.[01] (1[0-9][0-9])[ \r\n]")
+
+
+def _drop_request_trailers(original: Callable) -> Callable:
+    def send(self: Http1Client, event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestTrailers):
+            return _nothing()
+        return original(self, event)
+
+    return send
+
+
 def _read_body(original: Callable) -> Callable:
     def read_body(self: Http1Server | Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         try:
@@ -221,6 +256,11 @@ def _read_body(original: Callable) -> Callable:
         except NotImplementedError as exc:
             if "trailers" not in str(exc):
                 raise
+        if isinstance(self, Http1Server):  # answered first, then the connection is closed
+            self.state = self.done
+            self.buf = ReceiveBuffer()
+            yield ReceiveHttp(RefusedTrailers(self.stream_id, TRAILERS_REFUSED, self.ReceiveProtocolError.code))
+            return None
         yield commands.CloseConnection(self.conn)
         self.state = self.done
         code = self.ReceiveProtocolError.code
@@ -233,6 +273,15 @@ def _read_body(original: Callable) -> Callable:
 class MalformedBody(RequestProtocolError):
     """A request body whose framing is invalid (a chunk size that is not hexadecimal, or too large):
     answered 400 by gateway.proxy.answers while nothing of the request has left."""
+
+    status = 400
+    cause = MALFORMED
+
+
+class RefusedTrailers(MalformedBody):
+    """HTTP/1 request trailers, which mitmproxy cannot pass on: answered 400 like a framing error."""
+
+    cause = TRAILERS
 
 
 def _answer_bad_framing(server: Http1Server, produced: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:

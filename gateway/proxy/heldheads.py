@@ -9,9 +9,12 @@ held too, here:
 - a body that stayed under the spool threshold goes back to mitmproxy's buffered path, as if it
   had never been streamed: inspected, redacted or refused by the `request`/`response` hooks;
 - a spooled one is judged when it ends: refused, the flow's answer (the refusal the inspect stage
-  set) is sent like any other; clean, the head is sent (a request's upstream connection opened only
-  then) and the body released from the spool.
-A request body of unknown length held whole is given its Content-Length (`_give_length`).
+  set) is sent like any other; clean, the `release_held_request` hook runs (the trace's open record
+  is written then), then the head is sent (a request's upstream connection opened only then) and the
+  body released from the spool.
+A request body of unknown length held whole is given its Content-Length (`_give_length`). The body of
+a request refused at its head is held the same way, to be dropped as it arrives
+(gateway.filters.discard), where mitmproxy would buffer all of it before sending the refusal.
 
 `install()` checks the statements it relies on; tests/test_erroranswer.py fails loudly when a
 mitmproxy upgrade changes them.
@@ -36,6 +39,7 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from gateway.proxy.patches import wrap_method
+from gateway.transfer.edge import ReleaseHeldRequestHook
 from gateway.transfer.spool import HeldBody
 
 HELD_REQUEST, HELD_RESPONSE = "gateway_held_request", "gateway_held_response"
@@ -64,7 +68,7 @@ def head_held(stream: HttpStream) -> bool:
 
 def _hold_request_head(original: Callable) -> Callable:
     def start_request_stream(self: HttpStream) -> layer.CommandGenerator[None]:
-        if not isinstance(self.flow.request.stream, HeldBody) or self.flow.response:
+        if not isinstance(self.flow.request.stream, HeldBody):
             return (yield from original(self))
         setattr(self, HELD_REQUEST, True)  # no upstream connection, no head sent: see _judge_held_request
         self.client_state = self.state_stream_request_body
@@ -86,9 +90,14 @@ def _judge_held_request(original: Callable) -> Callable:
             return None
         assert isinstance(event, RequestEndOfMessage)
         held = body.in_memory()
-        if held is not None or not body.conclude():
+        passed = held is None and body.conclude()
+        if passed:
+            yield ReleaseHeldRequestHook(self.flow)  # the trace's open record, durable before the head leaves
+            if (yield from self.check_killed(True)):
+                return None
+        if not passed or self.flow.response is not None:
             # Small enough to have stayed in memory, or refused: mitmproxy's buffered path inspects
-            # it (the `request` hook) or sends the refusal the inspect stage set.
+            # it (the `request` hook) or sends the refusal set meanwhile.
             setattr(self, HELD_REQUEST, False)
             self.flow.request.stream = False
             self.request_body_buf += held or b""

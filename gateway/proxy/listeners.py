@@ -73,8 +73,9 @@ async def stop_listening(server) -> int:
     kernel already took for it: closing a listening socket resets the connections in its accept queue,
     whose clients may have sent a request already, and a worker's socket stays open in its supervisor,
     so it would go on queueing connections nobody accepts until the worker exits. Instead, what is
-    queued is accepted and served like any other connection (a request on it is refused 503 "gateway
-    stopping" and recorded, gateway.filters.record), and the socket is shut down, for every process
+    queued is accepted and served like any other connection accepted before the stop (HTTP/1: its
+    request served, the connection closed after it; gateway.filters.record), and the socket is shut
+    down, for every process
     holding it: it leaves its SO_REUSEPORT group at once, so later connections go to the other workers
     or, with none listening, are refused by the kernel before any byte is read (a client may retry).
     Returns how many queued connections were taken."""

@@ -13,14 +13,18 @@ before any hook runs and before mitmproxy reads a byte, the header is read and c
 - a LOCAL command (the balancer's own connection, e.g. a health check) is served as coming from the
   balancer itself, as the specification requires.
 
-Anything else is refused: an untrusted peer, a missing, truncated, v1 (text) or malformed header. The
-connection gets a 400 with a transfer id, is recorded (the pipeline's `malformed_request` hook, the
-reason in the record's `error`, the claimed source too) and counted in gateway_connections_refused
-(reason proxy_untrusted, proxy_malformed or proxy_missing). A connection that says nothing within the
-request head timeout, or closes before a byte, is closed and counted (proxy_missing) but not recorded:
-no transfer began (as gateway.proxy.deadline does for silent plain connections).
+A CRC32C TLV (HAProxy's `proxy-v2-options crc32c`) is verified as the specification says: the CRC32C
+of the whole header with the TLV's four value bytes zeroed must equal the value sent (big-endian).
 
-Not checked: a CRC32C TLV's checksum (HAProxy sends one only with `proxy-v2-options crc32c`).
+Anything else is refused: an untrusted peer, a missing, truncated, v1 (text) or malformed header, a
+CRC32C that does not match. The connection gets a 400 with a transfer id, is recorded (the pipeline's
+`malformed_request` hook, the reason in the record's `error`, the claimed source too) and counted in
+gateway_connections_refused (reason proxy_untrusted, proxy_malformed or proxy_missing). A connection
+that says nothing within the request head timeout, or closes before a byte, is closed and counted
+(proxy_missing) but not recorded: no transfer began (as gateway.proxy.deadline does for silent plain
+connections).
+
+A LOCAL command's address block is ignored, as the specification requires, TLVs and CRC32C included.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
+import google_crc32c
 from mitmproxy import ctx
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.server import ConnectionHandler
@@ -51,6 +56,7 @@ MAX_ADDRESS_BLOCK = 1024  # addresses and TLVs; HAProxy sends 12 or 36 bytes plu
 COMMAND_LOCAL, COMMAND_PROXY = 0x0, 0x1
 TCP_OVER_IPV4, TCP_OVER_IPV6 = 0x11, 0x21
 ADDRESS_SIZES = {TCP_OVER_IPV4: (4, 12), TCP_OVER_IPV6: (16, 36)}  # (address bytes, block bytes)
+TLV_CRC32C = 0x03
 
 
 class ProxyHeaderError(ValueError):
@@ -86,8 +92,9 @@ def parse_start(start: bytes) -> tuple[int, int, int]:
     return command, family, length
 
 
-def parse_block(command: int, family: int, block: bytes) -> ProxyHeader:
-    """The addresses (and TLVs) after the start."""
+def parse_block(start: bytes, block: bytes) -> ProxyHeader:
+    """The addresses (and TLVs) after the start (the 16 bytes parse_start checked)."""
+    command, family = start[12] & 0xF, start[13]
     if command == COMMAND_LOCAL:
         return ProxyHeader(None, None)  # the receiver must ignore the address block (section 2.2)
     if family not in ADDRESS_SIZES:
@@ -99,26 +106,41 @@ def parse_block(command: int, family: int, block: bytes) -> ProxyHeader:
     address = ipaddress.IPv4Address if family == TCP_OVER_IPV4 else ipaddress.IPv6Address
     source = str(address(block[:size])), int.from_bytes(block[2 * size:2 * size + 2], "big")
     destination = str(address(block[size:2 * size])), int.from_bytes(block[2 * size + 2:needed], "big")
-    _check_tlvs(block[needed:])
+    crc_at = _check_tlvs(block, needed)
+    if crc_at is not None:
+        _check_crc32c(start + block, len(start) + crc_at)
     return ProxyHeader(source, destination)
 
 
-def _check_tlvs(tlvs: bytes) -> None:
-    offset = 0
-    while offset < len(tlvs):
-        if offset + 3 > len(tlvs):
+def _check_tlvs(block: bytes, offset: int) -> int | None:
+    """Walk the TLVs from `offset` to the block's end; where a CRC32C TLV's value starts, if there is one."""
+    crc_at = None
+    while offset < len(block):
+        if offset + 3 > len(block):
             raise ProxyHeaderError("PROXY header ends inside a TLV's type and length")
-        length = int.from_bytes(tlvs[offset + 1:offset + 3], "big")
-        offset += 3 + length
-        if offset > len(tlvs):
+        kind, length = block[offset], int.from_bytes(block[offset + 1:offset + 3], "big")
+        if offset + 3 + length > len(block):
             raise ProxyHeaderError("a PROXY TLV runs past the header's end")
+        if kind == TLV_CRC32C:
+            if length != 4 or crc_at is not None:
+                raise ProxyHeaderError("a PROXY CRC32C TLV must be one, of 4 bytes")
+            crc_at = offset + 3
+        offset += 3 + length
+    return crc_at
+
+
+def _check_crc32c(header: bytes, at: int) -> None:
+    sent = int.from_bytes(header[at:at + 4], "big")
+    computed = google_crc32c.value(header[:at] + bytes(4) + header[at + 4:])
+    if computed != sent:
+        raise ProxyHeaderError(f"PROXY header's CRC32C {sent:#010x} does not match its content ({computed:#010x})")
 
 
 async def read_header(reader: asyncio.StreamReader) -> ProxyHeader:
     """Read exactly one header (nothing after it) from the connection."""
     start = await reader.readexactly(HEADER_START)
-    command, family, length = parse_start(start)
-    return parse_block(command, family, await reader.readexactly(length))
+    _, _, length = parse_start(start)
+    return parse_block(start, await reader.readexactly(length))
 
 
 class ProxiedGateway(Protocol):

@@ -90,6 +90,7 @@ class GroupCommitter:
         self.idle_flush = idle_flush
         self.failure: TraceError | None = None
         self.committed = 0
+        self.committing_since: float | None = None  # monotonic time the batch being made durable was taken
         self._queue: deque[Burst] = deque()
         self._queued = 0  # records in _queue
         self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future]]] = {}
@@ -165,11 +166,14 @@ class GroupCommitter:
                 self._answer(batch, None, self.failure)
                 continue
             entries = batch[0][1] if len(batch) == 1 else [entry for _, burst, _ in batch for entry in burst]
+            self.committing_since = time.monotonic()
             try:
                 first = self.store.commit(entries)
             except Exception as exc:  # any write error: stop accepting records (fail closed)
                 self._fail(batch, exc)
                 continue
+            finally:
+                self.committing_since = None
             self.committed += len(entries)
             self._answer(batch, first, None)
             try:
@@ -332,11 +336,14 @@ class TraceLog:
         self._committer.submit_from_loop(loop, entry, fut)
         return await fut
 
-    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float | None = None) -> int:
         entry = encode_record(record)
         fut: ThreadFuture = ThreadFuture()
         self._committer.submit(entry, fut)
-        return fut.result()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            raise TraceError(f"the trace log made no record durable within {timeout:g} s") from None
 
     @property
     def tree_size(self) -> int:
@@ -353,6 +360,12 @@ class TraceLog:
     @property
     def failure(self) -> TraceError | None:
         return self._committer.failure
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the batch being made durable has taken so far (a hung disk); 0 when none is."""
+        since = self._committer.committing_since
+        return time.monotonic() - since if since is not None else 0.0
 
     @property
     def witness_error(self) -> str | None:

@@ -11,7 +11,7 @@ answers each worker with the leaf indices of its records. A record is acknowledg
 is durable, exactly as with the in-process `TraceLog`. The hashing and signing happen in the
 writer's process, on another core than the workers' event loops.
 
-`RemoteTraceLog` is the worker side, with TraceLog's API (`await append(record)`, `append_sync`,
+`RemoteTraceLog` is the worker side, with TraceLog's API (`await append(record)`, `append_sync`, `stalled_for`,
 `failure`, `tree_size`, `last_checkpoint_time`, `records_appended`, `close()`). Its socket is
 read by its own thread, so `append_sync` may block the event loop without deadlocking. If the
 writer goes away, `failure` is set and every new append raises TraceError (fail closed) until the
@@ -324,6 +324,7 @@ class RemoteTraceLog:
         self._lock = threading.Lock()  # pending order == byte order on the socket
         # The records sent and not yet answered, by burst: (their loop or None, entries, waiters).
         self._pending: deque[Sent] = deque()
+        self._unanswered_since: float | None = None  # monotonic: records pending and no answer since
         # Records waiting for a writer that went away, to be sent again (RETRY_WINDOW): (deadline, burst).
         self._held: deque[tuple[float, Sent]] = deque()
         self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future], list[bool]]] = {}
@@ -365,17 +366,24 @@ class RemoteTraceLog:
         burst[2].append(retry)
         return await fut
 
-    def append_sync(self, record: dict[str, Any], retry: bool = False) -> int:
+    def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float = SYNC_APPEND_TIMEOUT) -> int:
         fut: ThreadFuture = ThreadFuture()
         self._send(None, [self._encode(record)], [fut], [retry])
         try:
-            return fut.result(SYNC_APPEND_TIMEOUT)
+            return fut.result(timeout)
         except TimeoutError:
-            raise TraceError(f"trace writer gave no answer within {SYNC_APPEND_TIMEOUT:.0f} s") from None
+            raise TraceError(f"trace writer gave no answer within {timeout:g} s") from None
 
     @property
     def failure(self) -> TraceError | None:
         return self._failure
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the writer has answered nothing while records wait for it (stopped, a hung disk); 0
+        when none waits. A writer that went away sets `failure` instead."""
+        since = self._unanswered_since
+        return time.monotonic() - since if since is not None else 0.0
 
     @property
     def tree_size(self) -> int:
@@ -427,6 +435,8 @@ class RemoteTraceLog:
                     return
                 raise self._failure
             assert self._sock is not None
+            if not self._pending:
+                self._unanswered_since = time.monotonic()
             self._pending.append((loop, entries, waiters))
             try:
                 self._sock.sendall(_frames(entries))
@@ -516,6 +526,7 @@ class RemoteTraceLog:
                 left -= len(waiters)
             self._tree_size, self._checkpoint_time = size, when
             self._acknowledged += count
+            self._unanswered_since = time.monotonic() if self._pending else None
             if self._failure is not None and not count:  # the greeting of a fresh connection
                 if not self._resend_held_locked():
                     return True  # the new connection failed already; the reader sees it end
@@ -531,6 +542,7 @@ class RemoteTraceLog:
         deadline = time.monotonic() + RETRY_WINDOW
         self._held.extend((deadline, sent) for sent in self._pending)
         self._pending.clear()
+        self._unanswered_since = None
 
     def _resend_held_locked(self) -> bool:
         """On a fresh connection, before anything new: the held records, marked as resent."""
@@ -544,6 +556,7 @@ class RemoteTraceLog:
             return False
         self._held.clear()
         self._pending.extend(held)
+        self._unanswered_since = time.monotonic()
         log.warning("trace writer back: %d held records sent again", sum(len(e) for _, e, _ in held))
         return True
 
@@ -559,6 +572,7 @@ class RemoteTraceLog:
         self._failure = failure
         failed = [*self._pending, *(sent for _, sent in self._held)]
         self._pending.clear()
+        self._unanswered_since = None
         self._held.clear()
         for loop, _, waiters in failed:
             call_in_loop(loop, fail_waiters, waiters, failure)

@@ -13,6 +13,11 @@ from mitmproxy.proxy.server import ConnectionHandler
 # flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
+TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
+TRAILERS = "trailers"  # HTTP/1 request trailers, refused (gateway.proxy.heads)
+# flow.metadata key: the seconds an upstream was given to begin its answer, when it did not and its
+# connection was closed for it (gateway.proxy.upstreamdeadline): answered 504, not 502.
+UPSTREAM_TIMED_OUT = "gateway_upstream_timed_out"
 # flow.metadata key: "request" (from the client) or "response", when a WebSocket message too big to
 # inspect closed the connection (gateway.proxy.wslimits).
 TOO_BIG = "gateway_websocket_too_big"
@@ -38,6 +43,13 @@ class MalformedRequest:
 @dataclass
 class MalformedRequestHook(commands.StartHook):
     malformed: MalformedRequest
+
+
+@dataclass
+class ReleaseHeldRequestHook(commands.StartHook):
+    """A held request body passed its verdict: its head leaves right after this hook (the upstream
+    connection opened first), unless the hook sets `flow.response` (then that is the answer)."""
+    flow: http.HTTPFlow
 
 
 def connection_handler(client: connection.Client) -> ConnectionHandler | None:

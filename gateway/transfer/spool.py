@@ -1,7 +1,9 @@
 """A large body held on disk while the DLP engine scans it as it arrives.
 
 Nothing of the body is released before `finish()` has given a verdict; then `release()` reads it back
-in chunks. `HeldBody` decides when a body of unknown length is large enough to go to a spool. The spool file is unlinked from the start, so a crash leaves nothing behind on disk.
+in chunks. `HeldBody` decides when a body of unknown length is large enough to go to a spool (past
+the spool threshold, or past what its worker's memory budget, gateway.transfer.memory, has left).
+The spool file is unlinked from the start, so a crash leaves nothing behind on disk.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from gateway.dlp import Finding, ScanResult, StreamScan
 from gateway.trace import body_hasher
+from gateway.transfer.memory import Reservation
 
 RELEASE_CHUNK = 256 * 1024
 
@@ -66,15 +69,36 @@ class SpooledBody:
         self.file.close()
 
 
+class DiscardedBody:
+    """In a spool's place, the body of a request already refused: read (its client sends it anyway),
+    counted and hashed for the record, and dropped, so it takes no memory whatever its size."""
+
+    failure = None
+
+    def __init__(self, digest: str):
+        self.hasher = body_hasher(digest)
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.size += len(chunk)
+
+    def discard(self) -> None:
+        pass
+
+
 class HeldBody:
     """mitmproxy's stream callable for a body held until its verdict (gateway.proxy.heldheads holds its
-    message head back too, so a refusal is still an answer): in memory up to `threshold` bytes, then
-    given back whole to be inspected, and redacted if need be, like any buffered body; past it, moved
+    message head back too, so a refusal is still an answer): in memory up to `threshold` bytes (each
+    byte taken from the transfer's `memory` reservation), then given back whole to be inspected, and
+    redacted if need be, like any buffered body; past it, or past the worker's memory budget, moved
     to a spool (`open_spool`) and scanned as it arrives. `judge` gives a spooled body's verdict (True:
     release it); a body it refuses is discarded."""
 
-    def __init__(self, threshold: int, open_spool: Callable[[], SpooledBody], judge: Callable[[SpooledBody], bool]):
+    def __init__(self, threshold: int, memory: Reservation | None, open_spool: Callable[[], SpooledBody | DiscardedBody],
+                 judge: Callable[[SpooledBody | DiscardedBody], bool]):
         self.threshold = threshold
+        self.reservation = memory
         self.open_spool = open_spool
         self.judge = judge
         self.memory: bytearray | None = bytearray()
@@ -92,11 +116,15 @@ class HeldBody:
         if self.memory is None:
             self.spool.add(data)
             return
-        self.memory += data
-        if len(self.memory) > self.threshold:  # too big to hold: spooled from here on
-            self.spool = self.open_spool()
-            self.spool.add(bytes(self.memory))
-            self.memory = None
+        if len(self.memory) + len(data) <= self.threshold and self.reservation.take(len(data)):
+            self.memory += data
+            return
+        # Too big to hold, or the worker's memory budget spent: spooled from here on.
+        self.spool = self.open_spool()
+        self.spool.add(bytes(self.memory) + data)
+        if self.memory:
+            self.reservation.give_back(len(self.memory))
+        self.memory = None
 
     def in_memory(self) -> bytes | None:
         """The whole body, when it stayed under the threshold (None once it is spooled)."""

@@ -1,0 +1,102 @@
+"""Word patterns (gateway/dlp/tokens.py) find what the regex engines find, and the split mobile
+pattern finds what the single one did."""
+
+import random
+import re
+import tracemalloc
+
+import pytest
+
+from gateway.dlp import tokens
+from gateway.dlp.detectors import DETECTORS
+from gateway.dlp.matcher import Matcher, PatternSpec
+
+WORD_PATTERNS = [pattern for detector in DETECTORS.values() for pattern in detector.patterns
+                 if tokens.word_pattern(pattern) is not None]
+# Pieces a text is made of: numbers of every length near the detectors', letters, the characters
+# around and inside words (_ is a word character to \b, a CJK character is not).
+PIECES = ["1", "0", "9", "X", "x", "A", "Y", "_", " ", "-", ",", '"', "\n", "号", "，", "+86",
+          "11010519491231002X", "110105194912310021", "13800138000", "6222021234567890128", "91350100M000100Y43",
+          "18", "19", "20", "210105184912310021"]
+
+
+def texts(count: int) -> list[bytes]:
+    rng = random.Random(18)
+    out = []
+    for _ in range(count):
+        pieces = [rng.choice(PIECES) for _ in range(rng.randint(1, 12))]
+        # and runs of random digits of every length near 11-19
+        pieces += ["".join(rng.choice("0123456789") for _ in range(rng.randint(9, 21)))]
+        rng.shuffle(pieces)
+        out.append("".join(pieces).encode())
+    return out
+
+
+def test_the_bulk_forms_are_word_patterns():
+    """The forms a bulk export holds in every record are found without a regex engine."""
+    assert len(WORD_PATTERNS) == 4  # ID number, credit code, card and mobile number as one run
+
+
+@pytest.mark.parametrize("pattern", WORD_PATTERNS)
+def test_word_pattern_finds_what_re_finds(pattern, monkeypatch):
+    monkeypatch.setattr(tokens, "_PIECE", 8)  # many pieces, cut at every place they can be
+    form = tokens.word_pattern(pattern)
+    compiled = re.compile(pattern.encode())
+    for text in texts(3000):
+        expected = [m.span() for m in compiled.finditer(text)]
+        assert sorted((start, end) for _, start, end in tokens.scan({0: form}, text).tolist()) == expected, text
+
+
+@pytest.mark.parametrize("engine", ["hyperscan", "re"])
+def test_matcher_reports_word_matches_with_the_others(engine):
+    specs = [PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns]
+    hits = Matcher(specs, engine).scan(b"tel 13800138000, +86 139-0013-9000; x13800138000")
+    assert sorted(map(tuple, hits.tolist())) == [(0, 4, 15), (1, 17, 34)]
+
+
+def test_patterns_that_are_not_one_word_stay_with_the_regex_engine():
+    for pattern in (r"\b[0-9]{4}[ \-][0-9]{4}\b", r"[0-9]{11}", r"\b[0-9]+\b", r"\b(?:E[0-9]{8}|G[0-9]{7})\b",
+                    r"\b[0-9.]{8}\b"):
+        assert tokens.word_pattern(pattern) is None, pattern
+
+
+MOBILE = (r"(?:(?:\+|\b00)86[ \-]?|\b)1[3-9][0-9][ \-]?[0-9]{4}[ \-]?[0-9]{4}\b")  # as one pattern, before
+
+
+def test_the_split_mobile_patterns_match_what_the_single_one_did():
+    plain, rest = (re.compile(p) for p in DETECTORS["cn_mobile"].patterns)
+    single = re.compile(MOBILE)
+    rng = random.Random(18)
+    for _ in range(20000):
+        text = "".join(rng.choice(["+", "00", "86", " ", "-", "1", "3", "8", "0013", "8000", "x", "9"])
+                       for _ in range(rng.randint(1, 10)))
+        assert bool(single.fullmatch(text)) == bool(plain.fullmatch(text) or rest.fullmatch(text)), text
+
+
+@pytest.mark.parametrize("engine", ["hyperscan", "re"])
+def test_words_are_found_from_the_first_long_one_in_large_texts(engine):
+    """Past 64 KiB a Hyperscan pass finds where the first word long enough starts, and numpy reads
+    from there: words after it, and a text holding none, are answered as by the regex."""
+    prose = "无敏感内容的普通文本，编号2025。".encode() * 5000  # ~140 KB, words of 4 characters only
+    specs = [PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns]
+    matcher = Matcher(specs, engine)
+    assert len(matcher.scan(prose)) == 0
+    text = prose + b" 13800138000 " + prose + b"x13900139000 13900139000"
+    first = len(prose) + 1
+    assert sorted(map(tuple, matcher.scan(text).tolist())) == [
+        (0, first, first + 11), (0, len(text) - 11, len(text))]
+
+
+def test_words_are_read_in_bounded_memory():
+    """Text of many short words (hostile, or a table of small numbers) is read by pieces: the words'
+    edges would otherwise take 8 bytes for every 2 of text."""
+    data = b"13800138000 " + b"a " * (4 << 20)  # a long word first: all of it is read
+    matcher = Matcher([PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns], "hyperscan")
+    tracemalloc.start()
+    try:
+        found = matcher.scan(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(data), peak
+    assert found.tolist() == [[0, 0, 11]]
