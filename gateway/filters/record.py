@@ -14,6 +14,10 @@ A record not durable within `trace.append_timeout` (a stalled writer) is answere
 had failed; an open record's completion then follows it to the writer without the client waiting.
 While the log has made nothing durable for that long, records are refused at once, not handed over.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
+
+Longer than 400 lines: every way a transfer ends (answered, refused, failed, malformed, timed out,
+cut at a stop) must reach exactly one final record, and the in-flight bookkeeping a graceful stop
+waits on is kept beside them; split, that accounting would be spread over modules.
 """
 
 from __future__ import annotations
