@@ -5,9 +5,11 @@ the gateway stopped with SIGTERM. Every request the upstream received has a reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -219,6 +221,110 @@ def test_a_transfer_still_running_at_the_end_of_the_grace_period_is_recorded_as_
     assert [r["phase"] for r in slow_records] == ["open", "done"]
     assert slow_records[1]["decision"] == "error" and "shutdown grace" in slow_records[1]["error"]
     assert "cut and recorded as errors" in gateway["gateway"].output
+
+
+def test_a_connection_made_while_the_gateway_stops_is_answered_or_refused_never_dropped(gateway):
+    """Clients connecting right at SIGTERM, while a slow transfer keeps the workers draining: a
+    connection the kernel accepted gets an HTTP answer (served, its transfer recorded), the others are
+    refused at connect. Before, a worker's socket stayed open in its supervisor: connections queued
+    there for the whole drain and were reset, their requests sent and never answered."""
+    holder = threading.Thread(target=lambda: httpx.Client(proxy=gateway["proxy"], timeout=30).get(
+        f"{gateway['upstream']}/text?body=ok&delay=3&m=holder"), daemon=True)
+    holder.start()
+    log = gateway["root"] / "upstream.log"
+    deadline = time.monotonic() + 15
+    while not (log.exists() and "m=holder" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    host, port = urlsplit(gateway["proxy"]).hostname, urlsplit(gateway["proxy"]).port
+    gateway["gateway"].signal(signal.SIGTERM)
+    connected: list[tuple[str, socket.socket]] = []
+    refused = 0
+    for n in range(30):  # over 1.5 s of the drain
+        sock = socket.socket()
+        try:
+            sock.connect((host, port))
+        except ConnectionRefusedError:
+            sock.close()
+            refused += 1
+        else:
+            marker = f"late-{n}"
+            sock.sendall(f"GET {gateway['upstream']}/text?body=ok&m={marker} HTTP/1.1\r\n"
+                         f"Host: {urlsplit(gateway['upstream']).netloc}\r\nConnection: close\r\n\r\n".encode())
+            connected.append((marker, sock))
+        time.sleep(0.05)
+    answers: dict[str, bytes] = {}
+    for marker, sock in connected:
+        sock.settimeout(20)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        sock.close()
+        answers[marker] = data
+    assert gateway["gateway"].proc.wait(GRACE + 20) == 0
+    holder.join(10)
+    dropped = [marker for marker, data in answers.items() if not data.startswith(b"HTTP/1.1 ")]
+    assert not dropped, f"{len(dropped)} of {len(answers)} accepted connections got no answer ({refused} refused):\n" + gateway["gateway"].output[-3000:]
+    assert refused > 0  # the listeners closed at the stop, not at the exit
+    trace_dir = gateway["root"] / "state" / "trace"
+    ids = {r["id"] for r in trace_records(trace_dir, opened=True)}
+    for marker, data in answers.items():
+        transfer_id = next(line.split(b":", 1)[1].strip().decode() for line in data.split(b"\r\n")
+                           if line.lower().startswith(b"x-gateway-transfer-id:"))
+        assert transfer_id in ids, (marker, data[:200])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_transfer_left_open_by_a_killed_gateway_is_closed_as_abandoned_at_the_next_start(tmp_path, workers):
+    """Every process killed outright while a transfer was forwarded: its open record stays open (no
+    process of that run is left to complete it) until the gateway starts again, which closes it with a
+    completion `decision: error`, "abandoned", once: before, it stayed open for good."""
+    port = free_port("127.0.0.2")
+    config = gateway_config(tmp_path / "state", workers=workers)
+    path = write_config(tmp_path / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
+    process = start_gateway(path)
+    trace_dir = tmp_path / "state" / "trace"
+
+    def stuck() -> list[dict]:
+        return [r for r in trace_records(trace_dir, opened=True) if "m=stuck" in (r["url"] or "")]
+
+    try:
+        def request() -> None:
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(proxy=listener_url(config, "forward"),
+                                                                   timeout=60) as client:
+                client.get(f"http://127.0.0.2:{port}/text?body=ok&delay=60&m=stuck")
+
+        threading.Thread(target=request, daemon=True).start()
+        log = tmp_path / "upstream.log"
+        deadline = time.monotonic() + 15
+        while not (log.exists() and "m=stuck" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [process.proc.pid]
+        if workers > 1:
+            pids += [*worker_pids({"gateway": process}).values(),
+                     int(next(line for line in process.lines if "trace writer pid" in line).rsplit(" ", 1)[1])]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        process.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.get("phase") for r in stuck()] == ["open"]
+        process = start_gateway(path)
+        closed = stuck()
+        assert [r.get("phase") for r in closed] == ["open", "done"]
+        assert closed[1]["decision"] == "error" and closed[1]["error"].startswith("abandoned")
+        assert closed[1]["id"] == closed[0]["id"] and closed[1]["url"] == closed[0]["url"]
+        assert not trace_records(trace_dir, "--open", opened=True)
+        assert "1 transfers left open by the run before" in process.output
+        process.stop()
+        process = start_gateway(path)  # nothing left to close: nothing twice
+        assert [r.get("phase") for r in stuck()] == ["open", "done"]
+        verify(trace_dir, trace_dir / "trace-signing.pub")
+    finally:
+        process.stop()
+        upstream.stop()
 
 
 def test_a_stopping_gateway_serves_a_request_on_an_open_connection_and_closes_it(tmp_path):

@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from gateway.commands import evidence
 from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, Config, ConfigError, load_config
 from gateway.proxy.state import trace_verifier_key_path
+from gateway.trace.abandoned import unfinished
 from gateway.trace.audit import (
     AuditIOError,
     WitnessPolicy,
@@ -267,13 +267,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cp = report.checkpoint
     print(f"OK: {cp.size} records, root {cp.root.hex()}, checkpoint signed by {verifier.name}")
     try:
-        unfinished = _unfinished(_records(iter_committed_entries(args.directory, cp)))
+        still_open = unfinished(_records(iter_committed_entries(args.directory, cp)))
     except ProofError as exc:  # the files changed since they were verified
         print(f"TAMPERED: {exc}")
         return EXIT_BAD
-    if unfinished:  # not tampering: in flight while the log was read, or cut by a crash
-        first = unfinished[0][1].get("id")
-        print(f"warning: {len(unfinished)} transfers are open (forwarded, no completion record), the first "
+    if still_open:  # not tampering: in flight while the log was read, or cut by a crash
+        first = still_open[0][1].get("id")
+        print(f"warning: {len(still_open)} transfers are open (forwarded, no completion record), the first "
               f"{first}; list them with 'gateway trace show {args.directory} --open'", file=sys.stderr)
     return EXIT_OK
 
@@ -320,22 +320,10 @@ def _checkpoint_size(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     window = _window(args)
     records = _records(iter_entries(args.directory, _checkpoint_size(args)))
-    for index, record in _unfinished(records) if args.open else records:
+    for index, record in unfinished(records) if args.open else records:
         if _matches(record, args, *window):
             sys.stdout.write(json.dumps({"index": index, "record": record}, ensure_ascii=False) + "\n")
     return EXIT_OK
-
-
-def _unfinished(records: Iterator[tuple[int, dict]]) -> list[tuple[int, dict]]:
-    """(index, open record) of each transfer whose completion is not in the log, in log order."""
-    opened: dict[Any, tuple[int, dict]] = {}
-    for index, record in records:
-        phase = record.get("phase")
-        if phase == "open":
-            opened[record.get("id")] = (index, record)
-        elif phase == "done":
-            opened.pop(record.get("id"), None)
-    return list(opened.values())
 
 
 def _window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:

@@ -14,22 +14,26 @@ A record not durable within `trace.append_timeout` (a stalled writer) is answere
 had failed; an open record's completion then follows it to the writer without the client waiting.
 While the log has made nothing durable for that long, records are refused at once, not handed over.
 The transfer id is the one the client sees in X-Gateway-Transfer-Id.
+
+Longer than 400 lines: every way a transfer ends (answered, refused, failed, malformed, timed out,
+cut at a stop) must reach exactly one final record, and the in-flight bookkeeping a graceful stop
+waits on is kept beside them; split, that accounting would be spread over modules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Protocol
 
+import orjson
 from mitmproxy import http
 from mitmproxy.master import Master
 
 from gateway.config.runtime import Runtime
 from gateway.dlp import mask_text, mask_url
-from gateway.filters import body_size, disk_full, refusal_response, refuse, transfer_of
+from gateway.filters import FreeSpace, body_size, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
@@ -78,6 +82,13 @@ class Record:
         self.stopping = False  # a graceful stop has begun: HTTP/1 connections close, new HTTP/2 streams refused
         self._opening = 0  # open records being written
         self._late: set[asyncio.Task] = set()  # completions of transfers whose open record timed out
+        self._space: FreeSpace | None = None
+
+    def _trace_space(self) -> FreeSpace:
+        directory = self.gateway.runtime.config.trace_dir  # a reload may name another
+        if self._space is None or self._space.directory != directory:
+            self._space = FreeSpace(directory, "trace log")
+        return self._space
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
@@ -87,7 +98,7 @@ class Record:
         if flow.response is not None:
             return
         # Fail closed before anything is forwarded: a transfer that cannot be recorded must not cross.
-        failure = self.gateway.trace.failure or disk_full(self.gateway.runtime.config.trace_dir, "trace log")
+        failure = self.gateway.trace.failure or self._trace_space().full()
         if failure is not None:
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             transfer.error = f"trace log unavailable: {failure}"
@@ -217,7 +228,7 @@ class Record:
             if not self._opening:
                 break
             await asyncio.sleep(0.01)
-        cut_off = list(self.in_flight.values())
+        cut_off = [(flow, transfer) for flow, transfer in self.in_flight.values() if not transfer.recorded]
         for _, transfer in cut_off:
             transfer.escalate("error", [STOPPING])
             transfer.error = why
@@ -246,21 +257,26 @@ class Record:
 
     async def _record(self, flow: http.HTTPFlow, transfer: Transfer, refuse_on_failure: bool = True) -> None:
         """The transfer's final record: its completion if it was opened, else its only record."""
-        self._finished(transfer)
-        if transfer.extra.get(TRACE_TIMED_OUT) == "open":
-            # Its open record is still with a writer that did not answer in time, and may become durable
-            # once the writer resumes: this completion (the 503 the client gets now) follows it there,
-            # with no further wait for the client.
-            record = {**self._build(flow, transfer), "phase": "done"}
-            task = asyncio.create_task(self._append(record, transfer, retry=True, bounded=False))
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
-            return
-        if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
-            if refuse_on_failure and (flow.response is not None or flow.error is None):
-                refuse(flow, transfer, status=503, error="trace log unavailable")
+        transfer.recorded = True
+        try:
+            if transfer.extra.get(TRACE_TIMED_OUT) == "open":
+                # Its open record is still with a writer that did not answer in time, and may become durable
+                # once the writer resumes: this completion (the 503 the client gets now) follows it there,
+                # with no further wait for the client.
+                record = {**self._build(flow, transfer), "phase": "done"}
+                task = asyncio.create_task(self._append(record, transfer, retry=True, bounded=False))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+                return
+            if not await self._append(self._build(flow, transfer), transfer, retry=transfer.opened):
+                if refuse_on_failure and (flow.response is not None or flow.error is None):
+                    refuse(flow, transfer, status=503, error="trace log unavailable")
+        finally:
+            self._finished(transfer)
 
     def _finished(self, transfer: Transfer) -> None:
+        """Its final record is written (or failed): its answer goes out now, so a graceful stop no
+        longer waits for it."""
         transfer.recorded = True
         self.in_flight.pop(transfer.id, None)
 
@@ -304,7 +320,7 @@ class Record:
 
     def _record_before_release(self, flow: http.HTTPFlow, transfer: Transfer) -> bool:
         """Synchronous (a few milliseconds, once per spooled response): the body is released right after."""
-        self._finished(transfer)
+        transfer.recorded = True
         try:
             self.gateway.trace.append_sync(self._build(flow, transfer), retry=transfer.opened,
                                            timeout=self.gateway.runtime.config.trace_append_timeout)
@@ -312,6 +328,8 @@ class Record:
             log.error("trace log unavailable, withholding transfer %s: %s", transfer.id, e)
             transfer.escalate("error", [TRACE_UNAVAILABLE])
             return False
+        finally:
+            self._finished(transfer)
         return True
 
     def _build(self, flow: http.HTTPFlow, transfer: Transfer) -> dict[str, Any]:
@@ -356,7 +374,7 @@ class Record:
         }
         # Reasons fill what the entry limit leaves (a bulk export has thousands of findings: they are
         # counted per rule and type, with their first locations; see gateway.dlp.tally).
-        room = MAX_ENTRY - len(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()) - RECORD_SLACK
+        room = MAX_ENTRY - len(orjson.dumps(record)) - RECORD_SLACK  # the size encode_record gives it
         record["rules"], omitted = reason_entries(transfer, room)
         if omitted:
             record["rules_omitted"] = omitted

@@ -39,6 +39,11 @@ class FirstRequestDeadline:
         self.gateway = gateway
         self._timers: dict[str, asyncio.TimerHandle] = {}  # client connection id -> its deadline
 
+    @property
+    def waiting(self) -> int:
+        """Connections open and still to send their first request."""
+        return len(self._timers)
+
     def client_connected(self, client: connection.Client) -> None:
         if not client.error:  # else refused as it opened (gateway.proxy.connlimit): closed already
             self._start(client)

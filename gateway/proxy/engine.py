@@ -40,8 +40,15 @@ from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.upstreamdeadline import UpstreamDeadline
 from gateway.proxy.dispatch import CachedHookDispatch
-from gateway.proxy.listeners import install_inherited_listeners
-from gateway.proxy.state import announce, ca_dir, trace_key_path, trusted_upstream_ca, writer_socket_path
+from gateway.proxy.listeners import install_inherited_listeners, stop_listening
+from gateway.proxy.state import (
+    announce,
+    ca_dir,
+    close_abandoned_transfers,
+    trace_key_path,
+    trusted_upstream_ca,
+    writer_socket_path,
+)
 from gateway.proxy.tunnels import OnlyHttp
 from gateway.trace import TraceLog
 from gateway.trace.remote import RemoteTraceLog
@@ -50,6 +57,9 @@ if TYPE_CHECKING:
     from gateway.proxy.listeners import WorkerRole
 
 log = logging.getLogger("gateway")
+
+AWAITED_REQUEST = 1.0  # seconds a graceful stop waits for the first request of a connection just accepted
+ANSWERS_OUT = 0.1  # seconds for the answers of the last transfers to be written before the engine stops
 
 class GatewayServer:
     """The whole gateway in one process, or (with `worker`) one of several proxy workers run by the
@@ -82,6 +92,7 @@ class GatewayServer:
             config.state_dir.mkdir(parents=True, exist_ok=True)
             self.trace = TraceLog.open(config.trace_dir, origin=config.trace_origin,
                                        signing_key=trace_key_path(config.state_dir))
+            await asyncio.to_thread(close_abandoned_transfers, self.trace, config.trace_dir)
         else:
             install_inherited_listeners(self.worker.listen_sockets)
             # Every record says which worker handled its transfer.
@@ -102,12 +113,13 @@ class GatewayServer:
         wslimits.add_options(self.master.options)
         CachedHookDispatch.install(self.master).on_error = fail_closed
         self.record = Record(self)
+        self.first_request = FirstRequestDeadline(self)
         self.master.addons.add(
             proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
             DiscardRefusedBodies(self),
-            FirstRequestDeadline(self), UpstreamDeadline(self),
+            self.first_request, UpstreamDeadline(self),
             Announce(self), wslimits.ForgetMessages(),
         )
         self.master.options.update(**self._engine_options())
@@ -154,19 +166,24 @@ class GatewayServer:
         self.record.stopping = True  # open HTTP/1 connections close after their answer; HTTP/2 streams 503
         for server in list(self.master.addons.get("proxyserver").servers):
             try:
-                await server.stop()
+                await stop_listening(server)
             except Exception as exc:  # not listening (any more): nothing to stop
                 log.debug("stopping %s: %s", server.mode.description, exc)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self.record.in_flight:
             log.info("stopping: waiting up to %g s for %d transfers in flight", grace, len(self.record.in_flight))
-        while self.record.in_flight and loop.time() < deadline and not self._cut_now:
+        # A connection accepted just before the stop has its request on the way: it is waited for too
+        # (up to AWAITED_REQUEST) and served like the others; one silent that long is closed.
+        awaited = loop.time() + AWAITED_REQUEST
+        while (self.record.in_flight or (self.first_request.waiting and loop.time() < awaited)) \
+                and loop.time() < deadline and not self._cut_now:
             await asyncio.sleep(0.05)
         if self.record.in_flight:
             cut = await self.record.cut_in_flight(
                 f"cut: the gateway stopped before the transfer ended (shutdown grace {grace:g} s)")
             log.warning("stopping: %d transfers still in flight were cut and recorded as errors", cut)
+        await asyncio.sleep(ANSWERS_OUT)
         self.master.shutdown()
 
     def _engine_options(self, config: Config | None = None) -> dict:

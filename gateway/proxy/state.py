@@ -4,11 +4,19 @@ what a start tells the operator: shared by the single process and the supervisor
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from gateway.config.load import Config, format_host_port
+from gateway.trace import TraceError
+from gateway.trace.abandoned import close_abandoned
 from gateway.trace.log import SIGNING_KEY_FILE, VERIFIER_KEY_FILE
+from gateway.trace.tiles import TileError
+from gateway.transfer.model import utc_timestamp
+
+log = logging.getLogger("gateway")
 
 WRITER_SOCKET = "trace-writer.sock"
 CA_BASENAME = "mitmproxy"  # mitmproxy's file names in the CA folder: mitmproxy-ca.pem, mitmproxy-ca-cert.pem
@@ -69,3 +77,15 @@ def trace_verifier_key_path(state_dir: Path) -> Path:
 
 def writer_socket_path(state_dir: Path) -> Path:
     return state_dir / WRITER_SOCKET
+
+
+def close_abandoned_transfers(trace: Any, trace_dir: Path) -> None:
+    """At a start, before any worker serves: the transfers the run before forwarded and never completed
+    (its process ended first) get their completion, as errors (gateway.trace.abandoned)."""
+    try:
+        closed = close_abandoned(trace, trace_dir, utc_timestamp())
+    except (TraceError, TileError, OSError) as exc:
+        log.error("transfers left open by the run before stay open: %s", exc)
+        return
+    if closed:
+        log.warning("%d transfers left open by the run before (forwarded, no completion) closed as abandoned", closed)

@@ -42,7 +42,8 @@ from gateway.config.load import (
 )
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
 from gateway.proxy.listeners import reuse_port_socket
-from gateway.proxy.state import announce, ensure_ca, trace_key_path, writer_socket_path
+from gateway.proxy.state import announce, close_abandoned_transfers, ensure_ca, trace_key_path, writer_socket_path
+from gateway.trace.remote import RemoteTraceLog
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -128,6 +129,7 @@ class Supervisor:
             tasks = [self._task(self._keep(self.writer))]
             if not await self._wait_ready([self.writer]):
                 return 1
+            await asyncio.to_thread(self._close_abandoned)
             tasks += [self._task(self._keep(worker)) for worker in self.workers]
             if not await self._wait_ready(self.workers):
                 return 1
@@ -148,6 +150,12 @@ class Supervisor:
             if self._notify is not None:
                 self._notify.close()
                 (state_dir / NOTIFY_SOCKET).unlink(missing_ok=True)
+
+    def _close_abandoned(self) -> None:
+        """Through the writer, before the workers start: no process of the run before is left to send
+        a completion (a writer restarted later leaves open records alone: live workers resend theirs)."""
+        with RemoteTraceLog.connect(writer_socket_path(self.config.state_dir)) as trace:
+            close_abandoned_transfers(trace, self.config.trace_dir)
 
     def _bind_listeners(self) -> None:
         for listener in self.config.listeners:
@@ -241,6 +249,11 @@ class Supervisor:
                     "--origin", config.trace_origin, "--key", str(trace_key_path(config.state_dir)),
                     "--socket", str(writer_socket_path(config.state_dir)), "--parent", str(os.getpid())]
             return await asyncio.create_subprocess_exec(*argv)
+        for listener, sockets in self.sockets.items():
+            if not sockets[child.index].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                # Shut down by the worker's graceful stop (gateway.proxy.listeners.stop_listening).
+                sockets[child.index].close()
+                sockets[child.index] = reuse_port_socket(listener)
         fds = {listener: sockets[child.index].fileno() for listener, sockets in self.sockets.items()}
         argv = [sys.executable, "-m", "gateway.proxy.worker", str(child.index), "--parent", str(os.getpid()),
                 "--of", str(len(self.workers)),

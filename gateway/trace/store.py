@@ -68,7 +68,7 @@ from gateway.trace.tiles import (
 )
 
 ROTATE_BUNDLES = 64  # full bundles kept in the journal before it rotates past them
-PUBLISH_SPACING = 0.02  # seconds at least between two publications: each costs two fsyncs and file churn
+PUBLISH_SPACING = 0.1  # seconds at least between two publications: each costs ~2 ms of CPU (two fsyncs, file churn)
 
 
 class TraceError(RuntimeError):
