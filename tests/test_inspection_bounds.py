@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -200,3 +201,32 @@ def test_a_budget_exception_lost_in_a_finalizer_still_stops_the_scan_and_refuses
         InspectionBudget(0.05).spend(scan_after_a_collection)
     spent = time.thread_time() - started
     assert spent < 0.5, f"the scan ran on for {spent:.2f} s of CPU after its budget was spent"
+
+
+def test_a_short_budget_is_enforced_while_the_watchdog_sleeps_for_a_long_one():
+    """The watchdog is not woken for every scan, only when it would otherwise look too late: a scan
+    with 0.05 s to spend, started while the watchdog sleeps until another scan's far deadline, is
+    still stopped within about its budget."""
+    def busy():
+        while True:
+            pass
+
+    long_started, release = threading.Event(), threading.Event()
+
+    def long_scan():  # 30 s budget, asleep: the watchdog's next look is about 30 s away
+        long_started.set()
+        release.wait(10)
+
+    other = threading.Thread(target=lambda: InspectionBudget(30.0).spend(long_scan))
+    other.start()
+    try:
+        long_started.wait(5)
+        time.sleep(0.1)  # the watchdog has looked since, with nothing new started: it sleeps long
+        started = time.monotonic()
+        with pytest.raises(BudgetExceeded):
+            InspectionBudget(0.05).spend(busy)
+        taken = time.monotonic() - started
+    finally:
+        release.set()
+        other.join()
+    assert taken < 1.0, f"a 0.05 s budget was enforced only after {taken:.2f} s"

@@ -25,6 +25,9 @@ OVER_BUDGET = "inspection time budget exceeded"
 # A streamed body may be large: past the budget it is allowed one more CPU second per this many bytes
 # (clean text is scanned at 100-300 MB/s; crafted slow input is far below).
 STREAM_BYTES_PER_SECOND = 8 * 1024 * 1024
+# While scans keep starting the watchdog looks at least this often (below the event loop's 50 ms scan
+# slices), so that a scan starting meanwhile needs no wake-up of its own; idle, it sleeps until one starts.
+LOOK_WHILE_BUSY = 0.02
 
 
 class BudgetExceeded(Exception):
@@ -60,6 +63,9 @@ class Watchdog:
         self._runs: set[_Run] = set()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        # When the watchdog wakes next on its own (time.monotonic(); None: not until a run starts).
+        self._wakes_at: float | None = None
+        self._started_since_look = False
 
     def run(self, seconds: float, work: Callable[[], T]) -> tuple[T, float]:
         """`work()` in this thread, stopped past `seconds` of this thread's CPU time (BudgetExceeded);
@@ -71,7 +77,7 @@ class Watchdog:
             raise BudgetExceeded(OVER_BUDGET)
         run = _Run(ident, clock, started + seconds)
         outer, _current.run = getattr(_current, "run", None), run
-        self._watch(run)
+        self._watch(run, seconds)
         try:
             try:
                 result = work()
@@ -94,13 +100,17 @@ class Watchdog:
             raise BudgetExceeded(OVER_BUDGET)
         return result, time.clock_gettime(clock) - started
 
-    def _watch(self, run: _Run) -> None:
+    def _watch(self, run: _Run, seconds: float) -> None:
         with self._changed:
             self._runs.add(run)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="inspection-watchdog", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            self._started_since_look = True
+            # Woken only when it would otherwise look too late: a wake-up per scan (four a transfer)
+            # cost ~30 us of CPU each. A run cannot spend its seconds before as many have passed.
+            if self._wakes_at is None or self._wakes_at > time.monotonic() + seconds:
+                self._changed.notify()
 
     def _loop(self) -> None:
         with self._changed:
@@ -115,7 +125,12 @@ class Watchdog:
                         _fire(run)
                     else:  # a thread's CPU clock runs no faster than the wall clock
                         wait = left if wait is None else min(wait, left)
-                self._changed.wait(None if wait is None else max(wait, 0.002))
+                if self._started_since_look:  # scans are coming: look again soon, so they need not wake it
+                    wait = LOOK_WHILE_BUSY if wait is None else min(wait, LOOK_WHILE_BUSY)
+                    self._started_since_look = False
+                wait = None if wait is None else max(wait, 0.002)
+                self._wakes_at = None if wait is None else time.monotonic() + wait
+                self._changed.wait(wait)
 
 
 def _fire(run: _Run) -> None:

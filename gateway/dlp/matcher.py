@@ -48,6 +48,7 @@ class Matcher:
         self._local = threading.local()
         self._words = {index: form for index, spec in enumerate(specs) if not spec.caseless
                        and (form := tokens.word_pattern(spec.regex)) is not None}
+        self._shortest_word = tokens.shortest_word(self._words) if self._words else 0
         self._rest = [index for index in range(len(specs)) if index not in self._words]
         if self.engine == "hyperscan" and self._rest:
             shared = [index for index in self._rest if not specs[index].alone]
@@ -67,11 +68,14 @@ class Matcher:
                 scratches = self._local.scratches = [hyperscan.Scratch(database) for database in self._databases]
             for database, scratch in zip(self._databases, scratches):
                 database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
-        table = np.array(hits, dtype=np.int64).reshape(-1, 3)
-        return np.concatenate([table, tokens.scan(self._words, data)]) if self._words else table
+        # Most texts hold no candidate: then no array is built or joined (a few us each, twice a transfer).
+        table = np.array(hits, dtype=np.int64).reshape(-1, 3) if hits else _NONE
+        words = tokens.scan(self._words, data, self._shortest_word) if self._words else _NONE
+        return table if not len(words) else words if not len(table) else np.concatenate([table, words])
 
 
 _NONE = np.zeros((0, 3), dtype=np.int64)
+_NONE.flags.writeable = False  # shared by every scan that finds nothing
 
 
 def _compile(specs: list[PatternSpec], indexes: list[int]):

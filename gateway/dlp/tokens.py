@@ -112,12 +112,18 @@ def _code(values) -> int:
     return code
 
 
-def scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
-    """Every word of `data` the patterns match, as rows (pattern index, start, end)."""
-    shortest = min(length for pattern in patterns.values() for length in pattern.by_length)
+def shortest_word(patterns: dict[int, WordPattern]) -> int:
+    """The length of the shortest word any of the patterns matches."""
+    return min(length for pattern in patterns.values() for length in pattern.by_length)
+
+
+def scan(patterns: dict[int, WordPattern], data: bytes, shortest: int | None = None) -> np.ndarray:
+    """Every word of `data` the patterns match, as rows (pattern index, start, end); `shortest` is
+    shortest_word(patterns), for a caller that scans many texts with the same patterns."""
+    shortest = shortest_word(patterns) if shortest is None else shortest
     start = first_start(_WORD_CLASS, shortest, data)  # a word that long starts there (a Hyperscan pass)
     if start is None:
-        return np.zeros((0, 3), dtype=np.int64)  # prose, most often: no numpy pass at all
+        return _NO_WORDS  # prose, most often: no numpy pass at all
     # bytes.translate: the word mask in one C pass and one copy (indexing a table with the bytes
     # converts them to 8-byte indexes first); a non-word byte before and after gives every word two edges
     word = np.frombuffer(b"\0" + data.translate(_WORD_BYTES) + b"\0", dtype=bool)  # word[i + 1]: data[i]
@@ -130,6 +136,10 @@ def scan(patterns: dict[int, WordPattern], data: bytes) -> np.ndarray:
         found += _matches(patterns, buf, edges[0::2], edges[1::2] - edges[0::2])
         start = end + 1
     return np.concatenate(found)
+
+
+_NO_WORDS = np.zeros((0, 3), dtype=np.int64)
+_NO_WORDS.flags.writeable = False  # shared by every scan that finds nothing
 
 
 def _matches(patterns: dict[int, WordPattern], buf: np.ndarray, starts: np.ndarray,
