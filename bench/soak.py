@@ -86,6 +86,11 @@ def report(outcomes: list[dict], elapsed: float, logs: dict[str, list[dict]], up
           + ", ".join(f"{k} {n}" for k, n in Counter(o["kind"] for o in answered).most_common()))
     print(f"cut off without an answer: {sum(cut_off.values())} "
           + ", ".join(f"{k} {n}" for k, n in cut_off.most_common()))
+    raced = [o for o in outcomes if "id" not in o and o.get("reused") and o.get("unanswered")]
+    retried = Counter(f"{o['kind']} ({o['retried']})" for o in outcomes if "retried" in o)
+    print(f"  of which on a reused connection closed before any answer byte (the keep-alive race): {len(raced)}; "
+          f"idempotent requests cut so and answered when sent again: {sum(retried.values())} "
+          + ", ".join(f"{k} {n}" for k, n in retried.most_common()))
     seen = {o["id"] for o in answered}
     unseen = Counter(r["status"] for records in logs.values() for r in final_records(records) if r["id"] not in seen)
     print("records: " + ", ".join(f"{m} {len(r)}" for m, r in logs.items())

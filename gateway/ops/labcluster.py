@@ -38,6 +38,10 @@ from gateway.trace.note import parse_checkpoint_body, parse_note
 FRONT, BACK, INET = "198.18.10", "198.18.20", "198.18.30"
 FLOATING = f"{FRONT}.10"
 PROXY_PORT, MANAGEMENT_PORT, UPSTREAM_PORT, WITNESS_PORT = 8080, 9464, 8000, 7380
+# A draining machine stays not ready but serving this long: HAProxy's checks (inter 1 s, fall 2) mark
+# it down within about 2 s, so no new connection finds its listener gone, and the clients' idle
+# keep-alive connections (httpx gives one up after 5 s) are closed by the clients, not raced by the close.
+DRAIN_DELAY = "6s"
 WITNESS_INTERVAL = 2.0  # seconds between a machine's pushes to the others' witnesses (30 by default)
 ROUTER_ID = 51
 BALANCERS = ("lb1", "lb2")
@@ -143,7 +147,7 @@ class ClusterLab:
             address = self.address(gw, "back")
             config = {
                 "gateway": {"name": f"{self.prefix}-{gw}", "state_dir": str(folder / "state"), "workers": 1,
-                            **self.gateway_settings},
+                            "drain_delay": DRAIN_DELAY, **self.gateway_settings},
                 "zones": {"extranet": {"networks": [f"{FRONT}.0/24"]}, "internet": {"networks": [f"{INET}.0/24"]}},
                 "listeners": [{"name": "boundary", "mode": "regular", "listen": f"{address}:{PROXY_PORT}",
                                "proxy_protocol": "v2", "trusted_proxies": balancers}],
