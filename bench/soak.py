@@ -18,7 +18,9 @@ namespace and go through the balancer. For the whole run the machines are restar
 drain`, then a start: ClusterLab.roll), so that the roll goes round as often as the run allows. After
 it, the machines' witnesses must have cosigned each other's logs to their end and `gateway trace verify
 --peers` must pass for every origin. Requests cut off without an answer are counted (none is expected:
-a draining gateway finishes what it holds, and HAProxy sends new connections elsewhere).
+a draining gateway stays not ready but serving for its drain_delay while HAProxy sends new connections
+elsewhere, and finishes what it holds), and so are the idempotent requests the clients sent again after
+a reused keep-alive connection closed before any answer (RFC 9112 9.3.1; none expected either).
 """
 
 from __future__ import annotations
