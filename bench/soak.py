@@ -18,7 +18,9 @@ namespace and go through the balancer. For the whole run the machines are restar
 drain`, then a start: ClusterLab.roll), so that the roll goes round as often as the run allows. After
 it, the machines' witnesses must have cosigned each other's logs to their end and `gateway trace verify
 --peers` must pass for every origin. Requests cut off without an answer are counted (none is expected:
-a draining gateway finishes what it holds, and HAProxy sends new connections elsewhere).
+a draining gateway stays not ready but serving for its drain_delay while HAProxy sends new connections
+elsewhere, and finishes what it holds), and so are the idempotent requests the clients sent again after
+a reused keep-alive connection closed before any answer (RFC 9112 9.3.1; none expected either).
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ def report(outcomes: list[dict], elapsed: float, logs: dict[str, list[dict]], up
           + ", ".join(f"{k} {n}" for k, n in Counter(o["kind"] for o in answered).most_common()))
     print(f"cut off without an answer: {sum(cut_off.values())} "
           + ", ".join(f"{k} {n}" for k, n in cut_off.most_common()))
+    raced = [o for o in outcomes if "id" not in o and o.get("reused") and o.get("unanswered")]
+    retried = Counter(f"{o['kind']} ({o['retried']})" for o in outcomes if "retried" in o)
+    print(f"  of which on a reused connection closed before any answer byte (the keep-alive race): {len(raced)}; "
+          f"idempotent requests cut so and answered when sent again: {sum(retried.values())} "
+          + ", ".join(f"{k} {n}" for k, n in retried.most_common()))
     seen = {o["id"] for o in answered}
     unseen = Counter(r["status"] for records in logs.values() for r in final_records(records) if r["id"] not in seen)
     print("records: " + ", ".join(f"{m} {len(r)}" for m, r in logs.items())

@@ -122,6 +122,17 @@ def test_shutdown_grace_takes_a_duration_up_to_ten_minutes(tmp_path):
             and error in errors[0], errors
 
 
+def test_drain_delay_is_a_duration_within_the_shutdown_grace(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(VALID.replace("state_dir: state}", "state_dir: state, drain_delay: 3s}"))
+    assert load_config(path).drain_delay == 3.0
+    assert load_config(REPO / "config" / "gateway.yaml").drain_delay == 0.0  # a stop without a balancer: no wait
+    errors = errors_of(tmp_path, VALID.replace("state_dir: state}", "state_dir: state, shutdown_grace: 5s, "
+                                                                    "drain_delay: 5s}"))
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path}/gw.yaml:1: gateway.drain_delay: ") \
+        and "shorter than shutdown_grace (5 s)" in errors[0], errors
+
+
 def test_trace_append_timeout_takes_a_duration_up_to_a_minute(tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text(VALID.replace("origin: example/fe1}", "origin: example/fe1, append_timeout: 1500ms}"))

@@ -113,27 +113,35 @@ def test_machine_killed_under_load_loses_no_record(cluster):
 
 def test_rolling_restart_under_load_keeps_every_record(cluster):
     """bench/soak.py --cluster in short: its mixed and hostile clients through the balancer while each
-    machine in turn is drained (`gateway drain`) and started again (ClusterLab.roll); every answer in
-    exactly one machine's verified log with the status the client saw and the one its kind gets (no
-    503 from a draining machine), nothing at the upstream without a record, both logs cosigned by the
-    other and `trace verify --peers` OK."""
-    clients = start_lab_clients(cluster, CLIENTS, 16)
+    machine in turn is drained (`gateway drain`) and started again (ClusterLab.roll); every request
+    answered (none cut: the draining machine stays not ready but serving for `drain_delay` while
+    HAProxy's checks move new connections away, and closes idle keep-alive connections only before it
+    stops, never a request it read), every answer in exactly one machine's verified log with the
+    status the client saw and the one its kind gets (no 503 from a draining machine), nothing at the
+    upstream without a record, both logs cosigned by the other and `trace verify --peers` OK."""
+    clients = start_lab_clients(cluster, CLIENTS, 26)  # two rolls of ~11 s (drain_delay 6 s, a start, checks)
     time.sleep(1.5)
     for gw in cluster.gateways:
         assert "drained and stopped" in cluster.roll(gw)
     outcomes = outcomes_of(clients, timeout=90)
     answered = [o for o in outcomes if "id" in o]
     failed = [o for o in outcomes if "id" not in o]
+    retried = [o for o in outcomes if "retried" in o]
     logs = {gw: verified_records(cluster, gw) for gw in cluster.gateways}
-    print(f"rolling restart: {len(answered)} answered, {len(failed)} cut: {sorted({o['error'] for o in failed})}")
+    print(f"rolling restart: {len(answered)} answered ({len(retried)} GETs sent again after their kept-alive "
+          f"connection closed before any answer), {len(failed)} cut")
     assert len(answered) > 100
     assert {o["kind"] for o in answered} >= {"clean", "blocked", "garbage", "tunnel-binary", "large"}
     assert len(received_marks(cluster.state_dir / LAB_UPSTREAM_LOG)) > 50  # the upstream check has something
     findings = audit(outcomes, logs, cluster.state_dir / LAB_UPSTREAM_LOG)
     assert not any(findings.values()), {what: found[:3] for what, found in findings.items() if found}
-    assert {o["error"] for o in failed} <= CUT, failed[:5]
-    # Cut (no answer, nothing recorded, nothing upstream): a request racing the close of an idle
-    # keep-alive connection as a drain ends; how many depends on timing (0-32 in runs here), not bounded.
+    # Nothing cut, and no request had to be sent again: with the lab's drain_delay (6 s) longer than the
+    # clients' keep-alive idle time (httpx: 5 s) no connection a client may still use is closed under
+    # it. (With a shorter delay, the cut HTTP/1 cannot rule out is a request sent on an idle kept-alive
+    # connection as the gateway closes it: tests.traffic sends an idempotent one again, RFC 9112 9.3.1,
+    # and counts it as `retried`.)
+    assert not failed, failed[:5]
+    assert not retried, retried[:5]
     cosigned = cluster.wait_cross_witnessed(30)
     assert all(log == signed for log, signed in cosigned.values()), f"(log size, cosigned size): {cosigned}"
     verified = gateway("trace", "verify", "--peers", str(cluster.state_dir / "peers.yaml"))

@@ -44,6 +44,7 @@ EXPECTED = {"clean": 200, "post": 200, "large": 200, "blocked": 403, "hidden": 4
             "unreachable": 502, "garbage": 400, "smuggle": 400, "endless": 431, "slow": 408, "tunnel-connect": 200,
             "tunnel-binary": 400}
 NO_TRANSFER_ID = "no transfer id"  # the error of an answer that names no transfer: never acceptable
+IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE"}  # RFC 9110 9.2.2
 KINDS = {"clean": 30, "post": 20, "blocked": 10, "denied": 8, "unreachable": 5, "garbage": 8, "smuggle": 7,
          "endless": 4, "large": 8, "tunnel": 5, "slow": 1, "hidden": 5, "deep": 3}
 
@@ -81,23 +82,50 @@ class Traffic:
         self.sent += 1
         mark = f"m={self.seed}-{self.sent}"  # what the upstream's log and the records' URLs are matched on
         if kind == "clean":
-            response = client.get(f"{self.upstream}/text?body=soak&{mark}")
+            self._send(client, kind, "GET", f"{self.upstream}/text?body=soak&{mark}")
         elif kind == "post":
-            response = client.post(f"{self.upstream}/echo?{mark}", content=os.urandom(self.rng.randrange(1, 65536)))
+            self._send(client, kind, "POST", f"{self.upstream}/echo?{mark}",
+                       content=os.urandom(self.rng.randrange(1, 65536)))
         elif kind == "blocked":
-            response = client.post(f"{self.upstream}/echo?{mark}", json={"sfzh": ID_NUMBER})
+            self._send(client, kind, "POST", f"{self.upstream}/echo?{mark}", json={"sfzh": ID_NUMBER})
         elif kind == "denied":
-            response = client.get(f"http://198.51.100.7/?{mark}")
+            self._send(client, kind, "GET", f"http://198.51.100.7/?{mark}")
         elif kind == "unreachable":
-            response = client.get(f"{self.closed}/x?{mark}")
+            self._send(client, kind, "GET", f"{self.closed}/x?{mark}")
         elif kind == "hidden":  # an ID number as base64 in a JSON value: blocked
-            response = client.post(f"{self.upstream}/echo?{mark}", json={"file": HIDDEN_ID})
+            self._send(client, kind, "POST", f"{self.upstream}/echo?{mark}", json={"file": HIDDEN_ID})
         elif kind == "deep":  # JSON nested past what the parser can walk: uninspectable, blocked
-            response = client.post(f"{self.upstream}/echo?{mark}", content=DEEP_JSON,
-                                   headers={"content-type": "application/json"})
+            self._send(client, kind, "POST", f"{self.upstream}/echo?{mark}", content=DEEP_JSON,
+                       headers={"content-type": "application/json"})
         else:
-            response = client.post(f"{self.upstream}/sink?{mark}", content=b"soak filler text " * (2 << 16))
-        self._answered(kind, response.headers.get("x-gateway-transfer-id"), response.status_code)
+            self._send(client, kind, "POST", f"{self.upstream}/sink?{mark}", content=b"soak filler text " * (2 << 16))
+
+    def _send(self, client: httpx.Client, kind: str, method: str, url: str, **options) -> None:
+        """One request, as a conforming client sends it (RFC 9112 9.3.1): an idempotent request that a
+        reused (kept-alive) connection closed before any byte of an answer is sent once more, on a new
+        connection, and counted (`retried`: the first attempt's error). A non-idempotent one is not: its
+        cut is kept with `reused`, so that the check can tell the inherent keep-alive race from a loss."""
+        events: list[str] = []
+        try:
+            response = client.request(method, url, extensions={"trace": lambda name, _: events.append(name)},
+                                      **options)
+        except httpx.HTTPError as e:
+            reused = "connection.connect_tcp.started" not in events
+            unanswered = not any(name.endswith("receive_response_headers.complete") for name in events)
+            if not (reused and unanswered and method in IDEMPOTENT):
+                self.outcomes.append({"t": time.time(), "kind": kind, "error": type(e).__name__, "reused": reused,
+                                      "unanswered": unanswered})
+                time.sleep(0.05)  # not a busy loop while nothing answers
+                return
+            response = client.request(method, url, **options)  # the broken connection left the pool
+            self.outcomes.append(self._answer_of(kind, response) | {"retried": type(e).__name__})
+            return
+        self.outcomes.append(self._answer_of(kind, response))
+
+    def _answer_of(self, kind: str, response: httpx.Response) -> dict:
+        transfer_id = response.headers.get("x-gateway-transfer-id")
+        named = {"id": transfer_id} if transfer_id else {"error": NO_TRANSFER_ID}
+        return {"t": time.time(), "kind": kind, "status": response.status_code, **named}
 
     def _raw(self, kind: str) -> None:
         host, port = self.proxy.removeprefix("http://").rsplit(":", 1)

@@ -131,6 +131,7 @@ class Config:
     workers: int = 1  # proxy worker processes sharing the listeners (see gateway.proxy.supervisor)
     request_head_timeout: float = 30.0  # seconds from a request head's first byte to its end (else 408)
     shutdown_grace: float = 10.0  # seconds a stop waits for transfers in flight (then cuts them)
+    drain_delay: float = 0.0  # seconds of a stop spent not ready but still serving (behind a balancer), in the grace
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # per client address (gateway.proxy.connlimit)
     authz: AuthzSettings | None = None  # data catalogue and grants (gateway.authz); None: zone policy only
     inspection_budget: float = DEFAULT_INSPECTION_BUDGET  # CPU seconds a transfer's DLP inspection may take
@@ -203,7 +204,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         return node.mapping(allowed, required) or {}
 
     gw = section("gateway", {"name", "state_dir", "workers", "request_head_timeout", "max_client_connections",
-                             "shutdown_grace", "body_idle_timeout", "body_timeout", "upstream_timeout"},
+                             "shutdown_grace", "drain_delay", "body_idle_timeout", "body_timeout", "upstream_timeout"},
                  {"name", "state_dir"})
     name = gw["name"].string() if "name" in gw else None
     state_dir = gw["state_dir"].path_value() if "state_dir" in gw else None
@@ -218,6 +219,9 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
     grace = gw["shutdown_grace"].parsed(parse_duration, "duration") if "shutdown_grace" in gw else 10.0
     if grace is not None and grace > MAX_SHUTDOWN_GRACE:
         gw["shutdown_grace"].error(f"at most {MAX_SHUTDOWN_GRACE:.0f} s (systemd's TimeoutStopSec must be longer)")
+    drain_delay = gw["drain_delay"].parsed(parse_duration, "duration") if "drain_delay" in gw else 0.0
+    if drain_delay is not None and grace is not None and drain_delay >= grace:
+        gw["drain_delay"].error(f"must be shorter than shutdown_grace ({grace:g} s): the delay is spent within it")
     upstream_timeout = gw["upstream_timeout"].parsed(parse_duration, "duration") if "upstream_timeout" in gw \
         else DEFAULT_UPSTREAM_TIMEOUT
     client_connections = gw["max_client_connections"].integer(minimum=1) if "max_client_connections" in gw \
@@ -275,7 +279,7 @@ def _parse(source: Path, sections: dict[str, Node], sink: ErrorSink) -> Config |
         upstream_ca=upstream_ca, upstream_ca_pem=upstream_ca_pem, verify_upstream=verify, management_tls=mgmt_tls,
         management_auth=mgmt_auth,
         workers=workers, request_head_timeout=head_timeout, max_client_connections=client_connections,
-        shutdown_grace=grace, authz=authz,
+        shutdown_grace=grace, drain_delay=drain_delay, authz=authz,
         inspection_budget=budget, memory_budget=memory, body_idle_timeout=body_idle,
         body_timeout=body_total, trace_append_timeout=append_timeout, upstream_timeout=upstream_timeout,
     )

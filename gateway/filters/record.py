@@ -201,6 +201,7 @@ class Record:
                 transfer.error = "request head refused: invalid framing or headers (a smuggling risk)"
                 transfer.add_reasons([MALFORMED_REQUEST])
                 refuse(flow, transfer, status=status, error="malformed request")
+            self._close_when_stopping(flow)  # answers made here have no response hooks either
         await self._record(flow, transfer)
 
     async def malformed_request(self, malformed: MalformedRequest) -> None:

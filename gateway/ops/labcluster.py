@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,10 @@ from gateway.trace.note import parse_checkpoint_body, parse_note
 FRONT, BACK, INET = "198.18.10", "198.18.20", "198.18.30"
 FLOATING = f"{FRONT}.10"
 PROXY_PORT, MANAGEMENT_PORT, UPSTREAM_PORT, WITNESS_PORT = 8080, 9464, 8000, 7380
+# A draining machine stays not ready but serving this long: HAProxy's checks (inter 1 s, fall 2) mark
+# it down within about 2 s, so no new connection finds its listener gone, and the clients' idle
+# keep-alive connections (httpx gives one up after 5 s) are closed by the clients, not raced by the close.
+DRAIN_DELAY = "6s"
 WITNESS_INTERVAL = 2.0  # seconds between a machine's pushes to the others' witnesses (30 by default)
 ROUTER_ID = 51
 BALANCERS = ("lb1", "lb2")
@@ -143,7 +148,7 @@ class ClusterLab:
             address = self.address(gw, "back")
             config = {
                 "gateway": {"name": f"{self.prefix}-{gw}", "state_dir": str(folder / "state"), "workers": 1,
-                            **self.gateway_settings},
+                            "drain_delay": DRAIN_DELAY, **self.gateway_settings},
                 "zones": {"extranet": {"networks": [f"{FRONT}.0/24"]}, "internet": {"networks": [f"{INET}.0/24"]}},
                 "listeners": [{"name": "boundary", "mode": "regular", "listen": f"{address}:{PROXY_PORT}",
                                "proxy_protocol": "v2", "trusted_proxies": balancers}],
@@ -159,7 +164,8 @@ class ClusterLab:
         for i, lb in enumerate(BALANCERS):
             folder = self.state_dir / lb
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "haproxy.cfg").write_text(haproxy_config((FLOATING, PROXY_PORT), machines))
+            (folder / "haproxy.cfg").write_text(haproxy_config((FLOATING, PROXY_PORT), machines,
+                                                               stats_socket=str(folder / "haproxy.sock")))
             others = [self.address(other, "front") for other in BALANCERS if other != lb]
             (folder / "keepalived.conf").write_text(keepalived_config(
                 f"{self.prefix}-{lb}", "front0", FLOATING, 24, ROUTER_ID, 150 - 50 * i, others,
@@ -281,8 +287,28 @@ class ClusterLab:
         self.start(gw)
         if not self.wait_ready(gw, timeout):
             raise LabError(f"{gw} not ready again within {timeout:g} s (see {self.state_dir / gw}.log)")
-        time.sleep(2.5)  # the balancers' checks see it up again (rise 2, inter 1 s)
+        # The next machine's drain must not begin before the balancers send this one connections again
+        # (rise 2, inter 1 s; longer on a busy machine): with both out, HAProxy would close new ones.
+        deadline = time.monotonic() + timeout
+        while not all(self.serving(lb, gw) for lb in BALANCERS):
+            if time.monotonic() > deadline:
+                raise LabError(f"the balancers do not see {gw} up within {timeout:g} s")
+            time.sleep(0.2)
         return drained.stdout.strip()
+
+    def serving(self, lb: str, gw: str) -> bool:
+        """Whether balancer `lb`'s HAProxy has `gw` up (its stats socket's `show servers state`)."""
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(str(self.state_dir / lb / "haproxy.sock"))
+                sock.sendall(b"show servers state gateways\n")
+                answer = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+        except OSError:
+            return False
+        # Lines: be_id be_name srv_id srv_name srv_addr srv_op_state ...; op state 2 is running.
+        return any(fields[3] == gw and fields[5] == "2" for line in answer.splitlines()
+                   if len(fields := line.split()) > 5 and fields[0].isdigit())
 
     def wait_cross_witnessed(self, timeout: float = 30.0) -> dict[str, tuple[int, int]]:
         """Wait until each machine's log is cosigned by the others' witnesses to its end; each

@@ -35,7 +35,7 @@ from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, proxyproto, wslimits
+from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, idle, proxyproto, wslimits
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.upstreamdeadline import UpstreamDeadline
@@ -107,6 +107,7 @@ class GatewayServer:
         h2limits.install()
         wslimits.install()
         proxyproto.install()
+        idle.install()
         self.master = Master(options.Options())
         heads.add_options(self.master.options)
         bodytimeout.add_options(self.master.options)
@@ -157,34 +158,61 @@ class GatewayServer:
         asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        """Stop accepting connections and new transfers, let the transfers in flight finish within
-        `shutdown_grace`, record those still running then as errors and cut them, and only then stop
-        the engine: the trace log closes after it, with every record in."""
+        """Stop taking new work in the order a balancer and kept-alive clients need, so that a drain
+        cuts no request: first `drain_delay` not ready (/readyz 503) but still accepting and serving,
+        every HTTP/1 answer closing its connection, while the balancer's checks move new connections
+        away and clients use or give up their idle connections; then stop accepting, let the transfers
+        in flight finish within `shutdown_grace` (counted from the signal), close the idle connections
+        left, record the transfers still running at the deadline as errors and cut them, and only then
+        stop the engine: the trace log closes after it, with every record in."""
         with contextlib.suppress(OSError):  # an orphaned worker's notify socket (its supervisor's) is gone
             sd_notify("STOPPING=1")
-        grace = self.runtime.config.shutdown_grace
+        config = self.runtime.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.shutdown_grace
         self.record.stopping = True  # open HTTP/1 connections close after their answer; HTTP/2 streams 503
+        delayed = loop.time() + config.drain_delay
+        if config.drain_delay:
+            log.info("stopping: not ready, still serving for %g s (drain_delay)", config.drain_delay)
+        while loop.time() < delayed and not self._cut_now:
+            await asyncio.sleep(0.05)
         for server in list(self.master.addons.get("proxyserver").servers):
             try:
                 await stop_listening(server)
             except Exception as exc:  # not listening (any more): nothing to stop
                 log.debug("stopping %s: %s", server.mode.description, exc)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
         if self.record.in_flight:
-            log.info("stopping: waiting up to %g s for %d transfers in flight", grace, len(self.record.in_flight))
+            log.info("stopping: waiting up to %g s for %d transfers in flight", deadline - loop.time(),
+                     len(self.record.in_flight))
         # A connection accepted just before the stop has its request on the way: it is waited for too
         # (up to AWAITED_REQUEST) and served like the others; one silent that long is closed.
         awaited = loop.time() + AWAITED_REQUEST
         while (self.record.in_flight or (self.first_request.waiting and loop.time() < awaited)) \
                 and loop.time() < deadline and not self._cut_now:
             await asyncio.sleep(0.05)
+        # Idle HTTP/1 connections stay usable while transfers finish (each answer closes its own); the
+        # ones left are closed before the engine stops, and a request that came just before is served.
+        self._close_idle_connections()
+        while self.record.in_flight and loop.time() < deadline and not self._cut_now:
+            await asyncio.sleep(0.05)
         if self.record.in_flight:
             cut = await self.record.cut_in_flight(
-                f"cut: the gateway stopped before the transfer ended (shutdown grace {grace:g} s)")
+                f"cut: the gateway stopped before the transfer ended (shutdown grace {config.shutdown_grace:g} s)")
             log.warning("stopping: %d transfers still in flight were cut and recorded as errors", cut)
         await asyncio.sleep(ANSWERS_OUT)
         self.master.shutdown()
+
+    def _close_idle_connections(self) -> None:
+        """Close now, rather than when the engine stops, the HTTP/1 connections waiting for a next request:
+        one sent on such a connection later is refused by the kernel (its client sees its kept-alive
+        connection closed before any answer, and may send it again: RFC 9112 9.3.1) instead of being
+        read and then dropped as the engine stops. HTTP/1 has no way to warn an idle connection first."""
+        handlers = self.master.addons.get("proxyserver").connections
+        closing = [handler for handler in list(handlers.values()) if idle.idle_http1(handler)]
+        for handler in closing:
+            handler.close_connection(handler.client)
+        if closing:
+            log.info("stopping: %d idle client connections closed", len(closing))
 
     def _engine_options(self, config: Config | None = None) -> dict:
         config = config or self.runtime.config
