@@ -182,7 +182,7 @@ class GatewayServer:
             except Exception as exc:  # not listening (any more): nothing to stop
                 log.debug("stopping %s: %s", server.mode.description, exc)
         if self.record.in_flight:
-            log.info("stopping: waiting up to %g s for %d transfers in flight", deadline - loop.time(),
+            log.info("stopping: waiting up to %.3g s for %d transfers in flight", deadline - loop.time(),
                      len(self.record.in_flight))
         # A connection accepted just before the stop has its request on the way: it is waited for too
         # (up to AWAITED_REQUEST) and served like the others; one silent that long is closed.
