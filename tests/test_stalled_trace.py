@@ -88,14 +88,19 @@ def test_a_stalled_trace_writer_gets_transfers_answered_503_and_recovers_without
     assert "m=unopened" not in received(lab)
 
     # The writer is now known to be stalled: the next transfer (one refused on its content) is answered
-    # 503 at once, and its record is not handed over to land later.
-    with httpx.Client(proxy=lab["proxy"], timeout=60) as client:
-        started = time.monotonic()
-        blocked = client.post(f"{lab['upstream']}/echo?m=blocked", json={"sfzh": ID_NUMBER})
-        took = time.monotonic() - started
-    print(f"while known stalled: {blocked.status_code} after {took:.2f} s")
-    assert blocked.status_code == 503 and took < 1.0, (blocked.status_code, took)
-    assert blocked.json()["transfer_id"] == blocked.headers["x-gateway-transfer-id"]
+    # 503 at once, and its record is not handed over to land later. Each worker learns it from its own
+    # timed-out append: a first try that reaches the other worker waits out the timeout, the next cannot.
+    for attempt in range(2):
+        with httpx.Client(proxy=lab["proxy"], timeout=60) as client:
+            started = time.monotonic()
+            blocked = client.post(f"{lab['upstream']}/echo?m=blocked", json={"sfzh": ID_NUMBER})
+            took = time.monotonic() - started
+        print(f"while known stalled, try {attempt + 1}: {blocked.status_code} after {took:.2f} s")
+        assert blocked.status_code == 503 and took < APPEND_TIMEOUT + MARGIN, (blocked.status_code, took)
+        assert blocked.json()["transfer_id"] == blocked.headers["x-gateway-transfer-id"]
+        if took < 1.0:
+            break
+    assert took < 1.0, f"refused after {took:.2f} s on both workers, not at once"
     assert "m=blocked" not in received(lab)
     lab["resume_writer"]()
 
