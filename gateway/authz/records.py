@@ -23,7 +23,7 @@ import operator
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from xml.etree import ElementTree
 
 import orjson
@@ -153,7 +153,12 @@ class RecordFilter:
             outcome.masked = unconsented
             kept = []
             for block, block_passes in zip(_blocks(listed), _blocks(passes)):
-                masked = iter(self._masked([record for record, passed in zip(block, block_passes) if not passed]))
+                unconsented_records = list(compress(block, map(operator.not_, block_passes)))
+                masked = self._masked(unconsented_records)
+                if masked is unconsented_records:  # masked in place: the block's records are what is kept
+                    kept += block
+                    continue
+                masked = iter(masked)
                 kept += [record if passed else next(masked) for record, passed in zip(block, block_passes)]
         outcome.body = records.write(kept, masks)
         return outcome
@@ -165,9 +170,7 @@ class RecordFilter:
         own = self.hasher.keys(subjects)
         if not (clear or no_other_subjects(listed, subjects)):
             return self._passes_naming_others(listed, own, lookup)
-        wanted = set(own)
-        wanted.discard(None)
-        return list(map(lookup(wanted).__contains__, own))
+        return list(map(lookup(filter(None, own)).__contains__, own))
 
     def _passes_naming_others(self, listed: list[dict], own: list[bytes | None], lookup: Lookup) -> list[bool]:
         """Record by record: a record passes when its own subject and every other subject its values name
