@@ -255,8 +255,10 @@ def _json(body: bytes) -> Records:
         raise Unfilterable("a JSON array item that is not an object (a record)")
     # Every "{" and "[" is a record's or the envelope's: no value is an object or an array (one inside a
     # string only makes the count miss, and the caller checks the values one by one).
-    plain = body.count(b"{") == len(items) + isinstance(document, dict) and body.count(b"[") == 1
-    return Records(items, write, plain, outside, None if b"\\u" in body else body)
+    # (a one-byte find is a memchr, ten times faster than a count or a two-byte find over a MiB)
+    plain = body.count(b"{") == len(items) + isinstance(document, dict) and body.find(b"[", body.find(b"[") + 1) < 0
+    escaped = b"\\" in body and b"\\u" in body
+    return Records(items, write, plain, outside, None if escaped else body)
 
 
 def _csv(body: bytes, charset: str | None) -> Records:
