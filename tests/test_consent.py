@@ -276,7 +276,7 @@ def test_escaped_digits_in_the_body_are_digits():
 
 
 @pytest.mark.parametrize("written, entries, error", [
-    (None, 100_000, None), ({"entries": 500}, 500, None), ({"entries": 0}, 0, None),
+    (None, 0, None), ({"entries": 500}, 500, None), ({"entries": 0}, 0, None),
     ({"entries": 10**6, "size": "1MiB"}, 2**20 // 250, None),  # the lower bound holds (250 bytes an entry)
     ({"entries": -1}, None, "authz.consent.key_cache.entries: must be at least 0"),
     ({"size": "lots"}, None, "authz.consent.key_cache.size: not a valid size: 'lots'"),
