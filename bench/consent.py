@@ -14,17 +14,22 @@
 - the floors of a record's decision on the 1 MiB response: parsing, its subject key (one HMAC), the
   view lookup and writing back, each alone, beside the whole decision (microseconds of CPU);
 - with --proxy: a real gateway (2 workers would share the 2 cores with wrk: 1 worker) publishing an
-  upstream that answers every GET with the same 1 MiB JSON array, once as a consent dataset (30%
-  consented, the rest masked) and once as the same dataset without `legal_basis: consent`, measured
-  interleaved with wrk (1 thread, 4 connections): requests/s and the ratio with/without.
+  upstream that answers GETs with 1 MiB JSON arrays, once as a consent dataset (30% consented, the rest
+  masked) and once as the same dataset without `legal_basis: consent`, measured interleaved with wrk
+  (1 thread, 4 connections): requests/s and the ratio with/without. Twice: "warm", every answer the
+  same array (its subjects' keys are in the worker's key cache after the first), and "cold", each
+  answer the next of --cold-bodies arrays whose subjects are all different (more subjects than the key
+  cache holds: none is found in it).
 
     .venv/bin/python bench/consent.py [--consents 1000000] [--repeat 3]
-                                      [--proxy [--seconds 5 --rounds 2] [--response-profile audit-only]]
+                                      [--proxy [--seconds 5 --rounds 2] [--response-profile audit-only]
+                                       [--key-cache ENTRIES] [--cold-bodies 40]]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -56,10 +61,11 @@ def record(i: int) -> dict:
             "district": "碧江区", "address": "贵州省铜仁市碧江区锦江大道1号", "age": 40 + i % 40}
 
 
-def response(mib: float, consents: int) -> tuple[bytes, int, int]:
-    """A JSON array of about `mib` MiB, 3 in 10 of whose subjects consented (those below `consents`)."""
+def response(mib: float, consents: int, first: int = 0) -> tuple[bytes, int, int]:
+    """A JSON array of about `mib` MiB, 3 in 10 of whose subjects consented (those below `consents`); its
+    subjects are those of records first.. (another `first`, other subjects)."""
     count = int(mib * 2**20) // len(orjson.dumps(record(0)))
-    items = [record(i % consents if i % 10 < 3 else consents + i) for i in range(count)]
+    items = [record((first + i) % consents if i % 10 < 3 else consents + first + i) for i in range(count)]
     return orjson.dumps(items), count, sum(1 for i in range(count) if i % 10 < 3)
 
 
@@ -200,18 +206,22 @@ datasets:
 """
 
 JSON_UPSTREAM = """
-import asyncio, sys
-# Answers every request (GET, no body) with the same JSON file, keep-alive.
-BODY = open(sys.argv[2], "rb").read()
-ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(BODY)) + BODY
+import asyncio, itertools, sys
+# Answers every request (GET, no body) with a JSON file, keep-alive: the first file, or for a path
+# holding /cold the next of the others in turn.
+def answer(path):
+    body = open(path, "rb").read()
+    return (b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body)) + body
+WARM = answer(sys.argv[2])
+COLD = itertools.cycle([answer(path) for path in sys.argv[3:]])
 class Upstream(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport, self.head = transport, b""
     def data_received(self, data):
         self.head += data
         while b"\\r\\n\\r\\n" in self.head:
-            self.head = self.head.split(b"\\r\\n\\r\\n", 1)[1]
-            self.transport.write(ANSWER)
+            request, self.head = self.head.split(b"\\r\\n\\r\\n", 1)
+            self.transport.write(next(COLD) if b"/cold" in request.split(b"\\r\\n", 1)[0] else WARM)
 async def main():
     server = await asyncio.get_running_loop().create_server(Upstream, "127.0.0.2", int(sys.argv[1]))
     print("ready", flush=True)
@@ -245,6 +255,8 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
     authz["catalog"] = str(root / "catalog.yaml")
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
                         "secret": str(root / "consent.secret"), "max_age": "1h"}
+    if args.key_cache is not None:
+        authz["consent"]["key_cache"] = {"entries": args.key_cache}
     config = gateway_config(root / "state", workers=1, authz=authz)
     for rule in config["policy"]["rules"]:
         # The consent stage, not the bulk-ID blocking profile, decides here; a profile that only
@@ -255,6 +267,8 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
             rule.pop("response_profile", None)
     body, count, passed = response(1, 100_000)
     (root / "response.json").write_bytes(body)
+    for k in range(args.cold_bodies):  # all different subjects: 30% of 100,000 consented, the others
+        (root / f"cold-{k}.json").write_bytes(response(1, 100_000, (k + 1) * count)[0])
     upstream_port = free_port("127.0.0.2")
     config["listeners"][1]["upstream"] = f"http://127.0.0.2:{upstream_port}"
     port = int(config["listeners"][1]["listen"].rsplit(":", 1)[1])
@@ -271,47 +285,56 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
     script.write_text(GET_SCRIPT + WRK_SCRIPT[WRK_SCRIPT.index("done = "):])
     os.environ["BENCH_GRANT"] = kit.grant(datasets=[{"id": "civil.residents"}, {"id": "civil.residents-plain"}])
     os.environ["BENCH_LICENCE"] = kit.licence()
-    processes = [Process([sys.executable, "-c", JSON_UPSTREAM, str(upstream_port), str(root / "response.json")])]
+    processes = [Process([sys.executable, "-c", JSON_UPSTREAM, str(upstream_port), str(root / "response.json"),
+                          *(str(root / f"cold-{k}.json") for k in range(args.cold_bodies))])]
     try:
         processes[0].started("ready")
         processes.append(start_gateway(path))
         pid = processes[-1].proc.pid
         import httpx
-        for name in ("consent", "plain"):  # each path answers 200, the consent one masked
+        for name, tail in itertools.product(("consent", "plain"), ("residents", "cold")):
+            # each path answers 200, the consent one masked
             started = time.perf_counter()
-            answer = httpx.get(f"http://127.0.0.1:{port}/{name}/residents", timeout=120,
+            answer = httpx.get(f"http://127.0.0.1:{port}/{name}/{tail}", timeout=120,
                                headers={"X-Data-Grant": os.environ["BENCH_GRANT"],
                                         "X-Data-Licence": os.environ["BENCH_LICENCE"]})
-            print(f"  one {name} response alone: {time.perf_counter() - started:.3f} s")
+            print(f"  one {name} response ({tail}) alone: {time.perf_counter() - started:.3f} s")
             assert answer.status_code == 200, answer.text[:500]
             clear = sum(1 for item in answer.json() if "*" not in item["id_number"])
             assert clear == (passed if name == "consent" else count), (name, clear)
+        cache = "gateway default" if args.key_cache is None else args.key_cache
         print(f"gateway, 1 worker, a {len(body) / 2**20:.1f} MiB JSON response of {count} records "
-              f"({passed} consented), response DLP profile {args.response_profile or 'none'}: wrk 1 thread, "
-              f"{args.connections} connections, {args.seconds} s runs")
-        runs: dict[str, list[dict]] = {"plain": [], "consent": []}
-        for name in runs:  # warm-up
-            os.environ["BENCH_PATH"] = f"/{name}/residents"
+              f"({passed} consented), response DLP profile {args.response_profile or 'none'}, key cache entries "
+              f"{cache}: wrk 1 thread, {args.connections} connections, {args.seconds} s runs; warm: the same "
+              f"response each time, cold: {args.cold_bodies} responses in turn, {args.cold_bodies * count:,} "
+              "subjects")
+        paths = {f"{name} {kind}": f"/{name}/{'residents' if kind == 'warm' else 'cold'}"
+                 for kind in ("warm", "cold") for name in ("plain", "consent")}
+        runs: dict[str, list[dict]] = {name: [] for name in paths}
+        for name, path in paths.items():  # warm-up
+            os.environ["BENCH_PATH"] = path
             measured_wrk(pid, port, script, 2, args.connections, script)
         for _ in range(args.rounds):
-            for name in runs:
-                os.environ["BENCH_PATH"] = f"/{name}/residents"
+            for name, path in paths.items():
+                os.environ["BENCH_PATH"] = path
                 runs[name].append(measured_wrk(pid, port, script, args.seconds, args.connections, script))
         for name, results in runs.items():
             rps = [r["rps"] for r in results]
-            print(f"  {name:<8} req/s {spread(rps)}  MiB/s {statistics.median(rps) * len(body) / 2**20:6.1f}  "
+            print(f"  {name:<13} req/s {spread(rps)}  MiB/s {statistics.median(rps) * len(body) / 2**20:6.1f}  "
                   f"p50 {statistics.median(r['p50'] for r in results):.0f} ms  "
                   f"failed {sum(r['failed'] for r in results)}  gateway cores "
                   f"{statistics.median(r['proxy_cores'] for r in results):.2f}  req per gateway CPU second "
                   f"{statistics.median(r['rps'] / max(r['proxy_cores'], 1e-9) for r in results):.1f}")
-        ratios = [c["rps"] / max(p["rps"], 1e-9) for c, p in zip(runs["consent"], runs["plain"])]
-        # On a shared machine the gateway may not get its core: the cost per request in its own CPU
-        # time is what a dedicated core would turn into throughput.
-        per_cpu = [(c["rps"] / max(c["proxy_cores"], 1e-9)) / max(p["rps"] / max(p["proxy_cores"], 1e-9), 1e-9)
-                   for c, p in zip(runs["consent"], runs["plain"])]
-        print(f"  ratio consent/plain: req/s median {statistics.median(ratios):.2f} "
-              f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}); req per gateway CPU second median "
-              f"{statistics.median(per_cpu):.2f} (per round: {', '.join(f'{r:.2f}' for r in per_cpu)})")
+        for kind in ("warm", "cold"):
+            consent, plain = runs[f"consent {kind}"], runs[f"plain {kind}"]
+            ratios = [c["rps"] / max(p["rps"], 1e-9) for c, p in zip(consent, plain)]
+            # On a shared machine the gateway may not get its core: the cost per request in its own CPU
+            # time is what a dedicated core would turn into throughput.
+            per_cpu = [(c["rps"] / max(c["proxy_cores"], 1e-9)) / max(p["rps"] / max(p["proxy_cores"], 1e-9), 1e-9)
+                       for c, p in zip(consent, plain)]
+            print(f"  ratio consent/plain, {kind}: req/s median {statistics.median(ratios):.2f} "
+                  f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}); req per gateway CPU second median "
+                  f"{statistics.median(per_cpu):.2f} (per round: {', '.join(f'{r:.2f}' for r in per_cpu)})")
     finally:
         for process in reversed(processes):
             process.stop()
@@ -325,6 +348,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--key-cache", type=int, help="the gateway's consent.key_cache entries (default: its own)")
+    parser.add_argument("--cold-bodies", type=int, default=40, help="responses of different subjects taken in turn "
+                                                                     "on the cold path")
     parser.add_argument("--response-profile", help="DLP profile for both paths' responses (e.g. audit-only; "
                                                    "default: none)")
     args = parser.parse_args()

@@ -105,7 +105,10 @@ def lab(tmp_path_factory):
     authz = kit.authz_section()
     authz["catalog"] = str(root / "catalog.yaml")
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
-                        "secret": str(root / "consent.secret"), "max_age": "1h"}
+                        "secret": str(root / "consent.secret"), "max_age": "1h",
+                        # (off by default): the subjects' keys are found again from the second transfer on,
+                        # and a withdrawal still counts from the next one
+                        "key_cache": {"entries": 10000}}
     config = gateway_config(root / "state", workers=2, authz=authz)
     config["dlp"]["spool_threshold"] = "1MiB"  # the spooled-response test's body is above it
     for rule in config["policy"]["rules"]:
@@ -322,7 +325,8 @@ def test_no_unconsented_personal_data_beside_or_inside_records(lab):
                                                   "requested_by": {"id_number": other, "name": "李四"}}))
     (folder / "flat.json").write_text(json.dumps({"items": [{"id_number": clear}], "requested_by": other}))
     (folder / "twocol.csv").write_text(f"id_number,name,id_number\r\n{clear},张三,{other}\r\n")
-    for path in ("/residents/meta.json", "/residents/flat.json", "/residents/twocol.csv"):
+    (folder / "broken.json").write_text(json.dumps([{"id_number": clear}, {"id_number": other}])[:-3])
+    for path in ("/residents/meta.json", "/residents/flat.json", "/residents/twocol.csv", "/residents/broken.json"):
         response = get(lab, path)
         assert response.status_code == 502, (path, response.text)
         # (a CSV repeating a column is not even counted: the grant stage refuses it first)

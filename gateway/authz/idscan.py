@@ -53,16 +53,19 @@ def _nfkc_digits() -> Matcher:
                                          for code in range(first, last + 1)))])
 
 
-def no_other_subjects(listed: list[dict], subjects: list) -> bool:
+def no_other_subjects(listed: list[dict] | bytes, subjects: list) -> bool:
     """True when no value of these records but their subject field's can hold an ID number, checked over
-    all of them at once in their JSON, with each character NFKC folds into a digit or X (full-width
-    digits, ...) replaced by what it folds into: no more runs of 18 digits or X's than the subject
-    fields' own values make. (orjson writes non-ASCII text as it is; what it escapes is no digit, and an
-    escape such as \\u0001 only lengthens a run; NFKC of a whole value neither joins runs nor makes digits
-    but from these characters: a value naming an ID number adds at least one run.) False, when a value
-    may name another subject or only seems to, sends the caller to the exact scan, record by record."""
+    all of them at once in their JSON (as orjson writes `listed`, or `listed` is JSON bytes holding at
+    least what the records hold, every digit written as a digit: a body without \\u escapes as it was
+    read), with each character NFKC folds into a digit or X (full-width digits, ...) replaced by what it
+    folds into: no more runs of 18 digits or X's than the subject fields' own values make. (orjson writes
+    non-ASCII text as it is; what it escapes is no digit, and an escape such as \\u0001 only lengthens a
+    run; NFKC of a whole value neither joins runs nor makes digits but from these characters: a value
+    naming an ID number adds at least one run.) False, when a value may name another subject or only
+    seems to, sends the caller to the exact scan, record by record."""
     try:
-        text, own = orjson.dumps(listed), orjson.dumps(subjects)
+        text = listed if isinstance(listed, bytes) else orjson.dumps(listed)
+        own = orjson.dumps(subjects)
     except orjson.JSONEncodeError:  # (a lone surrogate, say): the exact scan decides
         return False
     if not text.isascii():

@@ -30,6 +30,13 @@ class Gateway(Protocol):
     runtime: Runtime
 
 
+# transfer.extra keys: the consent dataset whose response the consent stage filters (set at the request's
+# head), and the response's records as the grant stage read them to count them, (body, Records), handed
+# to the consent stage so that a response is parsed once.
+CONSENT_DATASET = "consent_dataset"
+RECORDS_READ = "records_read"
+
+
 def transfer_of(flow: http.HTTPFlow) -> Transfer | None:
     return flow.metadata.get(METADATA_KEY)
 

@@ -24,12 +24,11 @@ from gateway.authz.consent import ConsentRegistry, RegistryView, Scope
 from gateway.authz.records import RecordFilter, Unfilterable
 from gateway.authz.settings import ConsentSettings
 from gateway.config.runtime import Runtime
-from gateway.filters import refuse, transfer_of
+from gateway.filters import CONSENT_DATASET, RECORDS_READ, refuse, transfer_of
 from gateway.ops.metrics import GatewayMetrics
 from gateway.transfer.model import Reason, Transfer
 
 INLINE_LIMIT = 64 * 1024  # bodies above this are filtered in a worker thread, off the event loop
-DATASET = "consent_dataset"
 
 
 class ConsentGateway(Protocol):
@@ -61,19 +60,19 @@ class Consent:
                 f"newest consent batch {int(age)} s old (max {int(view.max_age)} s)"
             self._refuse(flow, transfer, dataset, "consent_stale", detail, 403)
             return
-        transfer.extra[DATASET] = dataset
+        transfer.extra[CONSENT_DATASET] = dataset
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or DATASET not in transfer.extra or not callable(flow.response.stream):
+        if transfer is None or CONSENT_DATASET not in transfer.extra or not callable(flow.response.stream):
             return
-        dataset = transfer.extra[DATASET]
+        dataset = transfer.extra[CONSENT_DATASET]
 
         def held_whole() -> bool:
             # Runs only if the body is spooled (inspect's HeldBody, past dlp.spool_threshold): it is never
             # held whole, so its records cannot be filtered. Its head is held with it: nothing has left,
             # and the refusal goes out in place of the upstream's answer.
-            transfer.extra.pop(DATASET, None)
+            transfer.extra.pop(CONSENT_DATASET, None)
             self._refuse(flow, transfer, dataset, "consent_unfilterable",
                          "response body above dlp.spool_threshold (records are filtered in memory only)", 502)
             return False
@@ -83,9 +82,10 @@ class Consent:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         transfer = transfer_of(flow)
-        if transfer is None or DATASET not in transfer.extra or flow.metadata.get("gateway_refused"):
+        read = transfer.extra.pop(RECORDS_READ, None) if transfer is not None else None
+        if transfer is None or CONSENT_DATASET not in transfer.extra or flow.metadata.get("gateway_refused"):
             return
-        dataset: Dataset = transfer.extra.pop(DATASET)
+        dataset: Dataset = transfer.extra.pop(CONSENT_DATASET)
         response = flow.response
         grant = transfer.extra["grant"]
         record_filter = self._filter(dataset)
@@ -94,10 +94,13 @@ class Consent:
 
         def apply():
             return record_filter.apply(body, response.headers.get("content-type", ""),
-                                       self._view.consented(scope, now))
+                                       self._view.consented(scope, now), records)
 
         try:
             body = response.content  # content codings undone (a body that does not decode is refused)
+            # The records the grant stage read to count them, if the body is still the one it read (DLP
+            # redaction, say, may have changed it since).
+            records = read[1] if read is not None and read[0] == body else None
             # A large body, or a scope to load from the registry first, is worked on off the event loop.
             inline = len(body) <= INLINE_LIMIT and self._view.loaded(scope, now)
             outcome = apply() if inline else await asyncio.to_thread(apply)

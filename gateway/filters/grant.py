@@ -26,9 +26,9 @@ from mitmproxy import http
 
 from gateway.authz.gate import Decision, Gate, Presented
 from gateway.authz.quota import Exceeded, QuotaStore
-from gateway.authz.records import Unfilterable, count_records, project
+from gateway.authz.records import Unfilterable, countable_records, project
 from gateway.config.runtime import Runtime
-from gateway.filters import body_size, refuse, transfer_of
+from gateway.filters import CONSENT_DATASET, RECORDS_READ, body_size, refuse, transfer_of
 from gateway.ops.metrics import GatewayMetrics
 from gateway.transfer.model import Reason
 
@@ -146,7 +146,10 @@ class Grant:
                 return
             response.content = body = projected  # encoded again as sent; Content-Length follows
         else:
-            records = count_records(body, content_type)
+            read = countable_records(body, content_type)
+            records = None if read is None else len(read.items)
+            if read is not None and CONSENT_DATASET in transfer.extra:
+                transfer.extra[RECORDS_READ] = (body, read)
         if records is None:
             if decision.count_records and body:
                 _refuse(flow, transfer, dataset, "grant_uncountable", f"a {content_type or 'untyped'} response "
