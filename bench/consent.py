@@ -17,13 +17,12 @@
   upstream that answers GETs with 1 MiB JSON arrays, once as a consent dataset (30% consented, the rest
   masked) and once as the same dataset without `legal_basis: consent`, measured interleaved with wrk
   (1 thread, 4 connections): requests/s and the ratio with/without. Twice: "warm", every answer the
-  same array (its subjects' keys are in the worker's key cache after the first), and "cold", each
-  answer the next of --cold-bodies arrays whose subjects are all different (more subjects than the key
-  cache holds: none is found in it).
+  same array, and "cold", each answer the next of --cold-bodies arrays whose subjects are all different
+  (what the processor's caches hold of the first no longer helps).
 
     .venv/bin/python bench/consent.py [--consents 1000000] [--repeat 3]
                                       [--proxy [--seconds 5 --rounds 2] [--response-profile audit-only]
-                                       [--key-cache ENTRIES] [--cold-bodies 40]]
+                                       [--cold-bodies 40]]
 """
 
 from __future__ import annotations
@@ -255,8 +254,6 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
     authz["catalog"] = str(root / "catalog.yaml")
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
                         "secret": str(root / "consent.secret"), "max_age": "1h"}
-    if args.key_cache is not None:
-        authz["consent"]["key_cache"] = {"entries": args.key_cache}
     config = gateway_config(root / "state", workers=1, authz=authz)
     for rule in config["policy"]["rules"]:
         # The consent stage, not the bulk-ID blocking profile, decides here; a profile that only
@@ -302,10 +299,9 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
             assert answer.status_code == 200, answer.text[:500]
             clear = sum(1 for item in answer.json() if "*" not in item["id_number"])
             assert clear == (passed if name == "consent" else count), (name, clear)
-        cache = "gateway default" if args.key_cache is None else args.key_cache
         print(f"gateway, 1 worker, a {len(body) / 2**20:.1f} MiB JSON response of {count} records "
-              f"({passed} consented), response DLP profile {args.response_profile or 'none'}, key cache entries "
-              f"{cache}: wrk 1 thread, {args.connections} connections, {args.seconds} s runs; warm: the same "
+              f"({passed} consented), response DLP profile {args.response_profile or 'none'}: "
+              f"wrk 1 thread, {args.connections} connections, {args.seconds} s runs; warm: the same "
               f"response each time, cold: {args.cold_bodies} responses in turn, {args.cold_bodies * count:,} "
               "subjects")
         paths = {f"{name} {kind}": f"/{name}/{'residents' if kind == 'warm' else 'cold'}"
@@ -348,7 +344,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--key-cache", type=int, help="the gateway's consent.key_cache entries (default: its own)")
     parser.add_argument("--cold-bodies", type=int, default=40, help="responses of different subjects taken in turn "
                                                                      "on the cold path")
     parser.add_argument("--response-profile", help="DLP profile for both paths' responses (e.g. audit-only; "

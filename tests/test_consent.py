@@ -213,55 +213,10 @@ def test_column_masks_mask_as_the_value_masks_do():
             assert column_masker(mask, "f", hasher)(values) == [masker(mask, "f", hasher)(v) for v in values], (mask, values)
 
 
-def test_key_cache_keeps_keys_within_its_bound_and_never_decisions(world):
-    """A subject seen again costs a dict look-up: its key, found in the cache, is the one made before; the
-    cache holds no more than its entries; a withdrawal counts from the next response all the same."""
-    add, consent = world["add"], world["consent"]
-    add([consent(i) for i in range(10)])
-    plain = world["hasher"]
-    hasher = SubjectHasher(world["secret"], cache_entries=100)
-    assert hasher.cache is not None
-    fields = {"id_number": Field("personal", ("cn_id_card",)), "age": Field("internal")}
-    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
-                                         ConsentRule("id_number", "mask", False)), hasher)
-    body = orjson.dumps([{"id_number": subject(i), "age": 40} for i in range(20)])
-    view = RegistryView(ConsentRegistry(world["path"]), max_age=3600)
-
-    def passed() -> set[int]:
-        out = orjson.loads(record_filter.apply(body, "application/json", view.consented(SCOPE, NOW)).body)
-        return {i for i, record in enumerate(out) if record["id_number"] == subject(i)}
-    assert passed() == set(range(10)) and len(hasher.cache) == 20
-    first = hasher.keys([subject(i) for i in range(20)])
-    assert first == [plain.key(subject(i)) for i in range(20)]
-    assert all(a is b for a, b in zip(first, hasher.keys([subject(i) for i in range(20)])))  # found, not made again
-    assert world["registry"].withdraw(["c3"]) == 1
-    assert passed() == set(range(10)) - {3}
-    # More new subjects than it holds: the bound holds, and every key is still right.
-    for start in range(0, 1000, 150):
-        numbers = [subject(i) for i in range(start, start + 150)]
-        assert hasher.keys(numbers) == [plain.key(n) for n in numbers]
-        assert len(hasher.cache) <= 100
-    mixed = [subject(i) for i in (990, 5, 991, 5, 7)]  # some found, some new, one twice
-    assert hasher.keys(mixed) == [plain.key(n) for n in mixed] and len(hasher.cache) <= 100
-    view.close()
-
-
-def test_key_cache_only_with_a_random_hash_secret(tmp_path):
-    """Without hash randomisation Python's str hash is keyed by a known value: no cache then."""
-    import subprocess
-    import sys
-    code = ("from gateway.authz.subject import SubjectHasher; "
-            "print(SubjectHasher(b'k' * 32, cache_entries=10).cache is None)")
-    for seed, none in (("0", "True"), ("random", "False")):
-        shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONHASHSEED": seed}, cwd=os.path.dirname(os.path.dirname(__file__)))
-        assert shown.stdout.strip() == none, (seed, shown.stderr)
-
-
 def test_escaped_digits_in_the_body_are_digits():
     """The quick scan for other subjects reads the body itself only when it writes every digit as a
     digit: an ID number written with \\u escapes in another field is still found."""
-    hasher = SubjectHasher(os.urandom(32), cache_entries=100)
+    hasher = SubjectHasher(os.urandom(32))
     fields = {"id_number": Field("personal", ("cn_id_card",)), "note": Field("public")}
     record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
                                          ConsentRule("id_number", "drop", False)), hasher)
@@ -273,34 +228,3 @@ def test_escaped_digits_in_the_body_are_digits():
     outcome = record_filter.apply(body, "application/json", lambda keys: set(keys) & consented)
     assert outcome.counts() == {"records": 51, "passed": 50, "masked": 0, "dropped": 1}
     assert other not in outcome.body.decode()
-
-
-@pytest.mark.parametrize("written, entries, error", [
-    (None, 0, None), ({"entries": 500}, 500, None), ({"entries": 0}, 0, None),
-    ({"entries": 10**6, "size": "1MiB"}, 2**20 // 250, None),  # the lower bound holds (250 bytes an entry)
-    ({"entries": -1}, None, "authz.consent.key_cache.entries: must be at least 0"),
-    ({"size": "lots"}, None, "authz.consent.key_cache.size: not a valid size: 'lots'"),
-    ({"entires": 5}, None, "authz.consent.key_cache.entires: unknown key")])
-def test_key_cache_bounds_in_the_configuration(tmp_path, written, entries, error):
-    from gateway.authz.subject import generate_secret
-    from gateway.config.load import ConfigError, load_config
-    from tests.authzkit import Kit
-    from tests.gatewayproc import gateway_config, write_config
-    kit = Kit(tmp_path / "keys")
-    generate_key("platform", tmp_path / "platform.key", tmp_path / "platform.pub")
-    generate_secret(tmp_path / "consent.secret")
-    authz = kit.authz_section()
-    authz["consent"] = {"platform": {"name": "subject-platform", "key": str(tmp_path / "platform.pub")},
-                        "secret": str(tmp_path / "consent.secret")}
-    if written is not None:
-        authz["consent"]["key_cache"] = written
-    path = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=authz))
-    if error is None:
-        cache = load_config(path).authz.consent.hasher.cache
-        assert (0 if cache is None else cache.entries) == entries
-        return
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip() == "key_cache:") + 1
-    assert len(caught.value.errors) == 1 and caught.value.errors[0].startswith(f"{path}:{line}: {error}"), \
-        caught.value.errors

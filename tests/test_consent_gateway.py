@@ -105,10 +105,7 @@ def lab(tmp_path_factory):
     authz = kit.authz_section()
     authz["catalog"] = str(root / "catalog.yaml")
     authz["consent"] = {"platform": {"name": "subject-platform", "key": str(root / "platform.pub")},
-                        "secret": str(root / "consent.secret"), "max_age": "1h",
-                        # (off by default): the subjects' keys are found again from the second transfer on,
-                        # and a withdrawal still counts from the next one
-                        "key_cache": {"entries": 10000}}
+                        "secret": str(root / "consent.secret"), "max_age": "1h"}
     config = gateway_config(root / "state", workers=2, authz=authz)
     config["dlp"]["spool_threshold"] = "1MiB"  # the spooled-response test's body is above it
     for rule in config["policy"]["rules"]:

@@ -17,8 +17,6 @@
         subject_hash: hmac-sha256     # or hmac-sm3
         registry: /var/lib/gateway/authz/consent.sqlite   # default: STATE/authz/consent.sqlite
         max_age: 1d                   # older than this (newest batch's iat), consent datasets are refused
-        key_cache: {entries: 100000, size: 32MiB}   # subject keys kept per worker (the lower bound holds;
-                                                    # default entries 0: none), by keyed digest, never clear numbers
 """
 
 from __future__ import annotations
@@ -28,15 +26,12 @@ from pathlib import Path
 
 from gateway.authz.catalog import Catalog, load_catalog
 from gateway.authz.jose import DEFAULT_ALGORITHM, PLATFORM_ROLE, ROLES, Authority, load_public_key
-from gateway.authz.subject import SUBJECT_HASHES, KeyCache, SubjectHasher, load_secret
-from gateway.yamlnodes import Node, parse_duration, parse_size
+from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, load_secret
+from gateway.yamlnodes import Node, parse_duration
 
 DEFAULT_MAX_LIFETIME = {"conditional": 90 * 86400.0, "contract": 30 * 86400.0}
 DEFAULT_REVOCATION_MAX_AGE = 3600.0
 DEFAULT_CONSENT_MAX_AGE = 86400.0
-# Off by default: through the gateway it moved the 1 MiB throughput ratio by +0.01 to +0.04 when the
-# subjects repeat and by -0.04 when they do not (docs/authz.md).
-DEFAULT_KEY_CACHE = {"entries": 0, "size": 32 * 1024**2}
 
 
 @dataclass(frozen=True)
@@ -103,8 +98,7 @@ def parse_authz(node: Node) -> AuthzSettings | None:
 
 
 def _consent(node: Node) -> ConsentSettings | None:
-    e = node.mapping({"platform", "secret", "subject_hash", "registry", "max_age", "key_cache"},
-                     {"platform", "secret"}) or {}
+    e = node.mapping({"platform", "secret", "subject_hash", "registry", "max_age"}, {"platform", "secret"}) or {}
     platform = {}
     if "platform" in e:
         p = e["platform"].mapping({"name", "key"}, {"name", "key"}) or {}
@@ -117,19 +111,11 @@ def _consent(node: Node) -> ConsentSettings | None:
         if key is not None and "name" in p:
             platform[key.kid] = Authority(p["name"].string() or "", PLATFORM_ROLE, None, key.kid, key)
     algorithm = e["subject_hash"].string(SUBJECT_HASHES) if "subject_hash" in e else SUBJECT_HASHES[0]
-    cache = dict(DEFAULT_KEY_CACHE)
-    if "key_cache" in e:
-        bounds = e["key_cache"].mapping(set(cache)) or {}
-        if "entries" in bounds:
-            cache["entries"] = bounds["entries"].integer(minimum=0)
-        if "size" in bounds:
-            cache["size"] = bounds["size"].parsed(parse_size, "size")
     hasher = None
     secret_file = e["secret"].path_value() if "secret" in e else None
-    if secret_file is not None and algorithm is not None and None not in cache.values():
+    if secret_file is not None and algorithm is not None:
         try:
-            hasher = SubjectHasher(load_secret(secret_file), algorithm,
-                                   min(cache["entries"], cache["size"] // KeyCache.ENTRY_BYTES))
+            hasher = SubjectHasher(load_secret(secret_file), algorithm)
         except (OSError, ValueError) as error:
             e["secret"].error(str(error))
     registry = e["registry"].path_value() if "registry" in e else None

@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import operator
 import os
 import re
-import sys
-import threading
 import unicodedata
-from collections.abc import Callable, Iterable
-from itertools import compress, islice, repeat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -75,15 +71,13 @@ def normal_id(value: object) -> str | None:
 
 
 class SubjectHasher:
-    def __init__(self, secret: bytes, algorithm: str = "hmac-sha256", cache_entries: int = 0):
-        """`cache_entries`: how many ID numbers' subject keys `keys` keeps (KeyCache; 0: none)."""
+    def __init__(self, secret: bytes, algorithm: str = "hmac-sha256"):
         if algorithm not in SUBJECT_HASHES:
             raise ValueError(f"unknown subject hash '{algorithm}' (one of: {', '.join(SUBJECT_HASHES)})")
         self.algorithm = algorithm
         self._secret = secret
         self._subject_mac = self._mac(b"subject\0")
         self._token_mac = self._mac(b"token\0")
-        self.cache = KeyCache(cache_entries, self._subject_mac) if cache_entries and KeyCache.usable() else None
 
     def key(self, id_number: object) -> bytes | None:
         """The subject key of an ID number, or None when it is not one."""
@@ -99,8 +93,6 @@ class SubjectHasher:
             joined = None
         if joined is None or joined.count("\n") != len(values) - 1 or not ID_FORMS.fullmatch(joined):
             return [self.key(value) for value in values]
-        if self.cache is not None:
-            return self.cache.keys(values)
         if len(set(values)) == len(values):  # (a response's subjects usually are all different)
             return list(map(self._subject_mac, joined.encode().split(b"\n")))
         distinct = set(values)
@@ -139,62 +131,6 @@ class SubjectHasher:
             digest.update(copy.digest())
             return digest.digest()
         return mac_sha256
-
-
-class KeyCache:
-    """The subject keys of the ID numbers in recent responses (a subject seen again costs a dict look-up,
-    not an HMAC), at most `entries` of them: when a response's new ones would not fit, the cache is
-    emptied first (evicting one by one would cost a response of thousands more than it saves).
-
-    Only subject keys are kept, never decisions: consent is looked up in the registry on every transfer,
-    so a withdrawal takes effect on the next one. Nor is a clear ID number kept: an entry is found by a
-    128-bit digest of the number, two SipHash values (Python's str hash, keyed with the process's random
-    hash secret; `usable` is False without one) of the number and of the number behind a prefix. Two
-    numbers with the same digest would give one the other's subject key, so the other's consent: with
-    keyed 128-bit digests that happens with probability about entries x look-ups / 2^128 (10^-20 for
-    10^6 entries and 10^12 look-ups), and no one without the process's secret can aim at it. (One
-    64-bit str hash would cost 0.15 us less a record, but entries x look-ups / 2^64 is 3 wrong keys
-    for 20 workers of 10^5 entries at 10^5 look-ups a second for 10 years.)
-    """
-
-    ENTRY_BYTES = 250  # an entry's memory (two-int tuple, 32-byte key, dict slot): 244 measured
-
-    def __init__(self, entries: int, mac: Callable[[bytes], bytes]):
-        self.entries = entries
-        self._mac = mac
-        self._keys: dict[tuple[int, int], bytes] = {}
-        self._lock = threading.Lock()  # responses are filtered in several threads at once
-
-    @staticmethod
-    def usable() -> bool:
-        return bool(sys.flags.hash_randomization) and sys.hash_info.algorithm.startswith("siphash")
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def keys(self, numbers: list[str]) -> list[bytes]:
-        """The subject keys of ID numbers in normal form."""
-        digests = list(zip(map(hash, numbers), map(hash, map(_SECOND_DIGEST.__add__, numbers))))
-        found = list(map(self._keys.get, digests))
-        if None not in found:
-            return found
-        missing = list(map(operator.is_, found, repeat(None)))
-        if all(missing):  # (new subjects only: no merging)
-            fresh = list(map(self._mac, map(str.encode, numbers)))
-            self._put(zip(digests, fresh), len(fresh))
-            return fresh
-        fresh = dict(zip(compress(digests, missing), map(self._mac, map(str.encode, compress(numbers, missing)))))
-        self._put(fresh.items(), len(fresh))
-        return list(map(fresh.get, digests, found))  # a hit's key where there is one, else the fresh one
-
-    def _put(self, fresh: Iterable[tuple[tuple[int, int], bytes]], count: int) -> None:
-        with self._lock:
-            if len(self._keys) + count > self.entries:
-                self._keys.clear()
-            self._keys.update(islice(fresh, self.entries))
-
-
-_SECOND_DIGEST = "\0subject\0"
 
 
 # ---- masks ---------------------------------------------------------------------------------------
