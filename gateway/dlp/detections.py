@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gateway.dlp.batch import matrix
 from gateway.dlp.decode import Segment
 from gateway.dlp.detectors import DETECTORS, mask_middle
 from gateway.dlp.tally import Place, in_runs
@@ -61,6 +62,7 @@ class Detection(NamedTuple):  # a tuple: 4x quicker to make than a dataclass
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+_HASH_WEIGHTS = np.random.default_rng(18).integers(1, 1 << 63, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 class Columns(NamedTuple):
@@ -103,6 +105,21 @@ class Detections(Sequence[Detection]):
         name = c.names[c.detector[row]]
         return Detection("detector", name, name, self.value(row), self.token(row), c.segment, int(c.written[row]),
                          c.base)
+
+    def rows(self, rows: list[int]) -> list[Detection]:
+        """self[row] for each of `rows` (the columns read at once)."""
+        bulk = [row for row in rows if row < self.bulk]
+        made = []
+        if bulk:
+            c = self.columns
+            at = np.array(bulk, dtype=np.int64)
+            text = c.data if c.segment.original is None else c.segment.original
+            for name, start, end, written, written_end in zip(
+                    [c.names[index] for index in c.detector[at].tolist()], c.starts[at].tolist(), c.ends[at].tolist(),
+                    c.written[at].tolist(), c.written_ends[at].tolist()):
+                made.append(Detection("detector", name, name, text[written:written_end].decode("utf-8", "replace"),
+                                      c.data[start:end].decode("utf-8", "replace"), c.segment, written, c.base))
+        return made + [self.listed[row - self.bulk] for row in rows[len(bulk):]]
 
     def __iter__(self) -> Iterator[Detection]:
         return map(self.__getitem__, range(len(self)))
@@ -189,8 +206,7 @@ class Detections(Sequence[Detection]):
             c = self.columns
             text = np.frombuffer(c.data if c.segment.original is None else c.segment.original, dtype=np.uint8)
             lengths = c.written_ends - c.written
-            self._matrices = [text[c.written[lengths == length][:, None] + np.arange(length)]
-                              for length in np.unique(lengths).tolist()]
+            self._matrices = [matrix(text, c.written[lengths == length], length) for length in np.unique(lengths).tolist()]
         return self._matrices
 
     def value_lengths_and_units(self) -> tuple[set[int], str] | None:
@@ -214,8 +230,11 @@ class Detections(Sequence[Detection]):
         if not all(listed) or len(set(listed)) < len(listed):
             return False
         for matrix in self._value_bytes() if self.bulk else ():  # values of one length as rows of bytes
-            rows = np.ascontiguousarray(matrix).view(f"V{matrix.shape[1]}").ravel()
-            if len(np.unique(rows)) < len(rows):
+            # hashed (two equal hashes of unequal values only cost the caller the check value by value)
+            hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:matrix.shape[1]] if matrix.shape[1] <= len(
+                _HASH_WEIGHTS) else np.ascontiguousarray(matrix).view(f"V{matrix.shape[1]}").ravel()
+            hashes.sort()
+            if (hashes[1:] == hashes[:-1]).any():
                 return False
         if self.bulk and listed:  # few: each looked for among the columns' values of its size
             sizes = {matrix.shape[1]: matrix for matrix in self._value_bytes()}

@@ -48,7 +48,7 @@ from gateway.dlp.rules import (
     rule_files,
 )
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.tally import FindingGroup, Place, Tally
+from gateway.dlp.tally import FindingGroup, Place, Tally, lines_of
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -435,13 +435,14 @@ class _Findings:
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
         self._located: dict[int, tuple[str, str | None]] = {}
+        self._lines: dict[bytes, bytes] = {}  # rows -> the lines their places add to a digest
 
-    def located(self, row: int) -> tuple[str, str | None]:
-        """A row's location and field, each worked out once (a locator replays rising offsets:
-        asked again for an earlier one, it starts over)."""
+    def located(self, row: int, detection: Detection | None = None) -> tuple[str, str | None]:
+        """A row's location and field (`detection`: the row's, when made), each worked out once (a
+        locator replays rising offsets: asked again for an earlier one, it starts over)."""
         place = self._located.get(row)
         if place is None:
-            place = self._located[row] = self.detections[row].located()
+            place = self._located[row] = (detection or self.detections[row]).located()
         return place
 
     def locate_repeated(self) -> None:
@@ -484,14 +485,21 @@ class _Findings:
         types, type_of = detections.types(selected)
         for code, type in enumerate(types):
             group = selected if len(types) == 1 else selected[type_of == code]
-            self.tally.extend(rule.id, type, rule.action, detections.runs(group),
-                              lambda index: self.masked(self.located(int(group[index]))[0]))
+            runs = detections.runs(group)
+            key = group.tobytes()  # the same rows (rules on one detector): their places' lines made once
+            lines = self._lines.get(key)
+            if lines is None:
+                lines = self._lines[key] = lines_of(runs)
+            self.tally.extend(rule.id, type, rule.action, runs,
+                              lambda index: self.masked(self.located(int(group[index]))[0]), lines)
         if rule.action == "redact":
             values = map(detections.value, selected.tolist())
             self.replacements.update((value, self.masks[value]) for value in values if value)
-        for row in selected[:max(self.room - len(self.kept), 0)].tolist():
-            d = detections[row]
-            location, field_name = self.located(row)
+        rows = selected[:max(self.room - len(self.kept), 0)].tolist()
+        kept = detections.rows(rows)
+        places = [self.located(row, d) for row, d in zip(rows, kept)]
+        self.masked.settle([text for place in places for text in place if text])  # all at once
+        for d, (location, field_name) in zip(kept, places):
             self.kept.append(Finding(rule.id, d.type, rule.action, rule.severity, self.masked(location),
                                      d.masked(), d.value, field_name and self.masked(field_name),
                                      d.confidence(field_name), d.place()))
@@ -580,11 +588,25 @@ class _LocationMasks:
             return text
         masked = self.done.get(text)
         if masked is None:
-            if self.masked is None:  # every value's characters and lengths (from columns: without the values)
-                self.masked = ValueMasks(_OwnMasksLeftOut(self.masks),
-                                         *(self.masks.detections.value_lengths_and_units() or (None, None)))
-            masked = self.done[text] = self.masked(text)
+            masked = self.done[text] = self._masks()(text)
         return masked
+
+    def _masks(self) -> ValueMasks:
+        if self.masked is None:  # every value's characters and lengths (from columns: without the values)
+            self.masked = ValueMasks(_OwnMasksLeftOut(self.masks),
+                                     *(self.masks.detections.value_lengths_and_units() or (None, None)))
+        return self.masked
+
+    def settle(self, texts: list[str]) -> None:
+        """Mask the texts in one pass (joined by newlines, which no mask can span, when no value holds one)."""
+        texts = list(dict.fromkeys(text for text in texts if text not in self.done))
+        if len(texts) < 2 or not len(self.masks.detections):
+            return
+        masks = self._masks()
+        if masks.runs is not None and (masks.runs.search("\n" * masks.lengths[-1])  # a newline may be in a value
+                                       or any("\n" in text for text in texts)):
+            return  # each masked when asked for
+        self.done.update(zip(texts, masks("\n".join(texts)).split("\n")))
 
 
 def _distinct_values_reach(values: Iterable[str], size: int, count: int) -> bool:
@@ -634,18 +656,19 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
                 starts[row] = start
     buf = np.frombuffer(data, dtype=np.uint8)
     last = len(buf) - 1
-    keep = ~((starts > 0) & _ALNUM_BYTES[buf[np.maximum(starts - 1, 0)]]) \
-        & ~((ends <= last) & _ALNUM_BYTES[buf[np.minimum(ends, last)]])
-    for index in present:
-        separators = DETECTORS[names[index]].group_separators
-        if separators:  # a grouped number next to another group of digits is part of a longer number
-            joined = np.zeros(256, dtype=bool)
-            joined[list(separators)] = True
-            near = (detector_of == index) & keep & (
-                ((ends < last) & joined[buf[np.minimum(ends, last)]] & _DIGIT_BYTES[buf[np.minimum(ends + 1, last)]])
-                | ((starts >= 2) & joined[buf[np.maximum(starts - 1, 0)]] & _DIGIT_BYTES[buf[np.maximum(starts - 2, 0)]]))
-            for row in np.flatnonzero(near).tolist():
-                keep[row] = not _continued(data, int(starts[row]), int(ends[row]), separators)
+    before, after = buf[np.maximum(starts - 1, 0)], buf[np.minimum(ends, last)]
+    keep = ~((starts > 0) & _ALNUM_BYTES[before]) & ~((ends <= last) & _ALNUM_BYTES[after])
+    separators = {index: DETECTORS[names[index]].group_separators for index in present
+                  if DETECTORS[names[index]].group_separators}
+    if separators:  # a grouped number next to another group of digits is part of a longer number
+        joined = np.zeros(256, dtype=bool)
+        joined[list(b"".join(separators.values()))] = True
+        near = keep & (((ends < last) & joined[after] & _DIGIT_BYTES[buf[np.minimum(ends + 1, last)]])
+                       | ((starts >= 2) & joined[before] & _DIGIT_BYTES[buf[np.maximum(starts - 2, 0)]]))
+        for row in np.flatnonzero(near).tolist():  # few: each by its own detector's separators
+            own = separators.get(int(detector_of[row]))
+            if own:
+                keep[row] = not _continued(data, int(starts[row]), int(ends[row]), own)
     starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
     if not len(starts):
         return none, none, none
