@@ -128,6 +128,27 @@ def test_a_json_locator_jumping_far_ahead_says_what_its_replay_says(text, monkey
     assert replaying._arrays is None
 
 
+@pytest.mark.parametrize("text", [*_json_texts(), b'{"a": 1, "b": {"c": [1, {"d": "x"}]}, "e" : 2}', b'[1, 2, 3]',
+                                  b'{"k": [[]], "": {"": "v"}, "\\u00e9": {"x:y": 1}}'],
+                         ids=["nested", "a bracket too many", "small", "flat", "odd keys"])
+def test_a_json_locator_placing_many_offsets_at_once_says_what_it_says_of_each(text):
+    """The findings a scan keeps are located in one pass (many), as each would be on its own."""
+    rng = random.Random(len(text))
+    for offsets in (sorted(rng.sample(range(len(text)), min(300, len(text)))),  # every kind of place, in order
+                    sorted(rng.sample(range(min(len(text), 5000)), min(40, len(text))))):  # the first part only made
+        assert decode._JsonLocator(text, "body").many(offsets) == list(map(decode._JsonLocator(text, "body"), offsets))
+
+
+def test_a_csv_locator_placing_many_offsets_at_once_says_what_it_says_of_each():
+    rng = random.Random(7)
+    rows = [",".join(rng.choice(["1", '"a,b"', '"x\ny"', "", "张三", '"q""q"']) for _ in range(rng.randint(1, 6)))
+            for _ in range(3000)]
+    text = ("sfzh,,name\n" + "\n".join(rows)).encode()
+    offsets = sorted(rng.sample(range(len(text)), 500))
+    assert decode._CsvLocator(text, b",", ["sfzh", "", "name"], "body").many(offsets) == \
+        list(map(decode._CsvLocator(text, b",", ["sfzh", "", "name"], "body"), offsets))
+
+
 def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
     text = _json_texts()[0]
     pieces = text.split(b'"')

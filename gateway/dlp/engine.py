@@ -446,6 +446,17 @@ class _Findings:
             place = self._located[row] = (detection or self.detections[row]).located()
         return place
 
+    def locate_all(self, rows: list[int], detections: list[Detection]) -> None:
+        """Locate the rows (their detections: `detections`) not located yet, those of one text at once."""
+        texts: dict[tuple[int, int], tuple[Segment, int, list[int], list[int]]] = {}
+        for row, d in zip(rows, detections):
+            if d.segment is not None and row not in self._located:
+                _, _, text_rows, offsets = texts.setdefault((id(d.segment), d.base), (d.segment, d.base, [], []))
+                text_rows.append(row)
+                offsets.append(d.offset)
+        for segment, base, text_rows, offsets in texts.values():
+            self._located.update(zip(text_rows, segment.at_many(offsets, base)))
+
     def locate_repeated(self) -> None:
         """Locate, in text order, the detections of values found more than once (which rules tell
         apart by location, see unrepeated()): a locator replays a text once for all rules."""
@@ -498,6 +509,7 @@ class _Findings:
             self.replacements.update((value, self.masks[value]) for value in values if value)
         rows = selected[:max(self.room - len(self.kept), 0)].tolist()
         kept = detections.rows(rows)
+        self.locate_all(rows, kept)
         places = [self.located(row, d) for row, d in zip(rows, kept)]
         self.masked.settle([text for place in places for text in place if text])  # all at once
         for d, (location, field_name) in zip(kept, places):
