@@ -17,8 +17,9 @@ detector validation); it builds no findings or locations, so it is a generous ba
 
 Where the time goes, beside: the decode alone; the candidate scan alone (of the decoded segments:
 Hyperscan for most patterns, numpy for the numbers written as one word, gateway/dlp/tokens.py);
-detection (the scan, whole-token checks, validation, overlaps, a Detection per valid candidate);
-the rules (grouping, tally, the first findings located and masked); and validation alone, every
+detection (the scan, whole-token checks, validation, overlaps; a bulk export's valid candidates kept as
+columns, gateway/dlp/detections.py); the rules (each rule's rows selected, counted and digested from
+the columns, the first findings made, located and masked); and validation alone, every
 whole-token candidate checked by its detector, in batches as the engine does (gateway/dlp/batch.py)
 and value by value as the baseline does. Then the growth
 table: time for 1, 2, 4 and 8 MiB bodies of the exports and of the prose (time must double with size,

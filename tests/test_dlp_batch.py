@@ -1,6 +1,8 @@
 """Bulk paths say what their one-at-a-time references say: the batch checks (gateway/dlp/batch.py) what
 the detectors' own checks say value by value (validators.py is the reference), on random tokens and on
-tokens crafted to pass every check but one; a JSON locator jumping far ahead what its replay says."""
+tokens crafted to pass every check but one; a JSON locator jumping far ahead what its replay says; the
+rules over a bulk export's detections held as columns what they say over the same detections made one
+by one (gateway/dlp/detections.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from datetime import date
 import numpy as np
 import pytest
 
-from gateway.dlp import batch, decode
+from gateway.dlp import batch, decode, load_rules
+from gateway.dlp.decode import decode_body
+from gateway.dlp.detections import Detections
 from gateway.dlp.detectors import DETECTORS
 from gateway.dlp.validators import USCC_CHARS, id_card_check_char, luhn_valid, org_code_check_char, uscc_check_char
 
@@ -124,6 +128,27 @@ def test_a_json_locator_jumping_far_ahead_says_what_its_replay_says(text, monkey
     assert replaying._arrays is None
 
 
+@pytest.mark.parametrize("text", [*_json_texts(), b'{"a": 1, "b": {"c": [1, {"d": "x"}]}, "e" : 2}', b'[1, 2, 3]',
+                                  b'{"k": [[]], "": {"": "v"}, "\\u00e9": {"x:y": 1}}'],
+                         ids=["nested", "a bracket too many", "small", "flat", "odd keys"])
+def test_a_json_locator_placing_many_offsets_at_once_says_what_it_says_of_each(text):
+    """The findings a scan keeps are located in one pass (many), as each would be on its own."""
+    rng = random.Random(len(text))
+    for offsets in (sorted(rng.sample(range(len(text)), min(300, len(text)))),  # every kind of place, in order
+                    sorted(rng.sample(range(min(len(text), 5000)), min(40, len(text))))):  # the first part only made
+        assert decode._JsonLocator(text, "body").many(offsets) == list(map(decode._JsonLocator(text, "body"), offsets))
+
+
+def test_a_csv_locator_placing_many_offsets_at_once_says_what_it_says_of_each():
+    rng = random.Random(7)
+    rows = [",".join(rng.choice(["1", '"a,b"', '"x\ny"', "", "张三", '"q""q"']) for _ in range(rng.randint(1, 6)))
+            for _ in range(3000)]
+    text = ("sfzh,,name\n" + "\n".join(rows)).encode()
+    offsets = sorted(rng.sample(range(len(text)), 500))
+    assert decode._CsvLocator(text, b",", ["sfzh", "", "name"], "body").many(offsets) == \
+        list(map(decode._CsvLocator(text, b",", ["sfzh", "", "name"], "body"), offsets))
+
+
 def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
     text = _json_texts()[0]
     pieces = text.split(b'"')
@@ -134,3 +159,72 @@ def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
         structure.through(offset)
     assert bytes(structure.blanked) == expected and len(expected) > 4 << 16  # made in several steps
     assert structure.brackets == [at for at, byte in enumerate(expected) if byte in b"[]{}"]
+
+
+def _export(count: int, *, repeats: bool, full_width: bool, extras: bool) -> list[dict]:
+    rng = random.Random(count)
+    records = []
+    for index in range(count):
+        first17 = f"{rng.choice(['110105', '310104', '440305'])}{rng.randint(1940, 2010)}" \
+                  f"{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}{rng.randint(0, 999):03d}"
+        record = {"xm": "张三", "sfzh": first17 + id_card_check_char(first17),
+                  "sjhm": rng.choice(["138", "139", "186"]) + f"{rng.randint(0, 99_999_999):08d}", "dz": "上海市，1号"}
+        if full_width and index % 7 == 0:  # folded: the value as written differs from the token
+            record["sfzh"] = record["sfzh"].translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789"})
+        if extras and index % 5 == 0:
+            record["yhkh"] = "6228480012345671"
+            record["email"] = f"u{index}@example.cn"
+            record[record["sjhm"]] = "a key that is a mobile number (masked in locations)"
+        records.append(record)
+    if repeats:  # values found twice, at the same place and elsewhere
+        records += records[: count // 3]
+    return records
+
+
+RULES = f"""
+rules:
+  - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["11010519491231002X"]}}}}
+  - {{id: ids-but-one, detectors: [cn_id_card], action: warn, exceptions: {{values: ["{{allowed}}"]}},
+     examples: {{match: ["11010519491231002X"]}}}}
+  - {{id: mobiles-in-sjhm, detectors: [cn_mobile], fields: [sjhm], action: audit, examples: {{match: ['{{"sjhm": "13800138000"}}']}}}}
+  - {{id: many-mobiles, detectors: [cn_mobile], min_count: 50, action: block, examples: {{match: ["13800138000"]}}, }}
+  - {{id: contacts, detectors: [cn_mobile, email, bank_card], field_names: [sjhm], action: redact,
+     examples: {{match: ["13800138000"]}}}}
+profiles:
+  small: {{rules: [ids, ids-but-one, mobiles-in-sjhm, many-mobiles, contacts], limits: {{max_findings: 37}}}}
+  wide: {{rules: [contacts, ids, many-mobiles], limits: {{max_findings: 5000}}}}
+"""
+
+
+@pytest.mark.parametrize("count,repeats,full_width,extras", [(400, False, False, False), (400, True, False, True),
+                                                             (300, True, True, True), (40, False, True, False)])
+@pytest.mark.parametrize("as_csv", [False, True])
+def test_rules_over_columns_say_what_they_say_over_detection_objects(tmp_path, count, repeats, full_width, extras,
+                                                                     as_csv):
+    records = _export(count, repeats=repeats, full_width=full_width, extras=extras)
+    (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", records[1]["sfzh"]))
+    if as_csv:
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
+        body, content_type = body.encode(), "text/csv"
+    else:
+        body, content_type = json.dumps(records, ensure_ascii=False).encode(), "application/json"
+    for name in ("small", "wide"):
+        profile = load_rules(tmp_path / "r.yaml").profile(name)
+        decoded = decode_body(body, content_type, None, profile.limits)
+        detections, problems = profile.detect_all(decoded, "body")
+        assert isinstance(detections, Detections) and detections.bulk > count  # the columns were used
+        # the same detections made one by one: a second (empty) text takes detect() off the columns' path
+        made, _ = profile.detect([*decoded.segments, decode.text_segment("", "elsewhere")])
+        made += profile.field_detections(decoded.fields)
+        assert not isinstance(made, Detections) and list(detections) == made
+        for direction in ("request", "response"):
+            columns = profile.apply_rules(detections, problems, direction, None)
+            objects = profile.apply_rules(made, problems, direction, None)
+            assert columns.findings == objects.findings and columns.groups == objects.groups
+            assert columns.replacements == objects.replacements and columns.action == objects.action
+            assert columns.findings and columns.replacements  # both said something to compare
+        if repeats:
+            assert not detections.distinct() and len(set(detections.values())) < len(detections)
+        else:
+            assert detections.distinct()

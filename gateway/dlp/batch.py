@@ -61,8 +61,9 @@ def valid(name: str, data: bytes, starts: np.ndarray, ends: np.ndarray, today: d
     return result
 
 
-def _matrix(buf: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    return buf[starts[:, None] + np.arange(length)]
+def matrix(buf: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """The `length` bytes from each of `starts`, one row each (rows of a window view: no index per byte)."""
+    return np.lib.stride_tricks.sliding_window_view(buf, length)[starts]
 
 
 def _all_digits(chars: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def _all_digits(chars: np.ndarray) -> np.ndarray:
 
 def _id_card(buf, starts, ends, today):
     """check_id_card over 18-character candidates: all are decided here."""
-    chars = _matrix(buf, starts, 18)
+    chars = matrix(buf, starts, 18)
     digits = chars[:, :17].astype(np.int64) - _ZERO
     last = chars[:, 17]
     shaped = _all_digits(chars[:, :17]) & (((last >= _ZERO) & (last <= _ZERO + 9)) | (last == ord("X"))
@@ -94,7 +95,7 @@ def _id_card(buf, starts, ends, today):
 
 def _uscc(buf, starts, ends, today):
     """check_uscc over 18-character candidates: all are decided here."""
-    chars = _matrix(buf, starts, 18)
+    chars = matrix(buf, starts, 18)
     values = _USCC_VALUE[chars]
     alphabet = (values >= 0).all(axis=1)
     category = _USCC_CATEGORY[chars[:, 0], chars[:, 1]]
@@ -111,7 +112,7 @@ def _uscc(buf, starts, ends, today):
 
 def _mobile(buf, starts, ends, today):
     """_check_mobile over 11-character candidates that are all digits (others: value by value)."""
-    chars = _matrix(buf, starts, 11)
+    chars = matrix(buf, starts, 11)
     plain = _all_digits(chars)
     prefix = (chars[:, 0].astype(np.int64) - _ZERO) * 100 + (chars[:, 1] - _ZERO) * 10 + (chars[:, 2] - _ZERO)
     return plain, _MOBILE_PREFIXES[np.where(plain, prefix, 0)][plain]
@@ -126,7 +127,7 @@ def _card(buf, starts, ends, today):
         rows = np.flatnonzero(lengths == length)
         if not len(rows):
             continue
-        chars = _matrix(buf, starts[rows], length)
+        chars = matrix(buf, starts[rows], length)
         plain = _all_digits(chars)
         digits = chars[plain].astype(np.int64) - _ZERO
         prefixes = {k: digits[:, :k] @ (10 ** np.arange(k - 1, -1, -1)) for k in range(1, 5)}

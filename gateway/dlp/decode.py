@@ -92,6 +92,15 @@ class Segment:
         location, field_name = self.locate(base + written)
         return location, field_name or self.field
 
+    def at_many(self, written: list[int], base: int = 0) -> list[tuple[str, str | None]]:
+        """at() of each offset, in one pass where the locator has one (many: the findings a scan keeps)."""
+        if self.locate is None:
+            return [(self.location, self.field)] * len(written)
+        many = getattr(self.locate, "many", None)
+        offsets = [base + offset for offset in written]
+        places = many(offsets) if many is not None else list(map(self.locate, offsets))
+        return [(location, field_name or self.field) for location, field_name in places]
+
     def unfolded(self, offset: int) -> int:
         """The offset in the text as written of a byte offset of the data."""
         return offset if self.folding is None else self.folding.unfolded(offset)
@@ -784,17 +793,7 @@ class _JsonLocator:
         """Take the state the replay would have at `offset` (past many brackets: a finding far into
         a large export) from all brackets and commas at once, in C; the replay's own way is left for
         a structure with a closing bracket too many, which it ignores."""
-        made = self.made
-        if self._arrays is None or self._arrays[0] != len(made.blanked):
-            data = np.frombuffer(self.data, dtype=np.uint8)
-            positions = np.array(made.brackets, dtype=np.int64)
-            opens = np.isin(data[positions], (_OPEN_OBJECT, _OPEN_ARRAY))
-            depths = np.cumsum(np.where(opens, 1, -1))  # after each bracket
-            commas = np.flatnonzero(np.frombuffer(bytes(made.blanked), dtype=np.uint8) == ord(","))
-            before = np.searchsorted(positions, commas)  # brackets before each comma
-            comma_depths = np.where(before > 0, depths[np.maximum(before - 1, 0)], 0)
-            self._arrays = (len(made.blanked), positions, opens, depths, commas, comma_depths)
-        _, positions, opens, depths, commas, comma_depths = self._arrays
+        _, positions, opens, depths, commas, comma_depths = self._structure_arrays()
         replayed = int(np.searchsorted(positions, offset))
         if replayed and depths[:replayed].min() < 0:
             return
@@ -809,6 +808,68 @@ class _JsonLocator:
             own = int(np.count_nonzero(comma_depths[low:high] == level))
             self.stack.append(_JsonLevel(self.data[opened] == _OPEN_OBJECT, opened, own))
         self.position, self.counted_to = replayed, offset
+
+    def _structure_arrays(self) -> tuple:
+        """(size made, bracket offsets, which open, depth after each, comma offsets, depth at each) of
+        the structure made so far."""
+        made = self.made
+        if self._arrays is None or self._arrays[0] != len(made.blanked):
+            data = np.frombuffer(self.data, dtype=np.uint8)
+            positions = np.array(made.brackets, dtype=np.int64)
+            opens = np.isin(data[positions], (_OPEN_OBJECT, _OPEN_ARRAY))
+            depths = np.cumsum(np.where(opens, 1, -1))  # after each bracket
+            commas = np.flatnonzero(np.frombuffer(bytes(made.blanked), dtype=np.uint8) == ord(","))
+            before = np.searchsorted(positions, commas)  # brackets before each comma
+            comma_depths = np.where(before > 0, depths[np.maximum(before - 1, 0)], 0)
+            self._arrays = (len(made.blanked), positions, opens, depths, commas, comma_depths)
+        return self._arrays
+
+    def many(self, offsets: list[int]) -> list[tuple[str, str | None]]:
+        """What self(offset) says of each offset, from all brackets, commas, colons and quotes at
+        once (as _jump takes its state); a structure with a closing bracket too many is replayed."""
+        if len(offsets) < 2:
+            return list(map(self, offsets))
+        at = np.array(offsets, dtype=np.int64)
+        self.made.through(int(at.max()))
+        _, positions, opens, depths, commas, comma_depths = self._structure_arrays()
+        replayed = np.searchsorted(positions, at)  # brackets before each offset
+        if replayed.max() and depths[:replayed.max()].min() < 0:
+            return list(map(self, offsets))
+        depth = np.where(replayed > 0, depths[np.maximum(replayed - 1, 0)], 0)
+        structure = np.frombuffer(bytes(self.structure), dtype=np.uint8)
+        colons = np.flatnonzero(structure == ord(":"))
+        quotes = np.flatnonzero(structure == ord('"'))
+        levels = []  # per depth: (is_object, index or key start and end) of each offset at least that deep
+        opened = [np.zeros(0, dtype=np.int64)] * (int(depth.max()) + 2)
+        for level in range(1, int(depth.max()) + 1):
+            openings = positions[opens & (depths == level)]
+            opened[level] = openings[np.searchsorted(openings, at[depth >= level]) - 1]
+        for level in range(1, int(depth.max()) + 1):
+            rows = depth >= level
+            start = opened[level]
+            deeper = depth[rows] > level  # their members end where the next level opens
+            end = at[rows].copy()
+            end[deeper] = opened[level + 1]
+            own = commas[comma_depths == level]
+            index = np.searchsorted(own, end) - np.searchsorted(own, start)
+            colon = colons[np.maximum(np.searchsorted(colons, end) - 1, 0)] if len(colons) else end * 0 - 1
+            colon = np.where((colon >= start) & (colon < end), colon, -1)
+            closing = quotes[np.maximum(np.searchsorted(quotes, colon) - 1, 0)] if len(quotes) else colon * 0 - 1
+            closing = np.where((colon >= 0) & (closing >= start) & (closing < colon), closing, -1)
+            opening = quotes[np.maximum(np.searchsorted(quotes, closing) - 1, 0)] if len(quotes) else closing * 0 - 1
+            opening = np.where((closing > 0) & (opening >= start) & (opening < closing), opening, -1)
+            levels.append((np.flatnonzero(rows).tolist(), (structure[start] == _OPEN_OBJECT).tolist(),
+                           index.tolist(), opening.tolist(), closing.tolist()))
+        paths: list[list] = [["$", None] for _ in offsets]
+        for rows, is_object, indexes, openings, closings in levels:
+            for row, obj, index, opening, closing in zip(rows, is_object, indexes, openings, closings):
+                place = paths[row]
+                if obj:
+                    key = self.data[opening + 1:closing].decode("utf-8", "replace") if opening != -1 else "?"
+                    place[0], place[1] = _json_path(place[0], key), key
+                else:
+                    place[0] = f"{place[0]}[{index}]"
+        return [(child(self.location, path), field_name) for path, field_name in paths]
 
     def _count_commas(self, to: int) -> None:
         """Commas between the last counted offset and `to` separate members of the innermost level."""
@@ -868,3 +929,21 @@ class _CsvLocator:
         column = self.columns_before
         name = self.header[column] if column < len(self.header) and self.header[column] else None
         return child(self.location, f"csv row {self.rows_before + 1} column {name or column + 1}"), name
+
+    def many(self, offsets: list[int]) -> list[tuple[str, str | None]]:
+        """What self(offset) says of each offset, from all newlines and delimiters at once."""
+        at = np.array(offsets, dtype=np.int64)
+        self.made.through(int(at.max()) if len(at) else 0)
+        structure = np.frombuffer(bytes(self.structure), dtype=np.uint8)
+        newlines = np.flatnonzero(structure == ord("\n"))
+        delimiters = np.flatnonzero(structure == self.delimiter[0]) if len(self.delimiter) == 1 else None
+        if delimiters is None:
+            return list(map(self, offsets))
+        rows = np.searchsorted(newlines, at)  # newlines before each offset
+        line_starts = np.where(rows > 0, newlines[np.maximum(rows - 1, 0)] + 1, 0) if len(newlines) else at * 0
+        columns = np.searchsorted(delimiters, at) - np.searchsorted(delimiters, line_starts)
+        places = []
+        for row, column in zip(rows.tolist(), columns.tolist()):
+            name = self.header[column] if column < len(self.header) and self.header[column] else None
+            places.append((child(self.location, f"csv row {row + 1} column {name or column + 1}"), name))
+        return places

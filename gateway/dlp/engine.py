@@ -1,5 +1,6 @@
 """Profiles: one compiled multi-pattern database per profile, candidate validation (in batches, see
-gateway/dlp/batch.py), rule evaluation.
+gateway/dlp/batch.py), rule evaluation (over a bulk export's detections as columns, see
+gateway/dlp/detections.py).
 
 Longer than 400 lines: a profile's scan, its validation and the rule evaluation share the
 compiled database and the candidates' bookkeeping.
@@ -8,12 +9,10 @@ compiled database and the candidates' bookkeeping.
 import bisect
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
-from operator import eq, is_, itemgetter
+from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 
 import numpy as np
@@ -29,7 +28,8 @@ from gateway.dlp.decode import (
     decode_embedded,
     text_segment,
 )
-from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector, mask_middle
+from gateway.dlp.detections import Columns, Detection, Detections
+from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES, Detector
 from gateway.dlp.embedded import (
     BYTES,
     MIN_RUN,
@@ -49,7 +49,7 @@ from gateway.dlp.rules import (
     rule_files,
 )
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.tally import FindingGroup, Place, Tally, in_runs
+from gateway.dlp.tally import FindingGroup, Place, Tally, lines_of
 
 UNINSPECTABLE = "uninspectable"
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -65,7 +65,7 @@ CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding n
 CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: made twice as fast (a scan keeps up to 1,000)
 class Finding:
     rule: str
     type: str
@@ -107,49 +107,6 @@ class ScanResult:
 def strongest(actions: list[str]) -> str | None:
     present = set(actions)
     return next((action for action in ACTIONS if action in present), None)
-
-
-class Detection(NamedTuple):  # a tuple: a bulk export makes tens of thousands, 4x quicker than a dataclass
-    """A validated match before rules: what it is, and where. A bulk export makes tens of thousands,
-    most of which are only counted: its location, field and mask are worked out when asked, from its
-    segment and offset (or were once, see resolved())."""
-    kind: str            # "detector", "pattern", "keyword" or "field"
-    name: str            # detector name, or the rule id owning the pattern / keyword / field name
-    type: str
-    value: str           # as written in the decoded content
-    token: str           # as matched (full-width folded): what the mask is made of
-    segment: Segment | None  # the text it was found in; None once resolved, and for a field name
-    offset: int          # its byte offset in that text as written (segment.original, or else segment.data)
-    base: int = 0        # the offset of a stream's window in the body
-    fixed: tuple[str, str | None, Place] | None = None  # (location, field, place) when segment is None
-
-    def located(self) -> tuple[str, str | None]:
-        """Its location and the field it is the value of."""
-        if self.segment is None:
-            return self.fixed[0], self.fixed[1]
-        return self.segment.at(self.offset, self.base)
-
-    def place(self) -> Place:
-        if self.segment is None:
-            return self.fixed[2]
-        return self.segment.location, self.base + self.offset
-
-    def resolved(self) -> "Detection":
-        """Itself without its segment (a stream lets its windows go)."""
-        return self if self.segment is None else self._replace(segment=None, fixed=(*self.located(), self.place()))
-
-    def masked(self) -> str:
-        if self.kind == "detector":
-            return DETECTORS[self.name].mask(self.token)
-        if self.kind == "pattern":
-            return mask_middle(self.token, 2, 2) if len(self.token) > 6 else "*" * len(self.token)
-        return self.token  # a keyword, a field name
-
-    def confidence(self, field_name: str | None) -> str:
-        if self.kind == "field" or (self.kind == "detector" and field_name is not None
-                                    and field_name.strip().lower() in DETECTORS[self.name].hint_fields):
-            return "high"
-        return "normal"
 
 
 def _with_overflow(problems: list[tuple[str, str]], overflow: bool, location: str) -> list[tuple[str, str]]:
@@ -320,36 +277,33 @@ class Profile:
         detections, overflow = self.detect(decoded.segments)
         return detections + self.field_detections(decoded.fields), overflow
 
-    def apply_rules(self, detections: list[Detection], problems: list[tuple[str, str]], direction: str,
+    def apply_rules(self, detections: Sequence[Detection], problems: list[tuple[str, str]], direction: str,
                     host: str | None) -> ScanResult:
-        if not detections and not problems:
+        if not len(detections) and not problems:
             return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
+        if not isinstance(detections, Detections):
+            detections = Detections(detections)
         found = _Findings(self.limits.max_findings, detections)
         for location, reason in problems:
             found.problem(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason,
                                   place=(location, None)))
-        # (from a detector, detector or rule id) -> its detections, in text order (selected in C: tens of thousands)
-        source_of = {key: (key[0] == "detector", key[1]) for key in dict.fromkeys(map(_SOURCE, detections))}
-        sources = list(map(source_of.__getitem__, map(_SOURCE, detections)))
-        by_source = {source: list(compress(detections, map(eq, sources, repeat(source))))
-                     for source in dict.fromkeys(source_of.values())}
-        found.locate_repeated(detections)
-        order: dict[int, int] = {}  # findings of a rule with several sources stay in text order
+        by_source = detections.sources()  # (from a detector, detector or rule id) -> its rows, in text order
+        found.locate_repeated()
         for rule in self.rules:
             if not rule.applies_to(direction) or rule.host_allowed(host):
                 continue
             sources = [by_source[source] for source in [*((True, name) for name in rule.detectors), (False, rule.id)]
                        if source in by_source]
-            if len(sources) == 1:
-                selected = sources[0]
-            else:
-                order = order or {id(d): index for index, d in enumerate(detections)}
-                selected = sorted(chain.from_iterable(sources), key=lambda d: order[id(d)])
+            if not sources:
+                continue
+            selected = sources[0] if len(sources) == 1 else np.sort(np.concatenate(sources))  # in text order
             if rule.fields:
-                selected = [d for d in selected if _rule_selects(rule, d, found.located(d)[1])]
+                selected = selected[[_rule_selects(rule, detections[row], found.located(row)[1])
+                                     for row in selected.tolist()]]
             if rule.allow_values:
-                selected = [d for d in selected if canonical_value(d.value) not in rule.allow_values]
-            if _distinct_values_reach(selected, rule.min_count):
+                selected = selected[[canonical_value(detections.value(row)) not in rule.allow_values
+                                     for row in selected.tolist()]]
+            if _distinct_values_reach(map(detections.value, selected.tolist()), len(selected), rule.min_count):
                 found.add(rule, found.unrepeated(selected))
         groups = found.tally.groups()
         return ScanResult(found.kept, strongest([group.action for group in groups]), groups, found.replacements)
@@ -400,21 +354,23 @@ class Profile:
         detector_of = self._detector_of[table[:, 0]]
         span_starts, span_ends, detector_index = _detector_spans(
             data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
-        sources = self._detector_sources[detector_index].tolist()
         others = [(start, end, self._refs[pattern_id][:2]) for pattern_id, start, end in table[detector_of < 0].tolist()]
+        sources = None
         if others:  # a rule's patterns and keywords: few
+            sources = self._detector_sources[detector_index].tolist()
             spans = sorted(set(zip(span_starts.tolist(), span_ends.tolist(), sources)).union(others))
             span_starts = np.array([span[0] for span in spans], dtype=np.int64)
             span_ends = np.array([span[1] for span in spans], dtype=np.int64)
             sources = [span[2] for span in spans]
-        return self._detections(segments, starts, data, span_starts, span_ends, sources, base_offset,
+        return self._detections(segments, starts, data, span_starts, span_ends, detector_index, sources, base_offset,
                                 accept is not None, without_context), False
 
     def _detections(self, segments: list[Segment], starts: list[int], data: bytes, span_starts: np.ndarray,
-                    span_ends: np.ndarray, sources: list[tuple[str, str]], base_offset: int, resolve: bool,
-                    without_context: list[str] | None) -> list[Detection]:
+                    span_ends: np.ndarray, detector_index: np.ndarray, sources: list[tuple[str, str]] | None,
+                    base_offset: int, resolve: bool, without_context: list[str] | None) -> Sequence[Detection]:
         """Detections of the spans of `data` (the segments joined, each starting at its offset in
-        `starts`) found by `sources` (kind, detector or rule id), in text order."""
+        `starts`) found by `sources` (kind, detector or rule id; None: the detectors of
+        `detector_index`, by their index in self._detectors), in text order."""
         segment_of = np.searchsorted(np.array(starts, dtype=np.int64), span_starts, "right") - 1
         local_starts = span_starts - np.array(starts, dtype=np.int64)[segment_of]
         local_ends = local_starts + (span_ends - span_starts)
@@ -426,20 +382,14 @@ class Profile:
                 positions = np.asarray(folding.positions, dtype=np.int64)
                 written_starts[rows] += 2 * np.searchsorted(positions, local_starts[rows], "left")
                 written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
-        new = tuple.__new__  # Detection(...) without its keyword handling: tens of thousands
-        if len(segments) == 1 and not resolve and all(kind == "detector" and not DETECTORS[name].context_words
-                                                      for kind, name in set(sources)):
-            # One text and detectors needing no context words (a bulk export): built in bulk.
-            segment = segments[0]
-            tokens = [data[start:end].decode("utf-8", "replace")
-                      for start, end in zip(span_starts.tolist(), span_ends.tolist())]
-            values = tokens
-            if segment.original is not None:  # values with full-width characters in them, as written
-                values = tokens.copy()
-                for row in np.flatnonzero(written_ends - written_starts != span_ends - span_starts).tolist():
-                    values[row] = segment.original[written_starts[row]:written_ends[row]].decode("utf-8", "replace")
-            return [new(Detection, ("detector", name, name, value, token, segment, offset, base_offset, None))
-                    for (_, name), value, token, offset in zip(sources, values, tokens, written_starts.tolist())]
+        if sources is None:
+            if len(segments) == 1 and not resolve and not any(
+                    DETECTORS[self._detectors[index]].context_words for index in np.unique(detector_index).tolist()):
+                # One text and detectors needing no context words (a bulk export): kept as columns.
+                return Detections(columns=Columns(segments[0], data, span_starts, span_ends, written_starts,
+                                                  written_ends, detector_index, self._detectors, base_offset))
+            sources = self._detector_sources[detector_index].tolist()
+        new = tuple.__new__  # Detection(...) without its keyword handling: thousands
         detections = []
         rule_of = {rule.id: rule for rule in self.rules}
         for start, end, (kind, name), index, local_end, written_start, written_end in zip(
@@ -471,83 +421,98 @@ class Profile:
 class _Findings:
     """What apply_rules gathers: the first `room` findings whole, every finding counted in the tally
     (its group's first locations named, every place digested), every value to redact masked. Only
-    what is kept is located and masked: most findings of a bulk export are only counted."""
+    what is kept is located and masked: most findings of a bulk export are only counted, as rows."""
 
-    def __init__(self, room: int, detections: list[Detection]):
+    def __init__(self, room: int, detections: Detections):
         self.room = room
+        self.detections = detections
         self.kept: list[Finding] = []
         self.tally = Tally()
         self.replacements: dict[str, str] = {}
-        self.masks = _Masks({d.value: d for d in detections if d.value})
+        self.masks = _Masks(detections)
         # no value found twice (a bulk export, most often): nothing is told apart by location
-        self.distinct = len(self.masks) == len(detections)
+        self.distinct = detections.distinct()
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
-        self._located: dict[tuple[int, int, int], tuple[str, str | None]] = {}
+        self._located: dict[int, tuple[str, str | None]] = {}
+        self._lines: dict[bytes, bytes] = {}  # rows -> the lines their places add to a digest
 
-    def located(self, d: Detection) -> tuple[str, str | None]:
-        """Its location and field, each worked out once (a locator replays rising offsets: asked
-        again for an earlier one, it starts over)."""
-        key = (id(d.segment), d.offset, d.base)
-        place = self._located.get(key)
+    def located(self, row: int, detection: Detection | None = None) -> tuple[str, str | None]:
+        """A row's location and field (`detection`: the row's, when made), each worked out once (a
+        locator replays rising offsets: asked again for an earlier one, it starts over)."""
+        place = self._located.get(row)
         if place is None:
-            place = self._located[key] = d.located()
+            place = self._located[row] = (detection or self.detections[row]).located()
         return place
 
-    def locate_repeated(self, detections: list[Detection]) -> None:
+    def locate_all(self, rows: list[int], detections: list[Detection]) -> None:
+        """Locate the rows (their detections: `detections`) not located yet, those of one text at once."""
+        texts: dict[tuple[int, int], tuple[Segment, int, list[int], list[int]]] = {}
+        for row, d in zip(rows, detections):
+            if d.segment is not None and row not in self._located:
+                _, _, text_rows, offsets = texts.setdefault((id(d.segment), d.base), (d.segment, d.base, [], []))
+                text_rows.append(row)
+                offsets.append(d.offset)
+        for segment, base, text_rows, offsets in texts.values():
+            self._located.update(zip(text_rows, segment.at_many(offsets, base)))
+
+    def locate_repeated(self) -> None:
         """Locate, in text order, the detections of values found more than once (which rules tell
         apart by location, see unrepeated()): a locator replays a text once for all rules."""
         if self.distinct:
             return
-        values = list(map(_VALUE, detections))
-        if len(set(values)) < len(values):
-            counts = Counter(values)
-            for d, count in zip(detections, map(counts.__getitem__, values)):
-                if count > 1:
-                    self.located(d)
+        values = self.detections.values()
+        counts = Counter(values)
+        for row, count in enumerate(map(counts.__getitem__, values)):
+            if count > 1:
+                self.located(row)
 
     def problem(self, finding: Finding) -> None:
         self.tally.add(finding.rule, finding.type, finding.action, finding.location, finding.place)
         if len(self.kept) < self.room:
             self.kept.append(finding)
 
-    def unrepeated(self, selected: list[Detection]) -> list[Detection]:
-        """The detections but those of a value found at the same location before (only values seen
+    def unrepeated(self, selected: np.ndarray) -> np.ndarray:
+        """The rows but those of a value found at the same location before (only values seen
         twice are located to tell)."""
         if self.distinct:
             return selected
-        values = list(map(_VALUE, selected))
-        if len(set(values)) == len(values):
+        values = self.detections.values()
+        chosen = [values[row] for row in selected.tolist()]
+        if len(set(chosen)) == len(chosen):
             return selected
-        counts = Counter(values)
+        counts = Counter(chosen)
         seen: set[tuple[str, str]] = set()
-        out = []
-        for d in selected:
-            if counts[d.value] > 1:
-                key = (d.value, self.located(d)[0])
-                if key in seen:
-                    continue
+        keep = np.ones(len(selected), dtype=bool)
+        for index, (row, value) in enumerate(zip(selected.tolist(), chosen)):
+            if counts[value] > 1:
+                key = (value, self.located(row)[0])
+                keep[index] = key not in seen
                 seen.add(key)
-            out.append(d)
-        return out
+        return selected[keep]
 
-    def add(self, rule: Rule, selected: list[Detection]) -> None:
-        types = set(map(_TYPE, selected))
-        types = types if len(types) == 1 else dict.fromkeys(map(_TYPE, selected))  # in the order found
-        for type in types:
-            group = selected if len(types) == 1 else [d for d in selected if d.type == type]
-            if group[0].segment is not None and all(map(is_, map(_SEGMENT, group), repeat(group[0].segment))) \
-                    and not any(map(_BASE, group)):  # all in one text (a bulk export): offsets taken in C
-                runs = [(group[0].segment.location, list(map(_OFFSET, group)))]
-            else:
-                runs = in_runs(d.place() for d in group)
+    def add(self, rule: Rule, selected: np.ndarray) -> None:
+        detections = self.detections
+        types, type_of = detections.types(selected)
+        for code, type in enumerate(types):
+            group = selected if len(types) == 1 else selected[type_of == code]
+            runs = detections.runs(group)
+            key = group.tobytes()  # the same rows (rules on one detector): their places' lines made once
+            lines = self._lines.get(key)
+            if lines is None:
+                lines = self._lines[key] = lines_of(runs)
             self.tally.extend(rule.id, type, rule.action, runs,
-                              lambda index: self.masked(self.located(group[index])[0]))
+                              lambda index: self.masked(self.located(int(group[index]))[0]), lines)
         if rule.action == "redact":
-            self.replacements.update((d.value, self.masks[d.value]) for d in selected if d.value)
-        for d in selected[:max(self.room - len(self.kept), 0)]:
-            location, field_name = self.located(d)
+            values = map(detections.value, selected.tolist())
+            self.replacements.update((value, self.masks[value]) for value in values if value)
+        rows = selected[:max(self.room - len(self.kept), 0)].tolist()
+        kept = detections.rows(rows)
+        self.locate_all(rows, kept)
+        places = [self.located(row, d) for row, d in zip(rows, kept)]
+        self.masked.settle([text for place in places for text in place if text])  # all at once
+        for d, (location, field_name) in zip(kept, places):
             self.kept.append(Finding(rule.id, d.type, rule.action, rule.severity, self.masked(location),
                                      d.masked(), d.value, field_name and self.masked(field_name),
                                      d.confidence(field_name), d.place()))
@@ -561,33 +526,66 @@ def _replacements(findings: list[Finding]) -> dict[str, str]:
     return {f.value: f.masked for f in findings if _redacts(f)}
 
 
-_SOURCE, _TYPE, _VALUE, _SEGMENT, _OFFSET, _BASE = (itemgetter(0, 1), *map(itemgetter, (2, 3, 5, 6, 7)))  # of a Detection
-
-
 class _Masks(Mapping[str, str]):
-    """Each detected value's mask, made when first asked for (most are never shown)."""
+    """Each detected value's mask, made when first asked for (most are never shown): the mask of
+    the last detection of that value."""
 
-    def __init__(self, detections: dict[str, Detection]):
+    def __init__(self, detections: Detections):
         self.detections = detections
+        self._rows: dict[str, int] | None = None  # value -> its last row, made when first asked
         self.made: dict[str, str] = {}
+
+    @property
+    def rows(self) -> dict[str, int]:
+        if self._rows is None:
+            self._rows = {value: row for row, value in enumerate(self.detections.values()) if value}
+        return self._rows
 
     def __getitem__(self, value: str) -> str:
         masked = self.made.get(value)
         if masked is None:
-            masked = self.made[value] = self.detections[value].masked()
+            masked = self.made[value] = self.detections[self.rows[value]].masked()
         return masked
 
     def __contains__(self, value: object) -> bool:
-        return value in self.detections
+        return value in self.rows
 
     def get(self, value: str, default: str | None = None) -> str | None:  # without Mapping's try/except
-        return self[value] if value in self.detections else default
+        return self[value] if value in self.rows else default
 
     def __iter__(self):
-        return iter(self.detections)
+        return iter(self.rows)
 
     def __len__(self) -> int:
-        return len(self.detections)
+        return len(self.rows)
+
+
+class _OwnMasksLeftOut(Mapping[str, str]):
+    """The masks but for the values that are their own mask (a field name, a keyword)."""
+
+    def __init__(self, masks: _Masks):
+        self.masks = masks
+
+    def _shown(self, value: str) -> bool:
+        row = self.masks.rows.get(value)
+        if row is None:
+            return False
+        d = self.masks.detections[row]
+        return d.kind not in ("field", "keyword") or d.token != value
+
+    def __getitem__(self, value: str) -> str:
+        if not self._shown(value):
+            raise KeyError(value)
+        return self.masks[value]
+
+    def get(self, value: str, default: str | None = None) -> str | None:
+        return self.masks[value] if self._shown(value) else default
+
+    def __iter__(self):
+        return filter(self._shown, self.masks.rows)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class _LocationMasks:
@@ -599,25 +597,39 @@ class _LocationMasks:
         self.done: dict[str, str] = {}
 
     def __call__(self, text: str) -> str:
-        if not self.masks:
+        if not len(self.masks.detections):
             return text
         masked = self.done.get(text)
         if masked is None:
-            if self.masked is None:  # but for the values that are their own mask (a field name, a keyword)
-                self.masked = ValueMasks(_Masks({value: d for value, d in self.masks.detections.items()
-                                                 if d.kind not in ("field", "keyword") or d.token != value}))
-            masked = self.done[text] = self.masked(text)
+            masked = self.done[text] = self._masks()(text)
         return masked
 
+    def _masks(self) -> ValueMasks:
+        if self.masked is None:  # every value's characters and lengths (from columns: without the values)
+            self.masked = ValueMasks(_OwnMasksLeftOut(self.masks),
+                                     *(self.masks.detections.value_lengths_and_units() or (None, None)))
+        return self.masked
 
-def _distinct_values_reach(detections: list[Detection], count: int) -> bool:
-    """Whether the detections hold at least `count` distinct values (as min_count compares them)."""
-    if len(detections) < count or not detections:
+    def settle(self, texts: list[str]) -> None:
+        """Mask the texts in one pass (joined by newlines, which no mask can span, when no value holds one)."""
+        texts = list(dict.fromkeys(text for text in texts if text not in self.done))
+        if len(texts) < 2 or not len(self.masks.detections):
+            return
+        masks = self._masks()
+        if masks.runs is not None and (masks.runs.search("\n" * masks.lengths[-1])  # a newline may be in a value
+                                       or any("\n" in text for text in texts)):
+            return  # each masked when asked for
+        self.done.update(zip(texts, masks("\n".join(texts)).split("\n")))
+
+
+def _distinct_values_reach(values: Iterable[str], size: int, count: int) -> bool:
+    """Whether `size` values hold at least `count` distinct ones (as min_count compares them)."""
+    if size < count or not size:
         return False
-    values: set[str] = set()
-    for d in detections:
-        values.add(canonical_value(d.value))
-        if len(values) >= count:
+    seen: set[str] = set()
+    for value in values:
+        seen.add(canonical_value(value))
+        if len(seen) >= count:
             return True
     return False
 
@@ -657,18 +669,19 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
                 starts[row] = start
     buf = np.frombuffer(data, dtype=np.uint8)
     last = len(buf) - 1
-    keep = ~((starts > 0) & _ALNUM_BYTES[buf[np.maximum(starts - 1, 0)]]) \
-        & ~((ends <= last) & _ALNUM_BYTES[buf[np.minimum(ends, last)]])
-    for index in present:
-        separators = DETECTORS[names[index]].group_separators
-        if separators:  # a grouped number next to another group of digits is part of a longer number
-            joined = np.zeros(256, dtype=bool)
-            joined[list(separators)] = True
-            near = (detector_of == index) & keep & (
-                ((ends < last) & joined[buf[np.minimum(ends, last)]] & _DIGIT_BYTES[buf[np.minimum(ends + 1, last)]])
-                | ((starts >= 2) & joined[buf[np.maximum(starts - 1, 0)]] & _DIGIT_BYTES[buf[np.maximum(starts - 2, 0)]]))
-            for row in np.flatnonzero(near).tolist():
-                keep[row] = not _continued(data, int(starts[row]), int(ends[row]), separators)
+    before, after = buf[np.maximum(starts - 1, 0)], buf[np.minimum(ends, last)]
+    keep = ~((starts > 0) & _ALNUM_BYTES[before]) & ~((ends <= last) & _ALNUM_BYTES[after])
+    separators = {index: DETECTORS[names[index]].group_separators for index in present
+                  if DETECTORS[names[index]].group_separators}
+    if separators:  # a grouped number next to another group of digits is part of a longer number
+        joined = np.zeros(256, dtype=bool)
+        joined[list(b"".join(separators.values()))] = True
+        near = keep & (((ends < last) & joined[after] & _DIGIT_BYTES[buf[np.minimum(ends + 1, last)]])
+                       | ((starts >= 2) & joined[before] & _DIGIT_BYTES[buf[np.maximum(starts - 2, 0)]]))
+        for row in np.flatnonzero(near).tolist():  # few: each by its own detector's separators
+            own = separators.get(int(detector_of[row]))
+            if own:
+                keep[row] = not _continued(data, int(starts[row]), int(ends[row]), own)
     starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
     if not len(starts):
         return none, none, none

@@ -183,15 +183,20 @@ class ValueMasks:
     value (that cost grew with values x text) but run by run of the values' characters (a regex, in
     C), each run looked up by its substrings of the values' lengths."""
 
-    def __init__(self, masks: Mapping[AnyStr, AnyStr]):
+    def __init__(self, masks: Mapping[AnyStr, AnyStr], lengths: set[int] | None = None, units: str | None = None):
+        """`lengths` and `units` (of str values), when given, are every length and character the
+        values may have (more do no harm): then the values are not read to work them out."""
         self.masks = masks
-        self.lengths = sorted({len(value) for value in masks}, reverse=True)
+        as_bytes = False
+        if lengths is None:
+            lengths = {len(value) for value in masks}
+            as_bytes = bool(masks) and isinstance(next(iter(masks)), bytes)
+            units = sorted(set(next(iter(masks))[:0].join(masks))) if masks else ""  # characters, or bytes (joined in C)
+        self.lengths = sorted(lengths - {0}, reverse=True)
         self.runs: re.Pattern | None = None
-        if masks:
-            units = sorted(set(next(iter(masks))[:0].join(masks)))  # characters, or byte values (joined: in C)
+        if self.lengths and units:
             shortest = self.lengths[-1]
-            self.runs = re.compile(b"[%s]{%d,}" % (re.escape(bytes(units)), shortest)
-                                   if isinstance(next(iter(masks)), bytes)
+            self.runs = re.compile(b"[%s]{%d,}" % (re.escape(bytes(units)), shortest) if as_bytes
                                    else f"[{re.escape(''.join(units))}]{{{shortest},}}")
 
     def __call__(self, text: AnyStr) -> AnyStr:

@@ -49,7 +49,7 @@ class FindingGroup:
 def places_digest(places: Iterable[Place]) -> str:
     """SHA-256 of the places, one line each (UTF-8, non-ASCII as is): the location as a JSON string,
     then, for a place in a text, a space and the offset in decimal; and a newline."""
-    return hashlib.sha256(_lines(in_runs(places))).hexdigest()
+    return hashlib.sha256(lines_of(in_runs(places))).hexdigest()
 
 
 def in_runs(places: Iterable[Place]) -> list[tuple[str, list[int | None]]]:
@@ -73,9 +73,9 @@ class Tally:
         self.extend(rule, type, action, in_runs([place or (location, None)]), lambda _: location)
 
     def extend(self, rule: str, type: str, action: str, runs: list[tuple[str, list[int | None]]],
-               locate: Callable[[int], str]) -> None:
+               locate: Callable[[int], str], lines: bytes | None = None) -> None:
         """Findings at the places of `runs` (see in_runs), in the order found; locate(i) is the
-        location of the i-th, asked for the first few only."""
+        location of the i-th, asked for the first few only; `lines`: lines_of(runs), when made before."""
         group = self._groups.get((rule, type, action))
         if group is None:
             group = self._groups[(rule, type, action)] = ([0], [], hashlib.sha256())
@@ -83,7 +83,7 @@ class Tally:
         added = sum(len(offsets) for _, offsets in runs)
         count[0] += added
         locations += [locate(index) for index in range(min(KEPT_LOCATIONS - len(locations), added))]
-        hasher.update(_lines(runs))
+        hasher.update(lines_of(runs) if lines is None else lines)
 
     def groups(self) -> list[FindingGroup]:
         return [FindingGroup(rule, type, action, count[0], tuple(locations), hasher.hexdigest())
@@ -117,7 +117,8 @@ def _size(value: object) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def _lines(runs: list[tuple[str, list[int | None]]]) -> bytes:
+def lines_of(runs: list[tuple[str, list[int | None]]]) -> bytes:
+    """What the digest of the places of `runs` reads (see places_digest)."""
     pieces = []
     for location, offsets in runs:
         text = json.dumps(location, ensure_ascii=False)

@@ -1,0 +1,245 @@
+"""Validated matches before rules: a Detection each, or held as columns (numpy) for a bulk export.
+
+A JSON or CSV export has an ID number and a mobile number in every record: tens of thousands of
+detections in one text, of which a scan shows a thousand at most and counts the rest. Those of one
+text are held as columns (start, end, offset as written, detector); the rules select, count and
+digest them as arrays, and a Detection (a value decoded, a location worked out) is made only for a
+row that is shown or that a rule must read one by one. Detections from elsewhere (field names, a
+stream's windows, several texts) are Detection objects, held after the columns.
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from gateway.dlp.batch import matrix
+from gateway.dlp.decode import Segment
+from gateway.dlp.detectors import DETECTORS, mask_middle
+from gateway.dlp.tally import Place, in_runs
+
+
+class Detection(NamedTuple):  # a tuple: 4x quicker to make than a dataclass
+    """A validated match before rules: what it is, and where. Its location, field and mask are
+    worked out when asked, from its segment and offset (or were once, see resolved())."""
+    kind: str            # "detector", "pattern", "keyword" or "field"
+    name: str            # detector name, or the rule id owning the pattern / keyword / field name
+    type: str
+    value: str           # as written in the decoded content
+    token: str           # as matched (full-width folded): what the mask is made of
+    segment: Segment | None  # the text it was found in; None once resolved, and for a field name
+    offset: int          # its byte offset in that text as written (segment.original, or else segment.data)
+    base: int = 0        # the offset of a stream's window in the body
+    fixed: tuple[str, str | None, Place] | None = None  # (location, field, place) when segment is None
+
+    def located(self) -> tuple[str, str | None]:
+        """Its location and the field it is the value of."""
+        if self.segment is None:
+            return self.fixed[0], self.fixed[1]
+        return self.segment.at(self.offset, self.base)
+
+    def place(self) -> Place:
+        if self.segment is None:
+            return self.fixed[2]
+        return self.segment.location, self.base + self.offset
+
+    def resolved(self) -> "Detection":
+        """Itself without its segment (a stream lets its windows go)."""
+        return self if self.segment is None else self._replace(segment=None, fixed=(*self.located(), self.place()))
+
+    def masked(self) -> str:
+        if self.kind == "detector":
+            return DETECTORS[self.name].mask(self.token)
+        if self.kind == "pattern":
+            return mask_middle(self.token, 2, 2) if len(self.token) > 6 else "*" * len(self.token)
+        return self.token  # a keyword, a field name
+
+    def confidence(self, field_name: str | None) -> str:
+        if self.kind == "field" or (self.kind == "detector" and field_name is not None
+                                    and field_name.strip().lower() in DETECTORS[self.name].hint_fields):
+            return "high"
+        return "normal"
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_HASH_WEIGHTS = np.random.default_rng(18).integers(1, 1 << 63, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+class Columns(NamedTuple):
+    """Detectors' matches in one text, in text order: data[starts[i]:ends[i]] found by detector
+    names[detector[i]]; written[i] and written_ends[i] are its offsets in the text as written
+    (segment.original, or else segment.data, which is `data`)."""
+    segment: Segment
+    data: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    written: np.ndarray
+    written_ends: np.ndarray
+    detector: np.ndarray
+    names: list[str]
+    base: int = 0
+
+
+class Detections(Sequence[Detection]):
+    """Detections in text order: the rows of `columns` (if any), then `listed`. Row i is a
+    Detection when asked for (self[i]); the rules read the columns below without making one."""
+
+    def __init__(self, listed: Sequence[Detection] = (), columns: Columns | None = None):
+        self.columns = columns
+        self.listed = list(listed)
+        self.bulk = 0 if columns is None else len(columns.starts)
+        self._values: list[str] | None = None
+        self._matrices: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.bulk + len(self.listed)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[index] for index in range(*row.indices(len(self)))]
+        if row < 0:
+            row += len(self)
+        if row >= self.bulk:
+            return self.listed[row - self.bulk]
+        c = self.columns
+        name = c.names[c.detector[row]]
+        return Detection("detector", name, name, self.value(row), self.token(row), c.segment, int(c.written[row]),
+                         c.base)
+
+    def rows(self, rows: list[int]) -> list[Detection]:
+        """self[row] for each of `rows` (the columns read at once)."""
+        bulk = [row for row in rows if row < self.bulk]
+        made = []
+        if bulk:
+            c = self.columns
+            at = np.array(bulk, dtype=np.int64)
+            text = c.data if c.segment.original is None else c.segment.original
+            for name, start, end, written, written_end in zip(
+                    [c.names[index] for index in c.detector[at].tolist()], c.starts[at].tolist(), c.ends[at].tolist(),
+                    c.written[at].tolist(), c.written_ends[at].tolist()):
+                made.append(Detection("detector", name, name, text[written:written_end].decode("utf-8", "replace"),
+                                      c.data[start:end].decode("utf-8", "replace"), c.segment, written, c.base))
+        return made + [self.listed[row - self.bulk] for row in rows[len(bulk):]]
+
+    def __iter__(self) -> Iterator[Detection]:
+        return map(self.__getitem__, range(len(self)))
+
+    def __add__(self, other: Sequence[Detection]) -> "Detections":
+        return Detections(self.listed + list(other), self.columns)
+
+    def token(self, row: int) -> str:
+        c = self.columns
+        return c.data[c.starts[row]:c.ends[row]].decode("utf-8", "replace")
+
+    def value(self, row: int) -> str:
+        """Row's value as written (a value with full-width characters: from the text as written)."""
+        if row >= self.bulk:
+            return self.listed[row - self.bulk].value
+        if self._values is not None:
+            return self._values[row]
+        c = self.columns
+        text = c.data if c.segment.original is None else c.segment.original
+        return text[c.written[row]:c.written_ends[row]].decode("utf-8", "replace")
+
+    def values(self) -> list[str]:
+        """Every row's value (made once: a rule that reads values one by one)."""
+        if self._values is None:
+            c = self.columns
+            if c is None:
+                self._values = []
+            else:
+                text = c.data if c.segment.original is None else c.segment.original
+                self._values = [text[start:end].decode("utf-8", "replace")
+                                for start, end in zip(c.written.tolist(), c.written_ends.tolist())]
+        return self._values + [d.value for d in self.listed]
+
+    def sources(self) -> dict[tuple[bool, str], np.ndarray]:
+        """Per source (from a detector, detector or rule id): its rows, in text order."""
+        rows: dict[tuple[bool, str], np.ndarray] = {}
+        if self.bulk:
+            c = self.columns
+            present = np.flatnonzero(np.bincount(c.detector)).tolist()
+            for index in present:
+                rows[(True, c.names[index])] = np.flatnonzero(c.detector == index) if len(present) > 1 \
+                    else np.arange(self.bulk)
+        listed: dict[tuple[bool, str], list[int]] = {}
+        for row, d in enumerate(self.listed, start=self.bulk):
+            listed.setdefault((d.kind == "detector", d.name), []).append(row)
+        for key, more in listed.items():
+            more = np.array(more, dtype=np.int64)
+            rows[key] = np.concatenate([rows[key], more]) if key in rows else more
+        return rows
+
+    def types(self, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The types of `rows` in the order first found, and each row's type as an index in them."""
+        bulk = rows[rows < self.bulk]
+        names = [] if not len(bulk) else self.columns.names
+        codes = [self.columns.detector[bulk]] if len(bulk) else []
+        listed = [self.listed[row - self.bulk].type for row in rows[len(bulk):].tolist()]
+        if listed:
+            extra = list(dict.fromkeys(listed))
+            codes.append(np.array([len(names) + extra.index(t) for t in listed], dtype=np.int64))
+            names = [*names, *extra]
+        code = np.concatenate(codes) if codes else _NO_ROWS
+        present, first = np.unique(code, return_index=True)
+        order = present[np.argsort(first, kind="stable")]
+        # one type per distinct name (a detector's type is its name; a listed row may share it)
+        types = list(dict.fromkeys(names[i] for i in order.tolist()))
+        index = np.full(len(names), -1, dtype=np.int64)
+        index[order] = [types.index(names[i]) for i in order.tolist()]
+        return types, index[code]
+
+    def runs(self, rows: np.ndarray) -> list[tuple[str, list[int | None]]]:
+        """The rows' places (see gateway.dlp.tally), as runs of one location and its offsets."""
+        bulk = rows[rows < self.bulk]
+        runs = []
+        if len(bulk):
+            c = self.columns
+            runs.append((c.segment.location, (c.written[bulk] + c.base).tolist()))
+        if len(bulk) < len(rows):
+            runs += in_runs(self.listed[row - self.bulk].place() for row in rows[len(bulk):].tolist())
+        return runs
+
+    def _value_bytes(self) -> list[np.ndarray]:
+        """The columns' values as written, as matrices of bytes, one per length (made once)."""
+        if self._matrices is None:
+            c = self.columns
+            text = np.frombuffer(c.data if c.segment.original is None else c.segment.original, dtype=np.uint8)
+            lengths = c.written_ends - c.written
+            self._matrices = [matrix(text, c.written[lengths == length], length) for length in np.unique(lengths).tolist()]
+        return self._matrices
+
+    def value_lengths_and_units(self) -> tuple[set[int], str] | None:
+        """Every length and every character of the values but those that are their own mask (a
+        field name, a keyword): a superset (some may not be); None when working them out needs
+        every value (characters outside ASCII in the columns)."""
+        shown = [d.value for d in self.listed if d.kind not in ("field", "keyword") or d.token != d.value]
+        lengths = {len(value) for value in shown if value}
+        units = set("".join(shown))
+        if self.bulk:
+            chars = np.flatnonzero(sum(np.bincount(matrix.ravel(), minlength=256) for matrix in self._value_bytes()))
+            if len(chars) and chars[-1] >= 0x80:
+                return None
+            lengths.update(matrix.shape[1] for matrix in self._value_bytes())
+            units.update(map(chr, chars.tolist()))
+        return lengths, "".join(sorted(units))
+
+    def distinct(self) -> bool:
+        """Whether no value is empty or found twice."""
+        listed = [d.value for d in self.listed]
+        if not all(listed) or len(set(listed)) < len(listed):
+            return False
+        for matrix in self._value_bytes() if self.bulk else ():  # values of one length as rows of bytes
+            # hashed (two equal hashes of unequal values only cost the caller the check value by value)
+            hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:matrix.shape[1]] if matrix.shape[1] <= len(
+                _HASH_WEIGHTS) else np.ascontiguousarray(matrix).view(f"V{matrix.shape[1]}").ravel()
+            hashes.sort()
+            if (hashes[1:] == hashes[:-1]).any():
+                return False
+        if self.bulk and listed:  # few: each looked for among the columns' values of its size
+            sizes = {matrix.shape[1]: matrix for matrix in self._value_bytes()}
+            for value in listed:
+                encoded = np.frombuffer(value.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+                if len(encoded) in sizes and (sizes[len(encoded)] == encoded).all(axis=1).any():
+                    return False
+        return True
