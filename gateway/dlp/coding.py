@@ -4,15 +4,12 @@ Every decompressor yields output in bounded pieces, so a small compressed input 
 single call allocate more than PIECE bytes: the caller counts the pieces and stops at its limit.
 """
 
-import bisect
 import codecs
 import functools
 import re
 import threading
 import zlib
-from array import array
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import brotli
 
@@ -27,76 +24,6 @@ except ImportError:
     from backports import zstd
 
 PIECE = 1 << 20
-
-
-# Full-width forms a value can be written with fold to ASCII: digits and letters, and the separators
-# the detectors read (+ - . @ _ % and parentheses, the ideographic space to a space) where they touch a
-# digit or a letter. Other full-width punctuation (，：；！？＂) and separators elsewhere (an indenting
-# space, parentheses around words) are left as written: they end a token either way, and folding them
-# would copy every Chinese text (a full-width quote or comma would even look like JSON or CSV structure).
-_FOLDED_FORMS = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ" \
-    "＋－．＠＿％（）\u3000"
-_FOLDS = {form.encode(): (" " if form == "\u3000" else chr(ord(form) - 0xFEE0)).encode() for form in _FOLDED_FORMS}
-assert all(len(form) == 3 for form in _FOLDS)  # each fold takes 2 bytes out (see Folded.unfolded)
-_ALNUM = rb"[0-9A-Za-z]"
-_FULL_WIDTH_ALNUM = rb"(?:\xef\xbc[\x90-\x99\xa1-\xba]|\xef\xbd[\x81-\x9a])"
-_SEPARATOR = rb"(?:\xef\xbc[\x85\x88\x89\x8b\x8d\x8e\xa0\xbf]|\xe3\x80\x80)"  # ＋－．＠＿％（） and U+3000
-assert len(re.findall(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR, _FOLDED_FORMS.encode())) == len(_FOLDS)
-# For Hyperscan (no lookarounds): each pattern with how far before its end the character to fold starts.
-_FOLD_PATTERNS = ((_FULL_WIDTH_ALNUM, 3), (_SEPARATOR + _ALNUM, 4), (_SEPARATOR + _FULL_WIDTH_ALNUM, 6),
-                  (_ALNUM + _SEPARATOR, 3), (_FULL_WIDTH_ALNUM + _SEPARATOR, 3))
-# For Python's re, every alternative starts with a separator's or a full-width form's first byte (a
-# lookbehind first would make it try every position): 10x quicker.
-_FOLDABLE = re.compile(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR + b"(?:(?=" + _ALNUM + b"|" + _FULL_WIDTH_ALNUM
-                       + b")|(?<=" + _ALNUM + b"...)|(?<=" + _FULL_WIDTH_ALNUM + b"...))")
-
-
-@dataclass(frozen=True)
-class Folded:
-    """A UTF-8 text with its full-width forms folded, and where each folded character is in it."""
-    data: bytes
-    positions: Sequence[int]  # offsets in `data` of the folded characters, rising
-
-    def unfolded(self, offset: int) -> int:
-        """The offset in the text as written of an offset in the folded data."""
-        return offset + 2 * bisect.bisect_left(self.positions, offset)
-
-
-def fold(data: bytes) -> Folded | None:
-    """UTF-8 text as the matcher reads it (see _FOLDED_FORMS); None when nothing in it needs folding,
-    the usual case, which costs a search and no copy."""
-    if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr first: most texts have neither
-        return None
-    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
-        starts = [match.start() for match in _FOLDABLE.finditer(data)]
-    else:
-        found: list[tuple[int, int]] = []
-        _fold_database().scan(data, match_event_handler=_note_fold, context=found, scratch=_scratch(_fold_database()))
-        starts = sorted({end - _FOLD_PATTERNS[pattern][1] for pattern, end in found})  # a separator between
-    if not starts:                                                                   # two digits: found twice
-        return None
-    parts: list[bytes] = [b""] * (2 * len(starts) + 1)  # text, folded form, text, ..., text
-    parts[0::2] = [data[begin:end] for begin, end in zip([0, *(start + 3 for start in starts)], [*starts, len(data)])]
-    parts[1::2] = [_FOLDS[data[start:start + 3]] for start in starts]
-    return Folded(b"".join(parts), array("q", (start - 2 * index for index, start in enumerate(starts))))
-
-
-def folded(data: bytes) -> bytes:
-    """`data` folded, or itself when nothing in it needs folding."""
-    found = fold(data)
-    return data if found is None else found.data
-
-
-@functools.cache
-def _fold_database():
-    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[pattern for pattern, _ in _FOLD_PATTERNS], ids=list(range(len(_FOLD_PATTERNS))),
-                     elements=len(_FOLD_PATTERNS), flags=[0] * len(_FOLD_PATTERNS))
-    return database
-
-
-def _note_fold(pattern: int, start: int, end: int, flags: int, found: list[tuple[int, int]]) -> None:
-    found.append((pattern, end))
 
 
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
