@@ -65,8 +65,9 @@ def test_escaped_ids_and_full_width_digits_in_json_are_found():
     hidden = "".join(f"\\u{ord(c):04x}" for c in ID)
     body = ('[{"a": "' + hidden + '"}, {"b": "' + "".join(chr(ord(c) + 0xFEE0) for c in ID) + '"}]').encode()
     found = _found(body, "application/json")
-    assert [(kind, field) for kind, _, field, _ in found if kind == "cn_id_card"] == [("cn_id_card", "a"), ("cn_id_card", "b")]
-    padded = json.dumps([{"b": "说明，" * 2000 + chr(0xFF11) + "３８００１３８０００"}], ensure_ascii=False).encode()
+    assert [(kind, field) for kind, _, field, _ in found if kind == "cn_id_card"] == [("cn_id_card", "a"),
+                                                                                     ("cn_id_card", "b")]
+    padded = json.dumps([{"b": "说明，" * 2000 + "１３８００１３８０００"}], ensure_ascii=False).encode()  # numpy folds it
     assert ("cn_mobile", "１３８００１３８０００", "b", "body:$[0].b") in _found(padded, "application/json")
 
 

@@ -122,6 +122,13 @@ def test_runs_found_at_once_are_those_found_one_by_one(monkeypatch):
         assert list(base64_runs(data)) == _runs_one_by_one(data), data
 
 
+def test_runs_longer_than_16_bits_count_are_told_right():
+    """Letters are counted in 16 bits while every run is short enough; a run of 40,000 is not."""
+    for run, expected in ((b"9" * 30_000 + b"A" * 10_000, False), (b"9" * 19_000 + b"A" * 21_000, True)):
+        data = b"x, " + run + b" ,y"
+        assert (list(base64_runs(data)) == [(3, 40_003)]) is expected == (_runs_one_by_one(data) == [(3, 40_003)])
+
+
 def test_too_deep_nesting_is_uninspectable(rules):
     hidden = ID.encode()
     for _ in range(8):

@@ -706,11 +706,12 @@ def _json_keys(data: bytes) -> dict[str, None]:
             if at:
                 code = np.unique(code, return_inverse=True)[1].astype(np.uint64)
             left = np.clip(length - at, 0, 4)
-            code = code << np.uint64(32) | words[np.where(left > 0, first + at, 0)].astype(np.uint64) & _WORD_MASKS[left]
+            word = words[np.where(left > 0, first + at, 0)].astype(np.uint64) & _WORD_MASKS[left]
+            code = code << np.uint64(32) | word
         rows += chosen[np.unique(code, return_index=True)[1]].tolist()
     rows.sort()
-    starts, ends = starts.tolist(), ends.tolist()
-    return dict.fromkeys(data[starts[row]:ends[row]].decode("utf-8", "surrogatepass") for row in rows)
+    return dict.fromkeys(data[start:end].decode("utf-8", "surrogatepass")
+                         for start, end in zip(starts[rows].tolist(), ends[rows].tolist()))
 
 
 _REPLAYED_BRACKETS = 2048  # past this many brackets ahead, a JSON locator jumps rather than replays
