@@ -1,13 +1,19 @@
 """Decoding's fast paths find what the slow paths find: JSON without backslash escapes is scanned as
 received (no str of it, no parse) and its keys found by numpy (decode._json_keys); texts with an escape,
-in another charset or labelled otherwise take the slow paths."""
+in another charset or labelled otherwise take the slow paths; gzip is undone by ISA-L, and what it
+cannot read is undone (or refused) by zlib."""
 
+import gzip
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 
+import pytest
+
 from gateway.dlp import decode, load_rules
+from gateway.dlp.coding import DecodeError, inflate
 from gateway.dlp.decode import Limits, decode_body
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
@@ -84,3 +90,26 @@ def test_gbk_csv_with_an_id_number():
     found = _found(body, "text/csv; charset=gbk")
     assert ("cn_id_card", ID, "身份证号", "body:csv row 201 column 身份证号") in found
     assert ("cn_mobile", "１３８００１３８０００", "手机", "body:csv row 2 column 手机") in found
+
+
+def test_gzip_by_isal_reads_and_refuses_as_zlib_does():
+    """gzip Content-Encoding is undone by ISA-L (coding.inflate); what zlib refuses is refused with
+    zlib's words, a member with reserved header flags included (ISA-L would read it)."""
+    text = ("姓名,身份证号\n" + f"张三,{ID}\n" * 2000).encode()
+    members = gzip.compress(text[:5000]) + gzip.compress(text[5000:])
+    assert inflate(members, "gzip", 1 << 30, 1000) == text == gzip.decompress(members)
+    flagged = bytearray(gzip.compress(text))
+    flagged[3] |= 0x20
+    corrupt = gzip.compress(text)[:40] + b"\xff" * 40 + gzip.compress(text)[80:]
+    for bad in (bytes(flagged), corrupt):
+        with pytest.raises(zlib.error) as by_zlib:
+            zlib.decompressobj(31).decompress(bad)
+        with pytest.raises(DecodeError, match=re.escape(f"corrupt gzip data: {by_zlib.value}")):
+            inflate(bad, "gzip", 1 << 30, 1000)
+    assert ("cn_id_card", ID, "身份证号", "body:csv row 1000 column 身份证号") in \
+        _found_encoded(members, "text/csv; charset=utf-8", "gzip")
+
+
+def _found_encoded(body: bytes, content_type: str, encoding: str) -> list[tuple[str, str, str | None, str]]:
+    result = load_rules(SHIPPED).profile("outbound").scan(body, content_type=content_type, content_encoding=encoding)
+    return sorted((f.type, f.value, f.field, f.location) for f in result.findings)

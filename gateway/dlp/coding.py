@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Iterator
 
 import brotli
+from isal import isal_zlib
 
 try:
     import hyperscan
@@ -37,13 +38,19 @@ class DecodeError(ValueError):
     """Content that cannot be decoded; the message says why (it becomes an `uninspectable` finding)."""
 
 
+class _IsalError(DecodeError):
+    """A gzip member ISA-L could not decompress: told again as zlib tells it."""
+
+
 class Inflater:
-    """Incremental decoder for one Content-Encoding token."""
+    """Incremental decoder for one Content-Encoding token; `isal`: gzip members are decompressed by
+    ISA-L (about 3x quicker than zlib), which raises _IsalError where zlib would raise DecodeError."""
 
     SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd", "identity")
 
-    def __init__(self, encoding: str):
+    def __init__(self, encoding: str, isal: bool = False):
         self.encoding = encoding.strip().lower()
+        self._isal = isal and self.encoding in ("gzip", "x-gzip")
         if self.encoding not in self.SUPPORTED:
             raise DecodeError(f"unsupported content-encoding {encoding!r}")
         self._zlib = None
@@ -65,6 +72,8 @@ class Inflater:
                 yield from self._feed_zlib(data)
         except (zlib.error, brotli.error, zstd.ZstdError) as error:
             raise DecodeError(f"corrupt {self.encoding} data: {error}") from None
+        except isal_zlib.error as error:
+            raise _IsalError(f"corrupt {self.encoding} data: {error}") from None
 
     def finish(self) -> None:
         """Raise if the compressed stream ended before its end marker."""
@@ -82,7 +91,9 @@ class Inflater:
             if self._zlib is None or (self._zlib.eof and self.encoding != "deflate"):
                 if self._zlib is not None and self._zlib.eof and not data.strip(b"\0"):
                     return  # gzip trailer padding
-                self._zlib = zlib.decompressobj(self._wbits(data))
+                # ISA-L ignores a gzip header's reserved flags, which zlib refuses
+                library = isal_zlib if self._isal and len(data) > 3 and not data[3] & 0xE0 else zlib
+                self._zlib = library.decompressobj(self._wbits(data))
             elif self._zlib.eof:
                 raise DecodeError("data after the end of the deflate stream")
             output = self._zlib.decompress(data, PIECE)
@@ -140,16 +151,22 @@ def content_encodings(header: str | None) -> list[str]:
 def inflate(data: bytes, header: str | None, max_bytes: int, max_ratio: int) -> bytes:
     """Undo every Content-Encoding of `data` within the size and ratio limits."""
     for encoding in content_encodings(header):
-        inflater = Inflater(encoding)
-        pieces: list[bytes] = []
-        total = 0
-        for piece in inflater.feed(data):
-            total += len(piece)
-            check_inflated_size(total, len(data), max_bytes, max_ratio)
-            pieces.append(piece)
-        inflater.finish()
-        data = b"".join(pieces)
+        try:
+            data = _inflated(data, Inflater(encoding, isal=True), max_bytes, max_ratio)
+        except _IsalError:  # undone again by zlib: what it accepts is accepted, its error told
+            data = _inflated(data, Inflater(encoding), max_bytes, max_ratio)
     return data
+
+
+def _inflated(data: bytes, inflater: Inflater, max_bytes: int, max_ratio: int) -> bytes:
+    pieces: list[bytes] = []
+    total = 0
+    for piece in inflater.feed(data):
+        total += len(piece)
+        check_inflated_size(total, len(data), max_bytes, max_ratio)
+        pieces.append(piece)
+    inflater.finish()
+    return b"".join(pieces)
 
 
 def check_inflated_size(inflated: int, compressed: int, max_bytes: int, max_ratio: int) -> None:
