@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.dlp import decode, load_rules
-from gateway.dlp.coding import DecodeError, inflate
+from gateway.dlp.coding import DecodeError, charset_and_text, inflate
 from gateway.dlp.decode import Limits, decode_body
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
@@ -113,3 +113,12 @@ def test_gzip_by_isal_reads_and_refuses_as_zlib_does():
 def _found_encoded(body: bytes, content_type: str, encoding: str) -> list[tuple[str, str, str | None, str]]:
     result = load_rules(SHIPPED).profile("outbound").scan(body, content_type=content_type, content_encoding=encoding)
     return sorted((f.type, f.value, f.field, f.location) for f in result.findings)
+
+
+def test_undeclared_gbk_is_decoded_once_and_read_alike():
+    """Sniffing tells GB18030 by decoding all of it: that text is the one scanned (coding.charset_and_text)."""
+    text = "姓名,身份证号,手机\n" + f"张三,{ID},１３８００１３８０００\n" * 200
+    assert charset_and_text(text.encode("gbk"), None) == ("gb18030", text)
+    assert charset_and_text(text.encode("gbk"), "gbk") == ("gb18030", None)  # declared: decoded by the caller
+    assert charset_and_text(text.encode(), None) == ("utf-8", None)
+    assert _found(text.encode("gbk"), "text/csv") == _found(text.encode("gbk"), "text/csv; charset=gbk")

@@ -195,35 +195,41 @@ def sniff_charset(data: bytes, complete: bool = True) -> str:
 
     With complete=False `data` is the start of a stream and may end inside a character.
     """
+    return _sniffed(data, complete)[0]
+
+
+def _sniffed(data: bytes, complete: bool) -> tuple[str, str | None]:
+    """sniff_charset, and the text when telling GB18030 took decoding all of it."""
     if data.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
+        return "utf-8-sig", None
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
+        return "utf-16", None
     head = data[:4096]
     if len(head) >= 4:
         even_nuls, odd_nuls = head[0::2].count(0), head[1::2].count(0)
         half = len(head) // 2
         if odd_nuls > 0.3 * half and even_nuls < 0.05 * half:
-            return "utf-16-le"
+            return "utf-16-le", None
         if even_nuls > 0.3 * half and odd_nuls < 0.05 * half:
-            return "utf-16-be"
+            return "utf-16-be", None
     if complete and is_utf8(data):
-        return "utf-8"
+        return "utf-8", None
     for charset in ("gb18030",) if complete else ("utf-8", "gb18030"):
         try:
-            codecs.getincrementaldecoder(charset)().decode(data, final=complete)
-            return charset
+            text = codecs.getincrementaldecoder(charset)().decode(data, final=complete)
+            return charset, text if complete else None
         except UnicodeDecodeError:
             pass
-    return "latin-1"  # binary content: ASCII tokens are still found
+    return "latin-1", None  # binary content: ASCII tokens are still found
 
 
-def text_charset(data: bytes, declared: str | None) -> str:
-    """The charset a whole text is decoded with: the declared one, else sniffed."""
-    charset = resolve_charset(declared) if declared else sniff_charset(data)
+def charset_and_text(data: bytes, declared: str | None) -> tuple[str, str | None]:
+    """The charset a whole text is decoded with (the declared one, else sniffed), and the text when
+    sniffing decoded it already (undeclared GB18030), so that it is decoded once."""
+    charset, text = (resolve_charset(declared), None) if declared else _sniffed(data, True)
     if charset.startswith("utf-16") and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         charset = "utf-16"
-    return charset
+    return charset, text
 
 
 def decode_as(data: bytes, charset: str) -> str:
@@ -235,8 +241,8 @@ def decode_as(data: bytes, charset: str) -> str:
 
 def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:
     """The text and the charset it was decoded with."""
-    charset = text_charset(data, declared)
-    return decode_as(data, charset), charset
+    charset, text = charset_and_text(data, declared)
+    return (decode_as(data, charset) if text is None else text), charset
 
 
 # Containers the decoder opens whatever a body is labelled: zip (local file header, or the end record

@@ -38,11 +38,11 @@ from gateway.dlp.coding import (
     ZIP_MAGIC,
     ZSTD_MAGIC,
     DecodeError,
+    charset_and_text,
     check_inflated_size,
     decode_as,
     inflate,
     is_utf8,
-    text_charset,
     unescape_u,
 )
 from gateway.dlp.embedded import (
@@ -268,7 +268,7 @@ class _Walker:
 
     def text(self, data: bytes, media: str, charset: str | None, location: str) -> None:
         try:
-            used_charset = text_charset(data, charset)
+            used_charset, text = charset_and_text(data, charset)
             # An undeclared charset sniffed as UTF-8 was checked well-formed already; a declared one not yet.
             if used_charset == "utf-8" and media in ("", "text/plain") and (not charset or is_utf8(data)):
                 head = data[:_HEAD_BYTES].decode("utf-8", "ignore")
@@ -279,7 +279,8 @@ class _Walker:
                     and (not charset or is_utf8(data)):  # scanned as received: no str of it is needed
                 self.json_unescaped(data, location)
                 return
-            text = decode_as(data, used_charset)
+            if text is None:
+                text = decode_as(data, used_charset)
         except DecodeError as error:
             self.problem(location, str(error))
             return
