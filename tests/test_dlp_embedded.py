@@ -112,14 +112,23 @@ def _runs_one_by_one(data: bytes) -> list[tuple[int, int]]:
     return runs
 
 
-def test_runs_found_at_once_are_those_found_one_by_one(monkeypatch):
+@pytest.mark.parametrize("numpy_from", [0, 1 << 40])  # numpy for every text, or the regex for every text
+def test_runs_found_at_once_are_those_found_one_by_one(monkeypatch, numpy_from):
     monkeypatch.setattr(embedded, "_RUNS_PIECE", 64)  # many pieces, cut at every place they can be
+    monkeypatch.setattr(embedded, "_NUMPY_RUNS_FROM", numpy_from)
     rng = random.Random(18)
     pieces = [ID, "13800138000", b64(TABLE), base64.encodebytes(TABLE * 3).decode(), "=", "==", "\n", "\r\n", " ",
               ",", '"', "号", "A" * MIN_RUN, "a1" * 9, "9" * 20, "-_", "+/", "Zm9vYmFy"]
     for _ in range(2000):
         data = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))).encode()
         assert list(base64_runs(data)) == _runs_one_by_one(data), data
+
+
+def test_runs_longer_than_16_bits_count_are_told_right():
+    """Letters are counted in 16 bits (by numpy) while every run is short enough; a run of 40,000 is not."""
+    for run, expected in ((b"9" * 30_000 + b"A" * 10_000, False), (b"9" * 19_000 + b"A" * 21_000, True)):
+        data = b"x, " + run + b" ,y"
+        assert (list(base64_runs(data)) == [(3, 40_003)]) is expected == (_runs_one_by_one(data) == [(3, 40_003)])
 
 
 def test_too_deep_nesting_is_uninspectable(rules):

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 import pytest
 
 from gateway.dlp import load_rules
-from gateway.dlp.coding import folded
+from gateway.dlp.fold import folded
 from gateway.dlp.detectors import DETECTORS
 
 GROUPED = ["310104 19800215 4231", "310104-19800215-4231", "310104\u300019800215\u30004231",

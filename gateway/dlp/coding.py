@@ -4,17 +4,15 @@ Every decompressor yields output in bounded pieces, so a small compressed input 
 single call allocate more than PIECE bytes: the caller counts the pieces and stops at its limit.
 """
 
-import bisect
 import codecs
 import functools
 import re
 import threading
 import zlib
-from array import array
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import brotli
+from isal import isal_zlib
 
 try:
     import hyperscan
@@ -29,76 +27,6 @@ except ImportError:
 PIECE = 1 << 20
 
 
-# Full-width forms a value can be written with fold to ASCII: digits and letters, and the separators
-# the detectors read (+ - . @ _ % and parentheses, the ideographic space to a space) where they touch a
-# digit or a letter. Other full-width punctuation (，：；！？＂) and separators elsewhere (an indenting
-# space, parentheses around words) are left as written: they end a token either way, and folding them
-# would copy every Chinese text (a full-width quote or comma would even look like JSON or CSV structure).
-_FOLDED_FORMS = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ" \
-    "＋－．＠＿％（）\u3000"
-_FOLDS = {form.encode(): (" " if form == "\u3000" else chr(ord(form) - 0xFEE0)).encode() for form in _FOLDED_FORMS}
-assert all(len(form) == 3 for form in _FOLDS)  # each fold takes 2 bytes out (see Folded.unfolded)
-_ALNUM = rb"[0-9A-Za-z]"
-_FULL_WIDTH_ALNUM = rb"(?:\xef\xbc[\x90-\x99\xa1-\xba]|\xef\xbd[\x81-\x9a])"
-_SEPARATOR = rb"(?:\xef\xbc[\x85\x88\x89\x8b\x8d\x8e\xa0\xbf]|\xe3\x80\x80)"  # ＋－．＠＿％（） and U+3000
-assert len(re.findall(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR, _FOLDED_FORMS.encode())) == len(_FOLDS)
-# For Hyperscan (no lookarounds): each pattern with how far before its end the character to fold starts.
-_FOLD_PATTERNS = ((_FULL_WIDTH_ALNUM, 3), (_SEPARATOR + _ALNUM, 4), (_SEPARATOR + _FULL_WIDTH_ALNUM, 6),
-                  (_ALNUM + _SEPARATOR, 3), (_FULL_WIDTH_ALNUM + _SEPARATOR, 3))
-# For Python's re, every alternative starts with a separator's or a full-width form's first byte (a
-# lookbehind first would make it try every position): 10x quicker.
-_FOLDABLE = re.compile(_FULL_WIDTH_ALNUM + b"|" + _SEPARATOR + b"(?:(?=" + _ALNUM + b"|" + _FULL_WIDTH_ALNUM
-                       + b")|(?<=" + _ALNUM + b"...)|(?<=" + _FULL_WIDTH_ALNUM + b"...))")
-
-
-@dataclass(frozen=True)
-class Folded:
-    """A UTF-8 text with its full-width forms folded, and where each folded character is in it."""
-    data: bytes
-    positions: Sequence[int]  # offsets in `data` of the folded characters, rising
-
-    def unfolded(self, offset: int) -> int:
-        """The offset in the text as written of an offset in the folded data."""
-        return offset + 2 * bisect.bisect_left(self.positions, offset)
-
-
-def fold(data: bytes) -> Folded | None:
-    """UTF-8 text as the matcher reads it (see _FOLDED_FORMS); None when nothing in it needs folding,
-    the usual case, which costs a search and no copy."""
-    if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr first: most texts have neither
-        return None
-    if hyperscan is None or len(data) < _HYPERSCAN_FROM:
-        starts = [match.start() for match in _FOLDABLE.finditer(data)]
-    else:
-        found: list[tuple[int, int]] = []
-        _fold_database().scan(data, match_event_handler=_note_fold, context=found, scratch=_scratch(_fold_database()))
-        starts = sorted({end - _FOLD_PATTERNS[pattern][1] for pattern, end in found})  # a separator between
-    if not starts:                                                                   # two digits: found twice
-        return None
-    parts: list[bytes] = [b""] * (2 * len(starts) + 1)  # text, folded form, text, ..., text
-    parts[0::2] = [data[begin:end] for begin, end in zip([0, *(start + 3 for start in starts)], [*starts, len(data)])]
-    parts[1::2] = [_FOLDS[data[start:start + 3]] for start in starts]
-    return Folded(b"".join(parts), array("q", (start - 2 * index for index, start in enumerate(starts))))
-
-
-def folded(data: bytes) -> bytes:
-    """`data` folded, or itself when nothing in it needs folding."""
-    found = fold(data)
-    return data if found is None else found.data
-
-
-@functools.cache
-def _fold_database():
-    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[pattern for pattern, _ in _FOLD_PATTERNS], ids=list(range(len(_FOLD_PATTERNS))),
-                     elements=len(_FOLD_PATTERNS), flags=[0] * len(_FOLD_PATTERNS))
-    return database
-
-
-def _note_fold(pattern: int, start: int, end: int, flags: int, found: list[tuple[int, int]]) -> None:
-    found.append((pattern, end))
-
-
 _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
@@ -110,13 +38,19 @@ class DecodeError(ValueError):
     """Content that cannot be decoded; the message says why (it becomes an `uninspectable` finding)."""
 
 
+class _IsalError(DecodeError):
+    """A gzip member ISA-L could not decompress: told again as zlib tells it."""
+
+
 class Inflater:
-    """Incremental decoder for one Content-Encoding token."""
+    """Incremental decoder for one Content-Encoding token; `isal`: gzip members are decompressed by
+    ISA-L (about 3x quicker than zlib), which raises _IsalError where zlib would raise DecodeError."""
 
     SUPPORTED = ("gzip", "x-gzip", "deflate", "br", "zstd", "identity")
 
-    def __init__(self, encoding: str):
+    def __init__(self, encoding: str, isal: bool = False):
         self.encoding = encoding.strip().lower()
+        self._isal = isal and self.encoding in ("gzip", "x-gzip")
         if self.encoding not in self.SUPPORTED:
             raise DecodeError(f"unsupported content-encoding {encoding!r}")
         self._zlib = None
@@ -138,6 +72,8 @@ class Inflater:
                 yield from self._feed_zlib(data)
         except (zlib.error, brotli.error, zstd.ZstdError) as error:
             raise DecodeError(f"corrupt {self.encoding} data: {error}") from None
+        except isal_zlib.error as error:
+            raise _IsalError(f"corrupt {self.encoding} data: {error}") from None
 
     def finish(self) -> None:
         """Raise if the compressed stream ended before its end marker."""
@@ -155,7 +91,9 @@ class Inflater:
             if self._zlib is None or (self._zlib.eof and self.encoding != "deflate"):
                 if self._zlib is not None and self._zlib.eof and not data.strip(b"\0"):
                     return  # gzip trailer padding
-                self._zlib = zlib.decompressobj(self._wbits(data))
+                # ISA-L ignores a gzip header's reserved flags, which zlib refuses
+                library = isal_zlib if self._isal and len(data) > 3 and not data[3] & 0xE0 else zlib
+                self._zlib = library.decompressobj(self._wbits(data))
             elif self._zlib.eof:
                 raise DecodeError("data after the end of the deflate stream")
             output = self._zlib.decompress(data, PIECE)
@@ -213,16 +151,22 @@ def content_encodings(header: str | None) -> list[str]:
 def inflate(data: bytes, header: str | None, max_bytes: int, max_ratio: int) -> bytes:
     """Undo every Content-Encoding of `data` within the size and ratio limits."""
     for encoding in content_encodings(header):
-        inflater = Inflater(encoding)
-        pieces: list[bytes] = []
-        total = 0
-        for piece in inflater.feed(data):
-            total += len(piece)
-            check_inflated_size(total, len(data), max_bytes, max_ratio)
-            pieces.append(piece)
-        inflater.finish()
-        data = b"".join(pieces)
+        try:
+            data = _inflated(data, Inflater(encoding, isal=True), max_bytes, max_ratio)
+        except _IsalError:  # undone again by zlib: what it accepts is accepted, its error told
+            data = _inflated(data, Inflater(encoding), max_bytes, max_ratio)
     return data
+
+
+def _inflated(data: bytes, inflater: Inflater, max_bytes: int, max_ratio: int) -> bytes:
+    pieces: list[bytes] = []
+    total = 0
+    for piece in inflater.feed(data):
+        total += len(piece)
+        check_inflated_size(total, len(data), max_bytes, max_ratio)
+        pieces.append(piece)
+    inflater.finish()
+    return b"".join(pieces)
 
 
 def check_inflated_size(inflated: int, compressed: int, max_bytes: int, max_ratio: int) -> None:
@@ -251,35 +195,41 @@ def sniff_charset(data: bytes, complete: bool = True) -> str:
 
     With complete=False `data` is the start of a stream and may end inside a character.
     """
+    return _sniffed(data, complete)[0]
+
+
+def _sniffed(data: bytes, complete: bool) -> tuple[str, str | None]:
+    """sniff_charset, and the text when telling GB18030 took decoding all of it."""
     if data.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
+        return "utf-8-sig", None
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
+        return "utf-16", None
     head = data[:4096]
     if len(head) >= 4:
         even_nuls, odd_nuls = head[0::2].count(0), head[1::2].count(0)
         half = len(head) // 2
         if odd_nuls > 0.3 * half and even_nuls < 0.05 * half:
-            return "utf-16-le"
+            return "utf-16-le", None
         if even_nuls > 0.3 * half and odd_nuls < 0.05 * half:
-            return "utf-16-be"
+            return "utf-16-be", None
     if complete and is_utf8(data):
-        return "utf-8"
+        return "utf-8", None
     for charset in ("gb18030",) if complete else ("utf-8", "gb18030"):
         try:
-            codecs.getincrementaldecoder(charset)().decode(data, final=complete)
-            return charset
+            text = codecs.getincrementaldecoder(charset)().decode(data, final=complete)
+            return charset, text if complete else None
         except UnicodeDecodeError:
             pass
-    return "latin-1"  # binary content: ASCII tokens are still found
+    return "latin-1", None  # binary content: ASCII tokens are still found
 
 
-def text_charset(data: bytes, declared: str | None) -> str:
-    """The charset a whole text is decoded with: the declared one, else sniffed."""
-    charset = resolve_charset(declared) if declared else sniff_charset(data)
+def charset_and_text(data: bytes, declared: str | None) -> tuple[str, str | None]:
+    """The charset a whole text is decoded with (the declared one, else sniffed), and the text when
+    sniffing decoded it already (undeclared GB18030), so that it is decoded once."""
+    charset, text = (resolve_charset(declared), None) if declared else _sniffed(data, True)
     if charset.startswith("utf-16") and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         charset = "utf-16"
-    return charset
+    return charset, text
 
 
 def decode_as(data: bytes, charset: str) -> str:
@@ -291,8 +241,8 @@ def decode_as(data: bytes, charset: str) -> str:
 
 def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:
     """The text and the charset it was decoded with."""
-    charset = text_charset(data, declared)
-    return decode_as(data, charset), charset
+    charset, text = charset_and_text(data, declared)
+    return (decode_as(data, charset) if text is None else text), charset
 
 
 # Containers the decoder opens whatever a body is labelled: zip (local file header, or the end record

@@ -19,7 +19,7 @@ import numpy as np
 
 from gateway.dlp import batch
 from gateway.dlp.budget import check_deadline
-from gateway.dlp.coding import DecodeError, folded
+from gateway.dlp.coding import DecodeError
 from gateway.dlp.decode import (
     Decoded,
     Limits,
@@ -37,6 +37,7 @@ from gateway.dlp.embedded import (
     EncodedContent,
     encoded_contents,
 )
+from gateway.dlp.fold import folded
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
 from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.rules import (

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from gateway.dlp.coding import folded
+from gateway.dlp.fold import folded
 from gateway.dlp.detectors import DETECTORS, MAX_TOKEN_BYTES
 from gateway.dlp.matcher import PatternSpec, compile_re
 from gateway.dlp.validators import Steps

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, fold, is_utf8, resolve_charset, sniff_charset,
+    GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, is_utf8, resolve_charset, sniff_charset,
     unescape_u,
 )
 from gateway.dlp.decode import (
@@ -40,6 +40,7 @@ from gateway.dlp.embedded import (
     token_end,
     unquote_text,
 )
+from gateway.dlp.fold import fold
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16

@@ -1,0 +1,124 @@
+"""Decoding's fast paths find what the slow paths find: JSON without backslash escapes is scanned as
+received (no str of it, no parse) and its keys found by numpy (decode._json_keys); texts with an escape,
+in another charset or labelled otherwise take the slow paths; gzip is undone by ISA-L, and what it
+cannot read is undone (or refused) by zlib."""
+
+import gzip
+import json
+import random
+import re
+import zlib
+from pathlib import Path
+
+import pytest
+
+from gateway.dlp import decode, load_rules
+from gateway.dlp.coding import DecodeError, charset_and_text, inflate
+from gateway.dlp.decode import Limits, decode_body
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
+ID = "11010519491231002X"  # valid check character
+MOBILE = "13800138000"
+
+
+def _keys_by_splitting(text: str) -> dict[str, None]:
+    """The keys as the parse-free reading defines them: at each '":' (a regex when spaces may come
+    before the colon)."""
+    if re.search(r'"\s+:', text):
+        return dict.fromkeys(re.findall(r'"([^"]*)"\s*:', text))
+    return dict.fromkeys(piece[piece.rfind('"') + 1:] for piece in text.split('":')[:-1])
+
+
+def test_spaces_are_those_str_regexes_match():
+    assert set(decode._SPACES) == {chr(c) for c in range(0x110000) if re.match(r"\s", chr(c))}
+
+
+def test_json_keys_as_splitting_finds_them():
+    rng = random.Random(18)
+    keys = ["xm", "sfzh", "身份证号", "", "k" * 15, "k" * 16, "k" * 17, "a" * 40 + "身", "x\u3000", "\x00"]
+    pieces = ['"', '":', '" :', '"\u3000:', '"\n:', ",", "{", "}", "[", "]", "值", " ", ":", "1"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces + [f'"{rng.choice(keys)}":'] * 4) for _ in range(rng.randint(0, 60)))
+        assert list(decode._json_keys(text.encode())) == list(_keys_by_splitting(text)), text
+    records = [{rng.choice(keys[:-1]): i, "sfzh": ID} for i in range(3000)]  # many keys, several sorts
+    for text in (json.dumps(records, ensure_ascii=False), json.dumps(records, ensure_ascii=False, indent=1)):
+        assert list(decode._json_keys(text.encode())) == list(_keys_by_splitting(text)) \
+            == list(dict.fromkeys(key for record in records for key in record))
+
+
+def _found(body: bytes, content_type: str) -> list[tuple[str, str, str | None, str]]:
+    result = load_rules(SHIPPED).profile("outbound").scan(body, content_type=content_type)
+    return sorted((f.type, f.value, f.field, f.location) for f in result.findings)
+
+
+def test_unescaped_json_is_read_as_the_parsed_one():
+    records = [{"姓名": "张三", "sfzh": ID, "备注": f"手机：{MOBILE}，证件（{ID}）"} for _ in range(50)]
+    unescaped = json.dumps(records, ensure_ascii=False).encode()
+    escaped = json.dumps(records).encode()  # \u escapes everywhere: parsed, value by value
+    decoded = decode_body(unescaped, "application/json", None, Limits())
+    assert len(decoded.segments) == 1 and decode._as_written(decoded.segments[0]) == unescaped  # as received
+    parsed = decode_body(escaped, "application/json", None, Limits())
+    assert [name for _, name in decoded.fields] == [name for _, name in parsed.fields] == ["姓名", "sfzh", "备注"]
+    found, parsed_found = _found(unescaped, "application/json"), _found(escaped, "application/json")
+    assert [f[:3] for f in found] == [f[:3] for f in parsed_found]  # a key's location is told differently
+    assert [f for f in found if f[0] != "id_card_field"] == [f for f in parsed_found if f[0] != "id_card_field"]
+    assert ("cn_id_card", ID, "sfzh", "body:$[49].sfzh") in found
+    assert ("cn_mobile", MOBILE, "备注", "body:$[0].备注") in found
+    assert sum(kind == "id_card_field" for kind, *_ in found) == 1  # the key "sfzh", once
+
+
+def test_escaped_ids_and_full_width_digits_in_json_are_found():
+    hidden = "".join(f"\\u{ord(c):04x}" for c in ID)
+    body = ('[{"a": "' + hidden + '"}, {"b": "' + "".join(chr(ord(c) + 0xFEE0) for c in ID) + '"}]').encode()
+    found = _found(body, "application/json")
+    assert [(kind, field) for kind, _, field, _ in found if kind == "cn_id_card"] == [("cn_id_card", "a"),
+                                                                                     ("cn_id_card", "b")]
+    padded = json.dumps([{"b": "说明，" * 2000 + "１３８００１３８０００"}], ensure_ascii=False).encode()  # numpy folds it
+    assert ("cn_mobile", "１３８００１３８０００", "b", "body:$[0].b") in _found(padded, "application/json")
+
+
+def test_json_in_another_charset_or_badly_encoded():
+    records = [{"sfzh": ID, "住址": "北京市（朝阳区）"}] * 20
+    text = json.dumps(records, ensure_ascii=False)
+    assert _found(text.encode("gbk"), "application/json; charset=gbk") == _found(text.encode(), "application/json")
+    bad = text.encode()[:-3] + b"\xff]"
+    assert [kind for kind, *_ in _found(bad, "application/json; charset=utf-8")] == ["uninspectable"]
+
+
+def test_gbk_csv_with_an_id_number():
+    body = ("姓名,身份证号,手机\n" + f"张三,{ID},１３８００１３８０００\n" * 200).encode("gbk")
+    found = _found(body, "text/csv; charset=gbk")
+    assert ("cn_id_card", ID, "身份证号", "body:csv row 201 column 身份证号") in found
+    assert ("cn_mobile", "１３８００１３８０００", "手机", "body:csv row 2 column 手机") in found
+
+
+def test_gzip_by_isal_reads_and_refuses_as_zlib_does():
+    """gzip Content-Encoding is undone by ISA-L (coding.inflate); what zlib refuses is refused with
+    zlib's words, a member with reserved header flags included (ISA-L would read it)."""
+    text = ("姓名,身份证号\n" + f"张三,{ID}\n" * 2000).encode()
+    members = gzip.compress(text[:5000]) + gzip.compress(text[5000:])
+    assert inflate(members, "gzip", 1 << 30, 1000) == text == gzip.decompress(members)
+    flagged = bytearray(gzip.compress(text))
+    flagged[3] |= 0x20
+    corrupt = gzip.compress(text)[:40] + b"\xff" * 40 + gzip.compress(text)[80:]
+    for bad in (bytes(flagged), corrupt):
+        with pytest.raises(zlib.error) as by_zlib:
+            zlib.decompressobj(31).decompress(bad)
+        with pytest.raises(DecodeError, match=re.escape(f"corrupt gzip data: {by_zlib.value}")):
+            inflate(bad, "gzip", 1 << 30, 1000)
+    assert ("cn_id_card", ID, "身份证号", "body:csv row 1000 column 身份证号") in \
+        _found_encoded(members, "text/csv; charset=utf-8", "gzip")
+
+
+def _found_encoded(body: bytes, content_type: str, encoding: str) -> list[tuple[str, str, str | None, str]]:
+    result = load_rules(SHIPPED).profile("outbound").scan(body, content_type=content_type, content_encoding=encoding)
+    return sorted((f.type, f.value, f.field, f.location) for f in result.findings)
+
+
+def test_undeclared_gbk_is_decoded_once_and_read_alike():
+    """Sniffing tells GB18030 by decoding all of it: that text is the one scanned (coding.charset_and_text)."""
+    text = "姓名,身份证号,手机\n" + f"张三,{ID},１３８００１３８０００\n" * 200
+    assert charset_and_text(text.encode("gbk"), None) == ("gb18030", text)
+    assert charset_and_text(text.encode("gbk"), "gbk") == ("gb18030", None)  # declared: decoded by the caller
+    assert charset_and_text(text.encode(), None) == ("utf-8", None)
+    assert _found(text.encode("gbk"), "text/csv") == _found(text.encode("gbk"), "text/csv; charset=gbk")
