@@ -178,7 +178,11 @@ def test_id_number_in_the_tls_sni_is_refused_before_any_upstream_connection(dns_
 
 
 def _gateway(dns_namespace) -> Process:
-    return next(p for p in Process.started_processes if p.argv[1:4] == ["-m", "gateway", "run"])
+    """This module's gateway (the test process may have started others before it: pytest-xdist runs
+    several modules in one process)."""
+    config_path = str(dns_namespace[2] / "gateway.yaml")
+    return next(p for p in Process.started_processes
+                if p.argv[1:4] == ["-m", "gateway", "run"] and config_path in p.argv)
 
 
 # Real-looking host names with digits in their labels: none may be taken for a sensitive value.
