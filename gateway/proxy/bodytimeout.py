@@ -72,11 +72,15 @@ class _Watch:
     def __init__(self) -> None:
         self.streams: list[HttpStream] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, stream: HttpStream) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a new engine's loop (tests run several): the old one's streams are gone
+            self.streams, self.timer, self.loop = [], None, loop
         self.streams.append(stream)
         if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self.look)
+            self.timer = loop.call_later(WATCH_INTERVAL, self.look)
 
     def look(self) -> None:
         """Forget the streams whose body is whole (or cut); wake those past their timeout."""
@@ -91,7 +95,7 @@ class _Watch:
                 _wake(stream)
         self.streams = waiting
         if waiting:
-            self.timer = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self.look)
+            self.timer = self.loop.call_later(WATCH_INTERVAL, self.look)
 
 
 _WATCH = _Watch()

@@ -25,7 +25,10 @@ class LoopDeadlines:
         """`fut` fails with TimeoutError if it is not done within `timeout` seconds."""
         loop = fut.get_loop()
         deadline = loop.time() + timeout
-        self._watched.append((deadline, fut))
+        watched = self._watched
+        while watched and watched[0][1].done():  # records are answered in order: forget those answered
+            watched.popleft()
+        watched.append((deadline, fut))
         if self._timer is None or deadline < self._timer.when():  # an earlier one (a reload shortened it)
             if self._timer is not None:
                 self._timer.cancel()
