@@ -419,6 +419,14 @@ def test_a_crash_while_the_rotated_journal_is_renamed_keeps_every_acknowledged_r
     assert verify_log(tmp_path / "log", parse_vkey((tmp_path / "key.pub").read_text())).ok
 
 
+def commit_held_until(released: threading.Event, commit):
+    """A hung disk, as the in-process log sees it: its commit does not return until `released`."""
+    def hung_commit(entries):
+        released.wait(10)
+        return commit(entries)
+    return hung_commit
+
+
 def test_stalled_for_measures_a_commit_that_does_not_return(tmp_path):
     """A hung disk, as the in-process log sees it: its commit does not return (here: held on an event).
     `stalled_for` grows meanwhile (the record stage refuses at once past trace.append_timeout), and is 0
@@ -426,12 +434,7 @@ def test_stalled_for_measures_a_commit_that_does_not_return(tmp_path):
     with open_log(tmp_path) as log:
         store = log._committer.store
         released, commit = threading.Event(), store.commit
-
-        def hung_commit(entries):
-            released.wait(10)
-            return commit(entries)
-
-        store.commit = hung_commit
+        store.commit = commit_held_until(released, commit)
         assert log.stalled_for == 0.0
         done: list[int] = []
         thread = threading.Thread(target=lambda: done.append(log.append_sync({"n": 1})))
@@ -441,3 +444,34 @@ def test_stalled_for_measures_a_commit_that_does_not_return(tmp_path):
         released.set()
         thread.join(10)
         assert done == [0] and log.stalled_for == 0.0
+
+
+def test_append_timeouts_fail_only_the_late_records_which_are_written_all_the_same(tmp_path):
+    """`append(timeout=...)` (the record stage's trace.append_timeout), timed by one timer per loop: with
+    the commit hung, a record past its timeout fails with TimeoutError at its deadline, whatever longer
+    deadline was set before it (a reload may shorten the timeout), while one with a longer timeout waits
+    on; once the commit returns, every record is durable, the timed-out ones too, and records answered
+    in time get their leaves."""
+    with open_log(tmp_path) as log:
+        store = log._committer.store
+        released, commit = threading.Event(), store.commit
+        hung_commit = commit_held_until(released, commit)
+
+        async def scenario():
+            assert await log.append({"id": "before"}, timeout=5) == 0
+            store.commit = hung_commit
+            patient = asyncio.ensure_future(log.append({"id": "patient"}, timeout=30))
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await log.append({"id": "late"}, timeout=0.3)
+            waited = time.monotonic() - started
+            assert 0.3 <= waited < 2, waited
+            assert not patient.done()
+            released.set()
+            assert await patient == 1
+            store.commit = commit
+            assert await log.append({"id": "after"}, timeout=5) == 3
+
+        asyncio.run(scenario())
+    assert ids_in_log(tmp_path) == {0: "before", 1: "patient", 2: "late", 3: "after"}

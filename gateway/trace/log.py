@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from gateway.trace.deadlines import LoopDeadlines
 from gateway.trace.note import SIG_ED25519, NoteError, load_or_create_signer
 from gateway.trace.store import ROTATE_BUNDLES, LogStore, TraceError
 from gateway.trace.tiles import MAX_ENTRY
@@ -305,6 +306,7 @@ class TraceLog:
     def __init__(self, committer: GroupCommitter, pusher: WitnessPusher | None = None) -> None:
         self._committer = committer
         self._pusher = pusher
+        self._deadlines: dict[asyncio.AbstractEventLoop, LoopDeadlines] = {}
         self._closed = False
 
     @classmethod
@@ -327,13 +329,16 @@ class TraceLog:
     def _store(self) -> LogStore:
         return self._committer.store  # replaced when a failed log is opened again
 
-    async def append(self, record: dict[str, Any], retry: bool = False) -> int:
-        """Leaf index of `record`, returned once it and a checkpoint covering it are durable.
+    async def append(self, record: dict[str, Any], retry: bool = False, timeout: float | None = None) -> int:
+        """Leaf index of `record`, returned once it and a checkpoint covering it are durable; TimeoutError
+        past `timeout` seconds (the record stays queued, and may still be written).
         (`retry` is for RemoteTraceLog's API: a log that failed in this process stays failed.)"""
         entry = encode_record(record)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._committer.submit_from_loop(loop, entry, fut)
+        if timeout is not None:
+            self._deadlines.setdefault(loop, LoopDeadlines()).watch(fut, timeout)
         return await fut
 
     def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float | None = None) -> int:

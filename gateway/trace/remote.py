@@ -54,6 +54,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from gateway.trace.deadlines import LoopDeadlines
 from gateway.trace.log import (
     Waiter,
     answer_waiters,
@@ -328,6 +329,7 @@ class RemoteTraceLog:
         # Records waiting for a writer that went away, to be sent again (RETRY_WINDOW): (deadline, burst).
         self._held: deque[tuple[float, Sent]] = deque()
         self._bursts: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future], list[bool]]] = {}
+        self._deadlines: dict[asyncio.AbstractEventLoop, LoopDeadlines] = {}
         self._failure: TraceError | None = TraceError("trace writer not connected yet")
         self._connected = threading.Event()
         self._closed = False
@@ -348,8 +350,9 @@ class RemoteTraceLog:
 
     # TraceLog's API.
 
-    async def append(self, record: dict[str, Any], retry: bool = False) -> int:
-        """Leaf index of `record`, once the writer has made it and a checkpoint covering it durable.
+    async def append(self, record: dict[str, Any], retry: bool = False, timeout: float | None = None) -> int:
+        """Leaf index of `record`, once the writer has made it and a checkpoint covering it durable;
+        TimeoutError past `timeout` seconds (the record stays with the writer, and may still be written).
         While the writer is away this raises TraceError at once, unless `retry`: then the record
         waits for the writer to be back (up to RETRY_WINDOW)."""
         entry = self._encode(record)
@@ -364,6 +367,8 @@ class RemoteTraceLog:
         burst[0].append(entry)
         burst[1].append(fut)
         burst[2].append(retry)
+        if timeout is not None:
+            self._deadlines.setdefault(loop, LoopDeadlines()).watch(fut, timeout)
         return await fut
 
     def append_sync(self, record: dict[str, Any], retry: bool = False, timeout: float = SYNC_APPEND_TIMEOUT) -> int:
