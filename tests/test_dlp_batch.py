@@ -183,6 +183,15 @@ def _export(count: int, *, repeats: bool, full_width: bool, extras: bool) -> lis
     return records
 
 
+def _body(records: list[dict], as_csv: bool) -> tuple[bytes, str]:
+    """The records as a CSV export (a column per key seen) or a JSON array, and its content type."""
+    if as_csv:
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
+        return body.encode(), "text/csv"
+    return json.dumps(records, ensure_ascii=False).encode(), "application/json"
+
+
 RULES = f"""
 rules:
   - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["11010519491231002X"]}}}}
@@ -205,12 +214,7 @@ def test_rules_over_columns_say_what_they_say_over_detection_objects(tmp_path, c
                                                                      as_csv):
     records = _export(count, repeats=repeats, full_width=full_width, extras=extras)
     (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", records[1]["sfzh"]))
-    if as_csv:
-        columns = list(dict.fromkeys(key for record in records for key in record))
-        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
-        body, content_type = body.encode(), "text/csv"
-    else:
-        body, content_type = json.dumps(records, ensure_ascii=False).encode(), "application/json"
+    body, content_type = _body(records, as_csv)
     for name in ("small", "wide"):
         profile = load_rules(tmp_path / "r.yaml").profile(name)
         decoded = decode_body(body, content_type, None, profile.limits)
@@ -262,12 +266,7 @@ def test_kept_findings_from_columns_are_those_made_finding_by_finding(tmp_path, 
     for record in records[::5]:  # an ID number under a key that is a mobile number: a masked location
         record[record["sjhm"]] = record["sfzh"]
     (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", "none"))
-    if as_csv:
-        columns = list(dict.fromkeys(key for record in records for key in record))
-        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
-        body, content_type = body.encode(), "text/csv"
-    else:
-        body, content_type = json.dumps(records, ensure_ascii=False).encode(), "application/json"
+    body, content_type = _body(records, as_csv)
     profile = load_rules(tmp_path / "r.yaml").profile("wide")
     detections, problems = profile.detect_all(decode_body(body, content_type, None, profile.limits), "body")
     assert detections.bulk > 600  # the columns were used

@@ -3,8 +3,9 @@
 A JSON or CSV export has an ID number and a mobile number in every record: tens of thousands of
 detections in one text, of which a scan shows a thousand at most and counts the rest. Those of one
 text are held as columns (start, end, offset as written, detector); the rules select, count and
-digest them as arrays, and a Detection (a value decoded, a location worked out) is made only for a
-row that is shown or that a rule must read one by one. Detections from elsewhere (field names, a
+digest them as arrays; the rows shown (the findings a scan keeps) are read a column at a time
+(shown()), and a Detection (a value decoded, a location worked out) is made only for a row that a
+rule must read one by one. Detections from elsewhere (field names, a
 stream's windows, several texts) are Detection objects, held after the columns.
 """
 
