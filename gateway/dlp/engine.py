@@ -528,28 +528,26 @@ class _Findings:
             self.kept += self.findings(rule, rows)
 
     def findings(self, rule: Rule, rows: list[int]) -> list[Finding]:
-        """The findings of `rule` at the rows (in text order): those of the columns made a column at
-        a time (a bulk export keeps a thousand), the others from their Detection."""
+        """The findings of `rule` at the rows (rising, as rules select them: the columns' rows
+        first): those of the columns made a column at a time (a bulk export keeps a thousand), the
+        others from their Detection."""
         detections = self.detections
         bulk = rows[:bisect.bisect_left(rows, detections.bulk)]
         listed = detections.rows(rows[len(bulk):])
         self.locate_all(rows[len(bulk):], listed)
         types, values, masks, written = detections.shown(bulk) if bulk else ([], [], [], [])
+        places = []
         if bulk:
             c = detections.columns
             missing = [row for row in bulk if row not in self._located]
             if missing:
-                at = c.written[np.array(missing, dtype=np.int64)].tolist()
-                self._located.update(zip(missing, c.segment.at_many(at, c.base)))
+                self._located.update(zip(missing, c.segment.at_many(c.written[missing].tolist(), c.base)))
             places = [(c.segment.location, c.base + offset) for offset in written]
-            confident = self._confidences
-        else:
-            places = []
-        located = [self._located[row] for row in bulk] + [self.located(row, d) for row, d in zip(rows[len(bulk):], listed)]
+        located = [self.located(row) for row in rows]  # each located above (or a field name's, fixed)
         locations = self.masked.many([location for location, _ in located])
         fields = self.masked.many([field_name for _, field_name in located])
-        confidences = [confident.get((name, field_name)) or self._confident(name, field_name)
-                       for name, (_, field_name) in zip(types, located)] if bulk else []
+        confidences = [self._confidences.get((name, field_name)) or self._confident(name, field_name)
+                       for name, (_, field_name) in zip(types, located)]  # the columns' rows
         for d, (_, field_name) in zip(listed, located[len(bulk):]):
             types.append(d.type)
             values.append(d.value)
@@ -562,11 +560,8 @@ class _Findings:
 
     def _confident(self, detector: str, field_name: str | None) -> str:
         """Detection.confidence of a detector's detection in a field (worked out once per pair)."""
-        key = (detector, field_name)
-        confidence = self._confidences.get(key)
-        if confidence is None:
-            confidence = self._confidences[key] = Detection("detector", detector, detector, "", "", None, 0) \
-                .confidence(field_name)
+        confidence = self._confidences[(detector, field_name)] = \
+            Detection("detector", detector, detector, "", "", None, 0).confidence(field_name)
         return confidence
 
 
