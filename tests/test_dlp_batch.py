@@ -290,3 +290,16 @@ def test_kept_findings_from_columns_are_those_made_finding_by_finding(tmp_path, 
             made = dataclasses.replace(made, location=one_by_one.location, field=one_by_one.field)
         assert made == one_by_one
     assert {f.confidence for f in kept} == {"high", "normal"} and any(f.masked != f.value for f in kept)
+
+
+def test_kept_findings_of_columns_at_a_base_offset_are_placed_as_their_detections(tmp_path):
+    """Columns of a text at an offset in a body (a stream's window) place their findings there."""
+    (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", "none"))
+    profile = load_rules(tmp_path / "r.yaml").profile("wide")
+    body, content_type = _body(_export(60, repeats=False, full_width=False, extras=False), as_csv=False)
+    detections, problems = profile.detect_all(decode_body(body, content_type, None, profile.limits), "body")
+    shifted = Detections(detections.listed, detections.columns._replace(base=100_000))
+    result = profile.apply_rules(shifted, problems, "request", None)
+    places = {f.place for f in result.findings if f.type != "field_name"}
+    assert places == {d.place() for d in shifted if d.kind == "detector"}
+    assert len(places) == 120 and min(offset for _, offset in places) >= 100_000
