@@ -6,6 +6,7 @@ by one (gateway/dlp/detections.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from datetime import date
@@ -16,7 +17,8 @@ import pytest
 from gateway.dlp import batch, decode, load_rules
 from gateway.dlp.decode import decode_body
 from gateway.dlp.detections import Detections
-from gateway.dlp.detectors import DETECTORS
+from gateway.dlp.detectors import DETECTORS, masks_of
+from gateway.dlp.engine import Finding, made_findings
 from gateway.dlp.validators import USCC_CHARS, id_card_check_char, luhn_valid, org_code_check_char, uscc_check_char
 
 RNG = random.Random(1118)
@@ -181,6 +183,15 @@ def _export(count: int, *, repeats: bool, full_width: bool, extras: bool) -> lis
     return records
 
 
+def _body(records: list[dict], as_csv: bool) -> tuple[bytes, str]:
+    """The records as a CSV export (a column per key seen) or a JSON array, and its content type."""
+    if as_csv:
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
+        return body.encode(), "text/csv"
+    return json.dumps(records, ensure_ascii=False).encode(), "application/json"
+
+
 RULES = f"""
 rules:
   - {{id: ids, detectors: [cn_id_card], action: block, examples: {{match: ["11010519491231002X"]}}}}
@@ -203,12 +214,7 @@ def test_rules_over_columns_say_what_they_say_over_detection_objects(tmp_path, c
                                                                      as_csv):
     records = _export(count, repeats=repeats, full_width=full_width, extras=extras)
     (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", records[1]["sfzh"]))
-    if as_csv:
-        columns = list(dict.fromkeys(key for record in records for key in record))
-        body = "\n".join([",".join(columns)] + [",".join(record.get(c, "") for c in columns) for record in records])
-        body, content_type = body.encode(), "text/csv"
-    else:
-        body, content_type = json.dumps(records, ensure_ascii=False).encode(), "application/json"
+    body, content_type = _body(records, as_csv)
     for name in ("small", "wide"):
         profile = load_rules(tmp_path / "r.yaml").profile(name)
         decoded = decode_body(body, content_type, None, profile.limits)
@@ -228,3 +234,72 @@ def test_rules_over_columns_say_what_they_say_over_detection_objects(tmp_path, c
             assert not detections.distinct() and len(set(detections.values())) < len(detections)
         else:
             assert detections.distinct()
+
+
+def test_masks_made_a_length_at_a_time_are_each_tokens_own_mask():
+    """masks_of() masks the ASCII-digit tokens of one length like the first: what each detector's mask says."""
+    rng = random.Random(18)
+    tokens = ["".join(rng.choice("0123456789") for _ in range(length)) for length in range(0, 24) for _ in range(5)]
+    tokens += ["11010519491231002X", "110105 19491231 0021", "138-0013-8000", "+86 13800138000", "１３８００１３８０００",
+               "a@b.cn", "10.1.2.3", "京A12345", "(010)12345678", "E12345678", "91350100M000100Y43", ""]
+    for detector in DETECTORS.values():
+        shuffled = rng.sample(tokens, len(tokens))
+        assert masks_of(detector, shuffled) == [detector.mask(token) for token in shuffled], detector.name
+
+
+def test_findings_made_a_field_at_a_time_are_those_made_one_by_one():
+    rows = [("r", "cn_id_card", "block", "high", f"body:$[{i}].sfzh", "1101**", str(i), "sfzh" if i % 2 else None,
+             "normal" if i % 3 else "high", ("body", i)) for i in range(50)]
+    names = list(Finding.__dataclass_fields__)
+    made = made_findings(len(rows), **{name: [row[i] for row in rows] for i, name in enumerate(names)})
+    assert made == [Finding(*row) for row in rows]
+    assert [hash(f) for f in made] == [hash(Finding(*row)) for row in rows]
+    with pytest.raises(AssertionError):  # every field is given
+        made_findings(1, rule=["r"])
+
+
+@pytest.mark.parametrize("as_csv", [False, True])
+def test_kept_findings_from_columns_are_those_made_finding_by_finding(tmp_path, as_csv):
+    """The findings a scan keeps of a bulk export (made as columns) are what each detection says of
+    itself: its location replayed on its own (not many at once), its mask, value and confidence."""
+    records = _export(300, repeats=False, full_width=True, extras=True)
+    for record in records[::5]:  # an ID number under a key that is a mobile number: a masked location
+        record[record["sjhm"]] = record["sfzh"]
+    (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", "none"))
+    body, content_type = _body(records, as_csv)
+    profile = load_rules(tmp_path / "r.yaml").profile("wide")
+    detections, problems = profile.detect_all(decode_body(body, content_type, None, profile.limits), "body")
+    assert detections.bulk > 600  # the columns were used
+    result = profile.apply_rules(detections, problems, "request", None)
+    expected = []
+    for rule, detectors in (("contacts", {"cn_mobile", "email", "bank_card"}), ("ids", {"cn_id_card"}),
+                            ("many-mobiles", {"cn_mobile"})):
+        rule_of = {r.id: r for r in profile.rules}[rule]
+        for d in detections:
+            if d.kind == "detector" and d.name in detectors:
+                location, field_name = d.segment.at(d.offset, d.base)  # located on its own
+                expected.append(Finding(rule, d.type, rule_of.action, rule_of.severity, location, d.masked(),
+                                        d.value, field_name, d.confidence(field_name), d.place()))
+    kept = [f for f in result.findings if f.rule != "contacts" or f.type != "field_name"]
+    assert any("****" in f.location for f in kept)  # a location naming a mobile number: compared unmasked below
+    assert len(kept) == len(expected) > 1000
+    for made, one_by_one in zip(kept, expected):
+        if made.location != one_by_one.location:  # a key that is a mobile number: masked in location and field
+            assert "****" in made.location and len(made.location) == len(one_by_one.location)
+            assert made.field == one_by_one.field[:3] + "****" + one_by_one.field[7:]
+            made = dataclasses.replace(made, location=one_by_one.location, field=one_by_one.field)
+        assert made == one_by_one
+    assert {f.confidence for f in kept} == {"high", "normal"} and any(f.masked != f.value for f in kept)
+
+
+def test_kept_findings_of_columns_at_a_base_offset_are_placed_as_their_detections(tmp_path):
+    """Columns of a text at an offset in a body (a stream's window) place their findings there."""
+    (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", "none"))
+    profile = load_rules(tmp_path / "r.yaml").profile("wide")
+    body, content_type = _body(_export(60, repeats=False, full_width=False, extras=False), as_csv=False)
+    detections, problems = profile.detect_all(decode_body(body, content_type, None, profile.limits), "body")
+    shifted = Detections(detections.listed, detections.columns._replace(base=100_000))
+    result = profile.apply_rules(shifted, problems, "request", None)
+    places = {f.place for f in result.findings if f.type != "field_name"}
+    assert places == {d.place() for d in shifted if d.kind == "detector"}
+    assert len(places) == 120 and min(offset for _, offset in places) >= 100_000

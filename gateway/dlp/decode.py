@@ -904,16 +904,23 @@ class _JsonLocator:
             opening = np.where((closing > 0) & (opening >= start) & (opening < closing), opening, -1)
             levels.append((np.flatnonzero(rows).tolist(), (structure[start] == _OPEN_OBJECT).tolist(),
                            index.tolist(), opening.tolist(), closing.tolist()))
-        paths: list[list] = [["$", None] for _ in offsets]
+        root = child(self.location, "$")  # the location and the path's root: each path grows from it
+        paths: list[list] = [[root, None] for _ in offsets]
+        members: dict[bytes | None, tuple[str, str]] = {}  # a key as written -> (its path step, the key)
         for rows, is_object, indexes, openings, closings in levels:
             for row, obj, index, opening, closing in zip(rows, is_object, indexes, openings, closings):
                 place = paths[row]
                 if obj:
-                    key = self.data[opening + 1:closing].decode("utf-8", "replace") if opening != -1 else "?"
-                    place[0], place[1] = _json_path(place[0], key), key
+                    written = self.data[opening + 1:closing] if opening != -1 else None
+                    member = members.get(written)
+                    if member is None:
+                        key = "?" if written is None else written.decode("utf-8", "replace")
+                        member = members[written] = (_json_path("", key), key)
+                    place[0] += member[0]
+                    place[1] = member[1]
                 else:
-                    place[0] = f"{place[0]}[{index}]"
-        return [(child(self.location, path), field_name) for path, field_name in paths]
+                    place[0] += f"[{index}]"
+        return [(path, field_name) for path, field_name in paths]
 
     def _count_commas(self, to: int) -> None:
         """Commas between the last counted offset and `to` separate members of the innermost level."""

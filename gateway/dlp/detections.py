@@ -3,8 +3,9 @@
 A JSON or CSV export has an ID number and a mobile number in every record: tens of thousands of
 detections in one text, of which a scan shows a thousand at most and counts the rest. Those of one
 text are held as columns (start, end, offset as written, detector); the rules select, count and
-digest them as arrays, and a Detection (a value decoded, a location worked out) is made only for a
-row that is shown or that a rule must read one by one. Detections from elsewhere (field names, a
+digest them as arrays; the rows shown (the findings a scan keeps) are read a column at a time
+(shown()), and a Detection (a value decoded, a location worked out) is made only for a row that a
+rule must read one by one. Detections from elsewhere (field names, a
 stream's windows, several texts) are Detection objects, held after the columns.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from gateway.dlp.batch import matrix
 from gateway.dlp.decode import Segment
-from gateway.dlp.detectors import DETECTORS, mask_middle
+from gateway.dlp.detectors import DETECTORS, mask_middle, masks_of
 from gateway.dlp.tally import Place, in_runs
 
 
@@ -120,6 +121,27 @@ class Detections(Sequence[Detection]):
                 made.append(Detection("detector", name, name, text[written:written_end].decode("utf-8", "replace"),
                                       c.data[start:end].decode("utf-8", "replace"), c.segment, written, c.base))
         return made + [self.listed[row - self.bulk] for row in rows[len(bulk):]]
+
+    def shown(self, rows: list[int]) -> tuple[list[str], list[str], list[str], list[int]]:
+        """Of the column rows `rows` (each < self.bulk): their types, values, masks and offsets in
+        the text as written, as columns (what self[row].type, .value, .masked() and .offset say)."""
+        c = self.columns
+        at = np.array(rows, dtype=np.int64)
+        text = c.data if c.segment.original is None else c.segment.original
+        written = c.written[at].tolist()
+        values = [text[start:end].decode("utf-8", "replace") for start, end in zip(written, c.written_ends[at].tolist())]
+        tokens = [c.data[start:end].decode("utf-8", "replace") for start, end in zip(c.starts[at].tolist(), c.ends[at].tolist())]
+        detector = c.detector[at]
+        types = [c.names[index] for index in detector.tolist()]
+        if len(set(types)) == 1:
+            masks = masks_of(DETECTORS[types[0]], tokens)
+        else:
+            masks = [""] * len(rows)  # a detector at a time
+            for index in np.unique(detector).tolist():
+                of = np.flatnonzero(detector == index).tolist()
+                for place, mask in zip(of, masks_of(DETECTORS[c.names[index]], [tokens[i] for i in of])):
+                    masks[place] = mask
+        return types, values, masks, written
 
     def __iter__(self) -> Iterator[Detection]:
         return map(self.__getitem__, range(len(self)))

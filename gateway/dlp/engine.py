@@ -8,10 +8,10 @@ compiled database and the candidates' bookkeeping.
 
 import bisect
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
@@ -80,6 +80,20 @@ class Finding:
     # Where in which text: its location and the byte offset in it as written (None: not in a text,
     # e.g. a field name); what a group's digest covers (gateway.dlp.tally).
     place: Place | None = None
+
+
+_NEW_FINDING = object.__new__
+_FINDING_FIELDS = {name: getattr(Finding, name).__set__ for name in Finding.__dataclass_fields__}
+
+
+def made_findings(count: int, **columns: Iterable) -> list[Finding]:
+    """`count` findings from a column per field: as Finding(**row) of each row makes them (every
+    field given), a field at a time in C (a frozen dataclass's __init__ sets them one call each)."""
+    assert columns.keys() == _FINDING_FIELDS.keys()
+    made = [_NEW_FINDING(Finding) for _ in range(count)]
+    for name, values in columns.items():
+        deque(map(_FINDING_FIELDS[name], made, values), 0)
+    return made
 
 
 @dataclass
@@ -438,6 +452,7 @@ class _Findings:
         self.masked = _LocationMasks(self.masks)
         self._located: dict[int, tuple[str, str | None]] = {}
         self._lines: dict[bytes, bytes] = {}  # rows -> the lines their places add to a digest
+        self._confidences: dict[tuple[str, str | None], str] = {}
 
     def located(self, row: int, detection: Detection | None = None) -> tuple[str, str | None]:
         """A row's location and field (`detection`: the row's, when made), each worked out once (a
@@ -509,14 +524,45 @@ class _Findings:
             values = map(detections.value, selected.tolist())
             self.replacements.update((value, self.masks[value]) for value in values if value)
         rows = selected[:max(self.room - len(self.kept), 0)].tolist()
-        kept = detections.rows(rows)
-        self.locate_all(rows, kept)
-        places = [self.located(row, d) for row, d in zip(rows, kept)]
-        self.masked.settle([text for place in places for text in place if text])  # all at once
-        for d, (location, field_name) in zip(kept, places):
-            self.kept.append(Finding(rule.id, d.type, rule.action, rule.severity, self.masked(location),
-                                     d.masked(), d.value, field_name and self.masked(field_name),
-                                     d.confidence(field_name), d.place()))
+        if rows:
+            self.kept += self.findings(rule, rows)
+
+    def findings(self, rule: Rule, rows: list[int]) -> list[Finding]:
+        """The findings of `rule` at the rows (rising, as rules select them: the columns' rows
+        first): those of the columns made a column at a time (a bulk export keeps a thousand), the
+        others from their Detection."""
+        detections = self.detections
+        bulk = rows[:bisect.bisect_left(rows, detections.bulk)]
+        listed = detections.rows(rows[len(bulk):])
+        self.locate_all(rows[len(bulk):], listed)
+        types, values, masks, written = detections.shown(bulk) if bulk else ([], [], [], [])
+        places = []
+        if bulk:
+            c = detections.columns
+            missing = [row for row in bulk if row not in self._located]
+            if missing:
+                self._located.update(zip(missing, c.segment.at_many(c.written[missing].tolist(), c.base)))
+            places = [(c.segment.location, c.base + offset) for offset in written]
+        located = [self.located(row) for row in rows]  # each located above (or a field name's, fixed)
+        locations = self.masked.many([location for location, _ in located])
+        fields = self.masked.many([field_name for _, field_name in located])
+        confidences = [self._confidences.get((name, field_name)) or self._confident(name, field_name)
+                       for name, (_, field_name) in zip(types, located)]  # the columns' rows
+        for d, (_, field_name) in zip(listed, located[len(bulk):]):
+            types.append(d.type)
+            values.append(d.value)
+            masks.append(d.masked())
+            confidences.append(d.confidence(field_name))
+            places.append(d.place())
+        return made_findings(len(rows), rule=repeat(rule.id), type=types, action=repeat(rule.action),
+                             severity=repeat(rule.severity), location=locations, masked=masks, value=values,
+                             field=fields, confidence=confidences, place=places)
+
+    def _confident(self, detector: str, field_name: str | None) -> str:
+        """Detection.confidence of a detector's detection in a field (worked out once per pair)."""
+        confidence = self._confidences[(detector, field_name)] = \
+            Detection("detector", detector, detector, "", "", None, 0).confidence(field_name)
+        return confidence
 
 
 def _redacts(finding: Finding) -> bool:
@@ -610,6 +656,14 @@ class _LocationMasks:
             self.masked = ValueMasks(_OwnMasksLeftOut(self.masks),
                                      *(self.masks.detections.value_lengths_and_units() or (None, None)))
         return self.masked
+
+    def many(self, texts: list[str | None]) -> list[str | None]:
+        """self(text) of each text (None stays None), the texts not masked yet masked in one pass."""
+        if not len(self.masks.detections):
+            return texts
+        self.settle([text for text in texts if text])
+        done = self.done
+        return [None if text is None else done.get(text) or self(text) for text in texts]
 
     def settle(self, texts: list[str]) -> None:
         """Mask the texts in one pass (joined by newlines, which no mask can span, when no value holds one)."""
