@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from datetime import date
 
 import numpy as np
@@ -224,7 +225,7 @@ def test_rules_over_columns_say_what_they_say_over_detection_objects(tmp_path, c
             assert columns.findings == objects.findings and columns.groups == objects.groups
             assert columns.replacements == objects.replacements and columns.action == objects.action
             assert columns.findings and columns.replacements  # both said something to compare
-        if repeats:
-            assert not detections.distinct() and len(set(detections.values())) < len(detections)
-        else:
-            assert detections.distinct()
+        values = detections.values()
+        counts = Counter(values)
+        assert detections.repeated().tolist() == [row for row, value in enumerate(values) if counts[value] > 1]
+        assert len(detections.repeated()) or not repeats
