@@ -162,6 +162,16 @@ def test_a_structure_made_in_steps_is_the_text_with_its_strings_blanked():
     assert structure.brackets == [at for at, byte in enumerate(expected) if byte in b"[]{}"]
 
 
+def test_a_prefix_xor_over_packed_bits_is_the_accumulated_xor_across_every_byte_edge():
+    """The structure's strings are told by xor over bits packed eight to a byte: a quote's state
+    carries across each byte, and lengths need not be whole bytes."""
+    rng = np.random.default_rng(18)
+    for length in [*range(1, 41), 4095, 4096, 4097, 65_539]:
+        for density in (0.02, 0.5, 0.98):
+            bits = (rng.random(length) < density).astype(np.uint8)
+            assert (decode._prefix_xor(bits) == np.bitwise_xor.accumulate(bits)).all(), (length, density)
+
+
 def _export(count: int, *, repeats: bool, full_width: bool, extras: bool) -> list[dict]:
     rng = random.Random(count)
     records = []

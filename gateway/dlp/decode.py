@@ -728,6 +728,18 @@ _REPLAYED_BRACKETS = 2048  # past this many brackets ahead, a JSON locator jumps
 _OPEN_OBJECT, _OPEN_ARRAY = b"{["
 
 
+def _prefix_xor(bits: np.ndarray) -> np.ndarray:
+    """np.bitwise_xor.accumulate of an array of 0s and 1s (uint8), computed on the bits packed eight to
+    a byte: three shifts within each byte, the accumulation over bytes only (3x quicker per byte)."""
+    packed = np.packbits(bits, bitorder="little")
+    packed ^= packed << 1
+    packed ^= packed << 2
+    packed ^= packed << 4  # each bit: the xor of it and the bits before it in its byte
+    carried = np.bitwise_xor.accumulate(packed >> 7)  # the xor of whole bytes up to each
+    packed[1:] ^= np.uint8(0xFF) * carried[:-1]
+    return np.unpackbits(packed, count=len(bits), bitorder="little")
+
+
 class _Structure:
     """A text with the inside of every "..." replaced by spaces (same length): what is left is
     structure. Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a
@@ -750,7 +762,7 @@ class _Structure:
             end = min(max(offset + 1, 2 * made, 1 << 16), len(self.data))
             part = np.frombuffer(self.data, dtype=np.uint8, count=end - made, offset=made)
             quotes = (part == ord('"')).view(np.uint8)
-            inside = np.bitwise_xor.accumulate(quotes)  # 1 from an opening quote on, 0 from its closing one
+            inside = _prefix_xor(quotes)  # 1 from an opening quote on, 0 from its closing one
             if self.quoted:
                 inside ^= 1
             self.quoted = bool(inside[-1])
