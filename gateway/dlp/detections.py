@@ -242,9 +242,11 @@ class Detections(Sequence[Detection]):
                 # hashed (two equal hashes of unequal values only cost a value compared)
                 hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:length] if length <= len(_HASH_WEIGHTS) \
                     else np.ascontiguousarray(matrix).view(f"V{length}").ravel()
-                order = np.argsort(hashes, kind="stable")
-                same = hashes[order[1:]] == hashes[order[:-1]]
-                candidates.append(rows[order[np.concatenate((same, [False])) | np.concatenate(([False], same))]])
+                ordered = np.sort(hashes)
+                if (ordered[1:] == ordered[:-1]).any():  # most often not: no order of rows needed
+                    order = np.argsort(hashes, kind="stable")
+                    same = hashes[order[1:]] == hashes[order[:-1]]
+                    candidates.append(rows[order[np.concatenate((same, [False])) | np.concatenate(([False], same))]])
                 for encoded in listed.get(length, ()):  # a listed value also among the columns'
                     candidates.append(rows[(matrix == encoded).all(axis=1)])
         rows = np.unique(np.concatenate(candidates))

@@ -462,8 +462,9 @@ class _Findings:
         """Locate the detections of values found more than once (which rules tell apart by
         location, see unrepeated()) all at once, as the findings kept are: a locator asked for one
         offset after another far into a large export would rebuild its structure for each."""
-        rows = self.repeated.tolist()
-        self.locate_all(rows, self.detections.rows(rows))
+        if len(self.repeated):
+            rows = self.repeated.tolist()
+            self.locate_all(rows, self.detections.rows(rows))
 
     def problem(self, finding: Finding) -> None:
         self.tally.add(finding.rule, finding.type, finding.action, finding.location, finding.place)
@@ -473,6 +474,8 @@ class _Findings:
     def unrepeated(self, selected: np.ndarray) -> np.ndarray:
         """The rows but those of a value found at the same location before (only values seen
         twice are located to tell)."""
+        if not len(self.repeated):
+            return selected
         at = np.flatnonzero(np.isin(selected, self.repeated))  # the other rows' values are found once
         if not len(at):
             return selected
