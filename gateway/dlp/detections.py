@@ -9,6 +9,7 @@ rule must read one by one. Detections from elsewhere (field names, a
 stream's windows, several texts) are Detection objects, held after the columns.
 """
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -246,22 +247,31 @@ class Detections(Sequence[Detection]):
             units.update(map(chr, chars.tolist()))
         return lengths, "".join(sorted(units))
 
-    def distinct(self) -> bool:
-        """Whether no value is empty or found twice."""
-        listed = [d.value for d in self.listed]
-        if not all(listed) or len(set(listed)) < len(listed):
-            return False
-        for matrix in self._value_bytes() if self.bulk else ():  # values of one length as rows of bytes
-            # hashed (two equal hashes of unequal values only cost the caller the check value by value)
-            hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:matrix.shape[1]] if matrix.shape[1] <= len(
-                _HASH_WEIGHTS) else np.ascontiguousarray(matrix).view(f"V{matrix.shape[1]}").ravel()
-            hashes.sort()
-            if (hashes[1:] == hashes[:-1]).any():
-                return False
-        if self.bulk and listed:  # few: each looked for among the columns' values of its size
-            sizes = {matrix.shape[1]: matrix for matrix in self._value_bytes()}
-            for value in listed:
-                encoded = np.frombuffer(value.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-                if len(encoded) in sizes and (sizes[len(encoded)] == encoded).all(axis=1).any():
-                    return False
-        return True
+    def repeated(self) -> np.ndarray:
+        """The rows whose value is found more than once, in text order. A bulk export's values are
+        hashed as columns and only rows of equal hashes decoded and compared, so the cost stays that
+        of one pass over the columns however many values repeat (a few do by chance in a large export)."""
+        candidates = [np.arange(self.bulk, len(self), dtype=np.int64)]  # the listed rows: few
+        if self.bulk:
+            c = self.columns
+            lengths = c.written_ends - c.written
+            listed = {}  # byte length -> the listed values of that length
+            for d in self.listed:
+                encoded = np.frombuffer(d.value.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+                listed.setdefault(len(encoded), []).append(encoded)
+            for length, matrix in zip(np.unique(lengths).tolist(), self._value_bytes()):
+                rows = np.flatnonzero(lengths == length)
+                # hashed (two equal hashes of unequal values only cost a value compared)
+                hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:length] if length <= len(_HASH_WEIGHTS) \
+                    else np.ascontiguousarray(matrix).view(f"V{length}").ravel()
+                ordered = np.sort(hashes)
+                if (ordered[1:] == ordered[:-1]).any():  # most often not: no order of rows needed
+                    order = np.argsort(hashes, kind="stable")
+                    same = hashes[order[1:]] == hashes[order[:-1]]
+                    candidates.append(rows[order[np.concatenate((same, [False])) | np.concatenate(([False], same))]])
+                for encoded in listed.get(length, ()):  # a listed value also among the columns'
+                    candidates.append(rows[(matrix == encoded).all(axis=1)])
+        rows = np.unique(np.concatenate(candidates))
+        values = [self.value(row) for row in rows.tolist()]
+        counts = Counter(values)
+        return rows[np.array([counts[value] > 1 for value in values], dtype=bool)]

@@ -445,8 +445,8 @@ class _Findings:
         self.tally = Tally()
         self.replacements: dict[str, str] = {}
         self.masks = _Masks(detections)
-        # no value found twice (a bulk export, most often): nothing is told apart by location
-        self.distinct = detections.distinct()
+        # the rows of values found twice, which rules tell apart by location (a bulk export: few or none)
+        self.repeated = detections.repeated()
         # Locations name fields (a query parameter, a header, a CSV column) as the sender wrote them: a
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
@@ -474,15 +474,12 @@ class _Findings:
             self._located.update(zip(text_rows, segment.at_many(offsets, base)))
 
     def locate_repeated(self) -> None:
-        """Locate, in text order, the detections of values found more than once (which rules tell
-        apart by location, see unrepeated()): a locator replays a text once for all rules."""
-        if self.distinct:
-            return
-        values = self.detections.values()
-        counts = Counter(values)
-        for row, count in enumerate(map(counts.__getitem__, values)):
-            if count > 1:
-                self.located(row)
+        """Locate the detections of values found more than once (which rules tell apart by
+        location, see unrepeated()) all at once, as the findings kept are: a locator asked for one
+        offset after another far into a large export would rebuild its structure for each."""
+        if len(self.repeated):
+            rows = self.repeated.tolist()
+            self.locate_all(rows, self.detections.rows(rows))
 
     def problem(self, finding: Finding) -> None:
         self.tally.add(finding.rule, finding.type, finding.action, finding.location, finding.place)
@@ -492,16 +489,16 @@ class _Findings:
     def unrepeated(self, selected: np.ndarray) -> np.ndarray:
         """The rows but those of a value found at the same location before (only values seen
         twice are located to tell)."""
-        if self.distinct:
+        if not len(self.repeated):
             return selected
-        values = self.detections.values()
-        chosen = [values[row] for row in selected.tolist()]
-        if len(set(chosen)) == len(chosen):
+        at = np.flatnonzero(np.isin(selected, self.repeated))  # the other rows' values are found once
+        if not len(at):
             return selected
+        chosen = [self.detections.value(row) for row in selected[at].tolist()]
         counts = Counter(chosen)
         seen: set[tuple[str, str]] = set()
         keep = np.ones(len(selected), dtype=bool)
-        for index, (row, value) in enumerate(zip(selected.tolist(), chosen)):
+        for index, row, value in zip(at.tolist(), selected[at].tolist(), chosen):
             if counts[value] > 1:
                 key = (value, self.located(row)[0])
                 keep[index] = key not in seen
