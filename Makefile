@@ -16,14 +16,15 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/gateway run -c $(CONFIG)
 
-# One test module at a time by default: two at a time (TEST_JOBS=2, pytest-xdist, a module's tests kept
-# together with their shared gateway) take ~55 % of the time, but a test that bounds the CPU a worker
-# spends on a body (test_inspection_bounds) read 3.2 s against its 2 s beside another module's load.
-TEST_JOBS ?= 0
+# Two test modules at a time (pytest-xdist, a module's tests kept together with their shared gateway),
+# then the modules marked `alone` (they bound the CPU a gateway spends, which another module's load
+# inflates) with nothing beside them. TEST_JOBS=0 runs everything one module at a time.
+TEST_JOBS ?= 2
 
 test: $(VENV)/.installed
 	scripts/system-deps
-	$(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not alone" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m alone $(PYTEST_ARGS) || test $$? -eq 5  # 5: PYTEST_ARGS chose none of them
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/proxy.py
