@@ -15,6 +15,11 @@ written as two patterns for the engine, see gateway/dlp/tokens.py, and two passe
 baseline) and per keyword, and validates every candidate with the same checks (whole token,
 detector validation); it builds no findings or locations, so it is a generous baseline.
 
+The engine is timed as the gateway runs it: findings counted per rule, type and action, with their first
+locations and the digest of all their places, every value to redact masked, but none kept whole
+(gateway/filters/inspect.py, KEEP_NONE). `listing` is the same scan keeping the first 1,000 findings
+whole, with their values, locations and masks, as `gateway dlp scan` lists them.
+
 Where the time goes, beside: the decode alone; the candidate scan alone (of the decoded segments:
 Hyperscan for most patterns, numpy for the numbers written as one word, gateway/dlp/tokens.py);
 detection (the scan, whole-token checks, validation, overlaps; a bulk export's valid candidates kept as
@@ -59,6 +64,7 @@ from gateway.dlp.detectors import DETECTORS  # noqa: E402
 from gateway.dlp.engine import UNINSPECTABLE  # noqa: E402
 from gateway.dlp.matcher import PatternSpec, compile_re, literal_regex  # noqa: E402
 from gateway.dlp.validators import id_card_check_char  # noqa: E402
+from gateway.filters.inspect import KEEP_NONE as GATEWAY_KEEPS  # noqa: E402  (timed as the gateway scans)
 
 MiB = 1 << 20
 REGIONS = ["110105", "310104", "440305", "510107", "320102", "330106", "420106", "610113"]
@@ -221,6 +227,10 @@ def timed(function, repeat: int) -> tuple[float, float, float, object]:
     return statistics.median(times), min(times), max(times), result
 
 
+def uninspectable(result) -> bool:
+    return any(group.type == UNINSPECTABLE for group in result.groups)
+
+
 def rate(size: int, seconds: float) -> float:
     return size / max(seconds, 1e-9) / 1e6
 
@@ -246,28 +256,32 @@ def main() -> None:
     print(f"engine: {profile.matcher.engine}; CPU time of one core, median of {args.repeat} runs (spread min-max)")
     print(f"{'':72}{'parts alone, MB/s: decode  scan  detect  rules  validate (batch, each)':>78}")
     print(f"{'corpus':26} {'size':>9} {'findings':>9} {'engine MB/s':>18} {'re baseline MB/s':>18} {'ratio':>6}"
-          f" {'decode':>12} {'scan':>7} {'detect':>7} {'rules':>7} {'validate':>10} {'(each)':>8}")
+          f" {'decode':>12} {'scan':>7} {'detect':>7} {'rules':>7} {'validate':>10} {'(each)':>8}"
+          f" {'listing':>8}")
     for label, body, content_type, content_encoding, _ in corpora(
             data, [int(n) for n in args.records.split(",")], int(args.mb * 1e6)):
         size = len(inflate(body, content_encoding, 1 << 30, 1 << 30))  # rates are of the decoded body
-        engine, low, high, result = timed(
-            lambda: profile.scan(body, content_type=content_type, content_encoding=content_encoding), args.repeat)
+        engine, low, high, result = timed(lambda: profile.scan(
+            body, content_type=content_type, content_encoding=content_encoding, keep=GATEWAY_KEEPS), args.repeat)
+        listing = timed(lambda: profile.scan(body, content_type=content_type, content_encoding=content_encoding),
+                        args.repeat)[0]
         base, base_low, base_high, _ = timed(lambda: baseline.scan(body, content_type, content_encoding), args.repeat)
         decoded = decode_body(body, content_type, content_encoding, profile.limits)
         decode_time = timed(lambda: decode_body(body, content_type, content_encoding, profile.limits), args.repeat)[0]
         scan_time = timed(lambda: [profile.matcher.scan(s.data) for s in decoded.segments], args.repeat)[0]
         detect_time, _, _, (detections, problems) = timed(lambda: profile.detect_all(decoded, "body"), args.repeat)
-        rules_time = timed(lambda: profile.apply_rules(detections, problems, "request", None), args.repeat)[0]
+        rules_time = timed(lambda: profile.apply_rules(detections, problems, "request", None, GATEWAY_KEEPS),
+                           args.repeat)[0]
         found = candidates(profile, decoded.segments)
         batch_time = timed(lambda: validate_batches(found), args.repeat)[0]
         each_time = timed(lambda: validate_each(found), args.repeat)[0]
-        print(f"{label:26} {size / 1e6:7.2f}MB {len(result.findings):9,} "
+        print(f"{label:26} {size / 1e6:7.2f}MB {sum(group.count for group in result.groups):9,} "
               f"{rate(size, engine):7.1f} ({spread(size, low, high):>9}) "
               f"{rate(size, base):7.1f} ({spread(size, base_low, base_high):>9}) {base / engine:5.1f}x"
               f" {rate(size, decode_time):10.0f} {rate(size, scan_time):7.0f} {rate(size, detect_time):7.0f}"
               f" {rate(size, rules_time):7.0f}"
-              f" {rate(size, batch_time):10.0f} {rate(size, each_time):8.0f}"
-              + ("  refused: uninspectable" if any(f.type == UNINSPECTABLE for f in result.findings) else ""))
+              f" {rate(size, batch_time):10.0f} {rate(size, each_time):8.0f} {rate(size, listing):8.1f}"
+              + ("  refused: uninspectable" if uninspectable(result) else ""))
 
     print("\ngrowth: CPU seconds of one scan as the body doubles (x: against the 1st size; linear is 2, 4, 8)")
     sizes = [float(mib) for mib in args.growth.split(",")]
@@ -279,11 +293,13 @@ def main() -> None:
         row, first = [], None
         for mib in sizes:
             body = make(int(mib * MiB))
-            seconds, low, high, result = timed(lambda: profile.scan(body, content_type=content_type), args.repeat)
+            seconds, low, high, result = timed(
+                lambda: profile.scan(body, content_type=content_type, keep=GATEWAY_KEEPS), args.repeat)
             mark = ""
-            if any(f.type == UNINSPECTABLE for f in result.findings):  # the candidate limit: measured without it
+            if uninspectable(result):  # the candidate limit: measured without it
                 engine_module.MAX_CANDIDATES, saved = 1 << 40, engine_module.MAX_CANDIDATES
-                seconds, low, high, _ = timed(lambda: profile.scan(body, content_type=content_type), args.repeat)
+                seconds, low, high, _ = timed(
+                    lambda: profile.scan(body, content_type=content_type, keep=GATEWAY_KEEPS), args.repeat)
                 engine_module.MAX_CANDIDATES, mark, limited = saved, "*", True
             first = first or seconds
             row.append(f"{mib:g} MiB {seconds:6.3f}s{mark} ({low:.3f}-{high:.3f}) x{seconds / first:4.1f}")

@@ -168,13 +168,16 @@ class Profile:
         return f"Profile({self.name!r}, {len(self.rules)} rules, engine={self.matcher.engine})"
 
     # public API ---------------------------------------------------------------------------------
+    # `keep` in the scans below: how many findings to keep whole, with their values (None: the
+    # limits' max_findings). The gateway keeps none: it records and answers the groups (counts,
+    # first locations, digests), and redacts from the replacements, which hold every value however many.
     def scan(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
-             direction: str = "request", host: str | None = None) -> ScanResult:
+             direction: str = "request", host: str | None = None, keep: int | None = None) -> ScanResult:
         decoded = decode_body(body, content_type, content_encoding, self.limits)
-        return self.evaluate(decoded, direction, host)
+        return self.evaluate(decoded, direction, host, keep)
 
     def scan_head(self, path: str, headers: list[tuple[str, str]], *, direction: str = "request",
-                  host: str | None = None, method: str = "") -> ScanResult:
+                  host: str | None = None, method: str = "", keep: int | None = None) -> ScanResult:
         """A message head: the request method (any token may be one), the URL path (percent-decoded)
         and its query, and every header field but Host (the destination, which the zone policy
         decides on; scanning it would flag every transfer to an internal address)."""
@@ -183,10 +186,10 @@ class Profile:
         fields += [("path", "", unquote(path))] if path.strip("/") else []
         fields += [(f"query:{name}", name, value) for name, value in parse_qsl(query, keep_blank_values=True)]
         fields += [(f"header:{name}", name, value) for name, value in headers if name.lower() != "host"]
-        return self.scan_fields(fields, direction=direction, host=host)
+        return self.scan_fields(fields, direction=direction, host=host, keep=keep)
 
     def scan_fields(self, fields: list[tuple[str, str, str]], *, direction: str = "request",
-                    host: str | None = None) -> ScanResult:
+                    host: str | None = None, keep: int | None = None) -> ScanResult:
         """Named text values as (location, name, value): each value is scanned, and each name both as
         text and as a field name (an empty name is neither)."""
         # Heads repeat their fields (a client's User-Agent, a server's Content-Type): a (name, value)
@@ -222,7 +225,7 @@ class Profile:
             mentioning = [segment.location for segment in decoded.segments if self._mentions_context(segment.data)]
             self._remember_clean(fields, without_context, mentioning)
             return ScanResult([], None)
-        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host)
+        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "head"), direction, host, keep)
 
     def _worth_reading(self, found: EncodedContent) -> bool:
         """Whether encoded text needs the full decode: text or a container to undo, a candidate
@@ -259,10 +262,11 @@ class Profile:
             for _, name, value in fields for text in (name, value))
 
     def stream(self, *, content_type: str | None = None, content_encoding: str | None = None,
-               direction: str = "request", host: str | None = None, buffer_bytes: int | None = None) -> StreamScan:
+               direction: str = "request", host: str | None = None, buffer_bytes: int | None = None,
+               keep: int | None = None) -> StreamScan:
         """A scan fed chunk by chunk; `buffer_bytes` (default: the limits' stream_buffer_bytes) is how much of
         the body it may hold to scan whole (structure, archives) before it scans text window by window."""
-        return StreamScan(self, content_type, content_encoding, direction, host, buffer_bytes=buffer_bytes)
+        return StreamScan(self, content_type, content_encoding, direction, host, buffer_bytes=buffer_bytes, keep=keep)
 
     def redact(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
                result: ScanResult) -> bytes:
@@ -279,8 +283,8 @@ class Profile:
         return redacted
 
     # evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, decoded: Decoded, direction: str, host: str | None) -> ScanResult:
-        return self.apply_rules(*self.detect_all(decoded, "body"), direction, host)
+    def evaluate(self, decoded: Decoded, direction: str, host: str | None, keep: int | None = None) -> ScanResult:
+        return self.apply_rules(*self.detect_all(decoded, "body"), direction, host, keep)
 
     def detect_all(self, decoded: Decoded, location: str) -> tuple[list[Detection], list[tuple[str, str]]]:
         """Detections in a decoded body, and its problems (the candidate limit, hit, is one at `location`)."""
@@ -293,12 +297,12 @@ class Profile:
         return detections + self.field_detections(decoded.fields), overflow
 
     def apply_rules(self, detections: Sequence[Detection], problems: list[tuple[str, str]], direction: str,
-                    host: str | None) -> ScanResult:
+                    host: str | None, keep: int | None = None) -> ScanResult:
         if not len(detections) and not problems:
             return ScanResult([], None)  # no rule finds anything in nothing (the common, clean case)
         if not isinstance(detections, Detections):
             detections = Detections(detections)
-        found = _Findings(self.limits.max_findings, detections)
+        found = _Findings(self.limits.max_findings if keep is None else keep, detections)
         for location, reason in problems:
             found.problem(Finding(UNINSPECTABLE, UNINSPECTABLE, self.uninspectable, "high", location, reason, reason,
                                   place=(location, None)))

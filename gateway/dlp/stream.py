@@ -54,7 +54,8 @@ _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "applicati
 
 class StreamScan:
     def __init__(self, profile, content_type: str | None, content_encoding: str | None, direction: str,
-                 host: str | None, *, location: str = "body", depth: int = 0, buffer_bytes: int | None = None):
+                 host: str | None, *, location: str = "body", depth: int = 0, buffer_bytes: int | None = None,
+                 keep: int | None = None):
         self.profile = profile
         self.location = location  # of the body, or of a long encoded token within one (see _follow_token)
         self.depth = depth
@@ -62,6 +63,7 @@ class StreamScan:
         self.content_encoding = content_encoding
         self.direction = direction
         self.host = host
+        self.keep = keep  # findings kept whole (see Profile.scan)
         self.limits = profile.limits if buffer_bytes is None else replace(profile.limits, stream_buffer_bytes=buffer_bytes)
         self._buffer: bytearray | None = bytearray()
         self._finished = False
@@ -99,7 +101,7 @@ class StreamScan:
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
-        return self.profile.apply_rules(*self._conclude(), self.direction, self.host)
+        return self.profile.apply_rules(*self._conclude(), self.direction, self.host, self.keep)
 
     def _conclude(self) -> tuple[list, list[tuple[str, str]]]:
         """The detections and problems of the whole body, once it has all been fed."""

@@ -48,6 +48,10 @@ INLINE_SCAN_LIMIT = 64 * 1024
 # CPU seconds such a body may take there (it may hold compressed or encoded text that expands): past
 # it, its scan starts again in a worker thread with what is left of the budget.
 INLINE_SCAN_SLICE = 0.05
+# Findings a scan keeps whole, with their values: none. What is recorded and answered are the groups
+# (per rule, type and action: count, first locations, digest of all places), and a redaction masks
+# every value of the replacements; only `gateway dlp scan` lists findings one by one.
+KEEP_NONE = 0
 
 
 class Inspect:
@@ -65,7 +69,7 @@ class Inspect:
             request = flow.request
             head = self._within_budget(transfer, profile, "request", "request head", lambda: profile.scan_head(
                 request.path, list(request.headers.items(multi=True)), direction="request",
-                host=transfer.upstream_host, method=request.method))
+                host=transfer.upstream_host, method=request.method, keep=KEEP_NONE))
             self._apply(flow, transfer, head, rewritable=False)
             if not flow.response and _unread_transfer_coding(transfer, request):
                 refuse(flow, transfer)
@@ -80,7 +84,7 @@ class Inspect:
         profile = self._profile(transfer, "response")
         head = self._within_budget(transfer, profile, "response", "response head", lambda: profile.scan_head(
             "/", list(response.headers.items(multi=True)), direction="response",
-            host=transfer.upstream_host)) if profile else None
+            host=transfer.upstream_host, keep=KEEP_NONE)) if profile else None
         if profile is not None:
             _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
         if head is not None and head.action is not None:
@@ -148,7 +152,8 @@ class Inspect:
         where = "client message" if message.from_client else "upstream message"
         try:  # each message a budget of its own: a connection may last for days
             result = InspectionBudget(self.gateway.runtime.config.inspection_budget).spend(lambda: profile.scan(
-                message.content, content_type=content_type, direction=direction, host=transfer.upstream_host))
+                message.content, content_type=content_type, direction=direction, host=transfer.upstream_host,
+                keep=KEEP_NONE))
         except BudgetExceeded:
             result = _over_budget(profile, direction, where, transfer.upstream_host)
         if result.action is None:
@@ -197,7 +202,8 @@ class Inspect:
                 buffer = 0  # the worker's memory budget spent: read as text, window by window, from the start
             scan = profile.stream(content_type=message.headers.get("content-type"),
                                   content_encoding=message.headers.get("content-encoding"),
-                                  direction=direction, host=transfer.upstream_host, buffer_bytes=buffer)
+                                  direction=direction, host=transfer.upstream_host, buffer_bytes=buffer,
+                                  keep=KEEP_NONE)
         budgeted = BudgetedStream(scan, self._budget(transfer)) if scan else None
         spool = SpooledBody(spool_dir(config.state_dir), budgeted, config.body_digest)
         transfer.spools[direction] = spool
@@ -253,7 +259,7 @@ class Inspect:
             return None
         fields = [(f"trailer:{name}", name, value) for name, value in message.trailers.items(multi=True)]
         return self._within_budget(transfer, profile, direction, "trailers", lambda: profile.scan_fields(
-            fields, direction=direction, host=transfer.upstream_host))
+            fields, direction=direction, host=transfer.upstream_host, keep=KEEP_NONE))
 
     def _budget(self, transfer: Transfer) -> InspectionBudget:
         budget = transfer.extra.get("inspection_budget")
@@ -323,7 +329,7 @@ async def _scan(profile: Profile, body: bytes, headers: http.Headers, direction:
                 digest: str, budget: InspectionBudget) -> ScanResult:
     def scan() -> ScanResult:
         return profile.scan(body, content_type=headers.get("content-type"), content_encoding=headers.get(
-            "content-encoding"), direction=direction, host=transfer.upstream_host)
+            "content-encoding"), direction=direction, host=transfer.upstream_host, keep=KEEP_NONE)
 
     def scan_and_digest() -> ScanResult:
         # Hashing, like Hyperscan, releases the GIL: done here, the record stage need not hash on the loop.
