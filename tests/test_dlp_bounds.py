@@ -144,3 +144,17 @@ def _record(transfer: Transfer) -> dict:
     gateway = SimpleNamespace(runtime=SimpleNamespace(config=SimpleNamespace(name="frontend-test")))
     return Record(gateway)._fields(transfer, method="POST", url="http://127.0.0.2:8000/upload", status=403,
                                    req_bytes=1_000_000, resp_bytes=0, req_digest=None, resp_digest=None)
+
+
+def test_a_scan_keeping_no_finding_records_and_redacts_the_same(rules):
+    """The gateway scans with keep=KEEP_NONE: groups (counts, first locations, digests), the action and
+    every value to redact must be those of a scan that keeps its findings."""
+    from gateway.filters.inspect import KEEP_NONE
+    profile = rules.profile("outbound")
+    body = citizens_json(1500)
+    kept, none = profile.scan(body, content_type="application/json"), \
+        profile.scan(body, content_type="application/json", keep=KEEP_NONE)
+    assert len(kept.findings) == 1000 and none.findings == []
+    assert none.action == kept.action == "block"
+    assert [g.entry() for g in none.groups] == [g.entry() for g in kept.groups]
+    assert none.replacements == kept.replacements
