@@ -112,16 +112,26 @@ def _runs_one_by_one(data: bytes) -> list[tuple[int, int]]:
     return runs
 
 
-@pytest.mark.parametrize("numpy_from", [0, 1 << 40])  # numpy for every text, or the regex for every text
+# numpy for every text (after the Hyperscan pass that tells whether a run may be worth reading), or the
+# regex for every text
+@pytest.mark.parametrize("numpy_from", [0, 1 << 40])
 def test_runs_found_at_once_are_those_found_one_by_one(monkeypatch, numpy_from):
     monkeypatch.setattr(embedded, "_RUNS_PIECE", 64)  # many pieces, cut at every place they can be
     monkeypatch.setattr(embedded, "_NUMPY_RUNS_FROM", numpy_from)
     rng = random.Random(18)
     pieces = [ID, "13800138000", b64(TABLE), base64.encodebytes(TABLE * 3).decode(), "=", "==", "\n", "\r\n", " ",
-              ",", '"', "号", "A" * MIN_RUN, "a1" * 9, "9" * 20, "-_", "+/", "Zm9vYmFy"]
+              ",", '"', "号", "A" * MIN_RUN, "a1" * 9, "a1" * 8, "9" * 20, "-_", "+/", "Zm9vYmFy"]
     for _ in range(2000):
         data = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))).encode()
         assert list(base64_runs(data)) == _runs_one_by_one(data), data
+
+
+def test_a_wrapped_run_is_read_though_none_of_its_lines_holds_half_a_run_of_letters(monkeypatch):
+    """The Hyperscan pass before numpy's lets a run through when it goes on past its line, whatever its
+    letters: wrapped, these lines of 7 letters each are mostly letters."""
+    monkeypatch.setattr(embedded, "_NUMPY_RUNS_FROM", 0)
+    data = b"x " + b"0" * 9 + b"a" * 7 + b"\n" + b"a" * 7 + b" y"
+    assert list(base64_runs(data)) == _runs_one_by_one(data) == [(2, 26)]
 
 
 def test_runs_longer_than_16_bits_count_are_told_right():

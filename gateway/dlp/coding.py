@@ -301,8 +301,14 @@ def first_start(characters: bytes, count: int, data: bytes) -> int | None:
     if hyperscan is None or len(data) < _RUN_HYPERSCAN_FROM:
         match = _run_regex(characters, count).search(data)
         return None if match is None else match.start()
-    ends = match_ends(_run_database(characters, count), data)
+    ends = match_ends(_first_match_database(b"[%s]{%d}" % (characters, count)), data)
     return ends[0] - count if ends else None  # the first run to reach `count` bytes starts there
+
+
+def may_match(expression: bytes, data: bytes) -> bool:
+    """False only when the regex surely matches nowhere in `data`: one Hyperscan pass that ends at the
+    first match. Without Hyperscan, True: a backtracking engine could take quadratic time to say no."""
+    return hyperscan is None or bool(match_ends(_first_match_database(expression), data))
 
 
 @functools.cache
@@ -311,10 +317,10 @@ def _run_regex(characters: bytes, count: int) -> re.Pattern[bytes]:
 
 
 @functools.cache
-def _run_database(characters: bytes, count: int):
+def _first_match_database(expression: bytes):
+    """One expression, reported once: Hyperscan stops scanning at its first match."""
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    database.compile(expressions=[b"[%s]{%d}" % (characters, count)], ids=[0], elements=1,
-                     flags=[hyperscan.HS_FLAG_SINGLEMATCH])
+    database.compile(expressions=[expression], ids=[0], elements=1, flags=[hyperscan.HS_FLAG_SINGLEMATCH])
     return database
 
 

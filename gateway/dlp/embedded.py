@@ -40,7 +40,7 @@ import numpy as np
 
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
-    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, first_start, is_utf8, unescape_u,
+    GZIP_MAGIC, ZIP_MAGIC, ZSTD_MAGIC, first_start, is_utf8, may_match, unescape_u,
 )
 
 MIN_RUN = 16
@@ -55,6 +55,11 @@ _CONTINUED = np.zeros(256, dtype=bool)
 _CONTINUED[list(_CONTINUING)] = True
 # A run from its first character: lines joined by newlines, padding at the very end.
 _RUN = re.compile(rb"[" + _ALPHABET + rb"]+(?:\r?\n[" + _ALPHABET + rb"]+)*=*")
+# Where no stretch of the alphabet holds MIN_RUN // 2 letters (what a run of one line needs to be read,
+# see _runs) and no run of MIN_RUN goes on past its line, no run is worth reading: one Hyperscan pass
+# that says so spares the numpy pass over every number of an export (an ID number is a run of digits).
+_MAY_BE_WORTH_READING = rb"(?:[0-9+/_-]*[A-Za-z]){%d}|[%s]{%d}[%s]" % (
+    MIN_RUN // 2, _ALPHABET, MIN_RUN, b"".join(b"\\x%02x" % byte for byte in _CONTINUING))
 _CONTAINER_MAGIC = (*ZIP_MAGIC, GZIP_MAGIC, ZSTD_MAGIC)
 _TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _CONTAINER_OR_BOM = (*_CONTAINER_MAGIC, *_TEXT_BOMS)  # undone like a body, whatever follows
@@ -108,7 +113,7 @@ def encoded_contents(data: bytes) -> Iterator[EncodedContent]:
     in order of their first byte."""
     if len(data) < MIN_RUN and b"%" not in data:  # too short for a base64 run, no escape: the usual field
         return
-    first = first_start(_ALPHABET, MIN_RUN, data)  # one Hyperscan pass: most texts hold no run at all
+    first = _first_run(data)
     if first is None and b"%" not in data:  # nothing to read: no generators made (a JSON value, a cell)
         return
     base64 = (base64_content(data, start, end) for start, end in _base64_runs(data, first))
@@ -227,7 +232,16 @@ def encoded_runs(data: bytes) -> Iterator[tuple[int, int, str]]:
 
 def base64_runs(data: bytes) -> Iterator[tuple[int, int]]:
     """(start, end) of every run of base64 characters of MIN_RUN or more, in order."""
-    return _base64_runs(data, first_start(_ALPHABET, MIN_RUN, data))
+    return _base64_runs(data, _first_run(data))
+
+
+def _first_run(data: bytes) -> int | None:
+    """Where the first run of MIN_RUN base64 characters starts (one Hyperscan pass: most texts hold no run
+    at all), or None when there is none, or none worth reading in a text long enough for numpy's pass."""
+    first = first_start(_ALPHABET, MIN_RUN, data)
+    if first is None or len(data) - first < _NUMPY_RUNS_FROM or may_match(_MAY_BE_WORTH_READING, data):
+        return first
+    return None
 
 
 def _base64_runs(data: bytes, first: int | None) -> Iterator[tuple[int, int]]:
