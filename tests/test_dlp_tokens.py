@@ -3,8 +3,10 @@ pattern finds what the single one did."""
 
 import random
 import re
+import string
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from gateway.dlp import tokens
@@ -52,6 +54,19 @@ def test_matcher_reports_word_matches_with_the_others(engine):
     specs = [PatternSpec(pattern) for pattern in DETECTORS["cn_mobile"].patterns]
     hits = Matcher(specs, engine).scan(b"tel 13800138000, +86 139-0013-9000; x13800138000")
     assert sorted(map(tuple, hits.tolist())) == [(0, 4, 15), (1, 17, 34)]
+
+
+def test_past_64_byte_classes_a_pattern_stays_with_the_regex_engine(monkeypatch):
+    """Word patterns share 64 class bits (tokens._class_bit): one needing a 65th is not a word pattern."""
+    monkeypatch.setattr(tokens, "_CLASS_BIT", {})
+    monkeypatch.setattr(tokens, "_CLASS_BITS", np.zeros(256, dtype=np.uint64))
+    classes = [f"[0-{digit}]" for digit in string.digits] + [f"[A-{letter}]" for letter in string.ascii_uppercase] \
+        + [f"[a-{letter}]" for letter in string.ascii_lowercase] + ["[0-9A-Z]", "[0-9a-z]"]
+    assert len(classes) == 64
+    assert all(tokens.word_pattern(rf"\b{cls}{{4}}\b") is not None for cls in classes)
+    assert tokens.word_pattern(r"\b[0-9_]{4}\b") is None
+    form = tokens.word_pattern(r"\b[A-C]{4}\b")  # a class given a bit before
+    assert tokens.scan({0: form}, b"ABCA ABCD CCCC").tolist() == [[0, 0, 4], [0, 10, 14]]
 
 
 def test_patterns_that_are_not_one_word_stay_with_the_regex_engine():

@@ -16,6 +16,7 @@ word pattern to re.finditer's answers.
 """
 
 import re
+import threading
 from dataclasses import dataclass
 from re import _constants as c
 from re import _parser
@@ -28,12 +29,18 @@ _WORD_CLASS = b"0-9A-Za-z_"  # what \b bounds in both engines over bytes
 _WORD = np.array([re.fullmatch(b"[%s]" % _WORD_CLASS, bytes([byte])) is not None for byte in range(256)])
 _WORD_BYTES = _WORD.astype(np.uint8).tobytes()
 _PIECE = 1 << 18
+# The byte classes word patterns allow at their positions, one bit each, shared by every pattern: a word's
+# bytes are looked up once (_CLASS_BITS[byte]: the bits of the classes it is in) for all patterns and
+# positions, then each pattern tests one bit a position. Bits are given as patterns are built, never taken back.
+_CLASS_BIT: dict[bytes, int] = {}
+_CLASS_BITS = np.zeros(256, dtype=np.uint64)
+_CLASSES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
 class WordPattern:
-    """Per allowed word length, per position: a table of the bytes allowed there; and alternatives of
-    literals as (position, their codes, their width)."""
+    """Per allowed word length, per position: the bit of the class of bytes allowed there; and
+    alternatives of literals as (position, their codes, their width)."""
     by_length: dict[int, tuple[np.ndarray, tuple[tuple[int, np.ndarray, int], ...]]]
 
 
@@ -84,8 +91,23 @@ def word_pattern(regex: str) -> WordPattern | None:
             else:
                 count = piece[1] if piece[1] == piece[2] else length - fixed
                 tables += [piece[0]] * count
-        by_length[length] = (np.stack(tables), tuple(alternations))
+        bits = [_class_bit(table) for table in tables]
+        if None in bits:
+            return None
+        by_length[length] = (np.array(bits, dtype=np.uint64), tuple(alternations))
     return WordPattern(by_length)
+
+
+def _class_bit(table: np.ndarray) -> int | None:
+    """The bit of the class of bytes `table` allows, given on first sight; None once all 64 are given
+    (the pattern then stays with the regex engine)."""
+    key = table.tobytes()
+    with _CLASSES_LOCK:
+        bit = _CLASS_BIT.get(key)
+        if bit is None and len(_CLASS_BIT) < 64:
+            bit = _CLASS_BIT[key] = 1 << len(_CLASS_BIT)
+            _CLASS_BITS[table] |= np.uint64(bit)
+    return bit
 
 
 def _table(op, arg) -> np.ndarray | None:
@@ -150,12 +172,14 @@ def _matches(patterns: dict[int, WordPattern], buf: np.ndarray, starts: np.ndarr
         at = starts[lengths == length]
         if not len(at):
             continue
-        chars = buf[at[:, None] + np.arange(length)]  # the words of this length, one a row
+        windows = np.ndarray((len(buf) - length + 1, length), np.uint8, buf, 0, (1, 1))  # a row at each byte
+        chars = windows[at]  # the words of this length, one a row
+        classes = _CLASS_BITS[chars]
         for index, pattern in patterns.items():
             if length not in pattern.by_length:
                 continue
-            tables, alternations = pattern.by_length[length]
-            ok = tables[np.arange(length), chars].all(axis=1)
+            bits, alternations = pattern.by_length[length]
+            ok = (classes & bits).all(axis=1)
             for position, codes, width in alternations:
                 code = np.zeros(len(at), dtype=np.int64)
                 for column in range(position, position + width):
