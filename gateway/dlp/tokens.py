@@ -23,6 +23,7 @@ from re import _parser
 
 import numpy as np
 
+from gateway.dlp.batch import matrix
 from gateway.dlp.coding import first_start
 
 _WORD_CLASS = b"0-9A-Za-z_"  # what \b bounds in both engines over bytes
@@ -172,8 +173,7 @@ def _matches(patterns: dict[int, WordPattern], buf: np.ndarray, starts: np.ndarr
         at = starts[lengths == length]
         if not len(at):
             continue
-        windows = np.ndarray((len(buf) - length + 1, length), np.uint8, buf, 0, (1, 1))  # a row at each byte
-        chars = windows[at]  # the words of this length, one a row
+        chars = matrix(buf, at, length)  # the words of this length, one a row
         classes = _CLASS_BITS[chars]
         for index, pattern in patterns.items():
             if length not in pattern.by_length:
