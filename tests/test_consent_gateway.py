@@ -191,6 +191,15 @@ def test_forged_batch_refused_at_import(lab):
     batch.write_bytes(b"\n".join(lines))
     imported = gateway_cli("consent", "import", str(batch), "-c", str(lab["path"]))
     assert imported.returncode == 1 and "altered after the platform signed it" in imported.stderr, imported.stderr
+    # An altered copy of a batch imported before is refused as altered, not only as a repeat.
+    issue(lab, [consent(i, consumer="operator-x") for i in range(10)], "intact")
+    intact = lab["root"] / "intact.batch"
+    assert gateway_cli("consent", "import", str(intact), "-c", str(lab["path"])).returncode == 0
+    repeated = gateway_cli("consent", "import", str(intact), "-c", str(lab["path"]))
+    assert repeated.returncode == 1 and "was imported before" in repeated.stderr, repeated.stderr
+    intact.write_bytes(intact.read_bytes().replace(b"operator-x", b"operator-a", 1))
+    altered = gateway_cli("consent", "import", str(intact), "-c", str(lab["path"]))
+    assert altered.returncode == 1 and "altered after the platform signed it" in altered.stderr, altered.stderr
     # Signed by a key that is not the platform's (the bureau's): refused too.
     issue(lab, [consent(0)], "wrong-key")
     other = lab["root"] / "wrong-key.batch"
@@ -204,6 +213,19 @@ def test_forged_batch_refused_at_import(lab):
     checked = gateway_cli("consent", "check", SUBJECTS[0], "--consumer", "operator-a", "--scenario", "elderly-care",
                           "-c", str(lab["path"]))
     assert checked.returncode == 1 and "NO CONSENT" in checked.stdout, checked.stdout
+
+
+def test_issue_signs_only_what_import_takes(lab):
+    """The platform's tool refuses, naming the line, a consent the gateway would refuse at import."""
+    for broken, said in (({"nbf": None}, "missing nbf"), ({"exp": "2027-01-01"}, "exp: expected Unix"),
+                         ({"datasets": []}, "datasets: expected a non-empty list"), ({"colour": "red"}, "unknown claim")):
+        source = lab["root"] / "broken.jsonl"
+        lines = [consent(0), {**consent(1), **broken}]
+        source.write_text("".join(json.dumps({k: v for k, v in c.items() if v is not None}) + "\n" for c in lines))
+        made = gateway_cli("consent", "issue", str(source), "--secret", str(lab["root"] / "consent.secret"),
+                           "--key", str(lab["root"] / "platform.key"), "-o", str(lab["root"] / "broken.batch"))
+        assert made.returncode == 2 and "broken.jsonl: line 2: " in made.stderr and said in made.stderr, made.stderr
+        assert not (lab["root"] / "broken.batch").exists()
 
 
 def test_import_and_check(lab):

@@ -78,7 +78,7 @@ class Batch:
     sha256: str
 
 
-def _row(line: bytes, number: int) -> tuple:
+def consent_row(line: bytes, number: int) -> tuple:
     """One consent line as a row of the consents table (without the batch), or ConsentError."""
     try:
         c = orjson.loads(line)
@@ -178,8 +178,6 @@ class ConsentRegistry:
             raise ConsentError(f"line 1: issued in the future (iat {manifest.iat}): it would never age")
         digest, count = hashlib.sha256(), 0
         with self._lock:
-            if self._db.execute("SELECT 1 FROM batches WHERE batch=?", (manifest.batch,)).fetchone():
-                raise ConsentError(f"batch {manifest.batch} was imported before")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows: list[tuple] = []
@@ -187,7 +185,7 @@ class ConsentRegistry:
                     digest.update(line)
                     if not line.strip():
                         continue
-                    rows.append((*_row(line, number), manifest.batch, manifest.iat))
+                    rows.append((*consent_row(line, number), manifest.batch, manifest.iat))
                     count += 1
                     if len(rows) >= INSERT_CHUNK:
                         self._insert(rows)
@@ -198,6 +196,9 @@ class ConsentRegistry:
                                        "after the platform signed it")
                 if count != manifest.count:
                     raise ConsentError(f"{count} consents, the signed batch says {manifest.count}")
+                # (only now: an altered copy of a batch imported before is refused as altered, not as a repeat)
+                if self._db.execute("SELECT 1 FROM batches WHERE batch=?", (manifest.batch,)).fetchone():
+                    raise ConsentError(f"batch {manifest.batch} was imported before")
                 self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", (
                     manifest.batch, manifest.iat, int(now or time.time()), count, manifest.sha256))
                 # Every reader loads everything again: the changes before this one are moot.

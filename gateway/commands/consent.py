@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims
+from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims, consent_row
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
 from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret
 from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
@@ -136,11 +136,16 @@ def _issue(args: argparse.Namespace) -> int:
                 consent = orjson.loads(line)
                 subject = hasher.key(consent.pop("id"))
             except (orjson.JSONDecodeError, KeyError, AttributeError):
-                raise Usage(f"{args.consents}:{number}: expected an object with 'id'") from None
+                raise Usage(f"{args.consents}: line {number}: expected an object with 'id'") from None
             if subject is None:
-                raise Usage(f"{args.consents}:{number}: 'id' is not an ID number")
+                raise Usage(f"{args.consents}: line {number}: 'id' is not an ID number")
             consent["subject"] = subject.hex()
-            lines.append(orjson.dumps(consent) + b"\n")
+            line = orjson.dumps(consent) + b"\n"
+            try:
+                consent_row(line, number)  # signed only as the gateway will take it at import
+            except ConsentError as e:
+                raise Usage(f"{args.consents}: {e}") from None
+            lines.append(line)
     body = b"".join(lines)
     claims = batch_claims(args.batch or str(uuid.uuid4()), int(time.time()), body, len(lines), hasher.key_check(),
                           hasher.algorithm)
