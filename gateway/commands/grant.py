@@ -141,7 +141,8 @@ def _key_generate(args: argparse.Namespace) -> int:
         generate_key(args.kid, private, public)
     except FileExistsError:
         return _fail(f"{private} exists: a key is never overwritten")
-    print(f"private key: {private} (0600, keep it offline)\npublic key: {public} (list it in authz.authorities)")
+    print(f"private key: {private} (0600, keep it offline)\npublic key: {public} (list it where its role is "
+          "configured: authz.authorities, or authz.consent.platform.key for the data-subject platform)")
     return 0
 
 

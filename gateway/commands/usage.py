@@ -179,6 +179,9 @@ def _report(args: argparse.Namespace) -> int:
     for log in logs:
         _count(counted, log, log.checkpoint, start, end)
     text = _render(counted, start, end, [log.covered for log in logs], args.format)
+    if not counted.rows:  # (still a statement worth settling: no billable use in the range)
+        print(f"note: no billable transfer from {start.isoformat()} to {end.isoformat()} in the logs "
+              f"({', '.join(origins)})", file=sys.stderr)
     digest = hashlib.sha256(text.encode()).hexdigest()
     if args.output:
         args.output.write_text(text)
