@@ -195,6 +195,19 @@ def test_a_graceful_stop_finishes_the_transfers_in_flight_and_loses_no_record(ga
     assert not [r for rs in by_marker.values() for r in rs if r["decision"] == "error" and r.get("phase")]
 
 
+def test_sigterm_to_every_process_at_once_finishes_the_transfers_in_flight_and_loses_no_record(gateway):
+    """What `kill -- -PGID` (or systemd's KillMode=control-group) does: the writer, told to stop at the same
+    time as the workers, keeps taking their records until the last of them is gone."""
+    pids = [gateway["gateway"].proc.pid, *worker_pids(gateway).values(), gateway["writer"]]
+    with Load(gateway["proxy"], gateway["upstream"]) as load:
+        time.sleep(1.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        assert gateway["gateway"].proc.wait(timeout=GRACE + 20) == 0
+    assert "trace writer unavailable" not in gateway["gateway"].output, gateway["gateway"].output[-3000:]
+    check_log(gateway, load.answered, all_completed=True)
+
+
 def test_a_transfer_still_running_at_the_end_of_the_grace_period_is_recorded_as_an_error(gateway):
     result: list[object] = []
 

@@ -126,13 +126,15 @@ class TraceWriter:
         self._selector.register(self._listener, selectors.EVENT_READ)
 
     def stop(self) -> None:
-        """Finish the batch in hand and return from `serve` (safe from a signal handler)."""
+        """Return from `serve` once no client is connected, their records in hand committed (safe from a
+        signal handler): workers told to stop at the same time (a signal to the whole process group) hand
+        over the records of the transfers they finish first."""
         self._stopping = True
 
     def serve(self, parent_pid: int | None = None) -> None:
         """Until `stop()`, or until `parent_pid` is no longer this process's parent."""
         try:
-            while not self._stopping:
+            while not (self._stopping and not self._peers):
                 events = self._selector.select(self.idle_flush)
                 if not events:
                     self.store.publish(wait=False)  # derived files only: errors fail the next commit
@@ -300,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway trace writer: {exc}", file=sys.stderr, flush=True)
         return 1
     # Ctrl-C reaches the whole process group: the supervisor stops the writer last, with SIGTERM,
-    # once no worker can hand over a record any more.
+    # once no worker can hand over a record any more. A SIGTERM to the whole group reaches it with the
+    # workers: it then serves them until the last is gone (stop()).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
     try:
