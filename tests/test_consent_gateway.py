@@ -510,6 +510,12 @@ def test_evidence_for_one_transfer(lab):
     checked = gateway_cli("trace", "check-evidence", str(evidence), "--pubkey", str(trace_dir / "trace-signing.pub"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert json.loads(checked.stdout)["record"]["consent"]["passed"] == 299
+    # As the other trace commands: the log and its key found from the configuration.
+    by_config = lab["root"] / "evidence-by-config.json"
+    made = gateway_cli("trace", "evidence", transfer_id, "-o", str(by_config), "-c", str(lab["path"]))
+    assert made.returncode == 0 and by_config.read_text() == evidence.read_text(), made.stderr
+    checked = gateway_cli("trace", "check-evidence", str(by_config), "-c", str(lab["path"]))
+    assert checked.returncode == 0 and json.loads(checked.stdout)["transfer_id"] == transfer_id, checked.stdout
     bundle = json.loads(evidence.read_text())
     forged = bundle["proof"].split("\n")
     entry = json.loads(base64.b64decode(forged[1][6:]))

@@ -29,6 +29,7 @@ from gateway.trace.audit import (
     check_inclusion_proof,
     iter_committed_entries,
     iter_entries,
+    latest_record,
     newest_checkpoint,
     prove_consistency,
     prove_inclusion,
@@ -88,13 +89,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("check-proof", help="check an inclusion proof offline")
     p.add_argument("proof", type=Path)
-    _config_args(p, "find the log's verifier key in this gateway configuration instead of --pubkey")
-    p.add_argument("--pubkey", type=Path, help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} "
-                                               f"of the configuration)")
-    _witness_args(p)
+    _proof_key_args(p)
     p.set_defaults(func=cmd_check_proof)
 
-    evidence.register(sub)  # trace evidence, trace check-evidence (gateway.commands.evidence)
+    p = sub.add_parser("evidence", help="one transfer's record, inclusion proof and signed (cosigned) checkpoint "
+                                        "in one file, for offline checking")
+    _dir_and_key(p)
+    p.add_argument("transfer_id")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_evidence)
+
+    p = sub.add_parser("check-evidence", help="verify an evidence file offline; exit 1 when it does not hold")
+    p.add_argument("evidence", type=Path)
+    _proof_key_args(p)
+    p.set_defaults(func=cmd_check_evidence)
 
     p = sub.add_parser("consistency", help="prove the log extends an older checkpoint")
     _dir_and_key(p)
@@ -125,6 +133,14 @@ def _dir_and_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pubkey", type=Path,
                    help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} of the configuration, "
                         f"or DIR/{VERIFIER_KEY_FILE}; a key on the same machine proves self-consistency only)")
+
+
+def _proof_key_args(p: argparse.ArgumentParser) -> None:
+    """The keys a proof checked offline is checked with: the log's, and the witnesses' asked for."""
+    _config_args(p, "find the log's verifier key in this gateway configuration instead of --pubkey")
+    p.add_argument("--pubkey", type=Path, help=f"the log's verifier key file (default: STATE_DIR/{VERIFIER_KEY_FILE} "
+                                               f"of the configuration)")
+    _witness_args(p)
 
 
 def _config_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -416,13 +432,7 @@ def cmd_prove(args: argparse.Namespace) -> int:
     except NoteError as exc:
         print(f"TAMPERED: checkpoint: {exc}")
         return EXIT_BAD
-    found = None
-    for index, entry in iter_entries(args.directory, checkpoint.size):
-        try:
-            if json.loads(entry).get("id") == args.transfer_id:
-                found = (index, entry)  # the latest record of that id
-        except ValueError:
-            continue
+    found = latest_record(args.directory, checkpoint.size, args.transfer_id)
     if found is None:
         print(f"gateway trace: transfer {args.transfer_id} is not in the log "
               f"(checkpoint of {checkpoint.size} records)", file=sys.stderr)
@@ -442,11 +452,26 @@ def cmd_prove(args: argparse.Namespace) -> int:
 
 
 @_guard
-def cmd_check_proof(args: argparse.Namespace) -> int:
+def cmd_evidence(args: argparse.Namespace) -> int:
+    return evidence.write(args.directory, _log_verifier(args), args.transfer_id, args.output)
+
+
+@_guard
+def cmd_check_evidence(args: argparse.Namespace) -> int:
+    return evidence.check(args.evidence, *_proof_keys(args))
+
+
+def _proof_keys(args: argparse.Namespace) -> tuple[Verifier, WitnessPolicy | None]:
+    """The log's key (--pubkey, or the configuration's) and the witness policy of a proof checked offline."""
     if args.pubkey is not None and args.config is not None:
         raise UsageError("give the key either with --pubkey or with -c CONFIG, not both")
     pubkey = args.pubkey if args.pubkey is not None else trace_verifier_key_path(_load_config(args).state_dir)
-    verifier, policy = _load_vkey(pubkey), _policy(args)
+    return _load_vkey(pubkey), _policy(args)
+
+
+@_guard
+def cmd_check_proof(args: argparse.Namespace) -> int:
+    verifier, policy = _proof_keys(args)
     try:
         index, record, checkpoint = check_inclusion_proof(args.proof.read_bytes().decode(), verifier, policy)
     except (ProofError, NoteError, ValueError) as exc:  # UnicodeDecodeError is a ValueError

@@ -491,8 +491,23 @@ def format_inclusion_proof(index: int, entry: bytes, proof: list[bytes], checkpo
     return "\n".join(lines) + "\n\n" + checkpoint_note.decode()
 
 
-def prove_inclusion(directory: Path, verifier: Verifier, index: int, entry: bytes) -> str:
-    note, checkpoint = newest_checkpoint(directory, verifier)
+def latest_record(directory: Path, size: int, transfer_id: str) -> tuple[int, bytes] | None:
+    """The index and entry of the last of the first `size` records whose id is `transfer_id` (a
+    transfer's completion, written after its open record), or None."""
+    found = None
+    for index, entry in iter_entries(directory, size):
+        try:
+            if json.loads(entry).get("id") == transfer_id:
+                found = (index, entry)
+        except ValueError:
+            continue
+    return found
+
+
+def prove_inclusion(directory: Path, verifier: Verifier, index: int, entry: bytes,
+                    signed: tuple[Note, Checkpoint] | None = None) -> str:
+    """The tlog-proof of record `index` against `signed` (a checkpoint covering it; default: the newest)."""
+    note, checkpoint = signed or newest_checkpoint(directory, verifier)
     reader = tail_reader(directory, checkpoint.size)
     proof = inclusion_proof(reader.node_hash, index, checkpoint.size)
     verify_inclusion(index, checkpoint.size, leaf_hash(entry), proof, checkpoint.root)
