@@ -4,6 +4,7 @@ holds certificates fails the reload (`result="failure"`) and the old trust keeps
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -47,8 +48,11 @@ def status(config: dict, url: str) -> str:
 
 
 def reload(gateway, text: str) -> None:
+    """SIGHUP to the pid the gateway announced at its start, as an operator reads it there."""
+    pid = int(gateway.wait_for("gateway pid ").split("gateway pid ", 1)[1].split()[0])
+    assert pid == gateway.proc.pid
     mark = len(gateway.lines)
-    gateway.signal(signal.SIGHUP)
+    os.kill(pid, signal.SIGHUP)
     gateway.wait_for(text, start=mark)
 
 

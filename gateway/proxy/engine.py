@@ -281,7 +281,8 @@ class Announce:
             self._ready()
             return
         bound = [address[:2] for address in self.server.master.addons.get("proxyserver").listen_addrs()]
-        announce(config, bound, self.server.management.url)
+        announce(config, bound, self.server.management.url,
+                 f"gateway pid {os.getpid()} (kill -HUP reloads the configuration)")
         self._ready()
 
     def _ready(self) -> None:

@@ -195,6 +195,7 @@ class Supervisor:
     def _announce(self) -> None:
         config = self.config
         announce(config, [(listener.host, listener.port) for listener in config.listeners], self.management.url,
+                 f"gateway pid {os.getpid()} (kill -HUP reloads the configuration); "
                  f"workers: {len(self.workers)} (pids {', '.join(str(w.pid) for w in self.workers)}); "
                  f"trace writer pid {self.writer.pid}")
 
