@@ -227,8 +227,9 @@ def _grant_inspect(args: argparse.Namespace) -> int:
                 problems.append(f"dataset {dataset_id}: not in the catalogue")
                 continue
             missing = sorted(dataset.required_roles() - signed, key=str)
-            print(f"dataset {dataset_id} ({dataset.cls}): still missing: "
-                  f"{', '.join(r + (f' ({o})' if o else '') for r, o in missing) or 'nothing'}")
+            print(f"dataset {dataset_id} ({dataset.cls}): " + (
+                f"still missing: {', '.join(r + (f' ({o})' if o else '') for r, o in missing)}" if missing
+                else "signed by every authority it needs"))
             if missing:
                 problems.append(f"dataset {dataset_id}: signatures missing")
             if grant.exp - grant.nbf > settings.max_lifetime[dataset.cls]:
