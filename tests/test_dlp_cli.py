@@ -89,7 +89,7 @@ def test_explain_shows_each_validation_step(capsys):
     assert main(["dlp", "explain", "110105194912310021"]) == 0
     out = capsys.readouterr().out
     assert "cn_id_card: '110105194912310021' at byte 0: rejected" in out
-    assert "✗ MOD 11-2 check character is X" in out and "profile outbound: no rule triggers" in out
+    assert "✗ MOD 11-2 check character: X expected, 1 written" in out and "profile outbound: no rule triggers" in out
     assert main(["dlp", "explain", ID]) == 0
     out = capsys.readouterr().out
     assert "cn_id_card: '11010519491231002X' at byte 0: MATCH" in out and "rule id-card (block" in out

@@ -52,7 +52,7 @@ def check_id_card(token: str, today: date | None = None) -> Steps:
     if not step(f"birth date {born.isoformat()} is between 1900 and today", date(1900, 1, 1) <= born <= today):
         return steps
     expected = id_card_check_char(token[:17])
-    step(f"MOD 11-2 check character is {expected}", token[17].upper() == expected)
+    step(f"MOD 11-2 check character: {expected} expected, {token[17]} written", token[17].upper() == expected)
     return steps
 
 
@@ -155,12 +155,13 @@ def check_uscc(token: str) -> Steps:
     if not steps[-1][1]:
         return steps
     expected_org = org_code_check_char(token[8:16])
-    steps.append((f"embedded organisation code check character is {expected_org} (GB 11714)",
-                  token[16] == expected_org))
+    steps.append((f"embedded organisation code check character: {expected_org} expected, {token[16]} written "
+                  "(GB 11714)", token[16] == expected_org))
     if not steps[-1][1]:
         return steps
     expected = uscc_check_char(token[:17])
-    steps.append((f"check character is {expected} (GB 32100 MOD 31)", token[17] == expected))
+    steps.append((f"check character: {expected} expected, {token[17]} written (GB 32100 MOD 31)",
+                  token[17] == expected))
     return steps
 
 
