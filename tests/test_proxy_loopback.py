@@ -253,6 +253,19 @@ def test_reverse_listener_publishes_the_upstream(lab):
     assert "x-gateway-transfer-id" in response.headers
 
 
+def test_reverse_listener_sends_the_request_line_it_decided_on_not_the_clients_url(lab):
+    """An absolute-form request to a reverse listener (a URL naming another host) reaches the published
+    server in origin-form, with the Host it publishes: the server is never asked for what the client named."""
+    published = listener_url(lab["config"], "publish-local")
+    marker = f"absolute-{time.monotonic_ns()}"
+    answered = subprocess.run(["curl", "-sS", "--max-time", "10", "--request-target",
+                               f"http://internal-admin.example:9999/text?body={marker}", published + "/"],
+                              capture_output=True, text=True, timeout=30)
+    assert answered.stdout == marker, answered.stdout + answered.stderr
+    [received] = [request for request in upstream_requests(lab) if marker in request["path"]]
+    assert received["path"] == f"/text?body={marker}" and received["host"] == lab["upstream"].split("//")[1], received
+
+
 def test_denied_zone_pair_gets_403_policy(lab):
     # Upstream in no zone (198.51.100.0/24 is TEST-NET-2): "unknown", denied by default, never contacted.
     with proxy_client(lab) as client:

@@ -56,9 +56,13 @@ def literal_address(host: str) -> str | None:
 
 
 def _host_names_the_target(request: http.Request) -> None:
-    """The policy decides on the target the gateway connects to; a Host header naming anything else
-    is replaced by the target's, as a proxy must for an absolute-form request (RFC 9112, 3.2.2):
-    it would otherwise reach the upstream unscanned and name a host nobody decided on."""
+    """The policy decides on the target the gateway connects to; a request line or Host header naming
+    anything else is rewritten to the target's, as a proxy must for an absolute-form request (RFC 9112,
+    3.2.2): it would otherwise reach the upstream unscanned and name a host nobody decided on."""
+    if request.authority and not (request.is_http2 or request.is_http3) and request.method != "CONNECT":
+        # An HTTP/1 request goes upstream in origin-form: mitmproxy makes it so on a forward listener,
+        # but a reverse one kept the client's absolute-form URL, naming whatever host the client wrote.
+        request.authority = ""
     header = request.host_header
     if header is None:
         return
