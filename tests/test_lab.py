@@ -1,5 +1,6 @@
 """The namespace lab really separates the zones: hosts reach the gateway, not each other."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 
 from gateway.config.load import REPO_ROOT
-from gateway.ops.lab import Lab
+from gateway.ops.lab import Lab, LabError, lab_down, lab_up
 from tests.labs import built_lab
 
 # A tiny TCP server and client run inside namespaces with this interpreter.
@@ -117,6 +118,18 @@ def test_two_labs_coexist_and_down_removes_everything(lab):
     remaining = os.listdir("/var/run/netns")
     assert not [name for name in remaining if name.startswith(f"{other.prefix}-")]
     assert lab.exists()
+
+
+def test_a_state_folder_holds_one_lab_and_another_is_refused_before_anything_is_touched(tmp_path):
+    """`lab up` / `lab down --prefix OTHER` on a state folder a lab runs from would take its services
+    for the other's (and stop them with it): refused, its pid files left alone."""
+    (tmp_path / "lab.json").write_text(json.dumps({"prefix": "gwlab", "config": "config/lab.yaml"}) + "\n")
+    (tmp_path / "gateway.pid").write_text("4242\n")
+    other = Lab(prefix="gwl2")
+    for act in (lambda: lab_up(other, REPO_ROOT / "config" / "lab.yaml", tmp_path), lambda: lab_down(other, tmp_path)):
+        with pytest.raises(LabError, match="holds the lab 'gwlab'"):
+            act()
+    assert (tmp_path / "gateway.pid").read_text() == "4242\n" and not other.exists()
 
 
 def test_vagrantfile_is_valid_ruby_and_reads_the_lab_config():

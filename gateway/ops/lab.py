@@ -257,6 +257,7 @@ def lab_services(lab: Lab, config: Path, state_dir: Path) -> list[LabService]:
 
 def lab_up(lab: Lab, config: Path, state_dir: Path, timeout: float = 30.0) -> list[str]:
     """Build the lab and start its services; returns problems (empty when everything runs)."""
+    _same_lab(lab, state_dir)
     lab.up()
     state_dir.mkdir(parents=True, exist_ok=True)
     for ns in ("sec", "inet"):
@@ -287,8 +288,21 @@ def lab_up(lab: Lab, config: Path, state_dir: Path, timeout: float = 30.0) -> li
     return problems
 
 
+def _same_lab(lab: Lab, state_dir: Path) -> None:
+    """A state folder holds one lab's pid files: another prefix's lab there is refused (its services
+    would be taken for this one's, and stopped with it)."""
+    try:
+        recorded = json.loads((state_dir / "lab.json").read_text())["prefix"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded != lab.prefix:
+        raise LabError(f"{state_dir} holds the lab '{recorded}' (one lab runs at a time): "
+                       f"`gateway lab down --prefix {recorded}` first")
+
+
 def lab_down(lab: Lab, state_dir: Path) -> None:
     """Stop the services (by pid file, then anything else left in the namespaces) and remove the lab."""
+    _same_lab(lab, state_dir)
     pids = []
     for pid_file in sorted(state_dir.glob("*.pid")):
         if (pid := _pid_from(pid_file)) is not None:
