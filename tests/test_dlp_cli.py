@@ -52,6 +52,34 @@ def test_scan_raw_http_messages(tmp_path, capsys):
         ("inbound", "cn_id_card", "header:X-Holder")}  # heads as the gateway inspects them
 
 
+def test_scan_takes_the_upstream_host_as_the_gateway_does(tmp_path, capsys):
+    """A rule's exceptions.hosts applies to a rescan as it did in the gateway: the host comes from the
+    request (absolute URL, else Host), or --host for a response or a plain file."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""rules:
+  - id: id-card
+    detectors: [cn_id_card]
+    action: block
+    exceptions: {{hosts: ["*.partner.example"]}}
+    examples: {{match: ["{ID}"], no_match: ["nothing"]}}
+profiles:
+  outbound: {{rules: [id-card]}}
+  inbound: {{rules: [id-card]}}
+""")
+    body = json.dumps({"sfzh": ID}).encode()
+    for host, target, found in (("api.partner.example", "/submit", False), ("example.com", "/submit", True),
+                                ("example.com", "http://api.partner.example/submit", False)):
+        message = tmp_path / "req.http"
+        message.write_bytes(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, records, _ = run(capsys, "scan", "--rules", str(rules), "--http", str(message))
+        assert (status, bool(records)) == (int(found), found), (host, target, records)
+    plain = tmp_path / "export.json"
+    plain.write_bytes(body)
+    assert run(capsys, "scan", "--rules", str(rules), str(plain))[0] == 1
+    assert run(capsys, "scan", "--rules", str(rules), "--host", "files.partner.example", str(plain))[0] == 0
+
+
 def test_scan_errors_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - id: x\n    action: nope\n")

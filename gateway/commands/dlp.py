@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scan.add_argument("--content-encoding", help="Content-Encoding of the files (gzip, deflate, br, zstd)")
     scan.add_argument("--flows", action="append", default=[], metavar="FILE",
                       help="rescan the requests and responses saved in a mitmproxy flow file")
+    scan.add_argument("--host", help="the upstream host the content went to or came from, for rules' "
+                                     "exceptions.hosts (default: a request's own, from --http or --flows)")
     scan.add_argument("--show-values", action="store_true", help="include clear values in the output")
     scan.set_defaults(func=scan_command)
 
@@ -91,12 +93,13 @@ def scan_command(args: argparse.Namespace) -> int:
         return 2
     found = False
     try:
-        for source, direction, body, content_type, content_encoding, head in _inputs(args):
+        for source, direction, body, content_type, content_encoding, head, host in _inputs(args):
             profile = _profile(rules, args.profile, direction)
+            host = args.host or host  # as the gateway passes the transfer's upstream host
             result = profile.scan(body, content_type=content_type, content_encoding=content_encoding,
-                                  direction=direction)
+                                  direction=direction, host=host)
             if head:
-                extra = profile.scan_head(*head, direction=direction)
+                extra = profile.scan_head(*head, direction=direction, host=host)
                 result = ScanResult(extra.findings + result.findings,
                                     extra.action if not result.action else result.action,
                                     extra.groups + result.groups, {**extra.replacements, **result.replacements})
@@ -130,7 +133,8 @@ def _print_findings(source: str, profile: str, result: ScanResult, show_values: 
 # A head as the gateway inspects it (Profile.scan_head): a request's path with its query and its header
 # fields; a response's header fields (path "/").
 Head = tuple[str, list[tuple[str, str]]]
-Input = tuple[str, str, bytes, str | None, str | None, Head | None]  # source, direction, body, type, encoding, head
+# source, direction, body, type, encoding, head, and the upstream host when the input names it
+Input = tuple[str, str, bytes, str | None, str | None, Head | None, str | None]
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[Input]:
@@ -139,13 +143,15 @@ def _inputs(args: argparse.Namespace) -> Iterator[Input]:
         if args.http:
             yield (path, *parse_http_message(data, path))
         else:
-            yield path, args.direction or "request", data, args.content_type, args.content_encoding, None
+            yield path, args.direction or "request", data, args.content_type, args.content_encoding, None, None
     for flow_file in args.flows:
         yield from _flow_inputs(flow_file)
 
 
-def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None, str | None, Head | None]:
-    """(direction, body, content type, content encoding, head) of a raw HTTP/1.1 message."""
+def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None, str | None, Head | None,
+                                                          str | None]:
+    """(direction, body, content type, content encoding, head, host) of a raw HTTP/1.1 message; the host
+    is a request's (its absolute URL's, else its Host header's), None for a response."""
     separator = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n"
     head, found, body = data.partition(separator)
     if not found:
@@ -159,6 +165,7 @@ def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None
             raise ValueError(f"{source}: malformed header line {line!r}")
         fields.append((name.strip(), value.strip()))
     headers = {name.lower(): value for name, value in fields}
+    host = None
     if start_line.startswith("HTTP/"):
         direction, head = "response", ("/", fields)
     else:
@@ -168,9 +175,10 @@ def parse_http_message(data: bytes, source: str) -> tuple[str, bytes, str | None
         target = urlsplit(parts[1])  # an absolute URL (to a proxy) or a path
         path = target.path + (f"?{target.query}" if target.query else "")
         direction, head = "request", (path, fields)
+        host = target.hostname or urlsplit(f"//{headers.get('host', '')}").hostname
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body, source)
-    return direction, body, headers.get("content-type"), headers.get("content-encoding"), head
+    return direction, body, headers.get("content-type"), headers.get("content-encoding"), head, host
 
 
 def _dechunk(body: bytes, source: str) -> bytes:
@@ -199,12 +207,13 @@ def _flow_inputs(flow_file: str) -> Iterator[Input]:
             request = flow.request
             label = f"{flow_file}#{index} {request.method} {mask_url(request.pretty_url)}"
             yield (f"{label} request", "request", request.raw_content or b"", request.headers.get("content-type"),
-                   request.headers.get("content-encoding"), (request.path, list(request.headers.items(multi=True))))
+                   request.headers.get("content-encoding"), (request.path, list(request.headers.items(multi=True))),
+                   request.host)
             if flow.response is not None:
                 response = flow.response
                 yield (f"{label} response {response.status_code}", "response", response.raw_content or b"",
                        response.headers.get("content-type"), response.headers.get("content-encoding"),
-                       ("/", list(response.headers.items(multi=True))))
+                       ("/", list(response.headers.items(multi=True))), request.host)
 
 
 # explain ----------------------------------------------------------------------------------------------
