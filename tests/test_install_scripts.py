@@ -63,3 +63,9 @@ def test_uninstall_removes_nothing_install_did_not_make(tmp_path, as_root):
     assert refused.returncode == 1 and "not a gateway configuration" in refused.stderr, refused.stderr
     assert (kept / "data" / "important.txt").exists() and (tmp_path / "stage" / "gw" / "pyproject.toml").exists()
     assert (units / "gateway.service").exists()
+
+
+def test_help_is_printed_not_taken_for_a_step():
+    for script, said in (("install", "scripts/install [STEP...]"), ("bundle-install", "./install [STEP...]")):
+        shown = run([str(REPO / "scripts" / script), "--help"])
+        assert shown.returncode == 0 and said in shown.stdout and "error" not in shown.stderr, shown
