@@ -133,6 +133,10 @@ def test_url_and_text_masking_covers_path_and_parameter_names():
     masked = mask_url(f"http://h/users/{ID}/x?{ID}=1&flag&q=a+b")
     assert masked == "http://h/users/1101**********002X/x?1101**********002X=1&flag&q=a+b"
     assert mask_url("http://h/plain/path?a=1&b") == "http://h/plain/path?a=1&b"  # unchanged, as written
+    # a fragment sent in a request line is recorded as sent: masked as the path is
+    assert mask_url(f"http://h/#{ID}") == "http://h/#1101**********002X"
+    assert mask_url(f"http://h/p?q=1#a/{ID}?x") == "http://h/p?q=1#a/1101**********002X?x"
+    assert mask_url("http://h/p#top") == "http://h/p#top"
     assert mask_text(f"Received invalid header name: b'X-{ID}'") == "Received invalid header name: b'X-1101**********002X'"
 
 

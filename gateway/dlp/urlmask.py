@@ -31,17 +31,20 @@ def every_detector(action: str = "audit"):
 
 
 def mask_url(url: str) -> str:
-    """The URL with credentials and values of sensitive types in its path and query (and userinfo) masked."""
+    """The URL with credentials and values of sensitive types in its path, query and fragment (and userinfo)
+    masked."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}{':' + _MASK if colon else ''}@{hostport}"
-    # One scan of the whole path and query first: most URLs hold nothing to mask part by part.
-    whole = unquote_plus(f"{parts.path}?{parts.query}")
-    sensitive = bool(whole.strip("/?")) and mask_text(whole) != whole
+    # One scan of the whole path, query and fragment first: most URLs hold nothing to mask part by part.
+    # (A client may send a fragment in its request line: it is recorded as sent, so masked as the path.)
+    whole = unquote_plus(f"{parts.path}?{parts.query}#{parts.fragment}")
+    sensitive = bool(whole.strip("/?#")) and mask_text(whole) != whole
     path = _masked_part(parts.path, unquote, "/*@:;,=+~!$&'()") if sensitive else parts.path
+    fragment = _masked_part(parts.fragment, unquote, "/*@:;,=+~!$&'()?") if sensitive else parts.fragment
     pairs = []
     for pair in parts.query.split("&") if parts.query else []:
         raw_name, equals, raw_value = pair.partition("=")
@@ -50,7 +53,7 @@ def mask_url(url: str) -> str:
             pairs.append(f"{name}={_MASK}")
         else:
             pairs.append(f"{name}{equals}{_masked_part(raw_value, unquote_plus, '*@') if sensitive else raw_value}")
-    return urlunsplit(parts._replace(netloc=netloc, path=path, query="&".join(pairs)))
+    return urlunsplit(parts._replace(netloc=netloc, path=path, query="&".join(pairs), fragment=fragment))
 
 
 def mask_text(text: str) -> str:
