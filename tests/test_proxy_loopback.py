@@ -701,6 +701,22 @@ def test_alert_and_trace_records_for_decisions(lab):
     assert record["decision"] == "block" and record["client"]["zone"] == "extranet"
 
 
+def test_a_method_naming_an_id_number_is_masked_in_every_log(lab):
+    """A client's own method (any token may be one) is refused at `method`, and masked in the decision
+    line on stdout as in the trace record and the alert."""
+    port = int(listener_url(lab["config"], "forward").rsplit(":", 1)[1])
+    mark = len(lab["gateway"].lines)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"{ID_NUMBER} {lab['upstream']}/ HTTP/1.1\r\nHost: {lab['upstream'][7:]}\r\n\r\n".encode())
+        answer = conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    transfer_id = re.search(rb"x-gateway-transfer-id: (\S+)", answer, re.IGNORECASE).group(1).decode()
+    line = lab["gateway"].wait_for(f'"transfer_id":"{transfer_id}"', start=mark)
+    assert json.loads(line[line.index("{"):])["method"] == "1101**********002X", line
+    assert ID_NUMBER not in "\n".join(lab["gateway"].lines[mark:])
+    assert trace_record(lab, transfer_id)["method"] == "1101**********002X"
+
+
 def test_sighup_with_a_bad_file_keeps_the_old_configuration(lab):
     path: Path = lab["path"]
     good = path.read_text()

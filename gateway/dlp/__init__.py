@@ -10,7 +10,7 @@ A plain library (no proxy, no network). Usage:
 from gateway.dlp.engine import Finding, Profile, RuleSet, ScanResult, load_rules
 from gateway.dlp.rules import DlpConfigError
 from gateway.dlp.stream import StreamScan
-from gateway.dlp.urlmask import mask_text, mask_url
+from gateway.dlp.urlmask import mask_method, mask_text, mask_url
 
-__all__ = ["DlpConfigError", "Finding", "Profile", "RuleSet", "ScanResult", "StreamScan", "load_rules", "mask_text",
-           "mask_url"]
+__all__ = ["DlpConfigError", "Finding", "Profile", "RuleSet", "ScanResult", "StreamScan", "load_rules",
+           "mask_method", "mask_text", "mask_url"]

@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
+from gateway.dlp import mask_method
 from gateway.transfer.model import Transfer, reason_entries, utc_timestamp
 
 REASONS_ROOM = 16 * 1024  # bytes of reasons in one line (grouped and counted past it, see gateway.dlp.tally)
@@ -45,7 +46,7 @@ def decision_entry(transfer: Transfer, *, method: str | None, status: int | None
         "dst_zone": transfer.upstream_zone,
         "client": transfer.client_addr,
         "upstream": f"{transfer.shown_host}:{transfer.upstream_port}",
-        "method": method,
+        "method": None if method is None else mask_method(method),  # a client's text when not a standard one
         "status": status,
         "decision": transfer.decision,
         "policy_rule": transfer.verdict.rule if transfer.verdict else None,
