@@ -717,6 +717,21 @@ def test_a_method_naming_an_id_number_is_masked_in_every_log(lab):
     assert trace_record(lab, transfer_id)["method"] == "1101**********002X"
 
 
+def test_what_mitmproxy_logs_of_an_unparsable_head_is_masked(lab):
+    """mitmproxy logs the bytes of a request line or header line it cannot parse: masked before written."""
+    port = int(listener_url(lab["config"], "forward").rsplit(":", 1)[1])
+    mark = len(lab["gateway"].lines)
+    for head in (f"GET {lab['upstream']}/?id={ID_NUMBER} HTTP/1.1 x\r\n\r\n",
+                 f"GET {lab['upstream']}/ HTTP/1.1\r\nHost: {lab['upstream'][7:]}\r\nX-Id {ID_NUMBER}\r\n\r\n",
+                 "GET http://alice:Hunter2pw@127.0.0.2:9/ HTTP/1.1 x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(head.encode())
+            assert conn.recv(65536).startswith(b"HTTP/1.1 400"), head
+    lab["gateway"].wait_for("alice:***@", start=mark)
+    logged = "\n".join(lab["gateway"].lines[mark:])
+    assert "1101**********002X" in logged and ID_NUMBER not in logged and "Hunter2pw" not in logged, logged
+
+
 def test_sighup_with_a_bad_file_keeps_the_old_configuration(lab):
     path: Path = lab["path"]
     good = path.read_text()

@@ -35,7 +35,18 @@ from gateway.ops.management import ManagementServer
 from gateway.ops.metrics import GatewayMetrics, exposition_registry
 from gateway.ops.sameconfig import same_config
 from gateway.ops.sdnotify import sd_notify, watchdog_interval
-from gateway.proxy import answers, backpressure, bodytimeout, h2limits, heads, heldheads, idle, proxyproto, wslimits
+from gateway.proxy import (
+    answers,
+    backpressure,
+    bodytimeout,
+    h2limits,
+    heads,
+    heldheads,
+    idle,
+    logmask,
+    proxyproto,
+    wslimits,
+)
 from gateway.proxy.connlimit import ConnectionLimits
 from gateway.proxy.deadline import FirstRequestDeadline
 from gateway.proxy.upstreamdeadline import UpstreamDeadline
@@ -66,6 +77,7 @@ class GatewayServer:
     supervisor in gateway.proxy.supervisor, which then serves the management listener and the trace log."""
 
     def __init__(self, config_path: Path | None, frontend: str | None = None, worker: WorkerRole | None = None):
+        logmask.install()
         self.config_path = config_path
         self.frontend = frontend
         self.worker = worker
