@@ -33,7 +33,7 @@ from tests.gatewayproc import (
 )
 
 MIB = 1024 * 1024
-TMPFS_SIZE = "24m"  # above the 16 MiB the gateway keeps free (gateway.filters.DISK_RESERVE)
+TMPFS_SIZE = "24m"  # above the 16 MiB the gateway keeps free (gateway.transfer.disk.DISK_RESERVE)
 
 
 @contextlib.contextmanager
@@ -65,12 +65,13 @@ def fill(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_gateway(tmp_path: Path, full: str):
-    """A one-worker gateway whose state folder's `full` (trace or spool) is a tmpfs of its own."""
+def running_gateway(tmp_path: Path, full: str, workers: int = 1):
+    """A gateway (one worker, or a supervisor of `workers`) whose state folder's `full` (trace or spool)
+    is a tmpfs of its own."""
     state = tmp_path / "state"
     with tmpfs(state / full) as folder:
         port = free_port("127.0.0.2")
-        config = gateway_config(state, workers=1)
+        config = gateway_config(state, workers=workers)
         config["dlp"]["spool_threshold"] = "1MiB"
         upstream = start_upstream("127.0.0.2", port, tmp_path / "upstream.log")
         gateway = start_gateway(write_config(tmp_path / "gateway.yaml", config))
@@ -155,6 +156,18 @@ def test_a_full_trace_log_filesystem_refuses_transfers_before_forwarding_and_rec
             record = records.get(transfer_id) or alerted[transfer_id]
             assert (record["status"], record["decision"]) == (503, "error"), record
             assert alerted[transfer_id]["rules"][0]["rule"] == "trace-log"
+
+
+@pytest.mark.parametrize("full", ["trace", "spool"])
+def test_readyz_of_several_workers_says_a_filesystem_is_full(tmp_path, full):
+    """The supervisor's /readyz, as the single process's: a load balancer stops sending what every worker
+    would refuse."""
+    with running_gateway(tmp_path, full, workers=2) as lab:
+        wait_until_ready(lab, True)
+        filler = fill(lab["folder"])
+        assert f"{'trace log' if full == 'trace' else 'spool'} filesystem full" in wait_until_ready(lab, False)
+        filler.unlink()
+        wait_until_ready(lab, True)
 
 
 @pytest.mark.parametrize("direction", ["upload", "chunked upload", "download"])

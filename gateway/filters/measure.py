@@ -19,11 +19,12 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from gateway.authz import REASONS as GRANT_REASONS
 from gateway.config.runtime import Runtime
-from gateway.filters import body_size, disk_full, transfer_of
+from gateway.filters import body_size, transfer_of
 from gateway.filters.record import TRACE_TIMED_OUT
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog
+from gateway.transfer.disk import disk_full
 from gateway.transfer.edge import LIMIT_ERROR, UPSTREAM_TIMED_OUT, MalformedRequest
 from gateway.transfer.model import Transfer
 from gateway.transfer.spool import spool_dir

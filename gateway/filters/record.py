@@ -33,10 +33,11 @@ from mitmproxy.master import Master
 
 from gateway.config.runtime import Runtime
 from gateway.dlp import mask_method, mask_text, mask_url
-from gateway.filters import FreeSpace, body_size, refusal_response, refuse, transfer_of
+from gateway.filters import body_size, refusal_response, refuse, transfer_of
 from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
+from gateway.transfer.disk import FreeSpace
 from gateway.transfer.edge import (ANSWER_STATUS, TIMEOUT, TRAILERS, UPSTREAM, UPSTREAM_TIMED_OUT,
                                    MalformedRequest, cut)
 from gateway.transfer.model import (
