@@ -238,6 +238,17 @@ def test_a_warned_value_in_a_response_head_passes_with_the_warning(lab):
     assert response.headers["x-gateway-warning"] == "id-card-inbound"
 
 
+def test_a_value_in_a_response_status_line_is_inspected_as_the_head_is(lab):
+    """The reason phrase is the upstream's own text: inspected (warned here, as in a header) and recorded
+    masked, not passed unseen."""
+    with proxy_client(lab) as client:
+        response = client.get(f"{lab['upstream']}/text?body=ok&reason=id")
+    assert response.status_code == 200 and response.headers["x-gateway-warning"] == "id-card-inbound"
+    record = trace_record(lab, response.headers["x-gateway-transfer-id"])
+    assert record["decision"] == "warn" and "status" in json.dumps(record["rules"]), record
+    assert ID_NUMBER not in json.dumps(record)
+
+
 def test_response_carrying_id_numbers_is_blocked(lab):
     with proxy_client(lab) as client:
         response = client.get(f"{lab['upstream']}/ids?n=20")

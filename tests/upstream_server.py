@@ -15,7 +15,9 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
   ?framing=close or chunked (for /card, /big, /random) sends the answer with no Content-Length,
                    ending when the connection closes, or chunked
   anything else    200 "ok"
-Any of them with ?delay=S answers S seconds after logging the request (transfers in flight for a while).
+Any of them with ?delay=S answers S seconds after logging the request (transfers in flight for a while),
+and with ?reason=TEXT (for /text and the others sent whole) has TEXT as its status line's reason phrase
+(?reason=id: "OK" and a resident ID number, which the request itself then does not carry).
 """
 
 from __future__ import annotations
@@ -115,11 +117,13 @@ class Handler(BaseHTTPRequestHandler):
                 extra_headers.append(("Content-Encoding", "gzip"))
         else:
             answer = b"ok"
-        self._send(content_type, [answer], extra_headers, framing, len(answer))
+        reason = query.get("reason", [None])[0]
+        self._send(content_type, [answer], extra_headers, framing, len(answer),
+                   f"OK {ID_NUMBERS[0]}" if reason == "id" else reason)
 
     def _send(self, content_type: str, pieces, extra_headers: list[tuple[str, str]], framing: str,
-              length: int | None = None) -> None:
-        self.send_response(200)
+              length: int | None = None, reason: str | None = None) -> None:
+        self.send_response(200, reason)
         self.send_header("Content-Type", content_type)
         if framing == "chunked":
             self.send_header("Transfer-Encoding", "chunked")

@@ -177,12 +177,15 @@ class Profile:
         return self.evaluate(decoded, direction, host, keep)
 
     def scan_head(self, path: str, headers: list[tuple[str, str]], *, direction: str = "request",
-                  host: str | None = None, method: str = "", keep: int | None = None) -> ScanResult:
-        """A message head: the request method (any token may be one), the URL path (percent-decoded)
-        and its query, and every header field but Host (the destination, which the zone policy
-        decides on; scanning it would flag every transfer to an internal address)."""
+                  host: str | None = None, method: str = "", reason: str = "",
+                  keep: int | None = None) -> ScanResult:
+        """A message head: the request method (any token may be one), a response's reason phrase (any
+        text may be one), the URL path (percent-decoded) and its query, and every header field but Host
+        (the destination, which the zone policy decides on; scanning it would flag every transfer to an
+        internal address)."""
         path, _, query = path.partition("?")
         fields = [("method", "", method)] if method else []
+        fields += [("status", "", reason)] if reason else []
         fields += [("path", "", unquote(path))] if path.strip("/") else []
         fields += [(f"query:{name}", name, value) for name, value in parse_qsl(query, keep_blank_values=True)]
         fields += [(f"header:{name}", name, value) for name, value in headers if name.lower() != "host"]

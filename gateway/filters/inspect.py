@@ -83,7 +83,7 @@ class Inspect:
         response = flow.response
         profile = self._profile(transfer, "response")
         head = self._within_budget(transfer, profile, "response", "response head", lambda: profile.scan_head(
-            "/", list(response.headers.items(multi=True)), direction="response",
+            "/", list(response.headers.items(multi=True)), direction="response", reason=response.reason,
             host=transfer.upstream_host, keep=KEEP_NONE)) if profile else None
         if profile is not None:
             _unread_transfer_coding(transfer, response)  # refused with the body, or the body cut
