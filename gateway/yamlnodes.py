@@ -241,9 +241,10 @@ def parse_duration(text: str) -> float:
 
 
 def private_file_problem(path: Path) -> str | None:
-    """Why a private key file must not be used (group or others may read or write it), or None: a key
-    others can read is no longer the gateway's alone. Checked by everything that loads one."""
+    """Why a private key or password file must not be used (group or others may read or write it), or
+    None: a secret others can read is no longer the gateway's alone. Checked by everything that loads one."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        return f"{path} is open to group or others (mode {mode:04o}): a private key must be its owner's alone; chmod 600 it"
+        return (f"{path} is open to group or others (mode {mode:04o}): a private key or password must be its "
+                "owner's alone; chmod 600 it")
     return None

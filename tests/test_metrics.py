@@ -173,8 +173,14 @@ def _config_with_management(tmp_path: Path, management: dict) -> Path:
 def test_config_management_tls_and_auth(tmp_path):
     cert, key = self_signed(tmp_path)
     (tmp_path / "password").write_text("pw\n")
+    (tmp_path / "password").chmod(0o644)
     path = _config_with_management(tmp_path, {"tls": {"cert": "mgmt.crt", "key": "mgmt.key"},
                                               "basic_auth": {"user": "prom", "password_file": "password"}})
+    with pytest.raises(ConfigError) as caught:  # a password others can read is refused, as a private key is
+        load_config(path)
+    assert "management.basic_auth.password_file:" in "\n".join(caught.value.errors)
+    assert "open to group or others (mode 0644)" in "\n".join(caught.value.errors)
+    (tmp_path / "password").chmod(0o600)
     config = load_config(path)
     assert config.management_tls == (cert, key)  # relative to the configuration file
     assert config.management_auth.user == "prom"

@@ -364,6 +364,8 @@ def _basic_auth(node: Node) -> BasicAuth | None:
     password_file = entries["password_file"].path_value() if "password_file" in entries else None
     if password_file is not None and not password_file.is_file():
         entries["password_file"].error(f"no such file: {password_file}")
+    elif password_file is not None and (problem := private_file_problem(password_file)):
+        entries["password_file"].error(problem)
     if ("password_hash" in entries) == ("password_file" in entries):
         node.error("give exactly one of 'password_hash' and 'password_file'")
     if not user or node.sink.errors:
