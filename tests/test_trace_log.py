@@ -478,3 +478,13 @@ def test_append_timeouts_fail_only_the_late_records_which_are_written_all_the_sa
 
         asyncio.run(scenario())
     assert ids_in_log(tmp_path) == {0: "before", 1: "patient", 2: "late", 3: "after"}
+
+
+def test_a_signing_key_made_for_another_log_is_refused_saying_what_to_do(tmp_path):
+    """A machine switched to another front end (another log origin) on the same state folder."""
+    open_store(tmp_path / "log", ORIGIN, tmp_path / "key").close()
+    with pytest.raises(TraceError) as refused:
+        open_store(tmp_path / "log2", ORIGIN + "-other", tmp_path / "key")
+    message = str(refused.value)
+    assert f"{tmp_path / 'key'}: the key is for {ORIGIN!r}" in message and "a state_dir of its own" in message
+    assert message.count(str(tmp_path / "key")) == 1

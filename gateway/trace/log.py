@@ -289,7 +289,7 @@ def open_store(directory: Path, origin: str, signing_key: Path, *,
     try:
         signer = load_or_create_signer(signing_key, origin, SIG_ED25519)
     except (OSError, NoteError) as exc:
-        raise TraceError(f"trace signing key {signing_key}: {exc}") from exc
+        raise TraceError(f"trace signing key: {exc}") from exc  # (its message names the file)
     store = LogStore.open(directory, signer, rotate_bundles=rotate_bundles)
     pub = directory / VERIFIER_KEY_FILE
     if not pub.exists() or pub.read_text().strip() != signer.verifier.vkey():

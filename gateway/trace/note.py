@@ -138,8 +138,9 @@ def load_or_create_signer(path: Path, name: str, sig_type: int) -> Signer:
             raise NoteError(problem)
         signer = parse_skey(path.read_text())
         if signer.name != name or signer.sig_type != sig_type:
-            raise NoteError(f"{path}: key is for {signer.name!r} (type {signer.sig_type}), "
-                            f"expected {name!r} (type {sig_type})")
+            raise NoteError(f"{path}: the key is for {signer.name!r} (type {signer.sig_type}), expected "
+                            f"{name!r} (type {sig_type}): a key made for another log or witness (another front "
+                            "end or machine name); a gateway configuration so renamed needs a state_dir of its own")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         signer = Signer.generate(name, sig_type)
