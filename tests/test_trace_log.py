@@ -482,7 +482,7 @@ def test_append_timeouts_fail_only_the_late_records_which_are_written_all_the_sa
 
 def test_a_signing_key_made_for_another_log_is_refused_saying_what_to_do(tmp_path):
     """A machine switched to another front end (another log origin) on the same state folder."""
-    open_store(tmp_path / "log", ORIGIN, tmp_path / "key").close()
+    open_store(tmp_path / "log", ORIGIN, tmp_path / "key").close_files()
     with pytest.raises(TraceError) as refused:
         open_store(tmp_path / "log2", ORIGIN + "-other", tmp_path / "key")
     message = str(refused.value)
