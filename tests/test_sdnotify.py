@@ -51,3 +51,16 @@ def test_ready_watchdog_reload_and_stopping(tmp_path, workers):
     finally:
         gateway.stop()
         notify.close()
+
+
+def test_a_notification_with_nobody_listening_is_dropped(tmp_path, monkeypatch):
+    """A worker whose supervisor was killed outright still stops cleanly: its STOPPING=1 has nowhere to go."""
+    from gateway.ops.sdnotify import sd_notify
+
+    gone = tmp_path / "gone.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(gone))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(gone))  # bound once, nobody reads it now
+    sd_notify("STOPPING=1")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "never.sock"))
+    sd_notify("STOPPING=1")

@@ -14,7 +14,10 @@ def sd_notify(message: str) -> None:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError:  # the listener is gone (a supervisor killed outright): nobody left to tell
+            pass
 
 
 def watchdog_interval() -> float | None:
