@@ -24,7 +24,7 @@ from gateway.filters.record import TRACE_TIMED_OUT
 from gateway.ops.decisionlog import DecisionLog
 from gateway.ops.metrics import ACTION_OF_DECISION, GatewayMetrics
 from gateway.trace import TraceLog
-from gateway.transfer.disk import disk_full
+from gateway.transfer.disk import filesystem_problems
 from gateway.transfer.edge import LIMIT_ERROR, UPSTREAM_TIMED_OUT, MalformedRequest
 from gateway.transfer.model import Transfer
 from gateway.transfer.spool import spool_dir
@@ -80,10 +80,7 @@ class Measure:
             problems.append(str(trace.failure))
         elif not os.access(config.trace_dir, os.W_OK):
             problems.append(f"trace log directory not writable: {config.trace_dir}")
-        else:
-            problems.append(disk_full(config.trace_dir, "trace log"))
-        problems.append(disk_full(spool_dir(config.state_dir), "spool"))
-        return [problem for problem in problems if problem]
+        return problems + filesystem_problems(config.trace_dir, spool_dir(config.state_dir))
 
     # Connections.
 

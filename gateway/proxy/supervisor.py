@@ -44,7 +44,7 @@ from gateway.ops.sdnotify import sd_notify, watchdog_interval
 from gateway.proxy.listeners import reuse_port_socket
 from gateway.proxy.state import announce, close_abandoned_transfers, ensure_ca, trace_key_path, writer_socket_path
 from gateway.trace.remote import RemoteTraceLog
-from gateway.transfer.disk import disk_full
+from gateway.transfer.disk import filesystem_problems
 from gateway.transfer.spool import spool_dir
 
 log = logging.getLogger("gateway.supervisor")
@@ -376,8 +376,7 @@ class Supervisor:
                         await process.wait()
 
     def problems(self) -> list[str]:
-        """/readyz: every worker and the trace writer up, room on the trace log's and the spool's
-        filesystems (called from the management thread)."""
+        """/readyz: every worker and the trace writer up, room on disk (called from the management thread)."""
         problems = []
         if self.stopping:
             problems.append("stopping")
@@ -388,10 +387,7 @@ class Supervisor:
             problems.append(f"workers not ready: {', '.join(late)} of {len(self.workers)}")
         if not os.access(self.config.trace_dir, os.W_OK):
             problems.append(f"trace log directory not writable: {self.config.trace_dir}")
-        else:  # as the single process reports it, and every worker refuses transfers on it
-            problems.append(disk_full(self.config.trace_dir, "trace log"))
-        problems.append(disk_full(spool_dir(self.config.state_dir), "spool"))
-        return [problem for problem in problems if problem]
+        return problems + filesystem_problems(self.config.trace_dir, spool_dir(self.config.state_dir))
 
 
 def _forget_metrics_of(pid: int) -> None:

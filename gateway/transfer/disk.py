@@ -31,6 +31,12 @@ def _too_little(free: int, directory: Path, what: str) -> str | None:
             f"{DISK_RESERVE // (1024 * 1024)} MiB kept in reserve")
 
 
+def filesystem_problems(trace_dir: Path, spool: Path) -> list[str]:
+    """Why the trace log's or the spool's filesystem cannot take more (what every worker refuses transfers
+    on, and /readyz says); empty when both can."""
+    return [problem for problem in (disk_full(trace_dir, "trace log"), disk_full(spool, "spool")) if problem]
+
+
 # Far enough above the reserve, a filesystem is looked at again only after DISK_RECHECK seconds.
 DISK_AMPLE = DISK_RESERVE + 256 * 1024 * 1024
 DISK_RECHECK = 1.0
