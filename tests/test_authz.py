@@ -17,6 +17,7 @@ from gateway.authz.claims import ClaimsError
 from gateway.authz.claims import grant as grant_claims
 from gateway.authz.jose import DocumentError, b64url, parse, unb64url, verify
 from gateway.authz.quota import QuotaStore
+from gateway.authz.sqlite import open_shared, write_transaction
 from gateway.config.load import load_config
 from tests.authzkit import CATALOG, Kit
 from tests.gatewayproc import REPO, gateway_config, write_config
@@ -134,6 +135,22 @@ def test_quota_is_shared_and_survives_reopening(tmp_path):
     exceeded = second.take(limits, now)
     assert exceeded is not None and exceeded.measure == "requests" and exceeded.period == "day"
     assert reopened.usage("grant:g", now)["day"]["requests"] == 3
+
+
+def test_a_write_that_fails_keeps_nothing_and_leaves_the_store_usable(tmp_path):
+    # The stores' writes (quotas, consents, accepted revocations) share this transaction: a failure
+    # half-way (a full disk, a lock held too long) must not leave a transaction open on the connection,
+    # or every later write of that worker would fail ("cannot start a transaction within a transaction").
+    db, other = open_shared(tmp_path / "s.sqlite", timeout=1), open_shared(tmp_path / "s.sqlite", timeout=1)
+    db.execute("CREATE TABLE t (v INTEGER)")
+    with pytest.raises(OSError):
+        with write_transaction(db):
+            db.execute("INSERT INTO t VALUES (1)")
+            raise OSError("disk full")
+    assert not db.in_transaction
+    with write_transaction(db):
+        db.execute("INSERT INTO t VALUES (2)")
+    assert [row[0] for row in other.execute("SELECT v FROM t")] == [2]
 
 
 def test_check_names_file_and_line_of_catalogue_errors(kit, tmp_path):
