@@ -26,15 +26,8 @@ import orjson
 from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims, consent_row
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
 from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret
-from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
-
-
-class Refused(Exception):
-    """Exit 1 with this message."""
-
-
-class Usage(Exception):
-    """Exit 2 with this message."""
+from gateway.commands import Refused, Usage, configuration
+from gateway.config.load import DEFAULT_CONFIG
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,10 +89,7 @@ def guard(func):
 
 
 def _config(args: argparse.Namespace):
-    try:
-        config = load_config(args.config, args.frontend)
-    except ConfigError as e:
-        raise Usage("\n".join(e.errors)) from None
+    config = configuration(args)
     if config.authz is None or config.authz.consent is None:
         raise Usage(f"{config.source}: no authz.consent section")
     return config

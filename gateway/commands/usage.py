@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.authz.settlement import KEYS, MEASURES, Settlement
-from gateway.commands.consent import Refused, Usage, guard
-from gateway.commands.trace import UsageError, _policy, _witness_args
-from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
+from gateway.commands import Refused, Usage, configuration
+from gateway.commands.consent import guard
+from gateway.commands.trace import _policy, _witness_args
+from gateway.config.load import DEFAULT_CONFIG, ConfigError
 from gateway.proxy.state import trace_key_path, trace_verifier_key_path, writer_socket_path
 from gateway.trace import TraceError, TraceLog
 from gateway.trace.audit import WitnessPolicy, iter_committed_entries, verify_log
@@ -147,10 +148,7 @@ def _render(settlement: Settlement, start: datetime, end: datetime, covered: lis
 
 
 def _report(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.frontend)
-    except ConfigError as e:
-        raise Usage("\n".join(e.errors)) from None
+    config = configuration(args)
     if config.authz is None:
         raise Usage(f"{config.source}: no authz section (the catalogue prices the usage)")
     start, end = _when(args.start, "--from"), _when(args.end, "--to")
@@ -162,10 +160,7 @@ def _report(args: argparse.Namespace) -> int:
         settlement()
     except ValueError as e:
         raise Usage(f"--by: {e}") from None
-    try:
-        policy = _policy(args)
-    except UsageError as e:
-        raise Usage(str(e)) from None
+    policy = _policy(args)
     own_key = trace_verifier_key_path(config.state_dir)  # never the copy inside a log: its forger wrote it
     logs = _peer_logs(args) if args.peers is not None else _given_logs(args, config.trace_dir, own_key, policy)
     origins = [log.checkpoint.origin for log in logs]
