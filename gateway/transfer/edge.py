@@ -65,11 +65,11 @@ def cut(flow) -> None:
     handler = connection_handler(flow.client_conn)
     if handler is None:
         return
-    for connection in (flow.server_conn, flow.client_conn):
-        io = handler.transports.get(connection)
+    for side in (flow.server_conn, flow.client_conn):
+        io = handler.transports.get(side)
         if io is None:
             continue
         if io.writer is not None:
             # Abort, not close: nothing still queued (such as a chunked body's terminator) may follow.
             io.writer.transport.abort()
-        handler.close_connection(connection)
+        handler.close_connection(side)
