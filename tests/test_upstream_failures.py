@@ -9,6 +9,7 @@ GOAWAY, garbage frames, bad status and close after the head. HTTP/1.1 and HTTP/2
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def lab(tmp_path_factory):
     plain, tls, http2 = BadUpstream("127.0.0.2"), BadUpstream("127.0.0.2", tls=(cert, key)), \
         BadUpstream("127.0.0.2", tls=(cert, key), http2=True)
     yield {"root": root, "config": config, "proxy": listener_url(config, "forward"), "gateway_ca": gateway_ca, "upload": upload,
-           "plain": plain, "tls": tls, "http2": http2}
+           "plain": plain, "tls": tls, "http2": http2, "gateway": gateway}
     gateway.stop()
     for upstream in (plain, tls, http2):
         upstream.close()
@@ -84,6 +85,43 @@ def test_an_upstream_failing_its_answer_is_answered_502_with_the_transfer_id(lab
     for url in (f"http://127.0.0.2:{lab['plain'].port}{path}", f"https://127.0.0.2:{lab['tls'].port}{path}"):
         status, transfer_id = answered(lab, url, version=version)
         assert_answered_and_recorded(lab, status, transfer_id)
+
+
+def exchanged(sock: socket.socket, url: str) -> tuple[int, str]:
+    """One GET through the proxy on an open connection: the answer's status and transfer id (its body read)."""
+    host = url.split("/")[2]
+    sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(65536)
+        assert data, answer  # the gateway closed the connection without a (whole) answer
+        answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+    while len(body) < int(fields["content-length"]):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), fields.get("x-gateway-transfer-id", "")
+
+
+@pytest.mark.parametrize("path", ["/garbage-head", "/bad-header-line"])
+def test_an_unparsable_upstream_head_is_answered_502_and_the_connection_serves_on(lab, path):
+    """mitmproxy failed the stream a second time when the upstream's connection closed after a head it
+    could not parse, and asserted on the client connection the 502 had left open: "mitmproxy has
+    crashed!" with a traceback, and that connection answered nothing more until its idle deadline."""
+    logged = len(lab["gateway"].lines)
+    protocol_errors = metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"')
+    host, port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        first = exchanged(sock, f"http://127.0.0.2:{lab['plain'].port}{path}")
+        # The 502 is whole and so was the request: the connection serves the client's next one.
+        second = exchanged(sock, f"http://127.0.0.2:{lab['plain'].port}/close-before-head")
+    record = assert_answered_and_recorded(lab, *first)
+    assert record["error"].startswith("Cannot parse HTTP response: "), record
+    assert_answered_and_recorded(lab, *second)
+    assert metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"') == protocol_errors + 2
+    crashes = [line for line in lab["gateway"].lines[logged:] if "crashed" in line or "Traceback" in line]
+    assert not crashes, lab["gateway"].output
 
 
 @pytest.mark.parametrize("version", VERSIONS)

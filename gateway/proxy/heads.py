@@ -5,11 +5,12 @@ Http1Server answers it 400 itself. Wrapped here: that answer is replaced by the 
 `malformed_request` hook (MalformedRequestHook) puts in `MalformedRequest.answer`, so the pipeline
 records and counts it like any other refused transfer. A head still unfinished after MAX_REQUEST_HEAD
 bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
-response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that cannot begin an HTTP
-request (a binary or other protocol, say inside a CONNECT tunnel) are refused 400 at once, and a head
-not finished within the `request_head_timeout` option from its first byte is refused 408 (a
-slowloris, or a protocol where the server speaks first), where mitmproxy would wait for the
-connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+response head past MAX_RESPONSE_HEAD fails that upstream (502), and one mitmproxy cannot parse fails
+it once (mitmproxy failed the stream again when the connection closed, and crashed). Bytes that
+cannot begin an HTTP request (a binary or other protocol, say inside a CONNECT tunnel) are refused
+400 at once, and a head not finished within the `request_head_timeout` option from its first byte
+is refused 408 (a slowloris, or a protocol where the server speaks first), where mitmproxy would wait
+for the connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
 and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
@@ -70,7 +71,8 @@ def install() -> None:
     if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
         raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/proxy/heads.py")
     wrap_method(Http1Client, "read_headers", _limit_response_heads,
-          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body",
+           'f"Cannot parse HTTP response: {e}"'))
     for cls in (Http1Server, Http1Client):
         wrap_method(cls, "read_body", _read_body,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
@@ -213,7 +215,17 @@ def _limit_response_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived) and self.request is not None:
             _drop_interim_responses(self.buf)
-        yield from original(self, event)
+
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseProtocolError):
+                # A head it could not parse: mitmproxy closes the connection but stays in read_headers, so
+                # the close it sees next fails the stream a second time ("server closed connection"). The
+                # client, answered 502 meanwhile, is on its next request: Http1Server asserted on the id.
+                self.buf = ReceiveBuffer()
+                self.state = self.done
+            return None
+
+        yield from relay(original(self, event), substitute)
         if self.response is None and self.stream_id is not None and self.state != self.done \
                 and len(self.buf) > MAX_RESPONSE_HEAD:
             # An upstream that never ends its head would be buffered without limit: it has failed.
