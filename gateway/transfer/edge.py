@@ -10,7 +10,7 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.server import ConnectionHandler
 
-# flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
+# flow.metadata key: (status, cause: UPSTREAM, MALFORMED or one below) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
 TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
