@@ -25,6 +25,7 @@ ANSWERS: dict[str, bytes | None] = {
     "/close-before-head": None,
     "/close-mid-head": b"HTTP/1.1 200 OK\r\nContent-Ty",
     "/garbage-head": b"\x16\x03\x01 this is no HTTP\r\n\r\n",
+    "/bad-header-line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\na header line with no colon\r\n\r\nok",
     "/short-body": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nonly this",
     "/bad-chunk": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
     "/cut-chunked": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc",

@@ -5,15 +5,18 @@ Http1Server answers it 400 itself. Wrapped here: that answer is replaced by the 
 `malformed_request` hook (MalformedRequestHook) puts in `MalformedRequest.answer`, so the pipeline
 records and counts it like any other refused transfer. A head still unfinished after MAX_REQUEST_HEAD
 bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
-response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that cannot begin an HTTP
-request (a binary or other protocol, say inside a CONNECT tunnel) are refused 400 at once, and a head
-not finished within the `request_head_timeout` option from its first byte is refused 408 (a
-slowloris, or a protocol where the server speaks first), where mitmproxy would wait for the
-connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+response head past MAX_RESPONSE_HEAD fails that upstream (502), and one mitmproxy cannot parse fails
+it once (mitmproxy failed the stream again when the connection closed, and crashed). Bytes that
+cannot begin an HTTP request (a binary or other protocol, say inside a CONNECT tunnel) are refused
+400 at once, and a head not finished within the `request_head_timeout` option from its first byte
+is refused 408 (a slowloris, or a protocol where the server speaks first), where mitmproxy would wait
+for the connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
 and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
-An upstream's interim (1xx) responses are dropped before its final one is read. An HTTP/2
+An upstream's interim (1xx) responses are dropped before its final one is read. Its 101 to any
+protocol but WebSocket fails it (502, a RefusedUpgrade): mitmproxy sent the client that 101, then
+closed the connection (with `rawtcp` it would relay both ways uninspected). An HTTP/2
 client's request trailers (inspected like a head by the inspect stage) are dropped toward an HTTP/1
 upstream: mitmproxy cannot write them there (it raised after the body, leaving the upstream
 connection without the message's end).
@@ -24,27 +27,31 @@ mitmproxy upgrade changes them.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 import uuid
 from collections.abc import Callable
 
 import h11._readers
+import wsproto.handshake
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http, optmanager
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
     RequestProtocolError,
     RequestTrailers,
+    ResponseHeaders,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
-from gateway.transfer.edge import MALFORMED, TRAILERS, MalformedRequest, MalformedRequestHook
+from gateway.transfer.edge import MALFORMED, TRAILERS, UPGRADE, MalformedRequest, MalformedRequestHook
 
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
@@ -70,12 +77,15 @@ def install() -> None:
     if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
         raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/proxy/heads.py")
     wrap_method(Http1Client, "read_headers", _limit_response_heads,
-          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body",
+           'f"Cannot parse HTTP response: {e}"'))
     for cls in (Http1Server, Http1Client):
         wrap_method(cls, "read_body", _read_body,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
                "yield commands.CloseConnection(self.conn)", 'f"HTTP/1 protocol error: {e}"',
                "code=self.ReceiveProtocolError.code"))
+    if not all(statement in inspect.getsource(HttpStream.send_response) for statement in WEBSOCKET_TEST):
+        raise RuntimeError("HttpStream.send_response changed how it tells a WebSocket: review gateway/proxy/heads.py")
     wrap_method(Http1Client, "send", _drop_request_trailers, ('raise AssertionError(f"Unexpected event: {event}")',))
     chunk_header = h11._readers.chunk_header_re.pattern
     if CHUNK_SIZE not in chunk_header:
@@ -213,17 +223,69 @@ def _limit_response_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived) and self.request is not None:
             _drop_interim_responses(self.buf)
-        yield from original(self, event)
+        refused = False
+
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            nonlocal refused
+            if refused:
+                return _nothing()  # the 101's empty body, then what follows it as raw data: none of it goes on
+            if not isinstance(command, ReceiveHttp):
+                return None
+            if isinstance(command.event, ResponseHeaders) and _uninspectable_upgrade(self, command.event.response):
+                refused = True
+                return _refuse_upgrade(self, command.event.response)
+            if isinstance(command.event, ResponseProtocolError):
+                # A head it could not parse: mitmproxy closes the connection but stays in read_headers, so
+                # the close it sees next fails the stream a second time ("server closed connection"). The
+                # client, answered 502 meanwhile, is on its next request: Http1Server asserted on the id.
+                _stop_reading(self)
+            return None
+
+        yield from relay(original(self, event), substitute)
+        if refused:
+            _stop_reading(self)
         if self.response is None and self.stream_id is not None and self.state != self.done \
                 and len(self.buf) > MAX_RESPONSE_HEAD:
             # An upstream that never ends its head would be buffered without limit: it has failed.
             yield commands.CloseConnection(self.conn)
-            self.buf = ReceiveBuffer()
-            self.state = self.done
+            _stop_reading(self)
             yield ReceiveHttp(ResponseProtocolError(
                 self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
 
     return read_headers
+
+
+# How mitmproxy's HttpStream.send_response tells a WebSocket handshake, which it goes on with; after
+# any other 101 it only closes the connection (rawtcp is off). _uninspectable_upgrade tells it alike.
+WEBSOCKET_TEST = ('self.flow.response.headers.get("upgrade", "").lower() == "websocket"',
+                  'self.flow.request.headers.get("Sec-WebSocket-Version", "").encode()',
+                  "== wsproto.handshake.WEBSOCKET_VERSION", "and self.context.options.websocket")
+
+
+def _uninspectable_upgrade(client: Http1Client, response: http.Response) -> bool:
+    return response.status_code == 101 and not (
+        response.headers.get("upgrade", "").lower() == "websocket"
+        and client.request.headers.get("Sec-WebSocket-Version", "").encode() == wsproto.handshake.WEBSOCKET_VERSION
+        and client.context.options.websocket)
+
+
+class RefusedUpgrade(ResponseProtocolError):
+    """An upstream's 101 to a protocol the gateway cannot inspect: answered 502 and recorded as
+    refused (gateway.filters.record), where mitmproxy sent the client the 101, then closed."""
+
+    cause = UPGRADE
+
+
+def _refuse_upgrade(client: Http1Client, response: http.Response) -> layer.CommandGenerator[None]:
+    yield commands.CloseConnection(client.conn)
+    protocol = response.headers.get("upgrade", "")[:64]
+    yield ReceiveHttp(RefusedUpgrade(client.stream_id, f"upstream switched protocols to {protocol!r}: "
+                                     "only WebSocket is inspected", ErrorCode.GENERIC_SERVER_ERROR))
+
+
+def _stop_reading(client: Http1Client) -> None:
+    client.buf = ReceiveBuffer()
+    client.state = client.done
 
 
 def _drop_interim_responses(buf: ReceiveBuffer) -> None:

@@ -10,11 +10,12 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.server import ConnectionHandler
 
-# flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
+# flow.metadata key: (status, cause: UPSTREAM, MALFORMED or one below) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
 TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
 TRAILERS = "trailers"  # HTTP/1 request trailers, refused (gateway.proxy.heads)
+UPGRADE = "upgrade"  # an upstream's 101 to a protocol other than WebSocket, refused (gateway.proxy.heads)
 # flow.metadata key: the seconds an upstream was given to begin its answer, when it did not and its
 # connection was closed for it (gateway.proxy.upstreamdeadline): answered 504, not 502.
 UPSTREAM_TIMED_OUT = "gateway_upstream_timed_out"
