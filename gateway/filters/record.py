@@ -38,7 +38,7 @@ from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
 from gateway.transfer.disk import FreeSpace
-from gateway.transfer.edge import (ANSWER_STATUS, TIMEOUT, TRAILERS, UPSTREAM, UPSTREAM_TIMED_OUT,
+from gateway.transfer.edge import (ANSWER_STATUS, BODY_DEADLINE, BODY_IDLE, TRAILERS, UPSTREAM, UPSTREAM_TIMED_OUT,
                                    MalformedRequest, cut)
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
@@ -62,7 +62,8 @@ class RecordingGateway(Protocol):
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
 # Refusals of a request's body whose error text is the gateway's own: (reason, the answer's error).
 BODY_REFUSALS = {
-    TIMEOUT: (Reason("timeout", "body-idle", "request body", "error"), "request body timed out"),
+    BODY_IDLE: (Reason("timeout", BODY_IDLE, "request body", "error"), "request body timed out"),
+    BODY_DEADLINE: (Reason("timeout", BODY_DEADLINE, "request body", "error"), "request body timed out"),
     TRAILERS: (Reason("framing", "trailers", "request trailers", "block"), "malformed request"),
 }
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
