@@ -38,8 +38,8 @@ from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
 from gateway.transfer.disk import FreeSpace
-from gateway.transfer.edge import (ANSWER_STATUS, TIMEOUT, TRAILERS, UPGRADE, UPSTREAM, UPSTREAM_TIMED_OUT,
-                                   MalformedRequest, cut)
+from gateway.transfer.edge import (ANSWER_STATUS, BODY_DEADLINE, BODY_IDLE, TRAILERS, UPGRADE, UPSTREAM,
+                                   UPSTREAM_TIMED_OUT, MalformedRequest, cut)
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -63,7 +63,8 @@ MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
 # Refusals whose error text is the gateway's own (a request body's, an upstream's upgrade), by cause:
 # (reason, the answer's error).
 OWN_REFUSALS = {
-    TIMEOUT: (Reason("timeout", "body-idle", "request body", "error"), "request body timed out"),
+    BODY_IDLE: (Reason("timeout", BODY_IDLE, "request body", "error"), "request body timed out"),
+    BODY_DEADLINE: (Reason("timeout", BODY_DEADLINE, "request body", "error"), "request body timed out"),
     TRAILERS: (Reason("framing", "trailers", "request trailers", "block"), "malformed request"),
     UPGRADE: (Reason("upstream", "upgrade", "response head", "block"), "upstream protocol not inspectable"),
 }

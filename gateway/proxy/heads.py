@@ -140,9 +140,11 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     a finished one of any size), more than MAX_REQUEST_FIELDS fields, or not HTTP/1.0 or 1.1 (an
     h2c preface `PRI * HTTP/2.0` inside a tunnel, `HTTP/9.9`)."""
     data = buf._data
-    end = _HEAD_END.search(data, 0, MAX_REQUEST_HEAD + 4)
+    if _head_too_long(data, MAX_REQUEST_HEAD):
+        return 431, f"request head larger than {MAX_REQUEST_HEAD} bytes"
+    end = _HEAD_END.search(data, 0, MAX_REQUEST_HEAD)
     if end is None:
-        return (431, f"request head larger than {MAX_REQUEST_HEAD} bytes") if len(data) > MAX_REQUEST_HEAD else None
+        return None
     if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
@@ -155,6 +157,13 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
 
 _HEAD_END = re.compile(rb"\n\r?\n")
 _VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
+
+
+def _head_too_long(data: bytearray, limit: int) -> bool:
+    """Whether the head at the start of `data` is longer than `limit` bytes, counted up to and with the
+    empty line that ends it: known once `limit` bytes have come without its end, however the head was
+    cut into reads (not from what the buffer held when one arrived)."""
+    return len(data) >= limit and _HEAD_END.search(data, 0, limit) is None
 
 
 def _could_start_request(buf: ReceiveBuffer) -> bool:
@@ -210,7 +219,6 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
     yield commands.SendData(server.conn, answer)
 
 
-
 def _nothing() -> layer.CommandGenerator[None]:
     yield from ()
 
@@ -223,6 +231,15 @@ def _limit_response_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived) and self.request is not None:
             _drop_interim_responses(self.buf)
+            if self.stream_id is not None and _head_too_long(self.buf._data, MAX_RESPONSE_HEAD):
+                # Before mitmproxy parses it: it takes a finished head of any size (one finished by the
+                # read that took it past the limit passed), and would buffer an endless one without limit.
+                yield commands.CloseConnection(self.conn)
+                _stop_reading(self)
+                yield ReceiveHttp(ResponseProtocolError(
+                    self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes",
+                    ErrorCode.GENERIC_SERVER_ERROR))
+                return
         refused = False
 
         def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
@@ -244,13 +261,6 @@ def _limit_response_heads(original: Callable) -> Callable:
         yield from relay(original(self, event), substitute)
         if refused:
             _stop_reading(self)
-        if self.response is None and self.stream_id is not None and self.state != self.done \
-                and len(self.buf) > MAX_RESPONSE_HEAD:
-            # An upstream that never ends its head would be buffered without limit: it has failed.
-            yield commands.CloseConnection(self.conn)
-            _stop_reading(self)
-            yield ReceiveHttp(ResponseProtocolError(
-                self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
 
     return read_headers
 
@@ -292,7 +302,7 @@ def _drop_interim_responses(buf: ReceiveBuffer) -> None:
     """An upstream's interim responses (1xx: 103 Early Hints, an unasked 100 Continue) are dropped, as
     mitmproxy does over HTTP/2: it would take the first for the final response, answer the client
     with it, and take the real one for garbage. 101 stays: it is the final answer to an upgrade."""
-    while (end := _HEAD_END.search(buf._data, 0, MAX_RESPONSE_HEAD + 4)) is not None \
+    while (end := _HEAD_END.search(buf._data, 0, MAX_RESPONSE_HEAD)) is not None \
             and (status := _INTERIM_STATUS.match(buf._data, 0, end.start())) is not None \
             and status.group(1) != b"101":
         buf.maybe_extract_lines()

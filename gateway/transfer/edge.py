@@ -13,7 +13,9 @@ from mitmproxy.proxy.server import ConnectionHandler
 # flow.metadata key: (status, cause: UPSTREAM, MALFORMED or one below) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
-TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
+# A request body that timed out (gateway.proxy.bodytimeout): no byte of it for body_idle_timeout, or not
+# whole within body_timeout of its head (drip-fed).
+BODY_IDLE, BODY_DEADLINE = "body-idle", "body-deadline"
 TRAILERS = "trailers"  # HTTP/1 request trailers, refused (gateway.proxy.heads)
 UPGRADE = "upgrade"  # an upstream's 101 to a protocol other than WebSocket, refused (gateway.proxy.heads)
 # flow.metadata key: the seconds an upstream was given to begin its answer, when it did not and its
