@@ -282,3 +282,16 @@ def test_an_older_batch_imported_later_changes_no_terms(tmp_path):
     assert consent["datasets"] == ["civil.residents"] and consent["batch"] == "march"
     with pytest.raises(ConsentError, match="future"):
         registry.import_batch(batch("next-year", now + 365 * 86400, ["civil.residents"]), *args)
+
+
+def test_usage_report_refuses_a_key_taken_from_inside_the_log(kit, tmp_path):
+    # The report bills from a log only against a key obtained out of band: the copy a log folder holds
+    # was written by whoever could write the log.
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
+    log = tmp_path / "copied-log"
+    log.mkdir()
+    (log / "trace-signing.pub").write_text("gateway.local/trace+0badc0de+AAAA\n")
+    result = gateway("usage", "report", "--from", "2026-01-01", "--to", "2026-02-01", "-c", str(config),
+                     "--trace", str(log), "--pubkey", str(log / "trace-signing.pub"), "--no-record")
+    assert result.returncode == 2, result.stderr
+    assert "is inside the log it is to check" in result.stderr, result.stderr

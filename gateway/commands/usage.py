@@ -102,10 +102,11 @@ def _key(key_file: Path) -> Verifier:
 
 
 def _verified(directory: Path, verifier: Verifier, key_from: str, policy: WitnessPolicy | None) -> Log:
-    print(f"{directory}: verified with {verifier.vkey()} (from {key_from})", file=sys.stderr)
+    print(f"{directory}: checking against {verifier.vkey()} (from {key_from})", file=sys.stderr)
     verified = verify_log(directory, verifier, policy)
     if verified.problems:  # every log verifies before any figure is summed
         raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))
+    print(f"{directory}: verified", file=sys.stderr)
     checkpoint = verified.witnessed if policy is not None else verified.checkpoint
     covered = {"log": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex(),
                "verifier_key": verifier.vkey(), "key_from": key_from}
@@ -199,6 +200,10 @@ def _given_logs(args: argparse.Namespace, own_log: Path, own_key: Path, policy: 
     if len(key_files) != len(directories):
         raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
                     f"never the {VERIFIER_KEY_FILE} inside it")
+    for directory, key_file in zip(directories, key_files):
+        if key_file.resolve().is_relative_to(directory.resolve()):
+            raise Usage(f"--pubkey {key_file} is inside the log it is to check ({directory}): whoever could "
+                        "rewrite the log could rewrite that key too; give the key obtained out of band")
     return [_verified(directory, _key(key_file), str(key_file), policy)
             for directory, key_file in zip(directories, key_files)]
 
