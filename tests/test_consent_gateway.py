@@ -228,6 +228,19 @@ def test_issue_signs_only_what_import_takes(lab):
         assert not (lab["root"] / "broken.batch").exists()
 
 
+def test_issue_says_which_consents_name_no_valid_id_number(lab):
+    """A number failing GB 11643's check is most often mistyped: signed (a provider may hold the same), but said."""
+    source = lab["root"] / "typo.jsonl"
+    lines = [consent(0, id="520602199001011237"), consent(1, id="520602199001011234")]
+    source.write_text("".join(json.dumps(c) + "\n" for c in lines))
+    made = gateway_cli("consent", "issue", str(source), "--secret", str(lab["root"] / "consent.secret"),
+                       "--key", str(lab["root"] / "platform.key"), "-o", str(lab["root"] / "typo.batch"))
+    assert made.returncode == 0, made.stderr
+    assert "warning: 1 of them name no valid GB 11643 ID number" in made.stderr, made.stderr
+    assert "line 2 (MOD 11-2 check character: 7 expected, 4 written)" in made.stderr, made.stderr
+    assert "line 1" not in made.stderr and "520602199001011234" not in made.stderr
+
+
 def test_import_and_check(lab):
     now = int(time.time())
     consents = [consent(i) for i in CONSENTED]

@@ -25,9 +25,10 @@ import orjson
 
 from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims, consent_row
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
-from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret
+from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret, normal_id
 from gateway.commands import Refused, Usage, configuration
 from gateway.config.load import DEFAULT_CONFIG
+from gateway.dlp.validators import check_id_card
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,18 +118,24 @@ def _issue(args: argparse.Namespace) -> int:
         key = load_private_key(args.key)
     except ValueError as e:
         raise Usage(str(e)) from None
-    lines = []
+    lines, invalid = [], []
     with args.consents.open("rb") as source:
         for number, line in enumerate(source, start=1):
             if not line.strip():
                 continue
             try:
                 consent = orjson.loads(line)
-                subject = hasher.key(consent.pop("id"))
+                number_text = normal_id(consent.pop("id"))
             except (orjson.JSONDecodeError, KeyError, AttributeError):
                 raise Usage(f"{args.consents}: line {number}: expected an object with 'id'") from None
-            if subject is None:
+            if number_text is None:
                 raise Usage(f"{args.consents}: line {number}: 'id' is not an ID number")
+            # Signed all the same (a provider's records may hold the same mistyped number), but said: a
+            # consent to a number no resident holds is most often a typing error.
+            failed = [label for label, ok in check_id_card(number_text) if not ok] if len(number_text) == 18 else []
+            if failed:
+                invalid.append(f"line {number} ({failed[0]})")
+            subject = hasher.key(number_text)
             consent["subject"] = subject.hex()
             line = orjson.dumps(consent) + b"\n"
             try:
@@ -142,6 +149,10 @@ def _issue(args: argparse.Namespace) -> int:
     manifest = json.dumps(add_signature(draft(claims), key, PLATFORM_ROLE), separators=(",", ":")).encode()
     args.output.write_bytes(manifest + b"\n" + body)
     print(f"batch {claims['batch']}: {len(lines)} consents signed by {key.kid} in {args.output}")
+    if invalid:
+        print(f"warning: {len(invalid)} of them name no valid GB 11643 ID number, so each matches only records "
+              f"holding that very number: {args.consents} {', '.join(invalid[:5])}"
+              + (", ..." if len(invalid) > 5 else ""), file=sys.stderr)
     return 0
 
 
