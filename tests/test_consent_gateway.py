@@ -529,6 +529,8 @@ def test_evidence_for_one_transfer(lab):
     assert made.returncode == 0 and by_config.read_text() == evidence.read_text(), made.stderr
     checked = gateway_cli("trace", "check-evidence", str(by_config), "-c", str(lab["path"]))
     assert checked.returncode == 0 and json.loads(checked.stdout)["transfer_id"] == transfer_id, checked.stdout
+    # and it says which key it took: the gateway's own, not one a party obtained out of band
+    assert f"note: checking against {lab['root'] / 'state' / 'trace-signing.pub'}" in checked.stderr, checked.stderr
     bundle = json.loads(evidence.read_text())
     forged = bundle["proof"].split("\n")
     entry = json.loads(base64.b64decode(forged[1][6:]))

@@ -454,7 +454,12 @@ def _proof_keys(args: argparse.Namespace) -> tuple[Verifier, WitnessPolicy | Non
     """The log's key (--pubkey, or the configuration's) and the witness policy of a proof checked offline."""
     if args.pubkey is not None and args.config is not None:
         raise Usage("give the key either with --pubkey or with -c CONFIG, not both")
-    pubkey = args.pubkey if args.pubkey is not None else trace_verifier_key_path(configuration(args).state_dir)
+    if args.pubkey is not None:
+        return _load_vkey(args.pubkey), _policy(args)
+    config = configuration(args)
+    pubkey = trace_verifier_key_path(config.state_dir)
+    print(f"note: checking against {pubkey} (the gateway of {config.source}); a party checking offline passes "
+          "--pubkey with the key obtained out of band", file=sys.stderr)
     return _load_vkey(pubkey), _policy(args)
 
 
