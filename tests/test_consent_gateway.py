@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -441,6 +442,7 @@ def test_usage_report_checked_against_its_settlement_record(lab):
     checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(repriced))
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "DIFFERS: totals: amount settled" in checked.stdout and "EQUAL" not in checked.stdout
+    assert re.search(r"amount settled [0-9.]+ CNY, recounted [0-9.]+ CNY", checked.stdout), checked.stdout
     # Another grouping was never settled.
     other = [*lab["settled"][:-1], "dataset"]
     checked = gateway_cli("usage", "report", *other, "--check", "-c", str(lab["path"]))

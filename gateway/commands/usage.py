@@ -260,7 +260,7 @@ def _check(args: argparse.Namespace, logs: list[Log], own: Log, settlement: Call
     if not differences:
         text = _render(recount, start, end, settled["logs"], args.format)
         settled_totals = settled.get("totals") or {}
-        differences = [f"totals: {measure} settled {settled_totals.get(measure)!r}, recounted {value!r}"
+        differences = [f"totals: {measure} settled {_figure(settled_totals.get(measure))}, recounted {_figure(value)}"
                        for measure, value in recount.totals().items() if settled_totals.get(measure) != value]
         if hashlib.sha256(text.encode()).hexdigest() == settled.get("report_sha256"):
             print("EQUAL: the records settled give the same report, byte for byte")
@@ -269,11 +269,17 @@ def _check(args: argparse.Namespace, logs: list[Log], own: Log, settlement: Call
     if later.rows:
         extra = later.totals()
         print(f"since the settlement: {extra['requests']} request(s) of the range came into the logs, "
-              f"{extra['records']} record(s), {extra['bytes']} bytes, amount "
-              f"{', '.join(f'{value} {currency}' for currency, value in extra['amount'].items()) or 0} (not settled)")
+              f"{extra['records']} record(s), {extra['bytes']} bytes, amount {_figure(extra['amount'])} (not settled)")
     for difference in differences:
         print(f"DIFFERS: {difference}")
     return 1 if differences else 0
+
+
+def _figure(value: object) -> str:
+    """A total as the report's reader writes it: an amount per currency as `120.0 CNY`, none as 0."""
+    if isinstance(value, dict):
+        return ", ".join(f"{amount} {currency}" for currency, amount in value.items()) or "0"
+    return "none" if value is None else str(value)
 
 
 def _append(config, record: dict[str, Any]) -> int:
