@@ -295,3 +295,16 @@ def test_usage_report_refuses_a_key_taken_from_inside_the_log(kit, tmp_path):
                      "--trace", str(log), "--pubkey", str(log / "trace-signing.pub"), "--no-record")
     assert result.returncode == 2, result.stderr
     assert "is inside the log it is to check" in result.stderr, result.stderr
+
+
+def test_answers_outside_2xx_carrying_records_are_not_billed_but_tallied(settings):
+    from gateway.authz.settlement import Settlement
+    grant = {"result": "allow", "consumer": "operator-a", "dataset": "health.residents", "records": 7}
+    settlement = Settlement(settings.catalog)
+    settlement.add({"grant": grant, "status": 200, "decision": "allow", "consent": {"passed": 3, "masked": 2}})
+    settlement.add({"grant": grant, "status": 500, "decision": "allow", "consent": {"passed": 1, "masked": 4}})
+    settlement.add({"grant": grant, "status": 404, "decision": "warn"})  # as the upstream sent them: 7
+    settlement.add({"grant": {**grant, "records": 0}, "status": 502, "decision": "allow"})
+    settlement.add({"grant": grant, "status": 403, "decision": "block", "consent": {"passed": 9, "masked": 0}})
+    assert settlement.totals()["requests"] == 1 and settlement.totals()["records"] == 5
+    assert settlement.unbilled == {"requests": 2, "records": 12}

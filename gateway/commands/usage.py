@@ -178,6 +178,10 @@ def _report(args: argparse.Namespace) -> int:
     if not counted.rows:  # (still a statement worth settling: no billable use in the range)
         print(f"note: no billable transfer from {start.isoformat()} to {end.isoformat()} in the logs "
               f"({', '.join(origins)})", file=sys.stderr)
+    if counted.unbilled["requests"]:
+        print(f"note: {counted.unbilled['requests']} allowed answer(s) outside 2xx carried "
+              f"{counted.unbilled['records']} record(s) out, not billed (the provider answered them as failed)",
+              file=sys.stderr)
     digest = hashlib.sha256(text.encode()).hexdigest()
     if args.output:
         args.output.write_text(text)
