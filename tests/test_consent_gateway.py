@@ -254,6 +254,10 @@ def test_import_and_check(lab):
     args = ("--consumer", "operator-a", "--scenario", "elderly-care", "-c", str(lab["path"]))
     assert gateway_cli("consent", "check", SUBJECTS[7], *args).returncode == 0
     assert gateway_cli("consent", "check", SUBJECTS[310], *args).returncode == 1
+    # `-`: the number read from standard input, out of sight of ps and the shell's history
+    piped = subprocess.run([sys.executable, "-m", "gateway", "consent", "check", "-", *args], input=SUBJECTS[7] + "\n",
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert piped.returncode == 0, piped.stdout + piped.stderr
     expired = gateway_cli("consent", "check", SUBJECTS[360], *args)
     assert expired.returncode == 1 and "expired" in expired.stdout, expired.stdout
     # The registry holds subject keys only, never a clear number.

@@ -55,14 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("withdraw", help="withdraw consents by id, or all of a subject's (for a consumer, scenario)")
     p.add_argument("cids", nargs="*", metavar="CID")
-    p.add_argument("--id", dest="id_number", help="the subject's ID number (hashed, never stored)")
+    p.add_argument("--id", dest="id_number", help="the subject's ID number (hashed, never stored); - reads it from "
+                                                  "standard input, out of sight of ps and the shell's history")
     p.add_argument("--consumer")
     p.add_argument("--scenario")
     _config_arg(p)
     p.set_defaults(func=guard(_withdraw))
 
     p = sub.add_parser("check", help="whether an ID number's subject consented; exit 0 when so")
-    p.add_argument("id_number", metavar="ID")
+    p.add_argument("id_number", metavar="ID", help="the subject's ID number; - reads it from standard input, out of "
+                                                  "sight of ps and the shell's history")
     p.add_argument("--consumer", required=True)
     p.add_argument("--scenario", required=True)
     p.add_argument("--dataset", help="a dataset the consent must cover (default: show every consent)")
@@ -179,15 +181,20 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subject(config, id_number: str) -> bytes:
+    """The subject key of an ID number given on the command line, or read from standard input for `-`."""
+    given = sys.stdin.readline().strip() if id_number == "-" else id_number
+    subject = config.authz.consent.hasher.key(given)
+    if subject is None:
+        raise Usage("standard input holds no ID number" if id_number == "-" else f"'{given}' is not an ID number")
+    return subject
+
+
 def _withdraw(args: argparse.Namespace) -> int:
     config = _config(args)
     if bool(args.cids) == bool(args.id_number):
         raise Usage("give consent ids, or --id (not both)")
-    subject = None
-    if args.id_number:
-        subject = config.authz.consent.hasher.key(args.id_number)
-        if subject is None:
-            raise Usage(f"'{args.id_number}' is not an ID number")
+    subject = _subject(config, args.id_number) if args.id_number else None
     registry = _registry(config)
     count = registry.withdraw(args.cids, subject, args.consumer, args.scenario)
     registry.close()
@@ -197,9 +204,7 @@ def _withdraw(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = _config(args)
-    subject = config.authz.consent.hasher.key(args.id_number)
-    if subject is None:
-        raise Usage(f"'{args.id_number}' is not an ID number")
+    subject = _subject(config, args.id_number)
     registry = _registry(config)
     now = time.time()
     consents = [c for c in registry.consents_of(subject)
