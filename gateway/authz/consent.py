@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import orjson
 
+from gateway.authz.claims import CLOCK_SKEW
 from gateway.authz.jose import PLATFORM_ROLE, Authority, DocumentError, parse, verify
 from gateway.authz.records import Lookup
 from gateway.authz.sqlite import open_shared, write_transaction
@@ -48,7 +49,6 @@ CONSENT_KEYS = {"cid", "subject", "consumer", "scenario", "datasets", "nbf", "ex
 CONSENT_REQUIRED = CONSENT_KEYS - {"separate", "withdrawn"}
 BATCH_KEYS = {"ver", "batch", "iat", "count", "sha256", "subject_key", "key_check"}
 INSERT_CHUNK = 20000
-CLOCK_SKEW = 300  # seconds a batch's issue time may lie ahead of this machine's clock
 LOOKUP_CHUNK = 900  # host parameters per query, under SQLite's old default limit of 999
 
 SCHEMA = """

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 from gateway.authz import claims as claim_checks
-from gateway.authz.claims import ClaimsError, RevocationList
+from gateway.authz.claims import CLOCK_SKEW, ClaimsError, RevocationList
 from gateway.authz.jose import Authority, DocumentError, parse, verify
 from gateway.authz.sqlite import open_shared, write_transaction
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between looks at the file
-CLOCK_SKEW = 300  # seconds a list's issue time may lie ahead of this machine's clock
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accepted (one INTEGER PRIMARY KEY CHECK (one = 1), iat INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY);

@@ -18,11 +18,11 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
+from gateway.authz.claims import utc
 from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims, consent_row
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
 from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret, normal_id
@@ -173,7 +173,7 @@ def _import(args: argparse.Namespace) -> int:
             refused.append(f"{path}: {e}")
             print(f"{path}: REFUSED, nothing imported: {e}", file=sys.stderr)
             continue
-        print(f"{path}: batch {batch.batch} issued {_iso(batch.iat)}: {batch.count} consents imported "
+        print(f"{path}: batch {batch.batch} issued {utc(batch.iat)}: {batch.count} consents imported "
               f"in {time.perf_counter() - started:.1f} s")
     registry.close()
     if refused:
@@ -214,12 +214,12 @@ def _check(args: argparse.Namespace) -> int:
     valid = []
     for c in consents:
         problems = [problem for problem, failed in (
-            ("withdrawn", c["withdrawn"]), (f"not valid before {_iso(c['nbf'])}", now < c["nbf"]),
-            (f"expired {_iso(c['exp'])}", now >= c["exp"]), ("not separate consent", args.separate and not c["separate"]),
+            ("withdrawn", c["withdrawn"]), (f"not valid before {utc(c['nbf'])}", now < c["nbf"]),
+            (f"expired {utc(c['exp'])}", now >= c["exp"]), ("not separate consent", args.separate and not c["separate"]),
             (f"does not cover {args.dataset}", args.dataset is not None and args.dataset not in c["datasets"]))
             if failed]
         print(f"consent {c['cid']} (batch {c['batch']}): datasets {', '.join(c['datasets'])}, "
-              f"{_iso(c['nbf'])} to {_iso(c['exp'])}{', separate' if c['separate'] else ''}: "
+              f"{utc(c['nbf'])} to {utc(c['exp'])}{', separate' if c['separate'] else ''}: "
               f"{'VALID' if not problems else 'NOT VALID: ' + '; '.join(problems)}")
         if not problems:
             valid.append(c)
@@ -230,7 +230,3 @@ def _check(args: argparse.Namespace) -> int:
     print(f"subject {subject.hex()[:16]}..., consumer {args.consumer}, scenario {args.scenario}: "
           f"{'CONSENTED' if valid else 'NO CONSENT'}")
     return 0 if valid else 1
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
