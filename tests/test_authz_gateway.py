@@ -369,6 +369,16 @@ def test_revocation_is_not_rolled_back_by_restart_future_or_omission(tmp_path):
         kit.write_revocations()  # a current list omitting the revoked grant does not bring it back
         time.sleep(1.5)
         refused(get(lab, "/api/residents/1", grant=grant, licence=licence), "grant_revoked")
+        # Whatever else takes the list's place (garbage, a list from the future): the revocations since
+        # are unknown, refused at once, even for a grant that was never revoked.
+        for replaced in (lambda: kit.revocation_file.write_bytes(b"garbage"),
+                         lambda: kit.write_revocations(issued=int(time.time()) + 3600)):
+            kit.write_revocations()
+            time.sleep(1.5)
+            assert get(lab, "/api/residents/1", grant=kit.grant(), licence=licence).status_code == 200
+            replaced()
+            time.sleep(1.5)
+            refused(get(lab, "/api/residents/1", grant=kit.grant(), licence=licence), "revocation_stale")
         kit.revocation_file.unlink()  # no list: refused at once
         time.sleep(1.5)
         refused(get(lab, "/api/residents/1", grant=kit.grant(), licence=licence), "revocation_stale")

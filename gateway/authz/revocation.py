@@ -3,9 +3,9 @@
 Each worker looks at the file's identity (inode, size, mtime) at most once a second, so a revocation
 written by `gateway grant revoke` reaches every worker within about a second without a restart or a
 signal. A list that does not verify, is older than the newest one ever accepted, or issued in the
-future (beyond CLOCK_SKEW) is ignored (and logged): the view held then ages, and once older than
-`max_age` the gateway refuses conditional and contract transfers. A deleted or unreadable file leaves
-no view: refused at once. The highest issue time accepted and every id ever revoked are kept in the
+future (beyond CLOCK_SKEW), and a deleted or unreadable file, leave no view (logged): conditional and
+contract transfers are refused at once, until a valid list is written; a view older than `max_age` is
+refused too. The highest issue time accepted and every id ever revoked are kept in the
 state folder (`state/authz/revocation.sqlite`), so an older list put back is refused after a reload,
 a restart or a worker's respawn too, and a revocation is never undone by a list that omits it.
 """
@@ -88,20 +88,26 @@ class RevocationView:
         if identity == self._identity:
             return
         self._identity = identity
+        # The file the bureau's list should be in holds something else: the revocations issued since the
+        # view held are unknown, so no view is held (refused at once, as for a deleted file) until a valid
+        # list replaces it. Warnings, not errors: at start an error would stop the gateway, which must stay
+        # up and refuse instead.
         try:
             fresh = read_revocation_list(self.path.read_bytes(), self.authorities, self.algorithms)
         except (OSError, DocumentError, ClaimsError) as e:
-            log.error("revocation list %s rejected, keeping the view of %s: %s", self.path,
-                      self.current.iat if self.current else "none", e)
+            log.warning("revocation list %s rejected, no view held (conditional and contract data refused): %s",
+                        self.path, e)
+            self.current = None
             return
         newest, _ = self._accepted()
         if fresh.iat < max(newest, self.current.iat if self.current else -1):
-            # a warning: at start an error would stop the gateway, which must stay up and refuse instead
-            log.warning("revocation list %s is older than one accepted before (iat %d < %d): ignored", self.path,
-                      fresh.iat, newest)
+            log.warning("revocation list %s is older than one accepted before (iat %d < %d): no view held",
+                        self.path, fresh.iat, newest)
+            self.current = None
             return
         if fresh.iat > time.time() + CLOCK_SKEW:
-            log.warning("revocation list %s issued in the future (iat %d): ignored", self.path, fresh.iat)
+            log.warning("revocation list %s issued in the future (iat %d): no view held", self.path, fresh.iat)
+            self.current = None
             return
         self.current = self._accept(fresh)
 
