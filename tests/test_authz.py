@@ -219,17 +219,22 @@ def test_tools_issue_cosign_inspect_revoke(kit, tmp_path):
 def test_catalog_explain(kit, tmp_path):
     config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
     raw = gateway("catalog", "explain", "http://127.0.0.2:8000/raw/records/5", "-c", str(config))
-    assert raw.returncode == 0
+    assert raw.returncode == 1  # exit 1 whenever the gateway would refuse, 0 when it may pass
     assert "dataset: health.records" in raw.stdout and "class: contract" in raw.stdout
     assert "never leaves" in raw.stdout
     conditional = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1?fields=age", "-c", str(config))
     assert "needs: a grant (X-Data-Grant) signed by bureau, sector (health)" in conditional.stdout
+    assert conditional.returncode == 0
     none = gateway("catalog", "explain", "http://127.0.0.3/other", "-c", str(config))
     assert "the zone policy alone decides" in none.stdout
     closed = gateway("catalog", "explain", "http://127.0.0.2/other", "-c", str(config))
     assert "REFUSED (uncatalogued)" in closed.stdout, closed.stdout
     method = gateway("catalog", "explain", "http://127.0.0.2/api/residents/1", "-X", "DELETE", "-c", str(config))
-    assert "REFUSED (grant_scope)" in method.stdout, method.stdout
+    assert "REFUSED (grant_scope)" in method.stdout and method.returncode == 1, method.stdout
+    assert closed.returncode == 1
+    # As the gateway: an address written otherwise than as four decimal octets is refused whatever it names.
+    octal = gateway("catalog", "explain", "http://0177.0.0.2:8000/raw/records/1", "-c", str(config))
+    assert "REFUSED (host_not_canonical)" in octal.stdout and octal.returncode == 1, octal.stdout
 
 
 def test_one_key_in_two_roles_is_refused(kit, tmp_path):

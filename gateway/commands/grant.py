@@ -41,6 +41,7 @@ from gateway.authz.jose import (
     verify,
 )
 from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
+from gateway.config.zones import ipv4_spelled_otherwise
 from gateway.yamlnodes import parse_duration
 
 
@@ -308,6 +309,10 @@ def _catalog_explain(args: argparse.Namespace) -> int:
     parts = urlsplit(args.url)
     if not parts.hostname:
         return _fail(f"'{args.url}' is not an absolute URL")
+    if ipv4_spelled_otherwise(parts.hostname):
+        print(f"{args.method} {args.url}: REFUSED (host_not_canonical): {parts.hostname} is an IPv4 address "
+              "written otherwise than as four decimal octets; the gateway refuses it whatever the catalogue says")
+        return 1
     if config.authz is None:
         print(f"no catalogue configured ({config.source} has no authz section): the zone policy alone decides")
         return 0
@@ -319,7 +324,7 @@ def _catalog_explain(args: argparse.Namespace) -> int:
         return 0
     if route.refusal is not None:
         print(f"{args.method} {args.url}: REFUSED ({route.refusal[0]}): {route.refusal[1]}")
-        return 0
+        return 1
     match = route.match
     if match is None:
         print(f"{args.method} {args.url}: listed under 'uncatalogued' in {config.authz.catalog.source}: "
@@ -332,10 +337,12 @@ def _catalog_explain(args: argparse.Namespace) -> int:
           f"method {args.method.upper()} path {match.path} ~ {match.pattern}")
     if not match.method_listed:
         print(f"  REFUSED (grant_scope): the endpoint does not list {args.method.upper()}")
-    elif dataset.cls == "open":
+        return 1
+    if dataset.cls == "open":
         print("  needs: nothing beyond the zone policy (open data)")
     elif dataset.cls == "contract" and match.kind == "endpoint":
         print("  needs: nothing can: raw data of a contract dataset never leaves; only its products do")
+        return 1
     else:
         roles = ", ".join(r + (f" ({o})" if o else "") for r, o in sorted(dataset.required_roles(), key=str))
         print(f"  needs: a grant (X-Data-Grant) signed by {roles}, and the operator's licence")

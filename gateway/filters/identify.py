@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
-import string
 import time
 
 from mitmproxy import connection, http
 from mitmproxy.net.http import url
 
 from gateway.config.load import format_host_port
+from gateway.config.zones import ipv4_spelled_otherwise
 from gateway.dlp import Finding
 from gateway.dlp.urlmask import every_detector, host_words
 from gateway.filters import Gateway, refuse
@@ -105,7 +104,7 @@ class Identify:
     async def _identify(self, flow: http.HTTPFlow, names: list[tuple[str, str]]) -> None:
         transfer = self._transfer(flow.id, flow.client_conn, flow.request.host, flow.request.port)
         flow.metadata[METADATA_KEY] = transfer
-        if _ipv4_spelled_otherwise(transfer.upstream_host):
+        if ipv4_spelled_otherwise(transfer.upstream_host):
             # 2130706434, 127.2, 0x7f.0.0.2: the resolver reads them as an address no rule names as written.
             transfer.escalate("block", [Reason("gateway", "host_not_canonical", "host", "block")])
             refuse(flow, transfer)
@@ -168,26 +167,6 @@ class Identify:
             upstream_port=upstream_port,
             via=BALANCERS.get(client),
         )
-
-
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DOTTED_QUAD = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")  # four plain decimal octets, no leading zero
-
-
-def _ipv4_spelled_otherwise(host: str) -> bool:
-    """A host that ends in a number (WHATWG URL: an IPv4 address to every resolver, inet_aton style) but
-    is not four plain decimal octets: 2130706434, 127.2, 0x7f.0.0.2, 0177.0.0.2, 127.0.0.02."""
-    host = host.rstrip(".")
-    if _DOTTED_QUAD.fullmatch(host):
-        return False  # the usual spelling, answered without building an address (~1.5 us a transfer)
-    last = host.rsplit(".", 1)[-1].lower()
-    if not (last.isdigit() or (last.startswith("0x") and all(c in string.hexdigits for c in last[2:]))):
-        return False
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return True
-    return False
 
 
 def _names(flow: http.HTTPFlow) -> list[tuple[str, str]]:
