@@ -198,6 +198,14 @@ def test_tools_issue_cosign_inspect_revoke(kit, tmp_path):
                        "scenario: elderly-care\npurpose: elderly-care-subsidy\napproval: A-1\n")
     draft = tmp_path / "grant.json"
     assert gateway("grant", "request", str(request), "-o", str(draft), "--valid-for", "10d").returncode == 0
+    # With the gateway's configuration at hand, a key is not used in a role that gateway does not take it in.
+    before = draft.read_bytes()
+    wrong = gateway("grant", "sign", str(draft), "--key", str(kit.root / "health.key"), "--role", "bureau",
+                    "-c", str(config))
+    assert wrong.returncode == 2 and "signs as sector" in wrong.stderr and draft.read_bytes() == before, wrong.stderr
+    licence = gateway("licence", "issue", "--sub", "operator-a", "--scenario", "elderly-care", "--key",
+                      str(kit.root / "health.key"), "-o", str(tmp_path / "licence.json"), "-c", str(config))
+    assert licence.returncode == 2 and "not as bureau" in licence.stderr and not (tmp_path / "licence.json").exists()
     assert gateway("grant", "sign", str(draft), "--key", str(kit.root / "bureau.key"), "--role", "bureau") \
         .returncode == 0
     half = gateway("grant", "inspect", str(draft), "-c", str(config))

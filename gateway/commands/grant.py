@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sign.add_argument("--key", type=Path, required=True, help="the authority's private key file (0600)")
     sign.add_argument("--role", required=True, choices=ROLES)
     sign.add_argument("-o", "--output", type=Path, help="write here instead of rewriting FILE")
+    _authorities_arg(sign)
     sign.set_defaults(func=_grant_sign)
 
     inspect = grant_commands.add_parser("inspect", help="claims, signers, what is missing and the verdict; "
@@ -93,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     issue.add_argument("--valid-for", default="365d")
     issue.add_argument("--key", type=Path, required=True, help="the bureau's private key file")
     issue.add_argument("-o", "--output", type=Path, required=True)
+    _authorities_arg(issue)
     issue.set_defaults(func=_licence_issue)
 
     catalog = subparsers.add_parser("catalog", help="the data catalogue")
@@ -107,6 +109,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--frontend", metavar="NAME")
+
+
+def _authorities_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                        help="a gateway configuration whose authz.authorities the key is checked against, when it "
+                             f"has them (default {DEFAULT_CONFIG})")
+
+
+def _role_problem(args: argparse.Namespace, kid: str, role: str) -> str | None:
+    """Why the gateway of `args.config` would not take this key's signature in this role; None when it
+    would, or when there is no such gateway here (an authority's own machine signs offline)."""
+    try:
+        authz = load_config(args.config).authz
+    except ConfigError:
+        return None
+    if authz is None:
+        return None
+    listed = authz.authorities.get(kid)
+    if listed is None:
+        return f"key {kid} is not among the authorities of {args.config}: that gateway refuses its signature"
+    if listed.role != role:
+        return f"key {kid} signs as {listed.role} for {args.config}, not as {role}: that gateway refuses it"
+    return None
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -176,6 +201,8 @@ def _grant_sign(args: argparse.Namespace) -> int:
         claims = claims_of(document)
         if "jti" in claims:
             claim_checks.grant(claims)
+        if problem := _role_problem(args, key.kid, args.role):
+            return _fail(f"{args.file}: not signed: {problem}")
         signed = add_signature(document, key, args.role)
     except (OSError, ValueError, DocumentError, ClaimsError) as e:
         return _fail(f"{args.file}: {e}")
@@ -289,6 +316,8 @@ def _licence_issue(args: argparse.Namespace) -> int:
         claims = {"ver": claim_checks.VERSION, "lid": args.lid or str(uuid.uuid4()), "sub": args.sub,
                   "scenarios": args.scenario, "iat": now, "nbf": now, "exp": int(now + parse_duration(args.valid_for))}
         claim_checks.licence(claims)
+        if problem := _role_problem(args, key.kid, "bureau"):
+            return _fail(f"licence not issued: {problem}")
         _write(args.output, add_signature(draft(claims), key, "bureau"))
     except (OSError, ValueError, ClaimsError) as e:
         return _fail(str(e))
