@@ -211,7 +211,13 @@ def test_revoked_grant(lab):
     assert get(lab, "/api/residents/9", grant=grant, licence=licence).status_code == 200
     kit.revoke(claims["jti"])
     time.sleep(1.5)  # each worker looks at the list at most once a second
-    refused(get(lab, "/api/residents/9", grant=grant, licence=licence), "grant_revoked")
+    answer = get(lab, "/api/residents/9", grant=grant, licence=licence)
+    refused(answer, "grant_revoked")
+    # The alert says whose grant it was, as the trace record does.
+    alerts = [json.loads(line) for line in (lab["root"] / "state" / "alerts.jsonl").read_text().splitlines()]
+    [alert] = [a for a in alerts if a["id"] == answer.headers["X-Gateway-Transfer-Id"]]
+    assert alert["grant"]["id"] == claims["jti"] and alert["grant"]["consumer"] == claims["sub"], alert
+    assert alert["grant"]["result"] == "grant_revoked" and alert["grant"]["dataset"] == "health.residents"
 
 
 def test_over_quota(lab):

@@ -444,6 +444,7 @@ def _unavailable(transfer: Transfer) -> bool:
 
 
 def _alert(record: dict[str, Any]) -> dict[str, Any]:
+    # grant: which grant, licence, consumer, dataset and scenario (never the documents themselves)
     keys = ("id", "time", "frontend", "listener", "client", "upstream", "method", "url", "status",
-            "decision", "policy_rule", "rules", "rules_omitted")
+            "decision", "policy_rule", "rules", "rules_omitted", "grant", "consent")
     return {key: record[key] for key in keys if key in record}
