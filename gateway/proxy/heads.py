@@ -6,10 +6,10 @@ Http1Server answers it 400 itself. Wrapped here: that answer is replaced by the 
 records and counts it like any other refused transfer. A head still unfinished after MAX_REQUEST_HEAD
 bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
 response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that cannot begin an HTTP
-request (a binary or other protocol, say inside a CONNECT tunnel) are refused 400 at once, and a head
-not finished within the `request_head_timeout` option from its first byte is refused 408 (a
-slowloris, or a protocol where the server speaks first), where mitmproxy would wait for the
-connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+request (a binary or other protocol, TLS on a listener's own port, a first line that is no request
+line) are refused 400 as soon as they arrive, and a head not finished within the
+`request_head_timeout` option from its first byte is refused 408 (a slowloris), where mitmproxy would
+wait for the end of a head that never comes, or for the connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
 and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
@@ -33,6 +33,7 @@ import h11._readers
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http, optmanager
 from mitmproxy.net.http import http1
+from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
@@ -58,6 +59,8 @@ H11_CHUNK_SIZE = rb"([0-9A-Fa-f]){1,20}"
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
+NOT_HTTP = "not an HTTP request"
+TLS_REFUSED = "TLS where plain HTTP was expected"  # on a listener's own port: gateway.proxy.tunnels.PlainListeners
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -115,7 +118,7 @@ def _answer_malformed_heads(original: Callable) -> Callable:
             self.gateway_head_started = None
         elif not _could_start_request(self.buf):
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
-            yield from _refuse_head(self, 400, "not an HTTP request")
+            yield from _refuse_head(self, 400, TLS_REFUSED if starts_like_tls_record(self.buf._data) else NOT_HTTP)
         elif getattr(self, "gateway_head_started", None) is None:
             self.gateway_head_started = time.monotonic()
             if getattr(self, "gateway_head_wakeup", None) is None:
@@ -148,11 +151,26 @@ _VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmpr
 
 
 def _could_start_request(buf: ReceiveBuffer) -> bool:
-    """Whether the head received so far can begin a request line: after any empty lines (RFC 9112
-    lets servers skip them), a method's token characters up to the first space."""
-    start = bytes(buf._data[:64]).lstrip(b"\r\n")
-    method = start.partition(b" ")[0]
-    return (not start or start[0] != 0x20) and all(byte in TOKEN_BYTES for byte in method)
+    """Whether the head received so far can begin a request: after any empty lines (RFC 9112 lets
+    servers skip them), a method's token characters up to the first space and, once the first line has
+    ended, a request line mitmproxy's parser reads (it would wait for the end of `EHLO example.com` or
+    `GET /` as of a head, then refuse it)."""
+    data = buf._data
+    start = _EMPTY_LINES.match(data).end()
+    method = bytes(data[start:start + 64]).partition(b" ")[0]
+    if data[start:start + 1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
+        return False
+    end = data.find(b"\n", start)
+    if end == -1:
+        return True
+    try:
+        http1.read_request_head([bytes(data[start:end]).removesuffix(b"\r")])
+    except ValueError:
+        return False
+    return True
+
+
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 
 
 def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:

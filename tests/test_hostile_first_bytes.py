@@ -1,0 +1,141 @@
+"""First bytes that cannot begin an HTTP request are refused 400 at once, on every listener and in a tunnel.
+
+Through a real gateway whose `request_head_timeout` is long (20 s): another protocol's first line
+(SMTP's EHLO, an SSH banner), binary bytes, a first line that does not parse as a request line, and a
+TLS ClientHello on a listener's own (plain HTTP) port each get 400 within two seconds, with a transfer
+id, a trace record and a count; the connection is closed. Before, mitmproxy waited for the end of a
+head that never came (408 after the timeout) or, for TLS, answered the handshake with a certificate of
+the gateway's CA and then nothing. A valid request sent byte by byte still passes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.gatewayproc import (
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    start_upstream,
+    trace_records,
+    write_config,
+)
+from tests.test_proxy_loopback import RawUpstream, transfer_id_in
+
+HEAD_TIMEOUT = 20  # seconds: every refusal here must come long before it
+AT_ONCE = 2
+NOT_HTTP, TLS_REFUSED = "not an HTTP request", "TLS where plain HTTP was expected"
+PLACES = {"forward": "forward", "reverse": "publish-local", "tunnel": "forward"}  # where -> listener
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (Python's ssl), as a browser or curl would send it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+FIRST_BYTES = {
+    "smtp": (b"EHLO example.com\r\n", NOT_HTTP),
+    "ssh": (b"SSH-2.0-OpenSSH_9.6\r\n", NOT_HTTP),
+    "binary": (b"\x00\x01\x02\x03\xff\xfe junk", NOT_HTTP),
+    "http-0.9": (b"GET /\r\n", NOT_HTTP),  # a whole first line that is no request line
+    "junk-after-version": (b"GET / HTTP/1.1 trailing junk\r\n", NOT_HTTP),
+}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("firstbytes")
+    port = free_port("127.0.0.2")
+    config = gateway_config(root / "state")
+    config["gateway"]["request_head_timeout"] = f"{HEAD_TIMEOUT}s"
+    config["listeners"][1]["upstream"] = f"http://127.0.0.2:{port}"
+    path = write_config(root / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
+    gateway = start_gateway(path)
+    tunnel_end = RawUpstream()
+    yield {"config": config, "root": root, "upstream": f"127.0.0.2:{port}", "tunnel_end": tunnel_end}
+    tunnel_end.server.close()
+    gateway.stop()
+    upstream.stop()
+
+
+def connect(lab, where: str) -> socket.socket:
+    """A client connection to the listener `where` names; for "tunnel", inside an answered CONNECT."""
+    host, port = listener_url(lab["config"], PLACES[where]).removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5)
+    if where == "tunnel":
+        target = f"127.0.0.2:{lab['tunnel_end'].port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def answer_to(sock: socket.socket, data: bytes) -> tuple[str, str, float]:
+    """Send `data`, read until the gateway closes: the answer's head, body and seconds taken."""
+    sent = time.monotonic()
+    sock.sendall(data)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, body = answer.decode("latin-1").partition("\r\n\r\n")
+    return head, body, time.monotonic() - sent
+
+
+def errors_counted(lab) -> float:
+    return metric_total(lab["config"], "gateway_transfers_total", 'action="error"')
+
+
+def assert_refused_at_once(lab, where: str, data: bytes, reason: str) -> None:
+    before = errors_counted(lab)
+    with connect(lab, where) as sock:
+        head, body, seconds = answer_to(sock, data)
+    assert head.startswith("HTTP/1.1 400"), head
+    assert seconds < AT_ONCE, f"answered after {seconds:.1f} s"
+    transfer_id = transfer_id_in(head)
+    assert json.loads(body)["transfer_id"] == transfer_id
+    [record] = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)
+    assert (record["status"], record["decision"], record["error"]) == (400, "error", reason)
+    assert errors_counted(lab) - before == 1
+
+
+@pytest.mark.parametrize("where", ["forward", "reverse", "tunnel"])
+@pytest.mark.parametrize("case", FIRST_BYTES)
+def test_first_bytes_that_are_no_request_are_refused_at_once(lab, where, case):
+    data, reason = FIRST_BYTES[case]
+    assert_refused_at_once(lab, where, data, reason)
+    if where == "tunnel":
+        assert lab["tunnel_end"].connections == 0 and not lab["tunnel_end"].received
+
+
+@pytest.mark.parametrize("where", ["forward", "reverse"])
+@pytest.mark.parametrize("whole", [True, False], ids=["client-hello", "first-record-bytes"])
+def test_tls_on_a_listeners_own_port_is_refused_at_once(lab, where, whole):
+    """No listener is configured for TLS to the gateway itself: refused, no certificate minted for the
+    client's name (the answer is the plain 400, no ServerHello)."""
+    hello = client_hello()
+    assert_refused_at_once(lab, where, hello if whole else hello[:6], TLS_REFUSED)
+
+
+@pytest.mark.parametrize("where", ["forward", "reverse"])
+def test_a_valid_request_sent_byte_by_byte_passes(lab, where):
+    target = "/text?body=bytewise" if where == "reverse" else f"http://{lab['upstream']}/text?body=bytewise"
+    request = f"GET {target} HTTP/1.1\r\nHost: {lab['upstream']}\r\nConnection: close\r\n\r\n".encode()
+    with connect(lab, where) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in request:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.002)
+        head, body, _ = answer_to(sock, b"")
+    assert head.startswith("HTTP/1.1 200"), head
+    assert body == "bytewise"
