@@ -139,3 +139,15 @@ def test_a_valid_request_sent_byte_by_byte_passes(lab, where):
         head, body, _ = answer_to(sock, b"")
     assert head.startswith("HTTP/1.1 200"), head
     assert body == "bytewise"
+
+
+@pytest.mark.parametrize("where", ["forward", "reverse"])
+def test_a_request_behind_empty_lines_in_one_write_passes(lab, where):
+    """RFC 9112 lets a client send empty lines before a request line; h11 dropped one per read and left
+    the request unread behind it until more bytes came (408 after the timeout)."""
+    target = "/text?body=after-empty-lines" if where == "reverse" else f"http://{lab['upstream']}/text?body=after-empty-lines"
+    request = f"\r\n\n\r\nGET {target} HTTP/1.1\r\nHost: {lab['upstream']}\r\nConnection: close\r\n\r\n".encode()
+    with connect(lab, where) as sock:
+        head, body, seconds = answer_to(sock, request)
+    assert head.startswith("HTTP/1.1 200"), head
+    assert body == "after-empty-lines" and seconds < AT_ONCE

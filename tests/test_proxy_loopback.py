@@ -657,6 +657,17 @@ def test_request_head_not_finished_in_time_is_refused_408(lab):
     assert time.monotonic() - start < HEAD_TIMEOUT + 5
 
 
+def test_a_client_sending_only_empty_lines_is_refused_408(lab):
+    """Empty lines before a request are dropped as they arrive (not held), but begin a head: its timeout runs."""
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5) as sock:
+        start = time.monotonic()
+        sock.sendall(b"\r\n" * (1 << 20))
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert HEAD_TIMEOUT * 0.9 <= time.monotonic() - start < HEAD_TIMEOUT + 1
+
+
 def timed_out_connections(lab) -> float:
     return metric_total(lab["config"], "gateway_connections_timed_out_total")
 

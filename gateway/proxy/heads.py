@@ -94,7 +94,9 @@ def add_options(options: optmanager.OptManager) -> None:
 
 def _answer_malformed_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
-        problem = _head_problem(self.buf) if isinstance(event, events.DataReceived) else None
+        received = isinstance(event, events.DataReceived)
+        dropped = _drop_empty_lines(self.buf) if received else 0
+        problem = _head_problem(self.buf) if received else None
         if problem is not None:
             # Before mitmproxy parses it: a head that arrived in one write is as limited as one in pieces.
             yield from _refuse_head(self, *problem)
@@ -114,12 +116,13 @@ def _answer_malformed_heads(original: Callable) -> Callable:
             return None
 
         yield from relay(original(self, event), substitute)
-        if self.request is not None or self.state == self.done or not self.buf:
+        if self.request is not None or self.state == self.done:
             self.gateway_head_started = None
         elif not _could_start_request(self.buf):
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
             yield from _refuse_head(self, 400, TLS_REFUSED if starts_like_tls_record(self.buf._data) else NOT_HTTP)
-        elif getattr(self, "gateway_head_started", None) is None:
+        elif (self.buf or dropped) and getattr(self, "gateway_head_started", None) is None:
+            # Empty lines begin a head too: a client sending nothing else is cut off like a slowloris.
             self.gateway_head_started = time.monotonic()
             if getattr(self, "gateway_head_wakeup", None) is None:
                 yield from _request_head_wakeup(self, self.context.options.request_head_timeout)
@@ -139,7 +142,7 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
-    request_line = bytes(data[:end.start()]).lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
+    request_line = bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")
     parts = request_line.split(b" ")
     if len(parts) == 3 and _VERSION.fullmatch(parts[2]) and parts[2] not in HTTP1_VERSIONS:
         return 505, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
@@ -150,27 +153,36 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 _VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
 
 
-def _could_start_request(buf: ReceiveBuffer) -> bool:
-    """Whether the head received so far can begin a request: after any empty lines (RFC 9112 lets
-    servers skip them), a method's token characters up to the first space and, once the first line has
-    ended, a request line mitmproxy's parser reads (it would wait for the end of `EHLO example.com` or
-    `GET /` as of a head, then refuse it)."""
-    data = buf._data
-    start = _EMPTY_LINES.match(data).end()
-    method = bytes(data[start:start + 64]).partition(b" ")[0]
-    if data[start:start + 1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
-        return False
-    end = data.find(b"\n", start)
-    if end == -1:
-        return True
-    try:
-        http1.read_request_head([bytes(data[start:end]).removesuffix(b"\r")])
-    except ValueError:
-        return False
-    return True
+def _drop_empty_lines(buf: ReceiveBuffer) -> int:
+    """Drops the empty lines at the start of a head as they arrive (RFC 9112, section 2.2: a server
+    skips them) and says how many bytes they were. h11 took one a read: a request sent in one write
+    behind an empty line waited unread for more bytes (408), and a stream of them was held without limit."""
+    count = _EMPTY_LINES.match(buf._data).end()
+    if count:
+        buf.maybe_extract_at_most(count)
+    return count
 
 
 _EMPTY_LINES = re.compile(rb"[\r\n]*")
+
+
+def _could_start_request(buf: ReceiveBuffer) -> bool:
+    """Whether the head received so far (empty lines dropped) can begin a request: a method's token
+    characters up to the first space and, once the first line has ended, a request line mitmproxy's
+    parser reads (it would wait for the end of `EHLO example.com` or `GET /` as of a head, then refuse
+    it)."""
+    data = buf._data
+    method = bytes(data[:64]).partition(b" ")[0]
+    if data[:1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
+        return False
+    end = data.find(b"\n")
+    if end == -1:
+        return True
+    try:
+        http1.read_request_head([bytes(data[:end]).removesuffix(b"\r")])
+    except ValueError:
+        return False
+    return True
 
 
 def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:
