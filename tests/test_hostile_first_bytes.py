@@ -1,11 +1,12 @@
-"""First bytes that cannot begin an HTTP request are refused 400 at once, on every listener and in a tunnel.
+"""First bytes that cannot begin an HTTP request are refused at once, on every listener and in a tunnel.
 
 Through a real gateway whose `request_head_timeout` is long (20 s): another protocol's first line
 (SMTP's EHLO, an SSH banner), binary bytes, a first line that does not parse as a request line, and a
-TLS ClientHello on a listener's own (plain HTTP) port each get 400 within two seconds, with a transfer
-id, a trace record and a count; the connection is closed. Before, mitmproxy waited for the end of a
-head that never came (408 after the timeout) or, for TLS, answered the handshake with a certificate of
-the gateway's CA and then nothing. A valid request sent byte by byte still passes.
+TLS ClientHello on a listener's own (plain HTTP) port each get 400 within two seconds (a whole request
+line of another HTTP version 505), with a transfer id, a trace record and a count; the connection is
+closed. Before, mitmproxy waited for the end of a head that never came (408 after the timeout) or, for
+TLS, answered the handshake with a certificate of the gateway's CA and then nothing. A valid request
+sent byte by byte, or behind empty lines, still passes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.test_proxy_loopback import RawUpstream, transfer_id_in
 HEAD_TIMEOUT = 20  # seconds: every refusal here must come long before it
 AT_ONCE = 2
 NOT_HTTP, TLS_REFUSED = "not an HTTP request", "TLS where plain HTTP was expected"
+VERSION_REFUSED = "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
 PLACES = {"forward": "forward", "reverse": "publish-local", "tunnel": "forward"}  # where -> listener
 
 
@@ -44,12 +46,13 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-FIRST_BYTES = {
-    "smtp": (b"EHLO example.com\r\n", NOT_HTTP),
-    "ssh": (b"SSH-2.0-OpenSSH_9.6\r\n", NOT_HTTP),
-    "binary": (b"\x00\x01\x02\x03\xff\xfe junk", NOT_HTTP),
-    "http-0.9": (b"GET /\r\n", NOT_HTTP),  # a whole first line that is no request line
-    "junk-after-version": (b"GET / HTTP/1.1 trailing junk\r\n", NOT_HTTP),
+FIRST_BYTES = {  # the first bytes, and the answer's status and recorded error
+    "smtp": (b"EHLO example.com\r\n", 400, NOT_HTTP),
+    "ssh": (b"SSH-2.0-OpenSSH_9.6\r\n", 400, NOT_HTTP),
+    "binary": (b"\x00\x01\x02\x03\xff\xfe junk", 400, NOT_HTTP),
+    "http-0.9": (b"GET /\r\n", 400, NOT_HTTP),  # a whole first line that is no request line
+    "junk-after-version": (b"GET / HTTP/1.1 trailing junk\r\n", 400, NOT_HTTP),
+    "http-2.0-line": (b"GET / HTTP/2.0\r\n", 505, VERSION_REFUSED),  # a request line, of another version
 }
 
 
@@ -70,12 +73,13 @@ def lab(tmp_path_factory):
     upstream.stop()
 
 
-def connect(lab, where: str) -> socket.socket:
-    """A client connection to the listener `where` names; for "tunnel", inside an answered CONNECT."""
+def connect(lab, where: str, tunnel_to: str | None = None) -> socket.socket:
+    """A client connection to the listener `where` names; for "tunnel", inside an answered CONNECT (to
+    `tunnel_to`, by default a server that must receive nothing)."""
     host, port = listener_url(lab["config"], PLACES[where]).removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT + 5)
     if where == "tunnel":
-        target = f"127.0.0.2:{lab['tunnel_end'].port}"
+        target = tunnel_to or f"127.0.0.2:{lab['tunnel_end'].port}"
         sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     return sock
@@ -96,24 +100,23 @@ def errors_counted(lab) -> float:
     return metric_total(lab["config"], "gateway_transfers_total", 'action="error"')
 
 
-def assert_refused_at_once(lab, where: str, data: bytes, reason: str) -> None:
+def assert_refused_at_once(lab, where: str, data: bytes, status: int, reason: str) -> None:
     before = errors_counted(lab)
     with connect(lab, where) as sock:
         head, body, seconds = answer_to(sock, data)
-    assert head.startswith("HTTP/1.1 400"), head
+    assert head.startswith(f"HTTP/1.1 {status}"), head
     assert seconds < AT_ONCE, f"answered after {seconds:.1f} s"
     transfer_id = transfer_id_in(head)
     assert json.loads(body)["transfer_id"] == transfer_id
     [record] = trace_records(lab["root"] / "state" / "trace", "--id", transfer_id)
-    assert (record["status"], record["decision"], record["error"]) == (400, "error", reason)
+    assert (record["status"], record["decision"], record["error"]) == (status, "error", reason)
     assert errors_counted(lab) - before == 1
 
 
 @pytest.mark.parametrize("where", ["forward", "reverse", "tunnel"])
 @pytest.mark.parametrize("case", FIRST_BYTES)
 def test_first_bytes_that_are_no_request_are_refused_at_once(lab, where, case):
-    data, reason = FIRST_BYTES[case]
-    assert_refused_at_once(lab, where, data, reason)
+    assert_refused_at_once(lab, where, *FIRST_BYTES[case])
     if where == "tunnel":
         assert lab["tunnel_end"].connections == 0 and not lab["tunnel_end"].received
 
@@ -124,14 +127,16 @@ def test_tls_on_a_listeners_own_port_is_refused_at_once(lab, where, whole):
     """No listener is configured for TLS to the gateway itself: refused, no certificate minted for the
     client's name (the answer is the plain 400, no ServerHello)."""
     hello = client_hello()
-    assert_refused_at_once(lab, where, hello if whole else hello[:6], TLS_REFUSED)
+    assert_refused_at_once(lab, where, hello if whole else hello[:6], 400, TLS_REFUSED)
 
 
-@pytest.mark.parametrize("where", ["forward", "reverse"])
+@pytest.mark.parametrize("where", ["forward", "reverse", "tunnel"])
 def test_a_valid_request_sent_byte_by_byte_passes(lab, where):
-    target = "/text?body=bytewise" if where == "reverse" else f"http://{lab['upstream']}/text?body=bytewise"
+    target = "/text?body=bytewise"
+    if where == "forward":
+        target = f"http://{lab['upstream']}{target}"
     request = f"GET {target} HTTP/1.1\r\nHost: {lab['upstream']}\r\nConnection: close\r\n\r\n".encode()
-    with connect(lab, where) as sock:
+    with connect(lab, where, tunnel_to=lab["upstream"]) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for byte in request:
             sock.sendall(bytes([byte]))
@@ -145,7 +150,9 @@ def test_a_valid_request_sent_byte_by_byte_passes(lab, where):
 def test_a_request_behind_empty_lines_in_one_write_passes(lab, where):
     """RFC 9112 lets a client send empty lines before a request line; h11 dropped one per read and left
     the request unread behind it until more bytes came (408 after the timeout)."""
-    target = "/text?body=after-empty-lines" if where == "reverse" else f"http://{lab['upstream']}/text?body=after-empty-lines"
+    target = "/text?body=after-empty-lines"
+    if where == "forward":
+        target = f"http://{lab['upstream']}{target}"
     request = f"\r\n\n\r\nGET {target} HTTP/1.1\r\nHost: {lab['upstream']}\r\nConnection: close\r\n\r\n".encode()
     with connect(lab, where) as sock:
         head, body, seconds = answer_to(sock, request)

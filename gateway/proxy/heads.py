@@ -9,8 +9,9 @@ response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that canno
 request (a binary or other protocol, TLS on a listener's own port, a first line that is no request
 line) are refused 400 as soon as they arrive, and a head not finished within the
 `request_head_timeout` option from its first byte is refused 408 (a slowloris), where mitmproxy would
-wait for the end of a head that never comes, or for the connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
-and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
+wait for the end of a head that never comes, or for the connection's idle timeout. An HTTP/1 message
+with trailers, which mitmproxy cannot pass on (it raises, and the connection ends unanswered and
+unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
 An upstream's interim (1xx) responses are dropped before its final one is read. An HTTP/2
@@ -60,7 +61,8 @@ MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie an
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
 NOT_HTTP = "not an HTTP request"
-TLS_REFUSED = "TLS where plain HTTP was expected"  # on a listener's own port: gateway.proxy.tunnels.PlainListeners
+VERSION_REFUSED = "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
+TLS_REFUSED = "TLS where plain HTTP was expected"  # a listener's own port: gateway.proxy.tunnels.PlainListeners
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -118,9 +120,9 @@ def _answer_malformed_heads(original: Callable) -> Callable:
         yield from relay(original(self, event), substitute)
         if self.request is not None or self.state == self.done:
             self.gateway_head_started = None
-        elif not _could_start_request(self.buf):
+        elif (problem := _first_line_problem(self.buf)) is not None:
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
-            yield from _refuse_head(self, 400, TLS_REFUSED if starts_like_tls_record(self.buf._data) else NOT_HTTP)
+            yield from _refuse_head(self, *problem)
         elif (self.buf or dropped) and getattr(self, "gateway_head_started", None) is None:
             # Empty lines begin a head too: a client sending nothing else is cut off like a slowloris.
             self.gateway_head_started = time.monotonic()
@@ -142,11 +144,15 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
-    request_line = bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")
-    parts = request_line.split(b" ")
-    if len(parts) == 3 and _VERSION.fullmatch(parts[2]) and parts[2] not in HTTP1_VERSIONS:
-        return 505, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
+    if _unsupported_version(bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")):
+        return 505, VERSION_REFUSED
     return None
+
+
+def _unsupported_version(request_line: bytes) -> bool:
+    """Whether a request line names an HTTP version but 1.0 or 1.1 (`HTTP/9.9`, `PRI * HTTP/2.0`)."""
+    parts = request_line.split(b" ")
+    return len(parts) == 3 and _VERSION.fullmatch(parts[2]) is not None and parts[2] not in HTTP1_VERSIONS
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -166,23 +172,26 @@ def _drop_empty_lines(buf: ReceiveBuffer) -> int:
 _EMPTY_LINES = re.compile(rb"[\r\n]*")
 
 
-def _could_start_request(buf: ReceiveBuffer) -> bool:
-    """Whether the head received so far (empty lines dropped) can begin a request: a method's token
-    characters up to the first space and, once the first line has ended, a request line mitmproxy's
-    parser reads (it would wait for the end of `EHLO example.com` or `GET /` as of a head, then refuse
-    it)."""
+def _first_line_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
+    """Why the head received so far (empty lines dropped) cannot begin a request, as soon as that is
+    known: its method is not token characters up to a space (binary, TLS, a leading space), or its
+    first line, once ended, is no request line mitmproxy's parser reads (`EHLO example.com`, `GET /`:
+    mitmproxy would wait for the head's end, then refuse it) or names another HTTP version (505)."""
     data = buf._data
     method = bytes(data[:64]).partition(b" ")[0]
     if data[:1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
-        return False
+        return 400, TLS_REFUSED if starts_like_tls_record(data) else NOT_HTTP
     end = data.find(b"\n")
     if end == -1:
-        return True
+        return None
+    request_line = bytes(data[:end]).removesuffix(b"\r")
+    if _unsupported_version(request_line):
+        return 505, VERSION_REFUSED
     try:
-        http1.read_request_head([bytes(data[:end]).removesuffix(b"\r")])
+        http1.read_request_head([request_line])
     except ValueError:
-        return False
-    return True
+        return 400, NOT_HTTP
+    return None
 
 
 def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:

@@ -25,10 +25,10 @@ class PlainListeners:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
-        if nextlayer.layer is None and len(context.layers) == 1 and starts_like_tls_record(nextlayer.data_client()):
-            mode = LISTENER_HTTP_MODES.get(type(context.layers[0]))
-            if mode is not None:
-                nextlayer.layer = layers.HttpLayer(context, mode)
+        # Only the listener's mode layer below: the connection's first bytes, not a tunnel's.
+        mode = LISTENER_HTTP_MODES.get(type(context.layers[0])) if len(context.layers) == 1 else None
+        if mode is not None and nextlayer.layer is None and starts_like_tls_record(nextlayer.data_client()):
+            nextlayer.layer = layers.HttpLayer(context, mode)
 
 
 class OnlyHttp:
