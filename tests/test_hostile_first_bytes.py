@@ -85,10 +85,14 @@ def connect(lab, where: str, tunnel_to: str | None = None) -> socket.socket:
     return sock
 
 
-def answer_to(sock: socket.socket, data: bytes) -> tuple[str, str, float]:
-    """Send `data`, read until the gateway closes: the answer's head, body and seconds taken."""
+def answer_to(sock: socket.socket, data: bytes, first_write: int = 0) -> tuple[str, str, float]:
+    """Send `data` (its first `first_write` bytes alone, then the rest a moment later), read until the
+    gateway closes: the answer's head, body and seconds taken."""
     sent = time.monotonic()
-    sock.sendall(data)
+    if first_write:
+        sock.sendall(data[:first_write])
+        time.sleep(0.3)
+    sock.sendall(data[first_write:])
     answer = b""
     while chunk := sock.recv(65536):
         answer += chunk
@@ -100,10 +104,10 @@ def errors_counted(lab) -> float:
     return metric_total(lab["config"], "gateway_transfers_total", 'action="error"')
 
 
-def assert_refused_at_once(lab, where: str, data: bytes, status: int, reason: str) -> None:
+def assert_refused_at_once(lab, where: str, data: bytes, status: int, reason: str, first_write: int = 0) -> None:
     before = errors_counted(lab)
     with connect(lab, where) as sock:
-        head, body, seconds = answer_to(sock, data)
+        head, body, seconds = answer_to(sock, data, first_write)
     assert head.startswith(f"HTTP/1.1 {status}"), head
     assert seconds < AT_ONCE, f"answered after {seconds:.1f} s"
     transfer_id = transfer_id_in(head)
@@ -122,12 +126,27 @@ def test_first_bytes_that_are_no_request_are_refused_at_once(lab, where, case):
 
 
 @pytest.mark.parametrize("where", ["forward", "reverse"])
-@pytest.mark.parametrize("whole", [True, False], ids=["client-hello", "first-record-bytes"])
-def test_tls_on_a_listeners_own_port_is_refused_at_once(lab, where, whole):
+@pytest.mark.parametrize("sent, first_write", [("whole", 0), ("first 6 bytes", 0), ("whole", 1)],
+                         ids=["client-hello", "first-record-bytes", "one-byte-first"])
+def test_tls_on_a_listeners_own_port_is_refused_at_once(lab, where, sent, first_write):
     """No listener is configured for TLS to the gateway itself: refused, no certificate minted for the
     client's name (the answer is the plain 400, no ServerHello)."""
     hello = client_hello()
-    assert_refused_at_once(lab, where, hello if whole else hello[:6], 400, TLS_REFUSED)
+    assert_refused_at_once(lab, where, hello if sent == "whole" else hello[:6], 400, TLS_REFUSED, first_write)
+
+
+@pytest.mark.parametrize("first_write", [1, 2])
+def test_tls_in_a_tunnel_whose_first_write_is_short_is_opened(lab, first_write):
+    """mitmproxy needs three bytes to tell TLS: one or two sent alone were taken for no HTTP (400)."""
+    before = errors_counted(lab)
+    hello = client_hello()
+    with connect(lab, "tunnel", tunnel_to=lab["upstream"]) as sock:
+        sock.sendall(hello[:first_write])
+        time.sleep(0.3)
+        sock.sendall(hello[first_write:])
+        answer = sock.recv(65536)
+    assert answer.startswith(b"\x16\x03"), answer[:40]  # the gateway's ServerHello
+    assert errors_counted(lab) == before
 
 
 @pytest.mark.parametrize("where", ["forward", "reverse", "tunnel"])

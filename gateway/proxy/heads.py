@@ -62,6 +62,7 @@ HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
 NOT_HTTP = "not an HTTP request"
 VERSION_REFUSED = "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
+TLS_RECORD_START = b"\x16\x03"  # a handshake record, TLS 1.x (mitmproxy.net.tls.starts_like_tls_record)
 TLS_REFUSED = "TLS where plain HTTP was expected"  # a listener's own port: gateway.proxy.tunnels.PlainListeners
 # RFC 9110 token characters: a request line starts with a method made of them, then a space.
 TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -178,6 +179,8 @@ def _first_line_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     first line, once ended, is no request line mitmproxy's parser reads (`EHLO example.com`, `GET /`:
     mitmproxy would wait for the head's end, then refuse it) or names another HTTP version (505)."""
     data = buf._data
+    if TLS_RECORD_START.startswith(data):
+        return None  # one or two bytes that may begin TLS: a third tells (gateway.proxy.tunnels)
     method = bytes(data[:64]).partition(b" ")[0]
     if data[:1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
         return 400, TLS_REFUSED if starts_like_tls_record(data) else NOT_HTTP

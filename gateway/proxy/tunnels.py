@@ -9,6 +9,8 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from gateway.proxy.heads import TLS_RECORD_START
+
 UNINSPECTED = (layers.DNSLayer, layers.TCPLayer, layers.UDPLayer, layers.RawQuicLayer,
                layers.ServerQuicLayer, layers.ClientQuicLayer)
 # The HTTP layer mitmproxy puts first on a listener of each mode when the client's bytes are not TLS.
@@ -33,8 +35,14 @@ class PlainListeners:
 
 class OnlyHttp:
     """Runs after mitmproxy's NextLayer: a relay it chose is replaced by an HTTP layer, where bytes
-    that are not HTTP are refused 400 and recorded (gateway.proxy.heads)."""
+    that are not HTTP are refused 400 and recorded (gateway.proxy.heads). mitmproxy takes one or two
+    bytes for no TLS (it needs three to tell): a TLS client whose first write was that short had its
+    handshake refused as no HTTP; the choice of HTTP is put off until more bytes come instead."""
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if isinstance(nextlayer.layer, UNINSPECTED):
+        data = nextlayer.data_client()
+        if type(nextlayer.layer) is layers.HttpLayer and data and TLS_RECORD_START.startswith(data):
+            nextlayer.context.layers.remove(nextlayer.layer)
+            nextlayer.layer = None  # asked again on the next bytes, as mitmproxy's NeedsMoreData does
+        elif isinstance(nextlayer.layer, UNINSPECTED):
             nextlayer.layer = layers.HttpLayer(nextlayer.context, HTTPMode.transparent)
