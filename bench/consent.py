@@ -15,13 +15,14 @@
   view lookup and writing back, each alone, beside the whole decision (microseconds of CPU);
 - with --proxy: a real gateway (2 workers would share the 2 cores with wrk: 1 worker) publishing an
   upstream that answers GETs with 1 MiB JSON arrays, once as a consent dataset (30% consented, the rest
-  masked) and once as the same dataset without `legal_basis: consent`, measured interleaved with wrk
+  masked) and once as the same dataset without `legal_basis: consent`, both paths' responses inspected
+  by the audit-only DLP profile (--response-profile none: not inspected), measured interleaved with wrk
   (1 thread, 4 connections): requests/s and the ratio with/without. Twice: "warm", every answer the
   same array, and "cold", each answer the next of --cold-bodies arrays whose subjects are all different
   (what the processor's caches hold of the first no longer helps).
 
     .venv/bin/python bench/consent.py [--consents 1000000] [--repeat 3]
-                                      [--proxy [--seconds 5 --rounds 2] [--response-profile audit-only]
+                                      [--proxy [--seconds 5 --rounds 2] [--response-profile audit-only|none]
                                        [--cold-bodies 40]]
 """
 
@@ -256,12 +257,13 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
                         "secret": str(root / "consent.secret"), "max_age": "1h"}
     config = gateway_config(root / "state", workers=1, authz=authz)
     for rule in config["policy"]["rules"]:
-        # The consent stage, not the bulk-ID blocking profile, decides here; a profile that only
-        # records (audit-only) can inspect both paths' responses as well.
-        if args.response_profile:
-            rule["response_profile"] = args.response_profile
-        else:
+        # The consent stage, not the bulk-ID blocking profile, decides here: both paths' responses are
+        # inspected by a profile that records and blocks nothing (audit-only), as a boundary inspects
+        # what crosses it; `none` measures the two paths with no response inspection at all.
+        if args.response_profile == "none":
             rule.pop("response_profile", None)
+        else:
+            rule["response_profile"] = args.response_profile
     body, count, passed = response(1, 100_000)
     (root / "response.json").write_bytes(body)
     for k in range(args.cold_bodies):  # all different subjects: 30% of 100,000 consented, the others
@@ -300,7 +302,7 @@ def proxy(args: argparse.Namespace, root: Path) -> None:
             clear = sum(1 for item in answer.json() if "*" not in item["id_number"])
             assert clear == (passed if name == "consent" else count), (name, clear)
         print(f"gateway, 1 worker, a {len(body) / 2**20:.1f} MiB JSON response of {count} records "
-              f"({passed} consented), response DLP profile {args.response_profile or 'none'}: "
+              f"({passed} consented), response DLP profile {args.response_profile}: "
               f"wrk 1 thread, {args.connections} connections, {args.seconds} s runs; warm: the same "
               f"response each time, cold: {args.cold_bodies} responses in turn, {args.cold_bodies * count:,} "
               "subjects")
@@ -346,8 +348,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--cold-bodies", type=int, default=40, help="responses of different subjects taken in turn "
                                                                      "on the cold path")
-    parser.add_argument("--response-profile", help="DLP profile for both paths' responses (e.g. audit-only; "
-                                                   "default: none)")
+    parser.add_argument("--response-profile", default="audit-only",
+                        help="DLP profile inspecting both paths' responses (default audit-only, which blocks "
+                             "nothing); none: no response inspection on either path")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         library(args, Path(folder))

@@ -1,6 +1,6 @@
 """An upstream that misbehaves on purpose, chosen by the request path (`/close-mid-head`, ...), over
-plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself, and `/silent`, read
-and never answered. Its HTTP/2 side also sends `/h2-random?bytes=N`: N random bytes
+plain TCP or TLS: the ways an upstream fails that mitmproxy answers by itself, `/silent`, read
+and never answered, and `/long-head`, a 200 whose head has the size asked for. Its HTTP/2 side also sends `/h2-random?bytes=N`: N random bytes
 (tests/upstream_server.py's) with no content-length, and `/h2-trailers?message=M`: a body, then
 trailer fields `grpc-status: 0` and `grpc-message: M`."""
 
@@ -10,7 +10,9 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import h2.config
 import h2.connection
@@ -25,6 +27,7 @@ ANSWERS: dict[str, bytes | None] = {
     "/close-before-head": None,
     "/close-mid-head": b"HTTP/1.1 200 OK\r\nContent-Ty",
     "/garbage-head": b"\x16\x03\x01 this is no HTTP\r\n\r\n",
+    "/bad-header-line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\na header line with no colon\r\n\r\nok",
     "/short-body": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nonly this",
     "/bad-chunk": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
     "/cut-chunked": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc",
@@ -35,6 +38,10 @@ ANSWERS: dict[str, bytes | None] = {
                          + b"100000\r\n" + b"\x00" * 1000,
     "/smuggling": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
 }
+# `/long-head?size=N&chunk=C`: a 200 whose head is exactly N bytes (filler in one field), written C bytes
+# at a time with a pause after each (0: in one write), then the body "ok".
+LONG_HEAD = "/long-head"
+LONG_HEAD_START = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nX-Filler: "
 # A path (HTTP/1 and HTTP/2 alike) the upstream reads and never answers, holding the connection open.
 SILENT = "/silent"
 SILENT_HOLD = 60.0  # seconds a silent connection is held (past any deadline a test sets)
@@ -90,6 +97,8 @@ class BadUpstream:
                 while conn.recv(65536):  # reads what comes, answers nothing, until the client goes
                     pass
                 return
+            if path.split("?")[0] == LONG_HEAD:
+                return _send_long_head(conn, path)
             answer = ANSWERS.get(path.split("?")[0])
             if answer is not None:
                 conn.sendall(answer)
@@ -147,6 +156,16 @@ def _h2_answer(connection: h2.connection.H2Connection, stream_id: int, path: str
     elif path != "/h2-close-after-head":
         connection.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
     return connection.data_to_send()
+
+
+def _send_long_head(conn: socket.socket, path: str) -> None:
+    query = {name: int(values[0]) for name, values in parse_qs(urlsplit(path).query).items()}
+    answer = LONG_HEAD_START + b"a" * (query["size"] - len(LONG_HEAD_START) - 4) + b"\r\n\r\nok"
+    chunk = query["chunk"] or len(answer)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for offset in range(0, len(answer), chunk):  # the gateway may cut it off (OSError, suppressed)
+        conn.sendall(answer[offset:offset + chunk])
+        time.sleep(0.005 if chunk >= 16384 else 0.0005)  # each piece its own segment, likely its own read
 
 
 def _h2_stream(conn: ssl.SSLSocket, connection: h2.connection.H2Connection, stream_id: int, size: int) -> None:

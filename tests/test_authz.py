@@ -17,6 +17,7 @@ from gateway.authz.claims import ClaimsError
 from gateway.authz.claims import grant as grant_claims
 from gateway.authz.jose import DocumentError, b64url, parse, unb64url, verify
 from gateway.authz.quota import QuotaStore
+from gateway.authz.sqlite import open_shared, write_transaction
 from gateway.config.load import load_config
 from tests.authzkit import CATALOG, Kit
 from tests.gatewayproc import REPO, gateway_config, write_config
@@ -134,6 +135,22 @@ def test_quota_is_shared_and_survives_reopening(tmp_path):
     exceeded = second.take(limits, now)
     assert exceeded is not None and exceeded.measure == "requests" and exceeded.period == "day"
     assert reopened.usage("grant:g", now)["day"]["requests"] == 3
+
+
+def test_a_write_that_fails_keeps_nothing_and_leaves_the_store_usable(tmp_path):
+    # The stores' writes (quotas, consents, accepted revocations) share this transaction: a failure
+    # half-way (a full disk, a lock held too long) must not leave a transaction open on the connection,
+    # or every later write of that worker would fail ("cannot start a transaction within a transaction").
+    db, other = open_shared(tmp_path / "s.sqlite", timeout=1), open_shared(tmp_path / "s.sqlite", timeout=1)
+    db.execute("CREATE TABLE t (v INTEGER)")
+    with pytest.raises(OSError):
+        with write_transaction(db):
+            db.execute("INSERT INTO t VALUES (1)")
+            raise OSError("disk full")
+    assert not db.in_transaction
+    with write_transaction(db):
+        db.execute("INSERT INTO t VALUES (2)")
+    assert [row[0] for row in other.execute("SELECT v FROM t")] == [2]
 
 
 def test_check_names_file_and_line_of_catalogue_errors(kit, tmp_path):
@@ -265,3 +282,29 @@ def test_an_older_batch_imported_later_changes_no_terms(tmp_path):
     assert consent["datasets"] == ["civil.residents"] and consent["batch"] == "march"
     with pytest.raises(ConsentError, match="future"):
         registry.import_batch(batch("next-year", now + 365 * 86400, ["civil.residents"]), *args)
+
+
+def test_usage_report_refuses_a_key_taken_from_inside_the_log(kit, tmp_path):
+    # The report bills from a log only against a key obtained out of band: the copy a log folder holds
+    # was written by whoever could write the log.
+    config = write_config(tmp_path / "gateway.yaml", gateway_config(tmp_path / "state", authz=kit.authz_section()))
+    log = tmp_path / "copied-log"
+    log.mkdir()
+    (log / "trace-signing.pub").write_text("gateway.local/trace+0badc0de+AAAA\n")
+    result = gateway("usage", "report", "--from", "2026-01-01", "--to", "2026-02-01", "-c", str(config),
+                     "--trace", str(log), "--pubkey", str(log / "trace-signing.pub"), "--no-record")
+    assert result.returncode == 2, result.stderr
+    assert "is inside the log it is to check" in result.stderr, result.stderr
+
+
+def test_answers_outside_2xx_carrying_records_are_not_billed_but_tallied(settings):
+    from gateway.authz.settlement import Settlement
+    grant = {"result": "allow", "consumer": "operator-a", "dataset": "health.residents", "records": 7}
+    settlement = Settlement(settings.catalog)
+    settlement.add({"grant": grant, "status": 200, "decision": "allow", "consent": {"passed": 3, "masked": 2}})
+    settlement.add({"grant": grant, "status": 500, "decision": "allow", "consent": {"passed": 1, "masked": 4}})
+    settlement.add({"grant": grant, "status": 404, "decision": "warn"})  # as the upstream sent them: 7
+    settlement.add({"grant": {**grant, "records": 0}, "status": 502, "decision": "allow"})
+    settlement.add({"grant": grant, "status": 403, "decision": "block", "consent": {"passed": 9, "masked": 0}})
+    assert settlement.totals()["requests"] == 1 and settlement.totals()["records"] == 5
+    assert settlement.unbilled == {"requests": 2, "records": 12}

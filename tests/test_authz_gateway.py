@@ -167,10 +167,15 @@ def test_two_signatures_of_one_role(lab):
 
 def test_expired_and_not_yet_valid(lab):
     kit, now = lab["kit"], int(time.time())
-    refused(get(lab, "/api/residents/4", grant=kit.grant(nbf=now - 7200, exp=now - 3600), licence=kit.licence()),
-            "grant_expired")
-    refused(get(lab, "/api/residents/4", grant=kit.grant(nbf=now + 3600, exp=now + 7200), licence=kit.licence()),
-            "grant_expired")
+    body = refused(get(lab, "/api/residents/4", grant=kit.grant(nbf=now - 7200, exp=now - 3600),
+                       licence=kit.licence()), "grant_expired")
+    assert f"expired at {time.strftime('%Y-%m-%dT', time.gmtime(now - 3600))}" in body["reasons"][0]["locations"][0]
+    body = refused(get(lab, "/api/residents/4", grant=kit.grant(nbf=now + 3600, exp=now + 7200),
+                       licence=kit.licence()), "grant_expired")
+    assert "not valid before 20" in body["reasons"][0]["locations"][0], body
+    # A grant signed a moment ago by a bureau whose clock runs a minute ahead of the gateway's is taken.
+    ahead = get(lab, "/api/residents/4", grant=kit.grant(nbf=now + 60, exp=now + 3600), licence=kit.licence())
+    assert ahead.status_code == 200, ahead.text
 
 
 def test_lifetime_beyond_the_class_maximum(lab):
@@ -242,6 +247,8 @@ def test_contract_raw_refused_product_passes(lab):
     assert get(lab, "/products/records-stats/2026", grant=grant, licence=licence).status_code == 200
     two_roles = kit.grant(datasets=datasets, purpose="insurance-pricing")
     refused(get(lab, "/products/records-stats/2026", grant=two_roles, licence=licence), "grant_signer_missing")
+    # A grant for another dataset is refused for that, not for the signers this dataset would need.
+    refused(get(lab, "/products/records-stats/2026", grant=kit.grant(), licence=licence), "grant_scope")
 
 
 def test_altered_grant_and_unknown_key(lab, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -228,6 +229,19 @@ def test_issue_signs_only_what_import_takes(lab):
         assert not (lab["root"] / "broken.batch").exists()
 
 
+def test_issue_says_which_consents_name_no_valid_id_number(lab):
+    """A number failing GB 11643's check is most often mistyped: signed (a provider may hold the same), but said."""
+    source = lab["root"] / "typo.jsonl"
+    lines = [consent(0, id="520602199001011237"), consent(1, id="520602199001011234")]
+    source.write_text("".join(json.dumps(c) + "\n" for c in lines))
+    made = gateway_cli("consent", "issue", str(source), "--secret", str(lab["root"] / "consent.secret"),
+                       "--key", str(lab["root"] / "platform.key"), "-o", str(lab["root"] / "typo.batch"))
+    assert made.returncode == 0, made.stderr
+    assert "warning: 1 of them name no valid GB 11643 ID number" in made.stderr, made.stderr
+    assert "line 2 (MOD 11-2 check character: 7 expected, 4 written)" in made.stderr, made.stderr
+    assert "line 1" not in made.stderr and "520602199001011234" not in made.stderr
+
+
 def test_import_and_check(lab):
     now = int(time.time())
     consents = [consent(i) for i in CONSENTED]
@@ -240,6 +254,10 @@ def test_import_and_check(lab):
     args = ("--consumer", "operator-a", "--scenario", "elderly-care", "-c", str(lab["path"]))
     assert gateway_cli("consent", "check", SUBJECTS[7], *args).returncode == 0
     assert gateway_cli("consent", "check", SUBJECTS[310], *args).returncode == 1
+    # `-`: the number read from standard input, out of sight of ps and the shell's history
+    piped = subprocess.run([sys.executable, "-m", "gateway", "consent", "check", "-", *args], input=SUBJECTS[7] + "\n",
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert piped.returncode == 0, piped.stdout + piped.stderr
     expired = gateway_cli("consent", "check", SUBJECTS[360], *args)
     assert expired.returncode == 1 and "expired" in expired.stdout, expired.stdout
     # The registry holds subject keys only, never a clear number.
@@ -428,6 +446,7 @@ def test_usage_report_checked_against_its_settlement_record(lab):
     checked = gateway_cli("usage", "report", *lab["settled"], "--check", "-c", str(repriced))
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "DIFFERS: totals: amount settled" in checked.stdout and "EQUAL" not in checked.stdout
+    assert re.search(r"amount settled [0-9.]+ CNY, recounted [0-9.]+ CNY", checked.stdout), checked.stdout
     # Another grouping was never settled.
     other = [*lab["settled"][:-1], "dataset"]
     checked = gateway_cli("usage", "report", *other, "--check", "-c", str(lab["path"]))
@@ -516,6 +535,8 @@ def test_evidence_for_one_transfer(lab):
     assert made.returncode == 0 and by_config.read_text() == evidence.read_text(), made.stderr
     checked = gateway_cli("trace", "check-evidence", str(by_config), "-c", str(lab["path"]))
     assert checked.returncode == 0 and json.loads(checked.stdout)["transfer_id"] == transfer_id, checked.stdout
+    # and it says which key it took: the gateway's own, not one a party obtained out of band
+    assert f"note: checking against {lab['root'] / 'state' / 'trace-signing.pub'}" in checked.stderr, checked.stderr
     bundle = json.loads(evidence.read_text())
     forged = bundle["proof"].split("\n")
     entry = json.loads(base64.b64decode(forged[1][6:]))

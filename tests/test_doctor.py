@@ -94,3 +94,7 @@ def test_frontend_profile_on_the_wrong_machine_is_caught(fresh):
     assert result.returncode == 1
     assert "zone extranet: interface ext0 has no address in 10.10.0.0/16" in result.stdout
     assert "listener forward: no interface has its address 10.10.0.1" in result.stdout
+    # The fix names where that address is written: the profile's line, not the base configuration.
+    profile = REPO_ROOT / "frontends" / "extranet-internet.yaml"
+    line = next(n for n, text in enumerate(profile.read_text().splitlines(), 1) if "10.10.0.1:" in text)
+    assert f"listeners[forward].listen ({profile}:{line})" in result.stdout

@@ -215,3 +215,4 @@ def test_a_body_trickling_past_the_body_timeout_is_answered_408(lab):
     assert head.startswith("HTTP/1.1 408") and 3.5 < waited < 8, (head, waited)
     record = record_of(lab, answer.split(b"\r\n\r\n")[0])
     assert record["status"] == 408 and "not received within 4 s" in record["error"]
+    assert [(r["rule"], r["type"]) for r in record["rules"]] == [("timeout", "body-deadline")]

@@ -5,12 +5,16 @@ resolve, upstream TLS refused, an upstream closing before or in the middle of it
 is no HTTP, a body shorter than announced, bad or cut chunked framing, smuggling-shaped framing, a
 long (spooled) body cut, an upload whose upstream hangs up, and an HTTP/2 upstream's resets,
 GOAWAY, garbage frames, bad status and close after the head. HTTP/1.1 and HTTP/2 clients alike.
+An upstream's 101 to a protocol other than WebSocket is refused the same way (recorded as refused).
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -28,6 +32,7 @@ from tests.gatewayproc import (
 )
 
 MIB = 1024 * 1024
+ID_NUMBER = "11010519491231002X"
 UPSTREAM_TIMEOUT = 2.0
 MARGIN = 2.0  # seconds allowed past the deadline on a loaded machine
 
@@ -52,7 +57,7 @@ def lab(tmp_path_factory):
     plain, tls, http2 = BadUpstream("127.0.0.2"), BadUpstream("127.0.0.2", tls=(cert, key)), \
         BadUpstream("127.0.0.2", tls=(cert, key), http2=True)
     yield {"root": root, "config": config, "proxy": listener_url(config, "forward"), "gateway_ca": gateway_ca, "upload": upload,
-           "plain": plain, "tls": tls, "http2": http2}
+           "plain": plain, "tls": tls, "http2": http2, "gateway": gateway}
     gateway.stop()
     for upstream in (plain, tls, http2):
         upstream.close()
@@ -84,6 +89,85 @@ def test_an_upstream_failing_its_answer_is_answered_502_with_the_transfer_id(lab
     for url in (f"http://127.0.0.2:{lab['plain'].port}{path}", f"https://127.0.0.2:{lab['tls'].port}{path}"):
         status, transfer_id = answered(lab, url, version=version)
         assert_answered_and_recorded(lab, status, transfer_id)
+
+
+def exchanged(sock: socket.socket, url: str, fields: str = "") -> tuple[int, str]:
+    """One GET (with header `fields`, each ending in CRLF) through the proxy on an open connection: the
+    answer's status and transfer id (its body read)."""
+    host = url.split("/")[2]
+    sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n".encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(65536)
+        assert data, answer  # the gateway closed the connection without a (whole) answer
+        answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+    while len(body) < int(fields.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), fields.get("x-gateway-transfer-id", "")
+
+
+@pytest.mark.parametrize("path", ["/garbage-head", "/bad-header-line"])
+def test_an_unparsable_upstream_head_is_answered_502_and_the_connection_serves_on(lab, path):
+    """mitmproxy failed the stream a second time when the upstream's connection closed after a head it
+    could not parse, and asserted on the client connection the 502 had left open: "mitmproxy has
+    crashed!" with a traceback, and that connection answered nothing more until its idle deadline."""
+    logged = len(lab["gateway"].lines)
+    protocol_errors = metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"')
+    host, port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        first = exchanged(sock, f"http://127.0.0.2:{lab['plain'].port}{path}")
+        # The 502 is whole and so was the request: the connection serves the client's next one.
+        second = exchanged(sock, f"http://127.0.0.2:{lab['plain'].port}/close-before-head")
+    record = assert_answered_and_recorded(lab, *first)
+    assert record["error"].startswith("Cannot parse HTTP response: "), record
+    assert_answered_and_recorded(lab, *second)
+    assert metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"') == protocol_errors + 2
+    crashes = [line for line in lab["gateway"].lines[logged:] if "crashed" in line or "Traceback" in line]
+    assert not crashes, lab["gateway"].output
+
+
+@pytest.mark.parametrize("upgrade", ["x-raw", "h2c"])
+def test_an_upgrade_to_a_protocol_other_than_websocket_is_refused_502(lab, upgrade):
+    """After a 101 to anything but WebSocket mitmproxy sent the client the 101 (recorded as allowed, with
+    no reason), then closed (with rawtcp it would relay both ways, uninspected). Now the client gets 502
+    and nothing of what the upstream sent; the transfer is recorded as refused, and counted."""
+    server = socket.create_server(("127.0.0.2", 0))
+    received = bytearray()
+
+    def upgrading_upstream() -> None:
+        connection, _ = server.accept()
+        with connection, contextlib.suppress(OSError):
+            received.extend(connection.recv(65536))
+            connection.sendall(f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\r\n"
+                               f"raw sfzh={ID_NUMBER}\n".encode())
+            connection.settimeout(5)
+            while data := connection.recv(65536):
+                received.extend(data)
+
+    thread = threading.Thread(target=upgrading_upstream, daemon=True)
+    thread.start()
+    protocol_errors = metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"')
+    host, port = lab["proxy"].removeprefix("http://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            status, transfer_id = exchanged(sock, f"http://127.0.0.2:{server.getsockname()[1]}/",
+                                            f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n")
+            assert status == 502, status
+            sock.settimeout(1)
+            with pytest.raises(TimeoutError):  # nothing follows the 502: the connection waits for a request
+                sock.recv(65536)
+        thread.join(10)
+    finally:
+        server.close()
+    assert f"Upgrade: {upgrade}".encode() in received  # the upstream was asked, and switched
+    record = assert_answered_and_recorded(lab, status, transfer_id)
+    assert [(r["rule"], r["type"], r["locations"], r["action"]) for r in record["rules"]] == \
+        [("upstream", "upgrade", ["response head"], "block")], record
+    assert record["error"] == f"upstream switched protocols to '{upgrade}': only WebSocket is inspected"
+    assert metric_total(lab["config"], "gateway_upstream_errors_total", 'kind="protocol"') == protocol_errors + 1
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -7,11 +7,20 @@ missing mandatory ones and values of the wrong type. `ClaimsError` carries the f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 VERSION = 1
 PERIODS = ("day", "month")
 MEASURES = ("requests", "records", "bytes")
+# Seconds the clock of a machine that issues documents (the bureau's, the data-subject platform's) may run
+# ahead of this one's: a grant valid from its signing, a batch or list issued just now, is not refused for it.
+CLOCK_SKEW = 300
+
+
+def utc(seconds: float) -> str:
+    """A document's time (Unix seconds, as claims hold it) as people read it: 2026-12-06T05:12:00Z."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class ClaimsError(ValueError):

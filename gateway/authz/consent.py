@@ -28,7 +28,6 @@ consent stops counting at its `exp` (compared per record), one not valid yet sta
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import math
 import threading
 import time
@@ -40,15 +39,16 @@ from typing import IO, Any
 
 import orjson
 
+from gateway.authz.claims import CLOCK_SKEW
 from gateway.authz.jose import PLATFORM_ROLE, Authority, DocumentError, parse, verify
 from gateway.authz.records import Lookup
+from gateway.authz.sqlite import open_shared, write_transaction
 
 VERSION = 1
 CONSENT_KEYS = {"cid", "subject", "consumer", "scenario", "datasets", "nbf", "exp", "separate", "withdrawn"}
 CONSENT_REQUIRED = CONSENT_KEYS - {"separate", "withdrawn"}
 BATCH_KEYS = {"ver", "batch", "iat", "count", "sha256", "subject_key", "key_check"}
 INSERT_CHUNK = 20000
-CLOCK_SKEW = 300  # seconds a batch's issue time may lie ahead of this machine's clock
 LOOKUP_CHUNK = 900  # host parameters per query, under SQLite's old default limit of 999
 
 SCHEMA = """
@@ -159,8 +159,7 @@ class ConsentRegistry:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_shared(path, timeout=30)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         if "iat" not in {row[1] for row in self._db.execute("PRAGMA table_info(consents)")}:
@@ -177,37 +176,31 @@ class ConsentRegistry:
         if manifest.iat > (now or time.time()) + CLOCK_SKEW:
             raise ConsentError(f"line 1: issued in the future (iat {manifest.iat}): it would never age")
         digest, count = hashlib.sha256(), 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows: list[tuple] = []
-                for number, line in enumerate(stream, start=2):
-                    digest.update(line)
-                    if not line.strip():
-                        continue
-                    rows.append((*consent_row(line, number), manifest.batch, manifest.iat))
-                    count += 1
-                    if len(rows) >= INSERT_CHUNK:
-                        self._insert(rows)
-                        rows = []
-                self._insert(rows)
-                if digest.hexdigest() != manifest.sha256:
-                    raise ConsentError("the consents do not match the signed digest: the file was altered "
-                                       "after the platform signed it")
-                if count != manifest.count:
-                    raise ConsentError(f"{count} consents, the signed batch says {manifest.count}")
-                # (only now: an altered copy of a batch imported before is refused as altered, not as a repeat)
-                if self._db.execute("SELECT 1 FROM batches WHERE batch=?", (manifest.batch,)).fetchone():
-                    raise ConsentError(f"batch {manifest.batch} was imported before")
-                self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", (
-                    manifest.batch, manifest.iat, int(now or time.time()), count, manifest.sha256))
-                # Every reader loads everything again: the changes before this one are moot.
-                seq = self._db.execute("INSERT INTO changes (subject) VALUES (NULL)").lastrowid
-                self._db.execute("DELETE FROM changes WHERE seq < ?", (seq,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            rows: list[tuple] = []
+            for number, line in enumerate(stream, start=2):
+                digest.update(line)
+                if not line.strip():
+                    continue
+                rows.append((*consent_row(line, number), manifest.batch, manifest.iat))
+                count += 1
+                if len(rows) >= INSERT_CHUNK:
+                    self._insert(rows)
+                    rows = []
+            self._insert(rows)
+            if digest.hexdigest() != manifest.sha256:
+                raise ConsentError("the consents do not match the signed digest: the file was altered "
+                                   "after the platform signed it")
+            if count != manifest.count:
+                raise ConsentError(f"{count} consents, the signed batch says {manifest.count}")
+            # (only now: an altered copy of a batch imported before is refused as altered, not as a repeat)
+            if self._db.execute("SELECT 1 FROM batches WHERE batch=?", (manifest.batch,)).fetchone():
+                raise ConsentError(f"batch {manifest.batch} was imported before")
+            self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", (
+                manifest.batch, manifest.iat, int(now or time.time()), count, manifest.sha256))
+            # Every reader loads everything again: the changes before this one are moot.
+            seq = self._db.execute("INSERT INTO changes (subject) VALUES (NULL)").lastrowid
+            self._db.execute("DELETE FROM changes WHERE seq < ?", (seq,))
         return manifest
 
     def _insert(self, rows: list[tuple]) -> None:
@@ -239,16 +232,10 @@ class ConsentRegistry:
                     conditions.append(f"{column}=?")
                     values.append(value)
             where = " AND ".join(conditions)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                touched = [row[0] for row in self._db.execute(
-                    f"UPDATE consents SET withdrawn=1 WHERE withdrawn=0 AND {where} RETURNING subject", values)]
-                self._db.executemany("INSERT INTO changes (subject) VALUES (?)", [(s,) for s in set(touched)])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            touched = [row[0] for row in self._db.execute(
+                f"UPDATE consents SET withdrawn=1 WHERE withdrawn=0 AND {where} RETURNING subject", values)]
+            self._db.executemany("INSERT INTO changes (subject) VALUES (?)", [(s,) for s in set(touched)])
         return len(touched)
 
     # ---- reading (the consent stage, `consent check`) -----------------------------------------

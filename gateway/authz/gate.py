@@ -2,7 +2,8 @@
 
 Order of checks (the first failure is the reason): contract raw endpoint, a method the endpoint does
 not list (grant_scope, whatever the class), revocation view fresh,
-grant present, well-formed and signed, signer roles, audience, time, revocation, scope, licence,
+grant present, well-formed and signed, the dataset among its own, signer roles, audience, time (a clock
+up to CLOCK_SKEW ahead of ours may have signed it), revocation, scope, licence,
 quota. Signature checks are cached by the presented document's SHA-256 (a grant is usually sent with
 every request); everything that depends on time, the revocation list or usage is checked every time.
 """
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl
 
 from gateway.authz import claims as claim_checks
 from gateway.authz.catalog import Dataset, Match
-from gateway.authz.claims import ClaimsError, Grant, Licence, Limits
+from gateway.authz.claims import CLOCK_SKEW, ClaimsError, Grant, Licence, Limits, utc
 from gateway.authz.jose import Authority, DocumentError, claims_of, parse, verify
 from gateway.authz.quota import Exceeded, QuotaStore
 from gateway.authz.revocation import RevocationView
@@ -113,6 +114,8 @@ class Gate:
         grant: Grant = verified.value
         record["id"], record["consumer"], record["scenario"] = grant.jti, grant.sub, grant.scenario
 
+        if dataset.id not in grant.datasets:  # (before its signers: those another dataset needs do not matter)
+            return refuse("grant_scope", f"dataset {dataset.id} is not in the grant")
         signed = {(a.role, a.org) for a in verified.signers}
         missing = sorted(dataset.required_roles() - signed, key=str)
         if missing:
@@ -120,10 +123,10 @@ class Gate:
                 role + (f" ({org})" if org else "") for role, org in missing))
         if self.gateway_name not in grant.aud:
             return refuse("grant_scope", f"not valid on gateway {self.gateway_name} (aud)")
-        if now < grant.nbf:
-            return refuse("grant_expired", f"not valid before {grant.nbf}")
+        if now + CLOCK_SKEW < grant.nbf:
+            return refuse("grant_expired", f"not valid before {utc(grant.nbf)}")
         if now >= grant.exp:
-            return refuse("grant_expired", f"expired at {grant.exp}")
+            return refuse("grant_expired", f"expired at {utc(grant.exp)}")
         if grant.exp - grant.nbf > self.settings.max_lifetime[dataset.cls]:
             return refuse("grant_expired", f"lifetime longer than the {dataset.cls} maximum "
                                            f"({int(self.settings.max_lifetime[dataset.cls])} s)")
@@ -247,6 +250,8 @@ def licence_problem(licence: Licence, signers: tuple[Authority, ...], grant: Gra
         return f"licence {licence.lid} names operator {licence.sub}, the grant {grant.sub}"
     if grant.scenario not in licence.scenarios:
         return f"licence {licence.lid} does not cover scenario '{grant.scenario}'"
-    if not licence.nbf <= now < licence.exp:
-        return f"licence {licence.lid} is not valid now"
+    if now + CLOCK_SKEW < licence.nbf:
+        return f"licence {licence.lid} is not valid before {utc(licence.nbf)}"
+    if now >= licence.exp:
+        return f"licence {licence.lid} expired at {utc(licence.exp)}"
     return None

@@ -9,13 +9,13 @@ the trace log does not know a response's record count.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.authz.claims import Limits
+from gateway.authz.sqlite import open_shared, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -51,8 +51,7 @@ def periods(now: float) -> dict[str, tuple[str, int]]:
 class QuotaStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_shared(path, timeout=10)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
         self._lock = threading.Lock()
@@ -61,28 +60,21 @@ class QuotaStore:
         """Count one request against every scope, unless one of them is already spent (then nothing): a
         request, or a records or bytes limit already reached."""
         current = periods(now)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for scope, limits in scopes.items():
-                    for period, (key, reset) in current.items():
-                        row = self._db.execute("SELECT requests, records, bytes FROM usage WHERE scope=? AND period=?",
-                                               (scope, key)).fetchone() or (0, 0, 0)
-                        used = dict(zip(("requests", "records", "bytes"), row))
-                        for measure, by_period in limits.items():
-                            limit = by_period.get(period)
-                            if limit is not None and used[measure] >= limit:
-                                self._db.execute("ROLLBACK")
-                                return Exceeded(scope, measure, period, limit, reset)
-                for scope in scopes:
-                    for key, _ in current.values():
-                        self._db.execute("INSERT INTO usage (scope, period, requests) VALUES (?, ?, 1) "
-                                         "ON CONFLICT (scope, period) DO UPDATE SET requests = requests + 1",
-                                         (scope, key))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            for scope, limits in scopes.items():
+                for period, (key, reset) in current.items():
+                    row = self._db.execute("SELECT requests, records, bytes FROM usage WHERE scope=? AND period=?",
+                                           (scope, key)).fetchone() or (0, 0, 0)
+                    used = dict(zip(("requests", "records", "bytes"), row))
+                    for measure, by_period in limits.items():
+                        limit = by_period.get(period)
+                        if limit is not None and used[measure] >= limit:
+                            return Exceeded(scope, measure, period, limit, reset)
+            for scope in scopes:
+                for key, _ in current.values():
+                    self._db.execute("INSERT INTO usage (scope, period, requests) VALUES (?, ?, 1) "
+                                     "ON CONFLICT (scope, period) DO UPDATE SET requests = requests + 1",
+                                     (scope, key))
         return None
 
     def add(self, scopes: dict[str, Limits], records: int, size: int, now: float) -> Exceeded | None:
@@ -92,27 +84,20 @@ class QuotaStore:
         if not scopes or (not records and not size):
             return None
         current = periods(now)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for scope, limits in scopes.items():
-                    for period, (key, reset) in current.items():
-                        row = self._db.execute("SELECT records, bytes FROM usage WHERE scope=? AND period=?",
-                                               (scope, key)).fetchone() or (0, 0)
-                        for measure, used, more in (("records", row[0], records), ("bytes", row[1], size)):
-                            limit = limits.get(measure, {}).get(period)
-                            if limit is not None and more and used + more > limit:
-                                self._db.execute("ROLLBACK")
-                                return Exceeded(scope, measure, period, limit, reset)
-                for scope in scopes:
-                    for key, _ in periods(now).values():
-                        self._db.execute("INSERT INTO usage (scope, period, records, bytes) VALUES (?, ?, ?, ?) "
-                                         "ON CONFLICT (scope, period) DO UPDATE SET records = records + ?, "
-                                         "bytes = bytes + ?", (scope, key, records, size, records, size))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._db):
+            for scope, limits in scopes.items():
+                for period, (key, reset) in current.items():
+                    row = self._db.execute("SELECT records, bytes FROM usage WHERE scope=? AND period=?",
+                                           (scope, key)).fetchone() or (0, 0)
+                    for measure, used, more in (("records", row[0], records), ("bytes", row[1], size)):
+                        limit = limits.get(measure, {}).get(period)
+                        if limit is not None and more and used + more > limit:
+                            return Exceeded(scope, measure, period, limit, reset)
+            for scope in scopes:
+                for key, _ in current.values():
+                    self._db.execute("INSERT INTO usage (scope, period, records, bytes) VALUES (?, ?, ?, ?) "
+                                     "ON CONFLICT (scope, period) DO UPDATE SET records = records + ?, "
+                                     "bytes = bytes + ?", (scope, key, records, size, records, size))
         return None
 
     def usage(self, scope: str, now: float) -> dict[str, dict[str, int]]:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from pathlib import Path
 
 from gateway.authz import claims as claim_checks
-from gateway.authz.claims import ClaimsError, RevocationList
+from gateway.authz.claims import CLOCK_SKEW, ClaimsError, RevocationList
 from gateway.authz.jose import Authority, DocumentError, parse, verify
+from gateway.authz.sqlite import open_shared, write_transaction
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between looks at the file
-CLOCK_SKEW = 300  # seconds a list's issue time may lie ahead of this machine's clock
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accepted (one INTEGER PRIMARY KEY CHECK (one = 1), iat INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY);
@@ -54,8 +53,7 @@ class RevocationView:
         self._db = None
         if state is not None:
             state.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(state, timeout=10, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = open_shared(state, timeout=10)
             self._db.executescript(SCHEMA)
 
     def _accepted(self) -> tuple[int, frozenset[str]]:
@@ -68,11 +66,10 @@ class RevocationView:
     def _accept(self, fresh: RevocationList) -> RevocationList:
         if self._db is None:
             return fresh
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("INSERT INTO accepted VALUES (1, ?) ON CONFLICT (one) DO UPDATE SET iat=max(iat, excluded.iat)",
-                         (fresh.iat,))
-        self._db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)", [(i,) for i in fresh.revoked])
-        self._db.execute("COMMIT")
+        with write_transaction(self._db):
+            self._db.execute("INSERT INTO accepted VALUES (1, ?) ON CONFLICT (one) DO UPDATE SET iat=max(iat, excluded.iat)",
+                             (fresh.iat,))
+            self._db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)", [(i,) for i in fresh.revoked])
         return RevocationList(fresh.iat, fresh.revoked | self._accepted()[1])
 
     def refresh(self, force: bool = False) -> None:

@@ -1,7 +1,8 @@
 """Usage priced for settlement (可控可计量), from trace records that verified.
 
-Only transfers that carried data count: a catalogued dataset's allowed transfers answered 2xx. Each
-adds one request, the records that left (passed and masked, after the consent stage; otherwise as the
+Only transfers that carried data count: a catalogued dataset's allowed transfers answered 2xx (an
+answer the provider marked as failed is not billed; those that carried records out all the same are
+tallied apart, `unbilled`, for the report to show). Each adds one request, the records that left (passed and masked, after the consent stage; otherwise as the
 upstream sent them), the records masked and dropped, and the response bytes; the charge is the
 catalogue's unit price per request, record or MiB (2^20 bytes).
 """
@@ -39,11 +40,18 @@ def _whole(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _records_out(grant: dict, consent: dict) -> int:
+    """The records that left: passed and masked after the consent stage, else as the upstream sent them."""
+    return _whole(consent.get("passed")) + _whole(consent.get("masked")) if consent else _whole(grant.get("records"))
+
+
 @dataclass
 class Settlement:
     catalog: Catalog
     keys: tuple[str, ...] = ("consumer", "dataset")
     rows: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    # allowed answers outside 2xx that carried records out: not billed, but not to go unseen
+    unbilled: dict[str, int] = field(default_factory=lambda: {"requests": 0, "records": 0})
 
     def __post_init__(self) -> None:
         unknown = [key for key in self.keys if key not in KEYS]
@@ -51,10 +59,17 @@ class Settlement:
             raise ValueError(f"unknown grouping key(s) {', '.join(unknown)}: choose from {', '.join(KEYS)}")
 
     def add(self, record: dict) -> None:
+        grant = record.get("grant")
         if not billable(record):
+            if isinstance(grant, dict) and grant.get("result") == "allow" \
+                    and record.get("decision") not in ("block", "deny", "error"):
+                records = _records_out(grant, record.get("consent") or {})
+                if records:
+                    self.unbilled["requests"] += 1
+                    self.unbilled["records"] += records
             return
-        grant, consent = record["grant"], record.get("consent") or {}
-        records = _whole(consent["passed"]) + _whole(consent["masked"]) if consent else _whole(grant.get("records"))
+        consent = record.get("consent") or {}
+        records = _records_out(grant, consent)
         size = _whole(record.get("resp_bytes"))
         group = tuple(KEYS[key](record) for key in self.keys)
         row = self.rows.setdefault(group, {**dict(zip(self.keys, group)), **dict.fromkeys(MEASURES, 0),

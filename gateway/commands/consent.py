@@ -18,23 +18,17 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
+from gateway.authz.claims import utc
 from gateway.authz.consent import ConsentError, ConsentRegistry, batch_claims, consent_row
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, load_private_key
-from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret
-from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
-
-
-class Refused(Exception):
-    """Exit 1 with this message."""
-
-
-class Usage(Exception):
-    """Exit 2 with this message."""
+from gateway.authz.subject import SUBJECT_HASHES, SubjectHasher, generate_secret, load_secret, normal_id
+from gateway.commands import Refused, Usage, configuration
+from gateway.config.load import DEFAULT_CONFIG
+from gateway.dlp.validators import check_id_card
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,14 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("withdraw", help="withdraw consents by id, or all of a subject's (for a consumer, scenario)")
     p.add_argument("cids", nargs="*", metavar="CID")
-    p.add_argument("--id", dest="id_number", help="the subject's ID number (hashed, never stored)")
+    p.add_argument("--id", dest="id_number", help="the subject's ID number (hashed, never stored); - reads it from "
+                                                  "standard input, out of sight of ps and the shell's history")
     p.add_argument("--consumer")
     p.add_argument("--scenario")
     _config_arg(p)
     p.set_defaults(func=guard(_withdraw))
 
     p = sub.add_parser("check", help="whether an ID number's subject consented; exit 0 when so")
-    p.add_argument("id_number", metavar="ID")
+    p.add_argument("id_number", metavar="ID", help="the subject's ID number; - reads it from standard input, out of "
+                                                  "sight of ps and the shell's history")
     p.add_argument("--consumer", required=True)
     p.add_argument("--scenario", required=True)
     p.add_argument("--dataset", help="a dataset the consent must cover (default: show every consent)")
@@ -96,10 +92,7 @@ def guard(func):
 
 
 def _config(args: argparse.Namespace):
-    try:
-        config = load_config(args.config, args.frontend)
-    except ConfigError as e:
-        raise Usage("\n".join(e.errors)) from None
+    config = configuration(args)
     if config.authz is None or config.authz.consent is None:
         raise Usage(f"{config.source}: no authz.consent section")
     return config
@@ -127,18 +120,24 @@ def _issue(args: argparse.Namespace) -> int:
         key = load_private_key(args.key)
     except ValueError as e:
         raise Usage(str(e)) from None
-    lines = []
+    lines, invalid = [], []
     with args.consents.open("rb") as source:
         for number, line in enumerate(source, start=1):
             if not line.strip():
                 continue
             try:
                 consent = orjson.loads(line)
-                subject = hasher.key(consent.pop("id"))
+                number_text = normal_id(consent.pop("id"))
             except (orjson.JSONDecodeError, KeyError, AttributeError):
                 raise Usage(f"{args.consents}: line {number}: expected an object with 'id'") from None
-            if subject is None:
+            if number_text is None:
                 raise Usage(f"{args.consents}: line {number}: 'id' is not an ID number")
+            # Signed all the same (a provider's records may hold the same mistyped number), but said: a
+            # consent to a number no resident holds is most often a typing error.
+            failed = [label for label, ok in check_id_card(number_text) if not ok] if len(number_text) == 18 else []
+            if failed:
+                invalid.append(f"line {number} ({failed[0]})")
+            subject = hasher.key(number_text)
             consent["subject"] = subject.hex()
             line = orjson.dumps(consent) + b"\n"
             try:
@@ -152,6 +151,10 @@ def _issue(args: argparse.Namespace) -> int:
     manifest = json.dumps(add_signature(draft(claims), key, PLATFORM_ROLE), separators=(",", ":")).encode()
     args.output.write_bytes(manifest + b"\n" + body)
     print(f"batch {claims['batch']}: {len(lines)} consents signed by {key.kid} in {args.output}")
+    if invalid:
+        print(f"warning: {len(invalid)} of them name no valid GB 11643 ID number, so each matches only records "
+              f"holding that very number: {args.consents} {', '.join(invalid[:5])}"
+              + (", ..." if len(invalid) > 5 else ""), file=sys.stderr)
     return 0
 
 
@@ -170,7 +173,7 @@ def _import(args: argparse.Namespace) -> int:
             refused.append(f"{path}: {e}")
             print(f"{path}: REFUSED, nothing imported: {e}", file=sys.stderr)
             continue
-        print(f"{path}: batch {batch.batch} issued {_iso(batch.iat)}: {batch.count} consents imported "
+        print(f"{path}: batch {batch.batch} issued {utc(batch.iat)}: {batch.count} consents imported "
               f"in {time.perf_counter() - started:.1f} s")
     registry.close()
     if refused:
@@ -178,15 +181,20 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subject(config, id_number: str) -> bytes:
+    """The subject key of an ID number given on the command line, or read from standard input for `-`."""
+    given = sys.stdin.readline().strip() if id_number == "-" else id_number
+    subject = config.authz.consent.hasher.key(given)
+    if subject is None:
+        raise Usage("standard input holds no ID number" if id_number == "-" else f"'{given}' is not an ID number")
+    return subject
+
+
 def _withdraw(args: argparse.Namespace) -> int:
     config = _config(args)
     if bool(args.cids) == bool(args.id_number):
         raise Usage("give consent ids, or --id (not both)")
-    subject = None
-    if args.id_number:
-        subject = config.authz.consent.hasher.key(args.id_number)
-        if subject is None:
-            raise Usage(f"'{args.id_number}' is not an ID number")
+    subject = _subject(config, args.id_number) if args.id_number else None
     registry = _registry(config)
     count = registry.withdraw(args.cids, subject, args.consumer, args.scenario)
     registry.close()
@@ -196,9 +204,7 @@ def _withdraw(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = _config(args)
-    subject = config.authz.consent.hasher.key(args.id_number)
-    if subject is None:
-        raise Usage(f"'{args.id_number}' is not an ID number")
+    subject = _subject(config, args.id_number)
     registry = _registry(config)
     now = time.time()
     consents = [c for c in registry.consents_of(subject)
@@ -208,12 +214,12 @@ def _check(args: argparse.Namespace) -> int:
     valid = []
     for c in consents:
         problems = [problem for problem, failed in (
-            ("withdrawn", c["withdrawn"]), (f"not valid before {_iso(c['nbf'])}", now < c["nbf"]),
-            (f"expired {_iso(c['exp'])}", now >= c["exp"]), ("not separate consent", args.separate and not c["separate"]),
+            ("withdrawn", c["withdrawn"]), (f"not valid before {utc(c['nbf'])}", now < c["nbf"]),
+            (f"expired {utc(c['exp'])}", now >= c["exp"]), ("not separate consent", args.separate and not c["separate"]),
             (f"does not cover {args.dataset}", args.dataset is not None and args.dataset not in c["datasets"]))
             if failed]
         print(f"consent {c['cid']} (batch {c['batch']}): datasets {', '.join(c['datasets'])}, "
-              f"{_iso(c['nbf'])} to {_iso(c['exp'])}{', separate' if c['separate'] else ''}: "
+              f"{utc(c['nbf'])} to {utc(c['exp'])}{', separate' if c['separate'] else ''}: "
               f"{'VALID' if not problems else 'NOT VALID: ' + '; '.join(problems)}")
         if not problems:
             valid.append(c)
@@ -224,7 +230,3 @@ def _check(args: argparse.Namespace) -> int:
     print(f"subject {subject.hex()[:16]}..., consumer {args.consumer}, scenario {args.scenario}: "
           f"{'CONSENTED' if valid else 'NO CONSENT'}")
     return 0 if valid else 1
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -18,14 +18,14 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gateway.authz import claims as claim_checks
-from gateway.authz.claims import ClaimsError
+from gateway.authz.claims import ClaimsError, utc
 from gateway.authz.jose import (
     DEFAULT_ALGORITHM,
     ROLES,
@@ -238,11 +238,11 @@ def _grant_inspect(args: argparse.Namespace) -> int:
         if gateway_name not in grant.aud:
             problems.append(f"not valid on gateway {gateway_name} (aud: {', '.join(grant.aud)})")
         if not grant.nbf <= at < grant.exp:
-            problems.append(f"not valid at {_iso(at)} (valid {_iso(grant.nbf)} to {_iso(grant.exp)})")
+            problems.append(f"not valid at {utc(at)} (valid {utc(grant.nbf)} to {utc(grant.exp)})")
         if _revoked(settings, grant.jti):
             problems.append(f"revoked ({settings.revocation_file})")
     verdict = "VALID" if not problems else "NOT VALID"
-    print(f"verdict for gateway {args.gateway or config.name} at {_iso(at)}: {verdict}")
+    print(f"verdict for gateway {args.gateway or config.name} at {utc(at)}: {verdict}")
     for problem in problems:
         print(f"  - {problem}")
     return 0 if not problems else 1
@@ -257,10 +257,6 @@ def _revoked(settings, jti: str) -> bool:
     except (OSError, DocumentError, ClaimsError):
         return False
     return jti in revocations.revoked
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _grant_revoke(args: argparse.Namespace) -> int:
@@ -281,7 +277,7 @@ def _grant_revoke(args: argparse.Namespace) -> int:
             entries.append({"id": identifier, "at": now, **({"reason": args.reason} if args.reason else {})})
     claims = {"ver": claim_checks.VERSION, "iat": now, "revoked": entries}
     _write(args.list, add_signature(draft(claims), key, "bureau"))
-    print(f"{args.list}: {len(entries)} revoked, issued {_iso(now)}")
+    print(f"{args.list}: {len(entries)} revoked, issued {utc(now)}")
     return 0
 
 

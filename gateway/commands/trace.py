@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gateway.commands import evidence
-from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR, Config, ConfigError, load_config
+from gateway.commands import Usage, configuration, evidence
+from gateway.config.load import DEFAULT_CONFIG, FRONTENDS_DIR
 from gateway.proxy.state import trace_verifier_key_path
 from gateway.trace.abandoned import unfinished
 from gateway.trace.audit import (
@@ -42,10 +42,6 @@ from gateway.trace.log import VERIFIER_KEY_FILE
 from gateway.trace.tiles import TileError
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    pass
 
 
 class BadRecord(Exception):
@@ -149,20 +145,13 @@ def _config_args(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"with the configuration: layer the front-end profile {FRONTENDS_DIR}/NAME.yaml over it")
 
 
-def _load_config(args: argparse.Namespace) -> Config:
-    try:
-        return load_config(args.config or DEFAULT_CONFIG, args.frontend)
-    except ConfigError as exc:
-        raise UsageError("\n".join(exc.errors)) from None
-
-
 def _locate_log(args: argparse.Namespace) -> None:
     """Set args.directory and args.default_pubkey from DIR or the configuration; a folder that is
     not a trace log is a usage error saying what was expected."""
     if args.directory is not None and args.config is not None:
-        raise UsageError("name the log either as DIR or with -c CONFIG, not both")
+        raise Usage("name the log either as DIR or with -c CONFIG, not both")
     if args.directory is None:
-        config = _load_config(args)
+        config = configuration(args)
         args.directory = config.trace_dir
         args.default_pubkey = trace_verifier_key_path(config.state_dir)
         where = f"trace.dir of {args.config or DEFAULT_CONFIG}"
@@ -170,12 +159,12 @@ def _locate_log(args: argparse.Namespace) -> None:
         args.default_pubkey = args.directory / VERIFIER_KEY_FILE
         where = "DIR"
     if not args.directory.is_dir():
-        raise UsageError(f"{args.directory} ({where}): not a directory")
+        raise Usage(f"{args.directory} ({where}): not a directory")
     if not (args.directory / "checkpoint").exists() and not (args.directory / "journal").exists():
         inside = sorted(found.parent.name for found in args.directory.glob("*/checkpoint"))
         hint = (f"; it holds one in {', '.join(f'{name}/' for name in inside)}" if inside else
                 "; the gateway keeps it in trace.dir, by default STATE_DIR/trace")
-        raise UsageError(f"{args.directory} ({where}): not a trace log directory: expected its 'checkpoint' "
+        raise Usage(f"{args.directory} ({where}): not a trace log directory: expected its 'checkpoint' "
                          f"and 'journal' files (tlog-tiles, with tile/){hint}")
 
 
@@ -205,8 +194,8 @@ def _load_vkey(value: str | Path) -> Verifier:
         return parse_vkey(text.strip().splitlines()[0] if text.strip() else "")
     except (OSError, NoteError) as exc:
         if not path.exists():  # more likely a mistyped key file than a mistyped key
-            raise UsageError(f"{value}: no such file (nor a verifier key: {exc})") from None
-        raise UsageError(f"{value}: {exc}") from None
+            raise Usage(f"{value}: no such file (nor a verifier key: {exc})") from None
+        raise Usage(f"{value}: {exc}") from None
 
 
 def _log_verifier(args: argparse.Namespace) -> Verifier:
@@ -214,7 +203,7 @@ def _log_verifier(args: argparse.Namespace) -> Verifier:
         return _load_vkey(args.pubkey)
     default = args.default_pubkey
     if not default.exists():
-        raise UsageError(f"no --pubkey given and {default} does not exist")
+        raise Usage(f"no --pubkey given and {default} does not exist")
     print(f"note: checking against {default}; pass --pubkey with a key obtained out of band", file=sys.stderr)
     return _load_vkey(default)
 
@@ -226,7 +215,7 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
         try:
             lines = args.witness_policy.read_text().splitlines()
         except OSError as exc:
-            raise UsageError(f"{args.witness_policy}: {exc.strerror}") from None
+            raise Usage(f"{args.witness_policy}: {exc.strerror}") from None
         for number, line in enumerate(lines, start=1):
             words = line.split("#", 1)[0].split()
             if not words:
@@ -236,12 +225,12 @@ def _policy(args: argparse.Namespace) -> WitnessPolicy | None:
             elif words[0] == "quorum" and len(words) == 2 and words[1].isdigit():
                 quorum = int(words[1])
             else:
-                raise UsageError(f"{args.witness_policy}:{number}: expected 'witness KEY' or 'quorum N'")
+                raise Usage(f"{args.witness_policy}:{number}: expected 'witness KEY' or 'quorum N'")
     if not witnesses:
         return None
     quorum = len(witnesses) if quorum is None else quorum
     if not 1 <= quorum <= len(witnesses):
-        raise UsageError(f"quorum {quorum} must be between 1 and {len(witnesses)}")
+        raise Usage(f"quorum {quorum} must be between 1 and {len(witnesses)}")
     return WitnessPolicy(witnesses, quorum)
 
 
@@ -251,7 +240,7 @@ def _guard(func):
             if hasattr(args, "directory") and getattr(args, "peers", None) is None:  # a command reading one log
                 _locate_log(args)
             return func(args)
-        except UsageError as exc:
+        except Usage as exc:
             print(f"gateway trace: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except BadRecord as exc:
@@ -298,7 +287,7 @@ def _parse_time(text: str, what: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"{what}: {text!r} is not an ISO 8601 time") from None
+        raise Usage(f"{what}: {text!r} is not an ISO 8601 time") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
@@ -308,7 +297,7 @@ def _matches(record: dict, args: argparse.Namespace, since, until) -> bool:
     if since or until:
         try:
             when = _parse_time(str(record.get("time")), "record time")
-        except UsageError:
+        except Usage:
             return False
         if (since and when < since) or (until and when >= until):
             return False
@@ -329,7 +318,7 @@ def _checkpoint_size(args: argparse.Namespace) -> int:
         verifier = _load_vkey(args.pubkey) if args.pubkey is not None else None
         return newest_checkpoint(args.directory, verifier)[1].size
     except NoteError as exc:
-        raise UsageError(f"{args.directory / 'checkpoint'}: {exc}") from None
+        raise Usage(f"{args.directory / 'checkpoint'}: {exc}") from None
 
 
 @_guard
@@ -361,7 +350,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
     try:
         meter = Meter(tuple(key.strip() for key in args.by.split(",") if key.strip()))
     except ValueError as exc:
-        raise UsageError(f"--by: {exc}") from None
+        raise Usage(f"--by: {exc}") from None
     window = _window(args)
     logs = _meter_logs(args)
     anchors, checkpoints = [], []
@@ -404,7 +393,7 @@ def cmd_meter(args: argparse.Namespace) -> int:
 def _peers_alone(args: argparse.Namespace) -> None:
     if (args.directory is not None or args.config is not None or args.pubkey is not None or args.witness
             or args.witness_policy is not None):
-        raise UsageError("--peers names every log, its key and its witnesses: no DIR, -c, --pubkey or --witness")
+        raise Usage("--peers names every log, its key and its witnesses: no DIR, -c, --pubkey or --witness")
 
 
 def _meter_logs(args: argparse.Namespace) -> list[tuple[Path, Verifier, WitnessPolicy | None, str]]:
@@ -417,11 +406,11 @@ def _meter_logs(args: argparse.Namespace) -> list[tuple[Path, Verifier, WitnessP
     from gateway.commands.cluster import load_peers_or_print
     peers = load_peers_or_print(args.peers)
     if peers is None:
-        raise UsageError(f"{args.peers}: not a valid peers file")
+        raise Usage(f"{args.peers}: not a valid peers file")
     try:
         return [(log, peer.log_key, policy, f"{args.peers} ({peer.name})") for peer, log, policy in peers.logs()]
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise Usage(str(exc)) from None
 
 
 @_guard
@@ -464,8 +453,13 @@ def cmd_check_evidence(args: argparse.Namespace) -> int:
 def _proof_keys(args: argparse.Namespace) -> tuple[Verifier, WitnessPolicy | None]:
     """The log's key (--pubkey, or the configuration's) and the witness policy of a proof checked offline."""
     if args.pubkey is not None and args.config is not None:
-        raise UsageError("give the key either with --pubkey or with -c CONFIG, not both")
-    pubkey = args.pubkey if args.pubkey is not None else trace_verifier_key_path(_load_config(args).state_dir)
+        raise Usage("give the key either with --pubkey or with -c CONFIG, not both")
+    if args.pubkey is not None:
+        return _load_vkey(args.pubkey), _policy(args)
+    config = configuration(args)
+    pubkey = trace_verifier_key_path(config.state_dir)
+    print(f"note: checking against {pubkey} (the gateway of {config.source}); a party checking offline passes "
+          "--pubkey with the key obtained out of band", file=sys.stderr)
     return _load_vkey(pubkey), _policy(args)
 
 
@@ -501,26 +495,26 @@ def cmd_witness(args: argparse.Namespace) -> int:
     from gateway.trace.witness import WitnessState, serve
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
+        raise Usage(f"--listen {args.listen!r}: expected HOST:PORT")
     try:
         if args.key.exists():
             signer = parse_skey(args.key.read_text())
         elif args.name:
             signer = load_or_create_signer(args.key, args.name, SIG_COSIGNATURE_V1)
         else:
-            raise UsageError(f"{args.key} does not exist: pass --name to create it")
+            raise Usage(f"{args.key} does not exist: pass --name to create it")
     except NoteError as exc:
-        raise UsageError(f"{args.key}: {exc}") from None
+        raise Usage(f"{args.key}: {exc}") from None
     if signer.sig_type != SIG_COSIGNATURE_V1:
-        raise UsageError(f"{args.key}: not a cosignature (type 0x04) key")
+        raise Usage(f"{args.key}: not a cosignature (type 0x04) key")
     logs = {}
     for item in args.log:
         origin, sep, key = item.partition("=")
         if not sep:
-            raise UsageError(f"--log {item!r}: expected ORIGIN=VKEY")
+            raise Usage(f"--log {item!r}: expected ORIGIN=VKEY")
         verifier = _load_vkey(key)
         if verifier.name != origin:
-            raise UsageError(f"--log {item!r}: the key is for {verifier.name!r}")
+            raise Usage(f"--log {item!r}: the key is for {verifier.name!r}")
         logs[origin] = verifier
     server = serve((host, int(port)), WitnessState(args.state, logs, signer))
     print(f"witness {signer.verifier.vkey()} listening on {host}:{server.server_address[1]}", flush=True)

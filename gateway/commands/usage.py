@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.authz.settlement import KEYS, MEASURES, Settlement
-from gateway.commands.consent import Refused, Usage, guard
-from gateway.commands.trace import UsageError, _policy, _witness_args
-from gateway.config.load import DEFAULT_CONFIG, ConfigError, load_config
+from gateway.commands import Refused, Usage, configuration
+from gateway.commands.consent import guard
+from gateway.commands.trace import _policy, _witness_args
+from gateway.config.load import DEFAULT_CONFIG, ConfigError
 from gateway.proxy.state import trace_key_path, trace_verifier_key_path, writer_socket_path
 from gateway.trace import TraceError, TraceLog
 from gateway.trace.audit import WitnessPolicy, iter_committed_entries, verify_log
@@ -101,10 +102,11 @@ def _key(key_file: Path) -> Verifier:
 
 
 def _verified(directory: Path, verifier: Verifier, key_from: str, policy: WitnessPolicy | None) -> Log:
-    print(f"{directory}: verified with {verifier.vkey()} (from {key_from})", file=sys.stderr)
+    print(f"{directory}: checking against {verifier.vkey()} (from {key_from})", file=sys.stderr)
     verified = verify_log(directory, verifier, policy)
     if verified.problems:  # every log verifies before any figure is summed
         raise Refused(f"{directory} does not verify, no figures: " + "; ".join(verified.problems[:5]))
+    print(f"{directory}: verified", file=sys.stderr)
     checkpoint = verified.witnessed if policy is not None else verified.checkpoint
     covered = {"log": checkpoint.origin, "size": checkpoint.size, "root": checkpoint.root.hex(),
                "verifier_key": verifier.vkey(), "key_from": key_from}
@@ -147,10 +149,7 @@ def _render(settlement: Settlement, start: datetime, end: datetime, covered: lis
 
 
 def _report(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.frontend)
-    except ConfigError as e:
-        raise Usage("\n".join(e.errors)) from None
+    config = configuration(args)
     if config.authz is None:
         raise Usage(f"{config.source}: no authz section (the catalogue prices the usage)")
     start, end = _when(args.start, "--from"), _when(args.end, "--to")
@@ -162,10 +161,7 @@ def _report(args: argparse.Namespace) -> int:
         settlement()
     except ValueError as e:
         raise Usage(f"--by: {e}") from None
-    try:
-        policy = _policy(args)
-    except UsageError as e:
-        raise Usage(str(e)) from None
+    policy = _policy(args)
     own_key = trace_verifier_key_path(config.state_dir)  # never the copy inside a log: its forger wrote it
     logs = _peer_logs(args) if args.peers is not None else _given_logs(args, config.trace_dir, own_key, policy)
     origins = [log.checkpoint.origin for log in logs]
@@ -182,6 +178,10 @@ def _report(args: argparse.Namespace) -> int:
     if not counted.rows:  # (still a statement worth settling: no billable use in the range)
         print(f"note: no billable transfer from {start.isoformat()} to {end.isoformat()} in the logs "
               f"({', '.join(origins)})", file=sys.stderr)
+    if counted.unbilled["requests"]:
+        print(f"note: {counted.unbilled['requests']} allowed answer(s) outside 2xx carried "
+              f"{counted.unbilled['records']} record(s) out, not billed (the provider answered them as failed)",
+              file=sys.stderr)
     digest = hashlib.sha256(text.encode()).hexdigest()
     if args.output:
         args.output.write_text(text)
@@ -204,6 +204,10 @@ def _given_logs(args: argparse.Namespace, own_log: Path, own_key: Path, policy: 
     if len(key_files) != len(directories):
         raise Usage("give one --pubkey per --trace, in order: a log is checked against a key you trust, "
                     f"never the {VERIFIER_KEY_FILE} inside it")
+    for directory, key_file in zip(directories, key_files):
+        if key_file.resolve().is_relative_to(directory.resolve()):
+            raise Usage(f"--pubkey {key_file} is inside the log it is to check ({directory}): whoever could "
+                        "rewrite the log could rewrite that key too; give the key obtained out of band")
     return [_verified(directory, _key(key_file), str(key_file), policy)
             for directory, key_file in zip(directories, key_files)]
 
@@ -260,7 +264,7 @@ def _check(args: argparse.Namespace, logs: list[Log], own: Log, settlement: Call
     if not differences:
         text = _render(recount, start, end, settled["logs"], args.format)
         settled_totals = settled.get("totals") or {}
-        differences = [f"totals: {measure} settled {settled_totals.get(measure)!r}, recounted {value!r}"
+        differences = [f"totals: {measure} settled {_figure(settled_totals.get(measure))}, recounted {_figure(value)}"
                        for measure, value in recount.totals().items() if settled_totals.get(measure) != value]
         if hashlib.sha256(text.encode()).hexdigest() == settled.get("report_sha256"):
             print("EQUAL: the records settled give the same report, byte for byte")
@@ -269,11 +273,17 @@ def _check(args: argparse.Namespace, logs: list[Log], own: Log, settlement: Call
     if later.rows:
         extra = later.totals()
         print(f"since the settlement: {extra['requests']} request(s) of the range came into the logs, "
-              f"{extra['records']} record(s), {extra['bytes']} bytes, amount "
-              f"{', '.join(f'{value} {currency}' for currency, value in extra['amount'].items()) or 0} (not settled)")
+              f"{extra['records']} record(s), {extra['bytes']} bytes, amount {_figure(extra['amount'])} (not settled)")
     for difference in differences:
         print(f"DIFFERS: {difference}")
     return 1 if differences else 0
+
+
+def _figure(value: object) -> str:
+    """A total as the report's reader writes it: an amount per currency as `120.0 CNY`, none as 0."""
+    if isinstance(value, dict):
+        return ", ".join(f"{amount} {currency}" for currency, amount in value.items()) or "0"
+    return "none" if value is None else str(value)
 
 
 def _append(config, record: dict[str, Any]) -> int:

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -73,6 +73,9 @@ class Listener:
     # a balancer whose address is in trusted_proxies; the header's source is then the client.
     proxy_protocol: bool = False
     trusted_proxies: tuple[Network, ...] = ()
+    # FILE:LINE of its `listen` (a front-end profile's, when the profile sets the listeners), for messages
+    # that ask an operator to correct it; not part of what the listener is.
+    defined_at: str = field(default="", compare=False)
 
     @property
     def mitmproxy_spec(self) -> str:
@@ -421,7 +424,9 @@ def _listeners(node: Node | None, sink: ErrorSink, source: Path) -> tuple[Listen
             entries["upstream"].error("only reverse listeners have an upstream")
         proxy_protocol, trusted = _proxy_protocol(item, entries)
         if name and mode and address:
-            listeners.append(Listener(name, mode, address[0], address[1], upstream, proxy_protocol, trusted))
+            listen = entries["listen"]
+            listeners.append(Listener(name, mode, address[0], address[1], upstream, proxy_protocol, trusted,
+                                      defined_at=f"{listen.file}:{listen.line}"))
     if not listeners and not sink.errors:
         node.error("at least one listener is needed")
     return tuple(listeners)

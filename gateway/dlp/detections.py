@@ -259,18 +259,18 @@ class Detections(Sequence[Detection]):
             for d in self.listed:
                 encoded = np.frombuffer(d.value.encode("utf-8", "surrogatepass"), dtype=np.uint8)
                 listed.setdefault(len(encoded), []).append(encoded)
-            for length, matrix in zip(np.unique(lengths).tolist(), self._value_bytes()):
+            for length, same_length in zip(np.unique(lengths).tolist(), self._value_bytes()):
                 rows = np.flatnonzero(lengths == length)
                 # hashed (two equal hashes of unequal values only cost a value compared)
-                hashes = matrix.astype(np.uint64) @ _HASH_WEIGHTS[:length] if length <= len(_HASH_WEIGHTS) \
-                    else np.ascontiguousarray(matrix).view(f"V{length}").ravel()
+                hashes = same_length.astype(np.uint64) @ _HASH_WEIGHTS[:length] if length <= len(_HASH_WEIGHTS) \
+                    else np.ascontiguousarray(same_length).view(f"V{length}").ravel()
                 ordered = np.sort(hashes)
                 if (ordered[1:] == ordered[:-1]).any():  # most often not: no order of rows needed
                     order = np.argsort(hashes, kind="stable")
                     same = hashes[order[1:]] == hashes[order[:-1]]
                     candidates.append(rows[order[np.concatenate((same, [False])) | np.concatenate(([False], same))]])
                 for encoded in listed.get(length, ()):  # a listed value also among the columns'
-                    candidates.append(rows[(matrix == encoded).all(axis=1)])
+                    candidates.append(rows[(same_length == encoded).all(axis=1)])
         rows = np.unique(np.concatenate(candidates))
         values = [self.value(row) for row in rows.tolist()]
         counts = Counter(values)

@@ -30,9 +30,10 @@ from gateway.transfer.model import Transfer
 from gateway.transfer.spool import spool_dir
 
 # Reasons that are not DLP findings: the zone policy's deny, a trace log that could not record, an
-# unreachable upstream, a malformed request, a stage that failed on the flow, a grant refused.
-NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "malformed", "internal-error", "host_not_canonical",
-                           *GRANT_REASONS})
+# unreachable upstream or its refused upgrade, a malformed request, a stage that failed on the flow, a
+# grant refused.
+NOT_DLP_TYPES = frozenset({"policy", "unavailable", "upstream", "upgrade", "malformed", "internal-error",
+                           "host_not_canonical", *GRANT_REASONS})
 
 
 class MeasuredGateway(Protocol):

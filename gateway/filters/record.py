@@ -38,8 +38,8 @@ from gateway.ops.alerts import AlertLog
 from gateway.trace import TraceError, TraceLog, body_hasher
 from gateway.trace.tiles import MAX_ENTRY
 from gateway.transfer.disk import FreeSpace
-from gateway.transfer.edge import (ANSWER_STATUS, TIMEOUT, TRAILERS, UPSTREAM, UPSTREAM_TIMED_OUT,
-                                   MalformedRequest, cut)
+from gateway.transfer.edge import (ANSWER_STATUS, BODY_DEADLINE, BODY_IDLE, TRAILERS, UPGRADE, UPSTREAM,
+                                   UPSTREAM_TIMED_OUT, MalformedRequest, cut)
 from gateway.transfer.model import (
     TRANSFER_ID_HEADER,
     WARNING_HEADER,
@@ -60,10 +60,13 @@ class RecordingGateway(Protocol):
 
 
 MALFORMED_REQUEST = Reason("malformed", "malformed", "request head", "block")
-# Refusals of a request's body whose error text is the gateway's own: (reason, the answer's error).
-BODY_REFUSALS = {
-    TIMEOUT: (Reason("timeout", "body-idle", "request body", "error"), "request body timed out"),
+# Refusals whose error text is the gateway's own (a request body's, an upstream's upgrade), by cause:
+# (reason, the answer's error).
+OWN_REFUSALS = {
+    BODY_IDLE: (Reason("timeout", BODY_IDLE, "request body", "error"), "request body timed out"),
+    BODY_DEADLINE: (Reason("timeout", BODY_DEADLINE, "request body", "error"), "request body timed out"),
     TRAILERS: (Reason("framing", "trailers", "request trailers", "block"), "malformed request"),
+    UPGRADE: (Reason("upstream", "upgrade", "response head", "block"), "upstream protocol not inspectable"),
 }
 TRACE_UNAVAILABLE = Reason("trace-log", "unavailable", "trace", "block")
 # transfer.extra key: which of its records ("open", "done" or "only") the trace writer did not make
@@ -195,8 +198,8 @@ class Record:
                 else:  # gateway.proxy.upstreamdeadline closed a silent upstream's connection
                     transfer.error = f"upstream gave no response head within {timed_out:g} s"
                     refuse(flow, transfer, status=504, error="upstream timeout")
-            elif cause in BODY_REFUSALS:
-                reason, error = BODY_REFUSALS[cause]
+            elif cause in OWN_REFUSALS:
+                reason, error = OWN_REFUSALS[cause]
                 transfer.add_reasons([reason])
                 refuse(flow, transfer, status=status, error=error)
             else:

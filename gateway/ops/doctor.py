@@ -187,7 +187,7 @@ def _listener_problems(config: Config, links: dict[int, _Link]) -> list[Problem]
             problems.append(Problem(
                 f"listener {listener.name}: no interface has its address {listener.host}",
                 f"add {listener.host} to the interface facing its zone, or correct "
-                f"listeners[{listener.name}].listen in the configuration",
+                f"listeners[{listener.name}].listen ({listener.defined_at})",
             ))
     return problems
 

@@ -89,7 +89,7 @@ def _answer_upstream_failures(original: Callable) -> Callable:
             cause = event.cause
         else:
             status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
-            cause = UPSTREAM
+            cause = getattr(event, "cause", UPSTREAM)  # a RefusedUpgrade (gateway.proxy.heads) has its own
         answerable = status is not None and _nothing_sent(self)
         if answerable:
             flow.metadata[ANSWER_STATUS] = (status, cause)

@@ -5,9 +5,10 @@ mitmproxy waits for a request body's next byte as long as the connection lives (
 stream watches its body: no byte of it for the `body_idle_timeout` option's seconds (the configuration's
 `gateway.body_idle_timeout`) and it fails as a BodyTimedOut, which gateway.proxy.answers answers 408
 with the transfer's id (nothing of a request has left before its body's verdict), and the record stage
-records. So is one not finished within the `body_timeout` option's seconds from its head
-(`gateway.body_timeout`, off unless set): a client sending a byte just often enough would hold it
-for ever. For HTTP/1 the connection is then closed; for HTTP/2 the stream is answered and dropped.
+records (rule `timeout`, type `body-idle`). So is one not finished within the `body_timeout` option's
+seconds from its head (`gateway.body_timeout`, off unless set), as a BodyPastDeadline (type
+`body-deadline`): a client sending a byte just often enough would hold it for ever. For HTTP/1 the
+connection is then closed; for HTTP/2 the stream is answered and dropped.
 
 The streams receiving a body are looked at together, once every WATCH_INTERVAL, by one timer per
 worker, so a body is answered up to WATCH_INTERVAL after its timeout. (A wake-up of each stream's own,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from collections.abc import Callable
 
@@ -33,8 +35,7 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, RequestData, RequestH
 
 from gateway.proxy.heads import MalformedBody
 from gateway.proxy.patches import wrap_method
-from gateway.transfer.edge import connection_handler
-from gateway.transfer.edge import TIMEOUT
+from gateway.transfer.edge import BODY_DEADLINE, BODY_IDLE, connection_handler
 
 BODY_IDLE_OPTION = "body_idle_timeout"
 BODY_TOTAL_OPTION = "body_timeout"
@@ -48,7 +49,13 @@ class BodyTimedOut(MalformedBody):
     """No byte of a request body within the idle timeout: answered 408."""
 
     status = 408
-    cause = TIMEOUT
+    cause = BODY_IDLE
+
+
+class BodyPastDeadline(BodyTimedOut):
+    """A request body still not whole `body_timeout` after its head (however steadily it came): 408."""
+
+    cause = BODY_DEADLINE
 
 
 def install() -> None:
@@ -89,7 +96,7 @@ class _Watch:
         for stream in self.streams:
             if not _receiving_body(stream):
                 continue
-            if _time_left(stream, now)[0] > 0.001:
+            if min(_time_left(stream, now)) > 0.001:
                 waiting.append(stream)
             else:
                 _wake(stream)
@@ -127,11 +134,11 @@ def _watch_body(stream: HttpStream, produced: layer.CommandGenerator[None]) -> l
 
 
 def _time_left(stream: HttpStream, now: float) -> tuple[float, float]:
-    """(seconds left before the stream's body times out, of which idle)."""
+    """(seconds left before the stream's body is idle too long, before its deadline (inf: none))."""
     options = stream.context.options
     idle_left = stream.gateway_body_last + options.body_idle_timeout - now
-    total_left = stream.gateway_body_started + options.body_timeout - now if options.body_timeout else idle_left
-    return min(idle_left, total_left), idle_left
+    total_left = stream.gateway_body_started + options.body_timeout - now if options.body_timeout else math.inf
+    return idle_left, total_left
 
 
 def _wake(stream: HttpStream) -> None:
@@ -154,11 +161,13 @@ def _idle_check(stream: HttpStream) -> layer.CommandGenerator[None]:
     if not _receiving_body(stream):
         return
     options = stream.context.options
-    left, idle_left = _time_left(stream, time.monotonic())
-    if left > 0.001:  # a byte came meanwhile
+    idle_left, total_left = _time_left(stream, time.monotonic())
+    if min(idle_left, total_left) > 0.001:  # a byte came meanwhile
         _WATCH.add(stream)
         return
-    why = f"no byte of it for {options.body_idle_timeout:g} s" if idle_left <= 0.001 else \
-        f"not received within {options.body_timeout:g} s"
-    yield from stream.handle_protocol_error(BodyTimedOut(
+    if idle_left <= total_left:  # the limit it reached first (the watch may see both past)
+        timed_out, why = BodyTimedOut, f"no byte of it for {options.body_idle_timeout:g} s"
+    else:
+        timed_out, why = BodyPastDeadline, f"not received within {options.body_timeout:g} s"
+    yield from stream.handle_protocol_error(timed_out(
         stream.stream_id, f"request body timed out: {why}", ErrorCode.GENERIC_CLIENT_ERROR))

@@ -5,16 +5,19 @@ Http1Server answers it 400 itself. Wrapped here: that answer is replaced by the 
 `malformed_request` hook (MalformedRequestHook) puts in `MalformedRequest.answer`, so the pipeline
 records and counts it like any other refused transfer. A head still unfinished after MAX_REQUEST_HEAD
 bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
-response head past MAX_RESPONSE_HEAD fails that upstream (502). Bytes that cannot begin an HTTP
-request (a binary or other protocol, TLS on a listener's own port, a first line that is no request
-line) are refused 400 as soon as they arrive, and a head not finished within the
-`request_head_timeout` option from its first byte is refused 408 (a slowloris), where mitmproxy would
-wait for the end of a head that never comes, or for the connection's idle timeout. An HTTP/1 message
-with trailers, which mitmproxy cannot pass on (it raises, and the connection ends unanswered and
-unrecorded), is that message's protocol error instead: a
+response head past MAX_RESPONSE_HEAD fails that upstream (502), and one mitmproxy cannot parse fails
+it once (mitmproxy failed the stream again when the connection closed, and crashed). Bytes that
+cannot begin an HTTP request (a binary or other protocol, TLS on a listener's own port, a first line
+that is no request line: gateway.proxy.requestline) are refused 400 as soon as they arrive, and a head
+not finished within the `request_head_timeout` option from its first byte is refused 408 (a
+slowloris), where mitmproxy would wait for the end of a head that never comes, or for the
+connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
-An upstream's interim (1xx) responses are dropped before its final one is read. An HTTP/2
+An upstream's interim (1xx) responses are dropped before its final one is read. Its 101 to any
+protocol but WebSocket fails it (502, a RefusedUpgrade): mitmproxy sent the client that 101, then
+closed the connection (with `rawtcp` it would relay both ways uninspected). An HTTP/2
 client's request trailers (inspected like a head by the inspect stage) are dropped toward an HTTP/1
 upstream: mitmproxy cannot write them there (it raised after the body, leaving the upstream
 connection without the message's end).
@@ -25,34 +28,37 @@ mitmproxy upgrade changes them.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 import uuid
 from collections.abc import Callable
 
 import h11._readers
+import wsproto.handshake
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http, optmanager
 from mitmproxy.net.http import http1
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
     RequestProtocolError,
     RequestTrailers,
+    ResponseHeaders,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
-from gateway.transfer.edge import MALFORMED, TRAILERS, MalformedRequest, MalformedRequestHook
+from gateway.proxy.requestline import VERSION_REFUSED, drop_empty_lines, first_line_problem, unsupported_version
+from gateway.transfer.edge import MALFORMED, TRAILERS, UPGRADE, MalformedRequest, MalformedRequestHook
 
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_FIELDS = 100  # header fields in a request head (Apache's LimitRequestFields)
-HTTP1_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 # A chunk size that fits in 63 bits, as nginx reads it (h11 takes up to 20 hex digits, then waits for
 # a chunk that never ends). Set into h11's chunk reader by install().
 CHUNK_SIZE = rb"0*[0-7]?[0-9A-Fa-f]{1,15}"
@@ -60,12 +66,6 @@ H11_CHUNK_SIZE = rb"([0-9A-Fa-f]){1,20}"
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
-NOT_HTTP = "not an HTTP request"
-VERSION_REFUSED = "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
-TLS_RECORD_START = b"\x16\x03"  # a handshake record, TLS 1.x (mitmproxy.net.tls.starts_like_tls_record)
-TLS_REFUSED = "TLS where plain HTTP was expected"  # a listener's own port: gateway.proxy.tunnels.PlainListeners
-# RFC 9110 token characters: a request line starts with a method made of them, then a space.
-TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 def install() -> None:
@@ -76,12 +76,15 @@ def install() -> None:
     if not isinstance(getattr(ReceiveBuffer(), "_data", None), bytearray):
         raise RuntimeError("h11's ReceiveBuffer changed (no _data bytearray): review gateway/proxy/heads.py")
     wrap_method(Http1Client, "read_headers", _limit_response_heads,
-          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body"))
+          ("response_head = self.buf.maybe_extract_lines()", "self.state = self.read_body",
+           'f"Cannot parse HTTP response: {e}"'))
     for cls in (Http1Server, Http1Client):
         wrap_method(cls, "read_body", _read_body,
               ('raise NotImplementedError(f"HTTP trailers are not implemented yet.")',
                "yield commands.CloseConnection(self.conn)", 'f"HTTP/1 protocol error: {e}"',
                "code=self.ReceiveProtocolError.code"))
+    if not all(statement in inspect.getsource(HttpStream.send_response) for statement in WEBSOCKET_TEST):
+        raise RuntimeError("HttpStream.send_response changed how it tells a WebSocket: review gateway/proxy/heads.py")
     wrap_method(Http1Client, "send", _drop_request_trailers, ('raise AssertionError(f"Unexpected event: {event}")',))
     chunk_header = h11._readers.chunk_header_re.pattern
     if CHUNK_SIZE not in chunk_header:
@@ -98,7 +101,7 @@ def add_options(options: optmanager.OptManager) -> None:
 def _answer_malformed_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
         received = isinstance(event, events.DataReceived)
-        dropped = _drop_empty_lines(self.buf) if received else 0
+        dropped = drop_empty_lines(self.buf) if received else 0
         problem = _head_problem(self.buf) if received else None
         if problem is not None:
             # Before mitmproxy parses it: a head that arrived in one write is as limited as one in pieces.
@@ -121,7 +124,7 @@ def _answer_malformed_heads(original: Callable) -> Callable:
         yield from relay(original(self, event), substitute)
         if self.request is not None or self.state == self.done:
             self.gateway_head_started = None
-        elif (problem := _first_line_problem(self.buf)) is not None:
+        elif (problem := first_line_problem(self.buf)) is not None:
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
             yield from _refuse_head(self, *problem)
         elif (self.buf or dropped) and getattr(self, "gateway_head_started", None) is None:
@@ -139,62 +142,27 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     a finished one of any size), more than MAX_REQUEST_FIELDS fields, or not HTTP/1.0 or 1.1 (an
     h2c preface `PRI * HTTP/2.0` inside a tunnel, `HTTP/9.9`)."""
     data = buf._data
-    end = _HEAD_END.search(data, 0, MAX_REQUEST_HEAD + 4)
+    if _head_too_long(data, MAX_REQUEST_HEAD):
+        return 431, f"request head larger than {MAX_REQUEST_HEAD} bytes"
+    end = _HEAD_END.search(data, 0, MAX_REQUEST_HEAD)
     if end is None:
-        return (431, f"request head larger than {MAX_REQUEST_HEAD} bytes") if len(data) > MAX_REQUEST_HEAD else None
+        return None
     if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
-    if _unsupported_version(bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")):
+    if unsupported_version(bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")):
         return 505, VERSION_REFUSED
     return None
-
-
-def _unsupported_version(request_line: bytes) -> bool:
-    """Whether a request line names an HTTP version but 1.0 or 1.1 (`HTTP/9.9`, `PRI * HTTP/2.0`)."""
-    parts = request_line.split(b" ")
-    return len(parts) == 3 and _VERSION.fullmatch(parts[2]) is not None and parts[2] not in HTTP1_VERSIONS
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")
-_VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
 
 
-def _drop_empty_lines(buf: ReceiveBuffer) -> int:
-    """Drops the empty lines at the start of a head as they arrive (RFC 9112, section 2.2: a server
-    skips them) and says how many bytes they were. h11 took one a read: a request sent in one write
-    behind an empty line waited unread for more bytes (408), and a stream of them was held without limit."""
-    count = _EMPTY_LINES.match(buf._data).end()
-    if count:
-        buf.maybe_extract_at_most(count)
-    return count
-
-
-_EMPTY_LINES = re.compile(rb"[\r\n]*")
-
-
-def _first_line_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
-    """Why the head received so far (empty lines dropped) cannot begin a request, as soon as that is
-    known: its method is not token characters up to a space (binary, TLS, a leading space), or its
-    first line, once ended, is no request line mitmproxy's parser reads (`EHLO example.com`, `GET /`:
-    mitmproxy would wait for the head's end, then refuse it) or names another HTTP version (505)."""
-    data = buf._data
-    if TLS_RECORD_START.startswith(data):
-        return None  # one or two bytes that may begin TLS: a third tells (gateway.proxy.tunnels)
-    method = bytes(data[:64]).partition(b" ")[0]
-    if data[:1] == b" " or not all(byte in TOKEN_BYTES for byte in method):
-        return 400, TLS_REFUSED if starts_like_tls_record(data) else NOT_HTTP
-    end = data.find(b"\n")
-    if end == -1:
-        return None
-    request_line = bytes(data[:end]).removesuffix(b"\r")
-    if _unsupported_version(request_line):
-        return 505, VERSION_REFUSED
-    try:
-        http1.read_request_head([request_line])
-    except ValueError:
-        return 400, NOT_HTTP
-    return None
+def _head_too_long(data: bytearray, limit: int) -> bool:
+    """Whether the head at the start of `data` is longer than `limit` bytes, counted up to and with the
+    empty line that ends it: known once `limit` bytes have come without its end, however the head was
+    cut into reads (not from what the buffer held when one arrived)."""
+    return len(data) >= limit and _HEAD_END.search(data, 0, limit) is None
 
 
 def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:
@@ -242,7 +210,6 @@ def _answer_malformed(server: Http1Server, status: int, reason: str, fallback: b
     yield commands.SendData(server.conn, answer)
 
 
-
 def _nothing() -> layer.CommandGenerator[None]:
     yield from ()
 
@@ -255,24 +222,78 @@ def _limit_response_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Client, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived) and self.request is not None:
             _drop_interim_responses(self.buf)
-        yield from original(self, event)
-        if self.response is None and self.stream_id is not None and self.state != self.done \
-                and len(self.buf) > MAX_RESPONSE_HEAD:
-            # An upstream that never ends its head would be buffered without limit: it has failed.
-            yield commands.CloseConnection(self.conn)
-            self.buf = ReceiveBuffer()
-            self.state = self.done
-            yield ReceiveHttp(ResponseProtocolError(
-                self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes", ErrorCode.GENERIC_SERVER_ERROR))
+            if self.stream_id is not None and _head_too_long(self.buf._data, MAX_RESPONSE_HEAD):
+                # Before mitmproxy parses it: it takes a finished head of any size (one finished by the
+                # read that took it past the limit passed), and would buffer an endless one without limit.
+                yield commands.CloseConnection(self.conn)
+                _stop_reading(self)
+                yield ReceiveHttp(ResponseProtocolError(
+                    self.stream_id, f"response head larger than {MAX_RESPONSE_HEAD} bytes",
+                    ErrorCode.GENERIC_SERVER_ERROR))
+                return
+        refused = False
+
+        def substitute(command: commands.Command) -> layer.CommandGenerator[None] | None:
+            nonlocal refused
+            if refused:
+                return _nothing()  # the 101's empty body, then what follows it as raw data: none of it goes on
+            if not isinstance(command, ReceiveHttp):
+                return None
+            if isinstance(command.event, ResponseHeaders) and _uninspectable_upgrade(self, command.event.response):
+                refused = True
+                return _refuse_upgrade(self, command.event.response)
+            if isinstance(command.event, ResponseProtocolError):
+                # A head it could not parse: mitmproxy closes the connection but stays in read_headers, so
+                # the close it sees next fails the stream a second time ("server closed connection"). The
+                # client, answered 502 meanwhile, is on its next request: Http1Server asserted on the id.
+                _stop_reading(self)
+            return None
+
+        yield from relay(original(self, event), substitute)
+        if refused:
+            _stop_reading(self)
 
     return read_headers
+
+
+# How mitmproxy's HttpStream.send_response tells a WebSocket handshake, which it goes on with; after
+# any other 101 it only closes the connection (rawtcp is off). _uninspectable_upgrade tells it alike.
+WEBSOCKET_TEST = ('self.flow.response.headers.get("upgrade", "").lower() == "websocket"',
+                  'self.flow.request.headers.get("Sec-WebSocket-Version", "").encode()',
+                  "== wsproto.handshake.WEBSOCKET_VERSION", "and self.context.options.websocket")
+
+
+def _uninspectable_upgrade(client: Http1Client, response: http.Response) -> bool:
+    return response.status_code == 101 and not (
+        response.headers.get("upgrade", "").lower() == "websocket"
+        and client.request.headers.get("Sec-WebSocket-Version", "").encode() == wsproto.handshake.WEBSOCKET_VERSION
+        and client.context.options.websocket)
+
+
+class RefusedUpgrade(ResponseProtocolError):
+    """An upstream's 101 to a protocol the gateway cannot inspect: answered 502 and recorded as
+    refused (gateway.filters.record), where mitmproxy sent the client the 101, then closed."""
+
+    cause = UPGRADE
+
+
+def _refuse_upgrade(client: Http1Client, response: http.Response) -> layer.CommandGenerator[None]:
+    yield commands.CloseConnection(client.conn)
+    protocol = response.headers.get("upgrade", "")[:64]
+    yield ReceiveHttp(RefusedUpgrade(client.stream_id, f"upstream switched protocols to {protocol!r}: "
+                                     "only WebSocket is inspected", ErrorCode.GENERIC_SERVER_ERROR))
+
+
+def _stop_reading(client: Http1Client) -> None:
+    client.buf = ReceiveBuffer()
+    client.state = client.done
 
 
 def _drop_interim_responses(buf: ReceiveBuffer) -> None:
     """An upstream's interim responses (1xx: 103 Early Hints, an unasked 100 Continue) are dropped, as
     mitmproxy does over HTTP/2: it would take the first for the final response, answer the client
     with it, and take the real one for garbage. 101 stays: it is the final answer to an upgrade."""
-    while (end := _HEAD_END.search(buf._data, 0, MAX_RESPONSE_HEAD + 4)) is not None \
+    while (end := _HEAD_END.search(buf._data, 0, MAX_RESPONSE_HEAD)) is not None \
             and (status := _INTERIM_STATUS.match(buf._data, 0, end.start())) is not None \
             and status.group(1) != b"101":
         buf.maybe_extract_lines()

@@ -9,7 +9,7 @@ from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from gateway.proxy.heads import TLS_RECORD_START
+from gateway.proxy.requestline import TLS_RECORD_START
 
 UNINSPECTED = (layers.DNSLayer, layers.TCPLayer, layers.UDPLayer, layers.RawQuicLayer,
                layers.ServerQuicLayer, layers.ClientQuicLayer)
@@ -21,7 +21,7 @@ class PlainListeners:
     """Runs before mitmproxy's NextLayer. A listener speaks plain HTTP: mitmproxy would answer a TLS
     ClientHello on it with a certificate for whatever name the client sent, minted by the gateway's CA,
     and serve the connection as HTTPS (a "secure web proxy", a reverse listener under any name). Its
-    bytes go to the HTTP layer instead, which refuses them 400 at once, recorded (gateway.proxy.heads):
+    bytes go to the HTTP layer instead, which refuses them 400 at once, recorded (gateway.proxy.requestline):
     no certificate is made and no upstream connection opened (so a reverse listener's upstream TLS
     layer is not needed)."""
 

@@ -10,11 +10,14 @@ from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.server import ConnectionHandler
 
-# flow.metadata key: (status, UPSTREAM or MALFORMED) when the error hook may answer the client.
+# flow.metadata key: (status, cause: UPSTREAM, MALFORMED or one below) when the error hook may answer the client.
 ANSWER_STATUS = "gateway_error_answer"
 UPSTREAM, MALFORMED = "upstream", "malformed"
-TIMEOUT = "timeout"  # a request body that stopped arriving (gateway.proxy.bodytimeout)
+# A request body that timed out (gateway.proxy.bodytimeout): no byte of it for body_idle_timeout, or not
+# whole within body_timeout of its head (drip-fed).
+BODY_IDLE, BODY_DEADLINE = "body-idle", "body-deadline"
 TRAILERS = "trailers"  # HTTP/1 request trailers, refused (gateway.proxy.heads)
+UPGRADE = "upgrade"  # an upstream's 101 to a protocol other than WebSocket, refused (gateway.proxy.heads)
 # flow.metadata key: the seconds an upstream was given to begin its answer, when it did not and its
 # connection was closed for it (gateway.proxy.upstreamdeadline): answered 504, not 502.
 UPSTREAM_TIMED_OUT = "gateway_upstream_timed_out"
@@ -65,11 +68,11 @@ def cut(flow) -> None:
     handler = connection_handler(flow.client_conn)
     if handler is None:
         return
-    for connection in (flow.server_conn, flow.client_conn):
-        io = handler.transports.get(connection)
+    for side in (flow.server_conn, flow.client_conn):
+        io = handler.transports.get(side)
         if io is None:
             continue
         if io.writer is not None:
             # Abort, not close: nothing still queued (such as a chunked body's terminator) may follow.
             io.writer.transport.abort()
-        handler.close_connection(connection)
+        handler.close_connection(side)
