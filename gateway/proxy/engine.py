@@ -60,7 +60,7 @@ from gateway.proxy.state import (
     trusted_upstream_ca,
     writer_socket_path,
 )
-from gateway.proxy.tunnels import OnlyHttp
+from gateway.proxy.tunnels import OnlyHttp, PlainListeners
 from gateway.trace import TraceLog
 from gateway.trace.remote import RemoteTraceLog
 
@@ -128,7 +128,8 @@ class GatewayServer:
         self.record = Record(self)
         self.first_request = FirstRequestDeadline(self)
         self.master.addons.add(
-            proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
+            proxyserver.Proxyserver(), proxyproto.ProxyProtocol(self),
+            PlainListeners(), next_layer.NextLayer(), OnlyHttp(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
             ConnectionLimits(self, self.worker.count if self.worker else 1),
             Identify(self), Authorize(self), Grant(self), Inspect(self), Consent(self), self.record, measure,
             DiscardRefusedBodies(self),

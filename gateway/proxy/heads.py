@@ -7,10 +7,11 @@ records and counts it like any other refused transfer. A head still unfinished a
 bytes is refused 431 the same way, where mitmproxy would buffer it without limit; an upstream's
 response head past MAX_RESPONSE_HEAD fails that upstream (502), and one mitmproxy cannot parse fails
 it once (mitmproxy failed the stream again when the connection closed, and crashed). Bytes that
-cannot begin an HTTP request (a binary or other protocol, say inside a CONNECT tunnel) are refused
-400 at once, and a head not finished within the `request_head_timeout` option from its first byte
-is refused 408 (a slowloris, or a protocol where the server speaks first), where mitmproxy would wait
-for the connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
+cannot begin an HTTP request (a binary or other protocol, TLS on a listener's own port, a first line
+that is no request line: gateway.proxy.requestline) are refused 400 as soon as they arrive, and a head
+not finished within the `request_head_timeout` option from its first byte is refused 408 (a
+slowloris), where mitmproxy would wait for the end of a head that never comes, or for the
+connection's idle timeout. An HTTP/1 message with trailers, which mitmproxy cannot pass on (it raises,
 and the connection ends unanswered and unrecorded), is that message's protocol error instead: a
 request's is answered 400 with its transfer id (nothing of it has left) and recorded, an upstream's
 answered 502 like any upstream failure.
@@ -51,13 +52,13 @@ from mitmproxy.proxy.layers.http._events import (
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from gateway.proxy.patches import relay, wrap_method
+from gateway.proxy.requestline import VERSION_REFUSED, drop_empty_lines, first_line_problem, unsupported_version
 from gateway.transfer.edge import MALFORMED, TRAILERS, UPGRADE, MalformedRequest, MalformedRequestHook
 
 # Request heads (request line and headers) longer than this are refused 431, as web servers do
 # (nginx's default allows 4 buffers of 8 KiB for a whole head).
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_FIELDS = 100  # header fields in a request head (Apache's LimitRequestFields)
-HTTP1_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 # A chunk size that fits in 63 bits, as nginx reads it (h11 takes up to 20 hex digits, then waits for
 # a chunk that never ends). Set into h11's chunk reader by install().
 CHUNK_SIZE = rb"0*[0-7]?[0-9A-Fa-f]{1,15}"
@@ -65,8 +66,6 @@ H11_CHUNK_SIZE = rb"([0-9A-Fa-f]){1,20}"
 MAX_RESPONSE_HEAD = 256 * 1024  # upstreams' heads get more room (long cookie and CSP headers)
 HEAD_TIMEOUT_OPTION = "request_head_timeout"
 TRAILERS_REFUSED = "HTTP/1 trailers are not passed on (they would cross uninspected)"
-# RFC 9110 token characters: a request line starts with a method made of them, then a space.
-TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 def install() -> None:
@@ -101,7 +100,9 @@ def add_options(options: optmanager.OptManager) -> None:
 
 def _answer_malformed_heads(original: Callable) -> Callable:
     def read_headers(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
-        problem = _head_problem(self.buf) if isinstance(event, events.DataReceived) else None
+        received = isinstance(event, events.DataReceived)
+        dropped = drop_empty_lines(self.buf) if received else 0
+        problem = _head_problem(self.buf) if received else None
         if problem is not None:
             # Before mitmproxy parses it: a head that arrived in one write is as limited as one in pieces.
             yield from _refuse_head(self, *problem)
@@ -121,12 +122,13 @@ def _answer_malformed_heads(original: Callable) -> Callable:
             return None
 
         yield from relay(original(self, event), substitute)
-        if self.request is not None or self.state == self.done or not self.buf:
+        if self.request is not None or self.state == self.done:
             self.gateway_head_started = None
-        elif not _could_start_request(self.buf):
+        elif (problem := first_line_problem(self.buf)) is not None:
             # mitmproxy would wait for a head that never comes, or relay the bytes raw in a tunnel.
-            yield from _refuse_head(self, 400, "not an HTTP request")
-        elif getattr(self, "gateway_head_started", None) is None:
+            yield from _refuse_head(self, *problem)
+        elif (self.buf or dropped) and getattr(self, "gateway_head_started", None) is None:
+            # Empty lines begin a head too: a client sending nothing else is cut off like a slowloris.
             self.gateway_head_started = time.monotonic()
             if getattr(self, "gateway_head_wakeup", None) is None:
                 yield from _request_head_wakeup(self, self.context.options.request_head_timeout)
@@ -148,15 +150,12 @@ def _head_problem(buf: ReceiveBuffer) -> tuple[int, str] | None:
     if data.count(b"\n", 0, end.start()) > MAX_REQUEST_FIELDS:
         # Lines, not fields (a field may be folded over several): more lines than fields allowed is enough.
         return 431, f"request head with more than {MAX_REQUEST_FIELDS} header fields"
-    request_line = bytes(data[:end.start()]).lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
-    parts = request_line.split(b" ")
-    if len(parts) == 3 and _VERSION.fullmatch(parts[2]) and parts[2] not in HTTP1_VERSIONS:
-        return 505, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)"
+    if unsupported_version(bytes(data[:end.start()]).split(b"\n", 1)[0].rstrip(b"\r")):
+        return 505, VERSION_REFUSED
     return None
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")
-_VERSION = re.compile(rb"HTTP/[0-9]+\.[0-9]+")  # another request line is mitmproxy's to refuse (400)
 
 
 def _head_too_long(data: bytearray, limit: int) -> bool:
@@ -164,14 +163,6 @@ def _head_too_long(data: bytearray, limit: int) -> bool:
     empty line that ends it: known once `limit` bytes have come without its end, however the head was
     cut into reads (not from what the buffer held when one arrived)."""
     return len(data) >= limit and _HEAD_END.search(data, 0, limit) is None
-
-
-def _could_start_request(buf: ReceiveBuffer) -> bool:
-    """Whether the head received so far can begin a request line: after any empty lines (RFC 9112
-    lets servers skip them), a method's token characters up to the first space."""
-    start = bytes(buf._data[:64]).lstrip(b"\r\n")
-    method = start.partition(b" ")[0]
-    return (not start or start[0] != 0x20) and all(byte in TOKEN_BYTES for byte in method)
 
 
 def _refuse_head(server: Http1Server, status: int, reason: str) -> layer.CommandGenerator[None]:
