@@ -183,6 +183,45 @@ def test_records_naming_other_subjects_however_written_do_not_pass():
         assert record_filter.apply(body, "application/json", lookup).passed == 50, value
 
 
+def test_a_name_of_one_character_is_masked():
+    hasher = SubjectHasher(os.urandom(32))
+    assert [masker("name", "name", hasher)(name) for name in ("王", "王五", "欧阳小明", "")] == ["*", "王*", "欧***", ""]
+    assert column_masker("name", "name", hasher)(["王", "王五"]) == ["*", "王*"]
+
+
+def test_records_naming_other_subjects_however_written_do_not_pass():
+    """The decision over all records at once (a JSON table of catalogued plain fields) agrees with the
+    exact scan record by record, for ID numbers written in every way the scan folds."""
+    hasher = SubjectHasher(os.urandom(32))
+    fields = {"id_number": Field("personal", ("cn_id_card",)), "district": Field("public"), "age": Field("internal")}
+    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
+                                         ConsentRule("id_number", "drop", False)), hasher)
+    other, allowed = "520102199003071234", "520102199003071250"  # IDs as the scan sees them
+    consented = {hasher.key(subject(1)), hasher.key(allowed)}
+
+    def lookup(keys):
+        return {key for key in keys if key in consented}
+    folded = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+    naming_other = [other, other.translate(folded), other[:-1] + "Ｘ", other[:-1] + "x", int(other), "\x01" + other,
+                    "地址" + other + "，", "⑤⑳①⓪②①⑨⑨⓪⓪③⓪⑦①②③④",  # circled numbers: 17 characters, 18 digits
+                    "\U0001d7d3" + other[1:], other[:-1] + "Ⅹ", other[:2].translate(folded) + other[2:]]
+    passing = [allowed, allowed.translate(folded), "贵州省铜仁市碧江区锦江大道1号，2单元（东）", "5201021990030712",
+               "13912345678", 12345678901234567, "x" * 17, None, True, 1.5e17]
+    values = naming_other + passing
+    body = orjson.dumps([{"id_number": subject(1), "district": value, "age": 40} for value in values])
+    outcome = record_filter.apply(body, "application/json", lookup)
+    assert [record["district"] for record in orjson.loads(outcome.body)] == passing
+    assert outcome.counts() == {"records": len(values), "passed": len(passing), "masked": 0, "dropped": len(naming_other)}
+    # A nested value is no plain field: it does not leave, and what it names does not count.
+    body = orjson.dumps([{"id_number": subject(1), "district": {"id": other}, "age": 40}])
+    assert orjson.loads(record_filter.apply(body, "application/json", lookup).body) == [{"id_number": subject(1), "age": 40}]
+    # Alone in a table of records that all pass otherwise, each is still found.
+    for value in naming_other:
+        body = orjson.dumps([{"id_number": subject(1), "district": "碧江区", "age": 40}] * 50
+                            + [{"id_number": subject(1), "district": value, "age": 40}])
+        assert record_filter.apply(body, "application/json", lookup).passed == 50, value
+
+
 # Pieces of values that join into ID numbers written in every way the exact scan folds, and into near misses.
 PIECES = ["520102199003071234", "520102199003071250", "5201021990030712", "34", "X", "x", "Ⅹ", "０", "５２０１０２",
           "１９９００３０７１２３４", "⑤⑳①⓪②", "①⑨⑨⓪⓪③⓪⑦①②③④", "²", "\x01", "\u0307", "，", "号", '"', "\\", " ", "1"]
