@@ -80,8 +80,22 @@ datasets:
       id_number: {sensitivity: personal, tags: [cn_id_card]}
     legal_basis: consent
     consent: {subject_field: id_number, unconsented: refuse}
+  - id: civil.notes
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/notes/*"]}
+    fields:
+      id_number: {sensitivity: personal, tags: [cn_id_card]}
+      name: {sensitivity: personal, tags: [name]}
+      note: {sensitivity: internal}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: mask}
 """
-DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict"]
+DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict", "civil.notes"]
 
 
 def gateway_cli(*args: str) -> subprocess.CompletedProcess:
@@ -351,6 +365,30 @@ def test_no_unconsented_personal_data_beside_or_inside_records(lab):
         # (a CSV repeating a column is not even counted: the grant stage refuses it first)
         assert [r["type"] for r in response.json()["reasons"]] in (["consent_unfilterable"], ["grant_uncountable"])
         assert other not in response.text
+
+
+def serve(lab, name: str, records: list[dict]) -> httpx.Response:
+    folder = lab["root"] / "www" / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps(records, ensure_ascii=False))
+    return get(lab, f"/notes/{name}")
+
+
+def test_json_record_repeating_a_key_is_refused(lab):
+    """orjson keeps a repeated key's last value: the record would pass as the consented subject while
+    holding the other's values. Refused, as a CSV repeating a column is."""
+    body = (f'[{{"id_number":"{SUBJECTS[500]}","name":"乙","note":"乙的记录","id_number":"{SUBJECTS[0]}"}},'
+            f'{{"id_number":"{SUBJECTS[1]}","name":"甲"}}]')
+    folder = lab["root"] / "www" / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "repeated.json").write_text(body)
+    response = get(lab, "/notes/repeated.json")
+    assert response.status_code == 502, response.text
+    assert [r["type"] for r in response.json()["reasons"]] == ["consent_unfilterable"]
+    assert "乙" not in response.text and SUBJECTS[500] not in response.text
+    # A colon inside a value makes the gateway read the keys again: still one of each, it passes.
+    response = serve(lab, "colon.json", [{"id_number": SUBJECTS[0], "name": "甲", "note": "10:30 来访"}])
+    assert response.status_code == 200 and response.json()[0]["note"] == "10:30 来访", response.text
 
 
 def test_spooled_response_refused_whole(lab):

@@ -11,16 +11,22 @@ grant names), and only plain values: a field the catalogue does not list, and an
 array, is removed. A record whose subject consented passes so; a record that names another subject
 as well (an ID number in one of its values) passes only when every subject it names consented; the
 others are masked field by field (each catalogued field's mask), dropped, or the whole body is
-refused. A body whose records cannot be found is refused (`Unfilterable`): personal data of unknown
-shape does not leave in clear.
+refused. A body whose records cannot be found, or a JSON object naming a key twice, is refused
+(`Unfilterable`): personal data of unknown shape does not leave in clear.
+
+Longer than 400 lines: the three body formats are read into, and written back from, the one shape the
+decision works on; the readers could move to a module of their own once the branches changing this
+one have been merged.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
@@ -253,12 +259,34 @@ def _json(body: bytes) -> Records:
         raise Unfilterable("JSON that is neither an array of records nor an object holding one")
     if set(map(type, items)) - {dict}:
         raise Unfilterable("a JSON array item that is not an object (a record)")
+    if repeated := _repeated_keys(body, document, items):
+        raise Unfilterable(f"a JSON object repeating key(s) {', '.join(repeated)}")
     # Every "{" and "[" is a record's or the envelope's: no value is an object or an array (one inside a
     # string only makes the count miss, and the caller checks the values one by one).
     # (a one-byte find is a memchr, ten times faster than a count or a two-byte find over a MiB)
     plain = body.count(b"{") == len(items) + isinstance(document, dict) and body.find(b"[", body.find(b"[") + 1) < 0
     escaped = b"\\" in body and b"\\u" in body
     return Records(items, write, plain, outside, None if escaped else body)
+
+
+def _repeated_keys(body: bytes, document: dict | list, items: list[dict]) -> list[str]:
+    """The keys some object of the body names twice (orjson keeps the last value: a record could pass as
+    one subject holding another's values). Every key is followed by a colon, so a body holding no more
+    colons than the records and the envelope have keys repeats none (a one-byte count: 0.3 ms a MiB);
+    else (a colon in a value, a nested object) the body is parsed again, each object's keys compared."""
+    keys = sum(map(len, items)) + (len(document) if isinstance(document, dict) else 0)
+    if body.count(b":") == keys:
+        return []
+    repeated: set[str] = set()
+
+    def pairs_hook(pairs: list[tuple[str, object]]) -> None:
+        if len(pairs) != len({key for key, _ in pairs}):
+            repeated.update(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    try:
+        json.loads(body, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError) as e:
+        raise Unfilterable(f"JSON whose keys cannot be checked for repeats: {e}") from None
+    return sorted(repeated)
 
 
 def _csv(body: bytes, charset: str | None) -> Records:
