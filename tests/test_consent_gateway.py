@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from xml.etree import ElementTree
 
@@ -367,11 +369,79 @@ def test_no_unconsented_personal_data_beside_or_inside_records(lab):
         assert other not in response.text
 
 
+FULL_WIDTH = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+
+
 def serve(lab, name: str, records: list[dict]) -> httpx.Response:
     folder = lab["root"] / "www" / "notes"
     folder.mkdir(exist_ok=True)
     (folder / name).write_text(json.dumps(records, ensure_ascii=False))
     return get(lab, f"/notes/{name}")
+
+
+def named_in_clear(text: str, number: str) -> bool:
+    """The ID number is in the text, however written: full-width, in groups, with any separators."""
+    return number in re.sub(r"[\s\-]", "", unicodedata.normalize("NFKC", text))
+
+
+def test_masked_records_keep_no_unconsented_id_number_in_any_field(lab):
+    """A masked record's public and internal fields stay, but for the ID numbers of subjects without
+    consent in them, each masked as the ID field is; an ID number of a consented subject may stay."""
+    relative, own, public = "520602194001137005", "520602199003077504", "520602199407117541"
+    consented, unconsented = SUBJECTS[0], SUBJECTS[500]
+    records = [
+        {"id_number": consented, "name": "张三", "note": f"家属 {relative}", "district": "碧江区"},
+        {"id_number": consented, "name": "张三", "note": f"家属 {relative.translate(FULL_WIDTH)}"},
+        {"id_number": own, "name": "王", "note": f"本人 {own}", "district": "万山区"},
+        {"id_number": consented, "name": "张三", "district": public},
+        {"id_number": unconsented, "name": "李四", "note": f"家属 {SUBJECTS[1]}"},  # a consented relative
+    ]
+    response = serve(lab, "inside.json", records)
+    assert response.status_code == 200, response.text
+    first, second, third, fourth, fifth = response.json()
+    assert first == {"id_number": consented[:6] + "********" + consented[-4:], "name": "张*",
+                     "note": "家属 520602********7005", "district": "碧江区"}
+    assert second["note"] == "家属 520602********7005"
+    assert third == {"id_number": "520602********7504", "name": "*", "note": "本人 520602********7504", "district": "万山区"}
+    assert fourth["district"] == "520602********7541"
+    assert fifth["note"] == f"家属 {SUBJECTS[1]}" and fifth["name"] == "李*"
+    for number in (relative, own, public, consented, unconsented):
+        assert not named_in_clear(response.text, number), number
+    assert record_of(lab, response)["consent"] == {"records": 5, "passed": 0, "masked": 5, "dropped": 0}
+
+
+def grouped(number: str, separator: str = " ", groups: tuple[int, ...] = (6, 8, 4)) -> str:
+    at = [sum(groups[:i]) for i in range(len(groups) + 1)]
+    return separator.join(number[start:end] for start, end in zip(at, at[1:]))
+
+
+def test_id_numbers_written_in_groups_name_their_subject(lab):
+    """6-8-4 and 6-4-4-4 groups with a space, hyphen or ideographic space (full-width digits too), as the
+    DLP detector reads them, name a subject: of one without consent, the record does not pass and the
+    number is masked; of a consented one, the record passes as it was."""
+    consented = SUBJECTS[0]
+    forms = [grouped("520602194203157020"), grouped("520602199306107539", "-"),
+             grouped("520602196009256008", "-", (6, 4, 4, 4)),
+             grouped("520602197107227012".translate(FULL_WIDTH), "\u3000")]
+    records = [{"id_number": consented, "name": "张三", "note": f"家属 {form}"} for form in forms]
+    records.append({"id_number": consented, "name": "张三", "note": f"家属 {grouped(SUBJECTS[1])}"})
+    response = serve(lab, "grouped.json", records)
+    assert response.status_code == 200, response.text
+    items = response.json()
+    for number, item in zip(["520602194203157020", "520602199306107539", "520602196009256008", "520602197107227012"],
+                            items):
+        assert item["note"] == f"家属 {number[:6]}********{number[-4:]}", item
+        assert not named_in_clear(response.text, number), number
+    assert items[-1] == records[-1]  # a consented relative, grouped: in clear
+    assert record_of(lab, response)["consent"] == {"records": 5, "passed": 1, "masked": 4, "dropped": 0}
+    # Dropped where the dataset drops such records.
+    folder = lab["root"] / "www" / "drop"
+    (folder / "grouped.json").write_text(json.dumps([{"id_number": consented, "district": form} for form in forms]
+                                                    + [{"id_number": consented, "district": "碧江区"}]))
+    dropped = get(lab, "/drop/grouped.json")
+    assert dropped.status_code == 200 and dropped.json() == [{"id_number": consented, "district": "碧江区"}], dropped.text
+    assert record_of(lab, dropped)["consent"] == {"records": 5, "passed": 1, "masked": 0, "dropped": 4}
+    lab["tally"]["drop"]["records"] += 1
 
 
 def test_json_record_repeating_a_key_is_refused(lab):
