@@ -20,7 +20,7 @@ from gateway.authz.catalog import ConsentRule, Dataset, Field
 from gateway.authz.consent import ConsentRegistry, RegistryView, Scope, batch_claims
 from gateway.authz.jose import PLATFORM_ROLE, add_signature, draft, generate_key, load_private_key, public_authority
 from gateway.authz.idscan import NFKC_DIGITS, NFKC_SEPARATORS, id_numbers, mask_id_numbers
-from gateway.authz.records import RecordFilter, Unfilterable
+from gateway.authz.records import RecordFilter, Unfilterable, read_records
 from gateway.authz.subject import MASKS, SubjectHasher, column_masker, masker
 
 NOW = 1_800_000_000
@@ -163,6 +163,24 @@ def test_id_numbers_in_groups_and_masked_where_written():
     assert mask_id_numbers(text, lambda numbers: numbers - {"520602199306107539"}) == \
         ("家属 520602********7020，本人 520602-1993-0610-7539；520102********1234 止", 2)
     assert mask_id_numbers("520602199003077504", lambda numbers: set()) == ("520602199003077504", 0)
+
+
+def test_json_repeating_a_key_is_refused_however_written():
+    """Each way the repeated-key check decides: colons only after keys, colons in values too (the document
+    written again), \\u escapes (parsed again); a repeat hidden by an escaped colon is still found."""
+    plain = '[{"id_number":"1","name":"a"},{"id_number":"2","name":"b"}]'
+    for body, repeated in ((plain, None), ('[{"id_number":"1","name":"a","id_number":"2"}]', "id_number"),
+                           ('[{"id_number":"1","note":"10:30"}]', None),
+                           ('[{"id_number":"1","note":"10:30","id_number":"2"}]', "id_number"),
+                           ('{"total":1,"items":[{"id_number" : "1","note":"x","note" :"y"}]}', "note"),
+                           ('[{"id_number":"1","note":"\\u003a","id_number":"2"}]', "id_number"),
+                           ('[{"id_number":"1","n":{"a":1,"a":2}}]', "a"),
+                           ('[{"id_number":"\\u0031","note":"a:b"}]', None)):
+        if repeated is None:
+            assert len(read_records(body.encode(), "application/json").items) >= 1
+        else:
+            with pytest.raises(Unfilterable, match=f"repeating key\\(s\\) {repeated}"):
+                read_records(body.encode(), "application/json")
 
 
 def test_a_name_of_one_character_is_masked():
