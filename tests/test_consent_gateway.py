@@ -408,6 +408,26 @@ def test_masked_records_keep_no_unconsented_id_number_in_any_field(lab):
     for number in (relative, own, public, consented, unconsented):
         assert not named_in_clear(response.text, number), number
     assert record_of(lab, response)["consent"] == {"records": 5, "passed": 0, "masked": 5, "dropped": 0}
+    # The same in CSV rows and XML records (here the dataset's `district` is the public field).
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    (folder / "inside.csv").write_text(f"id_number,name,district\r\n{consented},张三,{public}\r\n{own},王,家 {own}\r\n")
+    (folder / "inside.xml").write_text(f'<response><resident id_number="{consented}"><district>{public}</district>'
+                                       f'</resident><resident id_number="{own}"><district>家 {own}</district></resident>'
+                                       '</response>')
+    expected = [(consented[:6] + "********" + consented[-4:], "520602********7541"),
+                ("520602********7504", "家 520602********7504")]
+    csv_response = get(lab, "/residents/inside.csv")
+    rows = [row.split(",") for row in csv_response.content.decode().split("\r\n")[1:] if row]
+    assert [(row[0], row[2]) for row in rows] == expected and rows[1][1] == "*", csv_response.content.decode()
+    xml_response = get(lab, "/residents/inside.xml")
+    xml_records = ElementTree.fromstring(xml_response.content).findall("resident")
+    assert [(r.get("id_number"), r.find("district").text) for r in xml_records] == expected, xml_response.text
+    for checked in (csv_response, xml_response):
+        text = checked.content.decode()
+        assert not any(named_in_clear(text, number) for number in (own, public, consented)), text
+        assert record_of(lab, checked)["consent"] == {"records": 2, "passed": 0, "masked": 2, "dropped": 0}
+        lab["tally"]["residents"]["records"] += 2
 
 
 def grouped(number: str, separator: str = " ", groups: tuple[int, ...] = (6, 8, 4)) -> str:
