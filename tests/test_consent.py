@@ -257,6 +257,18 @@ def test_a_masked_record_keeps_no_unconsented_id_number(values, consented_own):
         assert {hasher.key(n) for n in id_numbers(record.values())} <= consented, record
 
 
+def test_a_subject_field_left_as_it_is_keeps_no_unconsented_number():
+    """A catalogue may class the subject field itself public: its number is masked in a masked record."""
+    hasher = SubjectHasher(os.urandom(32))
+    fields = {"id_number": Field("public"), "district": Field("public")}
+    record_filter = RecordFilter(Dataset("d", "", "conditional", "s", "p", (), (), (), fields, None, (), {}, None, "",
+                                         ConsentRule("id_number", "mask", False)), hasher)
+    records = [{"id_number": subject(i), "district": "碧江区"} for i in range(4)]
+    outcome = record_filter.apply(orjson.dumps(records), "application/json", lambda keys: set(keys) & {hasher.key(subject(1))})
+    assert [record["id_number"] for record in orjson.loads(outcome.body)] == \
+        [subject(i) if i == 1 else subject(i)[:6] + "********" + subject(i)[-4:] for i in range(4)]
+
+
 def test_column_masks_mask_as_the_value_masks_do():
     hasher = SubjectHasher(os.urandom(32))
     columns = [[subject(i) for i in range(5)], ["13912345678", "13812345678"], ["6228 4800 1234 5678", "6228480012345678"],

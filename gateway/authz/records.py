@@ -121,10 +121,11 @@ class RecordFilter:
         self.dataset = dataset
         self.rule = dataset.consent
         self.hasher = hasher
-        self.masks = {name: masker(field.mask_for_unconsented(), name, hasher)
-                      for name, field in dataset.fields.items()}
-        self.column_masks = {name: column_masker(field.mask_for_unconsented(), name, hasher)
-                             for name, field in dataset.fields.items()}
+        # (a subject field the catalogue leaves as it is, public or internal, still gets the ID mask)
+        mask_names = {name: "id" if name == self.rule.subject_field and field.mask_for_unconsented() == "keep"
+                      else field.mask_for_unconsented() for name, field in dataset.fields.items()}
+        self.masks = {name: masker(mask, name, hasher) for name, mask in mask_names.items()}
+        self.column_masks = {name: column_masker(mask, name, hasher) for name, mask in mask_names.items()}
         # Left as they are in a masked record (public and internal ones): but for the ID numbers in them
         self.kept_fields = {name for name, mask in self.masks.items() if mask is keep}
         warm_up()
@@ -168,10 +169,9 @@ class RecordFilter:
                 unconsented_records = list(compress(block, map(operator.not_, block_passes)))
                 masked = self._masked(unconsented_records)
                 # A field left as it is (public, internal) keeps no ID number of a subject without consent:
-                # each is masked inside the value, where the block's values name one (or the subject's own
-                # ID number, in a subject field left as it is).
-                if scanned := self.kept_fields if consented is not None else self.kept_fields & {subject_field}:
-                    self._mask_id_numbers(masked, scanned, consented or set())
+                # each is masked inside the value, where the block's values name one.
+                if consented is not None and self.kept_fields:
+                    self._mask_id_numbers(masked, self.kept_fields, consented)
                 if masked is unconsented_records:  # masked in place: the block's records are what is kept
                     kept += block
                     continue
