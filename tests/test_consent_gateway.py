@@ -96,8 +96,20 @@ datasets:
       district: {sensitivity: public}
     legal_basis: consent
     consent: {subject_field: id_number, unconsented: mask}
+  - id: civil.public-ids
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/public/*"]}
+    fields:
+      id_number: {sensitivity: public}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: mask}
 """
-DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict", "civil.notes"]
+DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict", "civil.notes", "civil.public-ids"]
 
 
 def gateway_cli(*args: str) -> subprocess.CompletedProcess:
@@ -428,6 +440,21 @@ def test_masked_records_keep_no_unconsented_id_number_in_any_field(lab):
         assert not any(named_in_clear(text, number) for number in (own, public, consented)), text
         assert record_of(lab, checked)["consent"] == {"records": 2, "passed": 0, "masked": 2, "dropped": 0}
         lab["tally"]["residents"]["records"] += 2
+
+
+def test_a_subject_field_classed_public_is_masked_without_consent(lab):
+    """The catalogue may class the subject field public: a record without consent still leaves its number
+    masked (any 18 characters, a birth date where GB 11643 puts it or not)."""
+    folder = lab["root"] / "www" / "public"
+    folder.mkdir(exist_ok=True)
+    odd = "520602000000007504"  # no birth date: not what an ID number inside a text is taken to be
+    (folder / "ids.json").write_text(json.dumps([{"id_number": number, "district": "碧江区"}
+                                                 for number in (SUBJECTS[0], SUBJECTS[500], odd)]))
+    response = get(lab, "/public/ids.json")
+    assert response.status_code == 200, response.text
+    assert [item["id_number"] for item in response.json()] == \
+        [SUBJECTS[0], SUBJECTS[500][:6] + "********" + SUBJECTS[500][-4:], "520602********7504"]
+    assert record_of(lab, response)["consent"] == {"records": 3, "passed": 1, "masked": 2, "dropped": 0}
 
 
 def grouped(number: str, separator: str = " ", groups: tuple[int, ...] = (6, 8, 4)) -> str:
