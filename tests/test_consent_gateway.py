@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from xml.etree import ElementTree
 
@@ -81,8 +82,34 @@ datasets:
       id_number: {sensitivity: personal, tags: [cn_id_card]}
     legal_basis: consent
     consent: {subject_field: id_number, unconsented: refuse}
+  - id: civil.notes
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/notes/*"]}
+    fields:
+      id_number: {sensitivity: personal, tags: [cn_id_card]}
+      name: {sensitivity: personal, tags: [name]}
+      note: {sensitivity: internal}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: mask}
+  - id: civil.public-ids
+    class: conditional
+    sector: health
+    provider: city-hospital
+    hosts: [127.0.0.2]
+    endpoints:
+      - {methods: [GET], paths: ["/public/*"]}
+    fields:
+      id_number: {sensitivity: public}
+      district: {sensitivity: public}
+    legal_basis: consent
+    consent: {subject_field: id_number, unconsented: mask}
 """
-DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict"]
+DATASETS = ["civil.residents", "civil.residents-drop", "civil.residents-strict", "civil.notes", "civil.public-ids"]
 
 
 def gateway_cli(*args: str) -> subprocess.CompletedProcess:
@@ -369,6 +396,133 @@ def test_no_unconsented_personal_data_beside_or_inside_records(lab):
         # (a CSV repeating a column is not even counted: the grant stage refuses it first)
         assert [r["type"] for r in response.json()["reasons"]] in (["consent_unfilterable"], ["grant_uncountable"])
         assert other not in response.text
+
+
+FULL_WIDTH = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+
+
+def serve(lab, name: str, records: list[dict]) -> httpx.Response:
+    folder = lab["root"] / "www" / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps(records, ensure_ascii=False))
+    return get(lab, f"/notes/{name}")
+
+
+def named_in_clear(text: str, number: str) -> bool:
+    """The ID number is in the text, however written: full-width, in groups, with any separators."""
+    return number in re.sub(r"[\s\-]", "", unicodedata.normalize("NFKC", text))
+
+
+def test_masked_records_keep_no_unconsented_id_number_in_any_field(lab):
+    """A masked record's public and internal fields stay, but for the ID numbers of subjects without
+    consent in them, each masked as the ID field is; an ID number of a consented subject may stay."""
+    relative, own, public = "520602194001137005", "520602199003077504", "520602199407117541"
+    consented, unconsented = SUBJECTS[0], SUBJECTS[500]
+    records = [
+        {"id_number": consented, "name": "张三", "note": f"家属 {relative}", "district": "碧江区"},
+        {"id_number": consented, "name": "张三", "note": f"家属 {relative.translate(FULL_WIDTH)}"},
+        {"id_number": own, "name": "王", "note": f"本人 {own}", "district": "万山区"},
+        {"id_number": consented, "name": "张三", "district": public},
+        {"id_number": unconsented, "name": "李四", "note": f"家属 {SUBJECTS[1]}"},  # a consented relative
+    ]
+    response = serve(lab, "inside.json", records)
+    assert response.status_code == 200, response.text
+    first, second, third, fourth, fifth = response.json()
+    assert first == {"id_number": consented[:6] + "********" + consented[-4:], "name": "张*",
+                     "note": "家属 520602********7005", "district": "碧江区"}
+    assert second["note"] == "家属 520602********7005"
+    assert third == {"id_number": "520602********7504", "name": "*", "note": "本人 520602********7504", "district": "万山区"}
+    assert fourth["district"] == "520602********7541"
+    assert fifth["note"] == f"家属 {SUBJECTS[1]}" and fifth["name"] == "李*"
+    for number in (relative, own, public, consented, unconsented):
+        assert not named_in_clear(response.text, number), number
+    assert record_of(lab, response)["consent"] == {"records": 5, "passed": 0, "masked": 5, "dropped": 0}
+    # The same in CSV rows and XML records (here the dataset's `district` is the public field).
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    (folder / "inside.csv").write_text(f"id_number,name,district\r\n{consented},张三,{public}\r\n{own},王,家 {own}\r\n")
+    (folder / "inside.xml").write_text(f'<response><resident id_number="{consented}"><district>{public}</district>'
+                                       f'</resident><resident id_number="{own}"><district>家 {own}</district></resident>'
+                                       '</response>')
+    expected = [(consented[:6] + "********" + consented[-4:], "520602********7541"),
+                ("520602********7504", "家 520602********7504")]
+    csv_response = get(lab, "/residents/inside.csv")
+    rows = [row.split(",") for row in csv_response.content.decode().split("\r\n")[1:] if row]
+    assert [(row[0], row[2]) for row in rows] == expected and rows[1][1] == "*", csv_response.content.decode()
+    xml_response = get(lab, "/residents/inside.xml")
+    xml_records = ElementTree.fromstring(xml_response.content).findall("resident")
+    assert [(r.get("id_number"), r.find("district").text) for r in xml_records] == expected, xml_response.text
+    for checked in (csv_response, xml_response):
+        text = checked.content.decode()
+        assert not any(named_in_clear(text, number) for number in (own, public, consented)), text
+        assert record_of(lab, checked)["consent"] == {"records": 2, "passed": 0, "masked": 2, "dropped": 0}
+        lab["tally"]["residents"]["records"] += 2
+
+
+def test_a_subject_field_classed_public_is_masked_without_consent(lab):
+    """The catalogue may class the subject field public: a record without consent still leaves its number
+    masked (any 18 characters, a birth date where GB 11643 puts it or not)."""
+    folder = lab["root"] / "www" / "public"
+    folder.mkdir(exist_ok=True)
+    odd = "520602000000007504"  # no birth date: not what an ID number inside a text is taken to be
+    (folder / "ids.json").write_text(json.dumps([{"id_number": number, "district": "碧江区"}
+                                                 for number in (SUBJECTS[0], SUBJECTS[500], odd)]))
+    response = get(lab, "/public/ids.json")
+    assert response.status_code == 200, response.text
+    assert [item["id_number"] for item in response.json()] == \
+        [SUBJECTS[0], SUBJECTS[500][:6] + "********" + SUBJECTS[500][-4:], "520602********7504"]
+    assert record_of(lab, response)["consent"] == {"records": 3, "passed": 1, "masked": 2, "dropped": 0}
+
+
+def grouped(number: str, separator: str = " ", groups: tuple[int, ...] = (6, 8, 4)) -> str:
+    at = [sum(groups[:i]) for i in range(len(groups) + 1)]
+    return separator.join(number[start:end] for start, end in zip(at, at[1:]))
+
+
+def test_id_numbers_written_in_groups_name_their_subject(lab):
+    """6-8-4 and 6-4-4-4 groups with a space, hyphen or ideographic space (full-width digits too), as the
+    DLP detector reads them, name a subject: of one without consent, the record does not pass and the
+    number is masked; of a consented one, the record passes as it was."""
+    consented = SUBJECTS[0]
+    forms = [grouped("520602194203157020"), grouped("520602199306107539", "-"),
+             grouped("520602196009256008", "-", (6, 4, 4, 4)),
+             grouped("520602197107227012".translate(FULL_WIDTH), "\u3000")]
+    records = [{"id_number": consented, "name": "张三", "note": f"家属 {form}"} for form in forms]
+    records.append({"id_number": consented, "name": "张三", "note": f"家属 {grouped(SUBJECTS[1])}"})
+    response = serve(lab, "grouped.json", records)
+    assert response.status_code == 200, response.text
+    items = response.json()
+    for number, item in zip(["520602194203157020", "520602199306107539", "520602196009256008", "520602197107227012"],
+                            items):
+        assert item["note"] == f"家属 {number[:6]}********{number[-4:]}", item
+        assert not named_in_clear(response.text, number), number
+    assert items[-1] == records[-1]  # a consented relative, grouped: in clear
+    assert record_of(lab, response)["consent"] == {"records": 5, "passed": 1, "masked": 4, "dropped": 0}
+    # Dropped where the dataset drops such records.
+    folder = lab["root"] / "www" / "drop"
+    (folder / "grouped.json").write_text(json.dumps([{"id_number": consented, "district": form} for form in forms]
+                                                    + [{"id_number": consented, "district": "碧江区"}]))
+    dropped = get(lab, "/drop/grouped.json")
+    assert dropped.status_code == 200 and dropped.json() == [{"id_number": consented, "district": "碧江区"}], dropped.text
+    assert record_of(lab, dropped)["consent"] == {"records": 5, "passed": 1, "masked": 0, "dropped": 4}
+    lab["tally"]["drop"]["records"] += 1
+
+
+def test_json_record_repeating_a_key_is_refused(lab):
+    """orjson keeps a repeated key's last value: the record would pass as the consented subject while
+    holding the other's values. Refused, as a CSV repeating a column is."""
+    body = (f'[{{"id_number":"{SUBJECTS[500]}","name":"乙","note":"乙的记录","id_number":"{SUBJECTS[0]}"}},'
+            f'{{"id_number":"{SUBJECTS[1]}","name":"甲"}}]')
+    folder = lab["root"] / "www" / "notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "repeated.json").write_text(body)
+    response = get(lab, "/notes/repeated.json")
+    assert response.status_code == 502, response.text
+    assert [r["type"] for r in response.json()["reasons"]] == ["consent_unfilterable"]
+    assert "乙" not in response.text and SUBJECTS[500] not in response.text
+    # A colon inside a value makes the gateway read the keys again: still one of each, it passes.
+    response = serve(lab, "colon.json", [{"id_number": SUBJECTS[0], "name": "甲", "note": "10:30 来访"}])
+    assert response.status_code == 200 and response.json()[0]["note"] == "10:30 来访", response.text
 
 
 def test_spooled_response_refused_whole(lab):

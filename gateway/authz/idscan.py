@@ -1,19 +1,29 @@
 """What looks like a resident ID number in a record's values: found exactly, value by value
-(`id_numbers`), or ruled out for many records at once (`no_other_subjects`), which a response of
-thousands of records takes in C loops rather than a Python step per value."""
+(`id_numbers`), masked where it is written (`mask_id_numbers`), or ruled out for many records at once
+(`no_other_subjects`), which a response of thousands of records takes in C loops rather than a Python
+step per value. An ID number counts as one run of 18 characters or written in groups as the DLP
+detector reads them (6-8-4 or 6-4-4-4, with spaces, hyphens or ideographic spaces)."""
 
 from __future__ import annotations
 
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
+from itertools import accumulate
 
 import orjson
 
+from gateway.authz.subject import mask_id
+from gateway.dlp.detectors import ID_CARD_GROUPED
 from gateway.dlp.matcher import Matcher, PatternSpec, literal_regex
 
-_ID_CANDIDATE = re.compile(rb"(?<![0-9])[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx](?![0-9])")
+# Over NFKC-folded text (an ideographic space folds into a space): the separators of a grouped one are
+# removed to give the 18 characters its subject key is made of.
+_ID_CANDIDATE = re.compile(rb"(?<![0-9])(?:[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx]|"
+                           + ID_CARD_GROUPED.encode() + rb")(?![0-9])")
+_SEPARATORS = b" -"
 # The characters NFKC folds into something holding an ASCII digit or X (full-width digits, circled and
 # parenthesised numbers, superscripts, Roman numerals, mathematical digits, ...), as code point ranges:
 # text without them shows its ID numbers in ASCII already. tests/test_consent.py recomputes them from
@@ -32,6 +42,10 @@ NFKC_DIGITS = (
     (0x1d6a1, 0x1d6a1), (0x1d7ce, 0x1d7ff), (0x1f100, 0x1f10a), (0x1f127, 0x1f127), (0x1f147, 0x1f147),
     (0x1fbf0, 0x1fbf9),
 )
+# The characters NFKC folds into a space or a hyphen (no-break and typographic spaces, the ideographic
+# space, full-width and small hyphen-minus): a grouped ID number's separators (recomputed in the tests too).
+NFKC_SEPARATORS = ((0xa0, 0xa0), (0x2000, 0x200a), (0x202f, 0x202f), (0x205f, 0x205f), (0x3000, 0x3000),
+                   (0xfe63, 0xfe63), (0xff0d, 0xff0d))
 _DIGIT_OR_X = bytes.maketrans(b"123456789Xx", b"0" * 11)  # every character an ID number is made of -> "0"
 _ID_LENGTH_RUN = b"0" * 18
 
@@ -43,22 +57,55 @@ def id_numbers(values: Iterable[object]) -> set[str]:
     text = "\0".join(str(v) for v in values if isinstance(v, (str, int)) and not isinstance(v, bool))
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
-    return {m.decode() for m in _ID_CANDIDATE.findall(text.encode())}
+    return {m.translate(None, _SEPARATORS).decode() for m in _ID_CANDIDATE.findall(text.encode())}
+
+
+def mask_id_numbers(text: str, unconsented: Callable[[set[str]], set[str]]) -> tuple[str, int]:
+    """`text` with each ID number in it (as `id_numbers` finds them: full-width forms folded, groups
+    joined, as the 18 characters) that `unconsented` returns, of all those found, written as the ID mask
+    shows it (520602********7504), the rest of the text as it was; and how many were masked. (Each
+    character is folded alone, so that a match is found where it was written; a folded character
+    holding part of one is masked whole.)"""
+    if text.isascii():
+        data, starts = text.encode(), None
+    else:
+        pieces = [unicodedata.normalize("NFKC", character).encode() for character in text]
+        data, starts = b"".join(pieces), list(accumulate(map(len, pieces), initial=0))  # where each begins
+    found = [(match.span(), match.group().translate(None, _SEPARATORS).decode().upper())
+             for match in _ID_CANDIDATE.finditer(data)]
+    masked = unconsented({number for _, number in found}) if found else set()
+    kept, at = [], 0
+    for (start, end), number in found:
+        if number in masked:
+            if starts is not None:  # the characters whose folded bytes the match covers
+                start, end = bisect_right(starts, start) - 1, bisect_left(starts, end)
+            kept += [text[at:start], mask_id(number)]
+            at = end
+    return "".join(kept) + text[at:], len(kept) // 2
 
 
 @functools.cache
-def _nfkc_digits() -> Matcher:
-    """A matcher of the UTF-8 of NFKC_DIGITS (Hyperscan: a MiB in a fraction of a millisecond)."""
-    return Matcher([PatternSpec("|".join(literal_regex(chr(code)) for first, last in NFKC_DIGITS
+def _nfkc_folded() -> Matcher:
+    """A matcher of the UTF-8 of NFKC_DIGITS and NFKC_SEPARATORS (Hyperscan: a MiB in a fraction of a
+    millisecond)."""
+    return Matcher([PatternSpec("|".join(literal_regex(chr(code)) for first, last in NFKC_DIGITS + NFKC_SEPARATORS
                                          for code in range(first, last + 1)))])
+
+
+@functools.cache
+def _grouped() -> Matcher:
+    """A matcher of what begins every grouped ID number, once the characters above are folded: six digits,
+    a space or hyphen, four digits."""
+    return Matcher([PatternSpec(r"[0-9]{6}[ \-][0-9]{4}")])
 
 
 def no_other_subjects(listed: list[dict] | bytes, subjects: list) -> bool:
     """True when no value of these records but their subject field's can hold an ID number, checked over
     all of them at once in their JSON (as orjson writes `listed`, or `listed` is JSON bytes holding at
     least what the records hold, every digit written as a digit: a body without \\u escapes as it was
-    read), with each character NFKC folds into a digit or X (full-width digits, ...) replaced by what it
-    folds into: no more runs of 18 digits or X's than the subject fields' own values make. (orjson writes
+    read), with each character NFKC folds into a digit, X, space or hyphen (full-width digits, ...) replaced
+    by what it folds into: nothing that begins a grouped ID number (six digits, a space or hyphen, four
+    digits), and no more runs of 18 digits or X's than the subject fields' own values make. (orjson writes
     non-ASCII text as it is; what it escapes is no digit, and an escape such as \\u0001 only lengthens a
     run; NFKC of a whole value neither joins runs nor makes digits but from these characters: a value
     naming an ID number adds at least one run.) False, when a value may name another subject or only
@@ -70,12 +117,16 @@ def no_other_subjects(listed: list[dict] | bytes, subjects: list) -> bool:
         return False
     if not text.isascii():
         # (UTF-8 is self-synchronising: a character's bytes are found only where that character is)
-        for character in {text[start:end] for _, start, end in _nfkc_digits().scan(text)}:
+        for character in {text[start:end] for _, start, end in _nfkc_folded().scan(text)}:
             folded = unicodedata.normalize("NFKC", character.decode()).encode()
             text, own = text.replace(character, folded), own.replace(character, folded)
+    # A grouped one anywhere (a subject field's own too): the exact scan decides.
+    if (b" " in text or b"-" in text) and len(_grouped().scan(text)):
+        return False
     return text.translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN) == own.translate(_DIGIT_OR_X).count(_ID_LENGTH_RUN)
 
 
 def warm_up() -> None:
-    """Compile the matcher now (~20 ms), not in the first response's time."""
-    _nfkc_digits()
+    """Compile the matchers now (~20 ms), not in the first response's time."""
+    _nfkc_folded()
+    _grouped()

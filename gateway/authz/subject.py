@@ -167,7 +167,12 @@ mask_id, mask_mobile, mask_bank_card = (_keep_ends(*KEEP_ENDS[mask]) for mask in
 
 def mask_name(value: object) -> object:
     text = _text(value)
-    return DROP if text is None else text[:1] + "*" * (len(text) - 1)  # 张** (the surname kept)
+    return DROP if text is None else _name_masked(text)
+
+
+def _name_masked(text: str) -> str:
+    """张** (the surname kept); a name of one character (王) is all surname: starred."""
+    return text[:1] + "*" * (len(text) - 1) if len(text) > 1 else "*" * len(text)
 
 
 def keep(value: object) -> object:
@@ -205,7 +210,7 @@ def _names_masked(values: list) -> list:
     """`mask_name` of each value: of strings in one step each (a call per value costs twice this)."""
     if set(map(type, values)) != {str}:
         return list(map(mask_name, values))
-    return [text[:1] + "*" * (len(text) - 1) for text in values]
+    return [text[:1] + "*" * (len(text) - 1) if len(text) > 1 else "*" * len(text) for text in values]
 
 
 def _fixed_width_masked(values: list, first: int, last: int, squeeze: str) -> list[str] | None:

@@ -114,13 +114,15 @@ def _hints(*names: str) -> frozenset[str]:
 
 _NUMBER_SEP = r"[ \-]"
 _ID_SEP = r"(?:[ \-]|\xe3\x80\x80)"  # or U+3000, in UTF-8 (an ideographic space is folded only beside full-width digits)
+# An ID number written in groups (6-8-4 or 6-4-4-4), as a pattern over UTF-8 (the consent stage finds it too)
+ID_CARD_GROUPED = rf"[1-8][0-9]{{5}}{_ID_SEP}(?:18|19|20)[0-9]{{2}}{_ID_SEP}?[01][0-9][0-3][0-9]{_ID_SEP}[0-9]{{3}}[0-9Xx]"
 _PROVINCE_ALTERNATION = "(?:" + "|".join(v.PLATE_PROVINCES) + ")"
 
 DETECTORS: dict[str, Detector] = {d.name: d for d in (
     Detector(
         "cn_id_card", "18-character resident ID number (GB 11643)",
         (r"\b[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx]\b",
-         rf"\b[1-8][0-9]{{5}}{_ID_SEP}(?:18|19|20)[0-9]{{2}}{_ID_SEP}?[01][0-9][0-3][0-9]{_ID_SEP}[0-9]{{3}}[0-9Xx]\b"),
+         rf"\b{ID_CARD_GROUPED}\b"),
         _check_id_card, lambda t: mask_middle(t, 4, 4), priority=60, group_separators=b" -", mask_by_length=True,
         hint_fields=_hints("sfzh", "sfz", "sfzhm", "zjhm", "idcard", "id_card", "idno", "id_no", "idnumber",
                            "id_number", "identity", "身份证", "身份证号", "身份证号码", "证件号", "证件号码"),
