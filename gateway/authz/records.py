@@ -73,15 +73,6 @@ def read_records(body: bytes, content_type: str, envelope_checked: bool = True) 
     return records
 
 
-def countable_records(body: bytes, content_type: str) -> Records | None:
-    """A (decoded) body's records, to count (the envelope not checked); None when it cannot be read as
-    records."""
-    try:
-        return read_records(body, content_type, envelope_checked=False)
-    except Unfilterable:
-        return None
-
-
 def project(body: bytes, content_type: str, fields: Collection[str]) -> tuple[bytes, int]:
     """The body with only `fields` (plain values) of each record, and how many records it holds."""
     records = read_records(body, content_type)
