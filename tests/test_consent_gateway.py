@@ -356,6 +356,17 @@ def test_drop_and_refuse(lab):
     assert SUBJECTS[0] not in strict.text
 
 
+def test_refused_response_counts_its_unconsented_records(lab):
+    """`unconsented: refuse`: the record and the metrics say how many records lacked consent."""
+    before = consent_metric(lab, "refused", "civil.residents-strict")
+    strict = get(lab, "/strict/residents.json")
+    assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
+    assert "1000 records, 700 without the subject's consent" in strict.text
+    assert record_of(lab, strict)["consent"] == {"records": 1000, "passed": 0, "masked": 0, "dropped": 0,
+                                                 "refused": 700}
+    assert consent_metric(lab, "refused", "civil.residents-strict") - before == 700
+
+
 def test_partial_and_unparsable_bodies_say_why_they_are_not_counted(lab):
     """A counted dataset's 206 and its truncated JSON are refused grant_uncountable, saying what happened."""
     folder = lab["root"] / "www" / "residents"

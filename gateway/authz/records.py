@@ -88,13 +88,15 @@ def _plain(record: dict, fields: Collection[str]) -> dict:
 class Outcome:
     body: bytes | None = None
     records: int = 0
-    refused: bool = False  # a record without consent, and the catalogue says refuse
+    refused: int = 0  # records without consent, and the catalogue says refuse (none leaves)
     passed: int = 0
     masked: int = 0
     dropped: int = 0
 
     def counts(self) -> dict[str, int]:
-        return {"records": self.records, "passed": self.passed, "masked": self.masked, "dropped": self.dropped}
+        """As the trace record's `consent` holds them (`refused` only in a refused response's)."""
+        counts = {"records": self.records, "passed": self.passed, "masked": self.masked, "dropped": self.dropped}
+        return counts | {"refused": self.refused} if self.refused else counts
 
 
 class RecordFilter:
@@ -136,7 +138,7 @@ class RecordFilter:
         outcome = Outcome(records=len(listed), passed=sum(passes))
         unconsented = outcome.records - outcome.passed
         if unconsented and self.rule.unconsented == "refuse":
-            return Outcome(records=len(listed), refused=True)
+            return Outcome(records=len(listed), refused=unconsented)
         if self.rule.unconsented == "drop":
             outcome.dropped = unconsented
             kept = [record for record, passed in zip(listed, passes) if passed]

@@ -112,8 +112,9 @@ class Consent:
             return
         transfer.extra["consent"] = outcome.counts()
         if outcome.refused:
+            self.gateway.metrics.consent_records.labels(dataset.id, "refused").inc(outcome.refused)
             self._refuse(flow, transfer, dataset, "consent_missing",
-                         f"{outcome.records} records, one or more without the subject's consent", 403)
+                         f"{outcome.records} records, {outcome.refused} without the subject's consent", 403)
             return
         response.content = outcome.body  # encoded again as sent; Content-Length follows
         for outcome_name in ("passed", "masked", "dropped"):
