@@ -105,7 +105,8 @@ HEADS: dict[str, list[tuple[str, str | bytes]]] = {}
 
 class HeadsUpstream(BaseHTTPRequestHandler):
     """Serves the lab's files with the header fields HEADS[?head=NAME] (a text value in UTF-8, bytes as
-    they are); ?part=N answers them as a partial response (206): the file's first N bytes."""
+    they are); ?part=N answers them as a partial response (206): the file's first N bytes; ?chunked=1
+    sends the body chunked (no Content-Length: the gateway holds it as a body of unknown length)."""
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
@@ -117,7 +118,12 @@ class HeadsUpstream(BaseHTTPRequestHandler):
         if "part" in query:
             fields.append(("Content-Range", f"bytes 0-{int(query['part'][0]) - 1}/{len(body)}"))
             status, body = "206 Partial Content", body[:int(query["part"][0])]
-        fields += HEADS.get(query.get("head", [""])[0], []) + [("Content-Length", str(len(body)))]
+        fields += HEADS.get(query.get("head", [""])[0], [])
+        if "chunked" in query:
+            fields.append(("Transfer-Encoding", "chunked"))
+            body = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        else:
+            fields.append(("Content-Length", str(len(body))))
         self.wfile.write(f"HTTP/1.1 {status}\r\n".encode() + b"".join(
             f"{name}: ".encode() + (value if isinstance(value, bytes) else value.encode()) + b"\r\n"
             for name, value in fields) + b"\r\n" + body)
@@ -365,6 +371,51 @@ def test_refused_response_counts_its_unconsented_records(lab):
     assert record_of(lab, strict)["consent"] == {"records": 1000, "passed": 0, "masked": 0, "dropped": 0,
                                                  "refused": 700}
     assert consent_metric(lab, "refused", "civil.residents-strict") - before == 700
+
+
+def test_header_ids_without_consent_never_leave_in_clear(lab):
+    """An ID number in a response header of a subject without consent is masked where it is written
+    (full-width, or beside other text too); a consented subject's stays; counted and named in the record.
+    With `unconsented: refuse` the response is refused; a field still read as naming one once masked
+    (GBK bytes) is refused too."""
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    (folder / "heads.json").write_text(json.dumps([{"id_number": SUBJECTS[0], "district": "碧江区"}]))
+    (lab["root"] / "www" / "strict" / "heads.json").write_text(json.dumps([{"id_number": SUBJECTS[0]}]))
+    unconsented, consented = SUBJECTS[500], SUBJECTS[1]
+    full_width = SUBJECTS[501].translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ"))
+    HEADS["mixed"] = [("X-Subject", unconsented), ("X-Family", f"家属 {full_width}; 户主 {consented}"),
+                      ("X-Owner", consented)]
+    response = get(lab, "/residents/heads.json?head=mixed", "heads")
+    assert response.status_code == 200, response.text
+    head = "\n".join(f"{name}: {value}" for name, value in response.headers.multi_items())
+    assert unconsented not in head and SUBJECTS[501] not in head and full_width not in head
+    assert response.headers["x-subject"] == unconsented[:6] + "********" + unconsented[-4:]
+    assert response.headers["x-family"] == f"家属 {SUBJECTS[501][:6]}********{SUBJECTS[501][-4:]}; 户主 {consented}"
+    assert response.headers["x-owner"] == consented
+    assert response.json() == [{"id_number": SUBJECTS[0], "district": "碧江区"}]
+    record = record_of(lab, response)
+    assert record["consent"] == {"records": 1, "passed": 1, "masked": 0, "dropped": 0, "header_ids": 2}
+    assert record["decision"] == "redact"
+    assert {(r["type"], tuple(r["locations"])) for r in record["rules"]} == {
+        ("consent_header_masked", ("header:X-Subject",)), ("consent_header_masked", ("header:X-Family",))}
+    lab["tally"]["residents"]["records"] += 1
+    HEADS["unconsented"] = [("X-Subject", unconsented)]
+    chunked = get(lab, "/residents/heads.json?head=unconsented&chunked=1", "heads")
+    assert chunked.status_code == 200 and chunked.headers["x-subject"] == unconsented[:6] + "********" + unconsented[-4:]
+    lab["tally"]["residents"]["records"] += 1
+
+    strict = get(lab, "/strict/heads.json?head=unconsented", "heads")
+    assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
+    assert unconsented not in strict.text and unconsented not in str(strict.headers)
+    assert record_of(lab, strict)["consent"] == {"records": 1, "passed": 0, "masked": 0, "dropped": 0,
+                                                 "header_ids": 1}
+
+    HEADS["gbk"] = [("X-Family", "家属 ".encode("gbk") + full_width.encode("gbk"))]
+    gbk = get(lab, "/residents/heads.json?head=gbk", "heads")
+    assert gbk.status_code == 502 and [r["type"] for r in gbk.json()["reasons"]] == ["consent_unfilterable"]
+    assert full_width.encode("gbk") not in gbk.content and "header:X-Family" in gbk.text
+    assert record_of(lab, gbk)["consent"] == {"records": 1, "passed": 0, "masked": 0, "dropped": 0, "header_ids": 1}
 
 
 def test_partial_and_unparsable_bodies_say_why_they_are_not_counted(lab):

@@ -1,19 +1,22 @@
 """What looks like a resident ID number in a record's values: found exactly, value by value
 (`id_numbers`), or ruled out for many records at once (`no_other_subjects`), which a response of
-thousands of records takes in C loops rather than a Python step per value."""
+thousands of records takes in C loops rather than a Python step per value; and masked where it is
+written in a text (`mask_id_numbers`: a response's header fields)."""
 
 from __future__ import annotations
 
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import orjson
 
+from gateway.authz.subject import mask_id
 from gateway.dlp.matcher import Matcher, PatternSpec, literal_regex
 
 _ID_CANDIDATE = re.compile(rb"(?<![0-9])[1-8][0-9]{5}(?:18|19|20)[0-9]{2}[01][0-9][0-3][0-9]{4}[0-9Xx](?![0-9])")
+_ID_CANDIDATE_TEXT = re.compile(_ID_CANDIDATE.pattern.decode(), re.ASCII)
 # The characters NFKC folds into something holding an ASCII digit or X (full-width digits, circled and
 # parenthesised numbers, superscripts, Roman numerals, mathematical digits, ...), as code point ranges:
 # text without them shows its ID numbers in ASCII already. tests/test_consent.py recomputes them from
@@ -44,6 +47,28 @@ def id_numbers(values: Iterable[object]) -> set[str]:
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
     return {m.decode() for m in _ID_CANDIDATE.findall(text.encode())}
+
+
+def mask_id_numbers(text: str, unconsented: Callable[[set[str]], set[str]]) -> tuple[str, int]:
+    """`text` with each ID number in it (as `id_numbers` finds them, full-width forms folded) that
+    `unconsented` returns, of all those found, written as the ID mask shows it (520602********123X),
+    the rest of the text as it was; and how many were masked. (Each character is folded alone, so that
+    a match is found where it was written; the caller checks the result with `id_numbers`.)"""
+    if text.isascii():
+        folded, origin = text, range(len(text))
+    else:
+        pieces = [unicodedata.normalize("NFKC", character) for character in text]
+        folded = "".join(pieces)
+        origin = [at for at, piece in enumerate(pieces) for _ in piece]  # a folded character's place in `text`
+    found = list(_ID_CANDIDATE_TEXT.finditer(folded))
+    masked = unconsented({match.group() for match in found}) if found else set()
+    kept, at = [], 0
+    for match in found:
+        if match.group() in masked:
+            start, end = origin[match.start()], origin[match.end() - 1] + 1
+            kept += [text[at:start], mask_id(match.group().upper())]
+            at = end
+    return "".join(kept) + text[at:], len(kept) // 2
 
 
 @functools.cache
