@@ -140,11 +140,14 @@ class Consent:
         field in which the consent stage still reads one once masked (a form the masking does not find,
         or the field's bytes read as GB 18030). The ID numbers found are counted (`header_ids`)."""
         response = flow.response
+        heads = [(kind, fields) for kind, fields in (("header", response.headers), ("trailer", response.trailers))
+                 if fields is not None]
+        every_part = b"\0".join(part for _, fields in heads for raw in fields.fields for part in raw)
+        if not id_numbers(_readings((every_part,))):
+            return True  # (most heads: one scan of all their fields)
         masked: dict[str, int] = {}  # "header:NAME" (the name masked) -> ID numbers masked in the field
         uncleared: dict[str, int] = {}
-        for kind, fields in (("header", response.headers), ("trailer", response.trailers)):
-            if fields is None:
-                continue
+        for kind, fields in heads:
             kept = []
             for raw in fields.fields:
                 field, found = zip(*(mask_id_numbers(part.decode("utf-8", "surrogateescape"), unconsented)
@@ -212,7 +215,8 @@ class Consent:
         return record_filter
 
 
-def _readings(field: tuple[bytes, bytes]) -> list[str]:
-    """A header field's name and value as a client may read them: UTF-8, and GB 18030 when not ASCII."""
+def _readings(field: tuple[bytes, ...]) -> list[str]:
+    """A header field's name and value (or other bytes) as a client may read them: UTF-8, and GB 18030
+    when not ASCII."""
     return [reading for part in field for reading in (
         [part.decode("utf-8", "replace")] + ([] if part.isascii() else [part.decode("gb18030", "replace")]))]
