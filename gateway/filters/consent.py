@@ -150,9 +150,7 @@ class Consent:
         for kind, fields in heads:
             kept = []
             for raw in fields.fields:
-                field, found = zip(*(mask_id_numbers(part.decode("utf-8", "surrogateescape"), unconsented)
-                                     for part in raw))
-                field = tuple(part.encode("utf-8", "surrogateescape") for part in field)
+                field, found = zip(*map(lambda part: _masked(part, unconsented), raw))
                 place = f"{kind}:{field[0].decode('utf-8', 'replace')}"
                 if sum(found):
                     masked[place] = masked.get(place, 0) + sum(found)
@@ -213,6 +211,18 @@ class Consent:
         if record_filter is None or record_filter.dataset is not dataset:
             record_filter = self._filters[dataset.id] = RecordFilter(dataset, self._settings.hasher)
         return record_filter
+
+
+def _masked(part: bytes, unconsented: Callable[[set[str]], set[str]]) -> tuple[bytes, int]:
+    """A header field's name or value with its unconsented ID numbers masked (mask_id_numbers), read and
+    written back as UTF-8, or byte for byte as Latin-1 when it is not UTF-8 (its GB 18030 reading is
+    checked afterwards); and how many were masked."""
+    try:
+        text, codec = part.decode(), "utf-8"
+    except UnicodeDecodeError:
+        text, codec = part.decode("latin-1"), "latin-1"
+    text, count = mask_id_numbers(text, unconsented)
+    return (text.encode(codec) if count else part), count
 
 
 def _readings(field: tuple[bytes, ...]) -> list[str]:
