@@ -150,7 +150,7 @@ class Consent:
         for kind, fields in heads:
             kept = []
             for raw in fields.fields:
-                field, found = zip(*map(lambda part: _masked(part, unconsented), raw))
+                field, found = zip(*(_masked(part, unconsented) for part in raw))
                 place = f"{kind}:{field[0].decode('utf-8', 'replace')}"
                 if sum(found):
                     masked[place] = masked.get(place, 0) + sum(found)
