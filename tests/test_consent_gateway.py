@@ -14,8 +14,11 @@ import shutil
 import subprocess
 import sys
 import time
+import threading
 import unicodedata
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 from xml.etree import ElementTree
 
 import httpx
@@ -123,6 +126,40 @@ def residents() -> list[dict]:
              "district": "碧江区", "note": "not catalogued"} for i, subject in enumerate(SUBJECTS)]
 
 
+# Header fields the heads upstream adds to its answer, by the name a request asks for (?head=NAME): a
+# test sets them here, so that no ID number goes out in a request's URL.
+HEADS: dict[str, list[tuple[str, str | bytes]]] = {}
+
+
+class HeadsUpstream(BaseHTTPRequestHandler):
+    """Serves the lab's files with the header fields HEADS[?head=NAME] (a text value in UTF-8, bytes as
+    they are); ?part=N answers them as a partial response (206): the file's first N bytes; ?chunked=1
+    sends the body chunked (no Content-Length: the gateway holds it as a body of unknown length)."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        body = (self.server.files / url.path.lstrip("/")).read_bytes()
+        kind = "text/csv" if url.path.endswith(".csv") else "application/json"
+        status, fields = "200 OK", [("Content-Type", kind)]
+        if "part" in query:
+            fields.append(("Content-Range", f"bytes 0-{int(query['part'][0]) - 1}/{len(body)}"))
+            status, body = "206 Partial Content", body[:int(query["part"][0])]
+        fields += HEADS.get(query.get("head", [""])[0], [])
+        if "chunked" in query:
+            fields.append(("Transfer-Encoding", "chunked"))
+            body = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        else:
+            fields.append(("Content-Length", str(len(body))))
+        self.wfile.write(f"HTTP/1.1 {status}\r\n".encode() + b"".join(
+            f"{name}: ".encode() + (value if isinstance(value, bytes) else value.encode()) + b"\r\n"
+            for name, value in fields) + b"\r\n" + body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("consent")
@@ -160,12 +197,17 @@ def lab(tmp_path_factory):
     port = free_port("127.0.0.2")
     upstream = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.2", str(port), "--directory",
                         str(files)], env={"PYTHONUNBUFFERED": "1"}).started("Serving HTTP", timeout=10)
+    heads = ThreadingHTTPServer(("127.0.0.2", 0), HeadsUpstream)
+    heads.files = files
+    threading.Thread(target=heads.serve_forever, daemon=True).start()
     gateway = start_gateway(path)
     lab = {"root": root, "kit": kit, "config": config, "path": path, "upstream": f"http://127.0.0.2:{port}",
+           "heads": f"http://127.0.0.2:{heads.server_address[1]}",
            "grant": kit.grant(datasets=[{"id": d} for d in DATASETS]), "licence": kit.licence(),
            "tally": {}, "started": datetime.now(UTC) - timedelta(seconds=5)}
     yield lab
     gateway.stop()
+    heads.shutdown()
     upstream.stop()
 
 
@@ -185,10 +227,10 @@ def consent(i: int, **overrides) -> dict:
             "datasets": DATASETS, "nbf": now - 60, "exp": now + 86400, "separate": False, **overrides}
 
 
-def get(lab, path: str) -> httpx.Response:
+def get(lab, path: str, upstream: str = "upstream") -> httpx.Response:
     headers = {"X-Data-Grant": lab["grant"], "X-Data-Licence": lab["licence"]}
     with httpx.Client(proxy=listener_url(lab["config"], "forward"), timeout=30) as client:
-        response = client.get(lab["upstream"] + path, headers=headers)
+        response = client.get(lab[upstream] + path, headers=headers)
     if response.status_code == 200:  # the client's own tally, for the usage report
         row = lab["tally"].setdefault(path.split("/")[1].split(".")[0], {"requests": 0, "records": 0, "bytes": 0})
         row["requests"] += 1
@@ -363,6 +405,79 @@ def test_drop_and_refuse(lab):
     strict = get(lab, "/strict/residents.json")
     assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
     assert SUBJECTS[0] not in strict.text
+
+
+def test_refused_response_counts_its_unconsented_records(lab):
+    """`unconsented: refuse`: the record and the metrics say how many records lacked consent."""
+    before = consent_metric(lab, "refused", "civil.residents-strict")
+    strict = get(lab, "/strict/residents.json")
+    assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
+    assert "1000 records, 700 without the subject's consent" in strict.text
+    assert record_of(lab, strict)["consent"] == {"records": 1000, "passed": 0, "masked": 0, "dropped": 0,
+                                                 "refused": 700}
+    assert consent_metric(lab, "refused", "civil.residents-strict") - before == 700
+
+
+def test_header_ids_without_consent_never_leave_in_clear(lab):
+    """An ID number in a response header of a subject without consent is masked where it is written
+    (full-width, or beside other text too); a consented subject's stays; counted and named in the record.
+    With `unconsented: refuse` the response is refused; a field still read as naming one once masked
+    (GBK bytes) is refused too."""
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    (folder / "heads.json").write_text(json.dumps([{"id_number": SUBJECTS[0], "district": "碧江区"}]))
+    (lab["root"] / "www" / "strict" / "heads.json").write_text(json.dumps([{"id_number": SUBJECTS[0]}]))
+    unconsented, consented = SUBJECTS[500], SUBJECTS[1]
+    full_width = SUBJECTS[501].translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ"))
+    HEADS["mixed"] = [("X-Subject", unconsented), ("X-Family", f"家属 {full_width}; 户主 {consented}"),
+                      ("X-Owner", consented)]
+    response = get(lab, "/residents/heads.json?head=mixed", "heads")
+    assert response.status_code == 200, response.text
+    head = "\n".join(f"{name}: {value}" for name, value in response.headers.multi_items())
+    assert unconsented not in head and SUBJECTS[501] not in head and full_width not in head
+    assert response.headers["x-subject"] == unconsented[:6] + "********" + unconsented[-4:]
+    assert response.headers["x-family"] == f"家属 {SUBJECTS[501][:6]}********{SUBJECTS[501][-4:]}; 户主 {consented}"
+    assert response.headers["x-owner"] == consented
+    assert response.json() == [{"id_number": SUBJECTS[0], "district": "碧江区"}]
+    record = record_of(lab, response)
+    assert record["consent"] == {"records": 1, "passed": 1, "masked": 0, "dropped": 0, "header_ids": 2}
+    assert record["decision"] == "redact"
+    assert {(r["type"], tuple(r["locations"])) for r in record["rules"]} == {
+        ("consent_header_masked", ("header:X-Subject",)), ("consent_header_masked", ("header:X-Family",))}
+    lab["tally"]["residents"]["records"] += 1
+    HEADS["unconsented"] = [("X-Subject", unconsented)]
+    chunked = get(lab, "/residents/heads.json?head=unconsented&chunked=1", "heads")
+    assert chunked.status_code == 200 and chunked.headers["x-subject"] == unconsented[:6] + "********" + unconsented[-4:]
+    lab["tally"]["residents"]["records"] += 1
+
+    strict = get(lab, "/strict/heads.json?head=unconsented", "heads")
+    assert strict.status_code == 403 and [r["type"] for r in strict.json()["reasons"]] == ["consent_missing"]
+    assert unconsented not in strict.text and unconsented not in str(strict.headers)
+    assert record_of(lab, strict)["consent"] == {"records": 1, "passed": 0, "masked": 0, "dropped": 0,
+                                                 "header_ids": 1}
+
+    HEADS["gbk"] = [("X-Family", "家属 ".encode("gbk") + full_width.encode("gbk"))]
+    gbk = get(lab, "/residents/heads.json?head=gbk", "heads")
+    assert gbk.status_code == 502 and [r["type"] for r in gbk.json()["reasons"]] == ["consent_unfilterable"]
+    assert full_width.encode("gbk") not in gbk.content and "header:X-Family" in gbk.text
+    assert record_of(lab, gbk)["consent"] == {"records": 1, "passed": 0, "masked": 0, "dropped": 0, "header_ids": 1}
+
+
+def test_partial_and_unparsable_bodies_say_why_they_are_not_counted(lab):
+    """A counted dataset's 206 and its truncated JSON are refused grant_uncountable, saying what happened."""
+    folder = lab["root"] / "www" / "residents"
+    folder.mkdir(exist_ok=True)
+    (folder / "whole.json").write_text(json.dumps([{"id_number": SUBJECTS[0]}, {"id_number": SUBJECTS[1]}]))
+    (folder / "truncated.json").write_text(json.dumps([{"id_number": SUBJECTS[0]}])[:-3])
+    partial = get(lab, "/residents/whole.json?part=20", "heads")
+    assert partial.status_code == 502 and [r["type"] for r in partial.json()["reasons"]] == ["grant_uncountable"]
+    [where] = partial.json()["reasons"][0]["locations"]
+    assert where.startswith("a partial response (206): records are counted in a whole body only"), where
+    truncated = get(lab, "/residents/truncated.json")
+    assert truncated.status_code == 502 and [r["type"] for r in truncated.json()["reasons"]] == ["grant_uncountable"]
+    [where] = truncated.json()["reasons"][0]["locations"]
+    assert where.startswith("response body: records are counted in whole JSON, CSV and XML bodies, and this one's "
+                            "cannot be read (not JSON: "), where
 
 
 def test_no_unconsented_personal_data_beside_or_inside_records(lab):

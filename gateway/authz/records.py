@@ -80,15 +80,6 @@ def read_records(body: bytes, content_type: str, envelope_checked: bool = True) 
     return records
 
 
-def countable_records(body: bytes, content_type: str) -> Records | None:
-    """A (decoded) body's records, to count (the envelope not checked); None when it cannot be read as
-    records."""
-    try:
-        return read_records(body, content_type, envelope_checked=False)
-    except Unfilterable:
-        return None
-
-
 def project(body: bytes, content_type: str, fields: Collection[str]) -> tuple[bytes, int]:
     """The body with only `fields` (plain values) of each record, and how many records it holds."""
     records = read_records(body, content_type)
@@ -104,13 +95,15 @@ def _plain(record: dict, fields: Collection[str]) -> dict:
 class Outcome:
     body: bytes | None = None
     records: int = 0
-    refused: bool = False  # a record without consent, and the catalogue says refuse
+    refused: int = 0  # records without consent, and the catalogue says refuse (none leaves)
     passed: int = 0
     masked: int = 0
     dropped: int = 0
 
     def counts(self) -> dict[str, int]:
-        return {"records": self.records, "passed": self.passed, "masked": self.masked, "dropped": self.dropped}
+        """As the trace record's `consent` holds them (`refused` only in a refused response's)."""
+        counts = {"records": self.records, "passed": self.passed, "masked": self.masked, "dropped": self.dropped}
+        return counts | {"refused": self.refused} if self.refused else counts
 
 
 class RecordFilter:
@@ -158,7 +151,7 @@ class RecordFilter:
         outcome = Outcome(records=len(listed), passed=sum(passes))
         unconsented = outcome.records - outcome.passed
         if unconsented and self.rule.unconsented == "refuse":
-            return Outcome(records=len(listed), refused=True)
+            return Outcome(records=len(listed), refused=unconsented)
         if self.rule.unconsented == "drop":
             outcome.dropped = unconsented
             kept = [record for record, passed in zip(listed, passes) if passed]

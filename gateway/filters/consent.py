@@ -6,8 +6,11 @@ record's subject (gateway.authz.records): records with consent pass, the others 
 or the transfer is refused (`consent_missing`). A body whose records cannot be read is refused
 (`consent_unfilterable`, 502), and so is one the gateway spools to disk (above dlp.spool_threshold:
 records are filtered only in a body held whole): its head is held with it (gateway.proxy.heldheads),
-so that refusal replaces the upstream's answer, whose body is dropped. The counts go to the trace
-record (`consent`) and the metrics.
+so that refusal replaces the upstream's answer, whose body is dropped. The response's header and
+trailer fields are outside the records: an ID number in them of a subject without consent is masked
+where it is written (`unconsented: refuse`: the response is refused), and a field in which one is
+still read once masked is refused (`consent_unfilterable`). The counts go to the trace record
+(`consent`) and the metrics.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from mitmproxy import http
 
 from gateway.authz.catalog import Dataset
 from gateway.authz.consent import ConsentRegistry, RegistryView, Scope
-from gateway.authz.records import RecordFilter, Unfilterable
+from gateway.authz.idscan import id_numbers, mask_id_numbers
+from gateway.authz.records import Outcome, RecordFilter, Unfilterable
 from gateway.authz.settings import ConsentSettings
 from gateway.config.runtime import Runtime
 from gateway.filters import CONSENT_DATASET, RECORDS_READ, refuse, transfer_of
@@ -112,13 +117,74 @@ class Consent:
             return
         transfer.extra["consent"] = outcome.counts()
         if outcome.refused:
+            self.gateway.metrics.consent_records.labels(dataset.id, "refused").inc(outcome.refused)
             self._refuse(flow, transfer, dataset, "consent_missing",
-                         f"{outcome.records} records, one or more without the subject's consent", 403)
+                         f"{outcome.records} records, {outcome.refused} without the subject's consent", 403)
+            return
+        try:
+            cleared = self._clear_head(flow, transfer, dataset, lambda numbers: self._unconsented(numbers, scope, now))
+        except sqlite3.Error as e:
+            self._refuse(flow, transfer, dataset, "consent_stale", f"consent registry unreadable: {e}", 403)
+            return
+        if not cleared:
             return
         response.content = outcome.body  # encoded again as sent; Content-Length follows
         for outcome_name in ("passed", "masked", "dropped"):
             if count := getattr(outcome, outcome_name):
                 self.gateway.metrics.consent_records.labels(dataset.id, outcome_name).inc(count)
+
+    def _clear_head(self, flow: http.HTTPFlow, transfer: Transfer, dataset: Dataset,
+                    unconsented: Callable[[set[str]], set[str]]) -> bool:
+        """Masks, in the response's header and trailer fields (names and values), each ID number of a
+        subject without consent; False when it refused the response instead: `unconsented: refuse`, or a
+        field in which the consent stage still reads one once masked (a form the masking does not find,
+        or the field's bytes read as GB 18030). The ID numbers found are counted (`header_ids`)."""
+        response = flow.response
+        heads = [(kind, fields) for kind, fields in (("header", response.headers), ("trailer", response.trailers))
+                 if fields is not None]
+        every_part = b"\0".join(part for _, fields in heads for raw in fields.fields for part in raw)
+        if not id_numbers(_readings((every_part,))):
+            return True  # (most heads: one scan of all their fields)
+        masked: dict[str, int] = {}  # "header:NAME" (the name masked) -> ID numbers masked in the field
+        uncleared: dict[str, int] = {}
+        for kind, fields in heads:
+            kept = []
+            for raw in fields.fields:
+                field, found = zip(*(_masked(part, unconsented) for part in raw))
+                place = f"{kind}:{field[0].decode('utf-8', 'replace')}"
+                if sum(found):
+                    masked[place] = masked.get(place, 0) + sum(found)
+                if left := unconsented(id_numbers(_readings(field))):
+                    uncleared[place] = uncleared.get(place, 0) + len(left)
+                kept.append(field)
+            if masked:
+                fields.fields = tuple(kept)
+        if not (masked or uncleared):
+            return True
+        counts = transfer.extra["consent"]
+        header_ids = sum(masked.values()) + sum(uncleared.values())
+        if uncleared or dataset.consent.unconsented == "refuse":
+            # Nothing leaves: the records decided count as in a refused response.
+            transfer.extra["consent"] = Outcome(records=counts["records"]).counts() | {"header_ids": header_ids}
+            places = ", ".join({**masked, **uncleared})
+            if dataset.consent.unconsented == "refuse":
+                self._refuse(flow, transfer, dataset, "consent_missing",
+                             f"response {places}: an ID number without the subject's consent", 403)
+            else:
+                self._refuse(flow, transfer, dataset, "consent_unfilterable", f"response {', '.join(uncleared)}: "
+                             "an ID number without the subject's consent, written so that it is not masked", 502)
+            return False
+        counts["header_ids"] = header_ids
+        transfer.escalate("redact", [Reason(dataset.id, "consent_header_masked", place, "redact") for place in masked])
+        return True
+
+    def _unconsented(self, numbers: set[str], scope: Scope, now: float) -> set[str]:
+        """Those of these ID numbers whose subject has no valid consent in this scope."""
+        if not numbers:  # (most fields: no registry look-up)
+            return set()
+        keys = {number: self._settings.hasher.key(number) for number in numbers}
+        consented = self._view.consented(scope, now)({key for key in keys.values() if key is not None})
+        return {number for number, key in keys.items() if key not in consented}
 
     def done(self) -> None:
         if self._view is not None:
@@ -145,3 +211,22 @@ class Consent:
         if record_filter is None or record_filter.dataset is not dataset:
             record_filter = self._filters[dataset.id] = RecordFilter(dataset, self._settings.hasher)
         return record_filter
+
+
+def _masked(part: bytes, unconsented: Callable[[set[str]], set[str]]) -> tuple[bytes, int]:
+    """A header field's name or value with its unconsented ID numbers masked (mask_id_numbers), read and
+    written back as UTF-8, or byte for byte as Latin-1 when it is not UTF-8 (its GB 18030 reading is
+    checked afterwards); and how many were masked."""
+    try:
+        text, codec = part.decode(), "utf-8"
+    except UnicodeDecodeError:
+        text, codec = part.decode("latin-1"), "latin-1"
+    text, count = mask_id_numbers(text, unconsented)
+    return (text.encode(codec) if count else part), count
+
+
+def _readings(field: tuple[bytes, ...]) -> list[str]:
+    """A header field's name and value (or other bytes) as a client may read them: UTF-8, and GB 18030
+    when not ASCII."""
+    return [reading for part in field for reading in (
+        [part.decode("utf-8", "replace")] + ([] if part.isascii() else [part.decode("gb18030", "replace")]))]

@@ -26,7 +26,7 @@ from mitmproxy import http
 
 from gateway.authz.gate import Decision, Gate, Presented
 from gateway.authz.quota import Exceeded, QuotaStore
-from gateway.authz.records import Unfilterable, countable_records, project
+from gateway.authz.records import Unfilterable, project, read_records
 from gateway.config.runtime import Runtime
 from gateway.filters import CONSENT_DATASET, RECORDS_READ, body_size, refuse, transfer_of
 from gateway.ops.metrics import GatewayMetrics
@@ -137,6 +137,10 @@ class Grant:
         except ValueError as e:
             _refuse(flow, transfer, dataset, "grant_uncountable", f"response body: {e}", 502)
             return
+        if decision.count_records and response.status_code == 206:
+            _refuse(flow, transfer, dataset, "grant_uncountable", "a partial response (206): records are counted "
+                    f"in a whole body only (Content-Range: {response.headers.get('content-range', 'none')})", 502)
+            return
         if decision.fields is not None:
             try:
                 projected, records = project(body, content_type, decision.fields)
@@ -146,16 +150,17 @@ class Grant:
                 return
             response.content = body = projected  # encoded again as sent; Content-Length follows
         else:
-            read = countable_records(body, content_type)
-            records = None if read is None else len(read.items)
+            try:  # the envelope is the consent stage's to check
+                read = read_records(body, content_type, envelope_checked=False)
+            except Unfilterable as e:
+                if decision.count_records and body:
+                    _refuse(flow, transfer, dataset, "grant_uncountable", "response body: records are counted in "
+                            f"whole JSON, CSV and XML bodies, and this one's cannot be read ({e})", 502)
+                    return
+                read = None
+            records = 0 if read is None else len(read.items)
             if read is not None and CONSENT_DATASET in transfer.extra:
                 transfer.extra[RECORDS_READ] = (body, read)
-        if records is None:
-            if decision.count_records and body:
-                _refuse(flow, transfer, dataset, "grant_uncountable", f"a {content_type or 'untyped'} response "
-                        "body: records are counted in JSON and CSV only, and this dataset's are counted", 502)
-                return
-            records = 0
         grant["records"] = records  # as the upstream sent them, for settlement (the consent stage may drop some)
         self._count(flow, transfer, decision, records, len(body))
 

@@ -113,8 +113,9 @@ class GatewayMetrics:
             "gateway_grant_decisions", "Decisions on requests to catalogued datasets, by the dataset's class and "
             "the result (allow, or the refusal's reason).", ["class", "result"], registry=r)
         self.consent_records = Counter(
-            "gateway_consent_records", "Records of legal_basis: consent datasets that left, by dataset and outcome "
-            "(passed with consent, masked, dropped).", ["dataset", "outcome"], registry=r)
+            "gateway_consent_records", "Records of legal_basis: consent datasets by dataset and outcome (passed "
+            "with consent, masked, dropped; refused: without consent, in a response refused for them).",
+            ["dataset", "outcome"], registry=r)
         self.revocation_list_issued = Gauge(
             "gateway_revocation_list_issued_timestamp_seconds", "Unix time the bureau issued the revocation list "
             "the gateway holds (its age is time() minus this; the oldest view of any worker).",
