@@ -1,0 +1,119 @@
+"""Ways round a grant, through the real gateway: a protocol upgrade (records would cross in frames,
+never counted, billed, reduced to the granted fields or filtered by consent), a path spelled in
+another case (another resource on a case-sensitive upstream), and a method-override header or a
+lower-case method (another method than the one the catalogue and the grant were checked for)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import pytest
+
+from tests.authzkit import Kit
+from tests.gatewayproc import (
+    Process,
+    free_port,
+    gateway_config,
+    listener_url,
+    metric_total,
+    start_gateway,
+    start_upstream,
+    trace_records,
+    write_config,
+)
+
+# A WebSocket upstream that accepts the upgrade on any path and sends a dataset's record in a frame.
+WS_RECORD_SERVER = """
+import asyncio, sys, websockets
+async def serve(ws):
+    print("upgraded", ws.request.path, flush=True)
+    await ws.send('[{"age": 71, "district": "bijiang"}]')
+    async for _ in ws:
+        pass
+async def main():
+    async with websockets.serve(serve, "127.0.0.2", int(sys.argv[1])):
+        print("ready", flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample nonce
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("authz-edges")
+    kit = Kit(root / "keys")
+    port, ws_port = free_port("127.0.0.2"), free_port("127.0.0.2")
+    config = gateway_config(root / "state", authz=kit.authz_section())
+    path = write_config(root / "gateway.yaml", config)
+    upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
+    ws_upstream = Process([sys.executable, "-c", WS_RECORD_SERVER, str(ws_port)]).started("ready")
+    gateway = start_gateway(path)
+    yield {"kit": kit, "config": config, "root": root, "upstream": f"127.0.0.2:{port}",
+           "ws_upstream": ws_upstream, "ws": f"127.0.0.2:{ws_port}"}
+    gateway.stop()
+    ws_upstream.stop()
+    upstream.stop()
+
+
+def exchange(lab, authority: str, target: str, method: str = "GET", **fields: str) -> tuple[int, dict, bytes]:
+    """One request written byte for byte through the forward listener: (status, head fields, what
+    followed the head: the body, or after a 101 what the first seconds brought)."""
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in fields.items())
+    with socket.create_connection((host, int(port)), timeout=15) as connection:
+        connection.sendall(f"{method} http://{authority}{target} HTTP/1.1\r\nHost: {authority}\r\n{head}\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = connection.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        received = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+        status = int(lines[0].split()[1])
+        connection.settimeout(3)
+        try:
+            while (status == 101 and b"district" not in rest) or len(rest) < int(received.get("content-length", 0)):
+                if not (chunk := connection.recv(65536)):
+                    break
+                rest += chunk
+        except TimeoutError:
+            pass
+    return status, received, rest
+
+
+def refused(lab, answer: tuple[int, dict, bytes], reason: str, status: int = 403) -> dict:
+    """The refusal's trace record's `grant`, after checking the answer names `reason`."""
+    code, fields, body = answer
+    assert code == status, answer
+    assert [r["type"] for r in json.loads(body)["reasons"]] == [reason], body
+    [record] = trace_records(lab["root"] / "state" / "trace", "--id", fields["x-gateway-transfer-id"])
+    return record["grant"]
+
+
+def upstream_paths(lab) -> list[str]:
+    return [json.loads(line)["path"] for line in (lab["root"] / "upstream.log").read_text().splitlines()]
+
+
+def upgrade(protocol: str = "websocket", **fields: str) -> dict:
+    return {"Connection": "Upgrade", "Upgrade": protocol, "Sec-WebSocket-Key": WS_KEY,
+            "Sec-WebSocket-Version": "13", **fields}
+
+
+def test_granted_paths_match_in_the_case_written(lab):
+    """Before: a grant for /api/residents/1.json reached /API/RESIDENTS/1.json (another file on a
+    case-sensitive upstream); the catalogue's own match ignores case, the grant's does not."""
+    kit = lab["kit"]
+    credentials = {"X-Data-Grant": kit.grant(datasets=[{"id": "health.residents", "methods": ["GET"],
+                                                        "paths": ["/api/residents/1.json"]}]),
+                   "X-Data-Licence": kit.licence()}
+    assert exchange(lab, lab["upstream"], "/api/residents/1.json", **credentials)[0] == 200
+    for target in ("/API/RESIDENTS/1.json?fields=age", "/api/Residents/1.json", "/api/residents/1.JSON"):
+        assert refused(lab, exchange(lab, lab["upstream"], target, **credentials), "grant_scope")["result"] == \
+            "grant_scope"
+    assert upstream_paths(lab).count("/api/residents/1.json") == 1
+    assert not [path for path in upstream_paths(lab) if path.lower().startswith("/api/residents/1.json")
+                and path != "/api/residents/1.json"]
