@@ -117,3 +117,31 @@ def test_granted_paths_match_in_the_case_written(lab):
     assert upstream_paths(lab).count("/api/residents/1.json") == 1
     assert not [path for path in upstream_paths(lab) if path.lower().startswith("/api/residents/1.json")
                 and path != "/api/residents/1.json"]
+
+
+@pytest.mark.parametrize("name,value", [("X-HTTP-Method-Override", "DELETE"), ("X-Method-Override", "PUT"),
+                                        ("X-HTTP-Method", "PATCH"), ("x-http-method-override", "DELETE"),
+                                        ("X-HTTP-METHOD", "get")])
+def test_a_method_override_header_is_refused(lab, name, value):
+    """Before: a GET-only grant with these headers got 200, and each header reached the upstream (which
+    a framework may obey in place of GET). Now 403 `method_override`, nothing forwarded."""
+    kit = lab["kit"]
+    target = f"/api/residents/{free_port()}"
+    credentials = {"X-Data-Grant": kit.grant(), "X-Data-Licence": kit.licence()}
+    refused(lab, exchange(lab, lab["upstream"], target, **{name: value}, **credentials), "method_override")
+    refused(lab, exchange(lab, lab["upstream"], "/open/bus-stops/3", **{name: value}), "method_override")
+    assert target not in upstream_paths(lab)
+    # The request's own method named again changes nothing: it passes.
+    assert exchange(lab, lab["upstream"], target, **{name: "GET"}, **credentials)[0] == 200
+
+
+def test_a_lower_case_method_is_another_method(lab):
+    """Methods are case-sensitive tokens (RFC 9110 9.1): `get` was matched as GET and forwarded as `get`;
+    now it is a method the catalogue does not list (grant_scope), whatever the grant."""
+    kit = lab["kit"]
+    credentials = {"X-Data-Grant": kit.grant(), "X-Data-Licence": kit.licence()}
+    for method in ("get", "Get"):
+        refused(lab, exchange(lab, lab["upstream"], "/api/residents/77", method, **credentials), "grant_scope")
+    refused(lab, exchange(lab, lab["upstream"], "/open/bus-stops/77", "get"), "grant_scope")
+    assert "/api/residents/77" not in upstream_paths(lab) and "/open/bus-stops/77" not in upstream_paths(lab)
+    assert exchange(lab, lab["upstream"], "/api/residents/77", **credentials)[0] == 200
