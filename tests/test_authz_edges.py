@@ -103,6 +103,28 @@ def upgrade(protocol: str = "websocket", **fields: str) -> dict:
             "Sec-WebSocket-Version": "13", **fields}
 
 
+def test_an_upgrade_to_a_catalogued_dataset_is_refused_before_it_leaves(lab):
+    """Before: each got 101 and a frame holding the record; the trace said records 0, and the grant's
+    records quota (2 a day) never filled. Now refused 403 `upgrade_refused`, recorded and counted; a
+    WebSocket to a path listed as uncatalogued still works."""
+    kit = lab["kit"]
+    credentials = {"X-Data-Grant": kit.grant(quota={"records": {"day": 2}}), "X-Data-Licence": kit.licence()}
+    before = metric_total(lab["config"], "gateway_grant_decisions_total",
+                          'class="conditional",result="upgrade_refused"')
+    for protocol in ("websocket", "websocket", "websocket", "h2c", "WebSocket, h2c"):
+        grant = refused(lab, exchange(lab, lab["ws"], "/api/residents/1.json", **upgrade(protocol, **credentials)),
+                        "upgrade_refused")
+        assert grant["dataset"] == "health.residents" and grant["result"] == "upgrade_refused", grant
+    # An open dataset's records are no more countable in frames; nor does a grant-less upgrade pass.
+    refused(lab, exchange(lab, lab["ws"], "/open/bus-stops/1", **upgrade()), "upgrade_refused")
+    refused(lab, exchange(lab, lab["ws"], "/api/residents/2", **upgrade()), "upgrade_refused")
+    after = metric_total(lab["config"], "gateway_grant_decisions_total", 'class="conditional",result="upgrade_refused"')
+    assert after == before + 6
+    status, _, frames = exchange(lab, lab["ws"], "/elsewhere", **upgrade())
+    assert status == 101 and b'"district"' in frames, (status, frames)
+    assert [line for line in lab["ws_upstream"].lines if line.startswith("upgraded")] == ["upgraded /elsewhere"]
+
+
 def test_granted_paths_match_in_the_case_written(lab):
     """Before: a grant for /api/residents/1.json reached /API/RESIDENTS/1.json (another file on a
     case-sensitive upstream); the catalogue's own match ignores case, the grant's does not."""

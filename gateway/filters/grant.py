@@ -10,10 +10,11 @@ Open datasets pass; conditional and contract ones need a grant signed by every r
 valid on this gateway, now, for this path, method and fields, not revoked, within quota, and the
 consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
 headers are removed before the request goes on (and before DLP reads the head). Before any grant is
-looked at, whatever the class: a request with a method-override header naming another method than
-its own is refused `method_override`; the method is compared as sent (`get` is not GET). A refusal is
-a 403 (429 over quota, with RateLimit headers) naming its reason; every decision is counted, and
-written to the transfer's trace record (`grant`).
+looked at, whatever the class: a request asking for a protocol upgrade (its records would cross in
+frames, uncounted and unfiltered) is refused `upgrade_refused`, one with a method-override header
+naming another method than its own `method_override`; the method is compared as sent (`get` is not
+GET). A refusal is a 403 (429 over quota, with RateLimit headers) naming its reason; every decision is
+counted, and written to the transfer's trace record (`grant`).
 """
 
 from __future__ import annotations
@@ -197,6 +198,11 @@ def _request_problem(request: http.Request, method: str, presented: dict[str, li
     """(reason, detail) when a request to a catalogued dataset asks for what the grant cannot govern."""
     if any(len(values) > 1 for values in presented.values()):
         return "grant_malformed", "a grant or licence header sent more than once"
+    if "upgrade" in request.headers:
+        # After a 101 the data would cross in frames (WebSocket) or another protocol, where records
+        # are neither counted, billed nor reduced to the granted fields or the consented ones.
+        protocols = ", ".join(request.headers.get_all("upgrade")) or "(empty)"
+        return "upgrade_refused", f"Upgrade: {protocols}: a catalogued dataset is served as HTTP requests only"
     for name in METHOD_OVERRIDES:
         if any(value != method for value in request.headers.get_all(name)):
             # An upstream may act on it in place of the method the catalogue and the grant were checked for.
