@@ -95,7 +95,8 @@ def refused(lab, answer: tuple[int, dict, bytes], reason: str, status: int = 403
 
 
 def upstream_paths(lab) -> list[str]:
-    return [json.loads(line)["path"] for line in (lab["root"] / "upstream.log").read_text().splitlines()]
+    log = lab["root"] / "upstream.log"  # written from the upstream's first request on
+    return [json.loads(line)["path"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def upgrade(protocol: str = "websocket", **fields: str) -> dict:
@@ -155,6 +156,16 @@ def test_a_method_override_header_is_refused(lab, name, value):
     assert target not in upstream_paths(lab)
     # The request's own method named again changes nothing: it passes.
     assert exchange(lab, lab["upstream"], target, **{name: "GET"}, **credentials)[0] == 200
+
+
+def test_a_method_override_query_parameter_is_refused(lab):
+    """`?_method=` is read as the method by Symfony, Laravel and Express's method-override."""
+    kit = lab["kit"]
+    credentials = {"X-Data-Grant": kit.grant(), "X-Data-Licence": kit.licence()}
+    for query in ("_method=DELETE", "a=1&_method=PUT", "_method=GET&_method=PATCH"):
+        refused(lab, exchange(lab, lab["upstream"], f"/api/residents/88?{query}", **credentials), "method_override")
+    assert not [path for path in upstream_paths(lab) if path.startswith("/api/residents/88")]
+    assert exchange(lab, lab["upstream"], "/api/residents/88?_method=GET", **credentials)[0] == 200
 
 
 def test_a_lower_case_method_is_another_method(lab):

@@ -11,10 +11,10 @@ valid on this gateway, now, for this path, method and fields, not revoked, withi
 consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
 headers are removed before the request goes on (and before DLP reads the head). Before any grant is
 looked at, whatever the class: a request asking for a protocol upgrade (its records would cross in
-frames, uncounted and unfiltered) is refused `upgrade_refused`, one with a method-override header
-naming another method than its own `method_override`; the method is compared as sent (`get` is not
-GET). A refusal is a 403 (429 over quota, with RateLimit headers) naming its reason; every decision is
-counted, and written to the transfer's trace record (`grant`).
+frames, uncounted and unfiltered) is refused `upgrade_refused`, one with a method-override header (or
+`?_method=`) naming another method than its own `method_override`; the method is compared as sent
+(`get` is not GET). A refusal is a 403 (429 over quota, with RateLimit headers) naming its reason;
+every decision is counted, and written to the transfer's trace record (`grant`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ LICENCE_HEADER = "X-Data-Licence"
 ALLOWED = "grant_allowed"  # the allowing Decision: quota scopes, granted fields, whether records count
 # Headers by which frameworks take another method than the request's own (names compared case-insensitively).
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+METHOD_PARAMETER = "_method"  # the query parameter Symfony, Laravel and Express's method-override read
 REVOCATION_POLL = 1.0  # seconds; the view itself reads the file at most once a second
 
 
@@ -203,10 +204,13 @@ def _request_problem(request: http.Request, method: str, presented: dict[str, li
         # are neither counted, billed nor reduced to the granted fields or the consented ones.
         protocols = ", ".join(request.headers.get_all("upgrade")) or "(empty)"
         return "upgrade_refused", f"Upgrade: {protocols}: a catalogued dataset is served as HTTP requests only"
+    # An upstream may act on these in place of the method the catalogue and the grant were checked for.
     for name in METHOD_OVERRIDES:
         if any(value != method for value in request.headers.get_all(name)):
-            # An upstream may act on it in place of the method the catalogue and the grant were checked for.
             return "method_override", f"{name}: {', '.join(request.headers.get_all(name))} on a {method}"
+    overrides = request.query.get_all(METHOD_PARAMETER)
+    if any(value != method for value in overrides):
+        return "method_override", f"?{METHOD_PARAMETER}={', '.join(overrides)} on a {method}"
     return None
 
 
