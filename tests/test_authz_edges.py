@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import subprocess
 import sys
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from tests.authzkit import Kit
+from tests.certs import make_ca_and_server
 from tests.gatewayproc import (
     Process,
     free_port,
@@ -45,17 +51,23 @@ WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample nonce
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("authz-edges")
     kit = Kit(root / "keys")
-    port, ws_port = free_port("127.0.0.2"), free_port("127.0.0.2")
-    config = gateway_config(root / "state", authz=kit.authz_section())
+    port, ws_port, tls_port = free_port("127.0.0.2"), free_port("127.0.0.2"), free_port("127.0.0.2")
+    ca, cert, key = make_ca_and_server(root, "127.0.0.2")
+    config = gateway_config(root / "state", authz=kit.authz_section(), tls={"upstream_ca": str(ca)})
     path = write_config(root / "gateway.yaml", config)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
+    tls_upstream = start_upstream("127.0.0.2", tls_port, root / "tls-upstream.log", tls=(cert, key))
     ws_upstream = Process([sys.executable, "-c", WS_RECORD_SERVER, str(ws_port)]).started("ready")
     gateway = start_gateway(path)
+    gateway_ca = root / "gateway-ca.pem"
+    subprocess.run([sys.executable, "-m", "gateway", "ca", "export", "-c", str(path), "-o", str(gateway_ca)],
+                   check=True, timeout=30)
     yield {"kit": kit, "config": config, "root": root, "upstream": f"127.0.0.2:{port}",
-           "ws_upstream": ws_upstream, "ws": f"127.0.0.2:{ws_port}"}
+           "ws_upstream": ws_upstream, "ws": f"127.0.0.2:{ws_port}", "tls": f"127.0.0.2:{tls_port}",
+           "gateway_ca": gateway_ca}
     gateway.stop()
-    ws_upstream.stop()
-    upstream.stop()
+    for process in (ws_upstream, tls_upstream, upstream):
+        process.stop()
 
 
 def exchange(lab, authority: str, target: str, method: str = "GET", **fields: str) -> tuple[int, dict, bytes]:
@@ -124,6 +136,35 @@ def test_an_upgrade_to_a_catalogued_dataset_is_refused_before_it_leaves(lab):
     status, _, frames = exchange(lab, lab["ws"], "/elsewhere", **upgrade())
     assert status == 101 and b'"district"' in frames, (status, frames)
     assert [line for line in lab["ws_upstream"].lines if line.startswith("upgraded")] == ["upgraded /elsewhere"]
+
+
+def test_an_http2_extended_connect_never_becomes_a_request(lab):
+    """RFC 8441's WebSocket over HTTP/2 (`:protocol`): mitmproxy offers no SETTINGS_ENABLE_CONNECT_PROTOCOL
+    and ends the connection on the unknown pseudo-header, so nothing reaches the upstream (a guard: the
+    grant stage sees only an `Upgrade` header; a mitmproxy that passed `:protocol` on would fail here)."""
+    kit = lab["kit"]
+    host, port = listener_url(lab["config"], "forward").removeprefix("http://").rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    raw.sendall(f"CONNECT {lab['tls']} HTTP/1.1\r\nHost: {lab['tls']}\r\n\r\n".encode())
+    assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(lab["gateway_ca"]))
+    context.set_alpn_protocols(["h2"])
+    events = []
+    with context.wrap_socket(raw, server_hostname="127.0.0.2") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(validate_outbound_headers=False))
+        connection.initiate_connection()
+        connection.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                                    (":path", "/api/residents/1"), (":authority", lab["tls"]),
+                                    ("x-data-grant", kit.grant()), ("x-data-licence", kit.licence())])
+        sock.sendall(connection.data_to_send())
+        while not any(isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset, h2.events.ResponseReceived))
+                      for e in events) and (data := sock.recv(65536)):
+            events += connection.receive_data(data)
+            sock.sendall(connection.data_to_send())
+    assert not [e for e in events if isinstance(e, h2.events.ResponseReceived)], events
+    assert any(isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset)) for e in events), events
+    assert not (lab["root"] / "tls-upstream.log").exists()
 
 
 def test_granted_paths_match_in_the_case_written(lab):
