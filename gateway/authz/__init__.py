@@ -16,5 +16,5 @@ Plain library modules (no mitmproxy, no network), used by the `grant` pipeline s
 REASONS = ("grant_missing", "grant_malformed", "grant_signature", "grant_signer_missing", "grant_expired",
            "grant_scope", "grant_revoked", "licence_missing", "licence_invalid", "grant_quota",
            "contract_raw", "revocation_stale", "uncatalogued", "path_not_normal",
-           "grant_unfilterable", "grant_uncountable")
+           "grant_unfilterable", "grant_uncountable", "upgrade_refused", "method_override")
 CLASSES = ("open", "conditional", "contract")

@@ -153,7 +153,7 @@ class Catalog:
                 for endpoint in endpoints:
                     if (pattern := endpoint.matches(lowered)) is not None:
                         return Route(Match(dataset, kind, endpoint, pattern, path, normal,
-                                           method.upper() in endpoint.methods))
+                                           method in endpoint.methods))
         if any(self._host(u.hosts, host, address) and any(fnmatchcase(lowered, p.lower()) for p in u.paths)
                for u in self.uncatalogued):
             return Route()

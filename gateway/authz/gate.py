@@ -213,9 +213,11 @@ def scope_problem(grant: Grant, dataset: Dataset, match: Match, method: str, raw
         return f"purpose '{grant.purpose}' is not allowed for {dataset.id}"
     if not match.normal:
         return "path not in normal form (dot segments, doubled slashes, %-escapes or ;parameters)"
-    if scope.methods is not None and method.upper() not in scope.methods:
+    if scope.methods is not None and method not in scope.methods:  # tokens: `get` is not GET (RFC 9110 9.1)
         return f"method {method} not granted"
-    if scope.paths is not None and not any(fnmatchcase(match.path.lower(), p.lower()) for p in scope.paths):
+    # Case-sensitive, as upstreams' paths are: /API/x is another resource than /api/x (the catalogue's
+    # own match ignores case, which only refuses more).
+    if scope.paths is not None and not any(fnmatchcase(match.path, p) for p in scope.paths):
         return "path not granted"
     if scope.fields is not None:
         unknown = [f for f in scope.fields if f not in dataset.fields]

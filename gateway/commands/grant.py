@@ -363,9 +363,9 @@ def _catalog_explain(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.url}\n  dataset: {dataset.id} {dataset.title}\n  class: {dataset.cls}\n"
           f"  sector: {dataset.sector}, provider: {dataset.provider}\n"
           f"  matched: host in {list(dataset.hosts)}, {match.kind} {match.endpoint.where} "
-          f"method {args.method.upper()} path {match.path} ~ {match.pattern}")
+          f"method {args.method} path {match.path} ~ {match.pattern}")
     if not match.method_listed:
-        print(f"  REFUSED (grant_scope): the endpoint does not list {args.method.upper()}")
+        print(f"  REFUSED (grant_scope): the endpoint does not list {args.method}")
         return 1
     if dataset.cls == "open":
         print("  needs: nothing beyond the zone policy (open data)")

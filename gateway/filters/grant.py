@@ -9,9 +9,12 @@ recognised by name and by the address the transfer is pinned to.
 Open datasets pass; conditional and contract ones need a grant signed by every required authority,
 valid on this gateway, now, for this path, method and fields, not revoked, within quota, and the
 consumer's licence for the grant's scenario (gateway.authz.gate decides). The grant and licence
-headers are removed before the request goes on (and before DLP reads the head). A refusal is a 403
-(429 over quota, with RateLimit headers) naming its reason; every decision is counted, and written to
-the transfer's trace record (`grant`).
+headers are removed before the request goes on (and before DLP reads the head). Before any grant is
+looked at, whatever the class: a request asking for a protocol upgrade (its records would cross in
+frames, uncounted and unfiltered) is refused `upgrade_refused`, one with a method-override header (or
+`?_method=`) naming another method than its own `method_override`; the method is compared as sent
+(`get` is not GET). A refusal is a 403 (429 over quota, with RateLimit headers) naming its reason;
+every decision is counted, and written to the transfer's trace record (`grant`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ GRANT_HEADER = "X-Data-Grant"
 GRANT_ID_HEADER = "X-Data-Grant-Id"
 LICENCE_HEADER = "X-Data-Licence"
 ALLOWED = "grant_allowed"  # the allowing Decision: quota scopes, granted fields, whether records count
+# Headers by which frameworks take another method than the request's own (names compared case-insensitively).
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+METHOD_PARAMETER = "_method"  # the query parameter Symfony, Laravel and Express's method-override read
 REVOCATION_POLL = 1.0  # seconds; the view itself reads the file at most once a second
 
 
@@ -63,7 +69,9 @@ class Grant:
             if values:
                 del request.headers[name]
         gate = self._current_gate()
-        route = gate.catalog.route(transfer.upstream_host, transfer.upstream_addr, request.method, request.path) \
+        # As sent: mitmproxy's `method` is upper-cased, but `get` goes upstream as `get`, another method.
+        method = request.data.method.decode("utf-8", "surrogateescape")
+        route = gate.catalog.route(transfer.upstream_host, transfer.upstream_addr, method, request.path) \
             if gate else None
         if route is not None and route.refusal is not None:
             reason, detail = route.refusal
@@ -74,11 +82,11 @@ class Grant:
         match = route.match if route is not None else None
         if match is None:
             return  # a host serving no dataset, or a path listed as uncatalogued: the zone policy alone decides
-        if any(len(values) > 1 for values in presented.values()):
-            decision = gate.refusal(match, "grant_malformed", "a grant or licence header sent more than once")
+        if (problem := _request_problem(request, method, presented)) is not None:
+            decision = gate.refusal(match, *problem)
         else:
             has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
-            decision = gate.decide(match, request.method, request.path, Presented(
+            decision = gate.decide(match, method, request.path, Presented(
                 *(values[0] if values else None for values in presented.values())), time.time(), has_body)
         transfer.extra["grant"] = decision.record
         self.gateway.metrics.grant_decisions.labels(match.dataset.cls, decision.record["result"]).inc()
@@ -190,6 +198,25 @@ class Grant:
             self._gate = Gate(config.authz, config.name, self._quota, _addresses,
                               config.state_dir / "authz" / "revocation.sqlite")
         return self._gate
+
+
+def _request_problem(request: http.Request, method: str, presented: dict[str, list[str]]) -> tuple[str, str] | None:
+    """(reason, detail) when a request to a catalogued dataset asks for what the grant cannot govern."""
+    if any(len(values) > 1 for values in presented.values()):
+        return "grant_malformed", "a grant or licence header sent more than once"
+    if "upgrade" in request.headers:
+        # After a 101 the data would cross in frames (WebSocket) or another protocol, where records
+        # are neither counted, billed nor reduced to the granted fields or the consented ones.
+        protocols = ", ".join(request.headers.get_all("upgrade")) or "(empty)"
+        return "upgrade_refused", f"Upgrade: {protocols}: a catalogued dataset is served as HTTP requests only"
+    # An upstream may act on these in place of the method the catalogue and the grant were checked for.
+    for name in METHOD_OVERRIDES:
+        if any(value != method for value in request.headers.get_all(name)):
+            return "method_override", f"{name}: {', '.join(request.headers.get_all(name))} on a {method}"
+    overrides = request.query.get_all(METHOD_PARAMETER)
+    if any(value != method for value in overrides):
+        return "method_override", f"?{METHOD_PARAMETER}={', '.join(overrides)} on a {method}"
+    return None
 
 
 def _refuse(flow: http.HTTPFlow, transfer, dataset: str, reason: str, detail: str, status: int,
