@@ -74,7 +74,8 @@ def read_records(body: bytes, content_type: str, envelope_checked: bool = True) 
     elif kind in ("application/xml", "text/xml") or kind.endswith("+xml"):
         records = _xml(body, _charset(content_type))
     else:
-        raise Unfilterable(f"a {kind or 'untyped'} body: records are read from JSON arrays, CSV and XML only")
+        raise Unfilterable(f"a body of type {kind or '(none given)'}: records are read from JSON arrays, CSV and "
+                           "XML only")
     if envelope_checked:
         records.check_outside()
     return records

@@ -142,8 +142,9 @@ class Grant:
         content_type = response.headers.get("content-type", "")
         try:
             body = response.content or b""  # content codings undone: gzip is counted as the client reads it
-        except ValueError as e:
-            _refuse(flow, transfer, dataset, "grant_uncountable", f"response body: {e}", 502)
+        except ValueError as e:  # mitmproxy's words for it name the codec, not the header
+            _refuse(flow, transfer, dataset, "grant_uncountable", "response body: its Content-Encoding "
+                    f"({response.headers.get('content-encoding', 'none')}) cannot be undone ({e})", 502)
             return
         if decision.count_records and response.status_code == 206:
             _refuse(flow, transfer, dataset, "grant_uncountable", "a partial response (206): records are counted "
