@@ -65,7 +65,9 @@ def catalog_version(config: Config) -> str:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         skip = LOCAL_FIELDS.get(type(value).__name__, set())
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in skip}
+        # (a field outside comparison, such as where a listener is written, is not part of what it is)
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name not in skip and f.compare}
     if isinstance(value, (tuple, list)):
         return [_plain(item) for item in value]
     if isinstance(value, dict):
