@@ -149,10 +149,10 @@ class Grant:
             return
         if response.status_code == 206 and (decision.count_records or decision.fields is not None):
             # A slice of a body is not records: they are counted, and reduced to the granted fields, whole.
-            reason = "grant_uncountable" if decision.count_records else "grant_unfilterable"
-            _refuse(flow, transfer, dataset, reason, "a partial response (206): records are counted and reduced "
-                    "to granted fields in a whole body only "
-                    f"(Content-Range: {response.headers.get('content-range', 'none')})", 502)
+            reason, done = ("grant_uncountable", "counted") if decision.count_records else \
+                ("grant_unfilterable", "reduced to the granted fields")
+            _refuse(flow, transfer, dataset, reason, f"a partial response (206): records are {done} in a whole body "
+                    f"only (Content-Range: {response.headers.get('content-range', 'none')})", 502)
             return
         if decision.fields is not None:
             try:
