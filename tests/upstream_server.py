@@ -8,7 +8,9 @@ SHA-256), so a test can prove what did or did not arrive. Endpoints:
                    adds it once more as base64
   /text?body=S     answers S as text/plain
   /api/residents*  a JSON array of 4 records (name, age, district, note), as a catalogued dataset serves;
-                   ?encoding=gzip sends it gzip-coded
+                   ?encoding=gzip sends it gzip-coded; ?shape=NAME sends them in another envelope
+                   holding a resident's name and mobile number beside them (RESIDENT_SHAPES); ?partial=1
+                   answers 206 with a Content-Range
   /sink            reads the body in chunks (any size, chunked too) and answers its length and SHA-256
   /big?bytes=N&ids=K   N bytes of filler text ending in K resident ID numbers, sent in chunks
   /random?bytes=N  N random bytes (the same for every N: random.Random(0)), application/octet-stream
@@ -40,7 +42,18 @@ ID_NUMBERS = ["11010519491231002X", "110105194912310038", "110105199001011232", 
               "210102197605120013", "350102198811261226", "610103199504181212", "370102198302100014"]
 
 BANK_CARD = "6228480012345671"  # Luhn-valid, UnionPay prefix
-HEAD_FIELDS = {"card": ("X-Card", BANK_CARD), "id": ("X-Holder", ID_NUMBERS[0]), "plain": ("X-Other", "fine")}
+HEAD_FIELDS = {"card": ("X-Card", BANK_CARD), "id": ("X-Holder", ID_NUMBERS[0]), "plain": ("X-Other", "fine"),
+               "resident": ("X-Resident-Name", "zhangsan-13912345678")}
+_XML_RECORDS = "".join(f'<r age="{70 + i}"><name>张三</name><district>碧江区</district></r>' for i in range(2))
+# Residents' records with personal data beside them (content type, body), as a careless upstream sends them.
+RESIDENT_SHAPES = {
+    "wrapped": ("application/json", json.dumps({"data": [{"name": "张三", "age": 70, "district": "碧江区"}],
+                                                "note": "张三 13912345678 住址碧江区", "total": 1}, ensure_ascii=False)),
+    "xml-attr": ("application/xml", f'<rs meta="张三 13912345678">{_XML_RECORDS}</rs>'),
+    "xml-text": ("application/xml", f"<rs>张三 13912345678{_XML_RECORDS}</rs>"),
+    "xml-total": ("application/xml", f'<rs><total>张三 13912345678 age 71</total><items note="张三">{_XML_RECORDS}'
+                                     "</items></rs>"),
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -90,6 +103,7 @@ class Handler(BaseHTTPRequestHandler):
             size = int(query["bytes"][0])
             return self._send("application/octet-stream", random_bytes(size), [], framing, size)
         content_type = "text/plain; charset=utf-8"
+        status = 200
         if url.path == "/sink":
             answer = json.dumps({"bytes": size, "sha256": digest.hexdigest()}).encode()
             content_type = "application/json"
@@ -112,6 +126,12 @@ class Handler(BaseHTTPRequestHandler):
             answer = json.dumps([{"name": "张三", "age": 70 + i, "district": "碧江区", "note": "n"} for i in range(4)],
                                 ensure_ascii=False).encode()
             content_type = "application/json"
+            if "shape" in query:
+                content_type, text = RESIDENT_SHAPES[query["shape"][0]]
+                answer = text.encode()
+            if "partial" in query:
+                status = 206
+                extra_headers.append(("Content-Range", f"bytes 0-{len(answer) - 1}/{len(answer) + 100}"))
             if query.get("encoding") == ["gzip"]:
                 answer = gzip.compress(answer)
                 extra_headers.append(("Content-Encoding", "gzip"))
@@ -119,11 +139,11 @@ class Handler(BaseHTTPRequestHandler):
             answer = b"ok"
         reason = query.get("reason", [None])[0]
         self._send(content_type, [answer], extra_headers, framing, len(answer),
-                   f"OK {ID_NUMBERS[0]}" if reason == "id" else reason)
+                   f"OK {ID_NUMBERS[0]}" if reason == "id" else reason, status)
 
     def _send(self, content_type: str, pieces, extra_headers: list[tuple[str, str]], framing: str,
-              length: int | None = None, reason: str | None = None) -> None:
-        self.send_response(200, reason)
+              length: int | None = None, reason: str | None = None, status: int = 200) -> None:
+        self.send_response(status, reason)
         self.send_header("Content-Type", content_type)
         if framing == "chunked":
             self.send_header("Transfer-Encoding", "chunked")

@@ -14,6 +14,9 @@ names consented; the others are masked field by field (each catalogued field's m
 it is, public or internal, with each ID number in it of a subject without consent masked), dropped,
 or the whole body is refused. A body whose records cannot be found, or a JSON object naming a key
 twice, is refused (`Unfilterable`): personal data of unknown shape does not leave in clear.
+A grant for some fields (`project`) lets nothing but the records' granted fields leave: whatever the
+body holds beside the records (a JSON object's other members, the XML root's and the records' holder's
+attributes and text, the root's other children) is removed, whatever it holds.
 
 Longer than 400 lines: the three body formats are read into, and written back from, the one shape the
 decision works on; the readers could move to a module of their own once the branches changing this
@@ -53,7 +56,8 @@ class Unfilterable(ValueError):
 class Records:
     """A body's records as dictionaries (a CSV row keyed by its header), and how to write them back."""
     items: list[dict]
-    write: Callable[[list[dict], Collection[str]], bytes]  # the records kept, the fields that may appear
+    # (the records kept, the fields that may appear, envelope=False: nothing beside the records written)
+    write: Callable[..., bytes]
     plain: bool = False  # known from the reading: every value of every record is a plain value
     outside: str | None = None  # why the body may hold personal data outside its records (refused then)
     json: bytes | None = None  # a JSON body holding no \u escape: its digits are all written as digits
@@ -82,10 +86,11 @@ def read_records(body: bytes, content_type: str, envelope_checked: bool = True) 
 
 
 def project(body: bytes, content_type: str, fields: Collection[str]) -> tuple[bytes, int]:
-    """The body with only `fields` (plain values) of each record, and how many records it holds."""
-    records = read_records(body, content_type)
+    """The body with only `fields` (plain values) of each record, and nothing beside its records (the
+    envelope is removed, so what it holds need not be checked); and how many records it holds."""
+    records = read_records(body, content_type, envelope_checked=False)
     kept = [_plain(record, fields) for record in records.items]
-    return records.write(kept, fields), len(kept)
+    return records.write(kept, fields, envelope=False), len(kept)
 
 
 def _plain(record: dict, fields: Collection[str]) -> dict:
@@ -271,12 +276,12 @@ def _json(body: bytes) -> Records:
                       "personal data outside the records"
         items = document[key]
 
-        def write(kept: list[dict], fields: Collection[str]) -> bytes:
-            return orjson.dumps({**document, key: kept})
+        def write(kept: list[dict], fields: Collection[str], envelope: bool = True) -> bytes:
+            return orjson.dumps({**document, key: kept} if envelope else {key: kept})
     elif isinstance(document, list):
         items = document
 
-        def write(kept: list[dict], fields: Collection[str]) -> bytes:
+        def write(kept: list[dict], fields: Collection[str], envelope: bool = True) -> bytes:
             return orjson.dumps(kept)
     else:
         raise Unfilterable("JSON that is neither an array of records nor an object holding one")
@@ -333,7 +338,7 @@ def _csv(body: bytes, charset: str | None) -> Records:
             raise Unfilterable("a CSV row with more cells than its header has columns")
         items.append(dict(zip(header, row)))
 
-    def write(kept: list[dict], fields: Collection[str]) -> bytes:
+    def write(kept: list[dict], fields: Collection[str], envelope: bool = True) -> bytes:
         # A column cannot leave some rows: a field a record lost is an empty cell.
         columns = [name for name in header if name in fields]
         out = io.StringIO(newline="")
@@ -390,7 +395,14 @@ def _xml(body: bytes, charset: str | None) -> Records:
         items.append(record)
     tag = elements[0].tag
 
-    def write(kept: list[dict], fields: Collection[str]) -> bytes:
+    def write(kept: list[dict], fields: Collection[str], envelope: bool = True) -> bytes:
+        if not envelope:  # the root's other children go, and its and the holder's text and attributes
+            for element in {root, container}:
+                element.attrib.clear()
+                element.text = None
+            if container is not root:
+                container.tail = None
+                root[:] = [container]
         for record in kept:
             element = ElementTree.SubElement(container, tag)
             element.tail = "\n"

@@ -32,6 +32,7 @@ from gateway.authz.quota import Exceeded, QuotaStore
 from gateway.authz.records import Unfilterable, project, read_records
 from gateway.config.runtime import Runtime
 from gateway.filters import CONSENT_DATASET, RECORDS_READ, body_size, refuse, transfer_of
+from gateway.filters.granthead import keep_standard_fields
 from gateway.ops.metrics import GatewayMetrics
 from gateway.transfer.model import Reason
 
@@ -146,9 +147,12 @@ class Grant:
             _refuse(flow, transfer, dataset, "grant_uncountable", "response body: its Content-Encoding "
                     f"({response.headers.get('content-encoding', 'none')}) cannot be undone ({e})", 502)
             return
-        if decision.count_records and response.status_code == 206:
-            _refuse(flow, transfer, dataset, "grant_uncountable", "a partial response (206): records are counted "
-                    f"in a whole body only (Content-Range: {response.headers.get('content-range', 'none')})", 502)
+        if response.status_code == 206 and (decision.count_records or decision.fields is not None):
+            # A slice of a body is not records: they are counted, and reduced to the granted fields, whole.
+            reason, done = ("grant_uncountable", "counted") if decision.count_records else \
+                ("grant_unfilterable", "reduced to the granted fields")
+            _refuse(flow, transfer, dataset, reason, f"a partial response (206): records are {done} in a whole body "
+                    f"only (Content-Range: {response.headers.get('content-range', 'none')})", 502)
             return
         if decision.fields is not None:
             try:
@@ -158,6 +162,8 @@ class Grant:
                         f"a grant for some fields only, and a response body whose records cannot be read: {e}", 502)
                 return
             response.content = body = projected  # encoded again as sent; Content-Length follows
+            if dropped := keep_standard_fields(response):  # nor a field of its head the records' are not
+                grant["headers_dropped"] = dropped
         else:
             try:  # the envelope is the consent stage's to check
                 read = read_records(body, content_type, envelope_checked=False)
