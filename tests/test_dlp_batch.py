@@ -87,7 +87,11 @@ def _cards() -> list[str]:
 @pytest.mark.parametrize("name,tokens", [("cn_id_card", _id_numbers()), ("cn_uscc", _uscc_codes()),
                                         ("cn_mobile", _mobiles()), ("bank_card", _cards()),
                                         ("email", ["a@b.cn", "x@y.png", "-@-.com"])])
-def test_batch_checks_agree_with_the_detectors_own(name, tokens):
+@pytest.mark.parametrize("checks", ["numpy", "kernels"])
+def test_batch_checks_agree_with_the_detectors_own(name, tokens, checks, monkeypatch):
+    if checks == "kernels" and batch.kernels is None:
+        pytest.skip("the C kernels are not compiled here (no compiler at install)")
+    monkeypatch.setattr(batch, "_BATCH", batch.NUMPY_CHECKS if checks == "numpy" else batch.KERNEL_CHECKS)
     data = b"\n".join(token.encode() for token in tokens)
     starts, at = [], 0
     for token in tokens:

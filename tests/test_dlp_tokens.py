@@ -3,8 +3,11 @@ pattern finds what the single one did."""
 
 import random
 import re
+import shutil
 import string
+import sysconfig
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +50,36 @@ def test_word_pattern_finds_what_re_finds(pattern, monkeypatch):
     for text in texts(3000):
         expected = [m.span() for m in compiled.finditer(text)]
         assert sorted((start, end) for _, start, end in tokens.scan({0: form}, text).tolist()) == expected, text
+
+
+@pytest.mark.skipif(tokens.kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
+def test_the_c_kernel_finds_what_numpy_finds_in_text_order():
+    """Every word pattern at once, as a matcher holds them (indexes with gaps: the other patterns'),
+    in text order; and the kernel is what a matcher uses where it is compiled."""
+    words = {index * 2 + 1: tokens.word_pattern(pattern) for index, pattern in enumerate(WORD_PATTERNS)}
+    native, fallback = tokens.Words(words), tokens.Words(words, native=False)
+    assert native._kernel is not None and fallback._kernel is None
+    found = 0
+    for text in texts(3000) + [b"", b"-" * 40, ("\u53f7" * 9 + "110105194912310021").encode()]:
+        rows = native.scan(text).tolist()
+        assert sorted(rows, key=lambda row: (row[1], row[0])) == rows, text
+        assert sorted(rows) == sorted(fallback.scan(text).tolist()), text
+        found += len(rows)
+    assert found > 1000
+    assert Matcher([PatternSpec(pattern) for pattern in WORD_PATTERNS])._words._kernel is not None
+
+
+@pytest.mark.skipif(tokens.kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
+def test_the_c_kernels_refuse_what_would_read_outside_the_text():
+    with pytest.raises(ValueError, match="outside the text"):
+        tokens.kernels.id_cards(b"110105194912310021", np.array([1], dtype=np.int64), bytes(100), 20261206)
+    with pytest.raises(ValueError, match="outside the text"):
+        tokens.kernels.cards(b"4111111111111111", np.array([0], dtype=np.int64), np.array([17], dtype=np.int64),
+                             b"")
+    with pytest.raises(ValueError, match="int64"):
+        tokens.kernels.mobiles(b"13800138000", b"\0" * 7, bytes(1000))
+    with pytest.raises(ValueError, match="alternation outside"):
+        tokens.kernels.compile_words(bytes(256 * 8), [(0, 2, bytes(16), ((1, 2, bytes(8)),))])
 
 
 @pytest.mark.parametrize("engine", ["hyperscan", "re"])
@@ -115,3 +148,13 @@ def test_words_are_read_in_bounded_memory():
         tracemalloc.stop()
     assert peak < 3 * len(data), peak
     assert found.tolist() == [[0, 0, 11]]
+
+
+def test_the_c_kernels_are_compiled_where_a_compiler_and_the_python_headers_are():
+    """The kernels are optional at install (a machine without a compiler gets the numpy fallback): where
+    both are present, as where CI runs, an install that left them out is a broken build, not a fallback."""
+    compiler = shutil.which(sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC") else "cc")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if not (compiler and headers):
+        pytest.skip(f"no compiler ({compiler}) or no Python.h ({headers}): the numpy fallback runs here")
+    assert tokens.kernels is not None, "gateway/dlp/_kernels.c was not compiled: `pip install -e .` printed why"

@@ -7,6 +7,10 @@ a mobile number and a card number written as one run of characters. Any other fo
 +86, a detector without a batch check) goes through the detector's own check, value by value;
 validators.py stays the reference (and what `gateway dlp explain` shows), and
 tests/test_dlp_batch.py holds both to the same answers.
+
+Where the C kernels (gateway/dlp/_kernels.c) are compiled, they run these checks, a loop per
+detector instead of a numpy pass per step; the numpy checks below are the fallback, held to the
+same answers.
 """
 
 from datetime import date
@@ -15,6 +19,11 @@ import numpy as np
 
 from gateway.dlp import validators as v
 from gateway.dlp.detectors import DETECTORS
+
+try:
+    from gateway.dlp import _kernels as kernels
+except ImportError:  # not compiled on this machine (no C compiler at install): numpy does it, slower
+    kernels = None
 
 _ZERO = ord("0")
 
@@ -147,11 +156,57 @@ def _card(buf, starts, ends, today):
     return checked, answers[checked]
 
 
+_PROVINCE_FLAGS = _PROVINCES.tobytes()
+_MOBILE_PREFIX_FLAGS = _MOBILE_PREFIXES.tobytes()
+_USCC_VALUE_BYTES = _USCC_VALUE.astype(np.int8).tobytes()
+_USCC_CATEGORY_FLAGS = _USCC_CATEGORY.tobytes()
+# (low, high, prefix digits, bit mask of the lengths) per brand's prefix range
+_CARD_BRAND_ROWS = np.array([(int(low), int(high), len(low), sum(1 << length for length in lengths))
+                             for _, ranges, lengths in v._CARD_BRANDS for low, high in ranges], dtype=np.int64).tobytes()
+
+
+def _kernel_answers(answers: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A kernel's answers (1 valid, 0 not, 2 undecided) as (which it decided, their answers)."""
+    codes = np.frombuffer(answers, dtype=np.uint8)
+    decided = codes != 2
+    return decided, codes[decided] == 1
+
+
+def _int64(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.int64)
+
+
+def _kernel_id_card(buf, starts, ends, today):
+    today = today or date.today()
+    return _kernel_answers(kernels.id_cards(buf, _int64(starts), _PROVINCE_FLAGS,
+                                             today.year * 10000 + today.month * 100 + today.day))
+
+
+def _kernel_uscc(buf, starts, ends, today):
+    return _kernel_answers(kernels.usccs(buf, _int64(starts), _USCC_VALUE_BYTES, _USCC_CATEGORY_FLAGS,
+                                          _PROVINCE_FLAGS))
+
+
+def _kernel_mobile(buf, starts, ends, today):
+    return _kernel_answers(kernels.mobiles(buf, _int64(starts), _MOBILE_PREFIX_FLAGS))
+
+
+def _kernel_card(buf, starts, ends, today):
+    return _kernel_answers(kernels.cards(buf, _int64(starts), _int64(ends), _CARD_BRAND_ROWS))
+
+
 # Per detector: candidate length (or inclusive range) -> check(buf, starts, ends, today) returning
 # (which candidates it decided, their answers).
-_BATCH = {
+NUMPY_CHECKS = {
     "cn_id_card": {18: _id_card},
     "cn_uscc": {18: _uscc},
     "cn_mobile": {11: _mobile},
     "bank_card": {(15, 19): _card},
 }
+KERNEL_CHECKS = {
+    "cn_id_card": {18: _kernel_id_card},
+    "cn_uscc": {18: _kernel_uscc},
+    "cn_mobile": {11: _kernel_mobile},
+    "bank_card": {(15, 19): _kernel_card},
+}
+_BATCH = NUMPY_CHECKS if kernels is None else KERNEL_CHECKS

@@ -46,10 +46,10 @@ class Matcher:
         self._compiled = [compile_re(spec) for spec in specs]
         self._databases: list = []
         self._local = threading.local()
-        self._words = {index: form for index, spec in enumerate(specs) if not spec.caseless
-                       and (form := tokens.word_pattern(spec.regex)) is not None}
-        self._shortest_word = tokens.shortest_word(self._words) if self._words else 0
-        self._rest = [index for index in range(len(specs)) if index not in self._words]
+        words = {index: form for index, spec in enumerate(specs) if not spec.caseless
+                 and (form := tokens.word_pattern(spec.regex)) is not None}
+        self._words = tokens.Words(words) if words else None
+        self._rest = [index for index in range(len(specs)) if index not in words]
         if self.engine == "hyperscan" and self._rest:
             shared = [index for index in self._rest if not specs[index].alone]
             groups = ([shared] if shared else []) + [[index] for index in self._rest if specs[index].alone]
@@ -70,7 +70,7 @@ class Matcher:
                 database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
         # Most texts hold no candidate: then no array is built or joined (a few us each, twice a transfer).
         table = np.array(hits, dtype=np.int64).reshape(-1, 3) if hits else _NONE
-        words = tokens.scan(self._words, data, self._shortest_word) if self._words else _NONE
+        words = self._words.scan(data) if self._words else _NONE
         return table if not len(words) else words if not len(table) else np.concatenate([table, words])
 
 

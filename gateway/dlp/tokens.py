@@ -13,6 +13,9 @@ Only what re's own parser reads as \\b, then classes, literals, fixed or counted
 alternatives of literals of one length, then \\b, is a word pattern: anything else (a separator, an
 optional part) returns None and stays with the regex engine. tests/test_dlp_tokens.py holds each
 word pattern to re.finditer's answers.
+
+Words (a matcher's word patterns, compiled once) scans with the C kernel (gateway/dlp/_kernels.c: one
+loop over the bytes, each word checked as it ends) where it is compiled, and with numpy (scan) where not.
 """
 
 import re
@@ -23,7 +26,7 @@ from re import _parser
 
 import numpy as np
 
-from gateway.dlp.batch import matrix
+from gateway.dlp.batch import kernels, matrix
 from gateway.dlp.coding import first_start
 
 _WORD_CLASS = b"0-9A-Za-z_"  # what \b bounds in both engines over bytes
@@ -138,6 +141,32 @@ def _code(values) -> int:
 def shortest_word(patterns: dict[int, WordPattern]) -> int:
     """The length of the shortest word any of the patterns matches."""
     return min(length for pattern in patterns.values() for length in pattern.by_length)
+
+
+class Words:
+    """A matcher's word patterns (by their index in it), compiled once for every text it scans."""
+
+    def __init__(self, patterns: dict[int, WordPattern], native: bool = True):
+        self.patterns = patterns
+        self.shortest = shortest_word(patterns)
+        self._kernel = None
+        if native and kernels is not None:
+            forms = [(index, length, bits.tobytes(), tuple((position, width, codes.astype(np.int64).tobytes())
+                                                          for position, codes, width in alternations))
+                     for index, pattern in sorted(patterns.items())
+                     for length, (bits, alternations) in sorted(pattern.by_length.items())]
+            with _CLASSES_LOCK:  # every bit these patterns use is given by now; later ones only add others
+                class_bits = _CLASS_BITS.tobytes()
+            self._kernel = kernels.compile_words(class_bits, forms)
+
+    def scan(self, data: bytes) -> np.ndarray:
+        """Every word of `data` the patterns match, as rows (pattern index, start, end)."""
+        if self._kernel is None:
+            return scan(self.patterns, data, self.shortest)
+        start = first_start(_WORD_CLASS, self.shortest, data)
+        if start is None:
+            return _NO_WORDS
+        return np.frombuffer(kernels.scan_words(self._kernel, data, start), dtype=np.int64).reshape(-1, 3)
 
 
 def scan(patterns: dict[int, WordPattern], data: bytes, shortest: int | None = None) -> np.ndarray:
