@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.dlp import tokens
+from gateway.dlp import batch, tokens
 from gateway.dlp.detectors import DETECTORS
 from gateway.dlp.matcher import Matcher, PatternSpec
 
@@ -71,15 +71,23 @@ def test_the_c_kernel_finds_what_numpy_finds_in_text_order():
 
 @pytest.mark.skipif(tokens.kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
 def test_the_c_kernels_refuse_what_would_read_outside_the_text():
+    kernels, tables = batch.kernels, batch.KERNEL_TABLES
+    one, far = np.array([1], dtype=np.int64), np.array([19], dtype=np.int64)
     with pytest.raises(ValueError, match="outside the text"):
-        tokens.kernels.id_cards(b"110105194912310021", np.array([1], dtype=np.int64), bytes(100), 20261206)
-    with pytest.raises(ValueError, match="outside the text"):
-        tokens.kernels.cards(b"4111111111111111", np.array([0], dtype=np.int64), np.array([17], dtype=np.int64),
-                             b"")
+        kernels.check(tables, 1, b"110105194912310021", one, far, 20261206)
+    with pytest.raises(ValueError, match="as many"):
+        kernels.check(tables, 1, b"110105194912310021", one, np.zeros(2, dtype=np.int64), 20261206)
     with pytest.raises(ValueError, match="int64"):
-        tokens.kernels.mobiles(b"13800138000", b"\0" * 7, bytes(1000))
+        kernels.check(tables, 3, b"13800138000", b"\0" * 7, b"\0" * 7, 20261206)
+    with pytest.raises(ValueError, match="no such check"):
+        kernels.check(tables, 9, b"13800138000", one, one, 20261206)
     with pytest.raises(ValueError, match="alternation outside"):
-        tokens.kernels.compile_words(bytes(256 * 8), [(0, 2, bytes(16), ((1, 2, bytes(8)),))])
+        kernels.compile_words(bytes(256 * 8), [(0, 2, bytes(16), ((1, 2, bytes(8)),))])
+    patterns = np.array([[0, 60, 1, 1]], dtype=np.int64)
+    for rows in ([[0, 0, 19]], [[1, 0, 18]], [[0, 5, 18], [0, 0, 4]]):  # past the end, no such pattern, not in order
+        with pytest.raises(ValueError, match="words of the text"):
+            kernels.settle_words(tables, b"110105194912310021", np.array(rows, dtype=np.int64), patterns, 20261206)
+
 
 
 @pytest.mark.parametrize("engine", ["hyperscan", "re"])

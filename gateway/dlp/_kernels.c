@@ -7,6 +7,7 @@
  * int64 (starts, rows) or uint8 (answers). The tables (which classes a byte is in, province codes,
  * mobile prefixes, card brands) are built in Python from the same definitions as the numpy path, which
  * stays as the fallback where this module could not be compiled; tests hold both to the same answers.
+ * A word's matches are also settled here (settle_words): in a bulk export, nearly every candidate.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -249,55 +250,68 @@ static PyObject *scan_words(PyObject *self, PyObject *args) {
 }
 
 /* ---- fixed-form checks -------------------------------------------------------------------------- */
-/* Each takes the text and the candidates' starts (int64; `length` bytes each, or to their ends) and
- * answers a byte per candidate: 1 valid, 0 not, 2 undecided (a form only the detector's own check reads). */
+/* Each check reads one candidate and answers 1 valid, 0 not, or UNDECIDED: a form only the detector's
+ * own check (validators.py) reads, such as a grouped or +86 mobile number. */
+
+enum { UNDECIDED = 2 };
+enum { NO_CHECK, ID_CARD, USCC, MOBILE, CARD, KINDS }; /* batch.KERNEL_KINDS names them alike */
 
 typedef struct {
-    Py_buffer data, starts, ends;
-    Py_ssize_t count;
-    PyObject *answers;
-} Candidates;
+    unsigned char provinces[100];       /* GB/T 2260 province-level codes */
+    unsigned char mobile_prefixes[1000];
+    signed char uscc_values[256];       /* a character's value in the GB 32100 alphabet, or -1 */
+    unsigned char uscc_categories[256 * 256]; /* (authority, category) pairs allowed */
+    Py_ssize_t brand_count;
+    int64_t *brands; /* rows (low, high, prefix digits, bit mask of the allowed lengths) */
+} Checks;
 
-static int candidates_open(Candidates *c, PyObject *data, PyObject *starts, PyObject *ends,
-                           Py_ssize_t length) {
-    memset(c, 0, sizeof *c);
-    if (PyObject_GetBuffer(data, &c->data, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (PyObject_GetBuffer(starts, &c->starts, PyBUF_SIMPLE) < 0)
-        goto fail;
-    c->count = c->starts.len / 8;
-    if (ends && PyObject_GetBuffer(ends, &c->ends, PyBUF_SIMPLE) < 0)
-        goto fail;
-    if (c->starts.len % 8 || (ends && c->ends.len != c->starts.len)) {
-        PyErr_SetString(PyExc_ValueError, "starts and ends must be int64 of one length");
-        goto fail;
+static void checks_capsule_free(PyObject *capsule) {
+    Checks *checks = PyCapsule_GetPointer(capsule, "gateway.dlp.checks");
+    if (checks) {
+        PyMem_Free(checks->brands);
+        PyMem_Free(checks);
     }
-    const int64_t *at = c->starts.buf, *until = ends ? c->ends.buf : NULL;
-    for (Py_ssize_t i = 0; i < c->count; i++) { /* every candidate inside the text */
-        int64_t end = until ? until[i] : at[i] + length;
-        if (at[i] < 0 || end < at[i] || end > c->data.len) {
-            PyErr_SetString(PyExc_ValueError, "candidate outside the text");
-            goto fail;
-        }
-    }
-    if (!(c->answers = PyBytes_FromStringAndSize(NULL, c->count)))
-        goto fail;
-    return 0;
-fail:
-    PyBuffer_Release(&c->data);
-    if (c->starts.obj)
-        PyBuffer_Release(&c->starts);
-    if (c->ends.obj)
-        PyBuffer_Release(&c->ends);
-    return -1;
 }
 
-static PyObject *candidates_close(Candidates *c) {
-    PyBuffer_Release(&c->data);
-    PyBuffer_Release(&c->starts);
-    if (c->ends.obj)
-        PyBuffer_Release(&c->ends);
-    return c->answers;
+static int copy_table(Py_buffer *view, void *into, Py_ssize_t size) {
+    if (view->len != size) {
+        PyErr_SetString(PyExc_ValueError, "table of the wrong size");
+        return -1;
+    }
+    memcpy(into, view->buf, size);
+    return 0;
+}
+
+/* compile_checks(provinces, mobile_prefixes, uscc_values, uscc_categories, brands) */
+static PyObject *compile_checks(PyObject *self, PyObject *args) {
+    Py_buffer provinces, prefixes, values, categories;
+    PyObject *brands;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*O", &provinces, &prefixes, &values, &categories, &brands))
+        return NULL;
+    Checks *checks = PyMem_Calloc(1, sizeof(Checks));
+    PyObject *capsule = NULL;
+    Py_ssize_t brand_bytes = PyObject_Length(brands);
+    if (!checks)
+        PyErr_NoMemory();
+    else if (brand_bytes >= 0 && brand_bytes % 32)
+        PyErr_SetString(PyExc_ValueError, "brands must be int64 rows of four");
+    else if (brand_bytes >= 0 && copy_table(&provinces, checks->provinces, 100) == 0
+             && copy_table(&prefixes, checks->mobile_prefixes, 1000) == 0
+             && copy_table(&values, checks->uscc_values, 256) == 0
+             && copy_table(&categories, checks->uscc_categories, 256 * 256) == 0
+             && copy_items(brands, brand_bytes / 8, (void **)&checks->brands) == 0) {
+        checks->brand_count = brand_bytes / 32;
+        capsule = PyCapsule_New(checks, "gateway.dlp.checks", checks_capsule_free);
+    }
+    if (!capsule && checks) {
+        PyMem_Free(checks->brands);
+        PyMem_Free(checks);
+    }
+    PyBuffer_Release(&provinces);
+    PyBuffer_Release(&prefixes);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&categories);
+    return capsule;
 }
 
 static int digits(const unsigned char *text, Py_ssize_t count) {
@@ -314,174 +328,234 @@ static int number(const unsigned char *text, Py_ssize_t count) {
     return value;
 }
 
-static int table_byte(Py_buffer *table, Py_ssize_t index) {
-    return index >= 0 && index < table->len && ((const unsigned char *)table->buf)[index];
-}
-
-/* id_cards(data, starts, provinces (100 flags), today as yyyymmdd): GB 11643, 18 characters each. */
-static PyObject *id_cards(PyObject *self, PyObject *args) {
-    PyObject *data, *starts;
-    Py_buffer provinces;
-    long today;
-    if (!PyArg_ParseTuple(args, "OOy*l", &data, &starts, &provinces, &today))
-        return NULL;
-    Candidates c;
-    if (candidates_open(&c, data, starts, NULL, 18) < 0) {
-        PyBuffer_Release(&provinces);
-        return NULL;
-    }
+/* GB 11643 resident ID number; `today` as yyyymmdd bounds the birth date. */
+static int id_card_valid(const Checks *checks, const unsigned char *id, Py_ssize_t length, long today) {
     static const int weights[17] = {7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2};
     static const char check_chars[] = "10X98765432";
     static const int month_days[13] = {0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    char *answers = PyBytes_AS_STRING(c.answers);
-    const int64_t *at = c.starts.buf;
-    for (Py_ssize_t i = 0; i < c.count; i++) {
-        const unsigned char *id = (const unsigned char *)c.data.buf + at[i];
-        unsigned char last = id[17] == 'x' ? 'X' : id[17];
-        int ok = digits(id, 17) && (digits(&last, 1) || last == 'X') && table_byte(&provinces, number(id, 2));
-        if (ok) {
-            int year = number(id + 6, 4), month = number(id + 10, 2), day = number(id + 12, 2);
-            int leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-            ok = year >= 1 && month >= 1 && month <= 12 && day >= 1
-                 && day <= month_days[month] - (month == 2 && !leap);
-            long born = year * 10000L + month * 100 + day;
-            ok = ok && born >= 19000101L && born <= today;
-        }
-        if (ok) {
-            int total = 0;
-            for (int k = 0; k < 17; k++)
-                total += (id[k] - '0') * weights[k];
-            ok = check_chars[total % 11] == last;
-        }
-        answers[i] = (char)ok;
-    }
-    PyBuffer_Release(&provinces);
-    return candidates_close(&c);
+    if (length != 18)
+        return UNDECIDED;
+    unsigned char last = id[17] == 'x' ? 'X' : id[17];
+    if (!digits(id, 17) || !(digits(&last, 1) || last == 'X') || !checks->provinces[number(id, 2)])
+        return 0;
+    int year = number(id + 6, 4), month = number(id + 10, 2), day = number(id + 12, 2);
+    int leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    if (year < 1 || month < 1 || month > 12 || day < 1 || day > month_days[month] - (month == 2 && !leap))
+        return 0;
+    long born = year * 10000L + month * 100 + day;
+    if (born < 19000101L || born > today)
+        return 0;
+    int total = 0;
+    for (int k = 0; k < 17; k++)
+        total += (id[k] - '0') * weights[k];
+    return check_chars[total % 11] == last;
 }
 
-/* mobiles(data, starts, prefixes (1000 flags)): 11 characters each; all digits is decided here. */
-static PyObject *mobiles(PyObject *self, PyObject *args) {
-    PyObject *data, *starts;
-    Py_buffer prefixes;
-    if (!PyArg_ParseTuple(args, "OOy*", &data, &starts, &prefixes))
-        return NULL;
-    Candidates c;
-    if (candidates_open(&c, data, starts, NULL, 11) < 0) {
-        PyBuffer_Release(&prefixes);
-        return NULL;
-    }
-    char *answers = PyBytes_AS_STRING(c.answers);
-    const int64_t *at = c.starts.buf;
-    for (Py_ssize_t i = 0; i < c.count; i++) {
-        const unsigned char *mobile = (const unsigned char *)c.data.buf + at[i];
-        answers[i] = digits(mobile, 11) ? (char)table_byte(&prefixes, number(mobile, 3)) : 2;
-    }
-    PyBuffer_Release(&prefixes);
-    return candidates_close(&c);
-}
-
-/* usccs(data, starts, values (256 int8, -1 outside the alphabet), categories (256x256 flags),
- * provinces (100 flags)): GB 32100 with its embedded GB 11714 code, 18 characters each. */
-static PyObject *usccs(PyObject *self, PyObject *args) {
-    PyObject *data, *starts;
-    Py_buffer values, categories, provinces;
-    if (!PyArg_ParseTuple(args, "OOy*y*y*", &data, &starts, &values, &categories, &provinces))
-        return NULL;
-    Candidates c;
-    int opened = values.len == 256 && categories.len == 256 * 256
-                 && candidates_open(&c, data, starts, NULL, 18) == 0;
-    if (!opened) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "tables of the wrong size");
-        PyBuffer_Release(&values);
-        PyBuffer_Release(&categories);
-        PyBuffer_Release(&provinces);
-        return NULL;
-    }
+/* GB 32100 unified social credit code, with its embedded GB 11714 organisation code. */
+static int uscc_valid(const Checks *checks, const unsigned char *code, Py_ssize_t length) {
     static const int weights[17] = {1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28};
     static const int org_weights[8] = {3, 7, 9, 10, 5, 8, 4, 2};
     static const char alphabet[] = "0123456789ABCDEFGHJKLMNPQRTUWXY";
     static const char org_check[] = "?123456789X0"; /* indexed by 11 - total % 11 */
-    const signed char *value = values.buf;
-    const unsigned char *category = categories.buf;
-    char *answers = PyBytes_AS_STRING(c.answers);
-    const int64_t *at = c.starts.buf;
-    for (Py_ssize_t i = 0; i < c.count; i++) {
-        const unsigned char *code = (const unsigned char *)c.data.buf + at[i];
-        int ok = 1;
-        for (int k = 0; k < 18 && ok; k++)
-            ok = value[code[k]] >= 0;
-        ok = ok && category[code[0] * 256 + code[1]] && digits(code + 2, 6)
-             && table_byte(&provinces, number(code + 2, 2));
-        if (ok) {
-            int total = 0;
-            for (int k = 0; k < 8; k++)
-                total += (code[8 + k] <= '9' ? code[8 + k] - '0' : code[8 + k] - 55) * org_weights[k];
-            ok = org_check[11 - total % 11] == code[16];
-        }
-        if (ok) {
-            int total = 0;
-            for (int k = 0; k < 17; k++)
-                total += value[code[k]] * weights[k];
-            ok = alphabet[(31 - total % 31) % 31] == code[17];
-        }
-        answers[i] = (char)ok;
-    }
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&categories);
-    PyBuffer_Release(&provinces);
-    return candidates_close(&c);
+    if (length != 18)
+        return UNDECIDED;
+    for (int k = 0; k < 18; k++)
+        if (checks->uscc_values[code[k]] < 0)
+            return 0;
+    if (!checks->uscc_categories[code[0] * 256 + code[1]] || !digits(code + 2, 6) || !checks->provinces[number(code + 2, 2)])
+        return 0;
+    int total = 0;
+    for (int k = 0; k < 8; k++)
+        total += (code[8 + k] <= '9' ? code[8 + k] - '0' : code[8 + k] - 55) * org_weights[k];
+    if (org_check[11 - total % 11] != code[16])
+        return 0;
+    total = 0;
+    for (int k = 0; k < 17; k++)
+        total += checks->uscc_values[code[k]] * weights[k];
+    return alphabet[(31 - total % 31) % 31] == code[17];
 }
 
-/* cards(data, starts, ends, brands): payment card numbers of 15-19 characters; runs of digits are
- * decided here. brands: int64 rows (low, high, prefix digits, bit mask of the allowed lengths). */
-static PyObject *cards(PyObject *self, PyObject *args) {
-    PyObject *data, *starts, *ends;
-    Py_buffer brands;
-    if (!PyArg_ParseTuple(args, "OOOy*", &data, &starts, &ends, &brands))
+/* Mainland mobile number written as 11 digits. */
+static int mobile_valid(const Checks *checks, const unsigned char *mobile, Py_ssize_t length) {
+    if (length != 11 || !digits(mobile, 11))
+        return UNDECIDED;
+    return checks->mobile_prefixes[number(mobile, 3)];
+}
+
+/* Payment card number written as 15-19 digits: a brand's prefix and length, and the Luhn checksum. */
+static int card_valid(const Checks *checks, const unsigned char *card, Py_ssize_t length) {
+    if (length < 15 || length > 19 || !digits(card, length))
+        return UNDECIDED;
+    int branded = 0;
+    for (Py_ssize_t b = 0; b < checks->brand_count && !branded; b++) {
+        const int64_t *row = checks->brands + 4 * b;
+        int64_t prefix = number(card, row[2]);
+        branded = (row[3] >> length & 1) && prefix >= row[0] && prefix <= row[1];
+    }
+    int total = 0;
+    for (Py_ssize_t k = 0; k < length; k++) { /* Luhn: every second digit from the right doubled */
+        int digit = card[length - 1 - k] - '0';
+        total += k % 2 ? (digit > 4 ? digit * 2 - 9 : digit * 2) : digit;
+    }
+    return branded && total % 10 == 0;
+}
+
+static int valid(const Checks *checks, int kind, const unsigned char *token, Py_ssize_t length, long today) {
+    switch (kind) {
+    case ID_CARD: return id_card_valid(checks, token, length, today);
+    case USCC: return uscc_valid(checks, token, length);
+    case MOBILE: return mobile_valid(checks, token, length);
+    case CARD: return card_valid(checks, token, length);
+    default: return UNDECIDED;
+    }
+}
+
+/* Reads an int64 array argument; -1 (with an error) when its size is not a multiple of `row` items. */
+static int int64_rows(PyObject *object, Py_buffer *view, Py_ssize_t row) {
+    if (PyObject_GetBuffer(object, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len % (8 * row)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "expected int64 rows of %zd", row);
+        return -1;
+    }
+    return 0;
+}
+
+/* check(checks, kind, data, starts, ends, today): one kind's check over candidates data[starts[i]:ends[i]],
+ * a byte each (1, 0 or UNDECIDED). */
+static PyObject *check(PyObject *self, PyObject *args) {
+    PyObject *capsule, *starts_object, *ends_object;
+    int kind;
+    Py_buffer data, starts, ends;
+    long today;
+    if (!PyArg_ParseTuple(args, "Oiy*OOl", &capsule, &kind, &data, &starts_object, &ends_object, &today))
         return NULL;
-    Candidates c;
-    if (brands.len % 32 || candidates_open(&c, data, starts, ends, 0) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "brands must be int64 rows of four");
-        PyBuffer_Release(&brands);
+    const Checks *checks = PyCapsule_GetPointer(capsule, "gateway.dlp.checks");
+    PyObject *answers = NULL;
+    if (!checks || int64_rows(starts_object, &starts, 1) < 0) {
+        PyBuffer_Release(&data);
         return NULL;
     }
-    const int64_t *brand = brands.buf;
-    Py_ssize_t brand_count = brands.len / 32;
-    char *answers = PyBytes_AS_STRING(c.answers);
-    const int64_t *at = c.starts.buf, *until = c.ends.buf;
-    for (Py_ssize_t i = 0; i < c.count; i++) {
-        const unsigned char *card = (const unsigned char *)c.data.buf + at[i];
-        Py_ssize_t length = until[i] - at[i];
-        if (length < 15 || length > 19 || !digits(card, length)) {
-            answers[i] = 2;
-            continue;
-        }
-        int branded = 0;
-        for (Py_ssize_t b = 0; b < brand_count && !branded; b++) {
-            const int64_t *row = brand + 4 * b;
-            int64_t prefix = number(card, row[2]);
-            branded = (row[3] >> length & 1) && prefix >= row[0] && prefix <= row[1];
-        }
-        int total = 0;
-        for (Py_ssize_t k = 0; k < length; k++) { /* Luhn: every second digit from the right doubled */
-            int digit = card[length - 1 - k] - '0';
-            total += k % 2 ? (digit > 4 ? digit * 2 - 9 : digit * 2) : digit;
-        }
-        answers[i] = (char)(branded && total % 10 == 0);
+    if (int64_rows(ends_object, &ends, 1) < 0) {
+        PyBuffer_Release(&starts);
+        PyBuffer_Release(&data);
+        return NULL;
     }
-    PyBuffer_Release(&brands);
-    return candidates_close(&c);
+    Py_ssize_t count = starts.len / 8;
+    const int64_t *at = starts.buf, *until = ends.buf;
+    if (kind <= NO_CHECK || kind >= KINDS)
+        PyErr_SetString(PyExc_ValueError, "no such check");
+    else if (ends.len != starts.len)
+        PyErr_SetString(PyExc_ValueError, "as many starts as ends");
+    else
+        for (Py_ssize_t i = 0; i < count; i++)
+            if (at[i] < 0 || until[i] < at[i] || until[i] > data.len) {
+                PyErr_SetString(PyExc_ValueError, "candidate outside the text");
+                break;
+            }
+    if (!PyErr_Occurred() && (answers = PyBytes_FromStringAndSize(NULL, count))) {
+        char *answer = PyBytes_AS_STRING(answers);
+        for (Py_ssize_t i = 0; i < count; i++)
+            answer[i] = (char)valid(checks, kind, (const unsigned char *)data.buf + at[i], until[i] - at[i], today);
+    }
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&data);
+    return answers;
+}
+
+/* settle_words(checks, data, rows, patterns, today): the word matches scan_words found (rows of
+ * (pattern, start, end), in text order) settled where their checks can be run here. A word is a span
+ * no other word overlaps, so its matches compete only with one another: the one of the strongest
+ * detector (by priority, then by the lower detector index) whose check passes takes it, as
+ * engine._detector_spans decides. Matches whose word has a pattern without a check here (a rule's own
+ * pattern, a detector checked in Python), or an answer left UNDECIDED, or a token a separator could
+ * continue, are handed back whole.
+ * patterns: int64 rows per pattern index (detector index or -1, priority, check kind, continued by a
+ * separator). Returns (settled rows (start, end, detector), rows handed back (pattern, start, end)). */
+static PyObject *settle_words(PyObject *self, PyObject *args) {
+    PyObject *capsule, *rows_object, *patterns_object;
+    Py_buffer data, rows_view, patterns_view;
+    long today;
+    if (!PyArg_ParseTuple(args, "Oy*OOl", &capsule, &data, &rows_object, &patterns_object, &today))
+        return NULL;
+    const Checks *checks = PyCapsule_GetPointer(capsule, "gateway.dlp.checks");
+    if (!checks || int64_rows(rows_object, &rows_view, 3) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if (int64_rows(patterns_object, &patterns_view, 4) < 0) {
+        PyBuffer_Release(&rows_view);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    const int64_t *row = rows_view.buf, *pattern = patterns_view.buf;
+    Py_ssize_t count = rows_view.len / 24, pattern_count = patterns_view.len / 32;
+    const unsigned char *text = data.buf;
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (row[3 * i] < 0 || row[3 * i] >= pattern_count || row[3 * i + 1] < 0 || row[3 * i + 2] < row[3 * i + 1]
+            || row[3 * i + 2] > data.len || (i && row[3 * i + 1] < row[3 * i - 2])) {
+            PyErr_SetString(PyExc_ValueError, "rows must be words of the text, in text order");
+            break;
+        }
+    Rows settled = {0}, handed_back = {0};
+    int failed = PyErr_Occurred() != NULL;
+    for (Py_ssize_t first = 0, next; first < count && !failed; first = next) {
+        int64_t start = row[3 * first + 1], end = row[3 * first + 2];
+        for (next = first; next < count && row[3 * next + 1] == start; next++)
+            ;
+        const unsigned char *token = text + start;
+        Py_ssize_t length = end - start;
+        int plain = digits(token, length - 1) && (digits(token + length - 1, 1) || token[length - 1] == 'X'
+                                                  || token[length - 1] == 'x');
+        int settles = 1;
+        for (Py_ssize_t i = first; i < next && settles; i++) {
+            const int64_t *info = pattern + 4 * row[3 * i];
+            settles = info[0] >= 0 && info[2] > NO_CHECK && info[2] < KINDS && (plain || !info[3])
+                      && row[3 * i + 2] == end;
+        }
+        int64_t chosen = -1, chosen_priority = 0;
+        for (Py_ssize_t i = first; i < next && settles; i++) { /* strongest first: its answer decides */
+            const int64_t *info = pattern + 4 * row[3 * i];
+            if (chosen >= 0 && (info[1] < chosen_priority || (info[1] == chosen_priority && info[0] >= chosen)))
+                continue;
+            int answer = valid(checks, (int)info[2], token, length, today);
+            if (answer == UNDECIDED)
+                settles = 0;
+            else if (answer) {
+                chosen = info[0];
+                chosen_priority = info[1];
+            }
+        }
+        if (!settles) {
+            for (Py_ssize_t i = first; i < next && !failed; i++)
+                failed = rows_push(&handed_back, row[3 * i], row[3 * i + 1], row[3 * i + 2]) < 0;
+        } else if (chosen >= 0)
+            failed = rows_push(&settled, start, end, chosen) < 0;
+    }
+    PyBuffer_Release(&patterns_view);
+    PyBuffer_Release(&rows_view);
+    PyBuffer_Release(&data);
+    PyObject *result = NULL;
+    if (failed && !PyErr_Occurred())
+        PyErr_NoMemory();
+    if (!failed)
+        result = Py_BuildValue("y#y#", settled.items ? (const char *)settled.items : "",
+                               settled.count * (Py_ssize_t)sizeof(int64_t),
+                               handed_back.items ? (const char *)handed_back.items : "",
+                               handed_back.count * (Py_ssize_t)sizeof(int64_t)); /* y# makes None of NULL */
+    free(settled.items);
+    free(handed_back.items);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"compile_words", compile_words, METH_VARARGS, "Word patterns' forms compiled for scan_words."},
     {"scan_words", scan_words, METH_VARARGS, "Words the compiled forms match: int64 rows (pattern, start, end)."},
-    {"id_cards", id_cards, METH_VARARGS, "GB 11643 checks over 18-character candidates."},
-    {"mobiles", mobiles, METH_VARARGS, "Mobile prefix checks over 11-character candidates."},
-    {"usccs", usccs, METH_VARARGS, "GB 32100 checks over 18-character candidates."},
-    {"cards", cards, METH_VARARGS, "Card brand and Luhn checks over runs of 15-19 digits."},
+    {"compile_checks", compile_checks, METH_VARARGS, "The fixed-form checks' tables, compiled."},
+    {"check", check, METH_VARARGS, "One kind's check over candidates: a byte each (1, 0, 2 undecided)."},
+    {"settle_words", settle_words, METH_VARARGS, "Word matches settled by their detectors' checks."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -156,43 +156,29 @@ def _card(buf, starts, ends, today):
     return checked, answers[checked]
 
 
-_PROVINCE_FLAGS = _PROVINCES.tobytes()
-_MOBILE_PREFIX_FLAGS = _MOBILE_PREFIXES.tobytes()
-_USCC_VALUE_BYTES = _USCC_VALUE.astype(np.int8).tobytes()
-_USCC_CATEGORY_FLAGS = _USCC_CATEGORY.tobytes()
-# (low, high, prefix digits, bit mask of the lengths) per brand's prefix range
-_CARD_BRAND_ROWS = np.array([(int(low), int(high), len(low), sum(1 << length for length in lengths))
-                             for _, ranges, lengths in v._CARD_BRANDS for low, high in ranges], dtype=np.int64).tobytes()
+# The kernels' checks (gateway/dlp/_kernels.c), by the number its enum gives each; their tables.
+KERNEL_KINDS = {"cn_id_card": 1, "cn_uscc": 2, "cn_mobile": 3, "bank_card": 4}
+KERNEL_TABLES = None if kernels is None else kernels.compile_checks(
+    _PROVINCES.tobytes(), _MOBILE_PREFIXES.tobytes(), _USCC_VALUE.astype(np.int8).tobytes(), _USCC_CATEGORY.tobytes(),
+    # (low, high, prefix digits, bit mask of the lengths) per brand's prefix range
+    np.array([(int(low), int(high), len(low), sum(1 << length for length in lengths))
+              for _, ranges, lengths in v._CARD_BRANDS for low, high in ranges], dtype=np.int64).tobytes())
 
 
-def _kernel_answers(answers: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """A kernel's answers (1 valid, 0 not, 2 undecided) as (which it decided, their answers)."""
-    codes = np.frombuffer(answers, dtype=np.uint8)
-    decided = codes != 2
-    return decided, codes[decided] == 1
-
-
-def _int64(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values, dtype=np.int64)
-
-
-def _kernel_id_card(buf, starts, ends, today):
+def day_number(today: date | None) -> int:
+    """A day as the number yyyymmdd (today by default), as the kernels compare birth dates."""
     today = today or date.today()
-    return _kernel_answers(kernels.id_cards(buf, _int64(starts), _PROVINCE_FLAGS,
-                                             today.year * 10000 + today.month * 100 + today.day))
+    return today.year * 10000 + today.month * 100 + today.day
 
 
-def _kernel_uscc(buf, starts, ends, today):
-    return _kernel_answers(kernels.usccs(buf, _int64(starts), _USCC_VALUE_BYTES, _USCC_CATEGORY_FLAGS,
-                                          _PROVINCE_FLAGS))
-
-
-def _kernel_mobile(buf, starts, ends, today):
-    return _kernel_answers(kernels.mobiles(buf, _int64(starts), _MOBILE_PREFIX_FLAGS))
-
-
-def _kernel_card(buf, starts, ends, today):
-    return _kernel_answers(kernels.cards(buf, _int64(starts), _int64(ends), _CARD_BRAND_ROWS))
+def _kernel_check(kind: int):
+    def check(buf, starts, ends, today):
+        codes = np.frombuffer(kernels.check(KERNEL_TABLES, kind, buf, np.ascontiguousarray(starts, dtype=np.int64),
+                                            np.ascontiguousarray(ends, dtype=np.int64), day_number(today)),
+                              dtype=np.uint8)
+        decided = codes != 2  # 2: a form the detector's own check reads
+        return decided, codes[decided] == 1
+    return check
 
 
 # Per detector: candidate length (or inclusive range) -> check(buf, starts, ends, today) returning
@@ -203,10 +189,6 @@ NUMPY_CHECKS = {
     "cn_mobile": {11: _mobile},
     "bank_card": {(15, 19): _card},
 }
-KERNEL_CHECKS = {
-    "cn_id_card": {18: _kernel_id_card},
-    "cn_uscc": {18: _kernel_uscc},
-    "cn_mobile": {11: _kernel_mobile},
-    "bank_card": {(15, 19): _kernel_card},
-}
+KERNEL_CHECKS = {name: {length: _kernel_check(KERNEL_KINDS[name]) for length in lengths}
+                 for name, lengths in NUMPY_CHECKS.items()}
 _BATCH = NUMPY_CHECKS if kernels is None else KERNEL_CHECKS

@@ -82,6 +82,8 @@ class Finding:
     place: Place | None = None
 
 
+_NO_SPANS = np.zeros((0, 3), dtype=np.int64)  # rows (start, end, detector index)
+_NO_SPANS.flags.writeable = False
 _NEW_FINDING = object.__new__
 _FINDING_FIELDS = {name: getattr(Finding, name).__set__ for name in Finding.__dataclass_fields__}
 
@@ -157,6 +159,13 @@ class Profile:
         # per pattern: the index of its detector in _detectors, or -1 (a rule's pattern or keyword)
         self._detector_of = np.array([self._detectors.index(name) if kind == "detector" else -1
                                       for kind, name, _ in self._refs] or [0], dtype=np.int64)
+        # per pattern, for the kernels' settle_words: (detector index or -1, priority, check kind, continued
+        # by a separator); None where the kernels are not compiled
+        self._settle = None if batch.kernels is None else np.array(
+            [(self._detectors.index(name), DETECTORS[name].priority,
+              0 if DETECTORS[name].extend_left else batch.KERNEL_KINDS.get(name, 0),
+              bool(DETECTORS[name].group_separators)) if kind == "detector" else (-1, 0, 0, 0)
+             for kind, name, _ in self._refs], dtype=np.int64).reshape(-1, 4)
         self._rule_of_field_name = {name: rule for rule in spec.rules for name in rule.field_names}
         self._clean_fields: set[tuple[str, str]] = set()  # see scan_fields
         self._clean_without_context: set[tuple[str, str]] = set()  # clean unless another field gives context
@@ -363,19 +372,24 @@ class Profile:
             for segment in segments:
                 starts.append(position)
                 position += len(segment.data) + 1
-        table = self.matcher.scan(data)  # every candidate at once (numpy): a bulk export has a few in every record
-        if len(table) > MAX_CANDIDATES:
+        table, words = self.matcher.scan_apart(data)  # every candidate at once: a bulk export has a few a record
+        if len(table) + len(words) > MAX_CANDIDATES:
             return [], True
         if accept is not None:
-            folding = segments[0].folding  # a stream's window: one segment
-            written_ends = table[:, 2] if folding is None else table[:, 2] + 2 * np.searchsorted(
-                np.asarray(folding.positions, dtype=np.int64), table[:, 2], "left")
-            table = table[(accept[0] < written_ends) & (written_ends <= accept[1])]
-        if not len(table):
+            table, words = self._accepted(table, segments[0].folding, accept), \
+                self._accepted(words, segments[0].folding, accept)  # a stream's window: one segment
+        settled = _NO_SPANS
+        if len(words) and self._settle is not None:  # most words are settled in C, the rest join the table
+            settled, handed_back = batch.kernels.settle_words(batch.KERNEL_TABLES, data, words, self._settle,
+                                                              batch.day_number(None))
+            settled = np.frombuffer(settled, dtype=np.int64).reshape(-1, 3)
+            words = np.frombuffer(handed_back, dtype=np.int64).reshape(-1, 3)
+        table = table if not len(words) else words if not len(table) else np.concatenate([table, words])
+        if not len(table) and not len(settled):
             return [], False
         detector_of = self._detector_of[table[:, 0]]
         span_starts, span_ends, detector_index = _detector_spans(
-            data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors)
+            data, table[detector_of >= 0, 1:], detector_of[detector_of >= 0], self._detectors, settled)
         others = [(start, end, self._refs[pattern_id][:2]) for pattern_id, start, end in table[detector_of < 0].tolist()]
         sources = None
         if others:  # a rule's patterns and keywords: few
@@ -386,6 +400,13 @@ class Profile:
             sources = [span[2] for span in spans]
         return self._detections(segments, starts, data, span_starts, span_ends, detector_index, sources, base_offset,
                                 accept is not None, without_context), False
+
+    @staticmethod
+    def _accepted(table: np.ndarray, folding, accept: tuple[int, int]) -> np.ndarray:
+        """The rows whose end, as written (before folding), is in the window `accept` (see detect)."""
+        written_ends = table[:, 2] if folding is None else table[:, 2] + 2 * np.searchsorted(
+            np.asarray(folding.positions, dtype=np.int64), table[:, 2], "left")
+        return table[(accept[0] < written_ends) & (written_ends <= accept[1])]
 
     def _detections(self, segments: list[Segment], starts: list[int], data: bytes, span_starts: np.ndarray,
                     span_ends: np.ndarray, detector_index: np.ndarray, sources: list[tuple[str, str]] | None,
@@ -705,16 +726,19 @@ def _rule_selects(rule: Rule, detection: Detection, field_name: str | None) -> b
     return True
 
 
-def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, names: list[str]) \
-        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, names: list[str],
+                    settled: np.ndarray = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The detectors' candidates (rows of (start, end), detector_of naming their detectors by index
     in `names`) that are whole tokens, valid, and win over those they overlap: the stronger
     detector's (an ID number is not also a card number), then the longer (one e-mail address, not
     its prefix); as arrays of starts, ends and detector indexes, in text order. Each step runs over
-    all candidates at once; only runs of valid candidates overlapping one another are settled one by one."""
+    all candidates at once; only runs of valid candidates overlapping one another are settled one by one.
+    `settled`: rows (start, end, detector index) already whole, valid and each the strongest on its
+    span (words the kernels settled), in text order; they compete with the others' overlaps only."""
     none = np.zeros(0, dtype=np.int64)
+    settled = _NO_SPANS if settled is None else settled
     if not len(spans):
-        return none, none, none
+        return settled[:, 0], settled[:, 1], settled[:, 2]
     starts, ends = spans[:, 0].copy(), spans[:, 1]
     present = np.flatnonzero(np.bincount(detector_of)).tolist()
     for index in present:
@@ -743,12 +767,8 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
                 keep[row] = not _continued(data, int(starts[row]), int(ends[row]), own)
     starts, ends, detector_of = starts[keep], ends[keep], detector_of[keep]
     if not len(starts):
-        return none, none, none
-    # by start, end and detector (one key, quicker to sort than three, while they fit); repeats dropped
-    lengths = ends - starts
-    order = np.argsort((starts << 23) | (lengths << 5) | detector_of, kind="stable") \
-        if lengths.max() < 1 << 18 and len(names) <= 32 and len(data) < 1 << 40 else np.lexsort((detector_of, ends, starts))
-    starts, ends, detector_of = starts[order], ends[order], detector_of[order]
+        return settled[:, 0], settled[:, 1], settled[:, 2]
+    starts, ends, detector_of = _in_text_order(starts, ends, detector_of, len(names), len(data))  # repeats dropped
     same_span = np.zeros(len(starts), dtype=bool)
     same_span[1:] = (starts[1:] == starts[:-1]) & (ends[1:] == ends[:-1])
     first = np.ones(len(starts), dtype=bool)
@@ -767,6 +787,10 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
             valid[chosen] = batch.valid(names[index], data, starts[chosen], ends[chosen])
         taken[span_of[rows[valid[rows]]]] = True
     starts, ends, detector_of = starts[valid], ends[valid], detector_of[valid]
+    if len(settled):
+        starts, ends, detector_of = _in_text_order(np.concatenate([starts, settled[:, 0]]),
+                                                   np.concatenate([ends, settled[:, 1]]),
+                                                   np.concatenate([detector_of, settled[:, 2]]), len(names), len(data))
     if not len(starts):
         return none, none, none
     # Runs of candidates overlapping one another: a run starts where no earlier candidate reaches.
@@ -786,6 +810,15 @@ def _detector_spans(data: bytes, spans: np.ndarray, detector_of: np.ndarray, nam
     ends = np.concatenate([ends[alone], settled[:, 1]])
     detector_of = np.concatenate([detector_of[alone], settled[:, 2]])
     order = np.argsort(starts, kind="stable")
+    return starts[order], ends[order], detector_of[order]
+
+
+def _in_text_order(starts: np.ndarray, ends: np.ndarray, detector_of: np.ndarray, detectors: int,
+                   size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spans sorted by start, end and detector (one key, quicker to sort than three, while they fit)."""
+    lengths = ends - starts
+    order = np.argsort((starts << 23) | (lengths << 5) | detector_of, kind="stable") \
+        if lengths.max() < 1 << 18 and detectors <= 32 and size < 1 << 40 else np.lexsort((detector_of, ends, starts))
     return starts[order], ends[order], detector_of[order]
 
 

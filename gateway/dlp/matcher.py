@@ -57,8 +57,14 @@ class Matcher:
 
     def scan(self, data: bytes) -> np.ndarray:
         """Every candidate as a row (pattern index, start, end) of byte offsets."""
+        table, words = self.scan_apart(data)
+        return table if not len(words) else words if not len(table) else np.concatenate([table, words])
+
+    def scan_apart(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates as scan() gives them, in two tables: the regex engine's, and the word
+        patterns' (gateway/dlp/tokens.py: whole words, in text order)."""
         if not self.specs or not data:
-            return _NONE
+            return _NONE, _NONE
         hits: list[tuple[int, int, int]] = []
         if self.engine == "re":
             hits = [(index, m.start(), m.end()) for index in self._rest for m in self._compiled[index].finditer(data)]
@@ -68,10 +74,9 @@ class Matcher:
                 scratches = self._local.scratches = [hyperscan.Scratch(database) for database in self._databases]
             for database, scratch in zip(self._databases, scratches):
                 database.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
-        # Most texts hold no candidate: then no array is built or joined (a few us each, twice a transfer).
+        # Most texts hold no candidate: then no array is built (a few us each, twice a transfer).
         table = np.array(hits, dtype=np.int64).reshape(-1, 3) if hits else _NONE
-        words = self._words.scan(data) if self._words else _NONE
-        return table if not len(words) else words if not len(table) else np.concatenate([table, words])
+        return table, self._words.scan(data) if self._words else _NONE
 
 
 _NONE = np.zeros((0, 3), dtype=np.int64)
