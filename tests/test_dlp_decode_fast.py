@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from gateway.dlp import decode, load_rules
-from gateway.dlp.coding import DecodeError, charset_and_text, decode_as, inflate
+from gateway.dlp.coding import DecodeError, charset_and_text, decode_as, inflate, utf8_of_gbk
 from gateway.dlp.decode import Limits, decode_body
+from gateway.dlp.native import kernels
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "dlp"
 ID = "11010519491231002X"  # valid check character
@@ -148,3 +149,34 @@ def test_gb18030_is_read_by_the_gbk_codec_where_that_reads_it_alike():
     assert ("cn_id_card", ID, "身份证号", "body:csv row 2 column 身份证号") in _found(encoded, "text/csv; charset=gbk")
     with pytest.raises(DecodeError, match="not valid gb18030"):
         decode_as(encoded[:-4] + b"\x81\x30", "gb18030")
+
+
+@pytest.mark.skipif(kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
+def test_gbk_converted_in_c_is_what_the_codec_reads():
+    """coding.utf8_of_gbk (C, no str between) gives for every two-byte form, and for text mixing them with
+    ASCII, the UTF-8 of what Python's GBK codec reads; anything else (a form GBK lacks, a cut form, a
+    four-byte GB 18030 form) is left to the codec: None. A GBK CSV, a CSV with a four-byte form and a GBK
+    JSON are read alike either way."""
+    forms = [bytes([lead, trail]) for lead in range(0x81, 0xFF) for trail in range(0x40, 0x100)]
+    taken = 0
+    for form in forms:
+        try:
+            expected = form.decode("gbk").encode()
+        except UnicodeDecodeError:
+            expected = None
+        assert utf8_of_gbk(form) == expected, form.hex()
+        taken += expected is not None
+    assert taken > 20000
+    rng = random.Random(6)
+    readable = [form for form in forms if utf8_of_gbk(form) is not None] + [bytes([byte]) for byte in range(0x80)]
+    text = b"".join(rng.choice(readable) for _ in range(50000))
+    assert utf8_of_gbk(text) == text.decode("gbk").encode()
+    for unread in (b"a\x80b", b"ab\x81", "€".encode("gb18030"), "𠀀".encode("gb18030"), b"\xff\xfe"):
+        assert utf8_of_gbk(b"ok" + unread) is None, unread
+    body = ("姓名,身份证号\n" + f"张三,{ID}\n" * 300).encode("gbk")
+    assert ("cn_id_card", ID, "身份证号", "body:csv row 300 column 身份证号") in _found(body, "text/csv; charset=gbk")
+    four_byte = body + "李𠀀,\n".encode("gb18030")  # read by GB 18030's codec: still every row
+    assert _found(four_byte, "text/csv; charset=gbk") == _found(body, "text/csv; charset=gbk")
+    assert [kind for kind, *_ in _found(body + b"\xff\n", "text/csv; charset=gbk")] == ["uninspectable"]
+    records = json.dumps([{"sfzh": ID, "住址": "北京市（朝阳区）"}] * 20, ensure_ascii=False)
+    assert _found(records.encode("gbk"), "application/json; charset=gbk") == _found(records.encode(), "application/json")

@@ -71,7 +71,7 @@ def test_the_c_kernel_finds_what_numpy_finds_in_text_order():
 
 @pytest.mark.skipif(tokens.kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
 def test_the_c_kernels_refuse_what_would_read_outside_the_text():
-    kernels, tables = batch.kernels, batch.KERNEL_TABLES
+    kernels, tables = tokens.kernels, batch.KERNEL_TABLES
     one, far = np.array([1], dtype=np.int64), np.array([19], dtype=np.int64)
     with pytest.raises(ValueError, match="outside the text"):
         kernels.check(tables, 1, b"110105194912310021", one, far, 20261206)

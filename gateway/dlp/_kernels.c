@@ -550,12 +550,70 @@ static PyObject *settle_words(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ---- GBK text ------------------------------------------------------------------------------------ */
+
+/* gbk_to_utf8(table, data): GBK text (ASCII and two-byte forms) as UTF-8, with no str between them (a
+ * GBK export decoded by Python's codec, then encoded, cost more than scanning it); None at the first
+ * byte the table does not read, for the codec to read or refuse. table: per two-byte form (lead * 256 +
+ * trail), its UTF-8 (up to 3 bytes) and their count in the 4th byte, 0 for a form GBK lacks. */
+static PyObject *gbk_to_utf8(PyObject *self, PyObject *args) {
+    Py_buffer table, data;
+    if (!PyArg_ParseTuple(args, "y*y*", &table, &data))
+        return NULL;
+    PyObject *out = NULL;
+    if (table.len != 65536 * 4) {
+        PyErr_SetString(PyExc_ValueError, "table of the wrong size");
+        goto done;
+    }
+    if (data.len > PY_SSIZE_T_MAX / 2 - 3) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, data.len / 2 * 3 + 3); /* a form: 2 bytes in, up to 3 out */
+    if (!out)
+        goto done;
+    const unsigned char *in = data.buf, *forms = table.buf;
+    unsigned char *write = (unsigned char *)PyBytes_AS_STRING(out);
+    Py_ssize_t at = 0, size = data.len;
+    int readable = 1;
+    Py_BEGIN_ALLOW_THREADS
+    while (at < size) {
+        if (in[at] < 0x80) {
+            *write++ = in[at++];
+            continue;
+        }
+        if (at + 1 == size) {
+            readable = 0;
+            break;
+        }
+        const unsigned char *form = forms + 4 * (in[at] * 256 + in[at + 1]);
+        if (!form[3]) {
+            readable = 0;
+            break;
+        }
+        memcpy(write, form, 3); /* the 3rd byte of a 2-byte form is written over next */
+        write += form[3];
+        at += 2;
+    }
+    Py_END_ALLOW_THREADS
+    if (!readable) {
+        Py_DECREF(out);
+        out = Py_NewRef(Py_None);
+    } else
+        _PyBytes_Resize(&out, write - (unsigned char *)PyBytes_AS_STRING(out));
+done:
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"compile_words", compile_words, METH_VARARGS, "Word patterns' forms compiled for scan_words."},
     {"scan_words", scan_words, METH_VARARGS, "Words the compiled forms match: int64 rows (pattern, start, end)."},
     {"compile_checks", compile_checks, METH_VARARGS, "The fixed-form checks' tables, compiled."},
     {"check", check, METH_VARARGS, "One kind's check over candidates: a byte each (1, 0, 2 undecided)."},
     {"settle_words", settle_words, METH_VARARGS, "Word matches settled by their detectors' checks."},
+    {"gbk_to_utf8", gbk_to_utf8, METH_VARARGS, "GBK text as UTF-8, or None where the table does not read it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,11 +19,7 @@ import numpy as np
 
 from gateway.dlp import validators as v
 from gateway.dlp.detectors import DETECTORS
-
-try:
-    from gateway.dlp import _kernels as kernels
-except ImportError:  # not compiled on this machine (no C compiler at install): numpy does it, slower
-    kernels = None
+from gateway.dlp.native import kernels
 
 _ZERO = ord("0")
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import brotli
 from isal import isal_zlib
 
+from gateway.dlp.native import kernels
+
 try:
     import hyperscan
 except ImportError:  # the fallback keeps the gateway working, only slower
@@ -252,6 +254,32 @@ def _gb18030(data: bytes) -> str:
         return data.decode("gbk")
     except UnicodeDecodeError:
         return data.decode("gb18030")
+
+
+def utf8_of_gbk(data: bytes) -> bytes | None:
+    """GB 18030 text as UTF-8, converted in C with no str between (a GBK export: 0.8 ms a MB against
+    3.9 for decoding and encoding it); None where the kernels are not compiled or the text holds a form
+    GBK lacks (decode_as then reads it, or says where it is not GB 18030)."""
+    return None if kernels is None else kernels.gbk_to_utf8(_gbk_forms(), data)
+
+
+@functools.cache
+def _gbk_forms() -> bytes:
+    """Per two-byte form (lead * 256 + trail): its UTF-8 as Python's GBK codec reads it, and the UTF-8's
+    length as the 4th byte (0: a form GBK lacks). Built once, on the first GBK text (~20 ms)."""
+    table = bytearray(65536 * 4)
+    for lead in range(0x81, 0xFF):
+        for trail in range(0x40, 0xFF):
+            try:
+                character = bytes((lead, trail)).decode("gbk")
+            except UnicodeDecodeError:
+                continue
+            utf8 = character.encode("utf-8")
+            if len(character) == 1 and len(utf8) <= 3:
+                at = 4 * (lead * 256 + trail)
+                table[at:at + len(utf8)] = utf8
+                table[at + 3] = len(utf8)
+    return bytes(table)
 
 
 def decode_text(data: bytes, declared: str | None) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from gateway.dlp.embedded import (
 )
 from gateway.dlp.fold import folded
 from gateway.dlp.matcher import Matcher, PatternError, PatternSpec, literal_regex
+from gateway.dlp.native import kernels
 from gateway.dlp.redact import ValueMasks, redact_body
 from gateway.dlp.rules import (
     ACTIONS,
@@ -161,7 +162,7 @@ class Profile:
                                       for kind, name, _ in self._refs] or [0], dtype=np.int64)
         # per pattern, for the kernels' settle_words: (detector index or -1, priority, check kind, continued
         # by a separator); None where the kernels are not compiled
-        self._settle = None if batch.kernels is None else np.array(
+        self._settle = None if kernels is None else np.array(
             [(self._detectors.index(name), DETECTORS[name].priority,
               0 if DETECTORS[name].extend_left else batch.KERNEL_KINDS.get(name, 0),
               bool(DETECTORS[name].group_separators)) if kind == "detector" else (-1, 0, 0, 0)
@@ -380,7 +381,7 @@ class Profile:
                 self._accepted(words, segments[0].folding, accept)  # a stream's window: one segment
         settled = _NO_SPANS
         if len(words) and self._settle is not None:  # most words are settled in C, the rest join the table
-            settled, handed_back = batch.kernels.settle_words(batch.KERNEL_TABLES, data, words, self._settle,
+            settled, handed_back = kernels.settle_words(batch.KERNEL_TABLES, data, words, self._settle,
                                                               batch.day_number(None))
             settled = np.frombuffer(settled, dtype=np.int64).reshape(-1, 3)
             words = np.frombuffer(handed_back, dtype=np.int64).reshape(-1, 3)

@@ -26,8 +26,9 @@ from re import _parser
 
 import numpy as np
 
-from gateway.dlp.batch import kernels, matrix
+from gateway.dlp.batch import matrix
 from gateway.dlp.coding import first_start
+from gateway.dlp.native import kernels
 
 _WORD_CLASS = b"0-9A-Za-z_"  # what \b bounds in both engines over bytes
 _WORD = np.array([re.fullmatch(b"[%s]" % _WORD_CLASS, bytes([byte])) is not None for byte in range(256)])
