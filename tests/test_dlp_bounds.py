@@ -3,12 +3,13 @@ refusals and decision lines summarise them per rule, type and action, and always
 
 from __future__ import annotations
 
+import hashlib
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from gateway.dlp import load_rules
+from gateway.dlp import load_rules, tally
 from gateway.dlp.decode import Limits
 from gateway.dlp.engine import single_rule_profile
 from gateway.dlp.tally import (
@@ -114,6 +115,22 @@ def test_a_bulk_export_is_recorded_with_its_counts_and_first_locations(rules):
     assert {"rule": "id-card", "type": "cn_id_card", "count": 2000,
             "locations": entry["locations"]} in answer["reasons"]
     assert not any(person["sfzh"] in json.dumps(record, ensure_ascii=False) for person in citizens(2000))
+
+
+@pytest.mark.parametrize("formatted", ["kernels", "python"])
+def test_the_places_digest_reads_as_documented(monkeypatch, formatted):
+    """Anyone re-scanning a body recomputes a group's digest from its docstring: one UTF-8 line per
+    place, the location as a JSON string, a space and the offset (none for a place outside a text)."""
+    if formatted == "kernels" and tally.kernels is None:
+        pytest.skip("the C kernels are not compiled here (no compiler at install)")
+    if formatted == "python":
+        monkeypatch.setattr(tally, "kernels", None)
+    places = [("body:$[0].sfzh", 7), ("body:$[0].sfzh", 10 ** 12), ('header:x-"名"', None), ('header:x-"名"', 0),
+              ("body:csv row 2", 31)]
+    lines = "".join(f"{json.dumps(location, ensure_ascii=False)}{'' if at is None else f' {at}'}\n"
+                    for location, at in places)
+    assert places_digest(places) == hashlib.sha256(lines.encode()).hexdigest()
+    assert places_digest([]) == hashlib.sha256(b"").hexdigest()
 
 
 def test_locations_are_cut_when_shown_but_digested_whole():

@@ -34,16 +34,22 @@ def test_offsets_in_the_folded_text_map_back_to_the_text_as_written():
     assert folded.unfolded(len(folded.data)) == len(text)
 
 
-def test_numpy_and_re_fold_alike(monkeypatch):
-    """Large texts are folded where numpy finds the characters to fold (fold._fold_starts), small ones
-    where the regex does: the same, whatever comes first or last (a separator, a form, a cut character)."""
+def test_c_numpy_and_re_fold_alike(monkeypatch):
+    """The characters to fold are found in C, or without it by numpy in large texts (fold._fold_starts)
+    and by the regex in small ones: the same, whatever comes first or last (a separator, a form, a cut
+    character)."""
     rng = random.Random(18)
     alphabet = list("ab19 ,-(\n") + list("，：（）－＋．＠＿％　ＡＺａｚ０９。中")
     for _ in range(80):
         piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))).encode()
-        data = piece * (folding._NUMPY_FOLD_FROM // len(piece) + 1) + rng.choice(alphabet).encode() \
-            + rng.choice([b"", b"\xef", b"\xef\xbc", b"\xe3\x80"])
-        with_numpy = fold(data)
-        monkeypatch.setattr(folding, "_NUMPY_FOLD_FROM", 1 << 40)
-        assert fold(data) == with_numpy, piece.decode()
-        monkeypatch.undo()
+        end = rng.choice(alphabet).encode() + rng.choice([b"", b"\xef", b"\xef\xbc", b"\xe3\x80"])
+        for data in (piece + end, piece * (folding._NUMPY_FOLD_FROM // len(piece) + 1) + end):
+            monkeypatch.setattr(folding, "kernels", None)
+            monkeypatch.setattr(folding, "_NUMPY_FOLD_FROM", 1 << 40)
+            with_re = fold(data)
+            monkeypatch.setattr(folding, "_NUMPY_FOLD_FROM", 0)
+            assert fold(data) == with_re, ("numpy", piece.decode())
+            monkeypatch.undo()
+            if folding.kernels is not None:
+                assert fold(data) == with_re, ("C", piece.decode())
+

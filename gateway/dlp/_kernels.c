@@ -1,4 +1,4 @@
-/* The DLP hot path's two loops over a bulk export, in C: finding the words that word patterns match
+/* The DLP hot path's loops over a bulk export, in C: finding the words that word patterns match
  * (gateway/dlp/tokens.py) and checking fixed-form candidates (gateway/dlp/batch.py). A JSON or CSV export
  * holds an ID number and a mobile number in every record; done with numpy, each step is a pass over all
  * of them, and their fixed costs held a 1 MiB export to ~40 MB/s.
@@ -8,6 +8,8 @@
  * mobile prefixes, card brands) are built in Python from the same definitions as the numpy path, which
  * stays as the fallback where this module could not be compiled; tests hold both to the same answers.
  * A word's matches are also settled here (settle_words): in a bulk export, nearly every candidate.
+ * Three passes of a scan's fixed cost too: GBK to UTF-8, finding the full-width characters to fold
+ * (gateway/dlp/fold.py) and formatting the lines of the places' digest (gateway/dlp/tally.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -192,8 +194,9 @@ typedef struct {
     Py_ssize_t count, room;
 } Rows;
 
-static int rows_push(Rows *rows, int64_t a, int64_t b, int64_t c) {
-    if (rows->count + 3 > rows->room) {
+/* Room for `more` items (0), or -1 where memory ran out. */
+static int rows_room(Rows *rows, Py_ssize_t more) {
+    if (rows->count + more > rows->room) {
         Py_ssize_t room = rows->room ? rows->room * 2 : 3 * 1024;
         int64_t *items = realloc(rows->items, room * sizeof(int64_t)); /* without the GIL: not PyMem */
         if (!items)
@@ -201,9 +204,22 @@ static int rows_push(Rows *rows, int64_t a, int64_t b, int64_t c) {
         rows->items = items;
         rows->room = room;
     }
+    return 0;
+}
+
+static int rows_push(Rows *rows, int64_t a, int64_t b, int64_t c) {
+    if (rows_room(rows, 3) < 0)
+        return -1;
     rows->items[rows->count++] = a;
     rows->items[rows->count++] = b;
     rows->items[rows->count++] = c;
+    return 0;
+}
+
+static int rows_push_one(Rows *rows, int64_t item) {
+    if (rows_room(rows, 1) < 0)
+        return -1;
+    rows->items[rows->count++] = item;
     return 0;
 }
 
@@ -607,6 +623,122 @@ done:
     return out;
 }
 
+/* ---- full-width folding ------------------------------------------------------------------------- */
+
+enum { FOLD_FORM = 1, FOLD_SEPARATOR = 2 }; /* gateway/dlp/fold.py: _IS_FORM, _IS_SEPARATOR */
+
+/* The kind of the character whose 3 bytes start at `text` when its first is 0xEF or 0xE3 (fold.py
+ * _kind_at: its 2nd and 3rd bytes, and one bit telling the 1st), else 0. */
+static unsigned char fold_kind(const unsigned char *kinds, const unsigned char *text) {
+    if (text[0] != 0xEF && text[0] != 0xE3)
+        return 0;
+    return kinds[(text[1] | text[2] << 8) | (text[0] & 4) << 14];
+}
+
+static int ascii_alnum(unsigned char byte) {
+    return (byte >= '0' && byte <= '9') || (byte >= 'A' && byte <= 'Z') || (byte >= 'a' && byte <= 'z');
+}
+
+/* fold_starts(kinds, data): where the characters to fold start (fold.py _fold_starts), as int64 bytes,
+ * rising: every full-width form, and every separator with an ASCII letter or digit, or a form, just
+ * before or after it. The bytes 0xEF and 0xE3 that start them are found with memchr: Chinese text
+ * holds few (its full-width punctuation), so this reads the text about as fast as memory allows. */
+static PyObject *fold_starts(PyObject *self, PyObject *args) {
+    Py_buffer kinds, data;
+    if (!PyArg_ParseTuple(args, "y*y*", &kinds, &data))
+        return NULL;
+    PyObject *out = NULL;
+    if (kinds.len != 2 << 16) {
+        PyErr_SetString(PyExc_ValueError, "kinds table of the wrong size");
+        goto done;
+    }
+    const unsigned char *text = data.buf, *table = kinds.buf;
+    Py_ssize_t size = data.len;
+    Rows starts = {0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t end = size - 2; /* a character to fold starts before: it has 3 bytes */
+    Py_ssize_t next_ef = -1, next_e3 = -1; /* the next 0xEF, 0xE3 from `at` on (`end`: none), once searched */
+    for (Py_ssize_t at = 0; at < end && !failed; at++) {
+        if (next_ef < at) {
+            const unsigned char *found = memchr(text + at, 0xEF, end - at);
+            next_ef = found ? found - text : end;
+        }
+        if (next_e3 < at) {
+            const unsigned char *found = memchr(text + at, 0xE3, end - at);
+            next_e3 = found ? found - text : end;
+        }
+        at = next_ef < next_e3 ? next_ef : next_e3;
+        if (at == end)
+            break;
+        unsigned char kind = fold_kind(table, text + at);
+        int folded = kind == FOLD_FORM;
+        if (kind == FOLD_SEPARATOR)
+            folded = (at + 3 < size && ascii_alnum(text[at + 3])) || (at >= 1 && ascii_alnum(text[at - 1]))
+                     || (at + 6 <= size && fold_kind(table, text + at + 3) == FOLD_FORM)
+                     || (at >= 3 && fold_kind(table, text + at - 3) == FOLD_FORM);
+        if (folded)
+            failed = rows_push_one(&starts, at) < 0;
+    }
+    Py_END_ALLOW_THREADS
+    out = failed ? PyErr_NoMemory()
+                 : PyBytes_FromStringAndSize((const char *)starts.items, starts.count * sizeof(int64_t));
+    free(starts.items);
+done:
+    PyBuffer_Release(&kinds);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+/* ---- the places' digest ------------------------------------------------------------------------- */
+
+/* place_lines(prefix, offsets): for each offset (a list of ints), prefix, a space, the offset in decimal
+ * and a newline: the lines a findings group's digest reads for one location (gateway/dlp/tally.py
+ * lines_of), where formatting a bulk export's thousand offsets one by one cost more than its rules. */
+static PyObject *place_lines(PyObject *self, PyObject *args) {
+    Py_buffer prefix;
+    PyObject *offsets, *fast = NULL, *out = NULL;
+    if (!PyArg_ParseTuple(args, "y*O", &prefix, &offsets))
+        return NULL;
+    fast = PySequence_Fast(offsets, "offsets must be a sequence of ints");
+    if (!fast)
+        goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast), line = prefix.len + 22; /* " ", up to 20 digits, "\n" */
+    if (count && line > PY_SSIZE_T_MAX / count) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, line * count);
+    if (!out)
+        goto done;
+    char *start = PyBytes_AS_STRING(out), *write = start;
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t index = 0; index < count; index++) {
+        unsigned long long offset = PyLong_AsUnsignedLongLong(items[index]);
+        if (offset == (unsigned long long)-1 && PyErr_Occurred()) { /* not an int, or negative */
+            Py_CLEAR(out);
+            goto done;
+        }
+        char digits[20];
+        int made = 0;
+        do {
+            digits[made++] = (char)('0' + offset % 10);
+            offset /= 10;
+        } while (offset);
+        memcpy(write, prefix.buf, prefix.len);
+        write += prefix.len;
+        *write++ = ' ';
+        while (made)
+            *write++ = digits[--made];
+        *write++ = '\n';
+    }
+    _PyBytes_Resize(&out, write - start);
+done:
+    Py_XDECREF(fast);
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"compile_words", compile_words, METH_VARARGS, "Word patterns' forms compiled for scan_words."},
     {"scan_words", scan_words, METH_VARARGS, "Words the compiled forms match: int64 rows (pattern, start, end)."},
@@ -614,6 +746,8 @@ static PyMethodDef methods[] = {
     {"check", check, METH_VARARGS, "One kind's check over candidates: a byte each (1, 0, 2 undecided)."},
     {"settle_words", settle_words, METH_VARARGS, "Word matches settled by their detectors' checks."},
     {"gbk_to_utf8", gbk_to_utf8, METH_VARARGS, "GBK text as UTF-8, or None where the table does not read it."},
+    {"fold_starts", fold_starts, METH_VARARGS, "Where the full-width characters to fold start: int64, rising."},
+    {"place_lines", place_lines, METH_VARARGS, "Each offset's digest line: prefix, a space, the offset, a newline."},
     {NULL, NULL, 0, NULL},
 };
 

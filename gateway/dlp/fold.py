@@ -1,9 +1,9 @@
 """Full-width folding: UTF-8 text as the matcher reads it, with full-width digits, letters and the
 separators next to them written as ASCII, and offsets in it mapped back to the text as written.
 
-The characters to fold are found by a regex in small texts and with numpy in larger ones (one pass
-over the bytes for the first bytes of U+FFxx and U+3000, tables for those few); a text without any
-is not copied.
+The characters to fold are found in C (gateway/dlp/_kernels.c fold_starts), or where it was not
+compiled by a regex in small texts and with numpy in larger ones (one pass over the bytes for the first
+bytes of U+FFxx and U+3000, tables for those few); a text without any is not copied.
 """
 
 import bisect
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from gateway.dlp.native import kernels
 
 # Full-width forms a value can be written with fold to ASCII: digits and letters, and the separators
 # the detectors read (+ - . @ _ % and parentheses, the ideographic space to a space) where they touch a
@@ -45,6 +47,7 @@ _FOLD_KIND = np.zeros(2 << 16, dtype=np.uint8)
 for _form in _FOLDS:
     _FOLD_KIND[_kind_at(int.from_bytes(_form, "little"))] = \
         _IS_FORM if re.fullmatch(_FULL_WIDTH_ALNUM, _form) else _IS_SEPARATOR
+_FOLD_KIND_TABLE = _FOLD_KIND.tobytes()  # for the C kernel
 _ASCII_ALNUM = np.zeros(256, dtype=bool)
 _ASCII_ALNUM[[byte for byte in range(128) if re.fullmatch(_ALNUM, bytes([byte]))]] = True
 _NUMPY_FOLD_FROM = 4096  # (at least 4 bytes) below this, the regex's search is quicker than numpy's fixed costs
@@ -66,7 +69,9 @@ def fold(data: bytes) -> Folded | None:
     the usual case, which costs a search and no copy."""
     if b"\xef" not in data and b"\xe3\x80\x80" not in data:  # memchr first: most texts have neither
         return None
-    if len(data) < _NUMPY_FOLD_FROM:
+    if kernels is not None:
+        starts = memoryview(kernels.fold_starts(_FOLD_KIND_TABLE, data)).cast("q").tolist()
+    elif len(data) < _NUMPY_FOLD_FROM:
         starts = [match.start() for match in _FOLDABLE.finditer(data)]
     else:
         starts = _fold_starts(data)
