@@ -8,8 +8,9 @@
  * mobile prefixes, card brands) are built in Python from the same definitions as the numpy path, which
  * stays as the fallback where this module could not be compiled; tests hold both to the same answers.
  * A word's matches are also settled here (settle_words): in a bulk export, nearly every candidate.
- * Three passes of a scan's fixed cost too: GBK to UTF-8, finding the full-width characters to fold
- * (gateway/dlp/fold.py) and formatting the lines of the places' digest (gateway/dlp/tally.py).
+ * Four passes of a scan's fixed cost too: GBK to UTF-8, finding the full-width characters to fold
+ * (gateway/dlp/fold.py), a JSON or CSV text's structure for its locators (gateway/dlp/decode.py) and
+ * formatting the lines of the places' digest (gateway/dlp/tally.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -690,6 +691,171 @@ done:
     return out;
 }
 
+/* ---- a JSON or CSV text's structure ------------------------------------------------------------- */
+
+/* blank_strings(data, start, end, quoted, marks): data[start:end] with the inside of every "..." made
+ * spaces (gateway/dlp/decode.py _Structure: quotes kept; `quoted` says whether start is inside a
+ * string), whether end is inside one, and the offsets of the bytes of `marks` left (int64, rising):
+ * one pass where numpy took eight, which made locating a few values near a large export's end cost
+ * more than scanning it. */
+static PyObject *blank_strings(PyObject *self, PyObject *args) {
+    Py_buffer data, marks;
+    Py_ssize_t start, end;
+    int quoted;
+    if (!PyArg_ParseTuple(args, "y*nnpy*", &data, &start, &end, &quoted, &marks))
+        return NULL;
+    PyObject *blanked = NULL, *found = NULL, *result = NULL;
+    if (start < 0 || end < start || end > data.len) {
+        PyErr_SetString(PyExc_ValueError, "start and end must lie within the data, in order");
+        goto done;
+    }
+    blanked = PyBytes_FromStringAndSize(NULL, end - start);
+    if (!blanked)
+        goto done;
+    unsigned char is_mark[256] = {0};
+    for (Py_ssize_t i = 0; i < marks.len; i++)
+        is_mark[((const unsigned char *)marks.buf)[i]] = 1;
+    is_mark[' '] = 0; /* what a string's inside becomes */
+    const unsigned char *text = data.buf;
+    unsigned char *write = (unsigned char *)PyBytes_AS_STRING(blanked);
+    Rows offsets = {0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t at = start; at < end && !failed; at++) {
+        unsigned char byte = text[at];
+        if (byte == '"')
+            quoted = !quoted;
+        else if (quoted)
+            byte = ' ';
+        *write++ = byte;
+        if (is_mark[byte])
+            failed = rows_push_one(&offsets, at) < 0;
+    }
+    Py_END_ALLOW_THREADS
+    if (failed)
+        PyErr_NoMemory();
+    else if ((found = PyBytes_FromStringAndSize((const char *)offsets.items, offsets.count * sizeof(int64_t))))
+        result = Py_BuildValue("(OOO)", blanked, quoted ? Py_True : Py_False, found);
+    free(offsets.items);
+done:
+    Py_XDECREF(blanked);
+    Py_XDECREF(found);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&marks);
+    return result;
+}
+
+/* ---- values found more than once ---------------------------------------------------------------- */
+
+static uint64_t span_hash(const unsigned char *bytes, Py_ssize_t length) { /* FNV-1a */
+    uint64_t hash = 0xcbf29ce484222325ULL;
+    for (Py_ssize_t i = 0; i < length; i++)
+        hash = (hash ^ bytes[i]) * 0x100000001b3ULL;
+    return hash;
+}
+
+/* repeated_spans(text, starts, ends, others): the rows (int64, rising) whose bytes text[starts[row]:
+ * ends[row]] equal another row's or one of `others` (a list of bytes): the candidates for values found
+ * more than once (gateway/dlp/detections.py repeated), with one hash table over every row, linear where
+ * sorting a bulk export's hashes grew faster than the export. */
+static PyObject *repeated_spans(PyObject *self, PyObject *args) {
+    Py_buffer text, starts, ends;
+    PyObject *starts_object, *ends_object, *others, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*OOO!", &text, &starts_object, &ends_object, &PyList_Type, &others))
+        return NULL;
+    if (int64_rows(starts_object, &starts, 1) < 0) {
+        PyBuffer_Release(&text);
+        return NULL;
+    }
+    if (int64_rows(ends_object, &ends, 1) < 0) {
+        PyBuffer_Release(&starts);
+        PyBuffer_Release(&text);
+        return NULL;
+    }
+    Py_ssize_t count = starts.len / 8, other_count = PyList_GET_SIZE(others);
+    const int64_t *at = starts.buf, *until = ends.buf;
+    const unsigned char *bytes = text.buf;
+    int64_t *table = NULL; /* per slot: 0 empty, row + 1, or -(other + 1) */
+    unsigned char *repeated = NULL;
+    Py_ssize_t size = 16;
+    if (ends.len != starts.len) {
+        PyErr_SetString(PyExc_ValueError, "as many starts as ends");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (at[i] < 0 || until[i] < at[i] || until[i] > text.len) {
+            PyErr_SetString(PyExc_ValueError, "span outside the text");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < other_count; i++)
+        if (!PyBytes_Check(PyList_GET_ITEM(others, i))) {
+            PyErr_SetString(PyExc_TypeError, "others must be bytes");
+            goto done;
+        }
+    while (size < 2 * (count + other_count)) /* at most half full */
+        size *= 2;
+    table = PyMem_Calloc(size, sizeof(int64_t));
+    repeated = PyMem_Calloc(count ? count : 1, 1);
+    if (!table || !repeated) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* the others first (equal to one, a row is repeated), then each row: linear probing, each slot
+     * holding the first row (or other) of its bytes */
+    for (Py_ssize_t item = -other_count; item < count; item++) {
+        const unsigned char *value;
+        Py_ssize_t length;
+        if (item < 0) {
+            PyObject *other = PyList_GET_ITEM(others, -item - 1);
+            value = (const unsigned char *)PyBytes_AS_STRING(other);
+            length = PyBytes_GET_SIZE(other);
+        } else {
+            value = bytes + at[item];
+            length = until[item] - at[item];
+        }
+        Py_ssize_t slot = (Py_ssize_t)(span_hash(value, length) & (uint64_t)(size - 1));
+        for (;; slot = (slot + 1) & (size - 1)) {
+            int64_t held = table[slot];
+            if (!held) {
+                table[slot] = item < 0 ? item : item + 1;
+                break;
+            }
+            const unsigned char *first;
+            Py_ssize_t first_length;
+            if (held < 0) {
+                PyObject *other = PyList_GET_ITEM(others, -held - 1);
+                first = (const unsigned char *)PyBytes_AS_STRING(other);
+                first_length = PyBytes_GET_SIZE(other);
+            } else {
+                first = bytes + at[held - 1];
+                first_length = until[held - 1] - at[held - 1];
+            }
+            if (first_length == length && !memcmp(first, value, length)) {
+                if (item >= 0) {
+                    repeated[item] = 1;
+                    if (held > 0)
+                        repeated[held - 1] = 1;
+                }
+                break;
+            }
+        }
+    }
+    Rows rows = {0};
+    int failed = 0;
+    for (Py_ssize_t row = 0; row < count && !failed; row++)
+        if (repeated[row])
+            failed = rows_push_one(&rows, row) < 0;
+    result = failed ? PyErr_NoMemory() : PyBytes_FromStringAndSize((const char *)rows.items, rows.count * sizeof(int64_t));
+    free(rows.items);
+done:
+    PyMem_Free(table);
+    PyMem_Free(repeated);
+    PyBuffer_Release(&text);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&ends);
+    return result;
+}
+
 /* ---- the places' digest ------------------------------------------------------------------------- */
 
 /* place_lines(prefix, offsets): for each offset (a list of ints), prefix, a space, the offset in decimal
@@ -747,6 +913,8 @@ static PyMethodDef methods[] = {
     {"settle_words", settle_words, METH_VARARGS, "Word matches settled by their detectors' checks."},
     {"gbk_to_utf8", gbk_to_utf8, METH_VARARGS, "GBK text as UTF-8, or None where the table does not read it."},
     {"fold_starts", fold_starts, METH_VARARGS, "Where the full-width characters to fold start: int64, rising."},
+    {"blank_strings", blank_strings, METH_VARARGS, "A text's strings blanked, and where the marks left are."},
+    {"repeated_spans", repeated_spans, METH_VARARGS, "Rows whose bytes equal another row's or one of others."},
     {"place_lines", place_lines, METH_VARARGS, "Each offset's digest line: prefix, a space, the offset, a newline."},
     {NULL, NULL, 0, NULL},
 };

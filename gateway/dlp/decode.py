@@ -54,6 +54,7 @@ from gateway.dlp.embedded import (
     encoded_contents,
 )
 from gateway.dlp.fold import Folded, fold
+from gateway.dlp.native import kernels
 
 MiB = 1 << 20
 
@@ -766,25 +767,34 @@ class _Structure:
         self.brackets: list[int] = []  # offsets of those bytes in the structure made
 
     def through(self, offset: int) -> bytearray:
-        """The structure, made at least up to `offset` (and so searchable before it). Each step is a
-        few whole-array passes of uint8 arithmetic and comparisons, which numpy vectorises (np.where,
-        np.isin and byte lookups take several times longer on a bulk export)."""
+        """The structure, made at least up to `offset` (and so searchable before it): in C, or where it
+        was not compiled in a few whole-array passes of uint8 arithmetic and comparisons, which numpy
+        vectorises (np.where, np.isin and byte lookups take several times longer on a bulk export)."""
         made = len(self.blanked)
         if offset >= made and made < len(self.data):
             end = min(max(offset + 1, 2 * made, 1 << 16), len(self.data))
-            part = np.frombuffer(self.data, dtype=np.uint8, count=end - made, offset=made)
-            quotes = (part == ord('"')).view(np.uint8)
-            inside = _prefix_xor(quotes)  # 1 from an opening quote on, 0 from its closing one
-            if self.quoted:
-                inside ^= 1
-            self.quoted = bool(inside[-1])
-            blank = (inside > quotes).view(np.uint8)  # inside a string, but not its opening quote
-            part = part ^ blank * (part ^ np.uint8(ord(" ")))  # a space where blank is 1
-            self.blanked += part.data
-            if self.bracket_bytes:
-                found = functools.reduce(np.logical_or, [part == byte for byte in self.bracket_bytes])
-                self.brackets += (made + np.flatnonzero(found)).tolist()
+            if kernels is not None:
+                blanked, self.quoted, found = kernels.blank_strings(self.data, made, end, self.quoted,
+                                                                    self.bracket_bytes)
+                self.blanked += blanked
+                self.brackets += memoryview(found).cast("q").tolist()
+            else:
+                self._blank_with_numpy(made, end)
         return self.blanked
+
+    def _blank_with_numpy(self, made: int, end: int) -> None:
+        part = np.frombuffer(self.data, dtype=np.uint8, count=end - made, offset=made)
+        quotes = (part == ord('"')).view(np.uint8)
+        inside = _prefix_xor(quotes)  # 1 from an opening quote on, 0 from its closing one
+        if self.quoted:
+            inside ^= 1
+        self.quoted = bool(inside[-1])
+        blank = (inside > quotes).view(np.uint8)  # inside a string, but not its opening quote
+        part = part ^ blank * (part ^ np.uint8(ord(" ")))  # a space where blank is 1
+        self.blanked += part.data
+        if self.bracket_bytes:
+            found = functools.reduce(np.logical_or, [part == byte for byte in self.bracket_bytes])
+            self.brackets += (made + np.flatnonzero(found)).tolist()
 
 
 class _JsonObject(list):

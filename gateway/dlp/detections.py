@@ -18,6 +18,7 @@ import numpy as np
 from gateway.dlp.batch import matrix
 from gateway.dlp.decode import Segment
 from gateway.dlp.detectors import DETECTORS, mask_middle, masks_of
+from gateway.dlp.native import kernels
 from gateway.dlp.tally import Place, in_runs
 
 
@@ -249,10 +250,17 @@ class Detections(Sequence[Detection]):
 
     def repeated(self) -> np.ndarray:
         """The rows whose value is found more than once, in text order. A bulk export's values are
-        hashed as columns and only rows of equal hashes decoded and compared, so the cost stays that
-        of one pass over the columns however many values repeat (a few do by chance in a large export)."""
+        hashed (in C, into one table; without it with numpy, a length at a time) and only rows of
+        equal bytes or hashes decoded and compared, so the cost stays that of one pass over the
+        columns however many values repeat (a few do by chance in a large export)."""
         candidates = [np.arange(self.bulk, len(self), dtype=np.int64)]  # the listed rows: few
-        if self.bulk:
+        if self.bulk and kernels is not None:  # one hash table over every row, in C
+            c = self.columns
+            text = c.data if c.segment.original is None else c.segment.original
+            listed = [d.value.encode("utf-8", "surrogatepass") for d in self.listed]
+            spans = (np.ascontiguousarray(offsets, dtype=np.int64) for offsets in (c.written, c.written_ends))
+            candidates.append(np.frombuffer(kernels.repeated_spans(text, *spans, listed), dtype=np.int64))
+        elif self.bulk:
             c = self.columns
             lengths = c.written_ends - c.written
             listed = {}  # byte length -> the listed values of that length
