@@ -745,6 +745,7 @@ done:
     return result;
 }
 
+
 /* ---- values found more than once ---------------------------------------------------------------- */
 
 static uint64_t span_hash(const unsigned char *bytes, Py_ssize_t length) { /* FNV-1a */

@@ -753,6 +753,12 @@ def _prefix_xor(bits: np.ndarray) -> np.ndarray:
     return np.unpackbits(packed, count=len(bits), bitorder="little")
 
 
+def _offsets_of(text: bytes | bytearray, byte: int, end: int) -> np.ndarray:
+    """The offsets of `byte` in text[:end], rising (numpy's nonzero beats memchr on bytes this dense).
+    The view is gone when this returns: a growing bytearray can grow again."""
+    return np.flatnonzero(np.frombuffer(text, dtype=np.uint8, count=min(end, len(text))) == byte)
+
+
 class _Structure:
     """A text with the inside of every "..." replaced by spaces (same length): what is left is
     structure. Exact for texts without backslash escapes (JSON) and for CSV, where a quote inside a
@@ -902,7 +908,7 @@ class _JsonLocator:
             positions = np.array(made.brackets, dtype=np.int64)
             opens = np.isin(data[positions], (_OPEN_OBJECT, _OPEN_ARRAY))
             depths = np.cumsum(np.where(opens, 1, -1))  # after each bracket
-            commas = np.flatnonzero(np.frombuffer(bytes(made.blanked), dtype=np.uint8) == ord(","))
+            commas = _offsets_of(made.blanked, ord(","), len(made.blanked))
             before = np.searchsorted(positions, commas)  # brackets before each comma
             comma_depths = np.where(before > 0, depths[np.maximum(before - 1, 0)], 0)
             self._arrays = (len(made.blanked), positions, opens, depths, commas, comma_depths)
@@ -922,9 +928,8 @@ class _JsonLocator:
         depth = np.where(replayed > 0, depths[np.maximum(replayed - 1, 0)], 0)
         # as far as the last offset (the keys before each are searched): a structure made through
         # a large export for a finding near its end is not searched again for the first findings
-        structure = np.frombuffer(self.structure[:int(at.max()) + 1], dtype=np.uint8)
-        colons = np.flatnonzero(structure == ord(":"))
-        quotes = np.flatnonzero(structure == ord('"'))
+        searched, text = int(at.max()) + 1, np.frombuffer(self.data, dtype=np.uint8)
+        colons, quotes = _offsets_of(self.structure, ord(":"), searched), _offsets_of(self.structure, ord('"'), searched)
         levels = []  # per depth: (is_object, index or key start and end) of each offset at least that deep
         opened = [np.zeros(0, dtype=np.int64)] * (int(depth.max()) + 2)
         for level in range(1, int(depth.max()) + 1):
@@ -944,7 +949,7 @@ class _JsonLocator:
             closing = np.where((colon >= 0) & (closing >= start) & (closing < colon), closing, -1)
             opening = quotes[np.maximum(np.searchsorted(quotes, closing) - 1, 0)] if len(quotes) else closing * 0 - 1
             opening = np.where((closing > 0) & (opening >= start) & (opening < closing), opening, -1)
-            levels.append((np.flatnonzero(rows).tolist(), (structure[start] == _OPEN_OBJECT).tolist(),
+            levels.append((np.flatnonzero(rows).tolist(), (text[start] == _OPEN_OBJECT).tolist(),
                            index.tolist(), opening.tolist(), closing.tolist()))
         root = child(self.location, "$")  # the location and the path's root: each path grows from it
         paths: list[list] = [[root, None] for _ in offsets]
@@ -1027,9 +1032,9 @@ class _CsvLocator:
         """What self(offset) says of each offset, from all newlines and delimiters at once."""
         at = np.array(offsets, dtype=np.int64)
         self.made.through(int(at.max()) if len(at) else 0)
-        structure = np.frombuffer(bytes(self.structure), dtype=np.uint8)
-        newlines = np.flatnonzero(structure == ord("\n"))
-        delimiters = np.flatnonzero(structure == self.delimiter[0]) if len(self.delimiter) == 1 else None
+        made = len(self.structure)
+        newlines = _offsets_of(self.structure, ord("\n"), made)
+        delimiters = _offsets_of(self.structure, self.delimiter[0], made) if len(self.delimiter) == 1 else None
         if delimiters is None:
             return list(map(self, offsets))
         rows = np.searchsorted(newlines, at)  # newlines before each offset
