@@ -369,3 +369,20 @@ def test_a_few_values_repeated_in_a_bulk_export_are_told_apart_without_decoding_
     assert result.findings == objects.findings and result.groups == objects.groups
     counts = Counter(detections.values())
     assert detections.repeated().tolist() == [row for row, value in enumerate(detections.values()) if counts[value] > 1]
+
+
+@pytest.mark.parametrize("full_width", [False, True])
+def test_the_values_characters_and_lengths_are_alike_in_c_and_numpy(tmp_path, monkeypatch, full_width):
+    """What location masks are built from: every length and character of a bulk export's values (None
+    where a value holds a character outside ASCII, a full-width digit)."""
+    if detections_module.kernels is None:
+        pytest.skip("the C kernels are not compiled here (no compiler at install)")
+    body, content_type = _body(_export(300, repeats=False, full_width=full_width, extras=True), as_csv=False)
+    (tmp_path / "r.yaml").write_text(RULES.replace("{allowed}", "11010519491231002X"))
+    profile = load_rules(tmp_path / "r.yaml").profile("wide")
+    detections, _ = profile.detect_all(decode_body(body, content_type, None, profile.limits), "body")
+    assert detections.bulk > 300
+    in_c = detections.value_lengths_and_units()
+    monkeypatch.setattr(detections_module, "kernels", None)
+    assert detections.value_lengths_and_units() == in_c
+    assert (in_c is None) == full_width and (full_width or {11, 16, 18} <= in_c[0] and "X" in in_c[1])

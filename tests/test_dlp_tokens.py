@@ -89,6 +89,17 @@ def test_the_c_kernels_refuse_what_would_read_outside_the_text():
     for rows in ([[0, 0, 19]], [[1, 0, 18]], [[0, 5, 18], [0, 0, 4]]):  # past the end, no such pattern, not in order
         with pytest.raises(ValueError, match="words of the text"):
             kernels.settle_words(tables, b"110105194912310021", np.array(rows, dtype=np.int64), patterns, 20261206)
+    for spans in ((one, far), (far, one), (np.array([-1], dtype=np.int64), one)):  # past the end, reversed, before
+        with pytest.raises(ValueError, match="outside the text"):
+            kernels.repeated_spans(b"110105194912310021", *spans, [])
+        with pytest.raises(ValueError, match="outside the text"):
+            kernels.span_bytes(b"110105194912310021", *spans)
+    with pytest.raises(ValueError, match="within the data"):
+        kernels.blank_strings(b'"a"', 2, 4, False, b"[]")
+    with pytest.raises(ValueError, match="wrong size"):
+        kernels.fold_starts(bytes(10), "１".encode())
+    with pytest.raises(OverflowError):
+        kernels.place_lines(b'"body"', [1, -1])
 
 
 

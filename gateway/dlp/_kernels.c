@@ -441,6 +441,33 @@ static int int64_rows(PyObject *object, Py_buffer *view, Py_ssize_t row) {
 
 /* check(checks, kind, data, starts, ends, today): one kind's check over candidates data[starts[i]:ends[i]],
  * a byte each (1, 0 or UNDECIDED). */
+/* starts and ends: int64 offsets of spans of a text of `size` bytes, as many of each, each span within
+ * the text; 0, or -1 with an error set and nothing held. */
+static int spans_within(PyObject *starts_object, PyObject *ends_object, Py_buffer *starts, Py_buffer *ends,
+                        Py_ssize_t size) {
+    if (int64_rows(starts_object, starts, 1) < 0)
+        return -1;
+    if (int64_rows(ends_object, ends, 1) < 0) {
+        PyBuffer_Release(starts);
+        return -1;
+    }
+    const int64_t *at = starts->buf, *until = ends->buf;
+    if (ends->len != starts->len)
+        PyErr_SetString(PyExc_ValueError, "as many starts as ends");
+    else
+        for (Py_ssize_t i = 0; i < starts->len / 8; i++)
+            if (at[i] < 0 || until[i] < at[i] || until[i] > size) {
+                PyErr_SetString(PyExc_ValueError, "span outside the text");
+                break;
+            }
+    if (PyErr_Occurred()) {
+        PyBuffer_Release(starts);
+        PyBuffer_Release(ends);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *check(PyObject *self, PyObject *args) {
     PyObject *capsule, *starts_object, *ends_object;
     int kind;
@@ -450,12 +477,7 @@ static PyObject *check(PyObject *self, PyObject *args) {
         return NULL;
     const Checks *checks = PyCapsule_GetPointer(capsule, "gateway.dlp.checks");
     PyObject *answers = NULL;
-    if (!checks || int64_rows(starts_object, &starts, 1) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    if (int64_rows(ends_object, &ends, 1) < 0) {
-        PyBuffer_Release(&starts);
+    if (!checks || spans_within(starts_object, ends_object, &starts, &ends, data.len) < 0) {
         PyBuffer_Release(&data);
         return NULL;
     }
@@ -463,15 +485,7 @@ static PyObject *check(PyObject *self, PyObject *args) {
     const int64_t *at = starts.buf, *until = ends.buf;
     if (kind <= NO_CHECK || kind >= KINDS)
         PyErr_SetString(PyExc_ValueError, "no such check");
-    else if (ends.len != starts.len)
-        PyErr_SetString(PyExc_ValueError, "as many starts as ends");
-    else
-        for (Py_ssize_t i = 0; i < count; i++)
-            if (at[i] < 0 || until[i] < at[i] || until[i] > data.len) {
-                PyErr_SetString(PyExc_ValueError, "candidate outside the text");
-                break;
-            }
-    if (!PyErr_Occurred() && (answers = PyBytes_FromStringAndSize(NULL, count))) {
+    else if ((answers = PyBytes_FromStringAndSize(NULL, count))) {
         char *answer = PyBytes_AS_STRING(answers);
         for (Py_ssize_t i = 0; i < count; i++)
             answer[i] = (char)valid(checks, kind, (const unsigned char *)data.buf + at[i], until[i] - at[i], today);
@@ -764,12 +778,7 @@ static PyObject *repeated_spans(PyObject *self, PyObject *args) {
     PyObject *starts_object, *ends_object, *others, *result = NULL;
     if (!PyArg_ParseTuple(args, "y*OOO!", &text, &starts_object, &ends_object, &PyList_Type, &others))
         return NULL;
-    if (int64_rows(starts_object, &starts, 1) < 0) {
-        PyBuffer_Release(&text);
-        return NULL;
-    }
-    if (int64_rows(ends_object, &ends, 1) < 0) {
-        PyBuffer_Release(&starts);
+    if (spans_within(starts_object, ends_object, &starts, &ends, text.len) < 0) {
         PyBuffer_Release(&text);
         return NULL;
     }
@@ -779,15 +788,6 @@ static PyObject *repeated_spans(PyObject *self, PyObject *args) {
     int64_t *table = NULL; /* per slot: 0 empty, row + 1, or -(other + 1) */
     unsigned char *repeated = NULL;
     Py_ssize_t size = 16;
-    if (ends.len != starts.len) {
-        PyErr_SetString(PyExc_ValueError, "as many starts as ends");
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < count; i++)
-        if (at[i] < 0 || until[i] < at[i] || until[i] > text.len) {
-            PyErr_SetString(PyExc_ValueError, "span outside the text");
-            goto done;
-        }
     for (Py_ssize_t i = 0; i < other_count; i++)
         if (!PyBytes_Check(PyList_GET_ITEM(others, i))) {
             PyErr_SetString(PyExc_TypeError, "others must be bytes");
@@ -857,6 +857,29 @@ done:
     return result;
 }
 
+/* span_bytes(text, starts, ends): 256 bytes, 1 for each byte value found in some span: which characters
+ * a bulk export's values are written with (gateway/dlp/detections.py value_lengths_and_units). */
+static PyObject *span_bytes(PyObject *self, PyObject *args) {
+    Py_buffer text, starts, ends;
+    PyObject *starts_object, *ends_object;
+    if (!PyArg_ParseTuple(args, "y*OO", &text, &starts_object, &ends_object))
+        return NULL;
+    if (spans_within(starts_object, ends_object, &starts, &ends, text.len) < 0) {
+        PyBuffer_Release(&text);
+        return NULL;
+    }
+    char found[256] = {0};
+    const int64_t *at = starts.buf, *until = ends.buf;
+    const unsigned char *bytes = text.buf;
+    for (Py_ssize_t i = 0; i < starts.len / 8; i++)
+        for (int64_t offset = at[i]; offset < until[i]; offset++)
+            found[bytes[offset]] = 1;
+    PyBuffer_Release(&text);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&ends);
+    return PyBytes_FromStringAndSize(found, 256);
+}
+
 /* ---- the places' digest ------------------------------------------------------------------------- */
 
 /* place_lines(prefix, offsets): for each offset (a list of ints), prefix, a space, the offset in decimal
@@ -916,6 +939,7 @@ static PyMethodDef methods[] = {
     {"fold_starts", fold_starts, METH_VARARGS, "Where the full-width characters to fold start: int64, rising."},
     {"blank_strings", blank_strings, METH_VARARGS, "A text's strings blanked, and where the marks left are."},
     {"repeated_spans", repeated_spans, METH_VARARGS, "Rows whose bytes equal another row's or one of others."},
+    {"span_bytes", span_bytes, METH_VARARGS, "Which byte values the spans hold: 256 bytes of 0 or 1."},
     {"place_lines", place_lines, METH_VARARGS, "Each offset's digest line: prefix, a space, the offset, a newline."},
     {NULL, NULL, 0, NULL},
 };

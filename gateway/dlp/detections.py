@@ -224,6 +224,11 @@ class Detections(Sequence[Detection]):
             runs += in_runs(self.listed[row - self.bulk].place() for row in rows[len(bulk):].tolist())
         return runs
 
+    def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """The columns' values as written, as contiguous int64 starts and ends (what the kernels read)."""
+        c = self.columns
+        return tuple(np.ascontiguousarray(offsets, dtype=np.int64) for offsets in (c.written, c.written_ends))
+
     def _value_bytes(self) -> list[np.ndarray]:
         """The columns' values as written, as matrices of bytes, one per length (made once)."""
         if self._matrices is None:
@@ -241,10 +246,15 @@ class Detections(Sequence[Detection]):
         lengths = {len(value) for value in shown if value}
         units = set("".join(shown))
         if self.bulk:
-            chars = np.flatnonzero(sum(np.bincount(matrix.ravel(), minlength=256) for matrix in self._value_bytes()))
+            c = self.columns
+            if kernels is not None:
+                text = c.data if c.segment.original is None else c.segment.original
+                chars = np.flatnonzero(np.frombuffer(kernels.span_bytes(text, *self._written_spans()), dtype=np.uint8))
+            else:
+                chars = np.flatnonzero(sum(np.bincount(matrix.ravel(), minlength=256) for matrix in self._value_bytes()))
             if len(chars) and chars[-1] >= 0x80:
                 return None
-            lengths.update(matrix.shape[1] for matrix in self._value_bytes())
+            lengths.update(np.unique(c.written_ends - c.written).tolist())
             units.update(map(chr, chars.tolist()))
         return lengths, "".join(sorted(units))
 
@@ -258,8 +268,8 @@ class Detections(Sequence[Detection]):
             c = self.columns
             text = c.data if c.segment.original is None else c.segment.original
             listed = [d.value.encode("utf-8", "surrogatepass") for d in self.listed]
-            spans = (np.ascontiguousarray(offsets, dtype=np.int64) for offsets in (c.written, c.written_ends))
-            candidates.append(np.frombuffer(kernels.repeated_spans(text, *spans, listed), dtype=np.int64))
+            candidates.append(np.frombuffer(kernels.repeated_spans(text, *self._written_spans(), listed),
+                                            dtype=np.int64))
         elif self.bulk:
             c = self.columns
             lengths = c.written_ends - c.written
