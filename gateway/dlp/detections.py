@@ -205,8 +205,8 @@ class Detections(Sequence[Detection]):
             codes.append(np.array([len(names) + extra.index(t) for t in listed], dtype=np.int64))
             names = [*names, *extra]
         code = np.concatenate(codes) if codes else _NO_ROWS
-        present, first = np.unique(code, return_index=True)
-        order = present[np.argsort(first, kind="stable")]
+        present = np.flatnonzero(np.bincount(code, minlength=len(names)))  # a few codes: no sort of every row
+        order = present[np.argsort([int(np.argmax(code == index)) for index in present.tolist()], kind="stable")]
         # one type per distinct name (a detector's type is its name; a listed row may share it)
         types = list(dict.fromkeys(names[i] for i in order.tolist()))
         index = np.full(len(names), -1, dtype=np.int64)

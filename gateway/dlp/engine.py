@@ -419,7 +419,7 @@ class Profile:
         local_starts = span_starts - np.array(starts, dtype=np.int64)[segment_of]
         local_ends = local_starts + (span_ends - span_starts)
         written_starts, written_ends = local_starts.copy(), local_ends.copy()  # offsets in the text as written
-        for index in np.unique(segment_of).tolist():
+        for index in np.flatnonzero(np.bincount(segment_of, minlength=len(segments))).tolist():  # no sort
             folding = segments[index].folding
             if folding is not None:
                 rows = np.flatnonzero(segment_of == index)
@@ -428,7 +428,8 @@ class Profile:
                 written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
         if sources is None:
             if len(segments) == 1 and not resolve and not any(
-                    DETECTORS[self._detectors[index]].context_words for index in np.unique(detector_index).tolist()):
+                    DETECTORS[self._detectors[index]].context_words
+                    for index in np.flatnonzero(np.bincount(detector_index, minlength=len(self._detectors))).tolist()):
                 # One text and detectors needing no context words (a bulk export): kept as columns.
                 return Detections(columns=Columns(segments[0], data, span_starts, span_ends, written_starts,
                                                   written_ends, detector_index, self._detectors, base_offset))
