@@ -100,6 +100,8 @@ def test_the_c_kernels_refuse_what_would_read_outside_the_text():
         kernels.fold_starts(bytes(10), "１".encode())
     with pytest.raises(OverflowError):
         kernels.place_lines(b'"body"', [1, -1])
+    with pytest.raises(ValueError, match="256 flags"):
+        kernels.json_keys(b'{"a":1}', bytes(255))
 
 
 

@@ -698,6 +698,7 @@ _SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, ran
 _SPACE_BEFORE_COLON = re.compile(b'"(?:' + b"|".join(re.escape(space.encode()) for space in _SPACES) + b")+:")
 _SPACE_FIRST_BYTE = np.zeros(256, dtype=bool)
 _SPACE_FIRST_BYTE[[space.encode()[0] for space in _SPACES]] = True
+_SPACE_FIRST_FLAGS = _SPACE_FIRST_BYTE.tobytes()  # for the C kernel
 _KEY_BYTES = 16  # keys up to this long are told apart by numpy, 4 bytes a sort; longer ones one by one
 _WORD_MASKS = np.array([0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF], dtype=np.uint64)  # a word's first n bytes
 
@@ -707,7 +708,12 @@ def _json_keys(data: bytes) -> dict[str, None]:
     a quote there, so each '":' ends a key, which starts after the quote before it (or after the '":'
     before it, as splitting at '":' would have it): found for all keys at once with numpy, and the
     distinct ones picked by sorting their lengths and 4-byte words (a bulk export holds a few keys
-    tens of thousands of times). Keys followed by spaces before their colon are left to a regex."""
+    tens of thousands of times); in C where it was compiled, one pass and a hash set. Keys followed by
+    spaces before their colon are left to a regex."""
+    if kernels is not None:
+        keys = kernels.json_keys(data, _SPACE_FIRST_FLAGS)
+        if keys is not None:
+            return dict.fromkeys(key.decode("utf-8", "surrogatepass") for key in keys)
     buf = np.frombuffer(data, dtype=np.uint8)
     quotes = np.flatnonzero(buf == ord('"'))
     after = buf[np.minimum(quotes + 1, len(buf) - 1)]  # a quote at the very end reads itself
