@@ -769,6 +769,18 @@ static uint64_t span_hash(const unsigned char *bytes, Py_ssize_t length) { /* FN
     return hash;
 }
 
+/* An item's bytes: the span of row `item` of text, or for item < 0 the bytes of others[-item - 1]. */
+static const unsigned char *item_span(Py_ssize_t item, PyObject *others, const unsigned char *text, const int64_t *at,
+                                      const int64_t *until, Py_ssize_t *length) {
+    if (item < 0) {
+        PyObject *other = PyList_GET_ITEM(others, -item - 1);
+        *length = PyBytes_GET_SIZE(other);
+        return (const unsigned char *)PyBytes_AS_STRING(other);
+    }
+    *length = until[item] - at[item];
+    return text + at[item];
+}
+
 /* repeated_spans(text, starts, ends, others): the rows (int64, rising) whose bytes text[starts[row]:
  * ends[row]] equal another row's or one of `others` (a list of bytes): the candidates for values found
  * more than once (gateway/dlp/detections.py repeated), with one hash table over every row, linear where
@@ -785,7 +797,7 @@ static PyObject *repeated_spans(PyObject *self, PyObject *args) {
     Py_ssize_t count = starts.len / 8, other_count = PyList_GET_SIZE(others);
     const int64_t *at = starts.buf, *until = ends.buf;
     const unsigned char *bytes = text.buf;
-    int64_t *table = NULL; /* per slot: 0 empty, row + 1, or -(other + 1) */
+    int64_t *table = NULL; /* per slot: 0 empty, or an item + other_count + 1 */
     unsigned char *repeated = NULL;
     Py_ssize_t size = 16;
     for (Py_ssize_t i = 0; i < other_count; i++)
@@ -802,40 +814,23 @@ static PyObject *repeated_spans(PyObject *self, PyObject *args) {
         goto done;
     }
     /* the others first (equal to one, a row is repeated), then each row: linear probing, each slot
-     * holding the first row (or other) of its bytes */
+     * holding the first item of its bytes (as item + other_count + 1) */
     for (Py_ssize_t item = -other_count; item < count; item++) {
-        const unsigned char *value;
-        Py_ssize_t length;
-        if (item < 0) {
-            PyObject *other = PyList_GET_ITEM(others, -item - 1);
-            value = (const unsigned char *)PyBytes_AS_STRING(other);
-            length = PyBytes_GET_SIZE(other);
-        } else {
-            value = bytes + at[item];
-            length = until[item] - at[item];
-        }
+        Py_ssize_t length, first_length;
+        const unsigned char *value = item_span(item, others, bytes, at, until, &length);
         Py_ssize_t slot = (Py_ssize_t)(span_hash(value, length) & (uint64_t)(size - 1));
         for (;; slot = (slot + 1) & (size - 1)) {
-            int64_t held = table[slot];
-            if (!held) {
-                table[slot] = item < 0 ? item : item + 1;
+            if (!table[slot]) {
+                table[slot] = item + other_count + 1;
                 break;
             }
-            const unsigned char *first;
-            Py_ssize_t first_length;
-            if (held < 0) {
-                PyObject *other = PyList_GET_ITEM(others, -held - 1);
-                first = (const unsigned char *)PyBytes_AS_STRING(other);
-                first_length = PyBytes_GET_SIZE(other);
-            } else {
-                first = bytes + at[held - 1];
-                first_length = until[held - 1] - at[held - 1];
-            }
-            if (first_length == length && !memcmp(first, value, length)) {
+            Py_ssize_t first = table[slot] - other_count - 1;
+            const unsigned char *held = item_span(first, others, bytes, at, until, &first_length);
+            if (first_length == length && !memcmp(held, value, length)) {
                 if (item >= 0) {
                     repeated[item] = 1;
-                    if (held > 0)
-                        repeated[held - 1] = 1;
+                    if (first >= 0)
+                        repeated[first] = 1;
                 }
                 break;
             }
