@@ -386,3 +386,40 @@ def test_the_values_characters_and_lengths_are_alike_in_c_and_numpy(tmp_path, mo
     monkeypatch.setattr(detections_module, "kernels", None)
     assert detections.value_lengths_and_units() == in_c
     assert (in_c is None) == full_width and (full_width or {11, 16, 18} <= in_c[0] and "X" in in_c[1])
+
+
+@pytest.mark.parametrize("shape", ["repeated key", "value in a key", "quoted csv", "json", "csv"])
+def test_values_repeated_where_cells_cannot_tell_them_apart_are_located(tmp_path, shape):
+    """A bulk export's repeated values are told apart by their strings or cells without locating them
+    (decode._JsonLocator.cells) only where that is exact: a JSON object naming a key twice (both values at
+    one path), a value written in a key and a CSV with quotes are located. Each way counts as the
+    detections one by one do."""
+    records = _export(400, repeats=False, full_width=False, extras=False)
+    twice = records[20]["sfzh"]
+    records[300]["sfzh"] = twice  # one ID in two records: two findings
+    if shape in ("csv", "quoted csv"):
+        if shape == "quoted csv":
+            records[5]["dz"] = '"上海市,1号"'  # a quoted cell (its comma is not a delimiter)
+        lines = ["xm,sfzh,sjhm,dz"] + [",".join(r[c] for c in ("xm", "sfzh", "sjhm", "dz")) for r in records]
+        body, content_type = "\n".join(lines).encode(), "text/csv"
+    else:
+        body = json.dumps(records, ensure_ascii=False)
+        if shape == "repeated key":  # the same ID twice at one path: found once
+            body = body.replace(f'"sfzh": "{twice}"', f'"sfzh": "{twice}", "sfzh": "{twice}"', 1)
+        if shape == "value in a key":
+            body = body.replace('"dz"', f'"{twice}"', 1)
+        body, content_type = body.encode(), "application/json"
+    (tmp_path / "r.yaml").write_text(REPEATS_RULES)
+    profile = load_rules(tmp_path / "r.yaml").profile("p")
+    decoded = decode_body(body, content_type, None, profile.limits)
+    detections, problems = profile.detect_all(decoded, "body")
+    assert isinstance(detections, Detections) and detections.bulk >= 800
+    repeated = detections.repeated().tolist()
+    told_apart = detections.cells(repeated) is not None
+    assert told_apart == (shape in ("json", "csv")) or decode.kernels is None
+    result = profile.apply_rules(detections, problems, "request", None)
+    made, _ = profile.detect([*decoded.segments, decode.text_segment("", "elsewhere")])  # as Detection objects
+    objects = profile.apply_rules(made, problems, "request", None)
+    assert result.groups == objects.groups and result.findings == objects.findings
+    ids = next(group.count for group in result.groups if group.rule == "ids")
+    assert ids == 400 + (shape == "value in a key")

@@ -45,14 +45,14 @@ def test_json_keys_as_splitting_finds_them(monkeypatch, found_by):
     pieces = ['"', '":', '" :', '"\u3000:', '"\n:', ",", "{", "}", "[", "]", "值", " ", ":", "1"]
     for _ in range(300):
         text = "".join(rng.choice(pieces + [f'"{rng.choice(keys)}":'] * 4) for _ in range(rng.randint(0, 60)))
-        assert list(decode._json_keys(text.encode())) == list(_keys_by_splitting(text)), text
+        assert list(decode._json_keys(text.encode())[0]) == list(_keys_by_splitting(text)), text
     records = [{rng.choice(keys[:-1]): i, "sfzh": ID} for i in range(3000)]  # many keys, several sorts
     for text in (json.dumps(records, ensure_ascii=False), json.dumps(records, ensure_ascii=False, indent=1)):
-        assert list(decode._json_keys(text.encode())) == list(_keys_by_splitting(text)) \
+        assert list(decode._json_keys(text.encode())[0]) == list(_keys_by_splitting(text)) \
             == list(dict.fromkeys(key for record in records for key in record))
     distinct = [{f"字段{i}": i, "sfzh": ID} for i in range(700)]  # many keys: the set of them grows
     text = json.dumps(distinct, ensure_ascii=False)
-    assert list(decode._json_keys(text.encode())) == ["字段0", "sfzh"] + [f"字段{i}" for i in range(1, 700)]
+    assert list(decode._json_keys(text.encode())[0]) == ["字段0", "sfzh"] + [f"字段{i}" for i in range(1, 700)]
 
 
 def _found(body: bytes, content_type: str) -> list[tuple[str, str, str | None, str]]:
@@ -188,3 +188,16 @@ def test_gbk_converted_in_c_is_what_the_codec_reads():
     assert [kind for kind, *_ in _found(body + b"\xff\n", "text/csv; charset=gbk")] == ["uninspectable"]
     records = json.dumps([{"sfzh": ID, "住址": "北京市（朝阳区）"}] * 20, ensure_ascii=False)
     assert _found(records.encode("gbk"), "application/json; charset=gbk") == _found(records.encode(), "application/json")
+
+
+@pytest.mark.skipif(kernels is None, reason="the C kernels are not compiled here (no compiler at install)")
+def test_json_keys_tell_whether_an_object_names_a_key_twice():
+    """What lets a locator tell equal values apart by their strings (decode._JsonLocator.cells): no object
+    naming a key twice and brackets that match; anything else, or too many keys to compare, says no."""
+    many = "{" + ",".join(f'"k{i}":{i}' for i in range(80)) + "}"
+    for text, unique in (('{"a":1,"b":2}', True), ('[{"a":1},{"a":1}]', True), ('{"a":{"a":1},"b":[{"a":2}]}', True),
+                         ('{"a":"{[","b":"}"}', True), ('{"a":1,"a":2}', False), ('[{"a":1,"b":{"c":1},"a":3}]', False),
+                         ('{"a":1}}', False), ('{"a":[1}', False), ('{"a":1', False), ('"x":1', False),
+                         ('[1,2]]', False), (many, False)):
+        assert decode._json_keys(text.encode())[1] is unique, text
+        assert decode.kernels.json_keys(text.encode(), decode._SPACE_FIRST_FLAGS)[1] is unique, text

@@ -877,20 +877,66 @@ static PyObject *span_bytes(PyObject *self, PyObject *args) {
 
 /* ---- a JSON text's keys ------------------------------------------------------------------------- */
 
-/* json_keys(data, spaces): the distinct keys of a JSON text without backslash escapes, as bytes, in
- * the order first found (gateway/dlp/decode.py _json_keys: each '":' ends a key, which starts after
- * the quote before it or two bytes after the '":' before it, whichever is later); None where a quote
- * is followed by a byte of `spaces` (256 flags: the first bytes of what a regex's \s matches), which
- * could put spaces between a key and its colon, for the caller's regex. One pass and one hash set,
- * where numpy sorted every key of a bulk export several times over. */
+/* The keys of the objects open in a JSON text, to tell whether one names a key twice. */
+enum { OBJECT_KEYS_COMPARED = 64 }; /* past this many keys in one object, repeats are not looked for */
+
+typedef struct {
+    Py_ssize_t *starts, *lengths; /* the open objects' keys, innermost last */
+    Py_ssize_t *frames;           /* per open bracket: where its object's keys start, or -1 for an array */
+    Py_ssize_t key_count, depth, key_room, frame_room;
+} OpenObjects;
+
+static int grow(Py_ssize_t **items, Py_ssize_t *room, Py_ssize_t need) {
+    if (need <= *room)
+        return 0;
+    Py_ssize_t more = *room ? *room * 2 : 64;
+    while (more < need)
+        more *= 2;
+    Py_ssize_t *grown = PyMem_Realloc(*items, more * sizeof(Py_ssize_t));
+    if (!grown)
+        return -1;
+    *items = grown;
+    *room = more;
+    return 0;
+}
+
+/* A key of the innermost open object: 1 if it is new there, 0 if that object names it already or cannot
+ * hold it (no object open, too many keys to compare), -1 where memory ran out. */
+static int object_key(OpenObjects *open, const unsigned char *text, Py_ssize_t start, Py_ssize_t length) {
+    if (!open->depth || open->frames[open->depth - 1] < 0)
+        return 0;
+    Py_ssize_t first = open->frames[open->depth - 1];
+    if (open->key_count - first >= OBJECT_KEYS_COMPARED)
+        return 0;
+    for (Py_ssize_t key = first; key < open->key_count; key++)
+        if (open->lengths[key] == length && !memcmp(text + open->starts[key], text + start, length))
+            return 0;
+    Py_ssize_t room = open->key_room;
+    if (grow(&open->starts, &room, open->key_count + 1) < 0 || grow(&open->lengths, &open->key_room, open->key_count + 1) < 0)
+        return -1;
+    open->starts[open->key_count] = start;
+    open->lengths[open->key_count++] = length;
+    return 1;
+}
+
+/* json_keys(data, spaces): (the distinct keys of a JSON text without backslash escapes, as bytes, in
+ * the order first found; whether no object names a key twice, its brackets matched), or None where a
+ * quote is followed by a byte of `spaces` (256 flags: the first bytes of what a regex's \s matches),
+ * which could put spaces between a key and its colon, for the caller's regex. Each '":' ends a key,
+ * which starts after the quote before it or two bytes after the '":' before it, whichever is later
+ * (gateway/dlp/decode.py _json_keys). One pass and one hash set, where numpy sorted every key of a
+ * bulk export several times over; the second answer lets a locator tell two equal values apart by the
+ * strings they are in (decode.py _JsonLocator.cells). */
 static PyObject *json_keys(PyObject *self, PyObject *args) {
     Py_buffer data, spaces;
     if (!PyArg_ParseTuple(args, "y*y*", &data, &spaces))
         return NULL;
-    PyObject *keys = NULL;
+    PyObject *keys = NULL, *result = NULL;
     int64_t *starts = NULL; /* per distinct key: its first start; and its length */
     Py_ssize_t *lengths = NULL, *table = NULL; /* per slot: 0 empty, or a distinct key's index + 1 */
     Py_ssize_t slots = 64, distinct = 0;
+    OpenObjects open = {0};
+    int unique = 1, in_string = 0;
     if (spaces.len != 256) {
         PyErr_SetString(PyExc_ValueError, "spaces must be 256 flags");
         goto done;
@@ -901,19 +947,43 @@ static PyObject *json_keys(PyObject *self, PyObject *args) {
     lengths = PyMem_Malloc(slots / 2 * sizeof(Py_ssize_t));
     if (!keys || !table || !starts || !lengths)
         goto failed;
+    unsigned char read[256] = {0}; /* the bytes this pass stops at */
+    read['"'] = read['{'] = read['}'] = read['['] = read[']'] = 1;
     const unsigned char *text = data.buf, *space = spaces.buf;
     Py_ssize_t size = data.len, previous_quote = -1, previous_marker = -2;
     for (Py_ssize_t at = 0; at < size; at++) {
-        if (text[at] != '"')
+        unsigned char byte = text[at];
+        if (!read[byte])
             continue;
+        if (byte != '"') { /* a bracket: structure outside strings */
+            if (in_string)
+                continue;
+            if (byte == '{' || byte == '[') {
+                if (grow(&open.frames, &open.frame_room, open.depth + 1) < 0)
+                    goto failed;
+                open.frames[open.depth++] = byte == '{' ? open.key_count : -1;
+            } else if (!open.depth || (open.frames[open.depth - 1] >= 0) != (byte == '}')) {
+                unique = 0; /* a bracket closing nothing, or what it did not open */
+            } else if (open.frames[--open.depth] >= 0) {
+                open.key_count = open.frames[open.depth];
+            }
+            continue;
+        }
+        in_string = !in_string;
         if (at + 1 < size && space[text[at + 1]]) {
-            Py_DECREF(keys);
-            keys = Py_NewRef(Py_None);
+            Py_CLEAR(keys);
+            result = Py_NewRef(Py_None);
             goto done;
         }
         if (at + 1 < size && text[at + 1] == ':') {
             Py_ssize_t start = previous_quote + 1 > previous_marker + 2 ? previous_quote + 1 : previous_marker + 2;
             Py_ssize_t length = at - start, slot;
+            if (unique) {
+                int new_key = object_key(&open, text, start, length);
+                if (new_key < 0)
+                    goto failed;
+                unique = new_key;
+            }
             uint64_t hash = span_hash(text + start, length);
             for (slot = hash & (slots - 1); table[slot]; slot = (slot + 1) & (slots - 1)) {
                 Py_ssize_t key = table[slot] - 1;
@@ -952,18 +1022,22 @@ static PyObject *json_keys(PyObject *self, PyObject *args) {
         }
         previous_quote = at;
     }
+    result = Py_BuildValue("(OO)", keys, unique && !open.depth && !in_string ? Py_True : Py_False);
     goto done;
 failed:
     if (!PyErr_Occurred())
         PyErr_NoMemory();
-    Py_CLEAR(keys);
 done:
+    Py_XDECREF(keys);
     PyMem_Free(table);
     PyMem_Free(starts);
     PyMem_Free(lengths);
+    PyMem_Free(open.starts);
+    PyMem_Free(open.lengths);
+    PyMem_Free(open.frames);
     PyBuffer_Release(&data);
     PyBuffer_Release(&spaces);
-    return keys;
+    return result;
 }
 
 /* ---- the places' digest ------------------------------------------------------------------------- */
@@ -1026,7 +1100,7 @@ static PyMethodDef methods[] = {
     {"blank_strings", blank_strings, METH_VARARGS, "A text's strings blanked, and where the marks left are."},
     {"repeated_spans", repeated_spans, METH_VARARGS, "Rows whose bytes equal another row's or one of others."},
     {"span_bytes", span_bytes, METH_VARARGS, "Which byte values the spans hold: 256 bytes of 0 or 1."},
-    {"json_keys", json_keys, METH_VARARGS, "A JSON text's distinct keys as bytes, in order; None if spaces may precede a colon."},
+    {"json_keys", json_keys, METH_VARARGS, "A JSON text's distinct keys, and whether no object repeats one; None if spaces may precede a colon."},
     {"place_lines", place_lines, METH_VARARGS, "Each offset's digest line: prefix, a space, the offset, a newline."},
     {NULL, NULL, 0, NULL},
 };

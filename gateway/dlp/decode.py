@@ -369,9 +369,10 @@ class _Walker:
         """JSON (UTF-8) without backslash escapes: its strings are as written, so the text is scanned
         as one segment, located lazily, and its keys found without parsing it."""
         segment = folded_segment(data, location)
-        segment.locate = _JsonLocator(data, location)
+        keys, keys_unique = _json_keys(data)
+        segment.locate = _JsonLocator(data, location, keys_unique)
         self.out.segments.append(segment)
-        for key in _json_keys(data):
+        for key in keys:
             self.out.fields.append((child(location, "$ key " + json.dumps(key, ensure_ascii=False)), key))
 
     # form, multipart -----------------------------------------------------------------------------
@@ -703,22 +704,23 @@ _KEY_BYTES = 16  # keys up to this long are told apart by numpy, 4 bytes a sort;
 _WORD_MASKS = np.array([0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF], dtype=np.uint64)  # a word's first n bytes
 
 
-def _json_keys(data: bytes) -> dict[str, None]:
-    """The distinct keys of a JSON text without backslash escapes (UTF-8), in order. A string cannot hold
+def _json_keys(data: bytes) -> tuple[dict[str, None], bool]:
+    """The distinct keys of a JSON text without backslash escapes (UTF-8), in order, and whether it is
+    known that no object names a key twice and the brackets match (told in C only). A string cannot hold
     a quote there, so each '":' ends a key, which starts after the quote before it (or after the '":'
     before it, as splitting at '":' would have it): found for all keys at once with numpy, and the
     distinct ones picked by sorting their lengths and 4-byte words (a bulk export holds a few keys
     tens of thousands of times); in C where it was compiled, one pass and a hash set. Keys followed by
     spaces before their colon are left to a regex."""
     if kernels is not None:
-        keys = kernels.json_keys(data, _SPACE_FIRST_FLAGS)
-        if keys is not None:
-            return dict.fromkeys(key.decode("utf-8", "surrogatepass") for key in keys)
+        found = kernels.json_keys(data, _SPACE_FIRST_FLAGS)
+        if found is not None:
+            return dict.fromkeys(key.decode("utf-8", "surrogatepass") for key in found[0]), found[1]
     buf = np.frombuffer(data, dtype=np.uint8)
     quotes = np.flatnonzero(buf == ord('"'))
     after = buf[np.minimum(quotes + 1, len(buf) - 1)]  # a quote at the very end reads itself
     if _SPACE_FIRST_BYTE[after].any() and _SPACE_BEFORE_COLON.search(data):
-        return dict.fromkeys(_JSON_KEY.findall(data.decode("utf-8", "surrogatepass")))
+        return dict.fromkeys(_JSON_KEY.findall(data.decode("utf-8", "surrogatepass"))), False
     at_marker = after == ord(":")
     ends = quotes[at_marker]  # each '":'
     previous_quote = np.concatenate(([-1], quotes))[np.flatnonzero(at_marker)]
@@ -740,7 +742,7 @@ def _json_keys(data: bytes) -> dict[str, None]:
         rows += chosen[np.unique(code, return_index=True)[1]].tolist()
     rows.sort()
     return dict.fromkeys(data[start:end].decode("utf-8", "surrogatepass")
-                         for start, end in zip(starts[rows].tolist(), ends[rows].tolist()))
+                         for start, end in zip(starts[rows].tolist(), ends[rows].tolist())), False
 
 
 _REPLAYED_BRACKETS = 2048  # past this many brackets ahead, a JSON locator jumps rather than replays
@@ -843,9 +845,10 @@ class _JsonLocator:
     everything is counted incrementally: the whole text costs one pass, however many findings it holds.
     """
 
-    def __init__(self, data: bytes, location: str):
+    def __init__(self, data: bytes, location: str, keys_unique: bool = False):
         self.data = data
         self.location = location
+        self.keys_unique = keys_unique  # known: no object names a key twice, the brackets match
         self.made = _Structure(data, b"[]{}")
         self.structure = self.made.blanked
         self._arrays: tuple | None = None  # see _jump
@@ -975,6 +978,28 @@ class _JsonLocator:
                     place[0] += f"[{index}]"
         return [(path, field_name) for path, field_name in paths]
 
+    def cells(self, offsets: list[int]) -> list[tuple[str, int]] | None:
+        """For rising offsets, what tells their locations apart without making them: where no object
+        names a key twice, two values are at one path only inside one string. A value in a string is
+        known by the string's closing quote, one outside strings (a number) by its own offset: from a
+        count of the quotes before each and a search to the next, where locating values far into a large
+        export takes its whole structure. None (locate them) where that is not known or a value is in a
+        key (whose path is its member's)."""
+        if not self.keys_unique or offsets != sorted(offsets):
+            return None
+        cells, quotes, counted = [], 0, 0
+        for offset in offsets:
+            quotes += self.data.count(b'"', counted, offset)
+            counted = offset
+            if not quotes % 2:
+                cells.append(("token", offset))
+                continue
+            closing = self.data.find(b'"', offset)
+            if closing == -1 or self.data[closing + 1:closing + 2] == b":":
+                return None
+            cells.append(("string", closing))
+        return cells
+
     def _count_commas(self, to: int) -> None:
         """Commas between the last counted offset and `to` separate members of the innermost level."""
         if self.stack and to > self.counted_to:
@@ -1014,6 +1039,7 @@ class _CsvLocator:
         self.location = location
         self.made = _Structure(data)
         self.structure = self.made.blanked
+        self.quoted: bool | None = None  # whether the text holds a quote (see cells)
         self._reset()
 
     def _reset(self) -> None:
@@ -1033,6 +1059,20 @@ class _CsvLocator:
         column = self.columns_before
         name = self.header[column] if column < len(self.header) and self.header[column] else None
         return child(self.location, f"csv row {self.rows_before + 1} column {name or column + 1}"), name
+
+    def cells(self, offsets: list[int]) -> list[int] | None:
+        """What tells the offsets' locations apart without making them: in a CSV text without quotes,
+        the cell an offset is in ends at the next delimiter or line end, and two offsets are in one cell
+        only if that is one place. None (locate them) in a text with quotes."""
+        if self.quoted is None:
+            self.quoted = b'"' in self.data
+        if self.quoted:
+            return None
+        cells = []
+        for offset in offsets:
+            ends = [end for end in (self.data.find(self.delimiter, offset), self.data.find(b"\n", offset)) if end != -1]
+            cells.append(min(ends, default=len(self.data)))
+        return cells
 
     def many(self, offsets: list[int]) -> list[tuple[str, str | None]]:
         """What self(offset) says of each offset, from all newlines and delimiters at once."""

@@ -224,6 +224,13 @@ class Detections(Sequence[Detection]):
             runs += in_runs(self.listed[row - self.bulk].place() for row in rows[len(bulk):].tolist())
         return runs
 
+    def cells(self, rows: list[int]) -> list | None:
+        """Of column rows: what tells their locations apart without making them (equal where the
+        locations are), where the text's locator can tell (see decode._JsonLocator.cells); else None."""
+        c = self.columns
+        cells = getattr(c.segment.locate, "cells", None)
+        return None if cells is None else cells((c.written[rows] + c.base).tolist())
+
     def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """The columns' values as written, as contiguous int64 starts and ends (what the kernels read)."""
         c = self.columns

@@ -481,6 +481,7 @@ class _Findings:
         # sensitive value in a name is masked there too, since locations are recorded and logged.
         self.masked = _LocationMasks(self.masks)
         self._located: dict[int, tuple[str, str | None]] = {}
+        self._cells: dict[int, object] = {}  # a repeated row -> what tells its location apart (locate_repeated)
         self._lines: dict[bytes, bytes] = {}  # rows -> the lines their places add to a digest
         self._confidences: dict[tuple[str, str | None], str] = {}
 
@@ -504,11 +505,18 @@ class _Findings:
             self._located.update(zip(text_rows, segment.at_many(offsets, base)))
 
     def locate_repeated(self) -> None:
-        """Locate the detections of values found more than once (which rules tell apart by
-        location, see unrepeated()) all at once, as the findings kept are: a locator asked for one
-        offset after another far into a large export would rebuild its structure for each."""
-        if len(self.repeated):
-            rows = self.repeated.tolist()
+        """Tell apart the detections of values found more than once by location (see unrepeated()):
+        by the cells a bulk export's locator tells apart without locating (see _JsonLocator.cells),
+        else located all at once, as the findings kept are (a locator asked for one offset after another
+        far into a large export would rebuild its structure for each; even at once, locating values far
+        into one takes its whole structure, which grew the cost of a scan faster than its size)."""
+        if not len(self.repeated):
+            return
+        rows = self.repeated.tolist()
+        cells = self.detections.cells(rows) if rows[-1] < self.detections.bulk else None
+        if cells is not None:
+            self._cells.update(zip(rows, cells))
+        else:
             self.locate_all(rows, self.detections.rows(rows))
 
     def problem(self, finding: Finding) -> None:
@@ -530,7 +538,7 @@ class _Findings:
         keep = np.ones(len(selected), dtype=bool)
         for index, row, value in zip(at.tolist(), selected[at].tolist(), chosen):
             if counts[value] > 1:
-                key = (value, self.located(row)[0])
+                key = (value, self._cells[row] if row in self._cells else self.located(row)[0])
                 keep[index] = key not in seen
                 seen.add(key)
         return selected[keep]
