@@ -152,9 +152,9 @@ class Process:
         return self.proc.returncode
 
 
-def start_gateway(config_path: Path, prefix: list[str] = ()) -> Process:
+def start_gateway(config_path: Path, prefix: list[str] = (), env: dict | None = None) -> Process:
     return Process([sys.executable, "-m", "gateway", "run", "-c", str(config_path)], prefix,
-                   env={"PYTHONUNBUFFERED": "1"}).started("alerts:")
+                   env={"PYTHONUNBUFFERED": "1", **(env or {})}).started("alerts:")
 
 
 def start_upstream(bind: str, port: int, log: Path, prefix: list[str] = (),

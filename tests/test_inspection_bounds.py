@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from gateway.dlp import load_rules
+from gateway.dlp import load_rules, native
 from gateway.dlp.budget import OVER_BUDGET, BudgetExceeded, InspectionBudget
 from gateway.dlp.tally import KEPT_LOCATIONS, places_digest
 from tests.citizens import citizens, citizens_json, id_places
@@ -37,12 +37,12 @@ pytestmark = pytest.mark.alone
 BUDGET = "50ms"  # the small budget of the `slow` gateway
 
 
-def _lab(root, **dlp):
+def _lab(root, env: dict | None = None, **dlp):
     port = free_port("127.0.0.2")
     config = gateway_config(root / "state", workers=1)  # one process: its CPU is the gateway's
     config["dlp"].update(dlp)
     config["listeners"][1]["upstream"] = f"http://127.0.0.2:{port}"
-    gateway = start_gateway(write_config(root / "gateway.yaml", config))
+    gateway = start_gateway(write_config(root / "gateway.yaml", config), env=env)
     upstream = start_upstream("127.0.0.2", port, root / "upstream.log")
     return {"config": config, "root": root, "gateway": gateway, "upstream": upstream,
             "url": f"http://127.0.0.2:{port}", "upstream_log": root / "upstream.log"}
@@ -111,6 +111,25 @@ def test_a_bulk_export_of_8000_id_numbers_is_refused_recorded_and_counted(lab):
     assert not _arrived(lab, path)
     # Depends on the engine's linear cost (issue 18 items 1-2): about 6 s of CPU before it.
     assert cpu < 1.0, f"the gateway spent {cpu:.2f} s of CPU on one 1 MB upload"
+
+
+def test_without_the_c_kernels_the_gateway_says_so_and_inspects_all_the_same(lab, tmp_path):
+    """The DLP's C module is optional at install: a gateway running without it says so where it says where
+    everything is, and refuses a bulk export as the default one does (its numpy path, slower)."""
+    note = "DLP C kernels not in use"
+    assert (note in lab["gateway"].output) == (native.kernels is None)
+    running = _lab(tmp_path, env={"GATEWAY_DLP_KERNELS": "off"})
+    try:
+        running["gateway"].wait_for(note, timeout=10)
+        body = citizens_json(3000)
+        response, _ = _post(running, f"/echo?case=numpy-{free_port()}", body, {"content-type": "application/json"})
+        assert response.status_code == 403, response.text[:500]
+        assert {"rule": "id-card", "type": "cn_id_card", "count": 3000,
+                "locations": [f"body:$[{i}].sfzh" for i in range(KEPT_LOCATIONS)]} in response.json()["reasons"]
+        assert _verified_record(running, response.headers["x-gateway-transfer-id"])["decision"] == "block"
+    finally:
+        running["gateway"].stop()
+        running["upstream"].stop()
 
 
 def _escaped_json(records: int) -> bytes:
