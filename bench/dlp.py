@@ -32,6 +32,9 @@ not quadruple).
 Each figure is the median of --repeat runs, with the spread (min-max) beside it.
 
     python bench/dlp.py [--records 1000,10000] [--mb 8] [--repeat 3] [--growth 1,2,4,8]
+    GATEWAY_DLP_KERNELS=off python bench/dlp.py ...   # the numpy paths, as without the C module
+
+The first line printed says whether the C module (gateway/dlp/_kernels.c) ran.
 
 An export of 100,000 records (--records 100000) holds more than the 200,000 candidate matches the engine
 reads in one body: it is refused as uninspectable (its row says so), quickly.
@@ -57,7 +60,7 @@ import numpy as np  # noqa: E402
 
 from gateway.dlp import batch  # noqa: E402
 from gateway.dlp import engine as engine_module  # noqa: E402
-from gateway.dlp import load_rules  # noqa: E402
+from gateway.dlp import load_rules, native  # noqa: E402
 from gateway.dlp.coding import decode_text, inflate  # noqa: E402
 from gateway.dlp.decode import decode_body, parse_media_type  # noqa: E402
 from gateway.dlp.detectors import DETECTORS  # noqa: E402
@@ -253,7 +256,8 @@ def main() -> None:
     baseline = Baseline(profile)
     for kind in (False, True):  # compile the lazily built Hyperscan databases before anything is timed
         profile.scan(json_export(data.records(1000, clean=kind)), content_type="application/json")
-    print(f"engine: {profile.matcher.engine}; CPU time of one core, median of {args.repeat} runs (spread min-max)")
+    print(f"engine: {profile.matcher.engine}, {'with' if native.kernels else 'without'} the C kernels; "
+          f"CPU time of one core, median of {args.repeat} runs (spread min-max)")
     print(f"{'':72}{'parts alone, MB/s: decode  scan  detect  rules  validate (batch, each)':>78}")
     print(f"{'corpus':26} {'size':>9} {'findings':>9} {'engine MB/s':>18} {'re baseline MB/s':>18} {'ratio':>6}"
           f" {'decode':>12} {'scan':>7} {'detect':>7} {'rules':>7} {'validate':>10} {'(each)':>8}"
