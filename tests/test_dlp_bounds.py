@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +176,27 @@ def test_a_scan_keeping_no_finding_records_and_redacts_the_same(rules):
     assert none.action == kept.action == "block"
     assert [g.entry() for g in none.groups] == [g.entry() for g in kept.groups]
     assert none.replacements == kept.replacements
+
+
+def test_a_streamed_export_holds_its_detections_as_columns_in_bounded_memory(rules):
+    """Past the buffering threshold a body is scanned window by window; its detectors' detections are
+    kept as columns (gateway/dlp/stream.py StreamColumns), not as objects of ~450 bytes: 110,000 ID
+    numbers, more than a stream held whole, are counted and digested, every one, in a few MB."""
+    people = citizens(110_000)
+    body = json.dumps(people, ensure_ascii=False).encode()
+    assert len(body) > Limits().stream_buffer_bytes
+    scan = rules.profile("outbound").stream(content_type="application/json", keep=0)
+    tracemalloc.start()
+    try:
+        for at in range(0, len(body), 1 << 16):
+            scan.feed(body[at:at + (1 << 16)])
+        result = scan.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    group = next(g for g in result.groups if g.rule == "id-card")
+    places = id_places(body, people)
+    assert group.count == 110_000 and group.locations_sha256 == places_digest(places)
+    assert group.locations == tuple(f"body:offset {offset}" for _, offset in places[:KEPT_LOCATIONS])
+    assert result.action == "block" and not any(g.type == "uninspectable" for g in result.groups)
+    assert peak < 40 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB traced while streaming a {len(body) / 2 ** 20:.0f} MiB export"

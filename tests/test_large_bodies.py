@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.dlp.tally import KEPT_LOCATIONS, places_digest
+from tests.citizens import citizens, id_places
 from tests.gatewayproc import (
     free_port,
     gateway_config,
@@ -61,7 +63,8 @@ def curl(big, *args: str) -> subprocess.CompletedProcess:
 
 
 def received(big) -> list[dict]:
-    return [json.loads(line) for line in (big["root"] / "upstream.log").read_text().splitlines()]
+    log = big["root"] / "upstream.log"  # written from the upstream's first request on
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def logged(big) -> list[dict]:
@@ -140,3 +143,25 @@ def test_one_gib_upload_passes_inspected_in_bounded_memory(big, tmp_path):
     print(f"gateway peak RSS after a 1 GiB upload: {peak_kib / 1024:.0f} MiB")
     assert peak_kib < 300 * 1024
 
+
+
+def test_a_bulk_export_past_the_buffering_threshold_is_refused_with_every_record_counted(big, tmp_path):
+    """110,000 citizen records (14 MB of JSON): more detections than a stream held whole (it answered
+    "too many candidate matches"); counted and digested, every one, and refused as the export it is."""
+    people = citizens(110_000)
+    export = json.dumps(people, ensure_ascii=False).encode()
+    body = tmp_path / "export.json"
+    body.write_bytes(export)
+    result = curl(big, "-i", "-H", "content-type: application/json", "--data-binary", f"@{body}",
+                  f"{big['upstream']}/sink?case=export")
+    assert result.returncode == 0, result.stderr
+    status, answer, transfer_id = refusal(result)
+    places = id_places(export, people)
+    first = [f"body:offset {offset}" for _, offset in places[:KEPT_LOCATIONS]]
+    assert status == 403 and {"rule": "id-card", "type": "cn_id_card", "count": 110_000,
+                              "locations": first} in answer["reasons"], answer
+    record = next(r for r in logged(big) if r["url"].endswith("/sink?case=export"))
+    assert record["decision"] == "block" and record["id"] == transfer_id
+    assert {"rule": "id-card", "type": "cn_id_card", "action": "block", "count": 110_000, "locations": first,
+            "locations_sha256": places_digest(places)} in record["rules"]
+    assert not any(r["path"] == "/sink?case=export" for r in received(big))

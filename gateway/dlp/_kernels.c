@@ -1040,6 +1040,35 @@ done:
     return result;
 }
 
+/* join_spans(text, starts, ends): text[starts[i]:ends[i]] + b"\n" for each span, joined: a stream's window
+ * copies its detections' tokens and values out this way before it is let go (gateway/dlp/stream.py). */
+static PyObject *join_spans(PyObject *self, PyObject *args) {
+    Py_buffer text, starts, ends;
+    PyObject *starts_object, *ends_object, *joined = NULL;
+    if (!PyArg_ParseTuple(args, "y*OO", &text, &starts_object, &ends_object))
+        return NULL;
+    if (spans_within(starts_object, ends_object, &starts, &ends, text.len) < 0) {
+        PyBuffer_Release(&text);
+        return NULL;
+    }
+    const int64_t *at = starts.buf, *until = ends.buf;
+    Py_ssize_t count = starts.len / 8, size = count;
+    for (Py_ssize_t i = 0; i < count; i++)
+        size += until[i] - at[i];
+    if ((joined = PyBytes_FromStringAndSize(NULL, size))) {
+        char *write = PyBytes_AS_STRING(joined);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            memcpy(write, (const char *)text.buf + at[i], until[i] - at[i]);
+            write += until[i] - at[i];
+            *write++ = '\n';
+        }
+    }
+    PyBuffer_Release(&text);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&ends);
+    return joined;
+}
+
 /* ---- the places' digest ------------------------------------------------------------------------- */
 
 /* place_lines(prefix, offsets): for each offset (a list of ints), prefix, a space, the offset in decimal
@@ -1101,6 +1130,7 @@ static PyMethodDef methods[] = {
     {"repeated_spans", repeated_spans, METH_VARARGS, "Rows whose bytes equal another row's or one of others."},
     {"span_bytes", span_bytes, METH_VARARGS, "Which byte values the spans hold: 256 bytes of 0 or 1."},
     {"json_keys", json_keys, METH_VARARGS, "A JSON text's distinct keys, and whether no object repeats one; None if spaces may precede a colon."},
+    {"join_spans", join_spans, METH_VARARGS, "The spans of a text, each followed by a newline, joined."},
     {"place_lines", place_lines, METH_VARARGS, "Each offset's digest line: prefix, a space, the offset, a newline."},
     {NULL, NULL, 0, NULL},
 };

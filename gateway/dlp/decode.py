@@ -614,6 +614,7 @@ def _token_locator(found: EncodedContent, locate_source: Locator) -> Locator:
 def offset_locator(location: str) -> Locator:
     def locate(offset: int) -> tuple[str, str | None]:
         return child(location, f"offset {offset}"), None
+    locate.cells = lambda offsets: offsets  # one location an offset: they tell locations apart (see _JsonLocator.cells)
     return locate
 
 

@@ -80,7 +80,14 @@ class Columns(NamedTuple):
     written_ends: np.ndarray
     detector: np.ndarray
     names: list[str]
-    base: int = 0
+    base: int | np.ndarray = 0  # what a locator and a place add to `written`: one for all, or one a row
+
+    def placed(self, rows) -> np.ndarray:
+        """The rows' offsets as a locator reads them and their places say (written + base)."""
+        return self.written[rows] + (self.base[rows] if isinstance(self.base, np.ndarray) else self.base)
+
+    def base_of(self, row: int) -> int:
+        return int(self.base[row]) if isinstance(self.base, np.ndarray) else self.base
 
 
 class Detections(Sequence[Detection]):
@@ -107,7 +114,7 @@ class Detections(Sequence[Detection]):
         c = self.columns
         name = c.names[c.detector[row]]
         return Detection("detector", name, name, self.value(row), self.token(row), c.segment, int(c.written[row]),
-                         c.base)
+                         c.base_of(row))
 
     def rows(self, rows: list[int]) -> list[Detection]:
         """self[row] for each of `rows` (the columns read at once)."""
@@ -117,16 +124,17 @@ class Detections(Sequence[Detection]):
             c = self.columns
             at = np.array(bulk, dtype=np.int64)
             text = c.data if c.segment.original is None else c.segment.original
-            for name, start, end, written, written_end in zip(
+            for name, start, end, written, written_end, placed in zip(
                     [c.names[index] for index in c.detector[at].tolist()], c.starts[at].tolist(), c.ends[at].tolist(),
-                    c.written[at].tolist(), c.written_ends[at].tolist()):
+                    c.written[at].tolist(), c.written_ends[at].tolist(), c.placed(at).tolist()):
                 made.append(Detection("detector", name, name, text[written:written_end].decode("utf-8", "replace"),
-                                      c.data[start:end].decode("utf-8", "replace"), c.segment, written, c.base))
+                                      c.data[start:end].decode("utf-8", "replace"), c.segment, written,
+                                      placed - written))
         return made + [self.listed[row - self.bulk] for row in rows[len(bulk):]]
 
-    def shown(self, rows: list[int]) -> tuple[list[str], list[str], list[str], list[int]]:
-        """Of the column rows `rows` (each < self.bulk): their types, values, masks and offsets in
-        the text as written, as columns (what self[row].type, .value, .masked() and .offset say)."""
+    def shown(self, rows: list[int]) -> tuple[list[str], list[str], list[str]]:
+        """Of the column rows `rows` (each < self.bulk): their types, values and masks, as columns
+        (what self[row].type, .value and .masked() say)."""
         c = self.columns
         at = np.array(rows, dtype=np.int64)
         text = c.data if c.segment.original is None else c.segment.original
@@ -143,7 +151,7 @@ class Detections(Sequence[Detection]):
                 of = np.flatnonzero(detector == index).tolist()
                 for place, mask in zip(of, masks_of(DETECTORS[c.names[index]], [tokens[i] for i in of])):
                     masks[place] = mask
-        return types, values, masks, written
+        return types, values, masks
 
     def __iter__(self) -> Iterator[Detection]:
         return map(self.__getitem__, range(len(self)))
@@ -219,7 +227,7 @@ class Detections(Sequence[Detection]):
         runs = []
         if len(bulk):
             c = self.columns
-            runs.append((c.segment.location, (c.written[bulk] + c.base).tolist()))
+            runs.append((c.segment.location, c.placed(bulk).tolist()))
         if len(bulk) < len(rows):
             runs += in_runs(self.listed[row - self.bulk].place() for row in rows[len(bulk):].tolist())
         return runs
@@ -229,7 +237,7 @@ class Detections(Sequence[Detection]):
         locations are), where the text's locator can tell (see decode._JsonLocator.cells); else None."""
         c = self.columns
         cells = getattr(c.segment.locate, "cells", None)
-        return None if cells is None else cells((c.written[rows] + c.base).tolist())
+        return None if cells is None else cells(c.placed(rows).tolist())
 
     def _written_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """The columns' values as written, as contiguous int64 starts and ends (what the kernels read)."""

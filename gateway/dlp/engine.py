@@ -355,12 +355,14 @@ class Profile:
         return out
 
     def detect(self, segments: list[Segment], base_offset: int = 0, accept: tuple[int, int] | None = None,
-               without_context: list[str] | None = None) -> tuple[list[Detection], bool]:
+               without_context: list[str] | None = None, columns: bool = False) -> tuple[list[Detection], bool]:
         """Validated detections in the segments, in text order, and whether the candidate limit was hit.
 
         `accept` (streaming) keeps only matches whose end offset e satisfies low < e <= high: the
         others were handled in the previous window or are found again, whole, in the next one.
         `without_context` collects where valid candidates were dropped for want of context words.
+        `columns`: a stream's window may have its detectors' detections as columns too (see
+        gateway.dlp.stream.StreamColumns), which otherwise come resolved.
         """
         if not segments:
             return [], False
@@ -400,7 +402,7 @@ class Profile:
             span_ends = np.array([span[1] for span in spans], dtype=np.int64)
             sources = [span[2] for span in spans]
         return self._detections(segments, starts, data, span_starts, span_ends, detector_index, sources, base_offset,
-                                accept is not None, without_context), False
+                                accept is not None, without_context, columns), False
 
     @staticmethod
     def _accepted(table: np.ndarray, folding, accept: tuple[int, int]) -> np.ndarray:
@@ -411,7 +413,8 @@ class Profile:
 
     def _detections(self, segments: list[Segment], starts: list[int], data: bytes, span_starts: np.ndarray,
                     span_ends: np.ndarray, detector_index: np.ndarray, sources: list[tuple[str, str]] | None,
-                    base_offset: int, resolve: bool, without_context: list[str] | None) -> Sequence[Detection]:
+                    base_offset: int, resolve: bool, without_context: list[str] | None,
+                    columns: bool = False) -> Sequence[Detection]:
         """Detections of the spans of `data` (the segments joined, each starting at its offset in
         `starts`) found by `sources` (kind, detector or rule id; None: the detectors of
         `detector_index`, by their index in self._detectors), in text order."""
@@ -427,7 +430,7 @@ class Profile:
                 written_starts[rows] += 2 * np.searchsorted(positions, local_starts[rows], "left")
                 written_ends[rows] += 2 * np.searchsorted(positions, local_ends[rows], "left")
         if sources is None:
-            if len(segments) == 1 and not resolve and not any(
+            if len(segments) == 1 and (columns or not resolve) and not any(
                     DETECTORS[self._detectors[index]].context_words
                     for index in np.flatnonzero(np.bincount(detector_index, minlength=len(self._detectors))).tolist()):
                 # One text and detectors needing no context words (a bulk export): kept as columns.
@@ -570,14 +573,14 @@ class _Findings:
         bulk = rows[:bisect.bisect_left(rows, detections.bulk)]
         listed = detections.rows(rows[len(bulk):])
         self.locate_all(rows[len(bulk):], listed)
-        types, values, masks, written = detections.shown(bulk) if bulk else ([], [], [], [])
+        types, values, masks = detections.shown(bulk) if bulk else ([], [], [])
         places = []
         if bulk:
             c = detections.columns
             missing = [row for row in bulk if row not in self._located]
             if missing:
-                self._located.update(zip(missing, c.segment.at_many(c.written[missing].tolist(), c.base)))
-            places = [(c.segment.location, c.base + offset) for offset in written]
+                self._located.update(zip(missing, c.segment.at_many(c.placed(missing).tolist())))
+            places = [(c.segment.location, offset) for offset in c.placed(bulk).tolist()]
         located = [self.located(row) for row in rows]  # each located above (or a field name's, fixed)
         locations = self.masked.many([location for location, _ in located])
         fields = self.masked.many([field_name for _, field_name in located])

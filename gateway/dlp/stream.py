@@ -14,6 +14,8 @@ import html
 import re
 from dataclasses import replace
 
+import numpy as np
+
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, is_utf8, resolve_charset, sniff_charset,
@@ -40,16 +42,94 @@ from gateway.dlp.embedded import (
     token_end,
     unquote_text,
 )
+from gateway.dlp.detections import Columns, Detections
 from gateway.dlp.fold import fold
+from gateway.dlp.native import kernels
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
-MAX_STREAM_DETECTIONS = 100_000
+MAX_STREAM_DETECTIONS = 100_000  # held whole: keywords, patterns, what encoded text hides (~450 bytes each)
+MAX_STREAM_ROWS = 500_000  # detectors' detections, held as columns (~80 bytes each): a bulk export's
 MIN_BASE64_VARIETY = 16  # distinct characters: base64 of any text uses more of the 64 at once
 _ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
+
+
+class StreamColumns:
+    """A stream's detectors' detections, window after window, as columns over arenas of their tokens
+    and of their values as written (each followed by a newline; one arena while every value is its
+    token, as a window without folding has it), and each one's offset in the body: the windows' text is
+    let go, and a bulk export of 100,000 records (300,000 detections, past the buffering threshold) is
+    held in ~20 MB, where Detection objects took ~450 bytes each. Rows come in text order; Detections
+    reads them as a buffered body's columns (a row's base maps its offset in the values' arena to its
+    offset in the body, which its location and place say)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.rows = 0
+        self._tokens = bytearray()
+        self._values: bytearray | None = None  # while None, each value is its token
+        self._names: dict[str, int] = {}
+        self._parts: list[tuple[np.ndarray, ...]] = []
+
+    def add_columns(self, c: Columns) -> None:
+        """A window's columns (values are its tokens where its segment keeps no text as written)."""
+        remap = np.array([self._names.setdefault(name, len(self._names)) for name in c.names], dtype=np.int64)
+        original = c.segment.original
+        self._add(remap[c.detector], (c.data, c.starts, c.ends),
+                  None if original is None else (original, c.written, c.written_ends), c.placed(slice(None)))
+
+    def add_detections(self, found: list) -> None:
+        """Detections made one by one (a window with keywords or context words)."""
+        if not found:
+            return
+        tokens = [d.token.encode("utf-8", "surrogatepass") for d in found]
+        values = [d.value.encode("utf-8", "surrogatepass") for d in found]
+        detector = np.array([self._names.setdefault(d.name, len(self._names)) for d in found], dtype=np.int64)
+        self._add(detector, _as_spans(tokens), None if values == tokens else _as_spans(values),
+                  np.array([d.place()[1] for d in found], dtype=np.int64))
+
+    def _add(self, detector: np.ndarray, tokens: tuple, values: tuple | None, placed: np.ndarray) -> None:
+        if not len(detector):
+            return
+        if values is not None and self._values is None:
+            self._values = bytearray(self._tokens)  # the values so far: their tokens, at the same offsets
+        starts, ends = _append(self._tokens, *tokens)
+        written, written_ends = (starts, ends) if self._values is None else \
+            _append(self._values, *(tokens if values is None else values))
+        self._parts.append((starts, ends, written, written_ends, detector, placed - written))
+        self.rows += len(detector)
+
+    def detections(self, listed: list) -> Detections | list:
+        """The rows as columns, then `listed`."""
+        if not self.rows:
+            return listed
+        parts = [np.concatenate(column) for column in zip(*self._parts)]
+        segment = Segment(bytes(self._tokens), self.location,
+                          original=None if self._values is None else bytes(self._values),
+                          locate=offset_locator(self.location))
+        return Detections(listed, Columns(segment, segment.data, *parts[:5], list(self._names), parts[5]))
+
+
+def _as_spans(items: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Items as (a text, their starts and ends in it)."""
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    ends = np.cumsum(lengths)
+    return b"".join(items), ends - lengths, ends
+
+
+def _append(arena: bytearray, text: bytes, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Append the spans of `text` to the arena, each followed by a newline; their starts and ends there."""
+    starts, ends = (np.ascontiguousarray(offsets, dtype=np.int64) for offsets in (starts, ends))
+    lengths = ends - starts
+    at = len(arena) + np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+    if kernels is not None:
+        arena += kernels.join_spans(text, starts, ends)
+    else:
+        arena += b"".join(text[start:end] + b"\n" for start, end in zip(starts.tolist(), ends.tolist()))
+    return at, at + lengths
 
 
 class StreamScan:
@@ -68,7 +148,8 @@ class StreamScan:
         self._buffer: bytearray | None = bytearray()
         self._finished = False
         self._problems: list[tuple[str, str]] = []
-        self._detections = []
+        self._detections = []  # held whole (see MAX_STREAM_DETECTIONS)
+        self._columns = StreamColumns(location)  # the windows' detectors' detections
         self._compressed_bytes = 0
         self._inflated_bytes = 0
         self._inflaters: list[Inflater] = []
@@ -116,7 +197,7 @@ class StreamScan:
                 self._decode(b"", final=True)
             except (DecodeError, UnicodeDecodeError) as error:
                 self._fail(str(error))
-        return self._detections, self._problems
+        return self._columns.detections(self._detections), self._problems
 
     # streaming mode -----------------------------------------------------------------------------
     def _fail(self, reason: str) -> None:
@@ -146,7 +227,9 @@ class StreamScan:
         try:
             for inflater in self._inflaters:
                 pieces = [out for piece in pieces for out in inflater.feed(piece)]
-            for piece in pieces:
+            # a window's worth at a time: the first chunk is the whole buffer (stream_buffer_bytes), which
+            # scanned as one window would read more candidates than one scan may (MAX_CANDIDATES)
+            for piece in (part for piece in pieces for part in _cut(piece, WINDOW_BYTES)):
                 check_deadline()
                 self._inflated_bytes += len(piece)
                 if self._inflaters and self._inflated_bytes > (1 << 20) and \
@@ -204,8 +287,8 @@ class StreamScan:
                           locate=offset_locator(self.location), folding=folding)
         low = self._accepted_until - self._window_start
         detections, overflow = self.profile.detect([segment], base_offset=self._window_start,
-                                                   accept=(low, accept_end))
-        if not self._add(detections, overflow):
+                                                   accept=(low, accept_end), columns=True)
+        if not self._add_window(detections, overflow):
             return
         held = self._scan_encoded(data, low, accept_end, final)
         self._accepted_until = self._window_start + accept_end
@@ -283,12 +366,27 @@ class StreamScan:
             return False
         return self._add(detections, False)
 
+    def _add_window(self, detections, overflow: bool) -> bool:
+        """A window's detections: its detectors' as columns (copied out of the window), the rest whole."""
+        if overflow or self._columns.rows + len(detections) > MAX_STREAM_ROWS:
+            self._fail("too many candidate matches in the stream")
+            return False
+        if isinstance(detections, Detections) and detections.columns is not None:
+            self._columns.add_columns(detections.columns)
+            return self._add(detections.listed, False)
+        self._columns.add_detections([d for d in detections if d.kind == "detector"])  # made one by one
+        return self._add([d for d in detections if d.kind != "detector"], False)
+
     def _add(self, detections, overflow: bool) -> bool:
         if overflow or len(self._detections) + len(detections) > MAX_STREAM_DETECTIONS:
             self._fail("too many candidate matches in the stream")
             return False
         self._detections += [detection.resolved() for detection in detections]  # windows are let go
         return True
+
+
+def _cut(data: bytes, size: int) -> list[bytes]:
+    return [data] if len(data) <= size else [data[at:at + size] for at in range(0, len(data), size)]
 
 
 def _readable_head(run: bytes) -> bool:
