@@ -94,6 +94,8 @@ def test_the_c_kernels_refuse_what_would_read_outside_the_text():
             kernels.repeated_spans(b"110105194912310021", *spans, [])
         with pytest.raises(ValueError, match="outside the text"):
             kernels.span_bytes(b"110105194912310021", *spans)
+        with pytest.raises(ValueError, match="outside the text"):
+            kernels.join_spans(b"110105194912310021", *spans)
     with pytest.raises(ValueError, match="within the data"):
         kernels.blank_strings(b'"a"', 2, 4, False, b"[]")
     with pytest.raises(ValueError, match="wrong size"):
