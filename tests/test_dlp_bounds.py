@@ -3,6 +3,7 @@ refusals and decision lines summarise them per rule, type and action, and always
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import tracemalloc
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.dlp import load_rules, stream, tally
+from gateway.dlp import engine, load_rules, stream, tally
 from gateway.dlp.decode import Limits
 from gateway.dlp.engine import single_rule_profile
 from gateway.dlp.tally import (
@@ -205,3 +206,34 @@ def test_a_streamed_export_holds_its_detections_as_columns_in_bounded_memory(rul
     assert group.locations == tuple(f"body:offset {offset}" for _, offset in places[:KEPT_LOCATIONS])
     assert result.action == "block" and not any(g.type == "uninspectable" for g in result.groups)
     assert peak < 40 * 2 ** 20, f"{peak / 2 ** 20:.0f} MiB traced while streaming a {len(body) / 2 ** 20:.0f} MiB export"
+
+
+@pytest.mark.parametrize("escaped", [False, True])
+def test_a_body_with_more_candidates_than_one_scan_reads_is_scanned_window_by_window(rules, monkeypatch, escaped):
+    """Past the candidate limit a buffered body was refused as uninspectable, whatever it held: now it is
+    scanned again window by window, as a body past the buffering threshold is: its one text as decoded
+    (its field names beside it) or, decoded into many (JSON written with \\u escapes), the body itself."""
+    monkeypatch.setattr(engine, "MAX_CANDIDATES", 3000)  # ~18,000 candidates in the body, ~1,500 in a window
+    monkeypatch.setattr(stream, "WINDOW_BYTES", 1 << 14)  # (the first is 64 KiB: what the charset is sniffed from)
+    people = citizens(6000)
+    body = json.dumps(people, ensure_ascii=escaped).encode()
+    result = rules.profile("outbound").scan(gzip.compress(body), content_type="application/json",
+                                            content_encoding="gzip")
+    assert not any(g.type == "uninspectable" for g in result.groups) and result.action == "block"
+    group = next(g for g in result.groups if g.rule == "id-card")
+    assert group.count == 6000
+    if not escaped:  # places in the text as decoded, which is the body's; the key "sfzh" found beside
+        assert group.locations_sha256 == places_digest(id_places(body, people))
+        assert group.locations[0] == f"body:offset {id_places(body, people)[0][1]}"
+        assert "id-card-column" in {g.rule for g in result.groups}
+
+
+def test_a_compressed_export_of_110000_records_is_counted_whole(rules):
+    """14 MB of JSON in 2 MB of gzip: buffered, decoded past the buffering threshold, then scanned
+    window by window; it was refused as uninspectable (more candidates than one scan reads)."""
+    people = citizens(110_000)
+    body = json.dumps(people, ensure_ascii=False).encode()
+    result = rules.profile("outbound").scan(gzip.compress(body, 1), content_type="application/json",
+                                            content_encoding="gzip", keep=0)
+    group = next(g for g in result.groups if g.rule == "id-card")
+    assert group.count == 110_000 and group.locations_sha256 == places_digest(id_places(body, people))

@@ -184,7 +184,30 @@ class Profile:
     def scan(self, body: bytes, *, content_type: str | None = None, content_encoding: str | None = None,
              direction: str = "request", host: str | None = None, keep: int | None = None) -> ScanResult:
         decoded = decode_body(body, content_type, content_encoding, self.limits)
-        return self.evaluate(decoded, direction, host, keep)
+        text = decoded.segments[0] if len(decoded.segments) == 1 and not decoded.problems else None
+        if text is not None and len(text.data) > self.limits.stream_buffer_bytes:  # decompressed past it
+            return self._windowed(text, decoded, direction, host, keep)
+        detections, overflow = self.detect_decoded(decoded)
+        if overflow and not decoded.problems:  # more candidates than one scan reads
+            if text is not None:
+                return self._windowed(text, decoded, direction, host, keep)
+            stream = self.stream(content_type=content_type, content_encoding=content_encoding, direction=direction,
+                                 host=host, buffer_bytes=0, keep=keep)
+            stream.feed(body)
+            return stream.finish()
+        return self.apply_rules(detections, _with_overflow(decoded.problems, overflow, "body"), direction, host, keep)
+
+    def _windowed(self, text: Segment, decoded: Decoded, direction: str, host: str | None,
+                  keep: int | None) -> ScanResult:
+        """A body's one text scanned window by window, as a body past the buffering threshold is: a
+        compressed bulk export of 100,000 records, say, whose detections (held as columns, see
+        gateway/dlp/stream.py) are more than one scan reads. The UTF-8 it was decoded to is streamed,
+        not the body inflated and decoded again (nor its escapes undone twice); its field names are
+        detected beside it."""
+        stream = self.stream(content_type="text/plain; charset=utf-8", direction=direction, host=host,
+                             buffer_bytes=0, keep=keep)
+        stream.feed_decoded(text.original or text.data)
+        return stream.finish(also=self.field_detections(decoded.fields))
 
     def scan_head(self, path: str, headers: list[tuple[str, str]], *, direction: str = "request",
                   host: str | None = None, method: str = "", reason: str = "",
@@ -296,9 +319,6 @@ class Profile:
         return redacted
 
     # evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, decoded: Decoded, direction: str, host: str | None, keep: int | None = None) -> ScanResult:
-        return self.apply_rules(*self.detect_all(decoded, "body"), direction, host, keep)
-
     def detect_all(self, decoded: Decoded, location: str) -> tuple[list[Detection], list[tuple[str, str]]]:
         """Detections in a decoded body, and its problems (the candidate limit, hit, is one at `location`)."""
         detections, overflow = self.detect_decoded(decoded)

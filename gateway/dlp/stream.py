@@ -178,11 +178,28 @@ class StreamScan:
             return
         self._stream(chunk)
 
-    def finish(self):
+    def feed_decoded(self, text: bytes) -> None:
+        """Text already decoded as a buffered scan reads it (UTF-8, escapes undone: a bulk export's one
+        text, see Profile.scan), scanned window by window with no charset or escape to undo again.
+        Instead of feed(), and once."""
+        if self._finished or self._buffer is None or self._buffer:
+            raise RuntimeError("feed_decoded() on a stream fed already")
+        self._buffer, self._charset = None, "utf-8"
+        for at in range(0, len(text), WINDOW_BYTES):
+            check_deadline()
+            self._window += text[at:at + WINDOW_BYTES]
+            if len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
+                self._scan_window(False)
+            if self._problems:
+                return
+
+    def finish(self, also: list = ()):
+        """The scan's result; `also`: detections found beside the body's text (its field names)."""
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
-        return self.profile.apply_rules(*self._conclude(), self.direction, self.host, self.keep)
+        detections, problems = self._conclude()
+        return self.profile.apply_rules(detections + list(also), problems, self.direction, self.host, self.keep)
 
     def _conclude(self) -> tuple[list, list[tuple[str, str]]]:
         """The detections and problems of the whole body, once it has all been fed."""
