@@ -62,7 +62,9 @@ _DIGIT_BYTES[list(b"0123456789")] = True
 _CONTEXT_WINDOW = 48
 assert len(TOKEN_SEPARATOR) >= _CONTEXT_WINDOW  # decoded tokens joined by it give each other no context
 _MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
-MAX_CANDIDATES = 200_000  # more candidates than this in one body is an attack on the scanner: fail closed
+# Candidates one scan reads at once (~60 bytes each while it runs: an 8 MiB export's 280,000 take ~22 MiB).
+# A body with more is scanned again window by window (see Profile.scan), whose own limits fail closed.
+MAX_CANDIDATES = 200_000
 CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
 CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
 
@@ -505,6 +507,7 @@ class _Findings:
         self.masked = _LocationMasks(self.masks)
         self._located: dict[int, tuple[str, str | None]] = {}
         self._cells: dict[int, object] = {}  # a repeated row -> what tells its location apart (locate_repeated)
+        self._cells_apart = False  # whether those are all different
         self._lines: dict[bytes, bytes] = {}  # rows -> the lines their places add to a digest
         self._confidences: dict[tuple[str, str | None], str] = {}
 
@@ -539,6 +542,7 @@ class _Findings:
         cells = self.detections.cells(rows) if rows[-1] < self.detections.bulk else None
         if cells is not None:
             self._cells.update(zip(rows, cells))
+            self._cells_apart = len(set(cells)) == len(cells)  # no two in one place: none to drop
         else:
             self.locate_all(rows, self.detections.rows(rows))
 
@@ -550,7 +554,7 @@ class _Findings:
     def unrepeated(self, selected: np.ndarray) -> np.ndarray:
         """The rows but those of a value found at the same location before (only values seen
         twice are located to tell)."""
-        if not len(self.repeated):
+        if not len(self.repeated) or self._cells_apart:
             return selected
         at = np.flatnonzero(np.isin(selected, self.repeated))  # the other rows' values are found once
         if not len(at):
@@ -739,11 +743,14 @@ def _distinct_values_reach(values: Iterable[str], size: int, count: int) -> bool
     """Whether `size` values hold at least `count` distinct ones (as min_count compares them)."""
     if size < count or not size:
         return False
+    written: set[str] = set()  # a value written alike again is not put in canonical form again
     seen: set[str] = set()
     for value in values:
-        seen.add(canonical_value(value))
-        if len(seen) >= count:
-            return True
+        if value not in written:
+            written.add(value)
+            seen.add(canonical_value(value))
+            if len(seen) >= count:
+                return True
     return False
 
 
