@@ -64,7 +64,9 @@ assert len(TOKEN_SEPARATOR) >= _CONTEXT_WINDOW  # decoded tokens joined by it gi
 _MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
 # Candidates one scan reads at once (~60 bytes each while it runs: an 8 MiB export's 280,000 take ~22 MiB).
 # A body with more is scanned again window by window (see Profile.scan), whose own limits fail closed.
-MAX_CANDIDATES = 200_000
+# Candidates one scan reads at once (~60 bytes each while it runs: an 8 MiB export's 280,000 take ~22 MiB).
+# A body with more is scanned again window by window (see Profile.scan), whose own limits fail closed.
+MAX_CANDIDATES = 400_000
 CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
 CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
 
