@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.dlp import decode, load_rules
+from gateway.dlp import decode, load_rules, stream
 from gateway.dlp.coding import DecodeError, charset_and_text, decode_as, inflate, utf8_of_gbk
 from gateway.dlp.decode import Limits, decode_body
 from gateway.dlp.native import kernels
@@ -201,3 +201,36 @@ def test_json_keys_tell_whether_an_object_names_a_key_twice():
                          ('[1,2]]', False), (many, False)):
         assert decode._json_keys(text.encode())[1] is unique, text
         assert decode.kernels.json_keys(text.encode(), decode._SPACE_FIRST_FLAGS)[1] is unique, text
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "gbk"])
+def test_a_stream_reads_utf8_and_gbk_without_the_codec_as_the_codec_does(monkeypatch, charset):
+    """A streamed UTF-8 or GBK body goes into the scan window without a str between (GBK converted in C, a
+    line at a time), until a piece it cannot read so (a GB 18030 four-byte form, bytes that are not
+    UTF-8): then the codec reads the rest. Either way the same findings, at the same offsets."""
+    if charset == "gbk" and kernels is None:
+        pytest.skip("the C kernels are not compiled here (no compiler at install): GBK is read by the codec")
+    lines = [f"{i},张三{i},{ID if i % 3 else MOBILE},和平里{i}号（东）\n" for i in range(3000)]
+    lines[2700] = f"2700,𠀀某,\\u0031\\u0031{ID[2:]},&#49;{MOBILE[1:]}\n"  # a four-byte form; escapes to undo
+    body = "".join(lines).encode("gb18030" if charset == "gbk" else charset)
+    profile = load_rules(SHIPPED).profile("outbound")
+
+    def streamed() -> list[tuple]:
+        scan = profile.stream(content_type=f"text/plain; charset={charset}", buffer_bytes=0, keep=10_000)
+        for at in range(0, len(body), 4093):  # pieces that cut characters and lines
+            scan.feed(body[at:at + 4093])
+        return sorted((f.type, f.value, f.location) for f in scan.finish().findings)
+
+    read = []  # pieces made UTF-8 without the codec
+    for name in ("_utf8_part", "_gbk_part"):
+        monkeypatch.setattr(stream, name, lambda data, final, part=getattr(stream, name):
+                            (lambda made: read.append(made[0] is not None) or made)(part(data, final)))
+    fast = streamed()
+    assert read.count(True) > 5, read  # the pieces before the four-byte form (GBK), all of them (UTF-8)
+    monkeypatch.setattr(stream, "_utf8_part", lambda data, final: (None, b""))
+    monkeypatch.setattr(stream, "_gbk_part", lambda data, final: (None, b""))
+    assert fast == streamed() and len(fast) >= 3000
+    start = len("".join(lines[:2700]).encode())  # offsets in the text as decoded (UTF-8)
+    escaped_line = [(t, v) for t, v, location in fast
+                    if start <= int(location.split()[-1]) < start + len(lines[2700].encode())]
+    assert ("cn_id_card", ID) in escaped_line and ("cn_mobile", MOBILE) in escaped_line

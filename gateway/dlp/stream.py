@@ -19,6 +19,7 @@ import numpy as np
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, is_utf8, resolve_charset, sniff_charset,
+    utf8_of_gbk,
     unescape_u,
 )
 from gateway.dlp.decode import (
@@ -155,6 +156,9 @@ class StreamScan:
         self._inflaters: list[Inflater] = []
         self._decoder = None
         self._undecided = bytearray()  # inflated bytes held until there are enough to sniff the charset
+        # UTF-8 and GBK text is read without the codec's str (see _utf8_part, _gbk_part) while it can be:
+        self._as_utf8 = None  # what makes a piece's whole characters UTF-8, the rest held back
+        self._held = b""      # the start of a character cut by a piece's end (a GBK line's start)
         self._multipart = False
         self._probe_tail = b""          # end of the previous piece, for markers cut by a piece boundary
         self._pending_text = ""
@@ -277,7 +281,25 @@ class StreamScan:
             piece, self._undecided = bytes(self._undecided), bytearray()
             charset = self._charset or sniff_charset(piece[:SNIFF_BYTES], complete=final)
             self._decoder = codecs.getincrementaldecoder(charset)("strict")
+            self._as_utf8 = {"utf-8": _utf8_part, "gb18030": _gbk_part}.get(codecs.lookup(charset).name)
+        if self._as_utf8 is not None:
+            data = self._held + piece
+            utf8, held = self._as_utf8(data, final)
+            if utf8 is not None and len(held) <= WINDOW_BYTES:
+                self._held = held
+                if self._pending_text or b"\\" in utf8 or b"&" in utf8:  # escapes to undo: as text
+                    self._push_text(utf8.decode("utf-8"), final)
+                else:
+                    self._push_utf8(utf8, final)
+                return
+            self._as_utf8, piece, self._held = None, data, b""  # the codec reads the rest, from here
         self._push_text(self._decoder.decode(piece, final), final)
+
+    def _push_utf8(self, utf8: bytes, final: bool) -> None:
+        """Text with no escape to undo, UTF-8 already: into the window as it is (_push_text's end)."""
+        self._window += utf8
+        if final or len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
+            self._scan_window(final)
 
     def _push_text(self, text: str, final: bool = False) -> None:
         text = self._pending_text + text
@@ -292,9 +314,7 @@ class StreamScan:
             text = unescape_u(text)
         if "&#" in text:  # HTML and XML character references, as a buffered body's plain text undoes them
             text = html.unescape(text)
-        self._window += text.encode("utf-8", "surrogatepass")
-        if final or len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
-            self._scan_window(final)
+        self._push_utf8(text.encode("utf-8", "surrogatepass"), final)
 
     def _scan_window(self, final: bool) -> None:
         data = bytes(self._window)
@@ -400,6 +420,28 @@ class StreamScan:
             return False
         self._detections += [detection.resolved() for detection in detections]  # windows are let go
         return True
+
+
+def _utf8_part(data: bytes, final: bool) -> tuple[bytes | None, bytes]:
+    """UTF-8 text's whole characters (None where it is not well-formed UTF-8) and the start of a
+    character its end cut, held for the next piece."""
+    cut = len(data)
+    if not final:
+        for back in range(1, min(4, len(data)) + 1):  # the last character's first byte
+            byte = data[-back]
+            if byte & 0xC0 != 0x80:
+                if byte >= 0xC0 and back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4):
+                    cut = len(data) - back
+                break
+    return (data[:cut] if is_utf8(data[:cut]) else None), data[cut:]
+
+
+def _gbk_part(data: bytes, final: bool) -> tuple[bytes | None, bytes]:
+    """GBK text's whole lines as UTF-8, converted in C (None where the kernels are not compiled or a line
+    holds a form GBK lacks, such as GB 18030's four-byte ones), and the last line's start, held: a
+    newline is never part of a two-byte form, so a line is whole characters."""
+    cut = len(data) if final else data.rfind(b"\n") + 1
+    return utf8_of_gbk(data[:cut]) if cut else b"", data[cut:]
 
 
 def _cut(data: bytes, size: int) -> list[bytes]:
