@@ -8,9 +8,11 @@
  * mobile prefixes, card brands) are built in Python from the same definitions as the numpy path, which
  * stays as the fallback where this module could not be compiled; tests hold both to the same answers.
  * A word's matches are also settled here (settle_words): in a bulk export, nearly every candidate.
- * Four passes of a scan's fixed cost too: GBK to UTF-8, finding the full-width characters to fold
- * (gateway/dlp/fold.py), a JSON or CSV text's structure for its locators (gateway/dlp/decode.py) and
- * formatting the lines of the places' digest (gateway/dlp/tally.py).
+ * Passes that were a scan's fixed cost or grew faster than the text: GBK to UTF-8, the full-width
+ * characters to fold (gateway/dlp/fold.py), a JSON or CSV text's structure and a JSON text's keys
+ * (gateway/dlp/decode.py), values found more than once and the characters values are written with
+ * (gateway/dlp/detections.py), a stream window's detections copied out (gateway/dlp/stream.py), and the
+ * lines of the places' digest (gateway/dlp/tally.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
