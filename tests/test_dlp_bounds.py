@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from gateway.dlp import detections as detections_module
 from gateway.dlp import engine, load_rules, stream, tally
 from gateway.dlp.decode import Limits
 from gateway.dlp.engine import single_rule_profile
@@ -182,11 +183,11 @@ def test_a_scan_keeping_no_finding_records_and_redacts_the_same(rules):
 @pytest.mark.parametrize("joined_by", ["kernels", "python"])
 def test_a_streamed_export_holds_its_detections_as_columns_in_bounded_memory(rules, monkeypatch, joined_by):
     """Past the buffering threshold a body is scanned window by window; its detectors' detections are
-    kept as columns (gateway/dlp/stream.py StreamColumns), not as objects of ~450 bytes: 110,000 ID
+    kept as columns (gateway/dlp/detections.py StreamColumns), not as objects of ~450 bytes: 110,000 ID
     numbers, more than a stream held whole, are counted and digested, every one, in a few MB."""
     if joined_by == "python":  # the arenas' copies made without the C kernels
-        monkeypatch.setattr(stream, "kernels", None)
-    elif stream.kernels is None:
+        monkeypatch.setattr(detections_module, "kernels", None)
+    elif detections_module.kernels is None:
         pytest.skip("the C kernels are not compiled here (no compiler at install)")
     people = citizens(110_000)
     body = json.dumps(people, ensure_ascii=False).encode()

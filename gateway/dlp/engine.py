@@ -386,7 +386,7 @@ class Profile:
         others were handled in the previous window or are found again, whole, in the next one.
         `without_context` collects where valid candidates were dropped for want of context words.
         `columns`: a stream's window may have its detectors' detections as columns too (see
-        gateway.dlp.stream.StreamColumns), which otherwise come resolved.
+        gateway.dlp.detections.StreamColumns), which otherwise come resolved.
         """
         if not segments:
             return [], False

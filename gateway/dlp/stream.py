@@ -14,8 +14,6 @@ import html
 import re
 from dataclasses import replace
 
-import numpy as np
-
 from gateway.dlp.budget import check_deadline
 from gateway.dlp.coding import (
     GZIP_MAGIC, ZIP_MAGIC, DecodeError, Inflater, content_encodings, is_utf8, resolve_charset, sniff_charset,
@@ -43,9 +41,8 @@ from gateway.dlp.embedded import (
     token_end,
     unquote_text,
 )
-from gateway.dlp.detections import Columns, Detections
+from gateway.dlp.detections import Detections, StreamColumns
 from gateway.dlp.fold import fold
-from gateway.dlp.native import kernels
 
 WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -56,81 +53,6 @@ MIN_BASE64_VARIETY = 16  # distinct characters: base64 of any text uses more of 
 _ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
 _NOT_STREAMABLE = ("application/zip", "application/x-zip-compressed", "application/gzip", "application/x-gzip")
-
-
-class StreamColumns:
-    """A stream's detectors' detections, window after window, as columns over arenas of their tokens
-    and of their values as written (each followed by a newline; one arena while every value is its
-    token, as a window without folding has it), and each one's offset in the body: the windows' text is
-    let go, and a bulk export of 100,000 records (300,000 detections, past the buffering threshold) is
-    held in ~20 MB, where Detection objects took ~450 bytes each. Rows come in text order; Detections
-    reads them as a buffered body's columns (a row's base maps its offset in the values' arena to its
-    offset in the body, which its location and place say)."""
-
-    def __init__(self, location: str):
-        self.location = location
-        self.rows = 0
-        self._tokens = bytearray()
-        self._values: bytearray | None = None  # while None, each value is its token
-        self._names: dict[str, int] = {}
-        self._parts: list[tuple[np.ndarray, ...]] = []
-
-    def add_columns(self, c: Columns) -> None:
-        """A window's columns (values are its tokens where its segment keeps no text as written)."""
-        remap = np.array([self._names.setdefault(name, len(self._names)) for name in c.names], dtype=np.int64)
-        original = c.segment.original
-        self._add(remap[c.detector], (c.data, c.starts, c.ends),
-                  None if original is None else (original, c.written, c.written_ends), c.placed(slice(None)))
-
-    def add_detections(self, found: list) -> None:
-        """Detections made one by one (a window with keywords or context words)."""
-        if not found:
-            return
-        tokens = [d.token.encode("utf-8", "surrogatepass") for d in found]
-        values = [d.value.encode("utf-8", "surrogatepass") for d in found]
-        detector = np.array([self._names.setdefault(d.name, len(self._names)) for d in found], dtype=np.int64)
-        self._add(detector, _as_spans(tokens), None if values == tokens else _as_spans(values),
-                  np.array([d.place()[1] for d in found], dtype=np.int64))
-
-    def _add(self, detector: np.ndarray, tokens: tuple, values: tuple | None, placed: np.ndarray) -> None:
-        if not len(detector):
-            return
-        if values is not None and self._values is None:
-            self._values = bytearray(self._tokens)  # the values so far: their tokens, at the same offsets
-        starts, ends = _append(self._tokens, *tokens)
-        written, written_ends = (starts, ends) if self._values is None else \
-            _append(self._values, *(tokens if values is None else values))
-        self._parts.append((starts, ends, written, written_ends, detector, placed - written))
-        self.rows += len(detector)
-
-    def detections(self, listed: list) -> Detections | list:
-        """The rows as columns, then `listed`."""
-        if not self.rows:
-            return listed
-        parts = [np.concatenate(column) for column in zip(*self._parts)]
-        segment = Segment(bytes(self._tokens), self.location,
-                          original=None if self._values is None else bytes(self._values),
-                          locate=offset_locator(self.location))
-        return Detections(listed, Columns(segment, segment.data, *parts[:5], list(self._names), parts[5]))
-
-
-def _as_spans(items: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """Items as (a text, their starts and ends in it)."""
-    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-    ends = np.cumsum(lengths)
-    return b"".join(items), ends - lengths, ends
-
-
-def _append(arena: bytearray, text: bytes, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Append the spans of `text` to the arena, each followed by a newline; their starts and ends there."""
-    starts, ends = (np.ascontiguousarray(offsets, dtype=np.int64) for offsets in (starts, ends))
-    lengths = ends - starts
-    at = len(arena) + np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
-    if kernels is not None:
-        arena += kernels.join_spans(text, starts, ends)
-    else:
-        arena += b"".join(text[start:end] + b"\n" for start, end in zip(starts.tolist(), ends.tolist()))
-    return at, at + lengths
 
 
 class StreamScan:
