@@ -64,8 +64,6 @@ assert len(TOKEN_SEPARATOR) >= _CONTEXT_WINDOW  # decoded tokens joined by it gi
 _MAY_BE_ENCODED = re.compile(r"%%|[A-Za-z0-9+/_-]{%d}" % MIN_RUN)  # percent-encoding, or a base64 run
 # Candidates one scan reads at once (~60 bytes each while it runs: an 8 MiB export's 280,000 take ~22 MiB).
 # A body with more is scanned again window by window (see Profile.scan), whose own limits fail closed.
-# Candidates one scan reads at once (~60 bytes each while it runs: an 8 MiB export's 280,000 take ~22 MiB).
-# A body with more is scanned again window by window (see Profile.scan), whose own limits fail closed.
 MAX_CANDIDATES = 400_000
 CLEAN_FIELDS_KEPT = 4096  # (name, value) pairs a profile remembers as holding nothing,
 CLEAN_FIELD_SIZE = 1024   # each of at most this many characters (a few MiB at worst)
@@ -205,7 +203,7 @@ class Profile:
                   keep: int | None) -> ScanResult:
         """A body's one text scanned window by window, as a body past the buffering threshold is: a
         compressed bulk export of 100,000 records, say, whose detections (held as columns, see
-        gateway/dlp/stream.py) are more than one scan reads. The UTF-8 it was decoded to is streamed,
+        gateway/dlp/detections.py StreamColumns) are more than one scan reads. The UTF-8 it was decoded to is streamed,
         not the body inflated and decoded again (nor its escapes undone twice); its field names are
         detected beside it."""
         stream = self.stream(content_type="text/plain; charset=utf-8", direction=direction, host=host,

@@ -48,7 +48,7 @@ WINDOW_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
 OVERLAP_BYTES = MAX_TOKEN_BYTES + 64
 MAX_STREAM_DETECTIONS = 100_000  # held whole: keywords, patterns, what encoded text hides (~450 bytes each)
-MAX_STREAM_ROWS = 500_000  # detectors' detections, held as columns (~80 bytes each): a bulk export's
+MAX_STREAM_ROWS = 500_000  # detectors' detections, held as columns (~80 bytes each): a bulk export's numbers
 MIN_BASE64_VARIETY = 16  # distinct characters: base64 of any text uses more of the 64 at once
 _ARCHIVE_MAGIC = (ZIP_MAGIC[0], GZIP_MAGIC)
 _BASE64_PART = re.compile(rb"(?i)content-transfer-encoding:[ \t]*base64")
@@ -111,9 +111,9 @@ class StreamScan:
         if self._finished or self._buffer is None or self._buffer:
             raise RuntimeError("feed_decoded() on a stream fed already")
         self._buffer, self._charset = None, "utf-8"
-        for at in range(0, len(text), WINDOW_BYTES):
+        for piece in _cut(text, WINDOW_BYTES):
             check_deadline()
-            self._window += text[at:at + WINDOW_BYTES]
+            self._window += piece
             if len(self._window) >= WINDOW_BYTES + OVERLAP_BYTES:
                 self._scan_window(False)
             if self._problems:
